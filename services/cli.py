@@ -1,0 +1,139 @@
+"""`relais <command>`: run one service, the whole laptop cluster, or an admin command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from services.core.accounts import hash_password
+from services.core.config import Config, ConfigError, load_config
+from services.core.runtime import serve, setup_logging
+
+
+def _builders() -> dict[str, Callable[..., object]]:
+    # Imported lazily so `relais validate` does not pay for every service's imports.
+    from services.bounce.service import BounceService
+    from services.delivery.service import DeliveryService
+    from services.ingress.service import IngressService
+    from services.router.service import RouterService
+
+    return {
+        "ingress": IngressService,
+        "router": RouterService,
+        "delivery": DeliveryService,
+        "bounce": BounceService,
+    }
+
+
+SERVICES = ("ingress", "router", "delivery", "bounce")
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"relais: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    config = _load(args.config)
+    if args.nats_url:
+        from services.core.config import replace
+
+        config = replace(config, nats={"url": args.nats_url})
+    asyncio.run(serve(config, args.command, _builders()[args.command]))  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(
+        f"ok: {len(config.accounts)} account(s), {len(config.pools)} pool(s), "
+        f"{len(config.sender_domains)} sender domain mapping(s), delivery mode {config.delivery.mode}"
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.up import run_up
+
+    return run_up(data_dir=Path(args.data_dir), config_path=args.config, smtp_port=args.port)
+
+
+def cmd_mailbox(args: argparse.Namespace) -> int:
+    from services.delivery.capture import list_captured
+
+    config = _load(args.config)
+    mailbox = Path(config.delivery.capture_dir)
+    messages = list_captured(mailbox)
+    if args.action == "list":
+        if not messages:
+            print(f"(no messages in {mailbox})")
+        for m in messages:
+            print(f"{m.job_id}  {m.size:>8}  from <{m.sender}>  to {', '.join(m.recipients)}")
+        return 0
+    for m in messages:
+        if args.id in (m.job_id, m.message_id):
+            sys.stdout.write(m.path.read_bytes().decode("utf-8", "replace"))
+            return 0
+    print(f"relais: no captured message {args.id}", file=sys.stderr)
+    return 1
+
+
+def cmd_account_hash(args: argparse.Namespace) -> int:
+    password = args.password or getpass.getpass("password: ")
+    print(hash_password(password))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relais", description="Distributed SMTP relay on NATS JetStream")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name in SERVICES:
+        p = sub.add_parser(name, help=f"run the {name} service")
+        p.add_argument("--config", "-c", help="TOML config file (default: $RELAIS_CONFIG)")
+        p.add_argument("--nats-url", help="override nats.url")
+        p.add_argument("--log-level", default="INFO")
+        p.set_defaults(func=cmd_service)
+
+    p = sub.add_parser("up", help="run everything on this machine with an embedded nats-server")
+    p.add_argument("--data-dir", default="relais-data")
+    p.add_argument("--config", "-c", help="config file (default: generated in the data dir)")
+    p.add_argument("--port", type=int, default=2525, help="SMTP port on 127.0.0.1")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("validate", help="check a config file")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("mailbox", help="list or show mail captured by `relais up`")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("id", nargs="?")
+    p.add_argument("--config", "-c", default="relais-data/relais.toml")
+    p.set_defaults(func=cmd_mailbox)
+
+    p = sub.add_parser("account", help="account tools")
+    acct = p.add_subparsers(dest="account_command", required=True)
+    h = acct.add_parser("hash", help="print the scrypt hash of a password for the config file")
+    h.add_argument("--password")
+    h.set_defaults(func=cmd_account_hash)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "mailbox" and args.action == "show" and not args.id:
+        print("relais: mailbox show needs a message id", file=sys.stderr)
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Message bodies: inline when small, one Object Store write when large, removed when done.
+
+A large body is written once at the ingress and referenced by every per-domain job and every
+retry. The router records which jobs still need it (KV bucket `relais-body-refs`); each job's
+final outcome releases its reference, and the last release deletes the object.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgpack
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from services.core.bus import BrokerUnavailable
+from services.core.envelope import BodyRef
+from services.core.topology import BODY_BUCKET, BODY_REFS_BUCKET
+
+log = logging.getLogger(__name__)
+
+
+class BodyMissing(Exception):
+    """The referenced body is gone: its message already reached a final outcome."""
+
+
+class BodyStore:
+    def __init__(self, js: JetStreamContext, inline_max: int) -> None:
+        self._js = js
+        self._inline_max = inline_max
+        self._objects: ObjectStore | None = None
+        self._refs: KeyValue | None = None
+
+    async def _store(self) -> ObjectStore:
+        if self._objects is None:
+            self._objects = await self._js.object_store(BODY_BUCKET)
+        return self._objects
+
+    async def _kv(self) -> KeyValue:
+        if self._refs is None:
+            self._refs = await self._js.key_value(BODY_REFS_BUCKET)
+        return self._refs
+
+    async def put(self, message_id: str, data: bytes) -> BodyRef:
+        if len(data) <= self._inline_max:
+            return BodyRef(size=len(data), inline=data)
+        try:
+            store = await self._store()
+            await store.put(message_id, data)
+        except Exception as exc:
+            raise BrokerUnavailable(f"storing body of {message_id} failed: {exc!r}") from exc
+        return BodyRef(size=len(data), object_name=message_id)
+
+    async def get(self, ref: BodyRef) -> bytes:
+        if ref.inline is not None:
+            return ref.inline
+        store = await self._store()
+        try:
+            result = await store.get(ref.object_name)
+        except (ObjectNotFoundError, NotFoundError) as exc:
+            raise BodyMissing(ref.object_name) from exc
+        if result.data is None:
+            raise BodyMissing(ref.object_name)
+        return bytes(result.data)
+
+    async def discard(self, ref: BodyRef) -> None:
+        """Drop a body that was stored but never queued (the ingress answered 451)."""
+        if ref.inline is not None:
+            return
+        try:
+            await (await self._store()).delete(ref.object_name)
+        except Exception as exc:
+            log.warning("could not discard orphan body %s (it expires by TTL): %r", ref.object_name, exc)
+
+    async def hold(self, ref: BodyRef, job_ids: list[str]) -> None:
+        """Record the jobs that still need a stored body. Idempotent across router redeliveries:
+        an existing record is left alone, because some of its jobs may have finished already."""
+        if ref.inline is not None:
+            return
+        kv = await self._kv()
+        try:
+            await kv.create(ref.object_name, msgpack.packb(sorted(job_ids)))
+        except KeyWrongLastSequenceError:
+            pass
+
+    async def is_pending(self, ref: BodyRef, job_id: str) -> bool:
+        """Whether a job still holds the body (False: it already reached its final outcome)."""
+        if ref.inline is not None:
+            return True
+        kv = await self._kv()
+        try:
+            entry = await kv.get(ref.object_name)
+        except KeyNotFoundError:
+            return False
+        return job_id in msgpack.unpackb(entry.value or b"\x90")
+
+    async def release(self, ref: BodyRef, job_id: str) -> None:
+        """A job reached its final outcome; delete the body when no job needs it any more."""
+        if ref.inline is not None:
+            return
+        kv = await self._kv()
+        for _ in range(50):
+            try:
+                entry = await kv.get(ref.object_name)
+            except KeyNotFoundError:
+                return
+            jobs: list[str] = msgpack.unpackb(entry.value or b"\x90")
+            if job_id not in jobs:
+                return
+            jobs.remove(job_id)
+            if jobs:
+                try:
+                    await kv.update(ref.object_name, msgpack.packb(jobs), last=entry.revision)
+                    return
+                except KeyWrongLastSequenceError:
+                    continue  # another job released concurrently; re-read and retry
+            try:
+                await kv.update(ref.object_name, msgpack.packb([]), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            await self.discard(ref)
+            await kv.delete(ref.object_name)
+            return
+        raise BrokerUnavailable(f"could not release body {ref.object_name}: too much contention")

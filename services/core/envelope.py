@@ -1,0 +1,211 @@
+"""The envelope: what travels between services, and its only msgpack codec.
+
+The raw message bytes are carried untouched (msgpack `bin`), never re-encoded; large bodies are
+not carried at all but referenced (see `services.core.bodies`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+
+from services.core.outcome import Bounced, Reply
+
+SCHEMA_VERSION = 1
+
+
+class EnvelopeDecodeError(ValueError):
+    """A payload that is not an envelope of a schema version this code understands."""
+
+
+def new_message_id() -> str:
+    """Queue id: millisecond time, then randomness: ids sort by arrival and never collide across replicas."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyRef:
+    """Where the message bytes are: inline (small) or an Object Store object (large)."""
+
+    size: int
+    inline: bytes | None = None
+    object_name: str = ""
+
+    @property
+    def is_inline(self) -> bool:
+        return self.inline is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery (or routing) attempt and the reply it drew."""
+
+    at: float
+    reply: Reply
+    mx_host: str = ""
+    source_ip: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message (at the route stage) or one per-domain delivery job (after routing).
+
+    `job_id` is empty until the router splits the message by recipient domain.
+    """
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    account: str
+    sender_domain: str
+    body: BodyRef
+    received_at: float = field(default_factory=time.time)
+    job_id: str = ""
+    pool: str = ""
+    domain: str = ""
+    site: str = ""
+    mx_hosts: tuple[str, ...] = ()
+    attempts: tuple[Attempt, ...] = ()
+    # W3C traceparent of the message's root span; kept here so retries hours later join the trace.
+    trace_context: str = ""
+    # "message" for mail from a sender, "dsn" for a notification Relais generated (never bounced again).
+    kind: str = "message"
+    # RFC 3461 parameters: RET (FULL/HDRS) and ENVID from MAIL FROM.
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    client_ip: str = ""
+    # Free-form facts (TLS version, campaign tag) recorded by the ingress for events and traces.
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def attempt_count(self) -> int:
+        return len(self.attempts)
+
+    @property
+    def key(self) -> str:
+        """The identity of this unit of work: the job id once routed, else the message id."""
+        return self.job_id or self.id
+
+    def with_attempt(self, attempt: Attempt) -> Envelope:
+        return replace(self, attempts=(*self.attempts, attempt))
+
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb(_envelope_to_wire(self), use_bin_type=True)
+
+    @classmethod
+    def from_msgpack(cls, payload: bytes) -> Envelope:
+        return _envelope_from_wire(_unpack(payload))
+
+
+@dataclass(frozen=True, slots=True)
+class BounceNotice:
+    """A delivery job whose recipients (all or some) failed for good, for the bounce service."""
+
+    envelope: Envelope
+    failures: tuple[Bounced, ...]
+    # True when the failures are from expiry (retries exhausted) rather than a 5xx.
+    expired: bool = False
+    # False while other recipients of the same job are still being retried: the body stays.
+    releases_body: bool = True
+
+    def to_msgpack(self) -> bytes:
+        wire = {
+            "v": SCHEMA_VERSION,
+            "envelope": _envelope_to_wire(self.envelope),
+            "failures": [
+                {"rcpt": f.recipient, "reply": f.reply.to_dict(), "mx": f.mx_host} for f in self.failures
+            ],
+            "expired": self.expired,
+            "release": self.releases_body,
+        }
+        return msgpack.packb(wire, use_bin_type=True)
+
+    @classmethod
+    def from_msgpack(cls, payload: bytes) -> BounceNotice:
+        wire = _unpack(payload)
+        try:
+            failures = tuple(
+                Bounced(f["rcpt"], Reply.from_dict(f["reply"]), f.get("mx", "")) for f in wire["failures"]
+            )
+            return cls(
+                _envelope_from_wire(wire["envelope"]),
+                failures,
+                bool(wire.get("expired", False)),
+                bool(wire.get("release", True)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise EnvelopeDecodeError(f"malformed bounce notice: {exc}") from exc
+
+
+def _unpack(payload: bytes) -> dict[str, Any]:
+    try:
+        wire = msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise EnvelopeDecodeError(f"not msgpack: {exc}") from exc
+    if not isinstance(wire, dict) or wire.get("v") != SCHEMA_VERSION:
+        version = wire.get("v") if isinstance(wire, dict) else None
+        raise EnvelopeDecodeError(f"unsupported envelope schema version {version!r}")
+    return wire
+
+
+def _envelope_to_wire(env: Envelope) -> dict[str, Any]:
+    return {
+        "v": SCHEMA_VERSION,
+        "id": env.id,
+        "job": env.job_id,
+        "from": env.sender,
+        "rcpt": list(env.recipients),
+        "acct": env.account,
+        "sdom": env.sender_domain,
+        "body": {"size": env.body.size, "inline": env.body.inline, "obj": env.body.object_name},
+        "rcvd": env.received_at,
+        "pool": env.pool,
+        "dom": env.domain,
+        "site": env.site,
+        "mx": list(env.mx_hosts),
+        "att": [
+            {"at": a.at, "reply": a.reply.to_dict(), "mx": a.mx_host, "src": a.source_ip}
+            for a in env.attempts
+        ],
+        "tp": env.trace_context,
+        "kind": env.kind,
+        "ret": env.dsn_ret,
+        "envid": env.dsn_envid,
+        "ip": env.client_ip,
+        "meta": env.meta,
+    }
+
+
+def _envelope_from_wire(wire: dict[str, Any]) -> Envelope:
+    try:
+        body = wire["body"]
+        return Envelope(
+            id=wire["id"],
+            job_id=wire.get("job", ""),
+            sender=wire["from"],
+            recipients=tuple(wire["rcpt"]),
+            account=wire["acct"],
+            sender_domain=wire["sdom"],
+            body=BodyRef(size=body["size"], inline=body.get("inline"), object_name=body.get("obj", "")),
+            received_at=wire["rcvd"],
+            pool=wire.get("pool", ""),
+            domain=wire.get("dom", ""),
+            site=wire.get("site", ""),
+            mx_hosts=tuple(wire.get("mx", ())),
+            attempts=tuple(
+                Attempt(a["at"], Reply.from_dict(a["reply"]), a.get("mx", ""), a.get("src", ""))
+                for a in wire.get("att", ())
+            ),
+            trace_context=wire.get("tp", ""),
+            kind=wire.get("kind", "message"),
+            dsn_ret=wire.get("ret", ""),
+            dsn_envid=wire.get("envid", ""),
+            client_ip=wire.get("ip", ""),
+            meta=dict(wire.get("meta") or {}),
+        )
+    except (KeyError, TypeError) as exc:
+        raise EnvelopeDecodeError(f"malformed envelope: {exc}") from exc

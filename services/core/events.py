@@ -1,0 +1,76 @@
+"""Outcome events: one JSON record per thing that happened to a message, per account subject.
+
+Events are an external contract (webhooks, `relais message`, tests), so they are JSON with
+stable field names rather than msgpack.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from services.core.bus import Bus
+from services.core.envelope import Envelope
+from services.core.outcome import Reply
+from services.core.topology import event_subject
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str
+    message_id: str
+    account: str
+    recipients: list[str]
+    at: float = field(default_factory=time.time)
+    job_id: str = ""
+    sender: str = ""
+    pool: str = ""
+    site: str = ""
+    mx_host: str = ""
+    source_ip: str = ""
+    attempt: int = 0
+    reply: dict[str, Any] | None = None
+    trace_id: str = ""
+    detail: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Event:
+        return cls(**json.loads(data))
+
+
+def trace_id_of(traceparent: str) -> str:
+    parts = traceparent.split("-")
+    return parts[1] if len(parts) >= 3 else ""
+
+
+def event_for(
+    kind: str,
+    env: Envelope,
+    recipients: list[str] | tuple[str, ...],
+    reply: Reply | None = None,
+    **extra: Any,
+) -> Event:
+    return Event(
+        kind=kind,
+        message_id=env.id,
+        account=env.account,
+        recipients=list(recipients),
+        job_id=env.job_id,
+        sender=env.sender,
+        pool=env.pool,
+        site=env.site,
+        attempt=env.attempt_count,
+        reply=reply.to_dict() if reply else None,
+        trace_id=trace_id_of(env.trace_context),
+        **extra,
+    )
+
+
+async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None) -> None:
+    """Publish one event; the msg id makes a redelivered stage's republish a no-op."""
+    await bus.publish(event_subject(event.account, event.kind), event.to_json(), msg_id=msg_id)

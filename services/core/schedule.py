@@ -1,0 +1,59 @@
+"""Retries that never sit in a consumer's ack-pending window.
+
+A deferred job is re-published as a JetStream message schedule (ADR-51, nats-server 2.12+):
+the schedule message lives on its own subject (`relais.retry.<stage>.<key>.<n>`) with
+`Nats-Schedule: @at <time>` and `Nats-Schedule-Target: <work subject>`; at that time the server
+publishes it to the work subject and purges the schedule. The consumer acks the original as soon
+as the schedule is stored, so thousands of deferred messages cost no consumer capacity.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from nats.js.api import Header
+
+from services.core.bus import Bus
+from services.core.config import RetryConfig
+
+
+def backoff_delay(failures: int, config: RetryConfig, rng: random.Random | None = None) -> float:
+    """Exponential backoff with +-jitter: base, 2*base, 4*base ... capped at max_delay."""
+    rng = rng or random.Random()
+    raw = min(config.base_delay * (2 ** max(0, failures - 1)), config.max_delay)
+    return max(1.0, raw * (1 + rng.uniform(-config.jitter, config.jitter)))
+
+
+def next_attempt_at(
+    received_at: float, failures: int, now: float, config: RetryConfig, rng: random.Random | None = None
+) -> float | None:
+    """When to try again, or None once the message would be older than max_age (it expires)."""
+    at = now + backoff_delay(failures, config, rng)
+    if at - received_at > config.max_age:
+        return None
+    return at
+
+
+def rfc3339(ts: float) -> str:
+    # Whole seconds: the server's @at parser takes RFC 3339 without fractional seconds.
+    return datetime.fromtimestamp(int(ts) + (1 if ts % 1 else 0), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def publish_at(
+    bus: Bus,
+    *,
+    schedule_subject: str,
+    target_subject: str,
+    payload: bytes,
+    at: float,
+    headers: Mapping[str, str] | None = None,
+    attributes: Mapping[str, object] | None = None,
+) -> None:
+    """Store a one-shot schedule. Re-publishing the same schedule subject replaces it, so a
+    redelivered consumer that schedules again does not create a second retry."""
+    hdrs = dict(headers or {})
+    hdrs[Header.SCHEDULE] = f"@at {rfc3339(at)}"
+    hdrs[Header.SCHEDULE_TARGET] = target_subject
+    await bus.publish(schedule_subject, payload, headers=hdrs, attributes=attributes)

@@ -1,0 +1,222 @@
+"""The JetStream topology: every stream, subject, consumer and bucket Relais uses.
+
+This module is the only place that builds or parses subject and consumer names, and the only
+place that declares streams; services bind to what `ensure_topology` created.
+
+    relais.route                      accepted messages (and re-routes) -> router
+    relais.retry.route.<key>.<n>      scheduled re-route after a DNS failure (ADR-51 schedule)
+    relais.deliver.<pool>             delivery jobs, partitioned by IP pool -> delivery-<pool>
+    relais.retry.deliver.<key>.<n>    scheduled retry of a deferred job (ADR-51 schedule)
+    relais.bounce                     permanent failures and expiries -> bounce
+    relais.events.<account>.<kind>    every outcome, replayable per account
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+
+from services.core.config import Config
+
+log = logging.getLogger(__name__)
+
+PREFIX = "relais"
+ROUTE_STREAM = "RELAIS_ROUTE"
+DELIVER_STREAM = "RELAIS_DELIVER"
+BOUNCE_STREAM = "RELAIS_BOUNCE"
+EVENTS_STREAM = "RELAIS_EVENTS"
+BODY_BUCKET = "relais-bodies"
+BODY_REFS_BUCKET = "relais-body-refs"
+ROUTER_CONSUMER = "router"
+BOUNCE_CONSUMER = "bounce"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+EVENT_KINDS = ("accepted", "delivered", "deferred", "bounced", "expired", "suppressed", "complained")
+
+
+class SubjectError(ValueError):
+    """A name that cannot be a single NATS subject token, or a subject that is not Relais'."""
+
+
+def _token(value: str, what: str) -> str:
+    if not _TOKEN.match(value):
+        raise SubjectError(f"{what} {value!r} is not a valid subject token")
+    return value
+
+
+def route_subject() -> str:
+    return f"{PREFIX}.route"
+
+
+def route_retry_subject(key: str, attempt: int) -> str:
+    return f"{PREFIX}.retry.route.{_token(key, 'key')}.{attempt}"
+
+
+def deliver_subject(pool: str) -> str:
+    return f"{PREFIX}.deliver.{_token(pool, 'pool')}"
+
+
+def deliver_retry_subject(key: str, attempt: int) -> str:
+    return f"{PREFIX}.retry.deliver.{_token(key, 'key')}.{attempt}"
+
+
+def pool_of_deliver_subject(subject: str) -> str:
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[:2] != [PREFIX, "deliver"]:
+        raise SubjectError(f"not a delivery subject: {subject!r}")
+    return parts[2]
+
+
+def bounce_subject() -> str:
+    return f"{PREFIX}.bounce"
+
+
+def event_subject(account: str, kind: str) -> str:
+    if kind not in EVENT_KINDS:
+        raise SubjectError(f"unknown event kind {kind!r}")
+    return f"{PREFIX}.events.{_token(account or '_', 'account')}.{kind}"
+
+
+def parse_event_subject(subject: str) -> tuple[str, str]:
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != [PREFIX, "events"] or parts[3] not in EVENT_KINDS:
+        raise SubjectError(f"not an event subject: {subject!r}")
+    return parts[2], parts[3]
+
+
+def events_filter(account: str | None = None) -> str:
+    return f"{PREFIX}.events.{_token(account, 'account') if account else '*'}.*"
+
+
+def delivery_consumer(pool: str) -> str:
+    return f"delivery-{_token(pool, 'pool')}"
+
+
+def pool_of_delivery_consumer(name: str) -> str:
+    if not name.startswith("delivery-"):
+        raise SubjectError(f"not a delivery consumer: {name!r}")
+    return name[len("delivery-") :]
+
+
+@dataclass(frozen=True)
+class ConsumerBinding:
+    """What a service needs to pull from one durable consumer."""
+
+    stream: str
+    durable: str
+    subject: str
+
+
+def router_binding() -> ConsumerBinding:
+    return ConsumerBinding(ROUTE_STREAM, ROUTER_CONSUMER, route_subject())
+
+
+def delivery_binding(pool: str) -> ConsumerBinding:
+    return ConsumerBinding(DELIVER_STREAM, delivery_consumer(pool), deliver_subject(pool))
+
+
+def bounce_binding() -> ConsumerBinding:
+    return ConsumerBinding(BOUNCE_STREAM, BOUNCE_CONSUMER, bounce_subject())
+
+
+def stream_configs(config: Config) -> list[StreamConfig]:
+    replicas = config.nats.replicas
+    common = dict(
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+    )
+    return [
+        StreamConfig(
+            name=ROUTE_STREAM,
+            subjects=[route_subject(), f"{PREFIX}.retry.route.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            allow_msg_schedules=True,
+            **common,
+        ),
+        StreamConfig(
+            name=DELIVER_STREAM,
+            subjects=[f"{PREFIX}.deliver.>", f"{PREFIX}.retry.deliver.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            allow_msg_schedules=True,
+            **common,
+        ),
+        StreamConfig(
+            name=BOUNCE_STREAM,
+            subjects=[bounce_subject()],
+            retention=RetentionPolicy.WORK_QUEUE,
+            **common,
+        ),
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[f"{PREFIX}.events.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_age=config.nats.events_max_age,
+            **common,
+        ),
+    ]
+
+
+def consumer_bindings(config: Config) -> list[ConsumerBinding]:
+    return [router_binding(), bounce_binding(), *(delivery_binding(p) for p in sorted(config.pools))]
+
+
+def _consumer_config(binding: ConsumerBinding, config: Config) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=binding.durable,
+        filter_subject=binding.subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=config.nats.ack_wait,
+        max_deliver=-1,
+        max_ack_pending=20000,
+        max_waiting=512,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
+    try:
+        await js.add_stream(stream)
+    except BadRequestError as exc:
+        # Already there with older settings: bring it to the declared shape.
+        if exc.err_code != 10058:
+            raise
+        log.info("updating stream %s to the declared configuration", stream.name)
+        await js.update_stream(stream)
+
+
+async def ensure_topology(js: JetStreamContext, config: Config) -> None:
+    """Create (or update) every stream, consumer and bucket. Safe to run from every replica."""
+    for stream in stream_configs(config):
+        await _ensure_stream(js, stream)
+    for binding in consumer_bindings(config):
+        await js.add_consumer(binding.stream, _consumer_config(binding, config))
+    # Bodies outlive the longest possible retry so that a leaked reference still expires.
+    body_ttl = config.retry.max_age + 2 * 86400
+    await js.create_object_store(
+        BODY_BUCKET,
+        ObjectStoreConfig(ttl=body_ttl, replicas=config.nats.replicas, storage=StorageType.FILE),
+    )
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=BODY_REFS_BUCKET,
+            history=1,
+            ttl=body_ttl,
+            replicas=config.nats.replicas,
+            storage=StorageType.FILE,
+        )
+    )

@@ -1,0 +1,72 @@
+"""Fixtures shared by both test tiers, and the tier markers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.support.certs import TestPKI, make_test_pki
+from tests.support.dns_server import DNSServer
+from tests.support.smtp_sink import SMTPSink, common_free_port
+
+if TYPE_CHECKING:
+    # Imported lazily: a half-written services package must not break collecting every test.
+    from services.core.embedded import EmbeddedNats
+
+_TESTS_DIR = Path(__file__).parent
+_TIER_MARKERS = {"unit": pytest.mark.unit, "integration": pytest.mark.integration}
+# Hosts the sinks may use; 127.0.0.1 is left to the services under test and the DNS server.
+SINK_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, taken from its directory, so `-m unit` needs no decorators."""
+    for item in items:
+        try:
+            tier = item.path.relative_to(_TESTS_DIR).parts[0]
+        except ValueError:
+            continue
+        if tier in _TIER_MARKERS:
+            item.add_marker(_TIER_MARKERS[tier])
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    from tests.support.nats import start_nats
+
+    server = start_nats(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DNSServer]:
+    with DNSServer("127.0.0.1") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def sink_port() -> int:
+    return common_free_port(SINK_HOSTS)
+
+
+@pytest.fixture
+def make_sink(sink_port: int) -> Iterator[Callable[..., SMTPSink]]:
+    """Factory: make_sink("127.0.0.2", tls_context=...) -> a started SMTPSink on sink_port."""
+    with ExitStack() as stack:
+
+        def make(host: str, **kwargs: Any) -> SMTPSink:
+            return stack.enter_context(SMTPSink(host, sink_port, **kwargs))
+
+        yield make

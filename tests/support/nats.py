@@ -1,0 +1,25 @@
+"""A JetStream-enabled nats-server for tests, via the same EmbeddedNats that `relais up` uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.core.embedded import EmbeddedNats
+
+
+def start_nats(tmp_path: Path, *, host: str = "127.0.0.1", port: int = 0) -> EmbeddedNats:
+    """Start nats-server with its store and log under `tmp_path`, ready for clients.
+
+    The log (tmp_path / "nats-server.log") is what to read when a test hangs on NATS.
+    The caller owns the server: stop() it, even when the test fails (the nats_server
+    fixture does).
+    """
+    store = Path(tmp_path) / "nats"
+    server = EmbeddedNats(store_dir=store, host=host, port=port, log_file=Path(tmp_path) / "nats-server.log")
+    try:
+        server.start()
+    except BaseException:
+        # start() leaves the process running when the port never opens; don't leak it.
+        server.kill()
+        raise
+    return server

@@ -1,0 +1,255 @@
+"""Destination MX sinks: aiosmtpd servers on 127.0.0.x that record what they receive.
+
+Each sink listens on its own loopback address, so several "remote MXs" can share one port
+number, as real MXs all listen on 25:
+
+    port = common_free_port(["127.0.0.2", "127.0.0.3"])
+    with SMTPSink("127.0.0.2", port) as mx1, SMTPSink("127.0.0.3", port) as mx2:
+        ...
+
+A refused connection needs no helper: any 127.0.0.x address with nothing listening on the
+port (e.g. 127.0.0.4 while only .2 and .3 have sinks) answers SYN with RST right away. A
+timeout is what `delay_data` or DNSServer.set_drop() are for.
+
+aiosmtpd quirks worth knowing when asserting:
+- a null reverse-path arrives as mail_from == "<>", not "";
+- MAIL parameters are upper-cased ("BODY=8BITMIME", "SMTPUTF8", "SIZE=123");
+- DATA lines longer than 1000 bytes (with CRLF) are refused with "500 Line too long".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.message
+import email.policy
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+TEMPFAIL_REPLY = "451 4.3.0 Try again later"
+RCPT_OK_REPLY = "250 OK"
+DATA_OK_REPLY = "250 2.0.0 OK: queued"
+_DATA_SIZE_LIMIT = 64 * 1024 * 1024
+_POLL_INTERVAL = 0.02
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    """One accepted transaction, as the sink saw it."""
+
+    peer: tuple[str, int]
+    helo: str
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes  # Exactly the bytes after dot-unstuffing, CRLF line endings kept.
+    tls: bool
+    received_at: float
+    mail_options: list[str]
+
+    def parsed(self) -> email.message.EmailMessage:
+        """The message parsed with the modern email policy, for header assertions."""
+        message = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(message, email.message.EmailMessage)
+        return message
+
+
+def common_free_port(hosts: Sequence[str], attempts: int = 200) -> int:
+    """A TCP port number that is free on every one of the given hosts right now."""
+    rng = random.SystemRandom()
+    for _ in range(attempts):
+        port = rng.randint(20000, 60000)
+        if all(_tcp_port_free(host, port) for host in hosts):
+            return port
+    raise RuntimeError(f"no port free on all of {list(hosts)} after {attempts} attempts")
+
+
+def _tcp_port_free(host: str, port: int) -> bool:
+    # No SO_REUSEADDR: a port with connections in TIME_WAIT counts as taken, the
+    # conservative answer for a port we are about to hand out.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class _SinkController(Controller):
+    """Controller that counts accepted connections: aiosmtpd builds one SMTP per connection."""
+
+    def factory(self) -> SMTP:
+        self.handler.count_connection()
+        return super().factory()
+
+
+class SMTPSink:
+    """An aiosmtpd MX on (host, port) with programmable replies.
+
+    The behaviour attributes may be changed at any time, also while a client is connected;
+    they are read when the command arrives. DATA is answered in this order: delay_data,
+    then tempfail_data, then data_reply, else accepted and recorded in `messages`.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        require_tls: bool = False,
+        hostname: str | None = None,
+    ) -> None:
+        if require_tls and tls_context is None:
+            raise ValueError("require_tls needs a tls_context to offer STARTTLS with")
+        self.host = host
+        self.port = port
+        # Without an explicit name aiosmtpd calls socket.getfqdn(), which can block on DNS.
+        self.hostname = hostname or f"sink-{host.replace('.', '-').replace(':', '-')}.test"
+        self.tls_context = tls_context
+        self.require_tls = require_tls
+        self.messages: list[ReceivedMessage] = []
+        self.tempfail_data = 0
+        self.data_reply: str | None = None
+        self.rcpt_replies: dict[str, str] = {}
+        self.rcpt_default: str | None = None
+        self.delay_data = 0.0
+        self.connections = 0
+        self.data_commands = 0  # DATA commands that reached the handler, accepted or not.
+        self._lock = threading.Lock()
+        self._controller: _SinkController | None = None
+
+    def start(self) -> None:
+        if self._controller is not None:
+            return
+        controller = _SinkController(
+            self,
+            hostname=self.host,
+            port=self.port,
+            server_hostname=self.hostname,
+            ready_timeout=10.0,
+            decode_data=False,
+            data_size_limit=_DATA_SIZE_LIMIT,
+            enable_SMTPUTF8=True,
+            tls_context=self.tls_context,
+            require_starttls=self.require_tls,
+        )
+        controller.start()
+        self._controller = controller
+        # Controller.start() connects once to check readiness; that is not a client.
+        with self._lock:
+            self.connections = 0
+
+    def stop(self) -> None:
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            controller.stop()
+
+    def count_connection(self) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def clear(self) -> None:
+        """Forget received messages and counters, keeping the programmed behaviour."""
+        with self._lock:
+            self.messages.clear()
+            self.connections = 0
+            self.data_commands = 0
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def _snapshot(self) -> list[ReceivedMessage]:
+        with self._lock:
+            return list(self.messages)
+
+    def _timeout_error(self, count: int, got: list[ReceivedMessage], timeout: float) -> TimeoutError:
+        return TimeoutError(
+            f"sink {self.host}:{self.port} received {len(got)} of {count} messages within {timeout}s "
+            f"(connections={self.connections}, DATA commands={self.data_commands}, "
+            f"tempfail_data left={self.tempfail_data}, data_reply={self.data_reply!r}); "
+            f"received: {[(m.mail_from, m.rcpt_tos) for m in got]}"
+        )
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[ReceivedMessage]:
+        """Block until at least `count` messages arrived; returns a snapshot of them.
+
+        Blocks the calling thread: from an async test use async_wait_for, or the event loop
+        that would deliver the messages stalls too.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self._snapshot()
+            if len(got) >= count:
+                return got
+            if time.monotonic() >= deadline:
+                raise self._timeout_error(count, got, timeout)
+            time.sleep(_POLL_INTERVAL)
+
+    # Same signature as wait_for on purpose, rather than leaving the timeout to asyncio.timeout().
+    async def async_wait_for(self, count: int, timeout: float = 30.0) -> list[ReceivedMessage]:  # noqa: ASYNC109
+        """Like wait_for, polling with asyncio.sleep so the caller's loop keeps running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self._snapshot()
+            if len(got) >= count:
+                return got
+            if time.monotonic() >= deadline:
+                raise self._timeout_error(count, got, timeout)
+            await asyncio.sleep(_POLL_INTERVAL)
+
+    # -- aiosmtpd hooks (run in the controller's thread) ------------------------------------
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        reply = self.rcpt_replies.get(address.lower(), self.rcpt_default) or RCPT_OK_REPLY
+        # Implementing the hook makes accepting the recipient our job, not aiosmtpd's.
+        if reply.startswith("2"):
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return reply
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            self.data_commands += 1
+        if self.delay_data > 0:
+            await asyncio.sleep(self.delay_data)
+        with self._lock:
+            if self.tempfail_data > 0:
+                self.tempfail_data -= 1
+                return TEMPFAIL_REPLY
+        if self.data_reply is not None:
+            return self.data_reply
+        peer: Any = session.peer
+        message = ReceivedMessage(
+            peer=(str(peer[0]), int(peer[1])),
+            helo=session.host_name or "",
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=list(envelope.rcpt_tos),
+            data=envelope.original_content or b"",
+            # session.ssl is the TLS transport's extra-info dict, set only after STARTTLS.
+            tls=bool(session.ssl),
+            received_at=time.time(),
+            mail_options=list(envelope.mail_options),
+        )
+        with self._lock:
+            self.messages.append(message)
+        return DATA_OK_REPLY
+
+    def __enter__(self) -> SMTPSink:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
