@@ -356,10 +356,10 @@ def _is_7bit(data: bytes) -> bool:
 def _recipient(address: str) -> str:
     if _TYPED_RE.match(address):
         addr_type, _, addr = address.partition(";")
-        return f"{addr_type.strip()}; {_xtext(addr.strip()) if not addr.isascii() else addr.strip()}"
-    if address.isascii():
-        return f"rfc822; {address}"
-    return f"utf-8; {_xtext(address)}"
+        addr_type, addr = addr_type.strip(), addr.strip()
+    else:
+        addr_type, addr = ("rfc822", address) if address.isascii() else ("utf-8", address)
+    return f"{addr_type}; {addr if addr.isascii() else _xtext(addr)}"
 
 
 def _xtext(address: str) -> str:
@@ -396,8 +396,8 @@ def _fold(name: str, value: str) -> list[str]:
     Unfolding restores the value exactly, except that a single word longer than a whole line
     must be split and reads back with a space inside it.
     """
-    # Leave room for the leading space of a continuation line and the CRLF.
-    limit = _MAX_LINE - 2
+    # Room for "Name: " on the first line; continuation lines only need their leading space.
+    limit = _MAX_LINE - len(name) - 2
     words: list[str] = []
     for word in value.split(" "):
         words.extend([word[i : i + limit] for i in range(0, len(word), limit)] or [""])

@@ -87,7 +87,8 @@ class IngressHandler:
         verdict = policy.sender_verdict(account, sender)
         if verdict:
             return str(verdict)
-        envelope.mail_from = sender
+        # aiosmtpd needs a truthy mail_from to accept RCPT; "<>" stands for the null sender.
+        envelope.mail_from = sender or "<>"
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
@@ -113,7 +114,7 @@ class IngressHandler:
             return str(verdict)
         if self._config.ingress.bare_line_endings == "normalise":
             data = policy.normalise_line_endings(data)
-        sender = envelope.mail_from or ""
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         if sender:
             sender_domain = policy.domain_of(sender)
         else:

@@ -156,7 +156,7 @@ class DNSServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._startup_error: BaseException | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._tcp_clients: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
 
     # -- records and behaviour (callable from any thread, before or after start) --------
 
@@ -323,14 +323,19 @@ class DNSServer:
         finally:
             server.close()
             transport.close()
-            # Clients parked on an open TCP connection (e.g. while dropping) must not keep
-            # the server alive.
-            for writer in list(self._writers):
+            # Hang up on TCP clients (e.g. parked while dropping) and let their handlers see
+            # EOF and return: Python 3.11 logs a spurious error for a cancelled stream handler.
+            clients = dict(self._tcp_clients)
+            for writer in clients:
                 writer.close()
+            if clients:
+                await asyncio.wait(clients.values(), timeout=5)
             await server.wait_closed()
 
     async def _serve_tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tcp_clients[writer] = task
         try:
             while True:
                 (length,) = struct.unpack("!H", await reader.readexactly(2))
@@ -341,7 +346,7 @@ class DNSServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # The client hung up, which is how DNS over TCP sessions end.
         finally:
-            self._writers.discard(writer)
+            self._tcp_clients.pop(writer, None)
             writer.close()
 
     def __enter__(self) -> DNSServer:

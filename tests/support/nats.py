@@ -12,14 +12,9 @@ def start_nats(tmp_path: Path, *, host: str = "127.0.0.1", port: int = 0) -> Emb
 
     The log (tmp_path / "nats-server.log") is what to read when a test hangs on NATS.
     The caller owns the server: stop() it, even when the test fails (the nats_server
-    fixture does).
+    fixture does). start() waits for this process's own INFO greeting and kills it on failure.
     """
-    store = Path(tmp_path) / "nats"
-    server = EmbeddedNats(store_dir=store, host=host, port=port, log_file=Path(tmp_path) / "nats-server.log")
-    try:
-        server.start()
-    except BaseException:
-        # start() leaves the process running when the port never opens; don't leak it.
-        server.kill()
-        raise
+    log = Path(tmp_path) / "nats-server.log"
+    server = EmbeddedNats(store_dir=Path(tmp_path) / "nats", host=host, port=port, log_file=log)
+    server.start()
     return server

@@ -211,7 +211,9 @@ class SMTPSink:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        reply = self.rcpt_replies.get(address.lower(), self.rcpt_default) or RCPT_OK_REPLY
+        # Lowercased on both sides, so a test's "Bad@X.test" key still matches.
+        replies = {rcpt.lower(): reply for rcpt, reply in self.rcpt_replies.items()}
+        reply = replies.get(address.lower(), self.rcpt_default) or RCPT_OK_REPLY
         # Implementing the hook makes accepting the recipient our job, not aiosmtpd's.
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)

@@ -385,6 +385,14 @@ def test_crlf_everywhere_and_no_line_over_998_octets() -> None:
     assert bob["Diagnostic-Code"].startswith("smtp; 550 5.7.1 blocked blocked")
 
 
+def test_single_long_word_is_split_below_998_octets() -> None:
+    raw = make_dsn([BOB_FAILED], envelope_id="E" * 1500)
+
+    assert_wire_clean(raw)
+    per_message = status_blocks(parse(raw))[0]
+    assert per_message["Original-Envelope-Id"].replace(" ", "") == "E" * 1500
+
+
 def test_non_ascii_diagnostic_is_escaped_not_dropped() -> None:
     status = RecipientStatus("bob@x.test", "failed", "5.1.1", "550 5.1.1 Empfänger unbekannt")
 

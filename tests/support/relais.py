@@ -1,0 +1,294 @@
+"""Run Relais for tests: the four services in-process (one event loop) or as real OS processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from services.bounce.service import BounceService
+from services.core.accounts import hash_password
+from services.core.bus import Bus
+from services.core.config import (
+    AccountConfig,
+    Config,
+    DeliveryConfig,
+    DnsConfig,
+    IngressConfig,
+    NatsConfig,
+    PoolConfig,
+    RetryConfig,
+)
+from services.core.embedded import free_port, wait_for_port
+from services.core.events import Event
+from services.core.runtime import start_bus
+from services.core.topology import EVENTS_STREAM, events_filter
+from services.delivery.service import DeliveryService
+from services.ingress.service import IngressService
+from services.router.service import RouterService
+
+ACCOUNT = "acme"
+PASSWORD = "correct horse battery staple"
+SENDER_DOMAIN = "acme.test"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def password_hash() -> str:
+    return hash_password(PASSWORD)
+
+
+def make_config(
+    *,
+    nats_url: str,
+    dns_port: int | None = None,
+    smtp_port: int = 25,
+    smtp_listen: str | None = None,
+    **sections: Any,
+) -> Config:
+    """A test cluster config: one account, fast retries, local DNS, destination port of the sinks."""
+    config = Config(
+        nats=NatsConfig(url=nats_url, publish_timeout=2.0, ack_wait=30.0),
+        ingress=IngressConfig(listen=smtp_listen or f"127.0.0.1:{free_port()}", hostname="relais.test"),
+        dns=DnsConfig(servers=[f"127.0.0.1:{dns_port}"] if dns_port else [], timeout=2.0),
+        delivery=DeliveryConfig(smtp_port=smtp_port, connect_timeout=3.0, command_timeout=10.0),
+        retry=RetryConfig(base_delay=1.0, max_delay=2.0, jitter=0.0, max_age=3600.0),
+        pools={"default": PoolConfig()},
+        accounts={
+            ACCOUNT: AccountConfig(password_hash=password_hash(), domains=[SENDER_DOMAIN], pool="default")
+        },
+    )
+    for name, value in sections.items():
+        current = getattr(config, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = dataclasses.replace(current, **value)
+        config = dataclasses.replace(config, **{name: value})
+    return config
+
+
+def config_to_toml(config: Config) -> str:
+    """Serialise a Config back to TOML (for services started as separate processes)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if dataclasses.is_dataclass(v):
+            names = [x.name for x in dataclasses.fields(v)]
+            return "{" + ", ".join(f"{k} = {value(getattr(v, k))}" for k in names) + "}"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f'"{k}" = {value(x)}' for k, x in v.items()) + "}"
+        raise TypeError(v)
+
+    top: list[str] = []
+    tables: list[str] = []
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if dataclasses.is_dataclass(v):
+            tables.append(f"[{f.name}]")
+            tables += [f"{k} = {value(getattr(v, k))}" for k in (x.name for x in dataclasses.fields(v))]
+        elif isinstance(v, dict) and all(dataclasses.is_dataclass(item) for item in v.values()):
+            for key, item in v.items():
+                tables.append(f'[{f.name}."{key}"]')
+                tables += [f"{k} = {value(getattr(item, k))}" for k in (x.name for x in dataclasses.fields(item))]
+        elif isinstance(v, dict):
+            tables.append(f"[{f.name}]")
+            tables += [f'"{key}" = {value(item)}' for key, item in v.items()]
+        else:
+            top.append(f"{f.name} = {value(v)}")
+    return "\n".join(top + tables) + "\n"
+
+
+class RelaisStack:
+    """The four services in this event loop, each with its own NATS connection like a replica."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stops: list[asyncio.Event] = []
+        self._buses: list[Bus] = []
+        self.ingress: IngressService | None = None
+
+    @property
+    def smtp_address(self) -> tuple[str, int]:
+        host, _, port = self.config.ingress.listen.rpartition(":")
+        return host, int(port)
+
+    async def start(self, services: Iterable[str] = ("ingress", "router", "delivery", "bounce")) -> None:
+        builders = {"router": RouterService, "delivery": DeliveryService, "bounce": BounceService}
+        for name in services:
+            bus = await start_bus(self.config, f"test-{name}", attempts=5)
+            self._buses.append(bus)
+            stop = asyncio.Event()
+            self._stops.append(stop)
+            if name == "ingress":
+                self.ingress = IngressService(self.config, bus)
+                await self.ingress.start()
+                self._tasks.append(asyncio.create_task(stop.wait()))
+            else:
+                self._tasks.append(asyncio.create_task(builders[name](self.config, bus).run(stop)))
+
+    async def stop(self) -> None:
+        for stop in self._stops:
+            stop.set()
+        if self.ingress is not None:
+            await self.ingress.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 15)
+        for bus in self._buses:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(bus.nc.close(), 5)
+
+    async def __aenter__(self) -> RelaisStack:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def submit(
+    address: tuple[str, int],
+    *,
+    sender: str = f"news@{SENDER_DOMAIN}",
+    recipients: Sequence[str],
+    data: bytes,
+    user: str = ACCOUNT,
+    password: str = PASSWORD,
+) -> tuple[int, bytes]:
+    """Submit one message with smtplib (a real client over a real socket); returns the DATA reply."""
+    with smtplib.SMTP(*address, timeout=30) as client:
+        client.ehlo("client.test")
+        client.login(user, password)
+        code, msg = client.mail(sender)
+        assert code == 250, (code, msg)
+        for rcpt in recipients:
+            code, msg = client.rcpt(rcpt)
+            assert code == 250, (code, msg)
+        return client.data(data)
+
+
+async def asubmit(address: tuple[str, int], **kwargs: Any) -> tuple[int, bytes]:
+    return await asyncio.to_thread(submit, address, **kwargs)
+
+
+def message(subject: str = "Hello", body: str = "Hello there.\r\n", sender: str = f"news@{SENDER_DOMAIN}") -> bytes:
+    return (
+        f"From: Acme News <{sender}>\r\n"
+        f"To: Someone <someone@example.test>\r\n"
+        f"Subject: {subject}\r\n"
+        f"Message-ID: <{time.time_ns()}@{SENDER_DOMAIN}>\r\n"
+        f"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n"
+        f"\r\n"
+        f"{body}"
+    ).encode()
+
+
+def strip_received(data: bytes) -> bytes:
+    """The message minus the Received: header(s) Relais prepends (folded lines included)."""
+    lines = data.split(b"\r\n")
+    out: list[bytes] = []
+    skipping = False
+    for i, line in enumerate(lines):
+        if skipping and line[:1] in (b" ", b"\t"):
+            continue
+        skipping = False
+        if line.lower().startswith(b"received:") and all(not x == b"" for x in lines[:i]):
+            skipping = True
+            continue
+        out.append(line)
+    return b"\r\n".join(out)
+
+
+async def read_events(nats_url: str, account: str | None = None, timeout: float = 1.0) -> list[Event]:
+    """Every event so far, replayed from the start of the events stream."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        sub = await js.subscribe(events_filter(account), stream=EVENTS_STREAM, ordered_consumer=True)
+        events: list[Event] = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            events.append(Event.from_json(msg.data))
+        await sub.unsubscribe()
+        return events
+    finally:
+        await nc.close()
+
+
+async def wait_for_events(
+    nats_url: str, kind: str, count: int, timeout: float = 30.0, account: str | None = None
+) -> list[Event]:
+    deadline = time.monotonic() + timeout
+    found: list[Event] = []
+    while time.monotonic() < deadline:
+        found = [e for e in await read_events(nats_url, account, timeout=0.3) if e.kind == kind]
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.3)
+    raise TimeoutError(f"expected {count} {kind!r} events, saw {len(found)}")
+
+
+class ServiceProcess:
+    """One service as a real OS process (`python -m services.cli <name>`), killable with SIGKILL."""
+
+    def __init__(self, name: str, config_path: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.config_path = config_path
+        self.log_path = log_dir / f"{name}-{os.getpid()}-{time.time_ns()}.log"
+        self.env = dict(os.environ, **(env or {}))
+        self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", self.name, "--config", str(self.config_path)],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+        )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_listening(address: tuple[str, int], timeout: float = 20.0) -> None:
+    wait_for_port(address[0], address[1], timeout)
