@@ -102,14 +102,12 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
         print(f"Relais is up in {ready:.1f}s.")
         print(f"  SMTP (AUTH PLAIN/LOGIN): {config.ingress.listen}")
         if password:
-            print(
-                f"  account: {DEMO_ACCOUNT}  password: {password}  (sender domains: {', '.join(DEMO_DOMAINS)})"
-            )
+            domains = ", ".join(DEMO_DOMAINS)
+            print(f"  account: {DEMO_ACCOUNT}  password: {password}  (sender domains: {domains})")
         print(f"  NATS: {nats.url}   data: {data_dir.resolve()}   logs: {logs_dir.resolve()}")
         secret = password or "..."
-        print(
-            f"  try:   swaks --server 127.0.0.1:{port} --auth-user {DEMO_ACCOUNT} --auth-password '{secret}' \\"
-        )
+        print(f"  try:   swaks --server 127.0.0.1:{port} --auth-user {DEMO_ACCOUNT} \\")
+        print(f"           --auth-password '{secret}' \\")
         print("           --from you@example.com --to someone@example.net")
         print("  then:  relais mailbox list   |   relais mailbox show <id>")
         print("Ctrl-C stops everything.", flush=True)

@@ -140,6 +140,8 @@ class TelemetryConfig:
     # "console" for debugging, "jsonl" to keep spans in a local file for `relais trace`.
     traces: str = "none"
     traces_file: str = ""
+    # HTTP endpoint of every service: /healthz, /readyz, /metrics (Prometheus). Empty disables it.
+    http_listen: str = "0.0.0.0:9100"
 
 
 @dataclass(frozen=True, kw_only=True)

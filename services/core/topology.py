@@ -9,6 +9,7 @@ place that declares streams; services bind to what `ensure_topology` created.
     relais.retry.deliver.<key>.<n>    scheduled retry of a deferred job (ADR-51 schedule)
     relais.bounce                     permanent failures and expiries -> bounce
     relais.events.<account>.<kind>    every outcome, replayable per account
+    relais.inbound                    mail to Relais' own domains (bounces, FBL reports) -> bounce-inbound
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ ROUTE_STREAM = "RELAIS_ROUTE"
 DELIVER_STREAM = "RELAIS_DELIVER"
 BOUNCE_STREAM = "RELAIS_BOUNCE"
 EVENTS_STREAM = "RELAIS_EVENTS"
+INBOUND_STREAM = "RELAIS_INBOUND"
 BODY_BUCKET = "relais-bodies"
 BODY_REFS_BUCKET = "relais-body-refs"
 ROUTER_CONSUMER = "router"
 BOUNCE_CONSUMER = "bounce"
+INBOUND_CONSUMER = "bounce-inbound"
+SUPPRESSION_BUCKET = "relais-suppression"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 EVENT_KINDS = ("accepted", "delivered", "deferred", "bounced", "expired", "suppressed", "complained")
@@ -83,6 +87,10 @@ def pool_of_deliver_subject(subject: str) -> str:
 
 def bounce_subject() -> str:
     return f"{PREFIX}.bounce"
+
+
+def inbound_subject() -> str:
+    return f"{PREFIX}.inbound"
 
 
 def event_subject(account: str, kind: str) -> str:
@@ -133,6 +141,10 @@ def bounce_binding() -> ConsumerBinding:
     return ConsumerBinding(BOUNCE_STREAM, BOUNCE_CONSUMER, bounce_subject())
 
 
+def inbound_binding() -> ConsumerBinding:
+    return ConsumerBinding(INBOUND_STREAM, INBOUND_CONSUMER, inbound_subject())
+
+
 def stream_configs(config: Config) -> list[StreamConfig]:
     replicas = config.nats.replicas
     common = dict(
@@ -162,6 +174,12 @@ def stream_configs(config: Config) -> list[StreamConfig]:
             **common,
         ),
         StreamConfig(
+            name=INBOUND_STREAM,
+            subjects=[inbound_subject()],
+            retention=RetentionPolicy.WORK_QUEUE,
+            **common,
+        ),
+        StreamConfig(
             name=EVENTS_STREAM,
             subjects=[f"{PREFIX}.events.>"],
             retention=RetentionPolicy.LIMITS,
@@ -172,7 +190,12 @@ def stream_configs(config: Config) -> list[StreamConfig]:
 
 
 def consumer_bindings(config: Config) -> list[ConsumerBinding]:
-    return [router_binding(), bounce_binding(), *(delivery_binding(p) for p in sorted(config.pools))]
+    return [
+        router_binding(),
+        bounce_binding(),
+        inbound_binding(),
+        *(delivery_binding(p) for p in sorted(config.pools)),
+    ]
 
 
 def _consumer_config(binding: ConsumerBinding, config: Config) -> ConsumerConfig:
@@ -210,6 +233,11 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     await js.create_object_store(
         BODY_BUCKET,
         ObjectStoreConfig(ttl=body_ttl, replicas=config.nats.replicas, storage=StorageType.FILE),
+    )
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=SUPPRESSION_BUCKET, history=1, replicas=config.nats.replicas, storage=StorageType.FILE
+        )
     )
     await js.create_key_value(
         KeyValueConfig(

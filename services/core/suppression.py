@@ -1,0 +1,90 @@
+"""Per-account suppression list in NATS KV: written by bounce (and operators), read by the router.
+
+Key: `<account>.<sha256(address)[:40]>` (KV keys cannot hold '@' or '+'); the value is JSON
+that carries the address itself, so listing needs no reverse mapping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+
+from services.core.topology import SUPPRESSION_BUCKET
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    account: str
+    address: str
+    reason: str  # "hard_bounce" | "complaint" | "manual"
+    source: str = ""  # message id, report id, or operator name
+    category: str = ""  # bounce category when reason is hard_bounce
+    at: float = 0.0
+    expires_at: float = 0.0  # 0 = never
+
+    def active(self, now: float | None = None) -> bool:
+        return not self.expires_at or self.expires_at > (time.time() if now is None else now)
+
+
+def suppression_key(account: str, address: str) -> str:
+    digest = hashlib.sha256(address.strip().lower().encode()).hexdigest()[:40]
+    return f"{account}.{digest}"
+
+
+class SuppressionList:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._kv: KeyValue | None = None
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self._js.key_value(SUPPRESSION_BUCKET)
+        return self._kv
+
+    async def add(self, entry: Suppression) -> None:
+        entry = entry if entry.at else Suppression(**{**asdict(entry), "at": time.time()})
+        await (await self._bucket()).put(
+            suppression_key(entry.account, entry.address), json.dumps(asdict(entry)).encode()
+        )
+
+    async def get(self, account: str, address: str) -> Suppression | None:
+        try:
+            kv_entry = await (await self._bucket()).get(suppression_key(account, address))
+        except KeyNotFoundError:
+            return None
+        if not kv_entry.value:
+            return None
+        entry = Suppression(**json.loads(kv_entry.value))
+        return entry if entry.active() else None
+
+    async def remove(self, account: str, address: str) -> bool:
+        kv = await self._bucket()
+        key = suppression_key(account, address)
+        try:
+            await kv.get(key)
+        except KeyNotFoundError:
+            return False
+        await kv.delete(key)
+        return True
+
+    async def list(self, account: str) -> list[Suppression]:
+        kv = await self._bucket()
+        try:
+            keys = await kv.keys(filters=[f"{account}.*"])
+        except NoKeysError:
+            return []
+        out = []
+        for key in keys:
+            try:
+                kv_entry = await kv.get(key)
+            except KeyNotFoundError:
+                continue
+            if kv_entry.value:
+                out.append(Suppression(**json.loads(kv_entry.value)))
+        return sorted(out, key=lambda e: e.at)
