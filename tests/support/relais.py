@@ -34,7 +34,7 @@ from services.core.config import (
 from services.core.embedded import free_port, wait_for_port
 from services.core.events import Event
 from services.core.runtime import start_bus
-from services.core.topology import EVENTS_STREAM, events_filter
+from services.core.topology import BODY_BUCKET, EVENTS_STREAM, events_filter
 from services.delivery.service import DeliveryService
 from services.ingress.service import IngressService
 from services.router.service import RouterService
@@ -249,6 +249,19 @@ async def wait_for_events(
             return found
         await asyncio.sleep(0.3)
     raise TimeoutError(f"expected {count} {kind!r} events, saw {len(found)}")
+
+
+async def stored_bodies(nats_url: str) -> int:
+    """How many large bodies the Object Store still holds (deleted ones excluded)."""
+    nc = await nats.connect(nats_url)
+    try:
+        store = await nc.jetstream().object_store(BODY_BUCKET)
+        try:
+            return len([o for o in await store.list() if not o.deleted])
+        except nats.js.errors.NotFoundError:
+            return 0
+    finally:
+        await nc.close()
 
 
 class ServiceProcess:

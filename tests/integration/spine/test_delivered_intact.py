@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import random
 
-from tests.support.relais import RelaisStack, asubmit, message, strip_received, wait_for_events
+from tests.support.relais import (
+    RelaisStack,
+    asubmit,
+    message,
+    stored_bodies,
+    strip_received,
+    wait_for_events,
+)
 from tests.support.smtp_sink import SMTPSink
 
 
@@ -51,3 +58,6 @@ async def test_ten_megabyte_message_is_delivered_intact(stack: RelaisStack, make
     assert code == 250
     (got,) = await sink.async_wait_for(1, timeout=60)
     assert strip_received(got.data) == data
+    await wait_for_events(stack.config.nats.url, "delivered", 1)
+    # Stored once in the Object Store, and removed once every recipient has its final outcome.
+    assert await stored_bodies(stack.config.nats.url) == 0

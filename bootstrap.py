@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Set-up in one step, on a machine that has only python3.
+
+    python3 bootstrap.py up     # create .venv, install Relais, run `relais up`
+    python3 bootstrap.py test   # create .venv, install Relais + test tools, run the whole test suite
+
+Anything after the command is passed on (to `relais up` or to pytest).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+
+
+def ensure_venv(extras: str) -> None:
+    if not (BIN / "python").exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    stamp = VENV / f".installed-{extras or 'base'}"
+    pyproject = ROOT / "pyproject.toml"
+    if stamp.exists() and stamp.stat().st_mtime >= pyproject.stat().st_mtime:
+        return
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    target = f".[{extras}]" if extras else "."
+    subprocess.run([*pip, "-e", target], check=True, cwd=ROOT)
+    stamp.touch()
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("up", "test"):
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "up":
+        ensure_venv("")
+        os.execv(str(BIN / "relais"), [str(BIN / "relais"), "up", *rest])
+    ensure_venv("test")
+    result = subprocess.run([str(BIN / "python"), "-m", "pytest", "tests", *rest], cwd=ROOT)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,127 @@
+"""The config schema: TOML + environment overrides, unknown keys rejected, cross-field checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.core.accounts import hash_password, verify_password
+from services.core.config import ConfigError, env_variable_names, load_config, parse_duration
+
+HASH = hash_password("pw")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relais.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_safe_without_a_file() -> None:
+    config = load_config(None, env={})
+    assert config.ingress.auth_require_tls is True
+    assert config.nats.replicas == 1
+    assert config.retry.max_age == 5 * 86400
+    assert config.delivery.mode == "mx"
+
+
+def test_file_values_and_durations(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        f"""
+[nats]
+url = "nats://a:4222,nats://b:4222"
+replicas = 3
+[retry]
+base_delay = "2m"
+max_age = "3d"
+[pools.bulk]
+sources = [{{address = "192.0.2.10", ehlo = "mta1.example.com", weight = 3}}]
+[accounts.acme]
+password_hash = "{HASH}"
+domains = ["acme.test"]
+pool = "bulk"
+[sender_domains]
+"acme.test" = "bulk"
+""",
+    )
+    config = load_config(path, env={})
+    assert config.nats.replicas == 3
+    assert config.retry.base_delay == 120.0
+    assert config.retry.max_age == 3 * 86400.0
+    assert config.pools["bulk"].sources[0].weight == 3
+    assert config.pool_for("ACME.test", "acme") == "bulk"
+
+
+def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nats.urll"):
+        load_config(_write(tmp_path, '[nats]\nurll = "x"\n'), env={})
+    with pytest.raises(ConfigError, match="unknown"):
+        load_config(_write(tmp_path, "[natz]\n"), env={})
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[nats]\nurl = "nats://file:4222"\n')
+    env = {
+        "RELAIS_NATS__URL": "nats://env:4222",
+        "RELAIS_DELIVERY__SMTP_PORT": "2526",
+        "RELAIS_DNS__SERVERS": "127.0.0.1:5353, 127.0.0.2",
+        "RELAIS_INGRESS__AUTH_REQUIRE_TLS": "false",
+    }
+    config = load_config(path, env=env)
+    assert config.nats.url == "nats://env:4222"
+    assert config.delivery.smtp_port == 2526
+    assert config.dns.servers == ["127.0.0.1:5353", "127.0.0.2"]
+    assert config.ingress.auth_require_tls is False
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[delivery]\nsmtp_port = 2600\n")
+    assert load_config(None, env={"RELAIS_CONFIG": str(path)}).delivery.smtp_port == 2600
+
+
+@pytest.mark.parametrize("name", ["RELAIS_NATS__NOPE", "RELAIS_NOSECTION__X", "RELAIS_WHATEVER"])
+def test_unknown_environment_variables_are_rejected(name: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, env={name: "1"})
+
+
+def test_every_advertised_env_name_is_accepted() -> None:
+    for name in env_variable_names():
+        if name == "RELAIS_CONFIG":
+            continue
+        # Just the name must be understood; values may be invalid for the type, so only check the name.
+        try:
+            load_config(None, env={name: "1"})
+        except ConfigError as exc:
+            assert "unknown environment variable" not in str(exc), name
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[nats]\nreplicas = 2\n", "replicas"),
+        ('[delivery]\nmode = "carrier-pigeon"\n', "delivery.mode"),
+        ('[accounts.acme]\npassword_hash = "plain"\n', "scrypt"),
+        ('[sender_domains]\n"x.test" = "nopool"\n', "unknown pool"),
+        ('[pools.bad]\nsources = [{address = "not-an-ip"}]\n', "address"),
+        ('[dns]\nservers = ["resolver.example"]\n', "dns.servers"),
+        ('[retry]\nbase_delay = "soon"\n', "duration"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text), env={})
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30", 30), ("30s", 30), ("10m", 600), ("2h", 7200), ("5d", 432000)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_password_hashes_verify_and_are_not_plaintext() -> None:
+    assert "pw" not in HASH.split("$")
+    assert verify_password("pw", HASH)
+    assert not verify_password("pw2", HASH)
+    assert not verify_password("pw", "scrypt$garbage")

@@ -1,0 +1,97 @@
+"""The envelope codec is the contract between services: it must round-trip exactly."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from services.core.envelope import (
+    SCHEMA_VERSION,
+    Attempt,
+    BodyRef,
+    BounceNotice,
+    Envelope,
+    EnvelopeDecodeError,
+    new_message_id,
+)
+from services.core.outcome import Bounced, Reply
+
+
+def _envelope(**kw: object) -> Envelope:
+    base: dict[str, object] = dict(
+        id=new_message_id(),
+        sender="news@acme.test",
+        recipients=("a@x.test", "b@x.test"),
+        account="acme",
+        sender_domain="acme.test",
+        body=BodyRef(size=5, inline=b"hi\r\n\x00\xff"),
+        received_at=1700000000.25,
+    )
+    base.update(kw)
+    return Envelope(**base)  # type: ignore[arg-type]
+
+
+def test_round_trip_keeps_every_field() -> None:
+    env = _envelope(
+        job_id="abc-0",
+        pool="p1",
+        domain="x.test",
+        site="google",
+        mx_hosts=("mx1.x.test", "mx2.x.test"),
+        attempts=(Attempt(1.5, Reply(451, "4.3.0", "later", "DATA"), "mx1.x.test", "127.0.0.5"),),
+        trace_context="00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+        kind="dsn",
+        dsn_ret="FULL",
+        dsn_envid="env-1",
+        client_ip="127.0.0.1",
+        meta={"tls": "TLSv1.3 TLS_AES_256_GCM_SHA384"},
+    )
+    assert Envelope.from_msgpack(env.to_msgpack()) == env
+
+
+def test_raw_body_bytes_are_carried_untouched() -> None:
+    body = bytes(range(256)) * 3
+    env = _envelope(body=BodyRef(size=len(body), inline=body))
+    assert Envelope.from_msgpack(env.to_msgpack()).body.inline == body
+
+
+def test_stored_body_reference_round_trips() -> None:
+    env = _envelope(body=BodyRef(size=10_000_000, object_name="0123"))
+    decoded = Envelope.from_msgpack(env.to_msgpack())
+    assert decoded.body == BodyRef(size=10_000_000, object_name="0123")
+    assert not decoded.body.is_inline
+
+
+def test_unknown_schema_version_is_refused() -> None:
+    wire = msgpack.unpackb(_envelope().to_msgpack())
+    wire["v"] = SCHEMA_VERSION + 1
+    with pytest.raises(EnvelopeDecodeError):
+        Envelope.from_msgpack(msgpack.packb(wire))
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xc1", b"not msgpack at all", msgpack.packb([1, 2])])
+def test_garbage_is_a_decode_error(payload: bytes) -> None:
+    with pytest.raises(EnvelopeDecodeError):
+        Envelope.from_msgpack(payload)
+
+
+def test_bounce_notice_round_trip() -> None:
+    notice = BounceNotice(
+        envelope=_envelope(job_id="j-1"),
+        failures=(Bounced("a@x.test", Reply(550, "5.1.1", "no such user", "RCPT"), "mx1.x.test"),),
+        expired=True,
+        releases_body=False,
+    )
+    assert BounceNotice.from_msgpack(notice.to_msgpack()) == notice
+
+
+def test_message_ids_sort_by_time_and_do_not_collide() -> None:
+    ids = [new_message_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(i.isalnum() for i in ids)
+
+
+def test_key_is_job_id_once_routed() -> None:
+    env = _envelope()
+    assert env.key == env.id
+    assert _envelope(job_id="m-3").key == "m-3"

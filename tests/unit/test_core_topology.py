@@ -1,0 +1,61 @@
+"""Subject and consumer names are built and parsed in one place; they must round-trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.core import topology as t
+from services.core.config import Config, PoolConfig
+
+
+@pytest.mark.parametrize("account", ["acme", "a-b_c", "X9"])
+@pytest.mark.parametrize("kind", t.EVENT_KINDS)
+def test_event_subject_round_trip(account: str, kind: str) -> None:
+    assert t.parse_event_subject(t.event_subject(account, kind)) == (account, kind)
+
+
+@pytest.mark.parametrize("pool", ["default", "newsletters", "pool-2", "t_1"])
+def test_pool_names_round_trip_through_subjects_and_consumers(pool: str) -> None:
+    assert t.pool_of_deliver_subject(t.deliver_subject(pool)) == pool
+    assert t.pool_of_delivery_consumer(t.delivery_consumer(pool)) == pool
+    assert t.delivery_binding(pool).subject == t.deliver_subject(pool)
+
+
+@pytest.mark.parametrize("bad", ["a.b", "a b", "a*", ">", "", "a.>"])
+def test_names_that_would_span_or_wildcard_tokens_are_refused(bad: str) -> None:
+    with pytest.raises(t.SubjectError):
+        t.deliver_subject(bad)
+    with pytest.raises(t.SubjectError):
+        t.route_retry_subject(bad, 1)
+
+
+@pytest.mark.parametrize("subject", ["relais.deliver", "relais.deliver.a.b", "other.deliver.a", "relais.route"])
+def test_parsers_refuse_foreign_subjects(subject: str) -> None:
+    with pytest.raises(t.SubjectError):
+        t.pool_of_deliver_subject(subject)
+
+
+def test_every_consumer_filter_lies_inside_its_stream() -> None:
+    config = Config(pools={"default": PoolConfig(), "bulk": PoolConfig()})
+    streams = {s.name: s.subjects for s in t.stream_configs(config)}
+    for binding in t.consumer_bindings(config):
+        subjects = streams[binding.stream]
+        assert any(
+            binding.subject == s or (s.endswith(".>") and binding.subject.startswith(s[:-1])) for s in subjects
+        ), binding
+
+
+def test_retry_schedules_live_in_the_stream_of_their_target() -> None:
+    # ADR-51: a schedule's target subject must belong to the schedule's own stream.
+    streams = {s.name: s for s in t.stream_configs(Config())}
+    route = streams[t.ROUTE_STREAM]
+    assert route.allow_msg_schedules
+    assert t.route_subject() in route.subjects
+    assert t.route_retry_subject("k", 1).startswith("relais.retry.route.")
+
+
+def test_replicas_follow_config() -> None:
+    from services.core.config import NatsConfig
+
+    config = Config(nats=NatsConfig(replicas=3))
+    assert {s.num_replicas for s in t.stream_configs(config)} == {3}
