@@ -70,13 +70,19 @@ class DnsConfig:
     # "ip" or "ip:port"; empty means the system resolver (/etc/resolv.conf).
     servers: list[str] = field(default_factory=list)
     timeout: float = 5.0
+    # Answers are cached for their TTL, but never longer than these caps (NXDOMAIN / no data
+    # for negative_ttl at most), in at most cache_size entries per process.
     cache_max_ttl: float = 3600.0
     negative_ttl: float = 300.0
+    cache_size: int = 100_000
 
 
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     concurrency: int = 64
+    # Deliver to MX targets that are IP addresses (a misconfiguration RFC 5321 does not allow,
+    # but common); false treats such hosts as absent.
+    mx_ip_literals: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +124,38 @@ class SourceConfig:
     address: str
     ehlo: str = ""
     weight: int = 1
+    # Recipients per UTC day this source may send to, across every router replica; 0 = no cap.
+    daily_cap: int = 0
+    # Name of a [warmup.<name>] schedule, and the UTC date (YYYY-MM-DD) of its first day.
+    warmup: str = ""
+    warmup_start: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmupConfig:
+    # Cap for day 1, 2, ... of the schedule; after the last day the source counts as warm.
+    daily: list[int] = field(default_factory=list)
+    # Per-site schedules (site name -> caps per day) replacing `daily` for mail to that site.
+    sites: dict[str, list[int]] = field(default_factory=dict)
+    # When a warming source's cap is reached: "warm" sends from the pool's other sources that
+    # have room, "defer" retries the job later (the cap resets at 00:00 UTC).
+    overflow: str = "warm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteConfig:
+    # MX host patterns: "*.google.com" matches any host under google.com, others match exactly.
+    mx: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DkimKeyConfig:
+    selector: str
+    # PEM private key (RSA, or Ed25519 PKCS#8), or dkimpy's base64 Ed25519 seed.
+    key_file: str
+    algorithm: str = "rsa-sha256"
+    # Header fields to sign; empty means Relais' default set (From/Subject/Date over-signed).
+    headers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +170,8 @@ class AccountConfig:
     domains: list[str] = field(default_factory=list)
     pool: str = "default"
     disabled: bool = False
+    # Further pools the sender may pick per message with the X-Relais-Pool header.
+    pools: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,6 +199,12 @@ class Config:
     accounts: dict[str, AccountConfig] = field(default_factory=dict)
     # Sender domain -> pool; a domain listed here never sends from another pool's IPs.
     sender_domains: dict[str, str] = field(default_factory=dict)
+    # Warm-up schedules referenced by sources.
+    warmup: dict[str, WarmupConfig] = field(default_factory=dict)
+    # MX rollup: destinations whose MX hosts match a site's patterns share that site name.
+    sites: dict[str, SiteConfig] = field(default_factory=dict)
+    # Sender domain -> DKIM keys (several keys sign with several signatures, e.g. RSA + Ed25519).
+    dkim: dict[str, list[DkimKeyConfig]] = field(default_factory=dict)
 
     def pool_for(self, sender_domain: str, account: str) -> str:
         pool = self.sender_domains.get(sender_domain.lower())
@@ -330,11 +376,15 @@ def validate(config: Config) -> None:
             raise ConfigError(f"accounts.{name}: account names are lowercase letters, digits, '-' and '_'")
         if account.pool not in config.pools:
             raise ConfigError(f"accounts.{name}.pool: unknown pool {account.pool!r}")
+        for pool in account.pools:
+            if pool not in config.pools:
+                raise ConfigError(f"accounts.{name}.pools: unknown pool {pool!r}")
         if not account.password_hash.startswith("scrypt$"):
             raise ConfigError(f"accounts.{name}.password_hash: expected an scrypt hash (relais account hash)")
     for domain, pool in config.sender_domains.items():
         if pool not in config.pools:
             raise ConfigError(f"sender_domains.{domain}: unknown pool {pool!r}")
+    _validate_routing(config)
     for pool in config.delivery.pools:
         if pool not in config.pools:
             raise ConfigError(f"delivery.pools: unknown pool {pool!r}")
@@ -343,6 +393,37 @@ def validate(config: Config) -> None:
             split_server(server)
         except ValueError as exc:
             raise ConfigError(f"dns.servers: {server!r} is not an IP address[:port]") from exc
+
+
+def _validate_routing(config: Config) -> None:
+    """Warm-up schedules, sites and DKIM keys."""
+    for name, schedule in config.warmup.items():
+        if schedule.overflow not in ("warm", "defer"):
+            raise ConfigError(f"warmup.{name}.overflow: expected 'warm' or 'defer'")
+        caps = [schedule.daily, *schedule.sites.values()]
+        if not any(caps) or any(c < 1 for cs in caps for c in cs):
+            raise ConfigError(f"warmup.{name}: caps per day must be positive, and at least one given")
+    for pool_name, pool in config.pools.items():
+        for i, source in enumerate(pool.sources):
+            where = f"pools.{pool_name}.sources[{i}]"
+            if source.daily_cap < 0:
+                raise ConfigError(f"{where}.daily_cap: must be >= 0")
+            if source.warmup:
+                if source.warmup not in config.warmup:
+                    raise ConfigError(f"{where}.warmup: unknown schedule {source.warmup!r}")
+                if not re.match(r"^\d{4}-\d{2}-\d{2}$", source.warmup_start):
+                    raise ConfigError(f"{where}.warmup_start: expected the first day as YYYY-MM-DD")
+    for name, site in config.sites.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"sites.{name}: site names are lowercase letters, digits, '-' and '_'")
+        if not site.mx:
+            raise ConfigError(f"sites.{name}.mx: list at least one MX host pattern")
+    for domain, keys in config.dkim.items():
+        for i, key in enumerate(keys):
+            if key.algorithm not in ("rsa-sha256", "ed25519-sha256"):
+                raise ConfigError(f"dkim.{domain}[{i}].algorithm: expected rsa-sha256 or ed25519-sha256")
+            if not key.selector or not key.key_file:
+                raise ConfigError(f"dkim.{domain}[{i}]: selector and key_file are required")
 
 
 def split_server(server: str, default_port: int = 53) -> tuple[str, int]:

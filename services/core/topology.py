@@ -47,6 +47,12 @@ ROUTER_CONSUMER = "router"
 BOUNCE_CONSUMER = "bounce"
 INBOUND_CONSUMER = "bounce-inbound"
 SUPPRESSION_BUCKET = "relais-suppression"
+# Delivery shaping shared by every delivery worker: rate slots and connection leases per
+# (source IP, site), and the control flags (pause, push-back back-off) every worker watches.
+SHAPING_BUCKET = "relais-shaping"
+DELIVERY_CONTROL_BUCKET = "relais-delivery-control"
+# Warm-up/daily-cap counters per (UTC day, source, site), shared by every router replica.
+WARMUP_BUCKET = "relais-warmup"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 EVENT_KINDS = ("accepted", "delivered", "deferred", "bounced", "expired", "suppressed", "complained")
@@ -237,6 +243,15 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     await js.create_key_value(
         KeyValueConfig(
             bucket=SUPPRESSION_BUCKET, history=1, replicas=config.nats.replicas, storage=StorageType.FILE
+        )
+    )
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=WARMUP_BUCKET,
+            history=1,
+            ttl=3 * 86400.0,  # a day's counters matter for that day only
+            replicas=config.nats.replicas,
+            storage=StorageType.FILE,
         )
     )
     await js.create_key_value(

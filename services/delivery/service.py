@@ -77,6 +77,8 @@ class DeliveryService:
                 # Redelivered after its final outcome (body already released): nothing to do.
                 log.info("job %s already finished; dropping redelivery", env.key)
                 return
+            # DKIM-Signature field(s) the router computed once per message (services/router/dkim.py).
+            body = env.meta.get("dkim", "").encode() + body
             started = time.monotonic()
             result = await self._attempt(env, body)
             span.set_attribute("relais.mx_host", result.mx_host)

@@ -13,10 +13,15 @@ from services.core.outcome import DNS_TEMPFAIL, NO_SUCH_DOMAIN, NULL_MX, Reply
 
 @dataclass(frozen=True, slots=True)
 class MxRoute:
-    """Where a domain's mail goes: MX hosts in the order to try them, or why it cannot go."""
+    """Where a domain's mail goes: MX hosts in the order to try them, or why it cannot go.
+
+    `primary` holds the most preferred hosts in a stable (sorted) order, for naming the site
+    without depending on the shuffle among equal preferences.
+    """
 
     hosts: tuple[str, ...] = ()
     failure: Reply | None = None
+    primary: tuple[str, ...] = ()
 
     @property
     def is_permanent_failure(self) -> bool:
@@ -24,6 +29,7 @@ class MxRoute:
 
 
 NO_MAIL_HOST = Reply(550, "5.1.2", "Recipient domain has no MX and no address records", "DNS")
+INVALID_DOMAIN = Reply(550, "5.1.2", "Recipient domain is not a valid domain name", "DNS")
 
 
 def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -> tuple[str, ...]:
@@ -39,24 +45,46 @@ def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -
     return tuple(seen)
 
 
-async def resolve_mx(resolver: dns.asyncresolver.Resolver, domain: str) -> MxRoute:
+def mx_route(records: list[tuple[int, str]], *, ip_literals: bool = True) -> MxRoute:
+    """The route for a non-empty MX RRset (pure, so the rules unit-test without DNS).
+
+    A target that is an IP address is not a host name (RFC 5321 5.1 wants names), but mail
+    systems commonly deliver to it anyway; `ip_literals=False` treats such records as absent.
+    """
+    if any(host in ("", ".") for _, host in records):
+        # RFC 7505: a "0 ." record means the domain accepts no mail at all.
+        return MxRoute(failure=NULL_MX)
+    if not ip_literals:
+        records = [(p, h) for p, h in records if relais_dns.ip_literal(h) is None]
+        if not records:
+            return MxRoute(failure=NO_MAIL_HOST)
+    best = min(p for p, _ in records)
+    primary = tuple(sorted({h for p, h in records if p == best}))
+    return MxRoute(hosts=order_mx(records), primary=primary)
+
+
+async def resolve_mx(
+    resolver: dns.asyncresolver.Resolver, domain: str, *, ip_literals: bool = True
+) -> MxRoute:
+    """MX hosts of a (possibly non-ASCII) domain, or a permanent or temporary failure reply.
+
+    MX targets that are CNAMEs are kept as names: delivery's address lookup follows the alias
+    (RFC 2181 10.3 forbids the alias but tells receivers to cope).
+    """
     try:
         name = relais_dns.to_ascii(domain)
-    except Exception:
-        return MxRoute(failure=NO_SUCH_DOMAIN)
+    except ValueError:
+        return MxRoute(failure=INVALID_DOMAIN)
     try:
         records = await relais_dns.query(resolver, name, "MX")
         if records is None:
             return MxRoute(failure=NO_SUCH_DOMAIN)
         mx = [(r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in records]  # type: ignore[attr-defined]
-        if any(host in ("", ".") for _, host in mx):
-            # RFC 7505: a single "0 ." record means the domain accepts no mail at all.
-            return MxRoute(failure=NULL_MX)
         if mx:
-            return MxRoute(hosts=order_mx(mx))
+            return mx_route(mx, ip_literals=ip_literals)
         # No MX: the domain itself is the implicit MX, if it has an address (RFC 5321 5.1).
         if await relais_dns.addresses(resolver, name):
-            return MxRoute(hosts=(name,))
+            return MxRoute(hosts=(name,), primary=(name,))
         return MxRoute(failure=NO_MAIL_HOST)
     except relais_dns.DnsTemporaryError as exc:
         return MxRoute(

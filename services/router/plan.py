@@ -1,11 +1,17 @@
-"""Pure routing decisions: split a message by recipient domain, choose its pool."""
+"""Pure routing decisions: split a message by recipient domain, choose its pool, drop suppressed."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from services.core.config import Config
 from services.core.envelope import Envelope
+
+# Envelope.meta keys the router reads or writes (the ingress and delivery read the same names).
+META_POOL = "pool"  # pool requested with X-Relais-Pool, already checked by the ingress
+META_SOURCE = "source"  # source address pinned by warm-up: delivery must send from it
+META_DKIM = "dkim"  # DKIM-Signature header field(s), CRLF-terminated: delivery prepends them
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,34 @@ def split_by_domain(env: Envelope) -> list[Job]:
     return [Job(f"{env.id}-{i}", domain, tuple(groups[domain])) for i, domain in enumerate(sorted(groups))]
 
 
+def allowed_pools(config: Config, account: str) -> set[str]:
+    acct = config.accounts.get(account)
+    if acct is None:
+        return set()
+    return {acct.pool, *acct.pools}
+
+
 def choose_pool(config: Config, env: Envelope) -> str:
-    """Sender domain's dedicated pool first, then the account's default pool."""
+    """A dedicated sender-domain pool always wins (it never leaks onto other IPs, whatever the
+    message asks); then a per-message pool the account may use; then the account's default."""
+    dedicated = config.sender_domains.get(env.sender_domain.lower())
+    if dedicated:
+        return dedicated
+    requested = env.meta.get(META_POOL, "")
+    # Checked again here although the ingress checked it: a pool is a reputation boundary.
+    if requested and requested in config.pools and requested in allowed_pools(config, env.account):
+        return requested
     return config.pool_for(env.sender_domain, env.account)
+
+
+def without_suppressed(job: Job, suppressed: Collection[str]) -> tuple[Job, tuple[str, ...]]:
+    """The job restricted to recipients not suppressed, and the suppressed ones.
+
+    The job keeps its id even when some recipients go: ids were fixed (and the body held for
+    them) before suppression was looked at, so a changing list cannot shift them.
+    """
+    if not suppressed:
+        return job, ()
+    kept = tuple(r for r in job.recipients if r.lower() not in suppressed)
+    dropped = tuple(r for r in job.recipients if r.lower() in suppressed)
+    return Job(job.job_id, job.domain, kept), dropped

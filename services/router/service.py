@@ -1,35 +1,77 @@
-"""The router service: resolve each recipient domain and hand jobs to their pool's delivery subject."""
+"""The router service: sign, split by recipient domain, drop suppressed recipients, resolve each
+domain, pick the pool (and, while warming, the source), and hand jobs to the pool's subject."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from dataclasses import replace
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
+import dns.asyncresolver
 from nats.aio.msg import Msg
 
 from services.core import bus as transport
-from services.core.bodies import BodyStore
+from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus
 from services.core.config import Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
 from services.core.envelope import Envelope, EnvelopeDecodeError
-from services.core.outcome import Bounced, Deferred
+from services.core.events import event_for, publish_event
+from services.core.outcome import Bounced, Deferred, Reply
+from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import consumer_span
 from services.core.topology import deliver_subject, route_subject, router_binding
+from services.router import dkim
 from services.router.mx import MxRoute, resolve_mx
-from services.router.plan import Job, choose_pool, split_by_domain
+from services.router.plan import (
+    META_DKIM,
+    META_SOURCE,
+    Job,
+    choose_pool,
+    split_by_domain,
+    without_suppressed,
+)
+from services.router.sites import SiteRules, site_for
+from services.router.warmup import WARMUP_DEFERRED, WarmupCounters, pick_source
 
 log = logging.getLogger(__name__)
 
+SUPPRESSED = Reply(550, "5.7.1", "Recipient is on the account's suppression list; not sent", "QUEUE")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where one recipient domain's mail goes, and the site (provider) it belongs to."""
+
+    route: MxRoute
+    site: str
+
+
+async def destination(
+    resolver: dns.asyncresolver.Resolver, rules: SiteRules, domain: str, *, ip_literals: bool = True
+) -> Destination:
+    """The routing decision for one domain (what bench/route.py measures)."""
+    route = await resolve_mx(resolver, domain, ip_literals=ip_literals)
+    site = site_for(domain, route.hosts, route.primary, rules) if route.failure is None else ""
+    return Destination(route, site)
+
 
 class RouterService:
-    def __init__(self, config: Config, bus: Bus) -> None:
+    def __init__(self, config: Config, bus: Bus, *, rng: random.Random | None = None) -> None:
         self._config = config
         self._bus = bus
         self._bodies = BodyStore(bus.js, config.nats.inline_body_max)
         self._resolver = make_resolver(config.dns)
+        self._sites = SiteRules.from_config(config.sites)
+        self._suppression = SuppressionList(bus.js)
+        self._counters = WarmupCounters(bus.js)
+        self._dkim_keys = dkim.load_keys(config)
+        self._rng = rng or random.Random()
 
     async def run(self, stop: asyncio.Event) -> None:
         await transport.consume(
@@ -46,6 +88,11 @@ class RouterService:
             env = Envelope.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
             raise transport.Poison(str(exc)) from exc
+        if env.refused_when_stored_at(msg.metadata.timestamp.timestamp()):
+            # Stored after the ingress had already answered 451: the client sends it again.
+            log.warning("message %s was refused at the ingress (stored too late); dropping it", env.id)
+            await self._bodies.discard(env.body)
+            return
         with consumer_span(
             route_subject(),
             msg.headers,
@@ -54,20 +101,64 @@ class RouterService:
             await self.route(env)
 
     async def route(self, env: Envelope) -> None:
-        pool = choose_pool(self._config, env)
         jobs = split_by_domain(env)
         if not env.job_id:
+            # First pass over the whole message: sign it once for all its recipient domains.
+            if env.kind == "message" and META_DKIM not in env.meta:
+                try:
+                    env = await self._sign(env)
+                except BodyMissing:
+                    log.info("message %s already finished; dropping redelivery", env.id)
+                    return
+            # Every job is held before suppression is looked at: ids never depend on the list.
             await self._bodies.hold(env.body, [job.job_id for job in jobs])
-        await asyncio.gather(*(self._route_job(env, job, pool) for job in jobs))
+        pool = choose_pool(self._config, env)
+        suppressed = await self._suppressed(env)
+        await asyncio.gather(*(self._route_job(env, job, pool, suppressed) for job in jobs))
 
-    async def _resolve(self, domain: str) -> MxRoute:
+    async def _sign(self, env: Envelope) -> Envelope:
+        account = self._config.accounts.get(env.account)
+        if not self._dkim_keys:
+            return env
+        body = await self._bodies.get(env.body)
+        keys = dkim.signing_keys(self._dkim_keys, body, env.sender_domain, account.domains if account else ())
+        if not keys:
+            return env
+        # RSA signing and hashing a large body take CPU: keep the event loop free.
+        signature = await asyncio.to_thread(dkim.sign, body, keys)
+        return replace(env, meta={**env.meta, META_DKIM: signature})
+
+    async def _suppressed(self, env: Envelope) -> Mapping[str, Suppression]:
+        """Active suppression entries of the message's recipients (DSNs are never suppressed)."""
+        if env.kind != "message":
+            return {}
+        unique = sorted({r.lower() for r in env.recipients})
+        entries = await asyncio.gather(*(self._suppression.get(env.account, r) for r in unique))
+        return {r: e for r, e in zip(unique, entries, strict=True) if e is not None}
+
+    async def _resolve(self, domain: str) -> Destination:
         if self._config.delivery.mode == "capture":
-            return MxRoute(hosts=())
-        return await resolve_mx(self._resolver, domain)
+            return Destination(MxRoute(hosts=()), domain)
+        return await destination(
+            self._resolver, self._sites, domain, ip_literals=self._config.router.mx_ip_literals
+        )
 
-    async def _route_job(self, env: Envelope, job: Job, pool: str) -> None:
-        route = await self._resolve(job.domain)
-        routed = replace(env, job_id=job.job_id, recipients=job.recipients, domain=job.domain, pool=pool)
+    async def _route_job(
+        self, env: Envelope, job: Job, pool: str, suppressed: Mapping[str, Suppression]
+    ) -> None:
+        job, dropped = without_suppressed(job, suppressed)
+        # A pinned source is decided afresh on every pass (a retry may go out elsewhere).
+        meta = {k: v for k, v in env.meta.items() if k != META_SOURCE}
+        routed = replace(
+            env, job_id=job.job_id, recipients=job.recipients, domain=job.domain, pool=pool, meta=meta
+        )
+        if dropped:
+            await self._publish_suppressed(routed, dropped, suppressed)
+        if not job.recipients:
+            await self._bodies.release(env.body, job.job_id)
+            return
+        dest = await self._resolve(job.domain)
+        route = dest.route
         if route.failure is not None:
             kind = Bounced if route.is_permanent_failure else Deferred
             await settle(
@@ -78,10 +169,30 @@ class RouterService:
                 [kind(rcpt, route.failure) for rcpt in job.recipients],
             )
             return
-        routed = replace(routed, mx_hosts=route.hosts, site=route.hosts[0] if route.hosts else job.domain)
+        routed = replace(routed, mx_hosts=route.hosts, site=dest.site)
+        pick = await pick_source(
+            self._config, self._counters, pool, dest.site, len(job.recipients), now=time.time(), rng=self._rng
+        )
+        if pick.defer:
+            outcomes = [Deferred(rcpt, WARMUP_DEFERRED) for rcpt in job.recipients]
+            await settle(self._bus, self._bodies, self._config.retry, routed, outcomes)
+            return
+        if pick.source:
+            routed = replace(routed, meta={**routed.meta, META_SOURCE: pick.source})
         await self._bus.publish(
             deliver_subject(pool),
             routed.to_msgpack(),
             msg_id=f"{job.job_id}.{env.attempt_count}",
             attributes={"relais.message_id": env.id, "relais.pool": pool, "relais.site": routed.site},
+        )
+
+    async def _publish_suppressed(
+        self, routed: Envelope, dropped: tuple[str, ...], entries: Mapping[str, Suppression]
+    ) -> None:
+        reasons = sorted({entries[r.lower()].reason for r in dropped})
+        digest = hashlib.sha256("\n".join(sorted(dropped)).encode()).hexdigest()[:12]
+        await publish_event(
+            self._bus,
+            event_for("suppressed", routed, dropped, SUPPRESSED, detail={"reason": ",".join(reasons)}),
+            msg_id=f"sup-{routed.job_id}-{routed.attempt_count}-{digest}",
         )

@@ -1,0 +1,170 @@
+"""DKIM signing (RFC 6376, RFC 8463) with per-sender-domain keys, once per message.
+
+The router signs the whole message before splitting it by recipient domain and carries the
+resulting DKIM-Signature field(s) in `Envelope.meta["dkim"]`; delivery prepends them to the
+stored body. So a large body stored in the Object Store is written once, never re-written
+for its signature, and every per-domain job sends the same signed bytes.
+
+Signatures use relaxed/relaxed canonicalisation and over-sign From, Subject and Date (each is
+listed once more than it occurs), so those fields cannot be added after signing.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
+from pathlib import Path
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from services.core.config import Config, ConfigError, DkimKeyConfig
+
+# Signed when present. Trace and transport fields (Received, Return-Path) are not: they change.
+DEFAULT_HEADERS = (
+    "from",
+    "sender",
+    "reply-to",
+    "subject",
+    "date",
+    "message-id",
+    "to",
+    "cc",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "content-disposition",
+    "in-reply-to",
+    "references",
+    "list-id",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "feedback-id",
+)
+OVERSIGNED = ("from", "subject", "date")
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    domain: str
+    selector: str
+    algorithm: str  # "rsa-sha256" | "ed25519-sha256"
+    # What dkimpy takes: PEM for RSA, the base64 32-byte seed for Ed25519.
+    private: bytes
+    headers: tuple[str, ...] = ()
+
+
+def private_key_material(data: bytes, algorithm: str) -> bytes:
+    """Normalise a key file's content to what dkimpy signs with (PEM files for both algorithms)."""
+    if algorithm == "ed25519-sha256":
+        if b"-----BEGIN" not in data:
+            seed = base64.b64decode(data.strip(), validate=True)
+            if len(seed) != 32:
+                raise ValueError("an Ed25519 seed is 32 bytes")
+            return base64.b64encode(seed)
+        key = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise ValueError("not an Ed25519 private key")
+        raw = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        return base64.b64encode(raw)
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("not an RSA private key")
+    if key.key_size < 1024:
+        raise ValueError(f"RSA key of {key.key_size} bits is too short (use 2048)")
+    return data
+
+
+def load_keys(config: Config) -> dict[str, list[SigningKey]]:
+    """Read every configured key file (at service start: a bad key stops the router loudly)."""
+    keys: dict[str, list[SigningKey]] = {}
+    for domain, entries in config.dkim.items():
+        for i, entry in enumerate(entries):
+            keys.setdefault(domain.lower(), []).append(_load(domain.lower(), entry, i))
+    return keys
+
+
+def _load(domain: str, entry: DkimKeyConfig, index: int) -> SigningKey:
+    try:
+        material = private_key_material(Path(entry.key_file).read_bytes(), entry.algorithm)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"dkim.{domain}[{index}].key_file: {exc}") from exc
+    headers = tuple(h.lower() for h in entry.headers)
+    return SigningKey(domain, entry.selector, entry.algorithm, material, headers)
+
+
+def public_txt(private_pem: bytes) -> str:
+    """The DNS TXT value publishing the public half of a PEM private key (for setup and tests)."""
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def header_names(message: bytes) -> list[str]:
+    """Lower-cased names of the message's header fields, in order, repeats kept."""
+    head = message.split(b"\r\n\r\n", 1)[0]
+    parsed = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+    return [name.lower() for name in parsed.keys()]
+
+
+def headers_to_sign(present: Iterable[str], wanted: Iterable[str]) -> list[str]:
+    """Each wanted field once per occurrence; From/Subject/Date once more (over-signing)."""
+    counts: dict[str, int] = {}
+    for name in present:
+        counts[name] = counts.get(name, 0) + 1
+    out: list[str] = []
+    for name in dict.fromkeys(wanted):
+        n = counts.get(name, 0) + (1 if name in OVERSIGNED else 0)
+        out.extend([name] * n)
+    return out
+
+
+def from_domains(message: bytes) -> list[str]:
+    head = message.split(b"\r\n\r\n", 1)[0]
+    parsed = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+    return [
+        addr.rpartition("@")[2].lower().rstrip(".")
+        for _, addr in getaddresses(parsed.get_all("from", []))
+        if "@" in addr
+    ]
+
+
+def signing_keys(
+    keys: Mapping[str, list[SigningKey]], message: bytes, sender_domain: str, account_domains: Iterable[str]
+) -> list[SigningKey]:
+    """Keys of the From: domain when the account owns it (DMARC alignment), else of the
+    envelope's sender domain; none when neither has keys."""
+    owned = {d.lower() for d in account_domains} | {sender_domain.lower()}
+    for domain in [*from_domains(message)[:1], sender_domain.lower()]:
+        if domain in owned and keys.get(domain):
+            return keys[domain]
+    return []
+
+
+def sign(message: bytes, keys: Iterable[SigningKey]) -> str:
+    """DKIM-Signature field(s), CRLF-terminated, to prepend to the message; one per key."""
+    present = header_names(message)
+    fields: list[str] = []
+    for key in keys:
+        include = headers_to_sign(present, key.headers or DEFAULT_HEADERS)
+        signer = dkim.DKIM(message, signature_algorithm=key.algorithm.encode())
+        field = signer.sign(
+            key.selector.encode(),
+            key.domain.encode(),
+            key.private,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=[h.encode() for h in include],
+        )
+        fields.append(field.decode())
+    return "".join(fields)

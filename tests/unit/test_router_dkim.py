@@ -1,0 +1,109 @@
+"""DKIM signing: header choice, over-signing, key formats, and signatures dkimpy verifies."""
+
+from __future__ import annotations
+
+import base64
+import functools
+
+import dkim as dkimpy
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from services.router import dkim
+
+MESSAGE = (
+    b"Received: from client ([127.0.0.1])\r\n\tby relais.test\r\n"
+    b"From: Acme <news@acme.test>\r\n"
+    b"To: someone@example.test\r\n"
+    b"Subject: Hello\r\n"
+    b"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\n"
+    b"Message-ID: <1@acme.test>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"\r\n"
+    b"Hello there.\r\n"
+)
+
+
+def _pem(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@functools.cache
+def rsa_pem() -> bytes:
+    return _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+@functools.cache
+def ed_pem() -> bytes:
+    return _pem(ed25519.Ed25519PrivateKey.generate())
+
+
+def _key(algorithm: str, pem: bytes, selector: str = "s1") -> dkim.SigningKey:
+    return dkim.SigningKey("acme.test", selector, algorithm, dkim.private_key_material(pem, algorithm))
+
+
+def _dns(records: dict[str, str]):
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        value = records.get(name.decode().rstrip("."))
+        return value.encode() if value else None
+
+    return lookup
+
+
+def test_present_fields_are_signed_once_per_occurrence_and_from_subject_date_once_more() -> None:
+    present = dkim.header_names(MESSAGE)
+    signed = dkim.headers_to_sign(present, dkim.DEFAULT_HEADERS)
+    assert signed.count("from") == 2 and signed.count("subject") == 2 and signed.count("date") == 2
+    assert signed.count("to") == 1 and "received" not in signed
+    assert "cc" not in signed, "absent fields other than the over-signed ones are not listed"
+    assert dkim.headers_to_sign(["to", "to"], ["to"]) == ["to", "to"]
+
+
+@pytest.mark.parametrize("algorithm,pem", [("rsa-sha256", rsa_pem), ("ed25519-sha256", ed_pem)])
+def test_signature_verifies_and_breaks_when_a_from_is_added(algorithm: str, pem) -> None:
+    key = _key(algorithm, pem())
+    field = dkim.sign(MESSAGE, [key])
+    assert field.startswith("DKIM-Signature: ") and field.endswith("\r\n")
+    assert f"a={algorithm}" in field
+    signed = field.encode() + MESSAGE
+    records = {"s1._domainkey.acme.test": dkim.public_txt(pem())}
+    assert dkimpy.verify(signed, dnsfunc=_dns(records))
+    # Over-signing: a second From: added after signing invalidates the signature.
+    tampered = signed.replace(b"From: Acme", b"From: Evil <evil@bad.test>\r\nFrom: Acme", 1)
+    assert not dkimpy.verify(tampered, dnsfunc=_dns(records))
+
+
+def test_two_keys_give_two_independent_signatures() -> None:
+    keys = [_key("rsa-sha256", rsa_pem(), "r1"), _key("ed25519-sha256", ed_pem(), "e1")]
+    signed = dkim.sign(MESSAGE, keys).encode() + MESSAGE
+    records = {
+        "r1._domainkey.acme.test": dkim.public_txt(rsa_pem()),
+        "e1._domainkey.acme.test": dkim.public_txt(ed_pem()),
+    }
+    verifier = dkimpy.DKIM(signed)
+    assert verifier.verify(0, dnsfunc=_dns(records))
+    assert verifier.verify(1, dnsfunc=_dns(records))
+
+
+def test_ed25519_keys_load_from_pem_or_a_base64_seed() -> None:
+    from_pem = dkim.private_key_material(ed_pem(), "ed25519-sha256")
+    assert len(base64.b64decode(from_pem)) == 32
+    assert dkim.private_key_material(from_pem, "ed25519-sha256") == from_pem
+    with pytest.raises(ValueError):
+        dkim.private_key_material(rsa_pem(), "ed25519-sha256")
+    with pytest.raises(ValueError):
+        dkim.private_key_material(ed_pem(), "rsa-sha256")
+
+
+def test_keys_of_the_from_domain_when_the_account_owns_it_else_the_sender_domain() -> None:
+    acme = [_key("rsa-sha256", rsa_pem())]
+    brand = [dkim.SigningKey("brand.test", "s", "rsa-sha256", b"")]
+    keys = {"acme.test": acme, "brand.test": brand}
+    msg = MESSAGE.replace(b"news@acme.test", b"news@brand.test")
+    assert dkim.signing_keys(keys, msg, "acme.test", ["acme.test", "brand.test"]) == brand
+    assert dkim.signing_keys(keys, msg, "acme.test", ["acme.test"]) == acme, "brand.test is not the account's"
+    assert dkim.signing_keys(keys, MESSAGE, "other.test", []) == []

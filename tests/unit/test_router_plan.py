@@ -1,0 +1,79 @@
+"""Pool choice, the per-domain split and suppression filtering: pure routing decisions."""
+
+from __future__ import annotations
+
+from services.core.config import AccountConfig, Config, PoolConfig, SourceConfig
+from services.core.envelope import BodyRef, Envelope
+from services.router.plan import META_POOL, Job, choose_pool, split_by_domain, without_suppressed
+
+HASH = "scrypt$16384$8$1$c2FsdA==$ZGlnZXN0"
+
+
+def _config() -> Config:
+    pools = {
+        name: PoolConfig(sources=[SourceConfig(address=f"127.0.0.{i}")])
+        for i, name in enumerate(("default", "brand", "bulk", "other"), start=2)
+    }
+    return Config(
+        pools=pools,
+        accounts={
+            "acme": AccountConfig(
+                password_hash=HASH, domains=["acme.test", "brand.test"], pool="default", pools=["bulk"]
+            )
+        },
+        sender_domains={"brand.test": "brand"},
+    )
+
+
+def _env(sender_domain: str = "acme.test", meta: dict[str, str] | None = None, **kw: object) -> Envelope:
+    return Envelope(
+        id="m1",
+        sender=f"news@{sender_domain}",
+        recipients=kw.pop("recipients", ("a@x.test",)),  # type: ignore[arg-type]
+        account="acme",
+        sender_domain=sender_domain,
+        body=BodyRef(size=1, inline=b"x"),
+        meta=meta or {},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_account_default_pool_without_a_request() -> None:
+    assert choose_pool(_config(), _env()) == "default"
+
+
+def test_requested_pool_is_honoured_when_the_account_may_use_it() -> None:
+    assert choose_pool(_config(), _env(meta={META_POOL: "bulk"})) == "bulk"
+
+
+def test_requested_pool_the_account_may_not_use_falls_back_to_its_default() -> None:
+    assert choose_pool(_config(), _env(meta={META_POOL: "other"})) == "default"
+    assert choose_pool(_config(), _env(meta={META_POOL: "missing"})) == "default"
+
+
+def test_dedicated_sender_domain_pool_wins_over_any_request() -> None:
+    assert choose_pool(_config(), _env("brand.test")) == "brand"
+    assert choose_pool(_config(), _env("BRAND.test", meta={META_POOL: "bulk"})) == "brand"
+
+
+def test_split_groups_recipients_by_domain_with_stable_ids() -> None:
+    env = _env(recipients=("a@B.test", "c@a.test", "d@b.test"))
+    jobs = split_by_domain(env)
+    assert jobs == [Job("m1-0", "a.test", ("c@a.test",)), Job("m1-1", "b.test", ("a@B.test", "d@b.test"))]
+    assert split_by_domain(env) == jobs
+
+
+def test_a_retry_stays_one_job_with_its_id() -> None:
+    env = _env(recipients=("a@b.test",), job_id="m1-3")
+    assert split_by_domain(env) == [Job("m1-3", "b.test", ("a@b.test",))]
+
+
+def test_suppressed_recipients_leave_the_job_but_not_its_id() -> None:
+    job = Job("m1-0", "b.test", ("A@b.test", "c@b.test"))
+    kept, dropped = without_suppressed(job, {"a@b.test"})
+    assert kept == Job("m1-0", "b.test", ("c@b.test",))
+    assert dropped == ("A@b.test",)
+    everything, dropped_all = without_suppressed(job, {"a@b.test", "c@b.test"})
+    assert everything.recipients == () and everything.job_id == "m1-0"
+    assert len(dropped_all) == 2
+    assert without_suppressed(job, set()) == (job, ())
