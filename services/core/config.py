@@ -51,9 +51,24 @@ class NatsConfig:
     events_max_age: float = 7 * 86400.0
 
 
+LISTENER_MODES = ("submission", "implicit-tls", "inbound")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenerConfig:
+    listen: str
+    # "submission" (587/2525: STARTTLS, AUTH), "implicit-tls" (465: TLS from the first byte, AUTH),
+    # "inbound" (25: no AUTH, mail for ingress.local_domains only).
+    mode: str = "submission"
+    # Expect a PROXY protocol v1/v2 header first (behind a Kubernetes LoadBalancer); off by default.
+    proxy_protocol: bool = False
+
+
 @dataclass(frozen=True, kw_only=True)
 class IngressConfig:
+    # The single submission listener used when `listeners` is empty (laptop, tests).
     listen: str = "127.0.0.1:2525"
+    listeners: list[ListenerConfig] = field(default_factory=list)
     hostname: str = "relais.localhost"
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
@@ -61,8 +76,27 @@ class IngressConfig:
     auth_require_tls: bool = True
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # Certificate files are re-read when they change (Kubernetes secret rotation).
+    tls_reload_interval: float = 30.0
     # "reject" bare CR/LF with 554 5.6.0 (smuggling defence); "normalise" rewrites them to CRLF.
     bare_line_endings: str = "reject"
+    # Relais' own domains (bounce/return-path, feedback loops): the only mail the inbound listener takes.
+    local_domains: list[str] = field(default_factory=list)
+    # Client networks (CIDR) that may relay without AUTH, as `relay_networks_account`; off by default.
+    relay_networks: list[str] = field(default_factory=list)
+    relay_networks_account: str = ""
+    # "reject" a From: header domain the account does not own at end of DATA, or only "report" it.
+    from_header_check: str = "reject"
+    max_header_size: int = 256 * 1024
+    max_connections_per_ip: int = 50
+    # Idle/command timeout: the longest silence (or one DATA transfer) before the session is closed.
+    command_timeout: float = 300.0
+    # Error replies in one session before it is closed with 421.
+    max_errors: int = 10
+    # AUTH failures per client IP or per username within auth_lockout before further attempts
+    # are refused with 454 and the connection closed, until the window ends.
+    auth_max_failures: int = 5
+    auth_lockout: float = 900.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +204,12 @@ class AccountConfig:
     domains: list[str] = field(default_factory=list)
     pool: str = "default"
     disabled: bool = False
+    # Further pools the sender may pick per message with the X-Relais-Pool header.
+    pools: list[str] = field(default_factory=list)
+    # 0 = unlimited. Enforced across ingress replicas (counters in JetStream).
+    max_messages_per_hour: int = 0
+    max_messages_per_day: int = 0
+    max_sessions: int = 0
     # Further pools the sender may pick per message with the X-Relais-Pool header.
     pools: list[str] = field(default_factory=list)
 
@@ -357,6 +397,7 @@ def validate(config: Config) -> None:
         raise ConfigError("delivery.mode: expected 'mx' or 'capture'")
     if config.ingress.bare_line_endings not in ("reject", "normalise"):
         raise ConfigError("ingress.bare_line_endings: expected 'reject' or 'normalise'")
+    _validate_ingress(config)
     if config.telemetry.traces not in ("none", "otlp", "console", "jsonl"):
         raise ConfigError("telemetry.traces: expected none, otlp, console or jsonl")
     if not 1 <= config.delivery.smtp_port <= 65535:
@@ -424,6 +465,33 @@ def _validate_routing(config: Config) -> None:
                 raise ConfigError(f"dkim.{domain}[{i}].algorithm: expected rsa-sha256 or ed25519-sha256")
             if not key.selector or not key.key_file:
                 raise ConfigError(f"dkim.{domain}[{i}]: selector and key_file are required")
+
+
+def _validate_ingress(config: Config) -> None:
+    ingress = config.ingress
+    if ingress.from_header_check not in ("reject", "report"):
+        raise ConfigError("ingress.from_header_check: expected 'reject' or 'report'")
+    for i, listener in enumerate(ingress.listeners):
+        where = f"ingress.listeners[{i}]"
+        if listener.mode not in LISTENER_MODES:
+            raise ConfigError(f"{where}.mode: expected one of {', '.join(LISTENER_MODES)}")
+        if listener.mode == "implicit-tls" and not ingress.tls_cert_file:
+            raise ConfigError(f"{where}: implicit-tls needs ingress.tls_cert_file and tls_key_file")
+        if listener.mode == "implicit-tls" and listener.proxy_protocol:
+            raise ConfigError(f"{where}: PROXY protocol in front of implicit TLS is not supported")
+        if listener.listen.rpartition(":")[0] == "" or not listener.listen.rpartition(":")[2].isdigit():
+            raise ConfigError(f"{where}.listen: expected host:port")
+        if listener.mode == "inbound" and not (
+            ingress.local_domains or getattr(config.bounce, "return_path_domain", "")
+        ):
+            raise ConfigError(f"{where}: an inbound listener needs ingress.local_domains")
+    for net in ingress.relay_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"ingress.relay_networks: {net!r} is not a CIDR network") from exc
+    if ingress.relay_networks and not ingress.relay_networks_account:
+        raise ConfigError("ingress.relay_networks needs ingress.relay_networks_account")
 
 
 def split_server(server: str, default_port: int = 53) -> tuple[str, int]:

@@ -10,6 +10,8 @@ place that declares streams; services bind to what `ensure_topology` created.
     relais.bounce                     permanent failures and expiries -> bounce
     relais.events.<account>.<kind>    every outcome, replayable per account
     relais.inbound                    mail to Relais' own domains (bounces, FBL reports) -> bounce-inbound
+    relais.limits.<kind>.<key>.<win>  ingress counters (ADR-49): messages per account per hour/day,
+                                      AUTH failures per IP/user per lockout window
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ SHAPING_BUCKET = "relais-shaping"
 DELIVERY_CONTROL_BUCKET = "relais-delivery-control"
 # Warm-up/daily-cap counters per (UTC day, source, site), shared by every router replica.
 WARMUP_BUCKET = "relais-warmup"
+LIMITS_STREAM = "RELAIS_LIMITS"
+ACCOUNTS_BUCKET = "relais-accounts"
+# One key per (account, ingress replica): that replica's open sessions, refreshed while alive.
+SESSIONS_BUCKET = "relais-ingress-sessions"
+SESSIONS_TTL = 60.0
+LIMIT_KINDS = ("msg-hour", "msg-day", "authfail-ip", "authfail-user")
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 EVENT_KINDS = ("accepted", "delivered", "deferred", "bounced", "expired", "suppressed", "complained")
@@ -97,6 +105,20 @@ def bounce_subject() -> str:
 
 def inbound_subject() -> str:
     return f"{PREFIX}.inbound"
+
+
+def limit_subject(kind: str, key: str, window: int) -> str:
+    """A counter subject; `key` is an account name or an already tokenised IP/user digest."""
+    if kind not in LIMIT_KINDS:
+        raise SubjectError(f"unknown limit kind {kind!r}")
+    return f"{PREFIX}.limits.{kind}.{_token(key, 'key')}.{int(window)}"
+
+
+def parse_limit_subject(subject: str) -> tuple[str, str, int]:
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[:2] != [PREFIX, "limits"] or parts[2] not in LIMIT_KINDS:
+        raise SubjectError(f"not a limit subject: {subject!r}")
+    return parts[2], parts[3], int(parts[4])
 
 
 def event_subject(account: str, kind: str) -> str:
@@ -186,6 +208,16 @@ def stream_configs(config: Config) -> list[StreamConfig]:
             **common,
         ),
         StreamConfig(
+            name=LIMITS_STREAM,
+            subjects=[f"{PREFIX}.limits.>"],
+            retention=RetentionPolicy.LIMITS,
+            allow_msg_counter=True,
+            # Longest window is a day; older counters are only history.
+            max_age=2 * 86400.0,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
             name=EVENTS_STREAM,
             subjects=[f"{PREFIX}.events.>"],
             retention=RetentionPolicy.LIMITS,
@@ -252,6 +284,35 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
             ttl=3 * 86400.0,  # a day's counters matter for that day only
             replicas=config.nats.replicas,
             storage=StorageType.FILE,
+        )
+    )
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=ACCOUNTS_BUCKET, history=5, replicas=config.nats.replicas, storage=StorageType.FILE
+        )
+    )
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=SESSIONS_BUCKET,
+            history=1,
+            ttl=SESSIONS_TTL,
+            replicas=config.nats.replicas,
+            storage=StorageType.FILE,
+        )
+    )
+    # Slots and leases are only meaningful for minutes; the TTL sweeps keys of idle (source, site)s.
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=SHAPING_BUCKET,
+            history=1,
+            ttl=86400.0,
+            replicas=config.nats.replicas,
+            storage=StorageType.FILE,
+        )
+    )
+    await js.create_key_value(
+        KeyValueConfig(
+            bucket=DELIVERY_CONTROL_BUCKET, history=1, replicas=config.nats.replicas, storage=StorageType.FILE
         )
     )
     await js.create_key_value(

@@ -2,89 +2,272 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import email.utils
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from opentelemetry.trace import SpanKind
 
-from services.core.accounts import verify_password
+from services.core.accounts import hash_password, verify_password
+from services.core.bus import BrokerUnavailable
 from services.core.config import AccountConfig, Config
 from services.core.envelope import new_message_id
+from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import tracer
-from services.ingress import policy
+from services.ingress import headers, policy
+from services.ingress.accounts import AccountStore
 from services.ingress.handoff import Handoff, Submission
+from services.ingress.limits import AuthThrottle, MessageRates, SessionRegistry
+from services.ingress.replies import (
+    AUTH_BAD_BASE64,
+    AUTH_INVALID,
+    AUTH_MALFORMED,
+    AUTH_OK,
+    AUTH_REQUIRED,
+    AUTH_THROTTLED,
+    LOCAL_ERROR,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_SESSIONS,
+    Verdict,
+)
 
 log = logging.getLogger(__name__)
 
 _AUTH_CACHE_SECONDS = 300.0
+_QUEUE_UNAVAILABLE = Verdict(
+    QUEUE_UNAVAILABLE.code, QUEUE_UNAVAILABLE.enhanced_status, QUEUE_UNAVAILABLE.text
+)
+_BODY_8BIT = "BODY=8BITMIME"
 
 
-class Authenticator:
-    """AUTH PLAIN/LOGIN against the configured accounts.
+@dataclass
+class SessionFacts:
+    """What the ingress learned about one SMTP session beyond aiosmtpd's Session."""
 
-    aiosmtpd calls this synchronously, and scrypt deliberately costs tens of milliseconds, so a
-    successful check is remembered briefly: bulk senders authenticate on every connection.
-    """
+    client_ip: str = ""
+    account: str = ""  # authenticated, or the relay-networks account
+    holds_session_slot: bool = False
 
-    def __init__(self, accounts: dict[str, AccountConfig]) -> None:
-        self._accounts = accounts
-        self._verified: dict[str, float] = {}
 
-    def __call__(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        username = auth_data.login.decode("utf-8", "replace")
-        account = self._accounts.get(username)
-        if account is None or account.disabled:
-            return AuthResult(success=False, handled=False)
-        key = hashlib.sha256(
-            b"\0".join([auth_data.login, auth_data.password, account.password_hash.encode()])
-        ).hexdigest()
-        now = time.monotonic()
-        if self._verified.get(key, 0.0) > now:
-            return AuthResult(success=True, auth_data=username)
-        if not verify_password(auth_data.password.decode("utf-8", "replace"), account.password_hash):
-            return AuthResult(success=False, handled=False)
-        if len(self._verified) > 10_000:
-            self._verified.clear()
-        self._verified[key] = now + _AUTH_CACHE_SECONDS
-        return AuthResult(success=True, auth_data=username)
+def facts(session: Session) -> SessionFacts:
+    found = getattr(session, "relais", None)
+    if found is None:
+        found = SessionFacts(client_ip=_peer_ip(session))
+        session.relais = found  # type: ignore[attr-defined]
+    return found
+
+
+def _peer_ip(session: Session) -> str:
+    proxy = session.proxy_data
+    if proxy is not None and getattr(proxy, "src_addr", None):
+        return str(proxy.src_addr)
+    return str(session.peer[0]) if session.peer else ""
 
 
 def received_header(
-    *, helo: str, peer_ip: str, hostname: str, message_id: str, account: str, tls: tuple[str, str] | None
+    *,
+    helo: str,
+    peer_ip: str,
+    hostname: str,
+    message_id: str,
+    account: str,
+    tls: tuple[str, str] | None,
 ) -> bytes:
-    with_ = "ESMTPSA" if tls else "ESMTPA"
+    protocol = "ESMTP" + ("S" if tls else "") + ("A" if account else "")
     tls_part = f"\r\n\t(using {tls[0]} with cipher {tls[1]})" if tls else ""
+    auth_part = f"\r\n\t(authenticated as {account})" if account else ""
     return (
-        f"Received: from {helo or 'unknown'} ([{peer_ip}]){tls_part}\r\n"
-        f"\t(authenticated as {account})\r\n"
-        f"\tby {hostname} (Relais) with {with_} id {message_id};\r\n"
+        f"Received: from {helo or 'unknown'} ([{peer_ip}]){tls_part}{auth_part}\r\n"
+        f"\tby {hostname} (Relais) with {protocol} id {message_id};\r\n"
         f"\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n"
     ).encode()
 
 
+class PasswordChecker:
+    """scrypt off the event loop, a few at a time, with a short memory of recent successes.
+
+    scrypt costs ~16 MiB and tens of milliseconds by design; bulk senders authenticate on every
+    connection, so a verified (user, password, hash) triple is remembered for a few minutes.
+    """
+
+    def __init__(self, concurrency: int = 4) -> None:
+        self._verified: dict[str, float] = {}
+        self._slots = asyncio.Semaphore(concurrency)
+        # Unknown users are checked against this, so timing does not reveal which names exist.
+        self._decoy = hash_password("relais-decoy")
+
+    async def check(self, login: bytes, password: bytes, account: AccountConfig | None) -> bool:
+        encoded = account.password_hash if account is not None else self._decoy
+        key = hashlib.sha256(b"\0".join([login, password, encoded.encode()])).hexdigest()
+        now = time.monotonic()
+        if account is not None and self._verified.get(key, 0.0) > now:
+            return True
+        async with self._slots:
+            ok = await asyncio.to_thread(verify_password, password.decode("utf-8", "replace"), encoded)
+        if not ok or account is None:
+            return False
+        if len(self._verified) > 10_000:
+            self._verified.clear()
+        self._verified[key] = now + _AUTH_CACHE_SECONDS
+        return True
+
+
 class IngressHandler:
-    def __init__(self, config: Config, handoff: Handoff) -> None:
+    """One per listener; `mode` is "submission", "implicit-tls" or "inbound"."""
+
+    def __init__(
+        self,
+        config: Config,
+        handoff: Handoff,
+        *,
+        mode: str = "submission",
+        accounts: AccountStore,
+        rates: MessageRates,
+        throttle: AuthThrottle,
+        sessions: SessionRegistry,
+        passwords: PasswordChecker,
+    ) -> None:
         self._config = config
         self._handoff = handoff
+        self.mode = mode
+        self._accounts = accounts
+        self._rates = rates
+        self._throttle = throttle
+        self._sessions = sessions
+        self._passwords = passwords
+        self._background: set[asyncio.Task[None]] = set()
+        self._local_domains = policy.local_domains(config)
+
+    @property
+    def inbound(self) -> bool:
+        return self.mode == "inbound"
+
+    # -- connection ------------------------------------------------------------------------------
+
+    async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+        if not getattr(proxy_data, "valid", False):
+            return False
+        ip = facts(session).client_ip = _peer_ip(session)
+        if not server.admit(ip):  # type: ignore[attr-defined]
+            await server.push(str(TOO_MANY_CONNECTIONS))
+            return False
+        return True
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        out = [r for r in responses[:-1] if not (self.inbound and r.startswith("250-AUTH"))]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+        return out
+
+    def session_closed(self, session: Session) -> None:
+        state = facts(session)
+        if state.holds_session_slot:
+            state.holds_session_slot = False
+            task = asyncio.get_running_loop().create_task(self._sessions.release(state.account))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Never show a client our internals; a 4xx makes it retry, which is right for our faults.
+        log.exception("SMTP session error: %r", error)
+        return str(LOCAL_ERROR)
+
+    # -- AUTH PLAIN / LOGIN (RFC 4616, draft-murchison-sasl-login) -------------------------------
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if self.inbound:
+            return AuthResult(success=False, handled=False)
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                await server.push(str(AUTH_BAD_BASE64))
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")  # type: ignore[union-attr]
+        if len(parts) != 3:
+            await server.push(str(AUTH_MALFORMED))
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if self.inbound:
+            return AuthResult(success=False, handled=False)
+        if len(args) == 1:
+            login = await server.challenge_auth(SMTP.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                await server.push(str(AUTH_BAD_BASE64))
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, login, password)  # type: ignore[arg-type]
+
+    async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        session = server.session
+        assert session is not None
+        state = facts(session)
+        username = login.decode("utf-8", "replace")
+        if await self._throttle.locked(state.client_ip, username):
+            log.warning("AUTH throttled for %s / %r", state.client_ip, username)
+            await server.push(str(AUTH_THROTTLED))
+            server.hang_up()  # type: ignore[attr-defined]
+            return AuthResult(success=False, handled=True)
+        account = self._accounts.get(username)
+        if account is not None and account.disabled:
+            account = None
+        if not await self._passwords.check(login, password, account):
+            await self._throttle.failed(state.client_ip, username)
+            return AuthResult(success=False, handled=False, message=str(AUTH_INVALID))
+        assert account is not None
+        if not await self._sessions.acquire(username, account.max_sessions):
+            await server.push(str(TOO_MANY_SESSIONS))
+            return AuthResult(success=False, handled=True)
+        state.account = username
+        state.holds_session_slot = True
+        return AuthResult(success=True, auth_data=username, message=str(AUTH_OK))
+
+    # -- envelope ----------------------------------------------------------------------------------
 
     def _account(self, session: Session) -> tuple[str, AccountConfig | None]:
-        name = session.auth_data if isinstance(session.auth_data, str) else ""
-        return name, self._config.accounts.get(name) if name else None
+        state = facts(session)
+        if session.authenticated and state.account:
+            return state.account, self._accounts.get(state.account)
+        ingress = self._config.ingress
+        if ingress.relay_networks and policy.in_networks(state.client_ip, ingress.relay_networks):
+            name = ingress.relay_networks_account
+            return name, self._accounts.get(name)
+        return "", None
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
-        _, account = self._account(session)
         sender = "" if address == "<>" else address
-        verdict = policy.sender_verdict(account, sender)
+        if self.inbound:
+            verdict = policy.inbound_sender_verdict(sender, smtputf8=envelope.smtp_utf8)
+        else:
+            name, account = self._account(session)
+            verdict = policy.sender_verdict(account, sender, smtputf8=envelope.smtp_utf8)
+            if verdict is None and account is not None:
+                try:
+                    verdict = await self._rates.check(name, account)
+                except BrokerUnavailable:
+                    verdict = _QUEUE_UNAVAILABLE
         if verdict:
             return str(verdict)
         # aiosmtpd needs a truthy mail_from to accept RCPT; "<>" stands for the null sender.
@@ -95,77 +278,155 @@ class IngressHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        verdict = policy.recipient_verdict(
-            address, len(envelope.rcpt_tos), self._config.ingress.max_recipients
-        )
+        ingress = self._config.ingress
+        if self.inbound:
+            verdict = policy.inbound_recipient_verdict(
+                address, len(envelope.rcpt_tos), ingress.max_recipients, self._local_domains
+            )
+        else:
+            verdict = policy.recipient_verdict(
+                address, len(envelope.rcpt_tos), ingress.max_recipients, smtputf8=envelope.smtp_utf8
+            )
         if verdict:
             return str(verdict)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
+    # -- DATA ----------------------------------------------------------------------------------------
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        name, account = self._account(session)
-        if account is None:
-            return str(policy.SENDER_REQUIRED_AUTH)
+        ingress = self._config.ingress
         data = envelope.original_content or b""
-        verdict = policy.content_verdict(data, self._config.ingress.bare_line_endings)
+        eight_bit = _BODY_8BIT in envelope.mail_options or envelope.smtp_utf8
+        verdict = policy.content_verdict(
+            data,
+            ingress.bare_line_endings,
+            eight_bit_declared=eight_bit,
+            max_header_size=ingress.max_header_size,
+        )
         if verdict:
             return str(verdict)
-        if self._config.ingress.bare_line_endings == "normalise":
+        if ingress.bare_line_endings == "normalise":
             data = policy.normalise_line_endings(data)
-        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
-        if sender:
-            sender_domain = policy.domain_of(sender)
-        else:
+        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
+        state = facts(session)
+        tls = _tls_facts(session)
+        meta: dict[str, str] = {"listener": self.mode}
+        if tls:
+            meta |= {"tls_version": tls[0], "tls_cipher": tls[1], "tls": f"{tls[0]} {tls[1]}"}
+        if envelope.smtp_utf8:
+            meta["smtputf8"] = "1"
+        if _BODY_8BIT in envelope.mail_options:
+            meta["body"] = "8BITMIME"
+        message_id = new_message_id()
+        if self.inbound:
+            return await self._queue(
+                session,
+                Submission(
+                    account="",
+                    sender=sender,
+                    recipients=tuple(envelope.rcpt_tos),
+                    sender_domain=policy.domain_of(sender) if sender else "",
+                    data=self._received(session, message_id, "", tls) + data,
+                    client_ip=state.client_ip,
+                    meta=meta,
+                    kind="inbound",
+                ),
+                message_id,
+            )
+        name, account = self._account(session)
+        if account is None:
+            return str(AUTH_REQUIRED)
+        head, rest = headers.split_message(data)
+        verdict = policy.from_header_verdict(account, data)
+        if verdict and (not sender or ingress.from_header_check == "reject"):
             # Null sender: the From: header is the only identity there is, so it must be owned.
-            verdict = policy.from_header_verdict(account, data)
+            return str(verdict)
+        if verdict:
+            meta["from_not_owned"] = "1"
+            log.info("account %s sent From: %s (report-only)", name, policy.from_header_domains(data))
+        sender_domain = policy.domain_of(sender) if sender else policy.from_header_domains(data)[0]
+        campaign = policy.control_value(headers.first_value(head, headers.CAMPAIGN_HEADER))
+        if campaign:
+            meta["campaign"] = campaign
+        requested_pool = headers.first_value(head, headers.POOL_HEADER)
+        if requested_pool is not None:
+            pool = policy.control_value(requested_pool)
+            verdict = policy.pool_verdict(pool, account, self._config.pools)
             if verdict:
                 return str(verdict)
-            sender_domain = policy.from_header_domains(data)[0]
-        peer_ip = str(session.peer[0]) if session.peer else ""
-        tls = _tls_facts(session)
-        message_id = new_message_id()
+            meta["pool"] = pool
+        head = headers.strip_fields(head, headers.CONTROL_HEADERS)
+        head = headers.submission_fixups(
+            head, message_id=message_id, hostname=ingress.hostname, now=time.time()
+        )
+        try:
+            verdict, reserved_at = await self._rates.reserve(name, account)
+        except BrokerUnavailable:
+            return str(_QUEUE_UNAVAILABLE)
+        if verdict:
+            return str(verdict)
+        reply = await self._queue(
+            session,
+            Submission(
+                account=name,
+                sender=sender,
+                recipients=tuple(envelope.rcpt_tos),
+                sender_domain=sender_domain,
+                data=self._received(session, message_id, name, tls) + head + rest,
+                client_ip=state.client_ip,
+                meta=meta,
+            ),
+            message_id,
+        )
+        if not reply.startswith("250"):
+            await self._rates.refund(name, account, reserved_at)
+        return reply
+
+    def _received(
+        self, session: Session, message_id: str, account: str, tls: tuple[str, str] | None
+    ) -> bytes:
+        return received_header(
+            helo=session.host_name or "",
+            peer_ip=facts(session).client_ip,
+            hostname=self._config.ingress.hostname,
+            message_id=message_id,
+            account=account,
+            tls=tls,
+        )
+
+    async def _queue(self, session: Session, sub: Submission, message_id: str) -> str:
         with tracer().start_as_current_span(
             "smtp receive",
             kind=SpanKind.SERVER,
             attributes={
                 "relais.message_id": message_id,
-                "relais.account": name,
-                "relais.sender_domain": sender_domain,
-                "client.address": peer_ip,
-                "relais.recipient_count": len(envelope.rcpt_tos),
+                "relais.account": sub.account,
+                "relais.sender_domain": sub.sender_domain,
+                "client.address": sub.client_ip,
+                "relais.recipient_count": len(sub.recipients),
+                "relais.listener": self.mode,
             },
         ) as span:
-            header = received_header(
-                helo=session.host_name or "",
-                peer_ip=peer_ip,
-                hostname=self._config.ingress.hostname,
-                message_id=message_id,
-                account=name,
-                tls=tls,
-            )
-            meta = {"tls": f"{tls[0]} {tls[1]}"} if tls else {}
-            submission = Submission(
-                account=name,
-                sender=sender,
-                recipients=tuple(envelope.rcpt_tos),
-                sender_domain=sender_domain,
-                data=header + data,
-                client_ip=peer_ip,
-                meta=meta,
-            )
-            reply = await self._handoff.queue(submission, message_id=message_id, span=span)
+            reply = await self._handoff.queue(sub, message_id=message_id, span=span)
             span.set_attribute("smtp.reply", reply[:3])
             return reply
 
 
+def _b64(value: str) -> bytes | None:
+    try:
+        return base64.b64decode(value.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
 def _tls_facts(session: Session) -> tuple[str, str] | None:
-    ssl_obj = session.ssl
-    if not ssl_obj:
+    ssl_info = session.ssl
+    if not ssl_info:
         return None
     try:
-        obj = ssl_obj.get("ssl_object") if isinstance(ssl_obj, dict) else None
+        obj = ssl_info.get("ssl_object") if isinstance(ssl_info, dict) else None
         if obj is not None:
             cipher = obj.cipher()
             return obj.version() or "TLS", cipher[0] if cipher else "unknown"

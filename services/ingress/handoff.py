@@ -13,7 +13,7 @@ from services.core.envelope import Envelope, new_message_id
 from services.core.events import event_for, publish_event
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import traceparent_of
-from services.core.topology import route_subject
+from services.core.topology import inbound_subject, route_subject
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ class Submission:
     data: bytes
     client_ip: str = ""
     meta: dict[str, str] = field(default_factory=dict)
+    # "message" from an account (-> router), "inbound" to Relais' own domains (-> bounce service).
+    kind: str = "message"
+    dsn_ret: str = ""
+    dsn_envid: str = ""
 
 
 class Handoff:
@@ -40,12 +44,15 @@ class Handoff:
     async def queue(self, sub: Submission, *, message_id: str | None = None, span: object = None) -> str:
         """Queue durably and return the SMTP reply: `250 ... queued as <id>` or `451 4.3.0`."""
         message_id = message_id or new_message_id()
+        accept_by = time.time() + self._deadline
         try:
             async with asyncio.timeout(self._deadline):
-                env = await self._queue(sub, message_id, span)
+                env = await self._queue(sub, message_id, span, accept_by)
         except (BrokerUnavailable, TimeoutError) as exc:
             log.warning("queueing %s failed, answering 451: %s", message_id, exc)
             return f"{QUEUE_UNAVAILABLE.code} {QUEUE_UNAVAILABLE.enhanced_status} {QUEUE_UNAVAILABLE.text}"
+        if sub.kind == "inbound":
+            return f"250 2.0.0 Ok: queued as {message_id}"
         # The event is informational: the message is already durably queued, so a failure
         # here must not turn the 250 into a 451 (which would make the client send it twice).
         try:
@@ -56,7 +63,7 @@ class Handoff:
             log.warning("accepted event for %s not published: %s", message_id, exc)
         return f"250 2.0.0 Ok: queued as {message_id}"
 
-    async def _queue(self, sub: Submission, message_id: str, span: object) -> Envelope:
+    async def _queue(self, sub: Submission, message_id: str, span: object, accept_by: float) -> Envelope:
         body = await self._bodies.put(message_id, sub.data)
         env = Envelope(
             id=message_id,
@@ -67,12 +74,16 @@ class Handoff:
             body=body,
             received_at=time.time(),
             client_ip=sub.client_ip,
+            accept_by=accept_by,
             meta=sub.meta,
+            kind=sub.kind,
+            dsn_ret=sub.dsn_ret,
+            dsn_envid=sub.dsn_envid,
             trace_context=traceparent_of(span) if span is not None else "",  # type: ignore[arg-type]
         )
         try:
             await self._bus.publish(
-                route_subject(),
+                inbound_subject() if sub.kind == "inbound" else route_subject(),
                 env.to_msgpack(),
                 msg_id=message_id,
                 attributes={"relais.message_id": message_id, "relais.account": sub.account},

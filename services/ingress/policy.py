@@ -1,70 +1,72 @@
 """Pure policy: facts in, verdict out. No sockets, no aiosmtpd: unit-testable in isolation.
 
-A verdict of None means "accept"; otherwise it is the exact SMTP reply to send.
+A verdict of None means "accept"; otherwise it is the exact SMTP reply to send (see replies.py).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-from services.core.config import AccountConfig
+from services.core.config import AccountConfig, Config
+from services.ingress import headers
+from services.ingress.replies import (
+    ACCOUNT_DISABLED,
+    AUTH_REQUIRED,
+    BAD_RECIPIENT_SYNTAX,
+    BAD_SENDER_SYNTAX,
+    BARE_LINE_ENDING,
+    FROM_NOT_OWNED,
+    HEADER_TOO_BIG,
+    LINE_TOO_LONG,
+    NEEDS_8BITMIME,
+    NEEDS_SMTPUTF8,
+    NUL_BYTES,
+    POOL_NOT_ALLOWED,
+    RELAY_DENIED,
+    SENDER_NOT_OWNED,
+    TOO_MANY_RECIPIENTS,
+    Verdict,
+)
 
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    code: int
-    enhanced_status: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.enhanced_status} {self.text}"
-
-
-SENDER_NOT_OWNED = Verdict(553, "5.7.1", "Sender address not owned by the authenticated account")
-SENDER_REQUIRED_AUTH = Verdict(530, "5.7.0", "Authentication required")
-ACCOUNT_DISABLED = Verdict(535, "5.7.8", "Authentication credentials invalid")
-BAD_RECIPIENT_SYNTAX = Verdict(501, "5.1.3", "Bad recipient address syntax")
-RELAY_DENIED = Verdict(554, "5.7.1", "Relay access denied")
-TOO_MANY_RECIPIENTS = Verdict(452, "4.5.3", "Too many recipients")
-BARE_LINE_ENDING = Verdict(554, "5.6.0", "Message contains bare CR or LF line endings (see RFC 5321 2.3.8)")
-NUL_BYTES = Verdict(554, "5.6.0", "Message contains NUL characters")
-FROM_NOT_OWNED = Verdict(550, "5.7.1", "From: header domain not owned by the authenticated account")
+MAX_LINE = 998  # octets, without CRLF (RFC 5322 2.1.1)
 
 # A conservative dot-atom domain: letters, digits, hyphens, at least two labels. IP literals,
 # source routes, '%' and '!' routing tricks all fail this and are refused as relay attempts.
 _DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$", re.I)
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
-_HEADER_FROM = re.compile(rb"^From:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", re.I | re.M)
-_ADDR_IN_HEADER = re.compile(rb"@([A-Za-z0-9.-]+)")
+# The same, but also non-ASCII (RFC 6531) for SMTPUTF8 transactions; still no routing characters.
+_LOCAL_UTF8 = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.\u0080-\U0010ffff-]{1,64}$")
+_ADDR_IN_HEADER = re.compile(r"@([A-Za-z0-9.-]+)")
+_CONTROL_VALUE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
 
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def split_address(address: str) -> tuple[str, str] | None:
-    """local and domain of a plain mailbox, or None for anything routing-tricky or malformed."""
+def split_address(address: str, *, utf8: bool = False) -> tuple[str, str] | None:
+    """local and domain of a plain mailbox, or None for anything routing-tricky or malformed.
+
+    Quoted local parts, source routes, '%' and '!' hacks and IP literals are all refused: a
+    relay must never be talked into a second hop it did not choose.
+    """
     local, at, domain = address.rpartition("@")
-    if not at or not _LOCAL.match(local) or ".." in local or local.startswith(".") or local.endswith("."):
+    local_re = _LOCAL_UTF8 if utf8 else _LOCAL
+    if not at or not local_re.match(local) or ".." in local or local.startswith(".") or local.endswith("."):
         return None
-    if "%" in local or "!" in local or not _DOMAIN.match(domain):
+    if "%" in local or "!" in local:
+        return None
+    if utf8 and not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if not _DOMAIN.match(domain):
         return None
     return local, domain.lower()
-
-
-def sender_verdict(account: AccountConfig | None, sender: str) -> Verdict | None:
-    """MAIL FROM: the envelope sender must be in one of the account's domains (or the null sender)."""
-    if account is None:
-        return SENDER_REQUIRED_AUTH
-    if account.disabled:
-        return ACCOUNT_DISABLED
-    if sender in ("", "<>"):
-        return None
-    parts = split_address(sender)
-    if parts is None or not owns_domain(account, parts[1]):
-        return SENDER_NOT_OWNED
-    return None
 
 
 def owns_domain(account: AccountConfig, domain: str) -> bool:
@@ -72,24 +74,103 @@ def owns_domain(account: AccountConfig, domain: str) -> bool:
     return any(domain == d.lower() for d in account.domains)
 
 
-def recipient_verdict(address: str, accepted_so_far: int, max_recipients: int) -> Verdict | None:
-    if accepted_so_far >= max_recipients:
-        return TOO_MANY_RECIPIENTS
-    if address.startswith("@") or ":" in address:
-        return RELAY_DENIED  # RFC 5321 source route
-    if split_address(address) is None:
-        if "%" in address or "!" in address or "[" in address:
-            return RELAY_DENIED
-        return BAD_RECIPIENT_SYNTAX
+def is_local_domain(domain: str, local_domains: Iterable[str]) -> bool:
+    """A listed domain or a name below it (bounce addresses often use a per-tenant subdomain)."""
+    domain = domain.lower().rstrip(".")
+    return any(domain == d.lower() or domain.endswith("." + d.lower()) for d in local_domains)
+
+
+def local_domains(config: Config) -> list[str]:
+    """ingress.local_domains plus the bounce return-path domain: the inbound listener's domains."""
+    domains = list(config.ingress.local_domains)
+    return_path = getattr(config.bounce, "return_path_domain", "")
+    if return_path and return_path not in domains:
+        domains.append(return_path)
+    return domains
+
+
+def in_networks(ip: str, networks: Iterable[str]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(net, strict=False) for net in networks)
+
+
+def sender_verdict(account: AccountConfig | None, sender: str, *, smtputf8: bool = False) -> Verdict | None:
+    """MAIL FROM: the envelope sender must be in one of the account's domains (or the null sender)."""
+    if account is None:
+        return AUTH_REQUIRED
+    if account.disabled:
+        return ACCOUNT_DISABLED
+    if sender in ("", "<>"):
+        return None
+    if not sender.isascii() and not smtputf8:
+        return NEEDS_SMTPUTF8
+    parts = split_address(sender, utf8=smtputf8)
+    if parts is None:
+        return BAD_SENDER_SYNTAX
+    if not owns_domain(account, parts[1]):
+        return SENDER_NOT_OWNED
     return None
 
 
-def content_verdict(data: bytes, bare_line_endings: str) -> Verdict | None:
-    """Reject (or allow normalising) bare CR/LF: the root of SMTP smuggling; refuse NULs."""
+def inbound_sender_verdict(sender: str, *, smtputf8: bool = False) -> Verdict | None:
+    """MAIL FROM on the inbound listener: anyone may write to Relais' own domains."""
+    if sender in ("", "<>"):
+        return None
+    if not sender.isascii() and not smtputf8:
+        return NEEDS_SMTPUTF8
+    return None if split_address(sender, utf8=smtputf8) else BAD_SENDER_SYNTAX
+
+
+def recipient_verdict(
+    address: str, accepted_so_far: int, max_recipients: int, *, smtputf8: bool = False
+) -> Verdict | None:
+    if address.startswith("@") or ":" in address:
+        return RELAY_DENIED  # RFC 5321 source route
+    if not address.isascii() and not smtputf8:
+        return NEEDS_SMTPUTF8
+    if split_address(address, utf8=smtputf8) is None:
+        if "%" in address or "!" in address or "[" in address or '"' in address:
+            return RELAY_DENIED
+        return BAD_RECIPIENT_SYNTAX
+    if accepted_so_far >= max_recipients:
+        return TOO_MANY_RECIPIENTS
+    return None
+
+
+def inbound_recipient_verdict(
+    address: str, accepted_so_far: int, max_recipients: int, local_domains: Iterable[str]
+) -> Verdict | None:
+    """RCPT TO without AUTH: only Relais' own domains; anything else is a relay attempt."""
+    verdict = recipient_verdict(address, accepted_so_far, max_recipients)
+    if verdict:
+        return verdict
+    if not is_local_domain(domain_of(address), local_domains):
+        return RELAY_DENIED
+    return None
+
+
+def content_verdict(
+    data: bytes,
+    bare_line_endings: str,
+    *,
+    eight_bit_declared: bool = True,
+    max_header_size: int = 0,
+) -> Verdict | None:
+    """Reject (or allow normalising) bare CR/LF: the root of SMTP smuggling; refuse NULs, lines
+    over 998 octets, undeclared 8-bit data and oversized header blocks."""
     if b"\x00" in data:
         return NUL_BYTES
     if bare_line_endings == "reject" and has_bare_line_ending(data):
         return BARE_LINE_ENDING
+    if _LONG_LINE.search(data):
+        return LINE_TOO_LONG
+    if not eight_bit_declared and not data.isascii():
+        return NEEDS_8BITMIME
+    if max_header_size and len(headers.split_message(data)[0]) > max_header_size:
+        return HEADER_TOO_BIG
     return None
 
 
@@ -102,15 +183,14 @@ def normalise_line_endings(data: bytes) -> bytes:
 
 
 def header_block(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
+    return headers.split_message(data)[0]
 
 
 def from_header_domains(data: bytes) -> list[str]:
-    match = _HEADER_FROM.search(header_block(data))
-    if not match:
+    value = headers.first_value(header_block(data), "from")
+    if not value:
         return []
-    return [d.decode("ascii", "replace").lower().rstrip(".") for d in _ADDR_IN_HEADER.findall(match.group(0))]
+    return [d.lower().rstrip(".") for d in _ADDR_IN_HEADER.findall(value)]
 
 
 def from_header_verdict(account: AccountConfig, data: bytes) -> Verdict | None:
@@ -118,3 +198,17 @@ def from_header_verdict(account: AccountConfig, data: bytes) -> Verdict | None:
     if domains and all(owns_domain(account, d) for d in domains):
         return None
     return FROM_NOT_OWNED
+
+
+def pool_verdict(requested: str, account: AccountConfig, configured_pools: Iterable[str]) -> Verdict | None:
+    """X-Relais-Pool: honoured only for the account's own pool(s) that exist in this cluster."""
+    allowed = {account.pool, *account.pools}
+    if requested not in allowed or requested not in set(configured_pools):
+        return POOL_NOT_ALLOWED
+    return None
+
+
+def control_value(value: str | None) -> str:
+    """A control header value fit for the envelope and metric labels, or "" when unusable."""
+    value = (value or "").strip()
+    return value if _CONTROL_VALUE.match(value) else ""

@@ -1,21 +1,28 @@
-"""The ingress service: SMTP listener(s) in front of the hand-off to JetStream."""
+"""The ingress service: SMTP listeners in front of the hand-off to JetStream."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
-import ssl
-
-from aiosmtpd.smtp import SMTP
+from collections.abc import Callable
 
 from services.core.bodies import BodyStore
 from services.core.bus import Bus
-from services.core.config import Config
-from services.ingress.handler import Authenticator, IngressHandler
+from services.core.config import Config, ListenerConfig
+from services.ingress.accounts import AccountStore
+from services.ingress.handler import IngressHandler, PasswordChecker
 from services.ingress.handoff import Handoff
+from services.ingress.limits import AuthThrottle, ConnectionGate, Counters, MessageRates, SessionRegistry
+from services.ingress.protocol import RelaisSMTP
+from services.ingress.tls import TlsCertificates
 
 log = logging.getLogger(__name__)
+
+# How long a PROXY-protocol listener waits for the header before dropping the connection.
+_PROXY_TIMEOUT = 10.0
+_TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
 def split_hostport(listen: str) -> tuple[str, int]:
@@ -30,56 +37,115 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert_file, key_file)
-    return ctx
+def listener_configs(config: Config) -> list[ListenerConfig]:
+    """The configured listeners, or one submission listener on `ingress.listen`."""
+    return list(config.ingress.listeners) or [ListenerConfig(listen=config.ingress.listen)]
 
 
 class IngressService:
     def __init__(self, config: Config, bus: Bus) -> None:
         self._config = config
         self._bus = bus
+        cfg = config.ingress
         bodies = BodyStore(bus.js, config.nats.inline_body_max)
-        self._handler = IngressHandler(config, Handoff(bus, bodies, config.nats.publish_timeout))
-        self._authenticator = Authenticator(config.accounts)
-        self._server: asyncio.Server | None = None
+        self._handoff = Handoff(bus, bodies, config.nats.publish_timeout)
+        self.accounts = AccountStore(bus.js, config.accounts)
+        counters = Counters(bus.js, config.nats.publish_timeout)
+        self._rates = MessageRates(counters)
+        self._throttle = AuthThrottle(counters, cfg.auth_max_failures, cfg.auth_lockout)
+        self.sessions = SessionRegistry(bus.js)
+        self._passwords = PasswordChecker()
+        self._gate = ConnectionGate(cfg)
+        self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
+        self._servers: list[asyncio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        # listen string as configured -> bound (host, port); `address` is the first listener's.
+        self.addresses: dict[str, tuple[str, int]] = {}
         self.address: tuple[str, int] | None = None
 
-    def _protocol(self) -> SMTP:
+    def _factory(self, listener: ListenerConfig) -> Callable[[], RelaisSMTP]:
         cfg = self._config.ingress
-        host, _ = split_hostport(cfg.listen)
-        tls = server_tls_context(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
-        # AUTH over plaintext is only allowed where nothing leaves the machine.
-        require_tls = cfg.auth_require_tls and not (tls is None and _is_loopback(host))
-        return SMTP(
-            self._handler,
-            hostname=cfg.hostname,
-            ident="Relais ESMTP",
-            data_size_limit=cfg.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            tls_context=tls,
-            require_starttls=False,
-            authenticator=self._authenticator,
-            auth_required=True,
-            auth_require_tls=require_tls,
+        host, _ = split_hostport(listener.listen)
+        handler = IngressHandler(
+            self._config,
+            self._handoff,
+            mode=listener.mode,
+            accounts=self.accounts,
+            rates=self._rates,
+            throttle=self._throttle,
+            sessions=self.sessions,
+            passwords=self._passwords,
         )
+        tls = self.tls.context if self.tls else None
+        implicit = listener.mode == "implicit-tls"
+        # AUTH over plaintext is only allowed where nothing leaves the machine; implicit TLS is
+        # encrypted from the first byte, which aiosmtpd cannot see, so it is told explicitly.
+        require_tls = cfg.auth_require_tls and not implicit and not (tls is None and _is_loopback(host))
+
+        def make() -> RelaisSMTP:
+            return RelaisSMTP(
+                handler,
+                gate=self._gate,
+                max_errors=cfg.max_errors,
+                implicit_tls=implicit,
+                hostname=cfg.hostname,
+                ident="Relais ESMTP",
+                data_size_limit=cfg.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                tls_context=None if implicit else tls,
+                require_starttls=False,
+                # MAIL FROM enforces AUTH itself (relay networks and the inbound listener differ).
+                auth_required=False,
+                auth_require_tls=require_tls,
+                timeout=cfg.command_timeout,
+                proxy_protocol_timeout=_PROXY_TIMEOUT if listener.proxy_protocol else None,
+            )
+
+        return make
 
     async def start(self) -> None:
-        host, port = split_hostport(self._config.ingress.listen)
+        await self.accounts.start()
+        await self.sessions.start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, host=host, port=port, reuse_address=True)
-        sock = self._server.sockets[0].getsockname()
-        self.address = (sock[0], sock[1])
-        log.info("ingress listening on %s:%s", *self.address)
+        try:
+            for listener in listener_configs(self._config):
+                host, port = split_hostport(listener.listen)
+                implicit = listener.mode == "implicit-tls"
+                server = await loop.create_server(
+                    self._factory(listener),
+                    host=host,
+                    port=port,
+                    reuse_address=True,
+                    ssl=self.tls.context if implicit and self.tls else None,
+                    ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT if implicit else None,
+                )
+                self._servers.append(server)
+                sock = server.sockets[0].getsockname()
+                self.addresses[listener.listen] = (sock[0], sock[1])
+                self.address = self.address or (sock[0], sock[1])
+                log.info("ingress %s listener on %s:%s", listener.mode, sock[0], sock[1])
+        except BaseException:
+            await self.stop()
+            raise
+        if self.tls is not None:
+            self._tasks.append(asyncio.create_task(self.tls.watch(self._config.ingress.tls_reload_interval)))
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers = []
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        await self.sessions.stop()
+        await self.accounts.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -1,0 +1,162 @@
+"""Accounts in NATS KV (bucket relais-accounts), seeded from the config file, watched live.
+
+Key = account name; value = JSON of the `AccountConfig` fields. `[accounts.<name>]` tables in the
+config file are written to KV only when the key does not exist yet, so `relais account disable`
+is not undone by a restart; from then on KV is the truth and every ingress replica follows its
+changes within moments, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Mapping
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from services.core.config import AccountConfig
+from services.core.topology import ACCOUNTS_BUCKET
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_FIELDS = {f.name for f in dataclasses.fields(AccountConfig)}
+
+
+class AccountRecordError(ValueError):
+    """A KV value that is not a valid account record."""
+
+
+def encode_account(account: AccountConfig) -> bytes:
+    return json.dumps(dataclasses.asdict(account), sort_keys=True).encode()
+
+
+def decode_account(data: bytes) -> AccountConfig:
+    try:
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
+        account = AccountConfig(**{k: v for k, v in raw.items() if k in _FIELDS})
+    except (ValueError, TypeError) as exc:
+        raise AccountRecordError(str(exc)) from exc
+    if not account.password_hash.startswith("scrypt$"):
+        raise AccountRecordError("password_hash is not an scrypt hash")
+    return account
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+class AccountStore:
+    """This replica's live view of the accounts; `get` never touches the network."""
+
+    def __init__(self, js: JetStreamContext, seed: Mapping[str, AccountConfig]) -> None:
+        self._js = js
+        self._seed = dict(seed)
+        # Until the first KV snapshot arrives, the config file is the best knowledge there is.
+        self._accounts: dict[str, AccountConfig] = dict(seed)
+        self._task: asyncio.Task[None] | None = None
+        self.loaded = asyncio.Event()
+
+    def get(self, name: str) -> AccountConfig | None:
+        return self._accounts.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._accounts)
+
+    async def start(self, wait: float = 5.0) -> None:
+        try:
+            kv = await self._js.key_value(ACCOUNTS_BUCKET)
+            await seed_accounts(kv, self._seed)
+        except Exception as exc:
+            log.warning("accounts KV unavailable, using the config file's accounts for now: %r", exc)
+        self._task = asyncio.create_task(self._watch())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.loaded.wait(), wait)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                kv = await self._js.key_value(ACCOUNTS_BUCKET)
+                watcher = await kv.watchall()
+                snapshot: dict[str, AccountConfig] = {}
+                initial = True
+                async for entry in watcher:
+                    if entry is None:  # end of the initial values: swap in the complete view
+                        self._accounts = snapshot
+                        initial = False
+                        self.loaded.set()
+                        continue
+                    target = snapshot if initial else self._accounts
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        target.pop(entry.key, None)
+                        continue
+                    try:
+                        target[entry.key] = decode_account(entry.value)
+                    except AccountRecordError as exc:
+                        log.error("ignoring invalid account record %r: %s", entry.key, exc)
+                        target.pop(entry.key, None)
+                    if not initial:
+                        log.info("account %s updated", entry.key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("accounts watch interrupted, retrying: %r", exc)
+                await asyncio.sleep(1.0)
+
+
+async def seed_accounts(kv: KeyValue, seed: Mapping[str, AccountConfig]) -> None:
+    for name, account in seed.items():
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await kv.create(name, encode_account(account))
+
+
+async def put_account(js: JetStreamContext, name: str, account: AccountConfig) -> None:
+    if not valid_name(name):
+        raise AccountRecordError("account names are lowercase letters, digits, '-' and '_'")
+    kv = await js.key_value(ACCOUNTS_BUCKET)
+    await kv.put(name, encode_account(account))
+
+
+async def get_account(js: JetStreamContext, name: str) -> AccountConfig | None:
+    kv = await js.key_value(ACCOUNTS_BUCKET)
+    try:
+        entry = await kv.get(name)
+    except KeyNotFoundError:
+        return None
+    return decode_account(entry.value) if entry.value else None
+
+
+async def list_accounts(js: JetStreamContext) -> dict[str, AccountConfig]:
+    kv = await js.key_value(ACCOUNTS_BUCKET)
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return {}
+    out: dict[str, AccountConfig] = {}
+    for key in sorted(keys):
+        account = await get_account(js, key)
+        if account is not None:
+            out[key] = account
+    return out
+
+
+async def set_disabled(js: JetStreamContext, name: str, disabled: bool) -> bool:
+    account = await get_account(js, name)
+    if account is None:
+        return False
+    await put_account(js, name, dataclasses.replace(account, disabled=disabled))
+    return True

@@ -1,0 +1,271 @@
+"""Limits that must hold across ingress replicas, and the one that need not.
+
+- Messages per hour/day per account and AUTH failures per IP/user are JetStream counters
+  (ADR-49, stream RELAIS_LIMITS): one atomic `Nats-Incr` publish per event, fixed windows
+  (UTC hour, UTC day, `auth_lockout` seconds) encoded in the subject, old windows aged out.
+- Concurrent sessions per account live in a KV bucket, one key per (account, replica), refreshed
+  while the replica lives and ignored once stale, so a crashed replica's sessions free themselves.
+- Connections per client IP are counted per replica, like Postfix's anvil: a load balancer
+  spreads one IP's connections, and the limit exists to protect this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections import Counter
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+from services.core.bus import BrokerUnavailable
+from services.core.config import AccountConfig, IngressConfig
+from services.core.topology import LIMITS_STREAM, SESSIONS_BUCKET, SESSIONS_TTL, limit_subject
+from services.ingress.replies import DAILY_LIMIT, HOURLY_LIMIT, Verdict
+
+log = logging.getLogger(__name__)
+
+_BROKER_ERRORS = (TimeoutError, nats.errors.Error, APIError, OSError)
+
+
+def ip_token(ip: str) -> str:
+    return ip.replace(".", "-").replace(":", "_") or "unknown"
+
+
+def user_token(username: str) -> str:
+    # Usernames come from the network: hash them rather than trust them as subject tokens.
+    return hashlib.sha256(username.strip().lower().encode("utf-8", "replace")).hexdigest()[:24]
+
+
+class Counters:
+    """Atomic counters on the RELAIS_LIMITS stream."""
+
+    def __init__(self, js: JetStreamContext, timeout: float) -> None:
+        self._js = js
+        self._timeout = timeout
+
+    async def add(self, subject: str, delta: int = 1) -> int:
+        try:
+            ack = await self._js.publish(
+                subject, b"", timeout=self._timeout, headers={"Nats-Incr": f"{delta:+d}"}
+            )
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"counter {subject}: {exc!r}") from exc
+        return int(ack.val or 0)
+
+    async def value(self, subject: str) -> int:
+        try:
+            msg = await self._js.get_last_msg(LIMITS_STREAM, subject)
+        except NotFoundError:
+            return 0
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(f"counter {subject}: {exc!r}") from exc
+        try:
+            return int(json.loads(msg.data or b"{}").get("val", 0))
+        except (ValueError, TypeError):
+            return 0
+
+
+def windows(now: float) -> tuple[int, int]:
+    """UTC hour and UTC day numbers: fixed windows, so every replica agrees on the key."""
+    return int(now // 3600), int(now // 86400)
+
+
+def rate_verdict(account: AccountConfig, per_hour: int, per_day: int) -> Verdict | None:
+    """Counts include the message being checked."""
+    if account.max_messages_per_hour and per_hour > account.max_messages_per_hour:
+        return HOURLY_LIMIT
+    if account.max_messages_per_day and per_day > account.max_messages_per_day:
+        return DAILY_LIMIT
+    return None
+
+
+class MessageRates:
+    def __init__(self, counters: Counters) -> None:
+        self._counters = counters
+
+    @staticmethod
+    def _subjects(name: str, now: float) -> tuple[str, str]:
+        hour, day = windows(now)
+        return limit_subject("msg-hour", name, hour), limit_subject("msg-day", name, day)
+
+    async def check(self, name: str, account: AccountConfig, now: float | None = None) -> Verdict | None:
+        """Before DATA: refuse early when the account is already at its limit."""
+        if not (account.max_messages_per_hour or account.max_messages_per_day):
+            return None
+        hour_s, day_s = self._subjects(name, time.time() if now is None else now)
+        per_hour, per_day = await asyncio.gather(self._counters.value(hour_s), self._counters.value(day_s))
+        return rate_verdict(account, per_hour + 1, per_day + 1)
+
+    async def reserve(self, name: str, account: AccountConfig) -> tuple[Verdict | None, float]:
+        """At end of DATA: count the message; over the limit it is refunded and refused.
+
+        Returns the verdict and the time used, which `refund` needs to hit the same windows.
+        """
+        now = time.time()
+        if not (account.max_messages_per_hour or account.max_messages_per_day):
+            return None, now
+        hour_s, day_s = self._subjects(name, now)
+        per_hour, per_day = await asyncio.gather(self._counters.add(hour_s), self._counters.add(day_s))
+        verdict = rate_verdict(account, per_hour, per_day)
+        if verdict:
+            await self.refund(name, account, now)
+        return verdict, now
+
+    async def refund(self, name: str, account: AccountConfig, at: float) -> None:
+        """The message was not queued after all (451): give its slot back."""
+        if not (account.max_messages_per_hour or account.max_messages_per_day):
+            return
+        hour_s, day_s = self._subjects(name, at)
+        try:
+            await asyncio.gather(self._counters.add(hour_s, -1), self._counters.add(day_s, -1))
+        except BrokerUnavailable as exc:
+            log.warning("could not refund rate counters of %s: %s", name, exc)
+
+
+class AuthThrottle:
+    """Failed AUTH per client IP and per username, in fixed windows of `lockout` seconds.
+
+    After `max_failures` in a window, further attempts from that IP or for that user are refused
+    until the window ends, whichever replica they reach.
+    """
+
+    def __init__(self, counters: Counters, max_failures: int, lockout: float) -> None:
+        self._counters = counters
+        self._max = max_failures
+        self._lockout = max(lockout, 1.0)
+
+    def _subjects(self, ip: str, username: str) -> tuple[str, str]:
+        window = int(time.time() // self._lockout)
+        return (
+            limit_subject("authfail-ip", ip_token(ip), window),
+            limit_subject("authfail-user", user_token(username), window),
+        )
+
+    async def locked(self, ip: str, username: str) -> bool:
+        if self._max <= 0:
+            return False
+        ip_s, user_s = self._subjects(ip, username)
+        try:
+            by_ip, by_user = await asyncio.gather(self._counters.value(ip_s), self._counters.value(user_s))
+        except BrokerUnavailable as exc:
+            # Fail open on the throttle only: the password check itself still runs.
+            log.warning("auth throttle unavailable: %s", exc)
+            return False
+        return by_ip >= self._max or by_user >= self._max
+
+    async def failed(self, ip: str, username: str) -> None:
+        if self._max <= 0:
+            return
+        ip_s, user_s = self._subjects(ip, username)
+        try:
+            await asyncio.gather(self._counters.add(ip_s), self._counters.add(user_s))
+        except BrokerUnavailable as exc:
+            log.warning("auth failure not counted: %s", exc)
+
+
+class SessionRegistry:
+    """Open sessions per account across replicas (KV bucket relais-ingress-sessions)."""
+
+    def __init__(self, js: JetStreamContext, replica: str | None = None) -> None:
+        self._js = js
+        self.replica = replica or secrets.token_hex(6)
+        self._mine: Counter[str] = Counter()
+        # (account, replica) -> (count, when we last heard it) for the other replicas.
+        self._others: dict[tuple[str, str], tuple[int, float]] = {}
+        self._kv = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._kv = await self._js.key_value(SESSIONS_BUCKET)
+        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._heartbeat())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._kv is not None:
+            for account in list(self._mine):
+                with contextlib.suppress(Exception):
+                    await self._kv.delete(f"{account}.{self.replica}")
+
+    def open_sessions(self, account: str) -> int:
+        cutoff = time.monotonic() - SESSIONS_TTL
+        others = sum(n for (a, _), (n, seen) in self._others.items() if a == account and seen > cutoff)
+        return self._mine[account] + others
+
+    async def acquire(self, account: str, limit: int) -> bool:
+        if limit and self.open_sessions(account) >= limit:
+            return False
+        self._mine[account] += 1
+        await self._publish(account)
+        return True
+
+    async def release(self, account: str) -> None:
+        if self._mine[account] <= 0:
+            return
+        self._mine[account] -= 1
+        await self._publish(account)
+
+    async def _publish(self, account: str) -> None:
+        if self._kv is None:
+            return
+        try:
+            await self._kv.put(f"{account}.{self.replica}", str(self._mine[account]).encode())
+        except Exception as exc:  # the local count still holds; the next heartbeat retries
+            log.warning("session count of %s not published: %r", account, exc)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(SESSIONS_TTL / 3)
+            for account, count in list(self._mine.items()):
+                if count > 0:
+                    await self._publish(account)
+
+    async def _watch(self) -> None:
+        assert self._kv is not None
+        while True:
+            try:
+                watcher = await self._kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    account, _, replica = entry.key.rpartition(".")
+                    if replica == self.replica:
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self._others.pop((account, replica), None)
+                    else:
+                        self._others[(account, replica)] = (int(entry.value), time.monotonic())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("session watch interrupted: %r", exc)
+                await asyncio.sleep(1.0)
+
+
+class ConnectionGate:
+    """Open connections per client IP on this replica."""
+
+    def __init__(self, config: IngressConfig) -> None:
+        self._max = config.max_connections_per_ip
+        self._open: Counter[str] = Counter()
+
+    def admit(self, ip: str) -> bool:
+        if self._max and self._open[ip] >= self._max:
+            return False
+        self._open[ip] += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self._open[ip] -= 1
+        if self._open[ip] <= 0:
+            del self._open[ip]

@@ -1,0 +1,62 @@
+"""Every reply the ingress gives on its own account, by name.
+
+Tests assert against these constants, never against scattered literals. aiosmtpd's own built-in
+replies (syntax errors, sequence errors) get enhanced status codes in `protocol.RelaisSMTP`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    code: int
+    enhanced_status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced_status} {self.text}"
+
+    @property
+    def closes_session(self) -> bool:
+        return self.code == 421
+
+
+# Connection
+TOO_MANY_CONNECTIONS = Verdict(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_ERRORS = Verdict(421, "4.7.0", "Too many errors, closing connection")
+TIMEOUT = Verdict(421, "4.4.2", "Timeout, closing connection")
+
+# Authentication
+AUTH_OK = Verdict(235, "2.7.0", "Authentication successful")
+AUTH_REQUIRED = Verdict(530, "5.7.0", "Authentication required")
+AUTH_INVALID = Verdict(535, "5.7.8", "Authentication credentials invalid")
+AUTH_BAD_BASE64 = Verdict(501, "5.5.2", "Cannot decode base64")
+AUTH_MALFORMED = Verdict(501, "5.5.2", "Cannot split AUTH value")
+AUTH_THROTTLED = Verdict(454, "4.7.0", "Too many failed authentication attempts, try again later")
+TOO_MANY_SESSIONS = Verdict(421, "4.7.0", "Too many concurrent sessions for this account")
+
+# MAIL FROM
+SENDER_NOT_OWNED = Verdict(553, "5.7.1", "Sender address not owned by the authenticated account")
+ACCOUNT_DISABLED = Verdict(535, "5.7.8", "Authentication credentials invalid")
+BAD_SENDER_SYNTAX = Verdict(553, "5.1.7", "Bad sender address syntax")
+NEEDS_SMTPUTF8 = Verdict(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+HOURLY_LIMIT = Verdict(451, "4.7.1", "Hourly message limit reached for this account, try again later")
+DAILY_LIMIT = Verdict(451, "4.7.1", "Daily message limit reached for this account, try again later")
+
+# RCPT TO
+BAD_RECIPIENT_SYNTAX = Verdict(501, "5.1.3", "Bad recipient address syntax")
+RELAY_DENIED = Verdict(554, "5.7.1", "Relay access denied")
+TOO_MANY_RECIPIENTS = Verdict(452, "4.5.3", "Too many recipients")
+
+# End of DATA
+MESSAGE_TOO_BIG = Verdict(552, "5.3.4", "Message size exceeds fixed maximum message size")
+HEADER_TOO_BIG = Verdict(552, "5.3.4", "Message header size exceeds limit")
+LINE_TOO_LONG = Verdict(554, "5.6.0", "Message line longer than 998 octets (RFC 5322 2.1.1)")
+BARE_LINE_ENDING = Verdict(554, "5.6.0", "Message contains bare CR or LF line endings (see RFC 5321 2.3.8)")
+NUL_BYTES = Verdict(554, "5.6.0", "Message contains NUL characters")
+NEEDS_8BITMIME = Verdict(554, "5.6.1", "8-bit message content requires BODY=8BITMIME")
+FROM_NOT_OWNED = Verdict(550, "5.7.1", "From: header domain not owned by the authenticated account")
+POOL_NOT_ALLOWED = Verdict(550, "5.7.1", "X-Relais-Pool names a pool this account may not use")
+LOCAL_ERROR = Verdict(451, "4.3.0", "Local error in processing, try again later")

@@ -1,0 +1,44 @@
+"""Header block handling: strip control headers, add Message-ID/Date, leave everything else byte-exact."""
+
+from __future__ import annotations
+
+from services.ingress import headers
+
+MSG = (
+    b"From: Acme <news@acme.test>\r\n"
+    b"X-Relais-Campaign: spring\r\n"
+    b"X-Relais-Pool:\r\n bulk\r\n"
+    b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
+    b"\r\n"
+    b"X-Relais-Pool: not a header, body text\r\n"
+)
+
+
+def test_split_and_fields() -> None:
+    head, rest = headers.split_message(MSG)
+    assert head.endswith(b"?=\r\n") and rest.startswith(b"\r\nX-Relais-Pool")
+    assert headers.first_value(head, "x-relais-pool") == "bulk"
+    assert headers.first_value(head, headers.CAMPAIGN_HEADER) == "spring"
+    assert headers.first_value(head, "date") is None
+
+
+def test_strip_control_headers_keeps_the_rest_byte_exact() -> None:
+    head, rest = headers.split_message(MSG)
+    stripped = headers.strip_fields(head, headers.CONTROL_HEADERS)
+    assert stripped == b"From: Acme <news@acme.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
+    assert b"X-Relais-Pool: not a header" in stripped + rest
+
+
+def test_fixups_add_only_what_is_missing() -> None:
+    head = b"From: a@acme.test\r\n"
+    fixed = headers.submission_fixups(head, message_id="abc", hostname="relais.test", now=0.0)
+    assert fixed.startswith(head)
+    assert b"Message-ID: <abc@relais.test>\r\n" in fixed
+    assert b"Date: Thu, 01 Jan 1970 00:00:00 -0000\r\n" in fixed
+    complete = b"Message-Id: <x@y>\r\nDATE: Tue, 01 Dec 2026 10:00:00 +0000\r\n"
+    assert headers.submission_fixups(complete, message_id="abc", hostname="h", now=0.0) == complete
+
+
+def test_message_without_body_or_headers() -> None:
+    assert headers.split_message(b"Subject: x\r\n") == (b"Subject: x\r\n", b"")
+    assert headers.split_message(b"\r\nbody\r\n") == (b"", b"\r\nbody\r\n")

@@ -1,0 +1,156 @@
+"""Ingress policy verdicts: facts in, the exact reply out (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.core.config import AccountConfig, BounceConfig, Config, IngressConfig
+from services.ingress import policy
+from services.ingress.replies import (
+    ACCOUNT_DISABLED,
+    AUTH_REQUIRED,
+    BAD_RECIPIENT_SYNTAX,
+    BAD_SENDER_SYNTAX,
+    BARE_LINE_ENDING,
+    FROM_NOT_OWNED,
+    HEADER_TOO_BIG,
+    LINE_TOO_LONG,
+    NEEDS_8BITMIME,
+    NEEDS_SMTPUTF8,
+    NUL_BYTES,
+    POOL_NOT_ALLOWED,
+    RELAY_DENIED,
+    SENDER_NOT_OWNED,
+    TOO_MANY_RECIPIENTS,
+)
+
+ACME = AccountConfig(password_hash="scrypt$x", domains=["acme.test", "news.acme.test"], pools=["bulk"])
+
+# Classic open-relay tricks: every one must be refused as a relay attempt or bad syntax.
+RELAY_TRICKS = [
+    "user%victim.test@acme.test",
+    "victim.test!user@acme.test",
+    "@relay.test:user@victim.test",
+    "@a.test,@b.test:user@victim.test",
+    "user@[192.0.2.1]",
+    "user@[IPv6:2001:db8::1]",
+    '"user@victim.test"@acme.test',
+    '"user%victim.test"@acme.test',
+    "user@victim.test@acme.test",
+]
+
+
+@pytest.mark.parametrize("address", RELAY_TRICKS)
+def test_relay_tricks_refused_as_recipients(address: str) -> None:
+    assert policy.recipient_verdict(address, 0, 100) in (RELAY_DENIED, BAD_RECIPIENT_SYNTAX)
+
+
+@pytest.mark.parametrize("address", RELAY_TRICKS)
+def test_relay_tricks_never_reach_local_domains(address: str) -> None:
+    verdict = policy.inbound_recipient_verdict(address, 0, 100, ["acme.test"])
+    assert verdict in (RELAY_DENIED, BAD_RECIPIENT_SYNTAX)
+
+
+def test_plain_recipient_accepted_and_counted() -> None:
+    assert policy.recipient_verdict("someone@alpha.test", 0, 2) is None
+    assert policy.recipient_verdict("someone@alpha.test", 2, 2) == TOO_MANY_RECIPIENTS
+
+
+def test_inbound_only_local_domains() -> None:
+    local = ["bounces.relais.test"]
+    assert policy.inbound_recipient_verdict("b+acme.x@bounces.relais.test", 0, 10, local) is None
+    assert policy.inbound_recipient_verdict("fbl@eu.bounces.relais.test", 0, 10, local) is None
+    assert policy.inbound_recipient_verdict("someone@alpha.test", 0, 10, local) == RELAY_DENIED
+    assert policy.inbound_recipient_verdict("x@evilbounces.relais.test", 0, 10, local) == RELAY_DENIED
+
+
+def test_local_domains_include_return_path_domain() -> None:
+    config = Config(
+        ingress=IngressConfig(local_domains=["fbl.relais.test"]),
+        bounce=BounceConfig(return_path_domain="rp.relais.test")
+        if "return_path_domain" in BounceConfig.__dataclass_fields__
+        else BounceConfig(),
+    )
+    domains = policy.local_domains(config)
+    assert "fbl.relais.test" in domains
+
+
+def test_sender_needs_account_and_ownership() -> None:
+    assert policy.sender_verdict(None, "a@acme.test") == AUTH_REQUIRED
+    assert policy.sender_verdict(ACME, "a@acme.test") is None
+    assert policy.sender_verdict(ACME, "a@NEWS.acme.test") is None
+    assert policy.sender_verdict(ACME, "") is None
+    assert policy.sender_verdict(ACME, "a@other.test") == SENDER_NOT_OWNED
+    assert policy.sender_verdict(ACME, "a%b@acme.test") == BAD_SENDER_SYNTAX
+    disabled = AccountConfig(password_hash="scrypt$x", domains=["acme.test"], disabled=True)
+    assert policy.sender_verdict(disabled, "a@acme.test") == ACCOUNT_DISABLED
+
+
+def test_utf8_addresses_need_smtputf8() -> None:
+    assert policy.sender_verdict(ACME, "jörg@acme.test") == NEEDS_SMTPUTF8
+    assert policy.sender_verdict(ACME, "jörg@acme.test", smtputf8=True) is None
+    assert policy.recipient_verdict("josé@alpha.test", 0, 10) == NEEDS_SMTPUTF8
+    assert policy.recipient_verdict("josé@alpha.test", 0, 10, smtputf8=True) is None
+    assert policy.recipient_verdict("josé@bücher.test", 0, 10, smtputf8=True) is None
+
+
+def test_content_verdicts() -> None:
+    ok = b"Subject: x\r\n\r\nbody\r\n"
+    assert policy.content_verdict(ok, "reject") is None
+    assert policy.content_verdict(b"Subject: x\r\n\r\nb\x00\r\n", "reject") == NUL_BYTES
+    assert policy.content_verdict(b"Subject: x\r\n\r\nb\n.\nMAIL FROM:<x>\r\n", "reject") == BARE_LINE_ENDING
+    assert policy.content_verdict(b"Subject: x\r\n\r\nb\r.\rx\r\n", "reject") == BARE_LINE_ENDING
+    assert policy.content_verdict(b"Subject: x\r\n\r\nb\n.\r\n", "normalise") is None
+
+
+def test_line_length_limit_is_998_octets() -> None:
+    assert policy.content_verdict(b"S: x\r\n\r\n" + b"a" * 998 + b"\r\n", "reject") is None
+    assert policy.content_verdict(b"S: x\r\n\r\n" + b"a" * 999 + b"\r\n", "reject") == LINE_TOO_LONG
+
+
+def test_eight_bit_needs_declaration() -> None:
+    data = "Subject: x\r\n\r\nGrüße\r\n".encode()
+    assert policy.content_verdict(data, "reject", eight_bit_declared=False) == NEEDS_8BITMIME
+    assert policy.content_verdict(data, "reject", eight_bit_declared=True) is None
+
+
+def test_header_size_limit() -> None:
+    data = b"X-Big: " + b"a" * 900 + b"\r\n" + b"X-More: y\r\n" * 20 + b"\r\nbody\r\n"
+    assert policy.content_verdict(data, "reject", max_header_size=500) == HEADER_TOO_BIG
+    assert policy.content_verdict(data, "reject", max_header_size=10_000) is None
+
+
+def test_normalise_line_endings() -> None:
+    assert policy.normalise_line_endings(b"a\nb\rc\r\nd") == b"a\r\nb\r\nc\r\nd"
+
+
+def test_from_header_ownership() -> None:
+    owned = b"From: Acme <news@acme.test>\r\nSubject: x\r\n\r\nbody\r\n"
+    folded = b"From: Acme\r\n <news@acme.test>\r\n\r\n"
+    foreign = b"From: PayPal <service@paypal.test>\r\n\r\n"
+    in_body = b"Subject: x\r\n\r\nFrom: <a@paypal.test>\r\n"
+    assert policy.from_header_verdict(ACME, owned) is None
+    assert policy.from_header_verdict(ACME, folded) is None
+    assert policy.from_header_verdict(ACME, foreign) == FROM_NOT_OWNED
+    assert policy.from_header_verdict(ACME, in_body) == FROM_NOT_OWNED
+
+
+def test_pool_selection_only_for_allowed_pools() -> None:
+    pools = ["default", "bulk", "transactional"]
+    assert policy.pool_verdict("bulk", ACME, pools) is None
+    assert policy.pool_verdict("default", ACME, pools) is None
+    assert policy.pool_verdict("transactional", ACME, pools) == POOL_NOT_ALLOWED
+    assert policy.pool_verdict("bulk", ACME, ["default"]) == POOL_NOT_ALLOWED
+
+
+def test_control_values_are_token_safe() -> None:
+    assert policy.control_value(" spring-sale_2026 ") == "spring-sale_2026"
+    assert policy.control_value("a b") == ""
+    assert policy.control_value("x" * 65) == ""
+    assert policy.control_value(None) == ""
+
+
+def test_relay_networks() -> None:
+    assert policy.in_networks("10.1.2.3", ["10.0.0.0/8"])
+    assert not policy.in_networks("192.0.2.1", ["10.0.0.0/8"])
+    assert not policy.in_networks("garbage", ["10.0.0.0/8"])
