@@ -1,0 +1,131 @@
+"""Offline access to the Kubernetes manifests in deploy/k8s, for the test_k8s_* files.
+
+Kustomizations are rendered by `kubectl kustomize` (kustomize is built into kubectl; the
+machine image ships the `kubectl` Debian package), so the tests see exactly what
+`kubectl apply -k` would send. Nothing here talks to a cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"
+OVERLAYS = sorted(p for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+KUSTOMIZATIONS = [BASE, *OVERLAYS]
+SECRET_TEMPLATES = K8S / "secrets"
+DOCKERFILE = ROOT / "Dockerfile"
+
+Manifest = dict[str, Any]
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl")
+    if not found:
+        raise RuntimeError("kubectl is needed to render the kustomizations (Debian package `kubectl`)")
+    return found
+
+
+@functools.cache
+def render_text(kustomization: Path) -> str:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(kustomization)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"kustomize failed for {kustomization}:\n{result.stderr}")
+    return result.stdout
+
+
+def render(kustomization: Path) -> list[Manifest]:
+    return [doc for doc in yaml.safe_load_all(render_text(kustomization)) if doc]
+
+
+def load_yaml_file(path: Path) -> list[Manifest]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def secret_templates() -> list[Manifest]:
+    return [doc for path in sorted(SECRET_TEMPLATES.glob("*.yaml")) for doc in load_yaml_file(path)]
+
+
+def by_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
+    return [m for m in manifests if m["kind"] == kind]
+
+
+def one(manifests: list[Manifest], kind: str, name: str) -> Manifest:
+    found = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def workloads(manifests: list[Manifest]) -> list[Manifest]:
+    return [m for m in manifests if m["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
+
+
+def relais_workloads(manifests: list[Manifest]) -> list[Manifest]:
+    """The Deployments running the relais image (label app.kubernetes.io/name=relais)."""
+    return [
+        m
+        for m in workloads(manifests)
+        if m["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "relais"
+    ]
+
+
+def containers(workload: Manifest) -> list[Manifest]:
+    spec = workload["spec"]["template"]["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def env_of(container: Manifest) -> dict[str, Manifest]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def plain_env(container: Manifest) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def config_map_data(manifests: list[Manifest], prefix: str) -> dict[str, str]:
+    """The data of the ConfigMap generated as `prefix` (kustomize appends a content hash)."""
+    maps = [m for m in by_kind(manifests, "ConfigMap") if m["metadata"]["name"].startswith(prefix + "-")]
+    assert len(maps) == 1, f"expected one generated ConfigMap {prefix}-<hash>, found {len(maps)}"
+    return maps[0]["data"]
+
+
+def relais_toml(manifests: list[Manifest]) -> dict[str, Any]:
+    return tomllib.loads(config_map_data(manifests, "relais-config")["relais.toml"])
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rsplit(":", 1)[1])
+
+
+def container_port(container: Manifest, name_or_number: str | int) -> int:
+    if isinstance(name_or_number, int):
+        return name_or_number
+    for port in container.get("ports", []):
+        if port.get("name") == name_or_number:
+            return int(port["containerPort"])
+    raise AssertionError(f"container {container['name']} has no port named {name_or_number!r}")

@@ -1,0 +1,464 @@
+"""The manifests agree with the application: config keys, stream and consumer names, ports,
+NATS users, pools and Secrets. Names come from their owners (services.core.config,
+services.core.topology, services.cli) at test time, so a rename there fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.cli import SERVICES
+from services.core import topology
+from services.core.config import Config, env_variable_names, load_config
+from services.core.embedded import nats_server_binary
+from tests.unit.k8s_manifests import (
+    BASE,
+    KUSTOMIZATIONS,
+    Manifest,
+    by_kind,
+    config_map_data,
+    container_port,
+    containers,
+    env_of,
+    one,
+    plain_env,
+    port_of,
+    relais_workloads,
+    render,
+    secret_templates,
+    walk,
+    workloads,
+)
+
+PARAMS = pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
+
+
+def _main_container(workload: Manifest) -> Manifest:
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _namespace(manifests: list[Manifest]) -> str:
+    (namespace,) = {m["metadata"].get("namespace") for m in manifests if m["kind"] != "Namespace"}
+    return namespace
+
+
+def effective_config(manifests: list[Manifest], workload: Manifest, tmp_path: Path) -> Config:
+    """The Config this workload's process would load: the ConfigMap's file plus its env."""
+    path = tmp_path / f"{workload['metadata']['name']}.toml"
+    path.write_text(config_map_data(manifests, "relais-config")["relais.toml"])
+    env = {
+        name: value
+        for name, value in plain_env(_main_container(workload)).items()
+        if name.startswith("RELAIS_")
+    }
+    for name, entry in env_of(_main_container(workload)).items():
+        if name.startswith("RELAIS_") and "valueFrom" in entry:
+            env[name] = "from-a-secret"
+    env["RELAIS_CONFIG"] = str(path)
+    return load_config(None, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and environment
+
+
+def test_every_relais_env_var_in_any_manifest_is_understood_by_the_loader() -> None:
+    known = set(env_variable_names())
+    used: set[str] = set()
+    for kustomization in KUSTOMIZATIONS:
+        for workload in workloads(render(kustomization)):
+            for container in containers(workload):
+                used |= {name for name in env_of(container) if name.startswith("RELAIS_")}
+    assert used, "the manifests set no RELAIS_* variable at all"
+    assert used <= known, f"not config settings: {sorted(used - known)}"
+
+
+@PARAMS
+def test_each_service_loads_its_effective_config(kustomization: Path, tmp_path: Path) -> None:
+    manifests = render(kustomization)
+    for workload in relais_workloads(manifests):
+        config = effective_config(manifests, workload, tmp_path)
+        assert config.nats.user, "every service authenticates to NATS"
+        assert config.telemetry.traces == "otlp"
+
+
+@PARAMS
+def test_config_file_comes_from_the_configmap_at_the_path_relais_reads(kustomization: Path) -> None:
+    manifests = render(kustomization)
+    for workload in relais_workloads(manifests):
+        container = _main_container(workload)
+        config_path = plain_env(container)["RELAIS_CONFIG"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert config_path in mounts, workload["metadata"]["name"]
+        volume = next(
+            v
+            for v in workload["spec"]["template"]["spec"]["volumes"]
+            if v["name"] == mounts[config_path]["name"]
+        )
+        assert volume["configMap"]["name"].startswith("relais-config-")
+
+
+@PARAMS
+def test_services_run_the_command_their_label_names(kustomization: Path) -> None:
+    components = set()
+    for workload in relais_workloads(render(kustomization)):
+        component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert _main_container(workload)["args"] == [component]
+        assert component in SERVICES
+        components.add(component)
+    assert components == set(SERVICES), "every service is deployed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Health, metrics, tracing
+
+
+@PARAMS
+def test_probes_and_scrape_annotation_use_the_telemetry_listener(kustomization: Path, tmp_path: Path) -> None:
+    manifests = render(kustomization)
+    for workload in relais_workloads(manifests):
+        config = effective_config(manifests, workload, tmp_path)
+        port = port_of(config.telemetry.http_listen)
+        container = _main_container(workload)
+        assert container_port(container, container["livenessProbe"]["httpGet"]["port"]) == port
+        assert container_port(container, container["readinessProbe"]["httpGet"]["port"]) == port
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) == port
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+@PARAMS
+def test_traces_go_to_the_collector_service_over_otlp_http(kustomization: Path) -> None:
+    manifests = render(kustomization)
+    services = {s["metadata"]["name"]: s for s in by_kind(manifests, "Service")}
+    for workload in relais_workloads(manifests):
+        env = plain_env(_main_container(workload))
+        match = re.fullmatch(
+            r"http://([a-z0-9-]+)(?:\.[a-z0-9.-]+)?:(\d+)", env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        )
+        assert match, env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        service = services[match.group(1)]
+        assert int(match.group(2)) in {p["port"] for p in service["spec"]["ports"]}
+        # services.core.telemetry exports http/protobuf unless told otherwise: port 4318.
+        assert env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == "http/protobuf"
+        assert int(match.group(2)) == 4318
+        assert (
+            env["OTEL_SERVICE_NAME"]
+            == f"relais-{workload['metadata']['labels']['app.kubernetes.io/component']}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# NATS
+
+
+def _nats_conf() -> str:
+    return (BASE / "nats.conf").read_text()
+
+
+def _nats_accounts() -> dict[str, set[str]]:
+    """account -> users, read from the accounts block of nats.conf."""
+    block = _nats_conf().split("accounts {", 1)[1]
+    accounts: dict[str, set[str]] = {}
+    for name, body in re.findall(r"^\s{2}([A-Z_]+) \{(.*?)^\s{2}\}", block, re.S | re.M):
+        accounts[name] = set(re.findall(r"\{user: ([a-z0-9_-]+),", body))
+    return accounts
+
+
+def _kube_env(container: Manifest) -> dict[str, str]:
+    """The container's environment as the kubelet builds it ($(VAR) expanded; secrets dummy)."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), entry["value"]
+            )
+        else:
+            env[entry["name"]] = f"dummy-{entry['name'].lower()}"
+    return env
+
+
+def test_nats_server_accepts_its_config_with_the_statefulset_environment(tmp_path: Path) -> None:
+    """nats-server -t resolves every $VARIABLE in nats.conf from the pod's env, or fails."""
+    manifests = render(BASE)
+    env = _kube_env(_main_container(one(manifests, "StatefulSet", "nats")))
+    conf = tmp_path / "nats.conf"
+    conf.write_text(config_map_data(manifests, "nats-config")["nats.conf"].replace("/data/", f"{tmp_path}/"))
+    result = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(conf)],
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "$(" not in "".join(env.values()), "an env reference the kubelet cannot expand"
+
+
+@PARAMS
+def test_nats_cluster_matches_the_config(kustomization: Path, tmp_path: Path) -> None:
+    manifests = render(kustomization)
+    sts = one(manifests, "StatefulSet", "nats")
+    replicas = sts["spec"]["replicas"]
+    headless = one(manifests, "Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    for workload in relais_workloads(manifests):
+        config = effective_config(manifests, workload, tmp_path)
+        assert config.nats.replicas == replicas == 3
+        urls = [u.strip() for u in config.nats.url.split(",")]
+        assert urls == [f"nats://nats-{i}.{headless['metadata']['name']}:4222" for i in range(replicas)]
+    env = _kube_env(_main_container(sts))
+    routes = [env[f"ROUTE_{i}"] for i in range(replicas)]
+    assert [r.rsplit("@", 1)[1] for r in routes] == [f"nats-{i}.nats-headless:6222" for i in range(replicas)]
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    mount = next(m for m in _main_container(sts)["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    assert "store_dir: " + mount["mountPath"] in _nats_conf(), "JetStream must store on the PVC"
+    assert "http_port: 8222" in _nats_conf()
+
+
+@PARAMS
+def test_each_service_has_its_own_nats_user_in_the_jetstream_account(
+    kustomization: Path, tmp_path: Path
+) -> None:
+    manifests = render(kustomization)
+    accounts = _nats_accounts()
+    assert "jetstream: enabled" in _nats_conf().split("RELAIS {", 1)[1].split("}", 1)[0]
+    users = set()
+    for workload in relais_workloads(manifests):
+        config = effective_config(manifests, workload, tmp_path)
+        assert config.nats.user in accounts["RELAIS"]
+        password = env_of(_main_container(workload))["RELAIS_NATS__PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert password == {"name": "relais-nats", "key": f"{config.nats.user}-password"}
+        users.add(config.nats.user)
+    assert users == set(SERVICES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling on consumer lag: names from services.core.topology
+
+
+def _nats_triggers(so: Manifest) -> list[dict[str, str]]:
+    return [t["metadata"] for t in so["spec"]["triggers"] if t["type"] == "nats-jetstream"]
+
+
+def _binding_key(binding: topology.ConsumerBinding) -> tuple[str, str]:
+    return binding.stream, binding.durable
+
+
+def _delivery_pool(workload: Manifest) -> str:
+    return plain_env(_main_container(workload))["RELAIS_DELIVERY__POOLS"]
+
+
+@PARAMS
+def test_keda_watches_the_consumers_each_service_pulls_from(kustomization: Path, tmp_path: Path) -> None:
+    manifests = render(kustomization)
+    namespace = _namespace(manifests)
+    monitor = one(manifests, "Service", "nats")
+    assert 8222 in {p["port"] for p in monitor["spec"]["ports"]}
+    scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in by_kind(manifests, "ScaledObject")}
+    expected: dict[str, set[tuple[str, str]]] = {}
+    for workload in relais_workloads(manifests):
+        component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component == "router":
+            bindings = [topology.router_binding()]
+        elif component == "bounce":
+            bindings = [topology.bounce_binding(), topology.inbound_binding()]
+        elif component == "delivery":
+            config = effective_config(manifests, workload, tmp_path)
+            bindings = [topology.delivery_binding(pool) for pool in config.served_pools()]
+        else:
+            continue
+        expected[workload["metadata"]["name"]] = {_binding_key(b) for b in bindings}
+    assert expected
+    for name, keys in expected.items():
+        triggers = _nats_triggers(scaled[name])
+        assert {(t["stream"], t["consumer"]) for t in triggers} == keys, name
+        for t in triggers:
+            assert t["natsServerMonitoringEndpoint"] == f"nats.{namespace}.svc.cluster.local:8222"
+            assert t["account"] in _nats_accounts()
+
+
+@PARAMS
+def test_ingress_scales_on_cpu(kustomization: Path) -> None:
+    manifests = render(kustomization)
+    hpa = one(manifests, "HorizontalPodAutoscaler", "relais-ingress")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "relais-ingress"
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert hpa["spec"]["minReplicas"] >= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Delivery: one Deployment per pool on the hosts that carry the pool's IPs
+
+
+@PARAMS
+def test_every_pool_has_exactly_one_delivery_deployment(kustomization: Path, tmp_path: Path) -> None:
+    manifests = render(kustomization)
+    deliveries = [w for w in relais_workloads(manifests) if _main_container(w)["args"] == ["delivery"]]
+    pools = [_delivery_pool(w) for w in deliveries]
+    config = effective_config(manifests, deliveries[0], tmp_path)
+    assert sorted(pools) == sorted(config.pools), "a pool without workers never delivers"
+    ports = []
+    for workload in deliveries:
+        pool = _delivery_pool(workload)
+        spec = workload["spec"]["template"]["spec"]
+        assert workload["metadata"]["name"] == f"relais-delivery-{pool}"
+        assert spec["hostNetwork"] is True
+        assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+        assert spec["nodeSelector"] == {f"relais.dev/pool-{pool}": "true"}
+        (term,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == workload["spec"]["selector"]["matchLabels"]
+        assert workload["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+        ports.append(port_of(effective_config(manifests, workload, tmp_path).telemetry.http_listen))
+        # Long enough for an SMTP transaction in flight to finish before the kill.
+        grace = spec["terminationGracePeriodSeconds"]
+        assert grace > config.delivery.connect_timeout + config.delivery.command_timeout
+    assert len(set(ports)) == len(ports), "pools sharing a node need distinct host ports"
+    assert 9100 not in ports, "9100 on the host belongs to node-exporter"
+
+
+def _normalised_delivery(workload: Manifest, scaled: Manifest, pdb: Manifest) -> Any:
+    pool = _delivery_pool(workload)
+    port = str(port_of(plain_env(_main_container(workload))["RELAIS_TELEMETRY__HTTP_LISTEN"]))
+    docs = copy.deepcopy([workload, scaled, pdb])
+    docs[1]["spec"].pop("maxReplicaCount")
+    text = repr(docs).replace(port, "PORT").replace(pool, "POOL")
+    return text
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS[1:], ids=lambda p: p.name)
+def test_delivery_copies_per_pool_differ_only_in_pool_and_port(kustomization: Path) -> None:
+    manifests = render(kustomization)
+    forms = set()
+    for workload in relais_workloads(manifests):
+        if _main_container(workload)["args"] != ["delivery"]:
+            continue
+        name = workload["metadata"]["name"]
+        forms.add(
+            _normalised_delivery(
+                workload, one(manifests, "ScaledObject", name), one(manifests, "PodDisruptionBudget", name)
+            )
+        )
+    assert len(forms) == 1, "a per-pool copy drifted from base/delivery-default.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Exposure and network policy
+
+
+@PARAMS
+def test_only_the_smtp_service_is_reachable_from_outside(kustomization: Path, tmp_path: Path) -> None:
+    manifests = render(kustomization)
+    external = [
+        s for s in by_kind(manifests, "Service") if s["spec"].get("type") in ("LoadBalancer", "NodePort")
+    ]
+    assert [s["metadata"]["name"] for s in external] == ["relais-smtp"]
+    (smtp,) = external
+    assert smtp["spec"]["externalTrafficPolicy"] == "Local"
+    assert sorted(p["port"] for p in smtp["spec"]["ports"]) == [25, 465, 587]
+    ingress = one(manifests, "Deployment", "relais-ingress")
+    container = _main_container(ingress)
+    targets = {container_port(container, p["targetPort"]) for p in smtp["spec"]["ports"]}
+    assert len(targets) == 3
+    listen = port_of(effective_config(manifests, ingress, tmp_path).ingress.listen)
+    assert listen in targets, "the configured listener is behind the load balancer"
+    policy = one(manifests, "NetworkPolicy", "ingress-smtp-from-anywhere")
+    (rule,) = policy["spec"]["ingress"]
+    assert "from" not in rule
+    assert {p["port"] for p in rule["ports"]} == targets
+    assert policy["spec"]["podSelector"]["matchLabels"] == ingress["spec"]["selector"]["matchLabels"]
+
+
+@PARAMS
+def test_namespace_denies_by_default(kustomization: Path) -> None:
+    manifests = render(kustomization)
+    deny = one(manifests, "NetworkPolicy", "default-deny")
+    assert deny["spec"]["podSelector"] == {}
+    assert sorted(deny["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
+    # Nothing but the SMTP policy admits traffic from any address.
+    for policy in by_kind(manifests, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            if policy["metadata"]["name"] != "ingress-smtp-from-anywhere":
+                assert rule.get("from"), policy["metadata"]["name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening and availability
+
+
+@PARAMS
+def test_workloads_are_hardened_and_sized(kustomization: Path) -> None:
+    for workload in workloads(render(kustomization)):
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod["automountServiceAccountToken"] is False, name
+        for container in containers(workload):
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert "add" not in sc["capabilities"], name
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{name} {kind}"
+            assert ":" in container["image"] and not container["image"].endswith(":latest"), name
+
+
+@PARAMS
+def test_replicated_workloads_have_a_disruption_budget_and_spread(kustomization: Path) -> None:
+    manifests = render(kustomization)
+    budgets = by_kind(manifests, "PodDisruptionBudget")
+    for workload in workloads(manifests):
+        if workload["spec"].get("replicas", 1) < 2:
+            continue
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(covering) == 1, workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        assert pod.get("topologySpreadConstraints") or pod.get("affinity", {}).get("podAntiAffinity"), (
+            workload["metadata"]["name"]
+        )
+
+
+@PARAMS
+def test_every_secret_reference_is_provided_by_a_template(kustomization: Path) -> None:
+    templates = {s["metadata"]["name"]: s for s in secret_templates()}
+    keys = {name: set(s.get("stringData", {})) | set(s.get("data", {})) for name, s in templates.items()}
+    referenced = 0
+    for workload in workloads(render(kustomization)):
+        for node in walk(workload):
+            if isinstance(node, dict) and "secretKeyRef" in node:
+                ref = node["secretKeyRef"]
+                assert ref["key"] in keys.get(ref["name"], set()), ref
+                referenced += 1
+            if isinstance(node, dict) and "secretName" in node:
+                assert node["secretName"] in templates, node
+                referenced += 1
+    assert referenced
+    for secret in templates.values():
+        assert secret["metadata"]["namespace"] == _namespace(render(kustomization))
+
+
+@PARAMS
+def test_no_secret_material_in_config_maps(kustomization: Path) -> None:
+    for config_map in by_kind(render(kustomization), "ConfigMap"):
+        for text in config_map["data"].values():
+            assert "PRIVATE KEY" not in text
+            assert not re.search(r"^\s*(password|token)\s*=", text, re.M), config_map["metadata"]["name"]
