@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import APIError
 
-from services.core import telemetry
+from services.core import metrics, telemetry
 from services.core.config import NatsConfig
 from services.core.topology import ConsumerBinding
 
@@ -70,7 +71,9 @@ class Bus:
                     subject, payload, timeout=timeout or self.publish_timeout, headers=hdrs
                 )
             except (TimeoutError, nats.errors.Error, APIError, OSError) as exc:
+                metrics.PUBLISH_FAILURES.labels(metrics.subject_family(subject)).inc()
                 raise BrokerUnavailable(f"publish to {subject} failed: {exc!r}") from exc
+        metrics.PUBLISHED.labels(metrics.subject_family(subject)).inc()
         if ack.duplicate:
             log.debug("duplicate publish to %s suppressed (msg id %s)", subject, msg_id)
 
@@ -144,21 +147,27 @@ async def consume(
     async def run_one(msg: Msg) -> None:
         nonlocal inflight
         keepalive = asyncio.create_task(_keep_in_progress(msg, ack_wait / 3))
+        started = time.monotonic()
+        result = "ack"
         try:
             await handler(msg)
         except Retry as exc:
+            result = "retry"
             log.info("retrying %s in %.0fs: %s", binding.durable, exc.delay, exc)
             await _settle(msg.nak(delay=exc.delay))
         except Poison as exc:
+            result = "poison"
             log.error("terminating undecodable message on %s: %s", binding.subject, exc)
             await _settle(msg.term())
         except Exception:
+            result = "error"
             log.exception("handler for %s failed; message will be redelivered", binding.durable)
             await _settle(msg.nak(delay=5.0))
         else:
             await _settle(msg.ack())
         finally:
             keepalive.cancel()
+            metrics.observe_handler(binding.durable, result, time.monotonic() - started)
             inflight -= 1
             room.set()
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from services.core import metrics, telemetry
 from services.core.bus import Bus
 from services.core.envelope import Envelope
 from services.core.outcome import Reply
@@ -34,6 +35,13 @@ class Event:
     reply: dict[str, Any] | None = None
     trace_id: str = ""
     detail: dict[str, str] = field(default_factory=dict)
+    # Facts of the SMTP attempt behind a delivered/deferred event (empty for other kinds).
+    mx_address: str = ""
+    tls_version: str = ""
+    tls_cipher: str = ""
+    duration_ms: int = 0
+    # When the message was accepted: delivery latency is `at - received_at`.
+    received_at: float = 0.0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -67,6 +75,7 @@ def event_for(
         attempt=env.attempt_count,
         reply=reply.to_dict() if reply else None,
         trace_id=trace_id_of(env.trace_context),
+        received_at=env.received_at,
         **extra,
     )
 
@@ -74,3 +83,23 @@ def event_for(
 async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None) -> None:
     """Publish one event; the msg id makes a redelivered stage's republish a no-op."""
     await bus.publish(event_subject(event.account, event.kind), event.to_json(), msg_id=msg_id)
+    # Events are the chokepoint every outcome passes: metrics and the span see them here.
+    metrics.observe_event(event)
+    telemetry.annotate_outcome(event.kind, outcome_attributes(event))
+
+
+def outcome_attributes(event: Event) -> dict[str, object]:
+    """An event's facts under the span attribute names (and, shortened, metric labels)."""
+    reply = event.reply or {}
+    return {
+        telemetry.OUTCOME: event.kind,
+        telemetry.POOL: event.pool,
+        telemetry.SITE: event.site,
+        telemetry.MX_HOST: event.mx_host,
+        telemetry.SOURCE_IP: event.source_ip,
+        telemetry.ATTEMPT: event.attempt,
+        telemetry.REPLY_CODE: reply.get("code"),
+        telemetry.ENHANCED_STATUS: reply.get("enhanced"),
+        telemetry.BOUNCE_CATEGORY: event.detail.get("bounce_category"),
+        telemetry.RECIPIENTS: ",".join(event.recipients),
+    }

@@ -1,4 +1,4 @@
-"""Process wiring shared by every service: logging, tracing, NATS, topology, signals."""
+"""Process wiring shared by every service: logging, tracing, NATS, topology, health, signals."""
 
 from __future__ import annotations
 
@@ -10,15 +10,27 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from services.core import metrics, telemetry
 from services.core.bus import Bus, connect
 from services.core.config import Config
+from services.core.health import Check, HealthServer
 from services.core.telemetry import setup_tracing
-from services.core.topology import ensure_topology
+from services.core.topology import (
+    ConsumerBinding,
+    bounce_binding,
+    delivery_binding,
+    ensure_topology,
+    inbound_binding,
+    router_binding,
+    stream_configs,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Service(Protocol):
+    """What `serve` runs. A service may also define `ready() -> bool` (e.g. listeners bound)."""
+
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
@@ -32,6 +44,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        # The message and trace this task is working on, so one grep finds a message's lines.
+        entry.update(telemetry.log_fields())
         for key in ("message_id", "trace_id", "service"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
@@ -63,6 +77,72 @@ async def start_bus(config: Config, name: str, *, attempts: int = 60) -> Bus:
     raise RuntimeError("unreachable")
 
 
+def owned_bindings(name: str, config: Config) -> list[ConsumerBinding]:
+    """The durable consumers a service pulls from: its lag is what its /metrics reports."""
+    if name == "router":
+        return [router_binding()]
+    if name == "delivery":
+        return [delivery_binding(pool) for pool in config.served_pools()]
+    if name == "bounce":
+        return [bounce_binding(), inbound_binding()]
+    return []
+
+
+def readiness_checks(
+    config: Config, bus: Bus, service: object, bindings: list[ConsumerBinding]
+) -> dict[str, Check]:
+    async def nats_connected() -> tuple[bool, str]:
+        return bus.nc.is_connected, config.nats.url
+
+    async def topology_present() -> tuple[bool, str]:
+        missing = []
+        for stream in stream_configs(config):
+            try:
+                await bus.js.stream_info(stream.name)
+            except Exception:
+                missing.append(stream.name)
+        for binding in bindings:
+            try:
+                await bus.js.consumer_info(binding.stream, binding.durable)
+            except Exception:
+                missing.append(binding.durable)
+        return not missing, f"missing {', '.join(missing)}" if missing else ""
+
+    async def listeners_bound() -> tuple[bool, str]:
+        # A service says so with `ready()`; one that listens (the ingress) is ready once its
+        # socket is bound (`address` set); consumers have nothing to bind.
+        ready = getattr(service, "ready", None)
+        if callable(ready):
+            return bool(ready()), ""
+        if hasattr(service, "address"):
+            address = getattr(service, "address", None)
+            return address is not None, f"{address[0]}:{address[1]}" if address else "not bound"
+        return True, ""
+
+    return {"nats": nats_connected, "topology": topology_present, "listeners": listeners_bound}
+
+
+async def start_health(config: Config, name: str, bus: Bus, service: object) -> HealthServer | None:
+    """/healthz, /readyz, /metrics on telemetry.http_listen; a bind failure is logged, not fatal,
+    so several services sharing a host (tests, a laptop) do not take each other down."""
+    if not config.telemetry.http_listen:
+        return None
+    bindings = owned_bindings(name, config)
+
+    async def refresh() -> None:
+        await metrics.refresh_queue_gauges(bus.js, bindings)
+
+    server = HealthServer(
+        config.telemetry.http_listen, checks=readiness_checks(config, bus, service, bindings), refresh=refresh
+    )
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("health/metrics endpoint %s not started: %s", config.telemetry.http_listen, exc)
+        return None
+    return server
+
+
 async def serve(config: Config, name: str, build: Callable[[Config, Bus], Service]) -> None:
     provider = setup_tracing(config.telemetry, name)
     bus = await start_bus(config, f"relais-{name}")
@@ -71,10 +151,13 @@ async def serve(config: Config, name: str, build: Callable[[Config, Bus], Servic
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     service = build(config, bus)
+    health = await start_health(config, name, bus, service)
     log.info("relais %s started", name)
     try:
         await service.run(stop)
     finally:
+        if health is not None:
+            await health.stop()
         await bus.close()
         if provider is not None:
             provider.shutdown()

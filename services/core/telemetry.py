@@ -1,13 +1,20 @@
 """Tracing in one place: W3C trace context in NATS headers, PRODUCER/CONSUMER spans.
 
 Services do not call the tracer around the transport themselves; `services.core.bus` calls
-`producer_span` on publish and `consumer_span` on receive. Exporters are configured by the
-standard OTEL_* environment variables when `telemetry.traces = "otlp"`.
+`producer_span` on publish, each service's handler opens one `consumer_span` per message, and
+`services.core.events` annotates the current span with each outcome. Exporters are configured by
+the standard OTEL_* environment variables when `telemetry.traces = "otlp"`.
+
+One message is one trace: the ingress' "smtp receive" span is the root, its traceparent travels
+in the envelope (`trace_context`) and in every NATS message's headers, so a retry fired by a
+JetStream schedule hours later, and the DSN generated for a bounce, join the same trace.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
@@ -29,26 +36,76 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from services.core.config import TelemetryConfig
 
+log = logging.getLogger(__name__)
+
 TRACER_NAME = "relais"
 _propagator = TraceContextTextMapPropagator()
+
+# ---------------------------------------------------------------------------------------------
+# Attribute names: the one list of span attribute keys. Metric labels use the same nouns
+# (`label(POOL)` == "pool"), so a dashboard and a trace speak the same language.
+
+MESSAGING_SYSTEM = "messaging.system"
+MESSAGING_DESTINATION = "messaging.destination.name"
+MESSAGING_OPERATION = "messaging.operation.type"
+MESSAGE_ID = "relais.message_id"
+JOB_ID = "relais.job_id"
+ACCOUNT = "relais.account"
+SENDER_DOMAIN = "relais.sender_domain"
+POOL = "relais.pool"
+SOURCE_IP = "relais.source_ip"
+SITE = "relais.site"
+MX_HOST = "relais.mx_host"
+ATTEMPT = "relais.attempt"
+OUTCOME = "relais.outcome"
+BOUNCE_CATEGORY = "relais.bounce_category"
+DSN_FOR = "relais.dsn_for"
+RECIPIENTS = "relais.recipients"
+REPLY_CODE = "smtp.reply.code"
+ENHANCED_STATUS = "smtp.reply.enhanced_status"
+TLS_VERSION = "tls.protocol.version"
+
+
+def label(attribute: str) -> str:
+    """The Prometheus label name for a span attribute: its last dotted part."""
+    return attribute.rsplit(".", 1)[-1]
+
+
+# The message being processed in this task, for log lines (works with tracing off, too).
+_message_id: contextvars.ContextVar[str] = contextvars.ContextVar("relais_message_id", default="")
 
 
 def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-class JsonLinesExporter(SpanExporter):
-    """Appends finished spans to a local file, so `relais trace` works without a trace backend."""
+# ---------------------------------------------------------------------------------------------
+# Exporters and setup
 
-    def __init__(self, path: str | Path) -> None:
+
+class JsonLinesExporter(SpanExporter):
+    """Appends finished spans to a local file, so `relais trace` works without a trace backend.
+
+    The file is rotated once past `max_bytes` (one previous generation kept as `<file>.1`), so
+    a laptop keeps recent traces without growing without bound.
+    """
+
+    def __init__(self, path: str | Path, max_bytes: int = 50 * 1024 * 1024) -> None:
         self._path = Path(path)
+        self._max_bytes = max_bytes
         self._lock = threading.Lock()
         self._path.parent.mkdir(parents=True, exist_ok=True)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(span_record(s)) for s in spans]
-        with self._lock, self._path.open("a") as fh:
-            fh.write("\n".join(lines) + "\n")
+        lines = [json.dumps(span_record(s), default=str) for s in spans]
+        with self._lock:
+            try:
+                if self._path.stat().st_size > self._max_bytes:
+                    self._path.replace(self._path.with_name(self._path.name + ".1"))
+            except FileNotFoundError:
+                pass
+            with self._path.open("a") as fh:
+                fh.write("\n".join(lines) + "\n")
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -67,14 +124,47 @@ def span_record(span: ReadableSpan) -> dict[str, object]:
         "service": str(span.resource.attributes.get("service.name", "")),
         "start": span.start_time,
         "end": span.end_time,
-        "attributes": {k: v for k, v in (span.attributes or {}).items()},
+        "attributes": dict(span.attributes or {}),
+        "events": [{"name": e.name, "attributes": dict(e.attributes or {})} for e in span.events],
         "links": [f"{link.context.trace_id:032x}" for link in span.links],
         "status": span.status.status_code.name,
     }
 
 
+def otlp_exporter(env: Mapping[str, str] | None = None) -> SpanExporter:
+    """The OTLP exporter chosen by OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL (endpoint etc. from env too).
+
+    http/protobuf is the default and a dependency; grpc works when
+    opentelemetry-exporter-otlp-proto-grpc is installed, and fails loudly otherwise (silently
+    falling back would send to the wrong port).
+    """
+    env = os.environ if env is None else env
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    ).strip() or "http/protobuf"
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcExporter,
+            )
+        except ImportError as exc:
+            raise RuntimeError(
+                "OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the opentelemetry-exporter-otlp-proto-grpc package"
+            ) from exc
+        return GrpcExporter()
+    if protocol != "http/protobuf":
+        raise RuntimeError(f"unsupported OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r} (http/protobuf or grpc)")
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
 def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider | None:
-    """Install a tracer provider for this process according to config; None when tracing is off."""
+    """Install a tracer provider for this process according to config; None when tracing is off.
+
+    OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG are read by the SDK's TracerProvider itself,
+    OTEL_BSP_* by the batch processor, OTEL_RESOURCE_ATTRIBUTES by Resource.create.
+    """
     if config.traces == "none":
         return None
     resource = Resource.create(
@@ -83,9 +173,7 @@ def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider 
     provider = TracerProvider(resource=resource)
     exporter: SpanExporter
     if config.traces == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()
+        exporter = otlp_exporter()
     elif config.traces == "console":
         exporter = ConsoleSpanExporter()
     else:
@@ -93,6 +181,10 @@ def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider 
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
+
+
+# ---------------------------------------------------------------------------------------------
+# Propagation and spans
 
 
 def inject(headers: MutableMapping[str, str], span: Span | None = None) -> None:
@@ -110,11 +202,16 @@ def traceparent_of(span: Span) -> str:
     return carrier.get("traceparent", "")
 
 
+def trace_id_of(traceparent: str) -> str:
+    parts = traceparent.split("-")
+    return parts[1] if len(parts) >= 3 else ""
+
+
 def _attrs(destination: str, operation: str, extra: Mapping[str, object] | None) -> dict[str, object]:
     attrs: dict[str, object] = {
-        "messaging.system": "nats",
-        "messaging.destination.name": destination,
-        "messaging.operation.type": operation,
+        MESSAGING_SYSTEM: "nats",
+        MESSAGING_DESTINATION: destination,
+        MESSAGING_OPERATION: operation,
     }
     for key, value in (extra or {}).items():
         if value is not None and value != "":
@@ -122,15 +219,30 @@ def _attrs(destination: str, operation: str, extra: Mapping[str, object] | None)
     return attrs
 
 
+def _producer_parent(headers: Mapping[str, str]) -> otel_context.Context | None:
+    """Parent of a publish: the current span when it belongs to the same trace as the headers.
+
+    Callers pass the message's root traceparent in the headers for work that may run outside a
+    span (a scheduled retry, a bounce notice). Inside a consumer span of that same message the
+    current span is the better parent: it shows *which* attempt scheduled the retry.
+    """
+    if "traceparent" not in headers:
+        return None
+    wanted = trace_id_of(headers["traceparent"])
+    current = trace.get_current_span().get_span_context()
+    if current.is_valid and f"{current.trace_id:032x}" == wanted:
+        return None
+    return extract(headers)
+
+
 @contextmanager
 def producer_span(
     subject: str, headers: MutableMapping[str, str], attributes: Mapping[str, object] | None = None
 ) -> Iterator[Span]:
     """A PRODUCER span around one publish, with its context injected into the NATS headers."""
-    parent = extract(headers) if "traceparent" in headers else None
     with tracer().start_as_current_span(
         f"send {subject}",
-        context=parent,
+        context=_producer_parent(headers),
         kind=SpanKind.PRODUCER,
         attributes=_attrs(subject, "send", attributes),
     ) as span:
@@ -151,15 +263,52 @@ def consumer_span(
         span_ctx = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
         if span_ctx.is_valid:
             link_objs.append(Link(span_ctx))
-    with tracer().start_as_current_span(
-        f"process {subject}",
-        context=extract(headers),
-        kind=SpanKind.CONSUMER,
-        attributes=_attrs(subject, "process", attributes),
-        links=link_objs,
-    ) as span:
-        yield span
+    token = _message_id.set(str((attributes or {}).get(MESSAGE_ID, "") or ""))
+    try:
+        with tracer().start_as_current_span(
+            f"process {subject}",
+            context=extract(headers),
+            kind=SpanKind.CONSUMER,
+            attributes=_attrs(subject, "process", attributes),
+            links=link_objs,
+        ) as span:
+            yield span
+    finally:
+        _message_id.reset(token)
 
 
 def context_from_traceparent(traceparent: str) -> otel_context.Context:
     return extract({"traceparent": traceparent} if traceparent else {})
+
+
+def annotate_outcome(kind: str, attributes: Mapping[str, object]) -> None:
+    """Record one outcome (delivered, deferred, bounced ...) on the span being processed.
+
+    A span event per outcome, because one attempt can deliver some recipients and defer others;
+    the first reply also becomes span attributes so backends can filter on it.
+    """
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    attrs = {k: v for k, v in attributes.items() if v is not None and v != ""}
+    span.add_event(f"relais.{kind}", attrs)
+    existing = getattr(span, "attributes", None) or {}
+    for key in (REPLY_CODE, ENHANCED_STATUS, BOUNCE_CATEGORY):
+        if key in attrs and key not in existing:
+            span.set_attribute(key, attrs[key])  # type: ignore[arg-type]
+
+
+def log_fields() -> dict[str, str]:
+    """trace_id / span_id / message_id of what this task is doing now, for structured logs."""
+    fields: dict[str, str] = {}
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        fields["trace_id"] = f"{ctx.trace_id:032x}"
+        fields["span_id"] = f"{ctx.span_id:016x}"
+    message_id = _message_id.get()
+    if not message_id:
+        span = trace.get_current_span()
+        message_id = str((getattr(span, "attributes", None) or {}).get(MESSAGE_ID, "") or "")
+    if message_id:
+        fields["message_id"] = message_id
+    return fields

@@ -1,0 +1,211 @@
+"""Prometheus metrics: one registry per process, fed at the chokepoints every service shares.
+
+- outcomes come from `services.core.events.publish_event` (accepted, delivered, deferred,
+  bounced, expired, suppressed, complained), labelled with the same nouns as span attributes;
+- handler results and durations come from `services.core.bus.consume` (for delivery consumers
+  the handler is one delivery attempt, hence `relais_attempt_duration_seconds{pool}`);
+- publishes and broker failures come from `Bus.publish`;
+- queue depth and consumer lag are read from JetStream when /metrics is scraped
+  (`refresh_queue_gauges`), for the consumers the scraped service owns.
+
+Label values are bounded: pools, sources and accounts come from the config, sites are MX hosts
+(one per receiving provider), and subjects are reduced to their family (`relais.retry`, not the
+per-job schedule subject).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from services.core import telemetry as t
+from services.core.topology import pool_of_delivery_consumer
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_OUTCOME_LABELS = [t.label(t.OUTCOME), t.label(t.POOL), t.label(t.SOURCE_IP), t.label(t.SITE)]
+
+ACCEPTED = Counter(
+    "relais_accepted_messages",
+    "Messages accepted (250 after the JetStream ack) by the ingress",
+    [t.label(t.ACCOUNT)],
+    registry=REGISTRY,
+)
+ACCEPTED_RECIPIENTS = Counter(
+    "relais_accepted_recipients", "Recipients of accepted messages", [t.label(t.ACCOUNT)], registry=REGISTRY
+)
+REJECTED = Counter(
+    "relais_rejected",
+    "SMTP commands the ingress refused, by reason (reply code and enhanced status)",
+    ["command", "reason"],
+    registry=REGISTRY,
+)
+RECIPIENTS = Counter(
+    "relais_recipients",
+    "Recipient outcomes: delivered, deferred, bounced, expired, suppressed, complained",
+    _OUTCOME_LABELS,
+    registry=REGISTRY,
+)
+BOUNCES = Counter(
+    "relais_bounces",
+    "Bounced recipients by bounce category",
+    [t.label(t.POOL), t.label(t.BOUNCE_CATEGORY)],
+    registry=REGISTRY,
+)
+DELIVERY_LATENCY = Histogram(
+    "relais_delivery_latency_seconds",
+    "Time from acceptance to delivery, retries included",
+    [t.label(t.POOL)],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 5 * 86400),
+    registry=REGISTRY,
+)
+ATTEMPT_DURATION = Histogram(
+    "relais_attempt_duration_seconds",
+    "Duration of one delivery attempt (SMTP session and settling its outcome)",
+    [t.label(t.POOL)],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
+PROCESSED = Counter(
+    "relais_processed",
+    "Messages handled by a consumer, by result (ack, retry, poison, error)",
+    ["consumer", "result"],
+    registry=REGISTRY,
+)
+HANDLER_DURATION = Histogram(
+    "relais_handler_duration_seconds",
+    "Time a consumer's handler took per message",
+    ["consumer"],
+    registry=REGISTRY,
+)
+PUBLISHED = Counter(
+    "relais_published",
+    "Publishes acknowledged by JetStream, by subject family",
+    ["subject"],
+    registry=REGISTRY,
+)
+PUBLISH_FAILURES = Counter(
+    "relais_publish_failures",
+    "Publishes JetStream did not acknowledge in time (ingress answers 451)",
+    ["subject"],
+    registry=REGISTRY,
+)
+SMTP_SESSIONS = Counter(
+    "relais_smtp_sessions",
+    "SMTP sessions, inbound (ingress) and outbound (delivery)",
+    ["direction"],
+    registry=REGISTRY,
+)
+TLS_SESSIONS = Counter(
+    "relais_tls",
+    "Messages carried over TLS, by direction and TLS version",
+    ["direction", "version"],
+    registry=REGISTRY,
+)
+STREAM_MESSAGES = Gauge(
+    "relais_stream_messages", "Messages stored in a stream (queue depth)", ["stream"], registry=REGISTRY
+)
+CONSUMER_PENDING = Gauge(
+    "relais_consumer_pending",
+    "Messages not yet delivered to a consumer (lag); per pool for delivery-<pool>",
+    ["consumer"],
+    registry=REGISTRY,
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "relais_consumer_ack_pending", "Messages handed out and not yet acked", ["consumer"], registry=REGISTRY
+)
+CONSUMER_REDELIVERED = Gauge(
+    "relais_consumer_redelivered", "Messages redelivered at least once", ["consumer"], registry=REGISTRY
+)
+
+
+def subject_family(subject: str) -> str:
+    """`relais.retry.route.<key>.<n>` -> `relais.retry`; `relais.deliver.<pool>` is kept whole."""
+    parts = subject.split(".")
+    if len(parts) >= 3 and parts[1] == "deliver":
+        return ".".join(parts[:3])
+    return ".".join(parts[:2])
+
+
+def observe_event(event: Any) -> None:
+    """Count one published outcome event (`services.core.events.Event`)."""
+    kind = event.kind
+    if kind == "accepted":
+        ACCEPTED.labels(event.account).inc()
+        ACCEPTED_RECIPIENTS.labels(event.account).inc(len(event.recipients))
+        return
+    n = len(event.recipients) or 1
+    RECIPIENTS.labels(kind, event.pool, event.source_ip, event.site).inc(n)
+    if kind in ("bounced", "expired"):
+        category = (event.detail or {}).get("bounce_category", "") or kind
+        BOUNCES.labels(event.pool, category).inc(n)
+    received_at = getattr(event, "received_at", 0.0) or 0.0
+    if kind == "delivered" and received_at:
+        DELIVERY_LATENCY.labels(event.pool).observe(max(0.0, event.at - received_at))
+
+
+def observe_handler(consumer: str, result: str, seconds: float) -> None:
+    """One message handled by a durable consumer; a delivery consumer's handler is one attempt."""
+    PROCESSED.labels(consumer, result).inc()
+    HANDLER_DURATION.labels(consumer).observe(seconds)
+    if consumer.startswith("delivery-"):
+        ATTEMPT_DURATION.labels(pool_of_delivery_consumer(consumer)).observe(seconds)
+
+
+class DnsCacheCollector(Collector):
+    """Hits and misses of the resolvers' caches (dnspython counts them; we only read)."""
+
+    def __init__(self) -> None:
+        self._caches: list[Any] = []
+
+    def track(self, cache: Any) -> None:
+        if cache is not None and hasattr(cache, "statistics"):
+            self._caches.append(cache)
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        hits = CounterMetricFamily("relais_dns_cache_hits", "DNS answers served from the cache")
+        misses = CounterMetricFamily("relais_dns_cache_misses", "DNS lookups that missed the cache")
+        hits.add_metric([], sum(c.statistics.hits for c in self._caches))
+        misses.add_metric([], sum(c.statistics.misses for c in self._caches))
+        yield hits
+        yield misses
+
+
+DNS_CACHE = DnsCacheCollector()
+REGISTRY.register(DNS_CACHE)
+
+
+async def refresh_queue_gauges(js: Any, bindings: Iterable[Any], per_call: float = 2.0) -> None:
+    """Read depth and lag of the given consumers (`ConsumerBinding`s) and their streams."""
+    streams: set[str] = set()
+    for binding in bindings:
+        streams.add(binding.stream)
+        try:
+            info = await asyncio.wait_for(js.consumer_info(binding.stream, binding.durable), per_call)
+        except Exception as exc:
+            log.debug("consumer info %s unavailable: %r", binding.durable, exc)
+            continue
+        CONSUMER_PENDING.labels(binding.durable).set(info.num_pending or 0)
+        CONSUMER_ACK_PENDING.labels(binding.durable).set(info.num_ack_pending or 0)
+        CONSUMER_REDELIVERED.labels(binding.durable).set(info.num_redelivered or 0)
+    for stream in streams:
+        try:
+            sinfo = await asyncio.wait_for(js.stream_info(stream), per_call)
+        except Exception as exc:
+            log.debug("stream info %s unavailable: %r", stream, exc)
+            continue
+        STREAM_MESSAGES.labels(stream).set(sinfo.state.messages)
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)

@@ -1,0 +1,108 @@
+"""Metrics fed from outcome events and consumer results, with the span attribute nouns as labels."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from services.core import metrics
+from services.core import telemetry as t
+from services.core.envelope import BodyRef, Envelope
+from services.core.events import event_for, outcome_attributes
+from services.core.outcome import Reply
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def envelope(**kw: object) -> Envelope:
+    base = dict(
+        id="0190000000aabbccddeeff",
+        sender="news@acme.test",
+        recipients=("a@alpha.test", "b@alpha.test"),
+        account="acme-unit",
+        sender_domain="acme.test",
+        body=BodyRef(size=3, inline=b"abc"),
+        received_at=1000.0,
+        pool="unitpool",
+        site="mx.unit.test",
+    )
+    base.update(kw)
+    return Envelope(**base)  # type: ignore[arg-type]
+
+
+def test_accepted_counts_messages_and_recipients_per_account() -> None:
+    before = sample("relais_accepted_messages_total", account="acme-unit")
+    before_rcpt = sample("relais_accepted_recipients_total", account="acme-unit")
+    metrics.observe_event(event_for("accepted", envelope(), ["a@alpha.test", "b@alpha.test"]))
+    assert sample("relais_accepted_messages_total", account="acme-unit") == before + 1
+    assert sample("relais_accepted_recipients_total", account="acme-unit") == before_rcpt + 2
+
+
+def test_outcomes_count_recipients_by_pool_source_and_site() -> None:
+    labels = dict(outcome="delivered", pool="unitpool", source_ip="192.0.2.7", site="mx.unit.test")
+    before = sample("relais_recipients_total", **labels)
+    event = event_for(
+        "delivered", envelope(), ["a@alpha.test"], Reply(250, "2.0.0", "ok"), source_ip="192.0.2.7"
+    )
+    metrics.observe_event(event)
+    assert sample("relais_recipients_total", **labels) == before + 1
+
+
+def test_delivery_latency_is_acceptance_to_delivery() -> None:
+    count = sample("relais_delivery_latency_seconds_count", pool="unitlat")
+    in_15 = sample("relais_delivery_latency_seconds_bucket", pool="unitlat", le="30.0")
+    in_10 = sample("relais_delivery_latency_seconds_bucket", pool="unitlat", le="10.0")
+    event = event_for("delivered", envelope(pool="unitlat"), ["a@alpha.test"], Reply(250, "2.0.0", "ok"))
+    metrics.observe_event(replace(event, at=event.received_at + 15.0))
+    assert sample("relais_delivery_latency_seconds_count", pool="unitlat") == count + 1
+    assert sample("relais_delivery_latency_seconds_bucket", pool="unitlat", le="30.0") == in_15 + 1
+    assert sample("relais_delivery_latency_seconds_bucket", pool="unitlat", le="10.0") == in_10
+
+
+def test_bounces_count_by_category_defaulting_to_the_kind() -> None:
+    before = sample("relais_bounces_total", pool="unitpool", bounce_category="expired")
+    metrics.observe_event(event_for("expired", envelope(), ["a@alpha.test"], Reply(451, "4.4.7", "expired")))
+    assert sample("relais_bounces_total", pool="unitpool", bounce_category="expired") == before + 1
+    before = sample("relais_bounces_total", pool="unitpool", bounce_category="bad_mailbox")
+    ev = event_for(
+        "bounced",
+        envelope(),
+        ["a@alpha.test"],
+        Reply(550, "5.1.1", "no"),
+        detail={"bounce_category": "bad_mailbox"},
+    )
+    metrics.observe_event(ev)
+    assert sample("relais_bounces_total", pool="unitpool", bounce_category="bad_mailbox") == before + 1
+
+
+def test_a_delivery_consumer_handler_is_an_attempt_of_its_pool() -> None:
+    before = sample("relais_attempt_duration_seconds_count", pool="unitpool")
+    acks = sample("relais_processed_total", consumer="delivery-unitpool", result="ack")
+    metrics.observe_handler("delivery-unitpool", "ack", 0.2)
+    metrics.observe_handler("router", "retry", 0.01)
+    assert sample("relais_attempt_duration_seconds_count", pool="unitpool") == before + 1
+    assert sample("relais_processed_total", consumer="delivery-unitpool", result="ack") == acks + 1
+    assert sample("relais_processed_total", consumer="router", result="retry") >= 1
+
+
+def test_subjects_are_reduced_to_bounded_families() -> None:
+    assert metrics.subject_family("relais.retry.route.job1.3") == "relais.retry"
+    assert metrics.subject_family("relais.deliver.bulk") == "relais.deliver.bulk"
+    assert metrics.subject_family("relais.events.acme.delivered") == "relais.events"
+    assert metrics.subject_family("relais.route") == "relais.route"
+
+
+def test_outcome_attributes_use_the_shared_names() -> None:
+    ev = event_for("deferred", envelope(), ["a@alpha.test"], Reply(451, "4.7.1", "slow down"), mx_host="mx1")
+    attrs = outcome_attributes(ev)
+    assert attrs[t.OUTCOME] == "deferred"
+    assert attrs[t.REPLY_CODE] == 451 and attrs[t.ENHANCED_STATUS] == "4.7.1"
+    assert attrs[t.MX_HOST] == "mx1" and attrs[t.POOL] == "unitpool"
+
+
+def test_exposition_is_prometheus_text() -> None:
+    text = metrics.exposition().decode()
+    assert "# TYPE relais_recipients_total counter" in text
+    assert "# TYPE relais_attempt_duration_seconds histogram" in text
+    assert "relais_dns_cache_hits_total" in text
