@@ -360,6 +360,8 @@ def test_delivery_copies_per_pool_differ_only_in_pool_and_port(kustomization: Pa
 # ---------------------------------------------------------------------------------------------
 # Exposure and network policy
 
+PUBLIC_PORT_MODES = {587: "submission", 465: "implicit-tls", 25: "inbound"}
+
 
 @PARAMS
 def test_only_the_smtp_service_is_reachable_from_outside(kustomization: Path, tmp_path: Path) -> None:
@@ -375,8 +377,13 @@ def test_only_the_smtp_service_is_reachable_from_outside(kustomization: Path, tm
     container = _main_container(ingress)
     targets = {container_port(container, p["targetPort"]) for p in smtp["spec"]["ports"]}
     assert len(targets) == 3
-    listen = port_of(effective_config(manifests, ingress, tmp_path).ingress.listen)
-    assert listen in targets, "the configured listener is behind the load balancer"
+    # Each public port reaches the listener of the mode that port means in SMTP.
+    listeners = effective_config(manifests, ingress, tmp_path).ingress.listeners
+    mode_by_port = {port_of(listener.listen): listener.mode for listener in listeners}
+    public = {p["port"]: container_port(container, p["targetPort"]) for p in smtp["spec"]["ports"]}
+    assert {port: mode_by_port.get(target) for port, target in public.items()} == PUBLIC_PORT_MODES
+    # externalTrafficPolicy Local already keeps client addresses: a PROXY header would be refused.
+    assert not any(listener.proxy_protocol for listener in listeners)
     policy = one(manifests, "NetworkPolicy", "ingress-smtp-from-anywhere")
     (rule,) = policy["spec"]["ingress"]
     assert "from" not in rule
@@ -462,3 +469,23 @@ def test_no_secret_material_in_config_maps(kustomization: Path) -> None:
         for text in config_map["data"].values():
             assert "PRIVATE KEY" not in text
             assert not re.search(r"^\s*(password|token)\s*=", text, re.M), config_map["metadata"]["name"]
+
+
+@PARAMS
+def test_dkim_keys_are_read_from_the_mounted_secret(kustomization: Path, tmp_path: Path) -> None:
+    manifests = render(kustomization)
+    router = one(manifests, "Deployment", "relais-router")
+    config = effective_config(manifests, router, tmp_path)
+    volumes = {v["name"]: v for v in router["spec"]["template"]["spec"]["volumes"]}
+    mounts = {
+        m["mountPath"]: volumes[m["name"]]
+        for m in _main_container(router)["volumeMounts"]
+        if "secret" in volumes[m["name"]]
+    }
+    templates = {s["metadata"]["name"]: s for s in secret_templates()}
+    for domain, keys in config.dkim.items():
+        for key in keys:
+            directory, _, filename = key.key_file.rpartition("/")
+            assert directory in mounts, f"dkim.{domain}: {key.key_file} is not on a mounted Secret"
+            secret = templates[mounts[directory]["secret"]["secretName"]]
+            assert filename in secret["stringData"], f"the Secret template has no {filename}"
