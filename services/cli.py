@@ -92,6 +92,17 @@ def cmd_account_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suppression(args: argparse.Namespace) -> int:
+    from services.bounce import admin
+
+    config = _load(args.config)
+    if args.nats_url:
+        from services.core.config import replace
+
+        config = replace(config, nats={"url": args.nats_url})
+    return asyncio.run(admin.run(config, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relais", description="Distributed SMTP relay on NATS JetStream")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?")
     p.add_argument("--config", "-c", default="relais-data/relais.toml")
     p.set_defaults(func=cmd_mailbox)
+
+    p = sub.add_parser("suppression", help="list, add, remove or check suppressed addresses of an account")
+    from services.bounce.admin import add_arguments as suppression_arguments
+
+    suppression_arguments(p)
+    p.set_defaults(func=cmd_suppression)
 
     p = sub.add_parser("account", help="account tools")
     acct = p.add_subparsers(dest="account_command", required=True)

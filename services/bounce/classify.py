@@ -147,7 +147,7 @@ _REPLY_TEXT_RULES = (
     _text(
         _C.SPAM_BLOCK,
         r"spamhaus|spamcop|barracuda|\bsorbs\b|\b(?:rbl|dnsbl|uribl)\b|block ?list|black ?list"
-        r"|blocked using|listed (?:at|on|in|by)\b|reputation|unusual rate of unsolicited"
+        r"|blocked using|(?<!not )listed (?:at|on|in|by)\b|reputation|unusual rate of unsolicited"
         r"|banned sending ip|\[(?:BL|TSS?)\d+\]|user complaints",
     ),
     _text(
@@ -174,7 +174,8 @@ _REPLY_TEXT_RULES = (
         _C.BAD_DOMAIN,
         r"host or domain name not found|domain (?:name )?(?:not found|does not exist|doesn't exist)"
         r"|non-?existent ?domain|no (?:mx|mail exchanger|valid mx)\b|nxdomain|null mx|does not accept"
-        r" (?:e-?)?mail|relevant mx records point to non-existent hosts|unroute?able domain",
+        r" (?:e-?)?mail|relevant mx records point to non-existent hosts|unroute?able domain"
+        r"|\.\.\. unknown host",
     ),
     _text(
         _C.INACTIVE_MAILBOX,
@@ -195,13 +196,16 @@ _REPLY_TEXT_RULES = (
         r"|recipient|address|account|person)|does not exist|doesn't exist|(?:mailbox|recipient|user"
         r"|address) not found|invalid (?:recipient|mailbox|address|user)|doesn't have an? \S+ account"
         r"|unrouteable address|not a valid (?:mailbox|user|recipient)|recipient rejected|bad"
-        r" destination mailbox|addressee unknown",
+        r" destination mailbox|addressee unknown|user not known|invalid (?:final delivery )?userid"
+        r"|does not have a final e-?mail|did not (?:exactly )?match an? \S+ (?:e-?mail )?address"
+        r"|recipient name is not recognized|not listed in (?:the )?(?:\S+ )?directory",
     ),
     _text(
         _C.QUOTA_ISSUES,
         r"over ?quota|quota (?:exceeded|full)|exceed(?:s|ed)? (?:\S+ )?(?:quota|storage)|mailbox"
         r" (?:is )?full|(?:mailbox|inbox|account) (?:\S+ ){0,3}full\b|insufficient (?:system )?storage"
-        r"|out of storage|not enough (?:disk )?space|storage (?:limit|allocation)|disk quota",
+        r"|out of storage|not enough (?:disk )?space|storage (?:limit|allocation)|disk quota"
+        r"|quota violation|exceeding (?:\S+ )?quota|mail ?folder is full|full mailbox",
     ),
     _text(
         _C.MESSAGE_TOO_LARGE,

@@ -151,6 +151,22 @@ class BounceConfig:
     dsn_from: str = "MAILER-DAEMON"
     # Include the whole original message in DSNs instead of its headers only.
     return_full: bool = False
+    # VERP return path (services/core/returnpath.py): MAIL FROM <prefix>+<account>.<token>@domain,
+    # so asynchronous bounces map back to account, message and recipient. The first secret signs,
+    # all verify (key rotation). Mail to the domain must reach the ingress's inbound listener.
+    verp: bool = False
+    return_path_domain: str = ""
+    verp_prefix: str = "b"
+    verp_secrets: list[str] = field(default_factory=list)
+    # Classification rules tried before the built-in ones: [{category, code?, enhanced?, text?}].
+    rules: list[dict[str, str]] = field(default_factory=list)
+    # Webhooks (per account: accounts.<name>.webhook_url / webhook_secret): batch size, POST
+    # timeout, and the retry backoff of a failing receiver (doubling from base up to max).
+    webhook_batch: int = 100
+    webhook_timeout: float = 10.0
+    webhook_retry_base: float = 5.0
+    webhook_retry_max: float = 600.0
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,6 +226,9 @@ class AccountConfig:
     max_messages_per_hour: int = 0
     max_messages_per_day: int = 0
     max_sessions: int = 0
+    # Event webhook: JSON batches POSTed here, signed with HMAC-SHA256 under webhook_secret.
+    webhook_url: str = ""
+    webhook_secret: str = ""
     # Further pools the sender may pick per message with the X-Relais-Pool header.
     pools: list[str] = field(default_factory=list)
 
@@ -422,6 +441,11 @@ def validate(config: Config) -> None:
                 raise ConfigError(f"accounts.{name}.pools: unknown pool {pool!r}")
         if not account.password_hash.startswith("scrypt$"):
             raise ConfigError(f"accounts.{name}.password_hash: expected an scrypt hash (relais account hash)")
+        if account.webhook_url and not account.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError(f"accounts.{name}.webhook_url: expected an http:// or https:// URL")
+        if account.webhook_url and len(account.webhook_secret) < 16:
+            raise ConfigError(f"accounts.{name}.webhook_secret: at least 16 characters with a webhook_url")
+    _validate_bounce(config.bounce)
     for domain, pool in config.sender_domains.items():
         if pool not in config.pools:
             raise ConfigError(f"sender_domains.{domain}: unknown pool {pool!r}")
@@ -492,6 +516,20 @@ def _validate_ingress(config: Config) -> None:
             raise ConfigError(f"ingress.relay_networks: {net!r} is not a CIDR network") from exc
     if ingress.relay_networks and not ingress.relay_networks_account:
         raise ConfigError("ingress.relay_networks needs ingress.relay_networks_account")
+
+
+def _validate_bounce(bounce: BounceConfig) -> None:
+    if bounce.verp:
+        if not bounce.return_path_domain:
+            raise ConfigError("bounce.verp needs bounce.return_path_domain")
+        if not bounce.verp_secrets or any(len(s) < 16 for s in bounce.verp_secrets):
+            raise ConfigError("bounce.verp needs verp_secrets of at least 16 characters each")
+        if not re.match(r"^[a-z0-9][a-z0-9_-]*$", bounce.verp_prefix):
+            raise ConfigError("bounce.verp_prefix: lowercase letters, digits, '-' and '_'")
+    for i, rule in enumerate(bounce.rules):
+        unknown = set(rule) - {"category", "code", "enhanced", "text"}
+        if unknown or "category" not in rule:
+            raise ConfigError(f"bounce.rules[{i}]: needs category, and only code, enhanced, text besides")
 
 
 def split_server(server: str, default_port: int = 53) -> tuple[str, int]:

@@ -77,6 +77,11 @@ class Envelope:
     # RFC 3461 parameters: RET (FULL/HDRS) and ENVID from MAIL FROM.
     dsn_ret: str = ""
     dsn_envid: str = ""
+    # RFC 3461 RCPT parameters, per recipient address: NOTIFY as given ("NEVER" or a comma list
+    # of SUCCESS, FAILURE, DELAY) and ORCPT decoded from xtext ("rfc822;bob@example.com").
+    # A recipient not listed gave no parameter (NOTIFY then defaults to FAILURE,DELAY).
+    dsn_notify: dict[str, str] = field(default_factory=dict)
+    dsn_orcpt: dict[str, str] = field(default_factory=dict)
     client_ip: str = ""
     # Free-form facts (TLS version, campaign tag) recorded by the ingress for events and traces.
     meta: dict[str, str] = field(default_factory=dict)
@@ -175,6 +180,8 @@ def _envelope_to_wire(env: Envelope) -> dict[str, Any]:
         "kind": env.kind,
         "ret": env.dsn_ret,
         "envid": env.dsn_envid,
+        "notify": env.dsn_notify,
+        "orcpt": env.dsn_orcpt,
         "ip": env.client_ip,
         "meta": env.meta,
     }
@@ -204,6 +211,8 @@ def _envelope_from_wire(wire: dict[str, Any]) -> Envelope:
             kind=wire.get("kind", "message"),
             dsn_ret=wire.get("ret", ""),
             dsn_envid=wire.get("envid", ""),
+            dsn_notify=dict(wire.get("notify") or {}),
+            dsn_orcpt=dict(wire.get("orcpt") or {}),
             client_ip=wire.get("ip", ""),
             meta=dict(wire.get("meta") or {}),
         )

@@ -48,6 +48,8 @@ BODY_REFS_BUCKET = "relais-body-refs"
 ROUTER_CONSUMER = "router"
 BOUNCE_CONSUMER = "bounce"
 INBOUND_CONSUMER = "bounce-inbound"
+# Posts every event to its account's webhook; its own consumer so a dead receiver never slows mail.
+WEBHOOKS_CONSUMER = "webhooks"
 SUPPRESSION_BUCKET = "relais-suppression"
 # Delivery shaping shared by every delivery worker: rate slots and connection leases per
 # (source IP, site), and the control flags (pause, push-back back-off) every worker watches.
@@ -173,6 +175,10 @@ def inbound_binding() -> ConsumerBinding:
     return ConsumerBinding(INBOUND_STREAM, INBOUND_CONSUMER, inbound_subject())
 
 
+def webhooks_binding() -> ConsumerBinding:
+    return ConsumerBinding(EVENTS_STREAM, WEBHOOKS_CONSUMER, f"{PREFIX}.events.>")
+
+
 def stream_configs(config: Config) -> list[StreamConfig]:
     replicas = config.nats.replicas
     common = dict(
@@ -232,6 +238,7 @@ def consumer_bindings(config: Config) -> list[ConsumerBinding]:
         router_binding(),
         bounce_binding(),
         inbound_binding(),
+        webhooks_binding(),
         *(delivery_binding(p) for p in sorted(config.pools)),
     ]
 

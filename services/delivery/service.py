@@ -16,6 +16,7 @@ from services.core.config import Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
 from services.core.envelope import Envelope, EnvelopeDecodeError
+from services.core.returnpath import return_path
 from services.core.telemetry import consumer_span
 from services.core.topology import delivery_binding
 from services.delivery.capture import capture
@@ -105,7 +106,8 @@ class DeliveryService:
         result = await send_message(
             resolver=self._resolver,
             mx_hosts=env.mx_hosts,
-            sender=env.sender,
+            # VERP return path when configured (async bounces map back to message and recipient).
+            sender=return_path(self._config.bounce, env),
             recipients=env.recipients,
             body=body,
             source=source,

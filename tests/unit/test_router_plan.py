@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from services.core.config import AccountConfig, Config, PoolConfig, SourceConfig
+import pytest
+
+from services.core.config import (
+    AccountConfig,
+    Config,
+    ConfigError,
+    DkimKeyConfig,
+    PoolConfig,
+    SiteConfig,
+    SourceConfig,
+    validate,
+)
 from services.core.envelope import BodyRef, Envelope
 from services.router.plan import META_POOL, Job, choose_pool, split_by_domain, without_suppressed
 
@@ -77,3 +88,17 @@ def test_suppressed_recipients_leave_the_job_but_not_its_id() -> None:
     assert everything.recipients == () and everything.job_id == "m1-0"
     assert len(dropped_all) == 2
     assert without_suppressed(job, set()) == (job, ())
+
+
+def test_config_checks_sites_and_dkim_entries() -> None:
+    with pytest.raises(ConfigError, match=r"sites\.Google"):
+        validate(Config(sites={"Google": SiteConfig(mx=["*.google.com"])}))
+    with pytest.raises(ConfigError, match=r"sites\.google\.mx"):
+        validate(Config(sites={"google": SiteConfig()}))
+    with pytest.raises(ConfigError, match="algorithm"):
+        validate(
+            Config(dkim={"acme.test": [DkimKeyConfig(selector="s", key_file="k", algorithm="rsa-sha1")]})
+        )
+    validate(
+        Config(dkim={"acme.test": [DkimKeyConfig(selector="s", key_file="k", algorithm="ed25519-sha256")]})
+    )

@@ -1,0 +1,79 @@
+"""`relais suppression list|add|remove|check`: the operator's view of the suppression lists."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+from services.core.bus import connect
+from services.core.config import Config, parse_duration
+from services.core.suppression import Suppression, SuppressionList
+
+REASONS = ("manual", "hard_bounce", "complaint")
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "never"
+
+
+def describe(entry: Suppression) -> str:
+    why = entry.reason + (f" ({entry.category})" if entry.category else "")
+    since, expires = _when(entry.at), _when(entry.expires_at)
+    return f"{entry.address}  {why}  since {since}  expires {expires}  source {entry.source or '-'}"
+
+
+async def run(config: Config, args: argparse.Namespace) -> int:
+    if args.account not in config.accounts and not args.force:
+        print(f"relais: unknown account {args.account!r} (use --force to manage it anyway)")
+        return 2
+    bus = await connect(config.nats, "relais-admin")
+    try:
+        suppression = SuppressionList(bus.js)
+        if args.action == "list":
+            entries = await suppression.list(args.account)
+            for entry in entries:
+                print(json.dumps(asdict(entry)) if args.json else describe(entry))
+            if not entries and not args.json:
+                print(f"(no suppressed addresses for account {args.account})")
+            return 0
+        if not args.address:
+            print(f"relais: suppression {args.action} needs an address")
+            return 2
+        address = args.address.strip().lower()
+        if args.action == "add":
+            expires = time.time() + parse_duration(args.expires) if args.expires else 0.0
+            entry = Suppression(
+                account=args.account,
+                address=address,
+                reason=args.reason,
+                source=args.source or "operator",
+                expires_at=expires,
+            )
+            await suppression.add(entry)
+            print(f"suppressed {address} for account {args.account}")
+            return 0
+        if args.action == "remove":
+            removed = await suppression.remove(args.account, address)
+            print(f"removed {address}" if removed else f"{address} was not suppressed")
+            return 0 if removed else 1
+        found = await suppression.get(args.account, address)
+        print(describe(found) if found else f"{address} is not suppressed for account {args.account}")
+        return 0 if found else 1
+    finally:
+        await bus.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "add", "remove", "check"])
+    p.add_argument("address", nargs="?")
+    p.add_argument("--account", "-a", required=True)
+    p.add_argument("--reason", choices=REASONS, default="manual")
+    p.add_argument("--source", default="", help="who or what asked for it (default: operator)")
+    p.add_argument("--expires", default="", help="e.g. 30d; default: never")
+    p.add_argument("--json", action="store_true", help="list as JSON lines")
+    p.add_argument("--force", action="store_true", help="allow an account not in the config")
+    p.add_argument("--config", "-c", help="TOML config file (default: $RELAIS_CONFIG)")
+    p.add_argument("--nats-url", help="override nats.url")

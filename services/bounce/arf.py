@@ -1,0 +1,76 @@
+"""ARF feedback-loop reports (RFC 5965): a recipient pressed "this is spam". No I/O."""
+
+from __future__ import annotations
+
+import email
+from dataclasses import dataclass, field
+from email.message import Message
+
+from services.bounce.parse import returned_message
+
+# Feedback types that mean "the recipient does not want this mail" (RFC 5965 section 7.3);
+# "not-spam" is the opposite and "virus" is about the content, not the recipient's wishes.
+COMPLAINT_TYPES = frozenset({"abuse", "fraud", "other"})
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackReport:
+    feedback_type: str
+    user_agent: str = ""
+    original_mail_from: str = ""
+    original_rcpt_to: list[str] = field(default_factory=list)
+    source_ip: str = ""
+    arrival_date: str = ""
+    reporting_mta: str = ""
+    # The reported message (full or headers only): its Return-Path carries our VERP token.
+    original: Message | None = None
+
+    @property
+    def is_complaint(self) -> bool:
+        return self.feedback_type in COMPLAINT_TYPES
+
+
+def is_arf(msg: Message) -> bool:
+    if msg.get_content_type() != "multipart/report":
+        return False
+    return str(msg.get_param("report-type", "", header="content-type")).lower() == "feedback-report"
+
+
+def parse_arf(msg: Message) -> FeedbackReport | None:
+    if not is_arf(msg):
+        return None
+    fields = _report_fields(msg)
+    if fields is None:
+        return None
+    rcpts = [_bare(v) for v in fields.get_all("Original-Rcpt-To", []) if _bare(v)]
+    return FeedbackReport(
+        feedback_type=str(fields.get("Feedback-Type", "")).strip().lower(),
+        user_agent=str(fields.get("User-Agent", "")).strip(),
+        original_mail_from=_bare(fields.get("Original-Mail-From", "")),
+        original_rcpt_to=rcpts,
+        source_ip=str(fields.get("Source-IP", "")).strip(),
+        arrival_date=str(fields.get("Arrival-Date", "") or fields.get("Received-Date", "")).strip(),
+        reporting_mta=str(fields.get("Reporting-MTA", "")).partition(";")[2].strip(),
+        original=returned_message(msg),
+    )
+
+
+def _report_fields(msg: Message) -> Message | None:
+    for part in msg.walk():
+        if part.get_content_type() != "message/feedback-report":
+            continue
+        payload = part.get_payload()
+        # The stdlib parses message/* subtypes as an embedded message: the fields are its headers.
+        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+            return payload[0]
+        data = part.get_payload(decode=True)
+        if isinstance(data, bytes):
+            return email.message_from_bytes(data.lstrip())
+    return None
+
+
+def _bare(value: object) -> str:
+    text = str(value or "").strip()
+    if ";" in text and "@" not in text.partition(";")[0]:
+        text = text.partition(";")[2]
+    return text.strip().strip("<>").strip()

@@ -1,0 +1,244 @@
+"""Mail to Relais' own domains: asynchronous bounces and feedback-loop reports.
+
+Nothing here trusts the message. A bounce or complaint counts only for a recipient that the
+VERP token's MAC vouches for (`services.core.returnpath.verify`); a forged report, a report for
+someone else's address, or one without a token changes nothing and is only logged.
+
+`findings` is the pure decision; `InboundHandler` does the I/O: suppression entries and events,
+both acknowledged before the inbound envelope is.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from email.message import Message
+
+from nats.aio.msg import Msg
+
+from services.bounce.arf import parse_arf
+from services.bounce.classify import BounceRule, is_hard
+from services.bounce.parse import FailedRecipient, parse_bounce, parse_message
+from services.core import bus as transport
+from services.core.bodies import BodyMissing, BodyStore
+from services.core.bus import Bus
+from services.core.config import BounceConfig
+from services.core.envelope import Envelope, EnvelopeDecodeError
+from services.core.events import Event, publish_event
+from services.core.outcome import Reply
+from services.core.returnpath import ReturnPath, parse_verp, verify
+from services.core.suppression import Suppression, SuppressionList
+from services.core.telemetry import consumer_span
+from services.core.topology import inbound_subject
+
+log = logging.getLogger(__name__)
+
+_ADDRESS = re.compile(r"[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+")
+# Headers of a reported message that may name its recipient (FBLs often redact these).
+_RECIPIENT_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One verified fact: this recipient of this message bounced, or complained."""
+
+    kind: str  # "bounced" | "complained"
+    account: str
+    message_id: str
+    recipient: str
+    category: str
+    permanent: bool = True
+    reply: Reply | None = None
+    detail: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def suppresses(self) -> bool:
+        if self.kind == "complained":
+            return True
+        return self.permanent and is_hard(self.category)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    findings: list[Finding]
+    # Why nothing (or not everything) counted: logged, and the test for forged bounces reads it.
+    rejected: list[str]
+
+
+def return_paths(addresses: Iterable[str], config: BounceConfig) -> list[ReturnPath]:
+    out: list[ReturnPath] = []
+    for address in addresses:
+        path = parse_verp(address, prefix=config.verp_prefix, domain=config.return_path_domain)
+        if path is not None and path not in out:
+            out.append(path)
+    return out
+
+
+def _header_addresses(msg: Message | None, names: Sequence[str]) -> list[str]:
+    if msg is None:
+        return []
+    values = [str(v) for name in names for v in (msg.get_all(name) or [])]
+    parsed = [addr for _, addr in email.utils.getaddresses(values) if "@" in addr]
+    return parsed or [m.group(0) for v in values for m in _ADDRESS.finditer(v)]
+
+
+def findings(
+    raw: bytes, local_recipients: Sequence[str], config: BounceConfig, rules: Sequence[BounceRule]
+) -> Verdict:
+    if not config.return_path_domain or not config.verp_secrets:
+        return Verdict([], ["no return path domain/secrets configured: cannot authenticate reports"])
+    msg = parse_message(raw)
+    report = parse_arf(msg)
+    if report is not None:
+        # An FBL sends to the feedback address; the token is in the reported message's Return-Path
+        # (or any header that carries it), or the report came to the VERP address itself.
+        carried = _header_addresses(report.original, ("Return-Path", "Sender", "Errors-To"))
+        headers = report.original.values() if report.original is not None else []
+        scanned = [m.group(0) for v in headers for m in _ADDRESS.finditer(str(v))]
+        paths = return_paths([*local_recipients, *carried, *scanned], config)
+        candidates = report.original_rcpt_to or _header_addresses(report.original, _RECIPIENT_HEADERS)
+        if not report.is_complaint:
+            return Verdict([], [f"feedback type {report.feedback_type!r} is not a complaint"])
+        detail = {"feedback_type": report.feedback_type, "source": "fbl"}
+        if report.user_agent:
+            detail["user_agent"] = report.user_agent
+        return _verified("complained", paths, [([c], None) for c in candidates], config, detail)
+
+    paths = return_paths(local_recipients, config)
+    parsed = parse_bounce(msg, rules)
+    if parsed.kind == "none":
+        return Verdict([], ["not a bounce or feedback report"])
+    failed = [([r.recipient, r.also_known_as], r) for r in parsed.recipients]
+    detail = {"source": "async", "format": parsed.kind}
+    if parsed.reporting_mta:
+        detail["reporting_mta"] = parsed.reporting_mta
+    return _verified("bounced", paths, failed, config, detail)
+
+
+def _verified(
+    kind: str,
+    paths: list[ReturnPath],
+    candidates: Sequence[tuple[Sequence[str], FailedRecipient | None]],
+    config: BounceConfig,
+    detail: dict[str, str],
+) -> Verdict:
+    if not paths:
+        return Verdict([], [f"{kind}: no valid return path token"])
+    out: list[Finding] = []
+    rejected: list[str] = []
+    seen: set[tuple[str, str, str]] = set()
+    for names, info in candidates:
+        match = _first_vouched(paths, [n for n in names if n], config.verp_secrets)
+        if match is None:
+            rejected.append(f"{kind}: token does not vouch for {' / '.join(n for n in names if n)!r}")
+            continue
+        path, recipient = match
+        key = (path.account, path.message_id, recipient.lower())
+        if key in seen:
+            continue
+        seen.add(key)
+        if kind == "complained":
+            out.append(Finding(kind, path.account, path.message_id, recipient, "complaint", detail=detail))
+        elif info is not None:
+            out.append(_bounce_finding(path, recipient, info, detail))
+    if not candidates:
+        rejected.append(f"{kind}: no recipient named in the report")
+    return Verdict(out, rejected)
+
+
+def _first_vouched(
+    paths: Sequence[ReturnPath], names: Sequence[str], secrets: Sequence[str]
+) -> tuple[ReturnPath, str] | None:
+    for name in names:
+        for path in paths:
+            if verify(path, name, secrets):
+                return path, name
+    return None
+
+
+def _bounce_finding(
+    path: ReturnPath, recipient: str, info: FailedRecipient, detail: dict[str, str]
+) -> Finding:
+    code = info.code
+    status = info.status or ("5.0.0" if info.permanent else "4.0.0")
+    reply = Reply(code, status, info.diagnostic or f"{info.category} (reported by a later MTA)", "ASYNC")
+    extra = {"category": str(info.category)}
+    if info.remote_mta:
+        extra["remote_mta"] = info.remote_mta
+    return Finding(
+        "bounced",
+        path.account,
+        path.message_id,
+        recipient,
+        str(info.category),
+        permanent=info.permanent,
+        reply=reply,
+        detail={**detail, **extra},
+    )
+
+
+class InboundHandler:
+    """Consumer of `relais.inbound` (durable `bounce-inbound`)."""
+
+    def __init__(
+        self, config: BounceConfig, bus: Bus, bodies: BodyStore, rules: Sequence[BounceRule]
+    ) -> None:
+        self._config = config
+        self._bus = bus
+        self._bodies = bodies
+        self._rules = rules
+        self._suppression = SuppressionList(bus.js)
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            env = Envelope.from_msgpack(msg.data)
+        except EnvelopeDecodeError as exc:
+            raise transport.Poison(str(exc)) from exc
+        with consumer_span(inbound_subject(), msg.headers, {"relais.message_id": env.id}) as span:
+            try:
+                raw = await self._bodies.get(env.body)
+            except BodyMissing:
+                log.info("inbound %s already processed (body gone)", env.id)
+                return
+            verdict = findings(raw, env.recipients, self._config, self._rules)
+            for reason in verdict.rejected:
+                log.warning("inbound %s from <%s>: %s", env.id, env.sender, reason)
+            span.set_attribute("relais.findings", len(verdict.findings))
+            for finding in verdict.findings:
+                await self.apply(finding, inbound_id=env.id)
+            await self._bodies.discard(env.body)
+
+    async def apply(self, finding: Finding, *, inbound_id: str) -> None:
+        if finding.suppresses:
+            reason = "complaint" if finding.kind == "complained" else "hard_bounce"
+            await self._suppression.add(
+                Suppression(
+                    account=finding.account,
+                    address=finding.recipient.lower(),
+                    reason=reason,
+                    source=finding.message_id,
+                    category="" if finding.kind == "complained" else finding.category,
+                )
+            )
+        detail = {**finding.detail, "inbound_id": inbound_id}
+        if finding.suppresses:
+            detail["suppressed"] = "true"
+        if finding.kind == "bounced" and not finding.permanent:
+            # A remote "still trying" notice: worth a log line, not an outcome.
+            log.info("delay notice for %s of %s", finding.recipient, finding.message_id)
+            return
+        event = Event(
+            kind=finding.kind,
+            message_id=finding.message_id,
+            account=finding.account,
+            recipients=[finding.recipient],
+            reply=finding.reply.to_dict() if finding.reply else None,
+            detail=detail,
+        )
+        prefix = "fbl" if finding.kind == "complained" else "abn"
+        await publish_event(
+            self._bus, event, msg_id=f"{prefix}-{finding.message_id}-{finding.recipient.lower()}"
+        )

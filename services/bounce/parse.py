@@ -1,0 +1,229 @@
+"""Read an incoming bounce: which recipients failed, how, and into which category. No I/O.
+
+Standard RFC 3464 DSNs are read field by field. Everything else (the many MTAs that write prose)
+goes to flufl.bounce's detectors for the addresses; the category then comes from the reply
+text found next to each address, through the same classifier as synchronous failures.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from email.message import Message
+
+from flufl.bounce import all_failures
+
+from services.bounce.classify import DEFAULT_RULES, BounceCategory, BounceRule, classify
+
+# A reply code and enhanced status somewhere in prose: "550 5.1.1", "said: 550-5.7.1", "#5.1.1".
+_REPLY_IN_TEXT = re.compile(r"\b([245]\d\d)(?:[ -]+#?([245]\.\d{1,3}\.\d{1,3}))?\b")
+_STATUS_IN_TEXT = re.compile(r"(?<![\d.])#?([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
+_RETURNED = frozenset({"message/rfc822", "text/rfc822-headers", "message/rfc822-headers"})
+# Prose around an address that explains it: its own line and a few after (Exim, Postfix style).
+_CONTEXT_LINES = 4
+_MAX_TEXT = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRecipient:
+    recipient: str
+    permanent: bool
+    category: BounceCategory
+    status: str = ""
+    diagnostic: str = ""
+    remote_mta: str = ""
+    # The other address the report names (Final-Recipient when `recipient` is the original).
+    also_known_as: str = ""
+
+    @property
+    def code(self) -> int:
+        match = _REPLY_IN_TEXT.search(self.diagnostic)
+        if match:
+            return int(match.group(1))
+        return 550 if self.permanent else 450
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedBounce:
+    # "dsn": an RFC 3464 report; "heuristic": prose read by flufl.bounce; "none": not a bounce.
+    kind: str
+    recipients: list[FailedRecipient] = field(default_factory=list)
+    reporting_mta: str = ""
+    # Headers of the returned message, when the bounce includes them.
+    original: Message | None = None
+
+    @property
+    def permanent(self) -> list[FailedRecipient]:
+        return [r for r in self.recipients if r.permanent]
+
+
+def parse_message(raw: bytes) -> Message:
+    return email.message_from_bytes(raw)
+
+
+def parse_bounce(msg: Message, rules: Sequence[BounceRule] = DEFAULT_RULES) -> ParsedBounce:
+    report = _delivery_status(msg)
+    original = returned_message(msg)
+    if report is not None:
+        per_message, blocks = report
+        recipients = [r for r in (_dsn_recipient(b, rules) for b in blocks) if r is not None]
+        if recipients:
+            return ParsedBounce("dsn", recipients, _untype(per_message.get("Reporting-MTA", "")), original)
+    try:
+        temporary, permanent = all_failures(msg)
+    except Exception:  # flufl's heuristics meet arbitrary mail; never let one crash the consumer
+        temporary, permanent = set(), set()
+    if not temporary and not permanent:
+        return ParsedBounce("none", [], "", original)
+    text = human_text(msg)
+    hard = [_address(_decode(a)) for a in sorted(permanent)]
+    soft = [_address(_decode(a)) for a in sorted(temporary - permanent)]
+    recipients = [_heuristic_recipient(a, True, text, rules) for a in hard if a]
+    recipients += [_heuristic_recipient(a, False, text, rules) for a in soft if a]
+    if not recipients:
+        return ParsedBounce("none", [], "", original)
+    return ParsedBounce("heuristic", recipients, "", original)
+
+
+def _decode(address: bytes | str) -> str:
+    return address.decode("utf-8", "replace") if isinstance(address, bytes) else address
+
+
+def _delivery_status(msg: Message) -> tuple[Message, list[Message]] | None:
+    for part in msg.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        payload = part.get_payload()
+        if isinstance(payload, list) and payload and all(isinstance(p, Message) for p in payload):
+            return payload[0], payload[1:]
+        # Some MTAs base64 the part or the parser kept it as text: split the blocks ourselves.
+        data = part.get_payload(decode=True) or b""
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        blocks = [email.message_from_string(b.strip() + "\n") for b in re.split(r"\r?\n\s*\r?\n", text)]
+        blocks = [b for b in blocks if len(b.keys())]
+        if blocks:
+            return blocks[0], blocks[1:]
+    return None
+
+
+def _dsn_recipient(block: Message, rules: Sequence[BounceRule]) -> FailedRecipient | None:
+    # Original-Recipient is the address as it reached the reporting MTA, i.e. what we sent to;
+    # Final-Recipient may be an alias it expanded to. Prefer the former, keep both.
+    final = _address(block.get("Final-Recipient", ""))
+    original = _address(block.get("Original-Recipient", ""))
+    action = str(block.get("Action", "")).strip().lower()
+    if not (final or original) or action not in ("failed", "delayed"):
+        return None
+    status = str(block.get("Status", "")).strip().split(" ")[0]
+    diagnostic = " ".join(_untype(block.get("Diagnostic-Code", "")).split())
+    enhanced = status if _STATUS_IN_TEXT.fullmatch(status) else None
+    category = classify(None, enhanced, diagnostic, rules)
+    # "failed" is final whatever the class: a 4.4.7 expiry is as over as a 5.1.1.
+    permanent = action == "failed"
+    return FailedRecipient(
+        recipient=original or final,
+        permanent=permanent,
+        category=category,
+        status=enhanced or "",
+        diagnostic=diagnostic,
+        remote_mta=_untype(block.get("Remote-MTA", "")),
+        also_known_as=final if original and final.lower() != original.lower() else "",
+    )
+
+
+def _heuristic_recipient(
+    address: str, permanent: bool, text: str, rules: Sequence[BounceRule]
+) -> FailedRecipient:
+    context = _context(text, address)
+    category, _, enhanced = _classify_prose(context, rules)
+    if category is BounceCategory.UNCATEGORIZED:
+        category, _, enhanced = _classify_prose(text, rules)
+    diagnostic = " ".join(context.split())[:500]
+    return FailedRecipient(address, permanent, category, enhanced or "", diagnostic)
+
+
+def _classify_prose(text: str, rules: Sequence[BounceRule]) -> tuple[BounceCategory, int | None, str | None]:
+    flat = " ".join(text.split())[:_MAX_TEXT]
+    reply = _REPLY_IN_TEXT.search(flat)
+    status = _STATUS_IN_TEXT.search(flat)
+    code = int(reply.group(1)) if reply else None
+    enhanced = (reply.group(2) if reply and reply.group(2) else None) or (status.group(1) if status else None)
+    return classify(code, enhanced, flat, rules), code, enhanced
+
+
+def _context(text: str, address: str) -> str:
+    lines = text.splitlines()
+    needle = address.lower()
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        if needle in line.lower():
+            out.extend(lines[i : i + _CONTEXT_LINES])
+    return "\n".join(out)
+
+
+def human_text(msg: Message) -> str:
+    """The bounce's own prose: text parts, never the returned original message."""
+    chunks: list[str] = []
+    for part in _walk_outside_returned(msg):
+        if part.get_content_maintype() != "text" or part.get_content_type() == "text/rfc822-headers":
+            continue
+        data = part.get_payload(decode=True)
+        if isinstance(data, bytes):
+            charset = part.get_content_charset() or "utf-8"
+            try:
+                chunks.append(data.decode(charset, "replace"))
+            except LookupError:
+                chunks.append(data.decode("utf-8", "replace"))
+    return "\n".join(chunks)[: _MAX_TEXT * 2]
+
+
+def _walk_outside_returned(msg: Message) -> Iterator[Message]:
+    yield msg
+    if msg.get_content_type() in _RETURNED or msg.get_content_type() == "message/delivery-status":
+        return
+    if msg.is_multipart():
+        for sub in msg.get_payload():
+            if isinstance(sub, Message):
+                yield from _walk_outside_returned(sub)
+
+
+def returned_message(msg: Message) -> Message | None:
+    """The returned original (full message or its headers), when the report carries one."""
+    for part in msg.walk():
+        ctype = part.get_content_type()
+        if ctype == "message/rfc822":
+            payload = part.get_payload()
+            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+                return payload[0]
+        elif ctype in ("text/rfc822-headers", "message/rfc822-headers"):
+            data = part.get_payload(decode=True)
+            if isinstance(data, bytes):
+                return email.message_from_bytes(data.lstrip())
+    return None
+
+
+def _untype(value: object) -> str:
+    """'smtp; 550 ...' -> '550 ...'; 'dns; mx.example' -> 'mx.example'."""
+    text = " ".join(str(value or "").split())
+    kind, sep, rest = text.partition(";")
+    return rest.strip() if sep and re.fullmatch(r"[A-Za-z0-9-]+", kind.strip()) else text
+
+
+def _address(value: object) -> str:
+    """A plausible mailbox or ''. Redacted ones ("david...@gmail.com") are not addresses."""
+    text = _untype(value).strip().strip("<>").strip()
+    local, at, domain = text.rpartition("@")
+    if (
+        not at
+        or not local
+        or not domain
+        or " " in text
+        or ".." in local
+        or local[0] == "."
+        or local[-1] == "."
+    ):
+        return ""
+    return text

@@ -1,0 +1,62 @@
+"""Which failures get a DSN, what it says about each recipient, and which get suppressed. No I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.bounce.classify import BounceCategory, BounceRule, classify, is_hard
+from services.core.envelope import Envelope
+from services.core.outcome import Reply
+
+# RFC 3461 section 4.1: with no NOTIFY the MTA chooses; "FAILURE,DELAY" is what Postfix does.
+DEFAULT_NOTIFY = frozenset({"FAILURE", "DELAY"})
+
+
+def wants_dsn(env: Envelope) -> bool:
+    """Never to the null sender, never about a DSN: that is how bounce loops start."""
+    return bool(env.sender) and env.kind == "message"
+
+
+def notify_of(env: Envelope, recipient: str) -> frozenset[str]:
+    """The recipient's NOTIFY keywords (empty set for NEVER)."""
+    given = env.dsn_notify.get(recipient) or env.dsn_notify.get(recipient.lower())
+    if not given:
+        return DEFAULT_NOTIFY
+    words = frozenset(w.strip().upper() for w in given.split(",") if w.strip())
+    return frozenset() if "NEVER" in words else words
+
+
+def dsn_recipients(env: Envelope, recipients: Sequence[str], *, delayed: bool) -> list[str]:
+    """The recipients a failure (or, with `delayed`, a delay) DSN may mention."""
+    if not wants_dsn(env):
+        return []
+    wanted = "DELAY" if delayed else "FAILURE"
+    return [r for r in recipients if wanted in notify_of(env, r)]
+
+
+def original_recipient(env: Envelope, recipient: str) -> str | None:
+    """ORCPT as given at RCPT ("rfc822;Bob@Example.com"), for the DSN's Original-Recipient."""
+    return env.dsn_orcpt.get(recipient) or env.dsn_orcpt.get(recipient.lower()) or None
+
+
+def returns_full(env: Envelope, default_full: bool) -> bool:
+    """RET=FULL/HDRS from the sender wins over the configured default."""
+    ret = env.dsn_ret.upper()
+    return ret == "FULL" or (default_full and ret != "HDRS")
+
+
+def category_of(reply: Reply, rules: Sequence[BounceRule]) -> BounceCategory:
+    return classify(reply.code, reply.enhanced_status, reply.text, rules)
+
+
+def suppresses(env: Envelope, reply: Reply, category: BounceCategory) -> bool:
+    """A permanent failure of a dead address: mailing it again only hurts the sender's reputation.
+
+    Only mail from senders counts: a DSN failing says something about a sender, not a recipient.
+    """
+    return env.kind == "message" and reply.is_permanent and is_hard(category)
+
+
+def header_block(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 4]

@@ -1,0 +1,160 @@
+"""VERP return paths: `<prefix>+<account>.<token>@<return path domain>`, authenticated by HMAC.
+
+Delivery sends each job with such a MAIL FROM, so a bounce that arrives days later (to that
+address) names its account and message without any state kept on our side. The token is
+
+    base32( head | message id | mac )      head = version (2 bits) | scope (1 bit) | hex length (5 bits)
+
+* message id: a `new_message_id()` (23 lowercase hex digits) packed into 12 bytes; any other id
+  is carried as its UTF-8 bytes (hex length 0).
+* mac: the first 10 bytes of HMAC-SHA256(secret, account, message id, scope). 80 bits: a forger
+  gets no feedback, so guessing one is out of reach.
+* scope: what the MAC binds besides the message. A job with one recipient binds that recipient
+  (exact VERP: a bounce can only ever suppress the address the message went to). A job with
+  several recipients (delivery sends a domain's recipients in one transaction) binds the
+  recipient *domain*: the bounce's Final-Recipient must then be at that domain. That keeps one
+  MAIL FROM per transaction and the local part short, at the price that a recipient of such a
+  message who forges a bounce could name another address at the same domain; see the README
+  of services/bounce.
+
+Local parts are matched case-insensitively (some MTAs fold case), hence base32. With the
+default prefix and an account name of up to 20 characters the local part stays within the 64
+octets RFC 5321 asks for.
+
+Key rotation: the first secret signs, every listed secret verifies.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.core.config import BounceConfig
+from services.core.envelope import Envelope
+
+_VERSION = 1
+_MAC_LEN = 10
+_HEX_ID = re.compile(r"^[0-9a-f]{1,24}$")
+_ACCOUNT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_SCOPE_RECIPIENT = 0x20
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnPath:
+    """What a VERP address says, before its MAC is checked against a recipient."""
+
+    account: str
+    message_id: str
+    # True: the MAC binds one recipient address; False: it binds the recipient domain.
+    single_recipient: bool
+    mac: bytes
+
+
+def recipient_domain(address: str) -> str:
+    return address.rpartition("@")[2].strip().lower().rstrip(".")
+
+
+def _scope(single_recipient: bool, recipients: Sequence[str]) -> str:
+    if single_recipient:
+        return recipients[0].strip().lower()
+    return "@" + recipient_domain(recipients[0])
+
+
+def _mac(secret: str, account: str, message_id: str, scope: str) -> bytes:
+    data = b"\0".join([b"relais-verp-v1", account.encode(), message_id.encode(), scope.encode()])
+    return hmac.new(secret.encode(), data, hashlib.sha256).digest()[:_MAC_LEN]
+
+
+def encode_token(secret: str, account: str, message_id: str, recipients: Sequence[str]) -> str:
+    if not recipients:
+        raise ValueError("a return path needs at least one recipient")
+    single = len(recipients) == 1
+    head = (_VERSION << 6) | (_SCOPE_RECIPIENT if single else 0)
+    if _HEX_ID.match(message_id):
+        head |= len(message_id)
+        packed = int(message_id, 16).to_bytes(12, "big")
+    else:
+        packed = message_id.encode()
+    raw = bytes([head]) + packed + _mac(secret, account, message_id, _scope(single, recipients))
+    return base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+def decode_token(account: str, token: str) -> ReturnPath | None:
+    text = token.upper()
+    try:
+        raw = base64.b32decode(text + "=" * (-len(text) % 8))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) < 1 + 1 + _MAC_LEN or raw[0] >> 6 != _VERSION:
+        return None
+    head, packed, mac = raw[0], raw[1:-_MAC_LEN], raw[-_MAC_LEN:]
+    hex_len = head & 0x1F
+    if hex_len:
+        if len(packed) != 12 or hex_len > 24:
+            return None
+        message_id = f"{int.from_bytes(packed, 'big'):0{hex_len}x}"
+        if len(message_id) != hex_len:
+            return None
+    else:
+        try:
+            message_id = packed.decode()
+        except UnicodeDecodeError:
+            return None
+    return ReturnPath(account, message_id, bool(head & _SCOPE_RECIPIENT), mac)
+
+
+def verp_address(
+    *, prefix: str, domain: str, secret: str, account: str, message_id: str, recipients: Sequence[str]
+) -> str:
+    return f"{prefix}+{account}.{encode_token(secret, account, message_id, recipients)}@{domain}"
+
+
+def parse_verp(address: str, *, prefix: str, domain: str) -> ReturnPath | None:
+    """The claims of a VERP address at our return path domain, or None if it is not one."""
+    local, _, at = address.strip().strip("<>").rpartition("@")
+    if not local or at.lower().rstrip(".") != domain.lower().rstrip("."):
+        return None
+    local = local.lower()
+    lead = f"{prefix.lower()}+"
+    if not local.startswith(lead):
+        return None
+    account, dot, token = local[len(lead) :].rpartition(".")
+    if not dot or not _ACCOUNT.match(account):
+        return None
+    return decode_token(account, token)
+
+
+def verify(path: ReturnPath, recipient: str, secrets: Sequence[str]) -> bool:
+    """Whether `recipient` is one the message was really sent to, as far as the MAC can tell."""
+    if not recipient or "@" not in recipient:
+        return False
+    scope = _scope(path.single_recipient, [recipient])
+    return any(
+        hmac.compare_digest(_mac(secret, path.account, path.message_id, scope), path.mac)
+        for secret in secrets
+        if secret
+    )
+
+
+def return_path(config: BounceConfig, env: Envelope) -> str:
+    """The MAIL FROM delivery uses for a job: its VERP address, or the sender as given.
+
+    The null sender stays null (a DSN must never be bounced), and so does a DSN's.
+    """
+    if not (config.verp and config.verp_secrets and config.return_path_domain):
+        return env.sender
+    if not env.sender or env.kind != "message" or not env.recipients or not env.account:
+        return env.sender
+    return verp_address(
+        prefix=config.verp_prefix,
+        domain=config.return_path_domain,
+        secret=config.verp_secrets[0],
+        account=env.account,
+        message_id=env.id,
+        recipients=env.recipients,
+    )

@@ -1,0 +1,128 @@
+"""Event webhooks against a real HTTP receiver on loopback: signed JSON batches, and a receiver
+that fails three times still gets every event exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from services.core.config import AccountConfig
+from tests.support.relais import ACCOUNT, SENDER_DOMAIN, asubmit, message, password_hash, read_events
+
+WEBHOOK_SECRET = "whsec-test-0123456789abcdef"
+
+
+@dataclass
+class Receiver:
+    """Answers 500 to the first `fail_first` POSTs, 200 after; records what it accepted."""
+
+    fail_first: int = 0
+    requests: int = 0
+    accepted: list[dict] = field(default_factory=list)
+    bad_signatures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            ok = verify_signature(
+                WEBHOOK_SECRET, self.headers[TIMESTAMP_HEADER], body, self.headers[SIGNATURE_HEADER]
+            )
+            with state.lock:
+                state.requests += 1
+                failing = state.requests <= state.fail_first
+                if not ok:
+                    state.bad_signatures += 1
+                elif not failing:
+                    state.accepted.extend(json.loads(body))
+            self.send_response(500 if failing or not ok else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/relais"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def webhook_account(url: str) -> dict[str, AccountConfig]:
+    return {
+        ACCOUNT: AccountConfig(
+            password_hash=password_hash(),
+            domains=[SENDER_DOMAIN],
+            webhook_url=url,
+            webhook_secret=WEBHOOK_SECRET,
+        )
+    }
+
+
+async def wait_accepted(receiver: Receiver, count: int, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with receiver.lock:
+            if len(receiver.accepted) >= count:
+                return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"receiver accepted {len(receiver.accepted)} of {count} entries")
+
+
+async def test_receiver_failing_three_times_gets_every_event_once(
+    make_stack, make_sink, sender_mx, receiver
+) -> None:
+    receiver.fail_first = 3
+    stack = await make_stack(
+        accounts=webhook_account(receiver.url),
+        bounce={"webhook_retry_base": 0.2, "webhook_retry_max": 1.0},
+    )
+    sink = make_sink("127.0.0.2")
+    sink.rcpt_replies = {"gone@alpha.test": "550 5.1.1 User unknown"}
+    for rcpt in ("a@alpha.test", "b@alpha.test", "gone@alpha.test"):
+        assert (await asubmit(stack.smtp_address, recipients=[rcpt], data=message()))[0] == 250
+    await sink.async_wait_for(2)
+
+    # 3 accepted + 2 delivered + 1 bounced + the DSN's own events, at least.
+    await wait_accepted(receiver, 6)
+    deadline = time.monotonic() + 30
+    while True:  # until the receiver holds exactly what the stream holds (events may still come)
+        events = await read_events(stack.config.nats.url, ACCOUNT)
+        want = sorted((e.kind, r) for e in events for r in e.recipients)
+        with receiver.lock:
+            accepted = list(receiver.accepted)
+        if sorted((e["event"], e["email"]) for e in accepted) == want or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(1.5)  # a duplicate would arrive within a retry interval
+    with receiver.lock:
+        accepted = list(receiver.accepted)
+        requests, bad = receiver.requests, receiver.bad_signatures
+    assert requests >= 4 and bad == 0
+    ids = [e["event_id"] for e in accepted]
+    assert len(ids) == len(set(ids)), "no event delivered twice"
+    assert sorted((e["event"], e["email"]) for e in accepted) == want, "every event of the account, once"
+    bounce = next(e for e in accepted if e["event"] == "bounced")
+    assert bounce["email"] == "gone@alpha.test" and bounce["category"] == "invalid_recipient"
+    assert bounce["response"].startswith("550 5.1.1")
+    assert all(e["account"] == ACCOUNT and isinstance(e["timestamp"], int) for e in accepted)

@@ -1,0 +1,73 @@
+"""RFC 3461 parameters and suppression policy for synchronous failures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.bounce.classify import DEFAULT_RULES, BounceCategory
+from services.bounce.policy import (
+    category_of,
+    dsn_recipients,
+    notify_of,
+    original_recipient,
+    returns_full,
+    suppresses,
+    wants_dsn,
+)
+from services.core.envelope import BodyRef, Envelope
+from services.core.outcome import EXPIRED, NO_SUCH_DOMAIN, Reply
+
+USER_UNKNOWN = Reply(550, "5.1.1", "<a@x.test>: Recipient address rejected: User unknown", "RCPT")
+MAILBOX_FULL = Reply(552, "5.2.2", "Mailbox full", "RCPT")
+GREYLISTED = Reply(450, "4.2.0", "Greylisted, try again later", "RCPT")
+
+
+def env(**changes: object) -> Envelope:
+    base = Envelope(
+        id="m1",
+        sender="s@acme.test",
+        recipients=("a@x.test", "b@x.test", "c@x.test"),
+        account="acme",
+        sender_domain="acme.test",
+        body=BodyRef(size=1, inline=b"x"),
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_notify_never_and_success_only_get_no_failure_dsn() -> None:
+    e = env(dsn_notify={"a@x.test": "NEVER", "b@x.test": "SUCCESS", "c@x.test": "FAILURE"})
+    assert dsn_recipients(e, list(e.recipients), delayed=False) == ["c@x.test"]
+    assert notify_of(e, "a@x.test") == frozenset()
+
+
+def test_no_notify_means_failure_and_delay() -> None:
+    e = env()
+    assert dsn_recipients(e, ["a@x.test"], delayed=False) == ["a@x.test"]
+    assert dsn_recipients(e, ["a@x.test"], delayed=True) == ["a@x.test"]
+    assert dsn_recipients(env(dsn_notify={"a@x.test": "FAILURE"}), ["a@x.test"], delayed=True) == []
+
+
+def test_never_a_dsn_to_the_null_sender_or_about_a_dsn() -> None:
+    assert not wants_dsn(env(sender=""))
+    assert not wants_dsn(env(kind="dsn"))
+    assert dsn_recipients(env(sender=""), ["a@x.test"], delayed=False) == []
+
+
+def test_orcpt_and_ret() -> None:
+    e = env(dsn_orcpt={"a@x.test": "rfc822;A@X.test"}, dsn_ret="FULL")
+    assert original_recipient(e, "a@x.test") == "rfc822;A@X.test"
+    assert original_recipient(e, "b@x.test") is None
+    assert returns_full(e, default_full=False)
+    assert not returns_full(env(dsn_ret="HDRS"), default_full=True)
+    assert returns_full(env(), default_full=True)
+
+
+def test_only_hard_permanent_failures_of_sender_mail_suppress() -> None:
+    e = env()
+    assert category_of(USER_UNKNOWN, DEFAULT_RULES) is BounceCategory.INVALID_RECIPIENT
+    assert suppresses(e, USER_UNKNOWN, category_of(USER_UNKNOWN, DEFAULT_RULES))
+    assert suppresses(e, NO_SUCH_DOMAIN, category_of(NO_SUCH_DOMAIN, DEFAULT_RULES))
+    assert not suppresses(e, MAILBOX_FULL, category_of(MAILBOX_FULL, DEFAULT_RULES))
+    assert not suppresses(e, EXPIRED, category_of(EXPIRED, DEFAULT_RULES))
+    assert not suppresses(e, GREYLISTED, BounceCategory.INVALID_RECIPIENT), "a 4xx never suppresses"
+    assert not suppresses(env(kind="dsn"), USER_UNKNOWN, BounceCategory.INVALID_RECIPIENT)

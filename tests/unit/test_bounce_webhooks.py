@@ -1,0 +1,46 @@
+"""Webhook payloads, signatures and back-off (the HTTP side is in tests/integration/bounce)."""
+
+from __future__ import annotations
+
+import json
+
+from services.bounce.webhooks import backoff, entries, sign, verify_signature
+from services.core.config import BounceConfig
+from services.core.events import Event
+
+SECRET = "whsec-0123456789abcdef"
+
+
+def test_signature_verifies_and_rejects_tampering_and_replays() -> None:
+    body = b'[{"event":"bounced"}]'
+    signature = sign(SECRET, 1_700_000_000, body)
+    assert signature.startswith("v1=")
+    assert verify_signature(SECRET, "1700000000", body, signature, now=1_700_000_010)
+    assert not verify_signature(SECRET, "1700000000", body + b" ", signature, now=1_700_000_010)
+    assert not verify_signature("other-secret-0123456", "1700000000", body, signature, now=1_700_000_010)
+    assert not verify_signature(SECRET, "1700000001", body, signature, now=1_700_000_010)
+    assert not verify_signature(SECRET, "1700000000", body, signature, now=1_700_009_999), "stale"
+
+
+def test_entries_are_sendgrid_style_one_per_recipient() -> None:
+    event = Event(
+        kind="bounced",
+        message_id="m1",
+        account="acme",
+        recipients=["a@x.test", "b@x.test"],
+        at=1_700_000_000.5,
+        reply={"code": 550, "enhanced": "5.1.1", "text": "User unknown", "command": "RCPT"},
+        detail={"category": "invalid_recipient"},
+    )
+    out = entries(event, "RELAIS_EVENTS-7")
+    assert [e["email"] for e in out] == ["a@x.test", "b@x.test"]
+    assert [e["event_id"] for e in out] == ["RELAIS_EVENTS-7.0", "RELAIS_EVENTS-7.1"]
+    first = out[0]
+    assert first["event"] == "bounced" and first["timestamp"] == 1_700_000_000
+    assert first["category"] == "invalid_recipient" and first["response"] == "550 5.1.1 User unknown"
+    json.dumps(out)  # plain JSON types only
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    config = BounceConfig(webhook_retry_base=5.0, webhook_retry_max=60.0)
+    assert [backoff(n, config) for n in (1, 2, 3, 4, 5, 9)] == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
