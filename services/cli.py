@@ -53,6 +53,14 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if config.dkim:
+        from services.router.dkim import load_keys
+
+        try:
+            load_keys(config)  # unreadable or wrong-type key files fail here, not at router start
+        except ConfigError as exc:
+            print(f"relais: invalid configuration: {exc}", file=sys.stderr)
+            return 2
     print(
         f"ok: {len(config.accounts)} account(s), {len(config.pools)} pool(s), "
         f"{len(config.sender_domains)} sender domain mapping(s), delivery mode {config.delivery.mode}"
