@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from services.bounce.arf import parse_arf
 from services.bounce.classify import BounceRule, is_hard
 from services.bounce.parse import FailedRecipient, parse_bounce, parse_message
+from services.bounce.policy import suppression_expiry
 from services.core import bus as transport
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus
@@ -221,6 +222,7 @@ class InboundHandler:
                     reason=reason,
                     source=finding.message_id,
                     category="" if finding.kind == "complained" else finding.category,
+                    expires_at=suppression_expiry(self._config),
                 )
             )
         detail = {**finding.detail, "inbound_id": inbound_id}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from services.bounce.classify import BounceCategory, BounceRule, classify, is_hard
+from services.core.config import BounceConfig
 from services.core.envelope import Envelope
 from services.core.outcome import Reply
 
@@ -55,6 +57,13 @@ def suppresses(env: Envelope, reply: Reply, category: BounceCategory) -> bool:
     Only mail from senders counts: a DSN failing says something about a sender, not a recipient.
     """
     return env.kind == "message" and reply.is_permanent and is_hard(category)
+
+
+def suppression_expiry(config: BounceConfig, now: float | None = None) -> float:
+    """When an automatic suppression entry lapses (0: never)."""
+    if not config.suppression_expiry:
+        return 0.0
+    return (time.time() if now is None else now) + config.suppression_expiry
 
 
 def header_block(message: bytes) -> bytes:

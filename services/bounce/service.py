@@ -114,6 +114,7 @@ class BounceService:
                     reason="hard_bounce",
                     source=env.id,
                     category=str(category),
+                    expires_at=policy.suppression_expiry(self._config.bounce),
                 )
             )
             detail["suppressed"] = "true"

@@ -158,6 +158,8 @@ class BounceConfig:
     return_path_domain: str = ""
     verp_prefix: str = "b"
     verp_secrets: list[str] = field(default_factory=list)
+    # How long a hard bounce or complaint keeps an address suppressed; 0 = until an operator removes it.
+    suppression_expiry: float = 0.0
     # Classification rules tried before the built-in ones: [{category, code?, enhanced?, text?}].
     rules: list[dict[str, str]] = field(default_factory=list)
     # Webhooks (per account: accounts.<name>.webhook_url / webhook_secret): batch size, POST

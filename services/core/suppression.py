@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.core.topology import SUPPRESSION_BUCKET
@@ -74,17 +74,20 @@ class SuppressionList:
         return True
 
     async def list(self, account: str) -> list[Suppression]:
+        """Every entry of the account, expired ones included (they show when they lapsed).
+
+        A subject-filtered watch, not `kv.keys(filters=...)`: nats-py matches those filters as
+        substrings, so "acme.*" would find nothing (and "acme" would also find "acme2").
+        """
         kv = await self._bucket()
-        try:
-            keys = await kv.keys(filters=[f"{account}.*"])
-        except NoKeysError:
-            return []
+        watcher = await kv.watch(f"{account}.*", ignore_deletes=True)
         out = []
-        for key in keys:
-            try:
-                kv_entry = await kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if kv_entry.value:
-                out.append(Suppression(**json.loads(kv_entry.value)))
+        try:
+            async for kv_entry in watcher:
+                if kv_entry is None:  # the watcher's "no more stored values" marker
+                    break
+                if kv_entry.value:
+                    out.append(Suppression(**json.loads(kv_entry.value)))
+        finally:
+            await watcher.stop()
         return sorted(out, key=lambda e: e.at)

@@ -71,3 +71,19 @@ def test_only_hard_permanent_failures_of_sender_mail_suppress() -> None:
     assert not suppresses(e, EXPIRED, category_of(EXPIRED, DEFAULT_RULES))
     assert not suppresses(e, GREYLISTED, BounceCategory.INVALID_RECIPIENT), "a 4xx never suppresses"
     assert not suppresses(env(kind="dsn"), USER_UNKNOWN, BounceCategory.INVALID_RECIPIENT)
+
+
+def test_automatic_suppressions_expire_only_when_configured() -> None:
+    from services.bounce.policy import suppression_expiry
+    from services.core.config import BounceConfig
+
+    assert suppression_expiry(BounceConfig(), now=1000.0) == 0.0
+    assert suppression_expiry(BounceConfig(suppression_expiry=86400.0), now=1000.0) == 87400.0
+
+
+def test_a_delay_report_always_carries_a_4xx_status() -> None:
+    from services.bounce.service import _status_for
+
+    assert _status_for("4.4.1", delayed=True) == "4.4.1"
+    assert _status_for("5.2.2", delayed=True) == "4.2.2"
+    assert _status_for("5.1.1", delayed=False) == "5.1.1"
