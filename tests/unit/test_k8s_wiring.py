@@ -267,7 +267,10 @@ def _delivery_pool(workload: Manifest) -> str:
 def test_keda_watches_the_consumers_each_service_pulls_from(kustomization: Path, tmp_path: Path) -> None:
     manifests = render(kustomization)
     namespace = _namespace(manifests)
-    monitor = one(manifests, "Service", "nats")
+    # The headless Service: KEDA queries it, then each server by its pod name beneath it
+    # (<pod>.nats-headless...), which only a headless Service resolves.
+    monitor = one(manifests, "Service", "nats-headless")
+    assert monitor["spec"]["clusterIP"] == "None"
     assert 8222 in {p["port"] for p in monitor["spec"]["ports"]}
     scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in by_kind(manifests, "ScaledObject")}
     expected: dict[str, set[tuple[str, str]]] = {}
@@ -288,7 +291,7 @@ def test_keda_watches_the_consumers_each_service_pulls_from(kustomization: Path,
         triggers = _nats_triggers(scaled[name])
         assert {(t["stream"], t["consumer"]) for t in triggers} == keys, name
         for t in triggers:
-            assert t["natsServerMonitoringEndpoint"] == f"nats.{namespace}.svc.cluster.local:8222"
+            assert t["natsServerMonitoringEndpoint"] == f"nats-headless.{namespace}.svc.cluster.local:8222"
             assert t["account"] in _nats_accounts()
 
 

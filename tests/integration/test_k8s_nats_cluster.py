@@ -1,0 +1,177 @@
+"""The shipped NATS configuration, run for real: three nats-server processes on loopback.
+
+deploy/k8s/base/nats.conf is used as rendered into its ConfigMap, with the StatefulSet's
+environment (pod DNS names swapped for loopback ports, since there is no cluster DNS here). It
+proves what the manifests rely on: the routes authenticate and form a JetStream cluster, each
+service's user can create Relais' topology at 3 replicas, anonymous clients are refused, the
+system account cannot touch Relais' streams, and the monitoring endpoint shows consumer lag
+under account RELAIS where KEDA's nats-jetstream scaler looks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import pytest
+
+from services.core import topology
+from services.core.bus import connect
+from services.core.config import load_config
+from services.core.embedded import free_port, nats_server_binary, wait_for_port
+from tests.unit.k8s_manifests import BASE, config_map_data, one, render
+from tests.unit.test_k8s_wiring import _kube_env, _main_container
+
+REPLICAS = 3
+
+
+@dataclass
+class Node:
+    name: str
+    client: int
+    route: int
+    monitor: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client}"
+
+    def monitor_json(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}{path}", timeout=5) as response:
+            return json.loads(response.read())
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    # Exactly once: if nats.conf changes shape, this test must notice rather than run on defaults.
+    assert text.count(old) == 1, f"nats.conf no longer contains {old!r} exactly once"
+    return text.replace(old, new)
+
+
+def _node_config(conf: str, node: Node, store: Path) -> str:
+    conf = _replace_once(conf, "listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{node.client}")
+    conf = _replace_once(conf, "listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{node.route}")
+    conf = _replace_once(conf, "http_port: 8222", f"http: 127.0.0.1:{node.monitor}")
+    conf = _replace_once(conf, "store_dir: /data/jetstream", f'store_dir: "{store / "jetstream"}"')
+    conf = _replace_once(conf, '"/var/run/nats/nats.pid"', f'"{store / "nats.pid"}"')
+    return _replace_once(conf, "max_file_store: 18G", "max_file_store: 256M")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[list[Node], dict[str, str]]]:
+    manifests = render(BASE)
+    conf = config_map_data(manifests, "nats-config")["nats.conf"]
+    base_env = _kube_env(_main_container(one(manifests, "StatefulSet", "nats")))
+    nodes = [Node(f"nats-{i}", free_port(), free_port(), free_port()) for i in range(REPLICAS)]
+    password = base_env["ROUTE_PASSWORD"]
+    try:
+        for node in nodes:
+            store = tmp_path / node.name
+            store.mkdir()
+            path = store / "nats.conf"
+            path.write_text(_node_config(conf, node, store))
+            env = dict(base_env)
+            env.update(SERVER_NAME=node.name, CLIENT_ADVERTISE=f"127.0.0.1:{node.client}")
+            for j, peer in enumerate(nodes):
+                # Same shape as the StatefulSet's ROUTE_j, pointing at loopback instead of pod DNS.
+                assert env[f"ROUTE_{j}"] == f"nats://route:{password}@nats-{j}.nats-headless:6222"
+                env[f"ROUTE_{j}"] = f"nats://route:{password}@127.0.0.1:{peer.route}"
+            log = (store / "nats-server.log").open("wb")
+            node.process = subprocess.Popen(
+                [nats_server_binary(), "-c", str(path)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+            wait_for_port("127.0.0.1", node.client, timeout=15)
+        _wait_for_meta_leader(nodes)
+        yield nodes, base_env
+    finally:
+        for node in nodes:
+            if node.process is not None:
+                node.process.terminate()
+        for node in nodes:
+            if node.process is not None:
+                try:
+                    node.process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    node.process.kill()
+                    node.process.wait(timeout=5)
+
+
+def _wait_for_meta_leader(nodes: list[Node], timeout: float = 45.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            metas = [n.monitor_json("/jsz").get("meta_cluster", {}) for n in nodes]
+            if all(m.get("leader") and m.get("cluster_size") == REPLICAS for m in metas):
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError("the three servers did not form a JetStream cluster (see nats-server.log)")
+
+
+async def test_shipped_nats_config_runs_relais_at_three_replicas(
+    cluster: tuple[list[Node], dict[str, str]], tmp_path: Path
+) -> None:
+    nodes, env = cluster
+    config = load_config(
+        BASE / "relais.toml",
+        {
+            "RELAIS_NATS__URL": ",".join(n.url for n in nodes),
+            "RELAIS_NATS__USER": "router",
+            "RELAIS_NATS__PASSWORD": env["ROUTER_PASSWORD"],
+        },
+    )
+    assert config.nats.replicas == REPLICAS
+    bus = await connect(config.nats, "k8s-test")
+    try:
+        await topology.ensure_topology(bus.js, config)
+        ack = await bus.js.publish(topology.route_subject(), b"probe")
+        assert ack.stream == topology.ROUTE_STREAM
+        info = await bus.js.stream_info(topology.ROUTE_STREAM)
+        assert info.config.num_replicas == REPLICAS
+        assert info.cluster is not None and len(info.cluster.replicas or []) == REPLICAS - 1
+        consumer = await bus.js.consumer_info(topology.ROUTE_STREAM, topology.ROUTER_CONSUMER)
+        leader = next(n for n in nodes if n.name == consumer.cluster.leader)
+    finally:
+        await bus.close()
+
+    # What KEDA's nats-jetstream scaler reads: consumer lag under account RELAIS on the
+    # consumer's leader, found through the advertised client URLs in /varz.
+    jsz = await asyncio.to_thread(leader.monitor_json, "/jsz?acc=RELAIS&consumers=true&config=true")
+    (account,) = [a for a in jsz["account_details"] if a["name"] == "RELAIS"]
+    (stream,) = [s for s in account["stream_detail"] if s["name"] == topology.ROUTE_STREAM]
+    (router,) = [c for c in stream["consumer_detail"] if c["name"] == topology.ROUTER_CONSUMER]
+    assert router["num_pending"] + router["num_ack_pending"] == 1
+    varz = await asyncio.to_thread(nodes[0].monitor_json, "/varz")
+    # Every server (itself included) by its advertised name: KEDA can reach whichever leads.
+    assert {f"127.0.0.1:{n.client}" for n in nodes} == set(varz["connect_urls"])
+
+
+async def test_anonymous_and_wrong_password_clients_are_refused(
+    cluster: tuple[list[Node], dict[str, str]],
+) -> None:
+    nodes, _ = cluster
+    for credentials in ({}, {"user": "ingress", "password": "wrong"}):
+        with pytest.raises(Exception) as refused:
+            await nats.connect(nodes[0].url, allow_reconnect=False, connect_timeout=2, **credentials)
+        assert "authorization" in repr(refused.value).lower() or "no servers" in repr(refused.value).lower()
+
+
+async def test_system_account_cannot_reach_relais_streams(cluster: tuple[list[Node], dict[str, str]]) -> None:
+    nodes, env = cluster
+    relais = await nats.connect(nodes[0].url, user="ingress", password=env["INGRESS_PASSWORD"])
+    system = await nats.connect(nodes[0].url, user="sys", password=env["SYS_PASSWORD"])
+    try:
+        await relais.jetstream().add_stream(name="ISOLATION", subjects=["isolation.>"], num_replicas=1)
+        with pytest.raises(Exception):  # noqa: B017 - SYS has no JetStream: any error proves isolation
+            await system.jetstream(timeout=2).stream_info("ISOLATION")
+    finally:
+        await relais.close()
+        await system.close()
