@@ -100,6 +100,17 @@ def cmd_account_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_account(args: argparse.Namespace) -> int:
+    from services.ingress import admin
+
+    config = _load(args.config)
+    if args.nats_url:
+        from services.core.config import replace
+
+        config = replace(config, nats={"url": args.nats_url})
+    return asyncio.run(admin.run(config, args))
+
+
 def cmd_suppression(args: argparse.Namespace) -> int:
     from services.bounce import admin
 
@@ -149,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = acct.add_parser("hash", help="print the scrypt hash of a password for the config file")
     h.add_argument("--password")
     h.set_defaults(func=cmd_account_hash)
+    from services.ingress.admin import add_arguments as account_arguments
+
+    account_arguments(acct, cmd_account)
     return parser
 
 

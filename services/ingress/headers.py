@@ -6,6 +6,7 @@ signatures of the sender survive).
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 
@@ -69,5 +70,6 @@ def submission_fixups(header_block: bytes, *, message_id: str, hostname: str, no
     if not has_field(header_block, "message-id"):
         added += f"Message-ID: <{message_id}@{hostname}>\r\n".encode()
     if not has_field(header_block, "date"):
-        added += f"Date: {email.utils.formatdate(now, localtime=False)}\r\n".encode()
+        date = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC))
+        added += f"Date: {date}\r\n".encode()
     return header_block + added

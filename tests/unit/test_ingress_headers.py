@@ -34,7 +34,7 @@ def test_fixups_add_only_what_is_missing() -> None:
     fixed = headers.submission_fixups(head, message_id="abc", hostname="relais.test", now=0.0)
     assert fixed.startswith(head)
     assert b"Message-ID: <abc@relais.test>\r\n" in fixed
-    assert b"Date: Thu, 01 Jan 1970 00:00:00 -0000\r\n" in fixed
+    assert b"Date: Thu, 01 Jan 1970 00:00:00 +0000\r\n" in fixed
     complete = b"Message-Id: <x@y>\r\nDATE: Tue, 01 Dec 2026 10:00:00 +0000\r\n"
     assert headers.submission_fixups(complete, message_id="abc", hostname="h", now=0.0) == complete
 

@@ -1,0 +1,119 @@
+"""Accounts live in NATS KV: `relais account add/list/disable/enable` act on running ingresses
+without a restart, and the config file only seeds what KV does not have yet."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import nats
+
+from services.core.config import AccountConfig
+from services.core.embedded import EmbeddedNats
+from services.ingress.accounts import get_account, set_disabled
+from services.ingress.replies import AUTH_INVALID, AUTH_OK
+from tests.integration.ingress.helpers import client, in_thread, plain, reply
+from tests.support.relais import ACCOUNT, PASSWORD, REPO, password_hash
+
+
+def relais(*args: str, nats_url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "account", *args, "--nats-url", nats_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+        check=False,
+    )
+
+
+def _auth(address: tuple[str, int], user: str, password: str) -> tuple[int, bytes]:
+    with client(address) as smtp:
+        return smtp.docmd("AUTH", f"PLAIN {plain(user, password)}")
+
+
+async def _eventually(check: Callable[[], Any], expected: Any) -> None:
+    got = None
+    for _ in range(50):
+        got = await check()
+        if got == expected:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"expected {expected!r}, last got {got!r}")
+
+
+async def test_account_add_disable_enable_without_restart(
+    make_ingress: Callable[..., Any], nats_server: EmbeddedNats
+) -> None:
+    ingress = await make_ingress()
+    url = nats_server.url
+    added = await in_thread(
+        relais,
+        "add",
+        "newbie",
+        "--domain",
+        "new.test",
+        "--password",
+        "s3cret",
+        "--max-per-hour",
+        "50",
+        nats_url=url,
+    )
+    assert added.returncode == 0, added.stderr
+    await _eventually(lambda: in_thread(_auth, ingress.smtp_address, "newbie", "s3cret"), reply(AUTH_OK))
+
+    listed = await in_thread(relais, "list", nats_url=url)
+    assert "newbie" in listed.stdout and "50/h" in listed.stdout and ACCOUNT in listed.stdout
+
+    # A session authenticated before the account is disabled cannot send afterwards either.
+    def open_session() -> Any:
+        smtp = client(ingress.smtp_address)
+        smtp.login("newbie", "s3cret")
+        return smtp
+
+    session = await in_thread(open_session)
+    try:
+        assert (await in_thread(relais, "disable", "newbie", nats_url=url)).returncode == 0
+        await _eventually(
+            lambda: in_thread(_auth, ingress.smtp_address, "newbie", "s3cret"), reply(AUTH_INVALID)
+        )
+        code, _ = await in_thread(session.mail, "x@new.test")
+        assert code == 535
+    finally:
+        await in_thread(session.close)
+
+    assert (await in_thread(relais, "enable", "newbie", nats_url=url)).returncode == 0
+    await _eventually(lambda: in_thread(_auth, ingress.smtp_address, "newbie", "s3cret"), reply(AUTH_OK))
+    assert (await in_thread(relais, "disable", "nobody", nats_url=url)).returncode == 1
+
+
+async def test_config_accounts_seed_kv_but_do_not_override_it(
+    make_ingress: Callable[..., Any], nats_server: EmbeddedNats
+) -> None:
+    first = await make_ingress()
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        seeded = await get_account(js, ACCOUNT)
+        assert seeded == AccountConfig(password_hash=password_hash(), domains=["acme.test"], pool="default")
+        await set_disabled(js, ACCOUNT, True)
+    finally:
+        await nc.close()
+    # A replica started later with the same config file must not re-enable the account.
+    second = await make_ingress()
+    for stack in (first, second):
+        await _eventually(
+            lambda s=stack: in_thread(_auth, s.smtp_address, ACCOUNT, PASSWORD), reply(AUTH_INVALID)
+        )
+
+    def send_with_cached_auth() -> int:
+        with client(second.smtp_address) as smtp:
+            return smtp.docmd("AUTH", f"PLAIN {plain(ACCOUNT, PASSWORD)}")[0]
+
+    assert await in_thread(send_with_cached_auth) == 535
