@@ -492,3 +492,30 @@ def test_dkim_keys_are_read_from_the_mounted_secret(kustomization: Path, tmp_pat
             assert directory in mounts, f"dkim.{domain}: {key.key_file} is not on a mounted Secret"
             secret = templates[mounts[directory]["secret"]["secretName"]]
             assert filename in secret["stringData"], f"the Secret template has no {filename}"
+
+
+def _bytes(quantity: str) -> int:
+    units = {
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
+    match = re.fullmatch(r"(\d+)([KMGT]i?)?", quantity)
+    assert match, quantity
+    return int(match.group(1)) * units.get(match.group(2) or "", 1)
+
+
+@PARAMS
+def test_jetstream_store_limit_fits_the_volume(kustomization: Path) -> None:
+    """A full JetStream refuses writes (the ingress answers 451); a full disk would corrupt it."""
+    manifests = render(kustomization)
+    conf = config_map_data(manifests, "nats-config")["nats.conf"]
+    (limit,) = re.findall(r"max_file_store: (\w+)", conf)
+    sts = one(manifests, "StatefulSet", "nats")
+    volume = sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert _bytes(limit) <= 0.95 * _bytes(volume)
