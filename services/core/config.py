@@ -231,8 +231,6 @@ class AccountConfig:
     # Event webhook: JSON batches POSTed here, signed with HMAC-SHA256 under webhook_secret.
     webhook_url: str = ""
     webhook_secret: str = ""
-    # Further pools the sender may pick per message with the X-Relais-Pool header.
-    pools: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -532,33 +530,6 @@ def _validate_bounce(bounce: BounceConfig) -> None:
         unknown = set(rule) - {"category", "code", "enhanced", "text"}
         if unknown or "category" not in rule:
             raise ConfigError(f"bounce.rules[{i}]: needs category, and only code, enhanced, text besides")
-
-
-def _validate_ingress(config: Config) -> None:
-    ingress = config.ingress
-    if ingress.from_header_check not in ("reject", "report"):
-        raise ConfigError("ingress.from_header_check: expected 'reject' or 'report'")
-    for i, listener in enumerate(ingress.listeners):
-        where = f"ingress.listeners[{i}]"
-        if listener.mode not in LISTENER_MODES:
-            raise ConfigError(f"{where}.mode: expected one of {', '.join(LISTENER_MODES)}")
-        if listener.mode == "implicit-tls" and not ingress.tls_cert_file:
-            raise ConfigError(f"{where}: implicit-tls needs ingress.tls_cert_file and tls_key_file")
-        if listener.mode == "implicit-tls" and listener.proxy_protocol:
-            raise ConfigError(f"{where}: PROXY protocol in front of implicit TLS is not supported")
-        if listener.listen.rpartition(":")[0] == "" or not listener.listen.rpartition(":")[2].isdigit():
-            raise ConfigError(f"{where}.listen: expected host:port")
-        if listener.mode == "inbound" and not (
-            ingress.local_domains or getattr(config.bounce, "return_path_domain", "")
-        ):
-            raise ConfigError(f"{where}: an inbound listener needs ingress.local_domains")
-    for net in ingress.relay_networks:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError as exc:
-            raise ConfigError(f"ingress.relay_networks: {net!r} is not a CIDR network") from exc
-    if ingress.relay_networks and not ingress.relay_networks_account:
-        raise ConfigError("ingress.relay_networks needs ingress.relay_networks_account")
 
 
 def split_server(server: str, default_port: int = 53) -> tuple[str, int]:
