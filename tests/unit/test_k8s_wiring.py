@@ -495,11 +495,12 @@ def test_dkim_keys_are_read_from_the_mounted_secret(kustomization: Path, tmp_pat
 
 
 def _bytes(quantity: str) -> int:
+    # Binary either way: nats-server may read "18G" as GiB, and the check must hold if it does.
     units = {
-        "K": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "T": 10**12,
+        "K": 2**10,
+        "M": 2**20,
+        "G": 2**30,
+        "T": 2**40,
         "Ki": 2**10,
         "Mi": 2**20,
         "Gi": 2**30,
