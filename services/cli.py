@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     from services.ingress.admin import add_arguments as account_arguments
 
     account_arguments(acct, cmd_account)
+
+    from services.admin.commands import register as register_admin
+
+    register_admin(sub)
     return parser
 
 

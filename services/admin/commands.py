@@ -1,0 +1,189 @@
+"""The admin commands of `relais`: status, message, trace, pause/resume, requeue, bounce-queue.
+
+All but `trace` talk to NATS only (`--nats-url` or the config's nats.url), so they work against
+any cluster from anywhere that reaches it. `trace` reads the local JSON-lines trace file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from services.core.bus import Bus, connect
+from services.core.config import Config, ConfigError, load_config, replace
+from services.core.pause import PAUSE_KINDS, PauseError, PauseState
+
+DEFAULT_TRACES = "relais-data/traces.jsonl"
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"relais: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    if getattr(args, "nats_url", None):
+        config = replace(config, nats={"url": args.nats_url})
+    return config
+
+
+def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[int]]) -> int:
+    config = _config(args)
+    # The transport logs reconnects and disconnects, which is noise on an operator's terminal.
+    logging.basicConfig(level=logging.ERROR)
+
+    async def main() -> int:
+        try:
+            bus = await asyncio.wait_for(
+                connect(config.nats, "relais-admin"), config.nats.connect_timeout + 3
+            )
+        except Exception as exc:
+            print(f"relais: cannot reach NATS at {config.nats.url}: {exc!r}", file=sys.stderr)
+            return 1
+        try:
+            return await action(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(main())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.admin.status import collect_status, render_status
+
+    async def action(bus: Bus) -> int:
+        status = await collect_status(bus, interval=args.interval, scan_sites=not args.no_scan)
+        print(render_status(status))
+        return 0
+
+    return _with_bus(args, action)
+
+
+def cmd_message(args: argparse.Namespace) -> int:
+    from services.admin.history import message_events, render_history
+
+    async def action(bus: Bus) -> int:
+        events = await message_events(bus.js, args.id)
+        print(render_history(args.id, events))
+        return 0 if events else 1
+
+    return _with_bus(args, action)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from services.admin.trace import load_spans, render_message, trace_files
+
+    path = args.file
+    if path is None:
+        try:
+            config = load_config(args.config)
+            path = config.telemetry.traces_file or DEFAULT_TRACES
+        except ConfigError:
+            path = DEFAULT_TRACES
+    files = trace_files(path)
+    if not files:
+        print(f'relais: no trace file at {path} (set telemetry.traces = "jsonl")', file=sys.stderr)
+        return 1
+    text = render_message(load_spans(files), args.id)
+    if text is None:
+        print(f"relais: no spans for {args.id} in {path}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    async def action(bus: Bus) -> int:
+        state = PauseState(bus.js)
+        try:
+            if args.command == "pause":
+                who = f"{getpass.getuser()}@{socket.gethostname()}"
+                await state.pause(args.kind, args.name, reason=args.reason or "", by=who)
+                print(f"paused {args.kind} {args.name}")
+            elif await state.resume(args.kind, args.name):
+                print(f"resumed {args.kind} {args.name}")
+            else:
+                print(f"{args.kind} {args.name} was not paused")
+        except PauseError as exc:
+            print(f"relais: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    return _with_bus(args, action)
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from services.admin.queue import requeue
+
+    async def action(bus: Bus) -> int:
+        done = await requeue(bus, args.site)
+        for job in done:
+            print(f"requeued {job.envelope.key}  {', '.join(job.envelope.recipients)}")
+        print(f"{len(done)} deferred job(s) for {args.site} requeued")
+        return 0
+
+    return _with_bus(args, action)
+
+
+def cmd_bounce_queue(args: argparse.Namespace) -> int:
+    from services.admin.queue import bounce_queue
+
+    async def action(bus: Bus) -> int:
+        done = await bounce_queue(bus, args.site, args.reason)
+        for job in done:
+            print(f"bounced {job.envelope.key}  {', '.join(job.envelope.recipients)}")
+        print(f"{len(done)} deferred job(s) for {args.site} bounced: {args.reason}")
+        return 0
+
+    return _with_bus(args, action)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML config file (default: $RELAIS_CONFIG)")
+    p.add_argument("--nats-url", help="override nats.url")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the admin subcommands to `relais`' parser."""
+    p = sub.add_parser("status", help="streams, consumer lag per pool, rates, deferred mail per site, pauses")
+    _common(p)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds to sample outcome rates (0: skip)")
+    p.add_argument("--no-scan", action="store_true", help="skip counting deferred mail per site")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("message", help="the history of one message: received, attempts, outcome, trace id")
+    _common(p)
+    p.add_argument("id", help="message id (as in `250 ... queued as <id>`)")
+    p.set_defaults(func=cmd_message)
+
+    p = sub.add_parser("trace", help="print the span tree of a message from the local trace file")
+    p.add_argument("id", help="message id or trace id")
+    p.add_argument("--config", "-c", default=None, help="config naming telemetry.traces_file")
+    p.add_argument("--file", "-f", type=Path, default=None, help=f"trace file (default: {DEFAULT_TRACES})")
+    p.set_defaults(func=cmd_trace)
+
+    for name, verb in (("pause", "stop sending"), ("resume", "resume sending")):
+        p = sub.add_parser(name, help=f"{verb} for a pool, source IP or site")
+        _common(p)
+        p.add_argument("kind", choices=PAUSE_KINDS)
+        p.add_argument("name")
+        if name == "pause":
+            p.add_argument("--reason", default="")
+        p.set_defaults(func=cmd_pause)
+
+    p = sub.add_parser("requeue", help="retry deferred mail for a site now ('all' for every site)")
+    _common(p)
+    p.add_argument("site", help="MX host (site) or recipient domain")
+    p.set_defaults(func=cmd_requeue)
+
+    p = sub.add_parser("bounce-queue", help="bounce deferred mail for a site, with a reason (DSNs are sent)")
+    _common(p)
+    p.add_argument("site", help="MX host (site) or recipient domain")
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_bounce_queue)

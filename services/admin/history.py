@@ -1,0 +1,105 @@
+"""`relais message <id>`: everything that happened to one message, from the events stream.
+
+Events carry the message id in their body, not in their subject (`relais.events.<account>.<kind>`),
+so the lookup is a scan with a filter. It starts at the message's own arrival time, read from its
+id (ids begin with the millisecond clock, see `envelope.new_message_id`), so it only reads events
+written after the message arrived, not the whole retention window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from services.core.events import Event
+from services.core.topology import EVENTS_STREAM, events_filter
+
+# How far before the id's timestamp the scan starts: clocks of ingress replicas differ a little.
+CLOCK_SLACK = 60.0
+
+
+def arrival_of(message_id: str) -> float | None:
+    """Epoch seconds encoded in a Relais message id, or None for something else."""
+    try:
+        ms = int(message_id[:11], 16)
+    except ValueError:
+        return None
+    seconds = ms / 1000
+    return seconds if 1e9 < seconds < 1e11 else None
+
+
+async def message_events(
+    js: JetStreamContext, message_id: str, *, idle: float = 0.5, limit: int = 1_000_000
+) -> list[Event]:
+    """Events of one message (or of a DSN about it), oldest first."""
+    arrival = arrival_of(message_id)
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    if arrival is not None:
+        start = datetime.fromtimestamp(max(0.0, arrival - CLOCK_SLACK), UTC)
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        )
+    sub = await js.subscribe(events_filter(), stream=EVENTS_STREAM, ordered_consumer=True, config=config)
+    found: list[Event] = []
+    try:
+        for _ in range(limit):
+            try:
+                msg = await sub.next_msg(timeout=idle)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            try:
+                event = Event.from_json(msg.data)
+            except (ValueError, TypeError):
+                continue
+            if event.message_id == message_id or event.detail.get("dsn_for") == message_id:
+                found.append(event)
+            pending = msg.metadata.num_pending if msg.metadata else 1
+            if pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def render_history(message_id: str, events: Sequence[Event]) -> str:
+    if not events:
+        return f"no events for {message_id}"
+    first = events[0]
+    lines = [
+        f"message {message_id}  account {first.account}  from <{first.sender}>",
+    ]
+    trace_ids = sorted({e.trace_id for e in events if e.trace_id})
+    if trace_ids:
+        lines.append(f"trace {', '.join(trace_ids)}   (relais trace {message_id})")
+    for e in events:
+        where = " ".join(
+            f"{k}={v}"
+            for k, v in (("pool", e.pool), ("site", e.site), ("mx", e.mx_host), ("source", e.source_ip))
+            if v
+        )
+        reply = ""
+        if e.reply:
+            reply = f'  "{e.reply.get("code")} {e.reply.get("enhanced")} {e.reply.get("text", "")}"'.rstrip()
+        attempt = f"  attempt {e.attempt}" if e.kind not in ("accepted",) and e.attempt else ""
+        retry = e.detail.get("retry_at")
+        retry_at = f"  next try {_when(float(retry))}" if retry else ""
+        rcpts = ", ".join(e.recipients)
+        lines.append(f"{_when(e.at)}  {e.kind:<10} {rcpts}{attempt}  {where}{reply}{retry_at}".rstrip())
+    finals = [e for e in events if e.kind in ("delivered", "bounced", "expired", "suppressed")]
+    if finals:
+        lines.append(f"final: {', '.join(sorted({e.kind for e in finals}))}")
+    elif any(e.kind == "deferred" for e in events):
+        lines.append("final: (still queued for retry)")
+    return "\n".join(lines)
+
+
+async def show_message(js: JetStreamContext, message_id: str) -> str:
+    return render_history(message_id, await message_events(js, message_id))

@@ -1,0 +1,133 @@
+"""Deferred mail, by site: `relais requeue` (try now) and `relais bounce-queue` (give up, with a DSN).
+
+A deferred job is a JetStream schedule message on `relais.retry.<stage>.<key>.<n>` carrying the
+whole envelope (see `services.core.schedule`). Both commands read those schedules directly from
+the streams (message get by subject, no consumer), act on the ones whose envelope is for the
+site, and only then delete the schedule:
+
+- requeue publishes the envelope to the schedule's own target subject now, keeping its
+  traceparent header, so the retry joins the message's trace like a fired schedule would;
+- bounce-queue publishes a BounceNotice with an administrative 5.0.0 reply; the bounce service
+  sends the DSN, records `bounced` events and releases the body.
+
+Publish first, delete second: a crash in between leaves a duplicate, never a lost message. If the
+schedule fires in that instant, the router's deliver publish is de-duplicated by its msg id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from nats.js.api import Header
+from nats.js.errors import NotFoundError
+
+from services.core import telemetry as t
+from services.core.bus import Bus
+from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDecodeError
+from services.core.outcome import Bounced, Reply
+from services.core.topology import bounce_subject, retry_filters
+
+ADMIN_COMMAND = "ADMIN"
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    stream: str
+    seq: int
+    subject: str
+    target: str
+    headers: dict[str, str]
+    envelope: Envelope
+
+
+def admin_bounce_reply(reason: str) -> Reply:
+    return Reply(550, "5.0.0", f"Bounced by the administrator: {reason or 'no reason given'}", ADMIN_COMMAND)
+
+
+def matches_site(env: Envelope, site: str) -> bool:
+    """A site is an MX host (after routing) or, for jobs deferred before MX resolution, the domain."""
+    site = site.lower().rstrip(".")
+    return site in ("*", "all") or site in (env.site.lower().rstrip("."), env.domain.lower().rstrip("."))
+
+
+async def scheduled_jobs(bus: Bus, limit: int = 1_000_000) -> AsyncIterator[Scheduled]:
+    """Every retry schedule currently stored, stream by stream, in sequence order."""
+    for stream, subject_filter in retry_filters():
+        seq = 1
+        for _ in range(limit):
+            try:
+                raw = await bus.js.get_msg(stream, seq=seq, subject=subject_filter, next=True)
+            except NotFoundError:
+                break
+            seq = (raw.seq or seq) + 1
+            headers = dict(raw.headers or {})
+            try:
+                env = Envelope.from_msgpack(raw.data or b"")
+            except EnvelopeDecodeError:
+                continue
+            target = headers.get(Header.SCHEDULE_TARGET, "")
+            if target:
+                yield Scheduled(stream, raw.seq or 0, raw.subject or "", target, headers, env)
+
+
+def _carried_headers(headers: dict[str, str]) -> dict[str, str]:
+    # The trace context travels on; the schedule's own NATS-* headers must not.
+    return {k: v for k, v in headers.items() if not k.lower().startswith("nats-")}
+
+
+async def requeue(bus: Bus, site: str) -> list[Scheduled]:
+    """Retry every deferred job for the site now; returns the jobs that were requeued."""
+    done: list[Scheduled] = []
+    async for job in scheduled_jobs(bus):
+        if not matches_site(job.envelope, site):
+            continue
+        await bus.publish(
+            job.target,
+            job.envelope.to_msgpack(),
+            msg_id=f"requeue-{job.stream}-{job.seq}",
+            headers=_carried_headers(job.headers),
+            attributes={t.MESSAGE_ID: job.envelope.id, t.SITE: job.envelope.site},
+        )
+        await bus.js.delete_msg(job.stream, job.seq)
+        done.append(job)
+    return done
+
+
+async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
+    """Bounce every deferred job for the site with an administrative reply (DSNs follow)."""
+    reply = admin_bounce_reply(reason)
+    done: list[Scheduled] = []
+    async for job in scheduled_jobs(bus):
+        env = job.envelope
+        if not matches_site(env, site):
+            continue
+        notice = BounceNotice(
+            envelope=env.with_attempt(Attempt(time.time(), reply)),
+            failures=tuple(Bounced(rcpt, reply) for rcpt in env.recipients),
+            releases_body=True,
+        )
+        await bus.publish(
+            bounce_subject(),
+            notice.to_msgpack(),
+            msg_id=f"bn-admin-{job.stream}-{job.seq}",
+            headers=_carried_headers(job.headers),
+            attributes={t.MESSAGE_ID: env.id, t.SITE: env.site},
+        )
+        await bus.js.delete_msg(job.stream, job.seq)
+        done.append(job)
+    return done
+
+
+async def deferred_by_site(bus: Bus, limit: int = 100_000) -> tuple[dict[str, int], bool]:
+    """Deferred recipients per site (for `relais status`); True when the scan hit the limit."""
+    counts: dict[str, int] = {}
+    seen = 0
+    async for job in scheduled_jobs(bus):
+        seen += 1
+        if seen > limit:
+            return counts, True
+        site = job.envelope.site or job.envelope.domain or "?"
+        counts[site] = counts.get(site, 0) + len(job.envelope.recipients)
+    return counts, False

@@ -1,0 +1,132 @@
+"""`relais status`: streams, consumers (lag per pool), outcome rates, deferred mail per site, pauses.
+
+Everything is read from NATS, so it works against any cluster. Rates are measured, not stored:
+the events stream's per-subject counts are sampled twice, `interval` seconds apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from services.admin.queue import deferred_by_site
+from services.core.bus import Bus
+from services.core.pause import Pause, PauseState
+from services.core.topology import (
+    EVENT_KINDS,
+    EVENTS_STREAM,
+    PREFIX,
+    SubjectError,
+    parse_event_subject,
+    pool_of_delivery_consumer,
+)
+
+RELAIS_STREAM_PREFIX = "RELAIS_"
+
+
+@dataclass
+class StreamRow:
+    name: str
+    messages: int
+    bytes: int
+    consumers: int
+
+
+@dataclass
+class ConsumerRow:
+    stream: str
+    name: str
+    pending: int
+    ack_pending: int
+    redelivered: int
+    waiting: int
+
+
+@dataclass
+class Status:
+    streams: list[StreamRow] = field(default_factory=list)
+    consumers: list[ConsumerRow] = field(default_factory=list)
+    rates: dict[str, float] = field(default_factory=dict)
+    interval: float = 0.0
+    deferred_sites: dict[str, int] = field(default_factory=dict)
+    deferred_truncated: bool = False
+    paused: list[Pause] = field(default_factory=list)
+
+
+async def _event_counts(bus: Bus) -> dict[str, int]:
+    info = await bus.js.stream_info(EVENTS_STREAM, subjects_filter=f"{PREFIX}.events.>")
+    counts = dict.fromkeys(EVENT_KINDS, 0)
+    for subject, n in (info.state.subjects or {}).items():
+        try:
+            _, kind = parse_event_subject(subject)
+        except SubjectError:
+            continue
+        counts[kind] += n
+    return counts
+
+
+async def collect_status(bus: Bus, *, interval: float = 1.0, scan_sites: bool = True) -> Status:
+    status = Status(interval=interval)
+    before = await _event_counts(bus)
+    if interval > 0:
+        await asyncio.sleep(interval)
+        after = await _event_counts(bus)
+        status.rates = {k: max(0, after[k] - before[k]) / interval for k in EVENT_KINDS}
+    for info in await bus.js.streams_info():
+        name = info.config.name or ""
+        if not name.startswith(RELAIS_STREAM_PREFIX):
+            continue
+        status.streams.append(
+            StreamRow(name, info.state.messages, info.state.bytes, info.state.consumer_count)
+        )
+        for c in await bus.js.consumers_info(name):
+            status.consumers.append(
+                ConsumerRow(
+                    name,
+                    c.name,
+                    c.num_pending or 0,
+                    c.num_ack_pending or 0,
+                    c.num_redelivered or 0,
+                    c.num_waiting or 0,
+                )
+            )
+    if scan_sites:
+        status.deferred_sites, status.deferred_truncated = await deferred_by_site(bus)
+    status.paused = await PauseState(bus.js).paused()
+    return status
+
+
+def render_status(status: Status) -> str:
+    out = ["STREAM              MESSAGES        BYTES  CONSUMERS"]
+    for s in sorted(status.streams, key=lambda s: s.name):
+        out.append(f"{s.name:<18} {s.messages:>9} {s.bytes:>12} {s.consumers:>10}")
+    out.append("")
+    out.append("CONSUMER                         LAG  ACK-PENDING  REDELIVERED  WAITING-PULLS")
+    for c in sorted(status.consumers, key=lambda c: (c.stream, c.name)):
+        label = (
+            f"{c.name} (pool {pool_of_delivery_consumer(c.name)})"
+            if c.name.startswith("delivery-")
+            else c.name
+        )
+        out.append(f"{label:<30} {c.pending:>5} {c.ack_pending:>12} {c.redelivered:>12} {c.waiting:>14}")
+    if status.rates:
+        out.append("")
+        rates = "  ".join(f"{k} {v:.1f}/s" for k, v in status.rates.items() if k != "complained" or v)
+        out.append(f"RATES (over {status.interval:.0f}s)  {rates}")
+    out.append("")
+    if status.deferred_sites:
+        note = " (scan truncated)" if status.deferred_truncated else ""
+        out.append(f"DEFERRED RECIPIENTS BY SITE{note}")
+        for site, n in sorted(status.deferred_sites.items(), key=lambda kv: (-kv[1], kv[0])):
+            out.append(f"  {site:<40} {n:>7}")
+    else:
+        out.append("DEFERRED: none")
+    out.append("")
+    if status.paused:
+        out.append("PAUSED")
+        for p in status.paused:
+            reason = f"  ({p.reason})" if p.reason else ""
+            out.append(f"  {p.kind:<7} {p.name}{reason}")
+    else:
+        out.append("PAUSED: nothing")
+    return "\n".join(out)
