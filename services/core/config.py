@@ -134,6 +134,21 @@ class DeliveryConfig:
     # Opportunistic STARTTLS: try TLS when offered, fall back to plaintext if the handshake fails.
     starttls: bool = True
     tls_verify: bool = False
+    # Extra CA bundle (PEM) trusted when a policy (MTA-STS enforce, tls_verify) checks certificates.
+    tls_ca_file: str = ""
+    # Shaping rules (TOML, see services/delivery/shaping_default.toml) merged over the built-in ones.
+    shaping_file: str = ""
+    # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
+    idle_timeout: float = 10.0
+    # A shaping slot further away than this is not waited for in memory: the job is re-scheduled.
+    max_shaping_wait: float = 20.0
+    # How often paused mail (pool, source or site paused) comes back to check whether it may go.
+    pause_recheck: float = 60.0
+    # MTA-STS (RFC 8461): look up and enforce published policies; the fetch URL is a template
+    # ({domain}) so tests can serve policies on loopback.
+    mta_sts: bool = True
+    mta_sts_url: str = "https://mta-sts.{domain}/.well-known/mta-sts.txt"
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +158,9 @@ class RetryConfig:
     max_delay: float = 3600.0
     jitter: float = 0.2
     max_age: float = 5 * 86400.0
+    # Send one "delayed" DSN when a message is still undelivered after this long; 0 = never.
+    delay_warning_after: float = 0.0
+
 
 
 @dataclass(frozen=True, kw_only=True)

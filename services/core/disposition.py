@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from services.core.bodies import BodyStore
@@ -27,6 +27,20 @@ from services.core.events import event_for, publish_event
 from services.core.outcome import EXPIRED, Bounced, Deferred, Delivered, Outcome, Reply
 from services.core.schedule import next_attempt_at, publish_at
 from services.core.topology import bounce_subject, route_retry_subject, route_subject
+
+# Envelope meta key set once the delayed-delivery warning went out, so it goes out once.
+DELAY_WARNED = "delay_warned"
+
+
+def wants_delay_warning(env: Envelope, retry: RetryConfig, now: float) -> bool:
+    """Whether this deferral is the first one past `retry.delay_warning_after` (0 = never)."""
+    return (
+        retry.delay_warning_after > 0
+        and env.kind != "dsn"
+        and bool(env.sender)
+        and now - env.received_at >= retry.delay_warning_after
+        and env.meta.get(DELAY_WARNED) != "1"
+    )
 
 
 def expiry_reply(last: Reply) -> Reply:
@@ -44,8 +58,12 @@ async def settle(
     source_ip: str = "",
     now: float | None = None,
     rng: random.Random | None = None,
+    facts: Mapping[str, object] | None = None,
 ) -> None:
+    """Publish every consequence of one attempt. `facts` (mx_address, tls_version, tls_cipher,
+    duration_ms) describe the SMTP attempt and go into its delivered/deferred events."""
     now = time.time() if now is None else now
+    extra = dict(facts or {})
     delivered = [o for o in outcomes if isinstance(o, Delivered)]
     deferred = [o for o in outcomes if isinstance(o, Deferred)]
     bounced = [o for o in outcomes if isinstance(o, Bounced)]
@@ -63,6 +81,21 @@ async def settle(
             deferred = []
         else:
             again = replace(attempted, recipients=tuple(o.recipient for o in deferred))
+            if wants_delay_warning(env, retry, now):
+                again = replace(again, meta={**again.meta, DELAY_WARNED: "1"})
+                warning = BounceNotice(
+                    envelope=attempted,
+                    failures=tuple(Bounced(o.recipient, o.reply, o.mx_host) for o in deferred),
+                    releases_body=False,
+                    delay_warning=True,
+                )
+                await bus.publish(
+                    bounce_subject(),
+                    warning.to_msgpack(),
+                    msg_id=f"dw-{key}",
+                    headers={"traceparent": env.trace_context} if env.trace_context else None,
+                    attributes={"relais.message_id": env.id},
+                )
             await publish_at(
                 bus,
                 schedule_subject=route_retry_subject(key, round_no),
@@ -82,6 +115,7 @@ async def settle(
                     mx_host=mx_host,
                     source_ip=source_ip,
                     detail={"retry_at": f"{at:.0f}"},
+                    **extra,
                 ),
                 msg_id=f"dfr-{key}-{round_no}",
             )
@@ -111,6 +145,7 @@ async def settle(
                 delivered[0].reply,
                 mx_host=mx_host,
                 source_ip=source_ip,
+                **extra,
             ),
             msg_id=f"dlv-{key}-{round_no}",
         )

@@ -116,6 +116,10 @@ class BounceNotice:
     expired: bool = False
     # False while other recipients of the same job are still being retried: the body stays.
     releases_body: bool = True
+    # True for a "still trying" notice (RFC 3464 action "delayed"): `failures` then hold the
+    # recipients still being retried with their last temporary reply; nothing failed for good,
+    # no bounced/expired event is due and the body must stay (releases_body is False).
+    delay_warning: bool = False
 
     def to_msgpack(self) -> bytes:
         wire = {
@@ -126,6 +130,7 @@ class BounceNotice:
             ],
             "expired": self.expired,
             "release": self.releases_body,
+            "delay": self.delay_warning,
         }
         return msgpack.packb(wire, use_bin_type=True)
 
@@ -141,6 +146,7 @@ class BounceNotice:
                 failures,
                 bool(wire.get("expired", False)),
                 bool(wire.get("release", True)),
+                bool(wire.get("delay", False)),
             )
         except (KeyError, TypeError) as exc:
             raise EnvelopeDecodeError(f"malformed bounce notice: {exc}") from exc

@@ -1,10 +1,19 @@
-"""The delivery service: pull jobs of the pools this worker serves, send them, settle outcomes."""
+"""The delivery service: pull jobs of the pools this worker serves, shape, send, settle outcomes.
+
+Per job: pick a usable source in the job's pool (the router's warm-up pin first), wait for the
+(source, site) shaping slot, send over a reused connection under the site's TLS policy, apply
+the outcome rewrite rules, record provider push-back, and settle. A job that may not go now
+(paused, or its slot is further away than `max_shaping_wait`) is re-scheduled to its own
+delivery subject with a JetStream message schedule, without counting an attempt.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -16,18 +25,35 @@ from services.core.config import Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
 from services.core.envelope import Envelope, EnvelopeDecodeError
+from services.core.outcome import NO_ROUTE, Deferred
 from services.core.returnpath import return_path
+from services.core.schedule import publish_at
 from services.core.telemetry import consumer_span
-from services.core.topology import delivery_binding
+from services.core.topology import (
+    deliver_retry_subject,
+    deliver_subject,
+    delivery_binding,
+    pool_of_deliver_subject,
+)
 from services.delivery.capture import capture
-from services.delivery.smtp_session import AttemptResult, SessionSettings, send_message
-from services.delivery.sources import pick_source, pool_sources
+from services.delivery.connections import ConnectionPool, Saturated
+from services.delivery.control import DeliveryControl
+from services.delivery.limits import SharedLimits
+from services.delivery.mta_sts import MtaSts
+from services.delivery.sending import AttemptResult, send_job
+from services.delivery.shaping import Shaping, load_shaping
+from services.delivery.smtp_session import SessionSettings, Source, client_tls_context
+from services.delivery.sources import SourceHealth, choose_source, pool_sources
+from services.delivery.tls_policy import tls_policy
 
 log = logging.getLogger(__name__)
 
+# Envelope meta set when a job was re-scheduled to a reserved shaping slot: "<source>|<site>|<time>".
+SLOT_META = "shaping_slot"
+
 
 class DeliveryService:
-    def __init__(self, config: Config, bus: Bus) -> None:
+    def __init__(self, config: Config, bus: Bus, *, shaping: Shaping | None = None) -> None:
         self._config = config
         self._bus = bus
         self._bodies = BodyStore(bus.js, config.nats.inline_body_max)
@@ -39,31 +65,64 @@ class DeliveryService:
             command_timeout=d.command_timeout,
             starttls=d.starttls,
             tls_verify=d.tls_verify,
+            tls_ca_file=d.tls_ca_file,
         )
         self._mailbox = Path(d.capture_dir)
+        self.shaping = shaping or load_shaping(d.shaping_file)
+        self.health = SourceHealth()
+        self.limits = SharedLimits(bus.js)
+        self.control = DeliveryControl(bus.js)
+        self.connections = ConnectionPool(
+            self.limits, self._settings, idle_timeout=d.idle_timeout, lease_wait=min(5.0, d.max_shaping_wait)
+        )
+        self._sts = MtaSts(
+            self._resolver,
+            url_template=d.mta_sts_url,
+            context=client_tls_context(True, d.tls_ca_file),
+            timeout=d.connect_timeout,
+        )
+
+    def serving(self) -> list[str]:
+        """The configured pools this host can send for: at least one source address binds here."""
+        pools = self._config.served_pools()
+        if self._config.delivery.mode == "capture":
+            return pools
+        self.health.probe(self._config, pools)
+        usable = [p for p in pools if self.health.usable(pool_sources(self._config, p))]
+        for pool in sorted(set(pools) - set(usable)):
+            log.warning("not serving pool %s: none of its source addresses can be bound on this host", pool)
+        return usable
 
     async def run(self, stop: asyncio.Event) -> None:
-        pools = self._config.served_pools()
+        pools = self.serving()
+        await self.control.start()
+        self.connections.start()
         per_pool = max(1, self._config.delivery.concurrency // max(1, len(pools)))
-        await asyncio.gather(
-            *(
-                transport.consume(
-                    self._bus,
-                    delivery_binding(pool),
-                    self.handle,
-                    concurrency=per_pool,
-                    stop=stop,
-                    ack_wait=self._config.nats.ack_wait,
+        try:
+            await asyncio.gather(
+                *(
+                    transport.consume(
+                        self._bus,
+                        delivery_binding(pool),
+                        self.handle,
+                        concurrency=per_pool,
+                        stop=stop,
+                        ack_wait=self._config.nats.ack_wait,
+                    )
+                    for pool in pools
                 )
-                for pool in pools
             )
-        )
+        finally:
+            await self.connections.close()
+            await self.control.stop()
 
     async def handle(self, msg: Msg) -> None:
         try:
             env = Envelope.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
             raise transport.Poison(str(exc)) from exc
+        if not env.pool:
+            env = replace(env, pool=pool_of_deliver_subject(msg.subject))
         attrs = {
             "relais.message_id": env.id,
             "relais.job_id": env.job_id,
@@ -82,36 +141,140 @@ class DeliveryService:
             body = env.meta.get("dkim", "").encode() + body
             started = time.monotonic()
             result = await self._attempt(env, body)
+            if result is None:
+                span.set_attribute("relais.outcome", "postponed")
+                return
+            duration_ms = int((time.monotonic() - started) * 1000)
             span.set_attribute("relais.mx_host", result.mx_host)
-            span.set_attribute("relais.duration_ms", int((time.monotonic() - started) * 1000))
-            if result.tls:
-                span.set_attribute("tls.protocol.version", result.tls)
-            kinds = sorted({o.kind for o in result.outcomes})
-            span.set_attribute("relais.outcome", ",".join(kinds))
+            span.set_attribute("relais.source_ip", result.source_ip)
+            span.set_attribute("relais.duration_ms", duration_ms)
+            if result.tls_version:
+                span.set_attribute("tls.protocol.version", result.tls_version)
+            outcomes = [self.shaping.rewrite(o) for o in result.outcomes]
+            span.set_attribute("relais.outcome", ",".join(sorted({o.kind for o in outcomes})))
             await settle(
                 self._bus,
                 self._bodies,
                 self._config.retry,
                 env,
-                result.outcomes,
+                outcomes,
                 mx_host=result.mx_host,
                 source_ip=result.source_ip,
+                facts={
+                    "mx_address": result.address,
+                    "tls_version": result.tls_version,
+                    "tls_cipher": result.tls_cipher,
+                    "duration_ms": duration_ms,
+                },
             )
 
-    async def _attempt(self, env: Envelope, body: bytes) -> AttemptResult:
+    async def _attempt(self, env: Envelope, body: bytes) -> AttemptResult | None:
+        """One delivery attempt, or None when the job was re-scheduled instead (paused, shaped)."""
         if self._config.delivery.mode == "capture":
             outcomes = await asyncio.to_thread(capture, self._mailbox, env, body)
             return AttemptResult(outcomes, mx_host="mailbox")
-        source = pick_source(pool_sources(self._config, env.pool))
-        result = await send_message(
-            resolver=self._resolver,
-            mx_hosts=env.mx_hosts,
-            # VERP return path when configured (async bounces map back to message and recipient).
-            sender=return_path(self._config.bounce, env),
-            recipients=env.recipients,
-            body=body,
-            source=source,
-            settings=self._settings,
-        )
-        result.source_ip = source.address
+        d = self._config.delivery
+        if self.control.paused("pool", env.pool) or self.control.paused("site", env.site):
+            await self._postpone(env, time.time() + d.pause_recheck, "paused")
+            return None
+        site = self.shaping.site_for(env.site, env.domain, env.mx_hosts[0] if env.mx_hosts else "")
+        if site != env.site and self.control.paused("site", site):
+            await self._postpone(env, time.time() + d.pause_recheck, "paused")
+            return None
+        candidates = [
+            (s, w)
+            for s, w in self.health.usable(pool_sources(self._config, env.pool))
+            if not self.control.paused("source", s.address)
+        ]
+        slot_source, slot_site, slot_at = _parse_slot(env.meta.get(SLOT_META, ""))
+        source = choose_source(candidates, slot_source or env.meta.get("source", ""))
+        if source is None:
+            await self._postpone(env, time.time() + d.pause_recheck, "no usable source")
+            return None
+        limits = self.shaping.limits(site, source.address)
+        backoff = self.control.backoff(source.address, site)
+        interval = max(limits.message_interval(), backoff.interval() if backoff else 0.0)
+        holds_slot = slot_source == source.address and slot_site == site and slot_at <= time.time() + 1.0
+        # A job coming back for the slot it reserved goes now: reserving again would push every
+        # waiting job further out for ever once the queue is longer than max_shaping_wait.
+        if interval > 0 and not holds_slot:
+            slot = await self.limits.reserve("msg", source.address, site, interval)
+            wait = slot - time.time()
+            if wait > d.max_shaping_wait:
+                slot_meta = f"{source.address}|{site}|{slot:.3f}"
+                await self._postpone(env, slot, "shaping", {SLOT_META: slot_meta})
+                return None
+            if wait > 0:
+                await asyncio.sleep(wait)
+        sts = await self._sts.policy(env.domain) if d.mta_sts and env.domain else None
+        policy = tls_policy(site_requires=limits.require_tls, verify_always=d.tls_verify, sts=sts)
+        try:
+            result = await send_job(
+                self.connections,
+                self._resolver,
+                env.mx_hosts,
+                sender=return_path(self._config.bounce, env),
+                recipients=env.recipients,
+                body=body,
+                source=source,
+                site=site,
+                limits=limits,
+                policy=policy,
+            )
+        except Saturated as exc:
+            await self._postpone(env, time.time() + exc.retry_after, "connection limit")
+            return None
+        if result.bind_failed:
+            self.health.mark_unhealthy(source.address, "bind failed on connect")
+        await self._push_back(source, site, result)
         return result
+
+    async def _push_back(self, source: Source, site: str, result: AttemptResult) -> None:
+        for reply in result.remote_replies:
+            if not reply.is_transient:
+                continue
+            rule = self.shaping.pushback_for(reply, site)
+            if rule is not None:
+                await self.control.push_back(source.address, site, rule, reply)
+                # Consume one slot at the reduced rate now, so the next message waits its turn.
+                await self.limits.reserve(
+                    "msg", source.address, site, 60.0 / max(rule.messages_per_minute, 0.01)
+                )
+                return
+
+    async def _postpone(
+        self, env: Envelope, at: float, reason: str, meta: dict[str, str] | None = None
+    ) -> None:
+        """Come back at `at` on the pool's own subject; the attempt count does not change.
+
+        Re-publishing the same schedule subject replaces the schedule, so a redelivered job
+        that is postponed again leaves a single copy.
+        """
+        again = replace(env, meta={**env.meta, **(meta or {})}) if meta else env
+        if not meta and SLOT_META in again.meta:
+            again = replace(again, meta={k: v for k, v in again.meta.items() if k != SLOT_META})
+        if time.time() - env.received_at > self._config.retry.max_age:
+            # Paused or throttled past the maximum queue age: it expires like any undeliverable job.
+            reply = env.attempts[-1].reply if env.attempts else NO_ROUTE
+            deferred = [Deferred(r, reply) for r in env.recipients]
+            await settle(self._bus, self._bodies, self._config.retry, env, deferred)
+            return
+        log.debug("job %s postponed (%s) until %.0f", env.key, reason, at)
+        await publish_at(
+            self._bus,
+            schedule_subject=deliver_retry_subject(env.key, env.attempt_count),
+            target_subject=deliver_subject(env.pool),
+            payload=again.to_msgpack(),
+            at=max(at, time.time() + 1.0),
+            headers={"traceparent": env.trace_context} if env.trace_context else None,
+            attributes={"relais.message_id": env.id, "relais.postponed": reason},
+        )
+
+
+def _parse_slot(value: str) -> tuple[str, str, float]:
+    source, _, rest = value.partition("|")
+    site, _, at = rest.partition("|")
+    try:
+        return source, site, float(at) if at else math.inf
+    except ValueError:
+        return "", "", math.inf

@@ -1,20 +1,24 @@
-"""One SMTP transaction to a destination, with per-recipient outcomes and MX failover.
+"""SMTP client sessions: open a connection from a source IP, honour the TLS policy, run
+transactions with per-recipient outcomes, and stay reusable (RSET) for the next message.
 
-Protocol only: which host to try and what each reply means; no JetStream here.
+Protocol only: which replies mean what; no JetStream, no shaping here. Errors are typed by what
+the caller does next: `TryNextHost` (this MX cannot take it now: the next one may) versus a
+transaction result with per-recipient outcomes.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
-import dns.asyncresolver
 
-from services.core import dns as relais_dns
-from services.core.outcome import NO_ROUTE, Deferred, Outcome, Reply, outcome_for
+from services.core.outcome import Deferred, Outcome, Reply, outcome_for
+from services.delivery.tls_policy import TLS_FAILED, TLS_NOT_OFFERED, TlsPolicy
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +38,36 @@ class SessionSettings:
     command_timeout: float = 300.0
     starttls: bool = True
     tls_verify: bool = False
+    tls_ca_file: str = ""
+
+
+class TryNextHost(Exception):
+    """This host could not take the message now (connection failure, TLS policy, 4xx before RCPT).
+
+    `remote` says whether the reply came from the server (push-back rules apply) or from Relais.
+    `bind_failed` means the local source address could not be used at all.
+    """
+
+    def __init__(self, reply: Reply, *, remote: bool = False, bind_failed: bool = False) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.remote = remote
+        self.bind_failed = bind_failed
 
 
 @dataclass
-class AttemptResult:
+class TransactionResult:
     outcomes: list[Outcome]
-    mx_host: str = ""
-    address: str = ""
-    tls: str = ""
-    source_ip: str = ""
-    notes: list[str] = field(default_factory=list)
+    # Replies the server sent in this transaction that were not 2xx (push-back candidates).
+    remote_replies: list[Reply] = field(default_factory=list)
+    # The connection is not fit for another message (lost, timed out, or the server said 421).
+    broken: bool = False
 
 
-class _TryNextHost(Exception):
-    """This host could not take the message now (connection failure or a 4xx before RCPT)."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-
-
-def _client_tls_context(verify: bool) -> ssl.SSLContext:
+def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
     ctx = ssl.create_default_context()
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
     if not verify:
         # Opportunistic TLS (RFC 7435): encrypt even when the certificate cannot be checked.
         ctx.check_hostname = False
@@ -68,44 +80,97 @@ def _reply_of(exc: aiosmtplib.SMTPResponseException, command: str) -> Reply:
     return Reply.parse(exc.code, exc.message, command)
 
 
-async def send_message(
-    *,
-    resolver: dns.asyncresolver.Resolver,
-    mx_hosts: Sequence[str],
-    sender: str,
-    recipients: Sequence[str],
-    body: bytes,
-    source: Source,
-    settings: SessionSettings,
-) -> AttemptResult:
-    """Try MX hosts in order (each of their addresses in turn) until one gives a verdict."""
-    last = NO_ROUTE
-    notes: list[str] = []
-    for host in mx_hosts:
+_LOST = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError)
+
+
+class Connection:
+    """One open SMTP session from `source` to `address` (MX `host`), good for several messages."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP, source: Source, host: str, address: str) -> None:
+        self.smtp = smtp
+        self.source = source
+        self.host = host
+        self.address = address
+        self.tls_version = ""
+        self.tls_cipher = ""
+        self.verified = False
+        self.sent = 0
+        self.opened_at = time.monotonic()
+        self.last_used = self.opened_at
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp.is_connected
+
+    def satisfies(self, policy: TlsPolicy) -> bool:
+        if policy.require and not self.tls_version:
+            return False
+        return not (policy.verify and not self.verified)
+
+    async def transact(self, sender: str, recipients: Sequence[str], body: bytes) -> TransactionResult:
+        """MAIL, RCPT per recipient, DATA. Raises TryNextHost for a 4xx to MAIL."""
+        smtp, host = self.smtp, self.host
+        remote: list[Reply] = []
         try:
-            addresses = await relais_dns.addresses(resolver, host)
-        except relais_dns.DnsTemporaryError as exc:
-            notes.append(f"{host}: {exc}")
-            last = Reply(451, "4.4.3", f"Cannot resolve MX host {host}", "CONNECT")
-            continue
-        for address in addresses:
             try:
-                return await _transaction(address, host, sender, recipients, body, source, settings)
-            except _TryNextHost as exc:
-                notes.append(f"{host}[{address}]: {exc.reply}")
-                last = exc.reply
-    return AttemptResult([Deferred(r, last) for r in recipients], notes=notes)
+                await smtp.mail(sender or "")
+            except aiosmtplib.SMTPResponseException as exc:
+                reply = _reply_of(exc, "MAIL")
+                if reply.is_permanent:
+                    return TransactionResult([outcome_for(r, reply, host) for r in recipients], [reply])
+                raise TryNextHost(reply, remote=True) from exc
+            outcomes: dict[str, Outcome] = {}
+            accepted: list[str] = []
+            for rcpt in recipients:
+                try:
+                    await smtp.rcpt(rcpt)
+                    accepted.append(rcpt)
+                except aiosmtplib.SMTPResponseException as exc:
+                    reply = _reply_of(exc, "RCPT")
+                    remote.append(reply)
+                    outcomes[rcpt] = outcome_for(rcpt, reply, host)
+                    if exc.code == 421:  # the server is closing: the rest cannot be tried here
+                        for rest in recipients[len(accepted) + len(outcomes) :]:
+                            outcomes[rest] = Deferred(rest, reply, host)
+                        break
+            if accepted:
+                try:
+                    response = await smtp.data(body)
+                    reply = Reply.parse(response.code, response.message, "DATA")
+                except aiosmtplib.SMTPResponseException as exc:
+                    reply = _reply_of(exc, "DATA")
+                    remote.append(reply)
+                for rcpt in accepted:
+                    outcomes[rcpt] = outcome_for(rcpt, reply, host)
+            self.sent += 1
+            self.last_used = time.monotonic()
+            broken = any(r.code == 421 for r in remote)
+            return TransactionResult([outcomes[r] for r in recipients], remote, broken)
+        except _LOST as exc:
+            # Lost mid-transaction: nothing was confirmed, so every recipient is retried later.
+            reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", "DATA")
+            return TransactionResult([Deferred(r, reply, host) for r in recipients], remote, broken=True)
+
+    async def reset(self) -> bool:
+        """RSET between messages on a reused connection; False when it is no longer usable."""
+        try:
+            await self.smtp.rset(timeout=min(30.0, self.smtp.timeout or 30.0))
+            return True
+        except (aiosmtplib.SMTPException, *_LOST):
+            return False
+
+    async def close(self) -> None:
+        try:
+            if self.smtp.is_connected:
+                await self.smtp.quit(timeout=5)
+        except Exception:
+            self.smtp.close()
 
 
-async def _transaction(
-    address: str,
-    host: str,
-    sender: str,
-    recipients: Sequence[str],
-    body: bytes,
-    source: Source,
-    settings: SessionSettings,
-) -> AttemptResult:
+async def open_connection(
+    address: str, host: str, source: Source, settings: SessionSettings, policy: TlsPolicy
+) -> Connection:
+    """Connect from the source IP, EHLO, and STARTTLS as the policy demands; raises TryNextHost."""
     smtp = aiosmtplib.SMTP(
         hostname=address,
         port=settings.port,
@@ -117,54 +182,72 @@ async def _transaction(
     )
     try:
         await smtp.connect(timeout=settings.connect_timeout)
-    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-        code = getattr(exc, "code", 421)
-        raise _TryNextHost(
-            Reply(code if 400 <= code < 500 else 421, "4.4.1", f"connect failed: {exc}", "CONNECT")
+    except aiosmtplib.SMTPConnectResponseError as exc:
+        reply = Reply.parse(exc.code, exc.message, "CONNECT")
+        raise TryNextHost(
+            reply if reply.code >= 400 else Reply(421, "4.4.1", str(exc), "CONNECT"), remote=True
         ) from exc
-    tls = ""
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        bind_failed = isinstance(cause, OSError) and cause.errno in (errno.EADDRNOTAVAIL, errno.EINVAL)
+        raise TryNextHost(
+            Reply(421, "4.4.1", f"connect to {host}[{address}] failed: {exc}", "CONNECT"),
+            bind_failed=bind_failed,
+        ) from exc
+    conn = Connection(smtp, source, host, address)
     try:
         try:
             await smtp.ehlo()
-            if settings.starttls and smtp.supports_extension("starttls"):
-                await smtp.starttls(
-                    tls_context=_client_tls_context(settings.tls_verify), server_hostname=host
-                )
-                ssl_obj = smtp.get_transport_info("ssl_object")
-                if ssl_obj is not None:
-                    cipher = ssl_obj.cipher()
-                    tls = f"{ssl_obj.version()} {cipher[0] if cipher else ''}".strip()
-            await smtp.mail(sender or "")
         except aiosmtplib.SMTPResponseException as exc:
-            reply = _reply_of(exc, "MAIL")
-            if reply.is_permanent:
-                return AttemptResult([outcome_for(r, reply, host) for r in recipients], host, address, tls)
-            raise _TryNextHost(reply) from exc
+            raise TryNextHost(_reply_of(exc, "EHLO"), remote=True) from exc
+        if not host or not policy.allows_host(host):
+            raise TryNextHost(Reply(451, "4.7.5", f"{host} is not allowed by the TLS policy", "CONNECT"))
+        offered = smtp.supports_extension("starttls")
+        if policy.require and not offered:
+            raise TryNextHost(TLS_NOT_OFFERED)
+        if offered and (settings.starttls or policy.require):
+            verify = policy.verify
+            try:
+                await smtp.starttls(
+                    tls_context=client_tls_context(verify, settings.tls_ca_file), server_hostname=host
+                )
+            except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+                if policy.require:
+                    raise TryNextHost(
+                        Reply(
+                            TLS_FAILED.code,
+                            TLS_FAILED.enhanced_status,
+                            f"{TLS_FAILED.text}: {exc}",
+                            "STARTTLS",
+                        )
+                    ) from exc
+                # Opportunistic: the handshake failed, so start again in plaintext on a new connection.
+                log.info("STARTTLS to %s[%s] failed (%r); retrying in plaintext", host, address, exc)
+                smtp.close()
+                return await open_connection(address, host, source, _without_starttls(settings), policy)
+            ssl_obj = smtp.get_transport_info("ssl_object")
+            if ssl_obj is not None:
+                cipher = ssl_obj.cipher()
+                conn.tls_version = ssl_obj.version() or ""
+                conn.tls_cipher = cipher[0] if cipher else ""
+                conn.verified = verify
+    except TryNextHost:
+        await conn.close()
+        raise
+    except _LOST as exc:
+        conn.smtp.close()
+        raise TryNextHost(
+            Reply(421, "4.4.2", f"{host}[{address}] lost during greeting: {exc!r}", "EHLO")
+        ) from exc
+    return conn
 
-        outcomes: dict[str, Outcome] = {}
-        accepted: list[str] = []
-        for rcpt in recipients:
-            try:
-                await smtp.rcpt(rcpt)
-                accepted.append(rcpt)
-            except aiosmtplib.SMTPResponseException as exc:
-                outcomes[rcpt] = outcome_for(rcpt, _reply_of(exc, "RCPT"), host)
-        if accepted:
-            try:
-                response = await smtp.data(body)
-                reply = Reply.parse(response.code, response.message, "DATA")
-            except aiosmtplib.SMTPResponseException as exc:
-                reply = _reply_of(exc, "DATA")
-            for rcpt in accepted:
-                outcomes[rcpt] = outcome_for(rcpt, reply, host)
-        return AttemptResult([outcomes[r] for r in recipients], host, address, tls)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError) as exc:
-        # Lost mid-transaction: nothing was confirmed, so every recipient is retried later.
-        reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc}", "DATA")
-        return AttemptResult([Deferred(r, reply, host) for r in recipients], host, address, tls)
-    finally:
-        try:
-            if smtp.is_connected:
-                await smtp.quit(timeout=5)
-        except Exception:
-            smtp.close()
+
+def _without_starttls(settings: SessionSettings) -> SessionSettings:
+    return SessionSettings(
+        port=settings.port,
+        connect_timeout=settings.connect_timeout,
+        command_timeout=settings.command_timeout,
+        starttls=False,
+        tls_verify=settings.tls_verify,
+        tls_ca_file=settings.tls_ca_file,
+    )

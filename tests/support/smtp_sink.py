@@ -84,12 +84,20 @@ def _tcp_port_free(host: str, port: int) -> bool:
     return True
 
 
+class _CountingSMTP(SMTP):
+    """aiosmtpd's SMTP that tells the sink when its connection ends (for peak concurrency)."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.event_handler.count_disconnection()
+
+
 class _SinkController(Controller):
     """Controller that counts accepted connections: aiosmtpd builds one SMTP per connection."""
 
     def factory(self) -> SMTP:
         self.handler.count_connection()
-        return super().factory()
+        return _CountingSMTP(self.handler, **self.SMTP_kwargs)
 
 
 class SMTPSink:
@@ -119,11 +127,15 @@ class SMTPSink:
         self.require_tls = require_tls
         self.messages: list[ReceivedMessage] = []
         self.tempfail_data = 0
+        # What a tempfailed DATA is answered with (e.g. a provider's 421 throttling text).
+        self.tempfail_reply = TEMPFAIL_REPLY
         self.data_reply: str | None = None
         self.rcpt_replies: dict[str, str] = {}
         self.rcpt_default: str | None = None
         self.delay_data = 0.0
         self.connections = 0
+        self.open_sessions = 0
+        self.peak_sessions = 0  # most client connections open at the same time
         self.data_commands = 0  # DATA commands that reached the handler, accepted or not.
         self._lock = threading.Lock()
         self._controller: _SinkController | None = None
@@ -148,6 +160,8 @@ class SMTPSink:
         # Controller.start() connects once to check readiness; that is not a client.
         with self._lock:
             self.connections = 0
+            self.open_sessions = 0
+            self.peak_sessions = 0
 
     def stop(self) -> None:
         controller, self._controller = self._controller, None
@@ -157,6 +171,12 @@ class SMTPSink:
     def count_connection(self) -> None:
         with self._lock:
             self.connections += 1
+            self.open_sessions += 1
+            self.peak_sessions = max(self.peak_sessions, self.open_sessions)
+
+    def count_disconnection(self) -> None:
+        with self._lock:
+            self.open_sessions = max(0, self.open_sessions - 1)
 
     def clear(self) -> None:
         """Forget received messages and counters, keeping the programmed behaviour."""
@@ -228,7 +248,7 @@ class SMTPSink:
         with self._lock:
             if self.tempfail_data > 0:
                 self.tempfail_data -= 1
-                return TEMPFAIL_REPLY
+                return self.tempfail_reply
         if self.data_reply is not None:
             return self.data_reply
         peer: Any = session.peer

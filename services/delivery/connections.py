@@ -1,0 +1,186 @@
+"""Connection reuse per (source IP, MX address), within the shaping limits of (source, site).
+
+A connection is checked out for one transaction and checked back in afterwards: RSET, then it
+waits idle for the next message to the same MX from the same source, until it reached the
+site's `messages_per_connection` or sat idle for `delivery.idle_timeout`. Opening a connection
+takes a cluster-wide lease (the site's `connections` cap) and a new-connection rate slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+
+from services.delivery.limits import Lease, SharedLimits
+from services.delivery.shaping import Limits
+from services.delivery.smtp_session import Connection, SessionSettings, Source, open_connection
+from services.delivery.tls_policy import TlsPolicy
+
+log = logging.getLogger(__name__)
+
+_LEASE_POLL = 0.2
+
+
+class Saturated(Exception):
+    """Every connection (source, site) may have is busy, here or on other workers: try later."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"connection limit reached; retry in {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
+class ConnectionPool:
+    def __init__(
+        self,
+        limits: SharedLimits,
+        settings: SessionSettings,
+        *,
+        idle_timeout: float = 10.0,
+        lease_wait: float = 5.0,
+    ) -> None:
+        self._limits = limits
+        self._settings = settings
+        self._idle_timeout = idle_timeout
+        self._lease_wait = lease_wait
+        self._idle: dict[tuple[str, str], list[Connection]] = defaultdict(list)
+        self._site_of: dict[int, tuple[str, str]] = {}
+        self._leases: dict[int, Lease] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.opened = 0  # connections opened, for benchmarks and metrics
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._housekeeping())
+
+    async def checkout(
+        self, source: Source, site: str, host: str, address: str, limits: Limits, policy: TlsPolicy
+    ) -> Connection:
+        """A connection to `address` from `source`: an idle one when fit, else a new one.
+
+        At the site's connection cap this waits (up to `lease_wait`) for a connection to come
+        back idle, or for a lease to free up anywhere in the cluster; then gives up: Saturated.
+        """
+        deadline = time.monotonic() + self._lease_wait
+        while True:
+            conn = await self._reuse(source, host, address, limits, policy)
+            if conn is not None:
+                return conn
+            lease = (
+                await self._limits.acquire_lease(source.address, site, limits.connections)
+                if (limits.connections > 0)
+                else None
+            )
+            if lease is not None or limits.connections <= 0:
+                return await self._open(source, site, host, address, limits, policy, lease)
+            # Our own idle connections to another MX of the site hold leases we can free.
+            if await self._close_one_idle(source.address, site, keep=address):
+                continue
+            if time.monotonic() >= deadline:
+                raise Saturated(max(self._lease_wait, 5.0))
+            await asyncio.sleep(_LEASE_POLL)
+
+    async def _reuse(
+        self, source: Source, host: str, address: str, limits: Limits, policy: TlsPolicy
+    ) -> Connection | None:
+        idle = self._idle.get((source.address, address))
+        while idle:
+            conn = idle.pop()
+            if (
+                conn.alive
+                and conn.host == host
+                and conn.satisfies(policy)
+                and (limits.messages_per_connection <= 0 or conn.sent < limits.messages_per_connection)
+                and (conn.sent == 0 or await conn.reset())
+            ):
+                return conn
+            log.debug("idle connection to %s[%s] not reusable (sent %d)", conn.host, conn.address, conn.sent)
+            await self._discard(conn)
+        return None
+
+    async def _open(
+        self,
+        source: Source,
+        site: str,
+        host: str,
+        address: str,
+        limits: Limits,
+        policy: TlsPolicy,
+        lease: Lease | None,
+    ) -> Connection:
+        try:
+            interval = limits.connection_interval()
+            if interval > 0:
+                slot = await self._limits.reserve("conn", source.address, site, interval)
+                wait = slot - time.time()
+                if wait > self._lease_wait:
+                    raise Saturated(wait)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            conn = await open_connection(address, host, source, self._settings, policy)
+        except BaseException:
+            if lease is not None:
+                await self._limits.release(lease)
+            raise
+        self.opened += 1
+        log.debug("opened connection %s -> %s[%s] for site %s", source.address, host, address, site)
+        self._site_of[id(conn)] = (source.address, site)
+        if lease is not None:
+            self._leases[id(conn)] = lease
+        return conn
+
+    async def checkin(self, conn: Connection, limits: Limits, *, reusable: bool) -> None:
+        spent = limits.messages_per_connection > 0 and conn.sent >= limits.messages_per_connection
+        if not reusable or spent or not conn.alive:
+            log.debug("closing connection to %s[%s] after %d message(s)", conn.host, conn.address, conn.sent)
+            await self._discard(conn)
+            return
+        conn.last_used = time.monotonic()
+        self._idle[(conn.source.address, conn.address)].append(conn)
+
+    async def _close_one_idle(self, source: str, site: str, keep: str) -> bool:
+        for conns in self._idle.values():
+            for conn in conns:
+                if self._site_of.get(id(conn)) == (source, site) and conn.address != keep:
+                    conns.remove(conn)
+                    await self._discard(conn)
+                    return True
+        return False
+
+    async def _discard(self, conn: Connection) -> None:
+        await conn.close()
+        self._site_of.pop(id(conn), None)
+        lease = self._leases.pop(id(conn), None)
+        if lease is not None:
+            await self._limits.release(lease)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self._idle_timeout / 2))
+            try:
+                await self._sweep()
+            except Exception as exc:  # NATS away while renewing: try again next round
+                log.warning("connection housekeeping failed: %r", exc)
+
+    async def _sweep(self) -> None:
+        now = time.monotonic()
+        for key, conns in list(self._idle.items()):
+            for conn in [c for c in conns if now - c.last_used > self._idle_timeout or not c.alive]:
+                conns.remove(conn)
+                await self._discard(conn)
+            if not conns:
+                self._idle.pop(key, None)
+        for lease in list(self._leases.values()):
+            if lease.until - time.time() < 40.0:
+                await self._limits.renew(lease)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for conns in list(self._idle.values()):
+            for conn in conns:
+                await self._discard(conn)
+        self._idle.clear()

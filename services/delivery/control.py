@@ -1,0 +1,128 @@
+"""What every delivery worker must know at once: pauses and provider push-back back-offs.
+
+Both live in the `relais-delivery-control` KV bucket. Each worker keeps a local copy current
+through a KV watch, so checking them costs nothing per message; setting one is a KV put that
+every other worker sees within a moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import msgpack
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from services.core.outcome import Reply
+from services.core.pause import PauseError, pause_key
+from services.core.topology import DELIVERY_CONTROL_BUCKET
+from services.delivery.shaping import Pushback
+
+log = logging.getLogger(__name__)
+
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def backoff_key(source: str, site: str) -> str:
+    return f"backoff.{_KEY_SAFE.sub('_', source.lower()) or '_'}.{_KEY_SAFE.sub('_', site.lower()) or '_'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """(source, site) pushed back: at most `messages_per_minute` until `until`."""
+
+    until: float
+    messages_per_minute: float
+    rule: str
+    reply: str
+
+    def interval(self) -> float:
+        return 60.0 / self.messages_per_minute if self.messages_per_minute > 0 else 60.0
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb([self.until, self.messages_per_minute, self.rule, self.reply])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Backoff:
+        until, rate, rule, reply = msgpack.unpackb(data)
+        return cls(float(until), float(rate), str(rule), str(reply))
+
+
+class DeliveryControl:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._kv: KeyValue | None = None
+        self._values: dict[str, bytes] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - startup deadline
+        self._kv = await self._js.key_value(DELIVERY_CONTROL_BUCKET)
+        self._task = asyncio.create_task(self._watch())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _watch(self) -> None:
+        assert self._kv is not None
+        while True:
+            try:
+                watcher = await self._kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        self._ready.set()
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self._values.pop(entry.key, None)
+                    else:
+                        self._values[entry.key] = entry.value
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # NATS away: keep the last known state and watch again (the watch replays it all).
+                log.warning("delivery control watch failed, restarting: %r", exc)
+                await asyncio.sleep(1.0)
+
+    def paused(self, kind: str, name: str) -> bool:
+        try:
+            return bool(name) and pause_key(kind, name) in self._values
+        except PauseError:
+            return False  # a name that cannot be paused is not paused
+
+    def backoff(self, source: str, site: str, now: float | None = None) -> Backoff | None:
+        raw = self._values.get(backoff_key(source, site))
+        if not raw:
+            return None
+        try:
+            state = Backoff.from_bytes(raw)
+        except Exception:
+            return None
+        return state if state.until > (time.time() if now is None else now) else None
+
+    async def push_back(self, source: str, site: str, rule: Pushback, reply: Reply) -> Backoff:
+        """Record a push-back for every worker; also effective here at once."""
+        state = Backoff(time.time() + rule.duration, rule.messages_per_minute, rule.name, str(reply))
+        key = backoff_key(source, site)
+        self._values[key] = state.to_bytes()
+        assert self._kv is not None
+        await self._kv.put(key, state.to_bytes())
+        log.warning(
+            "push-back from %s for source %s: %s; backing off for %.0fs at %g/min (rule %s)",
+            site,
+            source or "-",
+            reply,
+            rule.duration,
+            rule.messages_per_minute,
+            rule.name,
+        )
+        return state

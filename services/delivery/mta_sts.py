@@ -1,0 +1,133 @@
+"""MTA-STS (RFC 8461): discover, fetch, cache and parse a recipient domain's TLS policy.
+
+Discovery is the `_mta-sts.<domain>` TXT record ("v=STSv1; id=..."); the policy itself comes
+over HTTPS with a verified certificate from a URL template (`delivery.mta_sts_url`, normally
+https://mta-sts.{domain}/.well-known/mta-sts.txt) so tests can serve it on loopback. A policy
+is cached until its max_age and re-fetched when the TXT id changes; a failed refresh keeps the
+cached policy (section 5.1), and no policy at all means opportunistic TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import dns.asyncresolver
+
+from services.core import dns as relais_dns
+
+log = logging.getLogger(__name__)
+
+MAX_POLICY_BYTES = 64 * 1024
+MAX_AGE_CAP = 31557600  # RFC 8461: at most one year
+
+
+@dataclass(frozen=True, slots=True)
+class StsPolicy:
+    mode: str  # "enforce" | "testing" | "none"
+    mx: tuple[str, ...]
+    max_age: int
+    id: str = ""
+
+
+class PolicyError(ValueError):
+    """A policy file that is not a valid STSv1 policy."""
+
+
+def parse_txt(records: list[str]) -> str | None:
+    """The policy id of the single STSv1 TXT record, or None (none, or several: section 3.1)."""
+    found = [r for r in records if r.replace(" ", "").startswith("v=STSv1;") or r.strip() == "v=STSv1"]
+    if len(found) != 1:
+        return None
+    fields = dict(part.strip().split("=", 1) for part in found[0].split(";") if "=" in part and part.strip())
+    return fields.get("id") or None
+
+
+def parse_policy(text: str, policy_id: str = "") -> StsPolicy:
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), []).append(value.strip())
+    if fields.get("version") != ["STSv1"]:
+        raise PolicyError("version is not STSv1")
+    mode = (fields.get("mode") or [""])[0]
+    if mode not in ("enforce", "testing", "none"):
+        raise PolicyError(f"unknown mode {mode!r}")
+    try:
+        max_age = int((fields.get("max_age") or [""])[0])
+    except ValueError as exc:
+        raise PolicyError("max_age is not a number") from exc
+    mx = tuple(fields.get("mx", ()))
+    if mode != "none" and not mx:
+        raise PolicyError("no mx patterns")
+    return StsPolicy(mode, mx, min(max(max_age, 0), MAX_AGE_CAP), policy_id)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # Section 3.3: "HTTP 3xx redirects MUST NOT be followed".
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _fetch(url: str, context: ssl.SSLContext, timeout: float) -> str:
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect)
+    with opener.open(url, timeout=timeout) as response:
+        if response.status != 200:
+            raise PolicyError(f"HTTP {response.status}")
+        ctype = response.headers.get("Content-Type", "")
+        if not ctype.lower().startswith("text/plain"):
+            raise PolicyError(f"content type {ctype!r} is not text/plain")
+        return response.read(MAX_POLICY_BYTES + 1)[:MAX_POLICY_BYTES].decode("utf-8", "replace")
+
+
+class MtaSts:
+    """Per-worker policy cache. `policy(domain)` never raises: trouble means "no policy"."""
+
+    def __init__(
+        self,
+        resolver: dns.asyncresolver.Resolver,
+        *,
+        url_template: str,
+        context: ssl.SSLContext,
+        timeout: float = 10.0,
+    ) -> None:
+        self._resolver = resolver
+        self._url = url_template
+        self._context = context
+        self._timeout = timeout
+        self._cache: dict[str, tuple[StsPolicy, float]] = {}
+
+    def _cached(self, domain: str, now: float) -> StsPolicy | None:
+        hit = self._cache.get(domain)
+        if hit is None or now - hit[1] > hit[0].max_age:
+            return None
+        return hit[0]
+
+    async def policy(self, domain: str) -> StsPolicy | None:
+        domain = domain.lower().rstrip(".")
+        now = time.time()
+        cached = self._cached(domain, now)
+        try:
+            records = await relais_dns.query(self._resolver, f"_mta-sts.{domain}", "TXT")
+        except relais_dns.DnsTemporaryError:
+            return cached
+        txts = [b"".join(r.strings).decode("utf-8", "replace") for r in records or []]  # type: ignore[attr-defined]
+        policy_id = parse_txt(txts)
+        if policy_id is None:
+            return cached
+        if cached is not None and cached.id == policy_id:
+            return cached
+        url = self._url.format(domain=domain)
+        try:
+            text = await asyncio.to_thread(_fetch, url, self._context, self._timeout)
+            policy = parse_policy(text, policy_id)
+        except Exception as exc:
+            log.warning("MTA-STS policy of %s from %s unusable: %r", domain, url, exc)
+            return cached
+        self._cache[domain] = (policy, now)
+        return policy

@@ -1,0 +1,111 @@
+"""One delivery attempt of a job: MX hosts in order, each of their addresses in turn, over pooled
+connections, until one host gives a verdict for every recipient.
+
+Protocol and connection choice only: no JetStream. The caller has already taken the shaping
+slot; this module takes the connection (lease, reuse) and reports what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dns.asyncresolver
+
+from services.core import dns as relais_dns
+from services.core.outcome import NO_ROUTE, Deferred, Outcome, Reply
+from services.delivery.connections import ConnectionPool
+from services.delivery.shaping import Limits
+from services.delivery.smtp_session import Source, TryNextHost
+from services.delivery.tls_policy import MX_NOT_IN_POLICY, TlsPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttemptResult:
+    outcomes: list[Outcome]
+    mx_host: str = ""
+    address: str = ""
+    tls_version: str = ""
+    tls_cipher: str = ""
+    source_ip: str = ""
+    # Non-2xx replies the remote servers sent (push-back rules look at these, never at ours).
+    remote_replies: list[Reply] = field(default_factory=list)
+    bind_failed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+async def send_job(
+    pool: ConnectionPool,
+    resolver: dns.asyncresolver.Resolver,
+    mx_hosts: Sequence[str],
+    *,
+    sender: str,
+    recipients: Sequence[str],
+    body: bytes,
+    source: Source,
+    site: str,
+    limits: Limits,
+    policy: TlsPolicy,
+) -> AttemptResult:
+    """Deliver to the first MX that answers; every recipient gets its own outcome."""
+    last = NO_ROUTE
+    remote: list[Reply] = []
+    notes: list[str] = []
+    bind_failed = False
+    for host in mx_hosts:
+        if not policy.allows_host(host):
+            notes.append(f"{host}: not in the MTA-STS policy")
+            last = MX_NOT_IN_POLICY
+            continue
+        try:
+            addresses = await relais_dns.addresses(resolver, host)
+        except relais_dns.DnsTemporaryError as exc:
+            notes.append(f"{host}: {exc}")
+            last = Reply(451, "4.4.3", f"Cannot resolve MX host {host}", "CONNECT")
+            continue
+        for address in addresses:
+            try:
+                conn = await pool.checkout(source, site, host, address, limits, policy)
+            except TryNextHost as exc:
+                notes.append(f"{host}[{address}]: {exc.reply}")
+                last = exc.reply
+                if exc.remote:
+                    remote.append(exc.reply)
+                if exc.bind_failed:
+                    bind_failed = True
+                    break
+                continue
+            try:
+                done = await conn.transact(sender, recipients, body)
+            except TryNextHost as exc:
+                await pool.checkin(conn, limits, reusable=False)
+                notes.append(f"{host}[{address}]: {exc.reply}")
+                last = exc.reply
+                remote.append(exc.reply)
+                continue
+            except BaseException:
+                await pool.checkin(conn, limits, reusable=False)
+                raise
+            await pool.checkin(conn, limits, reusable=not done.broken)
+            return AttemptResult(
+                done.outcomes,
+                mx_host=host,
+                address=address,
+                tls_version=conn.tls_version,
+                tls_cipher=conn.tls_cipher,
+                source_ip=source.address,
+                remote_replies=remote + done.remote_replies,
+                notes=notes,
+            )
+        if bind_failed:
+            break
+    return AttemptResult(
+        [Deferred(r, last) for r in recipients],
+        source_ip=source.address,
+        remote_replies=remote,
+        bind_failed=bind_failed,
+        notes=notes,
+    )

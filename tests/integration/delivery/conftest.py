@@ -1,0 +1,111 @@
+"""A Relais stack for delivery scenarios: loopback DNS zone, MX sinks, source IPs, shaping files.
+
+Zone:
+  acme.test    MX 10 mx.acme.test  (127.0.0.9)  - the sender's domain: DSNs land here
+  alpha.test   MX 10 mx.alpha.test (127.0.0.2)  - the router names its site "alpha.test"
+  beta.test    MX 10 mx.beta.test  (127.0.0.3)
+
+Sinks listen on 127.0.0.2-9; the pools' source IPs are 127.0.0.2x, so a sink's peer address
+names the source a message left from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.core.config import PoolConfig, SourceConfig
+from services.core.embedded import EmbeddedNats
+from tests.support.dns_server import DNSServer
+from tests.support.relais import RelaisStack, asubmit, make_config, message
+
+DOMAINS = {"alpha.test": "127.0.0.2", "beta.test": "127.0.0.3"}
+SENDER_MX = "127.0.0.9"
+SOURCE_A = "127.0.0.21"
+SOURCE_B = "127.0.0.22"
+UNBINDABLE = "192.0.2.77"  # TEST-NET-1: never an address of this host
+
+
+@pytest.fixture
+def zone(dns_server: DNSServer) -> DNSServer:
+    dns_server.add("acme.test", "MX", "10 mx.acme.test.")
+    dns_server.add("mx.acme.test", "A", SENDER_MX)
+    for domain, ip in DOMAINS.items():
+        dns_server.add(domain, "MX", f"10 mx.{domain}.")
+        dns_server.add(f"mx.{domain}", "A", ip)
+    return dns_server
+
+
+def pools(*addresses: str) -> dict[str, PoolConfig]:
+    return {
+        "default": PoolConfig(
+            sources=[SourceConfig(address=a, ehlo=f"out-{a[-2:]}.relais.test") for a in addresses]
+        )
+    }
+
+
+@pytest.fixture
+def shaping_file(tmp_path: Path) -> Callable[[str], str]:
+    def write(text: str) -> str:
+        path = tmp_path / f"shaping-{len(list(tmp_path.glob('shaping-*')))}.toml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+@pytest.fixture
+def make_stack(nats_server: EmbeddedNats, zone: DNSServer, sink_port: int) -> Any:
+    """make_stack(services=(...), **config sections) -> a started RelaisStack; all stopped at teardown."""
+    stacks: list[RelaisStack] = []
+
+    async def make(services: tuple[str, ...] = ("ingress", "router", "delivery", "bounce"), **sections: Any):
+        sections.setdefault("pools", pools(SOURCE_A))
+        delivery = {
+            "pause_recheck": 1.0,
+            "max_shaping_wait": 5.0,
+            "idle_timeout": 5.0,
+            **sections.pop("delivery", {}),
+        }
+        config = make_config(
+            nats_url=nats_server.url, dns_port=zone.port, smtp_port=sink_port, delivery=delivery, **sections
+        )
+        stack = RelaisStack(config)
+        stacks.append(stack)
+        await stack.start(services)
+        return stack
+
+    make.stacks = stacks  # type: ignore[attr-defined]
+    return make
+
+
+@pytest.fixture(autouse=True)
+async def _stop_made_stacks(make_stack: Any) -> AsyncIterator[None]:
+    yield
+    for s in reversed(make_stack.stacks):
+        await s.stop()
+
+
+async def submit_many(stack: RelaisStack, count: int, recipient: str = "r{i}@alpha.test", **kw: Any) -> None:
+    for i in range(count):
+        code, _ = await asubmit(
+            stack.smtp_address, recipients=[recipient.format(i=i)], data=message(subject=f"m{i}"), **kw
+        )
+        assert code == 250
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most arrivals within any `window` seconds (a count, not a speed)."""
+    times = sorted(times)
+    best = 0
+    for i, start in enumerate(times):
+        best = max(best, sum(1 for t in times[i:] if t < start + window))
+    return best
+
+
+async def settle_for(seconds: float) -> None:
+    await asyncio.sleep(seconds)

@@ -1,0 +1,38 @@
+"""Several messages per connection (RSET between), capped by messages_per_connection and connections."""
+
+from __future__ import annotations
+
+from tests.integration.delivery.conftest import submit_many
+from tests.support.relais import wait_for_events
+
+ONE_CONNECTION = """
+[site."alpha.test"]
+connections = 1
+messages_per_connection = 100
+"""
+
+TWO_PER_CONNECTION = """
+[site."alpha.test"]
+connections = 1
+messages_per_connection = 2
+"""
+
+
+async def test_messages_share_one_connection(make_stack, make_sink, shaping_file) -> None:
+    sink = make_sink("127.0.0.2")
+    stack = await make_stack(delivery={"shaping_file": shaping_file(ONE_CONNECTION)})
+    await submit_many(stack, 6)
+    got = await sink.async_wait_for(6)
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted(f"r{i}@alpha.test" for i in range(6))
+    assert sink.connections == 1, "one connection carried every message"
+    assert sink.peak_sessions <= 1
+    await wait_for_events(stack.config.nats.url, "delivered", 6)
+
+
+async def test_connection_is_replaced_after_its_message_budget(make_stack, make_sink, shaping_file) -> None:
+    sink = make_sink("127.0.0.2")
+    stack = await make_stack(delivery={"shaping_file": shaping_file(TWO_PER_CONNECTION)})
+    await submit_many(stack, 6)
+    await sink.async_wait_for(6)
+    assert sink.connections == 3, "two messages per connection"
+    assert sink.peak_sessions <= 1, "never more than the site's one connection at a time"

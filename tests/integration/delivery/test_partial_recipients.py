@@ -1,0 +1,38 @@
+"""Some recipients accepted, some refused for good, some for now: each gets its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.support.relais import asubmit, message, read_events, wait_for_events
+
+
+async def test_each_recipient_gets_its_outcome_and_accepted_ones_are_never_retried(
+    make_stack, make_sink
+) -> None:
+    sink = make_sink("127.0.0.2")
+    make_sink("127.0.0.9")  # the sender's MX, where the DSN for bad@ lands
+    sink.rcpt_replies = {
+        "bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user",
+        "later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy",
+    }
+    stack = await make_stack()
+    rcpts = ["good@alpha.test", "bad@alpha.test", "later@alpha.test"]
+    assert (await asubmit(stack.smtp_address, recipients=rcpts, data=message()))[0] == 250
+
+    (first,) = await sink.async_wait_for(1)
+    assert first.rcpt_tos == ["good@alpha.test"]
+    (deferred,) = await wait_for_events(stack.config.nats.url, "deferred", 1)
+    assert deferred.recipients == ["later@alpha.test"]
+    (bounced,) = await wait_for_events(stack.config.nats.url, "bounced", 1)
+    assert bounced.recipients == ["bad@alpha.test"] and bounced.reply["enhanced"] == "5.1.1"
+
+    del sink.rcpt_replies["later@alpha.test"]
+    got = await sink.async_wait_for(2)
+    assert got[1].rcpt_tos == ["later@alpha.test"], "the retry carries only the deferred recipient"
+    await asyncio.sleep(2.5)
+    delivered = [r for m in sink.messages for r in m.rcpt_tos]
+    assert sorted(delivered) == ["good@alpha.test", "later@alpha.test"], "each delivered exactly once"
+    events = await read_events(stack.config.nats.url)
+    to_alpha = [r for e in events if e.kind == "delivered" for r in e.recipients if r.endswith("@alpha.test")]
+    assert sorted(to_alpha) == sorted(delivered), "(the DSN to the sender is delivered too)"

@@ -1,0 +1,35 @@
+"""TLS: opportunistic STARTTLS to a TLS-only MX, and a per-site require-TLS rule against a plaintext one."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.support.relais import asubmit, message, wait_for_events
+
+REQUIRE_TLS = """
+[site."alpha.test"]
+require_tls = true
+"""
+
+
+async def test_tls_only_sink_gets_the_message_over_tls_and_the_event_says_so(
+    make_stack, make_sink, pki
+) -> None:
+    sink = make_sink("127.0.0.2", tls_context=pki.server_context(), require_tls=True)
+    stack = await make_stack()
+    assert (await asubmit(stack.smtp_address, recipients=["s@alpha.test"], data=message()))[0] == 250
+    (got,) = await sink.async_wait_for(1)
+    assert got.tls
+    (event,) = await wait_for_events(stack.config.nats.url, "delivered", 1)
+    assert event.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert event.tls_cipher
+
+
+async def test_site_requiring_tls_is_never_sent_plaintext(make_stack, make_sink, shaping_file) -> None:
+    sink = make_sink("127.0.0.2")  # offers no STARTTLS
+    stack = await make_stack(delivery={"shaping_file": shaping_file(REQUIRE_TLS)})
+    assert (await asubmit(stack.smtp_address, recipients=["p@alpha.test"], data=message()))[0] == 250
+    deferred = await wait_for_events(stack.config.nats.url, "deferred", 2)
+    assert {e.reply["enhanced"] for e in deferred} == {"4.7.10"}
+    await asyncio.sleep(0.5)
+    assert sink.messages == [] and sink.data_commands == 0

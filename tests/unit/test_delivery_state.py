@@ -1,0 +1,82 @@
+"""Pure parts of cross-replica shaping state, source choice, and the delay-warning contract."""
+
+from __future__ import annotations
+
+import time
+
+from services.core.config import RetryConfig
+from services.core.disposition import DELAY_WARNED, wants_delay_warning
+from services.core.envelope import BodyRef, BounceNotice, Envelope
+from services.core.outcome import Bounced, Reply
+from services.core.pause import parse_pause_key, pause_key
+from services.delivery.control import Backoff, backoff_key
+from services.delivery.limits import lease_key, next_slot, slot_key
+from services.delivery.smtp_session import Source
+from services.delivery.sources import choose_source
+
+
+def test_gcra_spaces_slots_by_the_interval_and_never_goes_back_in_time() -> None:
+    slot, after = next_slot(tat=0.0, now=100.0, interval=2.0)
+    assert (slot, after) == (100.0, 102.0)
+    slot, after = next_slot(tat=after, now=100.5, interval=2.0)
+    assert (slot, after) == (102.0, 104.0)
+    slot, _ = next_slot(tat=104.0, now=200.0, interval=2.0)
+    assert slot == 200.0, "an idle period is not saved up as a burst"
+
+
+def test_keys_are_valid_kv_keys_for_ipv4_ipv6_and_host_names() -> None:
+    assert slot_key("msg", "192.0.2.1", "google") == "msg.192_0_2_1.google"
+    assert slot_key("conn", "2001:db8::1", "mx.a.test") == "conn.2001_db8__1.mx_a_test"
+    assert slot_key("msg", "", "x") == "msg._.x"
+    assert lease_key("192.0.2.1", "google", 3) == "lease.192_0_2_1.google.3"
+    assert backoff_key("192.0.2.1", "mx.a.test") == "backoff.192_0_2_1.mx_a_test"
+
+
+def test_backoff_round_trips() -> None:
+    state = Backoff(time.time() + 60, 6.0, "generic-throttle", "421 4.7.0 slow down")
+    assert Backoff.from_bytes(state.to_bytes()) == state
+    assert state.interval() == 10.0
+
+
+def test_pause_keys_round_trip() -> None:
+    assert parse_pause_key(pause_key("site", "google")) == ("site", "google")
+    assert parse_pause_key(pause_key("source", "2001:db8::1")) == ("source", "2001:db8::1")
+
+
+def test_pinned_source_is_used_when_usable_else_a_weighted_pick() -> None:
+    a, b = Source("192.0.2.1", "a.test"), Source("192.0.2.2", "b.test")
+    assert choose_source([(a, 1), (b, 1)], pinned="192.0.2.2") == b
+    assert choose_source([(a, 1)], pinned="192.0.2.2") == a
+    assert choose_source([], pinned="192.0.2.2") is None
+
+
+def _env(**kw) -> Envelope:
+    kw.setdefault("sender", "s@a.test")
+    return Envelope(
+        id="m1",
+        recipients=("r@b.test",),
+        account="acme",
+        sender_domain="a.test",
+        body=BodyRef(size=1, inline=b"x"),
+        **kw,
+    )
+
+
+def test_delay_warning_goes_once_after_the_configured_age_and_never_by_default() -> None:
+    now = 10_000.0
+    warn = RetryConfig(delay_warning_after=3600.0)
+    assert not wants_delay_warning(_env(received_at=now - 7200), RetryConfig(), now)
+    assert not wants_delay_warning(_env(received_at=now - 60), warn, now)
+    assert wants_delay_warning(_env(received_at=now - 7200), warn, now)
+    assert not wants_delay_warning(_env(received_at=now - 7200, meta={DELAY_WARNED: "1"}), warn, now)
+    assert not wants_delay_warning(_env(received_at=now - 7200, kind="dsn"), warn, now)
+    assert not wants_delay_warning(_env(received_at=now - 7200, sender=""), warn, now)
+
+
+def test_bounce_notice_carries_the_delay_warning_flag() -> None:
+    notice = BounceNotice(
+        _env(), (Bounced("r@b.test", Reply(451, "4.3.0", "later")),), releases_body=False, delay_warning=True
+    )
+    back = BounceNotice.from_msgpack(notice.to_msgpack())
+    assert back.delay_warning and not back.releases_body and back.failures == notice.failures
+    assert not BounceNotice.from_msgpack(BounceNotice(_env(), ()).to_msgpack()).delay_warning

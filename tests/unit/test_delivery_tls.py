@@ -1,0 +1,67 @@
+"""MTA-STS parsing and the TLS policy a delivery runs under."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.delivery.mta_sts import PolicyError, StsPolicy, parse_policy, parse_txt
+from services.delivery.tls_policy import mx_matches, tls_policy
+
+POLICY = "\r\n".join(
+    [
+        "version: STSv1",
+        "mode: enforce",
+        "mx: mx.example.test",
+        "mx: *.backup.example.test",
+        "max_age: 86400",
+        "",
+    ]
+)
+
+
+def test_txt_record_gives_the_policy_id_only_when_there_is_exactly_one() -> None:
+    assert parse_txt(["v=STSv1; id=20261201T000000;"]) == "20261201T000000"
+    assert parse_txt(["v=spf1 -all", "v=STSv1; id=abc"]) == "abc"
+    assert parse_txt(["v=STSv1; id=a", "v=STSv1; id=b"]) is None
+    assert parse_txt([]) is None
+
+
+def test_policy_file_is_parsed() -> None:
+    policy = parse_policy(POLICY, "abc")
+    assert policy == StsPolicy("enforce", ("mx.example.test", "*.backup.example.test"), 86400, "abc")
+    assert parse_policy("version: STSv1\nmode: none\nmax_age: 10\n").mode == "none"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version: STSv2\nmode: enforce\nmx: a\nmax_age: 1\n",
+        "version: STSv1\nmode: strict\nmx: a\nmax_age: 1\n",
+        "version: STSv1\nmode: enforce\nmax_age: 1\n",
+        "version: STSv1\nmode: enforce\nmx: a\nmax_age: soon\n",
+    ],
+)
+def test_invalid_policies_are_refused(text: str) -> None:
+    with pytest.raises(PolicyError):
+        parse_policy(text)
+
+
+def test_mx_patterns_match_one_label_wildcards() -> None:
+    assert mx_matches("mx.example.test", "mx.example.test")
+    assert mx_matches("MX.Example.Test.", "mx.example.test")
+    assert mx_matches("a.backup.example.test", "*.backup.example.test")
+    assert not mx_matches("a.b.backup.example.test", "*.backup.example.test")
+    assert not mx_matches("backup.example.test", "*.backup.example.test")
+    assert not mx_matches("evil-mx.example.test", "mx.example.test")
+
+
+def test_policy_precedence() -> None:
+    assert not tls_policy(site_requires=False, verify_always=False, sts=None).require
+    site = tls_policy(site_requires=True, verify_always=False, sts=None)
+    assert site.require and not site.verify and site.origin == "site"
+    enforce = tls_policy(site_requires=False, verify_always=False, sts=parse_policy(POLICY))
+    assert enforce.require and enforce.verify and enforce.origin == "mta-sts"
+    assert enforce.allows_host("mx.example.test") and not enforce.allows_host("mx.evil.test")
+    testing = StsPolicy("testing", ("mx.example.test",), 60)
+    relaxed = tls_policy(site_requires=False, verify_always=False, sts=testing)
+    assert not relaxed.require and relaxed.allows_host("anything.test"), "testing mode only reports"
