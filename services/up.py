@@ -89,11 +89,14 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
+        # Each service gets its own loopback port for /healthz, /readyz and /metrics.
+        http = {name: f"127.0.0.1:{free_port()}" for name in ("router", "delivery", "bounce", "ingress")}
         for name in ("router", "delivery", "bounce", "ingress"):
             log = open(logs_dir / f"{name}.log", "ab")
+            child_env = dict(env, RELAIS_TELEMETRY__HTTP_LISTEN=http[name])
             children.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "services.cli", name], env=env, stdout=log, stderr=log
+                    [sys.executable, "-m", "services.cli", name], env=child_env, stdout=log, stderr=log
                 )
             )
         host, _, port = config.ingress.listen.rpartition(":")
@@ -110,6 +113,9 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
         print(f"           --auth-password '{secret}' \\")
         print("           --from you@example.com --to someone@example.net")
         print("  then:  relais mailbox list   |   relais mailbox show <id>")
+        print(f"         relais message <id> --nats-url {nats.url}   |   relais trace <id>")
+        print(f"         relais status --nats-url {nats.url}")
+        print("  metrics: " + "  ".join(f"{name} http://{addr}/metrics" for name, addr in http.items()))
         print("Ctrl-C stops everything.", flush=True)
         while not stopping:
             for child in children:

@@ -80,6 +80,8 @@ async def collect_status(bus: Bus, *, interval: float = 1.0, scan_sites: bool = 
             StreamRow(name, info.state.messages, info.state.bytes, info.state.consumer_count)
         )
         for c in await bus.js.consumers_info(name):
+            if not c.config.durable_name:
+                continue  # someone's ephemeral reader (e.g. `relais message`), not a queue
             status.consumers.append(
                 ConsumerRow(
                     name,
@@ -101,14 +103,14 @@ def render_status(status: Status) -> str:
     for s in sorted(status.streams, key=lambda s: s.name):
         out.append(f"{s.name:<18} {s.messages:>9} {s.bytes:>12} {s.consumers:>10}")
     out.append("")
-    out.append("CONSUMER                         LAG  ACK-PENDING  REDELIVERED  WAITING-PULLS")
+    out.append(f"{'CONSUMER':<34} {'LAG':>7} {'ACK-PENDING':>12} {'REDELIVERED':>12} {'WAITING-PULLS':>14}")
     for c in sorted(status.consumers, key=lambda c: (c.stream, c.name)):
         label = (
             f"{c.name} (pool {pool_of_delivery_consumer(c.name)})"
             if c.name.startswith("delivery-")
             else c.name
         )
-        out.append(f"{label:<30} {c.pending:>5} {c.ack_pending:>12} {c.redelivered:>12} {c.waiting:>14}")
+        out.append(f"{label:<34} {c.pending:>7} {c.ack_pending:>12} {c.redelivered:>12} {c.waiting:>14}")
     if status.rates:
         out.append("")
         rates = "  ".join(f"{k} {v:.1f}/s" for k, v in status.rates.items() if k != "complained" or v)
