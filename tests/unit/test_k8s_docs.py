@@ -87,7 +87,7 @@ def test_install_creates_the_nats_secret_keys_the_manifests_read() -> None:
     created = {f"{key}-password" for key in loop.split()}
     (template,) = [s for s in secret_templates() if s["metadata"]["name"] == "relais-nats"]
     assert created == set(template["stringData"])
-    for name in ("relais-ingress-tls", "relais-dkim"):
+    for name in ("relais-ingress-tls", "relais-dkim", "relais-verp"):
         assert f"secret tls {name}" in install or f"secret generic {name}" in install
 
 

@@ -61,7 +61,7 @@ def effective_config(manifests: list[Manifest], workload: Manifest, tmp_path: Pa
     }
     for name, entry in env_of(_main_container(workload)).items():
         if name.startswith("RELAIS_") and "valueFrom" in entry:
-            env[name] = "from-a-secret"
+            env[name] = "a-secret-value-from-a-kubernetes-secret"
     env["RELAIS_CONFIG"] = str(path)
     return load_config(None, env)
 
@@ -520,3 +520,18 @@ def test_jetstream_store_limit_fits_the_volume(kustomization: Path) -> None:
     sts = one(manifests, "StatefulSet", "nats")
     volume = sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
     assert _bytes(limit) <= 0.95 * _bytes(volume)
+
+
+@PARAMS
+def test_verp_secrets_reach_only_the_services_that_sign_and_verify(
+    kustomization: Path, tmp_path: Path
+) -> None:
+    manifests = render(kustomization)
+    verp: dict[str, set[bool]] = {}
+    for workload in relais_workloads(manifests):
+        component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component in ("ingress", "router"):
+            assert "RELAIS_BOUNCE__VERP_SECRETS" not in env_of(_main_container(workload))
+        verp.setdefault(component, set()).add(effective_config(manifests, workload, tmp_path).bounce.verp)
+    # Delivery signs return paths and bounce verifies them: on for both, or off for both.
+    assert len(verp["delivery"] | verp["bounce"]) == 1
