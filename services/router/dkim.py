@@ -48,6 +48,10 @@ DEFAULT_HEADERS = (
 OVERSIGNED = ("from", "subject", "date")
 
 
+class SigningError(Exception):
+    """The message cannot be signed (dkimpy cannot parse its header)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SigningKey:
     domain: str
@@ -158,13 +162,16 @@ def sign(message: bytes, keys: Iterable[SigningKey]) -> str:
     fields: list[str] = []
     for key in keys:
         include = headers_to_sign(present, key.headers or DEFAULT_HEADERS)
-        signer = dkim.DKIM(message, signature_algorithm=key.algorithm.encode())
-        field = signer.sign(
-            key.selector.encode(),
-            key.domain.encode(),
-            key.private,
-            canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=[h.encode() for h in include],
-        )
+        try:
+            signer = dkim.DKIM(message, signature_algorithm=key.algorithm.encode())
+            field = signer.sign(
+                key.selector.encode(),
+                key.domain.encode(),
+                key.private,
+                canonicalize=(b"relaxed", b"relaxed"),
+                include_headers=[h.encode() for h in include],
+            )
+        except dkim.DKIMException as exc:
+            raise SigningError(f"{key.domain} {key.selector}: {exc}") from exc
         fields.append(field.decode())
     return "".join(fields)

@@ -125,7 +125,12 @@ class RouterService:
         if not keys:
             return env
         # RSA signing and hashing a large body take CPU: keep the event loop free.
-        signature = await asyncio.to_thread(dkim.sign, body, keys)
+        try:
+            signature = await asyncio.to_thread(dkim.sign, body, keys)
+        except dkim.SigningError as exc:
+            # A message dkimpy cannot parse goes out unsigned rather than being retried for ever.
+            log.warning("message %s not DKIM-signed: %s", env.id, exc)
+            return env
         return replace(env, meta={**env.meta, META_DKIM: signature})
 
     async def _suppressed(self, env: Envelope) -> Mapping[str, Suppression]:

@@ -107,3 +107,8 @@ def test_keys_of_the_from_domain_when_the_account_owns_it_else_the_sender_domain
     assert dkim.signing_keys(keys, msg, "acme.test", ["acme.test", "brand.test"]) == brand
     assert dkim.signing_keys(keys, msg, "acme.test", ["acme.test"]) == acme, "brand.test is not the account's"
     assert dkim.signing_keys(keys, MESSAGE, "other.test", []) == []
+
+
+def test_an_unparseable_message_raises_a_signing_error() -> None:
+    with pytest.raises(dkim.SigningError):
+        dkim.sign(b"not a header line\r\n\r\nbody\r\n", [_key("ed25519-sha256", ed_pem())])
