@@ -68,6 +68,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from services.router.dkim import dns_record, load_keys
+
+    try:
+        keys = load_keys(_load(args.config))
+    except ConfigError as exc:
+        print(f"relais: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    for domain_keys in keys.values():
+        for key in domain_keys:
+            name, txt = dns_record(key)
+            # Zone-file syntax: one record, split into character-strings of at most 255 bytes.
+            chunks = " ".join(f'"{txt[i : i + 255]}"' for i in range(0, len(txt), 255))
+            print(f"{name}. IN TXT ( {chunks} )")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.up import run_up
 
@@ -142,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config file")
     p.add_argument("config")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("dkim", help="print the DNS TXT records publishing the configured DKIM keys")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_dkim)
 
     p = sub.add_parser("mailbox", help="list or show mail captured by `relais up`")
     p.add_argument("action", choices=["list", "show"])

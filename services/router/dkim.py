@@ -115,6 +115,18 @@ def public_txt(private_pem: bytes) -> str:
     return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
 
 
+def dns_record(key: SigningKey) -> tuple[str, str]:
+    """(`<selector>._domainkey.<domain>`, TXT value) to publish for a loaded signing key."""
+    if key.algorithm == "ed25519-sha256":
+        private = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(key.private))
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    else:
+        pem = key.private
+    return f"{key.selector}._domainkey.{key.domain}", public_txt(pem)
+
+
 def header_names(message: bytes) -> list[str]:
     """Lower-cased names of the message's header fields, in order, repeats kept."""
     head = message.split(b"\r\n\r\n", 1)[0]

@@ -112,3 +112,10 @@ def test_keys_of_the_from_domain_when_the_account_owns_it_else_the_sender_domain
 def test_an_unparseable_message_raises_a_signing_error() -> None:
     with pytest.raises(dkim.SigningError):
         dkim.sign(b"not a header line\r\n\r\nbody\r\n", [_key("ed25519-sha256", ed_pem())])
+
+
+@pytest.mark.parametrize("algorithm,pem", [("rsa-sha256", rsa_pem), ("ed25519-sha256", ed_pem)])
+def test_dns_record_of_a_loaded_key_publishes_its_public_half(algorithm: str, pem) -> None:
+    name, txt = dkim.dns_record(_key(algorithm, pem(), selector="sel"))
+    assert name == "sel._domainkey.acme.test"
+    assert txt == dkim.public_txt(pem())
