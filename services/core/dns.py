@@ -22,6 +22,7 @@ import dns.rdata
 import dns.rdatatype
 import dns.resolver
 
+from services.core import metrics
 from services.core.config import DnsConfig, split_server
 
 
@@ -60,6 +61,7 @@ def make_resolver(config: DnsConfig) -> dns.asyncresolver.Resolver:
     resolver.lifetime = config.timeout
     resolver.timeout = min(config.timeout, 2.0)
     resolver.cache = CappedCache(config.cache_size, config.cache_max_ttl, config.negative_ttl)
+    metrics.DNS_CACHE.track(resolver.cache)  # hit rate on /metrics
     return resolver
 
 

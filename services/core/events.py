@@ -63,6 +63,13 @@ def event_for(
     reply: Reply | None = None,
     **extra: Any,
 ) -> Event:
+    if kind == "accepted" and "tls_version" not in extra:
+        # How the message came in: the ingress records its TLS facts in the envelope's meta.
+        extra = {
+            **extra,
+            "tls_version": env.meta.get("tls_version", ""),
+            "tls_cipher": env.meta.get("tls_cipher", ""),
+        }
     return Event(
         kind=kind,
         message_id=env.id,
@@ -101,5 +108,6 @@ def outcome_attributes(event: Event) -> dict[str, object]:
         telemetry.REPLY_CODE: reply.get("code"),
         telemetry.ENHANCED_STATUS: reply.get("enhanced"),
         telemetry.BOUNCE_CATEGORY: event.detail.get("bounce_category"),
+        telemetry.TLS_VERSION: event.tls_version,
         telemetry.RECIPIENTS: ",".join(event.recipients),
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,8 +56,8 @@ ACCEPTED_RECIPIENTS = Counter(
 )
 REJECTED = Counter(
     "relais_rejected",
-    "SMTP commands the ingress refused, by reason (reply code and enhanced status)",
-    ["command", "reason"],
+    "SMTP commands the ingress refused (4xx/5xx replies), by reason: reply code and enhanced status",
+    ["reason"],
     registry=REGISTRY,
 )
 RECIPIENTS = Counter(
@@ -115,9 +116,10 @@ SMTP_SESSIONS = Counter(
     ["direction"],
     registry=REGISTRY,
 )
-TLS_SESSIONS = Counter(
-    "relais_tls",
-    "Messages carried over TLS, by direction and TLS version",
+TLS_RECIPIENTS = Counter(
+    "relais_tls_recipients",
+    "Recipients by the TLS version of their SMTP transaction ('none': plaintext): inbound when "
+    "accepted, outbound per delivered or deferred attempt",
     ["direction", "version"],
     registry=REGISTRY,
 )
@@ -146,15 +148,26 @@ def subject_family(subject: str) -> str:
     return ".".join(parts[:2])
 
 
+def observe_smtp_reply(reply: str) -> None:
+    """One reply the ingress sent; 4xx and 5xx count as rejections by their code and status."""
+    if reply[:1] in ("4", "5"):
+        parts = reply.replace("-", " ", 1).split()
+        reason = " ".join(parts[:2]) if len(parts) > 1 and parts[1][:1].isdigit() else parts[0]
+        REJECTED.labels(reason).inc()
+
+
 def observe_event(event: Any) -> None:
     """Count one published outcome event (`services.core.events.Event`)."""
     kind = event.kind
+    n = len(event.recipients) or 1
     if kind == "accepted":
         ACCEPTED.labels(event.account).inc()
-        ACCEPTED_RECIPIENTS.labels(event.account).inc(len(event.recipients))
+        ACCEPTED_RECIPIENTS.labels(event.account).inc(n)
+        TLS_RECIPIENTS.labels("inbound", getattr(event, "tls_version", "") or "none").inc(n)
         return
-    n = len(event.recipients) or 1
     RECIPIENTS.labels(kind, event.pool, event.source_ip, event.site).inc(n)
+    if kind in ("delivered", "deferred") and event.mx_host != "mailbox":
+        TLS_RECIPIENTS.labels("outbound", getattr(event, "tls_version", "") or "none").inc(n)
     if kind in ("bounced", "expired"):
         category = (event.detail or {}).get("bounce_category", "") or kind
         BOUNCES.labels(event.pool, category).inc(n)
@@ -175,17 +188,19 @@ class DnsCacheCollector(Collector):
     """Hits and misses of the resolvers' caches (dnspython counts them; we only read)."""
 
     def __init__(self) -> None:
-        self._caches: list[Any] = []
+        # Weak: a resolver dropped (tests build many) must not be kept alive by its metrics.
+        self._caches: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def track(self, cache: Any) -> None:
         if cache is not None and hasattr(cache, "statistics"):
-            self._caches.append(cache)
+            self._caches.add(cache)
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         hits = CounterMetricFamily("relais_dns_cache_hits", "DNS answers served from the cache")
         misses = CounterMetricFamily("relais_dns_cache_misses", "DNS lookups that missed the cache")
-        hits.add_metric([], sum(c.statistics.hits for c in self._caches))
-        misses.add_metric([], sum(c.statistics.misses for c in self._caches))
+        caches = list(self._caches)
+        hits.add_metric([], sum(c.statistics.hits for c in caches))
+        misses.add_metric([], sum(c.statistics.misses for c in caches))
         yield hits
         yield misses
 

@@ -18,6 +18,7 @@ from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import SMTP, Session
 
+from services.core import metrics
 from services.ingress.limits import ConnectionGate
 from services.ingress.replies import (
     LINE_TOO_LONG,
@@ -115,6 +116,8 @@ class RelaisSMTP(SMTP):
                 self._refused = True
                 return
         super().connection_made(transport)
+        if first:
+            metrics.SMTP_SESSIONS.labels("inbound").inc()
         if first and self._implicit_tls and self.session is not None:
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
 
@@ -153,6 +156,7 @@ class RelaisSMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         reply = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
         reply = enhance(reply)
+        metrics.observe_smtp_reply(reply)
         await super().push(reply)
         if reply.startswith("421"):
             self.hang_up()

@@ -106,3 +106,35 @@ def test_exposition_is_prometheus_text() -> None:
     assert "# TYPE relais_recipients_total counter" in text
     assert "# TYPE relais_attempt_duration_seconds histogram" in text
     assert "relais_dns_cache_hits_total" in text
+
+
+def test_ingress_rejections_count_by_code_and_enhanced_status() -> None:
+    before = sample("relais_rejected_total", reason="550 5.7.1")
+    metrics.observe_smtp_reply("550 5.7.1 Relay access denied")
+    metrics.observe_smtp_reply("250 2.1.0 Ok")
+    assert sample("relais_rejected_total", reason="550 5.7.1") == before + 1
+    before = sample("relais_rejected_total", reason="421 4.4.2")
+    metrics.observe_smtp_reply("421-4.4.2 timeout")
+    assert sample("relais_rejected_total", reason="421 4.4.2") == before + 1
+
+
+def test_tls_usage_counts_recipients_inbound_from_the_envelope_and_outbound_per_attempt() -> None:
+    env = envelope(meta={"tls_version": "TLSv1.3", "tls_cipher": "TLS_AES_256_GCM_SHA384"})
+    inbound = sample("relais_tls_recipients_total", direction="inbound", version="TLSv1.3")
+    accepted = event_for("accepted", env, list(env.recipients))
+    assert accepted.tls_version == "TLSv1.3"
+    metrics.observe_event(accepted)
+    assert sample("relais_tls_recipients_total", direction="inbound", version="TLSv1.3") == inbound + 2
+    plain = sample("relais_tls_recipients_total", direction="outbound", version="none")
+    metrics.observe_event(event_for("deferred", envelope(), ["a@alpha.test"], Reply(451, "4.3.0", "later")))
+    assert sample("relais_tls_recipients_total", direction="outbound", version="none") == plain + 1
+
+
+def test_dns_cache_hits_and_misses_are_read_from_the_resolvers() -> None:
+    from services.core.config import DnsConfig
+    from services.core.dns import make_resolver
+
+    resolver = make_resolver(DnsConfig(servers=["127.0.0.1:53"]))
+    hits = sample("relais_dns_cache_hits_total")
+    resolver.cache.statistics.hits += 3
+    assert sample("relais_dns_cache_hits_total") == hits + 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import smtplib
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +16,8 @@ from services.core.config import replace
 from services.core.embedded import EmbeddedNats, free_port
 from services.core.runtime import start_bus, start_health
 from tests.support.relais import (
+    ACCOUNT,
+    PASSWORD,
     RelaisStack,
     ServiceProcess,
     asubmit,
@@ -22,6 +25,14 @@ from tests.support.relais import (
     message,
     wait_for_events,
 )
+
+
+def mail_from_a_domain_not_owned(address: tuple[str, int]) -> int:
+    with smtplib.SMTP(*address, timeout=30) as client:
+        client.ehlo("client.test")
+        client.login(ACCOUNT, PASSWORD)
+        code, _ = client.mail("someone@not-owned.test")
+        return code
 
 
 def get(url: str) -> tuple[int, str]:
@@ -65,6 +76,8 @@ async def test_metrics_endpoint_counts_a_run_and_reports_queue_depth(stack: Rela
             assert code == 250
         code, _ = await asubmit(stack.smtp_address, recipients=["gone@alpha.test"], data=message())
         assert code == 250
+        refused = await asyncio.to_thread(mail_from_a_domain_not_owned, stack.smtp_address)
+        assert refused >= 500
         await sink.async_wait_for(3)
         await wait_for_events(stack.config.nats.url, "delivered", 3)
         await wait_for_events(stack.config.nats.url, "bounced", 1)
@@ -86,6 +99,11 @@ async def test_metrics_endpoint_counts_a_run_and_reports_queue_depth(stack: Rela
         assert delta("relais_attempt_duration_seconds_count", pool="default") >= 4
         assert delta("relais_processed_total", consumer="router", result="ack") >= 4
         assert delta("relais_published_total", subject="relais.route") >= 4
+        assert delta("relais_smtp_sessions_total", direction="inbound") >= 5
+        assert delta("relais_rejected_total") >= 1
+        assert delta("relais_tls_recipients_total", direction="inbound", version="none") == 4
+        assert delta("relais_tls_recipients_total", direction="outbound") >= 3
+        assert delta("relais_dns_cache_hits_total") + delta("relais_dns_cache_misses_total") >= 1
         # Queue depth and lag are read from JetStream at scrape time, for this service's consumers.
         assert ("relais_consumer_pending", frozenset({("consumer", "delivery-default")})) in after
         assert ("relais_stream_messages", frozenset({("stream", "RELAIS_DELIVER")})) in after
