@@ -143,11 +143,15 @@ async def consume(
     room = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
     sub = None
+    # One ticker keeps every running message in progress (rather than a task per message, which
+    # cost a task creation and cancellation on every message of every consumer).
+    working: dict[int, tuple[Msg, float]] = {}
+    ticker = asyncio.create_task(_keep_in_progress(working, max(ack_wait / 3, 1.0)))
 
     async def run_one(msg: Msg) -> None:
         nonlocal inflight
-        keepalive = asyncio.create_task(_keep_in_progress(msg, ack_wait / 3))
         started = time.monotonic()
+        working[id(msg)] = (msg, started)
         result = "ack"
         try:
             await handler(msg)
@@ -166,38 +170,41 @@ async def consume(
         else:
             await _settle(msg.ack())
         finally:
-            keepalive.cancel()
+            working.pop(id(msg), None)
             metrics.observe_handler(binding.durable, result, time.monotonic() - started)
             inflight -= 1
             room.set()
 
-    while not stop.is_set():
-        if inflight >= concurrency:
-            room.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(room.wait(), 1.0)
-            continue
-        try:
-            if sub is None:
-                sub = await bus.js.pull_subscribe_bind(binding.durable, binding.stream)
-            try:
-                msgs = await sub.fetch(min(batch, concurrency - inflight), timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
+    try:
+        while not stop.is_set():
+            if inflight >= concurrency:
+                room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(room.wait(), 1.0)
                 continue
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # NATS down or the consumer missing for a moment: back off, the loop carries on.
-            log.warning("pull from %s failed: %r", binding.durable, exc)
-            await asyncio.sleep(0.5)
-            continue
-        for msg in msgs:
-            inflight += 1
-            task = asyncio.create_task(run_one(msg))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                if sub is None:
+                    sub = await bus.js.pull_subscribe_bind(binding.durable, binding.stream)
+                try:
+                    msgs = await sub.fetch(min(batch, concurrency - inflight), timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # NATS down or the consumer missing for a moment: back off, the loop carries on.
+                log.warning("pull from %s failed: %r", binding.durable, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                inflight += 1
+                task = asyncio.create_task(run_one(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        ticker.cancel()
     if sub is not None:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
@@ -211,8 +218,14 @@ async def _settle(coro: Awaitable[None]) -> None:
         log.warning("ack/nak failed (message will be redelivered): %r", exc)
 
 
-async def _keep_in_progress(msg: Msg, interval: float) -> None:
-    with contextlib.suppress(asyncio.CancelledError, Exception):
+async def _keep_in_progress(working: dict[int, tuple[Msg, float]], interval: float) -> None:
+    """Tell JetStream "still working" for each message held longer than `interval` (ack_wait/3)."""
+    with contextlib.suppress(asyncio.CancelledError):
         while True:
-            await asyncio.sleep(max(interval, 1.0))
-            await msg.in_progress()
+            await asyncio.sleep(min(interval, 1.0))
+            now = time.monotonic()
+            for key, (msg, since) in list(working.items()):
+                if now - since >= interval and key in working:
+                    working[key] = (msg, now)
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()

@@ -78,6 +78,10 @@ class EmbeddedNats:
     max_payload: int = 8 * 1024 * 1024
     peer: ClusterPeer | None = None
     log_file: Path | None = None
+    # HTTP monitoring (/varz, /connz, /jsz) on this port when set; benchmarks count messages there.
+    monitor_port: int = 0
+    # fsync every write (`sync_interval: always`) instead of nats-server's periodic sync.
+    sync_always: bool = False
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -89,14 +93,21 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{self.host}:{self.monitor_port}"
+
     def _config_text(self) -> str:
         lines = [
             f'listen: "{self.host}:{self.port}"',
             f"max_payload: {self.max_payload}",
             "jetstream {",
             f'  store_dir: "{self.store_dir}"',
+            *(["  sync_interval: always"] if self.sync_always else []),
             "}",
         ]
+        if self.monitor_port:
+            lines.append(f'http: "{self.host}:{self.monitor_port}"')
         if self.peer is not None:
             lines.insert(0, f'server_name: "{self.peer.name}"')
             routes = ", ".join(f'"nats-route://{self.host}:{p}"' for p in self.peer.routes)
