@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Ingress throughput: accepted messages per second, and CPU per 1,000 messages.
+
+A real nats-server (EmbeddedNats, file storage) and the ingress as its own OS process
+(`python -m services.cli ingress`), nothing else: accepted mail stays in RELAIS_ROUTE. 50
+concurrent aiosmtplib clients each keep one session (EHLO [STARTTLS] AUTH, then MAIL/RCPT/DATA
+per message), as bulk senders do; the "conn/msg" rows open a new session for every message.
+Every row counts only `250` replies to DATA, i.e. messages JetStream acknowledged.
+
+CPU is read from /proc/<pid>/stat of the ingress and of nats-server before and after each row.
+The clients run in this process on the same machine, so figures on a small shared box are a
+floor, not a ceiling. Nothing here is a test.
+
+    python bench/ingest.py [--clients 50] [--small 1500] [--large 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+import trustme
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.core.accounts import hash_password  # noqa: E402
+from services.core.embedded import EmbeddedNats, free_port, wait_for_port  # noqa: E402
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+PASSWORD = "bench-password-123"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process (fields 14 and 15 of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def make_message(size: int, i: int) -> bytes:
+    head = (
+        f"From: Bench <news@bench.test>\r\nTo: someone@example.net\r\nSubject: bench {i}\r\n"
+        f"Message-ID: <bench-{i}-{time.time_ns()}@bench.test>\r\nDate: Tue, 01 Dec 2026 10:00:00 +0000\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor inc.\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+@dataclass(frozen=True)
+class Row:
+    size: int
+    recipients: int
+    tls: bool
+    per_message_connection: bool = False
+
+    @property
+    def label(self) -> str:
+        session = "STARTTLS+AUTH" if self.tls else "AUTH"
+        reuse = "conn/msg" if self.per_message_connection else "reused"
+        return f"{self.size // 1024:>3} KB  {self.recipients:>2} rcpt  {session:<13} {reuse:<8}"
+
+
+@dataclass
+class Result:
+    row: Row
+    accepted: int
+    failed: int
+    seconds: float
+    ingress_cpu: float
+    nats_cpu: float
+
+
+class Ingress:
+    """One ingress process with its own config."""
+
+    def __init__(self, base: Path, nats_url: str, tls: tuple[Path, Path] | None) -> None:
+        self.port = free_port()
+        tls_lines = f'tls_cert_file = "{tls[0]}"\ntls_key_file = "{tls[1]}"\n' if tls else ""
+        config = base / f"ingress-{self.port}.toml"
+        config.write_text(
+            f'data_dir = "{base}"\n'
+            f'[nats]\nurl = "{nats_url}"\npublish_timeout = 10.0\n'
+            f'[ingress]\nlisten = "127.0.0.1:{self.port}"\nhostname = "relais.bench"\n'
+            f"max_connections_per_ip = 1000\n{tls_lines}"
+            '[telemetry]\nhttp_listen = ""\n'
+            f'[accounts.bench]\npassword_hash = "{hash_password(PASSWORD)}"\ndomains = ["bench.test"]\n'
+        )
+        self.log = open(base / f"ingress-{self.port}.log", "ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "ingress",
+                "--config",
+                str(config),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=REPO,
+            stdout=self.log,
+            stderr=self.log,
+            env={k: v for k, v in os.environ.items() if not k.startswith(("RELAIS_", "OTEL_"))},
+        )
+        wait_for_port("127.0.0.1", self.port, timeout=60)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+async def run_row(
+    row: Row, ingress: Ingress, nats: EmbeddedNats, total: int, clients: int, ctx: ssl.SSLContext
+) -> Result:
+    data = make_message(row.size, 0)
+    recipients = [f"r{i}@example.net" for i in range(row.recipients)]
+    tickets = iter(range(total))
+    accepted = failed = 0
+
+    async def session() -> aiosmtplib.SMTP:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=ingress.port, start_tls=False, timeout=60)
+        await smtp.connect()
+        if row.tls:
+            await smtp.starttls(tls_context=ctx)
+        await smtp.login("bench", PASSWORD)
+        return smtp
+
+    async def client() -> None:
+        nonlocal accepted, failed
+        smtp = None
+        for _ in tickets:
+            try:
+                if smtp is None:
+                    smtp = await session()
+                _, reply = await smtp.sendmail("news@bench.test", recipients, data)
+                accepted += reply.startswith("2.0.0 Ok: queued")
+                if row.per_message_connection:
+                    await smtp.quit()
+                    smtp = None
+            except (aiosmtplib.SMTPException, OSError):
+                failed += 1
+                smtp = None
+        if smtp is not None:
+            await smtp.quit()
+
+    ingress_cpu, nats_cpu = cpu_seconds(ingress.process.pid), cpu_seconds(nats.process.pid)  # type: ignore[union-attr]
+    started = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    seconds = time.monotonic() - started
+    return Result(
+        row,
+        accepted,
+        failed,
+        seconds,
+        cpu_seconds(ingress.process.pid) - ingress_cpu,
+        cpu_seconds(nats.process.pid) - nats_cpu,  # type: ignore[union-attr]
+    )
+
+
+def print_table(results: list[Result], clients: int) -> None:
+    print()
+    print(f"ingress: {clients} concurrent clients, Python {platform.python_version()}, {os.cpu_count()} CPUs")
+    header = (
+        f"{'message':<42} {'accepted':>8} {'failed':>6} {'msg/s':>8} "
+        f"{'ingress CPU s/1k':>16} {'nats CPU s/1k':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        per_k = 1000 / max(r.accepted, 1)
+        print(
+            f"{r.row.label:<42} {r.accepted:>8} {r.failed:>6} {r.accepted / r.seconds:>8.0f} "
+            f"{r.ingress_cpu * per_k:>16.2f} {r.nats_cpu * per_k:>13.2f}"
+        )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--small", type=int, default=1500, help="messages per 2 KB row")
+    parser.add_argument("--large", type=int, default=500, help="messages per 50 KB row")
+    args = parser.parse_args()
+    rows = [
+        Row(2 * 1024, 1, False),
+        Row(2 * 1024, 10, False),
+        Row(50 * 1024, 1, False),
+        Row(50 * 1024, 10, False),
+        Row(2 * 1024, 1, True),
+        Row(2 * 1024, 10, True),
+        Row(50 * 1024, 1, True),
+        Row(50 * 1024, 10, True),
+        Row(2 * 1024, 1, False, per_message_connection=True),
+        Row(2 * 1024, 1, True, per_message_connection=True),
+    ]
+    with tempfile.TemporaryDirectory(prefix="relais-bench-ingest-") as tmp:
+        base = Path(tmp)
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "relais.bench")
+        cert_file, key_file = base / "tls.crt", base / "tls.key"
+        cert.cert_chain_pems[0].write_to_path(str(cert_file))
+        cert.private_key_pem.write_to_path(str(key_file))
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+        nats = EmbeddedNats(store_dir=base / "nats", port=0, log_file=base / "nats.log")
+        nats.start()
+        plain = tls = None
+        results = []
+        try:
+            plain = Ingress(base, nats.url, None)
+            tls = Ingress(base, nats.url, (cert_file, key_file))
+            # Warm-up: connections, the scrypt cache, stream files.
+            await run_row(Row(2 * 1024, 1, False), plain, nats, 100, 10, client_ctx)
+            await run_row(Row(2 * 1024, 1, True), tls, nats, 100, 10, client_ctx)
+            for row in rows:
+                total = args.small if row.size < 10 * 1024 else args.large
+                if row.per_message_connection:
+                    total //= 2
+                result = await run_row(row, tls if row.tls else plain, nats, total, args.clients, client_ctx)
+                results.append(result)
+                print(f"  {row.label}: {result.accepted} in {result.seconds:.1f}s", flush=True)
+        finally:
+            for ingress in (plain, tls):
+                if ingress is not None:
+                    ingress.stop()
+            nats.stop()
+        print_table(results, args.clients)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
