@@ -47,7 +47,15 @@ DNS_TTL = 1
 class NatsCluster:
     """`size` nats-server processes joined by cluster routes; size 1 is a plain single node."""
 
-    def __init__(self, base_dir: Path, size: int = 3, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        *,
+        monitor: bool = False,
+        sync_always: bool = False,
+    ) -> None:
         self.size = size
         ports = [free_port(host) for _ in range(size)]
         self.nodes: list[EmbeddedNats] = []
@@ -65,6 +73,8 @@ class NatsCluster:
                     host=host,
                     peer=peer,
                     log_file=base_dir / f"nats-{i}.log",
+                    monitor_port=free_port(host) if monitor else 0,
+                    sync_always=sync_always,
                 )
             )
 
@@ -162,13 +172,15 @@ class Cluster:
         domains: Mapping[str, str] | None = None,
         sink_port: int | None = None,
         sink_factory: Any = None,
+        nats_monitor: bool = False,
+        nats_sync_always: bool = False,
         **config_sections: Any,
     ) -> None:
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.replicas = {name: 2 for name in SERVICES} | dict(replicas or {})
         self.domains = dict(DEFAULT_DOMAINS if domains is None else domains)
-        self.nats = NatsCluster(self.base_dir, nats_nodes)
+        self.nats = NatsCluster(self.base_dir, nats_nodes, monitor=nats_monitor, sync_always=nats_sync_always)
         self.dns = DNSServer("127.0.0.1")
         hosts = [*self.domains.values(), SENDER_MX]
         self.sink_port = sink_port or common_free_port(hosts)
