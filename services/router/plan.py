@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from services.core.config import Config
+from services.core.config import AccountConfig, Config
 from services.core.envelope import Envelope
 
 # Envelope.meta keys the router reads or writes (the ingress and delivery read the same names).
@@ -40,24 +40,19 @@ def split_by_domain(env: Envelope) -> list[Job]:
     return [Job(f"{env.id}-{i}", domain, tuple(groups[domain])) for i, domain in enumerate(sorted(groups))]
 
 
-def allowed_pools(config: Config, account: str) -> set[str]:
-    acct = config.accounts.get(account)
-    if acct is None:
-        return set()
-    return {acct.pool, *acct.pools}
-
-
-def choose_pool(config: Config, env: Envelope) -> str:
+def choose_pool(config: Config, env: Envelope, account: AccountConfig | None) -> str:
     """A dedicated sender-domain pool always wins (it never leaks onto other IPs, whatever the
     message asks); then a per-message pool the account may use; then the account's default."""
     dedicated = config.sender_domains.get(env.sender_domain.lower())
     if dedicated:
         return dedicated
+    if account is None:
+        return "default"
     requested = env.meta.get(META_POOL, "")
     # Checked again here although the ingress checked it: a pool is a reputation boundary.
-    if requested and requested in config.pools and requested in allowed_pools(config, env.account):
+    if requested and requested in config.pools and requested in {account.pool, *account.pools}:
         return requested
-    return config.pool_for(env.sender_domain, env.account)
+    return account.pool if account.pool in config.pools else "default"
 
 
 def without_suppressed(job: Job, suppressed: Collection[str]) -> tuple[Job, tuple[str, ...]]:

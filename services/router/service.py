@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from services.core import bus as transport
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus
-from services.core.config import Config
+from services.core.config import AccountConfig, Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
 from services.core.envelope import Envelope, EnvelopeDecodeError
@@ -27,6 +27,7 @@ from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import consumer_span
 from services.core.topology import deliver_subject, route_subject, router_binding
 from services.router import dkim
+from services.router.accounts import AccountView
 from services.router.mx import MxRoute, resolve_mx
 from services.router.plan import (
     META_DKIM,
@@ -70,6 +71,7 @@ class RouterService:
         self._sites = SiteRules.from_config(config.sites)
         self._suppression = SuppressionList(bus.js)
         self._counters = WarmupCounters(bus.js)
+        self._accounts = AccountView(bus.js, config)
         self._dkim_keys = dkim.load_keys(config)
         self._rng = rng or random.Random()
 
@@ -102,22 +104,22 @@ class RouterService:
 
     async def route(self, env: Envelope) -> None:
         jobs = split_by_domain(env)
+        account = await self._accounts.get(env.account)
         if not env.job_id:
             # First pass over the whole message: sign it once for all its recipient domains.
             if env.kind == "message" and META_DKIM not in env.meta:
                 try:
-                    env = await self._sign(env)
+                    env = await self._sign(env, account)
                 except BodyMissing:
                     log.info("message %s already finished; dropping redelivery", env.id)
                     return
             # Every job is held before suppression is looked at: ids never depend on the list.
             await self._bodies.hold(env.body, [job.job_id for job in jobs])
-        pool = choose_pool(self._config, env)
+        pool = choose_pool(self._config, env, account)
         suppressed = await self._suppressed(env)
         await asyncio.gather(*(self._route_job(env, job, pool, suppressed) for job in jobs))
 
-    async def _sign(self, env: Envelope) -> Envelope:
-        account = self._config.accounts.get(env.account)
+    async def _sign(self, env: Envelope, account: AccountConfig | None) -> Envelope:
         if not self._dkim_keys:
             return env
         body = await self._bodies.get(env.body)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from services.core.config import (
@@ -15,6 +18,7 @@ from services.core.config import (
     validate,
 )
 from services.core.envelope import BodyRef, Envelope
+from services.router.accounts import account_from_record
 from services.router.plan import META_POOL, Job, choose_pool, split_by_domain, without_suppressed
 
 HASH = "scrypt$16384$8$1$c2FsdA==$ZGlnZXN0"
@@ -49,22 +53,45 @@ def _env(sender_domain: str = "acme.test", meta: dict[str, str] | None = None, *
     )
 
 
+def _pool(env: Envelope, account: AccountConfig | None = None) -> str:
+    config = _config()
+    return choose_pool(config, env, account or config.accounts["acme"])
+
+
 def test_account_default_pool_without_a_request() -> None:
-    assert choose_pool(_config(), _env()) == "default"
+    assert _pool(_env()) == "default"
+    other = AccountConfig(password_hash=HASH, pool="other")
+    assert _pool(_env(), other) == "other"
 
 
 def test_requested_pool_is_honoured_when_the_account_may_use_it() -> None:
-    assert choose_pool(_config(), _env(meta={META_POOL: "bulk"})) == "bulk"
+    assert _pool(_env(meta={META_POOL: "bulk"})) == "bulk"
 
 
 def test_requested_pool_the_account_may_not_use_falls_back_to_its_default() -> None:
-    assert choose_pool(_config(), _env(meta={META_POOL: "other"})) == "default"
-    assert choose_pool(_config(), _env(meta={META_POOL: "missing"})) == "default"
+    assert _pool(_env(meta={META_POOL: "other"})) == "default"
+    assert _pool(_env(meta={META_POOL: "missing"})) == "default"
+
+
+def test_unknown_accounts_and_pools_fall_back_to_the_default_pool() -> None:
+    config = _config()
+    assert choose_pool(config, _env(meta={META_POOL: "bulk"}), None) == "default"
+    gone = AccountConfig(password_hash=HASH, pool="removed-pool", pools=["removed-too"])
+    assert choose_pool(config, _env(meta={META_POOL: "removed-too"}), gone) == "default"
 
 
 def test_dedicated_sender_domain_pool_wins_over_any_request() -> None:
-    assert choose_pool(_config(), _env("brand.test")) == "brand"
-    assert choose_pool(_config(), _env("BRAND.test", meta={META_POOL: "bulk"})) == "brand"
+    assert _pool(_env("brand.test")) == "brand"
+    assert _pool(_env("BRAND.test", meta={META_POOL: "bulk"})) == "brand"
+    assert choose_pool(_config(), _env("brand.test"), None) == "brand"
+
+
+def test_account_records_decode_like_the_ingress_writes_them() -> None:
+    account = AccountConfig(password_hash=HASH, domains=["acme.test"], pool="bulk", pools=["other"])
+    record = json.dumps({**dataclasses.asdict(account), "future_field": 1}).encode()
+    assert account_from_record(record) == account
+    assert account_from_record(b"not json") is None
+    assert account_from_record(b"[1, 2]") is None
 
 
 def test_split_groups_recipients_by_domain_with_stable_ids() -> None:
