@@ -30,6 +30,7 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from services.core import telemetry
 from services.core.bus import Bus
 from services.core.config import AccountConfig, BounceConfig
 from services.core.events import Event
@@ -182,9 +183,13 @@ class WebhookDispatcher:
         }
         keepalive = asyncio.create_task(_keep_in_progress(msgs))
         try:
-            status = await asyncio.to_thread(
-                post, acct.webhook_url, body, headers, self._config.webhook_timeout
-            )
+            with telemetry.linked_span(
+                "webhook post", [m.headers for m in msgs], {telemetry.ACCOUNT: account}
+            ) as span:
+                status = await asyncio.to_thread(
+                    post, acct.webhook_url, body, headers, self._config.webhook_timeout
+                )
+                span.set_attribute("http.response.status_code", status)
             problem = "" if 200 <= status < 300 else f"HTTP {status}"
         except Exception as exc:
             problem = repr(exc)

@@ -282,6 +282,26 @@ def consumer_span(
         _message_id.reset(token)
 
 
+@contextmanager
+def linked_span(
+    name: str,
+    headers: Sequence[Mapping[str, str] | None],
+    attributes: Mapping[str, object] | None = None,
+    kind: SpanKind = SpanKind.CLIENT,
+) -> Iterator[Span]:
+    """A span of its own trace for work done for many messages at once (a webhook batch), linked
+    to each message's trace, so every message's trace points at it and it at them."""
+    links = []
+    for carrier in headers:
+        span_ctx = trace.get_current_span(extract(carrier)).get_span_context()
+        if span_ctx.is_valid:
+            links.append(Link(span_ctx))
+    clean = {k: v for k, v in (attributes or {}).items() if v is not None and v != ""}
+    root = otel_context.Context()  # not a child of whatever happens to be current
+    with tracer().start_as_current_span(name, context=root, kind=kind, attributes=clean, links=links) as span:
+        yield span
+
+
 def context_from_traceparent(traceparent: str) -> otel_context.Context:
     return extract({"traceparent": traceparent} if traceparent else {})
 

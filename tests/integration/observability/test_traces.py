@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from services.core import telemetry as t
+from tests.integration.bounce.test_webhooks import wait_accepted, webhook_account
 from tests.integration.observability.conftest import wait_for_spans
 from tests.support.relais import RelaisStack, asubmit, message, wait_for_events
 
@@ -174,3 +175,28 @@ async def test_a_bounced_message_and_its_dsn_are_one_trace(
     (dsn_attempt,) = attempts_of(members, dsn_id)
     assert dsn_attempt.attributes[t.OUTCOME] == "delivered"
     assert dsn_send.context.span_id in {s.context.span_id for s in ancestors(dsn_attempt, members)}
+
+
+async def test_a_webhook_post_is_linked_to_the_trace_of_each_message_it_reports(
+    make_stack, make_sink, receiver, spans
+) -> None:
+    stack = await make_stack(accounts=webhook_account(receiver.url))
+    sink = make_sink("127.0.0.2")
+    code, reply = await asubmit(stack.smtp_address, recipients=["w@alpha.test"], data=message())
+    assert code == 250
+    mid = queued_id(reply)
+    await sink.async_wait_for(1)
+    await wait_accepted(receiver, 2)  # the accepted and the delivered event
+
+    def linked(spans: list[ReadableSpan]) -> bool:
+        return sum(len(s.links) for s in spans if s.name == "webhook post") >= 2
+
+    got = await wait_for_spans(spans, linked)
+    trace_id = trace_of(got, mid)[0].context.trace_id
+    posts = [s for s in got if s.name == "webhook post"]
+    assert posts and all(p.parent is None for p in posts), "a batch is a trace of its own"
+    assert all(p.context.trace_id != trace_id for p in posts)
+    linked_traces = [link.context.trace_id for p in posts for link in p.links]
+    assert linked_traces.count(trace_id) >= 2
+    assert all(p.attributes[t.ACCOUNT] == "acme" for p in posts)
+    assert {p.attributes["http.response.status_code"] for p in posts} == {200}
