@@ -6,6 +6,7 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,15 @@ from tests.integration.ingress.helpers import (
     tls_sections,
 )
 from tests.support.certs import TestPKI
-from tests.support.relais import ACCOUNT, PASSWORD, message
+from tests.support.relais import (
+    ACCOUNT,
+    PASSWORD,
+    ServiceProcess,
+    config_to_toml,
+    make_config,
+    message,
+    wait_listening,
+)
 
 LOCAL = "bounces.relais.test"
 
@@ -158,3 +167,44 @@ async def test_listener_connection_is_plain_tcp_on_inbound(three: Any) -> None:
             return sock.recv(100)
 
     assert (await in_thread(greeting)).startswith(b"220 ")
+
+
+async def test_listeners_from_a_config_file_in_a_real_process(
+    nats_server: EmbeddedNats, pki: TestPKI, tmp_path: Path
+) -> None:
+    names = {"submission": free_listen(), "implicit-tls": free_listen(), "inbound": free_listen()}
+    config = make_config(
+        nats_url=nats_server.url,
+        ingress=tls_sections(
+            pki, local_domains=[LOCAL], listeners=[ListenerConfig(listen=v, mode=k) for k, v in names.items()]
+        ),
+        telemetry={"http_listen": ""},
+    )
+    path = tmp_path / "relais.toml"
+    path.write_text(config_to_toml(config))
+    process = ServiceProcess("ingress", path, tmp_path)
+    process.start()
+    try:
+        for listen in names.values():
+            host, _, port = listen.rpartition(":")
+            await in_thread(wait_listening, (host, int(port)), 60)
+
+        def send() -> str:
+            host, _, port = names["implicit-tls"].rpartition(":")
+            with smtplib.SMTP_SSL(host, int(port), context=pki.client_context(), timeout=15) as smtp:
+                login(smtp)
+                smtp.sendmail("news@acme.test", ["someone@alpha.test"], message())
+            with client(_address(names["inbound"])) as smtp:
+                smtp.sendmail("", [f"fbl@{LOCAL}"], b"Subject: report\r\n\r\nx\r\n")
+            return "ok"
+
+        assert await in_thread(send) == "ok", process.log()
+        assert len(await queued(nats_server.url)) == 1
+        assert len(await queued_inbound(nats_server.url)) == 1
+    finally:
+        process.stop()
+
+
+def _address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host, int(port)
