@@ -7,6 +7,7 @@ stable field names rather than msgpack.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from services.core.bus import Bus
 from services.core.envelope import Envelope
 from services.core.outcome import Reply
 from services.core.topology import event_subject
+
+# One log line per event, under its own logger so operators can route or silence it.
+event_log = logging.getLogger("relais.events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +96,27 @@ async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None) ->
     await bus.publish(event_subject(event.account, event.kind), event.to_json(), msg_id=msg_id)
     # Events are the chokepoint every outcome passes: metrics and the span see them here.
     metrics.observe_event(event)
-    telemetry.annotate_outcome(event.kind, outcome_attributes(event))
+    attributes = outcome_attributes(event)
+    telemetry.annotate_outcome(event.kind, attributes)
+    log_event(event, attributes)
+
+
+def log_event(event: Event, attributes: dict[str, object]) -> None:
+    """The event as one structured log line: message id, trace id and the outcome's facts."""
+    if not event_log.isEnabledFor(logging.INFO):
+        return
+    reply = event.reply or {}
+    event_log.info(
+        "%s %s%s",
+        event.kind,
+        ",".join(event.recipients),
+        f" {reply.get('code')} {reply.get('enhanced')}" if reply else "",
+        extra={
+            "message_id": event.message_id,
+            "trace_id": event.trace_id,
+            "event": {telemetry.label(k): v for k, v in attributes.items() if v not in (None, "")},
+        },
+    )
 
 
 def outcome_attributes(event: Event) -> dict[str, object]:

@@ -46,7 +46,7 @@ class JsonFormatter(logging.Formatter):
         }
         # The message and trace this task is working on, so one grep finds a message's lines.
         entry.update(telemetry.log_fields())
-        for key in ("message_id", "trace_id", "service"):
+        for key in ("message_id", "trace_id", "service", "event"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:

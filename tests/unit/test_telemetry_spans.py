@@ -125,3 +125,36 @@ def test_trace_id_of_a_traceparent() -> None:
         "0af7651916cd43dd8448eb211c80319c"
     )
     assert t.trace_id_of("") == ""
+
+
+def test_each_outcome_event_is_one_json_log_line_with_message_and_trace_id() -> None:
+    from services.core.events import Event, event_log, log_event, outcome_attributes
+
+    event = Event(
+        "deferred",
+        "m7",
+        "acme",
+        ["x@alpha.test"],
+        pool="default",
+        site="alpha.test",
+        attempt=1,
+        reply={"code": 451, "enhanced": "4.3.0", "text": "later"},
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+    )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    event_log.addHandler(handler)
+    level = event_log.level
+    event_log.setLevel(logging.INFO)
+    try:
+        log_event(event, outcome_attributes(event))
+    finally:
+        event_log.removeHandler(handler)
+        event_log.setLevel(level)
+    (record,) = records
+    line = json.loads(JsonFormatter().format(record))
+    assert line["logger"] == "relais.events" and line["msg"] == "deferred x@alpha.test 451 4.3.0"
+    assert line["message_id"] == "m7" and line["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert line["event"]["outcome"] == "deferred" and line["event"]["code"] == 451
+    assert line["event"]["pool"] == "default" and line["event"]["attempt"] == 1
