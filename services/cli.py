@@ -61,6 +61,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"relais: invalid configuration: {exc}", file=sys.stderr)
             return 2
+    from services.delivery.shaping import load_shaping
+
+    try:
+        load_shaping(config.delivery.shaping_file)  # built-in rules + the operator's file, if any
+    except ConfigError as exc:
+        print(f"relais: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     print(
         f"ok: {len(config.accounts)} account(s), {len(config.pools)} pool(s), "
         f"{len(config.sender_domains)} sender domain mapping(s), delivery mode {config.delivery.mode}"

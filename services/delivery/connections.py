@@ -14,7 +14,7 @@ import logging
 import time
 from collections import defaultdict
 
-from services.delivery.limits import Lease, SharedLimits
+from services.delivery.limits import LEASE_TTL, Lease, SharedLimits
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import Connection, SessionSettings, Source, open_connection
 from services.delivery.tls_policy import TlsPolicy
@@ -48,7 +48,11 @@ class ConnectionPool:
         self._idle: dict[tuple[str, str], list[Connection]] = defaultdict(list)
         self._site_of: dict[int, tuple[str, str]] = {}
         self._leases: dict[int, Lease] = {}
+        self._lease_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._lease_miss: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
+        # Wakes local waiters at the connection cap as soon as a connection comes back idle.
+        self._returned = asyncio.Condition()
         self.opened = 0  # connections opened, for benchmarks and metrics
 
     def start(self) -> None:
@@ -67,19 +71,32 @@ class ConnectionPool:
             conn = await self._reuse(source, host, address, limits, policy)
             if conn is not None:
                 return conn
-            lease = (
-                await self._limits.acquire_lease(source.address, site, limits.connections)
-                if (limits.connections > 0)
-                else None
-            )
-            if lease is not None or limits.connections <= 0:
+            if limits.connections <= 0:
+                return await self._open(source, site, host, address, limits, policy, None)
+            # One task per (source, site) talks to KV at a time; the others wait for its
+            # result or for a connection coming back idle, instead of all scanning leases.
+            async with self._lease_locks[(source.address, site)]:
+                conn = await self._reuse(source, host, address, limits, policy)
+                if conn is not None:
+                    return conn
+                key = (source.address, site)
+                lease = None
+                # All held a moment ago (another task looked): do not ask KV again so soon.
+                if time.monotonic() - self._lease_miss.get(key, 0.0) >= _LEASE_POLL:
+                    lease = await self._limits.acquire_lease(source.address, site, limits.connections)
+                    if lease is None:
+                        self._lease_miss[key] = time.monotonic()
+            if lease is not None:
                 return await self._open(source, site, host, address, limits, policy, lease)
             # Our own idle connections to another MX of the site hold leases we can free.
             if await self._close_one_idle(source.address, site, keep=address):
                 continue
             if time.monotonic() >= deadline:
                 raise Saturated(max(self._lease_wait, 5.0))
-            await asyncio.sleep(_LEASE_POLL)
+            # Woken by a local check-in; the timeout catches leases freed by other workers.
+            async with self._returned:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._returned.wait(), _LEASE_POLL)
 
     async def _reuse(
         self, source: Source, host: str, address: str, limits: Limits, policy: TlsPolicy
@@ -138,6 +155,8 @@ class ConnectionPool:
             return
         conn.last_used = time.monotonic()
         self._idle[(conn.source.address, conn.address)].append(conn)
+        async with self._returned:
+            self._returned.notify(1)
 
     async def _close_one_idle(self, source: str, site: str, keep: str) -> bool:
         for conns in self._idle.values():
@@ -154,6 +173,8 @@ class ConnectionPool:
         lease = self._leases.pop(id(conn), None)
         if lease is not None:
             await self._limits.release(lease)
+        async with self._returned:
+            self._returned.notify(1)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -166,14 +187,18 @@ class ConnectionPool:
     async def _sweep(self) -> None:
         now = time.monotonic()
         for key, conns in list(self._idle.items()):
-            for conn in [c for c in conns if now - c.last_used > self._idle_timeout or not c.alive]:
+            stale = [c for c in conns if now - c.last_used > self._idle_timeout or not c.alive]
+            for conn in stale:
                 conns.remove(conn)
                 await self._discard(conn)
             if not conns:
                 self._idle.pop(key, None)
-        for lease in list(self._leases.values()):
-            if lease.until - time.time() < 40.0:
-                await self._limits.renew(lease)
+        due = {lease.key for lease in self._leases.values() if lease.until - time.time() < 40.0}
+        for key in due:
+            await self._limits.renew(key)
+            for lease in self._leases.values():
+                if lease.key == key:
+                    lease.until = time.time() + LEASE_TTL
 
     async def close(self) -> None:
         if self._task is not None:

@@ -11,14 +11,15 @@ site) holds the "theoretical arrival time" of the next free slot. Taking a slot 
 moves it forward by one interval, so two workers can never both take the same slot, and
 messages are spread evenly (N per minute means one every 60/N seconds, never a burst of N).
 
-Connection caps use leases: `connections` keys per (source, site), each held by at most one
-connection at a time with an expiry the holder renews; a crashed worker's leases lapse.
+Connection caps use one lease record per (source, site): {worker: [connections held, until,
+wanting until]}, changed by CAS. A worker gets a connection when the cap has room and it is below
+its fair share among the workers that hold or want connections, so a busy worker cannot starve
+another one by re-using everything it once took; a crashed worker's entry lapses (LEASE_TTL).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import re
 import secrets
 import time
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 _CAS_ATTEMPTS = 50
 LEASE_TTL = 60.0
+WANT_TTL = 2.0
 
 
 def _part(value: str) -> str:
@@ -49,8 +51,9 @@ def slot_key(kind: str, source: str, site: str) -> str:
     return f"{kind}.{_part(source)}.{_part(site)}"
 
 
-def lease_key(source: str, site: str, index: int) -> str:
-    return f"lease.{_part(source)}.{_part(site)}.{index}"
+def lease_key(source: str, site: str) -> str:
+    """Key of the connection-cap record of one (source, site)."""
+    return f"lease.{_part(source)}.{_part(site)}"
 
 
 def next_slot(tat: float, now: float, interval: float) -> tuple[float, float]:
@@ -61,9 +64,39 @@ def next_slot(tat: float, now: float, interval: float) -> tuple[float, float]:
 
 @dataclass
 class Lease:
+    """One connection's share of a (source, site) connection cap."""
+
     key: str
-    revision: int
     until: float
+
+
+def fair_share(limit: int, contenders: int) -> int:
+    """Connections one worker may hold while `contenders` workers hold or want some."""
+    return max(1, -(-limit // max(1, contenders)))
+
+
+def grant(
+    holders: dict[str, list[float]], owner: str, limit: int, now: float
+) -> tuple[dict[str, list[float]], bool]:
+    """Pure lease decision on the shared record {owner: [held, held_until, wanting_until]}.
+
+    Granted when the cap has room and this worker is below its fair share among the workers
+    holding or wanting connections; otherwise the worker is recorded as wanting, which keeps
+    the others from re-taking what they release beyond their own share.
+    """
+    live = {
+        o: [h if until >= now else 0, until, want]
+        for o, (h, until, want) in holders.items()
+        if (h > 0 and until >= now) or want >= now or o == owner
+    }
+    mine = live.setdefault(owner, [0, 0.0, 0.0])
+    contenders = sum(1 for o, (h, _, want) in live.items() if h > 0 or want >= now or o == owner)
+    total = sum(h for h, _, _ in live.values())
+    if total < limit and mine[0] < fair_share(limit, contenders):
+        live[owner] = [mine[0] + 1, now + LEASE_TTL, 0.0]
+        return live, True
+    live[owner] = [mine[0], mine[1], now + WANT_TTL]
+    return live, False
 
 
 class SharedLimits:
@@ -111,56 +144,59 @@ class SharedLimits:
                 raise
         raise BrokerUnavailable(f"shaping slot {key}: too much contention")
 
-    async def acquire_lease(self, source: str, site: str, limit: int) -> Lease | None:
-        """One of `limit` connection leases for (source, site), or None when all are held."""
+    async def _change(self, key: str, change) -> bool:  # type: ignore[no-untyped-def]
+        """Read-modify-CAS the lease record of one (source, site); `change` returns (record, ok)."""
         kv = await self._bucket()
-        start = random.randrange(limit)
-        for offset in range(limit):
-            key = lease_key(source, site, (start + offset) % limit)
-            now = time.time()
-            value = msgpack.packb([self.owner, now + LEASE_TTL])
+        for _ in range(_CAS_ATTEMPTS):
             try:
                 entry = await kv.get(key)
+                record = msgpack.unpackb(entry.value) if entry.value else {}
+                revision = entry.revision
             except KeyNotFoundError:
-                entry = None
+                record, revision = {}, 0
+            record, ok = change(record, time.time())
             try:
-                if entry is None or not entry.value:
-                    revision = (
-                        await kv.create(key, value)
-                        if entry is None
-                        else await kv.update(key, value, last=entry.revision)
-                    )
-                    return Lease(key, revision, now + LEASE_TTL)
-                _, until = msgpack.unpackb(entry.value)
-                if until < now:  # its holder stopped renewing: crashed or partitioned
-                    revision = await kv.update(key, value, last=entry.revision)
-                    return Lease(key, revision, now + LEASE_TTL)
+                if revision:
+                    await kv.update(key, msgpack.packb(record), last=revision)
+                else:
+                    await kv.create(key, msgpack.packb(record))
+                return ok
             except KeyWrongLastSequenceError:
                 continue
             except Exception as exc:
                 if "wrong last sequence" in str(exc).lower() or "key exists" in str(exc).lower():
                     continue
                 raise
-        return None
+        raise BrokerUnavailable(f"connection lease {key}: too much contention")
 
-    async def renew(self, lease: Lease) -> bool:
-        """Extend a lease; False when it was lost (taken over after it lapsed)."""
-        kv = await self._bucket()
-        until = time.time() + LEASE_TTL
-        try:
-            lease.revision = await kv.update(
-                lease.key, msgpack.packb([self.owner, until]), last=lease.revision
-            )
-        except Exception as exc:
-            log.warning("connection lease %s lost: %r", lease.key, exc)
-            return False
-        lease.until = until
-        return True
+    async def acquire_lease(self, source: str, site: str, limit: int) -> Lease | None:
+        """A share of the (source, site) connection cap for one connection, or None (wait)."""
+        key = lease_key(source, site)
+        ok = await self._change(key, lambda rec, now: grant(rec, self.owner, limit, now))
+        return Lease(key, time.time() + LEASE_TTL) if ok else None
+
+    async def renew(self, key: str) -> None:
+        """Keep this worker's leases on `key` alive (one write per worker and key, not per connection)."""
+
+        def extend(rec: dict[str, list[float]], now: float) -> tuple[dict[str, list[float]], bool]:
+            mine = rec.get(self.owner)
+            if mine is not None and mine[0] > 0:
+                mine[1] = now + LEASE_TTL
+            return rec, True
+
+        await self._change(key, extend)
 
     async def release(self, lease: Lease) -> None:
-        kv = await self._bucket()
+        def drop(rec: dict[str, list[float]], now: float) -> tuple[dict[str, list[float]], bool]:
+            mine = rec.get(self.owner)
+            if mine is not None:
+                mine[0] = max(0, mine[0] - 1)
+                if mine[0] == 0 and mine[2] < now:
+                    del rec[self.owner]
+            return rec, True
+
         try:
-            await kv.update(lease.key, b"", last=lease.revision)
+            await self._change(lease.key, drop)
         except Exception as exc:
-            # Someone else holds it now, or NATS is away: the lease lapses on its own.
-            log.debug("releasing lease %s: %r", lease.key, exc)
+            # NATS away: our entry lapses LEASE_TTL after the last renewal.
+            log.warning("releasing connection lease %s failed: %r", lease.key, exc)

@@ -75,6 +75,7 @@ class DeliveryService:
         self.connections = ConnectionPool(
             self.limits, self._settings, idle_timeout=d.idle_timeout, lease_wait=min(5.0, d.max_shaping_wait)
         )
+        self.attempts = 0  # SMTP attempts made by this worker (tests, benchmarks, metrics)
         self._sts = MtaSts(
             self._resolver,
             url_template=d.mta_sts_url,
@@ -98,7 +99,11 @@ class DeliveryService:
         await self.control.start()
         self.connections.start()
         per_pool = max(1, self._config.delivery.concurrency // max(1, len(pools)))
+        if not pools:
+            log.error("no pool can be served from this host; idle until stopped")
         try:
+            if not pools:
+                await stop.wait()
             await asyncio.gather(
                 *(
                     transport.consume(
@@ -208,6 +213,7 @@ class DeliveryService:
                 await asyncio.sleep(wait)
         sts = await self._sts.policy(env.domain) if d.mta_sts and env.domain else None
         policy = tls_policy(site_requires=limits.require_tls, verify_always=d.tls_verify, sts=sts)
+        self.attempts += 1
         try:
             result = await send_job(
                 self.connections,

@@ -10,7 +10,7 @@ from services.core.envelope import BodyRef, BounceNotice, Envelope
 from services.core.outcome import Bounced, Reply
 from services.core.pause import parse_pause_key, pause_key
 from services.delivery.control import Backoff, backoff_key
-from services.delivery.limits import lease_key, next_slot, slot_key
+from services.delivery.limits import LEASE_TTL, fair_share, grant, lease_key, next_slot, slot_key
 from services.delivery.smtp_session import Source
 from services.delivery.sources import choose_source
 
@@ -28,8 +28,34 @@ def test_keys_are_valid_kv_keys_for_ipv4_ipv6_and_host_names() -> None:
     assert slot_key("msg", "192.0.2.1", "google") == "msg.192_0_2_1.google"
     assert slot_key("conn", "2001:db8::1", "mx.a.test") == "conn.2001_db8__1.mx_a_test"
     assert slot_key("msg", "", "x") == "msg._.x"
-    assert lease_key("192.0.2.1", "google", 3) == "lease.192_0_2_1.google.3"
+    assert lease_key("192.0.2.1", "google") == "lease.192_0_2_1.google"
     assert backoff_key("192.0.2.1", "mx.a.test") == "backoff.192_0_2_1.mx_a_test"
+
+
+def test_connection_cap_is_shared_fairly_between_workers_that_want_connections() -> None:
+    now = 1000.0
+    record: dict = {}
+    for _ in range(4):
+        record, ok = grant(record, "a", 4, now)
+        assert ok, "alone, a worker may use the whole cap"
+    record, ok = grant(record, "a", 4, now)
+    assert not ok and record["a"][0] == 4, "never above the cap"
+    record, ok = grant(record, "b", 4, now)
+    assert not ok and record["b"][2] > now, "b is recorded as wanting"
+    record["a"][0] -= 1  # a closes a connection...
+    record, ok = grant(record, "a", 4, now)
+    assert not ok, "...and may not take it back while b waits below its share"
+    record, ok = grant(record, "b", 4, now)
+    assert ok and record["b"][0] == 1
+    assert fair_share(4, 2) == 2 and fair_share(5, 2) == 3 and fair_share(1, 3) == 1
+
+
+def test_a_crashed_workers_connections_lapse() -> None:
+    now = 1000.0
+    record = {"dead": [4, now - 1, 0.0]}
+    record, ok = grant(record, "b", 4, now)
+    assert ok and "dead" not in record
+    assert record["b"][1] == now + LEASE_TTL
 
 
 def test_backoff_round_trips() -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from services.core.runtime import start_bus
+from services.delivery.service import DeliveryService
 from tests.integration.delivery.conftest import submit_many
 from tests.support.relais import wait_for_events
 
@@ -36,3 +40,24 @@ async def test_connection_is_replaced_after_its_message_budget(make_stack, make_
     await sink.async_wait_for(6)
     assert sink.connections == 3, "two messages per connection"
     assert sink.peak_sessions <= 1, "never more than the site's one connection at a time"
+
+
+async def test_connection_cap_holds_across_two_workers(make_stack, make_sink, shaping_file) -> None:
+    sink = make_sink("127.0.0.2")
+    delivery = {"shaping_file": shaping_file(TWO_PER_CONNECTION), "concurrency": 4}
+    stack = await make_stack(services=("ingress", "router", "bounce"), delivery=delivery)
+    stop = asyncio.Event()
+    buses = [await start_bus(stack.config, f"test-delivery-{i}", attempts=3) for i in range(2)]
+    workers = [DeliveryService(stack.config, bus) for bus in buses]
+    tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+    try:
+        await submit_many(stack, 8)
+        got = await sink.async_wait_for(8, timeout=60)
+        assert len({r for m in got for r in m.rcpt_tos}) == 8
+        assert all(w.attempts > 0 for w in workers), [w.attempts for w in workers]
+        assert sink.peak_sessions <= 1, "one connection lease for the site, shared by both workers"
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        for bus in buses:
+            await bus.nc.close()

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Delivery throughput: delivered messages per second to a fast local sink, with connection reuse.
+
+For each (body size, delivery processes) case: a fresh embedded nats-server, Postfix's
+`smtp-sink` on 127.0.0.2 as the MX, the loopback DNS server from the test support, N delivery
+jobs published straight to `relais.deliver.default` (the router is not measured here), then
+1 or 4 real `relais delivery` processes started together. Measured from the moment the jobs are
+queued and the workers are ready until N `delivered` events are in the events stream; CPU is
+the delivery processes' user+system time over that interval (/proc), per 1,000 messages.
+
+    python bench/deliver.py [--messages 2000] [--sizes 2048,51200] [--procs 1,4]
+
+Shaping is wide open for the run (one site, up to 32 connections, 1,000 messages per
+connection) so what is measured is the delivery path itself: NATS pull + ack, envelope decode,
+SMTP over reused connections, events and schedules. Prints a table; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import SmtpSink, cpu_seconds  # noqa: E402
+from services.core.config import DeliveryConfig, PoolConfig, replace  # noqa: E402
+from services.core.embedded import EmbeddedNats, free_port  # noqa: E402
+from services.core.envelope import BodyRef, Envelope, new_message_id  # noqa: E402
+from services.core.runtime import start_bus  # noqa: E402
+from services.core.topology import DELIVER_STREAM, EVENTS_STREAM, deliver_subject, delivery_consumer  # noqa: E402
+from tests.support.dns_server import DNSServer  # noqa: E402
+from tests.support.relais import ServiceProcess, config_to_toml, make_config  # noqa: E402
+
+SINK_HOST = "127.0.0.2"
+SHAPING = """
+[site."bench.test"]
+connections = 32
+messages_per_connection = 1000
+"""
+
+
+def body_of(size: int) -> bytes:
+    head = (
+        b"From: bench@acme.test\r\nTo: r@bench.test\r\nSubject: bench\r\n"
+        b"Message-ID: <bench@acme.test>\r\nMIME-Version: 1.0\r\n\r\n"
+    )
+    line = b"x" * 76 + b"\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+async def publish_jobs(config, count: int, size: int) -> None:
+    bus = await start_bus(config, "bench-publisher")
+    body = body_of(size)
+    try:
+        sem = asyncio.Semaphore(256)
+
+        async def one(i: int) -> None:
+            async with sem:
+                mid = new_message_id()
+                env = Envelope(
+                    id=mid,
+                    job_id=f"{mid}-0",
+                    sender="bench@acme.test",
+                    recipients=(f"r{i}@bench.test",),
+                    account="acme",
+                    sender_domain="acme.test",
+                    body=BodyRef(size=len(body), inline=body),
+                    pool="default",
+                    domain="bench.test",
+                    site="bench.test",
+                    mx_hosts=("mx.bench.test",),
+                )
+                await bus.publish(deliver_subject("default"), env.to_msgpack(), msg_id=env.job_id)
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+    finally:
+        await bus.nc.close()
+
+
+async def wait_ready(config, procs: int, timeout: float = 60.0) -> None:  # noqa: ASYNC109
+    """Until every worker has a pull request waiting on the pool's consumer (imports done)."""
+    bus = await start_bus(config, "bench-ready")
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await bus.js.consumer_info(DELIVER_STREAM, delivery_consumer("default"))
+            if info.num_waiting >= procs:
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError("delivery workers did not start pulling")
+    finally:
+        await bus.nc.close()
+
+
+async def delivered_events(config) -> int:
+    bus = await start_bus(config, "bench-counter")
+    try:
+        info = await bus.js.stream_info(EVENTS_STREAM, subjects_filter="relais.events.*.delivered")
+        return sum((info.state.subjects or {}).values())
+    finally:
+        await bus.nc.close()
+
+
+def run_case(workdir: Path, dns: DNSServer, count: int, size: int, procs: int) -> dict[str, float]:
+    nats = EmbeddedNats(store_dir=workdir / "nats", log_file=workdir / "nats.log")
+    nats.start()
+    sink_port = free_port(SINK_HOST)
+    sink = SmtpSink(SINK_HOST, sink_port)
+    sink.start()
+    workers: list[ServiceProcess] = []
+    try:
+        shaping = workdir / "shaping.toml"
+        shaping.write_text(SHAPING)
+        config = make_config(nats_url=nats.url, dns_port=dns.port, smtp_port=sink_port)
+        config = replace(
+            config,
+            delivery=DeliveryConfig(
+                smtp_port=sink_port,
+                connect_timeout=5.0,
+                command_timeout=30.0,
+                concurrency=32,
+                shaping_file=str(shaping),
+                mta_sts=False,
+            ),
+            pools={"default": PoolConfig()},
+            telemetry={"http_listen": ""},
+        )
+        cfg_path = workdir / "relais.toml"
+        cfg_path.write_text(config_to_toml(config))
+        for _ in range(procs):
+            worker = ServiceProcess("delivery", cfg_path, workdir)
+            worker.start()
+            workers.append(worker)
+        asyncio.run(wait_ready(config, procs))
+        started = time.perf_counter()
+        cpu0 = sum(cpu_seconds(w.process.pid) for w in workers if w.process)
+        asyncio.run(publish_jobs(config, count, size))
+        deadline = started + 600
+        done = 0
+        while time.perf_counter() < deadline:
+            done = asyncio.run(delivered_events(config))
+            if done >= count:
+                break
+            time.sleep(0.25)
+        elapsed = time.perf_counter() - started
+        cpu = sum(cpu_seconds(w.process.pid) for w in workers if w.process) - cpu0
+        if done < count:
+            print(
+                f"  only {done}/{count} delivered; worker log:\n{workers[0].log()[-3000:]}", file=sys.stderr
+            )
+        return {
+            "delivered": done,
+            "seconds": elapsed,
+            "rate": done / elapsed,
+            "cpu_per_1000": cpu / max(done, 1) * 1000,
+        }
+    finally:
+        for w in workers:
+            w.stop()
+        sink.stop()
+        nats.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sizes", default="2048,51200")
+    parser.add_argument("--procs", default="1,4")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    procs = [int(p) for p in args.procs.split(",")]
+    rows = []
+    with DNSServer("127.0.0.1") as dns:
+        dns.add("bench.test", "MX", "10 mx.bench.test.")
+        dns.add("mx.bench.test", "A", SINK_HOST)
+        for size in sizes:
+            for n in procs:
+                with tempfile.TemporaryDirectory(prefix="relais-bench-deliver-") as tmp:
+                    result = run_case(Path(tmp), dns, args.messages, size, n)
+                rows.append((size, n, result))
+                print(
+                    f"  {size // 1024:>3} KB x {n} proc: {result['rate']:,.0f} msg/s, "
+                    f"{result['cpu_per_1000']:.2f} CPU s/1000",
+                    file=sys.stderr,
+                )
+    print()
+    print(f"Delivery to a local smtp-sink, {args.messages} messages per case, connection reuse on")
+    header = ("body", "procs", "delivered", "seconds", "msgs/s", "CPU s / 1000 msgs")
+    print(f"{header[0]:>6}  {header[1]:>5}  {header[2]:>9}  {header[3]:>8}  {header[4]:>8}  {header[5]:>18}")
+    for size, n, r in rows:
+        print(
+            f"{size // 1024:>4}KB  {n:>5}  {r['delivered']:>9.0f}  {r['seconds']:>8.1f}  {r['rate']:>8,.0f}  "
+            f"{r['cpu_per_1000']:>18.2f}"
+        )
+    out = REPO / "bench" / "results" / f"deliver-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps([{"size": s, "procs": n, **r} for s, n, r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()
