@@ -28,6 +28,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 Manifest = dict[str, Any]
 
 
+def kubectl_available() -> bool:
+    return shutil.which("kubectl") is not None
+
+
 def kubectl() -> str:
     found = shutil.which("kubectl")
     if not found:
