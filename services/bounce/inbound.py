@@ -20,7 +20,7 @@ from email.message import Message
 from nats.aio.msg import Msg
 
 from services.bounce.arf import parse_arf
-from services.bounce.classify import BounceRule, is_hard
+from services.bounce.classify import BounceCategory, BounceRule, is_hard
 from services.bounce.parse import FailedRecipient, parse_bounce, parse_message
 from services.bounce.policy import suppression_expiry
 from services.core import bus as transport
@@ -59,7 +59,7 @@ class Finding:
     def suppresses(self) -> bool:
         if self.kind == "complained":
             return True
-        return self.permanent and is_hard(self.category)  # type: ignore[arg-type]
+        return self.permanent and is_hard(BounceCategory(self.category))
 
 
 @dataclass(frozen=True, slots=True)
