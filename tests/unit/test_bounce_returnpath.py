@@ -109,3 +109,18 @@ def test_null_sender_dsn_and_disabled_verp_keep_the_sender() -> None:
     assert return_path(CONFIG, envelope(sender="")) == ""
     assert return_path(CONFIG, envelope(sender="", kind="dsn")) == ""
     assert return_path(BounceConfig(), envelope()) == "news@acme.test"
+
+
+def test_verp_config_is_checked_and_secrets_rotate_through_the_environment() -> None:
+    from services.core.config import ConfigError, load_config
+
+    env = {
+        "RELAIS_BOUNCE__VERP": "true",
+        "RELAIS_BOUNCE__RETURN_PATH_DOMAIN": DOMAIN,
+        "RELAIS_BOUNCE__VERP_SECRETS": f"{SECRET},{OLD_SECRET}",
+    }
+    assert load_config(env=env).bounce.verp_secrets == [SECRET, OLD_SECRET]
+    with pytest.raises(ConfigError, match="return_path_domain"):
+        load_config(env={**env, "RELAIS_BOUNCE__RETURN_PATH_DOMAIN": ""})
+    with pytest.raises(ConfigError, match="16 characters"):
+        load_config(env={**env, "RELAIS_BOUNCE__VERP_SECRETS": "short"})
