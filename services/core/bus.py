@@ -222,7 +222,7 @@ async def _keep_in_progress(working: dict[int, tuple[Msg, float]], interval: flo
     """Tell JetStream "still working" for each message held longer than `interval` (ack_wait/3)."""
     with contextlib.suppress(asyncio.CancelledError):
         while True:
-            await asyncio.sleep(min(interval, 1.0))
+            await asyncio.sleep(interval / 2)
             now = time.monotonic()
             for key, (msg, since) in list(working.items()):
                 if now - since >= interval and key in working:

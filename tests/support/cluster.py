@@ -193,7 +193,6 @@ class Cluster:
         self.config_path = self.base_dir / "relais.toml"
         self.services: dict[str, list[ServiceProcess]] = {}
         self.ingress_addresses: list[tuple[str, int]] = []
-        self._started = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -212,7 +211,6 @@ class Cluster:
         )
 
     def start(self) -> None:
-        self._started = True
         self.dns.start()
         self._fill_zone()
         for sink in [*self.sinks.values(), self.sender_mx]:
@@ -303,10 +301,6 @@ class Cluster:
             for i, proc in enumerate(procs):
                 parts.append(f"--- {proc.name}-{i} ---\n{proc.log()[-tail:]}")
         return "\n".join(parts)
-
-    def with_config(self, **sections: Any) -> Config:
-        assert self.config is not None
-        return dataclasses.replace(self.config, **sections)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
