@@ -2,7 +2,8 @@
 
 Kustomizations are rendered by `kubectl kustomize` (kustomize is built into kubectl; the
 machine image ships the `kubectl` Debian package), so the tests see exactly what
-`kubectl apply -k` would send. Nothing here talks to a cluster.
+`kubectl apply -k` would send; without kubectl, by the small renderer in k8s_kustomize.py,
+which test_k8s_render keeps equal to kubectl's output. Nothing here talks to a cluster.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def render_text(kustomization: Path) -> str:
 
 
 def render(kustomization: Path) -> list[Manifest]:
+    """kubectl's render; where kubectl is missing, the subset in tests/unit/k8s_kustomize.py."""
+    if not kubectl_available():
+        from tests.unit.k8s_kustomize import finish
+
+        return finish(kustomization)
     return [doc for doc in yaml.safe_load_all(render_text(kustomization)) if doc]
 
 

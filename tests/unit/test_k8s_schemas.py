@@ -21,7 +21,6 @@ from tests.unit.k8s_manifests import (
     KUSTOMIZATIONS,
     Manifest,
     by_kind,
-    kubectl_available,
     load_yaml_file,
     render,
     secret_templates,
@@ -138,13 +137,7 @@ def _id(item: tuple[str, Manifest]) -> str:
     return f"{where}:{m['kind']}/{m['metadata']['name']}"
 
 
-# Rendered at collection time for parametrisation; without kubectl the parametrised tests
-# are empty and test_kubectl_is_installed fails, instead of every test in the suite erroring.
-ALL = _sources() if kubectl_available() else []
-
-
-def test_kubectl_is_installed() -> None:
-    assert kubectl_available(), "kubectl renders the kustomizations (Debian package `kubectl`)"
+ALL = _sources()
 
 
 def test_every_kustomization_renders_something() -> None:
@@ -165,7 +158,7 @@ def test_builtin_kinds_match_the_kubernetes_schema(item: tuple[str, Manifest], v
 
 def test_the_validator_rejects_what_it_should() -> None:
     """The strict check is live: a misspelt field and a wrong type are both refused."""
-    deployment = next(m for _, m in _sources() if m["kind"] == "Deployment")
+    deployment = next(m for _, m in ALL if m["kind"] == "Deployment")
     misspelt = copy.deepcopy(deployment)
     misspelt["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
     wrong_type = copy.deepcopy(deployment)
@@ -234,7 +227,7 @@ def test_scaled_objects_match_keda_schema(item: tuple[str, Manifest]) -> None:
 
 
 def test_keda_schema_rejects_a_numeric_threshold() -> None:
-    _, so = next((w, m) for w, m in _sources() if m["kind"] == "ScaledObject")
+    _, so = SCALED_OBJECTS[0]
     bad = copy.deepcopy(so)
     bad["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 100
     with pytest.raises(jsonschema.ValidationError):
