@@ -140,6 +140,28 @@ CONSUMER_REDELIVERED = Gauge(
 )
 
 
+class BoundedLabel:
+    """Keeps a label's distinct values under a cap: the first `cap` values seen keep their name,
+    later ones count as "other". Sites are rolled up by the router (one per big provider), but the
+    long tail of small recipient domains would otherwise be one time series each."""
+
+    def __init__(self, cap: int, other: str = "other") -> None:
+        self.cap = cap
+        self.other = other
+        self._seen: set[str] = set()
+
+    def label(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self.cap:
+            return self.other
+        self._seen.add(value)
+        return value
+
+
+SITES = BoundedLabel(cap=500)
+
+
 def subject_family(subject: str) -> str:
     """`relais.retry.route.<key>.<n>` -> `relais.retry`; `relais.deliver.<pool>` is kept whole."""
     parts = subject.split(".")
@@ -165,7 +187,7 @@ def observe_event(event: Any) -> None:
         ACCEPTED_RECIPIENTS.labels(event.account).inc(n)
         TLS_RECIPIENTS.labels("inbound", getattr(event, "tls_version", "") or "none").inc(n)
         return
-    RECIPIENTS.labels(kind, event.pool, event.source_ip, event.site).inc(n)
+    RECIPIENTS.labels(kind, event.pool, event.source_ip, SITES.label(event.site)).inc(n)
     if kind in ("delivered", "deferred") and event.mx_host != "mailbox":
         TLS_RECIPIENTS.labels("outbound", getattr(event, "tls_version", "") or "none").inc(n)
     if kind in ("bounced", "expired"):

@@ -138,3 +138,13 @@ def test_dns_cache_hits_and_misses_are_read_from_the_resolvers() -> None:
     hits = sample("relais_dns_cache_hits_total")
     resolver.cache.statistics.hits += 3
     assert sample("relais_dns_cache_hits_total") == hits + 3
+
+
+def test_site_labels_are_capped_so_the_long_tail_cannot_explode_the_series() -> None:
+    sites = metrics.BoundedLabel(cap=2)
+    assert [sites.label(s) for s in ("gmail.com", "yahoo.com", "tiny.example", "gmail.com")] == [
+        "gmail.com",
+        "yahoo.com",
+        "other",
+        "gmail.com",
+    ]
