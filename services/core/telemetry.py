@@ -102,15 +102,22 @@ class JsonLinesExporter(SpanExporter):
         self._path.parent.mkdir(parents=True, exist_ok=True)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(span_record(s), default=str) for s in spans]
+        data = "".join(json.dumps(span_record(s), default=str) + "\n" for s in spans).encode()
         with self._lock:
             try:
                 if self._path.stat().st_size > self._max_bytes:
                     self._path.replace(self._path.with_name(self._path.name + ".1"))
             except FileNotFoundError:
                 pass
-            with self._path.open("a") as fh:
-                fh.write("\n".join(lines) + "\n")
+            # One write() on an O_APPEND descriptor: the four services of `relais up` share the
+            # file, and a buffered writer would split a batch into chunks that interleave.
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:

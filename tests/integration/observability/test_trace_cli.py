@@ -69,3 +69,25 @@ async def test_trace_prints_the_tree_of_a_delivered_message(
     )
     out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
     assert proc.returncode == 1 and "no spans for nope" in out
+
+
+def test_the_trace_file_rotates_and_both_generations_are_read(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from services.admin.trace import load_spans, trace_files
+
+    path = tmp_path / "traces.jsonl"
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(path, max_bytes=2000)))
+    tracer = provider.get_tracer("test")
+    for i in range(20):
+        with tracer.start_as_current_span(f"span {i}", attributes={"relais.message_id": f"m{i}"}):
+            pass
+    provider.shutdown()
+    files = trace_files(path)
+    assert [f.name for f in files] == ["traces.jsonl.1", "traces.jsonl"]
+    assert all(f.stat().st_size < 4000 for f in files)
+    names = [s["name"] for s in load_spans(files)]
+    assert names[-1] == "span 19" and len(names) < 20, "older generations are dropped"
+    assert names == sorted(names, key=lambda n: int(n.split()[1]))
