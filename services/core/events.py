@@ -95,10 +95,14 @@ async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None) ->
     """Publish one event; the msg id makes a redelivered stage's republish a no-op."""
     await bus.publish(event_subject(event.account, event.kind), event.to_json(), msg_id=msg_id)
     # Events are the chokepoint every outcome passes: metrics and the span see them here.
-    metrics.observe_event(event)
-    attributes = outcome_attributes(event)
-    telemetry.annotate_outcome(event.kind, attributes)
-    log_event(event, attributes)
+    # The event is already stored: nothing below may turn that success into a redelivery.
+    try:
+        metrics.observe_event(event)
+        attributes = outcome_attributes(event)
+        telemetry.annotate_outcome(event.kind, attributes)
+        log_event(event, attributes)
+    except Exception:
+        event_log.exception("recording %s event of %s failed", event.kind, event.message_id)
 
 
 def log_event(event: Event, attributes: dict[str, object]) -> None:

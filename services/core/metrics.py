@@ -199,11 +199,16 @@ def observe_event(event: Any) -> None:
 
 
 def observe_handler(consumer: str, result: str, seconds: float) -> None:
-    """One message handled by a durable consumer; a delivery consumer's handler is one attempt."""
-    PROCESSED.labels(consumer, result).inc()
-    HANDLER_DURATION.labels(consumer).observe(seconds)
-    if consumer.startswith("delivery-"):
-        ATTEMPT_DURATION.labels(pool_of_delivery_consumer(consumer)).observe(seconds)
+    """One message handled by a durable consumer; a delivery consumer's handler is one attempt.
+
+    Called from the consume loop's bookkeeping, so it never raises."""
+    try:
+        PROCESSED.labels(consumer, result).inc()
+        HANDLER_DURATION.labels(consumer).observe(seconds)
+        if consumer.startswith("delivery-"):
+            ATTEMPT_DURATION.labels(pool_of_delivery_consumer(consumer)).observe(seconds)
+    except Exception:
+        log.exception("handler metrics for %s failed", consumer)
 
 
 class DnsCacheCollector(Collector):
