@@ -95,7 +95,7 @@ async def settle_and_audit(
     cluster: Cluster,
     results: list[Result],
     *,
-    timeout: float = 120.0,  # noqa: ASYNC109 - a settling budget, not a cancel scope
+    timeout: float = 240.0,  # noqa: ASYNC109 - a settling budget, not a cancel scope
     max_duplicates: int = 0,
 ) -> Books:
     """Wait until every accepted recipient reached a final outcome (or the timeout), then audit."""

@@ -9,7 +9,7 @@ from tests.integration.cluster.ledger import plan, program_bounces, settle_and_a
 from tests.support.cluster import Cluster
 
 # Each scenario is ~20 s of load plus settling; the first one also starts the cluster.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 async def test_dns_outage_defers_and_then_delivers(healthy_cluster: Cluster) -> None:

@@ -11,7 +11,7 @@ from tests.integration.cluster.ledger import plan, program_bounces, settle_and_a
 from tests.support.cluster import Cluster
 
 # Each scenario is ~20 s of load plus settling; the first one also starts the cluster.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 async def test_killed_router_and_delivery_replicas_lose_nothing(healthy_cluster: Cluster) -> None:
@@ -35,4 +35,4 @@ async def test_killed_router_and_delivery_replicas_lose_nothing(healthy_cluster:
     print(books.summary("router and delivery replicas killed"))
     await asyncio.sleep(0)
     assert not books.problems, books.summary("problems") + "\n" + cluster.logs()
-    assert books.counts.get("accepted (250)", 0) >= len(subs) * 0.95, books.counts
+    assert books.counts.get("accepted (250)", 0) >= len(subs) * 0.9, books.counts
