@@ -65,6 +65,10 @@ class Bus:
         hdrs = dict(headers or {})
         if msg_id:
             hdrs[Header.MSG_ID] = msg_id
+        if not self.nc.is_connected:
+            # While reconnecting, nats-py would buffer the publish and flush it later, storing a
+            # message whose sender we already told 451: refuse at once instead.
+            raise BrokerUnavailable(f"publish to {subject}: not connected to NATS")
         with telemetry.producer_span(subject, hdrs, attributes):
             try:
                 ack = await self.js.publish(

@@ -83,6 +83,9 @@ class Envelope:
     dsn_notify: dict[str, str] = field(default_factory=dict)
     dsn_orcpt: dict[str, str] = field(default_factory=dict)
     client_ip: str = ""
+    # When the ingress stops waiting for JetStream's ack and answers 451 (epoch seconds; 0 = none).
+    # A copy stored later than this (e.g. flushed after a reconnect) was refused and must not be sent.
+    accept_by: float = 0.0
     # Free-form facts (TLS version, campaign tag) recorded by the ingress for events and traces.
     meta: dict[str, str] = field(default_factory=dict)
 
@@ -94,6 +97,17 @@ class Envelope:
     def key(self) -> str:
         """The identity of this unit of work: the job id once routed, else the message id."""
         return self.job_id or self.id
+
+    def refused_when_stored_at(self, stored_at: float, clock_margin: float = 2.0) -> bool:
+        """True when JetStream stored this submission after the ingress had answered 451.
+
+        Only the first copy from the ingress carries `accept_by`. The margin absorbs clock skew
+        between ingress and NATS hosts in the safe direction: a message the sender was told 250
+        for is never dropped; one stored within the margin after a 451 may still be delivered.
+        """
+        return bool(self.accept_by) and not self.job_id and not self.attempts and (
+            stored_at > self.accept_by + clock_margin
+        )
 
     def with_attempt(self, attempt: Attempt) -> Envelope:
         return replace(self, attempts=(*self.attempts, attempt))
@@ -189,6 +203,7 @@ def _envelope_to_wire(env: Envelope) -> dict[str, Any]:
         "notify": env.dsn_notify,
         "orcpt": env.dsn_orcpt,
         "ip": env.client_ip,
+        "by": env.accept_by,
         "meta": env.meta,
     }
 
@@ -220,6 +235,7 @@ def _envelope_from_wire(wire: dict[str, Any]) -> Envelope:
             dsn_notify=dict(wire.get("notify") or {}),
             dsn_orcpt=dict(wire.get("orcpt") or {}),
             client_ip=wire.get("ip", ""),
+            accept_by=float(wire.get("by", 0.0)),
             meta=dict(wire.get("meta") or {}),
         )
     except (KeyError, TypeError) as exc:

@@ -95,3 +95,11 @@ def test_key_is_job_id_once_routed() -> None:
     env = _envelope()
     assert env.key == env.id
     assert _envelope(job_id="m-3").key == "m-3"
+
+
+def test_late_store_guard_only_applies_to_the_ingress_copy() -> None:
+    env = _envelope(accept_by=1000.0)
+    assert not env.refused_when_stored_at(1001.0), "within the clock margin: keep"
+    assert env.refused_when_stored_at(1010.0)
+    assert not _envelope().refused_when_stored_at(1e12), "no deadline recorded: never refused"
+    assert not _envelope(accept_by=1000.0, job_id="x-0").refused_when_stored_at(1e12), "routed jobs are past it"
