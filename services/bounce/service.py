@@ -80,10 +80,8 @@ class BounceService:
         except EnvelopeDecodeError as exc:
             raise transport.Poison(str(exc)) from exc
         env = notice.envelope
-        # Delay warnings (BounceNotice.delay_warning, sent by settle when retry.delay_warning_after
-        # passes) are read defensively while that field rolls out with delivery's change.
-        delay_warning = bool(getattr(notice, "delay_warning", False))
-        outcome = "delayed" if delay_warning else "bounced"
+        # A delay warning (settle sends one when retry.delay_warning_after passes) is only a DSN.
+        outcome = "delayed" if notice.delay_warning else "bounced"
         with consumer_span(
             bounce_subject(),
             msg.headers,
@@ -93,7 +91,7 @@ class BounceService:
             dsn_id = await self._send_dsn(notice, round_no)
             if dsn_id:
                 span.set_attribute("relais.dsn_id", dsn_id)
-            if delay_warning:
+            if notice.delay_warning:
                 return  # still being retried: no outcome yet, and the body stays
             kind = "expired" if notice.expired else "bounced"
             for failure in notice.failures:
@@ -127,7 +125,7 @@ class BounceService:
     async def _send_dsn(self, notice: BounceNotice, round_no: int) -> str:
         """Publish the DSN for this notice, if anyone should get one; returns its id or ''."""
         env = notice.envelope
-        delayed = bool(getattr(notice, "delay_warning", False))
+        delayed = notice.delay_warning
         wanted = set(policy.dsn_recipients(env, [f.recipient for f in notice.failures], delayed=delayed))
         failures = [f for f in notice.failures if f.recipient in wanted]
         if not failures:
