@@ -92,11 +92,14 @@ def render_history(message_id: str, events: Sequence[Event]) -> str:
         retry = e.detail.get("retry_at")
         retry_at = f"  next try {_when(float(retry))}" if retry else ""
         rcpts = ", ".join(e.recipients)
+        if e.message_id != message_id:
+            rcpts = f"DSN {e.message_id} to {rcpts}"
         lines.append(f"{_when(e.at)}  {e.kind:<10} {rcpts}{attempt}  {where}{reply}{retry_at}".rstrip())
-    finals = [e for e in events if e.kind in ("delivered", "bounced", "expired", "suppressed")]
+    own = [e for e in events if e.message_id == message_id]
+    finals = [e for e in own if e.kind in ("delivered", "bounced", "expired", "suppressed")]
     if finals:
         lines.append(f"final: {', '.join(sorted({e.kind for e in finals}))}")
-    elif any(e.kind == "deferred" for e in events):
+    elif any(e.kind == "deferred" for e in own):
         lines.append("final: (still queued for retry)")
     return "\n".join(lines)
 

@@ -74,6 +74,9 @@ def event_for(
             "tls_version": env.meta.get("tls_version", ""),
             "tls_cipher": env.meta.get("tls_cipher", ""),
         }
+    if env.kind == "dsn" and env.meta.get("dsn_for"):
+        # A DSN's events point back at the message it reports on (`relais message` shows them).
+        extra = {**extra, "detail": {**extra.get("detail", {}), "dsn_for": env.meta["dsn_for"]}}
     return Event(
         kind=kind,
         message_id=env.id,

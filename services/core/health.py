@@ -84,8 +84,9 @@ class HealthServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5)
-            while (line := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                del line  # headers are not needed
+            for _ in range(100):  # headers are not needed: read up to the blank line
+                if await asyncio.wait_for(reader.readline(), 5) in (b"\r\n", b"\n", b""):
+                    break
             parts = request.decode("latin-1").split()
             if len(parts) < 2:
                 return

@@ -143,3 +143,33 @@ def test_sites_match_the_mx_host_or_the_domain_of_a_job() -> None:
     assert not matches_site(env, "beta.test")
     reply = admin_bounce_reply("customer asked")
     assert (reply.code, reply.enhanced_status) == (550, "5.0.0") and "customer asked" in reply.text
+
+
+def test_a_dsn_shows_in_the_history_of_the_message_it_reports_on() -> None:
+    from services.core.events import event_for
+    from services.core.outcome import Reply
+
+    dsn = Envelope(
+        id="d1",
+        sender="",
+        recipients=("s@acme.test",),
+        account="acme",
+        sender_domain="acme.test",
+        body=BodyRef(size=1, inline=b"x"),
+        kind="dsn",
+        meta={"dsn_for": "m1"},
+    )
+    delivered = event_for("delivered", dsn, ["s@acme.test"], Reply(250, "2.0.0", "ok"))
+    assert delivered.detail["dsn_for"] == "m1"
+    bounced = Event(
+        "bounced",
+        "m1",
+        "acme",
+        ["x@alpha.test"],
+        at=1000.0,
+        sender="s@acme.test",
+        reply={"code": 550, "enhanced": "5.1.1", "text": "no"},
+    )
+    text = render_history("m1", [bounced, delivered])
+    assert "DSN d1 to s@acme.test" in text
+    assert text.splitlines()[-1] == "final: bounced"

@@ -132,3 +132,10 @@ async def test_bounce_queue_bounces_deferred_mail_with_the_admin_reason(
     assert not [
         e for e in await read_events(url) if e.kind == "delivered" and e.message_id == bounced.message_id
     ]
+
+    (dsn_delivered,) = await wait_for_events(url, "delivered", 1)  # the DSN, to the sender's MX
+    rc, out = await relais("message", bounced.message_id, nats_url=url)
+    assert rc == 0, out
+    assert "bounced" in out and "5.0.0 Bounced by the administrator: customer asked" in out
+    assert f"DSN {dsn_delivered.message_id} to news@acme.test" in out
+    assert out.splitlines()[-1] == "final: bounced"
