@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Any, AnyStr, Protocol
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Session
 
@@ -79,10 +79,6 @@ def is_error(reply: str) -> bool:
     return len(reply) >= 3 and reply[:3].isdigit() and reply[0] in "45" and reply[:3] != "421"
 
 
-class SessionObserver(Protocol):
-    def session_closed(self, session: Session) -> None: ...
-
-
 class RelaisSMTP(SMTP):
     def __init__(
         self,
@@ -115,11 +111,17 @@ class RelaisSMTP(SMTP):
                 transport.close()
                 self._refused = True
                 return
+        previous = None if first else self.session
         super().connection_made(transport)
         if first:
             metrics.SMTP_SESSIONS.labels("inbound").inc()
         if first and self._implicit_tls and self.session is not None:
             self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
+        if previous is not None and self.session is not None:
+            # STARTTLS: aiosmtpd starts a fresh session (RFC 3207 4.2), but the client behind a
+            # PROXY header is still the same client; whatever the plaintext session held is freed.
+            self.session.proxy_data = previous.proxy_data
+            self._notify_closed(previous)
 
     def admit(self, ip: str) -> bool:
         """Count this connection against its client IP; False when that IP has too many."""
@@ -135,10 +137,14 @@ class RelaisSMTP(SMTP):
             self._session_ended = True
             if self._gated_ip is not None:
                 self._gate.release(self._gated_ip)
-            observer = getattr(self.event_handler, "session_closed", None)
-            if observer is not None and self.session is not None:
-                observer(self.session)
+            if self.session is not None:
+                self._notify_closed(self.session)
         super().connection_lost(error)
+
+    def _notify_closed(self, session: Session) -> None:
+        observer = getattr(self.event_handler, "session_closed", None)
+        if observer is not None:
+            observer(session)
 
     def _timeout_cb(self) -> None:
         writer = getattr(self, "_writer", None)

@@ -12,19 +12,27 @@ from pathlib import Path
 from typing import Any
 
 from services.core.config import ListenerConfig
-from tests.integration.ingress.helpers import free_listen, in_thread, listener, plain, queued
+from tests.integration.ingress.helpers import free_listen, in_thread, listener, plain, queued, tls_sections
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.relais import ACCOUNT, PASSWORD, message
 
 PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
-def _session(address: tuple[str, int], preamble: bytes) -> list[bytes]:
-    with socket.create_connection(address, timeout=10) as sock:
+def _session(address: tuple[str, int], preamble: bytes, tls: ssl.SSLContext | None = None) -> list[bytes]:
+    sock = socket.create_connection(address, timeout=10)
+    try:
         sock.sendall(preamble)
         data = sock.recv(200)
         if not data.startswith(b"220"):
             return [data]
+        if tls is not None:
+            sock.sendall(b"EHLO c.test\r\n")
+            while not _complete(data := sock.recv(4096)):
+                pass
+            sock.sendall(b"STARTTLS\r\n")
+            assert sock.recv(200).startswith(b"220")
+            sock = tls.wrap_socket(sock, server_hostname="relais.test")
         body = message().replace(b"\r\n.", b"\r\n..")
         sock.sendall(
             f"EHLO c.test\r\nAUTH PLAIN {plain(ACCOUNT, PASSWORD)}\r\n".encode()
@@ -35,6 +43,13 @@ def _session(address: tuple[str, int], preamble: bytes) -> list[bytes]:
         while chunk := sock.recv(4096):
             data += chunk
         return data.split(b"\r\n")
+    finally:
+        sock.close()
+
+
+def _complete(data: bytes) -> bool:
+    lines = data.split(b"\r\n")
+    return len(lines) > 1 and lines[-2][3:4] == b" "
 
 
 def _v2_header(src: str, dst: str, sport: int, dport: int) -> bytes:
@@ -66,6 +81,20 @@ async def test_proxy_protocol_v1_and_v2_carry_the_client_ip(make_ingress: Callab
     envs = await queued(ingress.config.nats.url)
     assert [e.client_ip for e in envs] == ["203.0.113.7", "198.51.100.9"]
     assert b"([203.0.113.7])" in (envs[0].body.inline or b"")
+
+
+async def test_proxy_protocol_client_ip_survives_starttls(
+    make_ingress: Callable[..., Any], pki: TestPKI
+) -> None:
+    proxied = free_listen()
+    ingress = await make_ingress(
+        ingress=tls_sections(pki, listeners=[ListenerConfig(listen=proxied, proxy_protocol=True)])
+    )
+    v1 = b"PROXY TCP4 203.0.113.8 10.0.0.1 40000 587\r\n"
+    lines = await in_thread(_session, listener(ingress, proxied), v1, pki.client_context())
+    assert any(line.startswith(b"250 2.0.0 Ok: queued") for line in lines), lines
+    [env] = await queued(ingress.config.nats.url)
+    assert env.client_ip == "203.0.113.8" and env.meta["tls_version"].startswith("TLSv1.")
 
 
 async def test_certificate_files_are_reloaded(
