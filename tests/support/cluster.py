@@ -91,7 +91,11 @@ class NatsCluster:
         for node in self.nodes:
             node.start(wait=False)
         for node in self.nodes:
-            wait_for_port(node.host, node.port, timeout)
+            try:
+                wait_for_port(node.host, node.port, timeout)
+            except TimeoutError as exc:
+                log = node.log_file.read_text(errors="replace")[-1500:] if node.log_file else ""
+                raise TimeoutError(f"{exc}; its log ends with:\n{log}") from exc
         asyncio.run(self.wait_ready(timeout))
 
     def stop(self) -> None:
