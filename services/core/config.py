@@ -140,8 +140,9 @@ class DeliveryConfig:
     shaping_file: str = ""
     # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
     idle_timeout: float = 10.0
-    # A shaping slot further away than this is not waited for in memory: the job is re-scheduled.
-    max_shaping_wait: float = 20.0
+    # A shaping slot further away than this is not waited for in memory: the job is re-scheduled
+    # (short, so that jobs for a slow site do not hold handler capacity other sites could use).
+    max_shaping_wait: float = 5.0
     # How often paused mail (pool, source or site paused) comes back to check whether it may go.
     pause_recheck: float = 60.0
     # MTA-STS (RFC 8461): look up and enforce published policies; the fetch URL is a template
@@ -439,6 +440,13 @@ def validate(config: Config) -> None:
         raise ConfigError("telemetry.traces: expected none, otlp, console or jsonl")
     if not 1 <= config.delivery.smtp_port <= 65535:
         raise ConfigError("delivery.smtp_port: out of range")
+    for key in ("idle_timeout", "pause_recheck"):
+        if getattr(config.delivery, key) <= 0:
+            raise ConfigError(f"delivery.{key}: must be > 0")
+    if config.delivery.max_shaping_wait < 0 or config.retry.delay_warning_after < 0:
+        raise ConfigError("delivery.max_shaping_wait and retry.delay_warning_after: must be >= 0")
+    if "{domain}" not in config.delivery.mta_sts_url:
+        raise ConfigError("delivery.mta_sts_url: must contain {domain}")
     for name, pool in config.pools.items():
         if not _NAME.match(name):
             raise ConfigError(f"pools.{name}: pool names are lowercase letters, digits, '-' and '_'")
