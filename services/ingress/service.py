@@ -20,6 +20,17 @@ from services.ingress.tls import TlsCertificates
 
 log = logging.getLogger(__name__)
 
+
+class _QuietDeprecation(logging.Filter):
+    """aiosmtpd 1.4 sets the deprecated Session.login_data itself on every successful AUTH and
+    then warns about it: one useless warning per session at bulk-sender rates."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in str(record.msg)
+
+
+logging.getLogger("mail.log").addFilter(_QuietDeprecation())
+
 # How long a PROXY-protocol listener waits for the header before dropping the connection.
 _PROXY_TIMEOUT = 10.0
 _TLS_HANDSHAKE_TIMEOUT = 30.0

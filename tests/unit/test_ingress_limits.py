@@ -61,3 +61,34 @@ def test_account_record_round_trip() -> None:
 def test_invalid_account_records_rejected(data: bytes) -> None:
     with pytest.raises(AccountRecordError):
         decode_account(data)
+
+
+def test_session_registry_ignores_stale_replicas() -> None:
+    import time
+
+    from services.core.topology import SESSIONS_TTL
+    from services.ingress.limits import SessionRegistry
+
+    registry = SessionRegistry(js=None, replica="me")  # type: ignore[arg-type]
+    now = time.monotonic()
+    registry._others[("acme", "alive")] = (2, now)
+    registry._others[("acme", "crashed")] = (5, now - SESSIONS_TTL - 1)
+    registry._others[("other", "alive")] = (7, now)
+    registry._mine["acme"] = 1
+    assert registry.open_sessions("acme") == 3
+
+
+def test_admin_describe() -> None:
+    from services.ingress.admin import describe
+
+    acct = AccountConfig(
+        password_hash="scrypt$x",
+        domains=["acme.test"],
+        pools=["bulk"],
+        max_messages_per_hour=10,
+        disabled=True,
+    )
+    line = describe("acme", acct)
+    assert (
+        "disabled" in line and "pools=default,bulk" in line and "10/h" in line and "domains=acme.test" in line
+    )

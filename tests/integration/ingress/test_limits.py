@@ -3,6 +3,8 @@ messages per hour/day (across replicas), idle timeout, errors per session."""
 
 from __future__ import annotations
 
+import asyncio
+import smtplib
 import socket
 import time
 from collections.abc import Callable
@@ -10,6 +12,7 @@ from typing import Any
 
 from services.core.config import AccountConfig
 from services.ingress.replies import (
+    AUTH_OK,
     DAILY_LIMIT,
     HEADER_TOO_BIG,
     HOURLY_LIMIT,
@@ -111,26 +114,37 @@ async def test_concurrent_sessions_per_account_across_replicas(make_ingress: Cal
     one = await make_ingress(accounts=_accounts(max_sessions=2))
     two = await make_ingress(accounts=_accounts(max_sessions=2))
 
-    def scenario() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
-        first = client(one.smtp_address)
-        second = client(two.smtp_address)
-        try:
-            login(first)
-            login(second)
-            time.sleep(0.3)  # the KV watch carries each replica's count to the other
-            with client(one.smtp_address) as third:
-                refused = third.docmd("AUTH", "PLAIN " + _plain_ok())
-        finally:
-            first.quit()
-        time.sleep(0.3)
-        with client(two.smtp_address) as fourth:
-            accepted = fourth.docmd("AUTH", "PLAIN " + _plain_ok())
-        second.quit()
-        return refused, accepted
+    async def both_see(count: int) -> None:
+        # The KV watch carries each replica's count to the other within moments.
+        for _ in range(100):
+            if all(s.ingress.sessions.open_sessions(ACCOUNT) == count for s in (one, two)):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"replicas never agreed on {count} open sessions")
 
-    refused, accepted = await in_thread(scenario)
+    def authenticated(address: tuple[str, int]) -> smtplib.SMTP:
+        smtp = client(address)
+        login(smtp)
+        return smtp
+
+    first = await in_thread(authenticated, one.smtp_address)
+    second = await in_thread(authenticated, two.smtp_address)
+    try:
+        await both_see(2)
+        refused = await in_thread(_auth_once, one.smtp_address)
+        await in_thread(first.quit)
+        await both_see(1)
+        accepted = await in_thread(_auth_once, two.smtp_address)
+    finally:
+        await in_thread(first.close)
+        await in_thread(second.close)
     assert refused == reply(TOO_MANY_SESSIONS)
-    assert accepted[0] == 235
+    assert accepted == reply(AUTH_OK)
+
+
+def _auth_once(address: tuple[str, int]) -> tuple[int, bytes]:
+    with client(address) as smtp:
+        return smtp.docmd("AUTH", "PLAIN " + _plain_ok())
 
 
 def _plain_ok() -> str:
