@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import email.utils
-import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from opentelemetry.trace import SpanKind
 
-from services.core.accounts import hash_password, verify_password
 from services.core.bus import BrokerUnavailable
 from services.core.config import AccountConfig, Config
 from services.core.envelope import new_message_id
@@ -23,52 +18,23 @@ from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import tracer
 from services.ingress import headers, policy
 from services.ingress.accounts import AccountStore
+from services.ingress.auth import Authenticator
 from services.ingress.handoff import Handoff, Submission
-from services.ingress.limits import AuthThrottle, MessageRates, SessionRegistry
+from services.ingress.limits import MessageRates, SessionRegistry
 from services.ingress.replies import (
-    AUTH_BAD_BASE64,
-    AUTH_INVALID,
-    AUTH_MALFORMED,
-    AUTH_OK,
     AUTH_REQUIRED,
-    AUTH_THROTTLED,
     LOCAL_ERROR,
     TOO_MANY_CONNECTIONS,
-    TOO_MANY_SESSIONS,
     Verdict,
 )
+from services.ingress.session import facts, peer_ip, tls_facts
 
 log = logging.getLogger(__name__)
 
-_AUTH_CACHE_SECONDS = 300.0
 _QUEUE_UNAVAILABLE = Verdict(
     QUEUE_UNAVAILABLE.code, QUEUE_UNAVAILABLE.enhanced_status, QUEUE_UNAVAILABLE.text
 )
 _BODY_8BIT = "BODY=8BITMIME"
-
-
-@dataclass
-class SessionFacts:
-    """What the ingress learned about one SMTP session beyond aiosmtpd's Session."""
-
-    client_ip: str = ""
-    account: str = ""  # authenticated, or the relay-networks account
-    holds_session_slot: bool = False
-
-
-def facts(session: Session) -> SessionFacts:
-    found = getattr(session, "relais", None)
-    if found is None:
-        found = SessionFacts(client_ip=_peer_ip(session))
-        session.relais = found  # type: ignore[attr-defined]
-    return found
-
-
-def _peer_ip(session: Session) -> str:
-    proxy = session.proxy_data
-    if proxy is not None and getattr(proxy, "src_addr", None):
-        return str(proxy.src_addr)
-    return str(session.peer[0]) if session.peer else ""
 
 
 def received_header(
@@ -90,35 +56,6 @@ def received_header(
     ).encode()
 
 
-class PasswordChecker:
-    """scrypt off the event loop, a few at a time, with a short memory of recent successes.
-
-    scrypt costs ~16 MiB and tens of milliseconds by design; bulk senders authenticate on every
-    connection, so a verified (user, password, hash) triple is remembered for a few minutes.
-    """
-
-    def __init__(self, concurrency: int = 4) -> None:
-        self._verified: dict[str, float] = {}
-        self._slots = asyncio.Semaphore(concurrency)
-        # Unknown users are checked against this, so timing does not reveal which names exist.
-        self._decoy = hash_password("relais-decoy")
-
-    async def check(self, login: bytes, password: bytes, account: AccountConfig | None) -> bool:
-        encoded = account.password_hash if account is not None else self._decoy
-        key = hashlib.sha256(b"\0".join([login, password, encoded.encode()])).hexdigest()
-        now = time.monotonic()
-        if account is not None and self._verified.get(key, 0.0) > now:
-            return True
-        async with self._slots:
-            ok = await asyncio.to_thread(verify_password, password.decode("utf-8", "replace"), encoded)
-        if not ok or account is None:
-            return False
-        if len(self._verified) > 10_000:
-            self._verified.clear()
-        self._verified[key] = now + _AUTH_CACHE_SECONDS
-        return True
-
-
 class IngressHandler:
     """One per listener; `mode` is "submission", "implicit-tls" or "inbound"."""
 
@@ -130,18 +67,16 @@ class IngressHandler:
         mode: str = "submission",
         accounts: AccountStore,
         rates: MessageRates,
-        throttle: AuthThrottle,
         sessions: SessionRegistry,
-        passwords: PasswordChecker,
+        auth: Authenticator,
     ) -> None:
         self._config = config
         self._handoff = handoff
         self.mode = mode
         self._accounts = accounts
         self._rates = rates
-        self._throttle = throttle
         self._sessions = sessions
-        self._passwords = passwords
+        self._auth = auth
         self._background: set[asyncio.Task[None]] = set()
         self._local_domains = policy.local_domains(config)
 
@@ -154,7 +89,7 @@ class IngressHandler:
     async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
         if not getattr(proxy_data, "valid", False):
             return False
-        ip = facts(session).client_ip = _peer_ip(session)
+        ip = facts(session).client_ip = peer_ip(session)
         if not server.admit(ip):  # type: ignore[attr-defined]
             await server.push(str(TOO_MANY_CONNECTIONS))
             return False
@@ -181,66 +116,17 @@ class IngressHandler:
         log.exception("SMTP session error: %r", error)
         return str(LOCAL_ERROR)
 
-    # -- AUTH PLAIN / LOGIN (RFC 4616, draft-murchison-sasl-login) -------------------------------
+    # -- AUTH: aiosmtpd finds auth_<MECH> methods on the handler -------------------------------
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if self.inbound:
             return AuthResult(success=False, handled=False)
-        if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            blob = _b64(args[1])
-            if blob is None:
-                await server.push(str(AUTH_BAD_BASE64))
-                return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\0")  # type: ignore[union-attr]
-        if len(parts) != 3:
-            await server.push(str(AUTH_MALFORMED))
-            return AuthResult(success=False, handled=True)
-        return await self._authenticate(server, parts[1], parts[2])
+        return await self._auth.plain(server, args)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if self.inbound:
             return AuthResult(success=False, handled=False)
-        if len(args) == 1:
-            login = await server.challenge_auth(SMTP.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            login = _b64(args[1])
-            if login is None:
-                await server.push(str(AUTH_BAD_BASE64))
-                return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
-        if password is MISSING:
-            return AuthResult(success=False, handled=True)
-        return await self._authenticate(server, login, password)  # type: ignore[arg-type]
-
-    async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
-        session = server.session
-        assert session is not None
-        state = facts(session)
-        username = login.decode("utf-8", "replace")
-        if await self._throttle.locked(state.client_ip, username):
-            log.warning("AUTH throttled for %s / %r", state.client_ip, username)
-            await server.push(str(AUTH_THROTTLED))
-            server.hang_up()  # type: ignore[attr-defined]
-            return AuthResult(success=False, handled=True)
-        account = self._accounts.get(username)
-        if account is not None and account.disabled:
-            account = None
-        if not await self._passwords.check(login, password, account):
-            await self._throttle.failed(state.client_ip, username)
-            return AuthResult(success=False, handled=False, message=str(AUTH_INVALID))
-        assert account is not None
-        if not await self._sessions.acquire(username, account.max_sessions):
-            await server.push(str(TOO_MANY_SESSIONS))
-            return AuthResult(success=False, handled=True)
-        state.account = username
-        state.holds_session_slot = True
-        return AuthResult(success=True, auth_data=username, message=str(AUTH_OK))
+        return await self._auth.login(server, args)
 
     # -- envelope ----------------------------------------------------------------------------------
 
@@ -311,7 +197,7 @@ class IngressHandler:
             data = policy.normalise_line_endings(data)
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         state = facts(session)
-        tls = _tls_facts(session)
+        tls = tls_facts(session)
         meta: dict[str, str] = {"listener": self.mode}
         if tls:
             meta |= {"tls_version": tls[0], "tls_cipher": tls[1], "tls": f"{tls[0]} {tls[1]}"}
@@ -412,24 +298,3 @@ class IngressHandler:
             reply = await self._handoff.queue(sub, message_id=message_id, span=span)
             span.set_attribute("smtp.reply", reply[:3])
             return reply
-
-
-def _b64(value: str) -> bytes | None:
-    try:
-        return base64.b64decode(value.encode(), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
-def _tls_facts(session: Session) -> tuple[str, str] | None:
-    ssl_info = session.ssl
-    if not ssl_info:
-        return None
-    try:
-        obj = ssl_info.get("ssl_object") if isinstance(ssl_info, dict) else None
-        if obj is not None:
-            cipher = obj.cipher()
-            return obj.version() or "TLS", cipher[0] if cipher else "unknown"
-    except Exception:  # pragma: no cover - purely informational
-        log.debug("could not read TLS facts", exc_info=True)
-    return ("TLS", "unknown")

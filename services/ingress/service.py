@@ -12,7 +12,8 @@ from services.core.bodies import BodyStore
 from services.core.bus import Bus
 from services.core.config import Config, ListenerConfig
 from services.ingress.accounts import AccountStore
-from services.ingress.handler import IngressHandler, PasswordChecker
+from services.ingress.auth import Authenticator, PasswordChecker
+from services.ingress.handler import IngressHandler
 from services.ingress.handoff import Handoff
 from services.ingress.limits import AuthThrottle, ConnectionGate, Counters, MessageRates, SessionRegistry
 from services.ingress.protocol import RelaisSMTP
@@ -63,9 +64,13 @@ class IngressService:
         self.accounts = AccountStore(bus.js, config.accounts)
         counters = Counters(bus.js, config.nats.publish_timeout)
         self._rates = MessageRates(counters)
-        self._throttle = AuthThrottle(counters, cfg.auth_max_failures, cfg.auth_lockout)
         self.sessions = SessionRegistry(bus.js)
-        self._passwords = PasswordChecker()
+        self._auth = Authenticator(
+            accounts=self.accounts,
+            throttle=AuthThrottle(counters, cfg.auth_max_failures, cfg.auth_lockout),
+            sessions=self.sessions,
+            passwords=PasswordChecker(),
+        )
         self._gate = ConnectionGate(cfg)
         self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._servers: list[asyncio.Server] = []
@@ -83,9 +88,8 @@ class IngressService:
             mode=listener.mode,
             accounts=self.accounts,
             rates=self._rates,
-            throttle=self._throttle,
             sessions=self.sessions,
-            passwords=self._passwords,
+            auth=self._auth,
         )
         tls = self.tls.context if self.tls else None
         implicit = listener.mode == "implicit-tls"

@@ -1,0 +1,140 @@
+"""AUTH PLAIN and LOGIN (RFC 4616, draft-murchison-sasl-login) against the live accounts.
+
+Replaces aiosmtpd's synchronous authenticator: the throttle and session registry live in NATS,
+and scrypt runs in a thread, so one login never stalls every other session on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import time
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+
+from services.core.accounts import hash_password, verify_password
+from services.core.config import AccountConfig
+from services.ingress.accounts import AccountStore
+from services.ingress.limits import AuthThrottle, SessionRegistry
+from services.ingress.replies import (
+    AUTH_BAD_BASE64,
+    AUTH_INVALID,
+    AUTH_MALFORMED,
+    AUTH_OK,
+    AUTH_THROTTLED,
+    TOO_MANY_SESSIONS,
+)
+from services.ingress.session import facts
+
+log = logging.getLogger(__name__)
+
+_AUTH_CACHE_SECONDS = 300.0
+
+
+class PasswordChecker:
+    """scrypt off the event loop, a few at a time, with a short memory of recent successes.
+
+    scrypt costs ~16 MiB and tens of milliseconds by design; bulk senders authenticate on every
+    connection, so a verified (user, password, hash) triple is remembered for a few minutes.
+    """
+
+    def __init__(self, concurrency: int = 4) -> None:
+        self._verified: dict[str, float] = {}
+        self._slots = asyncio.Semaphore(concurrency)
+        # Unknown users are checked against this, so timing does not reveal which names exist.
+        self._decoy = hash_password("relais-decoy")
+
+    async def check(self, login: bytes, password: bytes, account: AccountConfig | None) -> bool:
+        encoded = account.password_hash if account is not None else self._decoy
+        key = hashlib.sha256(b"\0".join([login, password, encoded.encode()])).hexdigest()
+        now = time.monotonic()
+        if account is not None and self._verified.get(key, 0.0) > now:
+            return True
+        async with self._slots:
+            ok = await asyncio.to_thread(verify_password, password.decode("utf-8", "replace"), encoded)
+        if not ok or account is None:
+            return False
+        if len(self._verified) > 10_000:
+            self._verified.clear()
+        self._verified[key] = now + _AUTH_CACHE_SECONDS
+        return True
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        accounts: AccountStore,
+        throttle: AuthThrottle,
+        sessions: SessionRegistry,
+        passwords: PasswordChecker,
+    ) -> None:
+        self._accounts = accounts
+        self._throttle = throttle
+        self._sessions = sessions
+        self._passwords = passwords
+
+    async def plain(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                await server.push(str(AUTH_BAD_BASE64))
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")  # type: ignore[union-attr]
+        if len(parts) != 3:
+            await server.push(str(AUTH_MALFORMED))
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, parts[1], parts[2])
+
+    async def login(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(SMTP.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                await server.push(str(AUTH_BAD_BASE64))
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, login, password)  # type: ignore[arg-type]
+
+    async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        session = server.session
+        assert session is not None
+        state = facts(session)
+        username = login.decode("utf-8", "replace")
+        if await self._throttle.locked(state.client_ip, username):
+            log.warning("AUTH throttled for %s / %r", state.client_ip, username)
+            await server.push(str(AUTH_THROTTLED))
+            server.hang_up()  # type: ignore[attr-defined]
+            return AuthResult(success=False, handled=True)
+        account = self._accounts.get(username)
+        if account is not None and account.disabled:
+            account = None
+        if not await self._passwords.check(login, password, account):
+            await self._throttle.failed(state.client_ip, username)
+            return AuthResult(success=False, handled=False, message=str(AUTH_INVALID))
+        assert account is not None
+        if not await self._sessions.acquire(username, account.max_sessions):
+            await server.push(str(TOO_MANY_SESSIONS))
+            return AuthResult(success=False, handled=True)
+        state.account = username
+        state.holds_session_slot = True
+        return AuthResult(success=True, auth_data=username, message=str(AUTH_OK))
+
+
+def _b64(value: str) -> bytes | None:
+    try:
+        return base64.b64decode(value.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        return None

@@ -1,0 +1,48 @@
+"""What the ingress knows about one SMTP session beyond aiosmtpd's Session."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiosmtpd.smtp import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionFacts:
+    """What the ingress learned about one SMTP session beyond aiosmtpd's Session."""
+
+    client_ip: str = ""
+    account: str = ""  # authenticated, or the relay-networks account
+    holds_session_slot: bool = False
+
+
+def facts(session: Session) -> SessionFacts:
+    found = getattr(session, "relais", None)
+    if found is None:
+        found = SessionFacts(client_ip=peer_ip(session))
+        session.relais = found  # type: ignore[attr-defined]
+    return found
+
+
+def peer_ip(session: Session) -> str:
+    proxy = session.proxy_data
+    if proxy is not None and getattr(proxy, "src_addr", None):
+        return str(proxy.src_addr)
+    return str(session.peer[0]) if session.peer else ""
+
+
+def tls_facts(session: Session) -> tuple[str, str] | None:
+    ssl_info = session.ssl
+    if not ssl_info:
+        return None
+    try:
+        obj = ssl_info.get("ssl_object") if isinstance(ssl_info, dict) else None
+        if obj is not None:
+            cipher = obj.cipher()
+            return obj.version() or "TLS", cipher[0] if cipher else "unknown"
+    except Exception:  # pragma: no cover - purely informational
+        log.debug("could not read TLS facts", exc_info=True)
+    return ("TLS", "unknown")
