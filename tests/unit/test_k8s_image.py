@@ -1,13 +1,12 @@
 """The container image recipe: linted by hadolint, one image for every service, non-root, and
 no build tools in the final stage. No Docker daemon or registry is reachable here, so the
-image itself is not built; the build's Python steps are replayed on the filtered build
-context instead (test_build_context_installs_and_runs).
+image itself is not built; tests/integration/test_k8s_image_build.py replays the build's
+Python steps on the filtered build context instead.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 import shutil
 import subprocess
@@ -15,8 +14,6 @@ import sys
 import sysconfig
 import tomllib
 from pathlib import Path
-
-import pytest
 
 from services.cli import SERVICES
 from tests.unit.k8s_manifests import (
@@ -147,23 +144,6 @@ def _dockerignore_allows(relative: str) -> bool:
     return allowed
 
 
-def _build_context(target: Path) -> Path:
-    """Copy the files .dockerignore lets into the build context (tracked files only)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.split()
-    for relative in listed:
-        if _dockerignore_allows(relative) and (ROOT / relative).is_file():
-            (target / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / relative, target / relative)
-    return target
-
-
 def test_dockerignore_keeps_tests_and_local_state_out() -> None:
     assert _dockerignore_allows("services/core/config.py")
     assert _dockerignore_allows("pyproject.toml")
@@ -172,43 +152,3 @@ def test_dockerignore_keeps_tests_and_local_state_out() -> None:
     for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE.read_text(), re.M):
         for source in copied.split():
             assert _dockerignore_allows(source) and (ROOT / source).exists(), source
-
-
-@pytest.mark.timeout(300)
-def test_build_context_installs_and_runs(tmp_path: Path) -> None:
-    """The build stage's steps on the filtered context: wheel, pip-less venv, `relais --help`.
-
-    Like `docker build`, the wheel is built in pip's isolated build environment (setuptools
-    comes from the package index, as in the image build). Relais' own dependencies are not
-    fetched: the wheel is installed with --no-deps and the dependencies already installed here
-    are put on PYTHONPATH to run it.
-    """
-    context = _build_context(tmp_path / "context")
-    wheels = tmp_path / "wheels"
-    pip = [sys.executable, "-m", "pip"]
-    quiet = {"capture_output": True, "text": True, "timeout": 240, "check": False}
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--wheel-dir", str(wheels), str(context)], **quiet)
-    assert built.returncode == 0, built.stdout + built.stderr
-    (wheel,) = wheels.glob("relais-*.whl")
-    venv = tmp_path / "opt-relais"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    installed = subprocess.run(
-        [*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index", str(wheel)],
-        **quiet,
-    )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    assert (venv / "bin" / "relais").exists()
-    assert not list(venv.rglob("pip")), "pip must not be in the runtime venv"
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": sysconfig.get_path("purelib")}
-    for service in SERVICES:
-        ran = subprocess.run(
-            [str(venv / "bin" / "relais"), service, "--help"], cwd=tmp_path, env=env, **quiet
-        )
-        assert ran.returncode == 0, ran.stdout + ran.stderr
-    located = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import services, sys; print(services.__file__)"],
-        cwd=tmp_path,
-        env=env,
-        **quiet,
-    )
-    assert located.stdout.startswith(str(venv)), "ran the installed copy, not the repository"
