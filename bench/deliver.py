@@ -33,7 +33,7 @@ from services.core.config import DeliveryConfig, PoolConfig, replace  # noqa: E4
 from services.core.embedded import EmbeddedNats, free_port  # noqa: E402
 from services.core.envelope import BodyRef, Envelope, new_message_id  # noqa: E402
 from services.core.runtime import start_bus  # noqa: E402
-from services.core.topology import DELIVER_STREAM, EVENTS_STREAM, deliver_subject, delivery_consumer  # noqa: E402
+from services.core.topology import EVENTS_STREAM, deliver_subject  # noqa: E402
 from tests.support.dns_server import DNSServer  # noqa: E402
 from tests.support.relais import ServiceProcess, config_to_toml, make_config  # noqa: E402
 
@@ -83,19 +83,17 @@ async def publish_jobs(config, count: int, size: int) -> None:
         await bus.nc.close()
 
 
-async def wait_ready(config, procs: int, timeout: float = 60.0) -> None:  # noqa: ASYNC109
-    """Until every worker has a pull request waiting on the pool's consumer (imports done)."""
-    bus = await start_bus(config, "bench-ready")
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = await bus.js.consumer_info(DELIVER_STREAM, delivery_consumer("default"))
-            if info.num_waiting >= procs:
-                return
-            await asyncio.sleep(0.2)
-        raise TimeoutError("delivery workers did not start pulling")
-    finally:
-        await bus.nc.close()
+def wait_ready(workers: list[ServiceProcess], timeout: float = 120.0) -> None:
+    """Until every worker logged that it started (imports done, topology checked, pulling)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all("relais delivery started" in w.log() for w in workers):
+            time.sleep(0.5)  # its first pull request is on its way
+            return
+        if any(w.process is not None and w.process.poll() is not None for w in workers):
+            break
+        time.sleep(0.2)
+    raise TimeoutError("delivery workers did not start:\n" + "\n".join(w.log()[-2000:] for w in workers))
 
 
 async def delivered_events(config) -> int:
@@ -137,7 +135,7 @@ def run_case(workdir: Path, dns: DNSServer, count: int, size: int, procs: int) -
             worker = ServiceProcess("delivery", cfg_path, workdir)
             worker.start()
             workers.append(worker)
-        asyncio.run(wait_ready(config, procs))
+        wait_ready(workers)
         started = time.perf_counter()
         cpu0 = sum(cpu_seconds(w.process.pid) for w in workers if w.process)
         asyncio.run(publish_jobs(config, count, size))

@@ -140,6 +140,21 @@ class DeliveryConfig:
     shaping_file: str = ""
     # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
     idle_timeout: float = 10.0
+    # A shaping slot further away than this is not waited for in memory: the job is re-scheduled.
+    max_shaping_wait: float = 20.0
+    # How often paused mail (pool, source or site paused) comes back to check whether it may go.
+    pause_recheck: float = 60.0
+    # MTA-STS (RFC 8461): look up and enforce published policies; the fetch URL is a template
+    # ({domain}) so tests can serve policies on loopback.
+    mta_sts: bool = True
+    mta_sts_url: str = "https://mta-sts.{domain}/.well-known/mta-sts.txt"
+
+    # Extra CA bundle (PEM) trusted when a policy (MTA-STS enforce, tls_verify) checks certificates.
+    tls_ca_file: str = ""
+    # Shaping rules (TOML, see services/delivery/shaping_default.toml) merged over the built-in ones.
+    shaping_file: str = ""
+    # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
+    idle_timeout: float = 10.0
     # A shaping slot further away than this is not waited for in memory: the job is re-scheduled
     # (short, so that jobs for a slow site do not hold handler capacity other sites could use).
     max_shaping_wait: float = 5.0
