@@ -11,7 +11,6 @@ names the source a message left from.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -105,7 +104,3 @@ def max_in_window(times: list[float], window: float) -> int:
     for i, start in enumerate(times):
         best = max(best, sum(1 for t in times[i:] if t < start + window))
     return best
-
-
-async def settle_for(seconds: float) -> None:
-    await asyncio.sleep(seconds)
