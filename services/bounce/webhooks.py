@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 TIMESTAMP_HEADER = "X-Relais-Timestamp"
 SIGNATURE_HEADER = "X-Relais-Signature"
 USER_AGENT = "Relais-Webhooks/1"
+_MAX_BATCHES_IN_FLIGHT = 8
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -124,9 +125,15 @@ class WebhookDispatcher:
         self._bus = bus
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Fetch batches and post them, several batches at once: a receiver that hangs until the
+        timeout holds back its own batch, not the other accounts' webhooks."""
         binding = webhooks_binding()
         sub = None
+        inflight: set[asyncio.Task[None]] = set()
         while not stop.is_set():
+            if len(inflight) >= _MAX_BATCHES_IN_FLIGHT:
+                await asyncio.wait(inflight, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
                 if sub is None:
                     sub = await self._bus.js.pull_subscribe_bind(binding.durable, binding.stream)
@@ -140,7 +147,11 @@ class WebhookDispatcher:
                 log.warning("pull from %s failed: %r", binding.durable, exc)
                 await asyncio.sleep(0.5)
                 continue
-            await self.dispatch(msgs)
+            task = asyncio.create_task(self.dispatch(msgs))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+        if inflight:
+            await asyncio.gather(*inflight, return_exceptions=True)
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

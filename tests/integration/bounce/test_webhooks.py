@@ -126,3 +126,58 @@ async def test_receiver_failing_three_times_gets_every_event_once(
     assert bounce["email"] == "gone@alpha.test" and bounce["category"] == "invalid_recipient"
     assert bounce["response"].startswith("550 5.1.1")
     assert all(e["account"] == ACCOUNT and isinstance(e["timestamp"], int) for e in accepted)
+
+
+async def test_a_hung_receiver_holds_back_neither_mail_nor_other_accounts(
+    make_stack, make_sink, receiver
+) -> None:
+    release = threading.Event()
+
+    class Hang(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            release.wait(30)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hung = ThreadingHTTPServer(("127.0.0.1", 0), Hang)
+    thread = threading.Thread(target=hung.serve_forever, daemon=True)
+    thread.start()
+    try:
+        accounts = webhook_account(f"http://127.0.0.1:{hung.server_address[1]}/hook")
+        accounts["other"] = AccountConfig(
+            password_hash=password_hash(),
+            domains=["other.test"],
+            webhook_url=receiver.url,
+            webhook_secret=WEBHOOK_SECRET,
+        )
+        stack = await make_stack(
+            accounts=accounts, bounce={"webhook_timeout": 3.0, "webhook_retry_base": 0.5}
+        )
+        sink = make_sink("127.0.0.2")
+        for i in range(3):
+            code, _ = await asubmit(stack.smtp_address, recipients=[f"a{i}@alpha.test"], data=message())
+            assert code == 250
+            code, _ = await asubmit(
+                stack.smtp_address,
+                user="other",
+                sender="news@other.test",
+                recipients=[f"o{i}@alpha.test"],
+                data=message(sender="news@other.test"),
+            )
+            assert code == 250
+        # While the first account's receiver hangs: all mail goes out, the other account's
+        # webhook gets all of its events (3 accepted + 3 delivered).
+        await sink.async_wait_for(6)
+        await wait_accepted(receiver, 6)
+        assert not release.is_set()
+        with receiver.lock:
+            assert {e["account"] for e in receiver.accepted} == {"other"}
+    finally:
+        release.set()
+        hung.shutdown()
+        hung.server_close()
+        thread.join(5)
