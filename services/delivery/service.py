@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from services.core.topology import (
     delivery_binding,
     pool_of_deliver_subject,
 )
+from services.delivery import gauges
 from services.delivery.capture import capture
 from services.delivery.connections import ConnectionPool, Saturated
 from services.delivery.control import DeliveryControl
@@ -76,6 +78,9 @@ class DeliveryService:
             self.limits, self._settings, idle_timeout=d.idle_timeout, lease_wait=min(5.0, d.max_shaping_wait)
         )
         self.attempts = 0  # SMTP attempts made by this worker (tests, benchmarks, metrics)
+        self.postponed: Counter[str] = Counter()  # re-scheduled jobs by reason
+        self.pushbacks: Counter[tuple[str, str]] = Counter()  # (site, rule) back-offs started
+        gauges.DELIVERY.track(self)
         self._sts = MtaSts(
             self._resolver,
             url_template=d.mta_sts_url,
@@ -241,6 +246,7 @@ class DeliveryService:
                 continue
             rule = self.shaping.pushback_for(reply, site)
             if rule is not None:
+                self.pushbacks[(site, rule.name)] += 1
                 await self.control.push_back(source.address, site, rule, reply)
                 # Consume one slot at the reduced rate now, so the next message waits its turn.
                 await self.limits.reserve(
@@ -266,6 +272,7 @@ class DeliveryService:
             await settle(self._bus, self._bodies, self._config.retry, env, deferred)
             return
         log.debug("job %s postponed (%s) until %.0f", env.key, reason, at)
+        self.postponed[reason] += 1
         await publish_at(
             self._bus,
             schedule_subject=deliver_retry_subject(env.key, env.attempt_count),

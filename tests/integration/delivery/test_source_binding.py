@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.core.metrics import exposition
 from services.core.runtime import start_bus
 from services.delivery.service import DeliveryService
 from tests.integration.delivery.conftest import SOURCE_A, SOURCE_B, UNBINDABLE, pools, submit_many
@@ -36,6 +37,8 @@ async def test_unbindable_source_is_marked_unhealthy_and_mail_leaves_from_the_ot
         assert worker.serving() == ["default"]
         assert UNBINDABLE in worker.health.unhealthy
         assert worker.health.unhealthy_total[UNBINDABLE] == 1
+        scraped = exposition().decode()
+        assert f'relais_source_unhealthy{{source_ip="{UNBINDABLE}"}} 1.0' in scraped
     finally:
         await bus.nc.close()
 
