@@ -571,6 +571,11 @@ def _validate_bounce(bounce: BounceConfig) -> None:
         unknown = set(rule) - {"category", "code", "enhanced", "text"}
         if unknown or "category" not in rule:
             raise ConfigError(f"bounce.rules[{i}]: needs category, and only code, enhanced, text besides")
+        for key in ("code", "enhanced", "text"):
+            try:
+                re.compile(rule.get(key) or "")
+            except re.error as exc:
+                raise ConfigError(f"bounce.rules[{i}].{key}: not a valid regex: {exc}") from exc
 
 
 def split_server(server: str, default_port: int = 53) -> tuple[str, int]:

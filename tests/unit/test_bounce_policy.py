@@ -87,3 +87,15 @@ def test_a_delay_report_always_carries_a_4xx_status() -> None:
     assert _status_for("4.4.1", delayed=True) == "4.4.1"
     assert _status_for("5.2.2", delayed=True) == "4.2.2"
     assert _status_for("5.1.1", delayed=False) == "5.1.1"
+
+
+def test_config_rules_are_checked_by_validate_and_tried_first() -> None:
+    import pytest
+
+    from services.bounce.classify import classify, rules_from_data
+    from services.core.config import BounceConfig, Config, ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.text"):
+        validate(Config(bounce=BounceConfig(rules=[{"category": "spam_block", "text": "(unclosed"}])))
+    rules = rules_from_data([{"category": "spam_block", "text": "rejected by acme policy"}]) + DEFAULT_RULES
+    assert classify(550, "5.1.1", "User unknown, rejected by acme policy", rules) is BounceCategory.SPAM_BLOCK
