@@ -237,7 +237,12 @@ class DeliveryService:
             return None
         if result.bind_failed:
             self.health.mark_unhealthy(source.address, "bind failed on connect")
-        await self._push_back(source, site, result)
+        try:
+            await self._push_back(source, site, result)
+        except Exception as exc:
+            # The attempt happened: its outcomes must be settled whatever KV says now, or a
+            # redelivery would send the accepted recipients a second copy.
+            log.warning("recording push-back from %s failed: %r", site, exc)
         return result
 
     async def _push_back(self, source: Source, site: str, result: AttemptResult) -> None:
