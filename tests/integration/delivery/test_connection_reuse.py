@@ -6,7 +6,7 @@ import asyncio
 
 from services.core.runtime import start_bus
 from services.delivery.service import DeliveryService
-from tests.integration.delivery.conftest import submit_many
+from tests.integration.delivery.conftest import max_in_window, submit_many
 from tests.support.relais import wait_for_events
 
 ONE_CONNECTION = """
@@ -61,3 +61,20 @@ async def test_connection_cap_holds_across_two_workers(make_stack, make_sink, sh
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
         for bus in buses:
             await bus.nc.close()
+
+
+NEW_CONNECTION_RATE = """
+[site."alpha.test"]
+messages_per_connection = 1
+new_connections_per_minute = 120
+"""
+
+
+async def test_new_connection_rate_is_respected(make_stack, make_sink, shaping_file) -> None:
+    sink = make_sink("127.0.0.2")
+    stack = await make_stack(delivery={"shaping_file": shaping_file(NEW_CONNECTION_RATE)})
+    await submit_many(stack, 8)
+    got = await sink.async_wait_for(8, timeout=60)
+    assert sink.connections == 8, "one message per connection"
+    # 120/min: one new connection every 0.5 s, so at most 4 (+1) messages in any 2 s.
+    assert max_in_window([m.received_at for m in got], 2.0) <= 5
