@@ -23,6 +23,7 @@ from services.ingress.limits import ConnectionGate
 from services.ingress.replies import (
     LINE_TOO_LONG,
     MESSAGE_TOO_BIG,
+    SHUTTING_DOWN,
     TIMEOUT,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_ERRORS,
@@ -87,9 +88,14 @@ class RelaisSMTP(SMTP):
         gate: ConnectionGate,
         max_errors: int,
         implicit_tls: bool = False,
+        registry: set[RelaisSMTP] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self._registry = registry if registry is not None else set()
+        # True from DATA until its reply is written: a draining replica waits for these.
+        self.busy = False
+        self._shutting_down = False
         self._gate = gate
         self._max_errors = max_errors
         self._errors = 0
@@ -113,6 +119,7 @@ class RelaisSMTP(SMTP):
                 return
         previous = None if first else self.session
         super().connection_made(transport)
+        self._registry.add(self)
         if first:
             metrics.SMTP_SESSIONS.labels("inbound").inc()
         if first and self._implicit_tls and self.session is not None:
@@ -133,6 +140,7 @@ class RelaisSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
+        self._registry.discard(self)
         if not self._session_ended:
             self._session_ended = True
             if self._gated_ip is not None:
@@ -152,6 +160,22 @@ class RelaisSMTP(SMTP):
             with contextlib.suppress(Exception):
                 writer.write(f"{TIMEOUT}\r\n".encode())
         super()._timeout_cb()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.busy = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.busy = False
+
+    def shut_down(self) -> None:
+        """Say 421 4.3.2 and close; only between transactions (see `busy`)."""
+        if self._shutting_down or self.transport is None:
+            return
+        self._shutting_down = True
+        with contextlib.suppress(Exception):
+            self.transport.write(f"{SHUTTING_DOWN}\r\n".encode())  # type: ignore[attr-defined]
+        self.hang_up()
 
     def hang_up(self) -> None:
         if self.transport is not None:

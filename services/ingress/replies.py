@@ -27,6 +27,7 @@ class Verdict:
 TOO_MANY_CONNECTIONS = Verdict(421, "4.7.0", "Too many connections from your address, try again later")
 TOO_MANY_ERRORS = Verdict(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = Verdict(421, "4.4.2", "Timeout, closing connection")
+SHUTTING_DOWN = Verdict(421, "4.3.2", "Service shutting down, try again later")
 
 # Authentication
 AUTH_OK = Verdict(235, "2.7.0", "Authentication successful")

@@ -35,6 +35,8 @@ logging.getLogger("mail.log").addFilter(_QuietDeprecation())
 # How long a PROXY-protocol listener waits for the header before dropping the connection.
 _PROXY_TIMEOUT = 10.0
 _TLS_HANDSHAKE_TIMEOUT = 30.0
+# On stop, sessions in the middle of DATA get this long to finish (Kubernetes gives 30 s).
+_DRAIN_SECONDS = 20.0
 
 
 def split_hostport(listen: str) -> tuple[str, int]:
@@ -74,6 +76,7 @@ class IngressService:
         self._gate = ConnectionGate(cfg)
         self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._servers: list[asyncio.Server] = []
+        self._connections: set[RelaisSMTP] = set()
         self._tasks: list[asyncio.Task[None]] = []
         # listen string as configured -> bound (host, port); `address` is the first listener's.
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -101,6 +104,7 @@ class IngressService:
             return RelaisSMTP(
                 handler,
                 gate=self._gate,
+                registry=self._connections,
                 max_errors=cfg.max_errors,
                 implicit_tls=implicit,
                 hostname=cfg.hostname,
@@ -153,6 +157,7 @@ class IngressService:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers = []
+        await self._drain()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -161,6 +166,19 @@ class IngressService:
         self._tasks = []
         await self.sessions.stop()
         await self.accounts.stop()
+
+    async def _drain(self) -> None:
+        """No new connections; idle sessions get 421 4.3.2, a DATA in progress may finish (its
+        250 only after the JetStream ack, as always), then whatever is left is cut."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _DRAIN_SECONDS
+        while self._connections and loop.time() < deadline:
+            for connection in list(self._connections):
+                if not connection.busy:
+                    connection.shut_down()
+            await asyncio.sleep(0.05)
+        for connection in list(self._connections):
+            connection.hang_up()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
