@@ -41,10 +41,6 @@ from services.core.topology import bounce_binding, bounce_subject, inbound_bindi
 
 log = logging.getLogger(__name__)
 
-# Kept importable under their old names: tests and tools used them from here.
-header_block = policy.header_block
-wants_dsn = policy.wants_dsn
-
 
 class BounceService:
     def __init__(self, config: Config, bus: Bus) -> None:
