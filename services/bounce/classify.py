@@ -220,7 +220,7 @@ _REPLY_TEXT_RULES = (
     _text(
         _C.MESSAGE_EXPIRED,
         r"message expired|delivery time expired|expired after|too long in (?:the )?queue|retry"
-        r" timeout exceeded|could not be delivered within",
+        r" timeout exceeded|could not be delivered within|delivery failed \d+ attempts",
     ),
     # Before bad_connection: Postfix labels these 4.4.2, but the host did answer, then went quiet.
     _text(
@@ -231,6 +231,7 @@ _REPLY_TEXT_RULES = (
     _text(
         _C.BAD_CONNECTION,
         r"connection (?:refused|reset|timed out|closed|dropped|lost)|lost connection|broken pipe"
+        r"|connection to (?:the )?mail exchanger failed"
         r"|network is unreachable|no route to host|handshake (?:failed|failure)|cannot start tls"
         r"|(?:tls|ssl)\b.{0,40}(?:negotiation|handshake) (?:failed|failure|error)",
     ),
@@ -254,6 +255,7 @@ _REPLY_TEXT_RULES = (
     _text(
         _C.TRANSIENT_FAILURE,
         r"try again later|temporar(?:il)?y (?:unavailable|deferred|rejected|failure|error|suspended)"
+        r"|will be retried|delivery attempts will continue"
         r"|service (?:is )?(?:temporarily )?(?:unavailable|not available)|(?:server|system) (?:is )?"
         r"busy|too busy|resources temporarily unavailable|congestion|insufficient resources",
     ),
