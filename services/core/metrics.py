@@ -112,7 +112,7 @@ PUBLISH_FAILURES = Counter(
 )
 SMTP_SESSIONS = Counter(
     "relais_smtp_sessions",
-    "SMTP sessions, inbound (ingress) and outbound (delivery)",
+    "SMTP sessions the ingress accepted (outbound: relais_delivery_connections_opened_total)",
     ["direction"],
     registry=REGISTRY,
 )

@@ -330,6 +330,14 @@ def annotate_outcome(kind: str, attributes: Mapping[str, object]) -> None:
             span.set_attribute(key, attrs[key])  # type: ignore[arg-type]
 
 
+def record_reply(code: int, enhanced_status: str) -> None:
+    """The SMTP reply of the attempt being processed, as attributes of its span."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute(REPLY_CODE, code)
+        span.set_attribute(ENHANCED_STATUS, enhanced_status)
+
+
 def log_fields() -> dict[str, str]:
     """trace_id / span_id / message_id of what this task is doing now, for structured logs."""
     fields: dict[str, str] = {}

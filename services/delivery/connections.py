@@ -14,7 +14,6 @@ import logging
 import time
 from collections import defaultdict
 
-from services.core import metrics
 from services.delivery.limits import LEASE_TTL, Lease, SharedLimits
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import Connection, SessionSettings, Source, open_connection
@@ -142,7 +141,6 @@ class ConnectionPool:
                 await self._limits.release(lease)
             raise
         self.opened += 1
-        metrics.SMTP_SESSIONS.labels("outbound").inc()
         log.debug("opened connection %s -> %s[%s] for site %s", source.address, host, address, site)
         self._site_of[id(conn)] = (source.address, site)
         if lease is not None:

@@ -29,7 +29,7 @@ from services.core.envelope import Envelope, EnvelopeDecodeError
 from services.core.outcome import NO_ROUTE, Deferred
 from services.core.returnpath import return_path
 from services.core.schedule import publish_at
-from services.core.telemetry import consumer_span
+from services.core.telemetry import consumer_span, record_reply
 from services.core.topology import (
     deliver_retry_subject,
     deliver_subject,
@@ -162,6 +162,8 @@ class DeliveryService:
                 span.set_attribute("tls.protocol.version", result.tls_version)
             outcomes = [self.shaping.rewrite(o) for o in result.outcomes]
             span.set_attribute("relais.outcome", ",".join(sorted({o.kind for o in outcomes})))
+            if outcomes:  # the attempt's reply, also when it only leads to a bounce notice
+                record_reply(outcomes[0].reply.code, outcomes[0].reply.enhanced_status)
             await settle(
                 self._bus,
                 self._bodies,

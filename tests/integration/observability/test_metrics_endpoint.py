@@ -100,7 +100,7 @@ async def test_metrics_endpoint_counts_a_run_and_reports_queue_depth(stack: Rela
         assert delta("relais_processed_total", consumer="router", result="ack") >= 4
         assert delta("relais_published_total", subject="relais.route") >= 4
         assert delta("relais_smtp_sessions_total", direction="inbound") >= 5
-        assert delta("relais_smtp_sessions_total", direction="outbound") >= 1
+        assert delta("relais_delivery_connections_opened_total") >= 1  # delivery's collector
         assert delta("relais_rejected_total") >= 1
         assert delta("relais_tls_recipients_total", direction="inbound", version="none") == 4
         assert delta("relais_tls_recipients_total", direction="outbound") >= 3

@@ -156,6 +156,8 @@ async def test_a_bounced_message_and_its_dsn_are_one_trace(
 
     (attempt,) = attempts_of(members, mid)
     assert attempt.attributes[t.OUTCOME] == "bounced"
+    assert attempt.attributes[t.REPLY_CODE] == 550
+    assert attempt.attributes[t.ENHANCED_STATUS] == "5.1.1"
     (bounce,) = [s for s in members if s.name == "process relais.bounce"]
     assert bounce.kind is SpanKind.CONSUMER
     assert attempt in ancestors(bounce, members) or attempt.context.span_id in {
