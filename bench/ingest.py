@@ -64,12 +64,15 @@ class Row:
     recipients: int
     tls: bool
     per_message_connection: bool = False
+    # An account with hourly/daily limits: two JetStream counter reads at MAIL, two increments.
+    limited: bool = False
 
     @property
     def label(self) -> str:
         session = "STARTTLS+AUTH" if self.tls else "AUTH"
         reuse = "conn/msg" if self.per_message_connection else "reused"
-        return f"{self.size // 1024:>3} KB  {self.recipients:>2} rcpt  {session:<13} {reuse:<8}"
+        limits = " +limits" if self.limited else ""
+        return f"{self.size // 1024:>3} KB  {self.recipients:>2} rcpt  {session:<13} {reuse:<8}{limits}"
 
 
 @dataclass
@@ -96,6 +99,8 @@ class Ingress:
             f"max_connections_per_ip = 1000\n{tls_lines}"
             '[telemetry]\nhttp_listen = ""\n'
             f'[accounts.bench]\npassword_hash = "{hash_password(PASSWORD)}"\ndomains = ["bench.test"]\n'
+            f'[accounts.limited]\npassword_hash = "{hash_password(PASSWORD)}"\ndomains = ["bench.test"]\n'
+            "max_messages_per_hour = 1000000000\nmax_messages_per_day = 1000000000\n"
         )
         self.log = open(base / f"ingress-{self.port}.log", "ab")
         self.process = subprocess.Popen(
@@ -139,7 +144,7 @@ async def run_row(
         await smtp.connect()
         if row.tls:
             await smtp.starttls(tls_context=ctx)
-        await smtp.login("bench", PASSWORD)
+        await smtp.login("limited" if row.limited else "bench", PASSWORD)
         return smtp
 
     async def client() -> None:
@@ -178,7 +183,7 @@ def print_table(results: list[Result], clients: int) -> None:
     print()
     print(f"ingress: {clients} concurrent clients, Python {platform.python_version()}, {os.cpu_count()} CPUs")
     header = (
-        f"{'message':<42} {'accepted':>8} {'failed':>6} {'msg/s':>8} "
+        f"{'message':<50} {'accepted':>8} {'failed':>6} {'msg/s':>8} "
         f"{'ingress CPU s/1k':>16} {'nats CPU s/1k':>13}"
     )
     print(header)
@@ -186,7 +191,7 @@ def print_table(results: list[Result], clients: int) -> None:
     for r in results:
         per_k = 1000 / max(r.accepted, 1)
         print(
-            f"{r.row.label:<42} {r.accepted:>8} {r.failed:>6} {r.accepted / r.seconds:>8.0f} "
+            f"{r.row.label:<50} {r.accepted:>8} {r.failed:>6} {r.accepted / r.seconds:>8.0f} "
             f"{r.ingress_cpu * per_k:>16.2f} {r.nats_cpu * per_k:>13.2f}"
         )
 
@@ -196,6 +201,7 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--small", type=int, default=1500, help="messages per 2 KB row")
     parser.add_argument("--large", type=int, default=500, help="messages per 50 KB row")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
     args = parser.parse_args()
     rows = [
         Row(2 * 1024, 1, False),
@@ -208,6 +214,7 @@ async def main() -> None:
         Row(50 * 1024, 10, True),
         Row(2 * 1024, 1, False, per_message_connection=True),
         Row(2 * 1024, 1, True, per_message_connection=True),
+        Row(2 * 1024, 1, False, limited=True),
     ]
     with tempfile.TemporaryDirectory(prefix="relais-bench-ingest-") as tmp:
         base = Path(tmp)
@@ -229,6 +236,8 @@ async def main() -> None:
             await run_row(Row(2 * 1024, 1, False), plain, nats, 100, 10, client_ctx)
             await run_row(Row(2 * 1024, 1, True), tls, nats, 100, 10, client_ctx)
             for row in rows:
+                if args.only not in row.label:
+                    continue
                 total = args.small if row.size < 10 * 1024 else args.large
                 if row.per_message_connection:
                     total //= 2

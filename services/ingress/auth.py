@@ -43,6 +43,9 @@ class PasswordChecker:
 
     def __init__(self, concurrency: int = 4) -> None:
         self._verified: dict[str, float] = {}
+        # One scrypt per (user, password, hash) at a time: a sender opening 50 connections at
+        # once must not cost 50 derivations (about a second of CPU each ten).
+        self._pending: dict[str, asyncio.Future[bool]] = {}
         self._slots = asyncio.Semaphore(concurrency)
         # Unknown users are checked against this, so timing does not reveal which names exist.
         self._decoy = hash_password("relais-decoy")
@@ -50,16 +53,28 @@ class PasswordChecker:
     async def check(self, login: bytes, password: bytes, account: AccountConfig | None) -> bool:
         encoded = account.password_hash if account is not None else self._decoy
         key = hashlib.sha256(b"\0".join([login, password, encoded.encode()])).hexdigest()
-        now = time.monotonic()
-        if account is not None and self._verified.get(key, 0.0) > now:
+        if account is not None and self._verified.get(key, 0.0) > time.monotonic():
             return True
-        async with self._slots:
-            ok = await asyncio.to_thread(verify_password, password.decode("utf-8", "replace"), encoded)
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending) and account is not None
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            async with self._slots:
+                ok = await asyncio.to_thread(verify_password, password.decode("utf-8", "replace"), encoded)
+            future.set_result(ok)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unawaited failure is not logged twice
+            raise
+        finally:
+            del self._pending[key]
         if not ok or account is None:
             return False
         if len(self._verified) > 10_000:
             self._verified.clear()
-        self._verified[key] = now + _AUTH_CACHE_SECONDS
+        self._verified[key] = time.monotonic() + _AUTH_CACHE_SECONDS
         return True
 
 

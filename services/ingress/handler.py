@@ -150,10 +150,7 @@ class IngressHandler:
             name, account = self._account(session)
             verdict = policy.sender_verdict(account, sender, smtputf8=envelope.smtp_utf8)
             if verdict is None and account is not None:
-                try:
-                    verdict = await self._rates.check(name, account)
-                except BrokerUnavailable:
-                    verdict = _QUEUE_UNAVAILABLE
+                verdict = self._rates.check(name, account)
         if verdict:
             return str(verdict)
         # aiosmtpd needs a truthy mail_from to accept RCPT; "<>" stands for the null sender.

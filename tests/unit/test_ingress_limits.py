@@ -92,3 +92,19 @@ def test_admin_describe() -> None:
     assert (
         "disabled" in line and "pools=default,bulk" in line and "10/h" in line and "domains=acme.test" in line
     )
+
+
+def test_mail_precheck_uses_the_last_count_seen() -> None:
+    from services.ingress.limits import MessageRates
+
+    rates = MessageRates(counters=None)  # type: ignore[arg-type]
+    acct = AccountConfig(password_hash="scrypt$x", max_messages_per_hour=3, max_messages_per_day=100)
+    now = 86400 * 10 + 3600 * 5 + 10
+    assert rates.check("acme", acct, now) is None  # nothing seen yet: DATA decides
+    rates._remember("acme", now, 2, 2)
+    assert rates.check("acme", acct, now) is None
+    rates._remember("acme", now, 3, 3)
+    assert rates.check("acme", acct, now) == HOURLY_LIMIT
+    assert rates.check("acme", acct, now + 3600) is None  # next hour: the old count is stale
+    rates._remember("acme", now, 1, 100)
+    assert rates.check("acme", acct, now + 3600) == DAILY_LIMIT
