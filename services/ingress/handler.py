@@ -100,7 +100,9 @@ class IngressHandler:
     ) -> list[str]:
         session.host_name = hostname
         out = [r for r in responses[:-1] if not (self.inbound and r.startswith("250-AUTH"))]
-        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+        out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        out += [] if self.inbound else ["250-DSN"]
+        out += ["250 HELP"]
         return out
 
     def session_closed(self, session: Session) -> None:
@@ -156,6 +158,7 @@ class IngressHandler:
         # aiosmtpd needs a truthy mail_from to accept RCPT; "<>" stands for the null sender.
         envelope.mail_from = sender or "<>"
         envelope.mail_options.extend(mail_options)
+        envelope.dsn_ret, envelope.dsn_envid = getattr(server, "dsn_mail", ("", ""))  # type: ignore[attr-defined]
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -174,6 +177,11 @@ class IngressHandler:
             return str(verdict)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        notify, orcpt = getattr(server, "dsn_rcpt", ("", ""))
+        if notify:
+            _dsn_map(envelope, "dsn_notify")[address] = notify
+        if orcpt:
+            _dsn_map(envelope, "dsn_orcpt")[address] = orcpt
         return "250 2.1.5 Ok"
 
     # -- DATA ----------------------------------------------------------------------------------------
@@ -260,6 +268,10 @@ class IngressHandler:
                 data=self._received(session, message_id, name, tls) + head + rest,
                 client_ip=state.client_ip,
                 meta=meta,
+                dsn_ret=getattr(envelope, "dsn_ret", ""),
+                dsn_envid=getattr(envelope, "dsn_envid", ""),
+                dsn_notify=dict(getattr(envelope, "dsn_notify", {})),
+                dsn_orcpt=dict(getattr(envelope, "dsn_orcpt", {})),
             ),
             message_id,
         )
@@ -295,3 +307,11 @@ class IngressHandler:
             reply = await self._handoff.queue(sub, message_id=message_id, span=span)
             span.set_attribute("smtp.reply", reply[:3])
             return reply
+
+
+def _dsn_map(envelope: Envelope, name: str) -> dict[str, str]:
+    found = getattr(envelope, name, None)
+    if found is None:
+        found = {}
+        setattr(envelope, name, found)
+    return found

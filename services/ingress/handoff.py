@@ -33,6 +33,8 @@ class Submission:
     kind: str = "message"
     dsn_ret: str = ""
     dsn_envid: str = ""
+    dsn_notify: dict[str, str] = field(default_factory=dict)
+    dsn_orcpt: dict[str, str] = field(default_factory=dict)
 
 
 class Handoff:
@@ -79,6 +81,8 @@ class Handoff:
             kind=sub.kind,
             dsn_ret=sub.dsn_ret,
             dsn_envid=sub.dsn_envid,
+            dsn_notify=sub.dsn_notify,
+            dsn_orcpt=sub.dsn_orcpt,
             trace_context=traceparent_of(span) if span is not None else "",  # type: ignore[arg-type]
         )
         try:

@@ -19,6 +19,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP, Session
 
 from services.core import metrics
+from services.ingress import dsn
 from services.ingress.limits import ConnectionGate
 from services.ingress.replies import (
     LINE_TOO_LONG,
@@ -96,6 +97,9 @@ class RelaisSMTP(SMTP):
         # True from DATA until its reply is written: a draining replica waits for these.
         self.busy = False
         self._shutting_down = False
+        # DSN parameters of the MAIL / RCPT command being handled: (RET, ENVID), (NOTIFY, ORCPT).
+        self.dsn_mail = ("", "")
+        self.dsn_rcpt = ("", "")
         self._gate = gate
         self._max_errors = max_errors
         self._errors = 0
@@ -160,6 +164,30 @@ class RelaisSMTP(SMTP):
             with contextlib.suppress(Exception):
                 writer.write(f"{TIMEOUT}\r\n".encode())
         super()._timeout_cb()
+
+    # -- DSN parameters (RFC 3461), which aiosmtpd would refuse with 555 --------------------------
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.dsn_mail = ("", "")
+        if arg:
+            arg, params = dsn.split_params(arg, dsn.MAIL_PARAMS)
+            verdict, ret, envid = dsn.mail_verdict(params)
+            if verdict:
+                await self.push(str(verdict))
+                return
+            self.dsn_mail = (ret, envid)
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.dsn_rcpt = ("", "")
+        if arg:
+            arg, params = dsn.split_params(arg, dsn.RCPT_PARAMS)
+            verdict, notify, orcpt = dsn.rcpt_verdict(params)
+            if verdict:
+                await self.push(str(verdict))
+                return
+            self.dsn_rcpt = (notify, orcpt)
+        await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         self.busy = True

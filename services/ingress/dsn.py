@@ -1,0 +1,79 @@
+"""RFC 3461 DSN parameters: RET and ENVID at MAIL FROM, NOTIFY and ORCPT at RCPT TO.
+
+aiosmtpd refuses parameters it does not know (555), so `RelaisSMTP` takes these out of the
+command first, checks them here, and the handler records them in the envelope for the bounce
+service. Pure functions: no sockets.
+"""
+
+from __future__ import annotations
+
+import re
+
+from services.ingress.replies import Verdict
+
+BAD_DSN_PARAMETER = Verdict(501, "5.5.4", "Invalid DSN parameter")
+MAIL_PARAMS = ("RET", "ENVID")
+RCPT_PARAMS = ("NOTIFY", "ORCPT")
+_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+_XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
+def xtext_decode(value: str) -> str | None:
+    """RFC 3461 4: '+' and two upper-case hex digits stand for one octet; None if malformed."""
+    if not _XTEXT.match(value):
+        return None
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def split_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """The command argument without the named parameters, and those parameters (names upper-cased).
+
+    Parameters follow the closing '>' of the path (RFC 5321 4.1.2).
+    """
+    end = arg.rfind(">")
+    if end < 0:
+        return arg, {}
+    path, rest = arg[: end + 1], arg[end + 1 :]
+    kept: list[str] = []
+    found: dict[str, str] = {}
+    for token in rest.split():
+        key, eq, value = token.partition("=")
+        if key.upper() in names and eq:
+            found[key.upper()] = value
+        else:
+            kept.append(token)
+    return " ".join([path, *kept]), found
+
+
+def mail_verdict(params: dict[str, str]) -> tuple[Verdict | None, str, str]:
+    """(verdict, RET, decoded ENVID)."""
+    ret = params.get("RET", "").upper()
+    if ret and ret not in ("FULL", "HDRS"):
+        return BAD_DSN_PARAMETER, "", ""
+    envid = ""
+    if "ENVID" in params:
+        decoded = xtext_decode(params["ENVID"])
+        if decoded is None or not decoded or len(params["ENVID"]) > 100:
+            return BAD_DSN_PARAMETER, "", ""
+        envid = decoded
+    return None, ret, envid
+
+
+def rcpt_verdict(params: dict[str, str]) -> tuple[Verdict | None, str, str]:
+    """(verdict, NOTIFY as given upper-cased, decoded ORCPT 'addr-type;address')."""
+    notify = params.get("NOTIFY", "").upper()
+    if "NOTIFY" in params:
+        values = notify.split(",")
+        if values != ["NEVER"] and (
+            not values or not set(values) <= _NOTIFY or len(set(values)) != len(values)
+        ):
+            return BAD_DSN_PARAMETER, "", ""
+    orcpt = ""
+    if "ORCPT" in params:
+        addr_type, semi, address = params["ORCPT"].partition(";")
+        decoded = xtext_decode(address) if semi else None
+        if not _ADDR_TYPE.match(addr_type) or not decoded or len(params["ORCPT"]) > 500:
+            return BAD_DSN_PARAMETER, "", ""
+        orcpt = f"{addr_type};{decoded}"
+    return None, notify, orcpt

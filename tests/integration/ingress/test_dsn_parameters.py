@@ -1,0 +1,37 @@
+"""DSN (RFC 3461): advertised on submission; RET/ENVID/NOTIFY/ORCPT recorded for the bounce service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from services.ingress.dsn import BAD_DSN_PARAMETER
+from tests.integration.ingress.helpers import client, in_thread, login, queued, reply
+from tests.support.relais import message
+
+
+async def test_dsn_parameters_recorded(make_ingress: Callable[..., Any]) -> None:
+    ingress = await make_ingress()
+
+    def scenario() -> tuple[bool, list[tuple[int, bytes]]]:
+        with client(ingress.smtp_address) as smtp:
+            login(smtp)
+            replies = [
+                smtp.docmd("MAIL", "FROM:<news@acme.test> RET=ALL"),
+                smtp.docmd("MAIL", "FROM:<news@acme.test> RET=HDRS ENVID=campaign+2B42"),
+                smtp.docmd("RCPT", "TO:<a@alpha.test> NOTIFY=NEVER,DELAY"),
+                smtp.docmd("RCPT", "TO:<a@alpha.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+40alpha.test"),
+                smtp.docmd("RCPT", "TO:<b@alpha.test>"),
+            ]
+            replies.append(smtp.data(message()))
+            return smtp.has_extn("dsn"), replies
+
+    advertised, replies = await in_thread(scenario)
+    assert advertised
+    assert replies[0] == reply(BAD_DSN_PARAMETER) and replies[2] == reply(BAD_DSN_PARAMETER)
+    assert [r[0] for r in (replies[1], replies[3], replies[4], replies[5])] == [250, 250, 250, 250]
+    [env] = await queued(ingress.config.nats.url)
+    assert (env.dsn_ret, env.dsn_envid) == ("HDRS", "campaign+42")
+    assert env.recipients == ("a@alpha.test", "b@alpha.test")
+    assert env.dsn_notify == {"a@alpha.test": "SUCCESS,FAILURE"}
+    assert env.dsn_orcpt == {"a@alpha.test": "rfc822;A@alpha.test"}

@@ -1,0 +1,38 @@
+"""RFC 3461 parameters at the ingress: split off the command, validated, xtext-decoded."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.ingress import dsn
+
+
+def test_split_params_keeps_the_rest() -> None:
+    arg, found = dsn.split_params("FROM:<a@acme.test> SIZE=100 ret=hdrs ENVID=x+2By", dsn.MAIL_PARAMS)
+    assert arg == "FROM:<a@acme.test> SIZE=100"
+    assert found == {"RET": "hdrs", "ENVID": "x+2By"}
+    assert dsn.split_params("TO:<b@alpha.test>", dsn.RCPT_PARAMS) == ("TO:<b@alpha.test>", {})
+
+
+def test_mail_parameters() -> None:
+    assert dsn.mail_verdict({"RET": "hdrs", "ENVID": "QQ+2B1"}) == (None, "HDRS", "QQ+1")
+    assert dsn.mail_verdict({})[0] is None
+    for bad in ({"RET": "ALL"}, {"ENVID": "a+zz"}, {"ENVID": ""}, {"ENVID": "x" * 101}):
+        assert dsn.mail_verdict(bad)[0] == dsn.BAD_DSN_PARAMETER
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"NOTIFY": "success,failure"}, (None, "SUCCESS,FAILURE", "")),
+        ({"NOTIFY": "NEVER"}, (None, "NEVER", "")),
+        ({"ORCPT": "rfc822;Bob+40example.com"}, (None, "", "rfc822;Bob@example.com")),
+        ({"NOTIFY": "NEVER,SUCCESS"}, (dsn.BAD_DSN_PARAMETER, "", "")),
+        ({"NOTIFY": "SUCCESS,SUCCESS"}, (dsn.BAD_DSN_PARAMETER, "", "")),
+        ({"NOTIFY": "SOMETIMES"}, (dsn.BAD_DSN_PARAMETER, "", "")),
+        ({"ORCPT": "bob@example.com"}, (dsn.BAD_DSN_PARAMETER, "", "")),
+        ({"ORCPT": "rfc822;"}, (dsn.BAD_DSN_PARAMETER, "", "")),
+    ],
+)
+def test_rcpt_parameters(params: dict[str, str], expected: tuple[object, str, str]) -> None:
+    assert dsn.rcpt_verdict(params) == expected
