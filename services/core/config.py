@@ -140,21 +140,6 @@ class DeliveryConfig:
     shaping_file: str = ""
     # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
     idle_timeout: float = 10.0
-    # A shaping slot further away than this is not waited for in memory: the job is re-scheduled.
-    max_shaping_wait: float = 20.0
-    # How often paused mail (pool, source or site paused) comes back to check whether it may go.
-    pause_recheck: float = 60.0
-    # MTA-STS (RFC 8461): look up and enforce published policies; the fetch URL is a template
-    # ({domain}) so tests can serve policies on loopback.
-    mta_sts: bool = True
-    mta_sts_url: str = "https://mta-sts.{domain}/.well-known/mta-sts.txt"
-
-    # Extra CA bundle (PEM) trusted when a policy (MTA-STS enforce, tls_verify) checks certificates.
-    tls_ca_file: str = ""
-    # Shaping rules (TOML, see services/delivery/shaping_default.toml) merged over the built-in ones.
-    shaping_file: str = ""
-    # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
-    idle_timeout: float = 10.0
     # A shaping slot further away than this is not waited for in memory: the job is re-scheduled
     # (short, so that jobs for a slow site do not hold handler capacity other sites could use).
     max_shaping_wait: float = 5.0
@@ -166,7 +151,6 @@ class DeliveryConfig:
     mta_sts_url: str = "https://mta-sts.{domain}/.well-known/mta-sts.txt"
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class RetryConfig:
     # First retry after about base_delay, doubling per attempt, capped at max_delay, with jitter.
@@ -176,7 +160,6 @@ class RetryConfig:
     max_age: float = 5 * 86400.0
     # Send one "delayed" DSN when a message is still undelivered after this long; 0 = never.
     delay_warning_after: float = 0.0
-
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,7 +185,6 @@ class BounceConfig:
     webhook_timeout: float = 10.0
     webhook_retry_base: float = 5.0
     webhook_retry_max: float = 600.0
-
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -501,6 +483,33 @@ def validate(config: Config) -> None:
             raise ConfigError(f"dns.servers: {server!r} is not an IP address[:port]") from exc
 
 
+def _validate_ingress(config: Config) -> None:
+    ingress = config.ingress
+    if ingress.from_header_check not in ("reject", "report"):
+        raise ConfigError("ingress.from_header_check: expected 'reject' or 'report'")
+    for i, listener in enumerate(ingress.listeners):
+        where = f"ingress.listeners[{i}]"
+        if listener.mode not in LISTENER_MODES:
+            raise ConfigError(f"{where}.mode: expected one of {', '.join(LISTENER_MODES)}")
+        if listener.mode == "implicit-tls" and not ingress.tls_cert_file:
+            raise ConfigError(f"{where}: implicit-tls needs ingress.tls_cert_file and tls_key_file")
+        if listener.mode == "implicit-tls" and listener.proxy_protocol:
+            raise ConfigError(f"{where}: PROXY protocol in front of implicit TLS is not supported")
+        if listener.listen.rpartition(":")[0] == "" or not listener.listen.rpartition(":")[2].isdigit():
+            raise ConfigError(f"{where}.listen: expected host:port")
+        if listener.mode == "inbound" and not (
+            ingress.local_domains or getattr(config.bounce, "return_path_domain", "")
+        ):
+            raise ConfigError(f"{where}: an inbound listener needs ingress.local_domains")
+    for net in ingress.relay_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"ingress.relay_networks: {net!r} is not a CIDR network") from exc
+    if ingress.relay_networks and not ingress.relay_networks_account:
+        raise ConfigError("ingress.relay_networks needs ingress.relay_networks_account")
+
+
 def _validate_routing(config: Config) -> None:
     """Warm-up schedules, sites and DKIM keys."""
     for name, schedule in config.warmup.items():
@@ -530,33 +539,6 @@ def _validate_routing(config: Config) -> None:
                 raise ConfigError(f"dkim.{domain}[{i}].algorithm: expected rsa-sha256 or ed25519-sha256")
             if not key.selector or not key.key_file:
                 raise ConfigError(f"dkim.{domain}[{i}]: selector and key_file are required")
-
-
-def _validate_ingress(config: Config) -> None:
-    ingress = config.ingress
-    if ingress.from_header_check not in ("reject", "report"):
-        raise ConfigError("ingress.from_header_check: expected 'reject' or 'report'")
-    for i, listener in enumerate(ingress.listeners):
-        where = f"ingress.listeners[{i}]"
-        if listener.mode not in LISTENER_MODES:
-            raise ConfigError(f"{where}.mode: expected one of {', '.join(LISTENER_MODES)}")
-        if listener.mode == "implicit-tls" and not ingress.tls_cert_file:
-            raise ConfigError(f"{where}: implicit-tls needs ingress.tls_cert_file and tls_key_file")
-        if listener.mode == "implicit-tls" and listener.proxy_protocol:
-            raise ConfigError(f"{where}: PROXY protocol in front of implicit TLS is not supported")
-        if listener.listen.rpartition(":")[0] == "" or not listener.listen.rpartition(":")[2].isdigit():
-            raise ConfigError(f"{where}.listen: expected host:port")
-        if listener.mode == "inbound" and not (
-            ingress.local_domains or getattr(config.bounce, "return_path_domain", "")
-        ):
-            raise ConfigError(f"{where}: an inbound listener needs ingress.local_domains")
-    for net in ingress.relay_networks:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError as exc:
-            raise ConfigError(f"ingress.relay_networks: {net!r} is not a CIDR network") from exc
-    if ingress.relay_networks and not ingress.relay_networks_account:
-        raise ConfigError("ingress.relay_networks needs ingress.relay_networks_account")
 
 
 def _validate_bounce(bounce: BounceConfig) -> None:

@@ -82,6 +82,10 @@ def route_subject() -> str:
     return f"{PREFIX}.route"
 
 
+_ROUTE_RETRIES = f"{PREFIX}.retry.route.>"
+_DELIVER_RETRIES = f"{PREFIX}.retry.deliver.>"
+
+
 def route_retry_subject(key: str, attempt: int) -> str:
     return f"{PREFIX}.retry.route.{_token(key, 'key')}.{attempt}"
 
@@ -140,6 +144,11 @@ def events_filter(account: str | None = None) -> str:
     return f"{PREFIX}.events.{_token(account, 'account') if account else '*'}.*"
 
 
+def retry_filters() -> list[tuple[str, str]]:
+    """(stream, subject filter) of every scheduled retry, for admin scans (requeue, bounce-queue)."""
+    return [(ROUTE_STREAM, _ROUTE_RETRIES), (DELIVER_STREAM, _DELIVER_RETRIES)]
+
+
 def delivery_consumer(pool: str) -> str:
     return f"delivery-{_token(pool, 'pool')}"
 
@@ -189,14 +198,14 @@ def stream_configs(config: Config) -> list[StreamConfig]:
     return [
         StreamConfig(
             name=ROUTE_STREAM,
-            subjects=[route_subject(), f"{PREFIX}.retry.route.>"],
+            subjects=[route_subject(), _ROUTE_RETRIES],
             retention=RetentionPolicy.WORK_QUEUE,
             allow_msg_schedules=True,
             **common,
         ),
         StreamConfig(
             name=DELIVER_STREAM,
-            subjects=[f"{PREFIX}.deliver.>", f"{PREFIX}.retry.deliver.>"],
+            subjects=[f"{PREFIX}.deliver.>", _DELIVER_RETRIES],
             retention=RetentionPolicy.WORK_QUEUE,
             allow_msg_schedules=True,
             **common,
