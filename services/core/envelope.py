@@ -105,8 +105,11 @@ class Envelope:
         between ingress and NATS hosts in the safe direction: a message the sender was told 250
         for is never dropped; one stored within the margin after a 451 may still be delivered.
         """
-        return bool(self.accept_by) and not self.job_id and not self.attempts and (
-            stored_at > self.accept_by + clock_margin
+        return (
+            bool(self.accept_by)
+            and not self.job_id
+            and not self.attempts
+            and (stored_at > self.accept_by + clock_margin)
         )
 
     def with_attempt(self, attempt: Attempt) -> Envelope:

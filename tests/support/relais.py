@@ -107,7 +107,9 @@ def config_to_toml(config: Config) -> str:
         elif isinstance(v, dict) and all(dataclasses.is_dataclass(item) for item in v.values()):
             for key, item in v.items():
                 tables.append(f'[{f.name}."{key}"]')
-                tables += [f"{k} = {value(getattr(item, k))}" for k in (x.name for x in dataclasses.fields(item))]
+                tables += [
+                    f"{k} = {value(getattr(item, k))}" for k in (x.name for x in dataclasses.fields(item))
+                ]
         elif isinstance(v, dict):
             tables.append(f"[{f.name}]")
             tables += [f'"{key}" = {value(item)}' for key, item in v.items()]
@@ -189,7 +191,9 @@ async def asubmit(address: tuple[str, int], **kwargs: Any) -> tuple[int, bytes]:
     return await asyncio.to_thread(submit, address, **kwargs)
 
 
-def message(subject: str = "Hello", body: str = "Hello there.\r\n", sender: str = f"news@{SENDER_DOMAIN}") -> bytes:
+def message(
+    subject: str = "Hello", body: str = "Hello there.\r\n", sender: str = f"news@{SENDER_DOMAIN}"
+) -> bytes:
     return (
         f"From: Acme News <{sender}>\r\n"
         f"To: Someone <someone@example.test>\r\n"
@@ -219,7 +223,11 @@ def strip_received(data: bytes) -> bytes:
     return b"\r\n".join(out)
 
 
-async def read_events(nats_url: str, account: str | None = None, timeout: float = 1.0) -> list[Event]:
+async def read_events(
+    nats_url: str,
+    account: str | None = None,
+    timeout: float = 1.0,  # noqa: ASYNC109 - the quiet gap that ends the replay
+) -> list[Event]:
     """Every event so far, replayed from the start of the events stream."""
     nc = await nats.connect(nats_url)
     try:
@@ -239,7 +247,11 @@ async def read_events(nats_url: str, account: str | None = None, timeout: float 
 
 
 async def wait_for_events(
-    nats_url: str, kind: str, count: int, timeout: float = 30.0, account: str | None = None
+    nats_url: str,
+    kind: str,
+    count: int,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a polling deadline
+    account: str | None = None,
 ) -> list[Event]:
     deadline = time.monotonic() + timeout
     found: list[Event] = []
@@ -267,7 +279,9 @@ async def stored_bodies(nats_url: str) -> int:
 class ServiceProcess:
     """One service as a real OS process (`python -m services.cli <name>`), killable with SIGKILL."""
 
-    def __init__(self, name: str, config_path: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, config_path: Path, log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.config_path = config_path
         self.log_path = log_dir / f"{name}-{os.getpid()}-{time.time_ns()}.log"
@@ -276,7 +290,7 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", self.name, "--config", str(self.config_path)],
             env=self.env,

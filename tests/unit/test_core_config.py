@@ -55,7 +55,7 @@ pool = "bulk"
 
 
 def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nats.urll"):
+    with pytest.raises(ConfigError, match=r"nats\.urll"):
         load_config(_write(tmp_path, '[nats]\nurll = "x"\n'), env={})
     with pytest.raises(ConfigError, match="unknown"):
         load_config(_write(tmp_path, "[natz]\n"), env={})
@@ -115,7 +115,9 @@ def test_invalid_values_name_the_key(tmp_path: Path, text: str, message: str) ->
         load_config(_write(tmp_path, text), env={})
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30", 30), ("30s", 30), ("10m", 600), ("2h", 7200), ("5d", 432000)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30", 30), ("30s", 30), ("10m", 600), ("2h", 7200), ("5d", 432000)]
+)
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 

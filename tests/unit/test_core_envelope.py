@@ -102,4 +102,6 @@ def test_late_store_guard_only_applies_to_the_ingress_copy() -> None:
     assert not env.refused_when_stored_at(1001.0), "within the clock margin: keep"
     assert env.refused_when_stored_at(1010.0)
     assert not _envelope().refused_when_stored_at(1e12), "no deadline recorded: never refused"
-    assert not _envelope(accept_by=1000.0, job_id="x-0").refused_when_stored_at(1e12), "routed jobs are past it"
+    assert not _envelope(accept_by=1000.0, job_id="x-0").refused_when_stored_at(1e12), (
+        "routed jobs are past it"
+    )

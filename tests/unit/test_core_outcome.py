@@ -24,8 +24,10 @@ def test_parse_splits_enhanced_status(code: int, text: str, enhanced: str, rest:
     assert (reply.enhanced_status, reply.text, reply.command) == (enhanced, rest, "RCPT")
 
 
-@pytest.mark.parametrize(("code", "kind"), [(250, Delivered), (251, Delivered), (450, Deferred), (421, Deferred),
-                                            (550, Bounced), (554, Bounced)])
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [(250, Delivered), (251, Delivered), (450, Deferred), (421, Deferred), (550, Bounced), (554, Bounced)],
+)
 def test_outcome_for_reply_class(code: int, kind: type) -> None:
     assert isinstance(outcome_for("a@x.test", Reply.parse(code, "text")), kind)
 

@@ -29,7 +29,9 @@ def test_names_that_would_span_or_wildcard_tokens_are_refused(bad: str) -> None:
         t.route_retry_subject(bad, 1)
 
 
-@pytest.mark.parametrize("subject", ["relais.deliver", "relais.deliver.a.b", "other.deliver.a", "relais.route"])
+@pytest.mark.parametrize(
+    "subject", ["relais.deliver", "relais.deliver.a.b", "other.deliver.a", "relais.route"]
+)
 def test_parsers_refuse_foreign_subjects(subject: str) -> None:
     with pytest.raises(t.SubjectError):
         t.pool_of_deliver_subject(subject)
@@ -41,7 +43,8 @@ def test_every_consumer_filter_lies_inside_its_stream() -> None:
     for binding in t.consumer_bindings(config):
         subjects = streams[binding.stream]
         assert any(
-            binding.subject == s or (s.endswith(".>") and binding.subject.startswith(s[:-1])) for s in subjects
+            binding.subject == s or (s.endswith(".>") and binding.subject.startswith(s[:-1]))
+            for s in subjects
         ), binding
 
 

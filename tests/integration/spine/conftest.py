@@ -39,9 +39,7 @@ def sender_mx(make_sink: Callable[..., SMTPSink]) -> SMTPSink:
 
 
 @pytest.fixture
-def make_stack(
-    nats_server: EmbeddedNats, zone: DNSServer, sink_port: int
-) -> Callable[..., Any]:
+def make_stack(nats_server: EmbeddedNats, zone: DNSServer, sink_port: int) -> Callable[..., Any]:
     stacks: list[RelaisStack] = []
 
     async def make(**sections: Any) -> RelaisStack:

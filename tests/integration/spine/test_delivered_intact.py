@@ -32,7 +32,10 @@ async def test_headers_and_body_arrive_byte_identical(stack: RelaisStack, make_s
 
 
 async def test_one_message_to_three_domains_reaches_each_mx_once(stack: RelaisStack, make_sink) -> None:
-    sinks = {d: make_sink(ip) for d, ip in {"alpha": "127.0.0.2", "beta": "127.0.0.3", "gamma": "127.0.0.4"}.items()}
+    sinks = {
+        d: make_sink(ip)
+        for d, ip in {"alpha": "127.0.0.2", "beta": "127.0.0.3", "gamma": "127.0.0.4"}.items()
+    }
     rcpts = ["a1@alpha.test", "a2@alpha.test", "b1@beta.test", "c1@gamma.test"]
     code, _ = await asubmit(stack.smtp_address, recipients=rcpts, data=message())
     assert code == 250

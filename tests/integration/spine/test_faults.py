@@ -56,7 +56,9 @@ async def test_router_and_delivery_killed_mid_flight_lose_nothing(
     )
     path = tmp_path / "relais.toml"
     path.write_text(config_to_toml(config))
-    procs = {name: ServiceProcess(name, path, tmp_path) for name in ("ingress", "router", "delivery", "bounce")}
+    procs = {
+        name: ServiceProcess(name, path, tmp_path) for name in ("ingress", "router", "delivery", "bounce")
+    }
     try:
         for proc in procs.values():
             proc.start()

@@ -9,7 +9,9 @@ from flufl.bounce import all_failures
 from tests.support.relais import RelaisStack, asubmit, message, wait_for_events
 
 
-async def test_preferred_mx_refusing_connections_fails_over_to_next(stack: RelaisStack, zone, make_sink) -> None:
+async def test_preferred_mx_refusing_connections_fails_over_to_next(
+    stack: RelaisStack, zone, make_sink
+) -> None:
     # 127.0.0.5 has nothing listening: connections are refused, so delivery must try mx2.
     zone.add("failover.test", "MX", "10 mx1.failover.test.", "20 mx2.failover.test.")
     zone.add("mx1.failover.test", "A", "127.0.0.5")

@@ -49,7 +49,9 @@ async def test_permanent_failure_sends_a_dsn_a_standard_parser_reads(
     assert len(sink.messages) == 1
 
 
-async def test_failure_of_a_null_sender_message_sends_no_dsn(stack: RelaisStack, make_sink, sender_mx) -> None:
+async def test_failure_of_a_null_sender_message_sends_no_dsn(
+    stack: RelaisStack, make_sink, sender_mx
+) -> None:
     sink = make_sink("127.0.0.2")
     sink.data_reply = "554 5.7.1 Rejected"
     code, _ = await asubmit(
