@@ -1,8 +1,10 @@
-"""The one configuration schema: typed, keyword-only settings with safe defaults.
+"""Loading and checking the configuration: the API every service and `relais validate` use.
 
-Loaded from TOML, then overridden by `RELAIS_<SECTION>__<KEY>` environment variables (the way
-Kubernetes manifests set things). Unknown keys, in the file or in the environment, are errors:
-a typo must never silently fall back to a default.
+The schema itself (the dataclasses and their defaults) is defined once, in
+services/core/config_schema.py, and re-exported here so `from services.core.config import ...`
+is the one import path. A file is loaded from TOML, then overridden by `RELAIS_<SECTION>__<KEY>`
+environment variables (the way Kubernetes manifests set things). Unknown keys, in the file or in
+the environment, are errors: a typo must never silently fall back to a default.
 """
 
 from __future__ import annotations
@@ -15,9 +17,58 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from services.core.config_schema import (
+    LISTENER_MODES,
+    AccountConfig,
+    BounceConfig,
+    Config,
+    DeliveryConfig,
+    DkimKeyConfig,
+    DnsConfig,
+    IngressConfig,
+    ListenerConfig,
+    NatsConfig,
+    PoolConfig,
+    RetryConfig,
+    RouterConfig,
+    SiteConfig,
+    SourceConfig,
+    TelemetryConfig,
+    WarmupConfig,
+)
+
+__all__ = [
+    "ENV_CONFIG_PATH",
+    "ENV_PREFIX",
+    "LISTENER_MODES",
+    "AccountConfig",
+    "BounceConfig",
+    "Config",
+    "ConfigError",
+    "DeliveryConfig",
+    "DkimKeyConfig",
+    "DnsConfig",
+    "IngressConfig",
+    "ListenerConfig",
+    "NatsConfig",
+    "PoolConfig",
+    "RetryConfig",
+    "RouterConfig",
+    "SiteConfig",
+    "SourceConfig",
+    "TelemetryConfig",
+    "WarmupConfig",
+    "env_variable_names",
+    "load_config",
+    "parse_duration",
+    "replace",
+    "split_server",
+    "valid_name",
+    "validate",
+]
 
 ENV_PREFIX = "RELAIS_"
 ENV_CONFIG_PATH = "RELAIS_CONFIG"
@@ -30,266 +81,9 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class NatsConfig:
-    url: str = "nats://127.0.0.1:4222"
-    # 1 on a laptop; 3 on a JetStream cluster so losing a node loses no mail.
-    replicas: int = 1
-    # How long the ingress waits for JetStream's ack before answering 451.
-    publish_timeout: float = 5.0
-    connect_timeout: float = 2.0
-    user: str = ""
-    password: str = ""
-    token: str = ""
-    creds_file: str = ""
-    tls_ca_file: str = ""
-    # Bodies up to this size travel inside the envelope; larger ones go to the Object Store
-    # once and are referenced, so recipients and retries never copy them again.
-    inline_body_max: int = 128 * 1024
-    # How long consumers may hold a message before JetStream redelivers it elsewhere.
-    ack_wait: float = 120.0
-    events_max_age: float = 7 * 86400.0
-
-
-LISTENER_MODES = ("submission", "implicit-tls", "inbound")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ListenerConfig:
-    listen: str
-    # "submission" (587/2525: STARTTLS, AUTH), "implicit-tls" (465: TLS from the first byte, AUTH),
-    # "inbound" (25: no AUTH, mail for ingress.local_domains only).
-    mode: str = "submission"
-    # Expect a PROXY protocol v1/v2 header first (behind a Kubernetes LoadBalancer); off by default.
-    proxy_protocol: bool = False
-
-
-@dataclass(frozen=True, kw_only=True)
-class IngressConfig:
-    # The single submission listener used when `listeners` is empty (laptop, tests).
-    listen: str = "127.0.0.1:2525"
-    listeners: list[ListenerConfig] = field(default_factory=list)
-    hostname: str = "relais.localhost"
-    max_message_size: int = 50 * 1024 * 1024
-    max_recipients: int = 100
-    # aiosmtpd's safe default; the exception is a loopback-only listener (see README).
-    auth_require_tls: bool = True
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    # Certificate files are re-read when they change (Kubernetes secret rotation).
-    tls_reload_interval: float = 30.0
-    # "reject" bare CR/LF with 554 5.6.0 (smuggling defence); "normalise" rewrites them to CRLF.
-    bare_line_endings: str = "reject"
-    # Relais' own domains (bounce/return-path, feedback loops): the only mail the inbound listener takes.
-    local_domains: list[str] = field(default_factory=list)
-    # Client networks (CIDR) that may relay without AUTH, as `relay_networks_account`; off by default.
-    relay_networks: list[str] = field(default_factory=list)
-    relay_networks_account: str = ""
-    # "reject" a From: header domain the account does not own at end of DATA, or only "report" it.
-    from_header_check: str = "reject"
-    max_header_size: int = 256 * 1024
-    max_connections_per_ip: int = 50
-    # Idle/command timeout: the longest silence (or one DATA transfer) before the session is closed.
-    command_timeout: float = 300.0
-    # Error replies in one session before it is closed with 421.
-    max_errors: int = 10
-    # AUTH failures per client IP or per username within auth_lockout before further attempts
-    # are refused with 454 and the connection closed, until the window ends.
-    auth_max_failures: int = 5
-    auth_lockout: float = 900.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class DnsConfig:
-    # "ip" or "ip:port"; empty means the system resolver (/etc/resolv.conf).
-    servers: list[str] = field(default_factory=list)
-    timeout: float = 5.0
-    # Answers are cached for their TTL, but never longer than these caps (NXDOMAIN / no data
-    # for negative_ttl at most), in at most cache_size entries per process.
-    cache_max_ttl: float = 3600.0
-    negative_ttl: float = 300.0
-    cache_size: int = 100_000
-
-
-@dataclass(frozen=True, kw_only=True)
-class RouterConfig:
-    concurrency: int = 64
-    # Deliver to MX targets that are IP addresses (a misconfiguration RFC 5321 does not allow,
-    # but common); false treats such hosts as absent.
-    mx_ip_literals: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeliveryConfig:
-    # "mx": real delivery to the recipients' MX hosts; "capture": write to capture_dir (laptop mode).
-    mode: str = "mx"
-    smtp_port: int = 25
-    capture_dir: str = "relais-data/mailbox"
-    # Pools this worker serves; empty means every configured pool.
-    pools: list[str] = field(default_factory=list)
-    helo_name: str = ""
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    concurrency: int = 64
-    # Opportunistic STARTTLS: try TLS when offered, fall back to plaintext if the handshake fails.
-    starttls: bool = True
-    tls_verify: bool = False
-    # Extra CA bundle (PEM) trusted when a policy (MTA-STS enforce, tls_verify) checks certificates.
-    tls_ca_file: str = ""
-    # Shaping rules (TOML, see services/delivery/shaping_default.toml) merged over the built-in ones.
-    shaping_file: str = ""
-    # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
-    idle_timeout: float = 10.0
-    # A shaping slot further away than this is not waited for in memory: the job is re-scheduled
-    # (short, so that jobs for a slow site do not hold handler capacity other sites could use).
-    max_shaping_wait: float = 5.0
-    # How often paused mail (pool, source or site paused) comes back to check whether it may go.
-    pause_recheck: float = 60.0
-    # MTA-STS (RFC 8461): look up and enforce published policies; the fetch URL is a template
-    # ({domain}) so tests can serve policies on loopback.
-    mta_sts: bool = True
-    mta_sts_url: str = "https://mta-sts.{domain}/.well-known/mta-sts.txt"
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetryConfig:
-    # First retry after about base_delay, doubling per attempt, capped at max_delay, with jitter.
-    base_delay: float = 60.0
-    max_delay: float = 3600.0
-    jitter: float = 0.2
-    max_age: float = 5 * 86400.0
-    # Send one "delayed" DSN when a message is still undelivered after this long; 0 = never.
-    delay_warning_after: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class BounceConfig:
-    reporting_mta: str = ""
-    dsn_from: str = "MAILER-DAEMON"
-    # Include the whole original message in DSNs instead of its headers only.
-    return_full: bool = False
-    # VERP return path (services/core/returnpath.py): MAIL FROM <prefix>+<account>.<token>@domain,
-    # so asynchronous bounces map back to account, message and recipient. The first secret signs,
-    # all verify (key rotation). Mail to the domain must reach the ingress's inbound listener.
-    verp: bool = False
-    return_path_domain: str = ""
-    verp_prefix: str = "b"
-    verp_secrets: list[str] = field(default_factory=list)
-    # How long a hard bounce or complaint keeps an address suppressed; 0 = until an operator removes it.
-    suppression_expiry: float = 0.0
-    # Classification rules tried before the built-in ones: [{category, code?, enhanced?, text?}].
-    rules: list[dict[str, str]] = field(default_factory=list)
-    # Webhooks (per account: accounts.<name>.webhook_url / webhook_secret): batch size, POST
-    # timeout, and the retry backoff of a failing receiver (doubling from base up to max).
-    webhook_batch: int = 100
-    webhook_timeout: float = 10.0
-    webhook_retry_base: float = 5.0
-    webhook_retry_max: float = 600.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class SourceConfig:
-    address: str
-    ehlo: str = ""
-    weight: int = 1
-    # Recipients per UTC day this source may send to, across every router replica; 0 = no cap.
-    daily_cap: int = 0
-    # Name of a [warmup.<name>] schedule, and the UTC date (YYYY-MM-DD) of its first day.
-    warmup: str = ""
-    warmup_start: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class WarmupConfig:
-    # Cap for day 1, 2, ... of the schedule; after the last day the source counts as warm.
-    daily: list[int] = field(default_factory=list)
-    # Per-site schedules (site name -> caps per day) replacing `daily` for mail to that site.
-    sites: dict[str, list[int]] = field(default_factory=dict)
-    # When a warming source's cap is reached: "warm" sends from the pool's other sources that
-    # have room, "defer" retries the job later (the cap resets at 00:00 UTC).
-    overflow: str = "warm"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SiteConfig:
-    # MX host patterns: "*.google.com" matches any host under google.com, others match exactly.
-    mx: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DkimKeyConfig:
-    selector: str
-    # PEM private key (RSA, or Ed25519 PKCS#8), or dkimpy's base64 Ed25519 seed.
-    key_file: str
-    algorithm: str = "rsa-sha256"
-    # Header fields to sign; empty means Relais' default set (From/Subject/Date over-signed).
-    headers: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PoolConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AccountConfig:
-    # scrypt hash as produced by `relais account hash` (never a plaintext password).
-    password_hash: str
-    domains: list[str] = field(default_factory=list)
-    pool: str = "default"
-    disabled: bool = False
-    # Further pools the sender may pick per message with the X-Relais-Pool header.
-    pools: list[str] = field(default_factory=list)
-    # 0 = unlimited. Enforced across ingress replicas (counters in JetStream).
-    max_messages_per_hour: int = 0
-    max_messages_per_day: int = 0
-    max_sessions: int = 0
-    # Event webhook: JSON batches POSTed here, signed with HMAC-SHA256 under webhook_secret.
-    webhook_url: str = ""
-    webhook_secret: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class TelemetryConfig:
-    # "otlp" in production (configured by the standard OTEL_* variables), "none" to disable,
-    # "console" for debugging, "jsonl" to keep spans in a local file for `relais trace`.
-    traces: str = "none"
-    traces_file: str = ""
-    # HTTP endpoint of every service: /healthz, /readyz, /metrics (Prometheus). Empty disables it.
-    http_listen: str = "0.0.0.0:9100"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Config:
-    data_dir: str = "relais-data"
-    nats: NatsConfig = field(default_factory=NatsConfig)
-    ingress: IngressConfig = field(default_factory=IngressConfig)
-    dns: DnsConfig = field(default_factory=DnsConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    retry: RetryConfig = field(default_factory=RetryConfig)
-    bounce: BounceConfig = field(default_factory=BounceConfig)
-    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
-    pools: dict[str, PoolConfig] = field(default_factory=lambda: {"default": PoolConfig()})
-    accounts: dict[str, AccountConfig] = field(default_factory=dict)
-    # Sender domain -> pool; a domain listed here never sends from another pool's IPs.
-    sender_domains: dict[str, str] = field(default_factory=dict)
-    # Warm-up schedules referenced by sources.
-    warmup: dict[str, WarmupConfig] = field(default_factory=dict)
-    # MX rollup: destinations whose MX hosts match a site's patterns share that site name.
-    sites: dict[str, SiteConfig] = field(default_factory=dict)
-    # Sender domain -> DKIM keys (several keys sign with several signatures, e.g. RSA + Ed25519).
-    dkim: dict[str, list[DkimKeyConfig]] = field(default_factory=dict)
-
-    def pool_for(self, sender_domain: str, account: str) -> str:
-        pool = self.sender_domains.get(sender_domain.lower())
-        if pool:
-            return pool
-        acct = self.accounts.get(account)
-        return acct.pool if acct else "default"
-
-    def served_pools(self) -> list[str]:
-        return list(self.delivery.pools) or sorted(self.pools)
+def valid_name(name: str) -> bool:
+    """Pool, account and site names: lowercase letters, digits, '-' and '_', at most 63."""
+    return bool(_NAME.match(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +239,7 @@ def validate(config: Config) -> None:
     if "{domain}" not in config.delivery.mta_sts_url:
         raise ConfigError("delivery.mta_sts_url: must contain {domain}")
     for name, pool in config.pools.items():
-        if not _NAME.match(name):
+        if not valid_name(name):
             raise ConfigError(f"pools.{name}: pool names are lowercase letters, digits, '-' and '_'")
         for i, source in enumerate(pool.sources):
             try:
@@ -455,7 +249,7 @@ def validate(config: Config) -> None:
             if source.weight < 1:
                 raise ConfigError(f"pools.{name}.sources[{i}].weight: must be >= 1")
     for name, account in config.accounts.items():
-        if not _NAME.match(name):
+        if not valid_name(name):
             raise ConfigError(f"accounts.{name}: account names are lowercase letters, digits, '-' and '_'")
         if account.pool not in config.pools:
             raise ConfigError(f"accounts.{name}.pool: unknown pool {account.pool!r}")
@@ -529,7 +323,7 @@ def _validate_routing(config: Config) -> None:
                 if not re.match(r"^\d{4}-\d{2}-\d{2}$", source.warmup_start):
                     raise ConfigError(f"{where}.warmup_start: expected the first day as YYYY-MM-DD")
     for name, site in config.sites.items():
-        if not _NAME.match(name):
+        if not valid_name(name):
             raise ConfigError(f"sites.{name}: site names are lowercase letters, digits, '-' and '_'")
         if not site.mx:
             raise ConfigError(f"sites.{name}.mx: list at least one MX host pattern")
