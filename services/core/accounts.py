@@ -1,15 +1,30 @@
-"""Account credentials: scrypt password hashes, never plaintext."""
+"""Accounts: scrypt password hashes (never plaintext), and the account record kept in NATS KV.
+
+The record (bucket relais-accounts, key = account name) is JSON of the `AccountConfig` fields.
+The ingress writes and watches it, the router reads it; both decode it here, so a field added to
+`AccountConfig` reaches every service in the same shape.
+"""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
+import json
 import secrets
+
+from services.core.config import AccountConfig
 
 # RFC 7914 interactive-login parameters: about 16 MiB and tens of milliseconds per check,
 # which makes offline guessing expensive and online guessing slow.
 _N, _R, _P = 2**14, 8, 1
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(AccountConfig))
+
+
+class AccountRecordError(ValueError):
+    """A KV value that is not a valid account record."""
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -32,3 +47,26 @@ def verify_password(password: str, encoded: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(digest, expected)
+
+
+def encode_account(account: AccountConfig) -> bytes:
+    return json.dumps(dataclasses.asdict(account), sort_keys=True).encode()
+
+
+def decode_account(data: bytes, *, check_password_hash: bool = True) -> AccountConfig:
+    """The account in a KV record; raises AccountRecordError.
+
+    Fields this version does not know are dropped, so a replica still running the previous
+    release reads records a newer one wrote. `check_password_hash=False` is for readers that
+    never authenticate (the router wants only pools and domains).
+    """
+    try:
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
+        account = AccountConfig(**{k: v for k, v in raw.items() if k in _FIELDS})
+    except (ValueError, TypeError) as exc:
+        raise AccountRecordError(str(exc)) from exc
+    if check_password_hash and not account.password_hash.startswith("scrypt$"):
+        raise AccountRecordError("password_hash is not an scrypt hash")
+    return account

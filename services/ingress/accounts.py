@@ -1,9 +1,9 @@
 """Accounts in NATS KV (bucket relais-accounts), seeded from the config file, watched live.
 
-Key = account name; value = JSON of the `AccountConfig` fields. `[accounts.<name>]` tables in the
-config file are written to KV only when the key does not exist yet, so `relais account disable`
-is not undone by a restart; from then on KV is the truth and every ingress replica follows its
-changes within moments, without a restart.
+Key = account name; value = the record services/core/accounts.py encodes and decodes.
+`[accounts.<name>]` tables in the config file are written to KV only when the key does not exist
+yet, so `relais account disable` is not undone by a restart; from then on KV is the truth and
+every ingress replica follows its changes within moments, without a restart.
 """
 
 from __future__ import annotations
@@ -11,47 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import re
 from collections.abc import Mapping
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
-from services.core.config import AccountConfig
+from services.core.accounts import AccountRecordError, decode_account, encode_account
+from services.core.config import AccountConfig, valid_name
 from services.core.topology import ACCOUNTS_BUCKET
 
 log = logging.getLogger(__name__)
-
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_FIELDS = {f.name for f in dataclasses.fields(AccountConfig)}
-
-
-class AccountRecordError(ValueError):
-    """A KV value that is not a valid account record."""
-
-
-def encode_account(account: AccountConfig) -> bytes:
-    return json.dumps(dataclasses.asdict(account), sort_keys=True).encode()
-
-
-def decode_account(data: bytes) -> AccountConfig:
-    try:
-        raw = json.loads(data)
-        if not isinstance(raw, dict):
-            raise TypeError("not an object")
-        account = AccountConfig(**{k: v for k, v in raw.items() if k in _FIELDS})
-    except (ValueError, TypeError) as exc:
-        raise AccountRecordError(str(exc)) from exc
-    if not account.password_hash.startswith("scrypt$"):
-        raise AccountRecordError("password_hash is not an scrypt hash")
-    return account
-
-
-def valid_name(name: str) -> bool:
-    return bool(_NAME.match(name))
 
 
 class AccountStore:

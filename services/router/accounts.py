@@ -8,8 +8,6 @@ not cost a KV round trip. A name missing from KV falls back to the config file's
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 
@@ -17,20 +15,19 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from services.core.accounts import AccountRecordError, decode_account
 from services.core.config import AccountConfig, Config
 from services.core.topology import ACCOUNTS_BUCKET
 
 log = logging.getLogger(__name__)
 
-_FIELDS = {f.name for f in dataclasses.fields(AccountConfig)}
-
 
 def account_from_record(data: bytes) -> AccountConfig | None:
-    """An account record as the ingress writes it (JSON of AccountConfig), or None if unusable."""
+    """An account record as the ingress writes it, or None if unusable."""
     try:
-        raw = json.loads(data)
-        return AccountConfig(**{k: v for k, v in raw.items() if k in _FIELDS})
-    except (ValueError, TypeError, AttributeError):
+        # The router never authenticates, so a record is usable whatever its password hash.
+        return decode_account(data, check_password_hash=False)
+    except AccountRecordError:
         return None
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from services.core.accounts import AccountRecordError, decode_account, encode_account
 from services.core.config import AccountConfig
 from services.core.topology import SubjectError, limit_subject, parse_limit_subject
-from services.ingress.accounts import AccountRecordError, decode_account, encode_account
 from services.ingress.limits import ip_token, rate_verdict, user_token, windows
 from services.ingress.replies import DAILY_LIMIT, HOURLY_LIMIT
 
