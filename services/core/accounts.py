@@ -67,6 +67,9 @@ def decode_account(data: bytes, *, check_password_hash: bool = True) -> AccountC
         account = AccountConfig(**{k: v for k, v in raw.items() if k in _FIELDS})
     except (ValueError, TypeError) as exc:
         raise AccountRecordError(str(exc)) from exc
+    if not isinstance(account.password_hash, str):
+        # A hand-edited record must be skipped, not crash the watch that loads every account.
+        raise AccountRecordError("password_hash is not a string")
     if check_password_hash and not account.password_hash.startswith("scrypt$"):
         raise AccountRecordError("password_hash is not an scrypt hash")
     return account

@@ -57,7 +57,16 @@ def test_account_record_round_trip() -> None:
     assert decode_account(encode_account(acct)) == acct
 
 
-@pytest.mark.parametrize("data", [b"not json", b"[]", b'{"password_hash": "plaintext"}', b'{"domains": []}'])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        b"[]",
+        b'{"password_hash": "plaintext"}',
+        b'{"domains": []}',
+        b'{"username": "a", "password_hash": 5}',
+    ],
+)
 def test_invalid_account_records_rejected(data: bytes) -> None:
     with pytest.raises(AccountRecordError):
         decode_account(data)
