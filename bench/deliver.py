@@ -6,7 +6,9 @@ For each (body size, delivery processes) case: a fresh embedded nats-server, Pos
 jobs published straight to `relais.deliver.default` (the router is not measured here), then
 1 or 4 real `relais delivery` processes started together. Measured from the moment the jobs are
 queued and the workers are ready until N `delivered` events are in the events stream; CPU is
-the delivery processes' user+system time over that interval (/proc), per 1,000 messages.
+the delivery processes' user+system time over that interval (/proc), per 1,000 messages; NATS
+messages are those the delivery processes' connections sent and received per delivered
+message (nats-server /connz): the round trips delivery pays per message.
 
     python bench/deliver.py [--messages 2000] [--sizes 2048,51200] [--procs 1,4]
 
@@ -28,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import SmtpSink, cpu_seconds  # noqa: E402
+from bench.common import SmtpSink, connz, cpu_seconds  # noqa: E402
 from services.core.config import DeliveryConfig, PoolConfig, replace  # noqa: E402
 from services.core.embedded import EmbeddedNats, free_port  # noqa: E402
 from services.core.envelope import BodyRef, Envelope, new_message_id  # noqa: E402
@@ -105,8 +107,14 @@ async def delivered_events(config) -> int:
         await bus.nc.close()
 
 
+def delivery_nats(monitor_url: str) -> tuple[int, int]:
+    """(messages sent, messages received) by every delivery worker's NATS connection."""
+    counts = [v for name, v in connz(monitor_url).items() if name.startswith("relais-delivery")]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
 def run_case(workdir: Path, dns: DNSServer, count: int, size: int, procs: int) -> dict[str, float]:
-    nats = EmbeddedNats(store_dir=workdir / "nats", log_file=workdir / "nats.log")
+    nats = EmbeddedNats(store_dir=workdir / "nats", log_file=workdir / "nats.log", monitor_port=free_port())
     nats.start()
     sink_port = free_port(SINK_HOST)
     sink = SmtpSink(SINK_HOST, sink_port)
@@ -138,6 +146,7 @@ def run_case(workdir: Path, dns: DNSServer, count: int, size: int, procs: int) -
         wait_ready(workers)
         started = time.perf_counter()
         cpu0 = sum(cpu_seconds(w.process.pid) for w in workers if w.process)
+        nats0 = delivery_nats(nats.monitor_url)
         asyncio.run(publish_jobs(config, count, size))
         deadline = started + 600
         done = 0
@@ -148,6 +157,7 @@ def run_case(workdir: Path, dns: DNSServer, count: int, size: int, procs: int) -
             time.sleep(0.25)
         elapsed = time.perf_counter() - started
         cpu = sum(cpu_seconds(w.process.pid) for w in workers if w.process) - cpu0
+        nats1 = delivery_nats(nats.monitor_url)
         if done < count:
             print(
                 f"  only {done}/{count} delivered; worker log:\n{workers[0].log()[-3000:]}", file=sys.stderr
@@ -157,6 +167,8 @@ def run_case(workdir: Path, dns: DNSServer, count: int, size: int, procs: int) -
             "seconds": elapsed,
             "rate": done / elapsed,
             "cpu_per_1000": cpu / max(done, 1) * 1000,
+            "nats_out": (nats1[0] - nats0[0]) / max(done, 1),
+            "nats_in": (nats1[1] - nats0[1]) / max(done, 1),
         }
     finally:
         for w in workers:
@@ -189,12 +201,15 @@ def main() -> None:
                 )
     print()
     print(f"Delivery to a local smtp-sink, {args.messages} messages per case, connection reuse on")
-    header = ("body", "procs", "delivered", "seconds", "msgs/s", "CPU s / 1000 msgs")
-    print(f"{header[0]:>6}  {header[1]:>5}  {header[2]:>9}  {header[3]:>8}  {header[4]:>8}  {header[5]:>18}")
+    header = ("body", "procs", "delivered", "seconds", "msgs/s", "CPU s / 1000 msgs", "NATS out/in per msg")
+    print(
+        f"{header[0]:>6}  {header[1]:>5}  {header[2]:>9}  {header[3]:>8}  {header[4]:>8}  {header[5]:>18}"
+        f"  {header[6]:>19}"
+    )
     for size, n, r in rows:
         print(
             f"{size // 1024:>4}KB  {n:>5}  {r['delivered']:>9.0f}  {r['seconds']:>8.1f}  {r['rate']:>8,.0f}  "
-            f"{r['cpu_per_1000']:>18.2f}"
+            f"{r['cpu_per_1000']:>18.2f}  {r['nats_out']:>9.2f}/{r['nats_in']:.2f}"
         )
     out = REPO / "bench" / "results" / f"deliver-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)

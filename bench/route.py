@@ -12,7 +12,13 @@ With --pipeline, also runs the whole `RouterService.route` against an embedded n
 account lookup, suppression check per recipient (KV), MX + site, and the JetStream publish of
 the delivery job (acknowledged), for single-recipient messages with a warm DNS cache.
 
-    python bench/route.py [--domains 10000] [--rounds 3] [--pipeline 3000]
+With --consume, runs the router service as deployed (`RouterService.run`: pull, decode, route,
+publish, ack) over N messages already queued on `relais.route`, once per recipient count in
+--rcpts (all of a message's recipients in one domain, a few of them suppressed), and reports
+messages/s, the router's CPU per 1,000 messages and the NATS messages its connection sent and
+received per message (nats-server /connz): the round trips the router pays per message.
+
+    python bench/route.py [--domains 10000] [--rounds 3] [--pipeline 3000] [--consume 3000 --rcpts 1,10]
 """
 
 from __future__ import annotations
@@ -140,6 +146,87 @@ async def pipeline(count: int, domains: int) -> None:
     print(f"{count:>10}{seconds:>10.3f}{count / seconds:>14,.0f}")
 
 
+async def consume(count: int, domains: int, rcpts: int) -> dict[str, float]:
+    """The router service as deployed over `count` queued messages of `rcpts` recipients each."""
+    import tempfile
+
+    from bench.common import connz
+    from services.core.bus import connect
+    from services.core.config import AccountConfig, Config, NatsConfig
+    from services.core.embedded import EmbeddedNats, free_port
+    from services.core.envelope import BodyRef, Envelope
+    from services.core.suppression import Suppression, SuppressionList
+    from services.core.topology import DELIVER_STREAM, ensure_topology, route_subject
+    from services.router.service import RouterService
+
+    with tempfile.TemporaryDirectory() as tmp, DNSServer("127.0.0.1") as server:
+        names = populate(server, domains)
+        nats_server = EmbeddedNats(store_dir=Path(tmp) / "nats", monitor_port=free_port())
+        nats_server.start()
+        try:
+            config = Config(
+                nats=NatsConfig(url=nats_server.url),
+                dns=DnsConfig(servers=[f"127.0.0.1:{server.port}"]),
+                accounts={"bench": AccountConfig(password_hash="scrypt$x", domains=["bench.test"])},
+            )
+            feeder = await connect(config.nats, "bench-feeder")
+            await ensure_topology(feeder.js, config)
+            suppression = SuppressionList(feeder.js)
+            for i in range(0, count * rcpts, 97):  # about 1% of the recipients are suppressed
+                domain = names[(i // rcpts) % len(names)]
+                await suppression.add(Suppression("bench", f"r{i}@{domain}", "manual"))
+            body = BodyRef(size=100, inline=b"Subject: x\r\n\r\nbody\r\n" * 4)
+            sem = asyncio.Semaphore(256)
+
+            async def queue(i: int) -> None:
+                domain = names[i % len(names)]
+                env = Envelope(
+                    id=f"c{i:08d}",
+                    sender="a@bench.test",
+                    recipients=tuple(f"r{i * rcpts + k}@{domain}" for k in range(rcpts)),
+                    account="bench",
+                    sender_domain="bench.test",
+                    body=body,
+                )
+                async with sem:
+                    await feeder.publish(route_subject(), env.to_msgpack(), msg_id=env.id)
+
+            await asyncio.gather(*(queue(i) for i in range(count)))
+            bus = await connect(config.nats, "bench-router")
+            router = RouterService(config, bus)
+            for i in range(0, len(names), 64):  # warm the DNS cache through the router itself
+                await asyncio.gather(*(router._resolve(d) for d in names[i : i + 64]))
+            before = connz(nats_server.monitor_url).get("bench-router", (0, 0))
+            stop = asyncio.Event()
+            cpu0, started = time.process_time(), time.perf_counter()
+            task = asyncio.create_task(router.run(stop))
+            while True:
+                await asyncio.sleep(0.05)
+                info = await feeder.js.stream_info(DELIVER_STREAM)
+                # a fully suppressed message yields no job: count routed messages by the route stream
+                left = (await feeder.js.consumer_info("RELAIS_ROUTE", "router")).num_ack_pending
+                pending = (await feeder.js.consumer_info("RELAIS_ROUTE", "router")).num_pending
+                if pending == 0 and left == 0 and info.state.messages > 0:
+                    break
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
+            after = connz(nats_server.monitor_url).get("bench-router", (0, 0))
+            stop.set()
+            await task
+            await bus.close()
+            await feeder.close()
+        finally:
+            nats_server.stop()
+    return {
+        "rcpts": rcpts,
+        "messages": count,
+        "seconds": seconds,
+        "rate": count / seconds,
+        "cpu_per_1000": cpu / count * 1000,
+        "nats_out": (after[0] - before[0]) / count,
+        "nats_in": (after[1] - before[1]) / count,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,10 +234,27 @@ def main() -> None:
     parser.add_argument("--domains", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3, help="warm passes per mode; the best is shown")
     parser.add_argument("--pipeline", type=int, default=0, help="also route N messages through NATS")
+    parser.add_argument(
+        "--consume", type=int, default=0, help="run the router service over N queued messages"
+    )
+    parser.add_argument("--rcpts", default="1,10", help="recipients per message for --consume")
+    parser.add_argument("--skip-decisions", action="store_true", help="skip the MX decision passes")
     args = parser.parse_args()
-    asyncio.run(main_async(args.domains, args.rounds))
+    if not args.skip_decisions:
+        asyncio.run(main_async(args.domains, args.rounds))
     if args.pipeline:
         asyncio.run(pipeline(args.pipeline, min(args.domains, 2000)))
+    if args.consume:
+        domains = min(args.domains, 2000)
+        rows = [asyncio.run(consume(args.consume, domains, int(n))) for n in args.rcpts.split(",")]
+        print(f"\nRouterService.run (pull, route, publish, ack), {args.consume} queued messages")
+        header = f"{'rcpts':>6}{'seconds':>10}{'msgs/s':>10}{'CPU s/1000':>12}"
+        print(f"{header}{'NATS out/msg':>14}{'NATS in/msg':>13}")
+        for r in rows:
+            print(
+                f"{r['rcpts']:>6}{r['seconds']:>10.2f}{r['rate']:>10,.0f}{r['cpu_per_1000']:>12.2f}"
+                f"{r['nats_out']:>14.2f}{r['nats_in']:>13.2f}"
+            )
 
 
 if __name__ == "__main__":

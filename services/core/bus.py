@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -45,11 +46,22 @@ class Poison(Exception):
     """An input that can never be processed (undecodable). It is terminated, and logged loudly."""
 
 
+# Publishes in flight at once through `publish_soon`; past that the caller waits for room, so
+# a slow JetStream slows the handlers down instead of queueing without bound in memory.
+BACKGROUND_MAX = 512
+# Subjects per batched direct get: the server answers up to 1024 at once.
+_DIRECT_BATCH = 256
+
+
 @dataclass
 class Bus:
     nc: Client
     js: JetStreamContext
     publish_timeout: float
+    _background: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
+    _room: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    _replies: dict[str, _Collector] = field(default_factory=dict, init=False, repr=False)
+    _reply_prefix: str = field(default="", init=False, repr=False)
 
     async def publish(
         self,
@@ -81,9 +93,93 @@ class Bus:
         if ack.duplicate:
             log.debug("duplicate publish to %s suppressed (msg id %s)", subject, msg_id)
 
+    async def publish_soon(self, subject: str, payload: bytes, *, msg_id: str | None = None) -> None:
+        """Publish without making the caller wait for JetStream's ack: for outputs that are not
+        part of the durability contract (a `deferred` event: the durable step is the retry
+        schedule). Returns once the publish is in flight; `flush()` (and `close()`) wait for
+        every one of them. A failure is logged and retried by nobody: use `publish` for anything
+        a redelivery must re-create."""
+        if self._room is None:
+            self._room = asyncio.Semaphore(BACKGROUND_MAX)
+        await self._room.acquire()
+        task = asyncio.create_task(self._publish_background(subject, payload, msg_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _publish_background(self, subject: str, payload: bytes, msg_id: str | None) -> None:
+        assert self._room is not None
+        try:
+            await self.publish(subject, payload, msg_id=msg_id)
+        except BrokerUnavailable as exc:
+            log.warning("background publish lost: %s", exc)
+        finally:
+            self._room.release()
+
+    async def flush(self) -> None:
+        """Wait until every `publish_soon` was acknowledged (or failed)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def get_last(self, stream: str, subjects: Sequence[str]) -> dict[str, Msg]:
+        """The last message of each subject that has one, in one direct-get round trip per
+        256 subjects (ADR-31 batched `multi_last`; the stream must allow direct gets).
+
+        KV deletes come back too: their `KV-Operation` header says so.
+        """
+        found: dict[str, Msg] = {}
+        for i in range(0, len(subjects), _DIRECT_BATCH):
+            found.update(await self._get_last_batch(stream, list(subjects[i : i + _DIRECT_BATCH])))
+        return found
+
+    async def _get_last_batch(self, stream: str, subjects: list[str]) -> dict[str, Msg]:
+        if not subjects:
+            return {}
+        if not self._reply_prefix:
+            # One wildcard subscription for every batched get, as nats-py does for requests.
+            self._reply_prefix = self.nc.new_inbox()
+            await self.nc.subscribe(f"{self._reply_prefix}.*", cb=self._on_reply)
+        token = self.nc._nuid.next().decode()
+        collector = _Collector(asyncio.get_running_loop().create_future())
+        self._replies[token] = collector
+        try:
+            await self.nc.publish(
+                f"$JS.API.DIRECT.GET.{stream}",
+                json.dumps({"multi_last": subjects}).encode(),
+                reply=f"{self._reply_prefix}.{token}",
+            )
+            status = await asyncio.wait_for(collector.done, self.publish_timeout)
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BrokerUnavailable(f"direct get from {stream} failed: {exc!r}") from exc
+        finally:
+            self._replies.pop(token, None)
+        # 204 ends a batch, 404 says none of the subjects has a message; anything else is an error.
+        if status not in ("204", "404"):
+            raise BrokerUnavailable(f"direct get from {stream} failed: status {status}")
+        return {m.headers["Nats-Subject"]: m for m in collector.msgs if m.headers}
+
+    async def _on_reply(self, msg: Msg) -> None:
+        collector = self._replies.get(msg.subject.rpartition(".")[2])
+        if collector is None or collector.done.done():
+            return  # a late answer to a request that timed out
+        status = (msg.headers or {}).get("Status")
+        if status:
+            collector.done.set_result(status)
+        else:
+            collector.msgs.append(msg)
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), self.publish_timeout * 2)
+        with contextlib.suppress(Exception):
             await self.nc.drain()
+
+
+@dataclass
+class _Collector:
+    """The messages of one batched direct get, until its end-of-batch status arrives."""
+
+    done: asyncio.Future[str]
+    msgs: list[Msg] = field(default_factory=list)
 
 
 async def connect(config: NatsConfig, name: str) -> Bus:
@@ -179,9 +275,12 @@ async def consume(
             inflight -= 1
             room.set()
 
+    # Pull again only once a few slots are free (or none is busy): under load a pull per
+    # finished message cost a request and a "no more messages" status for each message.
+    low_water = max(1, min(batch, concurrency) // 8)
     try:
         while not stop.is_set():
-            if inflight >= concurrency:
+            if concurrency - inflight < low_water and inflight > 0:
                 room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(room.wait(), 1.0)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from services.core.bus import Bus
 from services.core.topology import SUPPRESSION_BUCKET
 
 
@@ -37,9 +39,19 @@ def suppression_key(account: str, address: str) -> str:
     return f"{account}.{digest}"
 
 
+def _active(value: bytes | None) -> Suppression | None:
+    if not value:
+        return None
+    entry = Suppression(**json.loads(value))
+    return entry if entry.active() else None
+
+
 class SuppressionList:
-    def __init__(self, js: JetStreamContext) -> None:
+    """With a `bus`, `get_many` asks for all of a message's recipients in one direct get."""
+
+    def __init__(self, js: JetStreamContext, bus: Bus | None = None) -> None:
         self._js = js
+        self._bus = bus
         self._kv: KeyValue | None = None
 
     async def _bucket(self) -> KeyValue:
@@ -58,10 +70,29 @@ class SuppressionList:
             kv_entry = await (await self._bucket()).get(suppression_key(account, address))
         except KeyNotFoundError:
             return None
-        if not kv_entry.value:
-            return None
-        entry = Suppression(**json.loads(kv_entry.value))
-        return entry if entry.active() else None
+        return _active(kv_entry.value)
+
+    async def get_many(self, account: str, addresses: Iterable[str]) -> Mapping[str, Suppression]:
+        """Active entries among `addresses` (lower-cased), keyed by address: one round trip.
+
+        A single address is a plain direct get; several are one batched direct get rather than
+        one KV get each (a 10-recipient message cost 10 round trips).
+        """
+        unique = sorted({a.lower() for a in addresses})
+        if self._bus is None or len(unique) < 2:
+            entries = [await self.get(account, a) for a in unique]
+            return {a: e for a, e in zip(unique, entries, strict=True) if e is not None}
+        prefix = f"$KV.{SUPPRESSION_BUCKET}."
+        subjects = {prefix + suppression_key(account, a): a for a in unique}
+        found = await self._bus.get_last(f"KV_{SUPPRESSION_BUCKET}", list(subjects))
+        out: dict[str, Suppression] = {}
+        for subject, msg in found.items():
+            if (msg.headers or {}).get("KV-Operation"):
+                continue  # deleted or purged: not suppressed
+            entry = _active(msg.data)
+            if entry is not None:
+                out[subjects[subject]] = entry
+        return out
 
     async def remove(self, account: str, address: str) -> bool:
         kv = await self._bucket()

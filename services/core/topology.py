@@ -288,55 +288,53 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         BODY_BUCKET,
         ObjectStoreConfig(ttl=body_ttl, replicas=config.nats.replicas, storage=StorageType.FILE),
     )
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=SUPPRESSION_BUCKET, history=1, replicas=config.nats.replicas, storage=StorageType.FILE
+    for bucket in kv_configs(config):
+        await _ensure_kv(js, bucket)
+
+
+def kv_configs(config: Config) -> list[KeyValueConfig]:
+    """Every KV bucket. All allow direct gets: the router reads suppression entries and delivery
+    reads shaping clocks on every message, and a direct get is one request answered by any
+    replica from its store, where a STREAM.MSG.GET goes through the stream leader's JSON API
+    (and comes back base64-encoded)."""
+    replicas = config.nats.replicas
+    body_ttl = config.retry.max_age + 2 * 86400
+
+    def bucket(name: str, *, history: int = 1, ttl: float | None = None) -> KeyValueConfig:
+        return KeyValueConfig(
+            bucket=name, history=history, ttl=ttl, replicas=replicas, storage=StorageType.FILE, direct=True
         )
-    )
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=WARMUP_BUCKET,
-            history=1,
-            ttl=3 * 86400.0,  # a day's counters matter for that day only
-            replicas=config.nats.replicas,
-            storage=StorageType.FILE,
-        )
-    )
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=ACCOUNTS_BUCKET, history=5, replicas=config.nats.replicas, storage=StorageType.FILE
-        )
-    )
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=SESSIONS_BUCKET,
-            history=1,
-            ttl=SESSIONS_TTL,
-            replicas=config.nats.replicas,
-            storage=StorageType.FILE,
-        )
-    )
-    # Slots and leases are only meaningful for minutes; the TTL sweeps keys of idle (source, site)s.
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=SHAPING_BUCKET,
-            history=1,
-            ttl=86400.0,
-            replicas=config.nats.replicas,
-            storage=StorageType.FILE,
-        )
-    )
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=DELIVERY_CONTROL_BUCKET, history=1, replicas=config.nats.replicas, storage=StorageType.FILE
-        )
-    )
-    await js.create_key_value(
-        KeyValueConfig(
-            bucket=BODY_REFS_BUCKET,
-            history=1,
-            ttl=body_ttl,
-            replicas=config.nats.replicas,
-            storage=StorageType.FILE,
-        )
-    )
+
+    return [
+        bucket(SUPPRESSION_BUCKET),
+        bucket(WARMUP_BUCKET, ttl=3 * 86400.0),  # a day's counters matter for that day only
+        bucket(ACCOUNTS_BUCKET, history=5),
+        bucket(SESSIONS_BUCKET, ttl=SESSIONS_TTL),
+        # Slots and leases are only meaningful for minutes; the TTL sweeps keys of idle (source, site)s.
+        bucket(SHAPING_BUCKET, ttl=86400.0),
+        bucket(DELIVERY_CONTROL_BUCKET),
+        bucket(BODY_REFS_BUCKET, ttl=body_ttl),
+    ]
+
+
+async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> None:
+    try:
+        await js.create_key_value(config)
+    except BadRequestError as exc:
+        # Already there with older settings (e.g. created before direct gets were on): bring the
+        # bucket's stream to the declared shape, as `_ensure_stream` does. Clients pick up
+        # direct gets when they bind (`js.key_value` reads the stream's configuration).
+        if exc.err_code != 10058:
+            raise
+        current = (await js.stream_info(f"KV_{config.bucket}")).config
+        declared = {
+            "allow_direct": True,
+            "max_msgs_per_subject": config.history,
+            "max_age": config.ttl or 0.0,
+            "num_replicas": config.replicas,
+        }
+        if any((getattr(current, k) or 0) != v for k, v in declared.items()):
+            log.info("updating bucket %s to the declared configuration", config.bucket)
+            for key, value in declared.items():
+                setattr(current, key, value)
+            await js.update_stream(current)

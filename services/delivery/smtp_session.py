@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -81,6 +82,47 @@ def _reply_of(exc: aiosmtplib.SMTPResponseException, command: str) -> Reply:
 
 
 _LOST = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError)
+_BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def data_payload(body: bytes) -> bytes:
+    """What goes on the wire after DATA: CRLF line ends, leading dots doubled, CRLF.CRLF at the end.
+
+    The same bytes aiosmtplib's `data()` sends, but its two regex passes over the whole body
+    were a third of delivery's CPU at 50 KB. Mail stored by the ingress already has CRLF line
+    ends, which three `count`s confirm; only a body with a bare CR or LF takes the regex.
+    """
+    crlf = body.count(b"\r\n")
+    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
+        body = _BARE_LINE_END.sub(b"\r\n", body)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    if body.startswith(b"."):
+        body = b"." + body
+    return body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+async def send_data(smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
+    """DATA with a payload from `data_payload`: `SMTP.data()` without its own re-encoding.
+
+    A checked-out connection carries one transaction at a time, so the payload's write needs no
+    lock beyond the one `execute_command` takes for DATA itself.
+    """
+    start = await smtp.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        protocol.write(payload)
+        response = await protocol.read_response(timeout=smtp.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()
+        raise
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 class Connection:
@@ -135,7 +177,7 @@ class Connection:
                         break
             if accepted:
                 try:
-                    response = await smtp.data(body)
+                    response = await send_data(smtp, data_payload(body))
                     reply = Reply.parse(response.code, response.message, "DATA")
                 except aiosmtplib.SMTPResponseException as exc:
                     reply = _reply_of(exc, "DATA")

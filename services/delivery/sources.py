@@ -27,9 +27,13 @@ def pool_sources(config: Config, pool: str) -> list[tuple[Source, int]]:
     return [(Source(s.address, s.ehlo or default_ehlo), s.weight) for s in spec.sources]
 
 
+# One generator for the worker: seeding a new one per message (os.urandom) cost more than the pick.
+_RNG = random.Random()
+
+
 def pick_source(sources: list[tuple[Source, int]], rng: random.Random | None = None) -> Source:
     """Weighted random choice: over many messages each source carries its weight's share."""
-    rng = rng or random.Random()
+    rng = rng or _RNG
     choices, weights = zip(*sources, strict=True)
     return rng.choices(choices, weights=weights, k=1)[0]
 

@@ -28,13 +28,17 @@ class MxRoute:
         return self.failure is not None and self.failure.is_permanent
 
 
+# Shuffling needs no fresh generator per domain (seeding one from os.urandom cost more than the
+# shuffle); tests pass their own `rng`.
+_RNG = random.Random()
+
 NO_MAIL_HOST = Reply(550, "5.1.2", "Recipient domain has no MX and no address records", "DNS")
 INVALID_DOMAIN = Reply(550, "5.1.2", "Recipient domain is not a valid domain name", "DNS")
 
 
 def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -> tuple[str, ...]:
     """Lowest preference first; hosts of equal preference shuffled to spread load (RFC 5321 5.1)."""
-    rng = rng or random.Random()
+    rng = rng or _RNG
     shuffled = list(records)
     rng.shuffle(shuffled)
     shuffled.sort(key=lambda r: r[0])

@@ -69,7 +69,7 @@ class RouterService:
         self._bodies = BodyStore(bus.js, config.nats.inline_body_max)
         self._resolver = make_resolver(config.dns)
         self._sites = SiteRules.from_config(config.sites)
-        self._suppression = SuppressionList(bus.js)
+        self._suppression = SuppressionList(bus.js, bus)
         self._counters = WarmupCounters(bus.js)
         self._accounts = AccountView(bus.js, config)
         self._dkim_keys = dkim.load_keys(config)
@@ -139,9 +139,7 @@ class RouterService:
         """Active suppression entries of the message's recipients (DSNs are never suppressed)."""
         if env.kind != "message":
             return {}
-        unique = sorted({r.lower() for r in env.recipients})
-        entries = await asyncio.gather(*(self._suppression.get(env.account, r) for r in unique))
-        return {r: e for r, e in zip(unique, entries, strict=True) if e is not None}
+        return await self._suppression.get_many(env.account, env.recipients)
 
     async def _resolve(self, domain: str) -> Destination:
         if self._config.delivery.mode == "capture":

@@ -10,7 +10,19 @@ from services.core.envelope import BodyRef, BounceNotice, Envelope
 from services.core.outcome import Bounced, Reply
 from services.core.pause import parse_pause_key, pause_key
 from services.delivery.control import Backoff, backoff_key
-from services.delivery.limits import LEASE_TTL, fair_share, grant, lease_key, next_slot, slot_key
+from services.delivery.limits import (
+    BLOCK_HORIZON,
+    LEASE_TTL,
+    MAX_BLOCK,
+    SLOT_GRACE,
+    _Clock,
+    block_size,
+    fair_share,
+    grant,
+    lease_key,
+    next_slot,
+    slot_key,
+)
 from services.delivery.smtp_session import Source
 from services.delivery.sources import choose_source
 
@@ -22,6 +34,28 @@ def test_gcra_spaces_slots_by_the_interval_and_never_goes_back_in_time() -> None
     assert (slot, after) == (102.0, 104.0)
     slot, _ = next_slot(tat=104.0, now=200.0, interval=2.0)
     assert slot == 200.0, "an idle period is not saved up as a burst"
+
+
+def test_a_block_of_slots_moves_the_clock_by_one_interval_per_slot() -> None:
+    slot, after = next_slot(tat=0.0, now=100.0, interval=0.25, count=4)
+    assert (slot, after) == (100.0, 101.0)
+
+
+def test_blocks_follow_demand_within_the_horizon() -> None:
+    assert block_size(0.1, 1) == 1, "a lone job takes a single slot, as without blocks"
+    assert block_size(0.1, 6) == 6
+    assert block_size(0.1, 100) == int(BLOCK_HORIZON / 0.1)
+    assert block_size(0.001, 100) == MAX_BLOCK
+    assert block_size(60.0, 50) == 1, "slow sites: one slot per CAS"
+
+
+def test_held_slots_are_handed_out_in_order_and_stale_ones_dropped() -> None:
+    clock = _Clock(interval=0.5)
+    clock.slots.extend([10.0, 10.5, 11.0, 11.5])
+    assert clock.take(now=9.0) == 10.0
+    assert clock.take(now=10.5 + SLOT_GRACE / 2) == 10.5, "a little late is still this slot"
+    assert clock.take(now=11.4) == 11.5, "11.0 passed unused: dropped, never sent in a burst"
+    assert clock.take(now=11.4) is None
 
 
 def test_keys_are_valid_kv_keys_for_ipv4_ipv6_and_host_names() -> None:

@@ -1,0 +1,41 @@
+"""The router's suppression lookup: all of a message's recipients in one batched direct get."""
+
+from __future__ import annotations
+
+import time
+
+from services.core.bus import connect
+from services.core.config import Config, NatsConfig
+from services.core.embedded import EmbeddedNats
+from services.core.suppression import Suppression, SuppressionList
+from services.core.topology import ensure_topology
+
+
+async def test_many_recipients_are_looked_up_together(nats_server: EmbeddedNats) -> None:
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-suppression")
+    try:
+        await ensure_topology(bus.js, config)
+        plain, batched = SuppressionList(bus.js), SuppressionList(bus.js, bus)
+        await plain.add(Suppression("acme", "Hard@Example.test", "hard_bounce"))
+        await plain.add(Suppression("acme", "gone@example.test", "manual"))
+        await plain.remove("acme", "gone@example.test")
+        await plain.add(Suppression("acme", "old@example.test", "manual", expires_at=time.time() - 1))
+        await plain.add(Suppression("other", "clean@example.test", "complaint"))
+        many = [f"r{i}@example.test" for i in range(600)]  # more than one request's worth
+        for address in many[::150]:
+            await plain.add(Suppression("acme", address, "manual"))
+        asked = ["hard@example.test", "gone@example.test", "old@example.test", "clean@example.test", *many]
+
+        found = await batched.get_many("acme", asked)
+
+        assert sorted(found) == sorted(["hard@example.test", *many[::150]])
+        assert found["hard@example.test"].reason == "hard_bounce"
+        one_by_one = {a: await plain.get("acme", a) for a in asked}
+        assert {a for a, e in one_by_one.items() if e is not None} == set(found)
+        assert await batched.get_many("acme", ["nobody@example.test", "none@example.test"]) == {}
+        assert await batched.get_many("acme", ["HARD@example.test"]) == {
+            "hard@example.test": found["hard@example.test"]
+        }
+    finally:
+        await bus.close()

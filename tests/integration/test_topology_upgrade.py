@@ -1,0 +1,31 @@
+"""ensure_topology on buckets an earlier release created: direct gets are switched on in place."""
+
+from __future__ import annotations
+
+from nats.js.api import KeyValueConfig, StorageType
+
+from services.core.bus import connect
+from services.core.config import Config, NatsConfig
+from services.core.embedded import EmbeddedNats
+from services.core.topology import SUPPRESSION_BUCKET, ensure_topology, kv_configs
+
+
+async def test_existing_buckets_get_direct_gets_and_keep_their_data(nats_server: EmbeddedNats) -> None:
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-topology")
+    try:
+        old = await bus.js.create_key_value(
+            KeyValueConfig(bucket=SUPPRESSION_BUCKET, history=1, storage=StorageType.FILE)
+        )
+        await old.put("acme.x", b"kept")
+        assert not (await bus.js.stream_info(f"KV_{SUPPRESSION_BUCKET}")).config.allow_direct
+
+        await ensure_topology(bus.js, config)
+        await ensure_topology(bus.js, config)  # idempotent once upgraded
+
+        for bucket in kv_configs(config):
+            assert (await bus.js.stream_info(f"KV_{bucket.bucket}")).config.allow_direct, bucket.bucket
+        kv = await bus.js.key_value(SUPPRESSION_BUCKET)
+        assert (await kv.get("acme.x")).value == b"kept"
+    finally:
+        await bus.close()
