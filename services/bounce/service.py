@@ -4,9 +4,11 @@ Three independent loops in one process (each its own durable consumer, so each s
 replicas of this service and none waits for another):
 
 * `relais.bounce` (durable `bounce`): permanent failures, expiries and delay warnings from the
-  router and delivery. Each failed recipient is classified (category in its event), hard
-  bounces go on the account's suppression list, and one DSN per notice goes to the sender,
-  honouring NOTIFY / RET / ENVID / ORCPT.
+  router and delivery. Each failed recipient is classified (category in its event) and hard
+  bounces go on the account's suppression list at once. The DSN to the sender (honouring
+  NOTIFY / RET / ENVID / ORCPT) waits `bounce.dsn_window` in `services.bounce.hold`, so the
+  failures of a message's several domain jobs share one; with a window of 0 it goes at once.
+* `relais.bounce.flush` (durable `bounce-flush`): the end of a window: one DSN for its notices.
 * `relais.inbound` (durable `bounce-inbound`): asynchronous bounces and ARF reports to our own
   domains, see `services.bounce.inbound`.
 * `relais.events.>` (durable `webhooks`): event webhooks, see `services.bounce.webhooks`.
@@ -26,6 +28,7 @@ from nats.aio.msg import Msg
 from services.bounce import policy
 from services.bounce.classify import DEFAULT_RULES, rules_from_data
 from services.bounce.dsn import RecipientStatus, build_dsn, is_dsn_or_auto
+from services.bounce.hold import DELAYED, FAILED, FlushRequest, HoldStore, notice_id
 from services.bounce.inbound import InboundHandler
 from services.bounce.webhooks import WebhookDispatcher
 from services.core import bus as transport
@@ -35,9 +38,18 @@ from services.core.config import Config
 from services.core.envelope import BounceNotice, Envelope, EnvelopeDecodeError, new_message_id
 from services.core.events import event_for, publish_event
 from services.core.outcome import Bounced
+from services.core.schedule import publish_at
 from services.core.suppression import Suppression, SuppressionList
-from services.core.telemetry import consumer_span
-from services.core.topology import bounce_binding, bounce_subject, inbound_binding, route_subject
+from services.core.telemetry import MESSAGE_ID, consumer_span
+from services.core.topology import (
+    bounce_binding,
+    bounce_flush_binding,
+    bounce_flush_subject,
+    bounce_subject,
+    bounce_window_subject,
+    inbound_binding,
+    route_subject,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,7 @@ class BounceService:
         self._hostname = config.bounce.reporting_mta or config.ingress.hostname
         self._rules = rules_from_data(config.bounce.rules) + DEFAULT_RULES
         self._suppression = SuppressionList(bus.js)
+        self._hold = HoldStore(bus.js)
         self._inbound = InboundHandler(config.bounce, bus, self._bodies, self._rules)
         self._webhooks = WebhookDispatcher(config.bounce, config.accounts, bus)
 
@@ -58,6 +71,10 @@ class BounceService:
         await asyncio.gather(
             transport.consume(
                 self._bus, bounce_binding(), self.handle, concurrency=32, stop=stop, ack_wait=ack_wait
+            ),
+            # Also with dsn_window = 0: windows opened before the setting changed still end.
+            transport.consume(
+                self._bus, bounce_flush_binding(), self.flush, concurrency=16, stop=stop, ack_wait=ack_wait
             ),
             transport.consume(
                 self._bus,
@@ -84,16 +101,87 @@ class BounceService:
             {"relais.message_id": env.id, "relais.job_id": env.job_id, "relais.outcome": outcome},
         ) as span:
             round_no = env.attempt_count
-            dsn_id = await self._send_dsn(notice, round_no)
+            held = False
+            if self._config.bounce.dsn_window > 0:
+                held, dsn_id = await self._hold_for_dsn(notice, round_no)
+            else:
+                prefix = "dsnw" if notice.delay_warning else "dsn"
+                # The msg id ties the DSN to this notice, so a redelivered notice sends no second DSN.
+                dsn_id = await self._send_dsn([notice], f"{prefix}-{env.key}-{round_no}", new_message_id())
             if dsn_id:
                 span.set_attribute("relais.dsn_id", dsn_id)
             if notice.delay_warning:
                 return  # still being retried: no outcome yet, and the body stays
+            # Events and suppression never wait for the DSN window.
             kind = "expired" if notice.expired else "bounced"
             for failure in notice.failures:
                 await self._record(env, failure, kind, round_no)
-            if notice.releases_body:
+            if notice.releases_body and not held:
                 await self._bodies.release(env.body, env.key)
+
+    async def _hold_for_dsn(self, notice: BounceNotice, round_no: int) -> tuple[bool, str]:
+        """Hold a notice for its message's DSN window. Returns (held, id the DSN will have);
+        (False, "") when no DSN is due, and then the caller releases the body as usual."""
+        env = notice.envelope
+        if not self._dsn_failures(notice):
+            return False, ""
+        nid = notice_id(env.key, round_no, notice.delay_warning)
+        if not await self._hold.put(env.id, nid, notice.to_msgpack()):
+            return True, ""  # a late redelivery: its window's flush reported it and released the body
+        joined = await self._hold.join(
+            env.id,
+            nid,
+            DELAYED if notice.delay_warning else FAILED,
+            new_id=new_message_id(),
+            flush_at=time.time() + self._config.bounce.dsn_window,
+        )
+        if joined.schedule:
+            await publish_at(
+                self._bus,
+                schedule_subject=bounce_window_subject(env.id, joined.window_id),
+                target_subject=bounce_flush_subject(),
+                payload=FlushRequest(env.id, joined.window_id).to_json(),
+                at=joined.flush_at,
+                headers={"traceparent": env.trace_context} if env.trace_context else None,
+                attributes={MESSAGE_ID: env.id, "relais.dsn_id": joined.window_id},
+            )
+        return True, joined.window_id
+
+    async def flush(self, msg: Msg) -> None:
+        """The end of a DSN window: one DSN for every notice that joined it, then clean up.
+
+        Each step is idempotent, so a flush redelivered after a crash (or a second flush of the
+        same window, fired by a schedule re-published late) only finishes what is left: the
+        `sent` mark and the DSN's msg id keep the DSN from going twice."""
+        try:
+            request = FlushRequest.from_json(msg.data)
+        except ValueError as exc:
+            raise transport.Poison(str(exc)) from exc
+        mid, wid = request.message_id, request.window_id
+        with consumer_span(bounce_flush_subject(), msg.headers, {MESSAGE_ID: mid, "relais.dsn_id": wid}):
+            window = await self._hold.close(mid, wid)
+            if window is None:
+                return  # finished by an earlier delivery of this flush
+            notices = []
+            for nid, payload in await self._hold.notices(mid, window.members):
+                try:
+                    notices.append(BounceNotice.from_msgpack(payload))
+                except EnvelopeDecodeError:
+                    log.error("dropping undecodable held notice %s of %s", nid, mid)
+            missing = len(window.members) - len(notices)
+            if missing and not window.sent:
+                log.warning("%s: %d held notices of DSN window %s are gone", mid, missing, wid)
+            if not window.sent:
+                if notices:
+                    prefix = "dsnw" if window.kind == DELAYED else "dsn"
+                    await self._send_dsn(notices, f"{prefix}-{mid}-{wid}", wid)
+                await self._hold.mark_sent(mid, wid)
+            # Bodies are released only now: the DSN above needed them for the returned headers.
+            for notice in notices:
+                if notice.releases_body:
+                    await self._bodies.release(notice.envelope.body, notice.envelope.key)
+            await self._hold.drop(mid, window.members)
+            await self._hold.finish(mid, wid)
 
     async def _record(self, env: Envelope, failure: Bounced, kind: str, round_no: int) -> None:
         """Classify one failed recipient; suppress it if the address is dead; publish its event."""
@@ -118,12 +206,26 @@ class BounceService:
             msg_id=f"{kind}-{env.key}-{round_no}-{failure.recipient}",
         )
 
-    async def _send_dsn(self, notice: BounceNotice, round_no: int) -> str:
-        """Publish the DSN for this notice, if anyone should get one; returns its id or ''."""
+    @staticmethod
+    def _dsn_failures(notice: BounceNotice) -> list[Bounced]:
+        """The failures of a notice that the DSN may mention (NOTIFY; never to <>, never a DSN's)."""
         env = notice.envelope
-        delayed = notice.delay_warning
-        wanted = set(policy.dsn_recipients(env, [f.recipient for f in notice.failures], delayed=delayed))
-        failures = [f for f in notice.failures if f.recipient in wanted]
+        recipients = [f.recipient for f in notice.failures]
+        wanted = set(policy.dsn_recipients(env, recipients, delayed=notice.delay_warning))
+        return [f for f in notice.failures if f.recipient in wanted]
+
+    async def _send_dsn(self, notices: list[BounceNotice], msg_id: str, dsn_id: str) -> str:
+        """Publish one DSN for these notices of one message, all of one kind (failure or delay),
+        if anyone should get one; returns its id or ''. `msg_id` makes a repeated call a no-op."""
+        env = notices[0].envelope
+        delayed = notices[0].delay_warning
+        failures: list[tuple[BounceNotice, Bounced]] = []
+        seen: set[str] = set()
+        for notice in notices:
+            for f in self._dsn_failures(notice):
+                if f.recipient not in seen:  # a recipient is in one job; belt and braces
+                    seen.add(f.recipient)
+                    failures.append((notice, f))
         if not failures:
             return ""
         try:
@@ -144,13 +246,12 @@ class BounceService:
                 status=_status_for(f.reply.enhanced_status, delayed),
                 diagnostic_code=f"{f.reply.code} {f.reply.enhanced_status} {f.reply.text}",
                 remote_mta=f.mx_host or None,
-                last_attempt=now,
+                last_attempt=_last_attempt(notice, now),
                 will_retry_until=retry_until if delayed else None,
             )
-            for f in failures
+            for notice, f in failures
         ]
         full = policy.returns_full(env, self._config.bounce.return_full) and not delayed
-        dsn_id = new_message_id()
         data = build_dsn(
             reporting_mta=self._hostname,
             from_address=f"{self._config.bounce.dsn_from}@{self._hostname}",
@@ -175,15 +276,19 @@ class BounceService:
             kind="dsn",
             meta={"dsn_for": env.id},
         )
-        # The msg id ties the DSN to this notice, so a redelivered notice sends no second DSN.
-        prefix = "dsnw" if delayed else "dsn"
         await self._bus.publish(
             route_subject(),
             dsn.to_msgpack(),
-            msg_id=f"{prefix}-{env.key}-{round_no}",
+            msg_id=msg_id,
             attributes={"relais.message_id": dsn_id, "relais.dsn_for": env.id},
         )
         return dsn_id
+
+
+def _last_attempt(notice: BounceNotice, now: datetime) -> datetime:
+    """When the job was last tried: notices of one DSN may come from attempts seconds apart."""
+    attempts = notice.envelope.attempts
+    return datetime.fromtimestamp(attempts[-1].at, UTC) if attempts else now
 
 
 def _status_for(enhanced: str, delayed: bool) -> str:

@@ -336,6 +336,8 @@ def _validate_routing(config: Config) -> None:
 
 
 def _validate_bounce(bounce: BounceConfig) -> None:
+    if bounce.dsn_window < 0:
+        raise ConfigError("bounce.dsn_window: must be >= 0 (0 sends each DSN at once)")
     if bounce.verp:
         if not bounce.return_path_domain:
             raise ConfigError("bounce.verp needs bounce.return_path_domain")

@@ -148,6 +148,10 @@ class BounceConfig:
     dsn_from: str = "MAILER-DAEMON"
     # Include the whole original message in DSNs instead of its headers only.
     return_full: bool = False
+    # Seconds a failure waits for the other domain jobs of its message, so the sender gets one
+    # DSN listing every recipient that failed meanwhile (delay warnings: one of their own).
+    # 0 = one DSN per failed job, at once. Events and suppression never wait.
+    dsn_window: float = 5.0
     # VERP return path (services/core/returnpath.py): MAIL FROM <prefix>+<account>.<token>@domain,
     # so asynchronous bounces map back to account, message and recipient. The first secret signs,
     # all verify (key rotation). Mail to the domain must reach the ingress's inbound listener.

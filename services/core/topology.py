@@ -8,6 +8,8 @@ place that declares streams; services bind to what `ensure_topology` created.
     relais.deliver.<pool>             delivery jobs, partitioned by IP pool -> delivery-<pool>
     relais.retry.deliver.<key>.<n>    scheduled retry of a deferred job (ADR-51 schedule)
     relais.bounce                     permanent failures and expiries -> bounce
+    relais.bounce.window.<msg>.<win>  end of one DSN window of a message (ADR-51 schedule)
+    relais.bounce.flush               fired by a window's schedule: one DSN for it -> bounce-flush
     relais.events.<account>.<kind>    every outcome, replayable per account
     relais.inbound                    mail to Relais' own domains (bounces, FBL reports) -> bounce-inbound
     relais.limits.<kind>.<key>.<win>  ingress counters (ADR-49): messages per account per hour/day,
@@ -48,6 +50,11 @@ BODY_REFS_BUCKET = "relais-body-refs"
 ROUTER_CONSUMER = "router"
 BOUNCE_CONSUMER = "bounce"
 INBOUND_CONSUMER = "bounce-inbound"
+# One DSN per message and window (bounce.dsn_window): the notices of a message's domain jobs wait
+# in the hold bucket until the window's schedule fires a flush on the flush stream.
+BOUNCE_FLUSH_STREAM = "RELAIS_BOUNCE_FLUSH"
+BOUNCE_FLUSH_CONSUMER = "bounce-flush"
+BOUNCE_HOLD_BUCKET = "relais-bounce-hold"
 # Posts every event to its account's webhook; its own consumer so a dead receiver never slows mail.
 WEBHOOKS_CONSUMER = "webhooks"
 SUPPRESSION_BUCKET = "relais-suppression"
@@ -107,6 +114,16 @@ def pool_of_deliver_subject(subject: str) -> str:
 
 def bounce_subject() -> str:
     return f"{PREFIX}.bounce"
+
+
+def bounce_flush_subject() -> str:
+    return f"{PREFIX}.bounce.flush"
+
+
+def bounce_window_subject(message_id: str, window: str) -> str:
+    """The schedule subject of one DSN window; one subject per window, so re-publishing its
+    schedule (a redelivered notice) replaces it instead of adding a second flush."""
+    return f"{PREFIX}.bounce.window.{_token(message_id, 'message id')}.{_token(window, 'window')}"
 
 
 def inbound_subject() -> str:
@@ -180,6 +197,10 @@ def bounce_binding() -> ConsumerBinding:
     return ConsumerBinding(BOUNCE_STREAM, BOUNCE_CONSUMER, bounce_subject())
 
 
+def bounce_flush_binding() -> ConsumerBinding:
+    return ConsumerBinding(BOUNCE_FLUSH_STREAM, BOUNCE_FLUSH_CONSUMER, bounce_flush_subject())
+
+
 def inbound_binding() -> ConsumerBinding:
     return ConsumerBinding(INBOUND_STREAM, INBOUND_CONSUMER, inbound_subject())
 
@@ -217,6 +238,14 @@ def stream_configs(config: Config) -> list[StreamConfig]:
             **common,
         ),
         StreamConfig(
+            name=BOUNCE_FLUSH_STREAM,
+            # ADR-51: a schedule's target must be in the schedule's own stream.
+            subjects=[bounce_flush_subject(), f"{PREFIX}.bounce.window.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            allow_msg_schedules=True,
+            **common,
+        ),
+        StreamConfig(
             name=INBOUND_STREAM,
             subjects=[inbound_subject()],
             retention=RetentionPolicy.WORK_QUEUE,
@@ -246,6 +275,7 @@ def consumer_bindings(config: Config) -> list[ConsumerBinding]:
     return [
         router_binding(),
         bounce_binding(),
+        bounce_flush_binding(),
         inbound_binding(),
         webhooks_binding(),
         *(delivery_binding(p) for p in sorted(config.pools)),
@@ -314,6 +344,10 @@ def kv_configs(config: Config) -> list[KeyValueConfig]:
         bucket(SHAPING_BUCKET, ttl=86400.0),
         bucket(DELIVERY_CONTROL_BUCKET),
         bucket(BODY_REFS_BUCKET, ttl=body_ttl),
+        # Held bounce notices normally live for one DSN window; the TTL only sweeps what a failure
+        # left behind, and keeps the delete markers that tell a redelivered notice "already
+        # reported" for as long as the body it would report on can exist.
+        bucket(BOUNCE_HOLD_BUCKET, ttl=body_ttl),
     ]
 
 

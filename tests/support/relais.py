@@ -23,6 +23,7 @@ from services.core.accounts import hash_password
 from services.core.bus import Bus
 from services.core.config import (
     AccountConfig,
+    BounceConfig,
     Config,
     DeliveryConfig,
     DnsConfig,
@@ -58,13 +59,15 @@ def make_config(
     smtp_listen: str | None = None,
     **sections: Any,
 ) -> Config:
-    """A test cluster config: one account, fast retries, local DNS, destination port of the sinks."""
+    """A test cluster config: one account, fast retries, a short DSN window, local DNS, destination
+    port of the sinks."""
     config = Config(
         nats=NatsConfig(url=nats_url, publish_timeout=2.0, ack_wait=30.0),
         ingress=IngressConfig(listen=smtp_listen or f"127.0.0.1:{free_port()}", hostname="relais.test"),
         dns=DnsConfig(servers=[f"127.0.0.1:{dns_port}"] if dns_port else [], timeout=2.0),
         delivery=DeliveryConfig(smtp_port=smtp_port, connect_timeout=3.0, command_timeout=10.0),
         retry=RetryConfig(base_delay=1.0, max_delay=2.0, jitter=0.0, max_age=3600.0),
+        bounce=BounceConfig(dsn_window=1.0),
         pools={"default": PoolConfig()},
         accounts={
             ACCOUNT: AccountConfig(password_hash=password_hash(), domains=[SENDER_DOMAIN], pool="default")

@@ -108,6 +108,7 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ('[pools.bad]\nsources = [{address = "not-an-ip"}]\n', "address"),
         ('[dns]\nservers = ["resolver.example"]\n', "dns.servers"),
         ('[retry]\nbase_delay = "soon"\n', "duration"),
+        ("[bounce]\ndsn_window = -1\n", "bounce.dsn_window"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:

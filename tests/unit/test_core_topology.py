@@ -62,3 +62,18 @@ def test_replicas_follow_config() -> None:
 
     config = Config(nats=NatsConfig(replicas=3))
     assert {s.num_replicas for s in t.stream_configs(config)} == {3}
+
+
+def test_dsn_windows_are_scheduled_in_the_stream_of_the_flush_they_fire() -> None:
+    streams = {s.name: s for s in t.stream_configs(Config())}
+    flush = streams[t.BOUNCE_FLUSH_STREAM]
+    assert flush.allow_msg_schedules
+    assert t.bounce_flush_subject() in flush.subjects
+    assert t.bounce_window_subject("0193abc", "0193def") == "relais.bounce.window.0193abc.0193def"
+    assert any(
+        s.endswith(".>") and t.bounce_window_subject("m", "w").startswith(s[:-1]) for s in flush.subjects
+    )
+    # The bounce consumer's exact subject stays outside the flush stream (no overlap).
+    assert t.bounce_subject() not in flush.subjects
+    with pytest.raises(t.SubjectError):
+        t.bounce_window_subject("a.b", "w")
