@@ -146,7 +146,7 @@ async def pipeline(count: int, domains: int) -> None:
     print(f"{count:>10}{seconds:>10.3f}{count / seconds:>14,.0f}")
 
 
-async def consume(count: int, domains: int, rcpts: int) -> dict[str, float]:
+async def consume(count: int, domains: int, rcpts: int, size: int = 100) -> dict[str, float]:
     """The router service as deployed over `count` queued messages of `rcpts` recipients each."""
     import tempfile
 
@@ -175,7 +175,9 @@ async def consume(count: int, domains: int, rcpts: int) -> dict[str, float]:
             for i in range(0, count * rcpts, 97):  # about 1% of the recipients are suppressed
                 domain = names[(i // rcpts) % len(names)]
                 await suppression.add(Suppression("bench", f"r{i}@{domain}", "manual"))
-            body = BodyRef(size=100, inline=b"Subject: x\r\n\r\nbody\r\n" * 4)
+            line = b"x" * 76 + b"\r\n"
+            data = b"Subject: x\r\n\r\n" + line * max(1, size // len(line))
+            body = BodyRef(size=len(data), inline=data)
             sem = asyncio.Semaphore(256)
 
             async def queue(i: int) -> None:
@@ -238,6 +240,7 @@ def main() -> None:
         "--consume", type=int, default=0, help="run the router service over N queued messages"
     )
     parser.add_argument("--rcpts", default="1,10", help="recipients per message for --consume")
+    parser.add_argument("--size", type=int, default=100, help="inline body bytes for --consume")
     parser.add_argument("--skip-decisions", action="store_true", help="skip the MX decision passes")
     args = parser.parse_args()
     if not args.skip_decisions:
@@ -246,8 +249,8 @@ def main() -> None:
         asyncio.run(pipeline(args.pipeline, min(args.domains, 2000)))
     if args.consume:
         domains = min(args.domains, 2000)
-        rows = [asyncio.run(consume(args.consume, domains, int(n))) for n in args.rcpts.split(",")]
-        print(f"\nRouterService.run (pull, route, publish, ack), {args.consume} queued messages")
+        rows = [asyncio.run(consume(args.consume, domains, int(n), args.size)) for n in args.rcpts.split(",")]
+        print(f"\nRouterService.run (pull, route, publish, ack), {args.consume} queued messages of {args.size} B")
         header = f"{'rcpts':>6}{'seconds':>10}{'msgs/s':>10}{'CPU s/1000':>12}"
         print(f"{header}{'NATS out/msg':>14}{'NATS in/msg':>13}")
         for r in rows:

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +46,7 @@ class Poison(Exception):
     """An input that can never be processed (undecodable). It is terminated, and logged loudly."""
 
 
-# Publishes in flight at once through `publish_soon`; past that the caller waits for room, so
+# Publishes in flight at once through `Bus.background`; past that the caller waits for room, so
 # a slow JetStream slows the handlers down instead of queueing without bound in memory.
 BACKGROUND_MAX = 512
 # Subjects per batched direct get: the server answers up to 1024 at once.
@@ -93,30 +93,34 @@ class Bus:
         if ack.duplicate:
             log.debug("duplicate publish to %s suppressed (msg id %s)", subject, msg_id)
 
-    async def publish_soon(self, subject: str, payload: bytes, *, msg_id: str | None = None) -> None:
-        """Publish without making the caller wait for JetStream's ack: for outputs that are not
-        part of the durability contract (a `deferred` event: the durable step is the retry
-        schedule). Returns once the publish is in flight; `flush()` (and `close()`) wait for
-        every one of them. A failure is logged and retried by nobody: use `publish` for anything
-        a redelivery must re-create."""
+    async def background(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        """Run `work` (a publish outside the durability contract, such as a `deferred` event whose
+        durable step, the retry schedule, was already acknowledged) without making the caller
+        wait for it. Returns once it is started; at most BACKGROUND_MAX run at once, beyond
+        that the caller waits for room. `flush()` and `close()` wait for all of them. A failure
+        is logged, not retried: anything a redelivery must re-create is published in line."""
         if self._room is None:
             self._room = asyncio.Semaphore(BACKGROUND_MAX)
-        await self._room.acquire()
-        task = asyncio.create_task(self._publish_background(subject, payload, msg_id))
+        try:
+            await self._room.acquire()
+        except BaseException:
+            work.close()  # never started: do not leave a coroutine that was never awaited
+            raise
+        task = asyncio.create_task(self._run_background(work, what))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _publish_background(self, subject: str, payload: bytes, msg_id: str | None) -> None:
+    async def _run_background(self, work: Coroutine[Any, Any, None], what: str) -> None:
         assert self._room is not None
         try:
-            await self.publish(subject, payload, msg_id=msg_id)
-        except BrokerUnavailable as exc:
-            log.warning("background publish lost: %s", exc)
+            await work
+        except Exception as exc:
+            log.warning("%s lost: %r", what, exc)
         finally:
             self._room.release()
 
     async def flush(self) -> None:
-        """Wait until every `publish_soon` was acknowledged (or failed)."""
+        """Wait until every `background` publish was acknowledged (or failed)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 

@@ -9,7 +9,9 @@ the same rules wherever it was decided:
 - bounced recipients: a `BounceNotice` for the bounce service (DSN, then body release);
 - when nothing is left pending and nothing went to bounce, the body is released here.
 
-Everything is published (and acknowledged) before the caller acks its input.
+Everything is published (and acknowledged) before the caller acks its input, except the
+`deferred` event: it reports a retry that is already stored, so it goes out in the background
+(`Bus.background`, awaited when the service stops).
 """
 
 from __future__ import annotations
@@ -105,19 +107,24 @@ async def settle(
                 headers={"traceparent": env.trace_context} if env.trace_context else None,
                 attributes={"relais.message_id": env.id, "relais.attempt": round_no},
             )
-            await publish_event(
-                bus,
-                event_for(
-                    "deferred",
-                    attempted,
-                    again.recipients,
-                    reply,
-                    mx_host=mx_host,
-                    source_ip=source_ip,
-                    detail={"retry_at": f"{at:.0f}"},
-                    **extra,
+            # Not part of the durability contract: the retry above is what must be stored
+            # before the ack; the event only reports it. So it does not hold the ack back.
+            await bus.background(
+                publish_event(
+                    bus,
+                    event_for(
+                        "deferred",
+                        attempted,
+                        again.recipients,
+                        reply,
+                        mx_host=mx_host,
+                        source_ip=source_ip,
+                        detail={"retry_at": f"{at:.0f}"},
+                        **extra,
+                    ),
+                    msg_id=f"dfr-{key}-{round_no}",
                 ),
-                msg_id=f"dfr-{key}-{round_no}",
+                f"deferred event of {key}",
             )
 
     if bounced:

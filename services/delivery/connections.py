@@ -1,9 +1,12 @@
 """Connection reuse per (source IP, MX address), within the shaping limits of (source, site).
 
-A connection is checked out for one transaction and checked back in afterwards: RSET, then it
-waits idle for the next message to the same MX from the same source, until it reached the
-site's `messages_per_connection` or sat idle for `delivery.idle_timeout`. Opening a connection
-takes a cluster-wide lease (the site's `connections` cap) and a new-connection rate slot.
+A connection is checked out for one transaction and checked back in afterwards; it waits idle
+for the next message to the same MX from the same source, until it reached the site's
+`messages_per_connection` or sat idle for `delivery.idle_timeout`. It is RSET before reuse only
+when a transaction may still be open or it sat idle for a while (`Connection.needs_probe`);
+otherwise the next MAIL goes straight out, and a connection the server closed meanwhile is
+replaced (sending.py). Opening a connection takes a cluster-wide lease (the site's
+`connections` cap) and a new-connection rate slot.
 """
 
 from __future__ import annotations
@@ -104,13 +107,16 @@ class ConnectionPool:
         idle = self._idle.get((source.address, address))
         while idle:
             conn = idle.pop()
+            probe = conn.needs_probe(time.monotonic())
             if (
                 conn.alive
                 and conn.host == host
                 and conn.satisfies(policy)
                 and (limits.messages_per_connection <= 0 or conn.sent < limits.messages_per_connection)
-                and (conn.sent == 0 or await conn.reset())
+                and (not probe or await conn.reset())
             ):
+                # Not probed: its first command may find it closed (StaleConnection, sending.py).
+                conn.unprobed = conn.sent > 0 and not probe
                 return conn
             log.debug("idle connection to %s[%s] not reusable (sent %d)", conn.host, conn.address, conn.sent)
             await self._discard(conn)

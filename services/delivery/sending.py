@@ -17,7 +17,7 @@ from services.core import dns as relais_dns
 from services.core.outcome import NO_ROUTE, Deferred, Outcome, Reply
 from services.delivery.connections import ConnectionPool
 from services.delivery.shaping import Limits
-from services.delivery.smtp_session import Source, TryNextHost
+from services.delivery.smtp_session import Connection, Source, StaleConnection, TransactionResult, TryNextHost
 from services.delivery.tls_policy import MX_NOT_IN_POLICY, TlsPolicy
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,40 @@ class AttemptResult:
     remote_replies: list[Reply] = field(default_factory=list)
     bind_failed: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+# Connections found closed at MAIL before one goes through (each is dropped, so this also
+# clears a pool's worth of idle connections a restarted server left behind, a few at a time).
+_STALE_RETRIES = 3
+
+
+async def _transact(
+    pool: ConnectionPool,
+    source: Source,
+    site: str,
+    host: str,
+    address: str,
+    limits: Limits,
+    policy: TlsPolicy,
+    sender: str,
+    recipients: Sequence[str],
+    body: bytes,
+) -> tuple[Connection, TransactionResult]:
+    """A connection to `address` and the transaction over it; raises TryNextHost (connect or
+    MAIL). A reused connection that turns out closed is dropped and another one taken."""
+    for attempt in range(_STALE_RETRIES + 1):
+        conn = await pool.checkout(source, site, host, address, limits, policy)
+        try:
+            return conn, await conn.transact(
+                sender, recipients, body, stale_is_retryable=attempt < _STALE_RETRIES
+            )
+        except StaleConnection as exc:
+            log.debug("reused connection to %s[%s] was closed (%s); taking another", host, address, exc)
+            await pool.checkin(conn, limits, reusable=False)
+        except BaseException:
+            await pool.checkin(conn, limits, reusable=False)
+            raise
+    raise AssertionError("unreachable: the last attempt does not raise StaleConnection")
 
 
 async def send_job(
@@ -68,7 +102,9 @@ async def send_job(
             continue
         for address in addresses:
             try:
-                conn = await pool.checkout(source, site, host, address, limits, policy)
+                conn, done = await _transact(
+                    pool, source, site, host, address, limits, policy, sender, recipients, body
+                )
             except TryNextHost as exc:
                 notes.append(f"{host}[{address}]: {exc.reply}")
                 last = exc.reply
@@ -78,17 +114,6 @@ async def send_job(
                     bind_failed = True
                     break
                 continue
-            try:
-                done = await conn.transact(sender, recipients, body)
-            except TryNextHost as exc:
-                await pool.checkin(conn, limits, reusable=False)
-                notes.append(f"{host}[{address}]: {exc.reply}")
-                last = exc.reply
-                remote.append(exc.reply)
-                continue
-            except BaseException:
-                await pool.checkin(conn, limits, reusable=False)
-                raise
             await pool.checkin(conn, limits, reusable=not done.broken)
             return AttemptResult(
                 done.outcomes,

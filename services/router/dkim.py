@@ -156,6 +156,15 @@ def from_domains(message: bytes) -> list[str]:
     ]
 
 
+def may_sign(
+    keys: Mapping[str, list[SigningKey]], sender_domain: str, account_domains: Iterable[str]
+) -> bool:
+    """Whether `signing_keys` could find a key at all, decided without the message: only domains
+    the sender owns are signed for, so when none of them has a key the body need not be read
+    (an Object Store fetch for a large one) nor its header parsed."""
+    return any(keys.get(d.lower()) for d in (*account_domains, sender_domain))
+
+
 def signing_keys(
     keys: Mapping[str, list[SigningKey]], message: bytes, sender_domain: str, account_domains: Iterable[str]
 ) -> list[SigningKey]:

@@ -120,10 +120,11 @@ class RouterService:
         await asyncio.gather(*(self._route_job(env, job, pool, suppressed) for job in jobs))
 
     async def _sign(self, env: Envelope, account: AccountConfig | None) -> Envelope:
-        if not self._dkim_keys:
+        domains = account.domains if account else ()
+        if not dkim.may_sign(self._dkim_keys, env.sender_domain, domains):
             return env
         body = await self._bodies.get(env.body)
-        keys = dkim.signing_keys(self._dkim_keys, body, env.sender_domain, account.domains if account else ())
+        keys = dkim.signing_keys(self._dkim_keys, body, env.sender_domain, domains)
         if not keys:
             return env
         # RSA signing and hashing a large body take CPU: keep the event loop free.

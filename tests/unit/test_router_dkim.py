@@ -109,6 +109,16 @@ def test_keys_of_the_from_domain_when_the_account_owns_it_else_the_sender_domain
     assert dkim.signing_keys(keys, MESSAGE, "other.test", []) == []
 
 
+def test_a_sender_owning_no_keyed_domain_is_known_unsigned_without_reading_the_body() -> None:
+    keys = {"acme.test": [_key("rsa-sha256", rsa_pem())]}
+    assert dkim.may_sign(keys, "ACME.test", [])
+    assert dkim.may_sign(keys, "other.test", ["acme.test"])
+    assert not dkim.may_sign(keys, "other.test", ["brand.test"])
+    assert not dkim.may_sign({}, "acme.test", ["acme.test"])
+    # Whenever may_sign says no, signing_keys finds nothing whatever the From: says.
+    assert dkim.signing_keys(keys, MESSAGE, "other.test", ["brand.test"]) == []
+
+
 def test_an_unparseable_message_raises_a_signing_error() -> None:
     with pytest.raises(dkim.SigningError):
         dkim.sign(b"not a header line\r\n\r\nbody\r\n", [_key("ed25519-sha256", ed_pem())])
