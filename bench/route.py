@@ -250,7 +250,7 @@ def main() -> None:
     if args.consume:
         domains = min(args.domains, 2000)
         rows = [asyncio.run(consume(args.consume, domains, int(n), args.size)) for n in args.rcpts.split(",")]
-        print(f"\nRouterService.run (pull, route, publish, ack), {args.consume} queued messages of {args.size} B")
+        print(f"\nRouterService.run (pull, route, publish, ack), {args.consume} x {args.size} B messages")
         header = f"{'rcpts':>6}{'seconds':>10}{'msgs/s':>10}{'CPU s/1000':>12}"
         print(f"{header}{'NATS out/msg':>14}{'NATS in/msg':>13}")
         for r in rows:

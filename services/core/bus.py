@@ -147,7 +147,8 @@ class Bus:
         self._replies[token] = collector
         try:
             await self.nc.publish(
-                f"$JS.API.DIRECT.GET.{stream}",
+                # The context's API prefix: "$JS.API" unless a JetStream domain is configured.
+                f"{getattr(self.js, '_prefix', '$JS.API')}.DIRECT.GET.{stream}",
                 json.dumps({"multi_last": subjects}).encode(),
                 reply=f"{self._reply_prefix}.{token}",
             )
