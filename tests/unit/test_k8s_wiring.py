@@ -279,7 +279,11 @@ def test_keda_watches_the_consumers_each_service_pulls_from(kustomization: Path,
         if component == "router":
             bindings = [topology.router_binding()]
         elif component == "bounce":
-            bindings = [topology.bounce_binding(), topology.inbound_binding()]
+            bindings = [
+                topology.bounce_binding(),
+                topology.bounce_flush_binding(),
+                topology.inbound_binding(),
+            ]
         elif component == "delivery":
             config = effective_config(manifests, workload, tmp_path)
             bindings = [topology.delivery_binding(pool) for pool in config.served_pools()]
