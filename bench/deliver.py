@@ -10,11 +10,13 @@ the delivery processes' user+system time over that interval (/proc), per 1,000 m
 messages are those the delivery processes' connections sent and received per delivered
 message (nats-server /connz): the round trips delivery pays per message.
 
-    python bench/deliver.py [--messages 2000] [--sizes 2048,51200] [--procs 1,4]
+    python bench/deliver.py [--messages 2000] [--sizes 2048,51200] [--procs 1,4] [--rate 0]
 
 Shaping is wide open for the run (one site, up to 32 connections, 1,000 messages per
 connection) so what is measured is the delivery path itself: NATS pull + ack, envelope decode,
-SMTP over reused connections, events and schedules. Prints a table; nothing here is a test.
+SMTP over reused connections, events and schedules. --rate adds a messages-per-minute rule to
+the site, so that every job also takes a cluster-wide rate slot (shaping KV). Prints a table;
+nothing here is a test.
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ def delivery_nats(monitor_url: str) -> tuple[int, int]:
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
-def run_case(workdir: Path, dns: DNSServer, count: int, size: int, procs: int) -> dict[str, float]:
+def run_case(
+    workdir: Path, dns: DNSServer, count: int, size: int, procs: int, rate: int = 0
+) -> dict[str, float]:
     nats = EmbeddedNats(store_dir=workdir / "nats", log_file=workdir / "nats.log", monitor_port=free_port())
     nats.start()
     sink_port = free_port(SINK_HOST)
@@ -122,7 +126,8 @@ def run_case(workdir: Path, dns: DNSServer, count: int, size: int, procs: int) -
     workers: list[ServiceProcess] = []
     try:
         shaping = workdir / "shaping.toml"
-        shaping.write_text(SHAPING)
+        # A messages-per-minute rule makes every job take a cluster-wide rate slot (KV).
+        shaping.write_text(SHAPING + (f"messages_per_minute = {rate}\n" if rate else ""))
         config = make_config(nats_url=nats.url, dns_port=dns.port, smtp_port=sink_port)
         config = replace(
             config,
@@ -182,6 +187,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sizes", default="2048,51200")
     parser.add_argument("--procs", default="1,4")
+    parser.add_argument("--rate", type=int, default=0, help="site messages_per_minute (0: unlimited)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     procs = [int(p) for p in args.procs.split(",")]
@@ -192,7 +198,7 @@ def main() -> None:
         for size in sizes:
             for n in procs:
                 with tempfile.TemporaryDirectory(prefix="relais-bench-deliver-") as tmp:
-                    result = run_case(Path(tmp), dns, args.messages, size, n)
+                    result = run_case(Path(tmp), dns, args.messages, size, n, args.rate)
                 rows.append((size, n, result))
                 print(
                     f"  {size // 1024:>3} KB x {n} proc: {result['rate']:,.0f} msg/s, "
@@ -200,7 +206,8 @@ def main() -> None:
                     file=sys.stderr,
                 )
     print()
-    print(f"Delivery to a local smtp-sink, {args.messages} messages per case, connection reuse on")
+    rule = f", site rate {args.rate}/min" if args.rate else ""
+    print(f"Delivery to a local smtp-sink, {args.messages} messages per case, connection reuse on{rule}")
     header = ("body", "procs", "delivered", "seconds", "msgs/s", "CPU s / 1000 msgs", "NATS out/in per msg")
     print(
         f"{header[0]:>6}  {header[1]:>5}  {header[2]:>9}  {header[3]:>8}  {header[4]:>8}  {header[5]:>18}"
