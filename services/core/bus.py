@@ -34,6 +34,10 @@ class BrokerUnavailable(Exception):
     """JetStream did not acknowledge in time (down, partitioned, or slow). Ingress: 451 4.3.0."""
 
 
+class DirectGetUnavailable(BrokerUnavailable):
+    """Nobody answers direct gets on the stream (it does not allow them): use a plain get."""
+
+
 class Retry(Exception):
     """A handler could not finish now; the input is redelivered after `delay` seconds."""
 
@@ -158,6 +162,8 @@ class Bus:
         finally:
             self._replies.pop(token, None)
         # 204 ends a batch, 404 says none of the subjects has a message; anything else is an error.
+        if status == "503":
+            raise DirectGetUnavailable(f"no direct gets on {stream}")
         if status not in ("204", "404"):
             raise BrokerUnavailable(f"direct get from {stream} failed: status {status}")
         return {m.headers["Nats-Subject"]: m for m in collector.msgs if m.headers}
@@ -280,8 +286,9 @@ async def consume(
             inflight -= 1
             room.set()
 
-    # Pull again only once a few slots are free (or none is busy): under load a pull per
-    # finished message cost a request and a "no more messages" status for each message.
+    # Pull again only once a few slots are free (or none is busy): with every slot taken, a
+    # pull per finished message would cost a request (and often a "no messages" status) per
+    # message instead of per batch.
     low_water = max(1, min(batch, concurrency) // 8)
     try:
         while not stop.is_set():

@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from services.core.bus import Bus
+from services.core.bus import Bus, DirectGetUnavailable
 from services.core.topology import SUPPRESSION_BUCKET
 
 
@@ -80,11 +80,14 @@ class SuppressionList:
         """
         unique = sorted({a.lower() for a in addresses})
         if self._bus is None or len(unique) < 2:
-            entries = [await self.get(account, a) for a in unique]
-            return {a: e for a, e in zip(unique, entries, strict=True) if e is not None}
+            return await self._get_each(account, unique)
         prefix = f"$KV.{SUPPRESSION_BUCKET}."
         subjects = {prefix + suppression_key(account, a): a for a in unique}
-        found = await self._bus.get_last(f"KV_{SUPPRESSION_BUCKET}", list(subjects))
+        try:
+            found = await self._bus.get_last(f"KV_{SUPPRESSION_BUCKET}", list(subjects))
+        except DirectGetUnavailable:
+            # A bucket not (yet) switched to direct gets, e.g. during an upgrade: one get each.
+            return await self._get_each(account, unique)
         out: dict[str, Suppression] = {}
         for subject, msg in found.items():
             if (msg.headers or {}).get("KV-Operation"):
@@ -93,6 +96,10 @@ class SuppressionList:
             if entry is not None:
                 out[subjects[subject]] = entry
         return out
+
+    async def _get_each(self, account: str, addresses: list[str]) -> dict[str, Suppression]:
+        entries = [await self.get(account, a) for a in addresses]
+        return {a: e for a, e in zip(addresses, entries, strict=True) if e is not None}
 
     async def remove(self, account: str, address: str) -> bool:
         kv = await self._bucket()

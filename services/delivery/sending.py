@@ -37,8 +37,9 @@ class AttemptResult:
     notes: list[str] = field(default_factory=list)
 
 
-# Connections found closed at MAIL before one goes through (each is dropped, so this also
-# clears a pool's worth of idle connections a restarted server left behind, a few at a time).
+# Reused connections found closed at MAIL that one message replaces before a failure counts as
+# its own (connection lost: deferred). Each one is dropped, so idle connections a restarted
+# server left behind are cleared a few at a time.
 _STALE_RETRIES = 3
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 
+from nats.js.api import KeyValueConfig
+
 from services.core.bus import connect
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.suppression import Suppression, SuppressionList
-from services.core.topology import ensure_topology
+from services.core.topology import SUPPRESSION_BUCKET, ensure_topology
 
 
 async def test_many_recipients_are_looked_up_together(nats_server: EmbeddedNats) -> None:
@@ -37,5 +39,18 @@ async def test_many_recipients_are_looked_up_together(nats_server: EmbeddedNats)
         assert await batched.get_many("acme", ["HARD@example.test"]) == {
             "hard@example.test": found["hard@example.test"]
         }
+    finally:
+        await bus.close()
+
+
+async def test_a_bucket_without_direct_gets_is_read_one_key_at_a_time(nats_server: EmbeddedNats) -> None:
+    # As an earlier release created it, before ensure_topology switched direct gets on.
+    bus = await connect(NatsConfig(url=nats_server.url), "test-suppression-old")
+    try:
+        await bus.js.create_key_value(KeyValueConfig(bucket=SUPPRESSION_BUCKET, history=1))
+        plain = SuppressionList(bus.js)
+        await plain.add(Suppression("acme", "a@example.test", "manual"))
+        found = await SuppressionList(bus.js, bus).get_many("acme", ["a@example.test", "b@example.test"])
+        assert list(found) == ["a@example.test"]
     finally:
         await bus.close()
