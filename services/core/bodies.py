@@ -7,15 +7,19 @@ final outcome releases its reference, and the last release deletes the object.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
 
 import msgpack
 from nats.js import JetStreamContext
+from nats.js.api import ObjectInfo
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from services.core.bus import BrokerUnavailable
+from services.core.bus import BrokerUnavailable, Bus
 from services.core.envelope import BodyRef
 from services.core.topology import BODY_BUCKET, BODY_REFS_BUCKET
 
@@ -27,9 +31,15 @@ class BodyMissing(Exception):
 
 
 class BodyStore:
-    def __init__(self, js: JetStreamContext, inline_max: int) -> None:
+    """With a `bus`, a stored body is read with two direct gets (its meta, then all its chunks
+    in one batch) instead of nats-py's `ObjectStore.get`, which creates an ordered consumer
+    for every read (a consumer created and deleted per delivery attempt: on replicated streams a
+    clustered operation each time)."""
+
+    def __init__(self, js: JetStreamContext, inline_max: int, bus: Bus | None = None) -> None:
         self._js = js
         self._inline_max = inline_max
+        self._bus = bus
         self._objects: ObjectStore | None = None
         self._refs: KeyValue | None = None
 
@@ -56,6 +66,8 @@ class BodyStore:
     async def get(self, ref: BodyRef) -> bytes:
         if ref.inline is not None:
             return ref.inline
+        if self._bus is not None:
+            return await self._get_direct(self._bus, ref.object_name)
         store = await self._store()
         try:
             result = await store.get(ref.object_name)
@@ -64,6 +76,32 @@ class BodyStore:
         if result.data is None:
             raise BodyMissing(ref.object_name)
         return bytes(result.data)
+
+    async def _get_direct(self, bus: Bus, name: str) -> bytes:
+        stream = f"OBJ_{BODY_BUCKET}"
+        meta = f"$O.{BODY_BUCKET}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        found = (await bus.get_last(stream, [meta])).get(meta)
+        if found is None or not found.data:
+            raise BodyMissing(name)
+        info = ObjectInfo.from_response(json.loads(found.data))
+        if info.deleted:
+            raise BodyMissing(name)
+        chunks: list[bytes] = []
+        after = 0
+        while len(chunks) < (info.chunks or 0):
+            batch = await bus.get_next(
+                stream, f"$O.{BODY_BUCKET}.C.{info.nuid}", info.chunks - len(chunks), after=after
+            )
+            if not batch:
+                break
+            chunks.extend(m.data for m in batch)
+            after = int((batch[-1].headers or {}).get("Nats-Sequence", after))
+        data = b"".join(chunks)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+        if len(data) != info.size or digest.rstrip("=") != (info.digest or "").partition("=")[2].rstrip("="):
+            # Chunks missing or changed under us: a read to retry, never a body to send.
+            raise BrokerUnavailable(f"body {name}: {len(data)} of {info.size} bytes, digest {digest}")
+        return data
 
     async def discard(self, ref: BodyRef) -> None:
         """Drop a body that was stored but never queued (the ingress answered 451)."""

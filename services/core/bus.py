@@ -136,12 +136,19 @@ class Bus:
         """
         found: dict[str, Msg] = {}
         for i in range(0, len(subjects), _DIRECT_BATCH):
-            found.update(await self._get_last_batch(stream, list(subjects[i : i + _DIRECT_BATCH])))
+            request = {"multi_last": list(subjects[i : i + _DIRECT_BATCH])}
+            found.update(
+                {m.headers["Nats-Subject"]: m for m in await self._direct(stream, request) if m.headers}
+            )
         return found
 
-    async def _get_last_batch(self, stream: str, subjects: list[str]) -> dict[str, Msg]:
-        if not subjects:
-            return {}
+    async def get_next(self, stream: str, subject: str, count: int, *, after: int = 0) -> list[Msg]:
+        """Up to `count` messages of `subject` stored after sequence `after`, in stream order, in
+        one direct-get round trip (ADR-31 batch; the stream must allow direct gets). Fewer may
+        come back when the server caps a batch: ask again after the last `Nats-Sequence`."""
+        return await self._direct(stream, {"seq": after + 1, "next_by_subj": subject, "batch": count})
+
+    async def _direct(self, stream: str, request: dict[str, Any]) -> list[Msg]:
         if not self._reply_prefix:
             # One wildcard subscription for every batched get, as nats-py does for requests.
             self._reply_prefix = self.nc.new_inbox()
@@ -153,7 +160,7 @@ class Bus:
             await self.nc.publish(
                 # The context's API prefix: "$JS.API" unless a JetStream domain is configured.
                 f"{getattr(self.js, '_prefix', '$JS.API')}.DIRECT.GET.{stream}",
-                json.dumps({"multi_last": subjects}).encode(),
+                json.dumps(request).encode(),
                 reply=f"{self._reply_prefix}.{token}",
             )
             status = await asyncio.wait_for(collector.done, self.publish_timeout)
@@ -166,7 +173,7 @@ class Bus:
             raise DirectGetUnavailable(f"no direct gets on {stream}")
         if status not in ("204", "404"):
             raise BrokerUnavailable(f"direct get from {stream} failed: status {status}")
-        return {m.headers["Nats-Subject"]: m for m in collector.msgs if m.headers}
+        return collector.msgs
 
     async def _on_reply(self, msg: Msg) -> None:
         collector = self._replies.get(msg.subject.rpartition(".")[2])

@@ -58,7 +58,7 @@ class DeliveryService:
     def __init__(self, config: Config, bus: Bus, *, shaping: Shaping | None = None) -> None:
         self._config = config
         self._bus = bus
-        self._bodies = BodyStore(bus.js, config.nats.inline_body_max)
+        self._bodies = BodyStore(bus.js, config.nats.inline_body_max, bus)
         self._resolver = make_resolver(config.dns)
         d = config.delivery
         self._settings = SessionSettings(

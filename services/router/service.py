@@ -66,7 +66,7 @@ class RouterService:
     def __init__(self, config: Config, bus: Bus, *, rng: random.Random | None = None) -> None:
         self._config = config
         self._bus = bus
-        self._bodies = BodyStore(bus.js, config.nats.inline_body_max)
+        self._bodies = BodyStore(bus.js, config.nats.inline_body_max, bus)
         self._resolver = make_resolver(config.dns)
         self._sites = SiteRules.from_config(config.sites)
         self._suppression = SuppressionList(bus.js, bus)
