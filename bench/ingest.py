@@ -7,11 +7,15 @@ concurrent aiosmtplib clients each keep one session (EHLO [STARTTLS] AUTH, then 
 per message), as bulk senders do; the "conn/msg" rows open a new session for every message.
 Every row counts only `250` replies to DATA, i.e. messages JetStream acknowledged.
 
-CPU is read from /proc/<pid>/stat of the ingress and of nats-server before and after each row.
+CPU is read from /proc/<pid>/stat of the ingress and of nats-server before and after each row;
+"NATS pub/msg" is what the ingress published to NATS per accepted message (nats-server /connz):
+each is one request JetStream answers, i.e. one round trip, awaited before the 250 or not.
 The clients run in this process on the same machine, so figures on a small shared box are a
 floor, not a ceiling. Nothing here is a test.
 
     python bench/ingest.py [--clients 50] [--small 1500] [--large 500]
+    python bench/ingest.py --only "2 KB   1 rcpt  AUTH" --log-level INFO --profile /tmp/ingress.txt
+    python bench/profile_summary.py /tmp/ingress.txt
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import ssl
 import subprocess
 import sys
@@ -34,6 +39,7 @@ import trustme
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import connz  # noqa: E402
 from services.core.accounts import hash_password  # noqa: E402
 from services.core.embedded import EmbeddedNats, free_port, wait_for_port  # noqa: E402
 
@@ -64,12 +70,14 @@ class Row:
     recipients: int
     tls: bool
     per_message_connection: bool = False
-    # An account with hourly/daily limits: two JetStream counter reads at MAIL, two increments.
+    # An account with hourly/daily limits: two JetStream counter increments at end of DATA.
     limited: bool = False
+    # No AUTH: the client is in relay_networks (how bench/e2e.py's smtp-source sends).
+    relay: bool = False
 
     @property
     def label(self) -> str:
-        session = "STARTTLS+AUTH" if self.tls else "AUTH"
+        session = "relay network" if self.relay else "STARTTLS+AUTH" if self.tls else "AUTH"
         reuse = "conn/msg" if self.per_message_connection else "reused"
         limits = " +limits" if self.limited else ""
         return f"{self.size // 1024:>3} KB  {self.recipients:>2} rcpt  {session:<13} {reuse:<8}{limits}"
@@ -83,12 +91,13 @@ class Result:
     seconds: float
     ingress_cpu: float
     nats_cpu: float
+    ingress_publishes: int
 
 
 class Ingress:
     """One ingress process with its own config."""
 
-    def __init__(self, base: Path, nats_url: str, tls: tuple[Path, Path] | None) -> None:
+    def __init__(self, base: Path, nats_url: str, tls: tuple[Path, Path] | None, log_level: str) -> None:
         self.port = free_port()
         tls_lines = f'tls_cert_file = "{tls[0]}"\ntls_key_file = "{tls[1]}"\n' if tls else ""
         config = base / f"ingress-{self.port}.toml"
@@ -97,6 +106,7 @@ class Ingress:
             f'[nats]\nurl = "{nats_url}"\npublish_timeout = 10.0\n'
             f'[ingress]\nlisten = "127.0.0.1:{self.port}"\nhostname = "relais.bench"\n'
             f"max_connections_per_ip = 1000\n{tls_lines}"
+            'relay_networks = ["127.0.0.0/8"]\nrelay_networks_account = "bench"\n'
             '[telemetry]\nhttp_listen = ""\n'
             f'[accounts.bench]\npassword_hash = "{hash_password(PASSWORD)}"\ndomains = ["bench.test"]\n'
             f'[accounts.limited]\npassword_hash = "{hash_password(PASSWORD)}"\ndomains = ["bench.test"]\n'
@@ -112,7 +122,7 @@ class Ingress:
                 "--config",
                 str(config),
                 "--log-level",
-                "WARNING",
+                log_level,
             ],
             cwd=REPO,
             stdout=self.log,
@@ -144,7 +154,8 @@ async def run_row(
         await smtp.connect()
         if row.tls:
             await smtp.starttls(tls_context=ctx)
-        await smtp.login("limited" if row.limited else "bench", PASSWORD)
+        if not row.relay:
+            await smtp.login("limited" if row.limited else "bench", PASSWORD)
         return smtp
 
     async def client() -> None:
@@ -166,6 +177,7 @@ async def run_row(
             await smtp.quit()
 
     ingress_cpu, nats_cpu = cpu_seconds(ingress.process.pid), cpu_seconds(nats.process.pid)  # type: ignore[union-attr]
+    published = ingress_publishes(nats)
     started = time.monotonic()
     await asyncio.gather(*(client() for _ in range(clients)))
     seconds = time.monotonic() - started
@@ -176,7 +188,13 @@ async def run_row(
         seconds,
         cpu_seconds(ingress.process.pid) - ingress_cpu,
         cpu_seconds(nats.process.pid) - nats_cpu,  # type: ignore[union-attr]
+        ingress_publishes(nats) - published,
     )
+
+
+def ingress_publishes(nats: EmbeddedNats) -> int:
+    """Messages the ingress processes published to NATS so far (requests, KV puts, counters)."""
+    return sum(pub for name, (pub, _) in connz(nats.monitor_url).items() if name == "relais-ingress")
 
 
 def print_table(results: list[Result], clients: int) -> None:
@@ -184,7 +202,7 @@ def print_table(results: list[Result], clients: int) -> None:
     print(f"ingress: {clients} concurrent clients, Python {platform.python_version()}, {os.cpu_count()} CPUs")
     header = (
         f"{'message':<50} {'accepted':>8} {'failed':>6} {'msg/s':>8} "
-        f"{'ingress CPU s/1k':>16} {'nats CPU s/1k':>13}"
+        f"{'ingress CPU s/1k':>16} {'nats CPU s/1k':>13} {'NATS pub/msg':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -192,8 +210,33 @@ def print_table(results: list[Result], clients: int) -> None:
         per_k = 1000 / max(r.accepted, 1)
         print(
             f"{r.row.label:<50} {r.accepted:>8} {r.failed:>6} {r.accepted / r.seconds:>8.0f} "
-            f"{r.ingress_cpu * per_k:>16.2f} {r.nats_cpu * per_k:>13.2f}"
+            f"{r.ingress_cpu * per_k:>16.2f} {r.nats_cpu * per_k:>13.2f} "
+            f"{r.ingress_publishes / max(r.accepted, 1):>12.2f}"
         )
+
+
+def start_profilers(out: Path, ingresses: list[Ingress]) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each ingress process; the second one's file gets a `.tls` suffix."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    procs = []
+    for ingress, suffix in zip(ingresses, ("", ".tls"), strict=True):
+        target = out.with_name(out.name + suffix)
+        command = [py_spy, "record", "--pid", str(ingress.process.pid), "--format", "raw", "--rate", "250"]
+        command += ["--nonblocking", "-o", str(target)]
+        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # py-spy attaches before the first row starts
+    return procs
+
+
+def stop_profilers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def main() -> None:
@@ -202,6 +245,9 @@ async def main() -> None:
     parser.add_argument("--small", type=int, default=1500, help="messages per 2 KB row")
     parser.add_argument("--large", type=int, default=500, help="messages per 50 KB row")
     parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    # Services run at INFO in production (and in bench/e2e.py); WARNING hides per-command logging.
+    parser.add_argument("--log-level", default="WARNING", help="the ingress processes' --log-level")
+    parser.add_argument("--profile", type=Path, help="py-spy record (raw) the ingresses into this file")
     args = parser.parse_args()
     rows = [
         Row(2 * 1024, 1, False),
@@ -215,6 +261,7 @@ async def main() -> None:
         Row(2 * 1024, 1, False, per_message_connection=True),
         Row(2 * 1024, 1, True, per_message_connection=True),
         Row(2 * 1024, 1, False, limited=True),
+        Row(2 * 1024, 1, False, per_message_connection=True, relay=True),
     ]
     with tempfile.TemporaryDirectory(prefix="relais-bench-ingest-") as tmp:
         base = Path(tmp)
@@ -225,16 +272,21 @@ async def main() -> None:
         cert.private_key_pem.write_to_path(str(key_file))
         client_ctx = ssl.create_default_context()
         ca.configure_trust(client_ctx)
-        nats = EmbeddedNats(store_dir=base / "nats", port=0, log_file=base / "nats.log")
+        nats = EmbeddedNats(
+            store_dir=base / "nats", port=0, log_file=base / "nats.log", monitor_port=free_port()
+        )
         nats.start()
         plain = tls = None
+        profilers: list[subprocess.Popen[bytes]] = []
         results = []
         try:
-            plain = Ingress(base, nats.url, None)
-            tls = Ingress(base, nats.url, (cert_file, key_file))
+            plain = Ingress(base, nats.url, None, args.log_level)
+            tls = Ingress(base, nats.url, (cert_file, key_file), args.log_level)
             # Warm-up: connections, the scrypt cache, stream files.
             await run_row(Row(2 * 1024, 1, False), plain, nats, 100, 10, client_ctx)
             await run_row(Row(2 * 1024, 1, True), tls, nats, 100, 10, client_ctx)
+            if args.profile:
+                profilers = start_profilers(args.profile, [plain, tls])
             for row in rows:
                 if args.only not in row.label:
                     continue
@@ -245,6 +297,7 @@ async def main() -> None:
                 results.append(result)
                 print(f"  {row.label}: {result.accepted} in {result.seconds:.1f}s", flush=True)
         finally:
+            stop_profilers(profilers)
             for ingress in (plain, tls):
                 if ingress is not None:
                     ingress.stop()
