@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from services.core import metrics, telemetry
@@ -48,11 +48,18 @@ class Event:
     received_at: float = 0.0
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        # A shallow dict: every field is already JSON-ready, and `asdict`'s recursive deep copy
+        # cost more than the encoding itself (~15 µs of ~20 per event).
+        return json.dumps(
+            {name: getattr(self, name) for name in _EVENT_FIELDS}, separators=(",", ":")
+        ).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Event:
         return cls(**json.loads(data))
+
+
+_EVENT_FIELDS = tuple(f.name for f in fields(Event))
 
 
 def trace_id_of(traceparent: str) -> str:
@@ -94,11 +101,21 @@ def event_for(
     )
 
 
-async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None) -> None:
-    """Publish one event; the msg id makes a redelivered stage's republish a no-op."""
+async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None, record: bool = True) -> None:
+    """Publish one event; the msg id makes a redelivered stage's republish a no-op.
+
+    `record=False` when the caller already called `record_event` (the ingress records `accepted`
+    at its 250 and publishes the event after answering)."""
     await bus.publish(event_subject(event.account, event.kind), event.to_json(), msg_id=msg_id)
-    # Events are the chokepoint every outcome passes: metrics and the span see them here.
-    # The event is already stored: nothing below may turn that success into a redelivery.
+    if record:
+        record_event(event)
+
+
+def record_event(event: Event) -> None:
+    """Metrics, span event and log line of one outcome; never raises.
+
+    Events are the chokepoint every outcome passes: metrics and the span see them here. The
+    outcome already happened: nothing here may turn that success into a redelivery."""
     try:
         metrics.observe_event(event)
         attributes = outcome_attributes(event)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import logging
 import time
@@ -77,7 +76,6 @@ class IngressHandler:
         self._rates = rates
         self._sessions = sessions
         self._auth = auth
-        self._background: set[asyncio.Task[None]] = set()
         self._local_domains = policy.local_domains(config)
 
     @property
@@ -109,9 +107,7 @@ class IngressHandler:
         state = facts(session)
         if state.holds_session_slot:
             state.holds_session_slot = False
-            task = asyncio.get_running_loop().create_task(self._sessions.release(state.account))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._sessions.release(state.account)
 
     async def handle_exception(self, error: Exception) -> str:
         # Never show a client our internals; a 4xx makes it retry, which is right for our faults.
@@ -230,27 +226,27 @@ class IngressHandler:
         if account is None:
             return str(AUTH_REQUIRED)
         head, rest = headers.split_message(data)
-        verdict = policy.from_header_verdict(account, data)
+        block = headers.HeaderBlock(head)  # parsed once for every question below
+        verdict = policy.from_header_verdict(account, block)
         if verdict and (not sender or ingress.from_header_check == "reject"):
             # Null sender: the From: header is the only identity there is, so it must be owned.
             return str(verdict)
         if verdict:
             meta["from_not_owned"] = "1"
-            log.info("account %s sent From: %s (report-only)", name, policy.from_header_domains(data))
-        sender_domain = policy.domain_of(sender) if sender else policy.from_header_domains(data)[0]
-        campaign = policy.control_value(headers.first_value(head, headers.CAMPAIGN_HEADER))
+            log.info("account %s sent From: %s (report-only)", name, policy.from_header_domains(block))
+        sender_domain = policy.domain_of(sender) if sender else policy.from_header_domains(block)[0]
+        campaign = policy.control_value(block.first(headers.CAMPAIGN_HEADER))
         if campaign:
             meta["campaign"] = campaign
-        requested_pool = headers.first_value(head, headers.POOL_HEADER)
+        requested_pool = block.first(headers.POOL_HEADER)
         if requested_pool is not None:
             pool = policy.control_value(requested_pool)
             verdict = policy.pool_verdict(pool, account, self._config.pools)
             if verdict:
                 return str(verdict)
             meta["pool"] = pool
-        head = headers.strip_fields(head, headers.CONTROL_HEADERS)
-        head = headers.submission_fixups(
-            head, message_id=message_id, hostname=ingress.hostname, now=time.time()
+        head = block.without(headers.CONTROL_HEADERS) + headers.missing_fields(
+            block, message_id=message_id, hostname=ingress.hostname, now=time.time()
         )
         try:
             verdict, reserved_at = await self._rates.reserve(name, account)

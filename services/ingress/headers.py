@@ -47,29 +47,60 @@ def value_of(raw_field: bytes) -> str:
     return re.sub(rb"\r\n[ \t]+", b" ", value).strip().decode("utf-8", "replace")
 
 
+class HeaderBlock:
+    """A header block parsed once. The ingress asks several questions of every message's header
+    (From:, the control headers, Message-ID:, Date:); each used to parse the block again."""
+
+    __slots__ = ("fields", "names", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.fields = fields(raw)
+        self.names = frozenset(name for name, _ in self.fields)
+
+    def first(self, name: str) -> str | None:
+        """The unfolded value of the first field called `name`, or None."""
+        name = name.lower()
+        if name not in self.names:
+            return None
+        return next(value_of(raw) for field_name, raw in self.fields if field_name == name)
+
+    def has(self, name: str) -> bool:
+        return name.lower() in self.names
+
+    def without(self, names: tuple[str, ...]) -> bytes:
+        """The raw block minus every field called one of `names`."""
+        drop = {n.lower() for n in names}
+        if drop.isdisjoint(self.names):
+            return self.raw
+        return b"".join(raw for name, raw in self.fields if name not in drop)
+
+
 def first_value(header_block: bytes, name: str) -> str | None:
-    name = name.lower()
-    for field_name, raw in fields(header_block):
-        if field_name == name:
-            return value_of(raw)
-    return None
+    return HeaderBlock(header_block).first(name)
 
 
 def strip_fields(header_block: bytes, names: tuple[str, ...]) -> bytes:
-    drop = {n.lower() for n in names}
-    return b"".join(raw for name, raw in fields(header_block) if name not in drop)
+    return HeaderBlock(header_block).without(names)
 
 
 def has_field(header_block: bytes, name: str) -> bool:
-    return any(field_name == name.lower() for field_name, _ in fields(header_block))
+    return HeaderBlock(header_block).has(name)
+
+
+def missing_fields(block: HeaderBlock, *, message_id: str, hostname: str, now: float) -> bytes:
+    """Message-ID: and Date: when the sender left them out (RFC 6409 8.2, 8.3), to append."""
+    added = b""
+    if not block.has("message-id"):
+        added += f"Message-ID: <{message_id}@{hostname}>\r\n".encode()
+    if not block.has("date"):
+        date = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC))
+        added += f"Date: {date}\r\n".encode()
+    return added
 
 
 def submission_fixups(header_block: bytes, *, message_id: str, hostname: str, now: float) -> bytes:
     """Add Message-ID: and Date: when the sender left them out (RFC 6409 8.2, 8.3)."""
-    added = b""
-    if not has_field(header_block, "message-id"):
-        added += f"Message-ID: <{message_id}@{hostname}>\r\n".encode()
-    if not has_field(header_block, "date"):
-        date = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC))
-        added += f"Date: {date}\r\n".encode()
-    return header_block + added
+    return header_block + missing_fields(
+        HeaderBlock(header_block), message_id=message_id, hostname=hostname, now=now
+    )

@@ -189,7 +189,14 @@ class AuthThrottle:
 
 
 class SessionRegistry:
-    """Open sessions per account across replicas (KV bucket relais-ingress-sessions)."""
+    """Open sessions per account across replicas (KV bucket relais-ingress-sessions).
+
+    This replica's own count is exact and local. Other replicas learn it from KV, written by one
+    background writer: AUTH does not wait for a KV round trip, a burst of logins and logouts of
+    one account costs one write of its latest count, and writes of one key never overtake each
+    other. Other replicas therefore see a change a round trip later than before, which the
+    limit already tolerates (replicas accepting at the same instant can overshoot by a few).
+    """
 
     def __init__(self, js: JetStreamContext, replica: str | None = None) -> None:
         self._js = js
@@ -199,15 +206,27 @@ class SessionRegistry:
         self._others: dict[tuple[str, str], tuple[int, float]] = {}
         self._kv = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Accounts whose count changed since the writer last wrote it.
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
 
     async def start(self) -> None:
         self._kv = await self._js.key_value(SESSIONS_BUCKET)
-        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._heartbeat())]
+        self._tasks = [
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._writer()),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
+            # Python 3.11's wait_for (inside nats-py's request) drops a cancellation that races
+            # with the reply: a writer cancelled just as its KV put returns would wait forever.
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._kv is not None:
@@ -224,29 +243,48 @@ class SessionRegistry:
         if limit and self.open_sessions(account) >= limit:
             return False
         self._mine[account] += 1
-        await self._publish(account)
+        self._changed(account)
         return True
 
-    async def release(self, account: str) -> None:
+    def release(self, account: str) -> None:
         if self._mine[account] <= 0:
             return
         self._mine[account] -= 1
-        await self._publish(account)
+        self._changed(account)
 
-    async def _publish(self, account: str) -> None:
+    def _changed(self, account: str) -> None:
+        self._dirty.add(account)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        """The only writer of this replica's keys: each write carries the count as it is now."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                account = self._dirty.pop()
+                if not await self._publish(account):
+                    # NATS is away: keep the latest count for the next try, without spinning.
+                    self._dirty.add(account)
+                    await asyncio.sleep(1.0)
+
+    async def _publish(self, account: str) -> bool:
         if self._kv is None:
-            return
+            return True
         try:
             await self._kv.put(f"{account}.{self.replica}", str(self._mine[account]).encode())
-        except Exception as exc:  # the local count still holds; the next heartbeat retries
+        except Exception as exc:  # the local count still holds; the writer tries again
             log.warning("session count of %s not published: %r", account, exc)
+            return False
+        return True
 
     async def _heartbeat(self) -> None:
+        # Other replicas ignore counts they have not heard of for SESSIONS_TTL.
         while True:
             await asyncio.sleep(SESSIONS_TTL / 3)
             for account, count in list(self._mine.items()):
                 if count > 0:
-                    await self._publish(account)
+                    self._changed(account)
 
     async def _watch(self) -> None:
         assert self._kv is not None

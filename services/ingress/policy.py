@@ -5,6 +5,7 @@ A verdict of None means "accept"; otherwise it is the exact SMTP reply to send (
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -93,7 +94,13 @@ def in_networks(ip: str, networks: Iterable[str]) -> bool:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return False
-    return any(addr in ipaddress.ip_network(net, strict=False) for net in networks)
+    return any(addr in _network(net) for net in networks)
+
+
+@functools.lru_cache(maxsize=256)
+def _network(net: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    # Asked at MAIL and at DATA of every relay-networks message; the configured list is small.
+    return ipaddress.ip_network(net, strict=False)
 
 
 def sender_verdict(account: AccountConfig | None, sender: str, *, smtputf8: bool = False) -> Verdict | None:
@@ -194,15 +201,19 @@ def header_block(data: bytes) -> bytes:
     return headers.split_message(data)[0]
 
 
-def from_header_domains(data: bytes) -> list[str]:
-    value = headers.first_value(header_block(data), "from")
+def from_header_domains(message: bytes | headers.HeaderBlock) -> list[str]:
+    """Domains in the From: header of a message (or of its already parsed header block)."""
+    block = (
+        message if isinstance(message, headers.HeaderBlock) else headers.HeaderBlock(header_block(message))
+    )
+    value = block.first("from")
     if not value:
         return []
     return [d.lower().rstrip(".") for d in _ADDR_IN_HEADER.findall(value)]
 
 
-def from_header_verdict(account: AccountConfig, data: bytes) -> Verdict | None:
-    domains = from_header_domains(data)
+def from_header_verdict(account: AccountConfig, message: bytes | headers.HeaderBlock) -> Verdict | None:
+    domains = from_header_domains(message)
     if domains and all(owns_domain(account, d) for d in domains):
         return None
     return FROM_NOT_OWNED

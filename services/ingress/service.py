@@ -16,7 +16,7 @@ from services.ingress.auth import Authenticator, PasswordChecker
 from services.ingress.handler import IngressHandler
 from services.ingress.handoff import Handoff
 from services.ingress.limits import AuthThrottle, ConnectionGate, Counters, MessageRates, SessionRegistry
-from services.ingress.protocol import RelaisSMTP
+from services.ingress.protocol import Prototype, RelaisSMTP
 from services.ingress.tls import TlsCertificates
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ _PROXY_TIMEOUT = 10.0
 _TLS_HANDSHAKE_TIMEOUT = 30.0
 # On stop, sessions in the middle of DATA get this long to finish (Kubernetes gives 30 s).
 _DRAIN_SECONDS = 20.0
+# Then accepted events still being published get this long.
+_EVENT_DRAIN_SECONDS = 5.0
 
 
 def split_hostport(listen: str) -> tuple[str, int]:
@@ -99,6 +101,8 @@ class IngressService:
         # AUTH over plaintext is only allowed where nothing leaves the machine; implicit TLS is
         # encrypted from the first byte, which aiosmtpd cannot see, so it is told explicitly.
         require_tls = cfg.auth_require_tls and not implicit and not (tls is None and _is_loopback(host))
+        # aiosmtpd's reflective set-up, paid by the listener's first connection only.
+        prototype = Prototype()
 
         def make() -> RelaisSMTP:
             return RelaisSMTP(
@@ -107,6 +111,7 @@ class IngressService:
                 registry=self._connections,
                 max_errors=cfg.max_errors,
                 implicit_tls=implicit,
+                prototype=prototype,
                 hostname=cfg.hostname,
                 ident="Relais ESMTP",
                 data_size_limit=cfg.max_message_size,
@@ -158,6 +163,8 @@ class IngressService:
                 await server.wait_closed()
         self._servers = []
         await self._drain()
+        # Sessions are done: the events of what they were told 250 go out before NATS closes.
+        await self._handoff.events.drain(_EVENT_DRAIN_SECONDS)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -42,3 +42,14 @@ def test_fixups_add_only_what_is_missing() -> None:
 def test_message_without_body_or_headers() -> None:
     assert headers.split_message(b"Subject: x\r\n") == (b"Subject: x\r\n", b"")
     assert headers.split_message(b"\r\nbody\r\n") == (b"", b"\r\nbody\r\n")
+
+
+def test_one_parse_answers_every_question_like_the_functions() -> None:
+    head, _ = headers.split_message(MSG)
+    block = headers.HeaderBlock(head)
+    assert block.first("X-Relais-Pool") == headers.first_value(head, "x-relais-pool") == "bulk"
+    assert block.first("date") is None and not block.has("date") and block.has("FROM")
+    assert block.without(headers.CONTROL_HEADERS) == headers.strip_fields(head, headers.CONTROL_HEADERS)
+    assert block.without(("date",)) is head  # nothing to drop: the same bytes, no copy
+    added = headers.missing_fields(block, message_id="abc", hostname="relais.test", now=0.0)
+    assert head + added == headers.submission_fixups(head, message_id="abc", hostname="relais.test", now=0.0)

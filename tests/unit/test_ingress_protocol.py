@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.core.config import IngressConfig
 from services.ingress.limits import ConnectionGate
-from services.ingress.protocol import enhance, is_error
+from services.ingress.protocol import enhance, is_error, plain_angle_addr
 from services.ingress.replies import LINE_TOO_LONG, MESSAGE_TOO_BIG, RELAY_DENIED
 
 
@@ -41,3 +41,142 @@ def test_connection_gate_per_ip() -> None:
     assert gate.admit("192.0.2.2")
     gate.release("192.0.2.1")
     assert gate.admit("192.0.2.1")
+
+
+def test_plain_addresses_parse_exactly_as_aiosmtpd_would() -> None:
+    """The fast path of MAIL/RCPT arguments returns what the RFC 5322 parser returns, and leaves
+    everything it is not sure about to that parser."""
+    import random
+    from email._header_value_parser import get_angle_addr
+
+    fixed = [
+        "<a@b.c>",
+        "<a@b.c> SIZE=1",
+        "<a@b.c>  SIZE=1 BODY=8BITMIME",
+        "<a@b.c>\tX",
+        "<a@b.c>X",
+        "<a.b+c=d@e-f.g> NOTIFY=NEVER",
+        "<a@b.c> (comment) SIZE=1",
+        '<"q"@b.c>',
+        "<a@[1.2.3.4]>",
+        "<@r:a@b.c>",
+        "<=?utf-8?q?x?=@b.c>",
+        "<ü@b.c>",
+        "<a..b@c>",
+        "<a@b..c>",
+        "<>",
+        "<> SIZE=1",
+    ]
+    rng = random.Random(5321)
+    locals_ = [
+        "a",
+        "b.c",
+        "x+y",
+        "a=b",
+        "=?",
+        "?",
+        "..",
+        ".a",
+        "a.",
+        "ü",
+        '"q"',
+        "a b",
+        "(c)",
+        "~!#$%&'*/^_`{|}",
+    ]
+    domains = ["b.c", "b..c", "[1.2.3.4]", "b-", "-b", "b", "ü.de", "b.c.", "B.C", "b_c", "b c"]
+    tails = ["", " ", " SIZE=1", "\tX", "X", " (c) X", "(c)", ">", "  ", " \t(c)", " =?x?="]
+    fuzzed = [
+        f"<{''.join(rng.choices(locals_, k=rng.randint(1, 3)))}@{rng.choice(domains)}>{rng.choice(tails)}"
+        for _ in range(3000)
+    ]
+    taken = 0
+    for arg in fixed + fuzzed:
+        plain = plain_angle_addr(arg)
+        if plain is None:
+            continue
+        taken += 1
+        address, rest = get_angle_addr(arg)
+        assert plain == (address.addr_spec, rest), arg
+    assert plain_angle_addr("<a@b.c> SIZE=1") == ("a@b.c", "SIZE=1")
+    for tricky in (
+        "<a@b.c> (comment) SIZE=1",
+        '<"q"@b.c>',
+        "<a@[1.2.3.4]>",
+        "<@r:a@b.c>",
+        "<=?utf-8?q?x?=@b.c>",
+    ):
+        assert plain_angle_addr(tricky) is None, tricky
+    assert taken > 100  # the fast path is exercised, not only skipped
+
+
+async def test_connections_built_from_the_prototype_match_aiosmtpd_own_setup() -> None:
+    import types
+
+    from services.ingress.protocol import Prototype, RelaisSMTP
+
+    class Handler:
+        async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+            return responses
+
+        async def auth_PLAIN(self, server, args):  # type: ignore[no-untyped-def]
+            return None
+
+    handler = Handler()
+    gate = ConnectionGate(IngressConfig())
+    prototype = Prototype()
+    options = {
+        "hostname": "relais.test",
+        "decode_data": False,
+        "enable_SMTPUTF8": True,
+        "auth_require_tls": False,
+    }
+
+    def make(p: Prototype | None) -> RelaisSMTP:
+        return RelaisSMTP(handler, gate=gate, max_errors=5, prototype=p, **options)
+
+    make(prototype)
+    copied, real = make(prototype), make(None)
+    assert prototype._state is not None, "the first connection was captured"
+    assert set(vars(copied)) == set(vars(real))
+    for name, want in vars(real).items():
+        got = vars(copied)[name]
+        if isinstance(want, types.MethodType):
+            assert got.__func__ is want.__func__, name
+            assert (got.__self__ is copied) == (want.__self__ is real), name
+        elif isinstance(want, dict):
+            assert got is not want and set(got) == set(want), name
+        elif isinstance(want, str | int | float | bool | type(None)):
+            assert got == want, name
+        else:
+            assert type(got) is type(want), name
+    # Bound to the connection that uses them, not to the one they were copied from.
+    assert copied._smtp_methods["MAIL"].__self__ is copied
+    assert copied._auth_methods["PLAIN"].method.__self__ is handler
+    # Different constructor arguments: aiosmtpd's own set-up again.
+    other = RelaisSMTP(handler, gate=gate, max_errors=5, prototype=prototype, **{**options, "hostname": "x"})
+    assert other.hostname == "x"
+
+
+async def test_a_multiline_reply_is_one_write() -> None:
+    from aiosmtpd.smtp import Session
+
+    from services.ingress.protocol import RelaisSMTP
+
+    class Writer:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        async def drain(self) -> None:
+            return None
+
+    conn = RelaisSMTP(object(), gate=ConnectionGate(IngressConfig()), max_errors=5, hostname="relais.test")
+    conn._writer = writer = Writer()  # type: ignore[assignment]
+    conn.session = Session(conn.loop)
+    for line in ("250-relais.test", "250-PIPELINING", "250 HELP"):
+        await conn.push(line)
+    await conn.push("250 2.1.0 Ok")
+    assert writer.writes == [b"250-relais.test\r\n250-PIPELINING\r\n250 HELP\r\n", b"250 2.1.0 Ok\r\n"]
