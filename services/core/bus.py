@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class BrokerUnavailable(Exception):
-    """JetStream did not acknowledge in time (down, partitioned, or slow). Ingress: 451 4.3.0."""
+    """JetStream did not acknowledge in time (down, partitioned, or slow). Ingress: 451 4.3.0.
+
+    `maybe_stored`: a publish went out and no answer came back (a timeout), so the message may
+    be stored all the same; False when it certainly was not (not connected, no responders, an
+    error from the stream)."""
+
+    def __init__(self, reason: str, *, maybe_stored: bool = False) -> None:
+        super().__init__(reason)
+        self.maybe_stored = maybe_stored
 
 
 class DirectGetUnavailable(BrokerUnavailable):
@@ -92,7 +100,9 @@ class Bus:
                 )
             except (TimeoutError, nats.errors.Error, APIError, OSError) as exc:
                 metrics.PUBLISH_FAILURES.labels(metrics.subject_family(subject)).inc()
-                raise BrokerUnavailable(f"publish to {subject} failed: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    f"publish to {subject} failed: {exc!r}", maybe_stored=isinstance(exc, TimeoutError)
+                ) from exc
         metrics.PUBLISHED.labels(metrics.subject_family(subject)).inc()
         if ack.duplicate:
             log.debug("duplicate publish to %s suppressed (msg id %s)", subject, msg_id)

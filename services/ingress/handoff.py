@@ -21,6 +21,12 @@ from services.core.topology import inbound_subject, route_subject
 
 log = logging.getLogger(__name__)
 
+# Within the hand-off deadline the envelope is published up to this many times (see
+# `_publish_until_acked`), each attempt waiting at most deadline / attempts for its ack.
+_PUBLISH_ATTEMPTS = 3
+_MIN_ATTEMPT = 0.2
+_RETRY_PAUSE = 0.1
+
 
 @dataclass(frozen=True, slots=True)
 class Submission:
@@ -147,13 +153,47 @@ class Handoff:
             trace_context=traceparent_of(span) if span is not None else "",  # type: ignore[arg-type]
         )
         try:
-            await self._bus.publish(
+            await self._publish_until_acked(
                 inbound_subject() if sub.kind == "inbound" else route_subject(),
                 env.to_msgpack(),
                 msg_id=message_id,
                 attributes={"relais.message_id": message_id, "relais.account": sub.account},
+                accept_by=accept_by,
             )
-        except BrokerUnavailable:
-            await self._bodies.discard(body)
+        except BrokerUnavailable as exc:
+            if not exc.maybe_stored:
+                await self._bodies.discard(body)
+            # else: the envelope may be stored after all; the body then expires with its TTL.
             raise
         return env
+
+    async def _publish_until_acked(
+        self, subject: str, payload: bytes, *, msg_id: str, attributes: dict[str, str], accept_by: float
+    ) -> None:
+        """Publish, and publish again with the same message id until JetStream acknowledges or
+        the deadline passes.
+
+        An ack lost in a leader change does not mean the message was not stored: the new
+        leader may hold it. Asking again with the same `Nats-Msg-Id` is answered from the
+        stream's de-duplication window (`duplicate`), which turns that case into the `250` it
+        deserves instead of a `451` whose retry the client would see delivered twice.
+        """
+        attempt_timeout = max(self._deadline / _PUBLISH_ATTEMPTS, _MIN_ATTEMPT)
+        maybe_stored = False
+        while True:
+            remaining = accept_by - time.time()
+            try:
+                await self._bus.publish(
+                    subject,
+                    payload,
+                    msg_id=msg_id,
+                    attributes=attributes,
+                    timeout=max(min(attempt_timeout, remaining), _MIN_ATTEMPT),
+                )
+                return
+            except BrokerUnavailable as exc:
+                maybe_stored = maybe_stored or exc.maybe_stored
+                if accept_by - time.time() < _MIN_ATTEMPT:
+                    raise BrokerUnavailable(str(exc), maybe_stored=maybe_stored) from exc
+                log.info("publishing %s again after: %s", msg_id, exc)
+                await asyncio.sleep(_RETRY_PAUSE)
