@@ -224,3 +224,14 @@ def table(rows: list[dict[str, object]], columns: list[str]) -> str:
 
 def now() -> float:
     return time.time()
+
+
+def stop_profilers(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -50,6 +50,7 @@ from bench.common import (  # noqa: E402
     percentile,
     smtp_source,
     stop_process,
+    stop_profilers,
     table,
 )
 from tests.support.cluster import Cluster, EventLog  # noqa: E402
@@ -362,16 +363,6 @@ def start_profilers(args: argparse.Namespace, cluster: Cluster, work: Path) -> l
                 )
             )
     return procs
-
-
-def stop_profilers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def write_json(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

@@ -39,7 +39,7 @@ import trustme
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import connz  # noqa: E402
+from bench.common import connz, stop_profilers  # noqa: E402
 from services.core.accounts import hash_password  # noqa: E402
 from services.core.embedded import EmbeddedNats, free_port, wait_for_port  # noqa: E402
 
@@ -226,17 +226,6 @@ def start_profilers(out: Path, ingresses: list[Ingress]) -> list[subprocess.Pope
         procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # py-spy attaches before the first row starts
     return procs
-
-
-def stop_profilers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def main() -> None:
