@@ -179,8 +179,13 @@ class Connection:
         unprobed, self.unprobed = self.unprobed, False
         self.clean = False
         try:
+            mail = mail_parameters(smtp, sender, recipients, body)
+            if isinstance(mail, Reply):
+                self.clean = True  # refused before MAIL: no transaction was opened
+                return TransactionResult([outcome_for(r, mail, host) for r in recipients], [])
+            options, encoding = mail
             try:
-                await smtp.mail(sender or "")
+                await smtp.mail(sender or "", options=options, encoding=encoding)
             except aiosmtplib.SMTPResponseException as exc:
                 if unprobed and stale_is_retryable and exc.code == 421:
                     raise StaleConnection(str(exc)) from exc
@@ -197,7 +202,7 @@ class Connection:
             accepted: list[str] = []
             for rcpt in recipients:
                 try:
-                    await smtp.rcpt(rcpt)
+                    await smtp.rcpt(rcpt, encoding=encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPResponseException as exc:
                     reply = _reply_of(exc, "RCPT")
@@ -327,3 +332,29 @@ def _without_starttls(settings: SessionSettings) -> SessionSettings:
         tls_verify=settings.tls_verify,
         tls_ca_file=settings.tls_ca_file,
     )
+
+
+# RFC 6531 3.2: a message whose envelope needs SMTPUTF8 cannot be downgraded in transit, so a
+# server that does not offer it is a permanent failure for that message (Postfix does the same).
+SMTPUTF8_NOT_OFFERED = Reply(
+    553, "5.6.7", "The destination does not offer SMTPUTF8, required for a non-ASCII address", "MAIL"
+)
+
+
+def mail_parameters(
+    smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes
+) -> tuple[list[str], str] | Reply:
+    """MAIL FROM parameters and the address encoding for this transaction, or the reply that
+    refuses it: SMTPUTF8 when an address is non-ASCII, BODY=8BITMIME when the body has 8-bit
+    octets and the server offers it (without it the body goes as it is, as Postfix does with
+    MIME conversion off; the ingress only takes 8-bit mail declared as such)."""
+    options: list[str] = []
+    encoding = "ascii"
+    if not (sender.isascii() and all(r.isascii() for r in recipients)):
+        if not smtp.supports_extension("smtputf8"):
+            return SMTPUTF8_NOT_OFFERED
+        options.append("SMTPUTF8")
+        encoding = "utf-8"
+    if not body.isascii() and smtp.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    return options, encoding

@@ -177,12 +177,13 @@ def submit(
     data: bytes,
     user: str = ACCOUNT,
     password: str = PASSWORD,
+    mail_options: Sequence[str] = (),
 ) -> tuple[int, bytes]:
     """Submit one message with smtplib (a real client over a real socket); returns the DATA reply."""
     with smtplib.SMTP(*address, timeout=30) as client:
         client.ehlo("client.test")
         client.login(user, password)
-        code, msg = client.mail(sender)
+        code, msg = client.mail(sender, list(mail_options))
         assert code == 250, (code, msg)
         for rcpt in recipients:
             code, msg = client.rcpt(rcpt)

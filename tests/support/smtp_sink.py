@@ -116,6 +116,7 @@ class SMTPSink:
         tls_context: ssl.SSLContext | None = None,
         require_tls: bool = False,
         hostname: str | None = None,
+        smtputf8: bool = True,
     ) -> None:
         if require_tls and tls_context is None:
             raise ValueError("require_tls needs a tls_context to offer STARTTLS with")
@@ -125,6 +126,7 @@ class SMTPSink:
         self.hostname = hostname or f"sink-{host.replace('.', '-').replace(':', '-')}.test"
         self.tls_context = tls_context
         self.require_tls = require_tls
+        self.smtputf8 = smtputf8
         self.messages: list[ReceivedMessage] = []
         self.tempfail_data = 0
         # What a tempfailed DATA is answered with (e.g. a provider's 421 throttling text).
@@ -151,7 +153,7 @@ class SMTPSink:
             ready_timeout=10.0,
             decode_data=False,
             data_size_limit=_DATA_SIZE_LIMIT,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=self.smtputf8,
             tls_context=self.tls_context,
             require_starttls=self.require_tls,
         )

@@ -1,0 +1,49 @@
+"""Internationalised mail through the whole pipeline: a non-ASCII recipient goes out with
+SMTPUTF8 and an 8-bit body with BODY=8BITMIME; an MX without SMTPUTF8 bounces it (5.6.7)."""
+
+from __future__ import annotations
+
+from tests.support.relais import asubmit, message, wait_for_events
+
+UTF8_RCPT = "jöran@alpha.test"
+EIGHT_BIT = message(subject="Grüße", body="Schöne Grüße aus Köln.\r\n")
+
+
+async def test_non_ascii_recipient_and_8bit_body_are_carried(make_stack, make_sink) -> None:
+    sink = make_sink("127.0.0.2")
+    stack = await make_stack()
+    code, _ = await asubmit(
+        stack.smtp_address,
+        recipients=[UTF8_RCPT],
+        data=EIGHT_BIT,
+        mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+    )
+    assert code == 250
+    (got,) = await sink.async_wait_for(1)
+    assert got.rcpt_tos == [UTF8_RCPT]
+    assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(got.mail_options)
+    assert "Schöne Grüße aus Köln.".encode() in got.data
+
+
+async def test_ascii_envelope_with_8bit_body_is_not_sent_as_smtputf8(make_stack, make_sink) -> None:
+    sink = make_sink("127.0.0.2")
+    stack = await make_stack()
+    code, _ = await asubmit(
+        stack.smtp_address, recipients=["plain@alpha.test"], data=EIGHT_BIT, mail_options=["BODY=8BITMIME"]
+    )
+    assert code == 250
+    (got,) = await sink.async_wait_for(1)
+    assert got.mail_options == ["BODY=8BITMIME"]
+
+
+async def test_mx_without_smtputf8_bounces_a_non_ascii_recipient(make_stack, make_sink) -> None:
+    sink = make_sink("127.0.0.2", smtputf8=False)
+    make_sink("127.0.0.9")  # the sender's MX, where the DSN lands
+    stack = await make_stack()
+    code, _ = await asubmit(
+        stack.smtp_address, recipients=[UTF8_RCPT], data=message(), mail_options=["SMTPUTF8"]
+    )
+    assert code == 250
+    (bounced,) = await wait_for_events(stack.config.nats.url, "bounced", 1)
+    assert bounced.recipients == [UTF8_RCPT] and bounced.reply["enhanced"] == "5.6.7"
+    assert sink.messages == [], "nothing was sent to the MX that cannot take it"
