@@ -8,6 +8,7 @@ transaction result with per-recipient outcomes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from services.core.outcome import Deferred, Outcome, Reply, outcome_for
+from services.delivery import pipelining
 from services.delivery.tls_policy import TLS_FAILED, TLS_NOT_OFFERED, TlsPolicy
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,11 @@ async def send_data(smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPRes
     start = await smtp.execute_command(b"DATA")
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
+    return await _send_payload(smtp, payload)
+
+
+async def _send_payload(smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
+    """The data after a 354, and its final reply."""
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -172,64 +179,176 @@ class Connection:
     async def transact(
         self, sender: str, recipients: Sequence[str], body: bytes, *, stale_is_retryable: bool = True
     ) -> TransactionResult:
-        """MAIL, RCPT per recipient, DATA. Raises TryNextHost for a 4xx to MAIL, and
+        """MAIL, RCPT per recipient, DATA: pipelined (RFC 2920) when the server offers it, one
+        round trip per command otherwise. Raises TryNextHost for a 4xx to MAIL, and
         StaleConnection when an unprobed reused connection is dead at MAIL (if retryable)."""
-        smtp, host = self.smtp, self.host
-        remote: list[Reply] = []
         unprobed, self.unprobed = self.unprobed, False
+        stale_ok = unprobed and stale_is_retryable
         self.clean = False
+        remote: list[Reply] = []
         try:
-            mail = mail_parameters(smtp, sender, recipients, body)
+            mail = mail_parameters(self.smtp, sender, recipients, body)
             if isinstance(mail, Reply):
                 self.clean = True  # refused before MAIL: no transaction was opened
-                return TransactionResult([outcome_for(r, mail, host) for r in recipients], [])
+                return TransactionResult([outcome_for(r, mail, self.host) for r in recipients], [])
             options, encoding = mail
-            try:
-                await smtp.mail(sender or "", options=options, encoding=encoding)
-            except aiosmtplib.SMTPResponseException as exc:
-                if unprobed and stale_is_retryable and exc.code == 421:
-                    raise StaleConnection(str(exc)) from exc
-                self.clean = True  # refused: no transaction was opened
-                reply = _reply_of(exc, "MAIL")
-                if reply.is_permanent:
-                    return TransactionResult([outcome_for(r, reply, host) for r in recipients], [reply])
-                raise TryNextHost(reply, remote=True) from exc
-            except _LOST as exc:
-                if unprobed and stale_is_retryable:
-                    raise StaleConnection(repr(exc)) from exc
-                raise
-            outcomes: dict[str, Outcome] = {}
-            accepted: list[str] = []
-            for rcpt in recipients:
-                try:
-                    await smtp.rcpt(rcpt, encoding=encoding)
-                    accepted.append(rcpt)
-                except aiosmtplib.SMTPResponseException as exc:
-                    reply = _reply_of(exc, "RCPT")
-                    remote.append(reply)
-                    outcomes[rcpt] = outcome_for(rcpt, reply, host)
-                    if exc.code == 421:  # the server is closing: the rest cannot be tried here
-                        for rest in recipients[len(accepted) + len(outcomes) :]:
-                            outcomes[rest] = Deferred(rest, reply, host)
-                        break
-            if accepted:
-                try:
-                    response = await send_data(smtp, data_payload(body))
-                    reply = Reply.parse(response.code, response.message, "DATA")
-                    self.clean = True  # the final reply to the data ends the transaction
-                except aiosmtplib.SMTPResponseException as exc:
-                    reply = _reply_of(exc, "DATA")
-                    remote.append(reply)
-                for rcpt in accepted:
-                    outcomes[rcpt] = outcome_for(rcpt, reply, host)
-            self.sent += 1
-            self.last_used = time.monotonic()
-            broken = any(r.code == 421 for r in remote)
-            return TransactionResult([outcomes[r] for r in recipients], remote, broken)
+            if self.smtp.supports_extension("pipelining"):
+                return await self._pipelined(sender, recipients, body, options, encoding, remote, stale_ok)
+            return await self._lockstep(sender, recipients, body, options, encoding, remote, stale_ok)
         except _LOST as exc:
             # Lost mid-transaction: nothing was confirmed, so every recipient is retried later.
             reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", "DATA")
-            return TransactionResult([Deferred(r, reply, host) for r in recipients], remote, broken=True)
+            return TransactionResult([Deferred(r, reply, self.host) for r in recipients], remote, broken=True)
+
+    async def _lockstep(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes,
+        options: list[str],
+        encoding: str,
+        remote: list[Reply],
+        stale_ok: bool,
+    ) -> TransactionResult:
+        smtp, host = self.smtp, self.host
+        try:
+            await smtp.mail(sender or "", options=options, encoding=encoding)
+        except aiosmtplib.SMTPResponseException as exc:
+            return self._refused_at_mail(exc.code, exc.message, recipients, stale_ok)
+        except _LOST as exc:
+            if stale_ok:
+                raise StaleConnection(repr(exc)) from exc
+            raise
+        outcomes: dict[str, Outcome] = {}
+        accepted: list[str] = []
+        for rcpt in recipients:
+            try:
+                await smtp.rcpt(rcpt, encoding=encoding)
+                accepted.append(rcpt)
+            except aiosmtplib.SMTPResponseException as exc:
+                reply = _reply_of(exc, "RCPT")
+                if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
+                    break
+        if accepted:
+            try:
+                response = await send_data(smtp, data_payload(body))
+                reply = Reply.parse(response.code, response.message, "DATA")
+                self.clean = True  # the final reply to the data ends the transaction
+            except aiosmtplib.SMTPResponseException as exc:
+                reply = _reply_of(exc, "DATA")
+                remote.append(reply)
+            for rcpt in accepted:
+                outcomes[rcpt] = outcome_for(rcpt, reply, host)
+        return self._finished(recipients, outcomes, remote)
+
+    async def _pipelined(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes,
+        options: list[str],
+        encoding: str,
+        remote: list[Reply],
+        stale_ok: bool,
+    ) -> TransactionResult:
+        """MAIL, every RCPT and DATA in one write (RFC 2920 3.1: DATA ends the group), then their
+        replies in order, each RCPT's mapped to its recipient as `_lockstep` does."""
+        smtp, host = self.smtp, self.host
+        commands = [
+            pipelining.command_line(b"MAIL FROM:", sender or "", options, encoding),
+            *(pipelining.command_line(b"RCPT TO:", r, [], encoding) for r in recipients),
+            b"DATA\r\n",
+        ]
+        try:
+            replies = await pipelining.execute_pipelined(smtp, commands)
+        except _LOST as exc:
+            # Nothing can have been delivered: the data is only sent after the group's replies.
+            if stale_ok:
+                raise StaleConnection(repr(exc)) from exc
+            raise
+        mail = replies[0]
+        if mail.code != 250:
+            # RFC 2920: the server answers the RCPTs and DATA after a refused MAIL with errors
+            # (read above), so no transaction is open, as after a refused MAIL without pipelining.
+            return self._refused_at_mail(mail.code, mail.message, recipients, stale_ok)
+        outcomes: dict[str, Outcome] = {}
+        accepted: list[str] = []
+        for rcpt, response in zip(recipients, replies[1:], strict=False):
+            if response.code in (250, 251):
+                accepted.append(rcpt)
+                continue
+            reply = Reply.parse(response.code, response.message, "RCPT")
+            if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
+                break
+        data = replies[len(recipients) + 1] if len(replies) > len(recipients) + 1 else None
+        if not accepted:
+            # No recipient: the server refuses the pipelined DATA (503/554), which is read above
+            # and means nothing. Should it answer 354 anyway, a lone dot ends the empty message.
+            if data is not None and data.code == 354:
+                with contextlib.suppress(aiosmtplib.SMTPResponseException):
+                    await _send_payload(smtp, b".\r\n")
+            elif data is not None and data.code == 421:
+                remote.append(Reply.parse(data.code, data.message, "DATA"))
+            return self._finished(recipients, outcomes, remote)
+        if data is None:
+            # The server said 421 at an RCPT and closed: the accepted ones cannot get the data.
+            closing = remote[-1]
+            for rcpt in accepted:
+                outcomes[rcpt] = Deferred(rcpt, closing, host)
+            return self._finished(recipients, outcomes, remote)
+        if data.code == 354:
+            try:
+                response = await _send_payload(smtp, data_payload(body))
+                reply = Reply.parse(response.code, response.message, "DATA")
+                self.clean = True  # the final reply to the data ends the transaction
+            except aiosmtplib.SMTPResponseException as exc:
+                reply = _reply_of(exc, "DATA")
+                remote.append(reply)
+        else:
+            reply = Reply.parse(data.code, data.message, "DATA")
+            remote.append(reply)
+        for rcpt in accepted:
+            outcomes[rcpt] = outcome_for(rcpt, reply, host)
+        return self._finished(recipients, outcomes, remote)
+
+    def _refused_at_mail(
+        self, code: int, message: str, recipients: Sequence[str], stale_ok: bool
+    ) -> TransactionResult:
+        """MAIL refused: every recipient fails for good (5xx), or the next host is tried (4xx)."""
+        if stale_ok and code == 421:
+            raise StaleConnection(f"{code} {message}")
+        self.clean = True  # refused: no transaction was opened
+        reply = Reply.parse(code, message, "MAIL")
+        if reply.is_permanent:
+            return TransactionResult([outcome_for(r, reply, self.host) for r in recipients], [reply])
+        raise TryNextHost(reply, remote=True)
+
+    def _refused_at_rcpt(
+        self,
+        rcpt: str,
+        reply: Reply,
+        recipients: Sequence[str],
+        outcomes: dict[str, Outcome],
+        accepted: list[str],
+        remote: list[Reply],
+    ) -> bool:
+        """Record a refused recipient; False after a 421, when the rest are deferred."""
+        remote.append(reply)
+        outcomes[rcpt] = outcome_for(rcpt, reply, self.host)
+        if reply.code != 421:
+            return True
+        # The server is closing: the rest cannot be tried here.
+        for rest in recipients[len(accepted) + len(outcomes) :]:
+            outcomes[rest] = Deferred(rest, reply, self.host)
+        return False
+
+    def _finished(
+        self, recipients: Sequence[str], outcomes: dict[str, Outcome], remote: list[Reply]
+    ) -> TransactionResult:
+        self.sent += 1
+        self.last_used = time.monotonic()
+        broken = any(r.code == 421 for r in remote)
+        return TransactionResult([outcomes[r] for r in recipients], remote, broken)
 
     async def reset(self) -> bool:
         """RSET between messages on a reused connection; False when it is no longer usable."""
@@ -275,6 +394,7 @@ async def open_connection(
             Reply(421, "4.4.1", f"connect to {host}[{address}] failed: {exc}", "CONNECT"),
             bind_failed=bind_failed,
         ) from exc
+    pipelining.install(smtp)
     conn = Connection(smtp, source, host, address)
     try:
         try:

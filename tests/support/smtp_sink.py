@@ -85,7 +85,12 @@ def _tcp_port_free(host: str, port: int) -> bool:
 
 
 class _CountingSMTP(SMTP):
-    """aiosmtpd's SMTP that tells the sink when its connection ends (for peak concurrency)."""
+    """aiosmtpd's SMTP that tells the sink when its connection ends (for peak concurrency) and
+    which commands arrived together in one read (pipelining)."""
+
+    def data_received(self, data: bytes) -> None:
+        self.event_handler.record_read(data)
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -117,6 +122,7 @@ class SMTPSink:
         require_tls: bool = False,
         hostname: str | None = None,
         smtputf8: bool = True,
+        pipelining: bool = False,
     ) -> None:
         if require_tls and tls_context is None:
             raise ValueError("require_tls needs a tls_context to offer STARTTLS with")
@@ -127,6 +133,12 @@ class SMTPSink:
         self.tls_context = tls_context
         self.require_tls = require_tls
         self.smtputf8 = smtputf8
+        # Advertise PIPELINING (RFC 2920) in the EHLO reply. aiosmtpd reads commands line by
+        # line, so it serves a pipelined group correctly whether advertised or not.
+        self.pipelining = pipelining
+        # The command verbs of every read that began with MAIL: ["MAIL", "RCPT", "DATA"] is one
+        # pipelined group; ["MAIL"] a command sent on its own.
+        self.mail_reads: list[list[str]] = []
         self.messages: list[ReceivedMessage] = []
         self.tempfail_data = 0
         # What a tempfailed DATA is answered with (e.g. a provider's 421 throttling text).
@@ -186,6 +198,7 @@ class SMTPSink:
             self.messages.clear()
             self.connections = 0
             self.data_commands = 0
+            self.mail_reads.clear()
 
     # -- waiting --------------------------------------------------------------------------
 
@@ -228,7 +241,22 @@ class SMTPSink:
                 raise self._timeout_error(count, got, timeout)
             await asyncio.sleep(_POLL_INTERVAL)
 
+    def record_read(self, data: bytes) -> None:
+        if data[:5].upper() == b"MAIL ":
+            verbs = [line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode() for line in data.splitlines()]
+            with self._lock:
+                self.mail_reads.append(verbs)
+
     # -- aiosmtpd hooks (run in the controller's thread) ------------------------------------
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        # Implementing the hook makes remembering the EHLO name our job, not aiosmtpd's.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
