@@ -61,6 +61,9 @@ class Poison(Exception):
 # Publishes in flight at once through `Bus.background`; past that the caller waits for room, so
 # a slow JetStream slows the handlers down instead of queueing without bound in memory.
 BACKGROUND_MAX = 512
+# How long an ack (with `confirm_acks`) or the outcomes of an attempt (`disposition.settle`)
+# are retried while JetStream elects a new leader, before the input is left to redelivery.
+ACK_PATIENCE = 30.0
 # Subjects per batched direct get: the server answers up to 1024 at once.
 _DIRECT_BATCH = 256
 
@@ -259,6 +262,7 @@ async def consume(
     stop: asyncio.Event,
     ack_wait: float,
     batch: int = 64,
+    confirm_acks: bool = False,
 ) -> None:
     """Pull from a durable consumer and run `handler` per message, up to `concurrency` at once.
 
@@ -266,6 +270,10 @@ async def consume(
     unexpected error (it will come back, maybe to another replica), and terminated on `Poison`.
     While a handler runs, the message is kept in progress so a slow SMTP session does not make
     JetStream hand it to another replica.
+
+    `confirm_acks`: wait for the server to confirm each ack, asking again while a consumer
+    leader is being elected. For consumers whose redelivery repeats something the world sees
+    (an SMTP transaction), where a lost ack would otherwise mean mail sent twice.
     """
     inflight = 0
     room = asyncio.Event()
@@ -296,7 +304,7 @@ async def consume(
             log.exception("handler for %s failed; message will be redelivered", binding.durable)
             await _settle(msg.nak(delay=5.0))
         else:
-            await _settle(msg.ack())
+            await (_confirm_ack(msg) if confirm_acks else _settle(msg.ack()))
         finally:
             working.pop(id(msg), None)
             metrics.observe_handler(binding.durable, result, time.monotonic() - started)
@@ -348,6 +356,23 @@ async def _settle(coro: Awaitable[None]) -> None:
         await coro
     except Exception as exc:
         log.warning("ack/nak failed (message will be redelivered): %r", exc)
+
+
+async def _confirm_ack(msg: Msg) -> None:
+    """Ack and wait for the server to take it; retried (the message still kept in progress)
+    for up to ACK_PATIENCE, which covers a consumer leader election."""
+    deadline = time.monotonic() + ACK_PATIENCE
+    pause = 0.25
+    while True:
+        try:
+            await msg.ack_sync(timeout=2.0)
+            return
+        except Exception as exc:
+            if time.monotonic() + pause > deadline:
+                log.warning("ack not confirmed (message will be redelivered): %r", exc)
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 4.0)
 
 
 async def _keep_in_progress(working: dict[int, tuple[Msg, float]], interval: float) -> None:

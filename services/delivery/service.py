@@ -118,6 +118,7 @@ class DeliveryService:
                         concurrency=per_pool,
                         stop=stop,
                         ack_wait=self._config.nats.ack_wait,
+                        confirm_acks=True,
                     )
                     for pool in pools
                 )
