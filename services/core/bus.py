@@ -358,21 +358,34 @@ async def _settle(coro: Awaitable[None]) -> None:
         log.warning("ack/nak failed (message will be redelivered): %r", exc)
 
 
-async def _confirm_ack(msg: Msg) -> None:
-    """Ack and wait for the server to take it; retried (the message still kept in progress)
-    for up to ACK_PATIENCE, which covers a consumer leader election."""
+# What `patiently` retries: JetStream not answering (yet), as while a leader is elected.
+UNANSWERED: tuple[type[BaseException], ...] = (BrokerUnavailable, TimeoutError, nats.errors.Error)
+
+
+async def patiently(attempt: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run `attempt` again while JetStream does not answer, with backoff, for up to
+    ACK_PATIENCE (a leader election); then raise its last error. The caller's input stays in
+    progress meanwhile (see `consume`), so nobody else takes it up."""
     deadline = time.monotonic() + ACK_PATIENCE
     pause = 0.25
     while True:
         try:
-            await msg.ack_sync(timeout=2.0)
+            await attempt()
             return
-        except Exception as exc:
+        except UNANSWERED as exc:
             if time.monotonic() + pause > deadline:
-                log.warning("ack not confirmed (message will be redelivered): %r", exc)
-                return
+                raise
+            log.warning("%s: no answer yet, trying again in %.2fs: %r", what, pause, exc)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 4.0)
+
+
+async def _confirm_ack(msg: Msg) -> None:
+    """Ack and wait for the server to confirm it, through a consumer leader election."""
+    try:
+        await patiently(lambda: msg.ack_sync(timeout=2.0), "ack")
+    except UNANSWERED as exc:
+        log.warning("ack not confirmed (message will be redelivered): %r", exc)
 
 
 async def _keep_in_progress(working: dict[int, tuple[Msg, float]], interval: float) -> None:

@@ -16,25 +16,19 @@ Everything is published (and acknowledged) before the caller acks its input, exc
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-import nats.errors
-
 from services.core.bodies import BodyStore
-from services.core.bus import ACK_PATIENCE, BrokerUnavailable, Bus
+from services.core.bus import Bus, patiently
 from services.core.config import RetryConfig
 from services.core.envelope import Attempt, BounceNotice, Envelope
 from services.core.events import event_for, publish_event
 from services.core.outcome import EXPIRED, Bounced, Deferred, Delivered, Outcome, Reply
 from services.core.schedule import next_attempt_at, publish_at
 from services.core.topology import bounce_subject, route_retry_subject, route_subject
-
-log = logging.getLogger(__name__)
 
 # Envelope meta key set once the delayed-delivery warning went out, so it goes out once.
 DELAY_WARNED = "delay_warned"
@@ -72,29 +66,21 @@ async def settle(
     not acknowledge (a leader election) for up to ACK_PATIENCE. Failing instead would have the
     input redelivered and the attempt made again: for delivery, a second copy of mail the MX
     already accepted. Every publish carries a message id, so a repeat stores nothing twice."""
-    deadline = time.monotonic() + ACK_PATIENCE
-    pause = 0.25
-    while True:
-        try:
-            await _settle_once(
-                bus,
-                bodies,
-                retry,
-                env,
-                outcomes,
-                mx_host=mx_host,
-                source_ip=source_ip,
-                now=now,
-                rng=rng,
-                facts=facts,
-            )
-            return
-        except (BrokerUnavailable, TimeoutError, nats.errors.Error) as exc:
-            if time.monotonic() + pause > deadline:
-                raise
-            log.warning("outcomes of %s not stored yet, trying again in %.2fs: %s", env.key, pause, exc)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 4.0)
+    await patiently(
+        lambda: _settle_once(
+            bus,
+            bodies,
+            retry,
+            env,
+            outcomes,
+            mx_host=mx_host,
+            source_ip=source_ip,
+            now=now,
+            rng=rng,
+            facts=facts,
+        ),
+        f"outcomes of {env.key}",
+    )
 
 
 async def _settle_once(
