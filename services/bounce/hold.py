@@ -36,7 +36,7 @@ from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from services.core.bus import BrokerUnavailable
-from services.core.topology import BOUNCE_HOLD_BUCKET
+from services.core.topology import BOUNCE_HOLD_BUCKET, kv_stream, kv_subject
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -45,7 +45,6 @@ _SCHEMA = 1
 _CAS_ATTEMPTS = 50
 # JSStreamWrongLastSequenceErr(F) / ...ConstantErr: the compare-and-set lost.
 _WRONG_LAST = (10071, 10164)
-_KV_STREAM = f"KV_{BOUNCE_HOLD_BUCKET}"
 _KV_OPERATION = "KV-Operation"
 
 T = TypeVar("T")
@@ -214,7 +213,9 @@ class HoldStore:
 
     async def _read(self, key: str) -> _Stored:
         try:
-            msg = await self._js.get_msg(_KV_STREAM, subject=f"$KV.{BOUNCE_HOLD_BUCKET}.{key}", direct=False)
+            msg = await self._js.get_msg(
+                kv_stream(BOUNCE_HOLD_BUCKET), subject=kv_subject(BOUNCE_HOLD_BUCKET, key), direct=False
+            )
         except NotFoundError:
             return _Stored(None, 0)
         if (msg.headers or {}).get(_KV_OPERATION) in ("DEL", "PURGE"):

@@ -21,7 +21,13 @@ from nats.js.object_store import ObjectStore
 
 from services.core.bus import BrokerUnavailable, Bus
 from services.core.envelope import BodyRef
-from services.core.topology import BODY_BUCKET, BODY_REFS_BUCKET
+from services.core.topology import (
+    BODY_BUCKET,
+    BODY_REFS_BUCKET,
+    object_chunk_subject,
+    object_meta_subject,
+    object_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +84,8 @@ class BodyStore:
         return bytes(result.data)
 
     async def _get_direct(self, bus: Bus, name: str) -> bytes:
-        stream = f"OBJ_{BODY_BUCKET}"
-        meta = f"$O.{BODY_BUCKET}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        stream = object_stream(BODY_BUCKET)
+        meta = object_meta_subject(BODY_BUCKET, base64.urlsafe_b64encode(name.encode()).decode())
         found = (await bus.get_last(stream, [meta])).get(meta)
         if found is None or not found.data:
             raise BodyMissing(name)
@@ -90,7 +96,7 @@ class BodyStore:
         after = 0
         while len(chunks) < (info.chunks or 0):
             batch = await bus.get_next(
-                stream, f"$O.{BODY_BUCKET}.C.{info.nuid}", info.chunks - len(chunks), after=after
+                stream, object_chunk_subject(BODY_BUCKET, info.nuid), info.chunks - len(chunks), after=after
             )
             if not batch:
                 break

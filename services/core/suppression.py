@@ -17,7 +17,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.core.bus import Bus, DirectGetUnavailable
-from services.core.topology import SUPPRESSION_BUCKET
+from services.core.topology import SUPPRESSION_BUCKET, kv_stream, kv_subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +81,9 @@ class SuppressionList:
         unique = sorted({a.lower() for a in addresses})
         if self._bus is None or len(unique) < 2:
             return await self._get_each(account, unique)
-        prefix = f"$KV.{SUPPRESSION_BUCKET}."
-        subjects = {prefix + suppression_key(account, a): a for a in unique}
+        subjects = {kv_subject(SUPPRESSION_BUCKET, suppression_key(account, a)): a for a in unique}
         try:
-            found = await self._bus.get_last(f"KV_{SUPPRESSION_BUCKET}", list(subjects))
+            found = await self._bus.get_last(kv_stream(SUPPRESSION_BUCKET), list(subjects))
         except DirectGetUnavailable:
             # A bucket not (yet) switched to direct gets, e.g. during an upgrade: one get each.
             return await self._get_each(account, unique)

@@ -130,6 +130,29 @@ def inbound_subject() -> str:
     return f"{PREFIX}.inbound"
 
 
+# JetStream's own naming of the streams behind KV buckets and object stores (ADR-8, ADR-20),
+# for the direct gets that read them without nats-py's per-read consumers.
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    return f"$KV.{bucket}.{key}"
+
+
+def object_stream(bucket: str) -> str:
+    return f"OBJ_{bucket}"
+
+
+def object_meta_subject(bucket: str, encoded_name: str) -> str:
+    """`encoded_name`: the object's name, URL-safe base64 as the object store writes it."""
+    return f"$O.{bucket}.M.{encoded_name}"
+
+
+def object_chunk_subject(bucket: str, nuid: str) -> str:
+    return f"$O.{bucket}.C.{nuid}"
+
+
 def limit_subject(kind: str, key: str, window: int) -> str:
     """A counter subject; `key` is an account name or an already tokenised IP/user digest."""
     if kind not in LIMIT_KINDS:
@@ -360,7 +383,7 @@ async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> None:
         # direct gets when they bind (`js.key_value` reads the stream's configuration).
         if exc.err_code != 10058:
             raise
-        current = (await js.stream_info(f"KV_{config.bucket}")).config
+        current = (await js.stream_info(kv_stream(config.bucket))).config
         declared = {
             "allow_direct": True,
             "max_msgs_per_subject": config.history,
