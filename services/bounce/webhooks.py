@@ -1,7 +1,8 @@
 """Event webhooks: every event of an account, POSTed as signed JSON batches to its webhook URL.
 
-A durable consumer of its own (`webhooks` on RELAIS_EVENTS) so a slow or failing receiver holds
-back only its webhook, never mail. An event is acked only after its batch got a 2xx; otherwise
+A durable consumer of its own (`webhooks` on RELAIS_EVENTS, filtered to the accounts that have a
+webhook; see `topology.webhook_filters`) so a slow or failing receiver holds back only its
+webhook, never mail. An event is acked only after its batch got a 2xx; otherwise
 it is nak'ed with a growing delay and comes back (no max_deliver: nothing is dropped; only the
 events stream's max age bounds how long a receiver may stay down). A lost ack can re-send a
 batch, so each entry carries a stable `event_id` for the receiver to de-duplicate.
@@ -34,7 +35,7 @@ from services.core import telemetry
 from services.core.bus import Bus
 from services.core.config import AccountConfig, BounceConfig
 from services.core.events import Event
-from services.core.topology import SubjectError, parse_event_subject, webhooks_binding
+from services.core.topology import SubjectError, parse_event_subject, webhook_filters, webhooks_binding
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class WebhookDispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch batches and post them, several batches at once: a receiver that hangs until the
         timeout holds back its own batch, not the other accounts' webhooks."""
+        if not webhook_filters(self._accounts):
+            return  # no consumer exists (ensure_topology deletes it): nothing to post
         binding = webhooks_binding()
         sub = None
         inflight: set[asyncio.Task[None]] = set()
