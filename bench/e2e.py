@@ -29,6 +29,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -365,7 +366,12 @@ def start_profilers(args: argparse.Namespace, cluster: Cluster, work: Path) -> l
     return procs
 
 
-def write_json(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+def write_json(
+    out: Path,
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    summary: list[dict[str, Any]] | None = None,
+) -> None:
     meta = {
         "host": platform.node(),
         "cpus": len(os.sched_getaffinity(0)),
@@ -377,7 +383,7 @@ def write_json(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) 
         "nats_sync_always": args.sync_always,
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "medians": summary or []}, indent=2))
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -414,6 +420,27 @@ COLUMNS = [
 ]
 
 
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for row in rows:
+        if row.get("delivered_per_s"):
+            groups[(row["system"], row["load"])].append(row)
+    out = []
+    for (system, load), group in groups.items():
+        ratios = sorted(r["vs_postfix"] for r in group if "vs_postfix" in r)
+        summary: dict[str, Any] = {
+            "system": system,
+            "load": load,
+            "rounds": len(group),
+            "delivered_per_s": statistics.median(r["delivered_per_s"] for r in group),
+        }
+        if ratios:
+            summary["vs_postfix"] = statistics.median(ratios)
+            summary["vs_postfix_range"] = f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+        out.append(summary)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -432,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Relais' connections per destination (Postfix default: 20)",
     )
     parser.add_argument("--no-bottleneck", action="store_true", help="skip the doubled-bottleneck rows")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every row this many times, interleaved; a summary gives the median of each "
+        "row and of its ratio to Postfix in the same round (noise on a shared machine)",
+    )
     args = parser.parse_args(argv)
     ensure_postfix()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -440,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = RESULTS / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
-    def run(spec: Spec) -> dict[str, Any]:
-        print(f"-- {spec.label} {spec.load}: {args.messages} messages", flush=True)
+    def run(spec: Spec, round_no: int) -> dict[str, Any]:
+        print(f"-- {spec.label} {spec.load}: {args.messages} messages (round {round_no})", flush=True)
         row: dict[str, Any] = {"system": spec.label, "load": spec.load}
         # One retry: on a shared machine a freshly picked port can be taken before a server binds it.
         for attempt in (1, 2):
@@ -458,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["wall_s"] = time.monotonic() - started
                 break
         row["issue_postfix_target"] = TARGETS.get((spec.size, spec.rcpts))
+        row["round"] = round_no
         print(
             "   " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         )
@@ -465,29 +500,42 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, args, rows)
         return row
 
-    for spec in plan:
-        run(spec)
-    if not args.no_bottleneck:
+    for round_no in range(1, args.rounds + 1):
+        this_round = [run(spec, round_no) for spec in plan]
+        if args.no_bottleneck:
+            continue
         for nodes in (1, 3):
             base = next(
-                (r for r in rows if r["system"] == f"relais-{nodes}n" and r["load"] == "2KB/1rcpt"), None
+                (r for r in this_round if r["system"] == f"relais-{nodes}n" and r["load"] == "2KB/1rcpt"),
+                None,
             )
             if base is None or "error" in base:
                 continue
             busiest = max(("ingress", "router", "delivery"), key=lambda s: base.get(f"cpu_{s}", 0.0))
             replicas = {s: 1 for s in SERVICES} | {busiest: 2}
-            run(Spec("relais", 2048, 1, nodes=nodes, replicas=replicas))
+            run(Spec("relais", 2048, 1, nodes=nodes, replicas=replicas), round_no)
     for row in rows:
-        pf = next((r for r in rows if r["system"] == "postfix" and r["load"] == row["load"]), None)
+        pf = next(
+            (
+                r
+                for r in rows
+                if r["system"] == "postfix" and r["load"] == row["load"] and r["round"] == row["round"]
+            ),
+            None,
+        )
         if pf and row["system"] != "postfix" and pf.get("delivered_per_s") and row.get("delivered_per_s"):
             row["vs_postfix"] = row["delivered_per_s"] / pf["delivered_per_s"]
     print()
-    print(table(rows, [*COLUMNS, "vs_postfix"]))
+    print(table(rows, [*COLUMNS, "vs_postfix"] + (["round"] if args.rounds > 1 else [])))
+    if args.rounds > 1:
+        print(f"\nMedians over {args.rounds} rounds (ratio: to Postfix in the same round):")
+        summary_columns = ["system", "load", "rounds", "delivered_per_s", "vs_postfix", "vs_postfix_range"]
+        print(table(medians(rows), summary_columns))
     nats_cols = sorted({k for r in rows for k in r if k.startswith("nats_")})
     if nats_cols:
         print("\nNATS messages per mail, published/received, by client:")
         print(table([r for r in rows if r["system"] != "postfix"], ["system", "load", *nats_cols]))
-    write_json(out, args, rows)
+    write_json(out, args, rows, medians(rows) if args.rounds > 1 else [])
     print(f"\nwrote {out.relative_to(REPO)}")
     return 0
 

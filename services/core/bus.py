@@ -115,7 +115,8 @@ class Bus:
         durable step, the retry schedule, was already acknowledged) without making the caller
         wait for it. Returns once it is started; at most BACKGROUND_MAX run at once, beyond
         that the caller waits for room. `flush()` and `close()` wait for all of them. A failure
-        is logged, not retried: anything a redelivery must re-create is published in line."""
+        is logged; retrying is the caller's choice (wrap the work in `patiently`). Anything a
+        redelivery must re-create is published in line instead."""
         if self._room is None:
             self._room = asyncio.Semaphore(BACKGROUND_MAX)
         try:
@@ -136,10 +137,20 @@ class Bus:
         finally:
             self._room.release()
 
-    async def flush(self) -> None:
-        """Wait until every `background` publish was acknowledged (or failed)."""
+    async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a grace period
+        """Wait until every `background` publish was acknowledged (or failed); with a `timeout`,
+        cancel (and count in the log) what is still running when it passes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                pending = list(self._background)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning("%d background publish(es) not done before stopping", len(pending))
+                return
+            await asyncio.wait(list(self._background), timeout=remaining)
 
     async def get_last(self, stream: str, subjects: Sequence[str]) -> dict[str, Msg]:
         """The last message of each subject that has one, in one direct-get round trip per
@@ -200,7 +211,7 @@ class Bus:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flush(), self.publish_timeout * 2)
+            await self.flush(self.publish_timeout * 2)
         with contextlib.suppress(Exception):
             await self.nc.drain()
 
@@ -362,11 +373,13 @@ async def _settle(coro: Awaitable[None]) -> None:
 UNANSWERED: tuple[type[BaseException], ...] = (BrokerUnavailable, TimeoutError, nats.errors.Error)
 
 
-async def patiently(attempt: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run `attempt` again while JetStream does not answer, with backoff, for up to
-    ACK_PATIENCE (a leader election); then raise its last error. The caller's input stays in
-    progress meanwhile (see `consume`), so nobody else takes it up."""
-    deadline = time.monotonic() + ACK_PATIENCE
+async def patiently(
+    attempt: Callable[[], Awaitable[object]], what: str, *, patience: float | None = None
+) -> None:
+    """Run `attempt` again while JetStream does not answer, with backoff, for up to `patience`
+    seconds (ACK_PATIENCE outlasts a leader election); then raise its last error. The caller's
+    input stays in progress meanwhile (see `consume`), so nobody else takes it up."""
+    deadline = time.monotonic() + (ACK_PATIENCE if patience is None else patience)
     pause = 0.25
     while True:
         try:

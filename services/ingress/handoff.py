@@ -1,7 +1,8 @@
 """Hand an accepted message to JetStream: body first, then the envelope; 250 only after both acks.
 
 The `accepted` event is not part of that promise: it feeds webhooks and `relais message`, and is
-published after the 250 (see `EventFeed`), so one JetStream round trip fewer delays each reply.
+published after the 250 (`Bus.background`, retried for `_EVENT_PATIENCE`, waited for when the
+ingress stops), so one JetStream round trip fewer delays each reply.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from services.core.bodies import BodyStore
-from services.core.bus import BrokerUnavailable, Bus
+from services.core.bus import BrokerUnavailable, Bus, patiently
 from services.core.envelope import Envelope, new_message_id
-from services.core.events import Event, event_for, publish_event, record_event
+from services.core.events import event_for, publish_event, record_event
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import traceparent_of
 from services.core.topology import inbound_subject, route_subject
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 _PUBLISH_ATTEMPTS = 3
 _MIN_ATTEMPT = 0.2
 _RETRY_PAUSE = 0.1
+# How long an `accepted` event is retried while JetStream does not answer, before it is logged
+# as lost (the message itself is queued; its event is informational).
+_EVENT_PATIENCE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,70 +51,11 @@ class Submission:
     dsn_orcpt: dict[str, str] = field(default_factory=dict)
 
 
-class EventFeed:
-    """Publishes events after the SMTP reply, a bounded number at a time, retrying briefly.
-
-    At `max_in_flight` the next session waits for a slot: a stalled broker slows replies down
-    (as it did when every event was awaited) instead of piling up tasks. `drain` at shutdown
-    waits for what is still in flight, so a clean stop loses no event.
-    """
-
-    def __init__(
-        self, bus: Bus, *, max_in_flight: int = 1000, attempts: int = 3, backoff: float = 0.5
-    ) -> None:
-        self._bus = bus
-        self._max_in_flight = max_in_flight
-        self._attempts = attempts
-        self._backoff = backoff
-        self._in_flight: set[asyncio.Task[None]] = set()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
-    async def send(self, event: Event, *, msg_id: str) -> None:
-        """Start publishing `event` (already recorded with `record_event`); returns at once
-        unless `max_in_flight` publishes are pending."""
-        while len(self._in_flight) >= self._max_in_flight:
-            await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
-        # The task copies the current context, so the event's PRODUCER span joins the message's trace.
-        task = asyncio.get_running_loop().create_task(self._publish(event, msg_id))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-
-    async def _publish(self, event: Event, msg_id: str) -> None:
-        for attempt in range(1, self._attempts + 1):
-            try:
-                # The msg id makes a retry after a lost ack a no-op in JetStream.
-                await publish_event(self._bus, event, msg_id=msg_id, record=False)
-                return
-            except BrokerUnavailable as exc:
-                if attempt == self._attempts:
-                    log.warning("%s event for %s not published: %s", event.kind, event.message_id, exc)
-                    return
-                await asyncio.sleep(self._backoff * attempt)
-            except Exception:
-                # Nobody awaits this task: say what went wrong rather than lose it silently.
-                log.exception("%s event for %s not published", event.kind, event.message_id)
-                return
-
-    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - a grace period, then cancel
-        """Wait up to `timeout` for the events still in flight; cancel (and log) the rest."""
-        if not self._in_flight:
-            return
-        _, pending = await asyncio.wait(set(self._in_flight), timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning("%d event(s) not published before stopping", len(pending))
-
-
 class Handoff:
-    def __init__(self, bus: Bus, bodies: BodyStore, deadline: float, events: EventFeed | None = None) -> None:
+    def __init__(self, bus: Bus, bodies: BodyStore, deadline: float) -> None:
         self._bus = bus
         self._bodies = bodies
         self._deadline = deadline
-        self.events = events or EventFeed(bus)
 
     async def queue(self, sub: Submission, *, message_id: str | None = None, span: object = None) -> str:
         """Queue durably and return the SMTP reply: `250 ... queued as <id>` or `451 4.3.0`."""
@@ -129,7 +74,17 @@ class Handoff:
         # there must never turn the 250 into a 451 (the client would send the message twice).
         event = event_for("accepted", env, env.recipients)
         record_event(event)
-        await self.events.send(event, msg_id=f"acc-{message_id}")
+        what = f"accepted event of {message_id}"
+        # The msg id makes a retry after a lost ack a no-op in JetStream. The task copies the
+        # current context, so the event's PRODUCER span joins the message's trace.
+        await self._bus.background(
+            patiently(
+                lambda: publish_event(self._bus, event, msg_id=f"acc-{message_id}", record=False),
+                what,
+                patience=_EVENT_PATIENCE,
+            ),
+            what,
+        )
         return f"250 2.0.0 Ok: queued as {message_id}"
 
     async def _queue(self, sub: Submission, message_id: str, span: object, accept_by: float) -> Envelope:

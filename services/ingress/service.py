@@ -164,7 +164,7 @@ class IngressService:
         self._servers = []
         await self._drain()
         # Sessions are done: the events of what they were told 250 go out before NATS closes.
-        await self._handoff.events.drain(_EVENT_DRAIN_SECONDS)
+        await self._bus.flush(_EVENT_DRAIN_SECONDS)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

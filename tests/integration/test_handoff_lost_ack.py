@@ -14,7 +14,7 @@ from services.core.bodies import BodyStore
 from services.core.bus import BrokerUnavailable, Bus, connect
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats
-from services.core.topology import ROUTE_STREAM, ensure_topology
+from services.core.topology import EVENTS_STREAM, ROUTE_STREAM, ensure_topology
 from services.ingress.handoff import Handoff, Submission
 
 SUBMISSION = Submission(
@@ -69,7 +69,9 @@ async def test_a_stored_message_whose_ack_was_lost_is_accepted_once(
     assert reply.startswith("250 "), reply
     assert len(calls) >= 2, "published again after the lost ack"
     assert await route_messages(bus) == 1, "the second publish was de-duplicated by JetStream"
-    await handoff.events.drain(5.0)
+    await bus.flush(5.0)
+    accepted = await bus.js.get_last_msg(EVENTS_STREAM, "relais.events.acme.accepted")
+    assert accepted.headers and accepted.headers.get("Nats-Msg-Id") == "acc-lost-ack-1"
 
 
 async def test_nothing_acknowledged_within_the_deadline_is_a_451(
