@@ -289,6 +289,8 @@ def stream_configs(config: Config) -> list[StreamConfig]:
             subjects=[f"{PREFIX}.limits.>"],
             retention=RetentionPolicy.LIMITS,
             allow_msg_counter=True,
+            # The AUTH throttle reads a client's IP and user counters in one batched direct get.
+            allow_direct=True,
             # Longest window is a day; older counters are only history.
             max_age=2 * 86400.0,
             storage=StorageType.FILE,

@@ -19,12 +19,14 @@ import logging
 import secrets
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 import nats.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError
 
-from services.core.bus import BrokerUnavailable
+from services.core.bus import BrokerUnavailable, Bus
 from services.core.config import AccountConfig, IngressConfig
 from services.core.topology import LIMITS_STREAM, SESSIONS_BUCKET, SESSIONS_TTL, limit_subject
 from services.ingress.replies import DAILY_LIMIT, HOURLY_LIMIT, Verdict
@@ -44,32 +46,34 @@ def user_token(username: str) -> str:
 
 
 class Counters:
-    """Atomic counters on the RELAIS_LIMITS stream."""
+    """Atomic counters on the RELAIS_LIMITS stream (ADR-49)."""
 
-    def __init__(self, js: JetStreamContext, timeout: float) -> None:
-        self._js = js
+    def __init__(self, bus: Bus, timeout: float) -> None:
+        self._bus = bus
         self._timeout = timeout
 
     async def add(self, subject: str, delta: int = 1) -> int:
         try:
-            ack = await self._js.publish(
+            ack = await self._bus.js.publish(
                 subject, b"", timeout=self._timeout, headers={"Nats-Incr": f"{delta:+d}"}
             )
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"counter {subject}: {exc!r}") from exc
         return int(ack.val or 0)
 
-    async def value(self, subject: str) -> int:
-        try:
-            msg = await self._js.get_last_msg(LIMITS_STREAM, subject)
-        except NotFoundError:
-            return 0
-        except _BROKER_ERRORS as exc:
-            raise BrokerUnavailable(f"counter {subject}: {exc!r}") from exc
-        try:
-            return int(json.loads(msg.data or b"{}").get("val", 0))
-        except (ValueError, TypeError):
-            return 0
+    async def values(self, subjects: Sequence[str]) -> list[int]:
+        """The current value of each counter (0 when it has none), in one direct-get round trip."""
+        found = await self._bus.get_last(LIMITS_STREAM, subjects)
+        return [_counter_value(found.get(subject)) for subject in subjects]
+
+
+def _counter_value(msg: Msg | None) -> int:
+    if msg is None:
+        return 0
+    try:
+        return int(json.loads(msg.data or b"{}").get("val", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 def windows(now: float) -> tuple[int, int]:
@@ -171,7 +175,7 @@ class AuthThrottle:
             return False
         ip_s, user_s = self._subjects(ip, username)
         try:
-            by_ip, by_user = await asyncio.gather(self._counters.value(ip_s), self._counters.value(user_s))
+            by_ip, by_user = await self._counters.values([ip_s, user_s])
         except BrokerUnavailable as exc:
             # Fail open on the throttle only: the password check itself still runs.
             log.warning("auth throttle unavailable: %s", exc)

@@ -66,7 +66,7 @@ class IngressService:
         bodies = BodyStore(bus.js, config.nats.inline_body_max)
         self._handoff = Handoff(bus, bodies, config.nats.publish_timeout)
         self.accounts = AccountStore(bus.js, config.accounts)
-        counters = Counters(bus.js, config.nats.publish_timeout)
+        counters = Counters(bus, config.nats.publish_timeout)
         self._rates = MessageRates(counters)
         self.sessions = SessionRegistry(bus.js)
         self._auth = Authenticator(
