@@ -177,7 +177,10 @@ def span_pair_micro(n: int = 20000) -> tuple[float, float]:
     off = loop()  # no provider installed yet: the API's no-op tracer
     with tempfile.TemporaryDirectory() as tmp:
         provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(telemetry.JsonLinesExporter(Path(tmp) / "t.jsonl")))
+        # Room for every span of the loop: a tight loop outruns any export thread, and a dropped
+        # span would make "on" look cheaper than it is.
+        exporter = telemetry.JsonLinesExporter(Path(tmp) / "t.jsonl")
+        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=4 * n))
         trace.set_tracer_provider(provider)
         on = loop()
         provider.shutdown()

@@ -236,6 +236,20 @@ DNS_CACHE = DnsCacheCollector()
 REGISTRY.register(DNS_CACHE)
 
 
+class SpanDropsCollector(Collector):
+    """Spans the tracer's export queue dropped (the SDK only logs them)."""
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "relais_spans_dropped",
+            "Finished spans dropped because the export queue was full",
+            t.spans_dropped(),
+        )
+
+
+REGISTRY.register(SpanDropsCollector())
+
+
 async def refresh_queue_gauges(js: Any, bindings: Iterable[Any], per_call: float = 2.0) -> None:
     """Read depth and lag of the given consumers (`ConsumerBinding`s) and their streams."""
     streams: set[str] = set()

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,9 +191,61 @@ def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider 
         exporter = ConsoleSpanExporter()
     else:
         exporter = JsonLinesExporter(config.traces_file or "relais-data/traces.jsonl")
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    # An explicit OTEL_BSP_MAX_QUEUE_SIZE wins (the SDK reads it when given None).
+    queue = None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else SPAN_QUEUE_DEFAULT
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=queue))
+    _quiet_span_drops()
     trace.set_tracer_provider(provider)
     return provider
+
+
+# The SDK's default span queue (2,048) fills within a second at a few hundred messages/s, as each
+# message makes several spans per service and the export thread competes for the GIL: spans
+# were dropped in bench/tracing.py. 16,384 finished spans hold a few tens of MB at worst.
+SPAN_QUEUE_DEFAULT = 16384
+
+
+class _SpanDrops(logging.Filter):
+    """The SDK logs "Queue full, dropping Span." once per dropped span, a log line per span in a
+    burst: count them all (`spans_dropped`, exported as relais_spans_dropped_total) and let one
+    warning through per `interval`, with the count so far."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.dropped = 0
+        self._interval = interval
+        self._last_warning = -interval
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Queue full"):
+            return True
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_warning < self._interval:
+            return False
+        self._last_warning = now
+        record.msg = (
+            "span export queue full: %d span(s) dropped so far (raise OTEL_BSP_MAX_QUEUE_SIZE or sample)"
+        )
+        record.args = (self.dropped,)
+        return True
+
+
+_span_drops = _SpanDrops()
+
+
+def _quiet_span_drops() -> None:
+    # The logger of the SDK's batching code: shared by the span and log processors in recent
+    # SDKs, the trace exporter module's own in older ones.
+    for name in ("opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
+        target = logging.getLogger(name)
+        if _span_drops not in target.filters:
+            target.addFilter(_span_drops)
+
+
+def spans_dropped() -> int:
+    """Spans the export queue had no room for since this process started."""
+    return _span_drops.dropped
 
 
 # ---------------------------------------------------------------------------------------------

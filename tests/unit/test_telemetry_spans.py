@@ -158,3 +158,21 @@ def test_each_outcome_event_is_one_json_log_line_with_message_and_trace_id() -> 
     assert line["message_id"] == "m7" and line["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
     assert line["event"]["outcome"] == "deferred" and line["event"]["code"] == 451
     assert line["event"]["pool"] == "default" and line["event"]["attempt"] == 1
+
+
+def test_a_burst_of_dropped_spans_is_one_warning_and_a_count(caplog) -> None:  # type: ignore[no-untyped-def]
+    drops = t._SpanDrops(interval=60.0)
+    logger = logging.getLogger("test.span_drops")
+    logger.addFilter(drops)
+    try:
+        with caplog.at_level(logging.WARNING, logger="test.span_drops"):
+            for _ in range(100):
+                logger.warning("Queue full, dropping %s.", "span")
+            logger.warning("something else")
+    finally:
+        logger.removeFilter(drops)
+    assert drops.dropped == 100
+    assert [r.getMessage() for r in caplog.records] == [
+        "span export queue full: 1 span(s) dropped so far (raise OTEL_BSP_MAX_QUEUE_SIZE or sample)",
+        "something else",
+    ]
