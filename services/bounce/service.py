@@ -64,7 +64,7 @@ class BounceService:
         self._suppression = SuppressionList(bus.js)
         self._hold = HoldStore(bus.js)
         self._inbound = InboundHandler(config.bounce, bus, self._bodies, self._rules)
-        self._webhooks = WebhookDispatcher(config.bounce, config.accounts, bus)
+        self._webhooks = WebhookDispatcher(config, bus)
 
     async def run(self, stop: asyncio.Event) -> None:
         ack_wait = self._config.nats.ack_wait

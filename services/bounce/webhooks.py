@@ -33,9 +33,15 @@ from nats.aio.msg import Msg
 
 from services.core import telemetry
 from services.core.bus import Bus
-from services.core.config import AccountConfig, BounceConfig
+from services.core.config import BounceConfig, Config
 from services.core.events import Event
-from services.core.topology import SubjectError, parse_event_subject, webhook_filters, webhooks_binding
+from services.core.topology import (
+    SubjectError,
+    ensure_webhooks_consumer,
+    parse_event_subject,
+    webhook_filters,
+    webhooks_binding,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +125,42 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
         conn.close()
 
 
+# How often the bounce service re-declares the webhooks consumer's filter from its configuration.
+_RECONCILE_INTERVAL = 60.0
+
+
 class WebhookDispatcher:
-    def __init__(self, config: BounceConfig, accounts: dict[str, AccountConfig], bus: Bus) -> None:
-        self._config = config
-        self._accounts = accounts
+    def __init__(self, config: Config, bus: Bus) -> None:
+        self._full_config = config
+        self._config = config.bounce
+        self._accounts = config.accounts
         self._bus = bus
 
     async def run(self, stop: asyncio.Event) -> None:
+        reconciler = asyncio.create_task(self._reconcile(stop))
+        try:
+            if webhook_filters(self._accounts):
+                await self._post(stop)
+            else:
+                await stop.wait()  # no account has a webhook: the consumer does not exist
+        finally:
+            reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconciler
+
+    async def _reconcile(self, stop: asyncio.Event) -> None:
+        """Keep the consumer's filter what this configuration says (`ensure_webhooks_consumer`)."""
+        while not stop.is_set():
+            try:
+                await ensure_webhooks_consumer(self._bus.js, self._full_config, reconcile=True)
+            except Exception as exc:
+                log.warning("could not declare the webhooks consumer: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _RECONCILE_INTERVAL)
+
+    async def _post(self, stop: asyncio.Event) -> None:
         """Fetch batches and post them, several batches at once: a receiver that hangs until the
         timeout holds back its own batch, not the other accounts' webhooks."""
-        if not webhook_filters(self._accounts):
-            return  # no consumer exists (ensure_topology deletes it): nothing to post
         binding = webhooks_binding()
         sub = None
         inflight: set[asyncio.Task[None]] = set()

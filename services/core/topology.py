@@ -346,7 +346,7 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         await _ensure_stream(js, stream)
     for binding in consumer_bindings(config):
         await js.add_consumer(binding.stream, _consumer_config(binding, config))
-    await _ensure_webhooks_consumer(js, config)
+    await ensure_webhooks_consumer(js, config, reconcile=False)
     # Bodies outlive the longest possible retry so that a leaked reference still expires.
     body_ttl = config.retry.max_age + 2 * 86400
     await js.create_object_store(
@@ -357,8 +357,13 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         await _ensure_kv(js, bucket)
 
 
-async def _ensure_webhooks_consumer(js: JetStreamContext, config: Config) -> None:
+async def ensure_webhooks_consumer(js: JetStreamContext, config: Config, *, reconcile: bool) -> None:
     """Filter the webhooks consumer to the accounts that have a webhook; delete it when none has.
+
+    Every service creates it when it is missing (`ensure_topology`), so events are kept from the
+    first start on. Only the bounce service, which posts them, changes or deletes an existing one
+    (`reconcile`), at its start and every minute after: another service, or a replica restarted
+    with the previous configuration during a rollout, cannot leave an outdated filter behind.
 
     A consumer created here starts at the stream's end, so a newly configured webhook receives
     the events from then on, not the stream's history (as Postmark and SendGrid do). An existing
@@ -370,11 +375,15 @@ async def _ensure_webhooks_consumer(js: JetStreamContext, config: Config) -> Non
         current: ConsumerConfig | None = (await js.consumer_info(binding.stream, binding.durable)).config
     except NotFoundError:
         current = None
+    if current is not None and not reconcile:
+        return
     if not filters:
         if current is not None:
             log.info("no account has a webhook: deleting consumer %s", binding.durable)
             with contextlib.suppress(NotFoundError):
                 await js.delete_consumer(binding.stream, binding.durable)
+        return
+    if current is not None and sorted(current.filter_subjects or [current.filter_subject or ""]) == filters:
         return
     declared = _consumer_config(binding, config)
     declared.filter_subject = None
