@@ -80,16 +80,19 @@ class SmtpSink:
     """`smtp-sink` on host:port; with a dump dir every transaction becomes a file whose mtime is
     the time the message arrived (written at the final dot)."""
 
-    def __init__(self, host: str, port: int, dump_dir: Path | None = None) -> None:
+    def __init__(self, host: str, port: int, dump_dir: Path | None = None, data_delay: int = 0) -> None:
         self.host = host
         self.port = port
         self.dump_dir = dump_dir
+        self.data_delay = data_delay  # seconds before answering DATA (smtp-sink -w), a slow MX
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
             return
         args = [SMTP_SINK, "-u", "nobody", "-h", f"sink-{self.host}", "-m", "1000"]
+        if self.data_delay:
+            args += ["-w", str(self.data_delay)]
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.dump_dir, 0o777)

@@ -11,6 +11,12 @@ messages are those the delivery processes' connections sent and received per del
 message (nats-server /connz): the round trips delivery pays per message.
 
     python bench/deliver.py [--messages 2000] [--sizes 2048,51200] [--procs 1,4] [--rate 0]
+    python bench/deliver.py --data-delay 1 --messages 640 --sizes 2048 --procs 1,2
+
+--data-delay makes the MX answer DATA after that many seconds (smtp-sink -w; whole seconds), as
+a slow remote MX does: delivery is then bound by its jobs in flight per process (32 here), not by
+CPU, which shows how delivery replicas add capacity on a machine whose cores the CPU-bound rows
+already fill. The site's connection cap is raised so that it does not bind instead.
 
 Shaping is wide open for the run (one site, up to 32 connections, 1,000 messages per
 connection) so what is measured is the delivery path itself: NATS pull + ack, envelope decode,
@@ -42,9 +48,9 @@ from tests.support.dns_server import DNSServer  # noqa: E402
 from tests.support.relais import ServiceProcess, config_to_toml, make_config  # noqa: E402
 
 SINK_HOST = "127.0.0.2"
+CONCURRENCY = 32
 SHAPING = """
 [site."bench.test"]
-connections = 32
 messages_per_connection = 1000
 """
 
@@ -116,18 +122,23 @@ def delivery_nats(monitor_url: str) -> tuple[int, int]:
 
 
 def run_case(
-    workdir: Path, dns: DNSServer, count: int, size: int, procs: int, rate: int = 0
+    workdir: Path, dns: DNSServer, count: int, size: int, procs: int, rate: int = 0, data_delay: int = 0
 ) -> dict[str, float]:
     nats = EmbeddedNats(store_dir=workdir / "nats", log_file=workdir / "nats.log", monitor_port=free_port())
     nats.start()
     sink_port = free_port(SINK_HOST)
-    sink = SmtpSink(SINK_HOST, sink_port)
+    sink = SmtpSink(SINK_HOST, sink_port, data_delay=data_delay)
     sink.start()
     workers: list[ServiceProcess] = []
     try:
         shaping = workdir / "shaping.toml"
         # A messages-per-minute rule makes every job take a cluster-wide rate slot (KV).
-        shaping.write_text(SHAPING + (f"messages_per_minute = {rate}\n" if rate else ""))
+        # The site's connection cap: every worker's jobs in flight when the MX is slow (one
+        # connection each), the usual 32 otherwise.
+        connections = CONCURRENCY * procs if data_delay else 32
+        shaping.write_text(
+            SHAPING + f"connections = {connections}\n" + (f"messages_per_minute = {rate}\n" if rate else "")
+        )
         config = make_config(nats_url=nats.url, dns_port=dns.port, smtp_port=sink_port)
         config = replace(
             config,
@@ -135,7 +146,7 @@ def run_case(
                 smtp_port=sink_port,
                 connect_timeout=5.0,
                 command_timeout=30.0,
-                concurrency=32,
+                concurrency=CONCURRENCY,
                 shaping_file=str(shaping),
                 mta_sts=False,
             ),
@@ -188,6 +199,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="2048,51200")
     parser.add_argument("--procs", default="1,4")
     parser.add_argument("--rate", type=int, default=0, help="site messages_per_minute (0: unlimited)")
+    parser.add_argument("--data-delay", type=int, default=0, help="seconds before the MX answers DATA")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     procs = [int(p) for p in args.procs.split(",")]
@@ -198,7 +210,7 @@ def main() -> None:
         for size in sizes:
             for n in procs:
                 with tempfile.TemporaryDirectory(prefix="relais-bench-deliver-") as tmp:
-                    result = run_case(Path(tmp), dns, args.messages, size, n, args.rate)
+                    result = run_case(Path(tmp), dns, args.messages, size, n, args.rate, args.data_delay)
                 rows.append((size, n, result))
                 print(
                     f"  {size // 1024:>3} KB x {n} proc: {result['rate']:,.0f} msg/s, "
@@ -207,6 +219,7 @@ def main() -> None:
                 )
     print()
     rule = f", site rate {args.rate}/min" if args.rate else ""
+    rule += f", MX answers DATA after {args.data_delay} s" if args.data_delay else ""
     print(f"Delivery to a local smtp-sink, {args.messages} messages per case, connection reuse on{rule}")
     header = ("body", "procs", "delivered", "seconds", "msgs/s", "CPU s / 1000 msgs", "NATS out/in per msg")
     print(
