@@ -43,6 +43,8 @@ class _Rules:
         self._line_limit = line_limit
         self._size = 0
         self._tail = b""  # the current line so far: at most line_limit + 1 octets
+        # The longest line so far, in octets without its CRLF, as sent (dot-stuffing included).
+        self.longest = 0
 
     def feed(self, block: bytes) -> None:
         if self.state is not DataState.NOMINAL:
@@ -64,8 +66,10 @@ class _Rules:
         lines = block.split(_CRLF)
         del lines[-1]  # the empty string after the last CRLF
         fits = not self._size_limit or self._size + len(block) <= self._size_limit
-        if fits and max(map(len, lines)) + 2 <= self._line_limit:
+        longest = max(map(len, lines))
+        if fits and longest + 2 <= self._line_limit:
             self._size += len(block)
+            self.longest = max(self.longest, longest)
             return
         for line in lines:  # something breaks a rule: which one comes first, line by line
             if len(line) > self._line_limit:
@@ -97,8 +101,11 @@ def _match(matched: int, octet: int) -> int:
 
 async def read_data(
     reader: asyncio.StreamReader, *, size_limit: int | None, line_limit: int
-) -> tuple[DataState, bytes]:
-    """Read from just after `354` through the end-of-data line; (state, unstuffed message).
+) -> tuple[DataState, bytes, int]:
+    """Read from just after `354` through the end-of-data line; (state, unstuffed message,
+    longest line). The longest line is in octets without CRLF as sent, so splitting lines at
+    bare CR/LF or undoing dot-stuffing can only make them shorter: content checks need not
+    measure lines again when it is within their limit.
 
     The message is empty unless the state is NOMINAL (what aiosmtpd keeps of a refused one).
     Nothing after the end-of-data line is consumed: pipelined commands stay in `reader`.
@@ -143,11 +150,11 @@ async def read_data(
         return _finish(rules, parts)
 
 
-def _finish(rules: _Rules, parts: list[bytes]) -> tuple[DataState, bytes]:
+def _finish(rules: _Rules, parts: list[bytes]) -> tuple[DataState, bytes, int]:
     if rules.state is not DataState.NOMINAL:
-        return rules.state, b""
+        return rules.state, b"", 0
     message = b"".join(parts)
     # Undo dot-stuffing (RFC 5321 4.5.2): the first "." of every line is dropped.
     if message.startswith(b"."):
         message = message[1:]
-    return DataState.NOMINAL, message.replace(b"\r\n.", _CRLF)
+    return DataState.NOMINAL, message.replace(b"\r\n.", _CRLF), rules.longest

@@ -191,6 +191,7 @@ class IngressHandler:
             ingress.bare_line_endings,
             eight_bit_declared=eight_bit,
             max_header_size=ingress.max_header_size,
+            longest_line=getattr(envelope, "longest_line", None),
         )
         if verdict:
             return str(verdict)

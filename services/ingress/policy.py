@@ -164,14 +164,19 @@ def content_verdict(
     *,
     eight_bit_declared: bool = True,
     max_header_size: int = 0,
+    longest_line: int | None = None,
 ) -> Verdict | None:
     """Reject (or allow normalising) bare CR/LF: the root of SMTP smuggling; refuse NULs, lines
-    over 998 octets, undeclared 8-bit data and oversized header blocks."""
+    over 998 octets, undeclared 8-bit data and oversized header blocks.
+
+    `longest_line`: the longest CRLF-delimited line as the DATA reader saw it (`read_data`);
+    within MAX_LINE, no line can be longer once split at bare CR/LF, so lines are not measured
+    again (that was 6% of the ingress's CPU for 50 KB messages)."""
     if b"\x00" in data:
         return NUL_BYTES
     if bare_line_endings == "reject" and has_bare_line_ending(data):
         return BARE_LINE_ENDING
-    if has_long_line(data):
+    if (longest_line is None or longest_line > MAX_LINE) and has_long_line(data):
         return LINE_TOO_LONG
     if not eight_bit_declared and not data.isascii():
         return NEEDS_8BITMIME
