@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from dataclasses import dataclass
 
 _CRLF = b"\r\n"
 _END = b"\r\n.\r\n"
@@ -26,6 +27,18 @@ class DataState(enum.Enum):
     NOMINAL = "nominal"
     TOO_LONG = "too long"  # aiosmtpd: "500 Line too long (see RFC5321 4.5.3.1.6)"
     TOO_MUCH = "too much"  # aiosmtpd: "552 Error: Too much mail data"
+
+
+@dataclass(frozen=True, slots=True)
+class LineStats:
+    """What the reader saw of a message's lines, so content checks need not scan for them again.
+
+    Counted on the CRLF-delimited lines as sent: splitting them further at bare CR/LF, or
+    undoing dot-stuffing, only makes lines shorter, and neither changes the number of CRLFs.
+    """
+
+    longest: int = 0  # octets without CRLF, dot-stuffing included
+    crlf: int = 0  # CRLF line ends in the message
 
 
 class _Rules:
@@ -43,8 +56,8 @@ class _Rules:
         self._line_limit = line_limit
         self._size = 0
         self._tail = b""  # the current line so far: at most line_limit + 1 octets
-        # The longest line so far, in octets without its CRLF, as sent (dot-stuffing included).
-        self.longest = 0
+        self.longest = 0  # see LineStats
+        self.crlf = 0
 
     def feed(self, block: bytes) -> None:
         if self.state is not DataState.NOMINAL:
@@ -70,6 +83,7 @@ class _Rules:
         if fits and longest + 2 <= self._line_limit:
             self._size += len(block)
             self.longest = max(self.longest, longest)
+            self.crlf += len(lines)
             return
         for line in lines:  # something breaks a rule: which one comes first, line by line
             if len(line) > self._line_limit:
@@ -101,11 +115,9 @@ def _match(matched: int, octet: int) -> int:
 
 async def read_data(
     reader: asyncio.StreamReader, *, size_limit: int | None, line_limit: int
-) -> tuple[DataState, bytes, int]:
+) -> tuple[DataState, bytes, LineStats]:
     """Read from just after `354` through the end-of-data line; (state, unstuffed message,
-    longest line). The longest line is in octets without CRLF as sent, so splitting lines at
-    bare CR/LF or undoing dot-stuffing can only make them shorter: content checks need not
-    measure lines again when it is within their limit.
+    what was seen of its lines).
 
     The message is empty unless the state is NOMINAL (what aiosmtpd keeps of a refused one).
     Nothing after the end-of-data line is consumed: pipelined commands stay in `reader`.
@@ -150,11 +162,11 @@ async def read_data(
         return _finish(rules, parts)
 
 
-def _finish(rules: _Rules, parts: list[bytes]) -> tuple[DataState, bytes, int]:
+def _finish(rules: _Rules, parts: list[bytes]) -> tuple[DataState, bytes, LineStats]:
     if rules.state is not DataState.NOMINAL:
-        return rules.state, b"", 0
+        return rules.state, b"", LineStats()
     message = b"".join(parts)
     # Undo dot-stuffing (RFC 5321 4.5.2): the first "." of every line is dropped.
     if message.startswith(b"."):
         message = message[1:]
-    return DataState.NOMINAL, message.replace(b"\r\n.", _CRLF), rules.longest
+    return DataState.NOMINAL, message.replace(b"\r\n.", _CRLF), LineStats(rules.longest, rules.crlf)

@@ -191,7 +191,7 @@ class IngressHandler:
             ingress.bare_line_endings,
             eight_bit_declared=eight_bit,
             max_header_size=ingress.max_header_size,
-            longest_line=getattr(envelope, "longest_line", None),
+            lines=getattr(envelope, "line_stats", None),
         )
         if verdict:
             return str(verdict)

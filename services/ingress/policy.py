@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from services.core.config import AccountConfig, Config
 from services.ingress import headers
+from services.ingress.data import LineStats
 from services.ingress.replies import (
     ACCOUNT_DISABLED,
     AUTH_REQUIRED,
@@ -164,19 +165,19 @@ def content_verdict(
     *,
     eight_bit_declared: bool = True,
     max_header_size: int = 0,
-    longest_line: int | None = None,
+    lines: LineStats | None = None,
 ) -> Verdict | None:
     """Reject (or allow normalising) bare CR/LF: the root of SMTP smuggling; refuse NULs, lines
     over 998 octets, undeclared 8-bit data and oversized header blocks.
 
-    `longest_line`: the longest CRLF-delimited line as the DATA reader saw it (`read_data`);
-    within MAX_LINE, no line can be longer once split at bare CR/LF, so lines are not measured
-    again (that was 6% of the ingress's CPU for 50 KB messages)."""
+    `lines`: what the DATA reader saw (`read_data`). With it, the message is not split again to
+    measure its lines unless one may exceed 998 octets, nor searched for CRLFs: measuring twice
+    was about 10% of the ingress's CPU for 50 KB messages."""
     if b"\x00" in data:
         return NUL_BYTES
-    if bare_line_endings == "reject" and has_bare_line_ending(data):
+    if bare_line_endings == "reject" and has_bare_line_ending(data, None if lines is None else lines.crlf):
         return BARE_LINE_ENDING
-    if (longest_line is None or longest_line > MAX_LINE) and has_long_line(data):
+    if (lines is None or lines.longest > MAX_LINE) and has_long_line(data):
         return LINE_TOO_LONG
     if not eight_bit_declared and not data.isascii():
         return NEEDS_8BITMIME
@@ -192,10 +193,14 @@ def has_long_line(data: bytes) -> bool:
     return max(map(len, data.replace(b"\r", b"\n").split(b"\n"))) > MAX_LINE
 
 
-def has_bare_line_ending(data: bytes) -> bool:
-    # Single-byte counts are cheap; the CRLF count only runs when CR and LF counts agree.
+def has_bare_line_ending(data: bytes, crlf: int | None = None) -> bool:
+    """Whether a CR or LF is not part of a CRLF. `crlf`: the number of CRLFs, when known."""
+    # Single-byte counts are cheap; the CRLF count (a two-octet search, three times slower) only
+    # runs when it is not known and the CR and LF counts agree.
     lf = data.count(b"\n")
-    return lf != data.count(b"\r") or lf != data.count(b"\r\n")
+    if lf != data.count(b"\r"):
+        return True
+    return lf != (data.count(b"\r\n") if crlf is None else crlf)
 
 
 def normalise_line_endings(data: bytes) -> bytes:

@@ -373,7 +373,7 @@ class RelaisSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            state, content, longest_line = await read_data(
+            state, content, line_stats = await read_data(
                 self._reader, size_limit=self.data_size_limit, line_limit=self.line_length_limit
             )
         except asyncio.CancelledError:
@@ -391,7 +391,7 @@ class RelaisSMTP(SMTP):
         # decode_data=False on every listener: the handler gets the octets as sent.
         self.envelope.content = content
         self.envelope.original_content = content
-        self.envelope.longest_line = longest_line  # type: ignore[attr-defined]
+        self.envelope.line_stats = line_stats  # type: ignore[attr-defined]
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)

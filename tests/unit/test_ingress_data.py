@@ -75,14 +75,16 @@ async def aiosmtpd_outcome(pieces: list[bytes], size_limit: int | None, line_lim
 async def our_outcome(pieces: list[bytes], size_limit: int | None, line_limit: int) -> tuple[str, bytes]:
     reader = asyncio.StreamReader(limit=line_limit)
     feeder = asyncio.create_task(_feed(reader, pieces))
-    state, message, longest = await asyncio.wait_for(
+    state, message, seen = await asyncio.wait_for(
         read_data(reader, size_limit=size_limit, line_limit=line_limit), 5
     )
     await feeder
     if state is DataState.NOMINAL:
-        # The longest line as sent bounds every line of the message, however it is split.
+        # The longest line as sent bounds every line of the message, however it is split, and
+        # the CRLFs counted are the message's.
         lines = message.replace(b"\r", b"\n").split(b"\n")
-        assert max(map(len, lines)) <= longest
+        assert max(map(len, lines)) <= seen.longest
+        assert seen.crlf == message.count(b"\r\n")
     reply = {DataState.NOMINAL: "250 OK", DataState.TOO_LONG: TOO_LONG, DataState.TOO_MUCH: TOO_MUCH}[state]
     return reply, message + b"|" + bytes(reader._buffer)
 

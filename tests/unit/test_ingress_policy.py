@@ -6,6 +6,7 @@ import pytest
 
 from services.core.config import AccountConfig, BounceConfig, Config, IngressConfig
 from services.ingress import policy
+from services.ingress.data import LineStats
 from services.ingress.replies import (
     ACCOUNT_DISABLED,
     AUTH_REQUIRED,
@@ -106,6 +107,25 @@ def test_content_verdicts() -> None:
 def test_line_length_limit_is_998_octets() -> None:
     assert policy.content_verdict(b"S: x\r\n\r\n" + b"a" * 998 + b"\r\n", "reject") is None
     assert policy.content_verdict(b"S: x\r\n\r\n" + b"a" * 999 + b"\r\n", "reject") == LINE_TOO_LONG
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"Subject: x\r\n\r\nbody\r\n",
+        b"Subject: x\r\n\r\nb\n.\nMAIL FROM:<x>\r\n",
+        b"Subject: x\r\n\r\nb\r.\rx\r\n",
+        b"Subject: x\r\n\r\nb\n.\r\n",
+        b"S: x\r\n\r\n" + b"a" * 998 + b"\r\n",
+        b"S: x\r\n\r\n" + b"a" * 999 + b"\r\n",
+        b"S: x\r\n\r\n" + b"a" * 600 + b"\n" + b"a" * 600 + b"\r\n",  # long only as sent
+        b"S: x\r\n\r\n\r\r\n\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("mode", ["reject", "normalise"])
+def test_what_the_data_reader_saw_gives_the_same_verdicts(data: bytes, mode: str) -> None:
+    seen = LineStats(longest=max(map(len, data.split(b"\r\n"))), crlf=data.count(b"\r\n"))
+    assert policy.content_verdict(data, mode, lines=seen) == policy.content_verdict(data, mode)
 
 
 def test_eight_bit_needs_declaration() -> None:
