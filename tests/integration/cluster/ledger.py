@@ -11,6 +11,7 @@ import asyncio
 import collections
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tests.support.cluster import SENDER_DOMAIN, Cluster, Event, EventLog
@@ -42,11 +43,14 @@ def plan(
     return subs
 
 
+def refuse(cluster: Cluster, recipients: Iterable[str]) -> None:
+    """Have each recipient's destination reject it with BOUNCE_REPLY."""
+    for rcpt in recipients:
+        cluster.sinks[rcpt.rpartition("@")[2]].rcpt_replies[rcpt] = BOUNCE_REPLY
+
+
 def program_bounces(cluster: Cluster, subs: list[Submission]) -> None:
-    for sub in subs:
-        for rcpt in sub.recipients:
-            if rcpt.startswith("bounce-"):
-                cluster.sinks[rcpt.rpartition("@")[2]].rcpt_replies[rcpt] = BOUNCE_REPLY
+    refuse(cluster, (r for sub in subs for r in sub.recipients if r.startswith("bounce-")))
 
 
 @dataclass
@@ -84,11 +88,16 @@ def _sink_copies(cluster: Cluster) -> collections.Counter[str]:
     return copies
 
 
+def dsn_recipients(cluster: Cluster) -> list[list[str]]:
+    """The Final-Recipient addresses of each DSN that reached the sender's MX."""
+    return [
+        [m.decode() for m in _FINAL_RECIPIENT.findall(message.data)]
+        for message in list(cluster.sender_mx.messages)
+    ]
+
+
 def _dsn_copies(cluster: Cluster) -> collections.Counter[str]:
-    copies: collections.Counter[str] = collections.Counter()
-    for message in list(cluster.sender_mx.messages):
-        copies.update(m.decode() for m in _FINAL_RECIPIENT.findall(message.data))
-    return copies
+    return collections.Counter(r for dsn in dsn_recipients(cluster) for r in dsn)
 
 
 async def settle_and_audit(

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 
 import pytest
 
 from tests.integration.cluster.conftest import MESSAGES, drive
-from tests.integration.cluster.ledger import BOUNCE_REPLY, plan, settle_and_audit
+from tests.integration.cluster.ledger import dsn_recipients, plan, refuse, settle_and_audit
 from tests.support.cluster import Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TAG = "bkill"
-_FINAL_RECIPIENT = re.compile(rb"^Final-Recipient:\s*rfc822;\s*<?([^>\s]+)>?", re.IGNORECASE | re.MULTILINE)
 
 
 async def test_killed_bounce_replicas_lose_no_dsn_and_send_none_twice(healthy_cluster: Cluster) -> None:
@@ -25,9 +23,7 @@ async def test_killed_bounce_replicas_lose_no_dsn_and_send_none_twice(healthy_cl
     subs = plan(TAG, MESSAGES, sorted(cluster.domains), bounce_every=0, pair_every=5)
     # Every other two-domain message fails at both domains: one DSN should list both.
     both = [s for i, s in enumerate(subs) if i % 10 == 0]
-    for sub in both:
-        for rcpt in sub.recipients:
-            cluster.sinks[rcpt.rpartition("@")[2]].rcpt_replies[rcpt] = BOUNCE_REPLY
+    refuse(cluster, (r for sub in both for r in sub.recipients))
     results = await drive(
         cluster,
         subs,
@@ -39,9 +35,7 @@ async def test_killed_bounce_replicas_lose_no_dsn_and_send_none_twice(healthy_cl
         ],
     )
     books = await settle_and_audit(cluster, results, max_duplicates=0)
-    dsns = [
-        {m.decode() for m in _FINAL_RECIPIENT.findall(msg.data)} for msg in list(cluster.sender_mx.messages)
-    ]
+    dsns = [set(dsn) for dsn in dsn_recipients(cluster)]
     accepted = {r.submission.tag for r in results if r.accepted}
     pairs = [sub for sub in both if sub.tag in accepted]
     together = sum(1 for sub in pairs if any(set(sub.recipients) <= dsn for dsn in dsns))

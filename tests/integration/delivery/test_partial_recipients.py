@@ -1,16 +1,21 @@
-"""Some recipients accepted, some refused for good, some for now: each gets its own outcome."""
+"""Some recipients accepted, some refused for good, some for now: each gets its own outcome,
+whether the MX takes commands one by one or pipelined (RFC 2920: MAIL, every RCPT and DATA in
+one write)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.support.relais import asubmit, message, read_events, wait_for_events
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
 async def test_each_recipient_gets_its_outcome_and_accepted_ones_are_never_retried(
-    make_stack, make_sink
+    make_stack, make_sink, pipelining: bool
 ) -> None:
-    sink = make_sink("127.0.0.2")
+    sink = make_sink("127.0.0.2", pipelining=pipelining)
     make_sink("127.0.0.9")  # the sender's MX, where the DSN for bad@ lands
     sink.rcpt_replies = {
         "bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user",
@@ -22,6 +27,7 @@ async def test_each_recipient_gets_its_outcome_and_accepted_ones_are_never_retri
 
     (first,) = await sink.async_wait_for(1)
     assert first.rcpt_tos == ["good@alpha.test"]
+    assert sink.mail_reads[0] == (["MAIL", "RCPT", "RCPT", "RCPT", "DATA"] if pipelining else ["MAIL"])
     (deferred,) = await wait_for_events(stack.config.nats.url, "deferred", 1)
     assert deferred.recipients == ["later@alpha.test"]
     (bounced,) = await wait_for_events(stack.config.nats.url, "bounced", 1)

@@ -12,7 +12,7 @@ import pytest
 from services.core.outcome import Bounced, Deferred, Delivered
 from services.delivery.smtp_session import Connection, SessionSettings, Source, open_connection
 from services.delivery.tls_policy import TlsPolicy
-from tests.support.relais import asubmit, message, read_events, wait_for_events
+from tests.support.raw_smtp import RawServer, serving
 from tests.support.smtp_sink import SMTPSink
 
 BODY = b"Subject: pipelined\r\n\r\n.leading dot\r\nhello\r\n"
@@ -110,23 +110,13 @@ async def test_421_at_an_rcpt_defers_the_rest_and_breaks_the_connection(make_sin
     assert sink.messages == []
 
 
-class ScriptedServer:
+class ScriptedServer(RawServer):
     """Offers PIPELINING and answers a group with scripted writes: `chunks` are written one
     after another (with a pause between), then 250 to the data and to anything after."""
 
     def __init__(self, chunks: Sequence[bytes]) -> None:
+        super().__init__()
         self.chunks = chunks
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 scripted ESMTP\r\n")
@@ -152,17 +142,8 @@ class ScriptedServer:
 
 @pytest.fixture
 async def scripted() -> AsyncIterator:
-    servers: list[ScriptedServer] = []
-
-    async def make(chunks: Sequence[bytes]) -> ScriptedServer:
-        server = ScriptedServer(chunks)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.stop()
+    async with serving(ScriptedServer) as start:
+        yield start
 
 
 REPLIES = (
@@ -192,34 +173,3 @@ async def test_several_replies_per_read_are_all_paired(scripted, chunks: list[by
         assert (noop.code, noop.message) == (250, "2.0.0 ok"), "no reply left over from the group"
     finally:
         await conn.close()
-
-
-async def test_partial_recipients_through_the_pipeline(make_stack, make_sink) -> None:
-    """test_partial_recipients.py against an MX that offers PIPELINING."""
-    sink = make_sink("127.0.0.2", pipelining=True)
-    make_sink("127.0.0.9")  # the sender's MX, where the DSN for bad@ lands
-    sink.rcpt_replies = {
-        "bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user",
-        "later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy",
-    }
-    stack = await make_stack()
-    rcpts = ["good@alpha.test", "bad@alpha.test", "later@alpha.test"]
-    assert (await asubmit(stack.smtp_address, recipients=rcpts, data=message()))[0] == 250
-
-    (first,) = await sink.async_wait_for(1)
-    assert first.rcpt_tos == ["good@alpha.test"]
-    assert sink.mail_reads[0] == ["MAIL", "RCPT", "RCPT", "RCPT", "DATA"]
-    (deferred,) = await wait_for_events(stack.config.nats.url, "deferred", 1)
-    assert deferred.recipients == ["later@alpha.test"]
-    (bounced,) = await wait_for_events(stack.config.nats.url, "bounced", 1)
-    assert bounced.recipients == ["bad@alpha.test"] and bounced.reply["enhanced"] == "5.1.1"
-
-    del sink.rcpt_replies["later@alpha.test"]
-    got = await sink.async_wait_for(2)
-    assert got[1].rcpt_tos == ["later@alpha.test"], "the retry carries only the deferred recipient"
-    await asyncio.sleep(2.5)
-    delivered = [r for m in sink.messages for r in m.rcpt_tos]
-    assert sorted(delivered) == ["good@alpha.test", "later@alpha.test"], "each delivered exactly once"
-    events = await read_events(stack.config.nats.url)
-    to_alpha = [r for e in events if e.kind == "delivered" for r in e.recipients if r.endswith("@alpha.test")]
-    assert sorted(to_alpha) == sorted(delivered)

@@ -15,29 +15,20 @@ from services.delivery.sending import send_job
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import SessionSettings, Source
 from services.delivery.tls_policy import TlsPolicy
+from tests.support.raw_smtp import RawServer, serving
 
 
-class OneShotServer:
+class OneShotServer(RawServer):
     """Takes one message per connection; the next MAIL on it gets 421 and a close (or a plain
     close, `drop=True`), as a server does that dropped a session the client still holds.
     Records every command, so tests can see whether RSET was sent."""
 
     def __init__(self, *, drop: bool = False) -> None:
+        super().__init__()
         self.drop = drop
         self.commands: list[str] = []
         self.connections = 0
         self.delivered = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -73,17 +64,8 @@ class OneShotServer:
 
 @pytest.fixture
 async def make_server() -> AsyncIterator:
-    servers: list[OneShotServer] = []
-
-    async def make(**kwargs: bool) -> OneShotServer:
-        server = OneShotServer(**kwargs)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.stop()
+    async with serving(OneShotServer) as start:
+        yield start
 
 
 async def _send(pool: ConnectionPool, rcpt: str) -> list:
