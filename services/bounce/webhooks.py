@@ -131,15 +131,13 @@ _RECONCILE_INTERVAL = 60.0
 
 class WebhookDispatcher:
     def __init__(self, config: Config, bus: Bus) -> None:
-        self._full_config = config
-        self._config = config.bounce
-        self._accounts = config.accounts
+        self._config = config
         self._bus = bus
 
     async def run(self, stop: asyncio.Event) -> None:
         reconciler = asyncio.create_task(self._reconcile(stop))
         try:
-            if webhook_filters(self._accounts):
+            if webhook_filters(self._config.accounts):
                 await self._post(stop)
             else:
                 await stop.wait()  # no account has a webhook: the consumer does not exist
@@ -152,7 +150,7 @@ class WebhookDispatcher:
         """Keep the consumer's filter what this configuration says (`ensure_webhooks_consumer`)."""
         while not stop.is_set():
             try:
-                await ensure_webhooks_consumer(self._bus.js, self._full_config, reconcile=True)
+                await ensure_webhooks_consumer(self._bus.js, self._config, reconcile=True)
             except Exception as exc:
                 log.warning("could not declare the webhooks consumer: %r", exc)
             with contextlib.suppress(TimeoutError):
@@ -172,7 +170,7 @@ class WebhookDispatcher:
                 if sub is None:
                     sub = await self._bus.js.pull_subscribe_bind(binding.durable, binding.stream)
                 try:
-                    msgs = await sub.fetch(self._config.webhook_batch, timeout=1.0)
+                    msgs = await sub.fetch(self._config.bounce.webhook_batch, timeout=1.0)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
             except asyncio.CancelledError:
@@ -197,7 +195,7 @@ class WebhookDispatcher:
                 account, _ = parse_event_subject(msg.subject)
             except SubjectError:
                 account = ""
-            acct = self._accounts.get(account)
+            acct = self._config.accounts.get(account)
             if acct is None or not acct.webhook_url:
                 await _settle(msg.ack())  # no webhook for this account: nothing to deliver
                 continue
@@ -205,7 +203,7 @@ class WebhookDispatcher:
         await asyncio.gather(*(self._deliver(name, batch) for name, batch in by_account.items()))
 
     async def _deliver(self, account: str, msgs: list[Msg]) -> None:
-        acct = self._accounts[account]
+        acct = self._config.accounts[account]
         body_items: list[dict[str, Any]] = []
         for msg in msgs:
             try:
@@ -232,7 +230,7 @@ class WebhookDispatcher:
                 "webhook post", [m.headers for m in msgs], {telemetry.ACCOUNT: account}
             ) as span:
                 status = await asyncio.to_thread(
-                    post, acct.webhook_url, body, headers, self._config.webhook_timeout
+                    post, acct.webhook_url, body, headers, self._config.bounce.webhook_timeout
                 )
                 span.set_attribute("http.response.status_code", status)
             problem = "" if 200 <= status < 300 else f"HTTP {status}"
@@ -245,7 +243,7 @@ class WebhookDispatcher:
                 await _settle(msg.ack())
             return
         deliveries = max(m.metadata.num_delivered for m in msgs)
-        delay = backoff(deliveries, self._config)
+        delay = backoff(deliveries, self._config.bounce)
         log.warning(
             "webhook of account %s failed (%s); %d event(s) retried in %.1fs",
             account,

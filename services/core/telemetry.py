@@ -340,16 +340,16 @@ def consumer_span(
     links: Sequence[str] = (),
 ) -> Iterator[Span]:
     """A CONSUMER span for processing one message, child of the producer's context."""
-    if not recording():
-        yield from _carry_context(headers, str((attributes or {}).get(MESSAGE_ID, "") or ""))
-        return
-    link_objs = []
-    for traceparent in links:
-        span_ctx = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
-        if span_ctx.is_valid:
-            link_objs.append(Link(span_ctx))
     token = _message_id.set(str((attributes or {}).get(MESSAGE_ID, "") or ""))
     try:
+        if not recording():
+            yield from _carry_context(headers)
+            return
+        link_objs = []
+        for traceparent in links:
+            span_ctx = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
+            if span_ctx.is_valid:
+                link_objs.append(Link(span_ctx))
         with tracer().start_as_current_span(
             f"process {subject}",
             context=extract(headers),
@@ -362,19 +362,17 @@ def consumer_span(
         _message_id.reset(token)
 
 
-def _carry_context(headers: Mapping[str, str] | None, message_id: str) -> Iterator[Span]:
+def _carry_context(headers: Mapping[str, str] | None) -> Iterator[Span]:
     """`consumer_span` without a tracer provider: the producer's context becomes current (what
     the no-op tracer's span amounts to), so the publishes made while processing carry it on."""
-    message_token = _message_id.set(message_id)
-    context_token = None
-    if headers and "traceparent" in headers:
-        context_token = otel_context.attach(extract(headers))
+    if not headers or "traceparent" not in headers:
+        yield trace.get_current_span()
+        return
+    token = otel_context.attach(extract(headers))
     try:
         yield trace.get_current_span()
     finally:
-        if context_token is not None:
-            otel_context.detach(context_token)
-        _message_id.reset(message_token)
+        otel_context.detach(token)
 
 
 @contextmanager
