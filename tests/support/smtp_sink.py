@@ -23,8 +23,6 @@ import asyncio
 import email
 import email.message
 import email.policy
-import random
-import socket
 import ssl
 import threading
 import time
@@ -35,6 +33,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from services.core.embedded import free_port
 
 TEMPFAIL_REPLY = "451 4.3.0 Try again later"
 RCPT_OK_REPLY = "250 OK"
@@ -63,25 +63,9 @@ class ReceivedMessage:
         return message
 
 
-def common_free_port(hosts: Sequence[str], attempts: int = 200) -> int:
+def common_free_port(hosts: Sequence[str]) -> int:
     """A TCP port number that is free on every one of the given hosts right now."""
-    rng = random.SystemRandom()
-    for _ in range(attempts):
-        port = rng.randint(20000, 60000)
-        if all(_tcp_port_free(host, port) for host in hosts):
-            return port
-    raise RuntimeError(f"no port free on all of {list(hosts)} after {attempts} attempts")
-
-
-def _tcp_port_free(host: str, port: int) -> bool:
-    # No SO_REUSEADDR: a port with connections in TIME_WAIT counts as taken, the
-    # conservative answer for a port we are about to hand out.
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+    return free_port(*hosts)
 
 
 class _CountingSMTP(SMTP):
