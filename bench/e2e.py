@@ -393,6 +393,8 @@ RESULTS = REPO / "bench" / "results"
 
 def specs(args: argparse.Namespace) -> list[Spec]:
     combos = COMBOS if not args.quick else COMBOS[:1]
+    if args.load:
+        combos = [(s, r) for s, r in combos if Spec("postfix", s, r).load in args.load]
     out = [Spec("postfix", s, r) for s, r in combos]
     out += [Spec("relais", s, r, nodes=1) for s, r in combos]
     out += [Spec("relais", s, r, nodes=3) for s, r in combos]
@@ -449,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-cap", type=float, default=240.0, help="seconds per row before giving up")
     parser.add_argument("--only", action="append", help="rows whose system label starts with this")
     parser.add_argument("--quick", action="store_true", help="2KB/1rcpt only")
+    parser.add_argument("--load", action="append", help="only this load, e.g. 50KB/1rcpt (repeatable)")
     parser.add_argument("--driver", choices=["smtp-source", "python"], default="smtp-source")
     parser.add_argument("--profile", choices=SERVICES, help="py-spy record this service in every Relais row")
     parser.add_argument("--sync-always", action="store_true", help="nats-server fsyncs every write")

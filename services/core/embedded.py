@@ -124,6 +124,9 @@ class EmbeddedNats:
     monitor_port: int = 0
     # fsync every write (`sync_interval: always`) instead of nats-server's periodic sync.
     sync_always: bool = False
+    # GOMAXPROCS for the server; 0 leaves Go's default (every core of the machine, or the
+    # container's CPU limit). Nodes of a cluster that share one machine are given their share.
+    cpus: int = 0
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -169,10 +172,12 @@ class EmbeddedNats:
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self._config_text())
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        env = {**os.environ, "GOMAXPROCS": str(self.cpus)} if self.cpus else None
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],
             stdout=out,
             stderr=out,
+            env=env,
             start_new_session=True,
         )
         if wait:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import nats
 
 from services.core.embedded import EmbeddedNats
+from tests.support.cluster import NatsCluster
 
 
 async def test_jetstream_is_ready_and_persists_across_restart(nats_server: EmbeddedNats) -> None:
@@ -26,3 +30,25 @@ async def test_jetstream_is_ready_and_persists_across_restart(nats_server: Embed
         assert message.data == b"hello"
     finally:
         await client.close()
+
+
+def test_cluster_nodes_split_the_machines_cores(tmp_path: Path) -> None:
+    """Nodes sharing one machine get GOMAXPROCS = their share of its cores; a lone node keeps Go's default."""
+    share = str(max(1, (os.cpu_count() or 1) // 3))
+    cluster = NatsCluster(tmp_path / "three", size=3)
+    single = NatsCluster(tmp_path / "one", size=1)
+    try:
+        cluster.start()
+        single.start()
+        for node in cluster.nodes:
+            assert _environ(node).get("GOMAXPROCS") == share
+        assert _environ(single.nodes[0]).get("GOMAXPROCS") == os.environ.get("GOMAXPROCS")
+    finally:
+        cluster.stop()
+        single.stop()
+
+
+def _environ(node: EmbeddedNats) -> dict[str, str]:
+    assert node.process is not None
+    raw = Path(f"/proc/{node.process.pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,6 +59,11 @@ class NatsCluster:
     ) -> None:
         self.size = size
         ports = [free_port(host) for _ in range(size)]
+        # Nodes on one machine split its cores, as each would get its own CPU limit in
+        # Kubernetes (Go sizes GOMAXPROCS to it). Three nodes that each schedule goroutines on
+        # both cores of this machine spent over a third of their samples in Go's scheduler
+        # (perf: findRunnable, sysmon); with a core each, their CPU per message fell by ~10%.
+        cpus = max(1, (os.cpu_count() or 1) // size) if size > 1 else 0
         self.nodes: list[EmbeddedNats] = []
         for i in range(size):
             peer = None
@@ -75,6 +81,7 @@ class NatsCluster:
                     log_file=base_dir / f"nats-{i}.log",
                     monitor_port=free_port(host) if monitor else 0,
                     sync_always=sync_always,
+                    cpus=cpus,
                 )
             )
 
