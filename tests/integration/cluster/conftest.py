@@ -21,8 +21,8 @@ from tests.support.relais import ACCOUNT, PASSWORD
 from tests.support.smtp_load import Result, Submission, run_load
 
 # Every scenario: this many messages at this pace, i.e. about 20 s of steady load.
-MESSAGES = 1000
-RATE = 60.0
+MESSAGES = 3000
+RATE = 150.0
 SESSIONS = 20
 
 
