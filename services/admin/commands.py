@@ -151,10 +151,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the admin subcommands to `relais`' parser."""
-    p = sub.add_parser("status", help="streams, consumer lag per pool, rates, deferred mail per site, pauses")
+    p = sub.add_parser(
+        "status", help="streams, consumer lag per pool, rates, queued and deferred mail per site, pauses"
+    )
     _common(p)
     p.add_argument("--interval", type=float, default=1.0, help="seconds to sample outcome rates (0: skip)")
-    p.add_argument("--no-scan", action="store_true", help="skip counting deferred mail per site")
+    p.add_argument("--no-scan", action="store_true", help="skip counting queued and deferred mail per site")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("message", help="the history of one message: received, attempts, outcome, trace id")

@@ -20,14 +20,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from nats.js.api import Header
+from nats.js.api import Header, RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from services.core import telemetry as t
 from services.core.bus import Bus
 from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDecodeError
 from services.core.outcome import Bounced, Reply
-from services.core.topology import bounce_subject, retry_filters
+from services.core.topology import DELIVER_STREAM, bounce_subject, deliver_filter, retry_filters
 
 ADMIN_COMMAND = "ADMIN"
 
@@ -52,24 +52,39 @@ def matches_site(env: Envelope, site: str) -> bool:
     return site in ("*", "all") or site in (env.site.lower().rstrip("."), env.domain.lower().rstrip("."))
 
 
+async def _stored(
+    bus: Bus, stream: str, subject_filter: str, limit: int
+) -> AsyncIterator[tuple[RawStreamMsg, Envelope]]:
+    """The envelopes stored on a subject filter, in sequence order (message get, no consumer)."""
+    seq = 1
+    for _ in range(limit):
+        try:
+            raw = await bus.js.get_msg(stream, seq=seq, subject=subject_filter, next=True)
+        except NotFoundError:
+            return
+        seq = (raw.seq or seq) + 1
+        try:
+            env = Envelope.from_msgpack(raw.data or b"")
+        except EnvelopeDecodeError:
+            continue
+        yield raw, env
+
+
 async def scheduled_jobs(bus: Bus, limit: int = 1_000_000) -> AsyncIterator[Scheduled]:
     """Every retry schedule currently stored, stream by stream, in sequence order."""
     for stream, subject_filter in retry_filters():
-        seq = 1
-        for _ in range(limit):
-            try:
-                raw = await bus.js.get_msg(stream, seq=seq, subject=subject_filter, next=True)
-            except NotFoundError:
-                break
-            seq = (raw.seq or seq) + 1
+        async for raw, env in _stored(bus, stream, subject_filter, limit):
             headers = dict(raw.headers or {})
-            try:
-                env = Envelope.from_msgpack(raw.data or b"")
-            except EnvelopeDecodeError:
-                continue
             target = headers.get(Header.SCHEDULE_TARGET, "")
             if target:
                 yield Scheduled(stream, raw.seq or 0, raw.subject or "", target, headers, env)
+
+
+async def queued_jobs(bus: Bus, limit: int = 1_000_000) -> AsyncIterator[Envelope]:
+    """Delivery jobs waiting for a delivery worker or in one's hands now; deferred ones are not
+    here but in `scheduled_jobs`."""
+    async for _, env in _stored(bus, DELIVER_STREAM, deliver_filter(), limit):
+        yield env
 
 
 def _carried_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -122,12 +137,22 @@ async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
 
 async def deferred_by_site(bus: Bus, limit: int = 100_000) -> tuple[dict[str, int], bool]:
     """Deferred recipients per site (for `relais status`); True when the scan hit the limit."""
+    return await _recipients_by_site((job.envelope async for job in scheduled_jobs(bus, limit + 1)), limit)
+
+
+async def queued_by_site(bus: Bus, limit: int = 100_000) -> tuple[dict[str, int], bool]:
+    """Recipients queued for delivery now, per site: where a backlog is (Postfix's qshape)."""
+    return await _recipients_by_site(queued_jobs(bus, limit + 1), limit)
+
+
+async def _recipients_by_site(jobs: AsyncIterator[Envelope], limit: int) -> tuple[dict[str, int], bool]:
     counts: dict[str, int] = {}
     seen = 0
-    async for job in scheduled_jobs(bus):
+    async for env in jobs:
         seen += 1
         if seen > limit:
             return counts, True
-        site = job.envelope.site or job.envelope.domain or "?"
-        counts[site] = counts.get(site, 0) + len(job.envelope.recipients)
+        # Jobs deferred before MX resolution have no site yet: their domain stands in.
+        site = env.site or env.domain or "?"
+        counts[site] = counts.get(site, 0) + len(env.recipients)
     return counts, False

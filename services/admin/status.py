@@ -1,4 +1,5 @@
-"""`relais status`: streams, consumers (lag per pool), outcome rates, deferred mail per site, pauses.
+"""`relais status`: streams, consumers (lag per pool), outcome rates, queued and deferred mail per
+site, pauses.
 
 Everything is read from NATS, so it works against any cluster. Rates are measured, not stored:
 the events stream's per-subject counts are sampled twice, `interval` seconds apart.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from services.admin.queue import deferred_by_site
+from services.admin.queue import deferred_by_site, queued_by_site
 from services.core.bus import Bus
 from services.core.pause import Pause, PauseState
 from services.core.topology import (
@@ -48,6 +49,8 @@ class Status:
     consumers: list[ConsumerRow] = field(default_factory=list)
     rates: dict[str, float] = field(default_factory=dict)
     interval: float = 0.0
+    queued_sites: dict[str, int] = field(default_factory=dict)
+    queued_truncated: bool = False
     deferred_sites: dict[str, int] = field(default_factory=dict)
     deferred_truncated: bool = False
     paused: list[Pause] = field(default_factory=list)
@@ -93,6 +96,7 @@ async def collect_status(bus: Bus, *, interval: float = 1.0, scan_sites: bool = 
                 )
             )
     if scan_sites:
+        status.queued_sites, status.queued_truncated = await queued_by_site(bus)
         status.deferred_sites, status.deferred_truncated = await deferred_by_site(bus)
     status.paused = await PauseState(bus.js).paused()
     return status
@@ -116,13 +120,10 @@ def render_status(status: Status) -> str:
         rates = "  ".join(f"{k} {v:.1f}/s" for k, v in status.rates.items() if k != "complained" or v)
         out.append(f"RATES (over {status.interval:.0f}s)  {rates}")
     out.append("")
-    if status.deferred_sites:
-        note = " (scan truncated)" if status.deferred_truncated else ""
-        out.append(f"DEFERRED RECIPIENTS BY SITE{note}")
-        for site, n in sorted(status.deferred_sites.items(), key=lambda kv: (-kv[1], kv[0])):
-            out.append(f"  {site:<40} {n:>7}")
-    else:
-        out.append("DEFERRED: none")
+    waiting = " (waiting for delivery or in it)"
+    out += _by_site("QUEUED", status.queued_sites, status.queued_truncated, waiting)
+    out.append("")
+    out += _by_site("DEFERRED", status.deferred_sites, status.deferred_truncated)
     out.append("")
     if status.paused:
         out.append("PAUSED")
@@ -132,3 +133,13 @@ def render_status(status: Status) -> str:
     else:
         out.append("PAUSED: nothing")
     return "\n".join(out)
+
+
+def _by_site(title: str, sites: dict[str, int], truncated: bool, what: str = "") -> list[str]:
+    if not sites:
+        return [f"{title}: none"]
+    note = " (scan truncated)" if truncated else ""
+    lines = [f"{title} RECIPIENTS BY SITE{what}{note}"]
+    for site, n in sorted(sites.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {site:<40} {n:>7}")
+    return lines

@@ -106,6 +106,11 @@ def deliver_subject(pool: str) -> str:
     return f"{PREFIX}.deliver.{_token(pool, 'pool')}"
 
 
+def deliver_filter() -> str:
+    """Every pool's delivery jobs (not their retry schedules)."""
+    return f"{PREFIX}.deliver.>"
+
+
 def deliver_retry_subject(key: str, attempt: int) -> str:
     return f"{PREFIX}.retry.deliver.{_token(key, 'key')}.{attempt}"
 
@@ -259,7 +264,7 @@ def stream_configs(config: Config) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=DELIVER_STREAM,
-            subjects=[f"{PREFIX}.deliver.>", _DELIVER_RETRIES],
+            subjects=[deliver_filter(), _DELIVER_RETRIES],
             retention=RetentionPolicy.WORK_QUEUE,
             allow_msg_schedules=True,
             **common,

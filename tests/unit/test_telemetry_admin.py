@@ -6,6 +6,7 @@ import pytest
 
 from services.admin.history import arrival_of, render_history
 from services.admin.queue import admin_bounce_reply, matches_site
+from services.admin.status import Status, render_status
 from services.admin.trace import render_message, render_tree, trace_ids_for
 from services.core import telemetry as t
 from services.core.envelope import BodyRef, Envelope
@@ -173,3 +174,18 @@ def test_a_dsn_shows_in_the_history_of_the_message_it_reports_on() -> None:
     text = render_history("m1", [bounced, delivered])
     assert "DSN d1 to s@acme.test" in text
     assert text.splitlines()[-1] == "final: bounced"
+
+
+def test_status_lists_queued_and_deferred_recipients_by_site_largest_first() -> None:
+    status = Status(
+        queued_sites={"beta.test": 1, "alpha.test": 7},
+        queued_truncated=True,
+        deferred_sites={"gamma.test": 2},
+    )
+    out = render_status(status).split("\n\n")
+    queued = next(block for block in out if block.startswith("QUEUED")).splitlines()
+    assert queued[0] == "QUEUED RECIPIENTS BY SITE (waiting for delivery or in it) (scan truncated)"
+    assert [line.split() for line in queued[1:]] == [["alpha.test", "7"], ["beta.test", "1"]]
+    deferred = next(block for block in out if block.startswith("DEFERRED")).splitlines()
+    assert deferred == ["DEFERRED RECIPIENTS BY SITE", "  gamma.test                                     2"]
+    assert "QUEUED: none" in render_status(Status())

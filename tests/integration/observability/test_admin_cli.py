@@ -8,8 +8,10 @@ import email
 import os
 import sys
 
+import nats
 from flufl.bounce import all_failures
 
+from services.core.topology import DELIVER_STREAM
 from tests.support.relais import REPO, RelaisStack, asubmit, message, read_events, wait_for_events
 
 HOUR = 3600.0
@@ -82,6 +84,28 @@ async def test_pause_and_resume_show_in_status(stack: RelaisStack) -> None:
     assert "PAUSED: nothing" in out, out
     rc, out = await relais("pause", "planet", "mars", nats_url=url)
     assert rc != 0
+
+
+async def test_status_shows_the_mail_queued_for_delivery_by_site(make_stack) -> None:
+    # No delivery service: routed jobs wait in the delivery stream, as behind a slow site.
+    stack = await make_stack(services=("ingress", "router"))
+    url = stack.config.nats.url
+    for recipients in (["a@alpha.test", "b@alpha.test"], ["c@beta.test"], ["d@alpha.test"]):
+        code, _ = await asubmit(stack.smtp_address, recipients=recipients, data=message())
+        assert code == 250
+    client = await nats.connect(url)
+    try:
+        for _ in range(100):
+            if (await client.jetstream().stream_info(DELIVER_STREAM)).state.messages == 3:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    assert rc == 0, out
+    queued = out.split("QUEUED RECIPIENTS BY SITE", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert [line.split() for line in queued] == [["alpha.test", "3"], ["beta.test", "1"]], out
+    assert "DEFERRED: none" in out, out
 
 
 async def test_requeue_retries_deferred_mail_for_a_site_now(make_stack, make_sink) -> None:

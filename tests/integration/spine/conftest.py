@@ -21,6 +21,7 @@ from tests.support.smtp_sink import SMTPSink
 
 DOMAINS = {"alpha.test": "127.0.0.2", "beta.test": "127.0.0.3", "gamma.test": "127.0.0.4"}
 SENDER_MX = "127.0.0.9"
+SERVICES = ("ingress", "router", "delivery", "bounce")
 
 
 @pytest.fixture
@@ -42,11 +43,11 @@ def sender_mx(make_sink: Callable[..., SMTPSink]) -> SMTPSink:
 def make_stack(nats_server: EmbeddedNats, zone: DNSServer, sink_port: int) -> Callable[..., Any]:
     stacks: list[RelaisStack] = []
 
-    async def make(**sections: Any) -> RelaisStack:
+    async def make(services: tuple[str, ...] = SERVICES, **sections: Any) -> RelaisStack:
         config = make_config(nats_url=nats_server.url, dns_port=zone.port, smtp_port=sink_port, **sections)
         stack = RelaisStack(config)
         stacks.append(stack)
-        await stack.start()
+        await stack.start(services)
         return stack
 
     make.stacks = stacks  # type: ignore[attr-defined]
