@@ -55,7 +55,7 @@ from bench.common import (  # noqa: E402
     table,
 )
 from tests.support.cluster import Cluster, EventLog  # noqa: E402
-from tests.support.relais import ACCOUNT, PASSWORD  # noqa: E402
+from tests.support.relais import ACCOUNT, PASSWORD, SERVICES  # noqa: E402
 from tests.support.smtp_load import Submission, run_load  # noqa: E402
 from tests.support.smtp_sink import common_free_port  # noqa: E402
 
@@ -67,7 +67,6 @@ COMBOS = [(2048, 1), (51200, 1), (2048, 10), (51200, 10)]
 SESSIONS = 20
 # Issue #9: Postfix 3.7 on a quiet 2-core machine of the same kind (msg/s, end to end).
 TARGETS = {(2048, 1): 592, (51200, 1): 448, (2048, 10): 361, (51200, 10): 302}
-SERVICES = ("ingress", "router", "delivery", "bounce")
 
 
 @dataclass

@@ -34,10 +34,9 @@ from services.core.config import Config
 from services.core.embedded import ClusterPeer, EmbeddedNats, free_port, wait_for_port
 from services.core.topology import EVENTS_STREAM, events_filter
 from tests.support.dns_server import DNSServer
-from tests.support.relais import ServiceProcess, config_to_toml, make_config
+from tests.support.relais import SERVICES, ServiceProcess, config_to_toml, make_config
 from tests.support.smtp_sink import SMTPSink, common_free_port
 
-SERVICES = ("ingress", "router", "delivery", "bounce")
 SENDER_DOMAIN = "acme.test"
 SENDER_MX = "127.0.0.9"
 DEFAULT_DOMAINS = {"alpha.test": "127.0.0.2", "beta.test": "127.0.0.3", "gamma.test": "127.0.0.4"}

@@ -19,6 +19,7 @@ from typing import Any
 import nats
 
 from services.bounce.service import BounceService
+from services.cli import SERVICES
 from services.core.accounts import hash_password
 from services.core.bus import Bus
 from services.core.config import (
@@ -136,7 +137,7 @@ class RelaisStack:
         host, _, port = self.config.ingress.listen.rpartition(":")
         return host, int(port)
 
-    async def start(self, services: Iterable[str] = ("ingress", "router", "delivery", "bounce")) -> None:
+    async def start(self, services: Iterable[str] = SERVICES) -> None:
         builders = {"router": RouterService, "delivery": DeliveryService, "bounce": BounceService}
         for name in services:
             bus = await start_bus(self.config, f"test-{name}", attempts=5)

@@ -20,7 +20,7 @@ import pytest
 from services.core.config import PoolConfig, SourceConfig
 from services.core.embedded import EmbeddedNats
 from tests.support.dns_server import DNSServer
-from tests.support.relais import RelaisStack, asubmit, make_config, message
+from tests.support.relais import SERVICES, RelaisStack, asubmit, make_config, message
 
 DOMAINS = {"alpha.test": "127.0.0.2", "beta.test": "127.0.0.3"}
 SENDER_MX = "127.0.0.9"
@@ -62,7 +62,7 @@ def make_stack(nats_server: EmbeddedNats, zone: DNSServer, sink_port: int) -> An
     """make_stack(services=(...), **config sections) -> a started RelaisStack; all stopped at teardown."""
     stacks: list[RelaisStack] = []
 
-    async def make(services: tuple[str, ...] = ("ingress", "router", "delivery", "bounce"), **sections: Any):
+    async def make(services: tuple[str, ...] = SERVICES, **sections: Any):
         sections.setdefault("pools", pools(SOURCE_A))
         delivery = {
             "pause_recheck": 1.0,

@@ -22,7 +22,15 @@ import pytest
 from services.core.config import AccountConfig
 from services.core.embedded import EmbeddedNats
 from tests.support.dns_server import DNSServer
-from tests.support.relais import ACCOUNT, PASSWORD, SENDER_DOMAIN, RelaisStack, make_config, password_hash
+from tests.support.relais import (
+    ACCOUNT,
+    PASSWORD,
+    SENDER_DOMAIN,
+    SERVICES,
+    RelaisStack,
+    make_config,
+    password_hash,
+)
 
 DOMAINS = {"alpha.test": "127.0.0.2", "beta.test": "127.0.0.3", "gamma.test": "127.0.0.4"}
 SENDER_MX = "127.0.0.9"
@@ -54,7 +62,7 @@ def make_stack(nats_server: EmbeddedNats, zone: DNSServer, sink_port: int) -> Ca
     """make_stack(services=(...), **config sections) -> a started RelaisStack, stopped at teardown."""
     stacks: list[RelaisStack] = []
 
-    async def make(services: Sequence[str] = ("ingress", "router", "delivery", "bounce"), **sections: Any):
+    async def make(services: Sequence[str] = SERVICES, **sections: Any):
         config = make_config(nats_url=nats_server.url, dns_port=zone.port, smtp_port=sink_port, **sections)
         stack = RelaisStack(config)
         stacks.append(stack)

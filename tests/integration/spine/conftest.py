@@ -16,12 +16,11 @@ import pytest
 
 from services.core.embedded import EmbeddedNats
 from tests.support.dns_server import DNSServer
-from tests.support.relais import RelaisStack, make_config
+from tests.support.relais import SERVICES, RelaisStack, make_config
 from tests.support.smtp_sink import SMTPSink
 
 DOMAINS = {"alpha.test": "127.0.0.2", "beta.test": "127.0.0.3", "gamma.test": "127.0.0.4"}
 SENDER_MX = "127.0.0.9"
-SERVICES = ("ingress", "router", "delivery", "bounce")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from services.core.embedded import EmbeddedNats
 from tests.support.relais import (
+    SERVICES,
     RelaisStack,
     ServiceProcess,
     asubmit,
@@ -56,9 +57,7 @@ async def test_router_and_delivery_killed_mid_flight_lose_nothing(
     )
     path = tmp_path / "relais.toml"
     path.write_text(config_to_toml(config))
-    procs = {
-        name: ServiceProcess(name, path, tmp_path) for name in ("ingress", "router", "delivery", "bounce")
-    }
+    procs = {name: ServiceProcess(name, path, tmp_path) for name in SERVICES}
     try:
         for proc in procs.values():
             proc.start()
