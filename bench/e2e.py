@@ -54,10 +54,10 @@ from bench.common import (  # noqa: E402
     stop_profilers,
     table,
 )
+from services.core.embedded import free_port  # noqa: E402
 from tests.support.cluster import Cluster, EventLog  # noqa: E402
 from tests.support.relais import ACCOUNT, PASSWORD, SERVICES  # noqa: E402
 from tests.support.smtp_load import Submission, run_load  # noqa: E402
-from tests.support.smtp_sink import common_free_port  # noqa: E402
 
 DEST_DOMAIN = "dest.test"
 DEST_IP = "127.0.0.21"
@@ -86,7 +86,11 @@ class Spec:
 
     @property
     def load(self) -> str:
-        return f"{self.size // 1024}KB/{self.rcpts}rcpt"
+        return load_label(self.size, self.rcpts)
+
+
+def load_label(size: int, rcpts: int) -> str:
+    return f"{size // 1024}KB/{rcpts}rcpt"
 
 
 # -- accounting snapshots --------------------------------------------------------------------------
@@ -289,7 +293,7 @@ def run_relais(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, An
 
 
 def run_postfix(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    port = common_free_port([POSTFIX_IP, DEST_IP])
+    port = free_port(POSTFIX_IP, DEST_IP)
     dump = work / "dump"
     sink = SmtpSink(DEST_IP, port, dump)
     instance = postfix_mod.PostfixInstance(work / "postfix", listen=(POSTFIX_IP, port), relay=(DEST_IP, port))
@@ -393,7 +397,7 @@ RESULTS = REPO / "bench" / "results"
 def specs(args: argparse.Namespace) -> list[Spec]:
     combos = COMBOS if not args.quick else COMBOS[:1]
     if args.load:
-        combos = [(s, r) for s, r in combos if Spec("postfix", s, r).load in args.load]
+        combos = [(s, r) for s, r in combos if load_label(s, r) in args.load]
     out = [Spec("postfix", s, r) for s, r in combos]
     out += [Spec("relais", s, r, nodes=1) for s, r in combos]
     out += [Spec("relais", s, r, nodes=3) for s, r in combos]
@@ -529,15 +533,16 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_postfix"] = row["delivered_per_s"] / pf["delivered_per_s"]
     print()
     print(table(rows, [*COLUMNS, "vs_postfix"] + (["round"] if args.rounds > 1 else [])))
-    if args.rounds > 1:
+    summary = medians(rows) if args.rounds > 1 else []
+    if summary:
         print(f"\nMedians over {args.rounds} rounds (ratio: to Postfix in the same round):")
         summary_columns = ["system", "load", "rounds", "delivered_per_s", "vs_postfix", "vs_postfix_range"]
-        print(table(medians(rows), summary_columns))
+        print(table(summary, summary_columns))
     nats_cols = sorted({k for r in rows for k in r if k.startswith("nats_")})
     if nats_cols:
         print("\nNATS messages per mail, published/received, by client:")
         print(table([r for r in rows if r["system"] != "postfix"], ["system", "load", *nats_cols]))
-    write_json(out, args, rows, medians(rows) if args.rounds > 1 else [])
+    write_json(out, args, rows, summary)
     print(f"\nwrote {out.relative_to(REPO)}")
     return 0
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.dns_server import DNSServer
-from tests.support.smtp_sink import SMTPSink, common_free_port
+from tests.support.smtp_sink import SMTPSink
 
 if TYPE_CHECKING:
     # Imported lazily: a half-written services package must not break collecting every test.
@@ -58,7 +58,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 
 @pytest.fixture
 def sink_port() -> int:
-    return common_free_port(SINK_HOSTS)
+    from services.core.embedded import free_port
+
+    return free_port(*SINK_HOSTS)
 
 
 @pytest.fixture

@@ -68,26 +68,28 @@ Up = tuple[subprocess.Popen[bytes], Path, int]
 def up(tmp_path: Path) -> Iterator[Up]:
     data = tmp_path / "relais-data"
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data), "--port", str(port)],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield proc, data, port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pid in started_by(data):  # whatever a failed test left behind
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    # Its output goes to a file: a pipe nobody reads would block it once full.
+    with open(tmp_path / "relais-up.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data), "--port", str(port)],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield proc, data, port
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            for pid in started_by(data):  # whatever a failed test left behind
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_relais_up_from_submission_to_mailbox_and_trace(up: Up) -> None:

@@ -35,7 +35,7 @@ from services.core.embedded import ClusterPeer, EmbeddedNats, free_port, wait_fo
 from services.core.topology import EVENTS_STREAM, events_filter
 from tests.support.dns_server import DNSServer
 from tests.support.relais import SERVICES, ServiceProcess, config_to_toml, make_config
-from tests.support.smtp_sink import SMTPSink, common_free_port
+from tests.support.smtp_sink import SMTPSink
 
 SENDER_DOMAIN = "acme.test"
 SENDER_MX = "127.0.0.9"
@@ -193,7 +193,7 @@ class Cluster:
         self.nats = NatsCluster(self.base_dir, nats_nodes, monitor=nats_monitor, sync_always=nats_sync_always)
         self.dns = DNSServer("127.0.0.1")
         hosts = [*self.domains.values(), SENDER_MX]
-        self.sink_port = sink_port or common_free_port(hosts)
+        self.sink_port = sink_port or free_port(*hosts)
         # bench/e2e.py swaps the aiosmtpd sinks for Postfix's smtp-sink; anything with start/stop.
         make_sink = sink_factory or (lambda host, port: SMTPSink(host, port))
         self.sinks: dict[str, Any] = {d: make_sink(ip, self.sink_port) for d, ip in self.domains.items()}

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 
-class RawServer:
+class RawServer(ABC):
     """A TCP server on 127.0.0.1 (a free port) whose connections go to `_serve`."""
 
     def __init__(self) -> None:
@@ -26,8 +27,9 @@ class RawServer:
             self._server.close()
             await self._server.wait_closed()
 
+    @abstractmethod
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
+        """Play one connection's side of the dialogue."""
 
 
 S = TypeVar("S", bound=RawServer)

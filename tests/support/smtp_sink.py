@@ -3,7 +3,7 @@
 Each sink listens on its own loopback address, so several "remote MXs" can share one port
 number, as real MXs all listen on 25:
 
-    port = common_free_port(["127.0.0.2", "127.0.0.3"])
+    port = free_port("127.0.0.2", "127.0.0.3")  # services.core.embedded
     with SMTPSink("127.0.0.2", port) as mx1, SMTPSink("127.0.0.3", port) as mx2:
         ...
 
@@ -26,15 +26,12 @@ import email.policy
 import ssl
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
-
-from services.core.embedded import free_port
 
 TEMPFAIL_REPLY = "451 4.3.0 Try again later"
 RCPT_OK_REPLY = "250 OK"
@@ -61,11 +58,6 @@ class ReceivedMessage:
         message = email.message_from_bytes(self.data, policy=email.policy.default)
         assert isinstance(message, email.message.EmailMessage)
         return message
-
-
-def common_free_port(hosts: Sequence[str]) -> int:
-    """A TCP port number that is free on every one of the given hosts right now."""
-    return free_port(*hosts)
 
 
 class _CountingSMTP(SMTP):
