@@ -38,6 +38,7 @@ from services.core.returnpath import parse_verp, verify, verp_address  # noqa: E
 from services.core.runtime import start_bus  # noqa: E402
 from services.core.topology import EVENTS_STREAM, inbound_subject  # noqa: E402
 from tests.support.bounce_samples import postfix_dsn  # noqa: E402
+from tests.support.signals import unwind_on_sigterm  # noqa: E402
 
 SECRET = "bench-secret-0123456789"
 DOMAIN = "bounces.bench.test"
@@ -208,4 +209,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     main()

@@ -46,6 +46,7 @@ from services.core.runtime import start_bus  # noqa: E402
 from services.core.topology import EVENTS_STREAM, deliver_subject  # noqa: E402
 from tests.support.dns_server import DNSServer  # noqa: E402
 from tests.support.relais import ServiceProcess, config_to_toml, make_config  # noqa: E402
+from tests.support.signals import unwind_on_sigterm  # noqa: E402
 
 SINK_HOST = "127.0.0.2"
 CONCURRENCY = 32
@@ -237,4 +238,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     main()

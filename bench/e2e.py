@@ -57,6 +57,7 @@ from bench.common import (  # noqa: E402
 from services.core.embedded import free_port  # noqa: E402
 from tests.support.cluster import Cluster, EventLog  # noqa: E402
 from tests.support.relais import ACCOUNT, PASSWORD, SERVICES  # noqa: E402
+from tests.support.signals import unwind_on_sigterm  # noqa: E402
 from tests.support.smtp_load import Submission, run_load  # noqa: E402
 
 DEST_DOMAIN = "dest.test"
@@ -548,4 +549,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     raise SystemExit(main())

@@ -23,7 +23,11 @@ from pathlib import Path
 
 import aiosmtplib
 
-from services.core.embedded import free_port, wait_for_port
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.core.embedded import free_port, wait_for_port  # noqa: E402
+from tests.support.signals import unwind_on_sigterm  # noqa: E402
 
 
 def message(i: int) -> bytes:
@@ -71,12 +75,14 @@ def main() -> int:
         data = Path(tmp) / "relais-data"
         port = free_port()
         started = time.monotonic()
+        # A file, not a pipe: nobody reads while it runs, and a full pipe would block it.
+        output = (Path(tmp) / "relais-up.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data), "--port", str(port)],
-            stdout=subprocess.PIPE,
+            stdout=output,
             stderr=subprocess.STDOUT,
             cwd=tmp,
-            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
         )
         try:
             wait_for_port("127.0.0.1", port, timeout=60)
@@ -99,6 +105,8 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+            output.close()
 
     rows = [
         ("relais up ready (s)", f"{ready:.2f}"),
@@ -117,4 +125,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     sys.exit(main())

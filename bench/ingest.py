@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import connz, stop_profilers  # noqa: E402
 from services.core.accounts import hash_password  # noqa: E402
 from services.core.embedded import EmbeddedNats, free_port, wait_for_port  # noqa: E402
+from tests.support.signals import unwind_on_sigterm  # noqa: E402
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 PASSWORD = "bench-password-123"
@@ -295,4 +296,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     asyncio.run(main())

@@ -37,6 +37,7 @@ from services.core.dns import make_resolver
 from services.router.service import destination
 from services.router.sites import SiteRules
 from tests.support.dns_server import DNSServer
+from tests.support.signals import unwind_on_sigterm
 
 PROVIDERS = 20  # hosting providers; every 4th domain uses the "bigmail" provider (a site rule)
 
@@ -261,4 +262,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     main()

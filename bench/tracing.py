@@ -46,6 +46,7 @@ BODY = (
     f"From: Bench <news@{SENDER_DOMAIN}>\r\nTo: r@dest.test\r\nSubject: tracing bench\r\n"
     "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n" + "Hello, traced world.\r\n" * 40
 ).encode()
+from tests.support.signals import unwind_on_sigterm  # noqa: E402
 
 
 def submit_all(address: tuple[str, int], total: int, clients: int, deadline: float) -> int:
@@ -236,4 +237,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    unwind_on_sigterm()
     raise SystemExit(main())

@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.certs import TestPKI, make_test_pki
 from tests.support.dns_server import DNSServer
+from tests.support.signals import unwind_on_sigterm
 from tests.support.smtp_sink import SMTPSink
 
 if TYPE_CHECKING:
@@ -21,6 +22,11 @@ _TESTS_DIR = Path(__file__).parent
 _TIER_MARKERS = {"unit": pytest.mark.unit, "integration": pytest.mark.integration}
 # Hosts the sinks may use; 127.0.0.1 is left to the services under test and the DNS server.
 SINK_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A CI timeout or a `kill` then tears the fixtures down: no server outlives the run.
+    unwind_on_sigterm()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
