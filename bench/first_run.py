@@ -76,14 +76,15 @@ def main() -> int:
         port = free_port()
         started = time.monotonic()
         # A file, not a pipe: nobody reads while it runs, and a full pipe would block it.
-        output = (Path(tmp) / "relais-up.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data), "--port", str(port)],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            cwd=tmp,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
+        # The child keeps its own descriptor of the file once started.
+        with (Path(tmp) / "relais-up.log").open("wb") as output:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data), "--port", str(port)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                cwd=tmp,
+                env=dict(os.environ, PYTHONPATH=str(REPO)),
+            )
         try:
             wait_for_port("127.0.0.1", port, timeout=60)
             ready = time.monotonic() - started
@@ -106,7 +107,6 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            output.close()
 
     rows = [
         ("relais up ready (s)", f"{ready:.2f}"),
