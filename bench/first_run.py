@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from services.core.embedded import free_port, wait_for_port  # noqa: E402
+from tests.support.relais import relais_up  # noqa: E402
 from tests.support.signals import unwind_on_sigterm  # noqa: E402
 
 
@@ -75,17 +73,7 @@ def main() -> int:
         data = Path(tmp) / "relais-data"
         port = free_port()
         started = time.monotonic()
-        # A file, not a pipe: nobody reads while it runs, and a full pipe would block it.
-        # The child keeps its own descriptor of the file once started.
-        with (Path(tmp) / "relais-up.log").open("wb") as output:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data), "--port", str(port)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=tmp,
-                env=dict(os.environ, PYTHONPATH=str(REPO)),
-            )
-        try:
+        with relais_up(data, port, Path(tmp)):
             wait_for_port("127.0.0.1", port, timeout=60)
             ready = time.monotonic() - started
             password = (data / "demo-password.txt").read_text().strip()
@@ -100,13 +88,6 @@ def main() -> int:
                     break
                 time.sleep(0.05)
             total_secs = time.monotonic() - t0
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
     rows = [
         ("relais up ready (s)", f"{ready:.2f}"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from services.core.embedded import free_port, wait_for_port
+from tests.support.relais import relais_up
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -68,28 +69,13 @@ Up = tuple[subprocess.Popen[bytes], Path, int]
 def up(tmp_path: Path) -> Iterator[Up]:
     data = tmp_path / "relais-data"
     port = free_port()
-    # Its output goes to a file: a pipe nobody reads would block it once full.
-    with open(tmp_path / "relais-up.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data), "--port", str(port)],
-            cwd=tmp_path,
-            env=ENV,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
+    try:
+        with relais_up(data, port, tmp_path) as proc:
             yield proc, data, port
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            for pid in started_by(data):  # whatever a failed test left behind
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+    finally:
+        for pid in started_by(data):  # whatever a failed test left behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_relais_up_from_submission_to_mailbox_and_trace(up: Up) -> None:

@@ -12,7 +12,7 @@ import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +320,31 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def relais_up(data_dir: Path, port: int, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`relais up` as the README has a user run it, with its output in `cwd/relais-up.log` (a pipe
+    nobody reads would block it once full). Stopped with Ctrl-C (SIGINT) on leaving, unless it
+    already exited; killed if that takes over 30 s."""
+    with open(cwd / "relais-up.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
+            cwd=cwd,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def wait_listening(address: tuple[str, int], timeout: float = 20.0) -> None:
