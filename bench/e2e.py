@@ -50,11 +50,10 @@ from bench.common import (  # noqa: E402
     peak_rss_mb,
     percentile,
     smtp_source,
-    stop_process,
     stop_profilers,
     table,
 )
-from services.core.embedded import free_port  # noqa: E402
+from services.core.embedded import free_port, stop_process  # noqa: E402
 from tests.support.cluster import Cluster, EventLog  # noqa: E402
 from tests.support.relais import ACCOUNT, PASSWORD, SERVICES  # noqa: E402
 from tests.support.signals import unwind_on_sigterm  # noqa: E402
@@ -157,7 +156,7 @@ def drive_smtp_source(targets: list[tuple[str, int]], spec: Spec, messages: int,
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            stop_process(proc)
+            stop_process(proc, grace=5)
         err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
         if proc.returncode:
             print(f"    smtp-source exited {proc.returncode}: {err[-300:]}")

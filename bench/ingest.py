@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import connz, stop_profilers  # noqa: E402
 from services.core.accounts import hash_password  # noqa: E402
-from services.core.embedded import EmbeddedNats, free_port, wait_for_port  # noqa: E402
+from services.core.embedded import EmbeddedNats, free_port, stop_process, wait_for_port  # noqa: E402
 from tests.support.signals import unwind_on_sigterm  # noqa: E402
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -133,12 +133,7 @@ class Ingress:
         wait_for_port("127.0.0.1", self.port, timeout=60)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.log.close()
 
 

@@ -17,6 +17,7 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class NatsServerNotFound(RuntimeError):
@@ -94,6 +95,18 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    """Ask a child to exit with `sig`; SIGKILL it if it is still running after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass
@@ -187,13 +200,7 @@ class EmbeddedNats:
         """Graceful stop (SIGTERM), escalating to SIGKILL."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace=timeout)
         self.process = None
 
     def kill(self) -> None:

@@ -33,7 +33,7 @@ from services.core.config import (
     PoolConfig,
     RetryConfig,
 )
-from services.core.embedded import free_port, wait_for_port
+from services.core.embedded import free_port, stop_process, wait_for_port
 from services.core.events import Event
 from services.core.runtime import start_bus
 from services.core.topology import BODY_BUCKET, EVENTS_STREAM, events_filter
@@ -310,13 +310,8 @@ class ServiceProcess:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -338,13 +333,7 @@ def relais_up(data_dir: Path, port: int, cwd: Path) -> Iterator[subprocess.Popen
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGINT, grace=30)
 
 
 def wait_listening(address: tuple[str, int], timeout: float = 20.0) -> None:
