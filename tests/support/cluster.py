@@ -139,6 +139,37 @@ class NatsCluster:
                 await asyncio.sleep(0.3)
         raise TimeoutError(f"JetStream not ready within {timeout}s: {last!r}")
 
+    async def wait_current(self, timeout: float = 60.0) -> None:  # noqa: ASYNC109
+        """Until every stream has a leader and all its replicas are current.
+
+        A node restarted by the previous scenario may still be catching up; a scenario that
+        starts meanwhile measures the catch-up, and consumers placed on that node answer late.
+        """
+        if self.size == 1:
+            return
+        deadline = time.monotonic() + timeout
+        behind: list[str] = ["(not asked yet)"]
+        while time.monotonic() < deadline:
+            try:
+                nc = await nats.connect(self.urls, connect_timeout=2, max_reconnect_attempts=1)
+                try:
+                    streams = await nc.jetstream(timeout=5).streams_info()
+                finally:
+                    await nc.close()
+                behind = [
+                    s.config.name or "?"
+                    for s in streams
+                    if s.cluster is None
+                    or not s.cluster.leader
+                    or any(not (p.current and not p.offline) for p in s.cluster.replicas or [])
+                ]
+                if not behind:
+                    return
+            except (OSError, TimeoutError, nats.errors.Error, APIError) as exc:
+                behind = [repr(exc)]
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"streams not current within {timeout}s: {behind}")
+
     async def leader_of(self, stream: str, timeout: float = 30.0) -> int:  # noqa: ASYNC109
         """Index of the node leading a stream (waits through an election)."""
         deadline = time.monotonic() + timeout
@@ -355,7 +386,7 @@ class EventLog:
                 num_replicas=1,
                 mem_storage=True,
             )
-            sub = await js.pull_subscribe(events_filter(), stream=EVENTS_STREAM, config=config)
+            sub = await self._subscribe(js, config)
             try:
                 unavailable = 0
                 while True:
@@ -382,3 +413,17 @@ class EventLog:
             await nc.close()
         self.events.extend(new)
         return new
+
+    @staticmethod
+    async def _subscribe(js: Any, config: ConsumerConfig, attempts: int = 5) -> Any:
+        # On a loaded 2-core machine a consumer create has gone unanswered for the whole API
+        # timeout (CI, right after a node restart). Ask again: an unanswered create that did
+        # happen leaves an ephemeral consumer that expires after its inactive threshold.
+        for attempt in range(attempts):
+            try:
+                return await js.pull_subscribe(events_filter(), stream=EVENTS_STREAM, config=config)
+            except nats.errors.TimeoutError:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(1.0)
+        raise AssertionError("unreachable")

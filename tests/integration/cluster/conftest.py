@@ -37,6 +37,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def healthy_cluster(cluster: Cluster) -> Iterator[Cluster]:
     cluster.heal()
     asyncio.run(cluster.nats.wait_ready())
+    asyncio.run(cluster.nats.wait_current())
     try:
         yield cluster
     except Exception:
