@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
-from services.delivery.limits import LEASE_TTL, Lease, SharedLimits
+from services.delivery.limits import LEASE_RENEW_BEFORE, LEASE_TTL, Lease, SharedLimits
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import Connection, SessionSettings, Source, open_connection
 from services.delivery.tls_policy import TlsPolicy
@@ -199,9 +199,10 @@ class ConnectionPool:
                 await self._discard(conn)
             if not conns:
                 self._idle.pop(key, None)
-        due = {lease.key for lease in self._leases.values() if lease.until - time.time() < 40.0}
+        held = Counter(lease.key for lease in self._leases.values())
+        due = {lease.key for lease in self._leases.values() if lease.until - time.time() < LEASE_RENEW_BEFORE}
         for key in due:
-            await self._limits.renew(key)
+            await self._limits.renew(key, held[key])
             for lease in self._leases.values():
                 if lease.key == key:
                     lease.until = time.time() + LEASE_TTL

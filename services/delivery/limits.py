@@ -49,7 +49,12 @@ log = logging.getLogger(__name__)
 
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 _CAS_ATTEMPTS = 50
-LEASE_TTL = 60.0
+# A crashed worker's connections stay counted against the cap until its entry lapses, and its
+# replacement may find the whole cap held by the dead entry: keep that stall short. Each worker
+# renews once per (source, site) it holds connections to, LEASE_RENEW_BEFORE before its entry
+# would lapse (every ~8 s), which leaves a NATS hiccup of about 10 s before a lapse.
+LEASE_TTL = 20.0
+LEASE_RENEW_BEFORE = 12.0
 WANT_TTL = 2.0
 # A block of rate slots spans at most this many seconds (and MAX_BLOCK slots): enough to take
 # one CAS per several messages on busy fast sites, short enough that a worker never holds slots
@@ -247,13 +252,21 @@ class SharedLimits:
         ok = await self._change(key, lambda rec, now: grant(rec, self.owner, limit, now))
         return Lease(key, time.time() + LEASE_TTL) if ok else None
 
-    async def renew(self, key: str) -> None:
-        """Keep this worker's leases on `key` alive (one write per worker and key, not per connection)."""
+    async def renew(self, key: str, held: int) -> None:
+        """Keep this worker's `held` connections on `key` counted (one write per worker and key).
+
+        A live entry is only extended: grants and releases keep its count, and a count taken
+        here could be one behind a grant or release racing this write. A lapsed or missing
+        entry (NATS was away past the renewal, and another worker's grant dropped it) is
+        stated again, because those connections are still open and must count.
+        """
 
         def extend(rec: dict[str, list[float]], now: float) -> tuple[dict[str, list[float]], bool]:
             mine = rec.get(self.owner)
-            if mine is not None and mine[0] > 0:
+            if mine is not None and mine[1] >= now:
                 mine[1] = now + LEASE_TTL
+            else:
+                rec[self.owner] = [held, now + LEASE_TTL, mine[2] if mine else 0.0]
             return rec, True
 
         await self._change(key, extend)
