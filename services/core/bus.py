@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -28,6 +28,7 @@ from services.core.config import NatsConfig
 from services.core.topology import ConsumerBinding
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class BrokerUnavailable(Exception):
@@ -373,18 +374,16 @@ async def _settle(coro: Awaitable[None]) -> None:
 UNANSWERED: tuple[type[BaseException], ...] = (BrokerUnavailable, TimeoutError, nats.errors.Error)
 
 
-async def patiently(
-    attempt: Callable[[], Awaitable[object]], what: str, *, patience: float | None = None
-) -> None:
+async def patiently(attempt: Callable[[], Awaitable[_T]], what: str, *, patience: float | None = None) -> _T:
     """Run `attempt` again while JetStream does not answer, with backoff, for up to `patience`
-    seconds (ACK_PATIENCE outlasts a leader election); then raise its last error. The caller's
-    input stays in progress meanwhile (see `consume`), so nobody else takes it up."""
+    seconds (ACK_PATIENCE outlasts a leader election); then raise its last error. Returns what
+    the first answered attempt returned. The caller's input stays in progress meanwhile (see
+    `consume`), so nobody else takes it up."""
     deadline = time.monotonic() + (ACK_PATIENCE if patience is None else patience)
     pause = 0.25
     while True:
         try:
-            await attempt()
-            return
+            return await attempt()
         except UNANSWERED as exc:
             if time.monotonic() + pause > deadline:
                 raise

@@ -27,9 +27,10 @@ from typing import Any
 
 import nats
 import nats.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.errors import APIError, ServiceUnavailableError
 
+from services.core.bus import patiently
 from services.core.config import Config
 from services.core.embedded import ClusterPeer, EmbeddedNats, free_port, wait_for_port
 from services.core.topology import EVENTS_STREAM, events_filter
@@ -42,6 +43,15 @@ SENDER_MX = "127.0.0.9"
 DEFAULT_DOMAINS = {"alpha.test": "127.0.0.2", "beta.test": "127.0.0.3", "gamma.test": "127.0.0.4"}
 # Short TTLs: with the resolver caches of the services, long ones would hide a DNS outage.
 DNS_TTL = 1
+
+
+def _current(stream: StreamInfo) -> bool:
+    cluster = stream.cluster
+    return (
+        cluster is not None
+        and bool(cluster.leader)
+        and all(p.current and not p.offline for p in cluster.replicas or [])
+    )
 
 
 class NatsCluster:
@@ -123,32 +133,14 @@ class NatsCluster:
         raise KeyError(server_name)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-        """Until JetStream answers (in a cluster: a meta leader has been elected)."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                nc = await nats.connect(self.urls, connect_timeout=2, max_reconnect_attempts=1)
-                try:
-                    await nc.jetstream(timeout=2).account_info()
-                    return
-                finally:
-                    await nc.close()
-            except (OSError, TimeoutError, nats.errors.Error, APIError) as exc:
-                last = exc
-                await asyncio.sleep(0.3)
-        raise TimeoutError(f"JetStream not ready within {timeout}s: {last!r}")
-
-    async def wait_current(self, timeout: float = 60.0) -> None:  # noqa: ASYNC109
-        """Until every stream has a leader and all its replicas are current.
+        """Until JetStream answers (in a cluster: a meta leader has been elected) and every stream
+        has a leader with all its replicas current.
 
         A node restarted by the previous scenario may still be catching up; a scenario that
         starts meanwhile measures the catch-up, and consumers placed on that node answer late.
         """
-        if self.size == 1:
-            return
         deadline = time.monotonic() + timeout
-        behind: list[str] = ["(not asked yet)"]
+        last: object = "(not asked yet)"
         while time.monotonic() < deadline:
             try:
                 nc = await nats.connect(self.urls, connect_timeout=2, max_reconnect_attempts=1)
@@ -156,19 +148,14 @@ class NatsCluster:
                     streams = await nc.jetstream(timeout=5).streams_info()
                 finally:
                     await nc.close()
-                behind = [
-                    s.config.name or "?"
-                    for s in streams
-                    if s.cluster is None
-                    or not s.cluster.leader
-                    or any(not (p.current and not p.offline) for p in s.cluster.replicas or [])
-                ]
+                behind = [s.config.name for s in streams if self.size > 1 and not _current(s)]
                 if not behind:
                     return
+                last = f"streams not current: {behind}"
             except (OSError, TimeoutError, nats.errors.Error, APIError) as exc:
-                behind = [repr(exc)]
-            await asyncio.sleep(0.5)
-        raise TimeoutError(f"streams not current within {timeout}s: {behind}")
+                last = exc
+            await asyncio.sleep(0.3)
+        raise TimeoutError(f"JetStream not ready within {timeout}s: {last!r}")
 
     async def leader_of(self, stream: str, timeout: float = 30.0) -> int:  # noqa: ASYNC109
         """Index of the node leading a stream (waits through an election)."""
@@ -386,7 +373,14 @@ class EventLog:
                 num_replicas=1,
                 mem_storage=True,
             )
-            sub = await self._subscribe(js, config)
+            # On a loaded machine a consumer create has gone unanswered for the whole API
+            # timeout (CI, right after a node restart). Asked again, a create that did happen
+            # leaves an ephemeral consumer that expires after its inactive threshold.
+            sub = await patiently(
+                lambda: js.pull_subscribe(events_filter(), stream=EVENTS_STREAM, config=config),
+                "events consumer",
+                patience=60.0,
+            )
             try:
                 unavailable = 0
                 while True:
@@ -413,17 +407,3 @@ class EventLog:
             await nc.close()
         self.events.extend(new)
         return new
-
-    @staticmethod
-    async def _subscribe(js: Any, config: ConsumerConfig, attempts: int = 5) -> Any:
-        # On a loaded 2-core machine a consumer create has gone unanswered for the whole API
-        # timeout (CI, right after a node restart). Ask again: an unanswered create that did
-        # happen leaves an ephemeral consumer that expires after its inactive threshold.
-        for attempt in range(attempts):
-            try:
-                return await js.pull_subscribe(events_filter(), stream=EVENTS_STREAM, config=config)
-            except nats.errors.TimeoutError:
-                if attempt == attempts - 1:
-                    raise
-                await asyncio.sleep(1.0)
-        raise AssertionError("unreachable")

@@ -36,8 +36,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture
 def healthy_cluster(cluster: Cluster) -> Iterator[Cluster]:
     cluster.heal()
-    asyncio.run(cluster.nats.wait_ready())
-    asyncio.run(cluster.nats.wait_current())
+    asyncio.run(cluster.nats.wait_ready(60.0))
     try:
         yield cluster
     except Exception:
