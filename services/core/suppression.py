@@ -75,11 +75,12 @@ class SuppressionList:
     async def get_many(self, account: str, addresses: Iterable[str]) -> Mapping[str, Suppression]:
         """Active entries among `addresses` (lower-cased), keyed by address: one round trip.
 
-        A single address is a plain direct get; several are one batched direct get rather than
-        one KV get each (a 10-recipient message cost 10 round trips).
+        One batched direct get rather than one KV get each (a 10-recipient message cost 10
+        round trips), a single address included: nats-py's KV get, a JSON request whose
+        "not found" comes back as an exception, cost the router about 13% more CPU per message.
         """
         unique = sorted({a.lower() for a in addresses})
-        if self._bus is None or len(unique) < 2:
+        if self._bus is None or not unique:
             return await self._get_each(account, unique)
         subjects = {kv_subject(SUPPRESSION_BUCKET, suppression_key(account, a)): a for a in unique}
         try:
