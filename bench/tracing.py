@@ -157,7 +157,6 @@ def run_row(mode: str, messages: int, clients: int, workdir: Path, time_cap: flo
 
 def span_pair_micro(n: int = 20000) -> tuple[float, float]:
     """CPU µs per producer+consumer span pair: with the SDK (batch processor to a file) and without."""
-    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -182,7 +181,7 @@ def span_pair_micro(n: int = 20000) -> tuple[float, float]:
         # span would make "on" look cheaper than it is.
         exporter = telemetry.JsonLinesExporter(Path(tmp) / "t.jsonl")
         provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=4 * n))
-        trace.set_tracer_provider(provider)
+        telemetry.install_provider(provider)
         on = loop()
         provider.shutdown()
     return off, on

@@ -179,6 +179,10 @@ def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider 
     OTEL_BSP_* by the batch processor, OTEL_RESOURCE_ATTRIBUTES by Resource.create.
     """
     if config.traces == "none":
+        # A provider set up before Relais started (e.g. by opentelemetry-instrument) still
+        # gets the spans, as it did when every span asked OpenTelemetry.
+        if not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+            _adopt_installed_provider()
         return None
     resource = Resource.create(
         {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"relais-{service_name}")}
@@ -195,8 +199,26 @@ def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider 
     queue = None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else SPAN_QUEUE_DEFAULT
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=queue))
     _quiet_span_drops()
-    trace.set_tracer_provider(provider)
+    install_provider(provider)
     return provider
+
+
+# Whether a tracer provider is installed: by `install_provider`, or found by `setup_tracing`.
+# OpenTelemetry keeps its global provider for the life of the process, so this never turns back;
+# a flag, because asking OpenTelemetry for its provider reads the environment on every call
+# until one is set, on every span of a service with tracing off.
+_installed = False
+
+
+def install_provider(provider: TracerProvider) -> None:
+    """Make `provider` this process's tracer provider (OpenTelemetry allows one per process)."""
+    trace.set_tracer_provider(provider)
+    _adopt_installed_provider()
+
+
+def _adopt_installed_provider() -> None:
+    global _installed
+    _installed = True
 
 
 # The SDK's default span queue (2,048) fills within a second at a few hundred messages/s, as each
@@ -301,11 +323,11 @@ def _producer_parent(headers: Mapping[str, str]) -> otel_context.Context | None:
 
 
 def recording() -> bool:
-    """Whether this process records spans: a tracer provider is installed (`setup_tracing`, or a
-    test's). Without one, `producer_span` and `consumer_span` make no span objects at all; they
-    only carry the trace context on, exactly as OpenTelemetry's no-op tracer would (that costs
-    a few percent of a service's CPU per message for nothing)."""
-    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    """Whether this process records spans: a tracer provider is installed (`install_provider`,
+    through `setup_tracing` or a test's). Without one, `producer_span` and `consumer_span` make no
+    span objects at all; they only carry the trace context on, exactly as OpenTelemetry's no-op
+    tracer would (that costs a few percent of a service's CPU per message for nothing)."""
+    return _installed
 
 
 @contextmanager

@@ -17,6 +17,8 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.core import telemetry
+
 _lock = threading.Lock()
 
 
@@ -54,7 +56,7 @@ def _install() -> _Switch:
             else:
                 provider = TracerProvider(resource=Resource.create({"service.name": "relais-test"}))
                 provider.add_span_processor(_switch)
-                trace.set_tracer_provider(provider)
+                telemetry.install_provider(provider)
         return _switch
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from services.core import telemetry as t
+from services.core.config import TelemetryConfig
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 OTHER = "00-11111111111111111111111111111111-2222222222222222-01"
@@ -15,7 +17,9 @@ OTHER = "00-11111111111111111111111111111111-2222222222222222-01"
 
 @pytest.fixture
 def no_provider(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)  # as in a process that never set one
+    # As in a process that never set one (another test in this process may have).
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(t, "_installed", False)
     assert not t.recording()
 
 
@@ -60,3 +64,17 @@ def test_an_error_inside_still_restores_the_context() -> None:
         raise RuntimeError("handler failed")
     assert not trace.get_current_span().get_span_context().is_valid
     assert t.log_fields() == {}
+
+
+@pytest.mark.usefixtures("no_provider")
+def test_tracing_off_records_nothing() -> None:
+    assert t.setup_tracing(TelemetryConfig(traces="none"), "router") is None
+    assert not t.recording()
+
+
+def test_a_provider_set_up_before_relais_still_gets_the_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As opentelemetry-instrument does before the service's own code runs.
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", TracerProvider())
+    monkeypatch.setattr(t, "_installed", False)
+    assert t.setup_tracing(TelemetryConfig(traces="none"), "router") is None
+    assert t.recording()
