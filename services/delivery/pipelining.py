@@ -13,13 +13,14 @@ detection (EOF, connection lost) apply to every reply.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Sequence
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
+
+from services.core.addresses import is_plain
 
 # What the waiter is woken with while a group is outstanding: the replies themselves are queued.
 _WAKE = aiosmtplib.SMTPResponse(-1, "")
@@ -128,17 +129,13 @@ async def execute_pipelined(
     return replies
 
 
-# An addr-spec with a dot-atom local part and an ASCII domain: nearly every envelope address.
-# aiosmtplib's quote_address returns such an address as it is; its parseaddr pass, there for
-# display forms such as "Name <a@b>", cost several percent of delivery's CPU per message.
-_PLAIN_ADDRESS = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-)
-
-
 def quoted(address: str) -> str:
-    """`<address>` exactly as aiosmtplib's quote_address makes it."""
-    if _PLAIN_ADDRESS.fullmatch(address):
+    """`<address>` exactly as aiosmtplib's quote_address makes it.
+
+    quote_address returns a plain address as it is; its parseaddr pass, there for display forms
+    such as "Name <a@b>", cost several percent of delivery's CPU per message.
+    """
+    if is_plain(address):
         return f"<{address}>"
     return quote_address(address)
 

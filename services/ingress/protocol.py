@@ -25,6 +25,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
 from services.core import metrics
+from services.core.addresses import PLAIN_ADDR_SPEC
 from services.ingress import dsn
 from services.ingress.data import DataState, read_data
 from services.ingress.limits import ConnectionGate
@@ -90,8 +91,7 @@ def is_error(reply: str) -> bool:
 
 # `<dot-atom@host.name>` and what follows it. Anything else (quoted local parts, routes, address
 # literals, comments, RFC 2047 lookalikes, non-ASCII) goes through aiosmtpd's RFC 5322 parser.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_ANGLE_ADDR = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*")
+_PLAIN_ANGLE_ADDR = re.compile(rf"<({PLAIN_ADDR_SPEC})>[ \t]*")
 
 
 def plain_angle_addr(arg: str) -> tuple[str, str] | None:
