@@ -17,8 +17,8 @@ queue id in Relais' Received header), CPU seconds per 1,000 messages and peak RS
 all of a system's processes per 1,000 messages (the load driver's is apart); `cpu_vs_postfix` is
 Postfix's over Relais' in the same round, above 1 when Relais spends less per message. Next to
 `vs_postfix` it tells a CPU-bound row from one that waits (fsync, hand-offs). Prints a table and
-writes JSON to bench/results/. Numbers on a shared machine are noisy; each row is a fixed message count
-with a time cap, so the script always ends.
+writes JSON to bench/results/. Numbers on a shared machine are noisy; each row is a fixed
+message count with a time cap, so the script always ends.
 """
 
 from __future__ import annotations
@@ -320,6 +320,7 @@ def run_postfix(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, A
         dumped = sink.scan()
         arrived = [d.received_at for d in dumped]
         n = max(1, len(dumped))
+        cpu = (cpu1 - cpu0) / n * 1000
         return {
             "system": spec.label,
             "load": spec.load,
@@ -328,8 +329,8 @@ def run_postfix(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, A
             "delivered": len(dumped),
             "accepted_per_s": args.messages / max(1e-6, t_acc - t0),
             "delivered_per_s": len(dumped) / max(1e-6, (max(arrived) if arrived else t0) - t0),
-            "cpu_postfix": (cpu1 - cpu0) / n * 1000,
-            "cpu_total": (cpu1 - cpu0) / n * 1000,
+            "cpu_postfix": cpu,
+            "cpu_total": cpu,
             # Summed over Postfix's processes, so shared pages count once per process.
             "rss_postfix_mb": sum(peak_rss_mb(p) for p in instance.pids()),
             "driver_cpu_s_per_1k": driver_cpu / max(1, args.messages) * 1000,
