@@ -181,8 +181,7 @@ def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider 
     if config.traces == "none":
         # A provider set up before Relais started (e.g. by opentelemetry-instrument) still
         # gets the spans, as it did when every span asked OpenTelemetry.
-        if not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
-            _adopt_installed_provider()
+        adopt_installed_provider()
         return None
     resource = Resource.create(
         {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"relais-{service_name}")}
@@ -203,22 +202,25 @@ def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider 
     return provider
 
 
-# Whether a tracer provider is installed: by `install_provider`, or found by `setup_tracing`.
-# OpenTelemetry keeps its global provider for the life of the process, so this never turns back;
-# a flag, because asking OpenTelemetry for its provider reads the environment on every call
-# until one is set, on every span of a service with tracing off.
+# Whether a tracer provider is installed: by `install_provider`, or found by
+# `adopt_installed_provider`. OpenTelemetry keeps its global provider for the life of the
+# process, so this never turns back; a flag, because asking OpenTelemetry for its provider reads
+# the environment on every call until one is set, on every span of a service with tracing off.
 _installed = False
 
 
 def install_provider(provider: TracerProvider) -> None:
     """Make `provider` this process's tracer provider (OpenTelemetry allows one per process)."""
     trace.set_tracer_provider(provider)
-    _adopt_installed_provider()
+    adopt_installed_provider()
 
 
-def _adopt_installed_provider() -> None:
+def adopt_installed_provider() -> None:
+    """Record spans through whatever real provider OpenTelemetry has, also one set without
+    `install_provider` (opentelemetry-instrument, a test harness); nothing when there is none."""
     global _installed
-    _installed = True
+    if not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        _installed = True
 
 
 # The SDK's default span queue (2,048) fills within a second at a few hundred messages/s, as each
@@ -324,9 +326,10 @@ def _producer_parent(headers: Mapping[str, str]) -> otel_context.Context | None:
 
 def recording() -> bool:
     """Whether this process records spans: a tracer provider is installed (`install_provider`,
-    through `setup_tracing` or a test's). Without one, `producer_span` and `consumer_span` make no
-    span objects at all; they only carry the trace context on, exactly as OpenTelemetry's no-op
-    tracer would (that costs a few percent of a service's CPU per message for nothing)."""
+    through `setup_tracing` or a test's) or adopted (`adopt_installed_provider`). Without one,
+    `producer_span` and `consumer_span` make no span objects at all; they only carry the trace
+    context on, exactly as OpenTelemetry's no-op tracer would (that costs a few percent of a
+    service's CPU per message for nothing)."""
     return _installed
 
 

@@ -53,6 +53,7 @@ def _install() -> _Switch:
             current = trace.get_tracer_provider()
             if isinstance(current, TracerProvider):
                 current.add_span_processor(_switch)
+                telemetry.adopt_installed_provider()
             else:
                 provider = TracerProvider(resource=Resource.create({"service.name": "relais-test"}))
                 provider.add_span_processor(_switch)
