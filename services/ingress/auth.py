@@ -50,19 +50,41 @@ class PasswordChecker:
         # Unknown users are checked against this, so timing does not reveal which names exist.
         self._decoy = hash_password("relais-decoy")
 
-    async def check(self, login: bytes, password: bytes, account: AccountConfig | None) -> bool:
+    async def check(
+        self,
+        login: bytes,
+        password: bytes,
+        account: AccountConfig | None,
+        throttle: AuthThrottle | None = None,
+        ip: str = "",
+    ) -> bool | None:
+        """True when right, False when wrong, None when `throttle` refused the attempt.
+
+        Sessions sending the same credentials at once share one scrypt and count as one attempt:
+        the first reserves it as a failure before deriving and refunds it when the password is
+        right. Counting only after the check would let every guess that arrives while the
+        others are being checked pass the lockout: as many guesses per window as an attacker
+        can open connections. A remembered success costs no counter writes."""
         encoded = account.password_hash if account is not None else self._decoy
         key = hashlib.sha256(b"\0".join([login, password, encoded.encode()])).hexdigest()
         if account is not None and self._verified.get(key, 0.0) > time.monotonic():
             return True
         pending = self._pending.get(key)
         if pending is not None:
-            return await asyncio.shield(pending) and account is not None
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            shared = await asyncio.shield(pending)
+            return shared if shared is None else shared and account is not None
+        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
+        username = login.decode("utf-8", "replace")
         try:
-            async with self._slots:
-                ok = await asyncio.to_thread(verify_password, password.decode("utf-8", "replace"), encoded)
+            reserved = await throttle.reserve(ip, username) if throttle is not None else ()
+            ok: bool | None = None
+            if reserved is not None:
+                secret = password.decode("utf-8", "replace")
+                async with self._slots:
+                    ok = await asyncio.to_thread(verify_password, secret, encoded)
+                if ok and account is not None and throttle is not None:
+                    await throttle.refund(reserved)
             future.set_result(ok)
         except BaseException as exc:
             future.set_exception(exc)
@@ -70,6 +92,8 @@ class PasswordChecker:
             raise
         finally:
             del self._pending[key]
+        if ok is None:
+            return None
         if not ok or account is None:
             return False
         if len(self._verified) > 10_000:
@@ -128,16 +152,18 @@ class Authenticator:
         assert session is not None
         state = facts(session)
         username = login.decode("utf-8", "replace")
-        if await self._throttle.locked(state.client_ip, username):
+        account = self._accounts.get(username)
+        if account is not None and account.disabled:
+            account = None
+        ok = None
+        if not await self._throttle.locked(state.client_ip, username):
+            ok = await self._passwords.check(login, password, account, self._throttle, state.client_ip)
+        if ok is None:
             log.warning("AUTH throttled for %s / %r", state.client_ip, username)
             await server.push(str(AUTH_THROTTLED))
             server.hang_up()  # type: ignore[attr-defined]
             return AuthResult(success=False, handled=True)
-        account = self._accounts.get(username)
-        if account is not None and account.disabled:
-            account = None
-        if not await self._passwords.check(login, password, account):
-            await self._throttle.failed(state.client_ip, username)
+        if not ok:
             return AuthResult(success=False, handled=False, message=str(AUTH_INVALID))
         assert account is not None
         if not await self._sessions.acquire(username, account.max_sessions):

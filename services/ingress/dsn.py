@@ -20,10 +20,15 @@ _ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
 
 def xtext_decode(value: str) -> str | None:
-    """RFC 3461 4: '+' and two upper-case hex digits stand for one octet; None if malformed."""
+    """RFC 3461 4: '+' and two upper-case hex digits stand for one octet; None if malformed.
+
+    Also None unless the decoded value is printable US-ASCII, which RFC 3461 4.2 and 4.4 require
+    of ORCPT and ENVID: both end up in the DSN's header fields, where a "+0D+0A" would be a
+    line break."""
     if not _XTEXT.match(value):
         return None
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    decoded = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    return decoded if all(" " <= c <= "~" for c in decoded) else None
 
 
 def split_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:

@@ -21,7 +21,6 @@ from services.ingress.auth import Authenticator
 from services.ingress.handoff import Handoff, Submission
 from services.ingress.limits import MessageRates, SessionRegistry
 from services.ingress.replies import (
-    AUTH_REQUIRED,
     LOCAL_ERROR,
     TOO_MANY_CONNECTIONS,
     Verdict,
@@ -163,7 +162,11 @@ class IngressHandler:
         ingress = self._config.ingress
         if self.inbound:
             verdict = policy.inbound_recipient_verdict(
-                address, len(envelope.rcpt_tos), ingress.max_recipients, self._local_domains
+                address,
+                len(envelope.rcpt_tos),
+                ingress.max_recipients,
+                self._local_domains,
+                smtputf8=envelope.smtp_utf8,
             )
         else:
             verdict = policy.recipient_verdict(
@@ -224,8 +227,11 @@ class IngressHandler:
                 message_id,
             )
         name, account = self._account(session)
-        if account is None:
-            return str(AUTH_REQUIRED)
+        # Asked again: the account may have been disabled, or lost the domain, since MAIL FROM.
+        verdict = policy.sender_verdict(account, sender, smtputf8=envelope.smtp_utf8)
+        if verdict:
+            return str(verdict)
+        assert account is not None  # sender_verdict refuses a missing account
         head, rest = headers.split_message(data)
         block = headers.HeaderBlock(head)  # parsed once for every question below
         verdict = policy.from_header_verdict(account, block)
@@ -255,25 +261,28 @@ class IngressHandler:
             return str(_QUEUE_UNAVAILABLE)
         if verdict:
             return str(verdict)
-        reply = await self._queue(
-            session,
-            Submission(
-                account=name,
-                sender=sender,
-                recipients=tuple(envelope.rcpt_tos),
-                sender_domain=sender_domain,
-                data=self._received(session, message_id, name, tls) + head + rest,
-                client_ip=state.client_ip,
-                meta=meta,
-                dsn_ret=getattr(envelope, "dsn_ret", ""),
-                dsn_envid=getattr(envelope, "dsn_envid", ""),
-                dsn_notify=dict(getattr(envelope, "dsn_notify", {})),
-                dsn_orcpt=dict(getattr(envelope, "dsn_orcpt", {})),
-            ),
-            message_id,
-        )
-        if not reply.startswith("250"):
-            await self._rates.refund(name, account, reserved_at)
+        reply = str(LOCAL_ERROR)  # what the client sees if queueing raises (handle_exception)
+        try:
+            reply = await self._queue(
+                session,
+                Submission(
+                    account=name,
+                    sender=sender,
+                    recipients=tuple(envelope.rcpt_tos),
+                    sender_domain=sender_domain,
+                    data=self._received(session, message_id, name, tls) + head + rest,
+                    client_ip=state.client_ip,
+                    meta=meta,
+                    dsn_ret=getattr(envelope, "dsn_ret", ""),
+                    dsn_envid=getattr(envelope, "dsn_envid", ""),
+                    dsn_notify=dict(getattr(envelope, "dsn_notify", {})),
+                    dsn_orcpt=dict(getattr(envelope, "dsn_orcpt", {})),
+                ),
+                message_id,
+            )
+        finally:
+            if not reply.startswith("250"):
+                await self._rates.refund(name, account, reserved_at)
         return reply
 
     def _received(

@@ -65,6 +65,13 @@ class HeaderBlock:
             return None
         return next(value_of(raw) for field_name, raw in self.fields if field_name == name)
 
+    def every(self, name: str) -> list[str]:
+        """The unfolded values of every field called `name`, in order."""
+        name = name.lower()
+        if name not in self.names:
+            return []
+        return [value_of(raw) for field_name, raw in self.fields if field_name == name]
+
     def has(self, name: str) -> bool:
         return name.lower() in self.names
 

@@ -146,9 +146,14 @@ class MessageRates:
             return
         hour_s, day_s = self._subjects(name, at)
         try:
-            await asyncio.gather(self._counters.add(hour_s, -1), self._counters.add(day_s, -1))
+            per_hour, per_day = await asyncio.gather(
+                self._counters.add(hour_s, -1), self._counters.add(day_s, -1)
+            )
         except BrokerUnavailable as exc:
             log.warning("could not refund rate counters of %s: %s", name, exc)
+            return
+        # Else MAIL's early check would go on counting the refunded message until the window ends.
+        self._remember(name, at, per_hour, per_day)
 
 
 class AuthThrottle:
@@ -182,14 +187,28 @@ class AuthThrottle:
             return False
         return by_ip >= self._max or by_user >= self._max
 
-    async def failed(self, ip: str, username: str) -> None:
+    async def reserve(self, ip: str, username: str) -> tuple[str, ...] | None:
+        """Count an attempt as failed before its password is checked; None when that makes it
+        one too many. Counting only after the check would let every guess that arrives while
+        the others are still being checked pass `locked`: as many guesses per window as an
+        attacker can open connections. Returns the counters to `refund` if the password is right.
+        """
         if self._max <= 0:
-            return
-        ip_s, user_s = self._subjects(ip, username)
+            return ()
+        subjects = self._subjects(ip, username)
         try:
-            await asyncio.gather(self._counters.add(ip_s), self._counters.add(user_s))
+            counts = await asyncio.gather(*(self._counters.add(s) for s in subjects))
         except BrokerUnavailable as exc:
-            log.warning("auth failure not counted: %s", exc)
+            log.warning("auth attempt not counted: %s", exc)
+            return ()
+        return None if max(counts) > self._max else subjects
+
+    async def refund(self, subjects: tuple[str, ...]) -> None:
+        """A reserved attempt whose password was right: it was no failure."""
+        try:
+            await asyncio.gather(*(self._counters.add(s, -1) for s in subjects))
+        except BrokerUnavailable as exc:
+            log.warning("auth success not refunded: %s", exc)
 
 
 class SessionRegistry:

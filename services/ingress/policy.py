@@ -5,6 +5,7 @@ A verdict of None means "accept"; otherwise it is the exact SMTP reply to send (
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import ipaddress
 import re
@@ -16,6 +17,7 @@ from services.ingress.data import LineStats
 from services.ingress.replies import (
     ACCOUNT_DISABLED,
     AUTH_REQUIRED,
+    BAD_HELO,
     BAD_RECIPIENT_SYNTAX,
     BAD_SENDER_SYNTAX,
     BARE_LINE_ENDING,
@@ -39,7 +41,8 @@ MAX_LINE = 998  # octets, without CRLF (RFC 5322 2.1.1)
 _DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$", re.I)
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
 # The same, but also non-ASCII (RFC 6531) for SMTPUTF8 transactions; still no routing characters.
-_LOCAL_UTF8 = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.\u0080-\U0010ffff-]{1,64}$")
+# Surrogates are left out: they are how undecodable octets arrive (surrogateescape), not UTF-8.
+_LOCAL_UTF8 = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.\u0080-\ud7ff\ue000-\U0010ffff-]{1,64}$")
 _ADDR_IN_HEADER = re.compile(r"@([A-Za-z0-9.-]+)")
 _CONTROL_VALUE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -104,6 +107,15 @@ def _network(net: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(net, strict=False)
 
 
+def helo_verdict(name: str) -> Verdict | None:
+    """HELO/EHLO: the name goes into our Received: header verbatim, so it must be printable
+    ASCII. A CR, a NUL or an undecodable octet there would smuggle a header past the checks
+    DATA makes, which run on the message as sent, before the Received: line is added."""
+    if all(" " <= c <= "~" for c in name):
+        return None
+    return BAD_HELO
+
+
 def sender_verdict(account: AccountConfig | None, sender: str, *, smtputf8: bool = False) -> Verdict | None:
     """MAIL FROM: the envelope sender must be in one of the account's domains (or the null sender)."""
     if account is None:
@@ -148,10 +160,15 @@ def recipient_verdict(
 
 
 def inbound_recipient_verdict(
-    address: str, accepted_so_far: int, max_recipients: int, local_domains: Iterable[str]
+    address: str,
+    accepted_so_far: int,
+    max_recipients: int,
+    local_domains: Iterable[str],
+    *,
+    smtputf8: bool = False,
 ) -> Verdict | None:
     """RCPT TO without AUTH: only Relais' own domains; anything else is a relay attempt."""
-    verdict = recipient_verdict(address, accepted_so_far, max_recipients)
+    verdict = recipient_verdict(address, accepted_so_far, max_recipients, smtputf8=smtputf8)
     if verdict:
         return verdict
     if not is_local_domain(domain_of(address), local_domains):
@@ -212,14 +229,27 @@ def header_block(data: bytes) -> bytes:
 
 
 def from_header_domains(message: bytes | headers.HeaderBlock) -> list[str]:
-    """Domains in the From: header of a message (or of its already parsed header block)."""
+    """Domains in the From: header(s) of a message (or of its already parsed header block).
+
+    Every From: field counts, each read twice: as a mail reader parses it (comments dropped, so
+    `ceo@(x@ours.example)bank.example` is at bank.example) and as a plain scan for `@domain`. An
+    account must own all of them, so neither reading can hide a foreign domain from the other.
+    The parsed mailboxes come first; one without a domain gives "", which nobody owns.
+    """
     block = (
         message if isinstance(message, headers.HeaderBlock) else headers.HeaderBlock(header_block(message))
     )
-    value = block.first("from")
-    if not value:
-        return []
-    return [d.lower().rstrip(".") for d in _ADDR_IN_HEADER.findall(value)]
+    parsed: list[str] = []
+    scanned: list[str] = []
+    for value in block.every("from"):
+        parsed += [
+            a.rpartition("@")[2] if "@" in a else "" for _, a in email.utils.getaddresses([value]) if a
+        ]
+        scanned += _ADDR_IN_HEADER.findall(value)
+    found: dict[str, None] = {}
+    for domain in parsed + scanned:
+        found.setdefault(domain.lower().rstrip("."), None)
+    return list(found)
 
 
 def from_header_verdict(account: AccountConfig, message: bytes | headers.HeaderBlock) -> Verdict | None:

@@ -29,7 +29,9 @@ from services.core.addresses import PLAIN_ADDR_SPEC
 from services.ingress import dsn
 from services.ingress.data import DataState, read_data
 from services.ingress.limits import ConnectionGate
+from services.ingress.policy import helo_verdict
 from services.ingress.replies import (
+    AUTH_IN_TRANSACTION,
     LINE_TOO_LONG,
     MESSAGE_TOO_BIG,
     SHUTTING_DOWN,
@@ -308,6 +310,33 @@ class RelaisSMTP(SMTP):
                 writer.write(f"{TIMEOUT}\r\n".encode())
         super()._timeout_cb()
 
+    # -- greeting and AUTH ---------------------------------------------------------------------------
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        verdict = helo_verdict(hostname) if hostname else None
+        if verdict:
+            await self.push(str(verdict))
+            return
+        await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        verdict = helo_verdict(hostname) if hostname else None
+        if verdict:
+            await self.push(str(verdict))
+            return
+        await super().smtp_EHLO(hostname)
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        # RFC 4954 4: not during a transaction. A relay-network client could otherwise pass MAIL
+        # FROM as one account and have the message queued as another's.
+        if self.envelope is not None and self.envelope.mail_from:
+            await self.push(str(AUTH_IN_TRANSACTION))
+            return
+        await super().smtp_AUTH(arg)
+
     # -- MAIL / RCPT arguments ----------------------------------------------------------------------
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -392,8 +421,12 @@ class RelaisSMTP(SMTP):
         self.envelope.content = content
         self.envelope.original_content = content
         self.envelope.line_stats = line_stats  # type: ignore[attr-defined]
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            # Also after a failing hook (aiosmtpd answers it with handle_exception's 451): the
+            # transaction is over either way, and the next MAIL must not get "nested MAIL".
+            self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 
     def shut_down(self) -> None:

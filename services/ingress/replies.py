@@ -28,6 +28,7 @@ TOO_MANY_CONNECTIONS = Verdict(421, "4.7.0", "Too many connections from your add
 TOO_MANY_ERRORS = Verdict(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = Verdict(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Verdict(421, "4.3.2", "Service shutting down, try again later")
+BAD_HELO = Verdict(501, "5.5.4", "Invalid HELO/EHLO name")
 
 # Authentication
 AUTH_OK = Verdict(235, "2.7.0", "Authentication successful")
@@ -37,6 +38,7 @@ AUTH_BAD_BASE64 = Verdict(501, "5.5.2", "Cannot decode base64")
 AUTH_MALFORMED = Verdict(501, "5.5.2", "Cannot split AUTH value")
 AUTH_THROTTLED = Verdict(454, "4.7.0", "Too many failed authentication attempts, try again later")
 TOO_MANY_SESSIONS = Verdict(421, "4.7.0", "Too many concurrent sessions for this account")
+AUTH_IN_TRANSACTION = Verdict(503, "5.5.1", "AUTH not permitted during a mail transaction")
 
 # MAIL FROM
 SENDER_NOT_OWNED = Verdict(553, "5.7.1", "Sender address not owned by the authenticated account")

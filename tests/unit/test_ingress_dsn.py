@@ -17,7 +17,8 @@ def test_split_params_keeps_the_rest() -> None:
 def test_mail_parameters() -> None:
     assert dsn.mail_verdict({"RET": "hdrs", "ENVID": "QQ+2B1"}) == (None, "HDRS", "QQ+1")
     assert dsn.mail_verdict({})[0] is None
-    for bad in ({"RET": "ALL"}, {"ENVID": "a+zz"}, {"ENVID": ""}, {"ENVID": "x" * 101}):
+    bad_envids = ("a+zz", "", "x" * 101, "a+0D+0Ab")  # the last decodes to a line break
+    for bad in ({"RET": "ALL"}, *({"ENVID": value} for value in bad_envids)):
         assert dsn.mail_verdict(bad)[0] == dsn.BAD_DSN_PARAMETER
 
 
@@ -32,6 +33,9 @@ def test_mail_parameters() -> None:
         ({"NOTIFY": "SOMETIMES"}, (dsn.BAD_DSN_PARAMETER, "", "")),
         ({"ORCPT": "bob@example.com"}, (dsn.BAD_DSN_PARAMETER, "", "")),
         ({"ORCPT": "rfc822;"}, (dsn.BAD_DSN_PARAMETER, "", "")),
+        # Decoded, ORCPT lands in the DSN's header: no line breaks, no other control characters.
+        ({"ORCPT": "rfc822;a+0D+0AX-Injected:+20yes@x.test"}, (dsn.BAD_DSN_PARAMETER, "", "")),
+        ({"ORCPT": "rfc822;a+00@x.test"}, (dsn.BAD_DSN_PARAMETER, "", "")),
     ],
 )
 def test_rcpt_parameters(params: dict[str, str], expected: tuple[object, str, str]) -> None:

@@ -10,6 +10,7 @@ from services.ingress.data import LineStats
 from services.ingress.replies import (
     ACCOUNT_DISABLED,
     AUTH_REQUIRED,
+    BAD_HELO,
     BAD_RECIPIENT_SYNTAX,
     BAD_SENDER_SYNTAX,
     BARE_LINE_ENDING,
@@ -153,6 +154,47 @@ def test_from_header_ownership() -> None:
     assert policy.from_header_verdict(ACME, folded) is None
     assert policy.from_header_verdict(ACME, foreign) == FROM_NOT_OWNED
     assert policy.from_header_verdict(ACME, in_body) == FROM_NOT_OWNED
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # A comment splits the domain from the "@": a mail reader sees ceo@bank.example.
+        "ceo@(x@acme.test)bank.example",
+        "ceo@ bank.example (x@acme.test)",
+        # A non-ASCII character ends a naive "@domain" scan early.
+        "<ceo@acme.testévil.example>",
+        "<ceo@bank.example>, <news@acme.test>",
+        "no-address-at-all",
+    ],
+)
+def test_from_header_read_as_a_mail_reader_reads_it(value: str) -> None:
+    assert policy.from_header_verdict(ACME, f"From: {value}\r\n\r\n".encode()) == FROM_NOT_OWNED
+
+
+def test_every_from_header_must_be_owned() -> None:
+    second_from = b"From: <news@acme.test>\r\nFrom: CEO <ceo@bank.example>\r\n\r\n"
+    assert policy.from_header_verdict(ACME, second_from) == FROM_NOT_OWNED
+    commented = b"From: news@acme.test (Acme news)\r\n\r\n"
+    assert policy.from_header_verdict(ACME, commented) is None
+    assert policy.from_header_domains(b"From: Acme <news@acme.test>\r\n\r\n") == ["acme.test"]
+    assert policy.from_header_domains(b"From: nobody\r\n\r\n") == [""]
+
+
+@pytest.mark.parametrize("name", ["evil\rX-Injected: yes", "nul\x00.test", "\udcff\udcfe.test", "tab\there"])
+def test_helo_names_that_would_break_the_received_header(name: str) -> None:
+    assert policy.helo_verdict(name) == BAD_HELO
+
+
+def test_ordinary_helo_names() -> None:
+    for name in ("mail.example.com", "[192.0.2.1]", "[IPv6:2001:db8::1]", "localhost", "odd name"):
+        assert policy.helo_verdict(name) is None
+
+
+def test_undecodable_octets_are_no_utf8_local_part() -> None:
+    # surrogateescape's stand-ins for \xff: not a character the envelope can encode.
+    assert policy.split_address("\udcff@alpha.test", utf8=True) is None
+    assert policy.split_address("jürgen@alpha.test", utf8=True) == ("jürgen", "alpha.test")
 
 
 def test_pool_selection_only_for_allowed_pools() -> None:

@@ -17,7 +17,7 @@ from services.core.embedded import EmbeddedNats
 from services.ingress.accounts import get_account, set_disabled
 from services.ingress.replies import AUTH_INVALID, AUTH_OK
 from tests.integration.ingress.helpers import client, in_thread, plain, reply
-from tests.support.relais import ACCOUNT, PASSWORD, REPO, password_hash
+from tests.support.relais import ACCOUNT, PASSWORD, REPO, message, password_hash
 
 
 def relais(*args: str, nats_url: str) -> subprocess.CompletedProcess[str]:
@@ -77,7 +77,15 @@ async def test_account_add_disable_enable_without_restart(
         smtp.login("newbie", "s3cret")
         return smtp
 
+    def open_transaction() -> Any:
+        smtp = open_session()
+        smtp.mail("x@new.test")
+        smtp.rcpt("someone@alpha.test")
+        return smtp
+
     session = await in_thread(open_session)
+    # ... nor can one whose MAIL FROM was accepted before: DATA asks again.
+    midway = await in_thread(open_transaction)
     try:
         assert (await in_thread(relais, "disable", "newbie", nats_url=url)).returncode == 0
         await _eventually(
@@ -85,8 +93,11 @@ async def test_account_add_disable_enable_without_restart(
         )
         code, _ = await in_thread(session.mail, "x@new.test")
         assert code == 535
+        code, _ = await in_thread(midway.data, message())
+        assert code == 535
     finally:
         await in_thread(session.close)
+        await in_thread(midway.close)
 
     assert (await in_thread(relais, "enable", "newbie", nats_url=url)).returncode == 0
     await _eventually(lambda: in_thread(_auth, ingress.smtp_address, "newbie", "s3cret"), reply(AUTH_OK))

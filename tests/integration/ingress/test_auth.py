@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiosmtplib
 import pytest
 
 from services.ingress.replies import AUTH_BAD_BASE64, AUTH_INVALID, AUTH_MALFORMED, AUTH_OK, AUTH_THROTTLED
@@ -95,3 +96,36 @@ async def test_lockout_holds_across_replicas(make_ingress: Callable[..., Any]) -
     for _ in range(2):
         await in_thread(_auth_plain, one.smtp_address, "victim", "guess")
     assert await in_thread(_auth_plain, two.smtp_address, "victim", "guess") == reply(AUTH_THROTTLED)
+
+
+async def _auth_plain_async(address: tuple[str, int], user: str, password: str) -> tuple[int, bytes]:
+    # Not smtplib in threads: twenty blocking clients would fill the default executor that the
+    # ingress (in this process) needs for its scrypt, and every check would wait for a timeout.
+    smtp = aiosmtplib.SMTP(hostname=address[0], port=address[1], timeout=30, start_tls=False)
+    await smtp.connect()
+    try:
+        await smtp.ehlo(hostname="client.test")
+        answer = await smtp.execute_command(b"AUTH", b"PLAIN", plain(user, password).encode())
+        return answer.code, answer.message.encode()
+    finally:
+        smtp.close()
+
+
+async def test_concurrent_guesses_are_counted_before_they_are_checked(ingress: Any) -> None:
+    # Twenty different passwords at once: each is counted before its scrypt, so no more than the
+    # allowed three are ever checked, however many connections an attacker opens.
+    await asyncio.sleep(3.0 - time.time() % 3.0 + 0.05)  # all within one lockout window
+    answers = await asyncio.gather(
+        *(_auth_plain_async(ingress.smtp_address, ACCOUNT, f"guess-{n}") for n in range(20))
+    )
+    assert answers.count(reply(AUTH_INVALID)) <= 3
+    assert answers.count(reply(AUTH_THROTTLED)) == 20 - answers.count(reply(AUTH_INVALID))
+
+
+async def test_a_burst_of_right_logins_is_not_throttled(ingress: Any) -> None:
+    # A bulk sender opening many connections at once with the right password: they share one
+    # check and one reservation, which is refunded, so none of them counts as a failure.
+    address = ingress.smtp_address
+    answers = await asyncio.gather(*(_auth_plain_async(address, ACCOUNT, PASSWORD) for _ in range(20)))
+    assert answers == [reply(AUTH_OK)] * 20
+    assert await _auth_plain_async(address, ACCOUNT, PASSWORD) == reply(AUTH_OK)

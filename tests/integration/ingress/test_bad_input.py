@@ -11,9 +11,10 @@ from typing import Any
 import aiosmtplib
 import pytest
 
+from services.core.config import AccountConfig
 from services.ingress.replies import NEEDS_8BITMIME, NEEDS_SMTPUTF8, NUL_BYTES
 from tests.integration.ingress.helpers import client, in_thread, login, plain, queued, reply
-from tests.support.relais import ACCOUNT, PASSWORD, message
+from tests.support.relais import ACCOUNT, PASSWORD, message, password_hash
 
 
 @pytest.fixture
@@ -147,3 +148,45 @@ def _send_ok(address: tuple[str, int]) -> tuple[int, bytes]:
         smtp.mail("news@acme.test")
         smtp.rcpt("a@alpha.test")
         return smtp.data(message())
+
+
+async def test_helo_names_that_would_inject_a_header_are_refused(ingress: Any) -> None:
+    # The HELO name goes into our Received: line, after the content checks ran on the message.
+    script = b"EHLO evil\rX-Injected: yes\x00\r\nHELO \xff\xfe.test\r\n"
+    script += _auth() + b"MAIL FROM:<news@acme.test>\r\nRCPT TO:<a@alpha.test>\r\nDATA\r\n"
+    script += message() + b"\r\n.\r\n"
+    lines = await in_thread(_raw, ingress.smtp_address, script, 2.0)
+    replies = [line for line in lines if line[3:4] == b" "]
+    assert replies[0].startswith(b"501 5.5.4") and replies[1].startswith(b"501 5.5.4")
+    assert replies[-1].startswith(b"250")
+    [env] = await queued(ingress.config.nats.url)
+    body = env.body.inline or b""
+    assert body.startswith(b"Received: from c.test ") and b"X-Injected" not in body
+
+
+async def test_a_failing_hand_off_ends_the_transaction_and_refunds_the_quota(
+    make_ingress: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = AccountConfig(password_hash=password_hash(), domains=["acme.test"], max_messages_per_hour=1)
+    stack = await make_ingress(accounts={ACCOUNT: account})
+    handoff = stack.ingress._handoff
+    real = handoff.queue
+    calls = 0
+
+    async def fails_once(*args: Any, **kwargs: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("an unexpected fault while queueing")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(handoff, "queue", fails_once)
+    transaction = (
+        b"MAIL FROM:<news@acme.test>\r\nRCPT TO:<a@alpha.test>\r\nDATA\r\n" + message() + b"\r\n.\r\n"
+    )
+    lines = await in_thread(_raw, stack.smtp_address, _auth() + transaction * 2, 2.0)
+    codes = [line[:3] for line in lines if line[3:4] == b" "]
+    # The first DATA fails with 451; the next MAIL is no "nested MAIL", and the hourly quota
+    # of one message was given back, so the second copy is accepted.
+    assert codes == [b"250", b"235", b"250", b"250", b"354", b"451", b"250", b"250", b"354", b"250"]
+    assert len(await queued(stack.config.nats.url)) == 1

@@ -13,7 +13,7 @@ import pytest
 
 from services.core.config import ListenerConfig
 from services.core.embedded import EmbeddedNats
-from services.ingress.replies import AUTH_REQUIRED, RELAY_DENIED
+from services.ingress.replies import AUTH_REQUIRED, NEEDS_SMTPUTF8, RELAY_DENIED
 from tests.integration.ingress.helpers import (
     client,
     free_listen,
@@ -142,6 +142,23 @@ async def test_inbound_accepts_own_domains_without_auth(three: Any, nats_server:
     assert env.body.inline is not None and env.body.inline.startswith(b"Received: from client.test")
     assert env.body.inline.endswith(b"Subject: bounce\r\n\r\nreport\r\n")
     assert await queued(nats_server.url) == []  # nothing went to the router
+
+
+async def test_inbound_takes_an_internationalised_local_part_with_smtputf8(three: Any) -> None:
+    stack, names = three
+
+    def scenario() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with client(listener(stack, names["inbound"])) as smtp:
+            smtp.mail("", ["SMTPUTF8"])
+            accepted = smtp.rcpt(f"jürgen@{LOCAL}")
+            smtp.rset()
+            smtp.mail("")
+            smtp.command_encoding = "utf-8"  # send the address as UTF-8 all the same
+            return accepted, smtp.rcpt(f"jürgen@{LOCAL}")
+
+    accepted, without = await in_thread(scenario)
+    assert accepted[0] == 250
+    assert without == reply(NEEDS_SMTPUTF8)
 
 
 async def test_inbound_refuses_auth_and_relaying(three: Any) -> None:

@@ -6,9 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 from services.core.config import AccountConfig, PoolConfig
-from services.ingress.replies import FROM_NOT_OWNED, POOL_NOT_ALLOWED, SENDER_NOT_OWNED
-from tests.integration.ingress.helpers import client, in_thread, login, queued, reply
-from tests.support.relais import ACCOUNT, message, password_hash
+from services.ingress.replies import (
+    AUTH_IN_TRANSACTION,
+    AUTH_OK,
+    FROM_NOT_OWNED,
+    POOL_NOT_ALLOWED,
+    SENDER_NOT_OWNED,
+)
+from tests.integration.ingress.helpers import client, in_thread, login, plain, queued, reply
+from tests.support.relais import ACCOUNT, PASSWORD, message, password_hash
 
 FOREIGN_FROM = b"From: PayPal <service@paypal.test>\r\nSubject: hi\r\n\r\nbody\r\n"
 
@@ -84,3 +90,21 @@ async def test_relay_networks_allow_list(make_ingress: Callable[..., Any]) -> No
     assert accepted[0] == 250
     [env] = await queued(ingress.config.nats.url)
     assert env.account == ACCOUNT and env.client_ip == "127.0.0.1"
+
+
+async def test_no_auth_during_a_transaction(make_ingress: Callable[..., Any]) -> None:
+    # MAIL FROM checked as the relay network's account must not be queued as another account's.
+    ingress = await make_ingress(
+        ingress={"relay_networks": ["127.0.0.0/8"], "relay_networks_account": ACCOUNT}
+    )
+
+    def scenario() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with client(ingress.smtp_address) as smtp:
+            smtp.mail("news@acme.test")
+            midway = smtp.docmd("AUTH", f"PLAIN {plain(ACCOUNT, PASSWORD)}")
+            smtp.rset()
+            return midway, smtp.docmd("AUTH", f"PLAIN {plain(ACCOUNT, PASSWORD)}")
+
+    midway, after_rset = await in_thread(scenario)
+    assert midway == reply(AUTH_IN_TRANSACTION)
+    assert after_rset == reply(AUTH_OK)
