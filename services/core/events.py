@@ -155,7 +155,7 @@ def outcome_attributes(event: Event) -> dict[str, object]:
         telemetry.ATTEMPT: event.attempt,
         telemetry.REPLY_CODE: reply.get("code"),
         telemetry.ENHANCED_STATUS: reply.get("enhanced"),
-        telemetry.BOUNCE_CATEGORY: event.detail.get("bounce_category"),
+        telemetry.BOUNCE_CATEGORY: event.detail.get("category"),
         telemetry.TLS_VERSION: event.tls_version,
         telemetry.RECIPIENTS: ",".join(event.recipients),
     }

@@ -191,7 +191,7 @@ def observe_event(event: Any) -> None:
     if kind in ("delivered", "deferred") and event.mx_host != "mailbox":
         TLS_RECIPIENTS.labels("outbound", getattr(event, "tls_version", "") or "none").inc(n)
     if kind in ("bounced", "expired"):
-        category = (event.detail or {}).get("bounce_category", "") or kind
+        category = (event.detail or {}).get("category", "") or kind
         BOUNCES.labels(event.pool, category).inc(n)
     received_at = getattr(event, "received_at", 0.0) or 0.0
     if kind == "delivered" and received_at:

@@ -70,7 +70,7 @@ def test_bounces_count_by_category_defaulting_to_the_kind() -> None:
         envelope(),
         ["a@alpha.test"],
         Reply(550, "5.1.1", "no"),
-        detail={"bounce_category": "bad_mailbox"},
+        detail={"category": "bad_mailbox"},
     )
     metrics.observe_event(ev)
     assert sample("relais_bounces_total", pool="unitpool", bounce_category="bad_mailbox") == before + 1
