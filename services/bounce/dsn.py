@@ -38,7 +38,6 @@ _TEXT_WIDTH = 76
 _STATUS_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 # "rfc822; bob@x", "dns;mx.example": the value already names its type (RFC 3464 section 2.1.2).
 _TYPED_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*[ \t]*;")
-_KEYWORD_RE = re.compile(r"\s*([A-Za-z0-9-]+)")
 _NEWLINE_RE = re.compile(rb"\r\n|\r|\n")
 # utf-8-addr-xtext QCHARs (RFC 6533 section 3); anything else becomes \x{HEX}.
 _QCHAR_RE = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
@@ -139,12 +138,13 @@ def build_dsn(
     return bytes(out)
 
 
-def is_dsn_or_auto(headers: Mapping[str, str] | email.message.Message) -> bool:
-    """True when the message is itself a delivery report or an automatic reply.
+def is_report(headers: Mapping[str, str] | email.message.Message) -> bool:
+    """True when the message is itself a delivery status report (RFC 3464) or an MDN
+    (report-type=disposition-notification): no DSN is sent about it (RFC 3461 section 6.2).
 
-    Such messages never get a DSN or auto-reply of their own (RFC 3834 section 2, RFC 3461
-    section 6.2), which is what stops two robots from bouncing at each other forever. MDNs
-    (report-type=disposition-notification) count too: they are reports, not mail from a person.
+    Auto-Submitted does not count. RFC 3834 keeps automatic *responses* from answering it; a
+    DSN is not one, and transactional mail marked auto-generated relies on DSNs to its return
+    path. Loops are stopped by the null reverse-path, which every DSN has and which gets none.
     """
     if isinstance(headers, email.message.Message):
         msg = headers
@@ -152,10 +152,6 @@ def is_dsn_or_auto(headers: Mapping[str, str] | email.message.Message) -> bool:
         msg = email.message.Message()
         for name, value in headers.items():
             msg[name] = value
-    # The keyword may be followed by parameters or a comment: "no (sent by hand)".
-    keyword = _KEYWORD_RE.match(str(msg.get("Auto-Submitted", "")))
-    if keyword and keyword.group(1).lower() != "no":
-        return True
     if msg.get_content_type() != "multipart/report":
         return False
     report_type = msg.get_param("report-type", "", header="content-type")

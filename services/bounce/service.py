@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 
 from services.bounce import policy
 from services.bounce.classify import DEFAULT_RULES, rules_from_data
-from services.bounce.dsn import RecipientStatus, build_dsn, is_dsn_or_auto
+from services.bounce.dsn import RecipientStatus, build_dsn, is_report
 from services.bounce.hold import DELAYED, FAILED, FlushRequest, HoldStore, notice_id
 from services.bounce.inbound import InboundHandler
 from services.bounce.webhooks import WebhookDispatcher
@@ -113,9 +113,8 @@ class BounceService:
             if notice.delay_warning:
                 return  # still being retried: no outcome yet, and the body stays
             # Events and suppression never wait for the DSN window.
-            kind = "expired" if notice.expired else "bounced"
             for failure in notice.failures:
-                await self._record(env, failure, kind, round_no)
+                await self._record(env, failure, round_no)
             if notice.releases_body and not held:
                 await self._bodies.release(env.body, env.key)
 
@@ -183,11 +182,12 @@ class BounceService:
             await self._hold.drop(mid, window.members)
             await self._hold.finish(mid, wid)
 
-    async def _record(self, env: Envelope, failure: Bounced, kind: str, round_no: int) -> None:
+    async def _record(self, env: Envelope, failure: Bounced, round_no: int) -> None:
         """Classify one failed recipient; suppress it if the address is dead; publish its event."""
-        category = policy.category_of(failure.reply, self._rules)
+        kind = "expired" if failure.expired else "bounced"
+        category = policy.failure_category(failure, self._rules)
         detail = {"category": str(category)}
-        if policy.suppresses(env, failure.reply, category):
+        if policy.suppresses(env, failure, category):
             # Before the event: a consumer that sees "bounced" can rely on the entry existing.
             await self._suppression.add(
                 Suppression(
@@ -233,8 +233,8 @@ class BounceService:
         except BodyMissing:
             original = b""
         headers = policy.header_block(original)
-        if headers and is_dsn_or_auto(email.message_from_bytes(headers)):
-            log.info("no DSN for %s: it is itself a report or an automatic message", env.id)
+        if headers and is_report(email.message_from_bytes(headers)):
+            log.info("no DSN for %s: it is itself a delivery or disposition report", env.id)
             return ""
         now = datetime.now(UTC)
         retry_until = datetime.fromtimestamp(env.received_at + self._config.retry.max_age, UTC)
@@ -259,7 +259,7 @@ class BounceService:
             original_headers=headers,
             recipients=statuses,
             arrival_date=datetime.fromtimestamp(env.received_at, UTC),
-            envelope_id=env.dsn_envid or None,
+            envelope_id=policy.envelope_id(env),
             original_message=original if full and original else None,
             message_id=f"<{dsn_id}.{secrets.token_hex(4)}@{self._hostname}>",
             date=now,

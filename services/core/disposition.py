@@ -65,9 +65,17 @@ async def settle(
     """Publish every consequence of one attempt (`_settle_once`), again while JetStream does
     not acknowledge (a leader election) for up to ACK_PATIENCE. Failing instead would have the
     input redelivered and the attempt made again: for delivery, a second copy of mail the MX
-    already accepted. Every publish carries a message id, so a repeat stores nothing twice."""
-    await patiently(
-        lambda: _settle_once(
+    already accepted. Every publish carries a message id, so a repeat stores nothing twice.
+
+    Every attempt must decide the same (retry or expiry, and the retry time): an attempt whose
+    publish timed out may still have been stored, and a second attempt that decided otherwise
+    would give the job two fates. So the clock is read once and each attempt replays the same
+    jitter: a private generator from one seed, which leaves a caller's shared `rng` alone."""
+    decided_at = time.time() if now is None else now
+    seed = (rng or random.Random()).random()
+
+    async def attempt() -> None:
+        await _settle_once(
             bus,
             bodies,
             retry,
@@ -75,12 +83,12 @@ async def settle(
             outcomes,
             mx_host=mx_host,
             source_ip=source_ip,
-            now=now,
-            rng=rng,
+            now=decided_at,
+            rng=random.Random(seed),
             facts=facts,
-        ),
-        f"outcomes of {env.key}",
-    )
+        )
+
+    await patiently(attempt, f"outcomes of {env.key}")
 
 
 async def _settle_once(
@@ -90,30 +98,29 @@ async def _settle_once(
     env: Envelope,
     outcomes: Sequence[Outcome],
     *,
-    mx_host: str = "",
-    source_ip: str = "",
-    now: float | None = None,
-    rng: random.Random | None = None,
-    facts: Mapping[str, object] | None = None,
+    mx_host: str,
+    source_ip: str,
+    now: float,
+    rng: random.Random,
+    facts: Mapping[str, object] | None,
 ) -> None:
     """Publish every consequence of one attempt. `facts` (mx_address, tls_version, tls_cipher,
     duration_ms) describe the SMTP attempt and go into its delivered/deferred events."""
-    now = time.time() if now is None else now
     extra = dict(facts or {})
     delivered = [o for o in outcomes if isinstance(o, Delivered)]
     deferred = [o for o in outcomes if isinstance(o, Deferred)]
     bounced = [o for o in outcomes if isinstance(o, Bounced)]
     key = env.key
     round_no = env.attempt_count + 1
-    expired = False
 
     if deferred:
         reply = deferred[0].reply
         attempted = env.with_attempt(Attempt(now, reply, mx_host, source_ip))
         at = next_attempt_at(env.received_at, attempted.attempt_count, now, retry, rng)
         if at is None:
-            expired = True
-            bounced += [Bounced(o.recipient, expiry_reply(o.reply), o.mx_host) for o in deferred]
+            bounced += [
+                Bounced(o.recipient, expiry_reply(o.reply), o.mx_host, expired=True) for o in deferred
+            ]
             deferred = []
         else:
             again = replace(attempted, recipients=tuple(o.recipient for o in deferred))
@@ -165,7 +172,6 @@ async def _settle_once(
         notice = BounceNotice(
             envelope=env.with_attempt(Attempt(now, bounced[0].reply, mx_host, source_ip)),
             failures=tuple(bounced),
-            expired=expired,
             releases_body=not deferred,
         )
         await bus.publish(

@@ -129,8 +129,6 @@ class BounceNotice:
 
     envelope: Envelope
     failures: tuple[Bounced, ...]
-    # True when the failures are from expiry (retries exhausted) rather than a 5xx.
-    expired: bool = False
     # False while other recipients of the same job are still being retried: the body stays.
     releases_body: bool = True
     # True for a "still trying" notice (RFC 3464 action "delayed"): `failures` then hold the
@@ -143,9 +141,11 @@ class BounceNotice:
             "v": SCHEMA_VERSION,
             "envelope": _envelope_to_wire(self.envelope),
             "failures": [
-                {"rcpt": f.recipient, "reply": f.reply.to_dict(), "mx": f.mx_host} for f in self.failures
+                {"rcpt": f.recipient, "reply": f.reply.to_dict(), "mx": f.mx_host, "exp": f.expired}
+                for f in self.failures
             ],
-            "expired": self.expired,
+            # Read only by bounce services of the previous version during a rolling upgrade.
+            "expired": any(f.expired for f in self.failures),
             "release": self.releases_body,
             "delay": self.delay_warning,
         }
@@ -155,13 +155,20 @@ class BounceNotice:
     def from_msgpack(cls, payload: bytes) -> BounceNotice:
         wire = _unpack(payload)
         try:
+            # Notices written before expiry was per failure ("exp") said it once, for all of them.
+            legacy_expired = bool(wire.get("expired", False))
             failures = tuple(
-                Bounced(f["rcpt"], Reply.from_dict(f["reply"]), f.get("mx", "")) for f in wire["failures"]
+                Bounced(
+                    f["rcpt"],
+                    Reply.from_dict(f["reply"]),
+                    f.get("mx", ""),
+                    bool(f.get("exp", legacy_expired)),
+                )
+                for f in wire["failures"]
             )
             return cls(
                 _envelope_from_wire(wire["envelope"]),
                 failures,
-                bool(wire.get("expired", False)),
                 bool(wire.get("release", True)),
                 bool(wire.get("delay", False)),
             )

@@ -84,6 +84,9 @@ class Bounced:
     recipient: str
     reply: Reply
     mx_host: str = ""
+    # Retries ran out (4.4.7): the reply is only the last temporary one, so it says nothing
+    # final about the address. Per recipient, since one round can expire some and bounce others.
+    expired: bool = False
 
     kind = "bounced"
 

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.bounce.classify import DEFAULT_RULES, BounceCategory
+import pytest
+
+from services.bounce.classify import DEFAULT_RULES, BounceCategory, is_hard
 from services.bounce.policy import (
     category_of,
     dsn_recipients,
+    envelope_id,
+    failure_category,
     notify_of,
     original_recipient,
     returns_full,
     suppresses,
     wants_dsn,
 )
+from services.core.disposition import expiry_reply
 from services.core.envelope import BodyRef, Envelope
-from services.core.outcome import EXPIRED, NO_SUCH_DOMAIN, Reply
+from services.core.outcome import EXPIRED, NO_ROUTE, NO_SUCH_DOMAIN, Bounced, Reply
 
 USER_UNKNOWN = Reply(550, "5.1.1", "<a@x.test>: Recipient address rejected: User unknown", "RCPT")
 MAILBOX_FULL = Reply(552, "5.2.2", "Mailbox full", "RCPT")
@@ -53,24 +58,53 @@ def test_never_a_dsn_to_the_null_sender_or_about_a_dsn() -> None:
     assert dsn_recipients(env(sender=""), ["a@x.test"], delayed=False) == []
 
 
-def test_orcpt_and_ret() -> None:
-    e = env(dsn_orcpt={"a@x.test": "rfc822;A@X.test"}, dsn_ret="FULL")
+def test_orcpt_envid_and_ret() -> None:
+    e = env(dsn_orcpt={"a@x.test": "rfc822;A@X.test"}, dsn_ret="FULL", dsn_envid="campaign-42")
     assert original_recipient(e, "a@x.test") == "rfc822;A@X.test"
     assert original_recipient(e, "b@x.test") is None
+    assert envelope_id(e) == "campaign-42"
+    assert envelope_id(env()) is None
     assert returns_full(e, default_full=False)
     assert not returns_full(env(dsn_ret="HDRS"), default_full=True)
     assert returns_full(env(), default_full=True)
 
 
+def failed(reply: Reply, *, expired: bool = False) -> Bounced:
+    return Bounced("a@x.test", reply, expired=expired)
+
+
 def test_only_hard_permanent_failures_of_sender_mail_suppress() -> None:
     e = env()
     assert category_of(USER_UNKNOWN, DEFAULT_RULES) is BounceCategory.INVALID_RECIPIENT
-    assert suppresses(e, USER_UNKNOWN, category_of(USER_UNKNOWN, DEFAULT_RULES))
-    assert suppresses(e, NO_SUCH_DOMAIN, category_of(NO_SUCH_DOMAIN, DEFAULT_RULES))
-    assert not suppresses(e, MAILBOX_FULL, category_of(MAILBOX_FULL, DEFAULT_RULES))
-    assert not suppresses(e, EXPIRED, category_of(EXPIRED, DEFAULT_RULES))
-    assert not suppresses(e, GREYLISTED, BounceCategory.INVALID_RECIPIENT), "a 4xx never suppresses"
-    assert not suppresses(env(kind="dsn"), USER_UNKNOWN, BounceCategory.INVALID_RECIPIENT)
+    assert suppresses(e, failed(USER_UNKNOWN), category_of(USER_UNKNOWN, DEFAULT_RULES))
+    assert suppresses(e, failed(NO_SUCH_DOMAIN), category_of(NO_SUCH_DOMAIN, DEFAULT_RULES))
+    assert not suppresses(e, failed(MAILBOX_FULL), category_of(MAILBOX_FULL, DEFAULT_RULES))
+    assert not suppresses(e, failed(EXPIRED), category_of(EXPIRED, DEFAULT_RULES))
+    assert not suppresses(e, failed(GREYLISTED), BounceCategory.INVALID_RECIPIENT), "a 4xx never suppresses"
+    assert not suppresses(env(kind="dsn"), failed(USER_UNKNOWN), BounceCategory.INVALID_RECIPIENT)
+
+
+@pytest.mark.parametrize(
+    "last", [NO_ROUTE, Reply(450, "4.1.1", "<a@x.test>: Recipient address rejected: User unknown", "RCPT")]
+)
+def test_an_expiry_is_message_expired_and_never_suppresses(last: Reply) -> None:
+    expiry = failed(expiry_reply(last), expired=True)
+    assert is_hard(category_of(expiry.reply, DEFAULT_RULES)), "the last reply's text alone reads as hard"
+    assert failure_category(expiry, DEFAULT_RULES) is BounceCategory.MESSAGE_EXPIRED
+    assert not suppresses(env(), expiry, BounceCategory.INVALID_RECIPIENT)
+    assert failure_category(failed(USER_UNKNOWN), DEFAULT_RULES) is BounceCategory.INVALID_RECIPIENT
+
+
+@pytest.mark.parametrize(
+    "bad", ["rfc822;a@x.test\r\nBcc: victim@y.test", "rfc822;a@x.test\n", "rfc822;bö@x.test"]
+)
+def test_an_orcpt_or_envid_that_is_not_printable_ascii_is_left_out(
+    bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    e = env(dsn_orcpt={"a@x.test": bad}, dsn_envid=bad)
+    assert original_recipient(e, "a@x.test") is None
+    assert envelope_id(e) is None
+    assert "not printable US-ASCII" in caplog.text
 
 
 def test_automatic_suppressions_expire_only_when_configured() -> None:

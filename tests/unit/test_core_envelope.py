@@ -78,11 +78,32 @@ def test_garbage_is_a_decode_error(payload: bytes) -> None:
 def test_bounce_notice_round_trip() -> None:
     notice = BounceNotice(
         envelope=_envelope(job_id="j-1"),
-        failures=(Bounced("a@x.test", Reply(550, "5.1.1", "no such user", "RCPT"), "mx1.x.test"),),
-        expired=True,
+        failures=(
+            Bounced("a@x.test", Reply(550, "5.1.1", "no such user", "RCPT"), "mx1.x.test"),
+            Bounced(
+                "b@x.test",
+                Reply(554, "4.4.7", "expired; last reply: 450", "RCPT"),
+                "mx1.x.test",
+                expired=True,
+            ),
+        ),
         releases_body=False,
     )
-    assert BounceNotice.from_msgpack(notice.to_msgpack()) == notice
+    decoded = BounceNotice.from_msgpack(notice.to_msgpack())
+    assert decoded == notice
+    assert [f.expired for f in decoded.failures] == [False, True], "expiry is per recipient"
+
+
+@pytest.mark.parametrize("expired", [True, False])
+def test_a_notice_from_before_per_failure_expiry_still_decodes(expired: bool) -> None:
+    wire = msgpack.unpackb(
+        BounceNotice(_envelope(), (Bounced("a@x.test", Reply(451, "4.4.1", "no route")),)).to_msgpack()
+    )
+    for failure in wire["failures"]:
+        del failure["exp"]
+    wire["expired"] = expired
+    (failure,) = BounceNotice.from_msgpack(msgpack.packb(wire)).failures
+    assert failure.expired is expired
 
 
 def test_message_ids_sort_by_time_and_do_not_collide() -> None:

@@ -17,7 +17,7 @@ from services.bounce.dsn import (
     SUBJECT_FAILED,
     RecipientStatus,
     build_dsn,
-    is_dsn_or_auto,
+    is_report,
 )
 
 NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -481,7 +481,7 @@ def test_recipient_status_rejects_invalid_fields(kwargs: dict[str, object]) -> N
 
 
 def test_our_own_dsn_is_recognised() -> None:
-    assert is_dsn_or_auto(parse(make_dsn([BOB_FAILED])))
+    assert is_report(parse(make_dsn([BOB_FAILED])))
 
 
 @pytest.mark.parametrize(
@@ -489,10 +489,10 @@ def test_our_own_dsn_is_recognised() -> None:
     [
         ({"Content-Type": "text/plain"}, False),
         ({"Auto-Submitted": "no"}, False),
-        ({"Auto-Submitted": "No (manually sent)"}, False),
-        ({"auto-submitted": "auto-replied"}, True),
-        ({"Auto-Submitted": "auto-generated; owner-email=ops@x.test"}, True),
-        ({"Auto-Submitted": "auto-notified"}, True),
+        # Automatic mail from a sender is owed a DSN (Postfix sends one); only reports are not.
+        ({"auto-submitted": "auto-replied"}, False),
+        ({"Auto-Submitted": "auto-generated; owner-email=ops@x.test"}, False),
+        ({"Auto-Submitted": "auto-notified"}, False),
         ({"Content-Type": 'multipart/report; report-type="delivery-status"; boundary=b'}, True),
         ({"content-type": "Multipart/Report; Report-Type=Delivery-Status; boundary=b"}, True),
         ({"Content-Type": "multipart/report; report-type=disposition-notification; boundary=b"}, True),
@@ -501,12 +501,21 @@ def test_our_own_dsn_is_recognised() -> None:
         ({}, False),
     ],
 )
-def test_is_dsn_or_auto_on_header_mappings(headers: dict[str, str], expected: bool) -> None:
-    assert is_dsn_or_auto(headers) is expected
+def test_is_report_on_header_mappings(headers: dict[str, str], expected: bool) -> None:
+    assert is_report(headers) is expected
 
 
-def test_is_dsn_or_auto_on_a_compat32_message() -> None:
-    msg = email.message_from_bytes(b"Auto-Submitted: auto-replied\r\nSubject: Out of office\r\n\r\nbye\r\n")
+def test_is_report_on_a_compat32_message() -> None:
+    msg = email.message_from_bytes(
+        b"Auto-Submitted: auto-replied\r\n"
+        b"Content-Type: multipart/report; report-type=disposition-notification; boundary=b\r\n\r\n--b--\r\n"
+    )
 
     assert isinstance(msg, email.message.Message)
-    assert is_dsn_or_auto(msg)
+    assert is_report(msg)
+
+
+def test_an_auto_generated_message_is_not_a_report() -> None:
+    msg = email.message_from_bytes(b"Auto-Submitted: auto-generated\r\nSubject: Your receipt\r\n\r\nhi\r\n")
+
+    assert not is_report(msg)

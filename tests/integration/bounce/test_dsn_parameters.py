@@ -72,3 +72,25 @@ async def test_notify_never_for_every_recipient_sends_no_dsn(
     await wait_for_events(stack.config.nats.url, "bounced", 1)
     await asyncio.sleep(1.5)
     assert sender_mx.messages == []
+
+
+async def test_an_orcpt_or_envid_with_a_line_break_is_left_out_of_a_dsn_that_still_goes(
+    stack: RelaisStack, make_sink, sender_mx
+) -> None:
+    # Queued before the ingress refused such values: the DSN must not be refused forever.
+    sink = make_sink("127.0.0.2")
+    sink.rcpt_default = REJECT
+    injected = "rfc822;orig@alpha.test\r\nBcc: victim@beta.test"
+    env = envelope(
+        ("orig@alpha.test",), message(), dsn_orcpt={"orig@alpha.test": injected}, dsn_envid="id\r\nX-Evil: 1"
+    )
+    await publish_route(stack.config.nats.url, env)
+
+    (dsn,) = await sender_mx.async_wait_for(1)
+    parsed = email.message_from_bytes(dsn.data)
+    status = next(p for p in parsed.walk() if p.get_content_type() == "message/delivery-status")
+    blocks = status.get_payload()
+    assert blocks[0]["Original-Envelope-Id"] is None
+    assert blocks[1]["Final-Recipient"] == "rfc822; orig@alpha.test"
+    assert blocks[1]["Original-Recipient"] is None
+    assert b"victim@beta.test" not in dsn.data and b"X-Evil" not in dsn.data
