@@ -314,19 +314,19 @@ class RelaisSMTP(SMTP):
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
-        verdict = helo_verdict(hostname) if hostname else None
-        if verdict:
-            await self.push(str(verdict))
-            return
-        await super().smtp_HELO(hostname)
+        if not await self._refused_helo(hostname):
+            await super().smtp_HELO(hostname)
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        verdict = helo_verdict(hostname) if hostname else None
+        if not await self._refused_helo(hostname):
+            await super().smtp_EHLO(hostname)
+
+    async def _refused_helo(self, hostname: str) -> bool:
+        verdict = helo_verdict(hostname) if hostname else None  # aiosmtpd answers a missing one
         if verdict:
             await self.push(str(verdict))
-            return
-        await super().smtp_EHLO(hostname)
+        return verdict is not None
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
