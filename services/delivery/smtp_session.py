@@ -169,7 +169,9 @@ class Connection:
     def satisfies(self, policy: TlsPolicy) -> bool:
         if policy.require and not self.tls_version:
             return False
-        return not (policy.verify and not self.verified)
+        # Plaintext to an MX that offers no STARTTLS is allowed unless TLS is required; TLS
+        # with an unchecked certificate is not, when the policy checks them.
+        return not (policy.verify and self.tls_version and not self.verified)
 
     def needs_probe(self, now: float) -> bool:
         """Whether to RSET before the next transaction: a transaction may still be open (MAIL
@@ -228,7 +230,10 @@ class Connection:
             except aiosmtplib.SMTPResponseException as exc:
                 reply = _reply_of(exc, "RCPT")
                 if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
-                    break
+                    # 421: the server closed; the accepted ones cannot get the data either.
+                    for taken in accepted:
+                        outcomes[taken] = Deferred(taken, reply, host)
+                    return self._finished(recipients, outcomes, remote)
         if accepted:
             try:
                 response = await send_data(smtp, data_payload(body))
@@ -334,7 +339,11 @@ class Connection:
     ) -> bool:
         """Record a refused recipient; False after a 421, when the rest are deferred."""
         remote.append(reply)
-        outcomes[rcpt] = outcome_for(rcpt, reply, self.host)
+        if reply.code == 552:
+            # RFC 5321 4.5.3.1.10: a 552 to RCPT ("too many recipients") is to be taken as 452.
+            outcomes[rcpt] = Deferred(rcpt, reply, self.host)
+        else:
+            outcomes[rcpt] = outcome_for(rcpt, reply, self.host)
         if reply.code != 421:
             return True
         # The server is closing: the rest cannot be tried here.
@@ -412,8 +421,13 @@ async def open_connection(
                 await smtp.starttls(
                     tls_context=client_tls_context(verify, settings.tls_ca_file), server_hostname=host
                 )
+                # RFC 3207 4.2: what the server offered before TLS is forgotten (aiosmtplib
+                # empties its list), so ask again; else SMTPUTF8 and 8BITMIME look unsupported.
+                await smtp.ehlo()
             except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
-                if policy.require:
+                # A certificate that fails a check the policy asks for must not turn into
+                # plaintext, which no one checks: that would reward whoever broke the handshake.
+                if policy.require or policy.verify:
                     raise TryNextHost(
                         Reply(
                             TLS_FAILED.code,

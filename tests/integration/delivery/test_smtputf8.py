@@ -47,3 +47,20 @@ async def test_mx_without_smtputf8_bounces_a_non_ascii_recipient(make_stack, mak
     (bounced,) = await wait_for_events(stack.config.nats.url, "bounced", 1)
     assert bounced.recipients == [UTF8_RCPT] and bounced.reply["enhanced"] == "5.6.7"
     assert sink.messages == [], "nothing was sent to the MX that cannot take it"
+
+
+async def test_non_ascii_recipient_goes_out_over_starttls(make_stack, make_sink, pki) -> None:
+    # STARTTLS makes the client forget the extensions offered in plaintext (RFC 3207): unless it
+    # asks again, SMTPUTF8 looks unsupported and the recipient would bounce with 5.6.7.
+    sink = make_sink("127.0.0.2", tls_context=pki.server_context())
+    stack = await make_stack()
+    code, _ = await asubmit(
+        stack.smtp_address,
+        recipients=[UTF8_RCPT],
+        data=EIGHT_BIT,
+        mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+    )
+    assert code == 250
+    (got,) = await sink.async_wait_for(1)
+    assert got.tls and got.rcpt_tos == [UTF8_RCPT]
+    assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(got.mail_options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.integration.delivery.conftest import submit_many
 from tests.support.relais import asubmit, message, wait_for_events
 
 REQUIRE_TLS = """
@@ -33,3 +34,27 @@ async def test_site_requiring_tls_is_never_sent_plaintext(make_stack, make_sink,
     assert {e.reply["enhanced"] for e in deferred} == {"4.7.10"}
     await asyncio.sleep(0.5)
     assert sink.messages == [] and sink.data_commands == 0
+
+
+async def test_a_certificate_that_fails_tls_verify_defers_and_never_goes_plaintext(
+    make_stack, make_sink, pki
+) -> None:
+    sink = make_sink("127.0.0.2", tls_context=pki.wrong_server_context())  # for wrong.example
+    stack = await make_stack(delivery={"tls_verify": True, "tls_ca_file": str(pki.ca_pem)})
+    assert (await asubmit(stack.smtp_address, recipients=["v@alpha.test"], data=message()))[0] == 250
+    deferred = await wait_for_events(stack.config.nats.url, "deferred", 1)
+    assert deferred[0].reply["enhanced"] == "4.7.5"
+    await asyncio.sleep(0.5)
+    assert sink.messages == [] and sink.data_commands == 0
+
+
+async def test_tls_verify_still_reuses_a_plaintext_connection(make_stack, make_sink, shaping_file) -> None:
+    # An MX without STARTTLS gets plaintext (no policy requires TLS), and that connection is as
+    # reusable as under opportunistic TLS: not one new connection per message.
+    sink = make_sink("127.0.0.2")
+    one_connection = '[site."alpha.test"]\nconnections = 1\nmessages_per_connection = 100\n'
+    stack = await make_stack(delivery={"tls_verify": True, "shaping_file": shaping_file(one_connection)})
+    await submit_many(stack, 4)
+    got = await sink.async_wait_for(4)
+    assert not any(m.tls for m in got)
+    assert sink.connections == 1
