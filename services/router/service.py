@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 
 from services.core import bus as transport
 from services.core.bodies import BodyMissing, BodyStore
-from services.core.bus import Bus
+from services.core.bus import Bus, patiently
 from services.core.config import AccountConfig, Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
@@ -185,11 +185,17 @@ class RouterService:
             return
         if pick.source:
             routed = replace(routed, meta={**routed.meta, META_SOURCE: pick.source})
-        await self._bus.publish(
-            deliver_subject(pool),
-            routed.to_msgpack(),
-            msg_id=f"{job.job_id}.{env.attempt_count}",
-            attributes={"relais.message_id": env.id, "relais.pool": pool, "relais.site": routed.site},
+        # Patiently, as `settle` does: giving up would have the whole message routed again, and
+        # a second pass may decide this job otherwise (warm-up cap reached, DNS failing) after
+        # the first one's job was in fact stored: two fates. The msg id dedupes the repeats.
+        await patiently(
+            lambda: self._bus.publish(
+                deliver_subject(pool),
+                routed.to_msgpack(),
+                msg_id=f"{job.job_id}.{env.attempt_count}",
+                attributes={"relais.message_id": env.id, "relais.pool": pool, "relais.site": routed.site},
+            ),
+            f"delivery job {job.job_id}",
         )
 
     async def _publish_suppressed(

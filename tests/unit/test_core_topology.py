@@ -77,3 +77,15 @@ def test_dsn_windows_are_scheduled_in_the_stream_of_the_flush_they_fire() -> Non
     assert t.bounce_subject() not in flush.subjects
     with pytest.raises(t.SubjectError):
         t.bounce_window_subject("a.b", "w")
+
+
+def test_msg_ids_are_remembered_past_a_redelivery_after_a_lost_ack() -> None:
+    # Outputs published again after `ack_wait` (the input came back) must still be deduplicated.
+    from services.core.config import NatsConfig
+
+    for ack_wait in (30.0, 120.0, 600.0):
+        config = Config(nats=NatsConfig(ack_wait=ack_wait))
+        # The limits stream holds counters, written without msg ids.
+        windows = {s.name: s.duplicate_window for s in t.stream_configs(config) if s.name != t.LIMITS_STREAM}
+        assert all(w is not None and w >= 2 * ack_wait for w in windows.values()), windows
+    assert t.duplicate_window(Config()) == 300.0
