@@ -18,3 +18,17 @@ _PLAIN = re.compile(PLAIN_ADDR_SPEC)
 
 def is_plain(address: str) -> bool:
     return _PLAIN.fullmatch(address) is not None
+
+
+def domain_key(domain: str) -> str:
+    """A domain as lookups compare it: lower case, no trailing dot, A-labels (xn--) when it is
+    internationalised. "Bücher.test", "bücher.test." and "xn--bcher-kva.test" are one key, so
+    a sender writing either spelling finds its account's domain, dedicated pool and DKIM keys.
+    A name IDNA refuses is only lower-cased (it then matches nothing configured)."""
+    domain = domain.strip().rstrip(".").lower()
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from services.core.addresses import domain_key
 from services.core.config_schema import (
     LISTENER_MODES,
     AccountConfig,
@@ -213,9 +214,24 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             if not isinstance(table, dict):
                 raise ConfigError(f"{section}: expected a table")
             table.update(values)
+    _normalise_sender_domains(data)
     config = _build(Config, data)
     validate(config)
     return config
+
+
+def _normalise_sender_domains(data: dict[str, Any]) -> None:
+    """Operators may write a sender domain in any case, or in U-labels; lookups use one form."""
+    table = data.get("sender_domains")
+    if not isinstance(table, dict):
+        return
+    normalised: dict[str, Any] = {}
+    for domain, pool in table.items():
+        key = domain_key(str(domain))
+        if key in normalised:
+            raise ConfigError(f"sender_domains: {domain!r} names the same domain as another entry")
+        normalised[key] = pool
+    data["sender_domains"] = normalised
 
 
 def validate(config: Config) -> None:
@@ -264,6 +280,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"accounts.{name}.webhook_secret: at least 16 characters with a webhook_url")
     _validate_bounce(config.bounce)
     for domain, pool in config.sender_domains.items():
+        if domain != domain_key(domain):
+            # Only a Config built in code gets here: load_config normalises what it reads.
+            raise ConfigError(f"sender_domains.{domain}: write it as {domain_key(domain)!r}")
         if pool not in config.pools:
             raise ConfigError(f"sender_domains.{domain}: unknown pool {pool!r}")
     _validate_routing(config)

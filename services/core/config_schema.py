@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.core.addresses import domain_key
+
 
 @dataclass(frozen=True, kw_only=True)
 class NatsConfig:
@@ -113,6 +115,7 @@ class DeliveryConfig:
     concurrency: int = 64
     # Opportunistic STARTTLS: try TLS when offered, fall back to plaintext if the handshake fails.
     starttls: bool = True
+    # Check certificates whenever TLS is used: a failed check defers, with no plaintext fallback.
     tls_verify: bool = False
     # Extra CA bundle (PEM) trusted when a policy (MTA-STS enforce, tls_verify) checks certificates.
     tls_ca_file: str = ""
@@ -266,7 +269,7 @@ class Config:
     dkim: dict[str, list[DkimKeyConfig]] = field(default_factory=dict)
 
     def pool_for(self, sender_domain: str, account: str) -> str:
-        pool = self.sender_domains.get(sender_domain.lower())
+        pool = self.sender_domains.get(domain_key(sender_domain))
         if pool:
             return pool
         acct = self.accounts.get(account)

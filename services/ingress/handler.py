@@ -174,6 +174,9 @@ class IngressHandler:
             )
         if verdict:
             return str(verdict)
+        if _same_recipient(address, envelope.rcpt_tos):
+            # As Postfix's duplicate filter: accepted, but delivered (and reported) once.
+            return "250 2.1.5 Ok"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         notify, orcpt = getattr(server, "dsn_rcpt", ("", ""))
@@ -313,6 +316,13 @@ class IngressHandler:
             reply = await self._handoff.queue(sub, message_id=message_id, span=span)
             span.set_attribute("smtp.reply", reply[:3])
             return reply
+
+
+def _same_recipient(address: str, accepted: list[str]) -> bool:
+    """Already accepted, up to the case of the domain (the local part's case may matter)."""
+    local, _, domain = address.rpartition("@")
+    key = f"{local}@{domain.lower()}"
+    return any(f"{a.rpartition('@')[0]}@{a.rpartition('@')[2].lower()}" == key for a in accepted)
 
 
 def _dsn_map(envelope: Envelope, name: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
+from services.core.addresses import domain_key
 from services.core.config import AccountConfig, Config
 from services.ingress import headers
 from services.ingress.data import LineStats
@@ -43,12 +44,14 @@ _LOCAL = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
 # The same, but also non-ASCII (RFC 6531) for SMTPUTF8 transactions; still no routing characters.
 # Surrogates are left out: they are how undecodable octets arrive (surrogateescape), not UTF-8.
 _LOCAL_UTF8 = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.\u0080-\ud7ff\ue000-\U0010ffff-]{1,64}$")
-_ADDR_IN_HEADER = re.compile(r"@([A-Za-z0-9.-]+)")
+# Everything after an "@" up to a delimiter, non-ASCII included: a scan that stopped at the
+# first non-ASCII character would see "ours.test" in "ceo@ours.testévil.example".
+_ADDR_IN_HEADER = re.compile(r'@([^\s<>()\[\],;:"@\\]+)')
 _CONTROL_VALUE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    return domain_key(address.rpartition("@")[2])
 
 
 def split_address(address: str, *, utf8: bool = False) -> tuple[str, str] | None:
@@ -74,8 +77,8 @@ def split_address(address: str, *, utf8: bool = False) -> tuple[str, str] | None
 
 
 def owns_domain(account: AccountConfig, domain: str) -> bool:
-    domain = domain.lower().rstrip(".")
-    return any(domain == d.lower() for d in account.domains)
+    domain = domain_key(domain)
+    return any(domain == domain_key(d) for d in account.domains)
 
 
 def is_local_domain(domain: str, local_domains: Iterable[str]) -> bool:
@@ -248,7 +251,7 @@ def from_header_domains(message: bytes | headers.HeaderBlock) -> list[str]:
         scanned += _ADDR_IN_HEADER.findall(value)
     found: dict[str, None] = {}
     for domain in parsed + scanned:
-        found.setdefault(domain.lower().rstrip("."), None)
+        found.setdefault(domain_key(domain), None)
     return list(found)
 
 

@@ -22,6 +22,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from services.core.addresses import domain_key
 from services.core.config import Config, ConfigError, DkimKeyConfig
 
 # Signed when present. Trace and transport fields (Received, Return-Path) are not: they change.
@@ -90,7 +91,7 @@ def load_keys(config: Config) -> dict[str, list[SigningKey]]:
     keys: dict[str, list[SigningKey]] = {}
     for domain, entries in config.dkim.items():
         for i, entry in enumerate(entries):
-            keys.setdefault(domain.lower(), []).append(_load(domain.lower(), entry, i))
+            keys.setdefault(domain_key(domain), []).append(_load(domain_key(domain), entry, i))
     return keys
 
 
@@ -150,7 +151,7 @@ def from_domains(message: bytes) -> list[str]:
     head = message.split(b"\r\n\r\n", 1)[0]
     parsed = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
     return [
-        addr.rpartition("@")[2].lower().rstrip(".")
+        domain_key(addr.rpartition("@")[2])
         for _, addr in getaddresses(parsed.get_all("from", []))
         if "@" in addr
     ]
@@ -162,7 +163,7 @@ def may_sign(
     """Whether `signing_keys` could find a key at all, decided without the message: only domains
     the sender owns are signed for, so when none of them has a key the body need not be read
     (an Object Store fetch for a large one) nor its header parsed."""
-    return any(keys.get(d.lower()) for d in (*account_domains, sender_domain))
+    return any(keys.get(domain_key(d)) for d in (*account_domains, sender_domain))
 
 
 def signing_keys(
@@ -170,8 +171,8 @@ def signing_keys(
 ) -> list[SigningKey]:
     """Keys of the From: domain when the account owns it (DMARC alignment), else of the
     envelope's sender domain; none when neither has keys."""
-    owned = {d.lower() for d in account_domains} | {sender_domain.lower()}
-    for domain in [*from_domains(message)[:1], sender_domain.lower()]:
+    owned = {domain_key(d) for d in account_domains} | {domain_key(sender_domain)}
+    for domain in [*from_domains(message)[:1], domain_key(sender_domain)]:
         if domain in owned and keys.get(domain):
             return keys[domain]
     return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from services.core.addresses import domain_key
 from services.core.config import AccountConfig, Config
 from services.core.envelope import Envelope
 
@@ -34,7 +35,9 @@ def split_by_domain(env: Envelope) -> list[Job]:
     """
     groups: dict[str, list[str]] = {}
     for rcpt in env.recipients:
-        groups.setdefault(recipient_domain(rcpt), []).append(rcpt)
+        group = groups.setdefault(recipient_domain(rcpt), [])
+        if rcpt not in group:  # a duplicate would get two RCPTs, two events, two DSN entries
+            group.append(rcpt)
     if env.job_id:
         return [Job(env.job_id, domain, tuple(rcpts)) for domain, rcpts in groups.items()]
     return [Job(f"{env.id}-{i}", domain, tuple(groups[domain])) for i, domain in enumerate(sorted(groups))]
@@ -43,7 +46,8 @@ def split_by_domain(env: Envelope) -> list[Job]:
 def choose_pool(config: Config, env: Envelope, account: AccountConfig | None) -> str:
     """A dedicated sender-domain pool always wins (it never leaks onto other IPs, whatever the
     message asks); then a per-message pool the account may use; then the account's default."""
-    dedicated = config.sender_domains.get(env.sender_domain.lower())
+    # Envelopes queued before the ingress stored A-labels may carry the U-label spelling.
+    dedicated = config.sender_domains.get(domain_key(env.sender_domain))
     if dedicated:
         return dedicated
     if account is None:

@@ -128,3 +128,23 @@ def test_password_hashes_verify_and_are_not_plaintext() -> None:
     assert verify_password("pw", HASH)
     assert not verify_password("pw2", HASH)
     assert not verify_password("pw", "scrypt$garbage")
+
+
+def test_sender_domains_are_read_in_one_spelling(tmp_path: Path) -> None:
+    path = tmp_path / "relais.toml"
+    path.write_text(
+        '[pools.brand]\n[pools.intl]\n[sender_domains]\n"Brand.test" = "brand"\n"bücher.test." = "intl"\n'
+    )
+    config = load_config(path, env={})
+    assert config.sender_domains == {"brand.test": "brand", "xn--bcher-kva.test": "intl"}
+    assert config.pool_for("BRAND.test", "nobody") == "brand"
+    assert config.pool_for("Bücher.test", "nobody") == "intl"
+
+
+def test_two_spellings_of_one_sender_domain_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "relais.toml"
+    path.write_text(
+        '[pools.brand]\n[sender_domains]\n"bücher.test" = "brand"\n"xn--bcher-kva.test" = "brand"\n'
+    )
+    with pytest.raises(ConfigError, match="same domain"):
+        load_config(path, env={})

@@ -181,6 +181,12 @@ def test_every_from_header_must_be_owned() -> None:
     assert policy.from_header_domains(b"From: nobody\r\n\r\n") == [""]
 
 
+def test_an_internationalised_from_domain_is_owned_in_either_spelling() -> None:
+    account = AccountConfig(password_hash="scrypt$x", domains=["xn--bcher-kva.test"])
+    assert policy.from_header_verdict(account, "From: <news@bücher.test>\r\n\r\n".encode()) is None
+    assert policy.from_header_domains("From: <news@Bücher.test>\r\n\r\n".encode()) == ["xn--bcher-kva.test"]
+
+
 @pytest.mark.parametrize("name", ["evil\rX-Injected: yes", "nul\x00.test", "\udcff\udcfe.test", "tab\there"])
 def test_helo_names_that_would_break_the_received_header(name: str) -> None:
     assert policy.helo_verdict(name) == BAD_HELO

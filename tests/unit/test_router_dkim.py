@@ -109,6 +109,14 @@ def test_keys_of_the_from_domain_when_the_account_owns_it_else_the_sender_domain
     assert dkim.signing_keys(keys, MESSAGE, "other.test", []) == []
 
 
+def test_keys_of_an_internationalised_domain_are_found_in_either_spelling() -> None:
+    intl = [dkim.SigningKey("xn--bcher-kva.test", "s", "rsa-sha256", b"")]
+    keys = {"xn--bcher-kva.test": intl}
+    assert dkim.may_sign(keys, "bücher.test", [])
+    assert dkim.signing_keys(keys, MESSAGE, "bücher.test", ["Bücher.test"]) == intl
+    assert dkim.signing_keys(keys, MESSAGE, "xn--bcher-kva.test", ["bücher.test"]) == intl
+
+
 def test_a_sender_owning_no_keyed_domain_is_known_unsigned_without_reading_the_body() -> None:
     keys = {"acme.test": [_key("rsa-sha256", rsa_pem())]}
     assert dkim.may_sign(keys, "ACME.test", [])

@@ -101,6 +101,18 @@ def test_split_groups_recipients_by_domain_with_stable_ids() -> None:
     assert split_by_domain(env) == jobs
 
 
+def test_the_dedicated_pool_is_found_whatever_the_spelling_of_the_sender_domain() -> None:
+    config = dataclasses.replace(_config(), sender_domains={"xn--bcher-kva.test": "brand"})
+    account = config.accounts["acme"]
+    for spelling in ("xn--bcher-kva.test", "bücher.test", "BÜCHER.test", "Bücher.test."):
+        assert choose_pool(config, _env(spelling), account) == "brand", spelling
+
+
+def test_a_recipient_given_twice_is_in_its_job_once() -> None:
+    env = _env(recipients=("a@b.test", "c@b.test", "a@b.test"))
+    assert split_by_domain(env) == [Job("m1-0", "b.test", ("a@b.test", "c@b.test"))]
+
+
 def test_a_retry_stays_one_job_with_its_id() -> None:
     env = _env(recipients=("a@b.test",), job_id="m1-3")
     assert split_by_domain(env) == [Job("m1-3", "b.test", ("a@b.test",))]

@@ -190,3 +190,18 @@ async def test_a_failing_hand_off_ends_the_transaction_and_refunds_the_quota(
     # of one message was given back, so the second copy is accepted.
     assert codes == [b"250", b"235", b"250", b"250", b"354", b"451", b"250", b"250", b"354", b"250"]
     assert len(await queued(stack.config.nats.url)) == 1
+
+
+async def test_a_recipient_given_twice_is_queued_once(ingress: Any) -> None:
+    def send() -> tuple[int, bytes]:
+        with client(ingress.smtp_address) as smtp:
+            login(smtp)
+            smtp.mail("news@acme.test")
+            for rcpt in ("bob@alpha.test", "bob@ALPHA.test", "Bob@alpha.test"):
+                assert smtp.rcpt(rcpt)[0] == 250
+            return smtp.data(message())
+
+    assert (await in_thread(send))[0] == 250
+    [env] = await queued(ingress.config.nats.url)
+    # The domain's case does not make another recipient; the local part's may (RFC 5321 2.4).
+    assert env.recipients == ("bob@alpha.test", "Bob@alpha.test")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import aiosmtplib
+
 from services.core.config import AccountConfig, PoolConfig
 from services.ingress.replies import (
     AUTH_IN_TRANSACTION,
@@ -108,3 +110,30 @@ async def test_no_auth_during_a_transaction(make_ingress: Callable[..., Any]) ->
     midway, after_rset = await in_thread(scenario)
     assert midway == reply(AUTH_IN_TRANSACTION)
     assert after_rset == reply(AUTH_OK)
+
+
+async def test_an_internationalised_sender_domain_is_queued_in_a_labels(
+    make_ingress: Callable[..., Any],
+) -> None:
+    # The router finds dedicated pools and DKIM keys by the A-label form, whichever the client used.
+    ingress = await make_ingress(
+        accounts={ACCOUNT: AccountConfig(password_hash=password_hash(), domains=["bücher.test"])}
+    )
+
+    async def send() -> int:
+        smtp = aiosmtplib.SMTP(
+            hostname=ingress.smtp_address[0], port=ingress.smtp_address[1], start_tls=False
+        )
+        await smtp.connect()
+        try:
+            await smtp.login(ACCOUNT, PASSWORD)
+            await smtp.mail("news@bücher.test", options=["SMTPUTF8"], encoding="utf-8")
+            await smtp.rcpt("someone@alpha.test")
+            data = "From: <news@bücher.test>\r\nSubject: hi\r\n\r\nbody\r\n".encode()
+            return (await smtp.data(data)).code
+        finally:
+            smtp.close()
+
+    assert await send() == 250
+    [env] = await queued(ingress.config.nats.url)
+    assert env.sender == "news@bücher.test" and env.sender_domain == "xn--bcher-kva.test"
