@@ -48,7 +48,8 @@ class ConnectionPool:
         self._settings = settings
         self._idle_timeout = idle_timeout
         self._lease_wait = lease_wait
-        self._idle: dict[tuple[str, str], list[Connection]] = defaultdict(list)
+        # By source (address and EHLO name: one IP may serve two pools under two names) and MX.
+        self._idle: dict[tuple[Source, str], list[Connection]] = defaultdict(list)
         self._site_of: dict[int, tuple[str, str]] = {}
         self._leases: dict[int, Lease] = {}
         self._lease_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -104,7 +105,7 @@ class ConnectionPool:
     async def _reuse(
         self, source: Source, host: str, address: str, limits: Limits, policy: TlsPolicy
     ) -> Connection | None:
-        idle = self._idle.get((source.address, address))
+        idle = self._idle.get((source, address))
         while idle:
             conn = idle.pop()
             probe = conn.needs_probe(time.monotonic())
@@ -160,7 +161,7 @@ class ConnectionPool:
             await self._discard(conn)
             return
         conn.last_used = time.monotonic()
-        self._idle[(conn.source.address, conn.address)].append(conn)
+        self._idle[(conn.source, conn.address)].append(conn)
         async with self._returned:
             self._returned.notify(1)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from services.core.config import AccountConfig, PoolConfig, SourceConfig
 from services.core.metrics import exposition
 from services.core.runtime import start_bus
 from services.delivery.service import DeliveryService
 from tests.integration.delivery.conftest import SOURCE_A, SOURCE_B, UNBINDABLE, pools, submit_many
-from tests.support.relais import wait_for_events
+from tests.support.relais import ACCOUNT, asubmit, message, password_hash, wait_for_events
 
 
 async def test_sink_sees_the_source_address_and_its_ehlo_name(make_stack, make_sink) -> None:
@@ -52,3 +53,23 @@ async def test_a_pool_none_of_whose_sources_bind_here_is_not_served(make_stack) 
     finally:
         await bus.nc.close()
     await asyncio.sleep(0)
+
+
+async def test_an_ip_in_two_pools_greets_with_each_pool_s_name(make_stack, make_sink) -> None:
+    # One IP, two EHLO names: a connection opened for one pool is not reused for the other.
+    sink = make_sink("127.0.0.2")
+    two_names = {
+        "default": PoolConfig(sources=[SourceConfig(address=SOURCE_A, ehlo="out.acme.test")]),
+        "brand": PoolConfig(sources=[SourceConfig(address=SOURCE_A, ehlo="out.brand.test")]),
+    }
+    account = AccountConfig(password_hash=password_hash(), domains=["acme.test", "brand.test"])
+    stack = await make_stack(
+        pools=two_names, accounts={ACCOUNT: account}, sender_domains={"brand.test": "brand"}
+    )
+    for n, sender in enumerate(("news@acme.test", "news@brand.test"), start=1):
+        data = message(sender=sender)
+        assert (await asubmit(stack.smtp_address, sender=sender, recipients=["r@alpha.test"], data=data))[
+            0
+        ] == 250
+        await sink.async_wait_for(n)
+    assert [m.helo for m in sink.messages] == ["out.acme.test", "out.brand.test"]
