@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
@@ -34,6 +35,10 @@ class Suppression:
         return not self.expires_at or self.expires_at > (time.time() if now is None else now)
 
 
+_FIELDS = frozenset(f.name for f in fields(Suppression))
+log = logging.getLogger(__name__)
+
+
 def suppression_key(account: str, address: str) -> str:
     digest = hashlib.sha256(address.strip().lower().encode()).hexdigest()[:40]
     return f"{account}.{digest}"
@@ -42,7 +47,15 @@ def suppression_key(account: str, address: str) -> str:
 def _active(value: bytes | None) -> Suppression | None:
     if not value:
         return None
-    entry = Suppression(**json.loads(value))
+    try:
+        record = json.loads(value)
+        # Fields a newer release added are ignored, so a rolling upgrade reads its records.
+        entry = Suppression(**{k: v for k, v in record.items() if k in _FIELDS})
+    except (ValueError, TypeError, AttributeError) as exc:
+        # Raising would have the router's input redelivered forever: no retry mends a record.
+        # Unreadable, it suppresses nothing; the message goes out, which loses no mail.
+        log.error("unreadable suppression record %r: %s", value[:200], exc)
+        return None
     return entry if entry.active() else None
 
 
