@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Sequence
 
 from services.bounce.classify import BounceCategory, BounceRule, classify, is_hard
+from services.core.addresses import printable_ascii
 from services.core.config import BounceConfig
 from services.core.envelope import Envelope
 from services.core.outcome import Bounced, Reply
@@ -16,8 +16,6 @@ log = logging.getLogger(__name__)
 
 # RFC 3461 section 4.1: with no NOTIFY the MTA chooses; "FAILURE,DELAY" is what Postfix does.
 DEFAULT_NOTIFY = frozenset({"FAILURE", "DELAY"})
-# RFC 3461 sections 4.2 (ORCPT) and 4.4 (ENVID): once xtext-decoded, printable US-ASCII.
-_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 
 
 def wants_dsn(env: Envelope) -> bool:
@@ -58,7 +56,8 @@ def _dsn_field(env: Envelope, name: str, value: str | None) -> str | None:
     kept: better a DSN without the field, for an envelope queued before the ingress checked."""
     if not value:
         return None
-    if _PRINTABLE_ASCII.fullmatch(value):
+    # RFC 3461 sections 4.2 (ORCPT) and 4.4 (ENVID): once xtext-decoded, printable US-ASCII.
+    if printable_ascii(value):
         return value
     log.warning("%s: %s %r is not printable US-ASCII; the DSN goes without it", env.id, name, value)
     return None

@@ -1,4 +1,4 @@
-"""The plain form of a mail address, shared by both SMTP sides.
+"""Mail addresses and the names in them, as both SMTP sides and the router compare them.
 
 Nearly every envelope address is a dot-atom local part at a dot-separated ASCII domain. Such an
 address means the same to every parser, so the ingress (reading MAIL/RCPT) and delivery
@@ -18,6 +18,12 @@ _PLAIN = re.compile(PLAIN_ADDR_SPEC)
 
 def is_plain(address: str) -> bool:
     return _PLAIN.fullmatch(address) is not None
+
+
+def printable_ascii(value: str) -> bool:
+    """Only printable US-ASCII and spaces: what may go into a header field verbatim (a HELO name
+    into Received:, ORCPT and ENVID into a DSN), where a CR, LF or NUL would start a new field."""
+    return all(" " <= c <= "~" for c in value)
 
 
 def domain_key(domain: str) -> str:

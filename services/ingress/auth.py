@@ -61,10 +61,8 @@ class PasswordChecker:
         """True when right, False when wrong, None when `throttle` refused the attempt.
 
         Sessions sending the same credentials at once share one scrypt and count as one attempt:
-        the first reserves it as a failure before deriving and refunds it when the password is
-        right. Counting only after the check would let every guess that arrives while the
-        others are being checked pass the lockout: as many guesses per window as an attacker
-        can open connections. A remembered success costs no counter writes."""
+        the first reserves it as a failure before deriving (`AuthThrottle.reserve` says why) and
+        refunds it when the password is right. A remembered success costs no counter writes."""
         encoded = account.password_hash if account is not None else self._decoy
         key = hashlib.sha256(b"\0".join([login, password, encoded.encode()])).hexdigest()
         if account is not None and self._verified.get(key, 0.0) > time.monotonic():

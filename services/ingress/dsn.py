@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from services.core.addresses import printable_ascii
 from services.ingress.replies import Verdict
 
 BAD_DSN_PARAMETER = Verdict(501, "5.5.4", "Invalid DSN parameter")
@@ -28,7 +29,7 @@ def xtext_decode(value: str) -> str | None:
     if not _XTEXT.match(value):
         return None
     decoded = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
-    return decoded if all(" " <= c <= "~" for c in decoded) else None
+    return decoded if printable_ascii(decoded) else None
 
 
 def split_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:

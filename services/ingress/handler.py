@@ -320,9 +320,13 @@ class IngressHandler:
 
 def _same_recipient(address: str, accepted: list[str]) -> bool:
     """Already accepted, up to the case of the domain (the local part's case may matter)."""
+    key = _recipient_key(address)
+    return any(_recipient_key(a) == key for a in accepted)
+
+
+def _recipient_key(address: str) -> str:
     local, _, domain = address.rpartition("@")
-    key = f"{local}@{domain.lower()}"
-    return any(f"{a.rpartition('@')[0]}@{a.rpartition('@')[2].lower()}" == key for a in accepted)
+    return f"{local}@{domain.lower()}"
 
 
 def _dsn_map(envelope: Envelope, name: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-from services.core.addresses import domain_key
+from services.core.addresses import domain_key, printable_ascii
 from services.core.config import AccountConfig, Config
 from services.ingress import headers
 from services.ingress.data import LineStats
@@ -114,9 +114,7 @@ def helo_verdict(name: str) -> Verdict | None:
     """HELO/EHLO: the name goes into our Received: header verbatim, so it must be printable
     ASCII. A CR, a NUL or an undecodable octet there would smuggle a header past the checks
     DATA makes, which run on the message as sent, before the Received: line is added."""
-    if all(" " <= c <= "~" for c in name):
-        return None
-    return BAD_HELO
+    return None if printable_ascii(name) else BAD_HELO
 
 
 def sender_verdict(account: AccountConfig | None, sender: str, *, smtputf8: bool = False) -> Verdict | None:

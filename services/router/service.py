@@ -188,10 +188,11 @@ class RouterService:
         # Patiently, as `settle` does: giving up would have the whole message routed again, and
         # a second pass may decide this job otherwise (warm-up cap reached, DNS failing) after
         # the first one's job was in fact stored: two fates. The msg id dedupes the repeats.
+        payload = routed.to_msgpack()
         await patiently(
             lambda: self._bus.publish(
                 deliver_subject(pool),
-                routed.to_msgpack(),
+                payload,
                 msg_id=f"{job.job_id}.{env.attempt_count}",
                 attributes={"relais.message_id": env.id, "relais.pool": pool, "relais.site": routed.site},
             ),
