@@ -161,6 +161,7 @@ class IngressHandler:
     ) -> str:
         ingress = self._config.ingress
         if self.inbound:
+            address = policy.local_postmaster(address, self._local_domains)
             verdict = policy.inbound_recipient_verdict(
                 address,
                 len(envelope.rcpt_tos),

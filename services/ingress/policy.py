@@ -9,7 +9,7 @@ import email.utils
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from services.core.addresses import domain_key, printable_ascii
 from services.core.config import AccountConfig, Config
@@ -158,6 +158,15 @@ def recipient_verdict(
     if accepted_so_far >= max_recipients:
         return TOO_MANY_RECIPIENTS
     return None
+
+
+def local_postmaster(address: str, local_domains: Sequence[str]) -> str:
+    """`RCPT TO:<postmaster>` names this server's postmaster and must be accepted without a
+    domain (RFC 5321 §4.5.1); it is taken as postmaster@ our first domain. Any other address is
+    returned as given."""
+    if address.lower() == "postmaster" and local_domains:
+        return f"postmaster@{local_domains[0]}"
+    return address
 
 
 def inbound_recipient_verdict(

@@ -130,6 +130,7 @@ async def test_inbound_accepts_own_domains_without_auth(three: Any, nats_server:
             relayed = smtp.rcpt("someone@alpha.test")
             smtp.rcpt(f"b+acme.token@{LOCAL}")
             smtp.rcpt(f"fbl@{LOCAL}")
+            assert smtp.rcpt("PostMaster")[0] == 250  # RFC 5321 §4.5.1: no domain needed
             return auth, relayed, smtp.data(b"Subject: bounce\r\n\r\nreport\r\n")
 
     auth, relayed, data_reply = await in_thread(scenario)
@@ -138,7 +139,7 @@ async def test_inbound_accepts_own_domains_without_auth(three: Any, nats_server:
     assert data_reply[0] == 250
     [env] = await queued_inbound(nats_server.url)
     assert env.kind == "inbound" and env.sender == "" and env.account == ""
-    assert env.recipients == (f"b+acme.token@{LOCAL}", f"fbl@{LOCAL}")
+    assert env.recipients == (f"b+acme.token@{LOCAL}", f"fbl@{LOCAL}", f"postmaster@{LOCAL}")
     assert env.body.inline is not None and env.body.inline.startswith(b"Received: from client.test")
     assert env.body.inline.endswith(b"Subject: bounce\r\n\r\nreport\r\n")
     assert await queued(nats_server.url) == []  # nothing went to the router
