@@ -133,7 +133,7 @@ class ConnectionPool:
         policy: TlsPolicy,
         lease: Lease | None,
     ) -> Connection:
-        try:
+        async def pace() -> None:
             interval = limits.connection_interval()
             if interval > 0:
                 slot = await self._limits.reserve("conn", source.address, site, interval)
@@ -142,7 +142,11 @@ class ConnectionPool:
                     raise Saturated(wait)
                 if wait > 0:
                     await asyncio.sleep(wait)
-            conn = await open_connection(address, host, source, self._settings, policy)
+
+        try:
+            await pace()
+            # A plaintext retry after a failed STARTTLS is a second connection: a second slot.
+            conn = await open_connection(address, host, source, self._settings, policy, reconnect=pace)
         except BaseException:
             if lease is not None:
                 await self._limits.release(lease)

@@ -14,7 +14,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -377,9 +377,18 @@ class Connection:
 
 
 async def open_connection(
-    address: str, host: str, source: Source, settings: SessionSettings, policy: TlsPolicy
+    address: str,
+    host: str,
+    source: Source,
+    settings: SessionSettings,
+    policy: TlsPolicy,
+    *,
+    reconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> Connection:
-    """Connect from the source IP, EHLO, and STARTTLS as the policy demands; raises TryNextHost."""
+    """Connect from the source IP, EHLO, and STARTTLS as the policy demands; raises TryNextHost.
+
+    `reconnect` is awaited before a second connection (plaintext, after an opportunistic
+    STARTTLS failed), so that it is paced as a new connection too."""
     smtp = aiosmtplib.SMTP(
         hostname=address,
         port=settings.port,
@@ -439,6 +448,8 @@ async def open_connection(
                 # Opportunistic: the handshake failed, so start again in plaintext on a new connection.
                 log.info("STARTTLS to %s[%s] failed (%r); retrying in plaintext", host, address, exc)
                 smtp.close()
+                if reconnect is not None:
+                    await reconnect()
                 return await open_connection(address, host, source, _without_starttls(settings), policy)
             ssl_obj = smtp.get_transport_info("ssl_object")
             if ssl_obj is not None:

@@ -124,6 +124,7 @@ class SMTPSink:
         self.rcpt_default: str | None = None
         self.delay_data = 0.0
         self.connections = 0
+        self.connected_at: list[float] = []  # time.monotonic() of each accepted connection
         self.open_sessions = 0
         self.peak_sessions = 0  # most client connections open at the same time
         self.data_commands = 0  # DATA commands that reached the handler, accepted or not.
@@ -150,6 +151,7 @@ class SMTPSink:
         # Controller.start() connects once to check readiness; that is not a client.
         with self._lock:
             self.connections = 0
+            self.connected_at.clear()
             self.open_sessions = 0
             self.peak_sessions = 0
 
@@ -161,6 +163,7 @@ class SMTPSink:
     def count_connection(self) -> None:
         with self._lock:
             self.connections += 1
+            self.connected_at.append(time.monotonic())
             self.open_sessions += 1
             self.peak_sessions = max(self.peak_sessions, self.open_sessions)
 
@@ -173,6 +176,7 @@ class SMTPSink:
         with self._lock:
             self.messages.clear()
             self.connections = 0
+            self.connected_at.clear()
             self.data_commands = 0
             self.mail_reads.clear()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import ssl
 
 from tests.integration.delivery.conftest import submit_many
 from tests.support.relais import asubmit, message, wait_for_events
@@ -58,3 +60,24 @@ async def test_tls_verify_still_reuses_a_plaintext_connection(make_stack, make_s
     got = await sink.async_wait_for(4)
     assert not any(m.tls for m in got)
     assert sink.connections == 1
+
+
+async def test_plaintext_retry_after_a_failed_starttls_is_paced_as_a_new_connection(
+    make_stack, make_sink, pki, shaping_file
+) -> None:
+    # The MX offers STARTTLS, but wants a client certificate that delivery does not have:
+    # opportunistic TLS gives up and connects again in plaintext. That second connection counts
+    # against the site's new-connection rate like any other.
+    broken = pki.server_context()
+    broken.verify_mode = ssl.CERT_REQUIRED
+    broken.load_verify_locations(cafile=str(pki.ca_pem))
+    sink = make_sink("127.0.0.2", tls_context=broken)
+    rate = '[site."alpha.test"]\nmessages_per_connection = 1\nnew_connections_per_minute = 120\n'
+    stack = await make_stack(delivery={"shaping_file": shaping_file(rate)})
+    await submit_many(stack, 3)
+    got = await sink.async_wait_for(3, timeout=60)
+    assert not any(m.tls for m in got)
+    assert sink.connections == 6, "a failed STARTTLS, then plaintext, for each message"
+    # 120/min: a new connection every 0.5 s at most.
+    gaps = [b - a for a, b in itertools.pairwise(sink.connected_at)]
+    assert min(gaps) >= 0.4, gaps
