@@ -26,6 +26,11 @@ def printable_ascii(value: str) -> bool:
     return all(" " <= c <= "~" for c in value)
 
 
+def domain_of(address: str) -> str:
+    """The domain of an address, as `domain_key` spells it."""
+    return domain_key(address.rpartition("@")[2])
+
+
 def domain_key(domain: str) -> str:
     """A domain as lookups compare it: lower case, no trailing dot, A-labels (xn--) when it is
     internationalised. "Bücher.test", "bücher.test." and "xn--bcher-kva.test" are one key, so

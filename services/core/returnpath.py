@@ -34,6 +34,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.core.addresses import domain_of
 from services.core.config import BounceConfig
 from services.core.envelope import Envelope
 
@@ -55,14 +56,10 @@ class ReturnPath:
     mac: bytes
 
 
-def recipient_domain(address: str) -> str:
-    return address.rpartition("@")[2].strip().lower().rstrip(".")
-
-
 def _scope(single_recipient: bool, recipients: Sequence[str]) -> str:
     if single_recipient:
         return recipients[0].strip().lower()
-    return "@" + recipient_domain(recipients[0])
+    return "@" + domain_of(recipients[0].strip())
 
 
 def _mac(secret: str, account: str, message_id: str, scope: str) -> bytes:

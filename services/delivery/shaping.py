@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from services.core.addresses import domain_key
 from services.core.config import ConfigError, parse_duration
 from services.core.outcome import Bounced, Deferred, Delivered, Outcome, Reply
 
@@ -93,7 +94,7 @@ class Shaping:
 
         All of a provider's MX hosts then share one budget, whatever the router named them.
         """
-        site, domain, mx_host = site.lower(), domain.lower(), mx_host.lower().rstrip(".")
+        site, domain, mx_host = site.lower(), domain_key(domain), mx_host.lower().rstrip(".")
         for rule in self.sites:
             if rule.name == site:
                 return rule.name
@@ -182,7 +183,7 @@ def _parse(data: dict[str, Any]) -> Shaping:
                 overrides=_limit_values(table, where),
                 source_overrides=sources,
                 mx_suffixes=tuple(s.lower() for s in table.get("mx_suffixes", ())),
-                domains=tuple(d.lower() for d in table.get("domains", ())),
+                domains=tuple(domain_key(d) for d in table.get("domains", ())),
             )
         )
     pushbacks = []

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 
-from services.core.addresses import domain_key, printable_ascii
+from services.core.addresses import domain_key, domain_of, printable_ascii
 from services.core.config import AccountConfig, Config
 from services.ingress import headers
 from services.ingress.data import LineStats
@@ -48,10 +48,6 @@ _LOCAL_UTF8 = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.\u0080-\ud7ff\ue000-\U00
 # first non-ASCII character would see "ours.test" in "ceo@ours.testévil.example".
 _ADDR_IN_HEADER = re.compile(r'@([^\s<>()\[\],;:"@\\]+)')
 _CONTROL_VALUE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
-
-def domain_of(address: str) -> str:
-    return domain_key(address.rpartition("@")[2])
 
 
 def split_address(address: str, *, utf8: bool = False) -> tuple[str, str] | None:

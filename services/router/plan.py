@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from services.core.addresses import domain_key
+from services.core.addresses import domain_key, domain_of
 from services.core.config import AccountConfig, Config
 from services.core.envelope import Envelope
 
@@ -24,10 +24,6 @@ class Job:
     recipients: tuple[str, ...]
 
 
-def recipient_domain(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".")
-
-
 def split_by_domain(env: Envelope) -> list[Job]:
     """Jobs in a deterministic order, so a redelivered message yields the same job ids.
 
@@ -35,7 +31,7 @@ def split_by_domain(env: Envelope) -> list[Job]:
     """
     groups: dict[str, list[str]] = {}
     for rcpt in env.recipients:
-        group = groups.setdefault(recipient_domain(rcpt), [])
+        group = groups.setdefault(domain_of(rcpt), [])
         if rcpt not in group:  # a duplicate would get two RCPTs, two events, two DSN entries
             group.append(rcpt)
     if env.job_id:

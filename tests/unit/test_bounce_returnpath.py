@@ -69,6 +69,16 @@ def test_multi_recipient_job_binds_the_recipient_domain() -> None:
     assert not verify(path, "a@beta.test", CONFIG.verp_secrets)
 
 
+def test_a_domain_binding_holds_for_either_spelling_of_an_internationalised_domain() -> None:
+    # Delivery signs with the domain as the message spelt it; a remote bounce may report the
+    # recipient in A-labels (or the other way round).
+    env = envelope(recipients=("a@bücher.test", "b@bücher.test"), domain="xn--bcher-kva.test")
+    path = parse_verp(return_path(CONFIG, env), prefix="b", domain=DOMAIN)
+    assert path is not None and not path.single_recipient
+    assert verify(path, "a@xn--bcher-kva.test", CONFIG.verp_secrets)
+    assert verify(path, "b@Bücher.test", CONFIG.verp_secrets)
+
+
 def test_key_rotation_old_secret_still_verifies_new_addresses_use_the_first() -> None:
     env = envelope()
     old = verp_address(

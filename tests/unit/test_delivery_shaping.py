@@ -60,6 +60,12 @@ def test_site_is_claimed_by_name_domain_or_mx_suffix(rules) -> None:
     assert rules.site_for("mx.unknown.test", "unknown.test") == "mx.unknown.test"
 
 
+def test_a_site_claims_its_domains_in_either_spelling() -> None:
+    rules = parse_shaping('[site.books]\ndomains = ["Bücher.test"]\n')
+    assert rules.site_for("mx.elsewhere.test", "xn--bcher-kva.test") == "books"
+    assert rules.site_for("mx.elsewhere.test", "bücher.test.") == "books"
+
+
 def test_limits_layer_default_site_and_source(rules) -> None:
     assert rules.limits("google").messages_per_minute == 120
     assert rules.limits("google").connections == 20, "the built-in google rule keeps its other fields"

@@ -108,6 +108,13 @@ def test_the_dedicated_pool_is_found_whatever_the_spelling_of_the_sender_domain(
         assert choose_pool(config, _env(spelling), account) == "brand", spelling
 
 
+def test_one_job_for_every_spelling_of_a_recipient_domain() -> None:
+    env = _env(recipients=("a@Bücher.test", "b@xn--bcher-kva.test", "c@bücher.test."))
+    assert split_by_domain(env) == [
+        Job("m1-0", "xn--bcher-kva.test", ("a@Bücher.test", "b@xn--bcher-kva.test", "c@bücher.test."))
+    ]
+
+
 def test_a_recipient_given_twice_is_in_its_job_once() -> None:
     env = _env(recipients=("a@b.test", "c@b.test", "a@b.test"))
     assert split_by_domain(env) == [Job("m1-0", "b.test", ("a@b.test", "c@b.test"))]
