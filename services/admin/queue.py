@@ -10,23 +10,32 @@ site, and only then delete the schedule:
 - bounce-queue publishes a BounceNotice with an administrative 5.0.0 reply; the bounce service
   sends the DSN, records `bounced` events and releases the body.
 
-Publish first, delete second: a crash in between leaves a duplicate, never a lost message. If the
-schedule fires in that instant, the router's deliver publish is de-duplicated by its msg id.
+The server may fire a schedule while a command is working on it, so each job is first taken
+over by replacing its schedule with one that expects the sequence the command read
+(`Nats-Expected-Last-Subject-Sequence`). A schedule that fired, or that another command replaced,
+fails that check and is skipped: it is never acted on twice.
+
+- requeue's replacement is simply due now: the server fires it, as it would have later;
+- bounce-queue's is due in an hour (a claim), then the BounceNotice is published, then the claim
+  deleted. A command that dies after the claim leaves the job to be retried in an hour, never a
+  lost message; one that dies between the notice and the delete leaves that retry after the bounce.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from nats.js.api import Header, RawStreamMsg
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from services.core import telemetry as t
 from services.core.bus import Bus
 from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDecodeError
 from services.core.outcome import Bounced, Reply
+from services.core.schedule import rfc3339
 from services.core.topology import DELIVER_STREAM, bounce_subject, deliver_filter, retry_filters
 
 ADMIN_COMMAND = "ADMIN"
@@ -55,12 +64,17 @@ def matches_site(env: Envelope, site: str) -> bool:
 async def _stored(
     bus: Bus, stream: str, subject_filter: str, limit: int
 ) -> AsyncIterator[tuple[RawStreamMsg, Envelope]]:
-    """The envelopes stored on a subject filter, in sequence order (message get, no consumer)."""
+    """The envelopes stored on a subject filter, in sequence order (message get, no consumer),
+    up to the stream's last message when the scan began: a schedule that requeue replaces is
+    stored again further on, and must not be found a second time."""
+    last = (await bus.js.stream_info(stream)).state.last_seq
     seq = 1
     for _ in range(limit):
         try:
             raw = await bus.js.get_msg(stream, seq=seq, subject=subject_filter, next=True)
         except NotFoundError:
+            return
+        if (raw.seq or 0) > last:
             return
         seq = (raw.seq or seq) + 1
         try:
@@ -92,21 +106,36 @@ def _carried_headers(headers: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if not k.lower().startswith("nats-")}
 
 
+# Long enough for a bounce-queue run to publish its notice and delete the claim.
+_CLAIM_FOR = 3600.0
+_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+_WRONG_LAST = 10071  # JetStream: "wrong last sequence"
+
+
+async def _take_over(bus: Bus, job: Scheduled, at: float) -> int | None:
+    """Replace the job's schedule with one due at `at`, if it is still the one read; returns
+    the new schedule's sequence, or None when it fired or was replaced meanwhile."""
+    headers = _carried_headers(job.headers)
+    headers |= {
+        Header.SCHEDULE: f"@at {rfc3339(at)}",
+        Header.SCHEDULE_TARGET: job.target,
+        _EXPECTED_LAST_SUBJECT_SEQ: str(job.seq),
+    }
+    try:
+        ack = await bus.js.publish(job.subject, job.envelope.to_msgpack(), headers=headers)
+    except APIError as exc:
+        if exc.err_code == _WRONG_LAST:
+            return None
+        raise
+    return ack.seq
+
+
 async def requeue(bus: Bus, site: str) -> list[Scheduled]:
     """Retry every deferred job for the site now; returns the jobs that were requeued."""
     done: list[Scheduled] = []
     async for job in scheduled_jobs(bus):
-        if not matches_site(job.envelope, site):
-            continue
-        await bus.publish(
-            job.target,
-            job.envelope.to_msgpack(),
-            msg_id=f"requeue-{job.stream}-{job.seq}",
-            headers=_carried_headers(job.headers),
-            attributes={t.MESSAGE_ID: job.envelope.id, t.SITE: job.envelope.site},
-        )
-        await bus.js.delete_msg(job.stream, job.seq)
-        done.append(job)
+        if matches_site(job.envelope, site) and await _take_over(bus, job, time.time()) is not None:
+            done.append(job)
     return done
 
 
@@ -117,6 +146,9 @@ async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
     async for job in scheduled_jobs(bus):
         env = job.envelope
         if not matches_site(env, site):
+            continue
+        claim = await _take_over(bus, job, time.time() + _CLAIM_FOR)
+        if claim is None:
             continue
         notice = BounceNotice(
             envelope=env.with_attempt(Attempt(time.time(), reply)),
@@ -130,7 +162,8 @@ async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
             headers=_carried_headers(job.headers),
             attributes={t.MESSAGE_ID: env.id, t.SITE: env.site},
         )
-        await bus.js.delete_msg(job.stream, job.seq)
+        with contextlib.suppress(NotFoundError):
+            await bus.js.delete_msg(job.stream, claim)
         done.append(job)
     return done
 
