@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
@@ -125,9 +125,28 @@ async def list_accounts(js: JetStreamContext) -> dict[str, AccountConfig]:
     return out
 
 
+async def update_account(
+    js: JetStreamContext, name: str, change: Callable[[AccountConfig], AccountConfig]
+) -> AccountConfig | None:
+    """Apply `change` to the stored record by compare-and-set, reading again when another
+    command wrote in between: a `disable` and a `passwd` at the same moment both take effect,
+    instead of the later write restoring what the earlier one changed. None: no such account."""
+    kv = await js.key_value(ACCOUNTS_BUCKET)
+    while True:
+        try:
+            entry = await kv.get(name)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        changed = change(decode_account(entry.value))
+        try:
+            await kv.update(name, encode_account(changed), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return changed
+
+
 async def set_disabled(js: JetStreamContext, name: str, disabled: bool) -> bool:
-    account = await get_account(js, name)
-    if account is None:
-        return False
-    await put_account(js, name, dataclasses.replace(account, disabled=disabled))
-    return True
+    changed = await update_account(js, name, lambda account: dataclasses.replace(account, disabled=disabled))
+    return changed is not None

@@ -19,6 +19,7 @@ from services.ingress.accounts import (
     list_accounts,
     put_account,
     set_disabled,
+    update_account,
     valid_name,
 )
 
@@ -110,14 +111,16 @@ async def run(config: Config, args: argparse.Namespace) -> int:
             print(describe(args.name, account))
             return 0
         if action == "passwd":
-            current = await get_account(bus.js, args.name)
-            if current is None:
+            if await get_account(bus.js, args.name) is None:
                 print(f"relais: no account {args.name}", file=sys.stderr)
                 return 1
-            password = args.password or getpass.getpass("password: ")
-            await put_account(
-                bus.js, args.name, dataclasses.replace(current, password_hash=hash_password(password))
+            password_hash = hash_password(args.password or getpass.getpass("password: "))
+            changed = await update_account(
+                bus.js, args.name, lambda current: dataclasses.replace(current, password_hash=password_hash)
             )
+            if changed is None:
+                print(f"relais: no account {args.name}", file=sys.stderr)
+                return 1
             return 0
         if not await set_disabled(bus.js, args.name, action == "disable"):
             print(f"relais: no account {args.name}", file=sys.stderr)

@@ -4,6 +4,7 @@ without a restart, and the config file only seeds what KV does not have yet."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,10 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 import nats
+import pytest
+from nats.js.kv import KeyValue
 
+from services.core.accounts import encode_account, hash_password
 from services.core.config import AccountConfig
 from services.core.embedded import EmbeddedNats
-from services.ingress.accounts import get_account, set_disabled
+from services.ingress.accounts import get_account, set_disabled, update_account
 from services.ingress.replies import AUTH_INVALID, AUTH_OK
 from tests.integration.ingress.helpers import client, in_thread, plain, reply
 from tests.support.relais import ACCOUNT, PASSWORD, REPO, message, password_hash
@@ -128,3 +132,36 @@ async def test_config_accounts_seed_kv_but_do_not_override_it(
             return smtp.docmd("AUTH", f"PLAIN {plain(ACCOUNT, PASSWORD)}")[0]
 
     assert await in_thread(send_with_cached_auth) == 535
+
+
+async def test_a_change_written_meanwhile_is_kept_not_overwritten(
+    make_ingress: Callable[..., Any], nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `relais account passwd` reads the record, and `relais account disable` (another operator,
+    # another host) writes it before passwd writes back: both changes must stay.
+    await make_ingress()
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        real_update = KeyValue.update
+        interleaved: list[int] = []
+
+        async def update(kv: KeyValue, key: str, value: bytes, last: int | None = None) -> int:
+            if not interleaved:
+                interleaved.append(await kv.put(key, encode_account(await disabled(js))))
+            return await real_update(kv, key, value, last=last)
+
+        monkeypatch.setattr(KeyValue, "update", update)
+        new = hash_password("new-secret")
+        changed = await update_account(js, ACCOUNT, lambda a: dataclasses.replace(a, password_hash=new))
+        assert interleaved, "the disable was written between the read and the write"
+        assert changed is not None and changed.disabled and changed.password_hash == new
+        assert await get_account(js, ACCOUNT) == changed
+    finally:
+        await nc.close()
+
+
+async def disabled(js: Any) -> AccountConfig:
+    account = await get_account(js, ACCOUNT)
+    assert account is not None
+    return dataclasses.replace(account, disabled=True)
