@@ -243,6 +243,7 @@ def validate(config: Config) -> None:
     if config.ingress.bare_line_endings not in ("reject", "normalise"):
         raise ConfigError("ingress.bare_line_endings: expected 'reject' or 'normalise'")
     _validate_ingress(config)
+    _validate_numbers(config)
     if config.telemetry.traces not in ("none", "otlp", "console", "jsonl"):
         raise ConfigError("telemetry.traces: expected none, otlp, console or jsonl")
     if not 1 <= config.delivery.smtp_port <= 65535:
@@ -294,6 +295,61 @@ def validate(config: Config) -> None:
             split_server(server)
         except ValueError as exc:
             raise ConfigError(f"dns.servers: {server!r} is not an IP address[:port]") from exc
+
+
+# Values that load as numbers but stop a service when zero or negative: a zero timeout fails
+# every request, a zero batch or concurrency makes a consumer fetch nothing, forever.
+_POSITIVE = (
+    "nats.publish_timeout",
+    "nats.connect_timeout",
+    "ingress.command_timeout",
+    "ingress.tls_reload_interval",
+    "dns.timeout",
+    "delivery.connect_timeout",
+    "delivery.command_timeout",
+    "retry.base_delay",
+    "retry.max_age",
+    "bounce.webhook_timeout",
+    "bounce.webhook_retry_base",
+)
+_AT_LEAST_ONE = (
+    "ingress.max_message_size",
+    "ingress.max_recipients",
+    "router.concurrency",
+    "delivery.concurrency",
+    "bounce.webhook_batch",
+)
+# A consumer reports progress every max(ack_wait / 3, 1) s; below this, a message in hand would
+# be redelivered to another replica before the first report.
+_MIN_ACK_WAIT = 2.0
+
+
+def _validate_numbers(config: Config) -> None:
+    def value(path: str) -> float:
+        section, _, key = path.partition(".")
+        return float(getattr(getattr(config, section), key))
+
+    for path in _POSITIVE:
+        if value(path) <= 0:
+            raise ConfigError(f"{path}: must be > 0")
+    for path in _AT_LEAST_ONE:
+        if value(path) < 1:
+            raise ConfigError(f"{path}: must be >= 1")
+    nats = config.nats
+    if nats.ack_wait < _MIN_ACK_WAIT:
+        raise ConfigError(f"nats.ack_wait: must be >= {_MIN_ACK_WAIT:g}s")
+    if 0 < nats.events_max_age < nats.duplicate_window:
+        # JetStream refuses a stream whose de-duplication window is longer than its max age.
+        raise ConfigError(
+            f"nats.events_max_age: must be 0 (no limit) or >= {nats.duplicate_window:g}s, "
+            "the de-duplication window that nats.ack_wait implies"
+        )
+    if config.retry.max_delay < config.retry.base_delay:
+        raise ConfigError("retry.max_delay: must be >= retry.base_delay")
+    if not 0 <= config.retry.jitter <= 1:
+        raise ConfigError("retry.jitter: expected a fraction between 0 and 1")
+    if config.bounce.webhook_retry_max < config.bounce.webhook_retry_base:
+        raise ConfigError("bounce.webhook_retry_max: must be >= bounce.webhook_retry_base")
 
 
 def _validate_ingress(config: Config) -> None:

@@ -32,6 +32,14 @@ class NatsConfig:
     ack_wait: float = 120.0
     events_max_age: float = 7 * 86400.0
 
+    @property
+    def duplicate_window(self) -> float:
+        """How long JetStream remembers a msg id. A consumer whose ack was lost gets its input
+        again after `ack_wait`, and publishes its outputs again under the same ids: they must
+        still be remembered then, or the next service takes the work twice (a second delivery).
+        Twice the ack wait, plus a minute for the handling itself (300 s by default)."""
+        return max(120.0, 2 * self.ack_wait + 60.0)
+
 
 LISTENER_MODES = ("submission", "implicit-tls", "inbound")
 

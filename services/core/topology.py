@@ -247,20 +247,12 @@ def webhook_filters(accounts: Mapping[str, AccountConfig]) -> list[str]:
     return sorted(events_filter(name) for name, account in accounts.items() if account.webhook_url)
 
 
-def duplicate_window(config: Config) -> float:
-    """How long JetStream remembers a msg id. A consumer whose ack was lost gets its input again
-    after `ack_wait`, and publishes its outputs again under the same ids: they must still be
-    remembered then, or the next service takes the work twice (a second delivery). Twice the
-    ack wait, plus a minute for the handling itself (300 s by default)."""
-    return max(120.0, 2 * config.nats.ack_wait + 60.0)
-
-
 def stream_configs(config: Config) -> list[StreamConfig]:
     replicas = config.nats.replicas
     common = dict(
         storage=StorageType.FILE,
         num_replicas=replicas,
-        duplicate_window=duplicate_window(config),
+        duplicate_window=config.nats.duplicate_window,
     )
     return [
         StreamConfig(

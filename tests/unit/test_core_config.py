@@ -109,6 +109,14 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ('[dns]\nservers = ["resolver.example"]\n', "dns.servers"),
         ('[retry]\nbase_delay = "soon"\n', "duration"),
         ("[bounce]\ndsn_window = -1\n", "bounce.dsn_window"),
+        # Values that would load, then stop a service at run time:
+        ("[router]\nconcurrency = 0\n", "router.concurrency"),
+        ("[bounce]\nwebhook_batch = 0\n", "bounce.webhook_batch"),
+        ("[nats]\npublish_timeout = 0\n", "nats.publish_timeout"),
+        ("[nats]\nack_wait = 1\n", "nats.ack_wait"),
+        ('[nats]\nevents_max_age = "2m"\n', "nats.events_max_age"),
+        ('[retry]\nbase_delay = "2h"\nmax_delay = "1h"\n', "retry.max_delay"),
+        ("[retry]\njitter = 1.5\n", "retry.jitter"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:

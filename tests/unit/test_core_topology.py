@@ -88,4 +88,4 @@ def test_msg_ids_are_remembered_past_a_redelivery_after_a_lost_ack() -> None:
         # The limits stream holds counters, written without msg ids.
         windows = {s.name: s.duplicate_window for s in t.stream_configs(config) if s.name != t.LIMITS_STREAM}
         assert all(w is not None and w >= 2 * ack_wait for w in windows.values()), windows
-    assert t.duplicate_window(Config()) == 300.0
+    assert Config().nats.duplicate_window == 300.0
