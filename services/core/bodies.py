@@ -3,6 +3,10 @@
 A large body is written once at the ingress and referenced by every per-domain job and every
 retry. The router records which jobs still need it (KV bucket `relais-body-refs`); each job's
 final outcome releases its reference, and the last release deletes the object.
+
+"Gone" is only ever concluded from the stream leader. Direct gets, which any replica may answer,
+are the fast path, but a follower that has not yet applied the ingress's write answers "no such
+body" for a moment, and a body taken for gone ends its message without an outcome.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import logging
 
 import msgpack
 from nats.js import JetStreamContext
-from nats.js.api import ObjectInfo
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
+from nats.js.api import ObjectInfo, RawStreamMsg
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -24,12 +28,24 @@ from services.core.envelope import BodyRef
 from services.core.topology import (
     BODY_BUCKET,
     BODY_REFS_BUCKET,
+    kv_stream,
+    kv_subject,
     object_chunk_subject,
     object_meta_subject,
     object_stream,
 )
 
 log = logging.getLogger(__name__)
+
+_KV_OPERATION = "KV-Operation"  # set on a KV delete or purge marker
+
+
+def _live_object(meta: bytes | None) -> ObjectInfo | None:
+    """The object a meta message describes, None when there is none or it was deleted."""
+    if not meta:
+        return None
+    info = ObjectInfo.from_response(json.loads(meta))
+    return None if info.deleted else info
 
 
 class BodyMissing(Exception):
@@ -87,10 +103,12 @@ class BodyStore:
         stream = object_stream(BODY_BUCKET)
         meta = object_meta_subject(BODY_BUCKET, base64.urlsafe_b64encode(name.encode()).decode())
         found = (await bus.get_last(stream, [meta])).get(meta)
-        if found is None or not found.data:
-            raise BodyMissing(name)
-        info = ObjectInfo.from_response(json.loads(found.data))
-        if info.deleted:
+        info = _live_object(found.data if found is not None else None)
+        if info is None:
+            # Perhaps a replica behind the ingress's write: ask the leader before believing it.
+            latest = await self._leader_last(stream, meta)
+            info = _live_object(latest.data if latest is not None else None)
+        if info is None:
             raise BodyMissing(name)
         chunks: list[bytes] = []
         after = 0
@@ -108,6 +126,19 @@ class BodyStore:
             # Chunks missing or changed under us: a read to retry, never a body to send.
             raise BrokerUnavailable(f"body {name}: {len(data)} of {info.size} bytes, digest {digest}")
         return data
+
+    async def _leader_last(self, stream: str, subject: str) -> RawStreamMsg | None:
+        """The last message on a subject, read from the stream leader; None when there is none
+        or it is a KV delete marker."""
+        try:
+            msg = await self._js.get_msg(stream, subject=subject, direct=False)
+        except NotFoundError:
+            return None
+        except Exception as exc:
+            raise BrokerUnavailable(f"reading {subject} from the leader failed: {exc!r}") from exc
+        if (msg.headers or {}).get(_KV_OPERATION) in ("DEL", "PURGE"):
+            return None
+        return msg
 
     async def discard(self, ref: BodyRef) -> None:
         """Drop a body that was stored but never queued (the ingress answered 451)."""
@@ -129,39 +160,30 @@ class BodyStore:
         except KeyWrongLastSequenceError:
             pass
 
-    async def is_pending(self, ref: BodyRef, job_id: str) -> bool:
-        """Whether a job still holds the body (False: it already reached its final outcome)."""
-        if ref.inline is not None:
-            return True
-        kv = await self._kv()
-        try:
-            entry = await kv.get(ref.object_name)
-        except KeyNotFoundError:
-            return False
-        return job_id in msgpack.unpackb(entry.value or b"\x90")
-
     async def release(self, ref: BodyRef, job_id: str) -> None:
         """A job reached its final outcome; delete the body when no job needs it any more."""
         if ref.inline is not None:
             return
         kv = await self._kv()
+        subject = kv_subject(BODY_REFS_BUCKET, ref.object_name)
         for _ in range(50):
-            try:
-                entry = await kv.get(ref.object_name)
-            except KeyNotFoundError:
+            # From the leader: a lagging replica's "no record" would leave the body stored.
+            stored = await self._leader_last(kv_stream(BODY_REFS_BUCKET), subject)
+            if stored is None:
                 return
-            jobs: list[str] = msgpack.unpackb(entry.value or b"\x90")
+            jobs: list[str] = msgpack.unpackb(stored.data or b"\x90")
             if job_id not in jobs:
                 return
             jobs.remove(job_id)
+            revision = stored.seq or 0
             if jobs:
                 try:
-                    await kv.update(ref.object_name, msgpack.packb(jobs), last=entry.revision)
+                    await kv.update(ref.object_name, msgpack.packb(jobs), last=revision)
                     return
                 except KeyWrongLastSequenceError:
                     continue  # another job released concurrently; re-read and retry
             try:
-                await kv.update(ref.object_name, msgpack.packb([]), last=entry.revision)
+                await kv.update(ref.object_name, msgpack.packb([]), last=revision)
             except KeyWrongLastSequenceError:
                 continue
             await self.discard(ref)
