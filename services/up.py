@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from services.core.accounts import hash_password
-from services.core.config import load_config
+from services.core.config import listener_configs, load_config
 from services.core.embedded import EmbeddedNats, free_port, wait_for_port
 
 DEMO_ACCOUNT = "demo"
@@ -75,12 +75,12 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
     except TimeoutError:
         pass
     nats = EmbeddedNats(store_dir=data_dir / "nats", port=nats_port, log_file=data_dir / "nats.log")
-    nats.start()
     env = dict(os.environ, RELAIS_CONFIG=config_path, RELAIS_NATS__URL=nats.url)
     children: list[subprocess.Popen[bytes]] = []
     logs_dir = data_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
+    failed = False
 
     def stop(*_: object) -> None:
         nonlocal stopping
@@ -89,6 +89,9 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
+        # Inside the try: nats-server runs in its own session, so a Ctrl-C during start-up
+        # would not reach it, and only the finally below stops it.
+        nats.start()
         # Each service gets its own loopback port for /healthz, /readyz and /metrics.
         http = {name: f"127.0.0.1:{free_port()}" for name in ("router", "delivery", "bounce", "ingress")}
         for name in ("router", "delivery", "bounce", "ingress"):
@@ -99,11 +102,13 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
                     [sys.executable, "-m", "services.cli", name], env=child_env, stdout=log, stderr=log
                 )
             )
-        host, _, port = config.ingress.listen.rpartition(":")
-        wait_for_port(host, int(port), timeout=60)
+        listeners = listener_configs(config)
+        smtp = next((li.listen for li in listeners if li.mode != "inbound"), listeners[0].listen)
+        host, _, port = smtp.rpartition(":")
+        wait_for_port(host.strip("[]"), int(port), timeout=60)
         ready = time.monotonic() - started
         print(f"Relais is up in {ready:.1f}s.")
-        print(f"  SMTP (AUTH PLAIN/LOGIN): {config.ingress.listen}")
+        print(f"  SMTP (AUTH PLAIN/LOGIN): {smtp}")
         if password:
             domains = ", ".join(DEMO_DOMAINS)
             print(f"  account: {DEMO_ACCOUNT}  password: {password}  (sender domains: {domains})")
@@ -123,9 +128,9 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
                     print(
                         f"relais: a service exited with {child.returncode}; see {logs_dir}", file=sys.stderr
                     )
-                    stopping = True
+                    stopping = failed = True
             time.sleep(0.2)
-        return 0
+        return 1 if failed else 0
     finally:
         for child in children:
             if child.poll() is None:

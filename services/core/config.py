@@ -234,6 +234,11 @@ def _normalise_sender_domains(data: dict[str, Any]) -> None:
     data["sender_domains"] = normalised
 
 
+def listener_configs(config: Config) -> list[ListenerConfig]:
+    """The ingress's listeners: those configured, or one submission listener on `ingress.listen`."""
+    return list(config.ingress.listeners) or [ListenerConfig(listen=config.ingress.listen)]
+
+
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     if config.nats.replicas not in (1, 3, 5):

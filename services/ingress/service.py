@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from services.core.bodies import BodyStore
 from services.core.bus import Bus
-from services.core.config import Config, ListenerConfig
+from services.core.config import Config, ListenerConfig, listener_configs
 from services.ingress.accounts import AccountStore
 from services.ingress.auth import Authenticator, PasswordChecker
 from services.ingress.handler import IngressHandler
@@ -51,11 +51,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def listener_configs(config: Config) -> list[ListenerConfig]:
-    """The configured listeners, or one submission listener on `ingress.listen`."""
-    return list(config.ingress.listeners) or [ListenerConfig(listen=config.ingress.listen)]
 
 
 class IngressService:

@@ -125,3 +125,50 @@ def test_relais_up_from_submission_to_mailbox_and_trace(up: Up) -> None:
     while any(alive(pid) for pid in ours) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in ours if alive(pid)], "Ctrl-C stops every process relais up started"
+
+
+def test_relais_up_with_a_config_waits_for_its_listeners(tmp_path: Path) -> None:
+    # With [[ingress.listeners]] the ingress does not listen on ingress.listen: `relais up` must
+    # wait for (and announce) the listener that takes mail.
+    data = tmp_path / "relais-data"
+    inbound, submission = free_port(), free_port()
+    config = tmp_path / "relais.toml"
+    config.write_text(
+        f'data_dir = "{data}"\n'
+        '[ingress]\nhostname = "relais.localhost"\nlocal_domains = ["fbl.localhost"]\n'
+        f'listeners = [{{ listen = "127.0.0.1:{inbound}", mode = "inbound" }},'
+        f' {{ listen = "127.0.0.1:{submission}", mode = "submission" }}]\n'
+        f'[delivery]\nmode = "capture"\ncapture_dir = "{data / "mailbox"}"\n'
+    )
+    try:
+        with relais_up(data, free_port(), tmp_path, config) as proc:
+            deadline = time.monotonic() + 90
+            log = tmp_path / "relais-up.log"
+            while "Relais is up" not in log.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            assert f"SMTP (AUTH PLAIN/LOGIN): 127.0.0.1:{submission}" in log.read_text()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0, log.read_text()
+    finally:
+        for pid in started_by(data):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("after", [0.3, 0.8, 1.5])
+def test_ctrl_c_during_start_up_leaves_nothing_running(tmp_path: Path, after: float) -> None:
+    data = tmp_path / "relais-data"
+    try:
+        with relais_up(data, free_port(), tmp_path) as proc:
+            time.sleep(after)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+        deadline = time.monotonic() + 10
+        while [pid for pid in started_by(data) if alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in started_by(data) if alive(pid)]
+    finally:
+        for pid in started_by(data):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -318,13 +318,16 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def relais_up(data_dir: Path, port: int, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`relais up` as the README has a user run it, with its output in `cwd/relais-up.log` (a pipe
-    nobody reads would block it once full). Stopped with Ctrl-C (SIGINT) on leaving, unless it
-    already exited; killed if that takes over 30 s."""
+def relais_up(
+    data_dir: Path, port: int, cwd: Path, config: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`relais up` as the README has a user run it (or with `-c config`), with its output in
+    `cwd/relais-up.log` (a pipe nobody reads would block it once full). Stopped with Ctrl-C
+    (SIGINT) on leaving, unless it already exited; killed if that takes over 30 s."""
     with open(cwd / "relais-up.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
+            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data_dir), "--port", str(port)]
+            + (["--config", str(config)] if config else []),
             cwd=cwd,
             env=dict(os.environ, PYTHONPATH=str(REPO)),
             stdout=log,

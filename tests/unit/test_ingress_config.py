@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.core.config import ConfigError, ListenerConfig, load_config
-from services.ingress.service import listener_configs
+from services.core.config import ConfigError, ListenerConfig, listener_configs, load_config
 
 BASE = """
 [ingress]
