@@ -223,7 +223,8 @@ class InboundHandler:
                     source=finding.message_id,
                     category="" if finding.kind == "complained" else finding.category,
                     expires_at=suppression_expiry(self._config),
-                )
+                ),
+                keep_longer=True,
             )
         detail = {**finding.detail, "inbound_id": inbound_id}
         if finding.suppresses:

@@ -197,7 +197,8 @@ class BounceService:
                     source=env.id,
                     category=str(category),
                     expires_at=policy.suppression_expiry(self._config.bounce),
-                )
+                ),
+                keep_longer=True,
             )
             detail["suppressed"] = "true"
         await publish_event(

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.core.bus import Bus, DirectGetUnavailable
+from services.core.bus import BrokerUnavailable, Bus, DirectGetUnavailable
 from services.core.topology import SUPPRESSION_BUCKET, kv_stream, kv_subject
 
 
@@ -59,6 +59,10 @@ def _active(value: bytes | None) -> Suppression | None:
     return entry if entry.active() else None
 
 
+def _until(entry: Suppression) -> float:
+    return entry.expires_at or float("inf")
+
+
 class SuppressionList:
     """With a `bus`, `get_many` asks for all of a message's recipients in one direct get."""
 
@@ -72,11 +76,34 @@ class SuppressionList:
             self._kv = await self._js.key_value(SUPPRESSION_BUCKET)
         return self._kv
 
-    async def add(self, entry: Suppression) -> None:
+    async def add(self, entry: Suppression, *, keep_longer: bool = False) -> None:
+        """Write an entry; an operator's replaces whatever was there. With `keep_longer` (what
+        bounces and complaints write) an active entry that lasts at least as long is kept, so
+        a bounce never turns an operator's permanent entry into one that expires."""
         entry = entry if entry.at else Suppression(**{**asdict(entry), "at": time.time()})
-        await (await self._bucket()).put(
-            suppression_key(entry.account, entry.address), json.dumps(asdict(entry)).encode()
-        )
+        kv = await self._bucket()
+        key = suppression_key(entry.account, entry.address)
+        value = json.dumps(asdict(entry)).encode()
+        if not keep_longer:
+            await kv.put(key, value)
+            return
+        for _ in range(10):
+            try:
+                current: KeyValue.Entry | None = await kv.get(key)
+            except KeyNotFoundError:
+                current = None
+            held = _active(current.value) if current is not None else None
+            if held is not None and _until(held) >= _until(entry):
+                return
+            try:
+                if current is None:
+                    await kv.create(key, value)
+                else:
+                    await kv.update(key, value, last=current.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue  # written meanwhile: look again
+        raise BrokerUnavailable(f"suppression entry {key}: too much contention")
 
     async def get(self, account: str, address: str) -> Suppression | None:
         try:
