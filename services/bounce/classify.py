@@ -146,7 +146,7 @@ _REPLY_TEXT_RULES = (
     # Source reputation: about the sending IP or domain, whatever the message says.
     _text(
         _C.SPAM_BLOCK,
-        r"spamhaus|spamcop|barracuda|\bsorbs\b|\b(?:rbl|dnsbl|uribl)\b|block ?list|black ?list"
+        r"spamhaus|spamcop|\bbarracuda\b|\bsorbs\b|\b(?:rbl|dnsbl|uribl)\b|block ?list|black ?list"
         r"|blocked using|(?<!not )listed (?:at|on|in|by)\b|reputation|unusual rate of unsolicited"
         r"|banned sending ip|\[(?:BL|TSS?)\d+\]|user complaints",
     ),

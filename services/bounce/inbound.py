@@ -37,7 +37,12 @@ from services.core.topology import inbound_subject
 
 log = logging.getLogger(__name__)
 
-_ADDRESS = re.compile(r"[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+")
+# Starts only where a run of address characters starts: unanchored, a long run without an "@"
+# was tried from every one of its positions (quadratic; 40 s for one 128 KB header).
+_ADDRESS = re.compile(r"(?<![^\s<>\"'(),;:])[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+")
+# A real report carries one token, two with a forwarded copy; each token is checked against
+# each address named, so a report stuffed with thousands of tokens must not cost that product.
+_MAX_RETURN_PATHS = 8
 # Headers of a reported message that may name its recipient (FBLs often redact these).
 _RECIPIENT_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To")
 
@@ -70,12 +75,15 @@ class Verdict:
 
 
 def return_paths(addresses: Iterable[str], config: BounceConfig) -> list[ReturnPath]:
-    out: list[ReturnPath] = []
+    """The distinct VERP return paths among `addresses`, in order, at most _MAX_RETURN_PATHS."""
+    out: dict[ReturnPath, None] = {}
     for address in addresses:
         path = parse_verp(address, prefix=config.verp_prefix, domain=config.return_path_domain)
-        if path is not None and path not in out:
-            out.append(path)
-    return out
+        if path is not None:
+            out[path] = None
+            if len(out) == _MAX_RETURN_PATHS:
+                break
+    return list(out)
 
 
 def _header_addresses(msg: Message | None, names: Sequence[str]) -> list[str]:
@@ -100,7 +108,13 @@ def findings(
         headers = report.original.values() if report.original is not None else []
         scanned = [m.group(0) for v in headers for m in _ADDRESS.finditer(str(v))]
         paths = return_paths([*local_recipients, *carried, *scanned], config)
-        candidates = report.original_rcpt_to or _header_addresses(report.original, _RECIPIENT_HEADERS)
+        candidates = report.original_rcpt_to
+        if not candidates:
+            # The report redacts the recipient, so guess from the reported message's headers.
+            # That names the complainer only when the token binds one recipient; a token for
+            # a recipient domain would vouch for every colleague in To: and Cc: as well.
+            candidates = _header_addresses(report.original, _RECIPIENT_HEADERS)
+            paths = [p for p in paths if p.single_recipient]
         if not report.is_complaint:
             return Verdict([], [f"feedback type {report.feedback_type!r} is not a complaint"])
         detail = {"feedback_type": report.feedback_type, "source": "fbl"}
@@ -204,7 +218,14 @@ class InboundHandler:
             except BodyMissing:
                 log.info("inbound %s already processed (body gone)", env.id)
                 return
-            verdict = findings(raw, env.recipients, self._config, self._rules)
+            try:
+                verdict = findings(raw, env.recipients, self._config, self._rules)
+            except Exception as exc:
+                # Parsing is deterministic, so no retry mends a message our parsers choke on (a
+                # nesting too deep, an unknown charset codec): redelivered, it would come back
+                # forever. It is logged and counts for nothing, like any message not a report.
+                log.warning("inbound %s from <%s> could not be parsed: %r", env.id, env.sender, exc)
+                verdict = Verdict([], [f"unparsable: {exc!r}"])
             for reason in verdict.rejected:
                 log.warning("inbound %s from <%s>: %s", env.id, env.sender, reason)
             span.set_attribute("relais.findings", len(verdict.findings))

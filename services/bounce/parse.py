@@ -19,7 +19,8 @@ from flufl.bounce import all_failures
 from services.bounce.classify import DEFAULT_RULES, BounceCategory, BounceRule, classify
 
 # A reply code and enhanced status somewhere in prose: "550 5.1.1", "said: 550-5.7.1", "#5.1.1".
-_REPLY_IN_TEXT = re.compile(r"\b([245]\d\d)(?:[ -]+#?([245]\.\d{1,3}\.\d{1,3}))?\b")
+# Not a part of a dotted number: "[52.101.41.210]" in Exim's host line is no reply code 210.
+_REPLY_IN_TEXT = re.compile(r"(?<![\w.])([245]\d\d)(?!\w|\.\d)(?:[ -]+#?([245]\.\d{1,3}\.\d{1,3}))?\b")
 _STATUS_IN_TEXT = re.compile(r"(?<![\d.])#?([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 _RETURNED = frozenset({"message/rfc822", "text/rfc822-headers", "message/rfc822-headers"})
 # Prose around an address that explains it: its own line and a few after (Exim, Postfix style).
@@ -175,7 +176,7 @@ def human_text(msg: Message) -> str:
             charset = part.get_content_charset() or "utf-8"
             try:
                 chunks.append(data.decode(charset, "replace"))
-            except LookupError:
+            except (LookupError, UnicodeError):  # unknown, or a codec without "replace" (idna)
                 chunks.append(data.decode("utf-8", "replace"))
     return "\n".join(chunks)[: _MAX_TEXT * 2]
 

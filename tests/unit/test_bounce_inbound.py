@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.bounce.arf import parse_arf
 from services.bounce.classify import DEFAULT_RULES
-from services.bounce.inbound import findings
+from services.bounce.inbound import findings, return_paths
 from services.bounce.parse import parse_bounce, parse_message
 from services.core.config import BounceConfig
 from services.core.returnpath import verp_address
@@ -100,3 +100,59 @@ def test_arf_with_a_forged_return_path_or_not_spam_changes_nothing() -> None:
 def test_parse_bounce_keeps_the_returned_headers() -> None:
     parsed = parse_bounce(parse_message(postfix_dsn(to="x@y.test", recipient="gone@alpha.test")))
     assert parsed.kind == "dsn" and parsed.original is not None and parsed.original["Subject"] == "Hello"
+
+
+def redacted(raw: bytes, to_header: str) -> bytes:
+    """The report without Original-Rcpt-To, and the reported message addressed to `to_header`."""
+    head, sep, original = raw.partition(b"Content-Type: message/rfc822")
+    lines = head.splitlines(keepends=True)
+    head = b"".join(line for line in lines if not line.startswith(b"Original-Rcpt-To"))
+    original = b"".join(
+        (b"To: " + to_header.encode() + b"\r\n") if line.startswith(b"To:") else line
+        for line in original.splitlines(keepends=True)
+    )
+    return head + sep + original
+
+
+def test_a_redacted_complaint_counts_only_with_a_one_recipient_token() -> None:
+    colleagues = "alice@gamma.test, bob@gamma.test, carol@gamma.test"
+    one = rp(["alice@gamma.test"])
+    raw = redacted(arf_report(to=FBL, recipient="alice@gamma.test", return_path=one), "alice@gamma.test")
+    (finding,) = findings(raw, [FBL], CONFIG, DEFAULT_RULES).findings
+    assert finding.recipient == "alice@gamma.test"
+    # A token for the recipient domain (one transaction to several colleagues) cannot say which
+    # of them complained: none is suppressed, rather than all of them.
+    domain = rp(["alice@gamma.test", "bob@gamma.test", "carol@gamma.test"])
+    raw = redacted(arf_report(to=FBL, recipient="alice@gamma.test", return_path=domain), colleagues)
+    verdict = findings(raw, [FBL], CONFIG, DEFAULT_RULES)
+    assert verdict.findings == [] and verdict.rejected
+
+
+def test_a_host_address_in_the_prose_is_not_taken_for_the_reply() -> None:
+    to = rp(["nobody@beta.test"])
+    raw = exim_bounce(to=to, recipient="nobody@beta.test").replace(
+        b"    SMTP error", b"    host d123.ess.barracudanetworks.com [52.101.41.210]\r\n    SMTP error"
+    )
+    (finding,) = findings(raw, [to], CONFIG, DEFAULT_RULES).findings
+    assert finding.category == "invalid_recipient" and finding.suppresses
+    assert finding.reply is not None and finding.reply.code == 550
+
+
+def test_hostile_reports_cost_little() -> None:
+    # One 64 KB header value without a separator, and a reported message stuffed with tokens:
+    # the address scan is linear, and only the first few tokens are checked.
+    huge = "x" * 65_536
+    raw = arf_report(to=FBL, recipient="angry@gamma.test", return_path=huge)
+    assert findings(raw, [FBL], CONFIG, DEFAULT_RULES).findings == []
+    tokens = [
+        verp_address(
+            prefix="b",
+            domain=DOMAIN,
+            secret="not-ours-at-all-0000",
+            account="acme",
+            message_id=MESSAGE_ID[:-3] + f"{i:03d}",
+            recipients=["angry@gamma.test"],
+        )
+        for i in range(200)
+    ]
+    assert len(return_paths(tokens, CONFIG)) == 8

@@ -12,7 +12,7 @@ from tests.integration.bounce.conftest import (
     suppression_entry,
     wait_consumed,
 )
-from tests.support.bounce_samples import arf_report, postfix_dsn
+from tests.support.bounce_samples import arf_report, exim_bounce, postfix_dsn
 from tests.support.relais import ACCOUNT, asubmit, message, read_events
 
 
@@ -55,3 +55,21 @@ async def test_forged_and_replayed_reports_change_nothing(make_stack, make_sink)
     assert not [e for e in events if e.kind in ("bounced", "complained")]
     assert await suppression_entry(url, ACCOUNT, "victim@alpha.test") is None
     assert await suppression_entry(url, ACCOUNT, "insider@alpha.test") is None
+
+
+async def test_a_message_the_parsers_choke_on_is_dropped_not_redelivered_forever(make_stack) -> None:
+    # Port 25 takes mail from anyone: a message that makes parsing raise must not come back for
+    # ever (a retry cannot mend it), nor stop the reports behind it.
+    stack = await make_stack(bounce=VERP)
+    url = stack.config.nats.url
+    to = f"postmaster@{RETURN_DOMAIN}"
+    unknown_codec = exim_bounce(to=to, recipient="x@alpha.test").replace(
+        b"Auto-Submitted:", b"Content-Type: text/plain; charset=idna\r\nAuto-Submitted:"
+    )
+    nested = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(1200)
+    )
+    for raw in (unknown_codec, nested):
+        await publish_inbound(url, raw, [to])
+    await wait_consumed(url, INBOUND_STREAM, INBOUND_CONSUMER)
+    assert not [e for e in await read_events(url) if e.kind in ("bounced", "complained")]
