@@ -72,7 +72,8 @@ def verify_signature(
         return False
     if abs((time.time() if now is None else now) - ts) > tolerance:
         return False
-    return hmac.compare_digest(sign(secret, ts, body), signature.strip())
+    # As bytes: compare_digest refuses a str with non-ASCII characters (TypeError, not False).
+    return hmac.compare_digest(sign(secret, ts, body).encode(), signature.strip().encode())
 
 
 def entries(event: Event, event_id: str) -> list[dict[str, Any]]:

@@ -56,10 +56,13 @@ class Event:
 
     @classmethod
     def from_json(cls, data: bytes) -> Event:
-        return cls(**json.loads(data))
+        # Fields a newer release added are ignored: during a rolling upgrade an older webhook
+        # replica would otherwise refuse, and drop, every event the newer services write.
+        return cls(**{k: v for k, v in json.loads(data).items() if k in _FIELD_NAMES})
 
 
 _EVENT_FIELDS = tuple(f.name for f in fields(Event))
+_FIELD_NAMES = frozenset(_EVENT_FIELDS)
 
 
 def trace_id_of(traceparent: str) -> str:

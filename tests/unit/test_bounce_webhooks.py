@@ -20,6 +20,13 @@ def test_signature_verifies_and_rejects_tampering_and_replays() -> None:
     assert not verify_signature("other-secret-0123456", "1700000000", body, signature, now=1_700_000_010)
     assert not verify_signature(SECRET, "1700000001", body, signature, now=1_700_000_010)
     assert not verify_signature(SECRET, "1700000000", body, signature, now=1_700_009_999), "stale"
+    assert not verify_signature(SECRET, "1700000000", body, "v1=é", now=1_700_000_010), "False, not raise"
+
+
+def test_an_event_from_a_newer_release_is_read_without_its_new_fields() -> None:
+    event = Event(kind="delivered", message_id="m1", account="acme", recipients=["a@x.test"])
+    record = {**json.loads(event.to_json()), "added_later": 1}
+    assert Event.from_json(json.dumps(record).encode()) == event
 
 
 def test_entries_are_sendgrid_style_one_per_recipient() -> None:
