@@ -11,7 +11,8 @@ replicas of this service and none waits for another):
 * `relais.bounce.flush` (durable `bounce-flush`): the end of a window: one DSN for its notices.
 * `relais.inbound` (durable `bounce-inbound`): asynchronous bounces and ARF reports to our own
   domains, see `services.bounce.inbound`.
-* `relais.events.>` (durable `webhooks`): event webhooks, see `services.bounce.webhooks`.
+* `relais.events.<account>.*` (durable `webhooks-<account>`, one per account with a webhook):
+  event webhooks, see `services.bounce.webhooks`.
 """
 
 from __future__ import annotations

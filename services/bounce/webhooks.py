@@ -1,11 +1,12 @@
 """Event webhooks: every event of an account, POSTed as signed JSON batches to its webhook URL.
 
-A durable consumer of its own (`webhooks` on RELAIS_EVENTS, filtered to the accounts that have a
-webhook; see `topology.webhook_filters`) so a slow or failing receiver holds back only its
-webhook, never mail. An event is acked only after its batch got a 2xx; otherwise
-it is nak'ed with a growing delay and comes back (no max_deliver: nothing is dropped; only the
-events stream's max age bounds how long a receiver may stay down). A lost ack can re-send a
-batch, so each entry carries a stable `event_id` for the receiver to de-duplicate.
+Each account with a webhook has a durable consumer of its own (`webhooks-<account>` on
+RELAIS_EVENTS, see `topology.ensure_webhooks_consumers`), so a slow or failing receiver holds
+back only its own webhook, never mail nor another account's. An event is acked only after its
+batch got a 2xx; otherwise it is nak'ed with a growing delay, and that account's posting pauses
+for as long (no max_deliver: nothing is dropped; only the events stream's max age bounds how
+long a receiver may stay down). A lost ack can re-send a batch, so each entry carries a stable
+`event_id` for the receiver to de-duplicate.
 
 Body: a JSON array, one object per event and recipient (the shape SendGrid's event webhook uses,
 which senders already parse). Signature (Stripe-style, replay-protected by the timestamp):
@@ -20,12 +21,12 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import http.client
 import json
 import logging
+import ssl
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import nats
@@ -35,20 +36,13 @@ from services.core import telemetry
 from services.core.bus import Bus
 from services.core.config import BounceConfig, Config
 from services.core.events import Event
-from services.core.topology import (
-    SubjectError,
-    ensure_webhooks_consumer,
-    parse_event_subject,
-    webhook_filters,
-    webhooks_binding,
-)
+from services.core.topology import ensure_webhooks_consumers, webhook_accounts, webhooks_binding
 
 log = logging.getLogger(__name__)
 
 TIMESTAMP_HEADER = "X-Relais-Timestamp"
 SIGNATURE_HEADER = "X-Relais-Signature"
 USER_AGENT = "Relais-Webhooks/1"
-_MAX_BATCHES_IN_FLIGHT = 8
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -109,25 +103,48 @@ def backoff(deliveries: int, config: BounceConfig) -> float:
     return min(config.webhook_retry_base * 2 ** max(deliveries - 1, 0), config.webhook_retry_max)
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    """One blocking POST (run in a thread); returns the HTTP status."""
+async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
+    """One POST; returns the HTTP status. Bound the whole exchange with `asyncio.timeout`: a
+    per-read timeout would let a receiver that trickles its answer a byte at a time hold the
+    batch for ever."""
     parts = urllib.parse.urlsplit(url)
-    conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = conn_cls(parts.hostname or "", parts.port, timeout=timeout)
+    https = parts.scheme == "https"
+    host = parts.hostname or ""
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {parts.netloc.rpartition('@')[2]}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    reader, writer = await asyncio.open_connection(
+        host,
+        parts.port or (443 if https else 80),
+        ssl=ssl.create_default_context() if https else None,
+        server_hostname=host if https else None,
+    )
     try:
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        conn.request("POST", path, body=body, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        return response.status
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+        status = await reader.readline()
+        # The rest of the head, so that the receiver is not cut off while it writes it; the
+        # body says nothing the status does not.
+        while (await reader.readline()).strip():
+            pass
     finally:
-        conn.close()
+        # Not waiting for the close: a TLS peer that never answers it would outlast the deadline.
+        writer.close()
+    version, _, rest = status.decode("latin-1").partition(" ")
+    if not version.startswith("HTTP/") or not rest[:3].isdigit():
+        raise ValueError(f"not an HTTP response: {status[:80]!r}")
+    return int(rest[:3])
 
 
-# How often the bounce service re-declares the webhooks consumer's filter from its configuration.
+# How often the bounce service re-declares the webhooks consumers from its configuration.
 _RECONCILE_INTERVAL = 60.0
+# How long one fetch waits for events before the loop looks at `stop` again.
+_FETCH_WAIT = 2.0
 
 
 class WebhookDispatcher:
@@ -138,40 +155,37 @@ class WebhookDispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         reconciler = asyncio.create_task(self._reconcile(stop))
         try:
-            if webhook_filters(self._config.accounts):
-                await self._post(stop)
+            accounts = webhook_accounts(self._config.accounts)
+            if accounts:
+                await asyncio.gather(*(self._post_account(name, stop) for name in accounts))
             else:
-                await stop.wait()  # no account has a webhook: the consumer does not exist
+                await stop.wait()  # no account has a webhook: there is no consumer
         finally:
             reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reconciler
 
     async def _reconcile(self, stop: asyncio.Event) -> None:
-        """Keep the consumer's filter what this configuration says (`ensure_webhooks_consumer`)."""
+        """Keep the consumers what this configuration says (`ensure_webhooks_consumers`)."""
         while not stop.is_set():
             try:
-                await ensure_webhooks_consumer(self._bus.js, self._config, reconcile=True)
+                await ensure_webhooks_consumers(self._bus.js, self._config, reconcile=True)
             except Exception as exc:
-                log.warning("could not declare the webhooks consumer: %r", exc)
+                log.warning("could not declare the webhooks consumers: %r", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), _RECONCILE_INTERVAL)
 
-    async def _post(self, stop: asyncio.Event) -> None:
-        """Fetch batches and post them, several batches at once: a receiver that hangs until the
-        timeout holds back its own batch, not the other accounts' webhooks."""
-        binding = webhooks_binding()
+    async def _post_account(self, account: str, stop: asyncio.Event) -> None:
+        """Fetch a batch of the account's events, post it, and after a failure wait out the
+        back-off before the next: its receiver gets one attempt at a time from this replica."""
+        binding = webhooks_binding(account)
         sub = None
-        inflight: set[asyncio.Task[None]] = set()
         while not stop.is_set():
-            if len(inflight) >= _MAX_BATCHES_IN_FLIGHT:
-                await asyncio.wait(inflight, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                continue
             try:
                 if sub is None:
                     sub = await self._bus.js.pull_subscribe_bind(binding.durable, binding.stream)
                 try:
-                    msgs = await sub.fetch(self._config.bounce.webhook_batch, timeout=1.0)
+                    msgs = await sub.fetch(self._config.bounce.webhook_batch, timeout=_FETCH_WAIT)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
             except asyncio.CancelledError:
@@ -180,30 +194,17 @@ class WebhookDispatcher:
                 log.warning("pull from %s failed: %r", binding.durable, exc)
                 await asyncio.sleep(0.5)
                 continue
-            task = asyncio.create_task(self.dispatch(msgs))
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
-        if inflight:
-            await asyncio.gather(*inflight, return_exceptions=True)
+            pause = await self.deliver(account, msgs)
+            if pause:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def dispatch(self, msgs: Sequence[Msg]) -> None:
-        by_account: dict[str, list[Msg]] = {}
-        for msg in msgs:
-            try:
-                account, _ = parse_event_subject(msg.subject)
-            except SubjectError:
-                account = ""
-            acct = self._config.accounts.get(account)
-            if acct is None or not acct.webhook_url:
-                await _settle(msg.ack())  # no webhook for this account: nothing to deliver
-                continue
-            by_account.setdefault(account, []).append(msg)
-        await asyncio.gather(*(self._deliver(name, batch) for name, batch in by_account.items()))
-
-    async def _deliver(self, account: str, msgs: list[Msg]) -> None:
+    async def deliver(self, account: str, msgs: Sequence[Msg]) -> float:
+        """Post one batch of an account's events; returns how long to wait before the next
+        (0 after a 2xx, else the back-off its events were nak'ed with)."""
         acct = self._config.accounts[account]
         body_items: list[dict[str, Any]] = []
         for msg in msgs:
@@ -216,7 +217,7 @@ class WebhookDispatcher:
             meta = msg.metadata
             body_items.extend(entries(event, f"{meta.stream}-{meta.sequence.stream}"))
         if not body_items:
-            return
+            return 0.0
         body = json.dumps(body_items, separators=(",", ":")).encode()
         ts = int(time.time())
         headers = {
@@ -230,9 +231,8 @@ class WebhookDispatcher:
             with telemetry.linked_span(
                 "webhook post", [m.headers for m in msgs], {telemetry.ACCOUNT: account}
             ) as span:
-                status = await asyncio.to_thread(
-                    post, acct.webhook_url, body, headers, self._config.bounce.webhook_timeout
-                )
+                async with asyncio.timeout(self._config.bounce.webhook_timeout):
+                    status = await post(acct.webhook_url, body, headers)
                 span.set_attribute("http.response.status_code", status)
             problem = "" if 200 <= status < 300 else f"HTTP {status}"
         except Exception as exc:
@@ -242,7 +242,7 @@ class WebhookDispatcher:
         if not problem:
             for msg in msgs:
                 await _settle(msg.ack())
-            return
+            return 0.0
         deliveries = max(m.metadata.num_delivered for m in msgs)
         delay = backoff(deliveries, self._config.bounce)
         log.warning(
@@ -254,6 +254,7 @@ class WebhookDispatcher:
         )
         for msg in msgs:
             await _settle(msg.nak(delay=delay))
+        return delay
 
 
 async def _settle(coro: Any) -> None:

@@ -280,7 +280,8 @@ def validate(config: Config) -> None:
                 raise ConfigError(f"accounts.{name}.pools: unknown pool {pool!r}")
         if not account.password_hash.startswith("scrypt$"):
             raise ConfigError(f"accounts.{name}.password_hash: expected an scrypt hash (relais account hash)")
-        if account.webhook_url and not account.webhook_url.startswith(("http://", "https://")):
+        url = account.webhook_url
+        if url and (not url.startswith(("http://", "https://")) or any(c.isspace() or c < " " for c in url)):
             raise ConfigError(f"accounts.{name}.webhook_url: expected an http:// or https:// URL")
         if account.webhook_url and len(account.webhook_secret) < 16:
             raise ConfigError(f"accounts.{name}.webhook_secret: at least 16 characters with a webhook_url")

@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
@@ -57,11 +58,14 @@ INBOUND_CONSUMER = "bounce-inbound"
 BOUNCE_FLUSH_STREAM = "RELAIS_BOUNCE_FLUSH"
 BOUNCE_FLUSH_CONSUMER = "bounce-flush"
 BOUNCE_HOLD_BUCKET = "relais-bounce-hold"
-# Posts the events of accounts with a webhook; its own consumer so a dead receiver never slows
-# mail. It filters on those accounts only and does not exist while none has one, so mail of
-# accounts without a webhook costs no delivery and ack of each event (about 2.6 NATS messages
-# per mail, and a replicated consumer-state write per ack on a cluster).
-WEBHOOKS_CONSUMER = "webhooks"
+# Posts an account's events to its webhook: one consumer per account with a webhook
+# (`webhooks-<account>`), so a dead receiver never slows mail nor another account's webhook, and
+# none for accounts without one, whose mail then costs no delivery and ack of each event (about
+# 2.6 NATS messages per mail, and a replicated consumer-state write per ack on a cluster).
+WEBHOOKS_CONSUMER_PREFIX = "webhooks-"
+# What earlier releases used: one consumer for every account with a webhook. A dead receiver's
+# events, nak'ed and waiting, filled its ack-pending limit and stopped every other account's.
+LEGACY_WEBHOOKS_CONSUMER = "webhooks"
 SUPPRESSION_BUCKET = "relais-suppression"
 # Delivery shaping shared by every delivery worker: rate slots and connection leases per
 # (source IP, site), and the control flags (pause, push-back back-off) every worker watches.
@@ -238,13 +242,15 @@ def inbound_binding() -> ConsumerBinding:
     return ConsumerBinding(INBOUND_STREAM, INBOUND_CONSUMER, inbound_subject())
 
 
-def webhooks_binding() -> ConsumerBinding:
-    return ConsumerBinding(EVENTS_STREAM, WEBHOOKS_CONSUMER, f"{PREFIX}.events.>")
+def webhooks_binding(account: str) -> ConsumerBinding:
+    return ConsumerBinding(
+        EVENTS_STREAM, f"{WEBHOOKS_CONSUMER_PREFIX}{_token(account, 'account')}", events_filter(account)
+    )
 
 
-def webhook_filters(accounts: Mapping[str, AccountConfig]) -> list[str]:
-    """The webhooks consumer's subject filters: the events of every account with a webhook."""
-    return sorted(events_filter(name) for name, account in accounts.items() if account.webhook_url)
+def webhook_accounts(accounts: Mapping[str, AccountConfig]) -> list[str]:
+    """The accounts whose events are posted to a webhook, each through a consumer of its own."""
+    return sorted(name for name, account in accounts.items() if account.webhook_url)
 
 
 def stream_configs(config: Config) -> list[StreamConfig]:
@@ -351,7 +357,7 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         await _ensure_stream(js, stream)
     for binding in consumer_bindings(config):
         await js.add_consumer(binding.stream, _consumer_config(binding, config))
-    await ensure_webhooks_consumer(js, config, reconcile=False)
+    await ensure_webhooks_consumers(js, config, reconcile=False)
     # Bodies outlive the longest possible retry so that a leaked reference still expires.
     body_ttl = config.retry.max_age + 2 * 86400
     await js.create_object_store(
@@ -362,39 +368,53 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         await _ensure_kv(js, bucket)
 
 
-async def ensure_webhooks_consumer(js: JetStreamContext, config: Config, *, reconcile: bool) -> None:
-    """Filter the webhooks consumer to the accounts that have a webhook; delete it when none has.
+async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, reconcile: bool) -> None:
+    """One consumer per account with a webhook, filtered on that account's events.
 
-    Every service creates it when it is missing (`ensure_topology`), so events are kept from the
-    first start on. Only the bounce service, which posts them, changes or deletes an existing one
-    (`reconcile`), at its start and every minute after: another service, or a replica restarted
-    with the previous configuration during a rollout, cannot leave an outdated filter behind.
+    Every service creates the missing ones (`ensure_topology`), so events are kept from the
+    first start on. Only the bounce service, which posts them, deletes those of accounts that no
+    longer have a webhook, and an earlier release's shared consumer (`reconcile`), at its start
+    and every minute after: another service, or a replica restarted with the previous
+    configuration during a rollout, cannot delete what the current one needs.
 
     A consumer created here starts at the stream's end, so a newly configured webhook receives
-    the events from then on, not the stream's history (as Postmark and SendGrid do). An existing
-    consumer keeps its place and its deliver policy, which JetStream does not let an update
-    change; a removed webhook's unsent events are dropped with its filter."""
-    binding = webhooks_binding()
-    filters = webhook_filters(config.accounts)
+    the events from then on, not the stream's history (as Postmark and SendGrid do); a removed
+    webhook's unsent events are dropped with its consumer. Replacing the shared consumer, each
+    account's starts where the shared one's acknowledged events end: the events in flight then
+    are posted again (receivers de-duplicate on `event_id`), and none is skipped."""
+    wanted = [webhooks_binding(name) for name in webhook_accounts(config.accounts)]
     try:
-        current: ConsumerConfig | None = (await js.consumer_info(binding.stream, binding.durable)).config
+        legacy: ConsumerInfo | None = await js.consumer_info(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
     except NotFoundError:
-        current = None
-    if current is not None and not reconcile:
+        legacy = None
+    for binding in wanted:
+        try:
+            await js.consumer_info(binding.stream, binding.durable)
+            continue
+        except NotFoundError:
+            pass
+        declared = _consumer_config(binding, config)
+        declared.deliver_policy = DeliverPolicy.NEW
+        if legacy is not None and _legacy_covers(legacy, binding.subject):
+            declared.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            declared.opt_start_seq = legacy.ack_floor.stream_seq + 1
+        log.info("creating webhooks consumer %s", binding.durable)
+        await js.add_consumer(binding.stream, declared)
+    if not reconcile:
         return
-    if not filters:
-        if current is not None:
-            log.info("no account has a webhook: deleting consumer %s", binding.durable)
+    current = {binding.durable for binding in wanted}
+    for info in await js.consumers_info(EVENTS_STREAM):
+        name = info.name
+        removed = name.startswith(WEBHOOKS_CONSUMER_PREFIX) and name not in current
+        if removed or name == LEGACY_WEBHOOKS_CONSUMER:
+            log.info("deleting webhooks consumer %s", name)
             with contextlib.suppress(NotFoundError):
-                await js.delete_consumer(binding.stream, binding.durable)
-        return
-    if current is not None and sorted(current.filter_subjects or [current.filter_subject or ""]) == filters:
-        return
-    declared = _consumer_config(binding, config)
-    declared.filter_subject = None
-    declared.filter_subjects = filters
-    declared.deliver_policy = current.deliver_policy if current is not None else DeliverPolicy.NEW
-    await js.add_consumer(binding.stream, declared)
+                await js.delete_consumer(EVENTS_STREAM, name)
+
+
+def _legacy_covers(legacy: ConsumerInfo, subject: str) -> bool:
+    filters = legacy.config.filter_subjects or [legacy.config.filter_subject or ""]
+    return subject in filters or f"{PREFIX}.events.>" in filters
 
 
 def kv_configs(config: Config) -> list[KeyValueConfig]:

@@ -4,6 +4,7 @@ that fails three times still gets every event exactly once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -193,3 +194,37 @@ async def test_a_hung_receiver_holds_back_neither_mail_nor_other_accounts(
         hung.shutdown()
         hung.server_close()
         thread.join(5)
+
+
+async def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout(make_stack, make_sink) -> None:
+    # One byte every 0.8 s: each read comes in time, but the answer would take about a minute.
+    # `webhook_timeout` bounds the whole POST, so the batch is retried instead of held.
+    connections = 0
+    third = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections >= 3:
+            third.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"x" * 40 + b"\r\n\r\n":
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.8)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        stack = await make_stack(
+            accounts=webhook_account(f"http://127.0.0.1:{port}/hook"),
+            bounce={"webhook_timeout": 1.0, "webhook_retry_base": 0.2, "webhook_retry_max": 0.5},
+        )
+        make_sink("127.0.0.2")
+        assert (await asubmit(stack.smtp_address, recipients=["t@alpha.test"], data=message()))[0] == 250
+        # Each attempt ends at the timeout and is tried again after the back-off.
+        await asyncio.wait_for(third.wait(), 30)
+    finally:
+        server.close()

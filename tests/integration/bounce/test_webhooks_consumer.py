@@ -1,7 +1,7 @@
-"""The webhooks consumer against a real JetStream: it exists only while an account has a webhook,
-filters on those accounts, starts at the end of the events stream when created, and an older
-release's consumer (every event, from the start) is narrowed in place without losing its place.
-Any service creates it when missing; only the bounce service's reconcile changes or deletes it."""
+"""The webhooks consumers against a real JetStream: one per account with a webhook, filtered on
+its events, starting at the end of the events stream when created. Any service creates the
+missing ones; only the bounce service's reconcile deletes one. An earlier release's shared
+consumer is replaced without skipping an event it had not posted."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from services.core.config import AccountConfig, Config, NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.topology import (
     EVENTS_STREAM,
-    WEBHOOKS_CONSUMER,
+    LEGACY_WEBHOOKS_CONSUMER,
+    WEBHOOKS_CONSUMER_PREFIX,
     ensure_topology,
-    ensure_webhooks_consumer,
+    ensure_webhooks_consumers,
     event_subject,
 )
 
@@ -28,73 +29,85 @@ def config_with(url: str, **accounts: AccountConfig) -> Config:
     return Config(nats=NatsConfig(url=url), accounts=dict(accounts))
 
 
-async def pending_subjects(bus: Bus) -> list[str]:
-    sub = await bus.js.pull_subscribe_bind(WEBHOOKS_CONSUMER, EVENTS_STREAM)
+async def webhook_consumers(bus: Bus) -> list[str]:
+    names = [info.name for info in await bus.js.consumers_info(EVENTS_STREAM)]
+    return sorted(n for n in names if n.startswith(WEBHOOKS_CONSUMER_PREFIX) or n == LEGACY_WEBHOOKS_CONSUMER)
+
+
+async def pending_subjects(bus: Bus, durable: str, *, ack: bool = False) -> list[str]:
+    sub = await bus.js.pull_subscribe_bind(durable, EVENTS_STREAM)
     try:
         msgs = await sub.fetch(100, timeout=1.0)
     except TimeoutError:
         msgs = []
     finally:
+        if ack:
+            for msg in msgs:
+                await msg.ack_sync()
         await sub.unsubscribe()
     return [m.subject for m in msgs]
 
 
-async def test_consumer_follows_the_accounts_with_a_webhook(nats_server: EmbeddedNats) -> None:
+async def test_a_consumer_per_account_with_a_webhook(nats_server: EmbeddedNats) -> None:
     bus = await connect(NatsConfig(url=nats_server.url), "test-webhooks-consumer")
     url = nats_server.url
     try:
         await ensure_topology(bus.js, config_with(url, plain=PLAIN))
-        with pytest.raises(NotFoundError):
-            await bus.js.consumer_info(EVENTS_STREAM, WEBHOOKS_CONSUMER)
+        assert await webhook_consumers(bus) == []
 
         # Events from before the webhook existed are not posted to it.
         await bus.js.publish(event_subject("hooked", "accepted"), b"{}")
         await ensure_topology(bus.js, config_with(url, plain=PLAIN, hooked=HOOK))
-        info = await bus.js.consumer_info(EVENTS_STREAM, WEBHOOKS_CONSUMER)
-        assert info.config.filter_subjects == ["relais.events.hooked.*"]
+        assert await webhook_consumers(bus) == ["webhooks-hooked"]
+        info = await bus.js.consumer_info(EVENTS_STREAM, "webhooks-hooked")
+        assert info.config.filter_subject == "relais.events.hooked.*"
         assert info.config.deliver_policy == DeliverPolicy.NEW
 
         await bus.js.publish(event_subject("plain", "delivered"), b"{}")
         await bus.js.publish(event_subject("hooked", "delivered"), b"{}")
-        assert await pending_subjects(bus) == ["relais.events.hooked.delivered"]
-        assert (await bus.js.consumer_info(EVENTS_STREAM, WEBHOOKS_CONSUMER)).num_pending == 0
+        assert await pending_subjects(bus, "webhooks-hooked") == ["relais.events.hooked.delivered"]
 
         # A service whose configuration lacks the webhook (say, restarted with the previous one
         # during a rollout) leaves the consumer alone; the bounce service's reconcile does not.
         await ensure_topology(bus.js, config_with(url, plain=PLAIN))
-        await bus.js.consumer_info(EVENTS_STREAM, WEBHOOKS_CONSUMER)
-        both = config_with(url, plain=HOOK, hooked=HOOK)
-        await ensure_webhooks_consumer(bus.js, both, reconcile=True)
-        info = await bus.js.consumer_info(EVENTS_STREAM, WEBHOOKS_CONSUMER)
-        assert info.config.filter_subjects == ["relais.events.hooked.*", "relais.events.plain.*"]
-        await ensure_webhooks_consumer(bus.js, config_with(url, plain=PLAIN), reconcile=True)
-        with pytest.raises(NotFoundError):
-            await bus.js.consumer_info(EVENTS_STREAM, WEBHOOKS_CONSUMER)
+        assert await webhook_consumers(bus) == ["webhooks-hooked"]
+        await ensure_webhooks_consumers(bus.js, config_with(url, plain=HOOK, hooked=HOOK), reconcile=True)
+        assert await webhook_consumers(bus) == ["webhooks-hooked", "webhooks-plain"]
+        await ensure_webhooks_consumers(bus.js, config_with(url, plain=HOOK), reconcile=True)
+        assert await webhook_consumers(bus) == ["webhooks-plain"]
+        await ensure_webhooks_consumers(bus.js, config_with(url, plain=PLAIN), reconcile=True)
+        assert await webhook_consumers(bus) == []
     finally:
         await bus.close()
 
 
-async def test_an_older_consumer_is_narrowed_in_place(nats_server: EmbeddedNats) -> None:
+@pytest.mark.parametrize("legacy_filter", [["relais.events.>"], ["relais.events.hooked.*"]])
+async def test_the_shared_consumer_of_an_earlier_release_is_replaced_without_a_gap(
+    nats_server: EmbeddedNats, legacy_filter: list[str]
+) -> None:
     bus = await connect(NatsConfig(url=nats_server.url), "test-webhooks-consumer")
     try:
         await ensure_topology(bus.js, config_with(nats_server.url))
         await bus.js.add_consumer(
             EVENTS_STREAM,
             ConsumerConfig(
-                durable_name=WEBHOOKS_CONSUMER,
-                filter_subject="relais.events.>",
+                durable_name=LEGACY_WEBHOOKS_CONSUMER,
+                filter_subjects=legacy_filter,
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
             ),
         )
-        await bus.js.publish(event_subject("plain", "accepted"), b"{}")
         await bus.js.publish(event_subject("hooked", "accepted"), b"{}")
+        posted = await pending_subjects(bus, LEGACY_WEBHOOKS_CONSUMER, ack=True)
+        assert posted == ["relais.events.hooked.accepted"]  # the earlier release posted it
+        await bus.js.publish(event_subject("plain", "delivered"), b"{}")
+        await bus.js.publish(event_subject("hooked", "delivered"), b"{}")  # not yet posted
 
         config = config_with(nats_server.url, plain=PLAIN, hooked=HOOK)
-        await ensure_webhooks_consumer(bus.js, config, reconcile=True)
-        info = await bus.js.consumer_info(EVENTS_STREAM, WEBHOOKS_CONSUMER)
-        assert info.config.filter_subjects == ["relais.events.hooked.*"]
-        assert info.config.deliver_policy == DeliverPolicy.ALL
-        assert await pending_subjects(bus) == ["relais.events.hooked.accepted"]
+        await ensure_webhooks_consumers(bus.js, config, reconcile=True)
+        assert await webhook_consumers(bus) == ["webhooks-hooked"], "the shared one is gone"
+        assert await pending_subjects(bus, "webhooks-hooked") == ["relais.events.hooked.delivered"]
+        with pytest.raises(NotFoundError):
+            await bus.js.consumer_info(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
     finally:
         await bus.close()
