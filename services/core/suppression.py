@@ -44,19 +44,24 @@ def suppression_key(account: str, address: str) -> str:
     return f"{account}.{digest}"
 
 
-def _active(value: bytes | None) -> Suppression | None:
+def _decode(value: bytes | None) -> Suppression | None:
+    """The stored entry, expired or not; None when there is none or it cannot be read."""
     if not value:
         return None
     try:
         record = json.loads(value)
         # Fields a newer release added are ignored, so a rolling upgrade reads its records.
-        entry = Suppression(**{k: v for k, v in record.items() if k in _FIELDS})
+        return Suppression(**{k: v for k, v in record.items() if k in _FIELDS})
     except (ValueError, TypeError, AttributeError) as exc:
         # Raising would have the router's input redelivered forever: no retry mends a record.
         # Unreadable, it suppresses nothing; the message goes out, which loses no mail.
         log.error("unreadable suppression record %r: %s", value[:200], exc)
         return None
-    return entry if entry.active() else None
+
+
+def _active(value: bytes | None) -> Suppression | None:
+    entry = _decode(value)
+    return entry if entry is not None and entry.active() else None
 
 
 def _until(entry: Suppression) -> float:
@@ -164,8 +169,9 @@ class SuppressionList:
             async for kv_entry in watcher:
                 if kv_entry is None:  # the watcher's "no more stored values" marker
                     break
-                if kv_entry.value:
-                    out.append(Suppression(**json.loads(kv_entry.value)))
+                entry = _decode(kv_entry.value)
+                if entry is not None:
+                    out.append(entry)
         finally:
             await watcher.stop()
         return sorted(out, key=lambda e: e.at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from nats.js.api import KeyValueConfig
@@ -9,7 +10,7 @@ from nats.js.api import KeyValueConfig
 from services.core.bus import connect
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats
-from services.core.suppression import Suppression, SuppressionList
+from services.core.suppression import Suppression, SuppressionList, suppression_key
 from services.core.topology import SUPPRESSION_BUCKET, ensure_topology
 
 
@@ -84,5 +85,22 @@ async def test_a_bounce_never_shortens_an_entry_that_lasts_longer(nats_server: E
         await suppression.add(Suppression("acme", "forever@example.test", "manual", expires_at=soon))
         replaced = await suppression.get("acme", "forever@example.test")
         assert replaced is not None and replaced.expires_at == soon
+    finally:
+        await bus.close()
+
+
+async def test_listing_reads_newer_records_and_skips_unreadable_ones(nats_server: EmbeddedNats) -> None:
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-suppression-list")
+    try:
+        await ensure_topology(bus.js, config)
+        suppression = SuppressionList(bus.js)
+        await suppression.add(Suppression("acme", "a@example.test", "manual", at=1.0))
+        kv = await bus.js.key_value(SUPPRESSION_BUCKET)
+        newer = {"account": "acme", "address": "b@example.test", "reason": "manual", "at": 2.0, "later": 1}
+        await kv.put(suppression_key("acme", "b@example.test"), json.dumps(newer).encode())
+        await kv.put(suppression_key("acme", "c@example.test"), b"not json")
+        listed = await suppression.list("acme")
+        assert [e.address for e in listed] == ["a@example.test", "b@example.test"]
     finally:
         await bus.close()
