@@ -119,7 +119,12 @@ async def list_accounts(js: JetStreamContext) -> dict[str, AccountConfig]:
         return {}
     out: dict[str, AccountConfig] = {}
     for key in sorted(keys):
-        account = await get_account(js, key)
+        try:
+            account = await get_account(js, key)
+        except AccountRecordError as exc:
+            # Listed without it, as the ingress does, rather than no list at all.
+            log.error("ignoring invalid account record %r: %s", key, exc)
+            continue
         if account is not None:
             out[key] = account
     return out

@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 from services.core.accounts import encode_account, hash_password
 from services.core.config import AccountConfig
 from services.core.embedded import EmbeddedNats
+from services.core.topology import ACCOUNTS_BUCKET
 from services.ingress.accounts import get_account, set_disabled, update_account
 from services.ingress.replies import AUTH_INVALID, AUTH_OK
 from tests.integration.ingress.helpers import client, in_thread, plain, reply
@@ -165,3 +166,17 @@ async def disabled(js: Any) -> AccountConfig:
     account = await get_account(js, ACCOUNT)
     assert account is not None
     return dataclasses.replace(account, disabled=True)
+
+
+async def test_one_invalid_record_does_not_hide_the_other_accounts(
+    make_ingress: Callable[..., Any], nats_server: EmbeddedNats
+) -> None:
+    await make_ingress()
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value(ACCOUNTS_BUCKET)
+        await kv.put("broken", b'{"password_hash": "plain"}')
+    finally:
+        await nc.close()
+    listed = await in_thread(relais, "list", nats_url=nats_server.url)
+    assert listed.returncode == 0 and ACCOUNT in listed.stdout and "broken" not in listed.stdout
