@@ -28,6 +28,10 @@ def write_default_config(data_dir: Path, smtp_port: int) -> tuple[Path, str]:
     secret_path = data_dir / "demo-password.txt"
     if config_path.exists() and secret_path.exists():
         return config_path, secret_path.read_text().strip()
+    if config_path.exists():
+        # The demo account is in NATS already, with the hash of the password that file held:
+        # a new password written here would not be the one it checks. Keep it.
+        return config_path, ""
     data_dir.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(12)
     secret_path.write_text(password + "\n")
@@ -64,6 +68,7 @@ pool = "default"
 def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
     started = time.monotonic()
     password = ""
+    generated = config_path is None
     if config_path is None:
         path, password = write_default_config(data_dir, smtp_port)
         config_path = str(path)
@@ -112,6 +117,11 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
         if password:
             domains = ", ".join(DEMO_DOMAINS)
             print(f"  account: {DEMO_ACCOUNT}  password: {password}  (sender domains: {domains})")
+        elif generated:
+            print(
+                f"  account: {DEMO_ACCOUNT}  password: unknown (demo-password.txt is gone); set one with"
+                f" relais account passwd {DEMO_ACCOUNT} --nats-url {nats.url}"
+            )
         print(f"  NATS: {nats.url}   data: {data_dir.resolve()}   logs: {logs_dir.resolve()}")
         secret = password or "..."
         print(f"  try:   swaks --server 127.0.0.1:{port} --auth-user {DEMO_ACCOUNT} \\")
