@@ -136,7 +136,9 @@ class ConnectionPool:
         async def pace() -> None:
             interval = limits.connection_interval()
             if interval > 0:
-                slot = await self._limits.reserve("conn", source.address, site, interval)
+                slot = await self._limits.reserve(
+                    "conn", source.address, site, interval, max_wait=self._lease_wait
+                )
                 wait = slot - time.time()
                 if wait > self._lease_wait:
                     raise Saturated(wait)

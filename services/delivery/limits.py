@@ -134,8 +134,11 @@ def grant(
     holding or wanting connections; otherwise the worker is recorded as wanting, which keeps
     the others from re-taking what they release beyond their own share.
     """
+    # Another worker's lapsed entry counts nothing (it crashed, or lost NATS); ours keeps its
+    # count even when lapsed, because this process knows those connections are still open, and
+    # a later renewal only extends a live entry, it does not state the count again.
     live = {
-        o: [h if until >= now else 0, until, want]
+        o: [h if until >= now or o == owner else 0, until, want]
         for o, (h, until, want) in holders.items()
         if (h > 0 and until >= now) or want >= now or o == owner
     }
@@ -164,9 +167,21 @@ class SharedLimits:
         return self._kv
 
     async def reserve(
-        self, kind: str, source: str, site: str, interval: float, now: float | None = None
+        self,
+        kind: str,
+        source: str,
+        site: str,
+        interval: float,
+        now: float | None = None,
+        *,
+        max_wait: float | None = None,
     ) -> float:
-        """Take the next free slot; returns its time (<= now means go ahead right away)."""
+        """Take the next free slot; returns its time (<= now means go ahead right away).
+
+        With `max_wait`, a slot further away than that is only looked at, not taken: a caller
+        that will not wait for it must not push every later slot out (a connection that gives
+        up and comes back at its slot's time would find it taken by the waiters it pushed, and
+        the site would never get a connection again)."""
         if interval <= 0:
             return now if now is not None else time.time()
         key = slot_key(kind, source, site)
@@ -182,11 +197,13 @@ class SharedLimits:
                 slot = clock.take(moment)
                 if slot is not None:
                     return slot
-                return await self._reserve_block(key, clock, interval, now)
+                return await self._reserve_block(key, clock, interval, now, max_wait)
         finally:
             clock.waiting -= 1
 
-    async def _reserve_block(self, key: str, clock: _Clock, interval: float, now: float | None) -> float:
+    async def _reserve_block(
+        self, key: str, clock: _Clock, interval: float, now: float | None, max_wait: float | None
+    ) -> float:
         kv = await self._bucket()
         count = block_size(interval, clock.waiting)
         # Our own last write is the likeliest current value: try it before reading.
@@ -194,6 +211,10 @@ class SharedLimits:
         for _ in range(_CAS_ATTEMPTS):
             moment = time.time() if now is None else now
             first, after = next_slot(tat, moment, interval, count)
+            if max_wait is not None and first - moment > max_wait:
+                # Clocks only move forward, so the stored one is at least this far: too far to
+                # wait for, and left for those who will.
+                return first
             try:
                 if revision:
                     revision = await kv.update(key, msgpack.packb(after), last=revision)

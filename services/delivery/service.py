@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -50,7 +50,9 @@ from services.delivery.tls_policy import tls_policy
 
 log = logging.getLogger(__name__)
 
-# Envelope meta set when a job was re-scheduled to a reserved shaping slot: "<source>|<site>|<time>".
+# Envelope meta set when a job was re-scheduled to a reserved shaping slot:
+# "<source>|<site>|<time>|<interval>". It is good for one attempt: the retry of a deferred job
+# must take a slot of its own, and a push-back that slowed the site since makes it void.
 SLOT_META = "shaping_slot"
 
 
@@ -169,7 +171,7 @@ class DeliveryService:
                 self._bus,
                 self._bodies,
                 self._config.retry,
-                env,
+                _without_slot(env),
                 outcomes,
                 mx_host=result.mx_host,
                 source_ip=result.source_ip,
@@ -199,23 +201,23 @@ class DeliveryService:
             for s, w in self.health.usable(pool_sources(self._config, env.pool))
             if not self.control.paused("source", s.address)
         ]
-        slot_source, slot_site, slot_at = _parse_slot(env.meta.get(SLOT_META, ""))
-        source = choose_source(candidates, slot_source or env.meta.get("source", ""))
+        slot = _parse_slot(env.meta.get(SLOT_META, ""))
+        source = choose_source(candidates, slot.source or env.meta.get("source", ""))
         if source is None:
             await self._postpone(env, time.time() + d.pause_recheck, "no usable source")
             return None
         limits = self.shaping.limits(site, source.address)
         backoff = self.control.backoff(source.address, site)
         interval = max(limits.message_interval(), backoff.interval() if backoff else 0.0)
-        holds_slot = slot_source == source.address and slot_site == site and slot_at <= time.time() + 1.0
         # A job coming back for the slot it reserved goes now: reserving again would push every
         # waiting job further out for ever once the queue is longer than max_shaping_wait.
+        holds_slot = slot.holds(source.address, site, interval, time.time())
         if interval > 0 and not holds_slot:
-            slot = await self.limits.reserve("msg", source.address, site, interval)
-            wait = slot - time.time()
+            at = await self.limits.reserve("msg", source.address, site, interval)
+            wait = at - time.time()
             if wait > d.max_shaping_wait:
-                slot_meta = f"{source.address}|{site}|{slot:.3f}"
-                await self._postpone(env, slot, "shaping", {SLOT_META: slot_meta})
+                reserved = _Slot(source.address, site, at, interval)
+                await self._postpone(env, at, "shaping", {SLOT_META: reserved.encode()})
                 return None
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -270,9 +272,7 @@ class DeliveryService:
         Re-publishing the same schedule subject replaces the schedule, so a redelivered job
         that is postponed again leaves a single copy.
         """
-        again = replace(env, meta={**env.meta, **(meta or {})}) if meta else env
-        if not meta and SLOT_META in again.meta:
-            again = replace(again, meta={k: v for k, v in again.meta.items() if k != SLOT_META})
+        again = replace(env, meta={**env.meta, **meta}) if meta else _without_slot(env)
         if time.time() - env.received_at > self._config.retry.max_age:
             # Paused or throttled past the maximum queue age: it expires like any undeliverable job.
             reply = env.attempts[-1].reply if env.attempts else NO_ROUTE
@@ -292,10 +292,35 @@ class DeliveryService:
         )
 
 
-def _parse_slot(value: str) -> tuple[str, str, float]:
-    source, _, rest = value.partition("|")
-    site, _, at = rest.partition("|")
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """A message slot reserved for a job, carried in its meta until the attempt that uses it."""
+
+    source: str = ""
+    site: str = ""
+    at: float = math.inf
+    interval: float = 0.0
+
+    def holds(self, source: str, site: str, interval: float, now: float) -> bool:
+        """Whether this attempt may go in this slot: same source and site, its time has come,
+        and it was reserved at no faster a rate than the one that applies now."""
+        reserved_slower = self.interval + 0.001 >= interval  # encoded to the millisecond
+        return self.source == source and self.site == site and self.at <= now + 1.0 and reserved_slower
+
+    def encode(self) -> str:
+        return f"{self.source}|{self.site}|{self.at:.3f}|{self.interval:.3f}"
+
+
+def _parse_slot(value: str) -> _Slot:
+    # A slot written before the interval was recorded (interval 0) holds only unshaped sites.
+    parts = value.split("|")
     try:
-        return source, site, float(at) if at else math.inf
-    except ValueError:
-        return "", "", math.inf
+        return _Slot(parts[0], parts[1], float(parts[2]), float(parts[3]) if len(parts) > 3 else 0.0)
+    except (IndexError, ValueError):
+        return _Slot()
+
+
+def _without_slot(env: Envelope) -> Envelope:
+    if SLOT_META not in env.meta:
+        return env
+    return replace(env, meta={k: v for k, v in env.meta.items() if k != SLOT_META})

@@ -192,6 +192,8 @@ def _parse(data: dict[str, Any]) -> Shaping:
         _check_keys(table, _PUSHBACK_KEYS, where)
         if "match" not in table:
             raise ConfigError(f"shaping: {where}: needs a match pattern")
+        if float(table.get("messages_per_minute", 10)) <= 0:
+            raise ConfigError(f"shaping: {where}: messages_per_minute must be > 0 (slower, not stopped)")
         pushbacks.append(
             Pushback(
                 name=str(table.get("name", where)),

@@ -121,3 +121,8 @@ def test_rewrite_turns_mailbox_full_into_a_deferral_and_respects_operator_rules(
 def test_bad_rules_are_rejected_naming_the_key(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_shaping(text)
+
+
+def test_a_pushback_rate_must_slow_not_stop() -> None:
+    with pytest.raises(ConfigError, match="messages_per_minute"):
+        parse_shaping('[[pushback]]\nmatch = "slow down"\nmessages_per_minute = 0\n')

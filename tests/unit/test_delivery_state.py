@@ -92,6 +92,16 @@ def test_a_crashed_workers_connections_lapse() -> None:
     assert record["b"][1] == now + LEASE_TTL
 
 
+def test_a_live_workers_own_lapsed_entry_keeps_its_count() -> None:
+    # NATS was away past the renewal: the entry lapsed, but this worker's 2 connections are
+    # still open. Its next grant counts them, so the cap of 3 leaves room for 1, not 3.
+    now = 1000.0
+    record, ok = grant({"a": [2, now - 5, 0.0]}, "a", 3, now)
+    assert ok and record["a"][0] == 3
+    record, ok = grant(record, "b", 3, now)
+    assert not ok, "the cap is full"
+
+
 def test_backoff_round_trips() -> None:
     state = Backoff(time.time() + 60, 6.0, "generic-throttle", "421 4.7.0 slow down")
     assert Backoff.from_bytes(state.to_bytes()) == state
