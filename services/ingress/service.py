@@ -39,6 +39,8 @@ _TLS_HANDSHAKE_TIMEOUT = 30.0
 _DRAIN_SECONDS = 20.0
 # Then accepted events still being published get this long.
 _EVENT_DRAIN_SECONDS = 5.0
+# The drain has ended every session by then; this only bounds a server's own close.
+_SERVER_CLOSE_SECONDS = 1.0
 
 
 def split_hostport(listen: str) -> tuple[str, int]:
@@ -153,11 +155,13 @@ class IngressService:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        # Drained before waiting for the servers: from Python 3.12.1 `wait_closed` waits for
+        # every connection to end, and an idle session would then never hear its 421.
+        await self._drain()
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await server.wait_closed()
+                await asyncio.wait_for(server.wait_closed(), _SERVER_CLOSE_SECONDS)
         self._servers = []
-        await self._drain()
         # Sessions are done: the events of what they were told 250 go out before NATS closes.
         await self._bus.flush(_EVENT_DRAIN_SECONDS)
         for task in self._tasks:

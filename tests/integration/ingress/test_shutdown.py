@@ -9,6 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from services.ingress.replies import SHUTTING_DOWN
 from tests.integration.ingress.helpers import client, in_thread, login, plain, queued, reply
 from tests.support.relais import ACCOUNT, PASSWORD, message
@@ -55,3 +57,30 @@ async def test_stop_drains_sessions(make_ingress: Callable[..., Any]) -> None:
     assert answer.startswith(b"250 2.0.0 Ok: queued as "), answer
     await asyncio.wait_for(stopping, 10)
     assert len(await queued(ingress.config.nats.url)) == 1
+
+
+async def test_stop_drains_sessions_where_wait_closed_waits_for_connections(
+    make_ingress: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From Python 3.12.1, Server.wait_closed waits until every connection has ended; on 3.11
+    # it returns at once. Waiting for it before the drain left idle sessions without their 421
+    # until the pod was killed.
+    async def wait_closed_312(self: asyncio.base_events.Server) -> None:
+        if self._waiters is None:  # type: ignore[attr-defined]
+            return
+        waiter = self._loop.create_future()  # type: ignore[attr-defined]
+        self._waiters.append(waiter)  # type: ignore[attr-defined]
+        await waiter
+
+    monkeypatch.setattr(asyncio.base_events.Server, "wait_closed", wait_closed_312)
+    ingress = await make_ingress()
+
+    def idle_session() -> Any:
+        smtp = client(ingress.smtp_address)
+        login(smtp)
+        return smtp
+
+    idle = await in_thread(idle_session)
+    stopping = asyncio.create_task(ingress.ingress.stop())
+    assert await in_thread(idle.getreply) == reply(SHUTTING_DOWN)
+    await asyncio.wait_for(stopping, 10)
