@@ -27,6 +27,12 @@ def new_message_id() -> str:
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
 
 
+# Envelope.meta keys that one service writes and another reads.
+META_POOL = "pool"  # pool requested with X-Relais-Pool (ingress, checked there) -> router
+META_SOURCE = "source"  # source address pinned by warm-up (router) -> delivery must send from it
+META_DKIM = "dkim"  # DKIM-Signature field(s), CRLF-terminated (router) -> delivery prepends them
+
+
 @dataclass(frozen=True, slots=True)
 class BodyRef:
     """Where the message bytes are: inline (small) or an Object Store object (large)."""

@@ -25,7 +25,7 @@ from services.core.bus import Bus
 from services.core.config import Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
-from services.core.envelope import Envelope, EnvelopeDecodeError
+from services.core.envelope import META_DKIM, META_SOURCE, Envelope, EnvelopeDecodeError
 from services.core.outcome import NO_ROUTE, Deferred
 from services.core.returnpath import return_path
 from services.core.schedule import publish_at
@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 # "<source>|<site>|<time>|<interval>". It is good for one attempt: the retry of a deferred job
 # must take a slot of its own, and a push-back that slowed the site since makes it void.
 SLOT_META = "shaping_slot"
+# A job pinned to a source of another host is handed back this many times at most, each after
+# this delay; with N hosts sharing a pool each offer reaches the right one with chance 1/N, so
+# 32 offers miss with 4% at N = 10. After that it goes from a source here: mail before caps.
+_PINNED_OFFERS = 32
+_PINNED_RETRY = 0.25
 
 
 class DeliveryService:
@@ -81,6 +86,7 @@ class DeliveryService:
         )
         self.attempts = 0  # SMTP attempts made by this worker (tests, benchmarks, metrics)
         self.postponed: Counter[str] = Counter()  # re-scheduled jobs by reason
+        self.pin_missed = 0  # jobs pinned to another host's source that went from one here
         self.pushbacks: Counter[tuple[str, str]] = Counter()  # (site, rule) back-offs started
         gauges.DELIVERY.track(self)
         self._sts = MtaSts(
@@ -151,9 +157,11 @@ class DeliveryService:
                 log.info("job %s already finished; dropping redelivery", env.key)
                 return
             # DKIM-Signature field(s) the router computed once per message (services/router/dkim.py).
-            body = env.meta.get("dkim", "").encode() + body
+            body = env.meta.get(META_DKIM, "").encode() + body
             started = time.monotonic()
-            result = await self._attempt(env, body)
+            # How often the job was offered to a worker: only asked for a pinned source.
+            offers = msg.metadata.num_delivered if META_SOURCE in env.meta else 1
+            result = await self._attempt(env, body, offers)
             if result is None:
                 span.set_attribute("relais.outcome", "postponed")
                 return
@@ -183,8 +191,11 @@ class DeliveryService:
                 },
             )
 
-    async def _attempt(self, env: Envelope, body: bytes) -> AttemptResult | None:
-        """One delivery attempt, or None when the job was re-scheduled instead (paused, shaped)."""
+    async def _attempt(self, env: Envelope, body: bytes, offers: int = 1) -> AttemptResult | None:
+        """One delivery attempt, or None when the job was re-scheduled instead (paused, shaped).
+
+        Raises transport.Retry to hand a job pinned to a source this host cannot bind back to
+        the pool's workers (`offers`: how often it was handed out so far)."""
         if self._config.delivery.mode == "capture":
             outcomes = await asyncio.to_thread(capture, self._mailbox, env, body)
             return AttemptResult(outcomes, mx_host="mailbox")
@@ -201,8 +212,22 @@ class DeliveryService:
             for s, w in self.health.usable(pool_sources(self._config, env.pool))
             if not self.control.paused("source", s.address)
         ]
+        pinned = env.meta.get(META_SOURCE, "")
+        if pinned in self.health.unhealthy and offers < _PINNED_OFFERS:
+            # Warm-up counted this job against `pinned`, an address of another host (one per
+            # node in Kubernetes): a worker there must send it, or the cap means nothing. The
+            # pool's workers all pull one consumer, so the job goes back to them.
+            raise transport.Retry(f"pinned source {pinned} is not on this host", delay=_PINNED_RETRY)
         slot = _parse_slot(env.meta.get(SLOT_META, ""))
-        source = choose_source(candidates, slot.source or env.meta.get("source", ""))
+        source = choose_source(candidates, slot.source or pinned)
+        if pinned and source is not None and source.address != pinned:
+            self.pin_missed += 1
+            log.warning(
+                "job %s pinned to %s goes from %s: none of its hosts took it",
+                env.key,
+                pinned,
+                source.address,
+            )
         if source is None:
             await self._postpone(env, time.time() + d.pause_recheck, "no usable source")
             return None

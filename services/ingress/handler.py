@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind
 
 from services.core.bus import BrokerUnavailable
 from services.core.config import AccountConfig, Config
-from services.core.envelope import new_message_id
+from services.core.envelope import META_POOL, new_message_id
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import tracer
 from services.ingress import headers, policy
@@ -255,7 +255,7 @@ class IngressHandler:
             verdict = policy.pool_verdict(pool, account, self._config.pools)
             if verdict:
                 return str(verdict)
-            meta["pool"] = pool
+            meta[META_POOL] = pool
         head = block.without(headers.CONTROL_HEADERS) + headers.missing_fields(
             block, message_id=message_id, hostname=ingress.hostname, now=time.time()
         )

@@ -7,12 +7,7 @@ from dataclasses import dataclass
 
 from services.core.addresses import domain_key, domain_of
 from services.core.config import AccountConfig, Config
-from services.core.envelope import Envelope
-
-# Envelope.meta keys the router reads or writes (the ingress and delivery read the same names).
-META_POOL = "pool"  # pool requested with X-Relais-Pool, already checked by the ingress
-META_SOURCE = "source"  # source address pinned by warm-up: delivery must send from it
-META_DKIM = "dkim"  # DKIM-Signature header field(s), CRLF-terminated: delivery prepends them
+from services.core.envelope import META_POOL, Envelope
 
 
 @dataclass(frozen=True, slots=True)

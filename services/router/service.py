@@ -20,7 +20,7 @@ from services.core.bus import Bus, patiently
 from services.core.config import AccountConfig, Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
-from services.core.envelope import Envelope, EnvelopeDecodeError
+from services.core.envelope import META_DKIM, META_SOURCE, Envelope, EnvelopeDecodeError
 from services.core.events import event_for, publish_event
 from services.core.outcome import Bounced, Deferred, Reply
 from services.core.suppression import Suppression, SuppressionList
@@ -29,14 +29,7 @@ from services.core.topology import deliver_subject, route_subject, router_bindin
 from services.router import dkim
 from services.router.accounts import AccountView
 from services.router.mx import MxRoute, resolve_mx
-from services.router.plan import (
-    META_DKIM,
-    META_SOURCE,
-    Job,
-    choose_pool,
-    split_by_domain,
-    without_suppressed,
-)
+from services.router.plan import Job, choose_pool, split_by_domain, without_suppressed
 from services.router.sites import SiteRules, site_for
 from services.router.warmup import WARMUP_DEFERRED, WarmupCounters, pick_source
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 
-from services.core.config import AccountConfig, PoolConfig, SourceConfig
+from services.core.config import AccountConfig, PoolConfig, SourceConfig, WarmupConfig
 from services.core.metrics import exposition
 from services.core.runtime import start_bus
 from services.delivery.service import DeliveryService
@@ -73,3 +75,46 @@ async def test_an_ip_in_two_pools_greets_with_each_pool_s_name(make_stack, make_
         ] == 250
         await sink.async_wait_for(n)
     assert [m.helo for m in sink.messages] == ["out.acme.test", "out.brand.test"]
+
+
+async def test_a_job_pinned_to_another_hosts_source_is_sent_by_that_host(make_stack, make_sink) -> None:
+    # One IP per node, as in Kubernetes: worker X has only the warm IP, worker Y only the warming
+    # one, and both pull the pool's jobs. Warm-up pins each job to the source whose cap counted
+    # it; whichever worker gets a job of the other's IP must hand it back, not send it itself.
+    warming, warm = "127.0.0.13", "127.0.0.14"
+    cap = 3
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    sink = make_sink("127.0.0.2")
+    stack = await make_stack(
+        services=("ingress", "router", "bounce"),
+        pools={
+            "default": PoolConfig(),
+            "warming": PoolConfig(
+                sources=[
+                    SourceConfig(address=warming, weight=5, warmup="new-ip", warmup_start=today),
+                    SourceConfig(address=warm, weight=1),
+                ]
+            ),
+        },
+        warmup={"new-ip": WarmupConfig(daily=[cap, 10 * cap], overflow="warm")},
+        accounts={
+            ACCOUNT: AccountConfig(password_hash=password_hash(), domains=["acme.test"], pool="warming")
+        },
+    )
+    stop = asyncio.Event()
+    buses = [await start_bus(stack.config, f"test-delivery-{i}", attempts=3) for i in range(2)]
+    workers = [DeliveryService(stack.config, bus) for bus in buses]
+    workers[0].health.mark_unhealthy(warming, "lives on another host in this test")
+    workers[1].health.mark_unhealthy(warm, "lives on another host in this test")
+    tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+    try:
+        await submit_many(stack, 12)
+        got = await sink.async_wait_for(12, timeout=60)
+        assert Counter(m.peer[0] for m in got) == {warming: cap, warm: 12 - cap}
+        assert [w.pin_missed for w in workers] == [0, 0]
+        assert all(w.attempts > 0 for w in workers), [w.attempts for w in workers]
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        for bus in buses:
+            await bus.nc.close()
