@@ -228,6 +228,9 @@ def test_nats_cluster_matches_the_config(kustomization: Path, tmp_path: Path) ->
     mount = next(m for m in _main_container(sts)["volumeMounts"] if m["name"] == claim["metadata"]["name"])
     assert "store_dir: " + mount["mountPath"] in _nats_conf(), "JetStream must store on the PVC"
     assert "http_port: 8222" in _nats_conf()
+    # A restarted server counts as started only once its stream replicas have caught up, so a
+    # rolling update never takes the next server down while this one is still behind.
+    assert _main_container(sts)["startupProbe"]["httpGet"]["path"] == "/healthz"
 
 
 @PARAMS
