@@ -372,6 +372,14 @@ def _validate_ingress(config: Config) -> None:
             raise ConfigError(f"{where}: PROXY protocol in front of implicit TLS is not supported")
         if listener.listen.rpartition(":")[0] == "" or not listener.listen.rpartition(":")[2].isdigit():
             raise ConfigError(f"{where}.listen: expected host:port")
+        for net in listener.proxy_from:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.proxy_from: {net!r} is not a CIDR network") from exc
+        if ingress.relay_networks and listener.proxy_protocol and not listener.proxy_from:
+            # Anyone reaching this port could send a PROXY header naming a relay network address.
+            raise ConfigError(f"{where}: with relay_networks, a PROXY listener needs proxy_from")
         if listener.mode == "inbound" and not (
             ingress.local_domains or getattr(config.bounce, "return_path_domain", "")
         ):

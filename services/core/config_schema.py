@@ -52,6 +52,10 @@ class ListenerConfig:
     mode: str = "submission"
     # Expect a PROXY protocol v1/v2 header first (behind a Kubernetes LoadBalancer); off by default.
     proxy_protocol: bool = False
+    # Networks (CIDR) the PROXY header is taken from: the load balancer's. A connection from
+    # anywhere else is closed, since its header could name any client address (a relay
+    # network's included). Empty: from anywhere (then relay_networks is refused).
+    proxy_from: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

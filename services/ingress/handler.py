@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
@@ -63,6 +64,7 @@ class IngressHandler:
         handoff: Handoff,
         *,
         mode: str = "submission",
+        proxy_from: Sequence[str] = (),
         accounts: AccountStore,
         rates: MessageRates,
         sessions: SessionRegistry,
@@ -71,6 +73,7 @@ class IngressHandler:
         self._config = config
         self._handoff = handoff
         self.mode = mode
+        self._proxy_from = tuple(proxy_from)
         self._accounts = accounts
         self._rates = rates
         self._sessions = sessions
@@ -85,6 +88,10 @@ class IngressHandler:
 
     async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
         if not getattr(proxy_data, "valid", False):
+            return False
+        sender = str(session.peer[0]) if session.peer else ""
+        if self._proxy_from and not policy.in_networks(sender, self._proxy_from):
+            log.warning("PROXY header from %s, not a configured load balancer: connection closed", sender)
             return False
         ip = facts(session).client_ip = peer_ip(session)
         if not server.admit(ip):  # type: ignore[attr-defined]

@@ -88,6 +88,7 @@ class IngressService:
             self._config,
             self._handoff,
             mode=listener.mode,
+            proxy_from=listener.proxy_from,
             accounts=self.accounts,
             rates=self._rates,
             sessions=self.sessions,

@@ -83,6 +83,18 @@ def test_relay_networks_need_valid_cidr_and_an_account(tmp_path: Path) -> None:
         _load(tmp_path, '[ingress]\nrelay_networks = ["10.0.0.0/8"]\n')
 
 
+def test_relay_networks_behind_proxy_protocol_need_the_load_balancers_networks(tmp_path: Path) -> None:
+    # Anyone reaching the port could otherwise send a PROXY header naming a relay network address.
+    relay = '[ingress]\nrelay_networks = ["10.0.0.0/8"]\nrelay_networks_account = "acme"\n'
+    proxied = '[[ingress.listeners]]\nlisten = "0.0.0.0:587"\nproxy_protocol = true\n'
+    with pytest.raises(ConfigError, match="proxy_from"):
+        _load(tmp_path, relay + proxied)
+    config = _load(tmp_path, relay + proxied + 'proxy_from = ["192.0.2.0/24"]\n')
+    assert config.ingress.listeners[0].proxy_from == ["192.0.2.0/24"]
+    with pytest.raises(ConfigError, match="CIDR"):
+        _load(tmp_path, proxied + 'proxy_from = ["lb.example"]\n')
+
+
 def test_env_override_of_local_domains(tmp_path: Path) -> None:
     path = tmp_path / "relais.toml"
     path.write_text("")

@@ -19,8 +19,10 @@ from tests.support.relais import ACCOUNT, PASSWORD, message
 PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
-def _session(address: tuple[str, int], preamble: bytes, tls: ssl.SSLContext | None = None) -> list[bytes]:
-    sock = socket.create_connection(address, timeout=10)
+def _session(
+    address: tuple[str, int], preamble: bytes, tls: ssl.SSLContext | None = None, source: str = ""
+) -> list[bytes]:
+    sock = socket.create_connection(address, timeout=10, source_address=(source, 0) if source else None)
     try:
         sock.sendall(preamble)
         data = sock.recv(200)
@@ -81,6 +83,22 @@ async def test_proxy_protocol_v1_and_v2_carry_the_client_ip(make_ingress: Callab
     envs = await queued(ingress.config.nats.url)
     assert [e.client_ip for e in envs] == ["203.0.113.7", "198.51.100.9"]
     assert b"([203.0.113.7])" in (envs[0].body.inline or b"")
+
+
+async def test_a_proxy_header_counts_only_from_the_load_balancer(make_ingress: Callable[..., Any]) -> None:
+    # From anyone else, a PROXY header could name any client address, a relay network's
+    # included: such a connection is closed before the greeting.
+    proxied = free_listen()
+    ingress = await make_ingress(
+        ingress={
+            "listeners": [ListenerConfig(listen=proxied, proxy_protocol=True, proxy_from=["127.0.0.2/32"])]
+        }
+    )
+    v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 587\r\n"
+    assert await in_thread(_session, listener(ingress, proxied), v1, None, "127.0.0.3") == [b""]
+    lines = await in_thread(_session, listener(ingress, proxied), v1, None, "127.0.0.2")
+    assert any(line.startswith(b"250 2.0.0 Ok: queued") for line in lines), lines
+    assert [e.client_ip for e in await queued(ingress.config.nats.url)] == ["203.0.113.7"]
 
 
 async def test_proxy_protocol_client_ip_survives_starttls(
