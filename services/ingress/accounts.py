@@ -36,6 +36,12 @@ class AccountStore:
         self._task: asyncio.Task[None] | None = None
         self.loaded = asyncio.Event()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the accounts were read from KV. Until then `get` answers from the config
+        file, which may still list an account an operator has disabled since."""
+        return self.loaded.is_set()
+
     def get(self, name: str) -> AccountConfig | None:
         return self._accounts.get(name)
 

@@ -25,6 +25,7 @@ from services.ingress.replies import (
     AUTH_MALFORMED,
     AUTH_OK,
     AUTH_THROTTLED,
+    AUTH_UNAVAILABLE,
     TOO_MANY_SESSIONS,
 )
 from services.ingress.session import facts
@@ -149,6 +150,9 @@ class Authenticator:
         session = server.session
         assert session is not None
         state = facts(session)
+        if not self._accounts.ready:
+            await server.push(str(AUTH_UNAVAILABLE))
+            return AuthResult(success=False, handled=True)
         username = login.decode("utf-8", "replace")
         account = self._accounts.get(username)
         if account is not None and account.disabled:

@@ -22,6 +22,7 @@ from services.ingress.auth import Authenticator
 from services.ingress.handoff import Handoff, Submission
 from services.ingress.limits import MessageRates, SessionRegistry
 from services.ingress.replies import (
+    ACCOUNTS_UNAVAILABLE,
     LOCAL_ERROR,
     TOO_MANY_CONNECTIONS,
     Verdict,
@@ -150,6 +151,8 @@ class IngressHandler:
         sender = "" if address == "<>" else address
         if self.inbound:
             verdict = policy.inbound_sender_verdict(sender, smtputf8=envelope.smtp_utf8)
+        elif not self._accounts.ready:
+            return str(ACCOUNTS_UNAVAILABLE)
         else:
             name, account = self._account(session)
             verdict = policy.sender_verdict(account, sender, smtputf8=envelope.smtp_utf8)

@@ -37,6 +37,9 @@ AUTH_INVALID = Verdict(535, "5.7.8", "Authentication credentials invalid")
 AUTH_BAD_BASE64 = Verdict(501, "5.5.2", "Cannot decode base64")
 AUTH_MALFORMED = Verdict(501, "5.5.2", "Cannot split AUTH value")
 AUTH_THROTTLED = Verdict(454, "4.7.0", "Too many failed authentication attempts, try again later")
+# RFC 4954 §6: the accounts are not read yet (the replica just started and KV is slow).
+AUTH_UNAVAILABLE = Verdict(454, "4.7.0", "Temporary authentication failure, try again later")
+ACCOUNTS_UNAVAILABLE = Verdict(451, "4.3.0", "Accounts not available yet, try again later")
 TOO_MANY_SESSIONS = Verdict(421, "4.7.0", "Too many concurrent sessions for this account")
 AUTH_IN_TRANSACTION = Verdict(503, "5.5.1", "AUTH not permitted during a mail transaction")
 

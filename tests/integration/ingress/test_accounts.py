@@ -20,7 +20,7 @@ from services.core.config import AccountConfig
 from services.core.embedded import EmbeddedNats
 from services.core.topology import ACCOUNTS_BUCKET
 from services.ingress.accounts import get_account, set_disabled, update_account
-from services.ingress.replies import AUTH_INVALID, AUTH_OK
+from services.ingress.replies import AUTH_INVALID, AUTH_OK, AUTH_UNAVAILABLE
 from tests.integration.ingress.helpers import client, in_thread, plain, reply
 from tests.support.relais import ACCOUNT, PASSWORD, REPO, message, password_hash
 
@@ -180,3 +180,16 @@ async def test_one_invalid_record_does_not_hide_the_other_accounts(
         await nc.close()
     listed = await in_thread(relais, "list", nats_url=nats_server.url)
     assert listed.returncode == 0 and ACCOUNT in listed.stdout and "broken" not in listed.stdout
+
+
+async def test_until_the_accounts_are_read_auth_is_temporarily_refused(
+    make_ingress: Callable[..., Any],
+) -> None:
+    # A replica whose KV read is slow at start knows only the config file's accounts, which may
+    # still list one an operator disabled since: it answers 454, and the client tries again.
+    ingress = await make_ingress()
+    store = ingress.ingress.accounts
+    store.loaded.clear()
+    assert await in_thread(_auth, ingress.smtp_address, ACCOUNT, PASSWORD) == reply(AUTH_UNAVAILABLE)
+    store.loaded.set()
+    assert await in_thread(_auth, ingress.smtp_address, ACCOUNT, PASSWORD) == reply(AUTH_OK)

@@ -9,6 +9,7 @@ import aiosmtplib
 
 from services.core.config import AccountConfig, PoolConfig
 from services.ingress.replies import (
+    ACCOUNTS_UNAVAILABLE,
     AUTH_IN_TRANSACTION,
     AUTH_OK,
     FROM_NOT_OWNED,
@@ -92,6 +93,15 @@ async def test_relay_networks_allow_list(make_ingress: Callable[..., Any]) -> No
     assert accepted[0] == 250
     [env] = await queued(ingress.config.nats.url)
     assert env.account == ACCOUNT and env.client_ip == "127.0.0.1"
+
+    # Until this replica has read the accounts from KV, a relay network's mail waits (451).
+    ingress.ingress.accounts.loaded.clear()
+
+    def early() -> tuple[int, bytes]:
+        with client(ingress.smtp_address) as smtp:
+            return smtp.mail("news@acme.test")
+
+    assert await in_thread(early) == reply(ACCOUNTS_UNAVAILABLE)
 
 
 async def test_no_auth_during_a_transaction(make_ingress: Callable[..., Any]) -> None:
