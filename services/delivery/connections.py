@@ -198,6 +198,9 @@ class ConnectionPool:
                 log.warning("connection housekeeping failed: %r", exc)
 
     async def _sweep(self) -> None:
+        # Leases first: closing a stale connection may wait for its QUIT, and a few hung ones
+        # must not hold the renewal back until the leases lapse.
+        await self._renew_leases()
         now = time.monotonic()
         for key, conns in list(self._idle.items()):
             stale = [c for c in conns if now - c.last_used > self._idle_timeout or not c.alive]
@@ -206,6 +209,8 @@ class ConnectionPool:
                 await self._discard(conn)
             if not conns:
                 self._idle.pop(key, None)
+
+    async def _renew_leases(self) -> None:
         held = Counter(lease.key for lease in self._leases.values())
         due = {lease.key for lease in self._leases.values() if lease.until - time.time() < LEASE_RENEW_BEFORE}
         for key in due:

@@ -3,7 +3,8 @@
 A worker only sends from addresses it can bind. Each configured source is probed at start; one
 that cannot be bound (the IP lives on another host, or was removed) is marked unhealthy, logged
 and counted, and skipped: other workers that have it deliver that mail. A source that fails to
-bind later (EADDRNOTAVAIL on connect) is marked the same way.
+bind later (EADDRNOTAVAIL on connect) is marked the same way. An unhealthy source is probed
+again every RECHECK_SECONDS, so an address that moves to this host (a failover) is used again.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import time
 from collections import Counter
 
 from services.core.config import Config
@@ -51,12 +53,16 @@ def can_bind(address: str) -> bool:
     return True
 
 
+RECHECK_SECONDS = 60.0
+
+
 class SourceHealth:
     """Which configured source addresses this worker can use. `unhealthy_total` is metric-ready."""
 
     def __init__(self) -> None:
         self.unhealthy: set[str] = set()
         self.unhealthy_total: Counter[str] = Counter()
+        self._checked: dict[str, float] = {}
 
     def probe(self, config: Config, pools: list[str]) -> None:
         for pool in pools:
@@ -69,9 +75,19 @@ class SourceHealth:
             log.warning("source %s marked unhealthy and skipped: %s", address, reason)
         self.unhealthy.add(address)
         self.unhealthy_total[address] += 1
+        self._checked[address] = time.monotonic()
 
     def usable(self, sources: list[tuple[Source, int]]) -> list[tuple[Source, int]]:
+        if self.unhealthy:
+            self._recheck(time.monotonic())
         return [(s, w) for s, w in sources if s.address not in self.unhealthy]
+
+    def _recheck(self, now: float) -> None:
+        for address in [a for a in self.unhealthy if now - self._checked.get(a, now) >= RECHECK_SECONDS]:
+            self._checked[address] = now
+            if can_bind(address):
+                log.info("source %s can be bound again: back in use", address)
+                self.unhealthy.discard(address)
 
 
 def choose_source(

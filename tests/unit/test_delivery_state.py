@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from services.core.config import RetryConfig
 from services.core.disposition import DELAY_WARNED, wants_delay_warning
 from services.core.envelope import BodyRef, BounceNotice, Envelope
 from services.core.outcome import Bounced, Reply
 from services.core.pause import parse_pause_key, pause_key
+from services.delivery import sources
 from services.delivery.control import Backoff, backoff_key
 from services.delivery.limits import (
     BLOCK_HORIZON,
@@ -24,7 +27,7 @@ from services.delivery.limits import (
     slot_key,
 )
 from services.delivery.smtp_session import Source
-from services.delivery.sources import choose_source
+from services.delivery.sources import SourceHealth, choose_source
 
 
 def test_gcra_spaces_slots_by_the_interval_and_never_goes_back_in_time() -> None:
@@ -150,3 +153,14 @@ def test_bounce_notice_carries_the_delay_warning_flag() -> None:
     back = BounceNotice.from_msgpack(notice.to_msgpack())
     assert back.delay_warning and not back.releases_body and back.failures == notice.failures
     assert not BounceNotice.from_msgpack(BounceNotice(_env(), ()).to_msgpack()).delay_warning
+
+
+def test_an_unhealthy_source_is_probed_again_and_used_once_it_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bind failure during an IP failover must not bench the address for good.
+    health = SourceHealth()
+    here, elsewhere = Source("127.0.0.1", "a.test"), Source("192.0.2.77", "b.test")
+    health.mark_unhealthy(here.address, "bind failed on connect")
+    health.mark_unhealthy(elsewhere.address, "not on this host")
+    assert health.usable([(here, 1), (elsewhere, 1)]) == []
+    monkeypatch.setattr(sources, "RECHECK_SECONDS", 0.0)
+    assert health.usable([(here, 1), (elsewhere, 1)]) == [(here, 1)]
