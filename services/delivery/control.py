@@ -61,11 +61,16 @@ class DeliveryControl:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
-    async def start(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - startup deadline
+    async def start(self, stop: asyncio.Event, report_every: float = 10.0) -> None:
+        """Returns once the pauses and back-offs in KV were read, or `stop` is set: a worker
+        that took jobs before would send the mail of a paused pool or site."""
         self._kv = await self._js.key_value(DELIVERY_CONTROL_BUCKET)
         self._task = asyncio.create_task(self._watch())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), report_every)
+                return
+            log.warning("pause state not read from KV yet: taking no jobs until it is")
 
     async def stop(self) -> None:
         if self._task is not None:

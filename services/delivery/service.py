@@ -109,7 +109,7 @@ class DeliveryService:
 
     async def run(self, stop: asyncio.Event) -> None:
         pools = self.serving()
-        await self.control.start()
+        await self.control.start(stop)
         self.connections.start()
         per_pool = max(1, self._config.delivery.concurrency // max(1, len(pools)))
         if not pools:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from services.core.bus import connect
+from services.core.config import Config, NatsConfig
+from services.core.embedded import EmbeddedNats
+from services.core.topology import ensure_topology
 from services.delivery import pause
+from services.delivery.control import DeliveryControl
 from tests.integration.delivery.conftest import SOURCE_A, SOURCE_B, pools, submit_many
 from tests.support.relais import read_events, wait_for_events
 
@@ -39,3 +46,28 @@ async def test_paused_source_is_skipped_for_the_other_source_of_the_pool(make_st
     await submit_many(stack, 4)
     got = await sink.async_wait_for(4)
     assert {m.peer[0] for m in got} == {SOURCE_B}
+
+
+async def test_a_worker_takes_no_job_before_it_has_read_the_pauses(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # KV slow at start: a worker that went ahead would send the mail of a paused pool or site.
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-control")
+    try:
+        await ensure_topology(bus.js, config)
+        control = DeliveryControl(bus.js)
+
+        async def never_read(self: DeliveryControl) -> None:
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(DeliveryControl, "_watch", never_read)
+        stop = asyncio.Event()
+        starting = asyncio.create_task(control.start(stop, report_every=0.1))
+        await asyncio.sleep(0.5)
+        assert not starting.done(), "still waiting for the pause state"
+        stop.set()
+        await asyncio.wait_for(starting, 5)
+        await control.stop()
+    finally:
+        await bus.close()
