@@ -57,9 +57,21 @@ class ReturnPath:
 
 
 def _scope(single_recipient: bool, recipients: Sequence[str]) -> str:
+    """What the MAC binds: the recipient, or its domain; the domain in `domain_key`'s spelling,
+    so a bounce that names the recipient in A-labels (or U-labels) verifies either way."""
+    address = recipients[0].strip()
+    domain = domain_of(address)
     if single_recipient:
-        return recipients[0].strip().lower()
-    return "@" + domain_of(recipients[0].strip())
+        return f"{address.rpartition('@')[0].lower()}@{domain}"
+    return "@" + domain
+
+
+def _legacy_scope(single_recipient: bool, recipient: str) -> str:
+    # How releases before this one spelt it (the domain lower-cased as written): their tokens,
+    # in mail sent before an upgrade, must still verify. Differs only for internationalised
+    # domains. To be removed once such mail is older than retry.max_age.
+    recipient = recipient.strip().lower()
+    return recipient if single_recipient else "@" + recipient.rpartition("@")[2].rstrip(".")
 
 
 def _mac(secret: str, account: str, message_id: str, scope: str) -> bytes:
@@ -130,11 +142,12 @@ def verify(path: ReturnPath, recipient: str, secrets: Sequence[str]) -> bool:
     """Whether `recipient` is one the message was really sent to, as far as the MAC can tell."""
     if not recipient or "@" not in recipient:
         return False
-    scope = _scope(path.single_recipient, [recipient])
+    scopes = {_scope(path.single_recipient, [recipient]), _legacy_scope(path.single_recipient, recipient)}
     return any(
         hmac.compare_digest(_mac(secret, path.account, path.message_id, scope), path.mac)
         for secret in secrets
         if secret
+        for scope in scopes
     )
 
 
