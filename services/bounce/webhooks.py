@@ -127,11 +127,14 @@ async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
     try:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
-        status = await reader.readline()
-        # The rest of the head, so that the receiver is not cut off while it writes it; the
-        # body says nothing the status does not.
-        while (await reader.readline()).strip():
-            pass
+        while True:
+            status = await reader.readline()
+            # The rest of the head, so that the receiver is not cut off while it writes it; the
+            # body says nothing the status does not.
+            while (await reader.readline()).strip():
+                pass
+            if status.partition(b" ")[2][:1] != b"1":  # 100 Continue, other interim answers: read on
+                break
     finally:
         # Not waiting for the close: a TLS peer that never answers it would outlast the deadline.
         writer.close()
@@ -194,7 +197,12 @@ class WebhookDispatcher:
                 log.warning("pull from %s failed: %r", binding.durable, exc)
                 await asyncio.sleep(0.5)
                 continue
-            pause = await self.deliver(account, msgs)
+            try:
+                pause = await self.deliver(account, msgs)
+            except Exception as exc:
+                # Unacked, the batch comes back after ack_wait; the loop, and the service, go on.
+                log.exception("posting the webhook of account %s failed: %r", account, exc)
+                pause = 1.0
             if pause:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
@@ -209,13 +217,13 @@ class WebhookDispatcher:
         body_items: list[dict[str, Any]] = []
         for msg in msgs:
             try:
-                event = Event.from_json(msg.data)
-            except (ValueError, TypeError) as exc:
-                log.error("undecodable event on %s: %s", msg.subject, exc)
+                meta = msg.metadata
+                body_items.extend(entries(Event.from_json(msg.data), f"{meta.stream}-{meta.sequence.stream}"))
+            except Exception as exc:
+                # Malformed (a field of the wrong type included): no retry mends it, and raised
+                # here it would end the posting loop, and with it the bounce service.
+                log.error("undecodable event on %s: %r", msg.subject, exc)
                 await _settle(msg.term())
-                continue
-            meta = msg.metadata
-            body_items.extend(entries(event, f"{meta.stream}-{meta.sequence.stream}"))
         if not body_items:
             return 0.0
         body = json.dumps(body_items, separators=(",", ":")).encode()

@@ -58,7 +58,10 @@ class Event:
     def from_json(cls, data: bytes) -> Event:
         # Fields a newer release added are ignored: during a rolling upgrade an older webhook
         # replica would otherwise refuse, and drop, every event the newer services write.
-        return cls(**{k: v for k, v in json.loads(data).items() if k in _FIELD_NAMES})
+        record = json.loads(data)
+        if not isinstance(record, dict):
+            raise TypeError("an event is a JSON object")
+        return cls(**{k: v for k, v in record.items() if k in _FIELD_NAMES})
 
 
 _EVENT_FIELDS = tuple(f.name for f in fields(Event))

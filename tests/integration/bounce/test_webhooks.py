@@ -14,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, post, verify_signature
 from services.core.config import AccountConfig
+from services.core.topology import event_subject
 from tests.support.relais import (
     ACCOUNT,
     SENDER_DOMAIN,
@@ -228,3 +229,43 @@ async def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout(mak
         await asyncio.wait_for(third.wait(), 30)
     finally:
         server.close()
+
+
+async def test_an_interim_answer_is_read_past_and_no_answer_is_an_error() -> None:
+    answers = [
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nServer: t\r\n\r\n",
+        b"",  # closes without answering
+    ]
+
+    async def receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+        async with asyncio.timeout(10):
+            assert await post(url, b"[]", {"Content-Type": "application/json"}) == 204
+            with pytest.raises(ValueError, match="not an HTTP response"):
+                await post(url, b"[]", {})
+    finally:
+        server.close()
+
+
+async def test_a_malformed_event_is_dropped_and_the_webhook_goes_on(make_stack, make_sink, receiver) -> None:
+    # A JSON array, a field of the wrong type: neither may end the posting loop (and with it the
+    # bounce service), nor come back for ever.
+    stack = await make_stack(
+        accounts=webhook_account(receiver.url), bounce={"webhook_retry_base": 0.2, "webhook_retry_max": 0.5}
+    )
+    make_sink("127.0.0.2")
+    bus = stack._buses[0]
+    await bus.js.publish(event_subject(ACCOUNT, "delivered"), b"[]")
+    broken = {"kind": "delivered", "message_id": "m", "account": ACCOUNT, "recipients": ["x@y.test"]}
+    await bus.js.publish(event_subject(ACCOUNT, "delivered"), json.dumps({**broken, "detail": None}).encode())
+    assert (await asubmit(stack.smtp_address, recipients=["ok@alpha.test"], data=message()))[0] == 250
+    await wait_accepted(receiver, 2)  # the message's accepted and delivered events
+    with receiver.lock:
+        assert {e["email"] for e in receiver.accepted} == {"ok@alpha.test"}
