@@ -19,8 +19,17 @@ from flufl.bounce import all_failures
 from services.bounce.classify import DEFAULT_RULES, BounceCategory, BounceRule, classify
 
 # A reply code and enhanced status somewhere in prose: "550 5.1.1", "said: 550-5.7.1", "#5.1.1".
-# Not a part of a dotted number: "[52.101.41.210]" in Exim's host line is no reply code 210.
+# Not a part of a dotted number: "52.101.41.210" in Exim's host line is no reply code 210.
 _REPLY_IN_TEXT = re.compile(r"(?<![\w.])([245]\d\d)(?!\w|\.\d)(?:[ -]+#?([245]\.\d{1,3}\.\d{1,3}))?\b")
+# Address literals ("[2001:db8::250]", "[IPv6:...]", "[192.0.2.1]") hold no reply: left out.
+_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")
+
+
+def reply_in_text(text: str) -> re.Match[str] | None:
+    """The first SMTP reply code (with its enhanced status, if any) in a bounce's prose."""
+    return _REPLY_IN_TEXT.search(_ADDRESS_LITERAL.sub(" ", text))
+
+
 _STATUS_IN_TEXT = re.compile(r"(?<![\d.])#?([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 _RETURNED = frozenset({"message/rfc822", "text/rfc822-headers", "message/rfc822-headers"})
 # Prose around an address that explains it: its own line and a few after (Exim, Postfix style).
@@ -41,7 +50,7 @@ class FailedRecipient:
 
     @property
     def code(self) -> int:
-        match = _REPLY_IN_TEXT.search(self.diagnostic)
+        match = reply_in_text(self.diagnostic)
         if match:
             return int(match.group(1))
         return 550 if self.permanent else 450
@@ -148,7 +157,7 @@ def _heuristic_recipient(
 
 def _classify_prose(text: str, rules: Sequence[BounceRule]) -> tuple[BounceCategory, int | None, str | None]:
     flat = " ".join(text.split())[:_MAX_TEXT]
-    reply = _REPLY_IN_TEXT.search(flat)
+    reply = reply_in_text(flat)
     status = _STATUS_IN_TEXT.search(flat)
     code = int(reply.group(1)) if reply else None
     enhanced = (reply.group(2) if reply and reply.group(2) else None) or (status.group(1) if status else None)

@@ -375,7 +375,8 @@ async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, rec
     first start on. Only the bounce service, which posts them, deletes those of accounts that no
     longer have a webhook, and an earlier release's shared consumer (`reconcile`), at its start
     and every minute after: another service, or a replica restarted with the previous
-    configuration during a rollout, cannot delete what the current one needs.
+    configuration during a rollout, cannot delete what the current one needs. While an earlier
+    release's shared consumer exists, only the bounce service creates them (see below).
 
     A consumer created here starts at the stream's end, so a newly configured webhook receives
     the events from then on, not the stream's history (as Postmark and SendGrid do); a removed
@@ -387,6 +388,12 @@ async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, rec
         legacy: ConsumerInfo | None = await js.consumer_info(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
     except NotFoundError:
         legacy = None
+    if legacy is not None and not reconcile:
+        # An upgrade in progress: the earlier release's bounce replicas still post through the
+        # shared consumer. The replacements start where it stands when they are made, so only
+        # the bounce service makes them, just before it deletes the shared one; made earlier
+        # (by a router upgraded first), they would post everything it posts meanwhile again.
+        return
     for binding in wanted:
         try:
             await js.consumer_info(binding.stream, binding.durable)

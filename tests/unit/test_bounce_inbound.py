@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from services.bounce.arf import parse_arf
 from services.bounce.classify import DEFAULT_RULES
 from services.bounce.inbound import findings, return_paths
@@ -128,10 +130,11 @@ def test_a_redacted_complaint_counts_only_with_a_one_recipient_token() -> None:
     assert verdict.findings == [] and verdict.rejected
 
 
-def test_a_host_address_in_the_prose_is_not_taken_for_the_reply() -> None:
+@pytest.mark.parametrize("address", ["52.101.41.210", "2001:db8:1::250", "IPv6:2001:db8::421"])
+def test_a_host_address_in_the_prose_is_not_taken_for_the_reply(address: str) -> None:
     to = rp(["nobody@beta.test"])
     raw = exim_bounce(to=to, recipient="nobody@beta.test").replace(
-        b"    SMTP error", b"    host d123.ess.barracudanetworks.com [52.101.41.210]\r\n    SMTP error"
+        b"    SMTP error", f"    host d123.ess.barracudanetworks.com [{address}]\r\n    SMTP error".encode()
     )
     (finding,) = findings(raw, [to], CONFIG, DEFAULT_RULES).findings
     assert finding.category == "invalid_recipient" and finding.suppresses

@@ -104,6 +104,10 @@ async def test_the_shared_consumer_of_an_earlier_release_is_replaced_without_a_g
         await bus.js.publish(event_subject("hooked", "delivered"), b"{}")  # not yet posted
 
         config = config_with(nats_server.url, plain=PLAIN, hooked=HOOK)
+        # A service of the new release started before the bounce service leaves both alone:
+        # the earlier release's bounce replicas still post through the shared consumer.
+        await ensure_topology(bus.js, config)
+        assert await webhook_consumers(bus) == [LEGACY_WEBHOOKS_CONSUMER]
         await ensure_webhooks_consumers(bus.js, config, reconcile=True)
         assert await webhook_consumers(bus) == ["webhooks-hooked"], "the shared one is gone"
         assert await pending_subjects(bus, "webhooks-hooked") == ["relais.events.hooked.delivered"]
