@@ -31,7 +31,12 @@ def split_by_domain(env: Envelope) -> list[Job]:
             group.append(rcpt)
     if env.job_id:
         return [Job(env.job_id, domain, tuple(rcpts)) for domain, rcpts in groups.items()]
-    return [Job(f"{env.id}-{i}", domain, tuple(groups[domain])) for i, domain in enumerate(sorted(groups))]
+    # Numbered in the order of the domains as written (lower-cased), as releases before
+    # domain_key numbered them: a message re-routed by a newer router, after an older one
+    # stored some of its jobs, must give each domain the id it got then, or a job would be
+    # taken for a duplicate of another domain's and dropped.
+    order = sorted(groups, key=lambda domain: groups[domain][0].rpartition("@")[2].lower().rstrip("."))
+    return [Job(f"{env.id}-{i}", domain, tuple(groups[domain])) for i, domain in enumerate(order)]
 
 
 def choose_pool(config: Config, env: Envelope, account: AccountConfig | None) -> str:

@@ -115,6 +115,16 @@ def test_one_job_for_every_spelling_of_a_recipient_domain() -> None:
     ]
 
 
+def test_job_ids_follow_the_domains_as_written() -> None:
+    # As the release before domain_key numbered them ("bücher" < "mail" < "xn--..."), so that a
+    # message half routed by it is routed again with the same id for each domain.
+    env = _env(recipients=("a@mail.test", "b@bücher.test"))
+    assert [(j.job_id, j.domain) for j in split_by_domain(env)] == [
+        ("m1-0", "xn--bcher-kva.test"),
+        ("m1-1", "mail.test"),
+    ]
+
+
 def test_a_recipient_given_twice_is_in_its_job_once() -> None:
     env = _env(recipients=("a@b.test", "c@b.test", "a@b.test"))
     assert split_by_domain(env) == [Job("m1-0", "b.test", ("a@b.test", "c@b.test"))]
