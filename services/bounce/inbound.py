@@ -220,6 +220,8 @@ class InboundHandler:
                 return
             try:
                 verdict = findings(raw, env.recipients, self._config, self._rules)
+            except MemoryError:
+                raise  # this replica's trouble, not the message's: another may manage it
             except Exception as exc:
                 # Parsing is deterministic, so no retry mends a message our parsers choke on (a
                 # nesting too deep, an unknown charset codec): redelivered, it would come back

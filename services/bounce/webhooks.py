@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -103,6 +104,12 @@ def backoff(deliveries: int, config: BounceConfig) -> float:
     return min(config.webhook_retry_base * 2 ** max(deliveries - 1, 0), config.webhook_retry_max)
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Built once: loading the CA bundle for every POST would cost the event loop milliseconds.
+    return ssl.create_default_context()
+
+
 async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
     """One POST; returns the HTTP status. Bound the whole exchange with `asyncio.timeout`: a
     per-read timeout would let a receiver that trickles its answer a byte at a time hold the
@@ -121,7 +128,7 @@ async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
     reader, writer = await asyncio.open_connection(
         host,
         parts.port or (443 if https else 80),
-        ssl=ssl.create_default_context() if https else None,
+        ssl=_tls_context() if https else None,
         server_hostname=host if https else None,
     )
     try:

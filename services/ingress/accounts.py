@@ -24,6 +24,9 @@ from services.core.topology import ACCOUNTS_BUCKET
 
 log = logging.getLogger(__name__)
 
+# Each lost compare-and-set means another write (or a replica still behind one): read again.
+_CAS_ATTEMPTS = 50
+
 
 class AccountStore:
     """This replica's live view of the accounts; `get` never touches the network."""
@@ -143,7 +146,7 @@ async def update_account(
     command wrote in between: a `disable` and a `passwd` at the same moment both take effect,
     instead of the later write restoring what the earlier one changed. None: no such account."""
     kv = await js.key_value(ACCOUNTS_BUCKET)
-    while True:
+    for _ in range(_CAS_ATTEMPTS):
         try:
             entry = await kv.get(name)
         except KeyNotFoundError:
@@ -156,6 +159,7 @@ async def update_account(
         except KeyWrongLastSequenceError:
             continue
         return changed
+    raise AccountRecordError(f"account {name} kept changing under this command: try again")
 
 
 async def set_disabled(js: JetStreamContext, name: str, disabled: bool) -> bool:
