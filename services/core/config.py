@@ -318,8 +318,7 @@ _POSITIVE = (
     "bounce.webhook_timeout",
     "bounce.webhook_retry_base",
 )
-_AT_LEAST_ONE = (
-    "ingress.max_message_size",
+_AT_LEAST_ONE = (  # ingress.max_message_size may be 0: no limit, as aiosmtpd reads it
     "ingress.max_recipients",
     "router.concurrency",
     "delivery.concurrency",

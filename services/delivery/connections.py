@@ -17,14 +17,23 @@ import logging
 import time
 from collections import Counter, defaultdict
 
-from services.delivery.limits import LEASE_RENEW_BEFORE, LEASE_TTL, Lease, SharedLimits
+from services.delivery.limits import LEASE_RENEW_BEFORE, LEASE_TTL, Lease, SharedLimits, lease_key
 from services.delivery.shaping import Limits
-from services.delivery.smtp_session import Connection, SessionSettings, Source, open_connection
+from services.delivery.smtp_session import (
+    Connection,
+    SessionSettings,
+    Source,
+    open_connection,
+    without_starttls,
+)
 from services.delivery.tls_policy import TlsPolicy
 
 log = logging.getLogger(__name__)
 
 _LEASE_POLL = 0.2
+# How long an MX whose STARTTLS handshake failed gets plaintext straight away (Postfix retries
+# plaintext at once too, but each time pays the failed handshake first).
+_TLS_BROKEN_SECONDS = 600.0
 
 
 class Saturated(Exception):
@@ -51,7 +60,10 @@ class ConnectionPool:
         # By source (address and EHLO name: one IP may serve two pools under two names) and MX.
         self._idle: dict[tuple[Source, str], list[Connection]] = defaultdict(list)
         self._site_of: dict[int, tuple[str, str]] = {}
+        # (source address, MX address) whose STARTTLS failed: opportunistic TLS is skipped until then.
+        self._tls_broken: dict[tuple[str, str], float] = {}
         self._leases: dict[int, Lease] = {}
+        self._opening: Counter[str] = Counter()  # leases granted to connections being opened
         self._lease_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._lease_miss: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -87,9 +99,13 @@ class ConnectionPool:
                 lease = None
                 # All held a moment ago (another task looked): do not ask KV again so soon.
                 if time.monotonic() - self._lease_miss.get(key, 0.0) >= _LEASE_POLL:
-                    lease = await self._limits.acquire_lease(source.address, site, limits.connections)
+                    lease = await self._limits.acquire_lease(
+                        source.address, site, limits.connections, self._held(source.address, site)
+                    )
                     if lease is None:
                         self._lease_miss[key] = time.monotonic()
+                    else:
+                        self._opening[lease.key] += 1  # held from now on, registered once open
             if lease is not None:
                 return await self._open(source, site, host, address, limits, policy, lease)
             # Our own idle connections to another MX of the site hold leases we can free.
@@ -101,6 +117,12 @@ class ConnectionPool:
             async with self._returned:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._returned.wait(), _LEASE_POLL)
+
+    def _held(self, source: str, site: str) -> int:
+        """Leases this worker holds on (source, site): its open connections' and those granted
+        to connections still opening."""
+        key = lease_key(source, site)
+        return self._opening[key] + sum(1 for lease in self._leases.values() if lease.key == key)
 
     async def _reuse(
         self, source: Source, host: str, address: str, limits: Limits, policy: TlsPolicy
@@ -145,18 +167,34 @@ class ConnectionPool:
                 if wait > 0:
                     await asyncio.sleep(wait)
 
+        tls_broken = (source.address, address)
+
+        async def after_failed_starttls() -> None:
+            # The plaintext retry is a second connection, so it takes a second slot. If that
+            # is too far off (Saturated), the next attempt goes plaintext at once, on one slot:
+            # else a slow connection rate would give every attempt a STARTTLS failure and no mail.
+            self._tls_broken[tls_broken] = time.monotonic() + _TLS_BROKEN_SECONDS
+            await pace()
+
         try:
             await pace()
-            # A plaintext retry after a failed STARTTLS is a second connection: a second slot.
-            conn = await open_connection(address, host, source, self._settings, policy, reconnect=pace)
+            settings = self._settings
+            opportunistic = not (policy.require or policy.verify)
+            if opportunistic and self._tls_broken.get(tls_broken, 0.0) > time.monotonic():
+                settings = without_starttls(settings)  # it failed a moment ago: plaintext at once
+            conn = await open_connection(
+                address, host, source, settings, policy, reconnect=after_failed_starttls
+            )
         except BaseException:
             if lease is not None:
+                self._opening[lease.key] -= 1
                 await self._limits.release(lease)
             raise
         self.opened += 1
         log.debug("opened connection %s -> %s[%s] for site %s", source.address, host, address, site)
         self._site_of[id(conn)] = (source.address, site)
         if lease is not None:
+            self._opening[lease.key] -= 1
             self._leases[id(conn)] = lease
         return conn
 
@@ -202,6 +240,8 @@ class ConnectionPool:
         # must not hold the renewal back until the leases lapse.
         await self._renew_leases()
         now = time.monotonic()
+        for key in [k for k, until in self._tls_broken.items() if until <= now]:
+            del self._tls_broken[key]
         for key, conns in list(self._idle.items()):
             stale = [c for c in conns if now - c.last_used > self._idle_timeout or not c.alive]
             for conn in stale:

@@ -126,7 +126,7 @@ def fair_share(limit: int, contenders: int) -> int:
 
 
 def grant(
-    holders: dict[str, list[float]], owner: str, limit: int, now: float
+    holders: dict[str, list[float]], owner: str, limit: int, now: float, held: int | None = None
 ) -> tuple[dict[str, list[float]], bool]:
     """Pure lease decision on the shared record {owner: [held, held_until, wanting_until]}.
 
@@ -134,15 +134,16 @@ def grant(
     holding or wanting connections; otherwise the worker is recorded as wanting, which keeps
     the others from re-taking what they release beyond their own share.
     """
-    # Another worker's lapsed entry counts nothing (it crashed, or lost NATS); ours keeps its
-    # count even when lapsed, because this process knows those connections are still open, and
-    # a later renewal only extends a live entry, it does not state the count again.
     live = {
-        o: [h if until >= now or o == owner else 0, until, want]
+        o: [h if until >= now else 0, until, want]
         for o, (h, until, want) in holders.items()
         if (h > 0 and until >= now) or want >= now or o == owner
     }
     mine = live.setdefault(owner, [0, 0.0, 0.0])
+    if held is not None:
+        # What this worker really holds: its entry may have lapsed while those connections
+        # stayed open (NATS away past the renewal), or be one too high after a release failed.
+        mine[0] = held
     contenders = sum(1 for o, (h, _, want) in live.items() if h > 0 or want >= now or o == owner)
     total = sum(h for h, _, _ in live.values())
     if total < limit and mine[0] < fair_share(limit, contenders):
@@ -267,10 +268,13 @@ class SharedLimits:
                 raise
         raise BrokerUnavailable(f"connection lease {key}: too much contention")
 
-    async def acquire_lease(self, source: str, site: str, limit: int) -> Lease | None:
-        """A share of the (source, site) connection cap for one connection, or None (wait)."""
+    async def acquire_lease(
+        self, source: str, site: str, limit: int, held: int | None = None
+    ) -> Lease | None:
+        """A share of the (source, site) connection cap for one connection, or None (wait).
+        `held`: the leases this worker holds on that key now, written over its recorded count."""
         key = lease_key(source, site)
-        ok = await self._change(key, lambda rec, now: grant(rec, self.owner, limit, now))
+        ok = await self._change(key, lambda rec, now: grant(rec, self.owner, limit, now, held))
         return Lease(key, time.time() + LEASE_TTL) if ok else None
 
     async def renew(self, key: str, held: int) -> None:

@@ -450,7 +450,7 @@ async def open_connection(
                 smtp.close()
                 if reconnect is not None:
                     await reconnect()
-                return await open_connection(address, host, source, _without_starttls(settings), policy)
+                return await open_connection(address, host, source, without_starttls(settings), policy)
             ssl_obj = smtp.get_transport_info("ssl_object")
             if ssl_obj is not None:
                 cipher = ssl_obj.cipher()
@@ -468,7 +468,7 @@ async def open_connection(
     return conn
 
 
-def _without_starttls(settings: SessionSettings) -> SessionSettings:
+def without_starttls(settings: SessionSettings) -> SessionSettings:
     return SessionSettings(
         port=settings.port,
         connect_timeout=settings.connect_timeout,

@@ -95,14 +95,16 @@ def test_a_crashed_workers_connections_lapse() -> None:
     assert record["b"][1] == now + LEASE_TTL
 
 
-def test_a_live_workers_own_lapsed_entry_keeps_its_count() -> None:
-    # NATS was away past the renewal: the entry lapsed, but this worker's 2 connections are
-    # still open. Its next grant counts them, so the cap of 3 leaves room for 1, not 3.
+def test_a_workers_own_entry_counts_what_it_really_holds() -> None:
     now = 1000.0
-    record, ok = grant({"a": [2, now - 5, 0.0]}, "a", 3, now)
+    # NATS was away past the renewal: the entry lapsed, but its 2 connections are still open.
+    record, ok = grant({"a": [2, now - 5, 0.0]}, "a", 3, now, held=2)
     assert ok and record["a"][0] == 3
     record, ok = grant(record, "b", 3, now)
     assert not ok, "the cap is full"
+    # A release that failed left the count one too high: what the worker holds corrects it.
+    record, ok = grant({"a": [1, now + 10, 0.0]}, "a", 1, now, held=0)
+    assert ok and record["a"][0] == 1
 
 
 def test_backoff_round_trips() -> None:

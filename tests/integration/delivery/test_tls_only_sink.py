@@ -62,22 +62,41 @@ async def test_tls_verify_still_reuses_a_plaintext_connection(make_stack, make_s
     assert sink.connections == 1
 
 
+def broken_starttls(pki) -> ssl.SSLContext:
+    """Offers STARTTLS, but wants a client certificate that delivery does not have."""
+    context = pki.server_context()
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(pki.ca_pem))
+    return context
+
+
 async def test_plaintext_retry_after_a_failed_starttls_is_paced_as_a_new_connection(
     make_stack, make_sink, pki, shaping_file
 ) -> None:
-    # The MX offers STARTTLS, but wants a client certificate that delivery does not have:
-    # opportunistic TLS gives up and connects again in plaintext. That second connection counts
-    # against the site's new-connection rate like any other.
-    broken = pki.server_context()
-    broken.verify_mode = ssl.CERT_REQUIRED
-    broken.load_verify_locations(cafile=str(pki.ca_pem))
-    sink = make_sink("127.0.0.2", tls_context=broken)
+    # Opportunistic TLS gives up and connects again in plaintext: that second connection counts
+    # against the site's new-connection rate like any other. Later messages to that MX go
+    # plaintext at once, without a failed handshake first.
+    sink = make_sink("127.0.0.2", tls_context=broken_starttls(pki))
     rate = '[site."alpha.test"]\nmessages_per_connection = 1\nnew_connections_per_minute = 120\n'
     stack = await make_stack(delivery={"shaping_file": shaping_file(rate)})
     await submit_many(stack, 3)
     got = await sink.async_wait_for(3, timeout=60)
     assert not any(m.tls for m in got)
-    assert sink.connections == 6, "a failed STARTTLS, then plaintext, for each message"
+    assert sink.connections == 4, "a failed STARTTLS, then plaintext, then plaintext only"
     # 120/min: a new connection every 0.5 s at most.
     gaps = [b - a for a, b in itertools.pairwise(sink.connected_at)]
     assert min(gaps) >= 0.4, gaps
+
+
+async def test_a_broken_starttls_does_not_stop_mail_at_a_slow_connection_rate(
+    make_stack, make_sink, pki, shaping_file
+) -> None:
+    # 6 new connections a minute: the plaintext retry's slot is 10 s off, too far to wait for.
+    # The attempt is postponed, and the next goes plaintext at once on one slot; were it to try
+    # STARTTLS again, every attempt would end the same way until the message expired.
+    sink = make_sink("127.0.0.2", tls_context=broken_starttls(pki))
+    rate = '[site."alpha.test"]\nmessages_per_connection = 1\nnew_connections_per_minute = 6\n'
+    stack = await make_stack(delivery={"shaping_file": shaping_file(rate)})
+    await submit_many(stack, 1)
+    (got,) = await sink.async_wait_for(1, timeout=60)
+    assert not got.tls
