@@ -50,10 +50,13 @@ from services.delivery.tls_policy import tls_policy
 
 log = logging.getLogger(__name__)
 
-# Envelope meta set when a job was re-scheduled to a reserved shaping slot:
-# "<source>|<site>|<time>|<interval>". It is good for one attempt: the retry of a deferred job
-# must take a slot of its own, and a push-back that slowed the site since makes it void.
+# Envelope meta set when a job was re-scheduled to a reserved shaping slot: "<source>|<site>|<time>",
+# and the interval it was reserved at under its own key (so that workers of the previous release,
+# which read only the first, keep honouring it during an upgrade). It is good for one attempt:
+# the retry of a deferred job must take a slot of its own, and a push-back that slowed the site
+# since makes it void.
 SLOT_META = "shaping_slot"
+SLOT_INTERVAL_META = "shaping_slot_interval"
 # A job pinned to a source of another host is handed back this many times at most, each after
 # this delay; with N hosts sharing a pool each offer reaches the right one with chance 1/N, so
 # 32 offers miss with 4% at N = 10. After that it goes from a source here: mail before caps.
@@ -218,7 +221,7 @@ class DeliveryService:
             # node in Kubernetes): a worker there must send it, or the cap means nothing. The
             # pool's workers all pull one consumer, so the job goes back to them.
             raise transport.Retry(f"pinned source {pinned} is not on this host", delay=_PINNED_RETRY)
-        slot = _parse_slot(env.meta.get(SLOT_META, ""))
+        slot = _parse_slot(env.meta.get(SLOT_META, ""), env.meta.get(SLOT_INTERVAL_META, ""))
         source = choose_source(candidates, slot.source or pinned)
         if pinned and source is not None and source.address != pinned:
             self.pin_missed += 1
@@ -233,16 +236,17 @@ class DeliveryService:
             return None
         limits = self.shaping.limits(site, source.address)
         backoff = self.control.backoff(source.address, site)
-        interval = max(limits.message_interval(), backoff.interval() if backoff else 0.0)
+        base = limits.message_interval()
+        interval = max(base, backoff.interval() if backoff else 0.0)
         # A job coming back for the slot it reserved goes now: reserving again would push every
         # waiting job further out for ever once the queue is longer than max_shaping_wait.
-        holds_slot = slot.holds(source.address, site, interval, time.time())
+        holds_slot = slot.holds(source.address, site, interval, time.time(), base)
         if interval > 0 and not holds_slot:
             at = await self.limits.reserve("msg", source.address, site, interval)
             wait = at - time.time()
             if wait > d.max_shaping_wait:
                 reserved = _Slot(source.address, site, at, interval)
-                await self._postpone(env, at, "shaping", {SLOT_META: reserved.encode()})
+                await self._postpone(env, at, "shaping", reserved.meta())
                 return None
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -324,28 +328,32 @@ class _Slot:
     source: str = ""
     site: str = ""
     at: float = math.inf
-    interval: float = 0.0
+    interval: float | None = None  # None: reserved by a release that did not record it
 
-    def holds(self, source: str, site: str, interval: float, now: float) -> bool:
+    def holds(self, source: str, site: str, interval: float, now: float, base: float) -> bool:
         """Whether this attempt may go in this slot: same source and site, its time has come,
-        and it was reserved at no faster a rate than the one that applies now."""
-        reserved_slower = self.interval + 0.001 >= interval  # encoded to the millisecond
+        and it was reserved at no faster a rate than the one that applies now (`interval`).
+        A slot without its interval was reserved at the site's own rate (`base`)."""
+        reserved = base if self.interval is None else self.interval
+        reserved_slower = reserved + 0.001 >= interval  # written to the millisecond
         return self.source == source and self.site == site and self.at <= now + 1.0 and reserved_slower
 
-    def encode(self) -> str:
-        return f"{self.source}|{self.site}|{self.at:.3f}|{self.interval:.3f}"
+    def meta(self) -> dict[str, str]:
+        return {
+            SLOT_META: f"{self.source}|{self.site}|{self.at:.3f}",
+            SLOT_INTERVAL_META: f"{self.interval or 0.0:.3f}",
+        }
 
 
-def _parse_slot(value: str) -> _Slot:
-    # A slot written before the interval was recorded (interval 0) holds only unshaped sites.
+def _parse_slot(value: str, interval: str) -> _Slot:
     parts = value.split("|")
     try:
-        return _Slot(parts[0], parts[1], float(parts[2]), float(parts[3]) if len(parts) > 3 else 0.0)
+        return _Slot(parts[0], parts[1], float(parts[2]), float(interval) if interval else None)
     except (IndexError, ValueError):
         return _Slot()
 
 
 def _without_slot(env: Envelope) -> Envelope:
-    if SLOT_META not in env.meta:
+    if SLOT_META not in env.meta and SLOT_INTERVAL_META not in env.meta:
         return env
-    return replace(env, meta={k: v for k, v in env.meta.items() if k != SLOT_META})
+    return replace(env, meta={k: v for k, v in env.meta.items() if k not in (SLOT_META, SLOT_INTERVAL_META)})

@@ -26,6 +26,7 @@ from services.delivery.limits import (
     next_slot,
     slot_key,
 )
+from services.delivery.service import SLOT_INTERVAL_META, SLOT_META, _parse_slot, _Slot
 from services.delivery.smtp_session import Source
 from services.delivery.sources import SourceHealth, choose_source
 
@@ -166,3 +167,16 @@ def test_an_unhealthy_source_is_probed_again_and_used_once_it_binds(monkeypatch:
     assert health.usable([(here, 1), (elsewhere, 1)]) == []
     monkeypatch.setattr(sources, "RECHECK_SECONDS", 0.0)
     assert health.usable([(here, 1), (elsewhere, 1)]) == [(here, 1)]
+
+
+def test_a_reserved_slot_is_read_by_both_releases_during_an_upgrade() -> None:
+    now = 1000.0
+    meta = _Slot("127.0.0.21", "gmail", now, 5.0).meta()
+    assert meta[SLOT_META] == "127.0.0.21|gmail|1000.000", "the previous release reads three fields"
+    slot = _parse_slot(meta[SLOT_META], meta[SLOT_INTERVAL_META])
+    assert slot.holds("127.0.0.21", "gmail", 5.0, now, base=5.0)
+    assert not slot.holds("127.0.0.21", "gmail", 10.0, now, base=5.0), "void after a push-back"
+    # Written by the previous release: no interval, taken as the site's own rate.
+    old = _parse_slot("127.0.0.21|gmail|1000.000", "")
+    assert old.holds("127.0.0.21", "gmail", 5.0, now, base=5.0)
+    assert not old.holds("127.0.0.21", "gmail", 10.0, now, base=5.0)
