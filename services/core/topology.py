@@ -381,8 +381,9 @@ async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, rec
     A consumer created here starts at the stream's end, so a newly configured webhook receives
     the events from then on, not the stream's history (as Postmark and SendGrid do); a removed
     webhook's unsent events are dropped with its consumer. Replacing the shared consumer, each
-    account's starts where the shared one's acknowledged events end: the events in flight then
-    are posted again (receivers de-duplicate on `event_id`), and none is skipped."""
+    account's starts after the shared one's ack floor: none is skipped, and every event after
+    the oldest one it had not acknowledged (of any account) is posted again; receivers drop
+    those by `event_id`."""
     wanted = [webhooks_binding(name) for name in webhook_accounts(config.accounts)]
     try:
         legacy: ConsumerInfo | None = await js.consumer_info(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
