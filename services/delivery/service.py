@@ -45,7 +45,7 @@ from services.delivery.mta_sts import MtaSts
 from services.delivery.sending import AttemptResult, send_job
 from services.delivery.shaping import Shaping, load_shaping
 from services.delivery.smtp_session import SessionSettings, Source, client_tls_context
-from services.delivery.sources import SourceHealth, choose_source, pool_sources
+from services.delivery.sources import RECHECK_SECONDS, SourceHealth, choose_source, pool_sources
 from services.delivery.tls_policy import tls_policy
 
 log = logging.getLogger(__name__)
@@ -116,27 +116,46 @@ class DeliveryService:
         self.connections.start()
         per_pool = max(1, self._config.delivery.concurrency // max(1, len(pools)))
         if not pools:
-            log.error("no pool can be served from this host; idle until stopped")
+            log.error("no pool can be served from this host yet; looking again every minute")
+        consuming = {pool: self._consume(pool, per_pool, stop) for pool in pools}
+        stopped = asyncio.create_task(stop.wait())
         try:
-            if not pools:
-                await stop.wait()
-            await asyncio.gather(
-                *(
-                    transport.consume(
-                        self._bus,
-                        delivery_binding(pool),
-                        self.handle,
-                        concurrency=per_pool,
-                        stop=stop,
-                        ack_wait=self._config.nats.ack_wait,
-                        confirm_acks=True,
-                    )
-                    for pool in pools
+            while not stop.is_set():
+                done, _ = await asyncio.wait(
+                    {stopped, *consuming.values()},
+                    timeout=RECHECK_SECONDS,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            )
+                for pool, task in list(consuming.items()):
+                    if task in done:
+                        del consuming[pool]
+                        task.result()  # a consumer that failed takes the worker down, as before
+                # A pool none of whose addresses bound at start (an IP that fails over to this
+                # host later) is served once one of them does.
+                for pool in self._config.served_pools():
+                    if pool not in consuming and self.health.usable(pool_sources(self._config, pool)):
+                        log.info("serving pool %s: one of its source addresses binds here now", pool)
+                        consuming[pool] = self._consume(pool, per_pool, stop)
+            await asyncio.gather(*consuming.values())
         finally:
+            stopped.cancel()
+            for task in consuming.values():
+                task.cancel()
             await self.connections.close()
             await self.control.stop()
+
+    def _consume(self, pool: str, concurrency: int, stop: asyncio.Event) -> asyncio.Task[None]:
+        return asyncio.create_task(
+            transport.consume(
+                self._bus,
+                delivery_binding(pool),
+                self.handle,
+                concurrency=concurrency,
+                stop=stop,
+                ack_wait=self._config.nats.ack_wait,
+                confirm_acks=True,
+            )
+        )
 
     async def handle(self, msg: Msg) -> None:
         try:

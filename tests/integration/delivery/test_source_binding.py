@@ -6,9 +6,13 @@ import asyncio
 import time
 from collections import Counter
 
+import pytest
+
 from services.core.config import AccountConfig, PoolConfig, SourceConfig, WarmupConfig
 from services.core.metrics import exposition
 from services.core.runtime import start_bus
+from services.delivery import service as delivery_service
+from services.delivery import sources
 from services.delivery.service import DeliveryService
 from tests.integration.delivery.conftest import SOURCE_A, SOURCE_B, UNBINDABLE, pools, submit_many
 from tests.support.relais import ACCOUNT, asubmit, message, password_hash, wait_for_events
@@ -118,3 +122,30 @@ async def test_a_job_pinned_to_another_hosts_source_is_sent_by_that_host(make_st
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
         for bus in buses:
             await bus.nc.close()
+
+
+async def test_a_pool_is_served_once_an_address_of_it_binds_here(
+    make_stack, make_sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None of the pool's addresses is on this host at start; then one fails over to it.
+    sink = make_sink("127.0.0.2")
+    stack = await make_stack(services=("ingress", "router", "bounce"), pools=pools(SOURCE_A))
+    here = {"bound": False}
+    monkeypatch.setattr(sources, "can_bind", lambda address: here["bound"])
+    monkeypatch.setattr(sources, "RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(delivery_service, "RECHECK_SECONDS", 0.2)
+    bus = await start_bus(stack.config, "test-delivery-late", attempts=3)
+    worker = DeliveryService(stack.config, bus)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await submit_many(stack, 1)
+        await asyncio.sleep(1.0)
+        assert sink.messages == [] and worker.attempts == 0, "nothing to send from yet"
+        here["bound"] = True
+        (got,) = await sink.async_wait_for(1, timeout=30)
+        assert got.peer[0] == SOURCE_A
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await bus.nc.close()
