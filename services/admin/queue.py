@@ -23,7 +23,8 @@ fails that check and is skipped: it is never acted on twice.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDeco
 from services.core.outcome import Bounced, Reply
 from services.core.schedule import rfc3339
 from services.core.topology import DELIVER_STREAM, bounce_subject, deliver_filter, retry_filters
+
+log = logging.getLogger(__name__)
 
 ADMIN_COMMAND = "ADMIN"
 
@@ -130,6 +133,22 @@ async def _take_over(bus: Bus, job: Scheduled, at: float) -> int | None:
     return ack.seq
 
 
+async def _delete_claim(bus: Bus, stream: str, seq: int) -> None:
+    """Delete a claim whose notice is out, patiently: left, it would send the bounced job an
+    hour later, a second outcome."""
+    for attempt in range(30):
+        try:
+            await bus.js.delete_msg(stream, seq)
+            return
+        except NotFoundError:
+            return
+        except Exception as exc:
+            if attempt == 29:
+                raise
+            log.warning("deleting claim %s/%d failed, trying again: %r", stream, seq, exc)
+            await asyncio.sleep(1.0)
+
+
 async def requeue(bus: Bus, site: str) -> list[Scheduled]:
     """Retry every deferred job for the site now; returns the jobs that were requeued."""
     done: list[Scheduled] = []
@@ -162,8 +181,7 @@ async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
             headers=_carried_headers(job.headers),
             attributes={t.MESSAGE_ID: env.id, t.SITE: env.site},
         )
-        with contextlib.suppress(NotFoundError):
-            await bus.js.delete_msg(job.stream, claim)
+        await _delete_claim(bus, job.stream, claim)
         done.append(job)
     return done
 

@@ -66,11 +66,17 @@ class DeliveryControl:
         that took jobs before would send the mail of a paused pool or site."""
         self._kv = await self._js.key_value(DELIVERY_CONTROL_BUCKET)
         self._task = asyncio.create_task(self._watch())
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), report_every)
-                return
-            log.warning("pause state not read from KV yet: taking no jobs until it is")
+        ready, stopped = asyncio.create_task(self._ready.wait()), asyncio.create_task(stop.wait())
+        try:
+            while not (ready.done() or stopped.done()):
+                await asyncio.wait(
+                    {ready, stopped}, timeout=report_every, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not (ready.done() or stopped.done()):
+                    log.warning("pause state not read from KV yet: taking no jobs until it is")
+        finally:
+            ready.cancel()
+            stopped.cancel()
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -164,6 +164,7 @@ class DeliveryService:
             raise transport.Poison(str(exc)) from exc
         if not env.pool:
             env = replace(env, pool=pool_of_deliver_subject(msg.subject))
+        self._hand_back_if_pinned_elsewhere(env, msg)
         attrs = {
             "relais.message_id": env.id,
             "relais.job_id": env.job_id,
@@ -181,9 +182,7 @@ class DeliveryService:
             # DKIM-Signature field(s) the router computed once per message (services/router/dkim.py).
             body = env.meta.get(META_DKIM, "").encode() + body
             started = time.monotonic()
-            # How often the job was offered to a worker: only asked for a pinned source.
-            offers = msg.metadata.num_delivered if META_SOURCE in env.meta else 1
-            result = await self._attempt(env, body, offers)
+            result = await self._attempt(env, body)
             if result is None:
                 span.set_attribute("relais.outcome", "postponed")
                 return
@@ -213,11 +212,18 @@ class DeliveryService:
                 },
             )
 
-    async def _attempt(self, env: Envelope, body: bytes, offers: int = 1) -> AttemptResult | None:
-        """One delivery attempt, or None when the job was re-scheduled instead (paused, shaped).
+    def _hand_back_if_pinned_elsewhere(self, env: Envelope, msg: Msg) -> None:
+        """Raises transport.Retry for a job pinned to a source this host cannot bind, so that
+        the pool's workers get it again, until one that has the address takes it."""
+        pinned = env.meta.get(META_SOURCE, "")
+        if pinned in self.health.unhealthy and msg.metadata.num_delivered < _PINNED_OFFERS:
+            # Warm-up counted this job against `pinned`, an address of another host (one per
+            # node in Kubernetes): a worker there must send it, or the cap means nothing. The
+            # pool's workers all pull one consumer, so the job goes back to them.
+            raise transport.Retry(f"pinned source {pinned} is not on this host", delay=_PINNED_RETRY)
 
-        Raises transport.Retry to hand a job pinned to a source this host cannot bind back to
-        the pool's workers (`offers`: how often it was handed out so far)."""
+    async def _attempt(self, env: Envelope, body: bytes) -> AttemptResult | None:
+        """One delivery attempt, or None when the job was re-scheduled instead (paused, shaped)."""
         if self._config.delivery.mode == "capture":
             outcomes = await asyncio.to_thread(capture, self._mailbox, env, body)
             return AttemptResult(outcomes, mx_host="mailbox")
@@ -235,11 +241,6 @@ class DeliveryService:
             if not self.control.paused("source", s.address)
         ]
         pinned = env.meta.get(META_SOURCE, "")
-        if pinned in self.health.unhealthy and offers < _PINNED_OFFERS:
-            # Warm-up counted this job against `pinned`, an address of another host (one per
-            # node in Kubernetes): a worker there must send it, or the cap means nothing. The
-            # pool's workers all pull one consumer, so the job goes back to them.
-            raise transport.Retry(f"pinned source {pinned} is not on this host", delay=_PINNED_RETRY)
         slot = _parse_slot(env.meta.get(SLOT_META, ""), env.meta.get(SLOT_INTERVAL_META, ""))
         source = choose_source(candidates, slot.source or pinned)
         if pinned and source is not None and source.address != pinned:
