@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +16,7 @@ from tests.support.smtp_sink import SMTPSink
 
 if TYPE_CHECKING:
     # Imported lazily: a half-written services package must not break collecting every test.
+    from services.core.bus import Bus
     from services.core.embedded import EmbeddedNats
 
 _TESTS_DIR = Path(__file__).parent
@@ -49,6 +50,22 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def topology_bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
+    """A Bus connected to a fresh nats-server on which Relais' topology is declared."""
+    from services.core.bus import connect
+    from services.core.config import Config, NatsConfig
+    from services.core.topology import ensure_topology
+
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-topology")
+    try:
+        await ensure_topology(bus.js, config)
+        yield bus
+    finally:
+        await bus.close()
 
 
 @pytest.fixture

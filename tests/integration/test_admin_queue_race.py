@@ -11,9 +11,7 @@ from typing import Any
 import pytest
 
 from services.admin import queue
-from services.core.bus import Bus, connect
-from services.core.config import Config, NatsConfig
-from services.core.embedded import EmbeddedNats
+from services.core.bus import Bus
 from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.schedule import publish_at
 from services.core.topology import (
@@ -21,20 +19,14 @@ from services.core.topology import (
     DELIVER_STREAM,
     deliver_retry_subject,
     deliver_subject,
-    ensure_topology,
 )
 
 HOUR = 3600.0
 
 
 @pytest.fixture
-async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
-    bus = await connect(NatsConfig(url=nats_server.url), "test-admin-queue")
-    await ensure_topology(bus.js, Config())
-    try:
-        yield bus
-    finally:
-        await bus.close()
+def bus(topology_bus: Bus) -> Bus:
+    return topology_bus
 
 
 async def deferred_job(bus: Bus) -> queue.Scheduled:

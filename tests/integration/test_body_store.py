@@ -9,7 +9,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.core.bodies import BodyMissing, BodyStore
-from services.core.bus import connect
+from services.core.bus import Bus, connect
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.topology import ensure_topology
@@ -39,34 +39,29 @@ async def test_a_stored_body_reads_back_byte_for_byte(nats_server: EmbeddedNats,
 
 
 async def test_a_replica_behind_the_write_does_not_make_a_body_look_gone(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+    topology_bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On a replicated stream any replica answers a direct get, and one that has not applied the
     # ingress's write yet finds nothing. Only the leader may say that a body is gone: a body
     # taken for gone drops its message as "already finished", without an outcome.
-    config = Config(nats=NatsConfig(url=nats_server.url))
-    bus = await connect(config.nats, "test-bodies")
-    try:
-        await ensure_topology(bus.js, config)
-        store = BodyStore(bus.js, 0, bus)
-        data = os.urandom(200_000)
-        ref = await store.put("m1", data)
+    bus = topology_bus
+    store = BodyStore(bus.js, 0, bus)
+    data = os.urandom(200_000)
+    ref = await store.put("m1", data)
 
-        async def behind(stream: str, subjects: list[str]) -> dict[str, object]:
-            return {}  # what a lagging follower answers
+    async def behind(stream: str, subjects: list[str]) -> dict[str, object]:
+        return {}  # what a lagging follower answers
 
-        monkeypatch.setattr(bus, "get_last", behind)
-        assert await store.get(ref) == data
+    monkeypatch.setattr(bus, "get_last", behind)
+    assert await store.get(ref) == data
 
-        async def stale(self: KeyValue, key: str, revision: int | None = None) -> object:
-            raise KeyNotFoundError  # a lagging replica's view of the reference record
+    async def stale(self: KeyValue, key: str, revision: int | None = None) -> object:
+        raise KeyNotFoundError  # a lagging replica's view of the reference record
 
-        monkeypatch.setattr(KeyValue, "get", stale)
-        await store.hold(ref, ["m1-0", "m1-1"])
-        await store.release(ref, "m1-0")
-        assert await store.get(ref) == data, "m1-1 still needs it"
-        await store.release(ref, "m1-1")
-        with pytest.raises(BodyMissing):
-            await store.get(ref)
-    finally:
-        await bus.close()
+    monkeypatch.setattr(KeyValue, "get", stale)
+    await store.hold(ref, ["m1-0", "m1-1"])
+    await store.release(ref, "m1-0")
+    assert await store.get(ref) == data, "m1-1 still needs it"
+    await store.release(ref, "m1-1")
+    with pytest.raises(BodyMissing):
+        await store.get(ref)

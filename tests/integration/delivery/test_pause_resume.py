@@ -6,10 +6,7 @@ import asyncio
 
 import pytest
 
-from services.core.bus import connect
-from services.core.config import Config, NatsConfig
-from services.core.embedded import EmbeddedNats
-from services.core.topology import ensure_topology
+from services.core.bus import Bus
 from services.delivery import pause
 from services.delivery.control import DeliveryControl
 from tests.integration.delivery.conftest import SOURCE_A, SOURCE_B, pools, submit_many
@@ -49,25 +46,19 @@ async def test_paused_source_is_skipped_for_the_other_source_of_the_pool(make_st
 
 
 async def test_a_worker_takes_no_job_before_it_has_read_the_pauses(
-    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+    topology_bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # KV slow at start: a worker that went ahead would send the mail of a paused pool or site.
-    config = Config(nats=NatsConfig(url=nats_server.url))
-    bus = await connect(config.nats, "test-control")
-    try:
-        await ensure_topology(bus.js, config)
-        control = DeliveryControl(bus.js)
+    control = DeliveryControl(topology_bus.js)
 
-        async def never_read(self: DeliveryControl) -> None:
-            await asyncio.Event().wait()
+    async def never_read(self: DeliveryControl) -> None:
+        await asyncio.Event().wait()
 
-        monkeypatch.setattr(DeliveryControl, "_watch", never_read)
-        stop = asyncio.Event()
-        starting = asyncio.create_task(control.start(stop, report_every=0.1))
-        await asyncio.sleep(0.5)
-        assert not starting.done(), "still waiting for the pause state"
-        stop.set()
-        await asyncio.wait_for(starting, 5)
-        await control.stop()
-    finally:
-        await bus.close()
+    monkeypatch.setattr(DeliveryControl, "_watch", never_read)
+    stop = asyncio.Event()
+    starting = asyncio.create_task(control.start(stop, report_every=0.1))
+    await asyncio.sleep(0.5)
+    assert not starting.done(), "still waiting for the pause state"
+    stop.set()
+    await asyncio.wait_for(starting, 5)
+    await control.stop()

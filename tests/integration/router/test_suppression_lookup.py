@@ -7,7 +7,7 @@ import time
 
 from nats.js.api import KeyValueConfig
 
-from services.core.bus import connect
+from services.core.bus import Bus, connect
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.suppression import Suppression, SuppressionList, suppression_key
@@ -57,50 +57,38 @@ async def test_a_bucket_without_direct_gets_is_read_one_key_at_a_time(nats_serve
         await bus.close()
 
 
-async def test_a_bounce_never_shortens_an_entry_that_lasts_longer(nats_server: EmbeddedNats) -> None:
-    config = Config(nats=NatsConfig(url=nats_server.url))
-    bus = await connect(config.nats, "test-suppression-keep")
-    try:
-        await ensure_topology(bus.js, config)
-        suppression = SuppressionList(bus.js)
-        soon = time.time() + 60
-        await suppression.add(Suppression("acme", "forever@example.test", "manual", source="ops"))
-        await suppression.add(
-            Suppression("acme", "forever@example.test", "complaint", expires_at=soon), keep_longer=True
-        )
-        kept = await suppression.get("acme", "forever@example.test")
-        assert kept is not None and (kept.reason, kept.expires_at) == ("manual", 0.0)
+async def test_a_bounce_never_shortens_an_entry_that_lasts_longer(topology_bus: Bus) -> None:
+    suppression = SuppressionList(topology_bus.js)
+    soon = time.time() + 60
+    await suppression.add(Suppression("acme", "forever@example.test", "manual", source="ops"))
+    await suppression.add(
+        Suppression("acme", "forever@example.test", "complaint", expires_at=soon), keep_longer=True
+    )
+    kept = await suppression.get("acme", "forever@example.test")
+    assert kept is not None and (kept.reason, kept.expires_at) == ("manual", 0.0)
 
-        await suppression.add(Suppression("acme", "brief@example.test", "manual", expires_at=soon))
-        await suppression.add(Suppression("acme", "brief@example.test", "hard_bounce"), keep_longer=True)
-        longer = await suppression.get("acme", "brief@example.test")
-        assert longer is not None and (longer.reason, longer.expires_at) == ("hard_bounce", 0.0)
+    await suppression.add(Suppression("acme", "brief@example.test", "manual", expires_at=soon))
+    await suppression.add(Suppression("acme", "brief@example.test", "hard_bounce"), keep_longer=True)
+    longer = await suppression.get("acme", "brief@example.test")
+    assert longer is not None and (longer.reason, longer.expires_at) == ("hard_bounce", 0.0)
 
-        await suppression.add(Suppression("acme", "new@example.test", "complaint"), keep_longer=True)
-        assert await suppression.get("acme", "new@example.test") is not None
-        await suppression.remove("acme", "new@example.test")  # a delete marker is no entry
-        await suppression.add(Suppression("acme", "new@example.test", "complaint"), keep_longer=True)
-        assert await suppression.get("acme", "new@example.test") is not None
-        # An operator's own entry replaces any.
-        await suppression.add(Suppression("acme", "forever@example.test", "manual", expires_at=soon))
-        replaced = await suppression.get("acme", "forever@example.test")
-        assert replaced is not None and replaced.expires_at == soon
-    finally:
-        await bus.close()
+    await suppression.add(Suppression("acme", "new@example.test", "complaint"), keep_longer=True)
+    assert await suppression.get("acme", "new@example.test") is not None
+    await suppression.remove("acme", "new@example.test")  # a delete marker is no entry
+    await suppression.add(Suppression("acme", "new@example.test", "complaint"), keep_longer=True)
+    assert await suppression.get("acme", "new@example.test") is not None
+    # An operator's own entry replaces any.
+    await suppression.add(Suppression("acme", "forever@example.test", "manual", expires_at=soon))
+    replaced = await suppression.get("acme", "forever@example.test")
+    assert replaced is not None and replaced.expires_at == soon
 
 
-async def test_listing_reads_newer_records_and_skips_unreadable_ones(nats_server: EmbeddedNats) -> None:
-    config = Config(nats=NatsConfig(url=nats_server.url))
-    bus = await connect(config.nats, "test-suppression-list")
-    try:
-        await ensure_topology(bus.js, config)
-        suppression = SuppressionList(bus.js)
-        await suppression.add(Suppression("acme", "a@example.test", "manual", at=1.0))
-        kv = await bus.js.key_value(SUPPRESSION_BUCKET)
-        newer = {"account": "acme", "address": "b@example.test", "reason": "manual", "at": 2.0, "later": 1}
-        await kv.put(suppression_key("acme", "b@example.test"), json.dumps(newer).encode())
-        await kv.put(suppression_key("acme", "c@example.test"), b"not json")
-        listed = await suppression.list("acme")
-        assert [e.address for e in listed] == ["a@example.test", "b@example.test"]
-    finally:
-        await bus.close()
+async def test_listing_reads_newer_records_and_skips_unreadable_ones(topology_bus: Bus) -> None:
+    suppression = SuppressionList(topology_bus.js)
+    await suppression.add(Suppression("acme", "a@example.test", "manual", at=1.0))
+    kv = await topology_bus.js.key_value(SUPPRESSION_BUCKET)
+    newer = {"account": "acme", "address": "b@example.test", "reason": "manual", "at": 2.0, "later": 1}
+    await kv.put(suppression_key("acme", "b@example.test"), json.dumps(newer).encode())
+    await kv.put(suppression_key("acme", "c@example.test"), b"not json")
+    listed = await suppression.list("acme")
+    assert [e.address for e in listed] == ["a@example.test", "b@example.test"]
