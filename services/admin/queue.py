@@ -33,7 +33,7 @@ from nats.js.api import Header, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from services.core import telemetry as t
-from services.core.bus import Bus
+from services.core.bus import WRONG_LAST_SEQUENCE, Bus
 from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDecodeError
 from services.core.outcome import Bounced, Reply
 from services.core.schedule import rfc3339
@@ -112,7 +112,6 @@ def _carried_headers(headers: dict[str, str]) -> dict[str, str]:
 # Long enough for a bounce-queue run to publish its notice and delete the claim.
 _CLAIM_FOR = 3600.0
 _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-_WRONG_LAST = 10071  # JetStream: "wrong last sequence"
 
 
 async def _take_over(bus: Bus, job: Scheduled, at: float) -> int | None:
@@ -127,7 +126,7 @@ async def _take_over(bus: Bus, job: Scheduled, at: float) -> int | None:
     try:
         ack = await bus.js.publish(job.subject, job.envelope.to_msgpack(), headers=headers)
     except APIError as exc:
-        if exc.err_code == _WRONG_LAST:
+        if exc.err_code in WRONG_LAST_SEQUENCE:
             return None
         raise
     return ack.seq

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.core.bus import BrokerUnavailable
+from services.core.bus import WRONG_LAST_SEQUENCE, BrokerUnavailable, is_kv_delete, leader_last
 from services.core.topology import BOUNCE_HOLD_BUCKET, kv_stream, kv_subject
 
 FAILED = "failed"
@@ -43,9 +43,6 @@ DELAYED = "delayed"
 _SCHEMA = 1
 # Joins of one message's jobs race each other at most a handful at a time.
 _CAS_ATTEMPTS = 50
-# JSStreamWrongLastSequenceErr(F) / ...ConstantErr: the compare-and-set lost.
-_WRONG_LAST = (10071, 10164)
-_KV_OPERATION = "KV-Operation"
 
 T = TypeVar("T")
 
@@ -212,13 +209,10 @@ class HoldStore:
         return self._kv
 
     async def _read(self, key: str) -> _Stored:
-        try:
-            msg = await self._js.get_msg(
-                kv_stream(BOUNCE_HOLD_BUCKET), subject=kv_subject(BOUNCE_HOLD_BUCKET, key), direct=False
-            )
-        except NotFoundError:
+        msg = await leader_last(self._js, kv_stream(BOUNCE_HOLD_BUCKET), kv_subject(BOUNCE_HOLD_BUCKET, key))
+        if msg is None:
             return _Stored(None, 0)
-        if (msg.headers or {}).get(_KV_OPERATION) in ("DEL", "PURGE"):
+        if is_kv_delete(msg):
             return _Stored(None, msg.seq or 0, deleted=True)
         return _Stored(msg.data or b"", msg.seq or 0)
 
@@ -289,6 +283,6 @@ class HoldStore:
             except KeyWrongLastSequenceError:
                 continue
             except APIError as exc:
-                if exc.err_code not in _WRONG_LAST:
+                if exc.err_code not in WRONG_LAST_SEQUENCE:
                     raise
         raise BrokerUnavailable(f"hold record {key}: too much contention")

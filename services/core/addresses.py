@@ -31,6 +31,13 @@ def domain_of(address: str) -> str:
     return domain_key(address.rpartition("@")[2])
 
 
+def domain_as_written(address: str) -> str:
+    """The domain of an address lower-cased but in the spelling it came in (U-labels stay
+    U-labels): how releases before `domain_key` compared domains, kept where their results
+    (job numbering, VERP tokens) must be reproduced."""
+    return address.rpartition("@")[2].strip().lower().rstrip(".")
+
+
 def domain_key(domain: str) -> str:
     """A domain as lookups compare it: lower case, no trailing dot, A-labels (xn--) when it is
     internationalised. "Bücher.test", "bücher.test." and "xn--bcher-kva.test" are one key, so

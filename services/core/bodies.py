@@ -23,7 +23,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError, ObjectNotFo
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from services.core.bus import BrokerUnavailable, Bus
+from services.core.bus import BrokerUnavailable, Bus, is_kv_delete, leader_last
 from services.core.envelope import BodyRef
 from services.core.topology import (
     BODY_BUCKET,
@@ -36,8 +36,6 @@ from services.core.topology import (
 )
 
 log = logging.getLogger(__name__)
-
-_KV_OPERATION = "KV-Operation"  # set on a KV delete or purge marker
 
 
 def _live_object(meta: bytes | None) -> ObjectInfo | None:
@@ -128,17 +126,12 @@ class BodyStore:
         return data
 
     async def _leader_last(self, stream: str, subject: str) -> RawStreamMsg | None:
-        """The last message on a subject, read from the stream leader; None when there is none
-        or it is a KV delete marker."""
+        """`bus.leader_last`, with a KV delete marker taken as nothing stored."""
         try:
-            msg = await self._js.get_msg(stream, subject=subject, direct=False)
-        except NotFoundError:
-            return None
+            msg = await leader_last(self._js, stream, subject)
         except Exception as exc:
             raise BrokerUnavailable(f"reading {subject} from the leader failed: {exc!r}") from exc
-        if (msg.headers or {}).get(_KV_OPERATION) in ("DEL", "PURGE"):
-            return None
-        return msg
+        return None if msg is None or is_kv_delete(msg) else msg
 
     async def discard(self, ref: BodyRef) -> None:
         """Drop a body that was stored but never queued (the ingress answered 451)."""

@@ -20,8 +20,8 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import Header
-from nats.js.errors import APIError
+from nats.js.api import Header, RawStreamMsg
+from nats.js.errors import APIError, NotFoundError
 
 from services.core import metrics, telemetry
 from services.core.config import NatsConfig
@@ -57,6 +57,28 @@ class Retry(Exception):
 
 class Poison(Exception):
     """An input that can never be processed (undecodable). It is terminated, and logged loudly."""
+
+
+# JSStreamWrongLastSequenceErr(F) / ...ConstantErr: a publish with an expected last (subject)
+# sequence, i.e. a compare-and-set, lost.
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+# The header that marks a KV delete or purge, the last message of a deleted key.
+_KV_OPERATION = "KV-Operation"
+
+
+def is_kv_delete(msg: Msg | RawStreamMsg) -> bool:
+    """Whether a KV stream message is a delete or purge marker: the key has no value."""
+    return (msg.headers or {}).get(_KV_OPERATION) in ("DEL", "PURGE")
+
+
+async def leader_last(js: JetStreamContext, stream: str, subject: str) -> RawStreamMsg | None:
+    """The last message on `subject`, read through the stream leader (STREAM.MSG.GET); None when
+    there is none. For a miss that must be believed: a direct get, which any replica may answer,
+    misses what a replica behind the latest write has not applied yet."""
+    try:
+        return await js.get_msg(stream, subject=subject, direct=False)
+    except NotFoundError:
+        return None
 
 
 # Publishes in flight at once through `Bus.background`; past that the caller waits for room, so

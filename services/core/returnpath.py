@@ -34,7 +34,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.core.addresses import domain_of
+from services.core.addresses import domain_as_written, domain_of
 from services.core.config import BounceConfig
 from services.core.envelope import Envelope
 
@@ -70,8 +70,7 @@ def _legacy_scope(single_recipient: bool, recipient: str) -> str:
     # How releases before this one spelt it (the domain lower-cased as written): their tokens,
     # in mail sent before an upgrade, must still verify. Differs only for internationalised
     # domains. To be removed once such mail is older than retry.max_age.
-    recipient = recipient.strip().lower()
-    return recipient if single_recipient else "@" + recipient.rpartition("@")[2].rstrip(".")
+    return recipient.strip().lower() if single_recipient else "@" + domain_as_written(recipient)
 
 
 def _mac(secret: str, account: str, message_id: str, scope: str) -> bytes:

@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.core.bus import BrokerUnavailable, Bus, DirectGetUnavailable
+from services.core.bus import BrokerUnavailable, Bus, DirectGetUnavailable, is_kv_delete
 from services.core.topology import SUPPRESSION_BUCKET, kv_stream, kv_subject
 
 
@@ -135,7 +135,7 @@ class SuppressionList:
             return await self._get_each(account, unique)
         out: dict[str, Suppression] = {}
         for subject, msg in found.items():
-            if (msg.headers or {}).get("KV-Operation"):
+            if is_kv_delete(msg):
                 continue  # deleted or purged: not suppressed
             entry = _active(msg.data)
             if entry is not None:

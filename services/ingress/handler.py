@@ -27,7 +27,7 @@ from services.ingress.replies import (
     TOO_MANY_CONNECTIONS,
     Verdict,
 )
-from services.ingress.session import facts, peer_ip, tls_facts
+from services.ingress.session import facts, peer_ip, socket_peer_ip, tls_facts
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class IngressHandler:
     async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
         if not getattr(proxy_data, "valid", False):
             return False
-        sender = str(session.peer[0]) if session.peer else ""
+        sender = socket_peer_ip(session)
         if self._proxy_from and not policy.in_networks(sender, self._proxy_from):
             log.warning("PROXY header from %s, not a configured load balancer: connection closed", sender)
             return False

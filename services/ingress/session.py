@@ -28,9 +28,15 @@ def facts(session: Session) -> SessionFacts:
 
 
 def peer_ip(session: Session) -> str:
+    """The client's address: the PROXY header's when there is one, else the socket's."""
     proxy = session.proxy_data
     if proxy is not None and getattr(proxy, "src_addr", None):
         return str(proxy.src_addr)
+    return socket_peer_ip(session)
+
+
+def socket_peer_ip(session: Session) -> str:
+    """The address at the other end of the socket (a load balancer's, behind PROXY protocol)."""
     return str(session.peer[0]) if session.peer else ""
 
 

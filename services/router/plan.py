@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from services.core.addresses import domain_key, domain_of
+from services.core.addresses import domain_as_written, domain_key, domain_of
 from services.core.config import AccountConfig, Config
 from services.core.envelope import META_POOL, Envelope
 
@@ -35,7 +35,7 @@ def split_by_domain(env: Envelope) -> list[Job]:
     # domain_key numbered them: a message re-routed by a newer router, after an older one
     # stored some of its jobs, must give each domain the id it got then, or a job would be
     # taken for a duplicate of another domain's and dropped.
-    order = sorted(groups, key=lambda domain: groups[domain][0].rpartition("@")[2].lower().rstrip("."))
+    order = sorted(groups, key=lambda domain: domain_as_written(groups[domain][0]))
     return [Job(f"{env.id}-{i}", domain, tuple(groups[domain])) for i, domain in enumerate(order)]
 
 
