@@ -97,7 +97,11 @@ def owned_bindings(name: str, config: Config) -> list[ConsumerBinding]:
 
 
 def readiness_checks(
-    config: Config, bus: Bus, service: object, bindings: list[ConsumerBinding]
+    config: Config,
+    bus: Bus,
+    service: object,
+    bindings: list[ConsumerBinding],
+    stopping: asyncio.Event | None = None,
 ) -> dict[str, Check]:
     async def nats_connected() -> tuple[bool, str]:
         return bus.nc.is_connected, config.nats.url
@@ -127,10 +131,23 @@ def readiness_checks(
             return address is not None, f"{address[0]}:{address[1]}" if address else "not bound"
         return True, ""
 
-    return {"nats": nats_connected, "topology": topology_present, "listeners": listeners_bound}
+    async def not_stopping() -> tuple[bool, str]:
+        # From SIGTERM on, a draining ingress must get no new connections from its Service, even
+        # if the endpoint removal is slower than the preStop sleep.
+        stopped = stopping is not None and stopping.is_set()
+        return not stopped, "stopping" if stopped else ""
+
+    return {
+        "nats": nats_connected,
+        "topology": topology_present,
+        "listeners": listeners_bound,
+        "running": not_stopping,
+    }
 
 
-async def start_health(config: Config, name: str, bus: Bus, service: object) -> HealthServer | None:
+async def start_health(
+    config: Config, name: str, bus: Bus, service: object, stopping: asyncio.Event | None = None
+) -> HealthServer | None:
     """/healthz, /readyz, /metrics on telemetry.http_listen; a bind failure is logged, not fatal,
     so several services sharing a host (tests, a laptop) do not take each other down."""
     if not config.telemetry.http_listen:
@@ -141,7 +158,9 @@ async def start_health(config: Config, name: str, bus: Bus, service: object) -> 
         await metrics.refresh_queue_gauges(bus.js, bindings)
 
     server = HealthServer(
-        config.telemetry.http_listen, checks=readiness_checks(config, bus, service, bindings), refresh=refresh
+        config.telemetry.http_listen,
+        checks=readiness_checks(config, bus, service, bindings, stopping),
+        refresh=refresh,
     )
     try:
         await server.start()
@@ -159,7 +178,7 @@ async def serve(config: Config, name: str, build: Callable[[Config, Bus], Servic
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     service = build(config, bus)
-    health = await start_health(config, name, bus, service)
+    health = await start_health(config, name, bus, service, stop)
     log.info("relais %s started", name)
     try:
         await service.run(stop)

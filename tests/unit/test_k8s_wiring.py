@@ -38,6 +38,7 @@ from tests.unit.k8s_manifests import (
 )
 
 PARAMS = pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
+POD_IP = "10.20.30.40"
 
 
 def _main_container(workload: Manifest) -> Manifest:
@@ -56,14 +57,31 @@ def effective_config(manifests: list[Manifest], workload: Manifest, tmp_path: Pa
     path.write_text(config_map_data(manifests, "relais-config")["relais.toml"])
     env = {
         name: value
-        for name, value in plain_env(_main_container(workload)).items()
+        for name, value in kubelet_env(_main_container(workload)).items()
         if name.startswith("RELAIS_")
     }
-    for name, entry in env_of(_main_container(workload)).items():
-        if name.startswith("RELAIS_") and "valueFrom" in entry:
-            env[name] = "a-secret-value-from-a-kubernetes-secret"
     env["RELAIS_CONFIG"] = str(path)
     return load_config(None, env)
+
+
+# What the kubelet would give a pod for each `valueFrom`: secrets as an opaque string, fields as
+# an example of their kind.
+_FIELD_EXAMPLES = {"status.podIP": POD_IP, "status.hostIP": POD_IP}
+
+
+def kubelet_env(container: Manifest) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: in order, with `$(NAME)` replaced
+    by a variable defined earlier in the list (a later or unknown one stays as written)."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), entry["value"])
+        elif "fieldRef" in entry.get("valueFrom", {}):
+            value = _FIELD_EXAMPLES.get(entry["valueFrom"]["fieldRef"]["fieldPath"], "a-field-value")
+        else:
+            value = "a-secret-value-from-a-kubernetes-secret"
+        env[entry["name"]] = value
+    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +352,10 @@ def test_every_pool_has_exactly_one_delivery_deployment(kustomization: Path, tmp
         assert term["topologyKey"] == "kubernetes.io/hostname"
         assert term["labelSelector"]["matchLabels"] == workload["spec"]["selector"]["matchLabels"]
         assert workload["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
-        ports.append(port_of(effective_config(manifests, workload, tmp_path).telemetry.http_listen))
+        listen = effective_config(manifests, workload, tmp_path).telemetry.http_listen
+        ports.append(port_of(listen))
+        # The node also holds the pool's sending IPs: /metrics must not answer the internet there.
+        assert listen.rsplit(":", 1)[0] == POD_IP, "delivery's HTTP must listen on the node's own address"
         # Long enough for an SMTP transaction in flight to finish before the kill.
         grace = spec["terminationGracePeriodSeconds"]
         assert grace > config.delivery.connect_timeout + config.delivery.command_timeout

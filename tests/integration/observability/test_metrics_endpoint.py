@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import signal
 import smtplib
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -168,5 +171,70 @@ async def test_a_service_process_serves_health_and_its_consumer_lag(
         assert status == 200, proc.log()
         _, text = await aget(f"http://127.0.0.1:{port}/metrics")
         assert 'relais_consumer_pending{consumer="router"}' in text
+    finally:
+        proc.stop()
+
+
+async def test_a_stopping_ingress_is_not_ready_while_it_drains(stack: RelaisStack, tmp_path: Path) -> None:
+    # Kubernetes keeps sending new connections to a pod whose /readyz says 200 until the
+    # endpoint is removed; from SIGTERM on, a draining ingress must say it is not ready.
+    http_port, smtp_port = free_port(), free_port()
+    config = replace(
+        stack.config,
+        telemetry={"http_listen": f"127.0.0.1:{http_port}"},
+        ingress={"listen": f"127.0.0.1:{smtp_port}"},
+    )
+    path = tmp_path / "relais.toml"
+    path.write_text(config_to_toml(config))
+    proc = ServiceProcess("ingress", path, tmp_path)
+    proc.start()
+    assert proc.process is not None
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 30
+        status = 0
+        while status != 200 and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                status, _ = await aget(f"{base}/readyz")
+            await asyncio.sleep(0.2)
+        assert status == 200, proc.log()
+        mail = message()
+
+        def start_data() -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", smtp_port), timeout=30)
+            sock.recv(200)
+            auth = base64.b64encode(f"\0{ACCOUNT}\0{PASSWORD}".encode()).decode()
+            sock.sendall(f"EHLO c.test\r\nAUTH PLAIN {auth}\r\n".encode())
+            sock.sendall(b"MAIL FROM:<news@acme.test>\r\nRCPT TO:<a@alpha.test>\r\nDATA\r\n")
+            received = b""
+            while b"354 " not in received:
+                received += sock.recv(4096)
+            sock.sendall(mail[:100])
+            return sock
+
+        sock = await asyncio.to_thread(start_data)
+        try:
+            proc.process.send_signal(signal.SIGTERM)
+            status, body = 200, ""
+            for _ in range(50):
+                status, body = await aget(f"{base}/readyz")
+                if status != 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert proc.process.poll() is None, "the DATA in progress keeps it draining"
+            assert status == 503 and "running: FAIL (stopping)" in body, body
+            assert (await aget(f"{base}/healthz"))[0] == 200, "alive while it drains"
+
+            def finish() -> bytes:
+                sock.sendall(mail[100:] + b"\r\n.\r\n")
+                answer = b""
+                while not answer.endswith(b"\r\n"):
+                    answer += sock.recv(4096)
+                return answer
+
+            assert (await asyncio.to_thread(finish)).startswith(b"250 "), proc.log()
+        finally:
+            sock.close()
+        assert await asyncio.to_thread(proc.process.wait, 30) == 0, proc.log()
     finally:
         proc.stop()
