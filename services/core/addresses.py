@@ -31,6 +31,14 @@ def domain_of(address: str) -> str:
     return domain_key(address.rpartition("@")[2])
 
 
+def recipient_key(address: str) -> str:
+    """One mailbox, however its domain is spelt: the local part as given (its case may matter,
+    RFC 5321 §2.4), the domain as `domain_key` spells it. Recipients with one key are delivered
+    (and reported) once, as Postfix's duplicate filter does."""
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain_key(domain)}"
+
+
 def domain_as_written(address: str) -> str:
     """The domain of an address lower-cased but in the spelling it came in (U-labels stay
     U-labels): how releases before `domain_key` compared domains, kept where their results

@@ -11,6 +11,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from opentelemetry.trace import SpanKind
 
+from services.core.addresses import recipient_key
 from services.core.bus import BrokerUnavailable
 from services.core.config import AccountConfig, Config
 from services.core.envelope import META_POOL, new_message_id
@@ -185,9 +186,12 @@ class IngressHandler:
             )
         if verdict:
             return str(verdict)
-        if _same_recipient(address, envelope.rcpt_tos):
+        keys = _recipient_keys(envelope)
+        key = recipient_key(address)
+        if key in keys:
             # As Postfix's duplicate filter: accepted, but delivered (and reported) once.
             return "250 2.1.5 Ok"
+        keys.add(key)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         notify, orcpt = getattr(server, "dsn_rcpt", ("", ""))
@@ -329,15 +333,14 @@ class IngressHandler:
             return reply
 
 
-def _same_recipient(address: str, accepted: list[str]) -> bool:
-    """Already accepted, up to the case of the domain (the local part's case may matter)."""
-    key = _recipient_key(address)
-    return any(_recipient_key(a) == key for a in accepted)
-
-
-def _recipient_key(address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}"
+def _recipient_keys(envelope: Envelope) -> set[str]:
+    """The recipients accepted so far in this transaction, by `recipient_key`; a set, so a
+    thousand RCPTs cost a thousand lookups rather than half a million comparisons."""
+    found = getattr(envelope, "rcpt_keys", None)
+    if found is None:
+        found = {recipient_key(a) for a in envelope.rcpt_tos}
+        envelope.rcpt_keys = found  # type: ignore[attr-defined]
+    return found
 
 
 def _dsn_map(envelope: Envelope, name: str) -> dict[str, str]:

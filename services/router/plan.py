@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from services.core.addresses import domain_as_written, domain_key, domain_of
+from services.core.addresses import domain_as_written, domain_key, domain_of, recipient_key
 from services.core.config import AccountConfig, Config
 from services.core.envelope import META_POOL, Envelope
 
@@ -25,9 +25,12 @@ def split_by_domain(env: Envelope) -> list[Job]:
     A re-routed job (a retry) already has its id and a single domain; it stays one job.
     """
     groups: dict[str, list[str]] = {}
+    seen: set[str] = set()
     for rcpt in env.recipients:
         group = groups.setdefault(domain_of(rcpt), [])
-        if rcpt not in group:  # a duplicate would get two RCPTs, two events, two DSN entries
+        key = recipient_key(rcpt)
+        if key not in seen:  # a duplicate would get two RCPTs, two events, two DSN entries
+            seen.add(key)
             group.append(rcpt)
     if env.job_id:
         return [Job(env.job_id, domain, tuple(rcpts)) for domain, rcpts in groups.items()]

@@ -130,6 +130,11 @@ def test_a_recipient_given_twice_is_in_its_job_once() -> None:
     assert split_by_domain(env) == [Job("m1-0", "b.test", ("a@b.test", "c@b.test"))]
 
 
+def test_a_recipient_whose_domain_is_spelt_two_ways_is_in_its_job_once() -> None:
+    env = _env(recipients=("a@Bücher.test", "a@xn--bcher-kva.test", "A@bücher.test"))
+    assert split_by_domain(env) == [Job("m1-0", "xn--bcher-kva.test", ("a@Bücher.test", "A@bücher.test"))]
+
+
 def test_a_retry_stays_one_job_with_its_id() -> None:
     env = _env(recipients=("a@b.test",), job_id="m1-3")
     assert split_by_domain(env) == [Job("m1-3", "b.test", ("a@b.test",))]

@@ -205,3 +205,19 @@ async def test_a_recipient_given_twice_is_queued_once(ingress: Any) -> None:
     [env] = await queued(ingress.config.nats.url)
     # The domain's case does not make another recipient; the local part's may (RFC 5321 2.4).
     assert env.recipients == ("bob@alpha.test", "Bob@alpha.test")
+
+
+async def test_a_recipient_whose_domain_is_spelt_two_ways_is_queued_once(ingress: Any) -> None:
+    def send() -> tuple[int, bytes]:
+        with client(ingress.smtp_address) as smtp:
+            login(smtp)
+            smtp.command_encoding = "utf-8"
+            smtp.mail("news@acme.test", ["SMTPUTF8"])
+            for rcpt in ("bob@bücher.test", "bob@xn--bcher-kva.test", "bob@BÜCHER.test"):
+                assert smtp.rcpt(rcpt)[0] == 250
+            return smtp.data(message())
+
+    assert (await in_thread(send))[0] == 250
+    [env] = await queued(ingress.config.nats.url)
+    # One mailbox: the router would otherwise send it one copy per spelling.
+    assert len(env.recipients) == 1, env.recipients
