@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -73,11 +74,17 @@ def setup_logging(level: str = "INFO") -> None:
 async def start_bus(config: Config, name: str, *, attempts: int = 60) -> Bus:
     """Connect and make sure the topology exists; NATS may come up after us in Kubernetes."""
     for attempt in range(attempts):
+        bus: Bus | None = None
         try:
             bus = await connect(config.nats, name)
             await ensure_topology(bus.js, config)
             return bus
         except Exception as exc:
+            if bus is not None:
+                # Connected but the topology failed: a new connection is made on the next
+                # attempt, and this one would stay open (and reconnecting) for good.
+                with contextlib.suppress(Exception):
+                    await bus.nc.close()
             if attempt == attempts - 1:
                 raise
             log.warning("waiting for NATS at %s: %r", config.nats.url, exc)

@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -360,10 +361,19 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     await ensure_webhooks_consumers(js, config, reconcile=False)
     # Bodies outlive the longest possible retry so that a leaked reference still expires.
     body_ttl = config.retry.max_age + 2 * 86400
-    await js.create_object_store(
-        BODY_BUCKET,
-        ObjectStoreConfig(ttl=body_ttl, replicas=config.nats.replicas, storage=StorageType.FILE),
-    )
+    try:
+        await js.create_object_store(
+            BODY_BUCKET,
+            ObjectStoreConfig(ttl=body_ttl, replicas=config.nats.replicas, storage=StorageType.FILE),
+        )
+    except BadRequestError as exc:
+        # Made with another `retry.max_age` or `nats.replicas`: follow the configuration, as
+        # buckets do, rather than refuse to start every service.
+        if exc.err_code != 10058:
+            raise
+        await _bring_stream_to(
+            js, object_stream(BODY_BUCKET), {"max_age": body_ttl, "num_replicas": config.nats.replicas}
+        )
     for bucket in kv_configs(config):
         await _ensure_kv(js, bucket)
 
@@ -463,15 +473,21 @@ async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> None:
         # direct gets when they bind (`js.key_value` reads the stream's configuration).
         if exc.err_code != 10058:
             raise
-        current = (await js.stream_info(kv_stream(config.bucket))).config
         declared = {
             "allow_direct": True,
             "max_msgs_per_subject": config.history,
             "max_age": config.ttl or 0.0,
             "num_replicas": config.replicas,
         }
-        if any((getattr(current, k) or 0) != v for k, v in declared.items()):
-            log.info("updating bucket %s to the declared configuration", config.bucket)
-            for key, value in declared.items():
-                setattr(current, key, value)
-            await js.update_stream(current)
+        await _bring_stream_to(js, kv_stream(config.bucket), declared)
+
+
+async def _bring_stream_to(js: JetStreamContext, name: str, declared: dict[str, Any]) -> None:
+    """Update the settings of a bucket's stream that differ from `declared`; keep the rest (the
+    client library's own choices: subjects, discard policy, roll-ups) as they are."""
+    current = (await js.stream_info(name)).config
+    if any((getattr(current, k) or 0) != v for k, v in declared.items()):
+        log.info("updating stream %s to the declared configuration", name)
+        for key, value in declared.items():
+            setattr(current, key, value)
+        await js.update_stream(current)

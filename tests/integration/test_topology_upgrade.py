@@ -5,9 +5,15 @@ from __future__ import annotations
 from nats.js.api import KeyValueConfig, StorageType
 
 from services.core.bus import connect
-from services.core.config import Config, NatsConfig
+from services.core.config import Config, NatsConfig, replace
 from services.core.embedded import EmbeddedNats
-from services.core.topology import SUPPRESSION_BUCKET, ensure_topology, kv_configs
+from services.core.topology import (
+    BODY_BUCKET,
+    SUPPRESSION_BUCKET,
+    ensure_topology,
+    kv_configs,
+    object_stream,
+)
 
 
 async def test_existing_buckets_get_direct_gets_and_keep_their_data(nats_server: EmbeddedNats) -> None:
@@ -27,5 +33,26 @@ async def test_existing_buckets_get_direct_gets_and_keep_their_data(nats_server:
             assert (await bus.js.stream_info(f"KV_{bucket.bucket}")).config.allow_direct, bucket.bucket
         kv = await bus.js.key_value(SUPPRESSION_BUCKET)
         assert (await kv.get("acme.x")).value == b"kept"
+    finally:
+        await bus.close()
+
+
+async def test_the_body_store_follows_a_changed_retry_age(nats_server: EmbeddedNats) -> None:
+    # Its TTL comes from `retry.max_age`: a changed value used to stop every service at start.
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-topology")
+    try:
+        await ensure_topology(bus.js, config)
+        store = await bus.js.object_store(BODY_BUCKET)
+        await store.put("kept", b"a body")
+        longer = replace(config, retry={"max_age": config.retry.max_age + 86400})
+
+        await ensure_topology(bus.js, longer)
+        await ensure_topology(bus.js, longer)  # idempotent once updated
+
+        info = await bus.js.stream_info(object_stream(BODY_BUCKET))
+        assert info.config.max_age == longer.retry.max_age + 2 * 86400
+        assert info.config.allow_direct, "the body store's direct reads stay on"
+        assert (await store.get("kept")).data == b"a body"
     finally:
         await bus.close()
