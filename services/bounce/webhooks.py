@@ -34,7 +34,7 @@ import nats
 from nats.aio.msg import Msg
 
 from services.core import telemetry
-from services.core.bus import Bus
+from services.core.bus import Bus, fetch
 from services.core.config import BounceConfig, Config
 from services.core.events import Event
 from services.core.topology import ensure_webhooks_consumers, webhook_accounts, webhooks_binding
@@ -195,7 +195,7 @@ class WebhookDispatcher:
                 if sub is None:
                     sub = await self._bus.js.pull_subscribe_bind(binding.durable, binding.stream)
                 try:
-                    msgs = await sub.fetch(self._config.bounce.webhook_batch, timeout=_FETCH_WAIT)
+                    msgs = await fetch(self._bus, sub, self._config.bounce.webhook_batch, wait=_FETCH_WAIT)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
             except asyncio.CancelledError:

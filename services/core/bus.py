@@ -360,7 +360,7 @@ async def consume(
                 if sub is None:
                     sub = await bus.js.pull_subscribe_bind(binding.durable, binding.stream)
                 try:
-                    msgs = await sub.fetch(min(batch, concurrency - inflight), timeout=1.0)
+                    msgs = await fetch(bus, sub, min(batch, concurrency - inflight), wait=1.0)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
             except asyncio.CancelledError:
@@ -382,6 +382,23 @@ async def consume(
     if sub is not None:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def fetch(bus: Bus, sub: JetStreamContext.PullSubscription, batch: int, *, wait: float) -> list[Msg]:
+    """Up to `batch` messages from a pull subscription; raises TimeoutError when none came.
+
+    While disconnected, nothing is asked for: nats-py would buffer each pull request and replay
+    them all on reconnect, and the server would then push their sum (batch per second of the
+    outage) at us. Whatever arrives beyond `batch` anyway (a request that outlived its fetch)
+    is handed back at once: nats-py's fetch returns everything already queued locally, and a
+    message held here unworked would time out and be handled twice."""
+    if not bus.nc.is_connected:
+        await asyncio.sleep(min(wait, 0.5))
+        raise TimeoutError("not connected")
+    msgs = await sub.fetch(batch, timeout=wait)
+    for surplus in msgs[batch:]:
+        await _settle(surplus.nak())
+    return msgs[:batch]
 
 
 async def _settle(coro: Awaitable[None]) -> None:

@@ -51,3 +51,66 @@ async def test_slow_handler_is_kept_in_progress_and_runs_once(nats_server: Embed
         assert info.num_ack_pending == 0 and info.num_redelivered == 0, info
     finally:
         await bus.nc.close()
+
+
+async def test_after_an_outage_a_consumer_takes_no_more_than_its_concurrency(
+    nats_server: EmbeddedNats,
+) -> None:
+    # Pull requests made while disconnected used to be buffered and replayed on reconnect; the
+    # server then pushed batch x seconds-of-outage messages, all run at once, and those that
+    # waited past ack_wait were redelivered and handled twice.
+    bus = await connect(NatsConfig(url=nats_server.url), "test-consume")
+    try:
+        await bus.js.add_stream(StreamConfig(name="OUT", subjects=["out.>"]))
+        await bus.js.add_consumer(
+            "OUT",
+            ConsumerConfig(
+                durable_name="out", ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT, max_deliver=-1
+            ),
+        )
+        calls: list[str] = []
+        running = peak = 0
+
+        async def handler(msg) -> None:  # type: ignore[no-untyped-def]
+            nonlocal running, peak
+            calls.append(msg.subject)
+            running += 1
+            peak = max(peak, running)
+            try:
+                await asyncio.sleep(1.2 * ACK_WAIT)
+            finally:
+                running -= 1
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            consume(
+                bus,
+                ConsumerBinding("OUT", "out", "out.>"),
+                handler,
+                concurrency=4,
+                batch=4,
+                stop=stop,
+                ack_wait=ACK_WAIT,
+            )
+        )
+        await asyncio.sleep(1.0)
+        nats_server.stop()
+        await asyncio.sleep(6.0)  # the loop idles on a dead connection
+        nats_server.start()
+        for _ in range(100):
+            if bus.nc.is_connected:
+                break
+            await asyncio.sleep(0.2)
+        for i in range(16):
+            await bus.publish(f"out.{i}", b"x")
+        for _ in range(150):
+            if len(set(calls)) == 16 and running == 0:
+                break
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        assert sorted(set(calls)) == sorted(f"out.{i}" for i in range(16))
+        assert peak <= 4, f"{peak} handlers at once with a concurrency of 4"
+        assert len(calls) == 16, f"handled twice: {sorted(c for c in calls if calls.count(c) > 1)}"
+    finally:
+        await bus.nc.close()
