@@ -211,7 +211,7 @@ class InboundHandler:
         try:
             env = Envelope.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
-            raise transport.Poison(str(exc)) from exc
+            raise transport.undecodable(exc) from exc
         with consumer_span(inbound_subject(), msg.headers, {"relais.message_id": env.id}) as span:
             try:
                 raw = await self._bodies.get(env.body)

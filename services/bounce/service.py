@@ -92,7 +92,7 @@ class BounceService:
         try:
             notice = BounceNotice.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
-            raise transport.Poison(str(exc)) from exc
+            raise transport.undecodable(exc) from exc
         env = notice.envelope
         # A delay warning (settle sends one when retry.delay_warning_after passes) is only a DSN.
         outcome = "delayed" if notice.delay_warning else "bounced"

@@ -59,6 +59,19 @@ class Poison(Exception):
     """An input that can never be processed (undecodable). It is terminated, and logged loudly."""
 
 
+# How long an input written by a later release waits for a replica that reads it.
+_LATER_RELEASE_DELAY = 60.0
+
+
+def undecodable(exc: Exception) -> Exception:
+    """What a handler raises for an input it cannot decode. One a later release wrote (its
+    decode error says `later_release`) is only new to this replica: during a rolling upgrade
+    it waits for an upgraded one. Terminating it would drop accepted mail."""
+    if getattr(exc, "later_release", False):
+        return Retry(f"{exc}; left for a replica of a later release", delay=_LATER_RELEASE_DELAY)
+    return Poison(str(exc))
+
+
 # JSStreamWrongLastSequenceErr(F) / ...ConstantErr: a publish with an expected last (subject)
 # sequence, i.e. a compare-and-set, lost.
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})

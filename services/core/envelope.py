@@ -21,6 +21,14 @@ SCHEMA_VERSION = 1
 class EnvelopeDecodeError(ValueError):
     """A payload that is not an envelope of a schema version this code understands."""
 
+    later_release = False
+
+
+class NewerSchema(EnvelopeDecodeError):
+    """An envelope of a schema version above this code's: a later release wrote it."""
+
+    later_release = True
+
 
 def new_message_id() -> str:
     """Queue id: millisecond time, then randomness: ids sort by arrival and never collide across replicas."""
@@ -189,6 +197,8 @@ def _unpack(payload: bytes) -> dict[str, Any]:
         raise EnvelopeDecodeError(f"not msgpack: {exc}") from exc
     if not isinstance(wire, dict) or wire.get("v") != SCHEMA_VERSION:
         version = wire.get("v") if isinstance(wire, dict) else None
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise NewerSchema(f"envelope schema version {version}, this release reads {SCHEMA_VERSION}")
         raise EnvelopeDecodeError(f"unsupported envelope schema version {version!r}")
     return wire
 

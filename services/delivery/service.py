@@ -161,7 +161,7 @@ class DeliveryService:
         try:
             env = Envelope.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
-            raise transport.Poison(str(exc)) from exc
+            raise transport.undecodable(exc) from exc
         if not env.pool:
             env = replace(env, pool=pool_of_deliver_subject(msg.subject))
         self._hand_back_if_pinned_elsewhere(env, msg)

@@ -82,7 +82,7 @@ class RouterService:
         try:
             env = Envelope.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
-            raise transport.Poison(str(exc)) from exc
+            raise transport.undecodable(exc) from exc
         if env.refused_when_stored_at(msg.metadata.timestamp.timestamp()):
             # Stored after the ingress had already answered 451: the client sends it again.
             log.warning("message %s was refused at the ingress (stored too late); dropping it", env.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from services.core.bus import Poison, Retry, undecodable
 from services.core.envelope import (
     SCHEMA_VERSION,
     Attempt,
@@ -12,6 +13,7 @@ from services.core.envelope import (
     BounceNotice,
     Envelope,
     EnvelopeDecodeError,
+    NewerSchema,
     new_message_id,
 )
 from services.core.outcome import Bounced, Reply
@@ -62,11 +64,22 @@ def test_stored_body_reference_round_trips() -> None:
     assert not decoded.body.is_inline
 
 
-def test_unknown_schema_version_is_refused() -> None:
+def test_a_later_schema_version_is_refused_as_a_later_releases() -> None:
     wire = msgpack.unpackb(_envelope().to_msgpack())
     wire["v"] = SCHEMA_VERSION + 1
-    with pytest.raises(EnvelopeDecodeError):
+    with pytest.raises(NewerSchema) as caught:
         Envelope.from_msgpack(msgpack.packb(wire))
+    # Left for an upgraded replica; terminating it would drop accepted mail.
+    assert isinstance(undecodable(caught.value), Retry)
+
+
+@pytest.mark.parametrize("version", [0, "1", None])
+def test_an_unknown_schema_version_is_poison(version: object) -> None:
+    wire = msgpack.unpackb(_envelope().to_msgpack())
+    wire["v"] = version
+    with pytest.raises(EnvelopeDecodeError) as caught:
+        Envelope.from_msgpack(msgpack.packb(wire))
+    assert isinstance(undecodable(caught.value), Poison)
 
 
 @pytest.mark.parametrize("payload", [b"", b"\xc1", b"not msgpack at all", msgpack.packb([1, 2])])
