@@ -329,7 +329,11 @@ async def consume(
     # One ticker keeps every running message in progress (rather than a task per message, which
     # cost a task creation and cancellation on every message of every consumer).
     working: dict[int, tuple[Msg, float]] = {}
-    ticker = asyncio.create_task(_keep_in_progress(working, max(ack_wait / 3, 1.0)))
+
+    async def server_ack_wait() -> float:
+        return (await bus.js.consumer_info(binding.stream, binding.durable)).config.ack_wait or ack_wait
+
+    ticker = asyncio.create_task(_keep_in_progress(working, ack_wait, server_ack_wait))
 
     async def run_one(msg: Msg) -> None:
         nonlocal inflight
@@ -452,10 +456,26 @@ async def _confirm_ack(msg: Msg) -> None:
         log.warning("ack not confirmed (message will be redelivered): %r", exc)
 
 
-async def _keep_in_progress(working: dict[int, tuple[Msg, float]], interval: float) -> None:
-    """Tell JetStream "still working" for each message held longer than `interval` (ack_wait/3)."""
+# How often the in-progress ticker reads the consumer's ack_wait from the server again.
+_ACK_WAIT_REREAD = 60.0
+
+
+async def _keep_in_progress(
+    working: dict[int, tuple[Msg, float]], ack_wait: float, server_ack_wait: Callable[[], Awaitable[float]]
+) -> None:
+    """Tell JetStream "still working" for each message held longer than a third of ack_wait.
+
+    The ack_wait is the lower of this replica's and the consumer's as the server has it: the
+    last replica to declare the consumer sets it, and during a rollout that lowers it, pacing by
+    our own would let the server hand our messages to others (mail sent twice)."""
+    interval = max(ack_wait / 3, 1.0)
+    reread = 0.0
     with contextlib.suppress(asyncio.CancelledError):
         while True:
+            if time.monotonic() >= reread:
+                reread = time.monotonic() + _ACK_WAIT_REREAD
+                with contextlib.suppress(Exception):
+                    interval = max(min(ack_wait, await server_ack_wait()) / 3, 1.0)
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
             for key, (msg, since) in list(working.items()):

@@ -114,3 +114,42 @@ async def test_after_an_outage_a_consumer_takes_no_more_than_its_concurrency(
         assert len(calls) == 16, f"handled twice: {sorted(c for c in calls if calls.count(c) > 1)}"
     finally:
         await bus.nc.close()
+
+
+async def test_progress_follows_the_consumers_ack_wait_on_the_server(nats_server: EmbeddedNats) -> None:
+    # The last replica to declare the consumer sets its ack_wait; during a rollout that lowers
+    # it, a replica pacing "in progress" by its own longer one lost its messages to others.
+    bus = await connect(NatsConfig(url=nats_server.url), "test-consume")
+    try:
+        await bus.js.add_stream(StreamConfig(name="PACE", subjects=["pace.>"]))
+        await bus.js.add_consumer(
+            "PACE",
+            ConsumerConfig(durable_name="pace", ack_policy=AckPolicy.EXPLICIT, ack_wait=3.0, max_deliver=-1),
+        )
+        await bus.publish("pace.0", b"x")
+        calls: list[str] = []
+
+        async def handler(msg) -> None:  # type: ignore[no-untyped-def]
+            calls.append(msg.subject)
+            await asyncio.sleep(8.0)
+
+        stop = asyncio.Event()
+        loops = [
+            asyncio.create_task(
+                consume(
+                    bus,
+                    ConsumerBinding("PACE", "pace", "pace.>"),
+                    handler,
+                    concurrency=4,
+                    stop=stop,
+                    ack_wait=30.0,  # this replica's configuration: the previous, longer one
+                )
+            )
+            for _ in range(2)
+        ]
+        await asyncio.sleep(10.0)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loops), 20)
+        assert calls == ["pace.0"], calls
+    finally:
+        await bus.nc.close()
