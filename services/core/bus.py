@@ -352,8 +352,11 @@ async def consume(
             await _settle(msg.term())
         except Exception:
             result = "error"
-            log.exception("handler for %s failed; message will be redelivered", binding.durable)
-            await _settle(msg.nak(delay=5.0))
+            delay = _error_delay(msg)
+            log.exception(
+                "handler for %s failed; message will be redelivered in %.0fs", binding.durable, delay
+            )
+            await _settle(msg.nak(delay=delay))
         else:
             await (_confirm_ack(msg) if confirm_acks else _settle(msg.ack()))
         finally:
@@ -416,6 +419,17 @@ async def fetch(bus: Bus, sub: JetStreamContext.PullSubscription, batch: int, *,
     for surplus in msgs[batch:]:
         await _settle(surplus.nak())
     return msgs[:batch]
+
+
+def _error_delay(msg: Msg) -> float:
+    """5 s after a handler's first unexpected failure, doubling up to 5 minutes: a message that
+    fails the same way every time is retried (a fix or a recovered dependency lets it through)
+    without a traceback every 5 seconds."""
+    try:
+        tries = msg.metadata.num_delivered or 1
+    except Exception:
+        tries = 1
+    return min(5.0 * 2 ** min(tries - 1, 6), 300.0)
 
 
 async def _settle(coro: Awaitable[None]) -> None:
