@@ -186,15 +186,39 @@ class EmbeddedNats:
         conf.write_text(self._config_text())
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         env = {**os.environ, "GOMAXPROCS": str(self.cpus)} if self.cpus else None
-        self.process = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf)],
-            stdout=out,
-            stderr=out,
-            env=env,
-            start_new_session=True,
-        )
+        try:
+            self.process = subprocess.Popen(
+                [nats_server_binary(), "-c", str(conf)],
+                stdout=out,
+                stderr=out,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # the child has its own copy
         if wait:
-            wait_for_port(self.host, self.port)
+            self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 10.0) -> None:
+        """Until the port accepts while our process runs. A server that exits (its port taken,
+        a bad config) or never listens is stopped and reported, not left behind."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        code = self.process.poll()
+        if code is None and time.monotonic() <= deadline:
+            return
+        self.stop(timeout=2.0)
+        why = f"exited with {code}" if code is not None else f"did not listen within {timeout}s"
+        raise RuntimeError(f"nats-server on {self.host}:{self.port} {why}; see {self.log_file}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM), escalating to SIGKILL."""

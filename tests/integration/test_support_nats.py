@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import nats
+import pytest
 
 from services.core.embedded import EmbeddedNats
 from tests.support.cluster import NatsCluster
@@ -52,3 +54,15 @@ def _environ(node: EmbeddedNats) -> dict[str, str]:
     assert node.process is not None
     raw = Path(f"/proc/{node.process.pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_a_server_that_cannot_listen_is_stopped_and_reported(tmp_path: Path) -> None:
+    # Its port is taken by a socket that never accepts: nats-server exits, and start() says so
+    # instead of leaving a child behind for a fixture that never yields.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        server = EmbeddedNats(store_dir=tmp_path / "nats", port=port, log_file=tmp_path / "nats.log")
+        with pytest.raises(RuntimeError, match=r"exited|did not listen"):
+            server.start()
+        assert server.process is None, "stopped"

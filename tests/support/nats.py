@@ -12,7 +12,8 @@ def start_nats(tmp_path: Path, *, host: str = "127.0.0.1", port: int = 0) -> Emb
 
     The log (tmp_path / "nats-server.log") is what to read when a test hangs on NATS.
     The caller owns the server: stop() it, even when the test fails (the nats_server
-    fixture does). start() waits for this process's own INFO greeting and kills it on failure.
+    fixture does). start() waits until the port accepts while this process runs, and stops
+    it on failure (it exited, or never listened).
     """
     log = Path(tmp_path) / "nats-server.log"
     server = EmbeddedNats(store_dir=Path(tmp_path) / "nats", host=host, port=port, log_file=log)
