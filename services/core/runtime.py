@@ -19,6 +19,7 @@ from services.core.telemetry import setup_tracing
 from services.core.topology import (
     ConsumerBinding,
     bounce_binding,
+    bounce_flush_binding,
     delivery_binding,
     ensure_topology,
     inbound_binding,
@@ -99,7 +100,7 @@ def owned_bindings(name: str, config: Config) -> list[ConsumerBinding]:
     if name == "delivery":
         return [delivery_binding(pool) for pool in config.served_pools()]
     if name == "bounce":
-        return [bounce_binding(), inbound_binding()]
+        return [bounce_binding(), bounce_flush_binding(), inbound_binding()]
     return []
 
 

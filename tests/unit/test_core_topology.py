@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from services.cli import SERVICES
 from services.core import topology as t
 from services.core.config import Config, PoolConfig
+from services.core.runtime import owned_bindings
 
 
 @pytest.mark.parametrize("account", ["acme", "a-b_c", "X9"])
@@ -89,3 +91,11 @@ def test_msg_ids_are_remembered_past_a_redelivery_after_a_lost_ack() -> None:
         windows = {s.name: s.duplicate_window for s in t.stream_configs(config) if s.name != t.LIMITS_STREAM}
         assert all(w is not None and w >= 2 * ack_wait for w in windows.values()), windows
     assert Config().nats.duplicate_window == 300.0
+
+
+def test_every_consumer_is_reported_by_a_service() -> None:
+    # A consumer no service owns has no lag in /metrics and no place in /readyz: the DSN
+    # windows' flush consumer was missing from the bounce service's.
+    config = Config()
+    owned = {b.durable for name in SERVICES for b in owned_bindings(name, config)}
+    assert {b.durable for b in t.consumer_bindings(config)} <= owned
