@@ -382,15 +382,17 @@ async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, rec
     """One consumer per account with a webhook, filtered on that account's events.
 
     Every service creates the missing ones (`ensure_topology`), so events are kept from the
-    first start on. Only the bounce service, which posts them, deletes those of accounts that no
-    longer have a webhook, and an earlier release's shared consumer (`reconcile`), at its start
-    and every minute after: another service, or a replica restarted with the previous
-    configuration during a rollout, cannot delete what the current one needs. While an earlier
-    release's shared consumer exists, only the bounce service creates them (see below).
+    first start on. Nobody deletes one: a replica still on the previous configuration during a
+    rollout would delete what the current one needs (and every minute again, losing the events
+    in between). NATS removes a consumer nobody has pulled from for `events_max_age`, by when
+    its events have left the stream anyway; until then, a webhook configured again resumes
+    where it stopped. Only the bounce service, which posts them, deletes an earlier release's
+    shared consumer (`reconcile`), at its start and every minute after. While that one exists,
+    only the bounce service creates the per-account ones (see below).
 
     A consumer created here starts at the stream's end, so a newly configured webhook receives
-    the events from then on, not the stream's history (as Postmark and SendGrid do); a removed
-    webhook's unsent events are dropped with its consumer. Replacing the shared consumer, each
+    the events from then on, not the stream's history (as Postmark and SendGrid do). Replacing
+    the shared consumer, each
     account's starts after the shared one's ack floor: none is skipped, and every event after
     the oldest one it had not acknowledged (of any account) is posted again; receivers drop
     those by `event_id`."""
@@ -405,29 +407,30 @@ async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, rec
         # the bounce service makes them, just before it deletes the shared one; made earlier
         # (by a router upgraded first), they would post everything it posts meanwhile again.
         return
+    idle_limit = config.nats.events_max_age
     for binding in wanted:
         try:
-            await js.consumer_info(binding.stream, binding.durable)
-            continue
+            existing = await js.consumer_info(binding.stream, binding.durable)
         except NotFoundError:
-            pass
+            existing = None
+        if existing is not None:
+            if existing.config.inactive_threshold != idle_limit:
+                # Made by a release that deleted unwanted consumers itself.
+                existing.config.inactive_threshold = idle_limit
+                await js.add_consumer(binding.stream, existing.config)
+            continue
         declared = _consumer_config(binding, config)
         declared.deliver_policy = DeliverPolicy.NEW
+        declared.inactive_threshold = idle_limit
         if legacy is not None and _legacy_covers(legacy, binding.subject):
             declared.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             declared.opt_start_seq = legacy.ack_floor.stream_seq + 1
         log.info("creating webhooks consumer %s", binding.durable)
         await js.add_consumer(binding.stream, declared)
-    if not reconcile:
-        return
-    current = {binding.durable for binding in wanted}
-    for info in await js.consumers_info(EVENTS_STREAM):
-        name = info.name
-        removed = name.startswith(WEBHOOKS_CONSUMER_PREFIX) and name not in current
-        if removed or name == LEGACY_WEBHOOKS_CONSUMER:
-            log.info("deleting webhooks consumer %s", name)
-            with contextlib.suppress(NotFoundError):
-                await js.delete_consumer(EVENTS_STREAM, name)
+    if reconcile and legacy is not None:
+        log.info("deleting webhooks consumer %s", LEGACY_WEBHOOKS_CONSUMER)
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
 
 
 def _legacy_covers(legacy: ConsumerInfo, subject: str) -> bool:

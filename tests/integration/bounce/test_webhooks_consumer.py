@@ -1,7 +1,7 @@
 """The webhooks consumers against a real JetStream: one per account with a webhook, filtered on
 its events, starting at the end of the events stream when created. Any service creates the
-missing ones; only the bounce service's reconcile deletes one. An earlier release's shared
-consumer is replaced without skipping an event it had not posted."""
+missing ones and nobody deletes one (NATS does, after `events_max_age` without a pull). An
+earlier release's shared consumer is replaced without skipping an event it had not posted."""
 
 from __future__ import annotations
 
@@ -65,18 +65,41 @@ async def test_a_consumer_per_account_with_a_webhook(nats_server: EmbeddedNats) 
 
         await bus.js.publish(event_subject("plain", "delivered"), b"{}")
         await bus.js.publish(event_subject("hooked", "delivered"), b"{}")
-        assert await pending_subjects(bus, "webhooks-hooked") == ["relais.events.hooked.delivered"]
+        assert await pending_subjects(bus, "webhooks-hooked", ack=True) == ["relais.events.hooked.delivered"]
 
-        # A service whose configuration lacks the webhook (say, restarted with the previous one
-        # during a rollout) leaves the consumer alone; the bounce service's reconcile does not.
+        # A service whose configuration lacks the webhook (say, a bounce replica restarted with
+        # the previous one during a rollout) leaves the consumer and its events alone: deleting
+        # it lost the events until a current replica made it again, every minute of the rollout.
         await ensure_topology(bus.js, config_with(url, plain=PLAIN))
-        assert await webhook_consumers(bus) == ["webhooks-hooked"]
-        await ensure_webhooks_consumers(bus.js, config_with(url, plain=HOOK, hooked=HOOK), reconcile=True)
-        assert await webhook_consumers(bus) == ["webhooks-hooked", "webhooks-plain"]
-        await ensure_webhooks_consumers(bus.js, config_with(url, plain=HOOK), reconcile=True)
-        assert await webhook_consumers(bus) == ["webhooks-plain"]
         await ensure_webhooks_consumers(bus.js, config_with(url, plain=PLAIN), reconcile=True)
-        assert await webhook_consumers(bus) == []
+        assert await webhook_consumers(bus) == ["webhooks-hooked"]
+        await bus.js.publish(event_subject("hooked", "bounced"), b"{}")
+        await ensure_webhooks_consumers(bus.js, config_with(url, hooked=HOOK), reconcile=True)
+        assert await pending_subjects(bus, "webhooks-hooked") == ["relais.events.hooked.bounced"]
+        # NATS removes it once nobody has pulled from it for as long as events are kept.
+        assert info.config.inactive_threshold == Config().nats.events_max_age
+    finally:
+        await bus.close()
+
+
+async def test_a_consumer_of_the_previous_release_gets_its_idle_limit(nats_server: EmbeddedNats) -> None:
+    bus = await connect(NatsConfig(url=nats_server.url), "test-webhooks-consumer")
+    try:
+        await ensure_topology(bus.js, config_with(nats_server.url))
+        await bus.js.add_consumer(
+            EVENTS_STREAM,
+            ConsumerConfig(
+                durable_name="webhooks-hooked",
+                filter_subject="relais.events.hooked.*",
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.NEW,
+            ),
+        )
+        await bus.js.publish(event_subject("hooked", "accepted"), b"{}")
+        await ensure_topology(bus.js, config_with(nats_server.url, hooked=HOOK))
+        info = await bus.js.consumer_info(EVENTS_STREAM, "webhooks-hooked")
+        assert info.config.inactive_threshold == Config().nats.events_max_age
+        assert await pending_subjects(bus, "webhooks-hooked") == ["relais.events.hooked.accepted"]
     finally:
         await bus.close()
 
