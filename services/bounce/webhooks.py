@@ -241,7 +241,7 @@ class WebhookDispatcher:
             TIMESTAMP_HEADER: str(ts),
             SIGNATURE_HEADER: sign(acct.webhook_secret, ts, body),
         }
-        keepalive = asyncio.create_task(_keep_in_progress(msgs))
+        keepalive = asyncio.create_task(_keep_in_progress(msgs, self._config.nats.ack_wait))
         try:
             with telemetry.linked_span(
                 "webhook post", [m.headers for m in msgs], {telemetry.ACCOUNT: account}
@@ -279,7 +279,10 @@ async def _settle(coro: Any) -> None:
         log.warning("webhook ack/nak failed (the event will come again): %r", exc)
 
 
-async def _keep_in_progress(msgs: Sequence[Msg], interval: float = 10.0) -> None:
+async def _keep_in_progress(msgs: Sequence[Msg], ack_wait: float) -> None:
+    # Every 10 s, or a third of a shorter ack_wait: a POST that outlasts ack_wait would
+    # otherwise be made again by another replica.
+    interval = min(10.0, max(ack_wait / 3, 0.5))
     with contextlib.suppress(asyncio.CancelledError, Exception):
         while True:
             await asyncio.sleep(interval)

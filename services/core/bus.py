@@ -340,15 +340,19 @@ async def consume(
         started = time.monotonic()
         working[id(msg)] = (msg, started)
         result = "ack"
+        # A nak or term leaves `working` before it is sent: an "in progress" sent after a
+        # delayed nak would replace the delay with a whole ack_wait.
         try:
             await handler(msg)
         except Retry as exc:
             result = "retry"
             log.info("retrying %s in %.0fs: %s", binding.durable, exc.delay, exc)
+            working.pop(id(msg), None)
             await _settle(msg.nak(delay=exc.delay))
         except Poison as exc:
             result = "poison"
             log.error("terminating undecodable message on %s: %s", binding.subject, exc)
+            working.pop(id(msg), None)
             await _settle(msg.term())
         except Exception:
             result = "error"
@@ -356,8 +360,10 @@ async def consume(
             log.exception(
                 "handler for %s failed; message will be redelivered in %.0fs", binding.durable, delay
             )
+            working.pop(id(msg), None)
             await _settle(msg.nak(delay=delay))
         else:
+            # Kept in progress while an ack is confirmed through a leader election.
             await (_confirm_ack(msg) if confirm_acks else _settle(msg.ack()))
         finally:
             working.pop(id(msg), None)
