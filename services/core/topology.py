@@ -79,7 +79,7 @@ ACCOUNTS_BUCKET = "relais-accounts"
 # One key per (account, ingress replica): that replica's open sessions, refreshed while alive.
 SESSIONS_BUCKET = "relais-ingress-sessions"
 SESSIONS_TTL = 60.0
-LIMIT_KINDS = ("msg-hour", "msg-day", "authfail-ip", "authfail-user")
+LIMIT_KINDS = ("msg-hour", "msg-day", "authfail-ip", "authfail-user", "auth-known")
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 EVENT_KINDS = ("accepted", "delivered", "deferred", "bounced", "expired", "suppressed", "complained")

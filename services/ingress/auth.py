@@ -20,6 +20,7 @@ from services.core.config import AccountConfig
 from services.ingress.accounts import AccountStore
 from services.ingress.limits import AuthThrottle, SessionRegistry
 from services.ingress.replies import (
+    AUTH_AUTHZID,
     AUTH_BAD_BASE64,
     AUTH_INVALID,
     AUTH_MALFORMED,
@@ -58,12 +59,14 @@ class PasswordChecker:
         account: AccountConfig | None,
         throttle: AuthThrottle | None = None,
         ip: str = "",
+        known: bool = False,
     ) -> bool | None:
         """True when right, False when wrong, None when `throttle` refused the attempt.
 
         Sessions sending the same credentials at once share one scrypt and count as one attempt:
         the first reserves it as a failure before deriving (`AuthThrottle.reserve` says why) and
-        refunds it when the password is right. A remembered success costs no counter writes."""
+        refunds it when the password is right. A remembered success costs no counter writes.
+        `known`: `ip` logged in as this user recently (`AuthThrottle.locked`)."""
         encoded = account.password_hash if account is not None else self._decoy
         key = hashlib.sha256(b"\0".join([login, password, encoded.encode()])).hexdigest()
         if account is not None and self._verified.get(key, 0.0) > time.monotonic():
@@ -76,7 +79,7 @@ class PasswordChecker:
         self._pending[key] = future
         username = login.decode("utf-8", "replace")
         try:
-            reserved = await throttle.reserve(ip, username) if throttle is not None else ()
+            reserved = await throttle.reserve(ip, username, known) if throttle is not None else ()
             ok: bool | None = None
             if reserved is not None:
                 secret = password.decode("utf-8", "replace")
@@ -129,7 +132,12 @@ class Authenticator:
         if len(parts) != 3:
             await server.push(str(AUTH_MALFORMED))
             return AuthResult(success=False, handled=True)
-        return await self._authenticate(server, parts[1], parts[2])
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:
+            # RFC 4616 2: no account may act as another. Refused before any password is checked,
+            # so it tells a guesser nothing and is not counted as a failed guess.
+            return AuthResult(success=False, handled=False, message=str(AUTH_AUTHZID))
+        return await self._authenticate(server, authcid, password)
 
     async def login(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -157,9 +165,13 @@ class Authenticator:
         account = self._accounts.get(username)
         if account is not None and account.disabled:
             account = None
+        secret = account.password_hash if account is not None else ""
+        locked, known = await self._throttle.locked(state.client_ip, username, secret)
         ok = None
-        if not await self._throttle.locked(state.client_ip, username):
-            ok = await self._passwords.check(login, password, account, self._throttle, state.client_ip)
+        if not locked:
+            ok = await self._passwords.check(
+                login, password, account, self._throttle, state.client_ip, known=known
+            )
         if ok is None:
             log.warning("AUTH throttled for %s / %r", state.client_ip, username)
             await server.push(str(AUTH_THROTTLED))
@@ -168,6 +180,7 @@ class Authenticator:
         if not ok:
             return AuthResult(success=False, handled=False, message=str(AUTH_INVALID))
         assert account is not None
+        await self._throttle.remember(state.client_ip, username, account.password_hash)
         if not await self._sessions.acquire(username, account.max_sessions):
             await server.push(str(TOO_MANY_SESSIONS))
             return AuthResult(success=False, handled=True)
@@ -177,6 +190,8 @@ class Authenticator:
 
 
 def _b64(value: str) -> bytes | None:
+    if value == "=":
+        return b""  # RFC 4954 4: an empty initial response, not a missing one
     try:
         return base64.b64decode(value.encode(), validate=True)
     except (binascii.Error, ValueError):

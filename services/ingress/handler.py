@@ -50,8 +50,9 @@ def received_header(
     protocol = "ESMTP" + ("S" if tls else "") + ("A" if account else "")
     tls_part = f"\r\n\t(using {tls[0]} with cipher {tls[1]})" if tls else ""
     auth_part = f"\r\n\t(authenticated as {account})" if account else ""
+    ip_part = f" ([{peer_ip}])" if peer_ip else ""  # a PROXY header may name no address
     return (
-        f"Received: from {helo or 'unknown'} ([{peer_ip}]){tls_part}{auth_part}\r\n"
+        f"Received: from {helo or 'unknown'}{ip_part}{tls_part}{auth_part}\r\n"
         f"\tby {hostname} (Relais) with {protocol} id {message_id};\r\n"
         f"\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n"
     ).encode()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -156,17 +157,33 @@ class MessageRates:
         self._remember(name, at, per_hour, per_day)
 
 
+def known_client_token(ip: str, username: str, secret: str) -> str:
+    """Who logged in from where, unreadable without the account's password hash.
+
+    A plain hash of an IPv4 address is reversed by trying all 2^32 of them; keyed with the
+    password hash (which every replica reads from the accounts bucket), it cannot be, and a new
+    password forgets every address the old one was used from (the attacker's, after a leak)."""
+    message = f"{username.strip().lower()}\0{ip}".encode("utf-8", "replace")
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+
 class AuthThrottle:
     """Failed AUTH per client IP and per username, in fixed windows of `lockout` seconds.
 
     After `max_failures` in a window, further attempts from that IP or for that user are refused
-    until the window ends, whichever replica they reach.
+    until the window ends, whichever replica they reach. The per-user lock stops guessing spread
+    over many addresses, but would also lock the account's owner out whenever anyone guesses: so
+    it spares an IP that logged in as that user during this or the previous UTC day (`known`).
+    Those records live in the same stream as the counters and age out with it (two days).
     """
 
     def __init__(self, counters: Counters, max_failures: int, lockout: float) -> None:
         self._counters = counters
         self._max = max_failures
         self._lockout = max(lockout, 1.0)
+        # Known-client records this replica wrote today: one write per (user, IP) a day, not one
+        # per login. Only a shortcut: the records themselves are in JetStream.
+        self._recorded: set[str] = set()
 
     def _subjects(self, ip: str, username: str) -> tuple[str, str]:
         window = int(time.time() // self._lockout)
@@ -175,33 +192,62 @@ class AuthThrottle:
             limit_subject("authfail-user", user_token(username), window),
         )
 
-    async def locked(self, ip: str, username: str) -> bool:
+    @staticmethod
+    def _known_subjects(ip: str, username: str, secret: str, now: float) -> tuple[str, str]:
+        """Today's and yesterday's known-client records of (IP, user)."""
+        token = known_client_token(ip, username, secret)
+        day = windows(now)[1]
+        return limit_subject("auth-known", token, day), limit_subject("auth-known", token, day - 1)
+
+    async def locked(self, ip: str, username: str, secret: str = "") -> tuple[bool, bool]:
+        """(locked, known): whether this attempt is refused, and whether `ip` logged in as
+        `username` recently (`secret`, the account's password hash, keys that record; without one,
+        or without an IP from a PROXY header that named none, no client is known)."""
         if self._max <= 0:
-            return False
+            return False, False
         ip_s, user_s = self._subjects(ip, username)
+        known_s = self._known_subjects(ip, username, secret, time.time()) if secret and ip else ()
         try:
-            by_ip, by_user = await self._counters.values([ip_s, user_s])
+            by_ip, by_user, *known = await self._counters.values([ip_s, user_s, *known_s])
         except BrokerUnavailable as exc:
             # Fail open on the throttle only: the password check itself still runs.
             log.warning("auth throttle unavailable: %s", exc)
-            return False
-        return by_ip >= self._max or by_user >= self._max
+            return False, False
+        is_known = any(value > 0 for value in known)
+        return by_ip >= self._max or (by_user >= self._max and not is_known), is_known
 
-    async def reserve(self, ip: str, username: str) -> tuple[str, ...] | None:
+    async def reserve(self, ip: str, username: str, known: bool = False) -> tuple[str, ...] | None:
         """Count an attempt as failed before its password is checked; None when that makes it
         one too many. Counting only after the check would let every guess that arrives while
         the others are still being checked pass `locked`: as many guesses per window as an
         attacker can open connections. Returns the counters to `refund` if the password is right.
+        A `known` client's attempts count against the user too, but only its IP's count stops it.
         """
         if self._max <= 0:
             return ()
         subjects = self._subjects(ip, username)
         try:
-            counts = await asyncio.gather(*(self._counters.add(s) for s in subjects))
+            by_ip, by_user = await asyncio.gather(*(self._counters.add(s) for s in subjects))
         except BrokerUnavailable as exc:
             log.warning("auth attempt not counted: %s", exc)
             return ()
-        return None if max(counts) > self._max else subjects
+        return None if by_ip > self._max or (by_user > self._max and not known) else subjects
+
+    async def remember(self, ip: str, username: str, secret: str) -> None:
+        """`ip` logged in as `username`: the per-user lock spares it for a day or two."""
+        if self._max <= 0 or not ip or not secret:
+            return
+        subject = self._known_subjects(ip, username, secret, time.time())[0]
+        if subject in self._recorded:
+            return
+        try:
+            await self._counters.add(subject)
+        except BrokerUnavailable as exc:
+            log.warning("known client not recorded: %s", exc)
+            return
+        if len(self._recorded) > 100_000:
+            self._recorded.clear()
+        self._recorded.add(subject)
 
     async def refund(self, subjects: tuple[str, ...]) -> None:
         """A reserved attempt whose password was right: it was no failure."""

@@ -15,6 +15,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import collections
 import contextlib
 import logging
 import re
@@ -22,7 +25,7 @@ import ssl
 import types
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Session, _Missing, syntax
 
 from services.core import metrics
 from services.core.addresses import PLAIN_ADDR_SPEC
@@ -32,15 +35,27 @@ from services.ingress.limits import ConnectionGate
 from services.ingress.policy import helo_verdict
 from services.ingress.replies import (
     AUTH_IN_TRANSACTION,
+    AUTH_LINE_TOO_LONG,
     LINE_TOO_LONG,
     MESSAGE_TOO_BIG,
     SHUTTING_DOWN,
     TIMEOUT,
+    TLS_ALREADY_ACTIVE,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_ERRORS,
+    TOO_MANY_JUNK_COMMANDS,
 )
 
 log = logging.getLogger(__name__)
+
+_COMMAND_SIZE_LIMITS = {
+    # SIZE (RFC 1870) 26, SMTPUTF8 (RFC 6531) 10, RET and ENVID (RFC 3461) 100.
+    "MAIL": 512 + 26 + 10 + 100,
+    "RCPT": 512 + 500,  # NOTIFY and ORCPT (RFC 3461)
+    "AUTH": 12288,  # RFC 4954 4
+}
+# NOOP, RSET, HELP, VRFY, EXPN, HELO and EHLO a session may send between two accepted messages.
+JUNK_COMMAND_LIMIT = 100
 
 # aiosmtpd's own replies that need a different code or text, not just an enhanced status.
 _REWRITES = {
@@ -85,6 +100,18 @@ def enhance(reply: str) -> str:
         return reply
     text = reply[4:].removeprefix("Error: ").strip()
     return f"{code} {_DEFAULT_ENHANCED.get(code, f'{code // 100}.0.0')} {text}"
+
+
+def command_size_limits() -> collections.defaultdict[str, int]:
+    """Longest command line, per command, for one session: RFC 5321 4.5.3.1.4's 512 plus what
+    each advertised extension adds (the reader's 1001-octet line limit still caps them all)."""
+    return collections.defaultdict(lambda: SMTP.command_size_limit, _COMMAND_SIZE_LIMITS)
+
+
+def _write_now(transport: Any, reply: str) -> None:
+    """A reply written straight to the transport, bypassing `push`: counted here instead."""
+    metrics.observe_smtp_reply(reply)
+    transport.write(f"{reply}\r\n".encode())
 
 
 def is_error(reply: str) -> bool:
@@ -156,8 +183,6 @@ class Prototype:
             client_connected_cb=conn._cb_client_connected,
             loop=loop,
         )
-        # aiosmtpd resets this class-wide table on every connection; keep doing so.
-        conn.command_size_limits.clear()
         own = vars(conn)
         source = self._source
         for name, value in state.items():
@@ -236,6 +261,9 @@ class RelaisSMTP(SMTP):
             super().__init__(handler, **kwargs)
             if prototype is not None:
                 prototype.capture(self, handler, kwargs)
+        # aiosmtpd's table is one dict on the class, cleared by every new connection and grown by
+        # every EHLO: one session's EHLO would change another's limits.
+        self.command_size_limits = command_size_limits()
         self._registry = registry if registry is not None else set()
         # True from DATA until its reply is written: a draining replica waits for these.
         self.busy = False
@@ -246,6 +274,7 @@ class RelaisSMTP(SMTP):
         self._gate = gate
         self._max_errors = max_errors
         self._errors = 0
+        self._junk = 0
         self._implicit_tls = implicit_tls
         self._gated_ip: str | None = None
         self._refused = False
@@ -262,7 +291,7 @@ class RelaisSMTP(SMTP):
             peer = transport.get_extra_info("peername")
             if not self.admit(str(peer[0]) if peer else ""):
                 # Refused before any SMTP state exists: say why, in one line, and hang up.
-                transport.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())  # type: ignore[attr-defined]
+                _write_now(transport, str(TOO_MANY_CONNECTIONS))
                 transport.close()
                 self._refused = True
                 return
@@ -307,26 +336,108 @@ class RelaisSMTP(SMTP):
         writer = getattr(self, "_writer", None)
         if writer is not None and self.transport is not None:
             with contextlib.suppress(Exception):
-                writer.write(f"{TIMEOUT}\r\n".encode())
+                _write_now(writer, str(TIMEOUT))
         super()._timeout_cb()
 
     # -- greeting and AUTH ---------------------------------------------------------------------------
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
-        if not await self._refused_helo(hostname):
+        if not await self._too_much_junk() and not await self._refused_helo(hostname):
             await super().smtp_HELO(hostname)
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        if not await self._refused_helo(hostname):
+        if not await self._too_much_junk() and not await self._refused_helo(hostname):
             await super().smtp_EHLO(hostname)
+            self.command_size_limits = command_size_limits()  # undo aiosmtpd's additions
+
+    # -- commands that do no work (Postfix's smtpd_junk_command_limit) ---------------------------
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._too_much_junk():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._too_much_junk():
+            await super().smtp_RSET(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._too_much_junk():
+            await super().smtp_HELP(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._too_much_junk():
+            await super().smtp_VRFY(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        if not await self._too_much_junk():
+            await super().smtp_EXPN(arg)
+
+    async def _too_much_junk(self) -> bool:
+        """Each of these resets the idle timer without error: without a limit they would hold a
+        session (and its connection slot) open forever. Counted until a message is accepted."""
+        self._junk += 1
+        if self._junk <= JUNK_COMMAND_LIMIT:
+            return False
+        await self.push(str(TOO_MANY_JUNK_COMMANDS))
+        return True
 
     async def _refused_helo(self, hostname: str) -> bool:
         verdict = helo_verdict(hostname) if hostname else None  # aiosmtpd answers a missing one
         if verdict:
             await self.push(str(verdict))
         return verdict is not None
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> bytes | _Missing:
+        """aiosmtpd's, except for a response line over the reader's limit: aiosmtpd lets
+        `readline` raise (451 and a traceback) and then reads the rest of that line as commands.
+        Here the line is read to its end and the exchange cancelled (RFC 4954 4: 500 5.5.6)."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
+        line = await self._auth_line()
+        if line is None:
+            await self.push(str(AUTH_LINE_TOO_LONG))
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
+    async def _auth_line(self) -> bytes | None:
+        """The client's next line, or None when it was too long (and has been read past)."""
+        try:
+            return await self._reader.readuntil()
+        except asyncio.IncompleteReadError as error:
+            return error.partial  # the client went away; as aiosmtpd's readline
+        except asyncio.LimitOverrunError as error:
+            consumed = error.consumed
+        while True:
+            await self._reader.readexactly(consumed)
+            try:
+                await self._reader.readuntil()
+                return None
+            except asyncio.LimitOverrunError as error:
+                consumed = error.consumed
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # aiosmtpd would start TLS inside TLS, with a fresh session and idle timer each time.
+        if self._tls_protocol is not None or self._implicit_tls:
+            await self.push(str(TLS_ALREADY_ACTIVE))
+            return
+        await super().smtp_STARTTLS(arg)
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -427,7 +538,10 @@ class RelaisSMTP(SMTP):
             # Also after a failing hook (aiosmtpd answers it with handle_exception's 451): the
             # transaction is over either way, and the next MAIL must not get "nested MAIL".
             self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+        reply = "250 OK" if status is MISSING else status
+        if reply.startswith("250"):
+            self._junk = 0  # the session is doing work
+        await self.push(reply)
 
     def shut_down(self) -> None:
         """Say 421 4.3.2 and close; only between transactions (see `busy`)."""
@@ -435,7 +549,7 @@ class RelaisSMTP(SMTP):
             return
         self._shutting_down = True
         with contextlib.suppress(Exception):
-            self.transport.write(f"{SHUTTING_DOWN}\r\n".encode())  # type: ignore[attr-defined]
+            _write_now(self.transport, str(SHUTTING_DOWN))
         self.hang_up()
 
     def hang_up(self) -> None:
@@ -467,5 +581,6 @@ class RelaisSMTP(SMTP):
             self._errors += 1
             if self._max_errors and self._errors >= self._max_errors:
                 log.info("%r: %d errors, closing", self.session.peer if self.session else None, self._errors)
+                metrics.observe_smtp_reply(str(TOO_MANY_ERRORS))
                 await super().push(str(TOO_MANY_ERRORS))
                 self.hang_up()

@@ -26,9 +26,11 @@ class Verdict:
 # Connection
 TOO_MANY_CONNECTIONS = Verdict(421, "4.7.0", "Too many connections from your address, try again later")
 TOO_MANY_ERRORS = Verdict(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_JUNK_COMMANDS = Verdict(421, "4.7.0", "Too many commands without mail, closing connection")
 TIMEOUT = Verdict(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Verdict(421, "4.3.2", "Service shutting down, try again later")
 BAD_HELO = Verdict(501, "5.5.4", "Invalid HELO/EHLO name")
+TLS_ALREADY_ACTIVE = Verdict(503, "5.5.1", "TLS already active")
 
 # Authentication
 AUTH_OK = Verdict(235, "2.7.0", "Authentication successful")
@@ -36,12 +38,16 @@ AUTH_REQUIRED = Verdict(530, "5.7.0", "Authentication required")
 AUTH_INVALID = Verdict(535, "5.7.8", "Authentication credentials invalid")
 AUTH_BAD_BASE64 = Verdict(501, "5.5.2", "Cannot decode base64")
 AUTH_MALFORMED = Verdict(501, "5.5.2", "Cannot split AUTH value")
+# RFC 4616 2: an authorization identity other than the authentication identity.
+AUTH_AUTHZID = Verdict(535, "5.7.8", "Authorization identity must match the authentication identity")
 AUTH_THROTTLED = Verdict(454, "4.7.0", "Too many failed authentication attempts, try again later")
 # RFC 4954 §6: the accounts are not read yet (the replica just started and KV is slow).
 AUTH_UNAVAILABLE = Verdict(454, "4.7.0", "Temporary authentication failure, try again later")
 ACCOUNTS_UNAVAILABLE = Verdict(451, "4.3.0", "Accounts not available yet, try again later")
 TOO_MANY_SESSIONS = Verdict(421, "4.7.0", "Too many concurrent sessions for this account")
 AUTH_IN_TRANSACTION = Verdict(503, "5.5.1", "AUTH not permitted during a mail transaction")
+# RFC 4954 4: a response line in the AUTH exchange over the line limit cancels the exchange.
+AUTH_LINE_TOO_LONG = Verdict(500, "5.5.6", "Authentication Exchange line is too long")
 
 # MAIL FROM
 SENDER_NOT_OWNED = Verdict(553, "5.7.1", "Sender address not owned by the authenticated account")

@@ -98,7 +98,9 @@ class IngressService:
         implicit = listener.mode == "implicit-tls"
         # AUTH over plaintext is only allowed where nothing leaves the machine; implicit TLS is
         # encrypted from the first byte, which aiosmtpd cannot see, so it is told explicitly.
-        require_tls = cfg.auth_require_tls and not implicit and not (tls is None and _is_loopback(host))
+        # Behind a PROXY header a loopback listener serves remote clients: no exemption there.
+        local_only = tls is None and _is_loopback(host) and not listener.proxy_protocol
+        require_tls = cfg.auth_require_tls and not implicit and not local_only
         # aiosmtpd's reflective set-up, paid by the listener's first connection only.
         prototype = Prototype()
 

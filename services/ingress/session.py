@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 
+from aiosmtpd.proxy_protocol import V2_CMD
 from aiosmtpd.smtp import Session
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,18 @@ def facts(session: Session) -> SessionFacts:
 
 
 def peer_ip(session: Session) -> str:
-    """The client's address: the PROXY header's when there is one, else the socket's."""
+    """The client's address: the PROXY header's when there is one, else the socket's.
+
+    "" when a PROXY header names no IP address (v1 UNKNOWN, v2 LOCAL, UNSPEC or AF_UNIX): the
+    client is then unknown, not the load balancer, whose address may well be in relay_networks.
+    """
     proxy = session.proxy_data
-    if proxy is not None and getattr(proxy, "src_addr", None):
-        return str(proxy.src_addr)
-    return socket_peer_ip(session)
+    if proxy is None:
+        return socket_peer_ip(session)
+    if getattr(proxy, "command", None) == V2_CMD.LOCAL:
+        return ""  # PROXY protocol 2.2: the addresses, if any, are to be ignored
+    source = getattr(proxy, "src_addr", None)
+    return str(source) if isinstance(source, IPv4Address | IPv6Address) else ""
 
 
 def socket_peer_ip(session: Session) -> str:

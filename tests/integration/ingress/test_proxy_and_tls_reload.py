@@ -61,21 +61,25 @@ def _v2_header(src: str, dst: str, sport: int, dport: int) -> bytes:
     return PROXY_V2_SIG + bytes([0x21, 0x11]) + len(addresses).to_bytes(2, "big") + addresses
 
 
-async def test_proxy_protocol_v1_and_v2_carry_the_client_ip(make_ingress: Callable[..., Any]) -> None:
+async def test_proxy_protocol_v1_and_v2_carry_the_client_ip(
+    make_ingress: Callable[..., Any], pki: TestPKI
+) -> None:
     proxied, direct = free_listen(), free_listen()
     ingress = await make_ingress(
-        ingress={
-            "listeners": [
+        ingress=tls_sections(
+            pki,
+            listeners=[
                 ListenerConfig(listen=proxied, proxy_protocol=True),
                 ListenerConfig(listen=direct),
-            ]
-        }
+            ],
+        )
     )
+    tls = pki.client_context()
     v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 587\r\n"
-    lines = await in_thread(_session, listener(ingress, proxied), v1)
+    lines = await in_thread(_session, listener(ingress, proxied), v1, tls)
     assert any(line.startswith(b"250 2.0.0 Ok: queued") for line in lines), lines
     lines = await in_thread(
-        _session, listener(ingress, proxied), _v2_header("198.51.100.9", "10.0.0.1", 1, 587)
+        _session, listener(ingress, proxied), _v2_header("198.51.100.9", "10.0.0.1", 1, 587), tls
     )
     assert any(line.startswith(b"250 2.0.0 Ok: queued") for line in lines), lines
     # Without the header a proxied listener says nothing and hangs up.
@@ -85,20 +89,44 @@ async def test_proxy_protocol_v1_and_v2_carry_the_client_ip(make_ingress: Callab
     assert b"([203.0.113.7])" in (envs[0].body.inline or b"")
 
 
-async def test_a_proxy_header_counts_only_from_the_load_balancer(make_ingress: Callable[..., Any]) -> None:
+async def test_a_proxy_header_counts_only_from_the_load_balancer(
+    make_ingress: Callable[..., Any], pki: TestPKI
+) -> None:
     # From anyone else, a PROXY header could name any client address, a relay network's
     # included: such a connection is closed before the greeting.
     proxied = free_listen()
     ingress = await make_ingress(
-        ingress={
-            "listeners": [ListenerConfig(listen=proxied, proxy_protocol=True, proxy_from=["127.0.0.2/32"])]
-        }
+        ingress=tls_sections(
+            pki, listeners=[ListenerConfig(listen=proxied, proxy_protocol=True, proxy_from=["127.0.0.2/32"])]
+        )
     )
     v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 587\r\n"
-    assert await in_thread(_session, listener(ingress, proxied), v1, None, "127.0.0.3") == [b""]
-    lines = await in_thread(_session, listener(ingress, proxied), v1, None, "127.0.0.2")
+    tls = pki.client_context()
+    assert await in_thread(_session, listener(ingress, proxied), v1, tls, "127.0.0.3") == [b""]
+    lines = await in_thread(_session, listener(ingress, proxied), v1, tls, "127.0.0.2")
     assert any(line.startswith(b"250 2.0.0 Ok: queued") for line in lines), lines
     assert [e.client_ip for e in await queued(ingress.config.nats.url)] == ["203.0.113.7"]
+
+
+async def test_a_loopback_proxy_listener_offers_no_plaintext_auth(make_ingress: Callable[..., Any]) -> None:
+    # A loopback listener without certificates may take plaintext AUTH only because nothing
+    # leaves the machine; behind PROXY protocol its clients are remote (a local load balancer).
+    proxied = free_listen()
+    ingress = await make_ingress(ingress={"listeners": [ListenerConfig(listen=proxied, proxy_protocol=True)]})
+
+    def scenario() -> tuple[bytes, bytes]:
+        sock = socket.create_connection(listener(ingress, proxied), timeout=10)
+        with sock:
+            sock.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 587\r\nEHLO c.test\r\n")
+            data = b""
+            while not data.endswith(b"250 HELP\r\n"):
+                data += sock.recv(4096)
+            sock.sendall(f"AUTH PLAIN {plain(ACCOUNT, PASSWORD)}\r\n".encode())
+            return data, sock.recv(200)
+
+    ehlo, auth = await in_thread(scenario)
+    assert b"AUTH" not in ehlo, ehlo
+    assert auth.startswith(b"538 5.7.11"), auth
 
 
 async def test_proxy_protocol_client_ip_survives_starttls(
