@@ -16,7 +16,8 @@ from services.ingress.auth import Authenticator, PasswordChecker
 from services.ingress.handler import IngressHandler
 from services.ingress.handoff import Handoff
 from services.ingress.limits import AuthThrottle, ConnectionGate, Counters, MessageRates, SessionRegistry
-from services.ingress.protocol import Prototype, RelaisSMTP
+from services.ingress.protocol import RelaisSMTP
+from services.ingress.prototype import Prototype
 from services.ingress.tls import TlsCertificates
 
 log = logging.getLogger(__name__)

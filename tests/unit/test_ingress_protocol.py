@@ -113,7 +113,8 @@ def test_plain_addresses_parse_exactly_as_aiosmtpd_would() -> None:
 async def test_connections_built_from_the_prototype_match_aiosmtpd_own_setup() -> None:
     import types
 
-    from services.ingress.protocol import Prototype, RelaisSMTP
+    from services.ingress.protocol import RelaisSMTP
+    from services.ingress.prototype import Prototype
 
     class Handler:
         async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
