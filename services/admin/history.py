@@ -15,6 +15,7 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from services.core.addresses import recipient_key
 from services.core.events import Event
 from services.core.topology import EVENTS_STREAM, events_filter
 
@@ -95,13 +96,30 @@ def render_history(message_id: str, events: Sequence[Event]) -> str:
         if e.message_id != message_id:
             rcpts = f"DSN {e.message_id} to {rcpts}"
         lines.append(f"{_when(e.at)}  {e.kind:<10} {rcpts}{attempt}  {where}{reply}{retry_at}".rstrip())
-    own = [e for e in events if e.message_id == message_id]
-    finals = [e for e in own if e.kind in ("delivered", "bounced", "expired", "suppressed")]
-    if finals:
-        lines.append(f"final: {', '.join(sorted({e.kind for e in finals}))}")
-    elif any(e.kind == "deferred" for e in own):
-        lines.append("final: (still queued for retry)")
+    lines += _fate([e for e in events if e.message_id == message_id])
     return "\n".join(lines)
+
+
+FINAL_KINDS = ("delivered", "bounced", "expired", "suppressed")
+
+
+def _fate(own: Sequence[Event]) -> list[str]:
+    """`final: ...` once every recipient has a final event; until then which are still queued:
+    one recipient delivered says nothing about another one deferred."""
+    recipients: dict[str, str] = {}  # recipient key -> the address as first written
+    finals: dict[str, str] = {}  # recipient key -> its final kind
+    for e in own:
+        for rcpt in e.recipients:
+            key = recipient_key(rcpt)
+            recipients.setdefault(key, rcpt)
+            if e.kind in FINAL_KINDS:
+                finals.setdefault(key, e.kind)
+    if not recipients:
+        return []
+    queued = [rcpt for key, rcpt in recipients.items() if key not in finals]
+    if not queued:
+        return [f"final: {', '.join(sorted(set(finals.values())))}"]
+    return [f"still queued: {', '.join(queued)}"]
 
 
 async def show_message(js: JetStreamContext, message_id: str) -> str:

@@ -2,13 +2,18 @@
 site, pauses.
 
 Everything is read from NATS, so it works against any cluster. Rates are measured, not stored:
-the events stream's per-subject counts are sampled twice, `interval` seconds apart.
+the events that arrive during `interval` seconds are counted by kind. (Differences of the events
+stream's stored counts read ~0/s once the stream is as old as its max_age: as many events
+leave it as arrive.)
 """
 
 from __future__ import annotations
 
-import asyncio
+import time
 from dataclasses import dataclass, field
+
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.admin.queue import deferred_by_site, queued_by_site
 from services.core.bus import Bus
@@ -16,8 +21,8 @@ from services.core.pause import Pause, PauseState
 from services.core.topology import (
     EVENT_KINDS,
     EVENTS_STREAM,
-    PREFIX,
     SubjectError,
+    events_filter,
     parse_event_subject,
     pool_of_delivery_consumer,
 )
@@ -56,25 +61,46 @@ class Status:
     paused: list[Pause] = field(default_factory=list)
 
 
-async def _event_counts(bus: Bus) -> dict[str, int]:
-    info = await bus.js.stream_info(EVENTS_STREAM, subjects_filter=f"{PREFIX}.events.>")
+# Events counted per sample at most: the loop ends at the interval's end or at this, whichever
+# comes first, so a burst cannot keep the command running.
+MAX_SAMPLED_EVENTS = 10_000_000
+
+
+async def event_rates(bus: Bus, interval: float, *, limit: int = MAX_SAMPLED_EVENTS) -> dict[str, float]:
+    """Events per second by kind, counted as they arrive for `interval` seconds. Headers only:
+    the subject names the kind, so no event body crosses the wire."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True)
+    sub = await bus.js.subscribe(events_filter(), stream=EVENTS_STREAM, ordered_consumer=True, config=config)
     counts = dict.fromkeys(EVENT_KINDS, 0)
-    for subject, n in (info.state.subjects or {}).items():
-        try:
-            _, kind = parse_event_subject(subject)
-        except SubjectError:
-            continue
-        counts[kind] += n
-    return counts
+    deadline = time.monotonic() + interval
+    try:
+        for _ in range(limit):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            _count(counts, msg.subject)
+    finally:
+        await sub.unsubscribe()
+    return {k: n / interval for k, n in counts.items()}
+
+
+def _count(counts: dict[str, int], subject: str) -> None:
+    try:
+        _, kind = parse_event_subject(subject)
+    except SubjectError:
+        return
+    if kind in counts:
+        counts[kind] += 1
 
 
 async def collect_status(bus: Bus, *, interval: float = 1.0, scan_sites: bool = True) -> Status:
     status = Status(interval=interval)
-    before = await _event_counts(bus)
     if interval > 0:
-        await asyncio.sleep(interval)
-        after = await _event_counts(bus)
-        status.rates = {k: max(0, after[k] - before[k]) / interval for k in EVENT_KINDS}
+        status.rates = await event_rates(bus, interval)
     for info in await bus.js.streams_info():
         name = info.config.name or ""
         if not name.startswith(RELAIS_STREAM_PREFIX):

@@ -20,7 +20,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import Header, RawStreamMsg
+from nats.js.api import Header, PubAck, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from services.core import metrics, telemetry
@@ -123,8 +123,11 @@ class Bus:
         headers: Mapping[str, str] | None = None,
         attributes: Mapping[str, Any] | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - a JetStream ack deadline, not a cancel scope
-    ) -> None:
-        """Publish to JetStream and wait for its ack; raise BrokerUnavailable otherwise."""
+    ) -> PubAck:
+        """Publish to JetStream and wait for its ack; raise BrokerUnavailable otherwise.
+
+        The ack says `duplicate` when the stream already held this msg id (a redelivered stage
+        publishing again): callers that count what they publish must not count it twice."""
         hdrs = dict(headers or {})
         if msg_id:
             hdrs[Header.MSG_ID] = msg_id
@@ -145,6 +148,7 @@ class Bus:
         metrics.PUBLISHED.labels(metrics.subject_family(subject)).inc()
         if ack.duplicate:
             log.debug("duplicate publish to %s suppressed (msg id %s)", subject, msg_id)
+        return ack
 
     async def background(self, work: Coroutine[Any, Any, None], what: str) -> None:
         """Run `work` (a publish outside the durability contract, such as a `deferred` event whose

@@ -11,7 +11,9 @@ the same rules wherever it was decided:
 
 Everything is published (and acknowledged) before the caller acks its input, except the
 `deferred` event: it reports a retry that is already stored, so it goes out in the background
-(`Bus.background`, awaited when the service stops).
+(`Bus.background`, awaited when the service stops). It is recorded (metrics, span event, log
+line) in line, once every other consequence was acknowledged: the background publish runs after
+the attempt's span ended, where a span event is lost.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from services.core.bodies import BodyStore
 from services.core.bus import Bus, patiently
 from services.core.config import RetryConfig
 from services.core.envelope import Attempt, BounceNotice, Envelope
-from services.core.events import event_for, publish_event
+from services.core.events import Event, event_for, publish_event, record_event
 from services.core.outcome import EXPIRED, Bounced, Deferred, Delivered, Outcome, Reply
 from services.core.schedule import next_attempt_at, publish_at
 from services.core.topology import bounce_subject, route_retry_subject, route_subject
@@ -74,8 +76,8 @@ async def settle(
     decided_at = time.time() if now is None else now
     seed = (rng or random.Random()).random()
 
-    async def attempt() -> None:
-        await _settle_once(
+    async def attempt() -> Event | None:
+        return await _settle_once(
             bus,
             bodies,
             retry,
@@ -88,7 +90,20 @@ async def settle(
             facts=facts,
         )
 
-    await patiently(attempt, f"outcomes of {env.key}")
+    deferred = await patiently(attempt, f"outcomes of {env.key}")
+    if deferred is not None:
+        await _report_deferred(bus, deferred, env)
+
+
+async def _report_deferred(bus: Bus, event: Event, env: Envelope) -> None:
+    """Record the `deferred` event here, in the attempt's span and once however many times
+    `_settle_once` ran; its publish only reports a stored retry, so it does not hold the ack."""
+    record_event(event)
+    key = env.key
+    await bus.background(
+        publish_event(bus, event, msg_id=f"dfr-{key}-{env.attempt_count + 1}", record=False),
+        f"deferred event of {key}",
+    )
 
 
 async def _settle_once(
@@ -103,15 +118,17 @@ async def _settle_once(
     now: float,
     rng: random.Random,
     facts: Mapping[str, object] | None,
-) -> None:
-    """Publish every consequence of one attempt. `facts` (mx_address, tls_version, tls_cipher,
-    duration_ms) describe the SMTP attempt and go into its delivered/deferred events."""
+) -> Event | None:
+    """Publish every consequence of one attempt but the `deferred` event, which it returns (None
+    when nothing was retried) for `settle` to report. `facts` (mx_address, tls_version,
+    tls_cipher, duration_ms) describe the SMTP attempt and go into its delivered/deferred events."""
     extra = dict(facts or {})
     delivered = [o for o in outcomes if isinstance(o, Delivered)]
     deferred = [o for o in outcomes if isinstance(o, Deferred)]
     bounced = [o for o in outcomes if isinstance(o, Bounced)]
     key = env.key
     round_no = env.attempt_count + 1
+    deferred_event: Event | None = None
 
     if deferred:
         reply = deferred[0].reply
@@ -148,24 +165,15 @@ async def _settle_once(
                 headers={"traceparent": env.trace_context} if env.trace_context else None,
                 attributes={"relais.message_id": env.id, "relais.attempt": round_no},
             )
-            # Not part of the durability contract: the retry above is what must be stored
-            # before the ack; the event only reports it. So it does not hold the ack back.
-            await bus.background(
-                publish_event(
-                    bus,
-                    event_for(
-                        "deferred",
-                        attempted,
-                        again.recipients,
-                        reply,
-                        mx_host=mx_host,
-                        source_ip=source_ip,
-                        detail={"retry_at": f"{at:.0f}"},
-                        **extra,
-                    ),
-                    msg_id=f"dfr-{key}-{round_no}",
-                ),
-                f"deferred event of {key}",
+            deferred_event = event_for(
+                "deferred",
+                attempted,
+                again.recipients,
+                reply,
+                mx_host=mx_host,
+                source_ip=source_ip,
+                detail={"retry_at": f"{at:.0f}"},
+                **extra,
             )
 
     if bounced:
@@ -183,11 +191,12 @@ async def _settle_once(
         )
 
     if delivered:
+        # Numbered like the deferred and bounced events of the same attempt: the first try is 1.
         await publish_event(
             bus,
             event_for(
                 "delivered",
-                env,
+                env.with_attempt(Attempt(now, delivered[0].reply, mx_host, source_ip)),
                 [o.recipient for o in delivered],
                 delivered[0].reply,
                 mx_host=mx_host,
@@ -199,3 +208,4 @@ async def _settle_once(
 
     if not deferred and not bounced:
         await bodies.release(env.body, key)
+    return deferred_event

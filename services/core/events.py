@@ -111,9 +111,11 @@ async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None, re
     """Publish one event; the msg id makes a redelivered stage's republish a no-op.
 
     `record=False` when the caller already called `record_event` (the ingress records `accepted`
-    at its 250 and publishes the event after answering)."""
-    await bus.publish(event_subject(event.account, event.kind), event.to_json(), msg_id=msg_id)
-    if record:
+    at its 250 and publishes the event after answering). A duplicate (the stream already held
+    the msg id: a redelivery, or `settle` trying again) is not recorded: it was counted when
+    it was first stored."""
+    ack = await bus.publish(event_subject(event.account, event.kind), event.to_json(), msg_id=msg_id)
+    if record and not ack.duplicate:
         record_event(event)
 
 

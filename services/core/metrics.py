@@ -119,7 +119,7 @@ SMTP_SESSIONS = Counter(
 TLS_RECIPIENTS = Counter(
     "relais_tls_recipients",
     "Recipients by the TLS version of their SMTP transaction ('none': plaintext): inbound when "
-    "accepted, outbound per delivered or deferred attempt",
+    "accepted, outbound per delivered or deferred SMTP transaction",
     ["direction", "version"],
     registry=REGISTRY,
 )
@@ -188,7 +188,10 @@ def observe_event(event: Any) -> None:
         TLS_RECIPIENTS.labels("inbound", getattr(event, "tls_version", "") or "none").inc(n)
         return
     RECIPIENTS.labels(kind, event.pool, event.source_ip, SITES.label(event.site)).inc(n)
-    if kind in ("delivered", "deferred") and event.mx_host != "mailbox":
+    if kind in ("delivered", "deferred") and getattr(event, "mx_address", ""):
+        # Only attempts that reached an MX's transaction have a TLS version, or none: a deferral
+        # without an SMTP session (DNS, warm-up, connect failure) or the capture mailbox is
+        # neither encrypted nor plaintext mail.
         TLS_RECIPIENTS.labels("outbound", getattr(event, "tls_version", "") or "none").inc(n)
     if kind in ("bounced", "expired"):
         category = (event.detail or {}).get("category", "") or kind

@@ -49,15 +49,20 @@ class DeliveryCollector(Collector):
         sources: dict[str, int] = {}
         reasons: dict[str, int] = {}
         rules: dict[tuple[str, str], int] = {}
+        down: set[str] = set()
         for worker in workers:
+            # The gauge is what is skipped now (a source that binds again leaves it); the marks
+            # count every time one was found unbindable.
+            down |= worker.health.unhealthy
             for address, count in worker.health.unhealthy_total.items():
                 sources[address] = sources.get(address, 0) + count
             for reason, count in worker.postponed.items():
                 reasons[reason] = reasons.get(reason, 0) + count
             for key, count in worker.pushbacks.items():
                 rules[key] = rules.get(key, 0) + count
-        for address, count in sorted(sources.items()):
+        for address in sorted(down):
             unhealthy.add_metric([address or "any"], 1)
+        for address, count in sorted(sources.items()):
             marks.add_metric([address or "any"], count)
         for reason, count in sorted(reasons.items()):
             postponed.add_metric([reason], count)

@@ -20,6 +20,7 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from services.core import bus as transport
+from services.core import metrics
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus
 from services.core.config import Config
@@ -305,7 +306,9 @@ class DeliveryService:
                 continue
             rule = self.shaping.pushback_for(reply, site)
             if rule is not None:
-                self.pushbacks[(site, rule.name)] += 1
+                # Capped like relais_recipients_total's site: one series per long-tail domain
+                # would grow without bound (and this counter with it).
+                self.pushbacks[(metrics.SITES.label(site), rule.name)] += 1
                 await self.control.push_back(source.address, site, rule, reply)
                 # Consume one slot at the reduced rate now, so the next message waits its turn.
                 await self.limits.reserve(

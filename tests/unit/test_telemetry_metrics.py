@@ -126,7 +126,11 @@ def test_tls_usage_counts_recipients_inbound_from_the_envelope_and_outbound_per_
     metrics.observe_event(accepted)
     assert sample("relais_tls_recipients_total", direction="inbound", version="TLSv1.3") == inbound + 2
     plain = sample("relais_tls_recipients_total", direction="outbound", version="none")
-    metrics.observe_event(event_for("deferred", envelope(), ["a@alpha.test"], Reply(451, "4.3.0", "later")))
+    later = Reply(451, "4.3.0", "later")
+    metrics.observe_event(event_for("deferred", envelope(), ["a@alpha.test"], later, mx_address="127.0.0.2"))
+    assert sample("relais_tls_recipients_total", direction="outbound", version="none") == plain + 1
+    # No MX was reached (DNS, connect failure): no transaction, so neither TLS nor plaintext.
+    metrics.observe_event(event_for("deferred", envelope(), ["a@alpha.test"], later))
     assert sample("relais_tls_recipients_total", direction="outbound", version="none") == plain + 1
 
 

@@ -24,7 +24,7 @@ async def test_tempfail_twice_then_accept(make_stack, make_sink) -> None:
         assert event.duration_ms >= 0 and event.reply is not None
         assert event.recipients == ["t@alpha.test"] and event.message_id == delivered.message_id
     assert [e.reply["code"] for e in deferred] == [451, 451]
-    assert delivered.reply["code"] == 250 and delivered.attempt == 2
+    assert delivered.reply["code"] == 250 and delivered.attempt == 3, "the third attempt"
     await asyncio.sleep(2.5)  # longer than a retry interval: nothing else may arrive
     assert len(sink.messages) == 1
     assert sink.data_commands == 3

@@ -63,10 +63,30 @@ async def test_message_shows_acceptance_each_attempt_with_its_reply_and_the_outc
     deferred = [line for line in lines if " deferred " in line]
     assert all("451" in line and "next try" in line for line in deferred), out
     assert "attempt 1" in deferred[0] and "attempt 2" in deferred[1]
+    (delivered_line,) = [line for line in lines if " delivered " in line]
+    assert "attempt 3" in delivered_line, out
     assert lines[-1] == "final: delivered"
 
     rc, out = await relais("message", "0190000000000000000000", nats_url=stack.config.nats.url)
     assert rc == 1 and "no events" in out
+
+
+async def test_message_is_not_final_while_a_recipient_is_still_queued(make_stack, make_sink) -> None:
+    # Retries an hour apart: beta.test's recipient stays deferred while alpha.test's is delivered.
+    stack = await make_stack(retry={"base_delay": HOUR, "max_delay": HOUR, "max_age": 24 * HOUR})
+    make_sink("127.0.0.2")
+    make_sink("127.0.0.3").tempfail_data = 1
+    recipients = ["a@alpha.test", "b@beta.test"]
+    code, reply = await asubmit(stack.smtp_address, recipients=recipients, data=message())
+    assert code == 250
+    mid = queued_id(reply)
+    url = stack.config.nats.url
+    await wait_for_events(url, "delivered", 1)
+    await wait_for_events(url, "deferred", 1)
+    rc, out = await relais("message", mid, nats_url=url)
+    assert rc == 0, out
+    assert "final:" not in out, out
+    assert out.splitlines()[-1] == "still queued: b@beta.test", out
 
 
 async def test_pause_and_resume_show_in_status(stack: RelaisStack) -> None:

@@ -202,3 +202,21 @@ async def test_a_webhook_post_is_linked_to_the_trace_of_each_message_it_reports(
     assert linked_traces.count(trace_id) >= 2
     assert all(p.attributes[t.ACCOUNT] == "acme" for p in posts)
     assert {p.attributes["http.response.status_code"] for p in posts} == {200}
+
+
+async def test_a_deferred_attempt_carries_its_deferred_event(stack: RelaisStack, make_sink, spans) -> None:
+    # The event is published in the background, after the attempt's span ended: it must be
+    # recorded on the span before that, as `accepted` is at the ingress.
+    sink = make_sink("127.0.0.2")
+    sink.tempfail_data = 1
+    code, reply = await asubmit(stack.smtp_address, recipients=["d@alpha.test"], data=message())
+    assert code == 250
+    mid = queued_id(reply)
+    got = await wait_for_spans(spans, finished_with(mid, "delivered"), within=30)
+    first, second = attempts_of(trace_of(got, mid), mid)
+    (deferred,) = [e for e in first.events if e.name == "relais.deferred"]
+    assert deferred.attributes[t.REPLY_CODE] == 451
+    assert deferred.attributes[t.RECIPIENTS] == "d@alpha.test"
+    assert deferred.attributes[t.ATTEMPT] == 1
+    (delivered,) = [e for e in second.events if e.name == "relais.delivered"]
+    assert delivered.attributes[t.ATTEMPT] == 2, "numbered like the deferral before it"

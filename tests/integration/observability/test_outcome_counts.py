@@ -1,0 +1,86 @@
+"""Outcome counters count each recipient's outcome once, and only what they say they count."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.core import metrics
+from services.core.bus import Bus
+from services.core.envelope import BodyRef, Envelope
+from services.core.events import event_for, publish_event
+from services.core.outcome import Reply
+from tests.support.relais import SENDER_DOMAIN, asubmit, message, wait_for_events
+
+USER_UNKNOWN = Reply(550, "5.1.1", "User unknown", "RCPT")
+
+
+def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(data: dict, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in data.items() if n == name and want <= lbl)
+
+
+def envelope(pool: str) -> Envelope:
+    return Envelope(
+        id="m-dup",
+        job_id="m-dup-x",
+        sender=f"s@{SENDER_DOMAIN}",
+        recipients=("gone@x.test",),
+        account="acme",
+        sender_domain=SENDER_DOMAIN,
+        body=BodyRef(size=1, inline=b"x"),
+        pool=pool,
+        site="x.test",
+    )
+
+
+async def test_an_outcome_published_again_is_counted_once(topology_bus: Bus) -> None:
+    # A redelivered bounce notice, or `settle` trying again after a timed-out publish that was
+    # stored all the same, publishes the same event (same msg id) a second time.
+    pool = "dup-pool"  # a pool of this test only: the registry is shared by the whole process
+    event = event_for("bounced", envelope(pool), ["gone@x.test"], USER_UNKNOWN, detail={"category": "bad"})
+    before = scrape()
+    await publish_event(topology_bus, event, msg_id="bounced-m-dup-1-gone@x.test")
+    await publish_event(topology_bus, event, msg_id="bounced-m-dup-1-gone@x.test")
+    after = scrape()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("relais_recipients_total", outcome="bounced", pool=pool) == 1
+    assert delta("relais_bounces_total", pool=pool) == 1
+
+
+async def test_a_deferral_without_an_smtp_session_is_not_counted_as_plaintext(make_stack, zone) -> None:
+    zone.add("flaky.test", "MX", "10 mx.flaky.test.")
+    zone.set_servfail("flaky.test")
+    stack = await make_stack()
+    before = scrape()
+    code, _ = await asubmit(stack.smtp_address, recipients=["f@flaky.test"], data=message())
+    assert code == 250
+    await wait_for_events(stack.config.nats.url, "deferred", 1)
+    deadline = time.monotonic() + 10
+    while True:  # the event is stored a moment before it is counted
+        after = scrape()
+        deferred = value(after, "relais_recipients_total", outcome="deferred") - value(
+            before, "relais_recipients_total", outcome="deferred"
+        )
+        if deferred >= 1 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert deferred >= 1
+    plaintext = value(after, "relais_tls_recipients_total", direction="outbound") - value(
+        before, "relais_tls_recipients_total", direction="outbound"
+    )
+    assert plaintext == 0, "no SMTP session took place: neither TLS nor plaintext"
