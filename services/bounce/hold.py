@@ -174,6 +174,12 @@ class Windows:
         )
 
 
+class NewerFlushRequest(ValueError):
+    """A flush request of a later release (see `bus.undecodable`)."""
+
+    later_release = True
+
+
 @dataclass(frozen=True, slots=True)
 class FlushRequest:
     """The payload of a window's schedule, i.e. of the flush it fires. Only the bounce service
@@ -189,8 +195,11 @@ class FlushRequest:
     def from_json(cls, data: bytes) -> FlushRequest:
         try:
             wire: dict[str, Any] = json.loads(data)
-            if wire.get("v") != _SCHEMA:
-                raise ValueError(f"unsupported flush request version {wire.get('v')!r}")
+            version = wire.get("v")
+            if isinstance(version, int) and version > _SCHEMA:
+                raise NewerFlushRequest(f"flush request version {version}, this release reads {_SCHEMA}")
+            if version != _SCHEMA:
+                raise ValueError(f"unsupported flush request version {version!r}")
             return cls(str(wire["message_id"]), str(wire["window"]))
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed flush request: {exc!r}") from exc

@@ -156,7 +156,7 @@ class BounceService:
         try:
             request = FlushRequest.from_json(msg.data)
         except ValueError as exc:
-            raise transport.Poison(str(exc)) from exc
+            raise transport.undecodable(exc) from exc
         mid, wid = request.message_id, request.window_id
         with consumer_span(bounce_flush_subject(), msg.headers, {MESSAGE_ID: mid, "relais.dsn_id": wid}):
             window = await self._hold.close(mid, wid)
@@ -166,7 +166,11 @@ class BounceService:
             for nid, payload in await self._hold.notices(mid, window.members):
                 try:
                     notices.append(BounceNotice.from_msgpack(payload))
-                except EnvelopeDecodeError:
+                except EnvelopeDecodeError as exc:
+                    if exc.later_release:
+                        # A later release held it: its replicas send this DSN (the window is
+                        # closed, so a flush again only finishes it); dropped, it was lost.
+                        raise transport.undecodable(exc) from exc
                     log.error("dropping undecodable held notice %s of %s", nid, mid)
             missing = len(window.members) - len(notices)
             if missing and not window.sent:
