@@ -133,6 +133,15 @@ def record_event(event: Event) -> None:
         event_log.exception("recording %s event of %s failed", event.kind, event.message_id)
 
 
+def annotate_event(event: Event) -> None:
+    """Only the span event of an outcome (`record_event` counts and logs it too), for an event
+    published after the span it belongs to has ended; never raises."""
+    try:
+        telemetry.annotate_outcome(event.kind, outcome_attributes(event))
+    except Exception:
+        event_log.exception("annotating %s event of %s failed", event.kind, event.message_id)
+
+
 def log_event(event: Event, attributes: dict[str, object]) -> None:
     """The event as one structured log line: message id, trace id and the outcome's facts."""
     if not event_log.isEnabledFor(logging.INFO):

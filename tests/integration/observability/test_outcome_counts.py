@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.core import metrics
+from services.core.bodies import BodyStore
 from services.core.bus import Bus
+from services.core.config import RetryConfig
+from services.core.disposition import settle
 from services.core.envelope import BodyRef, Envelope
 from services.core.events import event_for, publish_event
-from services.core.outcome import Reply
+from services.core.outcome import Deferred, Reply
 from tests.support.relais import SENDER_DOMAIN, asubmit, message, wait_for_events
 
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown", "RCPT")
@@ -84,3 +88,21 @@ async def test_a_deferral_without_an_smtp_session_is_not_counted_as_plaintext(ma
         before, "relais_tls_recipients_total", direction="outbound"
     )
     assert plaintext == 0, "no SMTP session took place: neither TLS nor plaintext"
+
+
+async def test_a_redelivered_deferral_is_counted_once(topology_bus: Bus) -> None:
+    # The same attempt settled twice (its job redelivered after the first settle): the
+    # deferred event goes out in the background, and its duplicate must not count again.
+    pool = "dup-deferred-pool"
+    env = dataclasses.replace(envelope(pool), received_at=time.time())
+    outcomes = [Deferred("gone@x.test", Reply(451, "4.3.0", "Try later", "RCPT"))]
+    bodies = BodyStore(topology_bus.js, 128 * 1024)
+    before = scrape()
+    for _ in range(2):
+        await settle(topology_bus, bodies, RetryConfig(), env, outcomes)
+    await topology_bus.flush()
+    after = scrape()
+    deferred = value(after, "relais_recipients_total", outcome="deferred", pool=pool) - value(
+        before, "relais_recipients_total", outcome="deferred", pool=pool
+    )
+    assert deferred == 1
