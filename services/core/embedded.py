@@ -6,8 +6,10 @@ points the services at an external JetStream cluster instead.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -97,6 +99,28 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
 
 
+def _info_server_name(host: str, port: int) -> str:
+    """The `server_name` of the nats-server greeting on host:port; "" when none greets."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.settimeout(0.5)
+            greeting = b""
+            while not greeting.endswith(b"\r\n") and len(greeting) < 65536:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                greeting += chunk
+    except OSError:
+        return ""
+    verb, _, body = greeting.partition(b" ")
+    if verb != b"INFO":
+        return ""
+    try:
+        return str(json.loads(body).get("server_name", ""))
+    except ValueError:
+        return ""
+
+
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
     """Ask a child to exit with `sig`; SIGKILL it if it is still running after `grace` seconds."""
     if proc.poll() is not None:
@@ -141,11 +165,15 @@ class EmbeddedNats:
     # container's CPU limit). Nodes of a cluster that share one machine are given their share.
     cpus: int = 0
     process: subprocess.Popen[bytes] | None = None
+    # Its name in the INFO greeting, so `start` knows the server answering is this one.
+    server_name: str = ""
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
         if not self.port:
             self.port = free_port(self.host)
+        if not self.server_name:
+            self.server_name = self.peer.name if self.peer else f"relais-{secrets.token_hex(6)}"
 
     @property
     def url(self) -> str:
@@ -166,8 +194,8 @@ class EmbeddedNats:
         ]
         if self.monitor_port:
             lines.append(f'http: "{self.host}:{self.monitor_port}"')
+        lines.insert(0, f'server_name: "{self.server_name}"')
         if self.peer is not None:
-            lines.insert(0, f'server_name: "{self.peer.name}"')
             routes = ", ".join(f'"nats-route://{self.host}:{p}"' for p in self.peer.routes)
             lines += [
                 "cluster {",
@@ -201,21 +229,16 @@ class EmbeddedNats:
             self._wait_listening()
 
     def _wait_listening(self, timeout: float = 10.0) -> None:
-        """Until the port accepts while our process runs. A server that exits (its port taken,
-        a bad config) or never listens is stopped and reported, not left behind."""
+        """Until this server greets on its port. One that exits (its port taken, a bad config)
+        or never greets is stopped and reported, not left behind; another process answering
+        on the port is not taken for it."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
-        while self.process.poll() is None:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if _info_server_name(self.host, self.port) == self.server_name:
+                return
+            time.sleep(0.02)
         code = self.process.poll()
-        if code is None and time.monotonic() <= deadline:
-            return
         self.stop(timeout=2.0)
         why = f"exited with {code}" if code is not None else f"did not listen within {timeout}s"
         raise RuntimeError(f"nats-server on {self.host}:{self.port} {why}; see {self.log_file}")

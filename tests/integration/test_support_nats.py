@@ -57,10 +57,11 @@ def _environ(node: EmbeddedNats) -> dict[str, str]:
 
 
 def test_a_server_that_cannot_listen_is_stopped_and_reported(tmp_path: Path) -> None:
-    # Its port is taken by a socket that never accepts: nats-server exits, and start() says so
-    # instead of leaving a child behind for a fixture that never yields.
+    # Its port is taken by another listener: nats-server exits, and start() says so instead of
+    # taking the other listener for it, or leaving a child behind for a fixture never yielded.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
+        taken.listen()
         port = taken.getsockname()[1]
         server = EmbeddedNats(store_dir=tmp_path / "nats", port=port, log_file=tmp_path / "nats.log")
         with pytest.raises(RuntimeError, match=r"exited|did not listen"):
