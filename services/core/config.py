@@ -355,6 +355,10 @@ def _validate_numbers(config: Config) -> None:
         raise ConfigError("retry.jitter: expected a fraction between 0 and 1")
     if config.bounce.webhook_retry_max < config.bounce.webhook_retry_base:
         raise ConfigError("bounce.webhook_retry_max: must be >= bounce.webhook_retry_base")
+    if 0 < nats.events_max_age < config.bounce.webhook_retry_max:
+        # An account's webhook consumer goes after events_max_age without a pull, and a failing
+        # webhook is not pulled from for up to webhook_retry_max: it would go with its events.
+        raise ConfigError("nats.events_max_age: must be 0 (no limit) or >= bounce.webhook_retry_max")
 
 
 def _validate_ingress(config: Config) -> None:

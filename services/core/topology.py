@@ -414,7 +414,7 @@ async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, rec
         except NotFoundError:
             existing = None
         if existing is not None:
-            if existing.config.inactive_threshold != idle_limit:
+            if (existing.config.inactive_threshold or 0.0) != idle_limit:  # the server omits 0
                 # Made by a release that deleted unwanted consumers itself.
                 existing.config.inactive_threshold = idle_limit
                 await js.add_consumer(binding.stream, existing.config)

@@ -115,6 +115,7 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ("[nats]\npublish_timeout = 0\n", "nats.publish_timeout"),
         ("[nats]\nack_wait = 1\n", "nats.ack_wait"),
         ('[nats]\nevents_max_age = "2m"\n', "nats.events_max_age"),
+        ('[nats]\nevents_max_age = "5m"\n[bounce]\nwebhook_retry_max = "10m"\n', "webhook_retry_max"),
         ('[retry]\nbase_delay = "2h"\nmax_delay = "1h"\n', "retry.max_delay"),
         ("[retry]\njitter = 1.5\n", "retry.jitter"),
     ],

@@ -138,3 +138,25 @@ async def test_the_shared_consumer_of_an_earlier_release_is_replaced_without_a_g
             await bus.js.consumer_info(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
     finally:
         await bus.close()
+
+
+async def test_a_consumer_without_an_idle_limit_is_left_as_it_is(nats_server: EmbeddedNats) -> None:
+    # events_max_age 0 (keep events for ever): the server reads the limit back as absent, which
+    # must not count as a difference to write again at every start and every minute.
+    bus = await connect(NatsConfig(url=nats_server.url), "test-webhooks-consumer")
+    try:
+        forever = Config(nats=NatsConfig(url=nats_server.url, events_max_age=0), accounts={"hooked": HOOK})
+        await ensure_topology(bus.js, forever)
+        writes = []
+        add_consumer = bus.js.add_consumer
+
+        async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            writes.append(args)
+            return await add_consumer(*args, **kwargs)
+
+        bus.js.add_consumer = counted  # type: ignore[method-assign]
+        await ensure_webhooks_consumers(bus.js, forever, reconcile=True)
+        await ensure_webhooks_consumers(bus.js, forever, reconcile=True)
+        assert writes == []
+    finally:
+        await bus.close()
