@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.core import metrics
 from services.core.bus import Bus
@@ -12,15 +11,8 @@ from services.core.embedded import EmbeddedNats
 from services.delivery import sources
 from services.delivery.service import DeliveryService
 from tests.integration.delivery.conftest import SOURCE_B, pools, submit_many
+from tests.support.prom import scrape
 from tests.support.relais import wait_for_events
-
-
-def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
 
 
 def unhealthy(address: str) -> float:

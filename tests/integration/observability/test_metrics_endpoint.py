@@ -13,11 +13,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from services.core.config import replace
 from services.core.embedded import EmbeddedNats, free_port
 from services.core.runtime import start_bus, start_health
+from tests.support.prom import samples, value
 from tests.support.relais import (
     ACCOUNT,
     PASSWORD,
@@ -48,20 +47,6 @@ def get(url: str) -> tuple[int, str]:
 
 async def aget(url: str) -> tuple[int, str]:
     return await asyncio.to_thread(get, url)
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(data: dict, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, lbl), v in data.items() if n == name and want <= lbl)
 
 
 async def test_metrics_endpoint_counts_a_run_and_reports_queue_depth(stack: RelaisStack, make_sink) -> None:

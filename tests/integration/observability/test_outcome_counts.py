@@ -6,9 +6,6 @@ import asyncio
 import dataclasses
 import time
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from services.core import metrics
 from services.core.bodies import BodyStore
 from services.core.bus import Bus
 from services.core.config import RetryConfig
@@ -16,23 +13,10 @@ from services.core.disposition import settle
 from services.core.envelope import BodyRef, Envelope
 from services.core.events import event_for, publish_event
 from services.core.outcome import Deferred, Reply
+from tests.support.prom import scrape, value
 from tests.support.relais import SENDER_DOMAIN, asubmit, message, wait_for_events
 
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown", "RCPT")
-
-
-def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(data: dict, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, lbl), v in data.items() if n == name and want <= lbl)
 
 
 def envelope(pool: str) -> Envelope:
