@@ -6,7 +6,7 @@ import asyncio
 
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-from services.core.bus import connect, consume
+from services.core.bus import Bus, connect, consume
 from services.core.config import NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.topology import ConsumerBinding
@@ -14,16 +14,20 @@ from services.core.topology import ConsumerBinding
 ACK_WAIT = 2.0
 
 
+async def work_queue(bus: Bus, stream: str, name: str, *, ack_wait: float) -> ConsumerBinding:
+    """A stream of `name.>` and a durable pull consumer `name` on it, acked explicitly."""
+    await bus.js.add_stream(StreamConfig(name=stream, subjects=[f"{name}.>"]))
+    config = ConsumerConfig(
+        durable_name=name, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=-1
+    )
+    await bus.js.add_consumer(stream, config)
+    return ConsumerBinding(stream, name, f"{name}.>")
+
+
 async def test_slow_handler_is_kept_in_progress_and_runs_once(nats_server: EmbeddedNats) -> None:
     bus = await connect(NatsConfig(url=nats_server.url), "test-consume")
     try:
-        await bus.js.add_stream(StreamConfig(name="SLOW", subjects=["slow.>"]))
-        await bus.js.add_consumer(
-            "SLOW",
-            ConsumerConfig(
-                durable_name="slow", ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT, max_deliver=-1
-            ),
-        )
+        binding = await work_queue(bus, "SLOW", "slow", ack_wait=ACK_WAIT)
         for i in range(3):
             await bus.publish(f"slow.{i}", b"x")
         calls: list[str] = []
@@ -36,7 +40,7 @@ async def test_slow_handler_is_kept_in_progress_and_runs_once(nats_server: Embed
         task = asyncio.create_task(
             consume(
                 bus,
-                ConsumerBinding("SLOW", "slow", "slow.>"),
+                binding,
                 handler,
                 concurrency=8,
                 stop=stop,
@@ -61,13 +65,7 @@ async def test_after_an_outage_a_consumer_takes_no_more_than_its_concurrency(
     # waited past ack_wait were redelivered and handled twice.
     bus = await connect(NatsConfig(url=nats_server.url), "test-consume")
     try:
-        await bus.js.add_stream(StreamConfig(name="OUT", subjects=["out.>"]))
-        await bus.js.add_consumer(
-            "OUT",
-            ConsumerConfig(
-                durable_name="out", ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT, max_deliver=-1
-            ),
-        )
+        binding = await work_queue(bus, "OUT", "out", ack_wait=ACK_WAIT)
         calls: list[str] = []
         running = peak = 0
 
@@ -85,7 +83,7 @@ async def test_after_an_outage_a_consumer_takes_no_more_than_its_concurrency(
         task = asyncio.create_task(
             consume(
                 bus,
-                ConsumerBinding("OUT", "out", "out.>"),
+                binding,
                 handler,
                 concurrency=4,
                 batch=4,
@@ -121,11 +119,7 @@ async def test_progress_follows_the_consumers_ack_wait_on_the_server(nats_server
     # it, a replica pacing "in progress" by its own longer one lost its messages to others.
     bus = await connect(NatsConfig(url=nats_server.url), "test-consume")
     try:
-        await bus.js.add_stream(StreamConfig(name="PACE", subjects=["pace.>"]))
-        await bus.js.add_consumer(
-            "PACE",
-            ConsumerConfig(durable_name="pace", ack_policy=AckPolicy.EXPLICIT, ack_wait=3.0, max_deliver=-1),
-        )
+        binding = await work_queue(bus, "PACE", "pace", ack_wait=3.0)
         await bus.publish("pace.0", b"x")
         calls: list[str] = []
 
@@ -138,7 +132,7 @@ async def test_progress_follows_the_consumers_ack_wait_on_the_server(nats_server
             asyncio.create_task(
                 consume(
                     bus,
-                    ConsumerBinding("PACE", "pace", "pace.>"),
+                    binding,
                     handler,
                     concurrency=4,
                     stop=stop,
