@@ -68,6 +68,8 @@ HEADER_TOO_BIG = Verdict(552, "5.3.4", "Message header size exceeds limit")
 LINE_TOO_LONG = Verdict(554, "5.6.0", "Message line longer than 998 octets (RFC 5322 2.1.1)")
 BARE_LINE_ENDING = Verdict(554, "5.6.0", "Message contains bare CR or LF line endings (see RFC 5321 2.3.8)")
 NUL_BYTES = Verdict(554, "5.6.0", "Message contains NUL characters")
+# RFC 3463: 5.4.6 routing loop detected.
+TOO_MANY_HOPS = Verdict(554, "5.4.6", "Too many hops (Received: fields), mail loop?")
 NEEDS_8BITMIME = Verdict(554, "5.6.1", "8-bit message content requires BODY=8BITMIME")
 FROM_NOT_OWNED = Verdict(550, "5.7.1", "From: header domain not owned by the authenticated account")
 POOL_NOT_ALLOWED = Verdict(550, "5.7.1", "X-Relais-Pool names a pool this account may not use")
