@@ -31,11 +31,20 @@ SUBJECT_DELIVERED = "Successful Mail Delivery Report"
 
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 
+# Diagnostic-Code types (RFC 3464 section 2.3.6): "smtp" says an SMTP server gave the reply, so a
+# reply Relais made itself (null MX, DNS, suppression, expiry) carries Relais' own type, as
+# Postfix writes "X-Postfix" for its own.
+DIAGNOSTIC_SMTP = "smtp"
+DIAGNOSTIC_LOCAL = "x-relais"
+# `Reply.command` values naming a decision made inside Relais, not an SMTP stage.
+LOCAL_STAGES = frozenset({"DNS", "QUEUE", "ADMIN"})
+
 _CRLF = b"\r\n"
 _MAX_LINE = 998
 _FOLD_WIDTH = 78
 _TEXT_WIDTH = 76
 _STATUS_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_DIAGNOSTIC_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 # "rfc822; bob@x", "dns;mx.example": the value already names its type (RFC 3464 section 2.1.2).
 _TYPED_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*[ \t]*;")
 _NEWLINE_RE = re.compile(rb"\r\n|\r|\n")
@@ -55,6 +64,7 @@ class RecipientStatus:
     original_recipient: str | None = None
     last_attempt: datetime | None = None
     will_retry_until: datetime | None = None
+    diagnostic_type: str = DIAGNOSTIC_SMTP
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -63,12 +73,19 @@ class RecipientStatus:
             raise ValueError(f"status must be an enhanced status code like 5.1.1, not {self.status!r}")
         if self.will_retry_until is not None and self.action != "delayed":
             raise ValueError("will_retry_until only makes sense for action 'delayed'")
+        if not _DIAGNOSTIC_TYPE_RE.fullmatch(self.diagnostic_type):
+            raise ValueError(f"diagnostic_type must be an atom like 'smtp', not {self.diagnostic_type!r}")
         _single_line("final_recipient", self.final_recipient, required=True)
         _single_line("remote_mta", self.remote_mta)
         _single_line("original_recipient", self.original_recipient)
         for when in (self.last_attempt, self.will_retry_until):
             if when is not None:
                 _date(when)
+
+
+def diagnostic_type(command: str) -> str:
+    """The Diagnostic-Code type of a reply drawn at `command` (`Reply.command`)."""
+    return DIAGNOSTIC_LOCAL if command.upper() in LOCAL_STAGES else DIAGNOSTIC_SMTP
 
 
 def build_dsn(
@@ -258,9 +275,11 @@ def _delivery_status(
     arrival_date: datetime,
     envelope_id: str | None,
 ) -> bytes:
-    fields = [("Reporting-MTA", _typed(reporting_mta, "dns"))]
+    # RFC 3464 section 2.2's order: original-envelope-id first, then reporting-mta.
+    fields: list[tuple[str, str]] = []
     if envelope_id is not None:
         fields.append(("Original-Envelope-Id", _ascii(envelope_id)))
+    fields.append(("Reporting-MTA", _typed(reporting_mta, "dns")))
     fields.append(("Arrival-Date", _date(arrival_date)))
     blocks = [fields]
     for r in recipients:
@@ -273,7 +292,7 @@ def _delivery_status(
         if r.remote_mta is not None:
             block.append(("Remote-MTA", _typed(r.remote_mta, "dns")))
         if r.diagnostic_code is not None:
-            block.append(("Diagnostic-Code", f"smtp; {_ascii(r.diagnostic_code)}"))
+            block.append(("Diagnostic-Code", f"{r.diagnostic_type}; {_ascii(r.diagnostic_code)}"))
         if r.last_attempt is not None:
             block.append(("Last-Attempt-Date", _date(r.last_attempt)))
         if r.will_retry_until is not None:

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 
 from services.bounce import policy
 from services.bounce.classify import DEFAULT_RULES, rules_from_data
-from services.bounce.dsn import RecipientStatus, build_dsn, is_report
+from services.bounce.dsn import RecipientStatus, build_dsn, diagnostic_type, is_report
 from services.bounce.hold import DELAYED, FAILED, FlushRequest, HoldStore, notice_id
 from services.bounce.inbound import InboundHandler
 from services.bounce.webhooks import WebhookDispatcher
@@ -251,6 +251,7 @@ class BounceService:
                 action="delayed" if delayed else "failed",
                 status=_status_for(f.reply.enhanced_status, delayed),
                 diagnostic_code=f"{f.reply.code} {f.reply.enhanced_status} {f.reply.text}",
+                diagnostic_type=diagnostic_type(f.reply.command),
                 remote_mta=f.mx_host or None,
                 last_attempt=_last_attempt(notice, now),
                 will_retry_until=retry_until if delayed else None,

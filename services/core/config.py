@@ -425,6 +425,33 @@ def _validate_routing(config: Config) -> None:
                 raise ConfigError(f"dkim.{domain}[{i}].algorithm: expected rsa-sha256 or ed25519-sha256")
             if not key.selector or not key.key_file:
                 raise ConfigError(f"dkim.{domain}[{i}]: selector and key_file are required")
+            _validate_dkim_headers(key.headers, f"dkim.{domain}[{i}].headers")
+
+
+# RFC 6376 5.4.1's fields not to sign, which dkimpy refuses to sign (its DKIM.SHOULD_NOT, kept
+# here so that loading a config does not import the signer). Trace fields change in transit and
+# Bcc is removed, so a signature over them would break.
+DKIM_UNSIGNABLE = frozenset(
+    {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
+)
+# RFC 5322 3.6.8 field-name: printable ASCII but ':'. Anything else would corrupt the h= tag.
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+
+
+def _validate_dkim_headers(headers: list[str], where: str) -> None:
+    """A header list dkimpy would refuse fails every signing, so every message would go out
+    unsigned: refuse it at load instead (empty means the default set)."""
+    if not headers:
+        return
+    names = [h.lower() for h in headers]
+    bad = [h for h in headers if not _FIELD_NAME.fullmatch(h)]
+    if bad:
+        raise ConfigError(f"{where}: {bad[0]!r} is not a header field name")
+    if "from" not in names:
+        raise ConfigError(f"{where}: must include 'from' (RFC 6376 5.4: From is always signed)")
+    refused = sorted(DKIM_UNSIGNABLE.intersection(names))
+    if refused:
+        raise ConfigError(f"{where}: {', '.join(refused)} must not be signed (RFC 6376 5.4.1)")
 
 
 def _validate_bounce(bounce: BounceConfig) -> None:

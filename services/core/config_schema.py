@@ -221,7 +221,9 @@ class DkimKeyConfig:
     # PEM private key (RSA, or Ed25519 PKCS#8), or dkimpy's base64 Ed25519 seed.
     key_file: str
     algorithm: str = "rsa-sha256"
-    # Header fields to sign; empty means Relais' default set (From/Subject/Date over-signed).
+    # Header fields to sign; empty means Relais' default set. Must include "from", and none of
+    # received, return-path, bcc, resent-bcc, comments, keywords, dkim-signature. From, To, Cc,
+    # Subject, Date and other fields a reader acts on are over-signed when listed.
     headers: list[str] = field(default_factory=list)
 
 

@@ -123,6 +123,13 @@ TLS_RECIPIENTS = Counter(
     ["direction", "version"],
     registry=REGISTRY,
 )
+DKIM_SIGN_FAILURES = Counter(
+    "relais_dkim_sign_failures",
+    "Messages the router sent unsigned because DKIM signing failed, by reason (a closed set: "
+    "message, key, parameter, dkim, internal)",
+    ["reason"],
+    registry=REGISTRY,
+)
 STREAM_MESSAGES = Gauge(
     "relais_stream_messages", "Messages stored in a stream (queue depth)", ["stream"], registry=REGISTRY
 )

@@ -5,8 +5,12 @@ resulting DKIM-Signature field(s) in `Envelope.meta["dkim"]`; delivery prepends 
 stored body. So a large body stored in the Object Store is written once, never re-written
 for its signature, and every per-domain job sends the same signed bytes.
 
-Signatures use relaxed/relaxed canonicalisation and over-sign From, Subject and Date (each is
-listed once more than it occurs), so those fields cannot be added after signing.
+Signatures use relaxed/relaxed canonicalisation and over-sign the fields a recipient reads or
+acts on (`OVERSIGNED`: each is listed once more than it occurs, once when absent), so none of
+them can be added after signing, as rspamd and Exim do.
+
+A message that cannot be signed goes out unsigned with a warning rather than being retried for
+ever; `SigningError.reason` says why, as the label of `relais_dkim_sign_failures_total`.
 """
 
 from __future__ import annotations
@@ -46,11 +50,42 @@ DEFAULT_HEADERS = (
     "list-unsubscribe-post",
     "feedback-id",
 )
-OVERSIGNED = ("from", "subject", "date")
+# A field added after signing could change what the reader sees (a second From or Subject, a
+# Reply-To redirecting answers, a Content-Type re-framing the body, a List-Unsubscribe pointing
+# elsewhere), so these are over-signed: an absent one must stay absent (rspamd's and Exim's set).
+OVERSIGNED = frozenset(
+    {
+        "from",
+        "subject",
+        "date",
+        "reply-to",
+        "to",
+        "cc",
+        "content-type",
+        "mime-version",
+        "message-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "in-reply-to",
+        "references",
+    }
+)
+
+# Reasons a message went out unsigned, the closed label set of relais_dkim_sign_failures_total.
+REASON_MESSAGE = "message"  # its header cannot be parsed
+REASON_KEY = "key"  # the private key was refused
+REASON_PARAMETER = "parameter"  # the header list was refused (config validation should prevent it)
+REASON_DKIM = "dkim"  # any other dkimpy error
+REASON_INTERNAL = "internal"  # an unexpected exception inside the signer
+REASONS = (REASON_MESSAGE, REASON_KEY, REASON_PARAMETER, REASON_DKIM, REASON_INTERNAL)
 
 
 class SigningError(Exception):
-    """The message cannot be signed (dkimpy cannot parse its header)."""
+    """The message cannot be signed; `reason` is one of `REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +171,7 @@ def header_names(message: bytes) -> list[str]:
 
 
 def headers_to_sign(present: Iterable[str], wanted: Iterable[str]) -> list[str]:
-    """Each wanted field once per occurrence; From/Subject/Date once more (over-signing)."""
+    """Each wanted field once per occurrence; those in `OVERSIGNED` once more."""
     counts: dict[str, int] = {}
     for name in present:
         counts[name] = counts.get(name, 0) + 1
@@ -179,21 +214,45 @@ def signing_keys(
 
 
 def sign(message: bytes, keys: Iterable[SigningKey]) -> str:
-    """DKIM-Signature field(s), CRLF-terminated, to prepend to the message; one per key."""
-    present = header_names(message)
-    fields: list[str] = []
-    for key in keys:
-        include = headers_to_sign(present, key.headers or DEFAULT_HEADERS)
-        try:
-            signer = dkim.DKIM(message, signature_algorithm=key.algorithm.encode())
-            field = signer.sign(
-                key.selector.encode(),
-                key.domain.encode(),
-                key.private,
-                canonicalize=(b"relaxed", b"relaxed"),
-                include_headers=[h.encode() for h in include],
-            )
-        except dkim.DKIMException as exc:
-            raise SigningError(f"{key.domain} {key.selector}: {exc}") from exc
-        fields.append(field.decode())
-    return "".join(fields)
+    """DKIM-Signature field(s), CRLF-terminated, to prepend to the message; one per key.
+
+    Raises only `SigningError`, whatever dkimpy raises: the caller sends the message unsigned."""
+    try:
+        present = header_names(message)
+    except Exception as exc:
+        raise SigningError(REASON_MESSAGE, f"cannot parse the header: {exc!r}") from exc
+    return "".join(_sign_one(message, present, key) for key in keys)
+
+
+def _sign_one(message: bytes, present: list[str], key: SigningKey) -> str:
+    include = headers_to_sign(present, key.headers or DEFAULT_HEADERS)
+    where = f"{key.domain} {key.selector}"
+    try:
+        signer = dkim.DKIM(message, signature_algorithm=key.algorithm.encode())
+    except Exception as exc:
+        # dkimpy's parser fails with more than MessageFormatError: a first line starting with
+        # whitespace is an IndexError. Either way it is the message, not the key.
+        raise SigningError(REASON_MESSAGE, f"{where}: cannot parse the header: {exc!r}") from exc
+    try:
+        field = signer.sign(
+            key.selector.encode(),
+            key.domain.encode(),
+            key.private,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=[h.encode() for h in include],
+        )
+    except Exception as exc:
+        raise SigningError(_reason(exc), f"{where}: {exc!r}") from exc
+    return field.decode()
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, dkim.MessageFormatError):
+        return REASON_MESSAGE
+    if isinstance(exc, dkim.KeyFormatError):
+        return REASON_KEY
+    if isinstance(exc, dkim.ParameterError):
+        return REASON_PARAMETER
+    if isinstance(exc, dkim.DKIMException):
+        return REASON_DKIM
+    return REASON_INTERNAL

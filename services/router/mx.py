@@ -32,6 +32,12 @@ class MxRoute:
 # shuffle); tests pass their own `rng`.
 _RNG = random.Random()
 
+# MX hosts kept per route, best preference first. Every host rides in the envelope of each job
+# and each retry (1500 records made a 297 KB envelope), and delivery never gets through more
+# than a few per attempt anyway (Postfix stops at smtp_mx_address_limit = 5 addresses).
+# Kept after the shuffle, so when more than 10 hosts share the best preference, which 10 varies.
+MAX_MX_HOSTS = 10
+
 NO_MAIL_HOST = Reply(550, "5.1.2", "Recipient domain has no MX and no address records", "DNS")
 INVALID_DOMAIN = Reply(550, "5.1.2", "Recipient domain is not a valid domain name", "DNS")
 
@@ -64,7 +70,7 @@ def mx_route(records: list[tuple[int, str]], *, ip_literals: bool = True) -> MxR
             return MxRoute(failure=NO_MAIL_HOST)
     best = min(p for p, _ in records)
     primary = tuple(sorted({h for p, h in records if p == best}))
-    return MxRoute(hosts=order_mx(records), primary=primary)
+    return MxRoute(hosts=order_mx(records)[:MAX_MX_HOSTS], primary=primary)
 
 
 async def resolve_mx(

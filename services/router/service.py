@@ -15,6 +15,7 @@ import dns.asyncresolver
 from nats.aio.msg import Msg
 
 from services.core import bus as transport
+from services.core import metrics
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus, patiently
 from services.core.config import AccountConfig, Config
@@ -124,8 +125,9 @@ class RouterService:
         try:
             signature = await asyncio.to_thread(dkim.sign, body, keys)
         except dkim.SigningError as exc:
-            # A message dkimpy cannot parse goes out unsigned rather than being retried for ever.
-            log.warning("message %s not DKIM-signed: %s", env.id, exc)
+            # Unsigned rather than retried for ever: a message that fails once fails every time.
+            log.warning("message %s sent without DKIM signature (%s): %s", env.id, exc.reason, exc)
+            metrics.DKIM_SIGN_FAILURES.labels(exc.reason).inc()
             return env
         return replace(env, meta={**env.meta, META_DKIM: signature})
 

@@ -11,6 +11,7 @@ from email.utils import parsedate_to_datetime
 import pytest
 from flufl.bounce import all_failures, scan_message
 
+from services.bounce import dsn
 from services.bounce.dsn import (
     SUBJECT_DELAYED,
     SUBJECT_DELIVERED,
@@ -124,11 +125,13 @@ def test_three_parts_in_rfc_3464_order() -> None:
     assert types == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
 
 
-def test_per_message_fields() -> None:
+def test_per_message_fields_in_rfc_3464_order() -> None:
     msg = parse(make_dsn([BOB_FAILED], envelope_id="QQ314159"))
 
     per_message = status_blocks(msg)[0]
 
+    # RFC 3464 section 2.2: original-envelope-id, reporting-mta, ..., arrival-date.
+    assert list(per_message.keys()) == ["Original-Envelope-Id", "Reporting-MTA", "Arrival-Date"]
     assert per_message["Reporting-MTA"] == "dns; relais.example"
     assert per_message["Original-Envelope-Id"] == "QQ314159"
     assert parsedate_to_datetime(per_message["Arrival-Date"]) == ARRIVED
@@ -153,6 +156,43 @@ def test_per_recipient_fields() -> None:
     assert parsedate_to_datetime(bob["Last-Attempt-Date"]) == NOW
     assert "Original-Recipient" not in bob
     assert "Will-Retry-Until" not in bob
+
+
+def test_a_reply_relais_made_itself_gets_its_own_diagnostic_type() -> None:
+    null_mx = RecipientStatus(
+        "bob@x.test",
+        "failed",
+        "5.1.10",
+        diagnostic_code="556 5.1.10 Recipient domain does not accept mail (null MX)",
+        diagnostic_type=dsn.diagnostic_type("DNS"),
+    )
+
+    [bob] = status_blocks(parse(make_dsn([null_mx])))[1:]
+
+    assert bob["Diagnostic-Code"] == "x-relais; 556 5.1.10 Recipient domain does not accept mail (null MX)"
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("DNS", "x-relais"),
+        ("QUEUE", "x-relais"),
+        ("ADMIN", "x-relais"),
+        ("RCPT", "smtp"),
+        ("DATA", "smtp"),
+        # A CONNECT reply may be the MX's greeting: it stays "smtp".
+        ("CONNECT", "smtp"),
+        ("", "smtp"),
+    ],
+)
+def test_diagnostic_type_of_a_reply_follows_its_stage(command: str, expected: str) -> None:
+    assert dsn.diagnostic_type(command) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "smtp;", "x relais", "1smtp", "smtp\r\nX-Evil: 1"])
+def test_a_diagnostic_type_that_is_not_an_atom_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="diagnostic_type"):
+        RecipientStatus("bob@x.test", "failed", "5.1.1", diagnostic_code="550", diagnostic_type=bad)
 
 
 def test_optional_recipient_fields_are_omitted() -> None:

@@ -54,13 +54,16 @@ def _dns(records: dict[str, str]):
     return lookup
 
 
-def test_present_fields_are_signed_once_per_occurrence_and_from_subject_date_once_more() -> None:
+def test_present_fields_are_signed_once_per_occurrence_and_over_signed_ones_once_more() -> None:
     present = dkim.header_names(MESSAGE)
     signed = dkim.headers_to_sign(present, dkim.DEFAULT_HEADERS)
     assert signed.count("from") == 2 and signed.count("subject") == 2 and signed.count("date") == 2
-    assert signed.count("to") == 1 and "received" not in signed
-    assert "cc" not in signed, "absent fields other than the over-signed ones are not listed"
-    assert dkim.headers_to_sign(["to", "to"], ["to"]) == ["to", "to"]
+    assert signed.count("to") == 2 and signed.count("content-type") == 2 and "received" not in signed
+    # An absent over-signed field is listed once: it must stay absent.
+    assert signed.count("cc") == 1 and signed.count("reply-to") == 1
+    assert "sender" not in signed, "absent fields that are not over-signed are not listed"
+    assert dkim.headers_to_sign(["to", "to"], ["to"]) == ["to", "to", "to"]
+    assert dkim.headers_to_sign(["feedback-id"], ["feedback-id"]) == ["feedback-id"]
 
 
 @pytest.mark.parametrize("algorithm,pem", [("rsa-sha256", rsa_pem), ("ed25519-sha256", ed_pem)])
@@ -75,6 +78,52 @@ def test_signature_verifies_and_breaks_when_a_from_is_added(algorithm: str, pem)
     # Over-signing: a second From: added after signing invalidates the signature.
     tampered = signed.replace(b"From: Acme", b"From: Evil <evil@bad.test>\r\nFrom: Acme", 1)
     assert not dkimpy.verify(tampered, dnsfunc=_dns(records))
+
+
+def _sign_and_verifier(message: bytes):
+    key = _key("rsa-sha256", rsa_pem())
+    signed = dkim.sign(message, [key]).encode() + message
+    records = {"s1._domainkey.acme.test": dkim.public_txt(rsa_pem())}
+    return signed, lambda data: dkimpy.verify(data, dnsfunc=_dns(records))
+
+
+@pytest.mark.parametrize(
+    "added",
+    [
+        b"Reply-To: Evil <evil@bad.test>",
+        b"Cc: evil@bad.test",
+        b"To: evil@bad.test",
+        b"Message-ID: <2@bad.test>",
+        b"Content-Type: text/html",
+        b"MIME-Version: 1.0",
+        b"List-Unsubscribe: <https://bad.test/u>",
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+        b"In-Reply-To: <0@bad.test>",
+        b"References: <0@bad.test>",
+    ],
+)
+def test_adding_an_over_signed_field_after_signing_breaks_the_signature(added: bytes) -> None:
+    signed, verify = _sign_and_verifier(MESSAGE)
+    assert verify(signed)
+    head, _, body = signed.partition(b"\r\n\r\n")
+    # At the end of the header (where a field signed once is looked for) or at the top (where
+    # only over-signing catches a second To, Message-ID or Content-Type).
+    assert not verify(head + b"\r\n" + added + b"\r\n\r\n" + body), f"{added!r} slipped in at the end"
+    assert not verify(added + b"\r\n" + signed), f"{added!r} slipped in at the top"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"From: news@acme.test\r\n\r\nHello.\r\n",
+        b"From: news@acme.test\r\nList-Unsubscribe: <mailto:u@acme.test>\r\n"
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nCc: a@x.test, b@y.test\r\n\r\nHi.\r\n",
+        MESSAGE,
+    ],
+)
+def test_a_message_lacking_over_signed_fields_still_verifies(message: bytes) -> None:
+    signed, verify = _sign_and_verifier(message)
+    assert verify(signed)
 
 
 def test_two_keys_give_two_independent_signatures() -> None:
@@ -127,9 +176,31 @@ def test_a_sender_owning_no_keyed_domain_is_known_unsigned_without_reading_the_b
     assert dkim.signing_keys(keys, MESSAGE, "other.test", ["brand.test"]) == []
 
 
-def test_an_unparseable_message_raises_a_signing_error() -> None:
-    with pytest.raises(dkim.SigningError):
-        dkim.sign(b"not a header line\r\n\r\nbody\r\n", [_key("ed25519-sha256", ed_pem())])
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"not a header line\r\n\r\nbody\r\n",
+        # dkimpy raises IndexError, not a DKIMException, on a first line that is a continuation.
+        b" folded: x\r\nFrom: news@acme.test\r\n\r\nbody\r\n",
+        b"\tx\r\nFrom: news@acme.test\r\n\r\nbody\r\n",
+    ],
+)
+def test_an_unparseable_message_raises_a_signing_error(message: bytes) -> None:
+    with pytest.raises(dkim.SigningError) as caught:
+        dkim.sign(message, [_key("ed25519-sha256", ed_pem())])
+    assert caught.value.reason == dkim.REASON_MESSAGE
+
+
+def test_a_refused_key_or_header_list_raises_a_signing_error_with_its_reason() -> None:
+    bad_key = dkim.SigningKey("acme.test", "s1", "rsa-sha256", b"not a key")
+    with pytest.raises(dkim.SigningError) as caught:
+        dkim.sign(MESSAGE, [bad_key])
+    assert caught.value.reason == dkim.REASON_KEY
+    no_from = dkim.SigningKey("acme.test", "s1", "rsa-sha256", rsa_pem(), headers=("subject",))
+    with pytest.raises(dkim.SigningError) as caught:
+        dkim.sign(MESSAGE, [no_from])
+    assert caught.value.reason == dkim.REASON_PARAMETER
+    assert {dkim.REASON_KEY, dkim.REASON_MESSAGE, dkim.REASON_PARAMETER} <= set(dkim.REASONS)
 
 
 @pytest.mark.parametrize("algorithm,pem", [("rsa-sha256", rsa_pem), ("ed25519-sha256", ed_pem)])

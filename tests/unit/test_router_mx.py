@@ -40,3 +40,12 @@ def test_ip_literal_targets_are_kept_or_dropped_by_config() -> None:
     assert mx_route([(10, "127.0.0.5")]).hosts == ("127.0.0.5",)
     assert mx_route([(10, "127.0.0.5"), (20, "mx.test")], ip_literals=False).hosts == ("mx.test",)
     assert mx_route([(10, "127.0.0.5")], ip_literals=False).failure == NO_MAIL_HOST
+
+
+def test_hosts_are_capped_by_preference_after_the_shuffle() -> None:
+    records = [(20 + i, f"b{i}") for i in range(1500)] + [(10, f"a{i}") for i in range(12)]
+    routes = [mx_route(records) for _ in range(200)]
+    assert all(len(r.hosts) == 10 for r in routes)
+    assert all(set(r.hosts) <= {f"a{i}" for i in range(12)} for r in routes), "best preference first"
+    assert len({h for r in routes for h in r.hosts}) == 12, "which ten of the twelve best varies"
+    assert routes[0].primary == tuple(sorted(f"a{i}" for i in range(12))), "site naming sees them all"

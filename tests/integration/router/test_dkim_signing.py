@@ -13,10 +13,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from services.core.config import DkimKeyConfig
+from services.core.envelope import BodyRef, Envelope, new_message_id
+from services.core.metrics import REGISTRY
+from services.core.topology import route_subject
 from services.router.dkim import public_txt
 from tests.integration.router.conftest import asubmit_many
 from tests.support.dns_server import DNSServer
-from tests.support.relais import SENDER_DOMAIN, message
+from tests.support.relais import ACCOUNT, SENDER_DOMAIN, message
 
 
 def _write_keys(tmp_path: Path, zone: DNSServer) -> list[DkimKeyConfig]:
@@ -74,6 +77,12 @@ async def test_rsa_and_ed25519_signatures_verify_at_the_receiver(
     assert sorted(algorithms) == [b"ed25519-sha256", b"rsa-sha256"]
     header = got.parsed()["DKIM-Signature"]
     assert "from : from" in header.replace("\r\n", "").replace("\n", ""), "From is over-signed"
+    # Reply-To is over-signed although absent: adding one after signing breaks both signatures.
+    head, _, body = got.data.partition(b"\r\n\r\n")
+    tampered = head + b"\r\nReply-To: <evil@bad.test>\r\n\r\n" + body
+    verifier = dkimpy.DKIM(tampered)
+    for i in range(2):
+        assert not await asyncio.to_thread(verifier.verify, i, dnsfunc=_verifier(zone))
 
 
 async def test_a_large_multi_domain_message_is_signed_once_and_verifies_everywhere(
@@ -105,3 +114,32 @@ async def test_a_sender_domain_without_keys_is_sent_unsigned(make_stack, make_si
     await asubmit_many(stack.smtp_address, [(f"news@{SENDER_DOMAIN}", ["v@alpha.test"], message())])
     (got,) = await sink.async_wait_for(1)
     assert b"DKIM-Signature" not in got.data
+
+
+def _sign_failures(reason: str) -> float:
+    return REGISTRY.get_sample_value("relais_dkim_sign_failures_total", {"reason": reason}) or 0.0
+
+
+async def test_a_message_the_signer_cannot_parse_is_sent_unsigned_and_counted(
+    make_stack, make_sink, zone, tmp_path
+) -> None:
+    """dkimpy raises IndexError (not a DKIMException) when the first header line is a
+    continuation line; the message must still go out, unsigned, rather than be retried for ever."""
+    stack = await make_stack(
+        services=("router", "delivery"), dkim={SENDER_DOMAIN: _write_keys(tmp_path, zone)}
+    )
+    sink = make_sink("127.0.0.2")
+    data = b" continued: x\r\nFrom: <news@acme.test>\r\nSubject: odd\r\n\r\nHello.\r\n"
+    env = Envelope(
+        id=new_message_id(),
+        sender=f"news@{SENDER_DOMAIN}",
+        recipients=("v@alpha.test",),
+        account=ACCOUNT,
+        sender_domain=SENDER_DOMAIN,
+        body=BodyRef(size=len(data), inline=data),
+    )
+    before = _sign_failures("message")
+    await stack._buses[0].publish(route_subject(), env.to_msgpack())
+    (got,) = await sink.async_wait_for(1)
+    assert b"DKIM-Signature" not in got.data and got.data.endswith(b"Hello.\r\n")
+    assert _sign_failures("message") == before + 1

@@ -151,3 +151,19 @@ async def test_mx_target_that_is_an_ip_literal(dns_server: DNSServer, allowed: b
         assert ("127.0.0.8", "A") not in dns_server.queries, "a literal needs no lookup"
     else:
         assert route.failure == NO_MAIL_HOST
+
+
+async def test_at_most_ten_mx_hosts_are_kept_best_preference_first(dns_server: DNSServer) -> None:
+    # 1500 records (over TCP: too big for UDP), each host its own preference, listed worst first.
+    dns_server.add("many.test", "MX", *(f"{1500 + i} mx{i:04d}.many.test." for i in reversed(range(1500))))
+    route = await resolve_mx(_resolver(dns_server), "many.test")
+    assert route.hosts == tuple(f"mx{i:04d}.many.test" for i in range(10))
+    assert route.primary == ("mx0000.many.test",)
+
+
+async def test_ten_of_many_equal_best_hosts_are_kept_a_different_ten_each_time(dns_server: DNSServer) -> None:
+    dns_server.add("wide.test", "MX", *(f"10 mx{i:02d}.wide.test." for i in range(30)), "5 best.wide.test.")
+    resolver = _resolver(dns_server)
+    routes = [await resolve_mx(resolver, "wide.test") for _ in range(50)]
+    assert all(len(r.hosts) == 10 and r.hosts[0] == "best.wide.test" for r in routes)
+    assert len({h for r in routes for h in r.hosts}) == 31, "the cap is taken after the shuffle"
