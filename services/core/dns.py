@@ -151,6 +151,13 @@ def ip_literal(host: str) -> str | None:
 
 async def addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str]:
     """IPv4 then IPv6 addresses of a host (CNAMEs followed); an IP literal is returned as is."""
+    return await host_addresses(resolver, host) or []
+
+
+async def host_addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str] | None:
+    """`addresses`, but None when the host does not exist (NXDOMAIN): an MX naming a host that
+    is not there is a permanent error (Postfix: "Host not found", 5.4.4), one without an
+    address for now is not."""
     literal = ip_literal(host)
     if literal is not None:
         return [literal]
@@ -163,6 +170,8 @@ async def addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str
             temporary = exc
             continue
         if records is None:
+            if temporary is None and not found:
+                return None
             break
         found.extend(r.to_text() for r in records)
     if not found and temporary is not None:

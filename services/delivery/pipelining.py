@@ -60,11 +60,12 @@ class PipeliningProtocol(SMTPProtocol):
     async def execute_pipelined(
         self, commands: Sequence[bytes], reply_timeout: float | None = None
     ) -> list[aiosmtplib.SMTPResponse]:
-        """Write `commands` (each a full line with CRLF) at once and read their replies in order.
-
-        Stops after a 421 (the server is closing: no further reply will come). Raises
-        SMTPServerDisconnected / SMTPTimeoutError like `execute_command` when the connection
-        is lost or a reply does not come within `reply_timeout` (aiosmtplib's per-reply timeout).
+        """Write `commands` (each a full line with CRLF) at once and read their replies in order;
+        any reply already received beyond those is returned after them (more replies than
+        commands: the caller cannot trust the pairing). Stops after a 421 (the server is
+        closing: no further reply will come). Raises SMTPServerDisconnected / SMTPTimeoutError
+        like `execute_command` when the connection is lost or a reply does not come within
+        `reply_timeout` (aiosmtplib's per-reply timeout).
         """
         if self._command_lock is None:
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
@@ -85,6 +86,8 @@ class PipeliningProtocol(SMTPProtocol):
                     replies.append(reply)
                     if reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
                         break
+                else:
+                    replies.extend(self._surplus(queued))
             finally:
                 self._queued = None
                 self._response_pending = False
@@ -93,6 +96,15 @@ class PipeliningProtocol(SMTPProtocol):
                 if waiter is not None and waiter.done() and self.transport is not None:
                     self._response_waiter = self._loop.create_future()
         return replies
+
+    def _surplus(self, queued: deque[aiosmtplib.SMTPResponse | Exception]) -> list[aiosmtplib.SMTPResponse]:
+        """What arrived beyond one reply per command, as far as it has arrived: a server (or a
+        proxy) that answers one command twice shifts every later reply onto the wrong command.
+        A partial reply counts as one, with code -1."""
+        surplus = [r for r in queued if isinstance(r, aiosmtplib.SMTPResponse)]
+        if self._buffer:
+            surplus.append(aiosmtplib.SMTPResponse(-1, bytes(self._buffer).decode("utf-8", "replace")))
+        return surplus
 
 
 def install(smtp: aiosmtplib.SMTP) -> None:

@@ -1,5 +1,6 @@
-"""One delivery attempt of a job: MX hosts in order, each of their addresses in turn, over pooled
-connections, until one host gives a verdict for every recipient.
+"""One delivery attempt of a job: MX hosts in order, each of their addresses in turn (at most
+MX_ADDRESS_LIMIT in all), over pooled connections, until one host gives a verdict for every
+recipient.
 
 Protocol and connection choice only: no JetStream. The caller has already taken the shaping
 slot; this module takes the connection (lease, reuse) and reports what happened.
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import dns.asyncresolver
 
 from services.core import dns as relais_dns
-from services.core.outcome import NO_ROUTE, Deferred, Outcome, Reply
+from services.core.outcome import NO_ROUTE, Bounced, Deferred, Outcome, Reply
 from services.delivery.connections import ConnectionPool
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import Connection, Source, StaleConnection, TransactionResult, TryNextHost
@@ -72,6 +73,17 @@ async def _transact(
     raise AssertionError("unreachable: the last attempt does not raise StaleConnection")
 
 
+# Postfix's smtp_mx_address_limit: the addresses one attempt tries, over all MX hosts. Without
+# it a domain whose MXs list many black-holed addresses holds a delivery slot for each one's
+# connect timeout.
+MX_ADDRESS_LIMIT = 5
+
+
+def host_not_found(hosts: Sequence[str]) -> Reply:
+    """Every MX host of the route is NXDOMAIN: no retry will find them (Postfix bounces too)."""
+    return Reply(550, "5.4.4", f"Host not found: MX host {', '.join(hosts)} does not exist", "DNS")
+
+
 async def send_job(
     pool: ConnectionPool,
     resolver: dns.asyncresolver.Resolver,
@@ -84,24 +96,35 @@ async def send_job(
     site: str,
     limits: Limits,
     policy: TlsPolicy,
+    address_limit: int = MX_ADDRESS_LIMIT,
 ) -> AttemptResult:
     """Deliver to the first MX that answers; every recipient gets its own outcome."""
     last = NO_ROUTE
     remote: list[Reply] = []
     notes: list[str] = []
+    not_found: list[str] = []
     bind_failed = False
+    tried = 0
     for host in mx_hosts:
+        if tried >= address_limit:
+            notes.append(f"{host} and later MX hosts not tried: {address_limit} addresses tried already")
+            break
         if not policy.allows_host(host):
             notes.append(f"{host}: not in the MTA-STS policy")
             last = MX_NOT_IN_POLICY
             continue
         try:
-            addresses = await relais_dns.addresses(resolver, host)
+            addresses = await relais_dns.host_addresses(resolver, host)
         except relais_dns.DnsTemporaryError as exc:
             notes.append(f"{host}: {exc}")
             last = Reply(451, "4.4.3", f"Cannot resolve MX host {host}", "CONNECT")
             continue
-        for address in addresses:
+        if addresses is None:
+            notes.append(f"{host}: host not found")
+            not_found.append(host)
+            continue
+        for address in _within_limit(host, addresses, address_limit - tried, notes):
+            tried += 1
             try:
                 conn, done = await _transact(
                     pool, source, site, host, address, limits, policy, sender, recipients, body
@@ -128,10 +151,23 @@ async def send_job(
             )
         if bind_failed:
             break
+    outcomes: list[Outcome]
+    if mx_hosts and len(not_found) == len(mx_hosts):
+        reply = host_not_found(not_found)
+        outcomes = [Bounced(r, reply) for r in recipients]
+    else:
+        if not_found:
+            # Deferred for the hosts that may answer later; the ones that do not exist are named.
+            last = replace(last, text=f"{last.text}; host not found: {', '.join(not_found)}")
+        outcomes = [Deferred(r, last) for r in recipients]
     return AttemptResult(
-        [Deferred(r, last) for r in recipients],
-        source_ip=source.address,
-        remote_replies=remote,
-        bind_failed=bind_failed,
-        notes=notes,
+        outcomes, source_ip=source.address, remote_replies=remote, bind_failed=bind_failed, notes=notes
     )
+
+
+def _within_limit(host: str, addresses: list[str], room: int, notes: list[str]) -> list[str]:
+    """The addresses of `host` this attempt may still try; the rest are noted as skipped."""
+    room = max(room, 0)
+    if len(addresses) > room:
+        notes.append(f"{host}: {len(addresses) - room} of its addresses not tried (MX address limit)")
+    return addresses[:room]

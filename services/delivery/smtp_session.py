@@ -22,6 +22,7 @@ import aiosmtplib
 from services.core.outcome import Deferred, Outcome, Reply, outcome_for
 from services.delivery import pipelining
 from services.delivery.tls_policy import TLS_FAILED, TLS_NOT_OFFERED, TlsPolicy
+from services.delivery.wire_addresses import WireEnvelope, mail_parameters
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,15 @@ def _reply_of(exc: aiosmtplib.SMTPResponseException, command: str) -> Reply:
     return Reply.parse(exc.code, exc.message, command)
 
 
+# RFC 5321 4.3.2: the only replies by which a server takes a recipient.
+RCPT_ACCEPTED = (250, 251)
+
+
+def _misplaced(code: int, expected: tuple[int, ...]) -> bool:
+    """A reply that is neither what the command expects nor a refusal (4xx/5xx)."""
+    return code not in expected and not 400 <= code < 600
+
+
 _LOST = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError)
 _BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
 
@@ -113,18 +123,6 @@ def data_payload(body: bytes) -> bytes:
     if body.startswith(b"."):
         body = b"." + body
     return body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-
-
-async def send_data(smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
-    """DATA with a payload from `data_payload`: `SMTP.data()` without its own re-encoding.
-
-    A checked-out connection carries one transaction at a time, so the payload's write needs no
-    lock beyond the one `execute_command` takes for DATA itself.
-    """
-    start = await smtp.execute_command(b"DATA")
-    if start.code != 354:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
-    return await _send_payload(smtp, payload)
 
 
 async def _send_payload(smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
@@ -189,79 +187,59 @@ class Connection:
         self.clean = False
         remote: list[Reply] = []
         try:
-            mail = mail_parameters(self.smtp, sender, recipients, body)
-            if isinstance(mail, Reply):
+            wire = mail_parameters(self.smtp, sender, recipients, body)
+            if isinstance(wire, Reply):
                 self.clean = True  # refused before MAIL: no transaction was opened
-                return TransactionResult([outcome_for(r, mail, self.host) for r in recipients], [])
-            options, encoding = mail
+                return TransactionResult([outcome_for(r, wire, self.host) for r in recipients], [])
             if self.smtp.supports_extension("pipelining"):
-                return await self._pipelined(sender, recipients, body, options, encoding, remote, stale_ok)
-            return await self._lockstep(sender, recipients, body, options, encoding, remote, stale_ok)
+                return await self._pipelined(wire, recipients, body, remote, stale_ok)
+            return await self._lockstep(wire, recipients, body, remote, stale_ok)
         except _LOST as exc:
             # Lost mid-transaction: nothing was confirmed, so every recipient is retried later.
             reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", "DATA")
             return TransactionResult([Deferred(r, reply, self.host) for r in recipients], remote, broken=True)
 
     async def _lockstep(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        body: bytes,
-        options: list[str],
-        encoding: str,
-        remote: list[Reply],
-        stale_ok: bool,
+        self, wire: WireEnvelope, recipients: Sequence[str], body: bytes, remote: list[Reply], stale_ok: bool
     ) -> TransactionResult:
         smtp, host = self.smtp, self.host
         try:
-            await smtp.mail(sender or "", options=options, encoding=encoding)
+            await smtp.mail(wire.sender, options=wire.options, encoding=wire.encoding)
         except aiosmtplib.SMTPResponseException as exc:
-            return self._refused_at_mail(exc.code, exc.message, recipients, stale_ok)
+            return self._refused_at_mail(exc.code, exc.message, recipients, remote, stale_ok)
         except _LOST as exc:
             if stale_ok:
                 raise StaleConnection(repr(exc)) from exc
             raise
         outcomes: dict[str, Outcome] = {}
         accepted: list[str] = []
-        for rcpt in recipients:
+        for rcpt, address in zip(recipients, wire.recipients, strict=True):
             try:
-                await smtp.rcpt(rcpt, encoding=encoding)
+                await smtp.rcpt(address, encoding=wire.encoding)
                 accepted.append(rcpt)
             except aiosmtplib.SMTPResponseException as exc:
                 reply = _reply_of(exc, "RCPT")
+                if _misplaced(reply.code, RCPT_ACCEPTED):
+                    return self._protocol_error(recipients, remote, f"{exc.code} {exc.message}", "RCPT")
                 if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
                     # 421: the server closed; the accepted ones cannot get the data either.
                     for taken in accepted:
                         outcomes[taken] = Deferred(taken, reply, host)
                     return self._finished(recipients, outcomes, remote)
-        if accepted:
-            try:
-                response = await send_data(smtp, data_payload(body))
-                reply = Reply.parse(response.code, response.message, "DATA")
-                self.clean = True  # the final reply to the data ends the transaction
-            except aiosmtplib.SMTPResponseException as exc:
-                reply = _reply_of(exc, "DATA")
-                remote.append(reply)
-            for rcpt in accepted:
-                outcomes[rcpt] = outcome_for(rcpt, reply, host)
-        return self._finished(recipients, outcomes, remote)
+        if not accepted:
+            return self._finished(recipients, outcomes, remote)
+        start = await smtp.execute_command(b"DATA")
+        return await self._data(start, body, recipients, accepted, outcomes, remote)
 
     async def _pipelined(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        body: bytes,
-        options: list[str],
-        encoding: str,
-        remote: list[Reply],
-        stale_ok: bool,
+        self, wire: WireEnvelope, recipients: Sequence[str], body: bytes, remote: list[Reply], stale_ok: bool
     ) -> TransactionResult:
         """MAIL, every RCPT and DATA in one write (RFC 2920 3.1: DATA ends the group), then their
         replies in order, each RCPT's mapped to its recipient as `_lockstep` does."""
         smtp, host = self.smtp, self.host
         commands = [
-            pipelining.command_line(b"MAIL FROM:", sender or "", options, encoding),
-            *(pipelining.command_line(b"RCPT TO:", r, [], encoding) for r in recipients),
+            pipelining.command_line(b"MAIL FROM:", wire.sender, wire.options, wire.encoding),
+            *(pipelining.command_line(b"RCPT TO:", r, [], wire.encoding) for r in wire.recipients),
             b"DATA\r\n",
         ]
         try:
@@ -271,21 +249,29 @@ class Connection:
             if stale_ok:
                 raise StaleConnection(repr(exc)) from exc
             raise
+        if len(replies) > len(commands):
+            extra = replies[len(commands)]
+            what = f"a reply too many in a pipelined group ({extra.code} {extra.message})"
+            return self._protocol_error(recipients, remote, what, "DATA")
         mail = replies[0]
         if mail.code != 250:
             # RFC 2920: the server answers the RCPTs and DATA after a refused MAIL with errors
             # (read above), so no transaction is open, as after a refused MAIL without pipelining.
-            return self._refused_at_mail(mail.code, mail.message, recipients, stale_ok)
+            return self._refused_at_mail(mail.code, mail.message, recipients, remote, stale_ok)
         outcomes: dict[str, Outcome] = {}
         accepted: list[str] = []
         for rcpt, response in zip(recipients, replies[1:], strict=False):
-            if response.code in (250, 251):
+            if response.code in RCPT_ACCEPTED:
                 accepted.append(rcpt)
                 continue
+            if _misplaced(response.code, RCPT_ACCEPTED):
+                return self._protocol_error(recipients, remote, f"{response.code} {response.message}", "RCPT")
             reply = Reply.parse(response.code, response.message, "RCPT")
             if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
                 break
         data = replies[len(recipients) + 1] if len(replies) > len(recipients) + 1 else None
+        if data is not None and _misplaced(data.code, (354,)):
+            return self._protocol_error(recipients, remote, f"{data.code} {data.message}", "DATA")
         if not accepted:
             # No recipient: the server refuses the pipelined DATA (503/554), which is read above
             # and means nothing. Should it answer 354 anyway, a lone dot ends the empty message.
@@ -301,25 +287,55 @@ class Connection:
             for rcpt in accepted:
                 outcomes[rcpt] = Deferred(rcpt, closing, host)
             return self._finished(recipients, outcomes, remote)
-        if data.code == 354:
+        return await self._data(data, body, recipients, accepted, outcomes, remote)
+
+    async def _data(
+        self,
+        start: aiosmtplib.SMTPResponse,
+        body: bytes,
+        recipients: Sequence[str],
+        accepted: list[str],
+        outcomes: dict[str, Outcome],
+        remote: list[Reply],
+    ) -> TransactionResult:
+        """The transaction from the reply to DATA on: only 354 starts the body, and only the
+        reply after the final dot can deliver. Any other 2xx/3xx there means the replies are
+        out of step with the commands (or the server is broken): nothing was delivered."""
+        if _misplaced(start.code, (354,)):
+            return self._protocol_error(recipients, remote, f"{start.code} {start.message}", "DATA")
+        if start.code == 354:
             try:
-                response = await _send_payload(smtp, data_payload(body))
+                response = await _send_payload(self.smtp, data_payload(body))
                 reply = Reply.parse(response.code, response.message, "DATA")
                 self.clean = True  # the final reply to the data ends the transaction
             except aiosmtplib.SMTPResponseException as exc:
                 reply = _reply_of(exc, "DATA")
                 remote.append(reply)
         else:
-            reply = Reply.parse(data.code, data.message, "DATA")
+            reply = Reply.parse(start.code, start.message, "DATA")
             remote.append(reply)
         for rcpt in accepted:
-            outcomes[rcpt] = outcome_for(rcpt, reply, host)
+            outcomes[rcpt] = outcome_for(rcpt, reply, self.host)
         return self._finished(recipients, outcomes, remote)
 
+    def _protocol_error(
+        self, recipients: Sequence[str], remote: list[Reply], got: str, command: str
+    ) -> TransactionResult:
+        """A reply that fits neither its command nor a refusal: a 250 to DATA, a 252 to RCPT, or
+        a reply too many. Replies may then be paired with the wrong commands, so none of this
+        transaction's can be trusted: every recipient is deferred (nothing was sent after a
+        354 we never got) and the connection closed, never reused to go on guessing."""
+        log.warning("protocol error from %s[%s]: %r in reply to %s", self.host, self.address, got, command)
+        self.smtp.close()
+        reply = Reply(451, "4.5.0", f"SMTP protocol error: unexpected reply to {command}: {got}", command)
+        return self._finished(recipients, {r: Deferred(r, reply, self.host) for r in recipients}, remote)
+
     def _refused_at_mail(
-        self, code: int, message: str, recipients: Sequence[str], stale_ok: bool
+        self, code: int, message: str, recipients: Sequence[str], remote: list[Reply], stale_ok: bool
     ) -> TransactionResult:
         """MAIL refused: every recipient fails for good (5xx), or the next host is tried (4xx)."""
+        if _misplaced(code, (250,)):
+            return self._protocol_error(recipients, remote, f"{code} {message}", "MAIL")
         if stale_ok and code == 421:
             raise StaleConnection(f"{code} {message}")
         self.clean = True  # refused: no transaction was opened
@@ -356,7 +372,7 @@ class Connection:
     ) -> TransactionResult:
         self.sent += 1
         self.last_used = time.monotonic()
-        broken = any(r.code == 421 for r in remote)
+        broken = any(r.code == 421 for r in remote) or not self.alive
         return TransactionResult([outcomes[r] for r in recipients], remote, broken)
 
     async def reset(self) -> bool:
@@ -477,29 +493,3 @@ def without_starttls(settings: SessionSettings) -> SessionSettings:
         tls_verify=settings.tls_verify,
         tls_ca_file=settings.tls_ca_file,
     )
-
-
-# RFC 6531 3.2: a message whose envelope needs SMTPUTF8 cannot be downgraded in transit, so a
-# server that does not offer it is a permanent failure for that message (Postfix does the same).
-SMTPUTF8_NOT_OFFERED = Reply(
-    553, "5.6.7", "The destination does not offer SMTPUTF8, required for a non-ASCII address", "MAIL"
-)
-
-
-def mail_parameters(
-    smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes
-) -> tuple[list[str], str] | Reply:
-    """MAIL FROM parameters and the address encoding for this transaction, or the reply that
-    refuses it: SMTPUTF8 when an address is non-ASCII, BODY=8BITMIME when the body has 8-bit
-    octets and the server offers it (without it the body goes as it is, as Postfix does with
-    MIME conversion off; the ingress only takes 8-bit mail declared as such)."""
-    options: list[str] = []
-    encoding = "ascii"
-    if not (sender.isascii() and all(r.isascii() for r in recipients)):
-        if not smtp.supports_extension("smtputf8"):
-            return SMTPUTF8_NOT_OFFERED
-        options.append("SMTPUTF8")
-        encoding = "utf-8"
-    if not body.isascii() and smtp.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")
-    return options, encoding

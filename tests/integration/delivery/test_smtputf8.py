@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.delivery.smtp_session import SessionSettings, Source, open_connection
+from services.delivery.tls_policy import TlsPolicy
 from tests.support.relais import asubmit, message, wait_for_events
 
 UTF8_RCPT = "jöran@alpha.test"
@@ -52,3 +54,48 @@ async def test_mx_without_smtputf8_bounces_a_non_ascii_recipient(make_stack, mak
     (bounced,) = await wait_for_events(stack.config.nats.url, "bounced", 1)
     assert bounced.recipients == [UTF8_RCPT] and bounced.reply["enhanced"] == "5.6.7"
     assert sink.messages == [], "nothing was sent to the MX that cannot take it"
+
+
+IDN_RCPT = "jo@bücher.test"
+IDN_SENDER = "news@münchen.test"
+
+
+async def test_mx_without_smtputf8_gets_an_idn_domain_as_a_labels(make_stack, make_sink, zone) -> None:
+    # RFC 6531 needs SMTPUTF8 only for a non-ASCII local part; a domain has its A-label form.
+    zone.add("xn--bcher-kva.test", "MX", "10 mx.xn--bcher-kva.test.")
+    zone.add("mx.xn--bcher-kva.test", "A", "127.0.0.3")
+    sink = make_sink("127.0.0.3", smtputf8=False)
+    stack = await make_stack()
+    code, _ = await asubmit(
+        stack.smtp_address,
+        recipients=[IDN_RCPT],
+        data=message(),
+        mail_options=["SMTPUTF8"],
+    )
+    assert code == 250
+    (got,) = await sink.async_wait_for(1)
+    assert got.rcpt_tos == ["jo@xn--bcher-kva.test"]
+    assert "SMTPUTF8" not in got.mail_options
+    (delivered,) = await wait_for_events(stack.config.nats.url, "delivered", 1)
+    assert delivered.recipients == [IDN_RCPT], "outcomes name the recipient as it was given"
+
+
+async def test_a_non_ascii_local_part_anywhere_needs_smtputf8(make_sink) -> None:
+    sink = make_sink("127.0.0.3", smtputf8=False)
+    settings = SessionSettings(port=sink.port, starttls=False, command_timeout=10.0)
+    conn = await open_connection(sink.host, "mx.test", Source("", "relais.test"), settings, TlsPolicy())
+    try:
+        sent = await conn.transact(IDN_SENDER, [IDN_RCPT, "ann@b.test"], EIGHT_BIT)
+        refused = await conn.transact(IDN_SENDER, [IDN_RCPT, UTF8_RCPT], EIGHT_BIT)
+    finally:
+        await conn.close()
+    assert [(o.kind, o.recipient) for o in sent.outcomes] == [
+        ("delivered", IDN_RCPT),
+        ("delivered", "ann@b.test"),
+    ]
+    (got,) = sink.messages
+    assert got.mail_from == "news@xn--mnchen-3ya.test"
+    assert got.rcpt_tos == ["jo@xn--bcher-kva.test", "ann@b.test"]
+    assert got.mail_options == ["BODY=8BITMIME"]
+    assert [o.kind for o in refused.outcomes] == ["bounced", "bounced"]
+    assert refused.outcomes[0].reply.enhanced_status == "5.6.7"

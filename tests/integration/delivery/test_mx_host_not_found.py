@@ -1,0 +1,88 @@
+"""An MX host that does not exist (NXDOMAIN for its address) is "Host not found": when every MX
+host of the route is, the message bounces 5.4.4 at once, as Postfix does; when some other host
+may still answer (or the answer was only "no address" or a DNS failure), it is deferred, and
+the deferral names the hosts that were not found."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.core import dns as relais_dns
+from services.core.config import DnsConfig
+from services.core.outcome import Bounced, Deferred
+from services.delivery.connections import ConnectionPool
+from services.delivery.sending import AttemptResult, send_job
+from services.delivery.shaping import Limits
+from services.delivery.smtp_session import SessionSettings, Source
+from services.delivery.tls_policy import TlsPolicy
+from tests.support.dns_server import DNSServer
+from tests.support.relais import asubmit, message, wait_for_events
+
+HOST_NOT_FOUND = (550, "5.4.4")
+UNREACHABLE = "127.0.0.39"  # nothing listens there: connection refused
+
+
+async def _send(dns_server: DNSServer, sink_port: int, mx_hosts: list[str]) -> AttemptResult:
+    resolver = relais_dns.make_resolver(
+        DnsConfig(servers=[f"{dns_server.host}:{dns_server.port}"], timeout=2.0)
+    )  # type: ignore[arg-type]
+    pool = ConnectionPool(None, SessionSettings(port=sink_port, starttls=False, connect_timeout=5.0))  # type: ignore[arg-type]
+    try:
+        return await send_job(
+            pool,
+            resolver,
+            mx_hosts,
+            sender="a@acme.test",
+            recipients=["r@gone.test"],
+            body=b"Subject: x\r\n\r\nhello\r\n",
+            source=Source("", "relais.test"),
+            site="gone.test",
+            limits=Limits(connections=0),
+            policy=TlsPolicy(),
+        )
+    finally:
+        await pool.close()
+
+
+async def test_every_mx_host_not_found_bounces(dns_server: DNSServer, sink_port: int) -> None:
+    result = await _send(dns_server, sink_port, ["mx1.gone.test", "mx2.gone.test"])
+    (outcome,) = result.outcomes
+    assert isinstance(outcome, Bounced), outcome
+    assert (outcome.reply.code, outcome.reply.enhanced_status) == HOST_NOT_FOUND
+    assert "mx1.gone.test" in outcome.reply.text and "mx2.gone.test" in outcome.reply.text
+
+
+async def test_one_host_not_found_and_one_unreachable_defers_naming_it(
+    dns_server: DNSServer, sink_port: int
+) -> None:
+    dns_server.add("mx2.gone.test", "A", UNREACHABLE)
+    result = await _send(dns_server, sink_port, ["mx1.gone.test", "mx2.gone.test"])
+    (outcome,) = result.outcomes
+    assert isinstance(outcome, Deferred) and outcome.reply.is_transient, outcome
+    assert "host not found: mx1.gone.test" in outcome.reply.text
+
+
+@pytest.mark.parametrize("answer", ["no-address", "servfail"])
+async def test_no_address_or_dns_failure_is_not_host_not_found(
+    dns_server: DNSServer, sink_port: int, answer: str
+) -> None:
+    if answer == "no-address":
+        dns_server.add("mx1.gone.test", "TXT", "exists, without an address")
+    else:
+        dns_server.set_servfail("mx1.gone.test")
+    result = await _send(dns_server, sink_port, ["mx1.gone.test"])
+    (outcome,) = result.outcomes
+    assert isinstance(outcome, Deferred) and outcome.reply.is_transient, outcome
+
+
+async def test_a_route_to_a_missing_host_bounces_with_a_dsn(make_stack, make_sink, zone: DNSServer) -> None:
+    zone.add("gone.test", "MX", "10 mx.nowhere.test.")
+    sender_mx = make_sink("127.0.0.9")
+    stack = await make_stack()
+    code, _ = await asubmit(stack.smtp_address, recipients=["r@gone.test"], data=message())
+    assert code == 250
+    (bounced,) = await wait_for_events(stack.config.nats.url, "bounced", 1)
+    assert bounced.recipients == ["r@gone.test"]
+    assert (bounced.reply["code"], bounced.reply["enhanced"]) == HOST_NOT_FOUND
+    (dsn,) = await sender_mx.async_wait_for(1)
+    assert b"mx.nowhere.test" in dsn.data
