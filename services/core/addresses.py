@@ -8,7 +8,10 @@ literals, comments, routes, non-ASCII) to the RFC 5321/5322 parsers of aiosmtpd 
 
 from __future__ import annotations
 
+import functools
 import re
+
+import idna
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 PLAIN_ADDR_SPEC = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
@@ -54,7 +57,15 @@ def domain_key(domain: str) -> str:
     domain = domain.strip().rstrip(".").lower()
     if domain.isascii():
         return domain
+    return _a_labels(domain)
+
+
+@functools.lru_cache(maxsize=16384)
+def _a_labels(domain: str) -> str:
+    # IDNA 2008 (UTS 46, non-transitional), as dnspython resolves the name. Python's own codec is
+    # IDNA 2003, which maps "faß.de" to "fass.de": another registered domain, whose MX would
+    # have been asked, and to whose mailbox an MX without SMTPUTF8 would have been given it.
     try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
+        return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
         return domain
