@@ -6,8 +6,9 @@ stored body. So a large body stored in the Object Store is written once, never r
 for its signature, and every per-domain job sends the same signed bytes.
 
 Signatures use relaxed/relaxed canonicalisation and over-sign the fields a recipient reads or
-acts on (`OVERSIGNED`: each is listed once more than it occurs, once when absent), so none of
-them can be added after signing, as rspamd and Exim do.
+acts on (`OVERSIGNED`: each is listed once more than it occurs, once when absent; and
+`OVERSIGNED_IF_PRESENT` when present), so none of them can be added after signing, as rspamd
+does.
 
 A message that cannot be signed goes out unsigned with a warning rather than being retried for
 ever; `SigningError.reason` says why, as the label of `relais_dkim_sign_failures_total`.
@@ -51,25 +52,13 @@ DEFAULT_HEADERS = (
     "feedback-id",
 )
 # A field added after signing could change what the reader sees (a second From or Subject, a
-# Reply-To redirecting answers, a Content-Type re-framing the body, a List-Unsubscribe pointing
-# elsewhere), so these are over-signed: an absent one must stay absent (rspamd's and Exim's set).
-OVERSIGNED = frozenset(
-    {
-        "from",
-        "subject",
-        "date",
-        "reply-to",
-        "to",
-        "cc",
-        "content-type",
-        "mime-version",
-        "message-id",
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-        "in-reply-to",
-        "references",
-    }
-)
+# Reply-To redirecting answers), so these are over-signed: one more than occur, so an absent one
+# must stay absent. rspamd's set.
+OVERSIGNED = frozenset({"from", "subject", "date", "reply-to", "to", "cc"})
+# Over-signed only when present, as rspamd does: a second Message-ID or Content-Type re-framing
+# the body cannot be added, while a mailing list may still add what it needs. List-Unsubscribe
+# is not over-signed at all: Mailman adds it, and the signature must survive the list.
+OVERSIGNED_IF_PRESENT = frozenset({"message-id", "mime-version", "content-type", "in-reply-to", "references"})
 
 # Reasons a message went out unsigned, the closed label set of relais_dkim_sign_failures_total.
 REASON_MESSAGE = "message"  # its header cannot be parsed
@@ -171,13 +160,16 @@ def header_names(message: bytes) -> list[str]:
 
 
 def headers_to_sign(present: Iterable[str], wanted: Iterable[str]) -> list[str]:
-    """Each wanted field once per occurrence; those in `OVERSIGNED` once more."""
+    """Each wanted field once per occurrence; once more those in `OVERSIGNED`, and those in
+    `OVERSIGNED_IF_PRESENT` that occur."""
     counts: dict[str, int] = {}
     for name in present:
         counts[name] = counts.get(name, 0) + 1
     out: list[str] = []
     for name in dict.fromkeys(wanted):
-        n = counts.get(name, 0) + (1 if name in OVERSIGNED else 0)
+        n = counts.get(name, 0)
+        if name in OVERSIGNED or (n and name in OVERSIGNED_IF_PRESENT):
+            n += 1
         out.extend([name] * n)
     return out
 
