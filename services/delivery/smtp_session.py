@@ -95,8 +95,11 @@ def _reply_of(exc: aiosmtplib.SMTPResponseException, command: str) -> Reply:
     return Reply.parse(exc.code, exc.message, command)
 
 
-# RFC 5321 4.3.2: the only replies by which a server takes a recipient.
-RCPT_ACCEPTED = (250, 251)
+# What each stage expects, as Postfix reads it: MAIL 250; RCPT any 2xx (RFC 5321 names 250 and
+# 251; some servers say 252); DATA any 3xx (RFC 5321 names 354).
+_MAIL_OK = (250,)
+_RCPT_OK = tuple(range(200, 300))
+_DATA_GO = tuple(range(300, 400))
 
 
 def _misplaced(code: int, expected: tuple[int, ...]) -> bool:
@@ -218,8 +221,11 @@ class Connection:
                 await smtp.rcpt(address, encoding=wire.encoding)
                 accepted.append(rcpt)
             except aiosmtplib.SMTPResponseException as exc:
+                if exc.code in _RCPT_OK:  # aiosmtplib refuses all but 250 and 251
+                    accepted.append(rcpt)
+                    continue
                 reply = _reply_of(exc, "RCPT")
-                if _misplaced(reply.code, RCPT_ACCEPTED):
+                if _misplaced(reply.code, _RCPT_OK):
                     return self._protocol_error(recipients, remote, f"{exc.code} {exc.message}", "RCPT")
                 if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
                     # 421: the server closed; the accepted ones cannot get the data either.
@@ -261,21 +267,21 @@ class Connection:
         outcomes: dict[str, Outcome] = {}
         accepted: list[str] = []
         for rcpt, response in zip(recipients, replies[1:], strict=False):
-            if response.code in RCPT_ACCEPTED:
+            if response.code in _RCPT_OK:
                 accepted.append(rcpt)
                 continue
-            if _misplaced(response.code, RCPT_ACCEPTED):
+            if _misplaced(response.code, _RCPT_OK):
                 return self._protocol_error(recipients, remote, f"{response.code} {response.message}", "RCPT")
             reply = Reply.parse(response.code, response.message, "RCPT")
             if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
                 break
         data = replies[len(recipients) + 1] if len(replies) > len(recipients) + 1 else None
-        if data is not None and _misplaced(data.code, (354,)):
+        if data is not None and _misplaced(data.code, _DATA_GO):
             return self._protocol_error(recipients, remote, f"{data.code} {data.message}", "DATA")
         if not accepted:
             # No recipient: the server refuses the pipelined DATA (503/554), which is read above
             # and means nothing. Should it answer 354 anyway, a lone dot ends the empty message.
-            if data is not None and data.code == 354:
+            if data is not None and data.code in _DATA_GO:
                 with contextlib.suppress(aiosmtplib.SMTPResponseException):
                     await _send_payload(smtp, b".\r\n")
             elif data is not None and data.code == 421:
@@ -298,12 +304,12 @@ class Connection:
         outcomes: dict[str, Outcome],
         remote: list[Reply],
     ) -> TransactionResult:
-        """The transaction from the reply to DATA on: only 354 starts the body, and only the
-        reply after the final dot can deliver. Any other 2xx/3xx there means the replies are
-        out of step with the commands (or the server is broken): nothing was delivered."""
-        if _misplaced(start.code, (354,)):
+        """The transaction from the reply to DATA on: only a 3xx (354) starts the body, and only
+        the reply after the final dot can deliver. A 2xx there means the replies are out of step
+        with the commands (or the server is broken): nothing was delivered."""
+        if _misplaced(start.code, _DATA_GO):
             return self._protocol_error(recipients, remote, f"{start.code} {start.message}", "DATA")
-        if start.code == 354:
+        if start.code in _DATA_GO:
             try:
                 response = await _send_payload(self.smtp, data_payload(body))
                 reply = Reply.parse(response.code, response.message, "DATA")
@@ -334,7 +340,7 @@ class Connection:
         self, code: int, message: str, recipients: Sequence[str], remote: list[Reply], stale_ok: bool
     ) -> TransactionResult:
         """MAIL refused: every recipient fails for good (5xx), or the next host is tried (4xx)."""
-        if _misplaced(code, (250,)):
+        if _misplaced(code, _MAIL_OK):
             return self._protocol_error(recipients, remote, f"{code} {message}", "MAIL")
         if stale_ok and code == 421:
             raise StaleConnection(f"{code} {message}")

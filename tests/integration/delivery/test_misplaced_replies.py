@@ -1,6 +1,7 @@
-"""A 2xx where the protocol has none is never a delivery: a 250 to DATA (no body was sent), a 252
-to RCPT, and a server that answers MAIL twice (every later reply shifts onto the wrong command)
-defer every recipient with 4.5.0 and close the connection, with and without PIPELINING."""
+"""A 2xx where the protocol has none is never a delivery: a 250 to DATA (no body was sent) and a
+server that answers MAIL twice (every later reply shifts onto the wrong command) defer every
+recipient with 4.5.0 and close the connection, with and without PIPELINING. Any 2xx to RCPT
+takes the recipient, as Postfix reads it (RFC 5321 names 250 and 251; some servers say 252)."""
 
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ async def _connect(server: MisbehavingServer) -> Connection:
 @pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
 @pytest.mark.parametrize(
     "replies",
-    [{"DATA": DATA_OK_WITHOUT_BODY}, {"RCPT": RCPT_CANNOT_VERIFY}, {"MAIL": MAIL_ANSWERED_TWICE}],
-    ids=["250-to-DATA", "252-to-RCPT", "MAIL-answered-twice"],
+    [{"DATA": DATA_OK_WITHOUT_BODY}, {"MAIL": MAIL_ANSWERED_TWICE}],
+    ids=["250-to-DATA", "MAIL-answered-twice"],
 )
 async def test_a_misplaced_2xx_defers_and_closes(
     misbehaving, replies: dict[str, bytes], pipelining: bool
@@ -97,8 +98,11 @@ async def test_a_misplaced_2xx_defers_and_closes(
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
-async def test_a_sound_server_still_gets_the_message(misbehaving, pipelining: bool) -> None:
-    server = await misbehaving({}, pipelining=pipelining)
+@pytest.mark.parametrize("replies", [{}, {"RCPT": RCPT_CANNOT_VERIFY}], ids=["sound", "252-to-RCPT"])
+async def test_a_sound_server_still_gets_the_message(
+    misbehaving, replies: dict[str, bytes], pipelining: bool
+) -> None:
+    server = await misbehaving(replies, pipelining=pipelining)
     conn = await _connect(server)
     try:
         result = await conn.transact("a@acme.test", ["x@b.test"], BODY)
