@@ -219,6 +219,9 @@ class IngressHandler:
             return str(verdict)
         if ingress.bare_line_endings == "normalise":
             data = policy.normalise_line_endings(data)
+        verdict = policy.hop_verdict(data)
+        if verdict:
+            return str(verdict)
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         state = facts(session)
         tls = tls_facts(session)

@@ -37,7 +37,7 @@ from services.ingress.replies import (
 )
 
 MAX_LINE = 998  # octets, without CRLF (RFC 5322 2.1.1)
-# Received: fields a message may carry before it is taken for a loop: Postfix's hopcount_limit.
+# Received: fields that make a message taken for a loop: Postfix's hopcount_limit.
 # A loop (an MX that points back at a relay network, an auto-forward between two domains) would
 # otherwise queue and deliver the same mail for ever.
 MAX_HOPS = 50
@@ -197,7 +197,7 @@ def content_verdict(
     lines: LineStats | None = None,
 ) -> Verdict | None:
     """Reject (or allow normalising) bare CR/LF: the root of SMTP smuggling; refuse NULs, lines
-    over 998 octets, undeclared 8-bit data, oversized header blocks and mail loops.
+    over 998 octets, undeclared 8-bit data and oversized header blocks.
 
     `lines`: what the DATA reader saw (`read_data`). With it, the message is not split again to
     measure its lines unless one may exceed 998 octets, nor searched for CRLFs: measuring twice
@@ -210,10 +210,16 @@ def content_verdict(
         return LINE_TOO_LONG
     if not eight_bit_declared and not data.isascii():
         return NEEDS_8BITMIME
-    head = headers.split_message(data)[0]
-    if max_header_size and len(head) > max_header_size:
+    if max_header_size and len(headers.split_message(data)[0]) > max_header_size:
         return HEADER_TOO_BIG
-    if len(_RECEIVED.findall(head)) > MAX_HOPS:
+    return None
+
+
+def hop_verdict(data: bytes) -> Verdict | None:
+    """Refuse a message with MAX_HOPS or more Received: fields. Asked of CRLF-terminated data
+    (after normalising): with bare line endings the header's end is not found, and a body's
+    lines would be counted."""
+    if len(_RECEIVED.findall(headers.split_message(data)[0])) >= MAX_HOPS:
         return TOO_MANY_HOPS
     return None
 

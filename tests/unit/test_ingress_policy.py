@@ -23,6 +23,7 @@ from services.ingress.replies import (
     POOL_NOT_ALLOWED,
     RELAY_DENIED,
     SENDER_NOT_OWNED,
+    TOO_MANY_HOPS,
     TOO_MANY_RECIPIENTS,
 )
 
@@ -222,3 +223,20 @@ def test_relay_networks() -> None:
     assert policy.in_networks("10.1.2.3", ["10.0.0.0/8"])
     assert not policy.in_networks("192.0.2.1", ["10.0.0.0/8"])
     assert not policy.in_networks("garbage", ["10.0.0.0/8"])
+
+
+def _with_received(n: int, body: bytes = b"Hi.\r\n") -> bytes:
+    trace = b"".join(
+        b"Received: from h%d\r\n\tby relais.test; Tue, 1 Dec 2026 10:00:00 +0000\r\n" % i for i in range(n)
+    )
+    return trace + b"From: a@acme.test\r\nSubject: x\r\n\r\n" + body
+
+
+def test_a_message_with_max_hops_received_fields_is_a_loop() -> None:
+    assert policy.hop_verdict(_with_received(policy.MAX_HOPS - 1)) is None
+    assert policy.hop_verdict(_with_received(policy.MAX_HOPS)) == TOO_MANY_HOPS
+
+
+def test_received_lines_in_the_body_are_not_hops() -> None:
+    report = b"".join(b"Received: from h%d by x\r\n" % i for i in range(2 * policy.MAX_HOPS))
+    assert policy.hop_verdict(_with_received(1, body=report)) is None
