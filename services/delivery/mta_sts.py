@@ -85,6 +85,12 @@ def _fetch(url: str, context: ssl.SSLContext, timeout: float) -> str:
         return response.read(MAX_POLICY_BYTES + 1)[:MAX_POLICY_BYTES].decode("utf-8", "replace")
 
 
+# How long a policy that could not be fetched is not asked for again (the cached one, or none,
+# applies meanwhile, as RFC 8461 5.1 has it for a failed refresh).
+FAILED_FETCH_MEMORY = 300.0
+_FAILED_MAX = 10_000
+
+
 class MtaSts:
     """Per-worker policy cache. `policy(domain)` never raises: trouble means "no policy"."""
 
@@ -101,6 +107,11 @@ class MtaSts:
         self._context = context
         self._timeout = timeout
         self._cache: dict[str, tuple[StsPolicy, float]] = {}
+        # (domain, policy id) -> when fetching it last failed. Without it, every message to a
+        # domain whose policy host hangs waited the whole fetch timeout again, in a thread.
+        self._failed: dict[tuple[str, str], float] = {}
+        # One fetch per (domain, policy id) at a time: the messages arriving meanwhile share it.
+        self._fetching: dict[tuple[str, str], asyncio.Future[StsPolicy | None]] = {}
 
     def _cached(self, domain: str, now: float) -> StsPolicy | None:
         hit = self._cache.get(domain)
@@ -122,12 +133,37 @@ class MtaSts:
             return cached
         if cached is not None and cached.id == policy_id:
             return cached
+        key = (domain, policy_id)
+        failed_at = self._failed.get(key)
+        if failed_at is not None and now - failed_at < FAILED_FETCH_MEMORY:
+            return cached
+        running = self._fetching.get(key)
+        if running is not None:
+            fetched = await asyncio.shield(running)
+            return fetched if fetched is not None else cached
+        future: asyncio.Future[StsPolicy | None] = asyncio.get_running_loop().create_future()
+        self._fetching[key] = future
+        try:
+            fetched = await self._fetch_policy(domain, policy_id, now)
+            future.set_result(fetched)
+        except BaseException:
+            future.set_result(None)  # cancelled: the waiters use what is cached
+            raise
+        finally:
+            del self._fetching[key]
+        return fetched if fetched is not None else cached
+
+    async def _fetch_policy(self, domain: str, policy_id: str, now: float) -> StsPolicy | None:
         url = self._url.format(domain=domain)
         try:
             text = await asyncio.to_thread(_fetch, url, self._context, self._timeout)
             policy = parse_policy(text, policy_id)
         except Exception as exc:
             log.warning("MTA-STS policy of %s from %s unusable: %r", domain, url, exc)
-            return cached
+            if len(self._failed) > _FAILED_MAX:
+                self._failed.clear()
+            self._failed[(domain, policy_id)] = now
+            return None
+        self._failed.pop((domain, policy_id), None)
         self._cache[domain] = (policy, now)
         return policy
