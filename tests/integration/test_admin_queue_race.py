@@ -12,7 +12,6 @@ import pytest
 
 from services.admin import queue
 from services.core.bus import Bus
-from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.schedule import publish_at
 from services.core.topology import (
     BOUNCE_STREAM,
@@ -20,6 +19,7 @@ from services.core.topology import (
     deliver_retry_subject,
     deliver_subject,
 )
+from tests.support.relais import an_envelope
 
 HOUR = 3600.0
 
@@ -30,16 +30,7 @@ def bus(topology_bus: Bus) -> Bus:
 
 
 async def deferred_job(bus: Bus) -> queue.Scheduled:
-    env = Envelope(
-        id=new_message_id(),
-        sender="news@acme.test",
-        recipients=("r@alpha.test",),
-        account="acme",
-        sender_domain="acme.test",
-        body=BodyRef(size=3, inline=b"x\r\n"),
-        domain="alpha.test",
-        job_id="j-0",
-    )
+    env = an_envelope("r@alpha.test", body=b"x\r\n", domain="alpha.test", job_id="j-0")
     await publish_at(
         bus,
         schedule_subject=deliver_retry_subject(env.job_id, 1),

@@ -34,6 +34,7 @@ from services.core.config import (
     RetryConfig,
 )
 from services.core.embedded import free_port, stop_process, wait_for_port
+from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.events import Event
 from services.core.runtime import start_bus
 from services.core.topology import BODY_BUCKET, EVENTS_STREAM, events_filter
@@ -194,6 +195,20 @@ def submit(
 
 async def asubmit(address: tuple[str, int], **kwargs: Any) -> tuple[int, bytes]:
     return await asyncio.to_thread(submit, address, **kwargs)
+
+
+def an_envelope(*recipients: str, body: bytes = b"Hello.\r\n", **fields: Any) -> Envelope:
+    """An envelope as the ingress stores it for the test account (news@SENDER_DOMAIN, the body
+    inline), for tests that put one on a stream themselves; `fields` override any field."""
+    base: dict[str, Any] = {
+        "id": new_message_id(),
+        "sender": f"news@{SENDER_DOMAIN}",
+        "recipients": recipients or ("a@alpha.test",),
+        "account": ACCOUNT,
+        "sender_domain": SENDER_DOMAIN,
+        "body": BodyRef(size=len(body), inline=body),
+    }
+    return Envelope(**(base | fields))
 
 
 def message(

@@ -6,25 +6,16 @@ from __future__ import annotations
 
 import email
 
-from services.core.envelope import BodyRef, Envelope, new_message_id
+from services.core.envelope import Envelope
 from services.core.outcome import NULL_MX
 from tests.integration.bounce.conftest import publish_route
-from tests.support.relais import ACCOUNT, SENDER_DOMAIN, RelaisStack, message
+from tests.support.relais import RelaisStack, an_envelope, message
 
 REJECT = "550 5.1.1 No such user"
 
 
 def envelope(recipient: str, envid: str) -> Envelope:
-    data = message(subject=envid)
-    return Envelope(
-        id=new_message_id(),
-        sender=f"news@{SENDER_DOMAIN}",
-        recipients=(recipient,),
-        account=ACCOUNT,
-        sender_domain=SENDER_DOMAIN,
-        body=BodyRef(size=len(data), inline=data),
-        dsn_envid=envid,
-    )
+    return an_envelope(recipient, body=message(subject=envid), dsn_envid=envid)
 
 
 def _unfolded(value: str) -> str:

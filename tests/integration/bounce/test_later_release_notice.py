@@ -14,20 +14,13 @@ from services.bounce.service import BounceService
 from services.core.bus import Bus, Retry
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats
-from services.core.envelope import SCHEMA_VERSION, BodyRef, BounceNotice, Envelope, new_message_id
+from services.core.envelope import SCHEMA_VERSION, BounceNotice, new_message_id
 from services.core.outcome import Bounced, Reply
+from tests.support.relais import an_envelope
 
 
 def _notice_of_a_later_release(message_id: str) -> bytes:
-    env = Envelope(
-        id=message_id,
-        sender="news@acme.test",
-        recipients=("a@alpha.test",),
-        account="acme",
-        sender_domain="acme.test",
-        body=BodyRef(size=4, inline=b"hi\r\n"),
-        received_at=time.time(),
-    )
+    env = an_envelope("a@alpha.test", body=b"hi\r\n", id=message_id)
     failure = Bounced("a@alpha.test", Reply(550, "5.1.1", "no such user"), mx_host="mx.alpha.test")
     wire = msgpack.unpackb(BounceNotice(env, (failure,)).to_msgpack())
     wire["v"] = SCHEMA_VERSION + 1

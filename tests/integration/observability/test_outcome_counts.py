@@ -10,24 +10,22 @@ from services.core.bodies import BodyStore
 from services.core.bus import Bus
 from services.core.config import RetryConfig
 from services.core.disposition import settle
-from services.core.envelope import BodyRef, Envelope
+from services.core.envelope import Envelope
 from services.core.events import event_for, publish_event
 from services.core.outcome import Deferred, Reply
 from tests.support.prom import scrape, value
-from tests.support.relais import SENDER_DOMAIN, asubmit, message, wait_for_events
+from tests.support.relais import SENDER_DOMAIN, an_envelope, asubmit, message, wait_for_events
 
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown", "RCPT")
 
 
 def envelope(pool: str) -> Envelope:
-    return Envelope(
+    return an_envelope(
+        "gone@x.test",
+        body=b"x",
         id="m-dup",
         job_id="m-dup-x",
         sender=f"s@{SENDER_DOMAIN}",
-        recipients=("gone@x.test",),
-        account="acme",
-        sender_domain=SENDER_DOMAIN,
-        body=BodyRef(size=1, inline=b"x"),
         pool=pool,
         site="x.test",
     )

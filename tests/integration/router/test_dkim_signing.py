@@ -13,13 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from services.core.config import DkimKeyConfig
-from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.metrics import REGISTRY
 from services.core.topology import route_subject
 from services.router.dkim import public_txt
 from tests.integration.router.conftest import asubmit_many
 from tests.support.dns_server import DNSServer
-from tests.support.relais import ACCOUNT, SENDER_DOMAIN, message
+from tests.support.relais import SENDER_DOMAIN, an_envelope, message
 
 
 def _write_keys(tmp_path: Path, zone: DNSServer) -> list[DkimKeyConfig]:
@@ -130,14 +129,7 @@ async def test_a_message_the_signer_cannot_parse_is_sent_unsigned_and_counted(
     )
     sink = make_sink("127.0.0.2")
     data = b" continued: x\r\nFrom: <news@acme.test>\r\nSubject: odd\r\n\r\nHello.\r\n"
-    env = Envelope(
-        id=new_message_id(),
-        sender=f"news@{SENDER_DOMAIN}",
-        recipients=("v@alpha.test",),
-        account=ACCOUNT,
-        sender_domain=SENDER_DOMAIN,
-        body=BodyRef(size=len(data), inline=data),
-    )
+    env = an_envelope("v@alpha.test", body=data)
     before = _sign_failures("message")
     await stack._buses[0].publish(route_subject(), env.to_msgpack())
     (got,) = await sink.async_wait_for(1)

@@ -8,22 +8,13 @@ import asyncio
 import msgpack
 
 from services.core.embedded import EmbeddedNats
-from services.core.envelope import SCHEMA_VERSION, BodyRef, Envelope, new_message_id
+from services.core.envelope import SCHEMA_VERSION
 from services.core.topology import ROUTE_STREAM, ROUTER_CONSUMER, route_subject
-from tests.support.relais import RelaisStack, make_config
+from tests.support.relais import RelaisStack, an_envelope, make_config
 
 
 def _later_release_envelope() -> bytes:
-    env = Envelope(
-        id=new_message_id(),
-        sender="news@acme.test",
-        recipients=("a@alpha.test",),
-        account="acme",
-        sender_domain="acme.test",
-        body=BodyRef(size=4, inline=b"hi\r\n"),
-        received_at=1700000000.0,
-    )
-    wire = msgpack.unpackb(env.to_msgpack())
+    wire = msgpack.unpackb(an_envelope("a@alpha.test", body=b"hi\r\n", received_at=1700000000.0).to_msgpack())
     wire["v"] = SCHEMA_VERSION + 1
     return msgpack.packb(wire)
 
