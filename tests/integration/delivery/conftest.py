@@ -15,10 +15,17 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import dns.asyncresolver
 import pytest
 
-from services.core.config import PoolConfig, SourceConfig
+from services.core import dns as relais_dns
+from services.core.config import DnsConfig, PoolConfig, SourceConfig
 from services.core.embedded import EmbeddedNats
+from services.delivery.connections import ConnectionPool
+from services.delivery.sending import AttemptResult, send_job
+from services.delivery.shaping import Limits
+from services.delivery.smtp_session import Source
+from services.delivery.tls_policy import TlsPolicy
 from tests.support.dns_server import DNSServer
 from tests.support.relais import SERVICES, RelaisStack, asubmit, make_config, message
 
@@ -104,3 +111,26 @@ def max_in_window(times: list[float], window: float) -> int:
     for i, start in enumerate(times):
         best = max(best, sum(1 for t in times[i:] if t < start + window))
     return best
+
+
+def resolver_of(dns_server: DNSServer) -> dns.asyncresolver.Resolver:
+    """A resolver asking only the loopback DNS server, as a worker configured for it would."""
+    return relais_dns.make_resolver(DnsConfig(servers=[f"{dns_server.host}:{dns_server.port}"], timeout=2.0))
+
+
+async def attempt(
+    pool: ConnectionPool, resolver: dns.asyncresolver.Resolver, mx_hosts: list[str], recipient: str, site: str
+) -> AttemptResult:
+    """One attempt of a one-recipient job straight through `send_job`: no NATS, no shaping."""
+    return await send_job(
+        pool,
+        resolver,
+        mx_hosts,
+        sender="a@acme.test",
+        recipients=[recipient],
+        body=b"Subject: x\r\n\r\nhello\r\n",
+        source=Source("", "relais.test"),
+        site=site,
+        limits=Limits(connections=0),
+        policy=TlsPolicy(),
+    )

@@ -10,15 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from services.core import dns as relais_dns
-from services.core.config import DnsConfig
 from services.core.embedded import free_port
 from services.core.outcome import Deferred
 from services.delivery.connections import ConnectionPool
-from services.delivery.sending import MX_ADDRESS_LIMIT, send_job
-from services.delivery.shaping import Limits
-from services.delivery.smtp_session import SessionSettings, Source
-from services.delivery.tls_policy import TlsPolicy
+from services.delivery.sending import MX_ADDRESS_LIMIT
+from services.delivery.smtp_session import SessionSettings
+from tests.integration.delivery.conftest import attempt, resolver_of
 from tests.support.dns_server import DNSServer
 
 FIRST_MX = [f"127.0.0.{i}" for i in range(31, 35)]  # 4 addresses
@@ -65,23 +62,10 @@ async def busy() -> AsyncIterator[BusyMXs]:
 async def test_an_attempt_stops_after_five_addresses(dns_server: DNSServer, busy: BusyMXs) -> None:
     dns_server.add("mx1.many.test", "A", *FIRST_MX)
     dns_server.add("mx2.many.test", "A", *SECOND_MX)
-    resolver = relais_dns.make_resolver(
-        DnsConfig(servers=[f"{dns_server.host}:{dns_server.port}"], timeout=2.0)
-    )  # type: ignore[arg-type]
     pool = ConnectionPool(None, SessionSettings(port=busy.port, starttls=False, connect_timeout=5.0))  # type: ignore[arg-type]
     try:
-        result = await send_job(
-            pool,
-            resolver,
-            ["mx1.many.test", "mx2.many.test"],
-            sender="a@acme.test",
-            recipients=["r@many.test"],
-            body=b"Subject: x\r\n\r\nhello\r\n",
-            source=Source("", "relais.test"),
-            site="many.test",
-            limits=Limits(connections=0),
-            policy=TlsPolicy(),
-        )
+        mx_hosts = ["mx1.many.test", "mx2.many.test"]
+        result = await attempt(pool, resolver_of(dns_server), mx_hosts, "r@many.test", "many.test")
     finally:
         await pool.close()
     assert MX_ADDRESS_LIMIT == 5

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from services.core import dns as relais_dns
-from services.core.config import DnsConfig
 from services.core.outcome import Bounced, Deferred
 from services.delivery.connections import ConnectionPool
-from services.delivery.sending import AttemptResult, send_job
-from services.delivery.shaping import Limits
-from services.delivery.smtp_session import SessionSettings, Source
-from services.delivery.tls_policy import TlsPolicy
+from services.delivery.sending import AttemptResult
+from services.delivery.smtp_session import SessionSettings
+from tests.integration.delivery.conftest import attempt, resolver_of
 from tests.support.dns_server import DNSServer
 from tests.support.relais import asubmit, message, wait_for_events
 
@@ -23,23 +20,9 @@ UNREACHABLE = "127.0.0.39"  # nothing listens there: connection refused
 
 
 async def _send(dns_server: DNSServer, sink_port: int, mx_hosts: list[str]) -> AttemptResult:
-    resolver = relais_dns.make_resolver(
-        DnsConfig(servers=[f"{dns_server.host}:{dns_server.port}"], timeout=2.0)
-    )  # type: ignore[arg-type]
     pool = ConnectionPool(None, SessionSettings(port=sink_port, starttls=False, connect_timeout=5.0))  # type: ignore[arg-type]
     try:
-        return await send_job(
-            pool,
-            resolver,
-            mx_hosts,
-            sender="a@acme.test",
-            recipients=["r@gone.test"],
-            body=b"Subject: x\r\n\r\nhello\r\n",
-            source=Source("", "relais.test"),
-            site="gone.test",
-            limits=Limits(connections=0),
-            policy=TlsPolicy(),
-        )
+        return await attempt(pool, resolver_of(dns_server), mx_hosts, "r@gone.test", "gone.test")
     finally:
         await pool.close()
 

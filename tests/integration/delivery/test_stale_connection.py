@@ -11,10 +11,8 @@ import pytest
 
 from services.core.outcome import Delivered
 from services.delivery.connections import ConnectionPool
-from services.delivery.sending import send_job
-from services.delivery.shaping import Limits
-from services.delivery.smtp_session import SessionSettings, Source
-from services.delivery.tls_policy import TlsPolicy
+from services.delivery.smtp_session import SessionSettings
+from tests.integration.delivery.conftest import attempt
 from tests.support.raw_smtp import RawServer, serving
 
 
@@ -69,18 +67,7 @@ async def make_server() -> AsyncIterator:
 
 
 async def _send(pool: ConnectionPool, rcpt: str) -> list:
-    result = await send_job(
-        pool,
-        dns.asyncresolver.Resolver(configure=False),
-        ["127.0.0.1"],
-        sender="a@acme.test",
-        recipients=[rcpt],
-        body=b"Subject: x\r\n\r\nhello\r\n",
-        source=Source("", "relais.test"),
-        site="one-shot",
-        limits=Limits(connections=0),
-        policy=TlsPolicy(),
-    )
+    result = await attempt(pool, dns.asyncresolver.Resolver(configure=False), ["127.0.0.1"], rcpt, "one-shot")
     return result.outcomes
 
 
