@@ -219,7 +219,8 @@ class IngressHandler:
             return str(verdict)
         if ingress.bare_line_endings == "normalise":
             data = policy.normalise_line_endings(data)
-        verdict = policy.hop_verdict(data)
+        head, rest = headers.split_message(data)
+        verdict = policy.hop_verdict(head)
         if verdict:
             return str(verdict)
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
@@ -254,7 +255,6 @@ class IngressHandler:
         if verdict:
             return str(verdict)
         assert account is not None  # sender_verdict refuses a missing account
-        head, rest = headers.split_message(data)
         block = headers.HeaderBlock(head)  # parsed once for every question below
         verdict = policy.from_header_verdict(account, block)
         if verdict and (not sender or ingress.from_header_check == "reject"):

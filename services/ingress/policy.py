@@ -215,11 +215,11 @@ def content_verdict(
     return None
 
 
-def hop_verdict(data: bytes) -> Verdict | None:
-    """Refuse a message with MAX_HOPS or more Received: fields. Asked of CRLF-terminated data
-    (after normalising): with bare line endings the header's end is not found, and a body's
-    lines would be counted."""
-    if len(_RECEIVED.findall(headers.split_message(data)[0])) >= MAX_HOPS:
+def hop_verdict(header_block: bytes) -> Verdict | None:
+    """Refuse a message with MAX_HOPS or more Received: fields. `header_block` is split from
+    CRLF-terminated data (after normalising): with bare line endings the header's end is not
+    found, and a body's lines would be counted."""
+    if len(_RECEIVED.findall(header_block)) >= MAX_HOPS:
         return TOO_MANY_HOPS
     return None
 
