@@ -359,23 +359,29 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     for binding in consumer_bindings(config):
         await js.add_consumer(binding.stream, _consumer_config(binding, config))
     await ensure_webhooks_consumers(js, config, reconcile=False)
-    # Bodies outlive the longest possible retry so that a leaked reference still expires.
-    body_ttl = config.retry.max_age + 2 * 86400
+    await _ensure_body_store(js, config)
+    for bucket in kv_configs(config):
+        await _ensure_kv(js, bucket)
+
+
+def body_ttl(config: Config) -> float:
+    """Bodies (and their reference counts) outlive the longest possible retry, so that a leaked
+    reference still expires."""
+    return config.retry.max_age + 2 * 86400
+
+
+async def _ensure_body_store(js: JetStreamContext, config: Config) -> None:
+    ttl, replicas = body_ttl(config), config.nats.replicas
     try:
         await js.create_object_store(
-            BODY_BUCKET,
-            ObjectStoreConfig(ttl=body_ttl, replicas=config.nats.replicas, storage=StorageType.FILE),
+            BODY_BUCKET, ObjectStoreConfig(ttl=ttl, replicas=replicas, storage=StorageType.FILE)
         )
     except BadRequestError as exc:
         # Made with another `retry.max_age` or `nats.replicas`: follow the configuration, as
         # buckets do, rather than refuse to start every service.
         if exc.err_code != 10058:
             raise
-        await _bring_stream_to(
-            js, object_stream(BODY_BUCKET), {"max_age": body_ttl, "num_replicas": config.nats.replicas}
-        )
-    for bucket in kv_configs(config):
-        await _ensure_kv(js, bucket)
+        await _bring_stream_to(js, object_stream(BODY_BUCKET), {"max_age": ttl, "num_replicas": replicas})
 
 
 async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, reconcile: bool) -> None:
@@ -392,10 +398,9 @@ async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, rec
 
     A consumer created here starts at the stream's end, so a newly configured webhook receives
     the events from then on, not the stream's history (as Postmark and SendGrid do). Replacing
-    the shared consumer, each
-    account's starts after the shared one's ack floor: none is skipped, and every event after
-    the oldest one it had not acknowledged (of any account) is posted again; receivers drop
-    those by `event_id`."""
+    the shared consumer, each account's starts after the shared one's ack floor: none is
+    skipped, and every event after the oldest one it had not acknowledged (of any account) is
+    posted again; receivers drop those by `event_id`."""
     wanted = [webhooks_binding(name) for name in webhook_accounts(config.accounts)]
     try:
         legacy: ConsumerInfo | None = await js.consumer_info(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
@@ -444,7 +449,7 @@ def kv_configs(config: Config) -> list[KeyValueConfig]:
     replica from its store, where a STREAM.MSG.GET goes through the stream leader's JSON API
     (and comes back base64-encoded)."""
     replicas = config.nats.replicas
-    body_ttl = config.retry.max_age + 2 * 86400
+    bodies_ttl = body_ttl(config)
 
     def bucket(name: str, *, history: int = 1, ttl: float | None = None) -> KeyValueConfig:
         return KeyValueConfig(
@@ -459,11 +464,11 @@ def kv_configs(config: Config) -> list[KeyValueConfig]:
         # Slots and leases are only meaningful for minutes; the TTL sweeps keys of idle (source, site)s.
         bucket(SHAPING_BUCKET, ttl=86400.0),
         bucket(DELIVERY_CONTROL_BUCKET),
-        bucket(BODY_REFS_BUCKET, ttl=body_ttl),
+        bucket(BODY_REFS_BUCKET, ttl=bodies_ttl),
         # Held bounce notices normally live for one DSN window; the TTL only sweeps what a failure
         # left behind, and keeps the delete markers that tell a redelivered notice "already
         # reported" for as long as the body it would report on can exist.
-        bucket(BOUNCE_HOLD_BUCKET, ttl=body_ttl),
+        bucket(BOUNCE_HOLD_BUCKET, ttl=bodies_ttl),
     ]
 
 
