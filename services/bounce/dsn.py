@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from services.core.outcome import LOCAL_STAGES
+
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
 SUBJECT_DELIVERED = "Successful Mail Delivery Report"
@@ -36,8 +38,6 @@ ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 # Postfix writes "X-Postfix" for its own.
 DIAGNOSTIC_SMTP = "smtp"
 DIAGNOSTIC_LOCAL = "x-relais"
-# `Reply.command` values naming a decision made inside Relais, not an SMTP stage.
-LOCAL_STAGES = frozenset({"DNS", "QUEUE", "ADMIN"})
 
 _CRLF = b"\r\n"
 _MAX_LINE = 998

@@ -9,12 +9,16 @@ from typing import Any
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
+# `Reply.command` values that name a decision made inside Relais, not an SMTP stage.
+LOCAL_STAGES = frozenset({"DNS", "QUEUE", "ADMIN"})
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One SMTP reply as seen (or produced) by Relais.
 
     `command` names the SMTP stage that drew the reply (CONNECT, EHLO, MAIL, RCPT, DATA, ...),
-    or a local pseudo-stage such as DNS or QUEUE when Relais decided on its own.
+    or a local pseudo-stage (`LOCAL_STAGES`) when Relais decided on its own.
     """
 
     code: int
