@@ -313,6 +313,7 @@ _POSITIVE = (
     "dns.timeout",
     "delivery.connect_timeout",
     "delivery.command_timeout",
+    "delivery.data_done_timeout",
     "retry.base_delay",
     "retry.max_age",
     "bounce.webhook_timeout",

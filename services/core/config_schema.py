@@ -134,7 +134,12 @@ class DeliveryConfig:
     # Shaping rules (TOML, see services/delivery/shaping_default.toml) merged over the built-in ones.
     shaping_file: str = ""
     # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
+    # Each reply of the remote MX but the one after the final dot, and the message's transfer.
     idle_timeout: float = 10.0
+    # The reply after the message's final dot (Postfix's smtp_data_done_timeout). Longer, since
+    # giving up there is the classic cause of duplicate delivery (RFC 1047): the MX may have the
+    # message already, and the retry sends it again.
+    data_done_timeout: float = 600.0
     # A shaping slot further away than this is not waited for in memory: the job is re-scheduled
     # (short, so that jobs for a slow site do not hold handler capacity other sites could use).
     max_shaping_wait: float = 5.0
@@ -155,6 +160,13 @@ class RetryConfig:
     max_age: float = 5 * 86400.0
     # Send one "delayed" DSN when a message is still undelivered after this long; 0 = never.
     delay_warning_after: float = 0.0
+    # Connect only to globally routable addresses: an MX (or MTA-STS policy host) on loopback,
+    # RFC 1918, link-local (cloud metadata), 100.64.0.0/10 ... is skipped, and a domain left with
+    # none bounces 5.4.4. A recipient domain is anyone's to choose, so otherwise mail (and the
+    # policy fetch) can be aimed at services inside the operator's network. Off by default:
+    # laptops and tests deliver to loopback, and some networks rightly have MXs on private
+    # addresses. Kubernetes deployments should turn it on (deploy/k8s/base/relais.toml does).
+    public_mx_only: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

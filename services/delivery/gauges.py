@@ -37,7 +37,7 @@ class DeliveryCollector(Collector):
         )
         postponed = CounterMetricFamily(
             "relais_delivery_postponed",
-            "Jobs re-scheduled without an attempt (paused, shaping, connection limit)",
+            "Jobs re-scheduled without an attempt (paused, shaping, connection limit, stopping)",
             labels=["reason"],
         )
         pushbacks = CounterMetricFamily(

@@ -5,20 +5,29 @@ over HTTPS with a verified certificate from a URL template (`delivery.mta_sts_ur
 https://mta-sts.{domain}/.well-known/mta-sts.txt) so tests can serve it on loopback. A policy
 is cached until its max_age and re-fetched when the TXT id changes; a failed refresh keeps the
 cached policy (section 5.1), and no policy at all means opportunistic TLS.
+
+With an address check (delivery.public_mx_only) the policy host is resolved here, and a host
+without a public address counts as a failed fetch; the fetch then connects to an address that
+was checked, never to what a second lookup (by urllib) might answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
+import socket
 import ssl
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dns.asyncresolver
 
 from services.core import dns as relais_dns
+from services.delivery.public_addresses import AddressCheck
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +86,61 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def _fetch(url: str, context: ssl.SSLContext, timeout: float) -> str:
     opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect)
     with opener.open(url, timeout=timeout) as response:
-        if response.status != 200:
-            raise PolicyError(f"HTTP {response.status}")
-        ctype = response.headers.get("Content-Type", "")
-        if not ctype.lower().startswith("text/plain"):
-            raise PolicyError(f"content type {ctype!r} is not text/plain")
-        return response.read(MAX_POLICY_BYTES + 1)[:MAX_POLICY_BYTES].decode("utf-8", "replace")
+        return _policy_text(response)
+
+
+def _policy_text(response: http.client.HTTPResponse) -> str:
+    if response.status != 200:
+        raise PolicyError(f"HTTP {response.status}")
+    ctype = response.headers.get("Content-Type", "")
+    if not ctype.lower().startswith("text/plain"):
+        raise PolicyError(f"content type {ctype!r} is not text/plain")
+    return response.read(MAX_POLICY_BYTES + 1)[:MAX_POLICY_BYTES].decode("utf-8", "replace")
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to the URL's host name (SNI, certificate check, Host header) over a TCP connection
+    to one of `addresses`, which were checked: the name is not looked up again."""
+
+    def __init__(
+        self, host: str, port: int, *, addresses: Sequence[str], context: ssl.SSLContext, timeout: float
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._addresses = addresses
+        self._tls = context
+
+    def connect(self) -> None:
+        error: OSError = OSError(f"no address for {self.host}")
+        for address in self._addresses:  # in turn, as socket.create_connection does
+            try:
+                sock = socket.create_connection((address, self.port), self.timeout)
+                break
+            except OSError as exc:
+                error = exc
+        else:
+            raise error
+        try:
+            self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _fetch_at(url: str, addresses: Sequence[str], context: ssl.SSLContext, timeout: float) -> str:
+    """`_fetch`, connecting only to `addresses`. No redirects: http.client follows none."""
+    parts = urllib.parse.urlsplit(url)
+    conn = _PinnedHTTPSConnection(
+        parts.hostname or "", parts.port or 443, addresses=addresses, context=context, timeout=timeout
+    )
+    try:
+        conn.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")))
+        return _policy_text(conn.getresponse())
+    finally:
+        conn.close()
+
+
+class NoPublicAddress(Exception):
+    """The policy host resolves to no address the address check allows."""
 
 
 # How long a policy that could not be fetched is not asked for again (the cached one, or none,
@@ -101,8 +159,10 @@ class MtaSts:
         url_template: str,
         context: ssl.SSLContext,
         timeout: float = 10.0,
+        address_check: AddressCheck | None = None,
     ) -> None:
         self._resolver = resolver
+        self._address_check = address_check
         self._url = url_template
         self._context = context
         self._timeout = timeout
@@ -156,7 +216,11 @@ class MtaSts:
     async def _fetch_policy(self, domain: str, policy_id: str, now: float) -> StsPolicy | None:
         url = self._url.format(domain=domain)
         try:
-            text = await asyncio.to_thread(_fetch, url, self._context, self._timeout)
+            if self._address_check is None:
+                text = await asyncio.to_thread(_fetch, url, self._context, self._timeout)
+            else:
+                addresses = await self._allowed_addresses(url, self._address_check)
+                text = await asyncio.to_thread(_fetch_at, url, addresses, self._context, self._timeout)
             policy = parse_policy(text, policy_id)
         except Exception as exc:
             log.warning("MTA-STS policy of %s from %s unusable: %r", domain, url, exc)
@@ -167,3 +231,13 @@ class MtaSts:
         self._failed.pop((domain, policy_id), None)
         self._cache[domain] = (policy, now)
         return policy
+
+    async def _allowed_addresses(self, url: str, check: AddressCheck) -> list[str]:
+        """The policy host's addresses `check` allows (raises NoPublicAddress when none is)."""
+        host = urllib.parse.urlsplit(url).hostname or ""
+        addresses = await relais_dns.addresses(self._resolver, host)
+        allowed = [a for a in addresses if check(a) is None]
+        if not allowed:
+            refused = ", ".join(f"{a}: {check(a)}" for a in addresses) or "no address"
+            raise NoPublicAddress(f"policy host {host} has no public address ({refused})")
+        return allowed

@@ -1,6 +1,7 @@
 """One delivery attempt of a job: MX hosts in order, each of their addresses in turn (at most
 MX_ADDRESS_LIMIT in all), over pooled connections, until one host gives a verdict for every
-recipient.
+recipient. With an address check (delivery.public_mx_only) the addresses it refuses are
+skipped, never connected to and not counted.
 
 Protocol and connection choice only: no JetStream. The caller has already taken the shaping
 slot; this module takes the connection (lease, reuse) and reports what happened.
@@ -9,7 +10,7 @@ slot; this module takes the connection (lease, reuse) and reports what happened.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import dns.asyncresolver
@@ -17,6 +18,7 @@ import dns.asyncresolver
 from services.core import dns as relais_dns
 from services.core.outcome import NO_ROUTE, Bounced, Deferred, Outcome, Reply
 from services.delivery.connections import ConnectionPool
+from services.delivery.public_addresses import AddressCheck
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import Connection, Source, StaleConnection, TransactionResult, TryNextHost
 from services.delivery.tls_policy import MX_NOT_IN_POLICY, TlsPolicy
@@ -84,6 +86,20 @@ def host_not_found(hosts: Sequence[str]) -> Reply:
     return Reply(550, "5.4.4", f"Host not found: MX host {', '.join(hosts)} does not exist", "DNS")
 
 
+class Stopping(Exception):
+    """The worker is draining: no new connection is opened, so that the grace period before the
+    kill only has to cover the transaction already under way. No recipient has a verdict yet."""
+
+
+def no_public_address(hosts: Sequence[str], not_found: Sequence[str]) -> Reply:
+    """No MX host of the route has an address delivery may connect to (delivery.public_mx_only):
+    like a host that does not exist, no retry changes that until the domain's DNS does."""
+    text = f"No public address: MX host {', '.join(hosts)} has only non-public addresses"
+    if not_found:
+        text += f"; host not found: {', '.join(not_found)}"
+    return Reply(550, "5.4.4", text, "DNS")
+
+
 async def send_job(
     pool: ConnectionPool,
     resolver: dns.asyncresolver.Resolver,
@@ -97,12 +113,19 @@ async def send_job(
     limits: Limits,
     policy: TlsPolicy,
     address_limit: int = MX_ADDRESS_LIMIT,
+    address_check: AddressCheck | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> AttemptResult:
-    """Deliver to the first MX that answers; every recipient gets its own outcome."""
+    """Deliver to the first MX that answers; every recipient gets its own outcome.
+
+    `address_check` (None: every address goes) names why an address may not be connected to;
+    such addresses are skipped, and a route with no other address left bounces. Once `stopping`
+    says so, the next address raises Stopping instead of being tried."""
     last = NO_ROUTE
     remote: list[Reply] = []
     notes: list[str] = []
     not_found: list[str] = []
+    not_public: list[str] = []
     bind_failed = False
     tried = 0
     for host in mx_hosts:
@@ -123,7 +146,14 @@ async def send_job(
             notes.append(f"{host}: host not found")
             not_found.append(host)
             continue
+        if address_check is not None and addresses:
+            addresses = _allowed(host, addresses, address_check, notes)
+            if not addresses:
+                not_public.append(host)
+                continue
         for address in _within_limit(host, addresses, address_limit - tried, notes):
+            if stopping is not None and stopping():
+                raise Stopping(f"worker stopping before {host}[{address}]")
             tried += 1
             try:
                 conn, done = await _transact(
@@ -152,13 +182,15 @@ async def send_job(
         if bind_failed:
             break
     outcomes: list[Outcome]
-    if mx_hosts and len(not_found) == len(mx_hosts):
-        reply = host_not_found(not_found)
+    if mx_hosts and len(not_found) + len(not_public) == len(mx_hosts):
+        reply = no_public_address(not_public, not_found) if not_public else host_not_found(not_found)
         outcomes = [Bounced(r, reply) for r in recipients]
     else:
+        # Deferred for the hosts that may answer later; the ones that cannot are named.
         if not_found:
-            # Deferred for the hosts that may answer later; the ones that do not exist are named.
             last = replace(last, text=f"{last.text}; host not found: {', '.join(not_found)}")
+        if not_public:
+            last = replace(last, text=f"{last.text}; no public address: {', '.join(not_public)}")
         outcomes = [Deferred(r, last) for r in recipients]
     return AttemptResult(
         outcomes, source_ip=source.address, remote_replies=remote, bind_failed=bind_failed, notes=notes
@@ -171,3 +203,20 @@ def _within_limit(host: str, addresses: list[str], room: int, notes: list[str]) 
     if len(addresses) > room:
         notes.append(f"{host}: {len(addresses) - room} of its addresses not tried (MX address limit)")
     return addresses[:room]
+
+
+def _allowed(host: str, addresses: list[str], check: AddressCheck, notes: list[str]) -> list[str]:
+    """The addresses of `host` that `check` lets this attempt connect to; each refused one is
+    noted (and logged: a domain aimed at the operator's network is worth an operator's look)."""
+    allowed: list[str] = []
+    skipped: list[str] = []
+    for address in addresses:
+        why = check(address)
+        if why is None:
+            allowed.append(address)
+        else:
+            skipped.append(address)
+            notes.append(f"{host}[{address}]: skipped, {why}")
+    if skipped:
+        log.info("MX host %s: skipped its non-public addresses %s", host, ", ".join(skipped))
+    return allowed

@@ -43,7 +43,8 @@ from services.delivery.connections import ConnectionPool, Saturated
 from services.delivery.control import DeliveryControl
 from services.delivery.limits import SharedLimits
 from services.delivery.mta_sts import MtaSts
-from services.delivery.sending import AttemptResult, send_job
+from services.delivery.public_addresses import why_not_public
+from services.delivery.sending import AttemptResult, Stopping, send_job
 from services.delivery.shaping import Shaping, load_shaping
 from services.delivery.smtp_session import SessionSettings, Source, client_tls_context
 from services.delivery.sources import RECHECK_SECONDS, SourceHealth, choose_source, pool_sources
@@ -69,6 +70,7 @@ class DeliveryService:
     def __init__(self, config: Config, bus: Bus, *, shaping: Shaping | None = None) -> None:
         self._config = config
         self._bus = bus
+        self._stop = asyncio.Event()  # run()'s: set once the worker drains
         self._bodies = BodyStore(bus.js, config.nats.inline_body_max, bus)
         self._resolver = make_resolver(config.dns)
         d = config.delivery
@@ -76,6 +78,7 @@ class DeliveryService:
             port=d.smtp_port,
             connect_timeout=d.connect_timeout,
             command_timeout=d.command_timeout,
+            data_done_timeout=d.data_done_timeout,
             starttls=d.starttls,
             tls_verify=d.tls_verify,
             tls_ca_file=d.tls_ca_file,
@@ -93,11 +96,14 @@ class DeliveryService:
         self.pin_missed = 0  # jobs pinned to another host's source that went from one here
         self.pushbacks: Counter[tuple[str, str]] = Counter()  # (site, rule) back-offs started
         gauges.DELIVERY.track(self)
+        # delivery.public_mx_only: MX hosts and MTA-STS policy hosts only on public addresses.
+        self._address_check = why_not_public if d.public_mx_only else None
         self._sts = MtaSts(
             self._resolver,
             url_template=d.mta_sts_url,
             context=client_tls_context(True, d.tls_ca_file),
             timeout=d.connect_timeout,
+            address_check=self._address_check,
         )
 
     def serving(self) -> list[str]:
@@ -112,6 +118,7 @@ class DeliveryService:
         return usable
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         pools = self.serving()
         await self.control.start(stop)
         self.connections.start()
@@ -229,6 +236,11 @@ class DeliveryService:
             outcomes = await asyncio.to_thread(capture, self._mailbox, env, body)
             return AttemptResult(outcomes, mx_host="mailbox")
         d = self._config.delivery
+        if self._stop.is_set():
+            # Draining: another worker takes it at once, rather than this one starting an
+            # attempt the grace period before the kill was not sized for.
+            await self._postpone(env, time.time(), "stopping")
+            return None
         if self.control.paused("pool", env.pool) or self.control.paused("site", env.site):
             await self._postpone(env, time.time() + d.pause_recheck, "paused")
             return None
@@ -286,9 +298,15 @@ class DeliveryService:
                 site=site,
                 limits=limits,
                 policy=policy,
+                address_check=self._address_check,
+                stopping=self._stop.is_set,
             )
         except Saturated as exc:
             await self._postpone(env, time.time() + exc.retry_after, "connection limit")
+            return None
+        except Stopping as exc:
+            log.info("job %s handed to another worker: %s", env.key, exc)
+            await self._postpone(env, time.time(), "stopping")
             return None
         if result.bind_failed:
             self.health.mark_unhealthy(source.address, "bind failed on connect")

@@ -9,9 +9,9 @@ transaction result with per-recipient outcomes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
-import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +21,7 @@ import aiosmtplib
 
 from services.core.outcome import Deferred, Outcome, Reply, outcome_for
 from services.delivery import pipelining
+from services.delivery.message_data import MessageData, message_data, send_data
 from services.delivery.tls_policy import TLS_FAILED, TLS_NOT_OFFERED, TlsPolicy
 from services.delivery.wire_addresses import WireEnvelope, mail_parameters
 
@@ -40,6 +41,8 @@ class SessionSettings:
     port: int = 25
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    # The reply after the final dot only (DeliveryConfig.data_done_timeout says why it is longer).
+    data_done_timeout: float = 600.0
     starttls: bool = True
     tls_verify: bool = False
     tls_ca_file: str = ""
@@ -108,50 +111,19 @@ def _misplaced(code: int, expected: tuple[int, ...]) -> bool:
 
 
 _LOST = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError)
-_BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
-
-
-def data_payload(body: bytes) -> bytes:
-    """What goes on the wire after DATA: CRLF line ends, leading dots doubled, CRLF.CRLF at the end.
-
-    The same bytes aiosmtplib's `data()` sends, but its two regex passes over the whole body
-    were a third of delivery's CPU at 50 KB. Mail stored by the ingress already has CRLF line
-    ends, which three `count`s confirm; only a body with a bare CR or LF takes the regex.
-    """
-    crlf = body.count(b"\r\n")
-    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
-        body = _BARE_LINE_END.sub(b"\r\n", body)
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    if body.startswith(b"."):
-        body = b"." + body
-    return body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-
-
-async def _send_payload(smtp: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
-    """The data after a 354, and its final reply."""
-    protocol = smtp.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    try:
-        protocol.write(payload)
-        response = await protocol.read_response(timeout=smtp.timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        smtp.close()
-        raise
-    if response.code != 250:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    return response
 
 
 class Connection:
     """One open SMTP session from `source` to `address` (MX `host`), good for several messages."""
 
-    def __init__(self, smtp: aiosmtplib.SMTP, source: Source, host: str, address: str) -> None:
+    def __init__(
+        self, smtp: aiosmtplib.SMTP, source: Source, host: str, address: str, *, data_done_timeout: float
+    ) -> None:
         self.smtp = smtp
         self.source = source
         self.host = host
         self.address = address
+        self.data_done_timeout = data_done_timeout
         self.tls_version = ""
         self.tls_cipher = ""
         self.verified = False
@@ -190,20 +162,27 @@ class Connection:
         self.clean = False
         remote: list[Reply] = []
         try:
-            wire = mail_parameters(self.smtp, sender, recipients, body)
+            content = message_data(body)
+            server = f"{self.host}[{self.address}]"
+            wire = mail_parameters(self.smtp, sender, recipients, body, size=content.size, server=server)
             if isinstance(wire, Reply):
                 self.clean = True  # refused before MAIL: no transaction was opened
                 return TransactionResult([outcome_for(r, wire, self.host) for r in recipients], [])
             if self.smtp.supports_extension("pipelining"):
-                return await self._pipelined(wire, recipients, body, remote, stale_ok)
-            return await self._lockstep(wire, recipients, body, remote, stale_ok)
+                return await self._pipelined(wire, recipients, content, remote, stale_ok)
+            return await self._lockstep(wire, recipients, content, remote, stale_ok)
         except _LOST as exc:
             # Lost mid-transaction: nothing was confirmed, so every recipient is retried later.
             reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", "DATA")
             return TransactionResult([Deferred(r, reply, self.host) for r in recipients], remote, broken=True)
 
     async def _lockstep(
-        self, wire: WireEnvelope, recipients: Sequence[str], body: bytes, remote: list[Reply], stale_ok: bool
+        self,
+        wire: WireEnvelope,
+        recipients: Sequence[str],
+        content: MessageData,
+        remote: list[Reply],
+        stale_ok: bool,
     ) -> TransactionResult:
         smtp, host = self.smtp, self.host
         try:
@@ -235,10 +214,15 @@ class Connection:
         if not accepted:
             return self._finished(recipients, outcomes, remote)
         start = await smtp.execute_command(b"DATA")
-        return await self._data(start, body, recipients, accepted, outcomes, remote)
+        return await self._data(start, content, recipients, accepted, outcomes, remote)
 
     async def _pipelined(
-        self, wire: WireEnvelope, recipients: Sequence[str], body: bytes, remote: list[Reply], stale_ok: bool
+        self,
+        wire: WireEnvelope,
+        recipients: Sequence[str],
+        content: MessageData,
+        remote: list[Reply],
+        stale_ok: bool,
     ) -> TransactionResult:
         """MAIL, every RCPT and DATA in one write (RFC 2920 3.1: DATA ends the group), then their
         replies in order, each RCPT's mapped to its recipient as `_lockstep` does."""
@@ -280,10 +264,11 @@ class Connection:
             return self._protocol_error(recipients, remote, f"{data.code} {data.message}", "DATA")
         if not accepted:
             # No recipient: the server refuses the pipelined DATA (503/554), which is read above
-            # and means nothing. Should it answer 354 anyway, a lone dot ends the empty message.
+            # and means nothing. Should it answer 354 anyway, a lone dot ends the empty message
+            # (nothing to deliver there: its reply gets no more than any command's).
             if data is not None and data.code in _DATA_GO:
                 with contextlib.suppress(aiosmtplib.SMTPResponseException):
-                    await _send_payload(smtp, b".\r\n")
+                    await send_data(smtp, b".\r\n", transfer_timeout=smtp.timeout, reply_timeout=smtp.timeout)
             elif data is not None and data.code == 421:
                 remote.append(Reply.parse(data.code, data.message, "DATA"))
             return self._finished(recipients, outcomes, remote)
@@ -293,12 +278,12 @@ class Connection:
             for rcpt in accepted:
                 outcomes[rcpt] = Deferred(rcpt, closing, host)
             return self._finished(recipients, outcomes, remote)
-        return await self._data(data, body, recipients, accepted, outcomes, remote)
+        return await self._data(data, content, recipients, accepted, outcomes, remote)
 
     async def _data(
         self,
         start: aiosmtplib.SMTPResponse,
-        body: bytes,
+        content: MessageData,
         recipients: Sequence[str],
         accepted: list[str],
         outcomes: dict[str, Outcome],
@@ -311,7 +296,14 @@ class Connection:
             return self._protocol_error(recipients, remote, f"{start.code} {start.message}", "DATA")
         if start.code in _DATA_GO:
             try:
-                response = await _send_payload(self.smtp, data_payload(body))
+                response = await send_data(
+                    self.smtp,
+                    content.wire,
+                    transfer_timeout=self.smtp.timeout,
+                    # Longer than any command's: a timeout here is the classic cause of
+                    # duplicate delivery (RFC 1047), the server may have taken the message.
+                    reply_timeout=self.data_done_timeout,
+                )
                 reply = Reply.parse(response.code, response.message, "DATA")
                 self.clean = True  # the final reply to the data ends the transaction
             except aiosmtplib.SMTPResponseException as exc:
@@ -435,12 +427,9 @@ async def open_connection(
             bind_failed=bind_failed,
         ) from exc
     pipelining.install(smtp)
-    conn = Connection(smtp, source, host, address)
+    conn = Connection(smtp, source, host, address, data_done_timeout=settings.data_done_timeout)
     try:
-        try:
-            await smtp.ehlo()
-        except aiosmtplib.SMTPResponseException as exc:
-            raise TryNextHost(_reply_of(exc, "EHLO"), remote=True) from exc
+        await _hello(conn)
         if not host or not policy.allows_host(host):
             raise TryNextHost(Reply(451, "4.7.5", f"{host} is not allowed by the TLS policy", "CONNECT"))
         offered = smtp.supports_extension("starttls")
@@ -490,12 +479,23 @@ async def open_connection(
     return conn
 
 
+async def _hello(conn: Connection) -> None:
+    """EHLO; HELO when EHLO is refused for good (5xx), as Postfix does, and then no extension at
+    all: no PIPELINING, STARTTLS, SIZE, 8BITMIME or SMTPUTF8, each then taken as not offered.
+    Raises TryNextHost when the server refuses both, or EHLO with a 4xx (421 closes)."""
+    smtp = conn.smtp
+    try:
+        await smtp.ehlo()
+        return
+    except aiosmtplib.SMTPResponseException as exc:
+        if not 500 <= exc.code < 600:
+            raise TryNextHost(_reply_of(exc, "EHLO"), remote=True) from exc
+        log.info("%s[%s] refused EHLO (%d %s); trying HELO", conn.host, conn.address, exc.code, exc.message)
+    try:
+        await smtp.helo()
+    except aiosmtplib.SMTPResponseException as exc:
+        raise TryNextHost(_reply_of(exc, "HELO"), remote=True) from exc
+
+
 def without_starttls(settings: SessionSettings) -> SessionSettings:
-    return SessionSettings(
-        port=settings.port,
-        connect_timeout=settings.connect_timeout,
-        command_timeout=settings.command_timeout,
-        starttls=False,
-        tls_verify=settings.tls_verify,
-        tls_ca_file=settings.tls_ca_file,
-    )
+    return dataclasses.replace(settings, starttls=False)

@@ -15,6 +15,7 @@ import aiosmtplib
 
 from services.core.addresses import domain_key
 from services.core.outcome import Reply
+from services.delivery.message_data import size_limit
 
 # RFC 6531 3.2: a message whose envelope needs SMTPUTF8 cannot be downgraded in transit, so a
 # server that does not offer it is a permanent failure for that message (Postfix does the same).
@@ -44,15 +45,27 @@ def ascii_form(address: str) -> str | None:
     return converted if converted.isascii() else None
 
 
+def size_exceeded(size: int, limit: int, server: str) -> Reply:
+    """RFC 1870 6.1: a message over the server's declared limit is not sent there. Postfix
+    bounces it (not deferred, and no other MX tried), in these words; `server` is host[address]."""
+    return Reply(552, "5.3.4", f"message size {size} exceeds size limit {limit} of server {server}", "MAIL")
+
+
 def mail_parameters(
-    smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes
+    smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], body: bytes, *, size: int, server: str
 ) -> WireEnvelope | Reply:
     """The envelope as this server is to get it, or the reply that refuses the transaction:
-    SMTPUTF8 when the server offers it and an address is non-ASCII, A-label domains when it does
-    not; BODY=8BITMIME when the body has 8-bit octets and the server offers it (without it the
-    body goes as it is, as Postfix does with MIME conversion off; the ingress only takes 8-bit
-    mail declared as such)."""
+    SIZE=`size` (the message's octets, RFC 1870) when the server offers SIZE, refused when that
+    is over its non-zero limit; SMTPUTF8 when the server offers it and an address is non-ASCII,
+    A-label domains when it does not; BODY=8BITMIME when the body has 8-bit octets and the server
+    offers it (without it the body goes as it is, as Postfix does with MIME conversion off; the
+    ingress only takes 8-bit mail declared as such)."""
     options: list[str] = []
+    limit = size_limit(smtp)
+    if limit is not None:
+        if 0 < limit < size:
+            return size_exceeded(size, limit, server)
+        options.append(f"SIZE={size}")
     if not body.isascii() and smtp.supports_extension("8bitmime"):
         options.append("BODY=8BITMIME")
     if sender.isascii() and all(r.isascii() for r in recipients):

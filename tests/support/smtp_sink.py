@@ -86,7 +86,8 @@ class SMTPSink:
 
     The behaviour attributes may be changed at any time, also while a client is connected;
     they are read when the command arrives. DATA is answered in this order: delay_data,
-    then tempfail_data, then data_reply, else accepted and recorded in `messages`.
+    then tempfail_data, then data_reply, else accepted and recorded in `messages`. aiosmtpd
+    calls the DATA handler after the final dot, so `delay_data` stalls the reply after the dot.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class SMTPSink:
         hostname: str | None = None,
         smtputf8: bool = True,
         pipelining: bool = False,
+        size_limit: int = _DATA_SIZE_LIMIT,
     ) -> None:
         if require_tls and tls_context is None:
             raise ValueError("require_tls needs a tls_context to offer STARTTLS with")
@@ -112,6 +114,10 @@ class SMTPSink:
         # Advertise PIPELINING (RFC 2920) in the EHLO reply. aiosmtpd reads commands line by
         # line, so it serves a pipelined group correctly whether advertised or not.
         self.pipelining = pipelining
+        # Advertised as EHLO's "SIZE <limit>" (RFC 1870) and enforced by aiosmtpd; 0: no SIZE.
+        self.size_limit = size_limit
+        # What EHLO is answered with instead of the extensions (e.g. a 502 from a HELO-only MX).
+        self.ehlo_reply: str | None = None
         # The command verbs of every read that began with MAIL: ["MAIL", "RCPT", "DATA"] is one
         # pipelined group; ["MAIL"] a command sent on its own.
         self.mail_reads: list[list[str]] = []
@@ -123,6 +129,7 @@ class SMTPSink:
         self.rcpt_replies: dict[str, str] = {}
         self.rcpt_default: str | None = None
         self.delay_data = 0.0
+        self.delay_rcpt = 0.0  # seconds each RCPT waits for its reply (a tarpit before DATA)
         self.connections = 0
         self.connected_at: list[float] = []  # time.monotonic() of each accepted connection
         self.open_sessions = 0
@@ -141,7 +148,7 @@ class SMTPSink:
             server_hostname=self.hostname,
             ready_timeout=10.0,
             decode_data=False,
-            data_size_limit=_DATA_SIZE_LIMIT,
+            data_size_limit=self.size_limit,
             enable_SMTPUTF8=self.smtputf8,
             tls_context=self.tls_context,
             require_starttls=self.require_tls,
@@ -234,6 +241,8 @@ class SMTPSink:
     ) -> list[str]:
         # Implementing the hook makes remembering the EHLO name our job, not aiosmtpd's.
         session.host_name = hostname
+        if self.ehlo_reply is not None:
+            return [self.ehlo_reply]
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
@@ -241,6 +250,8 @@ class SMTPSink:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if self.delay_rcpt > 0:
+            await asyncio.sleep(self.delay_rcpt)
         # Lowercased on both sides, so a test's "Bad@X.test" key still matches.
         replies = {rcpt.lower(): reply for rcpt, reply in self.rcpt_replies.items()}
         reply = replies.get(address.lower(), self.rcpt_default) or RCPT_OK_REPLY

@@ -113,6 +113,7 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ("[router]\nconcurrency = 0\n", "router.concurrency"),
         ("[bounce]\nwebhook_batch = 0\n", "bounce.webhook_batch"),
         ("[nats]\npublish_timeout = 0\n", "nats.publish_timeout"),
+        ("[delivery]\ndata_done_timeout = 0\n", "delivery.data_done_timeout"),
         ("[nats]\nack_wait = 1\n", "nats.ack_wait"),
         ('[nats]\nevents_max_age = "2m"\n', "nats.events_max_age"),
         ('[nats]\nevents_max_age = "5m"\n[bounce]\nwebhook_retry_max = "10m"\n', "webhook_retry_max"),

@@ -16,6 +16,7 @@ import pytest
 
 from services.cli import SERVICES
 from services.core import topology
+from services.core.bus import ACK_PATIENCE
 from services.core.config import Config, env_variable_names, load_config
 from services.core.embedded import nats_server_binary
 from tests.unit.k8s_manifests import (
@@ -356,11 +357,21 @@ def test_every_pool_has_exactly_one_delivery_deployment(kustomization: Path, tmp
         ports.append(port_of(listen))
         # The node also holds the pool's sending IPs: /metrics must not answer the internet there.
         assert listen.rsplit(":", 1)[0] == POD_IP, "delivery's HTTP must listen on the node's own address"
-        # Long enough for an SMTP transaction in flight to finish before the kill.
-        grace = spec["terminationGracePeriodSeconds"]
-        assert grace > config.delivery.connect_timeout + config.delivery.command_timeout
+        # Long enough for an attempt in flight to finish before the kill (the manifest says why).
+        assert spec["terminationGracePeriodSeconds"] >= longest_attempt(config)
     assert len(set(ports)) == len(ports), "pools sharing a node need distinct host ports"
     assert 9100 not in ports, "9100 on the host belongs to node-exporter"
+
+
+def longest_attempt(config: Config) -> float:
+    """Seconds from SIGTERM until the transaction under way is settled, when each wait runs to
+    its timeout once: MTA-STS fetch and shaping wait, the connect, one stalled command, the wait
+    after the dot, then the outcome stored and the ack confirmed. No further address is tried
+    once the worker is stopping (services.delivery.sending.Stopping)."""
+    d = config.delivery
+    before = d.connect_timeout + d.max_shaping_wait  # the MTA-STS fetch is timed as a connect
+    transaction = d.connect_timeout + d.command_timeout + d.data_done_timeout
+    return before + transaction + 2 * ACK_PATIENCE
 
 
 def _normalised_delivery(workload: Manifest, scaled: Manifest, pdb: Manifest) -> Any:
@@ -563,3 +574,15 @@ def test_verp_secrets_reach_only_the_services_that_sign_and_verify(
         verp.setdefault(component, set()).add(effective_config(manifests, workload, tmp_path).bounce.verp)
     # Delivery signs return paths and bounce verifies them: on for both, or off for both.
     assert len(verp["delivery"] | verp["bounce"]) == 1
+
+
+@PARAMS
+def test_delivery_connects_only_to_public_addresses(kustomization: Path, tmp_path: Path) -> None:
+    """In a cluster, an MX (or MTA-STS host) that any sender's domain can point at a pod, a
+    Service or the metadata address must not be connected to (delivery.public_mx_only)."""
+    manifests = render(kustomization)
+    deliveries = [w for w in relais_workloads(manifests) if _main_container(w)["args"] == ["delivery"]]
+    assert deliveries
+    for workload in deliveries:
+        config = effective_config(manifests, workload, tmp_path)
+        assert config.delivery.public_mx_only, workload["metadata"]["name"]

@@ -119,9 +119,15 @@ def resolver_of(dns_server: DNSServer) -> dns.asyncresolver.Resolver:
 
 
 async def attempt(
-    pool: ConnectionPool, resolver: dns.asyncresolver.Resolver, mx_hosts: list[str], recipient: str, site: str
+    pool: ConnectionPool,
+    resolver: dns.asyncresolver.Resolver,
+    mx_hosts: list[str],
+    recipient: str,
+    site: str,
+    **options: Any,
 ) -> AttemptResult:
-    """One attempt of a one-recipient job straight through `send_job`: no NATS, no shaping."""
+    """One attempt of a one-recipient job straight through `send_job`: no NATS, no shaping.
+    `options` go to `send_job` as they are (address_check, address_limit)."""
     return await send_job(
         pool,
         resolver,
@@ -133,4 +139,5 @@ async def attempt(
         site=site,
         limits=Limits(connections=0),
         policy=TlsPolicy(),
+        **options,
     )
