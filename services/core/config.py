@@ -395,6 +395,12 @@ def _validate_ingress(config: Config) -> None:
             raise ConfigError(f"ingress.relay_networks: {net!r} is not a CIDR network") from exc
     if ingress.relay_networks and not ingress.relay_networks_account:
         raise ConfigError("ingress.relay_networks needs ingress.relay_networks_account")
+    for key in ("max_buffered_bytes", "max_proxy_pending_per_peer"):
+        if getattr(ingress, key) < 0:
+            raise ConfigError(f"ingress.{key}: must be >= 0 (0: no limit)")
+    if 0 < ingress.max_buffered_bytes < ingress.max_message_size:
+        # A message of the largest size allowed could never be taken: 452 to every retry, for ever.
+        raise ConfigError("ingress.max_buffered_bytes: must be 0 (no budget) or >= ingress.max_message_size")
 
 
 def _validate_routing(config: Config) -> None:

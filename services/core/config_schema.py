@@ -82,7 +82,18 @@ class IngressConfig:
     # "reject" a From: header domain the account does not own at end of DATA, or only "report" it.
     from_header_check: str = "reject"
     max_header_size: int = 256 * 1024
+    # Counted from the moment a connection is accepted (an implicit-TLS handshake included).
     max_connections_per_ip: int = 50
+    # Connections from one socket address (a load balancer's) still waiting for their PROXY
+    # header, per replica; the header's client IP then counts against max_connections_per_ip.
+    # A real load balancer sends the header at once, so only a burst the event loop has not read
+    # yet sits here: generous, so a busy replica never refuses its load balancer. 0: no limit.
+    max_proxy_pending_per_peer: int = 200
+    # DATA octets all sessions of one ingress process may hold at once; beyond it a message is
+    # read to its end and refused with 452 4.3.1, like Postfix short of queue space. Four
+    # default-sized messages: a 1 GiB pod keeps room for the transient copies of the hand-off
+    # (about three per message). Never below max_message_size (`relais validate`). 0: no budget.
+    max_buffered_bytes: int = 200 * 1024 * 1024
     # Idle/command timeout: the longest silence (or one DATA transfer) before the session is closed.
     command_timeout: float = 300.0
     # Error replies in one session before it is closed with 421.
@@ -123,7 +134,12 @@ class DeliveryConfig:
     pools: list[str] = field(default_factory=list)
     helo_name: str = ""
     connect_timeout: float = 30.0
+    # Each reply of the remote MX but the one after the final dot, and the message's transfer.
     command_timeout: float = 300.0
+    # The reply after the message's final dot (Postfix's smtp_data_done_timeout). Longer, since
+    # giving up there is the classic cause of duplicate delivery (RFC 1047): the MX may have the
+    # message already, and the retry sends it again.
+    data_done_timeout: float = 600.0
     concurrency: int = 64
     # Opportunistic STARTTLS: try TLS when offered, fall back to plaintext if the handshake fails.
     starttls: bool = True
@@ -134,12 +150,7 @@ class DeliveryConfig:
     # Shaping rules (TOML, see services/delivery/shaping_default.toml) merged over the built-in ones.
     shaping_file: str = ""
     # Idle connections kept open for reuse per (source IP, MX) are closed after this long.
-    # Each reply of the remote MX but the one after the final dot, and the message's transfer.
     idle_timeout: float = 10.0
-    # The reply after the message's final dot (Postfix's smtp_data_done_timeout). Longer, since
-    # giving up there is the classic cause of duplicate delivery (RFC 1047): the MX may have the
-    # message already, and the retry sends it again.
-    data_done_timeout: float = 600.0
     # A shaping slot further away than this is not waited for in memory: the job is re-scheduled
     # (short, so that jobs for a slow site do not hold handler capacity other sites could use).
     max_shaping_wait: float = 5.0
@@ -149,6 +160,13 @@ class DeliveryConfig:
     # ({domain}) so tests can serve policies on loopback.
     mta_sts: bool = True
     mta_sts_url: str = "https://mta-sts.{domain}/.well-known/mta-sts.txt"
+    # Connect only to globally routable addresses: an MX (or MTA-STS policy host) on loopback,
+    # RFC 1918, link-local (cloud metadata), 100.64.0.0/10 ... is skipped, and a domain left with
+    # none bounces 5.4.4. A recipient domain is anyone's to choose, so otherwise mail (and the
+    # policy fetch) can be aimed at services inside the operator's network. Off by default:
+    # laptops and tests deliver to loopback, and some networks rightly have MXs on private
+    # addresses. Kubernetes deployments should turn it on (deploy/k8s/base/relais.toml does).
+    public_mx_only: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,13 +178,6 @@ class RetryConfig:
     max_age: float = 5 * 86400.0
     # Send one "delayed" DSN when a message is still undelivered after this long; 0 = never.
     delay_warning_after: float = 0.0
-    # Connect only to globally routable addresses: an MX (or MTA-STS policy host) on loopback,
-    # RFC 1918, link-local (cloud metadata), 100.64.0.0/10 ... is skipped, and a domain left with
-    # none bounces 5.4.4. A recipient domain is anyone's to choose, so otherwise mail (and the
-    # policy fetch) can be aimed at services inside the operator's network. Off by default:
-    # laptops and tests deliver to loopback, and some networks rightly have MXs on private
-    # addresses. Kubernetes deployments should turn it on (deploy/k8s/base/relais.toml does).
-    public_mx_only: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,20 +4,28 @@ aiosmtpd reads a message one `readuntil(b"\\r\\n")` at a time and joins the line
 about half of the ingress' CPU for a 50 KB message (~600 lines). Here the stream is searched for
 the end-of-data line (`<CRLF>.<CRLF>`) in whatever the socket delivered, and the line rules are
 checked on whole blocks in C (`split`, `max`), walking lines one by one only when a block
-breaks a rule. What the client sees is unchanged (unit-tested against aiosmtpd's own loop):
+breaks a rule. The number of reads follows the number of blocks the socket delivered, never the
+number of lines or octets. What the client sees is unchanged (unit-tested against aiosmtpd's own
+loop):
 
 - the end is a line that is exactly "." between CRLFs; bare CR or LF never end or split a line;
 - a line longer than `line_limit` octets (with its CRLF) makes the message "too long", more than
   `size_limit` octets in all makes it "too much", whichever happens first in the stream, with
   aiosmtpd's order within one line; either way the rest is read (and dropped) up to the end;
 - dot-stuffing is undone (RFC 5321 4.5.2).
+
+One outcome is the ingress' own: a message whose octets the process's DATA budget cannot hold
+(`budget.py`) is "no room", read to its end and dropped like the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import sys
 from dataclasses import dataclass
+
+from services.ingress.budget import Reservation
 
 _CRLF = b"\r\n"
 _END = b"\r\n.\r\n"
@@ -27,6 +35,7 @@ class DataState(enum.Enum):
     NOMINAL = "nominal"
     TOO_LONG = "too long"  # aiosmtpd: "500 Line too long (see RFC5321 4.5.3.1.6)"
     TOO_MUCH = "too much"  # aiosmtpd: "552 Error: Too much mail data"
+    NO_ROOM = "no room"  # the DATA budget is spent: 452 4.3.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,68 +107,72 @@ class _Rules:
                 return
 
 
-# Knuth-Morris-Pratt failure function of _END, by octets matched: after "\r\n.\r" a CR may begin
-# the next CRLF, nothing else may.
-_FALLBACK = (0, 0, 0, 0, 1)
-
-
-def _match(matched: int, octet: int) -> int:
-    """How much of the end-of-data line is matched after one more octet."""
-    while True:
-        if _END[matched] == octet:
-            return matched + 1
-        if matched == 0:
-            return 0
-        matched = _FALLBACK[matched]
+# More than a StreamReader ever buffers (it stops reading at twice its limit, plus one socket
+# read): `read(_EVERYTHING)` takes the whole buffer, which `_give_back` relies on.
+_EVERYTHING = sys.maxsize
 
 
 async def read_data(
-    reader: asyncio.StreamReader, *, size_limit: int | None, line_limit: int
+    reader: asyncio.StreamReader,
+    *,
+    size_limit: int | None,
+    line_limit: int,
+    reservation: Reservation | None = None,
 ) -> tuple[DataState, bytes, LineStats]:
     """Read from just after `354` through the end-of-data line; (state, unstuffed message,
     what was seen of its lines).
 
-    The message is empty unless the state is NOMINAL (what aiosmtpd keeps of a refused one).
-    Nothing after the end-of-data line is consumed: pipelined commands stay in `reader`.
+    Each block read is searched for the end-of-data line together with the last four octets
+    before it, so the end is found wherever the socket split it, and the cost is a few C-level
+    passes per block, whatever the lines look like. The message is empty unless the state is
+    NOMINAL (what aiosmtpd keeps of a refused one). Its octets are reserved in `reservation` as
+    they arrive (NO_ROOM when that fails); a refused message gives its reservation back at once.
+    What followed the end-of-data line (pipelined commands) is left in `reader`.
     """
     rules = _Rules(size_limit, line_limit)
     parts: list[bytes] = []
 
     def keep(block: bytes) -> None:
         rules.feed(block)
+        if rules.state is DataState.NOMINAL and reservation is not None and not reservation.grow(len(block)):
+            rules.state = DataState.NO_ROOM
         if rules.state is DataState.NOMINAL:
             parts.append(block)
-        elif parts:
-            parts.clear()  # refused: do not hold the rest in memory
+            return
+        parts.clear()  # refused: do not hold the rest in memory
+        if reservation is not None:
+            reservation.release()
 
     # The CRLF that ended the DATA command counts: the message may be empty (".\r\n" at once).
-    # While the octets read so far could be the beginning of the end-of-data line, its leading
-    # CRLF is already consumed and the search below would miss it: read one octet at a time
-    # until they cannot (usually after the message's first octet).
-    matched = 2
-    head = bytearray()
-    while matched:
-        octet = (await reader.readexactly(1))[0]
-        head.append(octet)
-        matched = _match(matched, octet)
-        if matched == len(_END):
-            keep(bytes(head[:-3]))  # the CRLF before "." ends the last line
-            return _finish(rules, parts)
-        if len(head) >= 4096:  # a long run of empty lines: check and keep as it comes
-            keep(bytes(head[:-4]))
-            del head[:-4]
-    keep(bytes(head))
-    # No end-of-data line can begin in what was consumed: search the stream for it in chunks.
+    # `carry` is what the next block is searched with: its first `virtual` octets are that CRLF,
+    # the rest are message octets not kept yet (they may begin the end-of-data line).
+    carry, virtual = _CRLF, 2
     while True:
-        try:
-            chunk = await reader.readuntil(_END)
-        except asyncio.LimitOverrunError as exc:
-            # Not within the reader's limit: take all but the last 4 octets, which may begin
-            # the end-of-data line (or, when it is further away, everything before it).
-            keep(await reader.readexactly(exc.consumed))
-            continue
-        keep(chunk[:-3])  # the CRLF before "." ends the last line
-        return _finish(rules, parts)
+        block = await reader.read(_EVERYTHING)
+        if not block:
+            raise asyncio.IncompleteReadError(carry[virtual:], None)
+        text = carry + block
+        end = text.find(_END)
+        if end >= 0:
+            keep(text[virtual : end + 2])  # the CRLF before "." ends the last line
+            _give_back(reader, text[end + len(_END) :])
+            return _finish(rules, parts)
+        carry = text[-(len(_END) - 1) :]
+        kept = len(text) - len(carry)
+        if kept > virtual:
+            keep(text[virtual:kept])
+        virtual = max(0, virtual - kept)
+
+
+def _give_back(reader: asyncio.StreamReader, rest: bytes) -> None:
+    """Return what followed the end-of-data line to `reader`, for the command loop.
+
+    `read(_EVERYTHING)` left the buffer empty and nothing ran since (no await), so appending is
+    putting back in front. Once the client has closed its side the session is being cancelled
+    (aiosmtpd's `eof_received`) and nobody would read it.
+    """
+    if rest and not reader.at_eof():
+        reader.feed_data(rest)
 
 
 def _finish(rules: _Rules, parts: list[bytes]) -> tuple[DataState, bytes, LineStats]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
@@ -20,6 +19,7 @@ from services.core.telemetry import tracer
 from services.ingress import headers, policy
 from services.ingress.accounts import AccountStore
 from services.ingress.auth import Authenticator
+from services.ingress.budget import ByteBudget
 from services.ingress.handoff import Handoff, Submission
 from services.ingress.limits import MessageRates, SessionRegistry
 from services.ingress.replies import (
@@ -28,7 +28,7 @@ from services.ingress.replies import (
     TOO_MANY_CONNECTIONS,
     Verdict,
 )
-from services.ingress.session import facts, peer_ip, socket_peer_ip, tls_facts
+from services.ingress.session import facts, peer_ip, tls_facts
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +67,16 @@ class IngressHandler:
         handoff: Handoff,
         *,
         mode: str = "submission",
-        proxy_from: Sequence[str] = (),
         accounts: AccountStore,
         rates: MessageRates,
         sessions: SessionRegistry,
         auth: Authenticator,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._config = config
         self._handoff = handoff
         self.mode = mode
-        self._proxy_from = tuple(proxy_from)
+        self._budget = budget if budget is not None else ByteBudget(0)
         self._accounts = accounts
         self._rates = rates
         self._sessions = sessions
@@ -90,11 +90,8 @@ class IngressHandler:
     # -- connection ------------------------------------------------------------------------------
 
     async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+        # Only load balancers get this far: others were closed when accepted (door.py).
         if not getattr(proxy_data, "valid", False):
-            return False
-        sender = socket_peer_ip(session)
-        if self._proxy_from and not policy.in_networks(sender, self._proxy_from):
-            log.warning("PROXY header from %s, not a configured load balancer: connection closed", sender)
             return False
         ip = facts(session).client_ip = peer_ip(session)
         if not server.admit(ip):  # type: ignore[attr-defined]
@@ -160,6 +157,8 @@ class IngressHandler:
             verdict = policy.sender_verdict(account, sender, smtputf8=envelope.smtp_utf8)
             if verdict is None and account is not None:
                 verdict = self._rates.check(name, account)
+        # Last: the budget's state is nobody's business before the sender is known to be allowed.
+        verdict = verdict or policy.storage_verdict(mail_options, self._budget.free)
         if verdict:
             return str(verdict)
         # aiosmtpd needs a truthy mail_from to accept RCPT; "<>" stands for the null sender.

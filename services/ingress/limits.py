@@ -6,7 +6,8 @@
 - Concurrent sessions per account live in a KV bucket, one key per (account, replica), refreshed
   while the replica lives and ignored once stale, so a crashed replica's sessions free themselves.
 - Connections per client IP are counted per replica, like Postfix's anvil: a load balancer
-  spreads one IP's connections, and the limit exists to protect this process.
+  spreads one IP's connections, and the limit exists to protect this process. So are
+  connections per load balancer still waiting for their PROXY header.
 """
 
 from __future__ import annotations
@@ -378,19 +379,79 @@ class SessionRegistry:
 
 
 class ConnectionGate:
-    """Open connections per client IP on this replica."""
+    """Open connections per client IP on this replica, counted from the moment each is accepted;
+    and, apart, connections per socket address still waiting for a PROXY header to name their
+    client (the address is then a load balancer's, shared by all the clients behind it)."""
 
     def __init__(self, config: IngressConfig) -> None:
         self._max = config.max_connections_per_ip
+        self._max_waiting = config.max_proxy_pending_per_peer
         self._open: Counter[str] = Counter()
+        self._waiting: Counter[str] = Counter()
 
     def admit(self, ip: str) -> bool:
-        if self._max and self._open[ip] >= self._max:
-            return False
-        self._open[ip] += 1
-        return True
+        return _count(self._open, ip, self._max)
 
     def release(self, ip: str) -> None:
-        self._open[ip] -= 1
-        if self._open[ip] <= 0:
-            del self._open[ip]
+        _uncount(self._open, ip)
+
+    def admit_waiting(self, peer: str) -> bool:
+        return _count(self._waiting, peer, self._max_waiting)
+
+    def release_waiting(self, peer: str) -> None:
+        _uncount(self._waiting, peer)
+
+    def open_connections(self, ip: str) -> int:
+        return self._open[ip]
+
+    def waiting_connections(self, peer: str) -> int:
+        return self._waiting[peer]
+
+
+def _count(counter: Counter[str], key: str, limit: int) -> bool:
+    if limit and counter[key] >= limit:
+        return False
+    counter[key] += 1
+    return True
+
+
+def _uncount(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+class GatePass:
+    """One connection's place in the gate: at most one count at a time, given back exactly once
+    however the connection ends (a PROXY header read, a handshake that failed, a session over)."""
+
+    def __init__(self, gate: ConnectionGate) -> None:
+        self._gate = gate
+        self._ip: str | None = None
+        self._waiting: str | None = None
+
+    def admit(self, ip: str) -> bool:
+        """Count the connection against its client IP (a PROXY header's: it waits no more)."""
+        self._stop_waiting()
+        if not self._gate.admit(ip):
+            return False
+        self._ip = ip
+        return True
+
+    def wait(self, peer: str) -> bool:
+        """Count the connection against `peer` until its PROXY header names the client."""
+        if not self._gate.admit_waiting(peer):
+            return False
+        self._waiting = peer
+        return True
+
+    def release(self) -> None:
+        self._stop_waiting()
+        if self._ip is not None:
+            self._gate.release(self._ip)
+            self._ip = None
+
+    def _stop_waiting(self) -> None:
+        if self._waiting is not None:
+            self._gate.release_waiting(self._waiting)
+            self._waiting = None

@@ -24,6 +24,7 @@ from services.ingress.replies import (
     BARE_LINE_ENDING,
     FROM_NOT_OWNED,
     HEADER_TOO_BIG,
+    INSUFFICIENT_STORAGE,
     LINE_TOO_LONG,
     NEEDS_8BITMIME,
     NEEDS_SMTPUTF8,
@@ -144,6 +145,19 @@ def inbound_sender_verdict(sender: str, *, smtputf8: bool = False) -> Verdict | 
     if not sender.isascii() and not smtputf8:
         return NEEDS_SMTPUTF8
     return None if split_address(sender, utf8=smtputf8) else BAD_SENDER_SYNTAX
+
+
+def storage_verdict(mail_options: Sequence[str], free: int | None) -> Verdict | None:
+    """At MAIL, as Postfix checks its queue space: a message declared (SIZE=, RFC 1870) larger
+    than the DATA budget's free room now is refused before it is sent. `free` None: no budget.
+    Over max_message_size, aiosmtpd has answered 552 5.3.4 before asking."""
+    if free is None:
+        return None
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit() and int(value) > free:
+            return INSUFFICIENT_STORAGE
+    return None
 
 
 def recipient_verdict(

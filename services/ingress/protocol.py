@@ -2,7 +2,10 @@
 
 - every refusal carries an enhanced status code (aiosmtpd's built-in replies get one here);
 - too many error replies in one session end it with 421;
-- connections per client IP are gated (by the peer address, or the PROXY header's when enabled);
+- connections are gated from the moment they are accepted (`door.py`): per client IP, and per
+  load balancer while a PROXY header is awaited; implicit TLS starts here, after the gate;
+- DATA octets are reserved in the process's byte budget as they arrive (`budget.py`);
+- AUTH lines may be as long as RFC 4954 allows, every other command keeps its own limit;
 - an idle/command timeout says 421 4.4.2 before closing;
 - implicit-TLS sessions expose their TLS facts like STARTTLS sessions do;
 - the handler hears when a session ends, to release what the session held;
@@ -28,82 +31,53 @@ from aiosmtpd.smtp import MISSING, SMTP, Session, _Missing, syntax
 from services.core import metrics
 from services.core.addresses import PLAIN_ADDR_SPEC
 from services.ingress import dsn
+from services.ingress.budget import ByteBudget, Reservation
 from services.ingress.data import DataState, read_data
-from services.ingress.limits import ConnectionGate
+from services.ingress.door import Door, start_tls
+from services.ingress.limits import GatePass
 from services.ingress.policy import helo_verdict
 from services.ingress.prototype import Prototype
 from services.ingress.replies import (
     AUTH_IN_TRANSACTION,
     AUTH_LINE_TOO_LONG,
-    LINE_TOO_LONG,
-    MESSAGE_TOO_BIG,
+    INSUFFICIENT_STORAGE,
     SHUTTING_DOWN,
     TIMEOUT,
     TLS_ALREADY_ACTIVE,
-    TOO_MANY_CONNECTIONS,
     TOO_MANY_ERRORS,
     TOO_MANY_JUNK_COMMANDS,
+    enhance,
+    is_error,
 )
 
 log = logging.getLogger(__name__)
 
+# RFC 4954 4: an AUTH command with its initial response, or a response line of the exchange, may
+# be this long (without its CRLF), as deployed mechanisms need.
+AUTH_LINE_LIMIT = 12288
+# A line of a message: aiosmtpd's limit, with its CRLF (policy then holds lines to RFC 5322's 998).
+DATA_LINE_LIMIT = SMTP.line_length_limit
 _COMMAND_SIZE_LIMITS = {
     # SIZE (RFC 1870) 26, SMTPUTF8 (RFC 6531) 10, RET and ENVID (RFC 3461) 100.
     "MAIL": 512 + 26 + 10 + 100,
     "RCPT": 512 + 500,  # NOTIFY and ORCPT (RFC 3461)
-    "AUTH": 12288,  # RFC 4954 4
+    "AUTH": AUTH_LINE_LIMIT,
 }
 # NOOP, RSET, HELP, VRFY, EXPN, HELO and EHLO a session may send between two accepted messages.
 JUNK_COMMAND_LIMIT = 100
 
-# aiosmtpd's own replies that need a different code or text, not just an enhanced status.
-_REWRITES = {
-    "552 Error: message size exceeds fixed maximum message size": str(MESSAGE_TOO_BIG),
-    "552 Error: Too much mail data": str(MESSAGE_TOO_BIG),
-    "500 Line too long (see RFC5321 4.5.3.1.6)": str(LINE_TOO_LONG),
-    "250 OK": "250 2.0.0 OK",
-    "221 Bye": "221 2.0.0 Bye",
+# A message refused while it was read: aiosmtpd's replies (which `push` turns into ours, see
+# enhance()) and, when the byte budget had no room for it, Postfix's.
+_REFUSED = {
+    DataState.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
+    DataState.TOO_MUCH: "552 Error: Too much mail data",
+    DataState.NO_ROOM: str(INSUFFICIENT_STORAGE),
 }
-# RFC 3463 defaults for replies that arrive without an enhanced status code.
-_DEFAULT_ENHANCED = {
-    421: "4.3.0",
-    450: "4.2.0",
-    451: "4.3.0",
-    452: "4.3.1",
-    454: "4.7.0",
-    500: "5.5.2",
-    501: "5.5.4",
-    502: "5.5.1",
-    503: "5.5.1",
-    504: "5.5.4",
-    530: "5.7.0",
-    535: "5.7.8",
-    538: "5.7.11",
-    550: "5.0.0",
-    552: "5.3.4",
-    553: "5.1.3",
-    554: "5.5.0",
-    555: "5.5.4",
-}
-_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
-
-
-def enhance(reply: str) -> str:
-    """The same reply with an enhanced status code (RFC 2034), for the single-line error replies."""
-    if reply in _REWRITES:
-        return _REWRITES[reply]
-    if len(reply) < 4 or not reply[:3].isdigit() or reply[3] != " " or _HAS_ENHANCED.match(reply):
-        return reply
-    code = int(reply[:3])
-    if code < 400:
-        return reply
-    text = reply[4:].removeprefix("Error: ").strip()
-    return f"{code} {_DEFAULT_ENHANCED.get(code, f'{code // 100}.0.0')} {text}"
 
 
 def command_size_limits() -> collections.defaultdict[str, int]:
     """Longest command line, per command, for one session: RFC 5321 4.5.3.1.4's 512 plus what
-    each advertised extension adds (the reader's 1001-octet line limit still caps them all)."""
+    each advertised extension adds (the reader's limit, AUTH's, caps them all)."""
     return collections.defaultdict(lambda: SMTP.command_size_limit, _COMMAND_SIZE_LIMITS)
 
 
@@ -111,10 +85,6 @@ def _write_now(transport: Any, reply: str) -> None:
     """A reply written straight to the transport, bypassing `push`: counted here instead."""
     metrics.observe_smtp_reply(reply)
     transport.write(f"{reply}\r\n".encode())
-
-
-def is_error(reply: str) -> bool:
-    return len(reply) >= 3 and reply[:3].isdigit() and reply[0] in "45" and reply[:3] != "421"
 
 
 # `<dot-atom@host.name>` and what follows it. Anything else (quoted local parts, routes, address
@@ -139,13 +109,19 @@ def plain_angle_addr(arg: str) -> tuple[str, str] | None:
 
 
 class RelaisSMTP(SMTP):
+    # The reader's limit: the longest line it reads whole, an AUTH line and its CR (aiosmtpd
+    # splits lines at the LF). aiosmtpd builds its StreamReader with this; each command's own
+    # limit is in `command_size_limits` (checked by aiosmtpd once the line is read), and the
+    # lines of a message keep DATA_LINE_LIMIT.
+    line_length_limit = AUTH_LINE_LIMIT + 1
+
     def __init__(
         self,
         handler: Any,
         *,
-        gate: ConnectionGate,
+        door: Door,
         max_errors: int,
-        implicit_tls: bool = False,
+        budget: ByteBudget | None = None,
         registry: set[RelaisSMTP] | None = None,
         prototype: Prototype | None = None,
         **kwargs: Any,
@@ -164,30 +140,25 @@ class RelaisSMTP(SMTP):
         # DSN parameters of the MAIL / RCPT command being handled: (RET, ENVID), (NOTIFY, ORCPT).
         self.dsn_mail = ("", "")
         self.dsn_rcpt = ("", "")
-        self._gate = gate
+        self._door = door
+        self._budget = budget if budget is not None else ByteBudget(0)
         self._max_errors = max_errors
         self._errors = 0
         self._junk = 0
-        self._implicit_tls = implicit_tls
-        self._gated_ip: str | None = None
+        self._implicit_tls = door.tls is not None
+        # This connection's count in the gate, from its accept on (None until then).
+        self._gate_pass: GatePass | None = None
         self._refused = False
         self._session_ended = False
-        self._proxied = kwargs.get("proxy_protocol_timeout") is not None
         # Lines of a multi-line reply waiting for its last line (see `push`).
         self._continued: list[str] = []
 
     # -- connection lifecycle ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._gate_pass is None and not self._enter(transport):
+            return
         first = self.transport is None and self._original_transport is None
-        if first and not self._proxied:
-            peer = transport.get_extra_info("peername")
-            if not self.admit(str(peer[0]) if peer else ""):
-                # Refused before any SMTP state exists: say why, in one line, and hang up.
-                _write_now(transport, str(TOO_MANY_CONNECTIONS))
-                transport.close()
-                self._refused = True
-                return
         previous = None if first else self.session
         super().connection_made(transport)
         self._registry.add(self)
@@ -201,12 +172,33 @@ class RelaisSMTP(SMTP):
             self.session.proxy_data = previous.proxy_data
             self._notify_closed(previous)
 
-    def admit(self, ip: str) -> bool:
-        """Count this connection against its client IP; False when that IP has too many."""
-        if not self._gate.admit(ip):
+    def _enter(self, transport: asyncio.BaseTransport) -> bool:
+        """The connection was just accepted: count it, or refuse it before any SMTP state
+        exists; True when the SMTP session starts now (not after a TLS handshake)."""
+        admitted = self._door.enter(transport)
+        if not isinstance(admitted, GatePass):
+            if admitted is not None:
+                _write_now(transport, str(admitted))  # why, in one line, then hang up
+            transport.close()
+            self._refused = True
             return False
-        self._gated_ip = ip
+        self._gate_pass = admitted
+        if self._implicit_tls:
+            start_tls(self, transport, self._door, self._handshake_over)  # type: ignore[arg-type]
+            return False
         return True
+
+    def _handshake_over(self) -> None:
+        if self.transport is None and not self._session_ended:
+            # The handshake failed, timed out or lost its client: no session will end to free it.
+            self._session_ended = True
+            assert self._gate_pass is not None
+            self._gate_pass.release()
+
+    def admit(self, ip: str) -> bool:
+        """A PROXY header named the client: count it by its IP; False when that IP has too many."""
+        assert self._gate_pass is not None
+        return self._gate_pass.admit(ip)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -214,8 +206,8 @@ class RelaisSMTP(SMTP):
         self._registry.discard(self)
         if not self._session_ended:
             self._session_ended = True
-            if self._gated_ip is not None:
-                self._gate.release(self._gated_ip)
+            if self._gate_pass is not None:
+                self._gate_pass.release()
             if self.session is not None:
                 self._notify_closed(self.session)
         super().connection_lost(error)
@@ -311,7 +303,9 @@ class RelaisSMTP(SMTP):
     async def _auth_line(self) -> bytes | None:
         """The client's next line, or None when it was too long (and has been read past)."""
         try:
-            return await self._reader.readuntil()
+            line = await self._reader.readuntil()
+            # The reader's limit lets a bare-LF line have one octet more.
+            return None if len(line.rstrip(b"\r\n")) > AUTH_LINE_LIMIT else line
         except asyncio.IncompleteReadError as error:
             return error.partial  # the client went away; as aiosmtpd's readline
         except asyncio.LimitOverrunError as error:
@@ -391,7 +385,9 @@ class RelaisSMTP(SMTP):
 
     async def _data(self, arg: str) -> None:
         if self._decode_data or "DATA" not in self._handle_hooks:
-            await super().smtp_DATA(arg)  # set-ups this module was not written for
+            # Set-ups this module was not written for (no listener builds one): aiosmtpd's own
+            # loop, without the byte budget and with the reader's line limit.
+            await super().smtp_DATA(arg)
             return
         if await self.check_helo_needed():
             return
@@ -405,22 +401,34 @@ class RelaisSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        # What the message holds of the byte budget, given back however DATA ends: queued,
+        # refused, a failing hook, the connection gone or timed out (both cancel this task).
+        reservation = self._budget.reservation()
+        try:
+            reply = await self._receive(reservation)
+        finally:
+            reservation.release()
+        if reply.startswith("250"):
+            self._junk = 0  # the session is doing work
+        await self.push(reply)
+
+    async def _receive(self, reservation: Reservation) -> str:
+        """The message, read and handed to the DATA hook; the reply to give."""
+        assert self.envelope is not None
         try:
             state, content, line_stats = await read_data(
-                self._reader, size_limit=self.data_size_limit, line_limit=self.line_length_limit
+                self._reader,
+                size_limit=self.data_size_limit,
+                line_limit=DATA_LINE_LIMIT,
+                reservation=reservation,
             )
         except asyncio.CancelledError:
             # The connection went away during DATA (aiosmtpd's eof_received cancels us).
             self._writer.close()
             raise
         if state is not DataState.NOMINAL:
-            # The replies aiosmtpd gives; `push` turns them into ours (enhance()).
-            too_long = state is DataState.TOO_LONG
-            await self.push(
-                "500 Line too long (see RFC5321 4.5.3.1.6)" if too_long else "552 Error: Too much mail data"
-            )
             self._set_post_data_state()
-            return
+            return _REFUSED[state]
         # decode_data=False on every listener: the handler gets the octets as sent.
         self.envelope.content = content
         self.envelope.original_content = content
@@ -431,10 +439,7 @@ class RelaisSMTP(SMTP):
             # Also after a failing hook (aiosmtpd answers it with handle_exception's 451): the
             # transaction is over either way, and the next MAIL must not get "nested MAIL".
             self._set_post_data_state()
-        reply = "250 OK" if status is MISSING else status
-        if reply.startswith("250"):
-            self._junk = 0  # the session is doing work
-        await self.push(reply)
+        return "250 OK" if status is MISSING else status
 
     def shut_down(self) -> None:
         """Say 421 4.3.2 and close; only between transactions (see `busy`)."""

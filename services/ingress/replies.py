@@ -1,11 +1,13 @@
 """Every reply the ingress gives on its own account, by name.
 
 Tests assert against these constants, never against scattered literals. aiosmtpd's own built-in
-replies (syntax errors, sequence errors) get enhanced status codes in `protocol.RelaisSMTP`.
+replies (syntax errors, sequence errors) get enhanced status codes from `enhance`, which
+`protocol.RelaisSMTP` applies to every reply it sends.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -56,6 +58,9 @@ BAD_SENDER_SYNTAX = Verdict(553, "5.1.7", "Bad sender address syntax")
 NEEDS_SMTPUTF8 = Verdict(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 HOURLY_LIMIT = Verdict(451, "4.7.1", "Hourly message limit reached for this account, try again later")
 DAILY_LIMIT = Verdict(451, "4.7.1", "Daily message limit reached for this account, try again later")
+# Postfix's reply when its queue is short of space: here the process's DATA byte budget, at MAIL
+# (the SIZE= declared does not fit now) and after the final dot (the message did not).
+INSUFFICIENT_STORAGE = Verdict(452, "4.3.1", "Insufficient system storage")
 
 # RCPT TO
 BAD_RECIPIENT_SYNTAX = Verdict(501, "5.1.3", "Bad recipient address syntax")
@@ -74,3 +79,52 @@ NEEDS_8BITMIME = Verdict(554, "5.6.1", "8-bit message content requires BODY=8BIT
 FROM_NOT_OWNED = Verdict(550, "5.7.1", "From: header domain not owned by the authenticated account")
 POOL_NOT_ALLOWED = Verdict(550, "5.7.1", "X-Relais-Pool names a pool this account may not use")
 LOCAL_ERROR = Verdict(451, "4.3.0", "Local error in processing, try again later")
+
+# aiosmtpd's own replies that need a different code or text, not just an enhanced status.
+_REWRITES = {
+    "552 Error: message size exceeds fixed maximum message size": str(MESSAGE_TOO_BIG),
+    "552 Error: Too much mail data": str(MESSAGE_TOO_BIG),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": str(LINE_TOO_LONG),
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+}
+# RFC 3463 defaults for replies that arrive without an enhanced status code.
+_DEFAULT_ENHANCED = {
+    421: "4.3.0",
+    450: "4.2.0",
+    451: "4.3.0",
+    452: "4.3.1",
+    454: "4.7.0",
+    500: "5.5.2",
+    501: "5.5.4",
+    502: "5.5.1",
+    503: "5.5.1",
+    504: "5.5.4",
+    530: "5.7.0",
+    535: "5.7.8",
+    538: "5.7.11",
+    550: "5.0.0",
+    552: "5.3.4",
+    553: "5.1.3",
+    554: "5.5.0",
+    555: "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
+
+
+def enhance(reply: str) -> str:
+    """The same reply with an enhanced status code (RFC 2034), for the single-line error replies."""
+    if reply in _REWRITES:
+        return _REWRITES[reply]
+    if len(reply) < 4 or not reply[:3].isdigit() or reply[3] != " " or _HAS_ENHANCED.match(reply):
+        return reply
+    code = int(reply[:3])
+    if code < 400:
+        return reply
+    text = reply[4:].removeprefix("Error: ").strip()
+    return f"{code} {_DEFAULT_ENHANCED.get(code, f'{code // 100}.0.0')} {text}"
+
+
+def is_error(reply: str) -> bool:
+    """A refusal that counts against the errors-per-session limit (421 ends the session anyway)."""
+    return len(reply) >= 3 and reply[:3].isdigit() and reply[0] in "45" and reply[:3] != "421"

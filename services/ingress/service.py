@@ -13,6 +13,8 @@ from services.core.bus import Bus
 from services.core.config import Config, ListenerConfig, listener_configs
 from services.ingress.accounts import AccountStore
 from services.ingress.auth import Authenticator, PasswordChecker
+from services.ingress.budget import ByteBudget
+from services.ingress.door import Door
 from services.ingress.handler import IngressHandler
 from services.ingress.handoff import Handoff
 from services.ingress.limits import AuthThrottle, ConnectionGate, Counters, MessageRates, SessionRegistry
@@ -73,7 +75,10 @@ class IngressService:
             sessions=self.sessions,
             passwords=PasswordChecker(),
         )
-        self._gate = ConnectionGate(cfg)
+        # Connections per client IP, and per load balancer while a PROXY header is awaited.
+        self.gate = ConnectionGate(cfg)
+        # DATA octets held by all of this process's sessions (ingress.max_buffered_bytes).
+        self.budget = ByteBudget(cfg.max_buffered_bytes)
         self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._servers: list[asyncio.Server] = []
         self._connections: set[RelaisSMTP] = set()
@@ -89,11 +94,11 @@ class IngressService:
             self._config,
             self._handoff,
             mode=listener.mode,
-            proxy_from=listener.proxy_from,
             accounts=self.accounts,
             rates=self._rates,
             sessions=self.sessions,
             auth=self._auth,
+            budget=self.budget,
         )
         tls = self.tls.context if self.tls else None
         implicit = listener.mode == "implicit-tls"
@@ -104,18 +109,29 @@ class IngressService:
         require_tls = cfg.auth_require_tls and not implicit and not local_only
         # aiosmtpd's reflective set-up, paid by the listener's first connection only.
         prototype = Prototype()
+        # Implicit TLS is started by the protocol itself, after the gate counted the connection.
+        door = Door(
+            self.gate,
+            tls=tls if implicit else None,
+            handshake_timeout=_TLS_HANDSHAKE_TIMEOUT,
+            proxy=listener.proxy_protocol,
+            proxy_from=tuple(listener.proxy_from),
+        )
+        # A message larger than the whole budget could never be taken: with no max_message_size
+        # the budget is the largest message (relais validate keeps the budget above it otherwise).
+        size_limit = cfg.max_message_size or cfg.max_buffered_bytes
 
         def make() -> RelaisSMTP:
             return RelaisSMTP(
                 handler,
-                gate=self._gate,
+                door=door,
+                budget=self.budget,
                 registry=self._connections,
                 max_errors=cfg.max_errors,
-                implicit_tls=implicit,
                 prototype=prototype,
                 hostname=cfg.hostname,
                 ident="Relais ESMTP",
-                data_size_limit=cfg.max_message_size,
+                data_size_limit=size_limit,
                 enable_SMTPUTF8=True,
                 decode_data=False,
                 tls_context=None if implicit else tls,
@@ -136,14 +152,8 @@ class IngressService:
         try:
             for listener in listener_configs(self._config):
                 host, port = split_hostport(listener.listen)
-                implicit = listener.mode == "implicit-tls"
                 server = await loop.create_server(
-                    self._factory(listener),
-                    host=host,
-                    port=port,
-                    reuse_address=True,
-                    ssl=self.tls.context if implicit and self.tls else None,
-                    ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT if implicit else None,
+                    self._factory(listener), host=host, port=port, reuse_address=True
                 )
                 self._servers.append(server)
                 sock = server.sockets[0].getsockname()

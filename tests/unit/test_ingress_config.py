@@ -100,3 +100,14 @@ def test_env_override_of_local_domains(tmp_path: Path) -> None:
     path.write_text("")
     config = load_config(path, env={"RELAIS_INGRESS__LOCAL_DOMAINS": "a.test, b.test"})
     assert config.ingress.local_domains == ["a.test", "b.test"]
+
+
+def test_the_data_budget_holds_at_least_the_largest_message(tmp_path: Path) -> None:
+    # A budget smaller than max_message_size would answer such a message 452 on every retry.
+    with pytest.raises(ConfigError, match="max_buffered_bytes"):
+        _load(tmp_path, BASE + "max_message_size = 1000\nmax_buffered_bytes = 999\n")
+    with pytest.raises(ConfigError, match="max_proxy_pending_per_peer"):
+        _load(tmp_path, BASE + "max_proxy_pending_per_peer = -1\n")
+    for budget in (0, 1000):  # 0: no budget
+        config = _load(tmp_path, BASE + f"max_message_size = 1000\nmax_buffered_bytes = {budget}\n")
+        assert config.ingress.max_buffered_bytes == budget  # type: ignore[attr-defined]

@@ -154,3 +154,46 @@ async def test_a_large_message_in_network_sized_pieces() -> None:
         ours = await our_outcome(pieces, size_limit, 1001)
         assert ours == await aiosmtpd_outcome(pieces, size_limit, 1001)
     assert await our_outcome(pieces, None, 1001) == ("250 OK", message + b"|" + NEXT)
+
+
+class _CountingReader(asyncio.StreamReader):
+    """A StreamReader that counts the reads made of it, whatever the method."""
+
+    calls = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        self.calls += 1
+        return await super().read(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        self.calls += 1
+        return await super().readexactly(n)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        self.calls += 1
+        return await super().readuntil(separator)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\r\n" * 20_000,  # a message that starts with (and is) a long run of empty lines
+        b"\r" * 40_000 + b"\r\n",  # bare CRs: each could begin the end-of-data line
+        b"\r\n.\r" * 10_000 + b"\r\n",  # almost the end-of-data line, again and again
+        b"a.\r\n\r\n" * 7_000,
+        b"Subject: x\r\n\r\n" + b"\r\n" * 20_000 + b"body\r\n",
+    ],
+)
+async def test_reads_follow_the_blocks_not_the_lines(body: bytes) -> None:
+    """However the lines look, the message is read a block at a time: at most one read per
+    block the socket delivered (and one more), never one per line or octet; with the outcome
+    aiosmtpd's own loop gives."""
+    stream = body + b".\r\n" + NEXT
+    pieces = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
+    reader = _CountingReader(limit=1001)
+    feeder = asyncio.create_task(_feed(reader, pieces))
+    state, message, _ = await asyncio.wait_for(read_data(reader, size_limit=None, line_limit=1001), 5)
+    await feeder
+    assert reader.calls <= len(pieces) + 1, reader.calls
+    reply = {DataState.NOMINAL: "250 OK", DataState.TOO_LONG: TOO_LONG}[state]
+    assert (reply, message + b"|" + bytes(reader._buffer)) == await aiosmtpd_outcome(pieces, None, 1001)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from services.core.config import IngressConfig
-from services.ingress.limits import ConnectionGate
+from services.ingress.door import Door
+from services.ingress.limits import ConnectionGate, GatePass
 from services.ingress.protocol import enhance, is_error, plain_angle_addr
 from services.ingress.replies import LINE_TOO_LONG, MESSAGE_TOO_BIG, RELAY_DENIED
 
@@ -124,7 +125,7 @@ async def test_connections_built_from_the_prototype_match_aiosmtpd_own_setup() -
             return None
 
     handler = Handler()
-    gate = ConnectionGate(IngressConfig())
+    door = Door(ConnectionGate(IngressConfig()))
     prototype = Prototype()
     options = {
         "hostname": "relais.test",
@@ -134,7 +135,7 @@ async def test_connections_built_from_the_prototype_match_aiosmtpd_own_setup() -
     }
 
     def make(p: Prototype | None) -> RelaisSMTP:
-        return RelaisSMTP(handler, gate=gate, max_errors=5, prototype=p, **options)
+        return RelaisSMTP(handler, door=door, max_errors=5, prototype=p, **options)
 
     make(prototype)
     copied, real = make(prototype), make(None)
@@ -155,7 +156,7 @@ async def test_connections_built_from_the_prototype_match_aiosmtpd_own_setup() -
     assert copied._smtp_methods["MAIL"].__self__ is copied
     assert copied._auth_methods["PLAIN"].method.__self__ is handler
     # Different constructor arguments: aiosmtpd's own set-up again.
-    other = RelaisSMTP(handler, gate=gate, max_errors=5, prototype=prototype, **{**options, "hostname": "x"})
+    other = RelaisSMTP(handler, door=door, max_errors=5, prototype=prototype, **{**options, "hostname": "x"})
     assert other.hostname == "x"
 
 
@@ -174,10 +175,25 @@ async def test_a_multiline_reply_is_one_write() -> None:
         async def drain(self) -> None:
             return None
 
-    conn = RelaisSMTP(object(), gate=ConnectionGate(IngressConfig()), max_errors=5, hostname="relais.test")
+    door = Door(ConnectionGate(IngressConfig()))
+    conn = RelaisSMTP(object(), door=door, max_errors=5, hostname="relais.test")
     conn._writer = writer = Writer()  # type: ignore[assignment]
     conn.session = Session(conn.loop)
     for line in ("250-relais.test", "250-PIPELINING", "250 HELP"):
         await conn.push(line)
     await conn.push("250 2.1.0 Ok")
     assert writer.writes == [b"250-relais.test\r\n250-PIPELINING\r\n250 HELP\r\n", b"250 2.1.0 Ok\r\n"]
+
+
+def test_a_gate_pass_counts_once_and_moves_from_its_load_balancer_to_its_client() -> None:
+    gate = ConnectionGate(IngressConfig(max_connections_per_ip=1, max_proxy_pending_per_peer=2))
+    waiting = [GatePass(gate) for _ in range(3)]
+    assert [p.wait("10.0.0.1") for p in waiting] == [True, True, False]
+    assert gate.waiting_connections("10.0.0.1") == 2
+    # The PROXY header names the client: the load balancer's count goes, the client's comes.
+    assert waiting[0].admit("192.0.2.1") and not waiting[1].admit("192.0.2.1")
+    assert gate.waiting_connections("10.0.0.1") == 0 and gate.open_connections("192.0.2.1") == 1
+    for p in waiting:
+        p.release()
+        p.release()  # a handshake that failed and a session that ended: still given back once
+    assert gate.open_connections("192.0.2.1") == 0 and gate.waiting_connections("10.0.0.1") == 0

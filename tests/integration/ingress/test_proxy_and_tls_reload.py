@@ -24,8 +24,11 @@ def _session(
 ) -> list[bytes]:
     sock = socket.create_connection(address, timeout=10, source_address=(source, 0) if source else None)
     try:
-        sock.sendall(preamble)
-        data = sock.recv(200)
+        try:
+            sock.sendall(preamble)
+            data = sock.recv(200)
+        except (ConnectionResetError, BrokenPipeError):
+            return [b""]  # closed before the preamble arrived: a peer outside proxy_from
         if not data.startswith(b"220"):
             return [data]
         if tls is not None:

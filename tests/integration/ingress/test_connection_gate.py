@@ -1,0 +1,159 @@
+"""The per-IP connection gate counts a connection from its accept: no address can hold sockets
+beyond its limit while a TLS handshake or a PROXY header is awaited (security regression)."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from services.core.config import ListenerConfig
+from services.ingress import service
+from services.ingress.replies import TOO_MANY_CONNECTIONS
+from tests.integration.ingress.helpers import free_listen, in_thread, listener, tls_sections
+from tests.support.certs import TestPKI
+
+PROXY_V1 = "PROXY TCP4 {} 10.0.0.1 40000 25\r\n"
+
+
+def _hold(address: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
+    """A connection that sends nothing: a handshake or a PROXY header that never comes."""
+    return socket.create_connection(address, timeout=5, source_address=(source, 0))
+
+
+def _closed_at_once(sock: socket.socket) -> bytes:
+    """What the server said before closing `sock` (a socket timeout when it did not close)."""
+    sock.settimeout(3)
+    with sock:
+        data = b""
+        while chunk := sock.recv(200):
+            data += chunk
+        return data
+
+
+def _greeting_over_tls(address: tuple[str, int], pki: TestPKI, source: str = "127.0.0.1") -> int:
+    with smtplib.SMTP_SSL(
+        *address, context=pki.client_context(), timeout=10, source_address=(source, 0)
+    ) as smtp:
+        return smtp.noop()[0]
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("never happened")
+
+
+@pytest.fixture
+async def implicit_tls(make_ingress: Callable[..., Any], pki: TestPKI) -> tuple[Any, tuple[str, int]]:
+    listen = free_listen()
+    stack = await make_ingress(
+        ingress=tls_sections(
+            pki, max_connections_per_ip=2, listeners=[ListenerConfig(listen=listen, mode="implicit-tls")]
+        )
+    )
+    return stack, listener(stack, listen)
+
+
+async def test_one_ip_cannot_hold_more_than_its_limit_during_tls_handshakes(
+    implicit_tls: tuple[Any, tuple[str, int]], pki: TestPKI
+) -> None:
+    stack, address = implicit_tls
+    gate = stack.ingress.gate
+    held = [await in_thread(_hold, address) for _ in range(2)]
+    try:
+        # The third is closed without a handshake, and without a word a TLS client could read.
+        assert await in_thread(_closed_at_once, await in_thread(_hold, address)) == b""
+        assert gate.open_connections("127.0.0.1") == 2
+        # Another address is not affected.
+        assert await in_thread(_greeting_over_tls, address, pki, "127.0.0.2") == 250
+        # A socket closed during its handshake gives its place back.
+        held.pop().close()
+        await _until(lambda: gate.open_connections("127.0.0.1") == 1)
+        assert await in_thread(_greeting_over_tls, address, pki) == 250
+    finally:
+        for sock in held:
+            sock.close()
+    await _until(lambda: gate.open_connections("127.0.0.1") == 0)
+
+
+async def test_a_handshake_that_times_out_gives_its_place_back(
+    make_ingress: Callable[..., Any], pki: TestPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "_TLS_HANDSHAKE_TIMEOUT", 0.5)
+    listen = free_listen()
+    stack = await make_ingress(
+        ingress=tls_sections(
+            pki, max_connections_per_ip=1, listeners=[ListenerConfig(listen=listen, mode="implicit-tls")]
+        )
+    )
+    address = listener(stack, listen)
+    silent = await in_thread(_hold, address)
+    assert await in_thread(_closed_at_once, await in_thread(_hold, address)) == b""
+    assert stack.ingress.gate.open_connections("127.0.0.1") == 1
+    # The server gives up on the silent one after the handshake timeout, and frees its place.
+    assert await in_thread(_closed_at_once, silent) == b""
+    await _until(lambda: stack.ingress.gate.open_connections("127.0.0.1") == 0)
+    assert await in_thread(_greeting_over_tls, address, pki) == 250
+
+
+def _proxied(address: tuple[str, int], client: str, source: str = "127.0.0.1") -> bytes:
+    with socket.create_connection(address, timeout=5, source_address=(source, 0)) as sock:
+        sock.sendall(PROXY_V1.format(client).encode())
+        return sock.recv(200)
+
+
+async def test_sockets_awaiting_a_proxy_header_count_per_load_balancer(
+    make_ingress: Callable[..., Any],
+) -> None:
+    listen = free_listen()
+    stack = await make_ingress(
+        ingress={
+            "max_connections_per_ip": 1,
+            "max_proxy_pending_per_peer": 2,
+            "listeners": [ListenerConfig(listen=listen, proxy_protocol=True)],
+        }
+    )
+    address, gate = listener(stack, listen), stack.ingress.gate
+    held = [await in_thread(_hold, address) for _ in range(2)]
+    try:
+        # A third socket from that load balancer without its header: refused, in words its
+        # client can read (the load balancer relays them).
+        refused = await in_thread(_closed_at_once, await in_thread(_hold, address))
+        assert refused == f"{TOO_MANY_CONNECTIONS}\r\n".encode()
+        assert gate.waiting_connections("127.0.0.1") == 2
+        # Another load balancer is not affected.
+        assert (await in_thread(_proxied, address, "203.0.113.9", "127.0.0.2")).startswith(b"220")
+        # Once their headers name the clients, the clients' IPs count, each against its own limit.
+        for sock, client in zip(held, ("203.0.113.1", "203.0.113.2"), strict=True):
+            sock.sendall(PROXY_V1.format(client).encode())
+            assert (await in_thread(sock.recv, 200)).startswith(b"220")
+        assert gate.waiting_connections("127.0.0.1") == 0
+        assert gate.open_connections("203.0.113.1") == 1
+        assert await in_thread(_proxied, address, "203.0.113.1") == f"{TOO_MANY_CONNECTIONS}\r\n".encode()
+        assert (await in_thread(_proxied, address, "203.0.113.3")).startswith(b"220")
+    finally:
+        for sock in held:
+            sock.close()
+    await _until(lambda: gate.open_connections("203.0.113.1") == 0)
+
+
+async def test_a_connection_from_outside_proxy_from_is_closed_before_its_header(
+    make_ingress: Callable[..., Any],
+) -> None:
+    # Its header would not be believed: it is not kept waiting for one (PROXY timeout: 10 s).
+    listen = free_listen()
+    stack = await make_ingress(
+        ingress={
+            "listeners": [ListenerConfig(listen=listen, proxy_protocol=True, proxy_from=["127.0.0.2/32"])]
+        }
+    )
+    address = listener(stack, listen)
+    assert await in_thread(_closed_at_once, await in_thread(_hold, address, "127.0.0.3")) == b""
+    assert stack.ingress.gate.waiting_connections("127.0.0.3") == 0
