@@ -22,6 +22,7 @@ import email
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
@@ -43,11 +44,13 @@ from services.core.schedule import publish_at
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import MESSAGE_ID, consumer_span
 from services.core.topology import (
+    ConsumerBinding,
     bounce_binding,
     bounce_flush_binding,
     bounce_flush_subject,
     bounce_subject,
     bounce_window_subject,
+    consumer_config,
     inbound_binding,
     route_subject,
 )
@@ -68,23 +71,22 @@ class BounceService:
         self._webhooks = WebhookDispatcher(config, bus)
 
     async def run(self, stop: asyncio.Event) -> None:
-        ack_wait = self._config.nats.ack_wait
-        await asyncio.gather(
-            transport.consume(
-                self._bus, bounce_binding(), self.handle, concurrency=32, stop=stop, ack_wait=ack_wait
-            ),
-            # Also with dsn_window = 0: windows opened before the setting changed still end.
-            transport.consume(
-                self._bus, bounce_flush_binding(), self.flush, concurrency=16, stop=stop, ack_wait=ack_wait
-            ),
-            transport.consume(
+        def consume(binding: ConsumerBinding, handler: transport.Handler, slots: int) -> Awaitable[None]:
+            return transport.consume(
                 self._bus,
-                inbound_binding(),
-                self._inbound.handle,
-                concurrency=8,
+                binding,
+                handler,
+                concurrency=slots,
                 stop=stop,
-                ack_wait=ack_wait,
-            ),
+                ack_wait=self._config.nats.ack_wait,
+                declared=consumer_config(binding, self._config),
+            )
+
+        await asyncio.gather(
+            consume(bounce_binding(), self.handle, 32),
+            # Also with dsn_window = 0: windows opened before the setting changed still end.
+            consume(bounce_flush_binding(), self.flush, 16),
+            consume(inbound_binding(), self._inbound.handle, 8),
             self._webhooks.run(stop),
         )
 

@@ -20,7 +20,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import Header, PubAck, RawStreamMsg
+from nats.js.api import ConsumerConfig, Header, PubAck, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from services.core import metrics, telemetry
@@ -314,6 +314,7 @@ async def consume(
     ack_wait: float,
     batch: int = 64,
     confirm_acks: bool = False,
+    declared: ConsumerConfig | None = None,
 ) -> None:
     """Pull from a durable consumer and run `handler` per message, up to `concurrency` at once.
 
@@ -325,8 +326,13 @@ async def consume(
     `confirm_acks`: wait for the server to confirm each ack, asking again while a consumer
     leader is being elected. For consumers whose redelivery repeats something the world sees
     (an SMTP transaction), where a lost ack would otherwise mean mail sent twice.
+
+    `declared`: the consumer's configuration, to create it again should it go missing while
+    the service runs (deleted by hand, or lost with a stream restored from a backup): until a
+    restart, the service would otherwise pull from nothing.
     """
     inflight = 0
+    missing_checked = 0.0
     room = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
     sub = None
@@ -398,6 +404,10 @@ async def consume(
             except Exception as exc:
                 # NATS down or the consumer missing for a moment: back off, the loop carries on.
                 log.warning("pull from %s failed: %r", binding.durable, exc)
+                if declared is not None and time.monotonic() - missing_checked > _MISSING_CHECK:
+                    missing_checked = time.monotonic()
+                    if await _recreated_if_missing(bus, binding, declared):
+                        sub = None
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
@@ -412,6 +422,29 @@ async def consume(
     if sub is not None:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+# How often a failing pull loop asks whether its consumer still exists (a pull from a deleted
+# consumer fails like one from an unavailable JetStream: "no responders").
+_MISSING_CHECK = 5.0
+
+
+async def _recreated_if_missing(bus: Bus, binding: ConsumerBinding, declared: ConsumerConfig) -> bool:
+    """Create the consumer again when JetStream says it does not exist; True when it was."""
+    try:
+        await bus.js.consumer_info(binding.stream, binding.durable)
+        return False
+    except NotFoundError:
+        pass
+    except Exception:
+        return False  # JetStream itself is away: nothing to conclude
+    try:
+        await bus.js.add_consumer(binding.stream, declared)
+    except Exception as exc:
+        log.error("consumer %s is missing and could not be created again: %r", binding.durable, exc)
+        return False
+    log.error("consumer %s was missing: created it again", binding.durable)
+    return True
 
 
 async def fetch(bus: Bus, sub: JetStreamContext.PullSubscription, batch: int, *, wait: float) -> list[Msg]:

@@ -328,7 +328,8 @@ def consumer_bindings(config: Config) -> list[ConsumerBinding]:
     ]
 
 
-def _consumer_config(binding: ConsumerBinding, config: Config) -> ConsumerConfig:
+def consumer_config(binding: ConsumerBinding, config: Config) -> ConsumerConfig:
+    """The declared configuration of a service's durable consumer."""
     return ConsumerConfig(
         durable_name=binding.durable,
         filter_subject=binding.subject,
@@ -357,7 +358,7 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     for stream in stream_configs(config):
         await _ensure_stream(js, stream)
     for binding in consumer_bindings(config):
-        await js.add_consumer(binding.stream, _consumer_config(binding, config))
+        await js.add_consumer(binding.stream, consumer_config(binding, config))
     await ensure_webhooks_consumers(js, config, reconcile=False)
     await _ensure_body_store(js, config)
     for bucket in kv_configs(config):
@@ -424,7 +425,7 @@ async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, rec
                 existing.config.inactive_threshold = idle_limit
                 await js.add_consumer(binding.stream, existing.config)
             continue
-        declared = _consumer_config(binding, config)
+        declared = consumer_config(binding, config)
         declared.deliver_policy = DeliverPolicy.NEW
         declared.inactive_threshold = idle_limit
         if legacy is not None and _legacy_covers(legacy, binding.subject):

@@ -26,7 +26,7 @@ from services.core.events import event_for, publish_event
 from services.core.outcome import Bounced, Deferred, Reply
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import consumer_span
-from services.core.topology import deliver_subject, route_subject, router_binding
+from services.core.topology import consumer_config, deliver_subject, route_subject, router_binding
 from services.router import dkim
 from services.router.accounts import AccountView
 from services.router.mx import MxRoute, resolve_mx
@@ -70,13 +70,15 @@ class RouterService:
         self._rng = rng or random.Random()
 
     async def run(self, stop: asyncio.Event) -> None:
+        binding = router_binding()
         await transport.consume(
             self._bus,
-            router_binding(),
+            binding,
             self.handle,
             concurrency=self._config.router.concurrency,
             stop=stop,
             ack_wait=self._config.nats.ack_wait,
+            declared=consumer_config(binding, self._config),
         )
 
     async def handle(self, msg: Msg) -> None:

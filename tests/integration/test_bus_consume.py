@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
 from services.core.bus import Bus, connect, consume
 from services.core.config import NatsConfig
@@ -145,5 +145,41 @@ async def test_progress_follows_the_consumers_ack_wait_on_the_server(nats_server
         stop.set()
         await asyncio.wait_for(asyncio.gather(*loops), 20)
         assert calls == ["pace.0"], calls
+    finally:
+        await bus.nc.close()
+
+
+async def test_a_consumer_deleted_while_consuming_is_created_again(nats_server: EmbeddedNats) -> None:
+    # Deleted by hand (or lost in a restore): the loop used to pull from nothing until a restart.
+    bus = await connect(NatsConfig(url=nats_server.url), "test-consume")
+    try:
+        # Work-queue retention, as Relais' streams: the re-created consumer starts at the first
+        # message still stored, so what was acked is not handled again.
+        await bus.js.add_stream(
+            StreamConfig(name="GONE", subjects=["gone.>"], retention=RetentionPolicy.WORK_QUEUE)
+        )
+        declared = ConsumerConfig(durable_name="gone", ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT)
+        await bus.js.add_consumer("GONE", declared)
+        binding = ConsumerBinding("GONE", "gone", "gone.>")
+        handled: asyncio.Queue[str] = asyncio.Queue()
+
+        async def handler(msg) -> None:  # type: ignore[no-untyped-def]
+            await handled.put(msg.subject)
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            consume(bus, binding, handler, concurrency=4, stop=stop, ack_wait=ACK_WAIT, declared=declared)
+        )
+        try:
+            await bus.publish("gone.1", b"x")
+            assert await asyncio.wait_for(handled.get(), 10) == "gone.1"
+            await bus.js.delete_consumer("GONE", "gone")
+            await bus.publish("gone.2", b"x")
+            assert await asyncio.wait_for(handled.get(), 30) == "gone.2"
+            info = await bus.js.consumer_info("GONE", "gone")
+            assert info.config.ack_wait == ACK_WAIT, "created again as declared"
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
     finally:
         await bus.nc.close()
