@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
 
+from services.delivery.draining import Stopping
+
 _BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+_SIZE_LIMIT = re.compile(r"[0-9]{1,20}")
+# The body is handed to the transport this much at a time, each piece only once the previous
+# one has gone: a TLS transport encrypts all it is given at once into the socket's buffer, where
+# flow control no longer sees it, so one write of the whole body could not be timed by progress.
+_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +56,18 @@ def size_limit(smtp: aiosmtplib.SMTP) -> int | None:
     if not smtp.supports_extension("size"):
         return None
     words = smtp.esmtp_extensions.get("size", "").split()
-    return int(words[0]) if words and words[0].isdigit() else 0
+    # ASCII digits only, and few enough for int(): "²" is a digit to str.isdigit(), and 5,000
+    # digits are over int()'s limit; either raised, and the job came back for ever.
+    return int(words[0]) if words and _SIZE_LIMIT.fullmatch(words[0]) else 0
 
 
 async def send_data(
-    smtp: aiosmtplib.SMTP, wire: bytes, *, transfer_timeout: float | None, reply_timeout: float | None
+    smtp: aiosmtplib.SMTP,
+    wire: bytes,
+    *,
+    transfer_timeout: float | None,
+    reply_timeout: float | None,
+    stopping: Callable[[], bool] | None = None,
 ) -> aiosmtplib.SMTPResponse:
     """The data after a 354, and the reply after its final dot; raises SMTPDataError for any
     reply but 250, SMTPTimeoutError / SMTPServerDisconnected (connection closed) otherwise.
@@ -60,7 +75,9 @@ async def send_data(
     The transfer is timed apart from that reply, as Postfix times smtp_data_xfer_timeout apart
     from smtp_data_done_timeout: a message the server stops reading is given up after
     `transfer_timeout` without progress; only one sent in full earns the reply's longer wait
-    (DeliveryConfig.data_done_timeout says why it is longer).
+    (DeliveryConfig.data_done_timeout says why it is longer). Once `stopping` says so, the rest
+    is not sent: the connection is dropped before the final dot, so the server takes nothing,
+    and Stopping is raised.
     """
     protocol = smtp.protocol
     if protocol is None:
@@ -69,8 +86,12 @@ async def send_data(
         # A server may answer before it has read every byte (a refusal mid-body); aiosmtplib
         # drops data that arrives while no reply is expected.
         protocol._response_pending = True
-        protocol.write(wire)
-        await _drained(protocol, within=transfer_timeout)
+        for start in range(0, len(wire), _CHUNK):
+            if stopping is not None and stopping():
+                _drop(smtp)
+                raise Stopping("worker stopping before the message's final dot")
+            protocol.write(wire[start : start + _CHUNK])
+            await _drained(protocol, within=transfer_timeout)
         response = await protocol.read_response(timeout=reply_timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
         _drop(smtp)
@@ -81,20 +102,21 @@ async def send_data(
 
 
 def _drop(smtp: aiosmtplib.SMTP) -> None:
-    """Close the connection, at once when data is still queued: a transport's `close()` first
-    sends what is buffered, so a server that stopped reading would hold the socket, and up to a
-    whole message in memory, for as long as it keeps the connection open."""
+    """Close the connection at once, discarding whatever is still queued: a transport's
+    `close()` first sends what is buffered (over TLS, for up to its shutdown timeout), so the
+    rest of a message given up on, final dot included, could still reach the server and be
+    delivered, and then again by the retry."""
     transport = smtp.transport
-    if transport is not None and transport.get_write_buffer_size() > 0:
+    if transport is not None:
         transport.abort()
     smtp.close()
 
 
 async def _drained(protocol: SMTPProtocol, *, within: float | None) -> None:
-    """Until no more than the transport's high-water mark (64 KiB by default) is left to send,
-    giving up once `within` seconds pass without any of it taken (Postfix's "no progress" rule
-    for the transfer: a large message on a slow link is not cut off while it moves). aiosmtplib's
-    `write()` only queues the data, and its protocol keeps asyncio's flow control
+    """Until the transport takes more (its flow control no longer pauses writing), giving up
+    once `within` seconds pass without any of what it holds leaving (Postfix's "no progress"
+    rule for the transfer: a large message on a slow link is not cut off while it moves).
+    aiosmtplib's `write()` only queues the data, and its protocol keeps asyncio's flow control
     (`_drain_helper`, as StreamWriter.drain uses it) without a public way to wait on it."""
     transport = protocol.transport
     while transport is not None:

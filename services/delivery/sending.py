@@ -18,6 +18,7 @@ import dns.asyncresolver
 from services.core import dns as relais_dns
 from services.core.outcome import NO_ROUTE, Bounced, Deferred, Outcome, Reply
 from services.delivery.connections import ConnectionPool
+from services.delivery.draining import Stopping
 from services.delivery.public_addresses import AddressCheck
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import Connection, Source, StaleConnection, TransactionResult, TryNextHost
@@ -57,6 +58,7 @@ async def _transact(
     sender: str,
     recipients: Sequence[str],
     body: bytes,
+    stopping: Callable[[], bool] | None,
 ) -> tuple[Connection, TransactionResult]:
     """A connection to `address` and the transaction over it; raises TryNextHost (connect or
     MAIL). A reused connection that turns out closed is dropped and another one taken."""
@@ -64,7 +66,7 @@ async def _transact(
         conn = await pool.checkout(source, site, host, address, limits, policy)
         try:
             return conn, await conn.transact(
-                sender, recipients, body, stale_is_retryable=attempt < _STALE_RETRIES
+                sender, recipients, body, stale_is_retryable=attempt < _STALE_RETRIES, stopping=stopping
             )
         except StaleConnection as exc:
             log.debug("reused connection to %s[%s] was closed (%s); taking another", host, address, exc)
@@ -84,11 +86,6 @@ MX_ADDRESS_LIMIT = 5
 def host_not_found(hosts: Sequence[str]) -> Reply:
     """Every MX host of the route is NXDOMAIN: no retry will find them (Postfix bounces too)."""
     return Reply(550, "5.4.4", f"Host not found: MX host {', '.join(hosts)} does not exist", "DNS")
-
-
-class Stopping(Exception):
-    """The worker is draining: no new connection is opened, so that the grace period before the
-    kill only has to cover the transaction already under way. No recipient has a verdict yet."""
 
 
 def no_public_address(hosts: Sequence[str], not_found: Sequence[str]) -> Reply:
@@ -120,7 +117,7 @@ async def send_job(
 
     `address_check` (None: every address goes) names why an address may not be connected to;
     such addresses are skipped, and a route with no other address left bounces. Once `stopping`
-    says so, the next address raises Stopping instead of being tried."""
+    says so, Stopping is raised instead of trying another address or sending a final dot."""
     last = NO_ROUTE
     remote: list[Reply] = []
     notes: list[str] = []
@@ -157,7 +154,7 @@ async def send_job(
             tried += 1
             try:
                 conn, done = await _transact(
-                    pool, source, site, host, address, limits, policy, sender, recipients, body
+                    pool, source, site, host, address, limits, policy, sender, recipients, body, stopping
                 )
             except TryNextHost as exc:
                 notes.append(f"{host}[{address}]: {exc.reply}")

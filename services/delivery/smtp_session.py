@@ -21,6 +21,7 @@ import aiosmtplib
 
 from services.core.outcome import Deferred, Outcome, Reply, outcome_for
 from services.delivery import pipelining
+from services.delivery.draining import Stopping
 from services.delivery.message_data import MessageData, message_data, send_data
 from services.delivery.tls_policy import TLS_FAILED, TLS_NOT_OFFERED, TlsPolicy
 from services.delivery.wire_addresses import WireEnvelope, mail_parameters
@@ -124,6 +125,7 @@ class Connection:
         self.host = host
         self.address = address
         self.data_done_timeout = data_done_timeout
+        self._stopping: Callable[[], bool] | None = None  # the current transaction's
         self.tls_version = ""
         self.tls_cipher = ""
         self.verified = False
@@ -152,11 +154,19 @@ class Connection:
         return self.sent > 0 and (not self.clean or now - self.last_used > REUSE_WITHOUT_PROBE)
 
     async def transact(
-        self, sender: str, recipients: Sequence[str], body: bytes, *, stale_is_retryable: bool = True
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes,
+        *,
+        stale_is_retryable: bool = True,
+        stopping: Callable[[], bool] | None = None,
     ) -> TransactionResult:
         """MAIL, RCPT per recipient, DATA: pipelined (RFC 2920) when the server offers it, one
-        round trip per command otherwise. Raises TryNextHost for a 4xx to MAIL, and
-        StaleConnection when an unprobed reused connection is dead at MAIL (if retryable)."""
+        round trip per command otherwise. Raises TryNextHost for a 4xx to MAIL, StaleConnection
+        when an unprobed reused connection is dead at MAIL (if retryable), and Stopping when
+        `stopping` says so before the message's final dot is sent."""
+        self._stopping = stopping
         unprobed, self.unprobed = self.unprobed, False
         stale_ok = unprobed and stale_is_retryable
         self.clean = False
@@ -171,9 +181,19 @@ class Connection:
             if self.smtp.supports_extension("pipelining"):
                 return await self._pipelined(wire, recipients, content, remote, stale_ok)
             return await self._lockstep(wire, recipients, content, remote, stale_ok)
+        except (TryNextHost, StaleConnection, Stopping):
+            raise
         except _LOST as exc:
             # Lost mid-transaction: nothing was confirmed, so every recipient is retried later.
             reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", "DATA")
+            return TransactionResult([Deferred(r, reply, self.host) for r in recipients], remote, broken=True)
+        except Exception as exc:
+            # A reply nothing here foresaw, or a bug: deferred, so that the job is retried and
+            # ends at retry.max_age like any other. Raised on, the job would come back from
+            # the queue for ever, never reaching an outcome.
+            log.exception("SMTP transaction with %s[%s] failed", self.host, self.address)
+            self.smtp.close()
+            reply = Reply(451, "4.3.0", f"local error in the SMTP transaction: {exc!r}", "DATA")
             return TransactionResult([Deferred(r, reply, self.host) for r in recipients], remote, broken=True)
 
     async def _lockstep(
@@ -303,6 +323,7 @@ class Connection:
                     # Longer than any command's: a timeout here is the classic cause of
                     # duplicate delivery (RFC 1047), the server may have taken the message.
                     reply_timeout=self.data_done_timeout,
+                    stopping=self._stopping,
                 )
                 reply = Reply.parse(response.code, response.message, "DATA")
                 self.clean = True  # the final reply to the data ends the transaction
@@ -480,21 +501,25 @@ async def open_connection(
 
 
 async def _hello(conn: Connection) -> None:
-    """EHLO; HELO when EHLO is refused for good (5xx), as Postfix does, and then no extension at
-    all: no PIPELINING, STARTTLS, SIZE, 8BITMIME or SMTPUTF8, each then taken as not offered.
-    Raises TryNextHost when the server refuses both, or EHLO with a 4xx (421 closes)."""
+    """EHLO; HELO when EHLO is refused with anything but 421, as Postfix does, and then no
+    extension at all: no PIPELINING, STARTTLS, SIZE, 8BITMIME or SMTPUTF8, each then taken as
+    not offered. Raises TryNextHost on a 421, when HELO is refused too, or when the server
+    hung up after refusing EHLO (its reply, not the lost connection, is what it said)."""
     smtp = conn.smtp
     try:
         await smtp.ehlo()
         return
     except aiosmtplib.SMTPResponseException as exc:
-        if not 500 <= exc.code < 600:
-            raise TryNextHost(_reply_of(exc, "EHLO"), remote=True) from exc
+        refusal = _reply_of(exc, "EHLO")
+        if exc.code == 421 or not smtp.is_connected:
+            raise TryNextHost(refusal, remote=True) from exc
         log.info("%s[%s] refused EHLO (%d %s); trying HELO", conn.host, conn.address, exc.code, exc.message)
     try:
         await smtp.helo()
     except aiosmtplib.SMTPResponseException as exc:
         raise TryNextHost(_reply_of(exc, "HELO"), remote=True) from exc
+    except _LOST as exc:
+        raise TryNextHost(refusal, remote=True) from exc
 
 
 def without_starttls(settings: SessionSettings) -> SessionSettings:

@@ -50,6 +50,11 @@ def test_payload_of_a_canonical_body_is_the_body_dot_stuffed() -> None:
         ("mx.test\nSIZE 0", 0),  # 0: no fixed limit
         ("mx.test\nSIZE 10240000\n8BITMIME", 10240000),
         ("mx.test\nSIZE lots", 0),  # malformed: Postfix ignores it (and warns)
+        # Digits to str.isdigit() but not to int(), and more digits than int() takes: raised,
+        # these sent the job back to the queue for ever.
+        ("mx.test\nSIZE \u00b2", 0),
+        ("mx.test\nSIZE \u0661\u0662", 0),
+        ("mx.test\nSIZE " + "9" * 5000, 0),
     ],
 )
 def test_size_limit_as_the_ehlo_reply_gives_it(ehlo: str, limit: int | None) -> None:

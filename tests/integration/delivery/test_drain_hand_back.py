@@ -1,7 +1,7 @@
-"""A draining delivery worker opens no new connection: the attempt it has in hand when SIGTERM
-comes ends with the transaction under way, and a job that would need another address goes
-back to the pool for another worker at once. The grace period before the kill then only has to
-cover one transaction (deploy/k8s: terminationGracePeriodSeconds)."""
+"""A draining delivery worker opens no new connection and sends no message's final dot: a job
+that would need either goes back to the pool for another worker at once. Only the reply after
+a dot sent before SIGTERM is still waited for, so that is all the grace period before the kill
+has to cover (deploy/k8s: terminationGracePeriodSeconds)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from services.core.outcome import Deferred
 from services.core.runtime import start_bus
+from services.delivery import smtp_session
 from services.delivery.connections import ConnectionPool
-from services.delivery.sending import Stopping
+from services.delivery.draining import Stopping
 from services.delivery.service import DeliveryService
-from services.delivery.smtp_session import SessionSettings
+from services.delivery.smtp_session import SessionSettings, Source, open_connection
+from services.delivery.tls_policy import TlsPolicy
 from tests.integration.delivery.conftest import SOURCE_A, attempt, pools, resolver_of, submit_many
 from tests.support.dns_server import DNSServer
+from tests.support.raw_smtp import RawServer, serving
 
 STALLING_MX = "127.0.0.41"
 
@@ -110,3 +114,69 @@ async def test_a_draining_worker_hands_the_job_to_another(
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
         for bus in buses:
             await bus.nc.close()
+
+
+class DataRecorder(RawServer):
+    """A sound server that notes when it has answered DATA with 354 and what follows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go_ahead = False
+        self.after_354 = b""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
+                if verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    self.go_ahead = True
+                    self.after_354 = await reader.read()  # up to the client's close
+                    return
+                writer.write(b"250-mx\r\n250 SIZE\r\n" if verb == b"EHLO" else b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+async def test_no_final_dot_once_stopping() -> None:
+    # SIGTERM between the 354 and the body: the body is not sent, so the server takes nothing,
+    # and the job goes back to the pool rather than wait a data_done_timeout the grace period
+    # was not sized for.
+    async with serving(DataRecorder) as start:
+        server = await start()
+        settings = SessionSettings(
+            port=server.port, starttls=False, command_timeout=5.0, data_done_timeout=3.0
+        )
+        conn = await open_connection("127.0.0.1", "mx.test", Source("", "relais.test"), settings, TlsPolicy())
+        try:
+            with pytest.raises(Stopping):
+                await conn.transact(
+                    "a@acme.test", ["r@b.test"], b"Subject: s\r\n\r\nhi\r\n", stopping=lambda: server.go_ahead
+                )
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.2)
+    assert server.go_ahead
+    assert b"\r\n.\r\n" not in b"\r\n" + server.after_354, server.after_354
+
+
+async def test_an_unforeseen_error_in_a_transaction_defers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Raised on, it sent the job back to the queue for ever (no outcome, so no expiry either).
+    def broken(body: bytes) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(smtp_session, "message_data", broken)
+    async with serving(DataRecorder) as start:
+        server = await start()
+        settings = SessionSettings(port=server.port, starttls=False, command_timeout=5.0)
+        conn = await open_connection("127.0.0.1", "mx.test", Source("", "relais.test"), settings, TlsPolicy())
+        try:
+            result = await conn.transact("a@acme.test", ["r@b.test"], b"Subject: s\r\n\r\nhi\r\n")
+        finally:
+            await conn.close()
+    (outcome,) = result.outcomes
+    assert isinstance(outcome, Deferred) and outcome.reply.enhanced_status == "4.3.0", outcome
+    assert result.broken, "the connection is not reused after an error nobody understood"

@@ -1,8 +1,8 @@
-"""An MX that refuses EHLO with a 5xx gets HELO, as Postfix does, and then is taken to offer no
-extension: no PIPELINING, STARTTLS, SIZE, 8BITMIME or SMTPUTF8. What needs one of them then
-ends as it does with any server lacking it: TLS required by policy defers (4.7.10), a
-non-ASCII local part bounces (5.6.7). A 4xx to EHLO (421 included) is no refusal of EHLO:
-the next host is tried, and the job deferred, as before."""
+"""An MX that refuses EHLO with anything but 421 gets HELO, as Postfix does, and then is taken to
+offer no extension: no PIPELINING, STARTTLS, SIZE, 8BITMIME or SMTPUTF8. What needs one of
+them then ends as it does with any server lacking it: TLS required by policy defers (4.7.10), a
+non-ASCII local part bounces (5.6.7). A 421 to EHLO closes: the next host is tried. A server
+that hangs up after refusing EHLO is not asked again: its refusal is the attempt's reply."""
 
 from __future__ import annotations
 
@@ -122,13 +122,12 @@ async def test_a_non_ascii_local_part_bounces_at_a_helo_only_server(old_server) 
 @pytest.mark.parametrize(
     ("ehlo", "helo", "expected"),
     [
-        (b"450 4.3.2 busy, try later\r\n", None, (450, "EHLO")),
         (b"421 4.3.2 closing\r\n", None, (421, "EHLO")),
         (EHLO_UNKNOWN, HELO_REFUSED, (550, "HELO")),
     ],
-    ids=["4xx-to-EHLO", "421-to-EHLO", "HELO-refused-too"],
+    ids=["421-to-EHLO", "HELO-refused-too"],
 )
-async def test_no_helo_after_a_4xx_and_the_next_host_after_a_refused_helo(
+async def test_no_helo_after_a_421_and_the_next_host_after_a_refused_helo(
     old_server, ehlo: bytes, helo: bytes | None, expected: tuple[int, str]
 ) -> None:
     server = await old_server(ehlo=ehlo, helo=helo or b"250 old.test\r\n")
@@ -140,6 +139,41 @@ async def test_no_helo_after_a_4xx_and_the_next_host_after_a_refused_helo(
     assert refused.value.remote, "the server's own reply: push-back rules apply to it"
     await asyncio.sleep(0.1)  # let the server read whatever came before the close
     assert (b"HELO" in server.verbs()) == (helo is not None)
+
+
+async def test_a_4xx_to_ehlo_gets_helo_too(old_server) -> None:
+    server = await old_server(ehlo=b"450 4.3.2 busy, try later\r\n")
+    conn = await open_connection(
+        "127.0.0.1", "mx.test", Source("", "relais.test"), _settings(server), TlsPolicy()
+    )
+    try:
+        assert server.verbs() == [b"EHLO", b"HELO"]
+        assert not conn.smtp.supports_extension("pipelining")
+    finally:
+        await conn.close()
+
+
+class RefuseAndHangUp(RawServer):
+    """Refuses EHLO with a 5xx and closes, as some block-listing servers do."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 strict.test SMTP\r\n")
+        await reader.readline()
+        writer.write(b"554 5.7.1 your address is listed\r\n")
+        await writer.drain()
+        writer.close()
+
+
+async def test_a_refusal_then_hang_up_keeps_the_servers_reply() -> None:
+    async with serving(RefuseAndHangUp) as start:
+        server = await start()
+        with pytest.raises(TryNextHost) as refused:
+            await open_connection(
+                "127.0.0.1", "mx.test", Source("", "relais.test"), _settings(server), TlsPolicy()
+            )
+    reply = refused.value.reply
+    assert (reply.code, reply.enhanced_status, reply.command) == (554, "5.7.1", "EHLO"), reply
+    assert refused.value.remote
 
 
 async def test_a_helo_only_mx_gets_the_message_end_to_end(make_stack, make_sink, pki) -> None:
