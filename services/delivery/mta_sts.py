@@ -6,21 +6,23 @@ https://mta-sts.{domain}/.well-known/mta-sts.txt) so tests can serve it on loopb
 is cached until its max_age and re-fetched when the TXT id changes; a failed refresh keeps the
 cached policy (section 5.1), and no policy at all means opportunistic TLS.
 
-With an address check (delivery.public_mx_only) the policy host is resolved here, and a host
-without a public address counts as a failed fetch; the fetch then connects to an address that
-was checked, never to what a second lookup (by urllib) might answer.
+The fetch is asyncio all the way, with no worker thread, under one deadline (`timeout`, the
+delivery connect_timeout): the policy host's lookup, the connection, TLS, the request and the
+whole response. A per-read timeout would let a host that sends a byte now and then hold the
+fetch, and every message to the domain waiting on it, for as long as it likes. The policy host
+is resolved with the Relais resolver (not getaddrinfo: no /etc/hosts, no https_proxy) and the
+request is HTTP/1.0, so the body ends at Content-Length or the end of the connection, never in
+chunks. With an address check (delivery.public_mx_only) a host without a public address
+counts as a failed fetch, and the fetch connects only to addresses that were checked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import logging
-import socket
 import ssl
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +34,9 @@ from services.delivery.public_addresses import AddressCheck
 log = logging.getLogger(__name__)
 
 MAX_POLICY_BYTES = 64 * 1024
+MAX_HEAD_BYTES = 16 * 1024  # status line and headers of the policy response
+MAX_POLICY_ADDRESSES = 3  # of the policy host's, tried in turn within the one deadline
+CLOSE_GRACE = 1.0  # for the TLS close after a complete response
 MAX_AGE_CAP = 31557600  # RFC 8461: at most one year
 
 
@@ -77,66 +82,115 @@ def parse_policy(text: str, policy_id: str = "") -> StsPolicy:
     return StsPolicy(mode, mx, min(max(max_age, 0), MAX_AGE_CAP), policy_id)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # Section 3.3: "HTTP 3xx redirects MUST NOT be followed".
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a policy URL points: `host` is the name checked in the certificate (and sent as
+    SNI) and the one resolved; `authority` the Host header; `path` the request target."""
+
+    host: str
+    port: int
+    authority: str
+    path: str
 
 
-def _fetch(url: str, context: ssl.SSLContext, timeout: float) -> str:
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect)
-    with opener.open(url, timeout=timeout) as response:
-        return _policy_text(response)
+def _target(url: str) -> _Target:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise PolicyError(f"not an https URL: {url!r}")
+    literal = relais_dns.ip_literal(parts.hostname)
+    host = literal or relais_dns.to_ascii(parts.hostname)  # SNI and DNS want the A-label
+    port = parts.port or 443  # ValueError for a port that is not one
+    shown = f"[{host}]" if literal and ":" in literal else host
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    authority = shown if port == 443 else f"{shown}:{port}"
+    # The domain comes from a recipient address: none of it may break out of the request.
+    if not (authority + path).isascii() or any(c <= " " or c == "\x7f" for c in authority + path):
+        raise PolicyError(f"{authority + path!r} is not plain printable ASCII")
+    return _Target(host, port, authority, path)
 
 
-def _policy_text(response: http.client.HTTPResponse) -> str:
-    if response.status != 200:
-        raise PolicyError(f"HTTP {response.status}")
-    ctype = response.headers.get("Content-Type", "")
+async def _connect(
+    addresses: Sequence[str], target: _Target, context: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """TLS to the first of `addresses` that answers (at most MAX_POLICY_ADDRESSES are tried),
+    verified for `target.host`: the name is not looked up again."""
+    error: OSError = OSError(f"no address for {target.host}")
+    for address in addresses[:MAX_POLICY_ADDRESSES]:
+        try:
+            return await asyncio.open_connection(
+                address, target.port, ssl=context, server_hostname=target.host, limit=MAX_HEAD_BYTES
+            )
+        except OSError as exc:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
+            error = exc
+    raise error
+
+
+async def _read_line(reader: asyncio.StreamReader, budget: int) -> str:
+    line = await reader.readline()  # ValueError past the reader's limit (MAX_HEAD_BYTES)
+    if not line.endswith(b"\n") or len(line) > budget:
+        raise PolicyError("response head cut short or too long")
+    return line.decode("latin-1").rstrip("\r\n")
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """Status code and headers (names lower-cased) of a response, MAX_HEAD_BYTES at most."""
+    budget = MAX_HEAD_BYTES
+    status_line = await _read_line(reader, budget)
+    budget -= len(status_line) + 2
+    version, _, rest = status_line.partition(" ")
+    code = rest.partition(" ")[0]
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not (code.isascii() and code.isdigit()):
+        raise PolicyError(f"not an HTTP response: {status_line[:80]!r}")
+    headers: dict[str, str] = {}
+    while line := await _read_line(reader, budget):
+        budget -= len(line) + 2
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():  # obsolete line folding, or junk
+            raise PolicyError(f"malformed header line {line[:80]!r}")
+        name, value = name.lower(), value.strip()
+        if name == "content-length" and headers.get(name, value) != value:
+            raise PolicyError("conflicting Content-Length headers")
+        headers[name] = value
+    return int(code), headers
+
+
+async def _read_policy(reader: asyncio.StreamReader) -> str:
+    """The body of a 200 text/plain response, cut at MAX_POLICY_BYTES. The request was HTTP/1.0,
+    so the body is delimited by Content-Length or by the end of the connection, never chunked."""
+    status, headers = await _read_head(reader)
+    if status != 200:  # 3xx included: section 3.3, "redirects MUST NOT be followed"
+        raise PolicyError(f"HTTP {status}")
+    ctype = headers.get("content-type", "")
     if not ctype.lower().startswith("text/plain"):
         raise PolicyError(f"content type {ctype!r} is not text/plain")
-    return response.read(MAX_POLICY_BYTES + 1)[:MAX_POLICY_BYTES].decode("utf-8", "replace")
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to the URL's host name (SNI, certificate check, Host header) over a TCP connection
-    to one of `addresses`, which were checked: the name is not looked up again."""
-
-    def __init__(
-        self, host: str, port: int, *, addresses: Sequence[str], context: ssl.SSLContext, timeout: float
-    ) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._addresses = addresses
-        self._tls = context
-
-    def connect(self) -> None:
-        error: OSError = OSError(f"no address for {self.host}")
-        for address in self._addresses:  # in turn, as socket.create_connection does
-            try:
-                sock = socket.create_connection((address, self.port), self.timeout)
-                break
-            except OSError as exc:
-                error = exc
-        else:
-            raise error
+    if headers.get("transfer-encoding", "identity").lower() != "identity":
+        raise PolicyError("a transfer coding in answer to an HTTP/1.0 request")
+    length = headers.get("content-length")
+    if length is None:
+        body = b""
+        while len(body) < MAX_POLICY_BYTES and (chunk := await reader.read(MAX_POLICY_BYTES - len(body))):
+            body += chunk
+    else:
+        if not (length.isascii() and length.isdigit()):
+            raise PolicyError(f"Content-Length {length[:20]!r}")
         try:
-            self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
+            body = await reader.readexactly(min(int(length), MAX_POLICY_BYTES))
+        except asyncio.IncompleteReadError as exc:
+            # What is missing may be mx lines: a policy cut short is no policy.
+            raise PolicyError(f"body cut short ({len(exc.partial)} of {length} bytes)") from None
+    return body.decode("utf-8", "replace")
 
 
-def _fetch_at(url: str, addresses: Sequence[str], context: ssl.SSLContext, timeout: float) -> str:
-    """`_fetch`, connecting only to `addresses`. No redirects: http.client follows none."""
-    parts = urllib.parse.urlsplit(url)
-    conn = _PinnedHTTPSConnection(
-        parts.hostname or "", parts.port or 443, addresses=addresses, context=context, timeout=timeout
-    )
+async def _close(writer: asyncio.StreamWriter, grace: float) -> None:
+    """Close after a complete response: TLS close_notify, waited for at most `grace` seconds
+    (a peer that never answers it would hold the socket for ssl_shutdown_timeout, 30 s)."""
+    writer.close()
     try:
-        conn.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")))
-        return _policy_text(conn.getresponse())
+        await asyncio.wait_for(writer.wait_closed(), grace)
+    except (OSError, TimeoutError):
+        pass  # the policy is read: how the peer ends the connection changes nothing
     finally:
-        conn.close()
+        writer.transport.abort()  # no-op when closed; cuts it off otherwise
 
 
 class NoPublicAddress(Exception):
@@ -216,12 +270,7 @@ class MtaSts:
     async def _fetch_policy(self, domain: str, policy_id: str, now: float) -> StsPolicy | None:
         url = self._url.format(domain=domain)
         try:
-            if self._address_check is None:
-                text = await asyncio.to_thread(_fetch, url, self._context, self._timeout)
-            else:
-                addresses = await self._allowed_addresses(url, self._address_check)
-                text = await asyncio.to_thread(_fetch_at, url, addresses, self._context, self._timeout)
-            policy = parse_policy(text, policy_id)
+            policy = parse_policy(await self._fetch(url), policy_id)
         except Exception as exc:
             log.warning("MTA-STS policy of %s from %s unusable: %r", domain, url, exc)
             if len(self._failed) > _FAILED_MAX:
@@ -232,9 +281,32 @@ class MtaSts:
         self._cache[domain] = (policy, now)
         return policy
 
-    async def _allowed_addresses(self, url: str, check: AddressCheck) -> list[str]:
+    async def _fetch(self, url: str) -> str:
+        """The policy text at `url`. One deadline, `timeout`, covers the policy host's lookup,
+        the connections tried, TLS, the request and the whole response: a host that sends a
+        byte now and then cannot hold the fetch (and every message waiting on it) for longer."""
+        target = _target(url)
+        async with asyncio.timeout(self._timeout):
+            if self._address_check is None:
+                addresses = await relais_dns.addresses(self._resolver, target.host)
+            else:
+                addresses = await self._allowed_addresses(target.host, self._address_check)
+            reader, writer = await _connect(addresses, target, self._context)
+            try:
+                writer.write(
+                    f"GET {target.path} HTTP/1.0\r\nHost: {target.authority}\r\n"
+                    "User-Agent: relais\r\nAccept: text/plain\r\nConnection: close\r\n\r\n".encode()
+                )
+                text = await _read_policy(reader)
+            except BaseException:
+                # Given up (deadline included): no TLS goodbye to a peer that may never answer it.
+                writer.transport.abort()
+                raise
+        await _close(writer, min(CLOSE_GRACE, self._timeout))
+        return text
+
+    async def _allowed_addresses(self, host: str, check: AddressCheck) -> list[str]:
         """The policy host's addresses `check` allows (raises NoPublicAddress when none is)."""
-        host = urllib.parse.urlsplit(url).hostname or ""
         addresses = await relais_dns.addresses(self._resolver, host)
         allowed = [a for a in addresses if check(a) is None]
         if not allowed:
