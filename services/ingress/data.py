@@ -130,16 +130,18 @@ async def read_data(
     What followed the end-of-data line (pipelined commands) is left in `reader`.
     """
     rules = _Rules(size_limit, line_limit)
-    parts: list[bytes] = []
+    # One buffer, not a list of the blocks read: a client sending tiny packets would make each
+    # a bytes object of its own, ~40 octets of overhead for a few octets the budget counts.
+    held = bytearray()
 
     def keep(block: bytes) -> None:
         rules.feed(block)
         if rules.state is DataState.NOMINAL and reservation is not None and not reservation.grow(len(block)):
             rules.state = DataState.NO_ROOM
         if rules.state is DataState.NOMINAL:
-            parts.append(block)
+            held.extend(block)
             return
-        parts.clear()  # refused: do not hold the rest in memory
+        del held[:]  # refused: do not hold the rest in memory
         if reservation is not None:
             reservation.release()
 
@@ -156,7 +158,7 @@ async def read_data(
         if end >= 0:
             keep(text[virtual : end + 2])  # the CRLF before "." ends the last line
             _give_back(reader, text[end + len(_END) :])
-            return _finish(rules, parts)
+            return _finish(rules, held)
         carry = text[-(len(_END) - 1) :]
         kept = len(text) - len(carry)
         if kept > virtual:
@@ -175,10 +177,11 @@ def _give_back(reader: asyncio.StreamReader, rest: bytes) -> None:
         reader.feed_data(rest)
 
 
-def _finish(rules: _Rules, parts: list[bytes]) -> tuple[DataState, bytes, LineStats]:
+def _finish(rules: _Rules, held: bytearray) -> tuple[DataState, bytes, LineStats]:
     if rules.state is not DataState.NOMINAL:
         return rules.state, b"", LineStats()
-    message = b"".join(parts)
+    message = bytes(held)
+    del held[:]
     # Undo dot-stuffing (RFC 5321 4.5.2): the first "." of every line is dropped.
     if message.startswith(b"."):
         message = message[1:]

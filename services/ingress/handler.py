@@ -158,7 +158,8 @@ class IngressHandler:
             if verdict is None and account is not None:
                 verdict = self._rates.check(name, account)
         # Last: the budget's state is nobody's business before the sender is known to be allowed.
-        verdict = verdict or policy.storage_verdict(mail_options, self._budget.free)
+        room = self._budget.room(anonymous=not session.authenticated)
+        verdict = verdict or policy.storage_verdict(mail_options, room)
         if verdict:
             return str(verdict)
         # aiosmtpd needs a truthy mail_from to accept RCPT; "<>" stands for the null sender.

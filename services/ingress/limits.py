@@ -438,6 +438,11 @@ class GatePass:
         self._ip = ip
         return True
 
+    @property
+    def waiting(self) -> bool:
+        """Counted against a load balancer: its PROXY header has not named the client yet."""
+        return self._waiting is not None
+
     def wait(self, peer: str) -> bool:
         """Count the connection against `peer` until its PROXY header names the client."""
         if not self._gate.admit_waiting(peer):

@@ -87,6 +87,8 @@ def _write_now(transport: Any, reply: str) -> None:
     transport.write(f"{reply}\r\n".encode())
 
 
+# A SIZE= parameter of MAIL (RFC 1870), whatever its value.
+_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\S*)", re.IGNORECASE)
 # `<dot-atom@host.name>` and what follows it. Anything else (quoted local parts, routes, address
 # literals, comments, RFC 2047 lookalikes, non-ASCII) goes through aiosmtpd's RFC 5322 parser.
 _PLAIN_ANGLE_ADDR = re.compile(rf"<({PLAIN_ADDR_SPEC})>[ \t]*")
@@ -199,6 +201,17 @@ class RelaisSMTP(SMTP):
         """A PROXY header named the client: count it by its IP; False when that IP has too many."""
         assert self._gate_pass is not None
         return self._gate_pass.admit(ip)
+
+    def eof_received(self) -> bool | None:
+        keep_open = super().eof_received()  # cancels the session's task
+        if self._gate_pass is not None and self._gate_pass.waiting and self.transport is not None:
+            # Gone before its PROXY header: aiosmtpd reads the header outside the part of its
+            # task that closes the connection when cancelled, so the socket (and its place in
+            # the load balancer's pending count) would stay until the PROXY timeout. A load
+            # balancer's TCP health checks are such connections.
+            self.transport.close()
+            return False
+        return keep_open
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -353,6 +366,12 @@ class RelaisSMTP(SMTP):
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.dsn_mail = ("", "")
         if arg:
+            size = _SIZE_PARAM.search(arg)
+            if size is not None and not size.group(1).isascii():
+                # aiosmtpd calls int() on whatever str.isdigit() calls digits ("²" among them):
+                # a traceback and 451. RFC 1870 allows ASCII digits only.
+                await self.push("501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
+                return
             arg, params = dsn.split_params(arg, dsn.MAIL_PARAMS)
             verdict, ret, envid = dsn.mail_verdict(params)
             if verdict:
@@ -403,7 +422,7 @@ class RelaisSMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         # What the message holds of the byte budget, given back however DATA ends: queued,
         # refused, a failing hook, the connection gone or timed out (both cancel this task).
-        reservation = self._budget.reservation()
+        reservation = self._budget.reservation(anonymous=not self.session.authenticated)
         try:
             reply = await self._receive(reservation)
         finally:

@@ -78,7 +78,7 @@ class IngressService:
         # Connections per client IP, and per load balancer while a PROXY header is awaited.
         self.gate = ConnectionGate(cfg)
         # DATA octets held by all of this process's sessions (ingress.max_buffered_bytes).
-        self.budget = ByteBudget(cfg.max_buffered_bytes)
+        self.budget = ByteBudget(cfg.max_buffered_bytes, largest=cfg.max_message_size)
         self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._servers: list[asyncio.Server] = []
         self._connections: set[RelaisSMTP] = set()

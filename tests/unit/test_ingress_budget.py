@@ -84,3 +84,15 @@ def test_size_declared_at_mail_against_the_free_room() -> None:
     assert storage_verdict(["SIZE=100"], 100) is None
     assert storage_verdict(["BODY=8BITMIME"], 0) is None  # no SIZE: checked as the octets come
     assert storage_verdict(["SIZE=10000000"], None) is None  # no budget
+
+
+def test_sessions_that_did_not_authenticate_share_half_or_one_largest_message() -> None:
+    budget = ByteBudget(100, largest=30)
+    anonymous = budget.reservation(anonymous=True)
+    assert budget.anonymous_share == 50
+    assert anonymous.grow(50) and not anonymous.grow(1)
+    assert budget.room(anonymous=True) == 0 and budget.free == 50
+    assert budget.reservation().grow(50), "an account still gets the rest"
+    anonymous.release()
+    assert (budget.used, budget.anonymous) == (50, 0)
+    assert ByteBudget(100, largest=80).anonymous_share == 80, "the largest message still fits"

@@ -157,3 +157,37 @@ async def test_a_connection_from_outside_proxy_from_is_closed_before_its_header(
     address = listener(stack, listen)
     assert await in_thread(_closed_at_once, await in_thread(_hold, address, "127.0.0.3")) == b""
     assert stack.ingress.gate.waiting_connections("127.0.0.3") == 0
+
+
+def _connect_and_close(address: tuple[str, int]) -> None:
+    socket.create_connection(address, timeout=5).close()  # FIN, no PROXY header
+
+
+def _proxied_greeting(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(PROXY_V1.format("203.0.113.1").encode())
+        return sock.recv(200)
+
+
+async def test_a_connection_closed_before_its_proxy_header_frees_its_pending_slot(
+    make_ingress: Callable[..., Any],
+) -> None:
+    # A load balancer's TCP health checks connect and close. Each kept its pending place until
+    # aiosmtpd's 10 s PROXY timeout, so enough of them refused the clients behind it.
+    listen = free_listen()
+    stack = await make_ingress(
+        ingress={
+            "max_proxy_pending_per_peer": 3,
+            "listeners": [ListenerConfig(listen=listen, proxy_protocol=True)],
+        }
+    )
+    address, gate = listener(stack, listen), stack.ingress.gate
+    for _ in range(3):
+        await in_thread(_connect_and_close, address)
+    for _ in range(50):
+        if gate.waiting_connections("127.0.0.1") == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gate.waiting_connections("127.0.0.1") == 0
+    greeting = await in_thread(_proxied_greeting, address)
+    assert greeting[:3] == b"220", greeting

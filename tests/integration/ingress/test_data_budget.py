@@ -1,6 +1,7 @@
 """The DATA byte budget of one ingress process (ingress.max_buffered_bytes): concurrent messages
 that would not fit are read to their end and refused with 452 4.3.1, as Postfix refuses when its
-queue is short of space; nothing of them is queued and the session goes on."""
+queue is short of space; nothing of them is queued and the session goes on. Sessions that did
+not authenticate share only part of it, so anonymous clients cannot refuse every account's mail."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ from typing import Any
 
 import pytest
 
+from services.core.config import ListenerConfig
 from services.ingress.replies import INSUFFICIENT_STORAGE, LOCAL_ERROR, MESSAGE_TOO_BIG
-from tests.integration.ingress.helpers import client, in_thread, login, plain, queued, reply
+from tests.integration.ingress.helpers import (
+    client,
+    free_listen,
+    in_thread,
+    listener,
+    login,
+    plain,
+    queued,
+    reply,
+)
 from tests.support.relais import ACCOUNT, PASSWORD, message
 
 LINE = b"x" * 78 + b"\r\n"
@@ -145,3 +156,66 @@ async def test_a_timeout_during_data_gives_the_reservation_back(make_ingress: Ca
         sock.sendall(_big("slow", 16_000)[:12_000])
         await _until(lambda: budget.used >= 11_000)
         await _until(lambda: budget.used == 0)  # the session timed out and was closed
+
+
+LOCAL = "bounces.relais.test"
+
+
+def _inbound_replies(sock: socket.socket, count: int) -> list[bytes]:
+    data = b""
+    while len(finals := [x for x in data.split(b"\r\n")[:-1] if x[3:4] == b" "]) < count:
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    return finals
+
+
+def _hold_inbound(address: tuple[str, int], octets: int) -> socket.socket:
+    """An anonymous port-25 client that sends most of a message to postmaster and stalls."""
+    sock = socket.create_connection(address, timeout=10)
+    sock.sendall(b"EHLO anyone.test\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\n")
+    assert _inbound_replies(sock, 5)[-1].startswith(b"354")
+    sock.sendall(b"Subject: x\r\n\r\n" + (b"y" * 78 + b"\r\n") * (octets // 80))
+    return sock
+
+
+async def test_anonymous_inbound_clients_cannot_starve_authenticated_submission(
+    make_ingress: Callable[..., Any],
+) -> None:
+    submission, inbound = free_listen(), free_listen()
+    stack = await make_ingress(
+        ingress={
+            "max_message_size": 20_000,
+            "max_buffered_bytes": 30_000,
+            "local_domains": [LOCAL],
+            "listeners": [
+                ListenerConfig(listen=submission, mode="submission"),
+                ListenerConfig(listen=inbound, mode="inbound"),
+            ],
+        }
+    )
+    budget = stack.ingress.budget
+    held = [await in_thread(_hold_inbound, listener(stack, inbound), 14_800) for _ in range(2)]
+    try:
+        await _until(lambda: budget.anonymous >= 14_000)
+        await asyncio.sleep(0.3)  # the second one's octets arrive too, and are refused
+        assert budget.anonymous <= budget.anonymous_share == 20_000, budget.anonymous
+
+        def submit() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+            with client(listener(stack, submission)) as smtp:
+                login(smtp)
+                declared = smtp.mail("news@acme.test", ["SIZE=2000"])
+                smtp.rset()
+                smtp.mail("news@acme.test")
+                smtp.rcpt("a@alpha.test")
+                return declared, smtp.data(
+                    b"From: <news@acme.test>\r\nSubject: s\r\n\r\n" + b"small body line\r\n" * 60
+                )
+
+        declared, data = await in_thread(submit)
+        # Two anonymous port-25 clients, who need no credentials, held the whole budget (for
+        # up to command_timeout, then again), and every account's mail got 452 4.3.1.
+        assert declared != reply(INSUFFICIENT_STORAGE) and data[0] == 250, (declared, data)
+    finally:
+        for sock in held:
+            sock.close()
