@@ -7,7 +7,10 @@ Protocol only, on aiosmtplib's connection; which reply means what is smtp_sessio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +19,18 @@ from aiosmtplib.protocol import SMTPProtocol
 
 from services.delivery.draining import Stopping
 
+# What this module relies on of aiosmtplib beyond its public API (pinned in pyproject.toml):
+# checked when a worker starts, so an upgrade that changes it stops the worker, rather than
+# failing every message after its body was sent (and sending it again on every retry).
+for _needed in ("_drain_helper", "_response_pending", "_response_waiter"):
+    if not hasattr(SMTPProtocol, _needed) and _needed not in SMTPProtocol.__init__.__code__.co_names:
+        raise ImportError(f"aiosmtplib's SMTPProtocol has no {_needed}: this aiosmtplib is not supported")
+
 _BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
 _SIZE_LIMIT = re.compile(r"[0-9]{1,20}")
+_DOT = b".\r\n"
+# How often a transfer waiting on a slow server looks whether the worker is stopping.
+_STOP_POLL = 1.0
 # The body is handed to the transport this much at a time, each piece only once the previous
 # one has gone: a TLS transport encrypts all it is given at once into the socket's buffer, where
 # flow control no longer sees it, so one write of the whole body could not be timed by progress.
@@ -76,55 +89,111 @@ async def send_data(
     from smtp_data_done_timeout: a message the server stops reading is given up after
     `transfer_timeout` without progress; only one sent in full earns the reply's longer wait
     (DeliveryConfig.data_done_timeout says why it is longer). Once `stopping` says so, the rest
-    is not sent: the connection is dropped before the final dot, so the server takes nothing,
-    and Stopping is raised.
+    is not sent: the connection is dropped before the final dot is written, so the server takes
+    nothing, and Stopping is raised. A reply that comes before the message's end (a refusal
+    mid-body) is the transaction's, and the connection is dropped.
     """
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    body, dot = wire[: -len(_DOT)], wire[-len(_DOT) :]
+    dot_written = False
     try:
         # A server may answer before it has read every byte (a refusal mid-body); aiosmtplib
         # drops data that arrives while no reply is expected.
         protocol._response_pending = True
-        for start in range(0, len(wire), _CHUNK):
-            if stopping is not None and stopping():
-                _drop(smtp)
-                raise Stopping("worker stopping before the message's final dot")
-            protocol.write(wire[start : start + _CHUNK])
+        for start in range(0, len(body), _CHUNK):
+            if _early_reply(protocol) is not None:
+                break
+            _check(smtp, stopping)
+            protocol.write(body[start : start + _CHUNK])
+            await _drained(protocol, within=transfer_timeout, stopping=stopping)
+        if _early_reply(protocol) is None:
+            # The dot on its own, after a last look: past it the server may take the message.
+            _check(smtp, stopping)
+            protocol.write(dot)
+            dot_written = True
             await _drained(protocol, within=transfer_timeout)
-        response = await protocol.read_response(timeout=reply_timeout)
+            response = await protocol.read_response(timeout=reply_timeout)
+        else:
+            response = _refused_early(smtp, protocol)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
-        _drop(smtp)
-        raise
+        said = _early_reply(protocol)
+        if said is None:
+            drop_connection(smtp)
+            raise
+        # The server answered, then hung up (or the wait for more broke on its close): what
+        # it said is the transaction's reply, the final one once the dot was written.
+        response = said if dot_written else _refused_early(smtp, protocol)
+        drop_connection(smtp)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
 
 
-def _drop(smtp: aiosmtplib.SMTP) -> None:
-    """Close the connection at once, discarding whatever is still queued: a transport's
-    `close()` first sends what is buffered (over TLS, for up to its shutdown timeout), so the
-    rest of a message given up on, final dot included, could still reach the server and be
-    delivered, and then again by the retry."""
+def _refused_early(smtp: aiosmtplib.SMTP, protocol: SMTPProtocol) -> aiosmtplib.SMTPResponse:
+    """The reply a server gave before the message's end: its refusal. The connection is
+    dropped, since the rest was not sent; a 250 there fits nothing (no message was)."""
+    said = _early_reply(protocol)
+    drop_connection(smtp)
+    if said is None or said.code == 250:
+        raise aiosmtplib.SMTPServerDisconnected(f"reply before the end of the message: {said}")
+    return said
+
+
+def _check(smtp: aiosmtplib.SMTP, stopping: Callable[[], bool] | None) -> None:
+    if stopping is not None and stopping():
+        drop_connection(smtp)
+        raise Stopping("worker stopping before the message's final dot")
+
+
+def _early_reply(protocol: SMTPProtocol) -> aiosmtplib.SMTPResponse | None:
+    """The reply the server has already sent while the message is still going, if any."""
+    waiter = protocol._response_waiter
+    if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+        return None
+    return waiter.result()
+
+
+def drop_connection(smtp: aiosmtplib.SMTP) -> None:
+    """Close the connection at once, discarding whatever is still queued, in asyncio and in the
+    kernel (a reset, SO_LINGER 0): otherwise the rest of a message given up on, final dot
+    included, could still reach the server (a transport's `close()` sends what is buffered, and
+    the kernel sends what it holds), be delivered, and then again by the retry."""
     transport = smtp.transport
     if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
     smtp.close()
 
 
-async def _drained(protocol: SMTPProtocol, *, within: float | None) -> None:
+async def _drained(
+    protocol: SMTPProtocol, *, within: float | None, stopping: Callable[[], bool] | None = None
+) -> None:
     """Until the transport takes more (its flow control no longer pauses writing), giving up
     once `within` seconds pass without any of what it holds leaving (Postfix's "no progress"
-    rule for the transfer: a large message on a slow link is not cut off while it moves).
-    aiosmtplib's `write()` only queues the data, and its protocol keeps asyncio's flow control
+    rule for the transfer: a large message on a slow link is not cut off while it moves), or
+    once `stopping` says so (the final dot is not written yet when it is given). aiosmtplib's
+    `write()` only queues the data, and its protocol keeps asyncio's flow control
     (`_drain_helper`, as StreamWriter.drain uses it) without a public way to wait on it."""
     transport = protocol.transport
+    step = within if stopping is None or within is None else min(within, _STOP_POLL)
     while transport is not None:
         left = transport.get_write_buffer_size()
-        try:
-            async with asyncio.timeout(within):
-                await protocol._drain_helper()
-            return
-        except TimeoutError as exc:
-            if transport.get_write_buffer_size() >= left:
-                raise aiosmtplib.SMTPTimeoutError("Timed out sending the message data") from exc
+        waited = 0.0
+        while True:
+            try:
+                async with asyncio.timeout(step):
+                    await protocol._drain_helper()
+                return
+            except TimeoutError as exc:
+                if stopping is not None and stopping():
+                    raise Stopping("worker stopping before the message's final dot") from exc
+                waited += step or 0.0
+                if transport.get_write_buffer_size() < left:
+                    break  # progress: the "no progress" clock starts again
+                if within is not None and waited >= within:
+                    raise aiosmtplib.SMTPTimeoutError("Timed out sending the message data") from exc

@@ -110,16 +110,23 @@ def _target(url: str) -> _Target:
 
 
 async def _connect(
-    addresses: Sequence[str], target: _Target, context: ssl.SSLContext
+    addresses: Sequence[str], target: _Target, context: ssl.SSLContext, within: float
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """TLS to the first of `addresses` that answers (at most MAX_POLICY_ADDRESSES are tried),
-    verified for `target.host`: the name is not looked up again."""
+    verified for `target.host`: the name is not looked up again. Each address gets an equal
+    share of what is left of `within`, so one that never answers leaves time for the next."""
+    tried = list(addresses[:MAX_POLICY_ADDRESSES])
+    deadline = time.monotonic() + within
     error: OSError = OSError(f"no address for {target.host}")
-    for address in addresses[:MAX_POLICY_ADDRESSES]:
+    for n, address in enumerate(tried):
+        share = (deadline - time.monotonic()) / (len(tried) - n)
         try:
-            return await asyncio.open_connection(
-                address, target.port, ssl=context, server_hostname=target.host, limit=MAX_HEAD_BYTES
-            )
+            async with asyncio.timeout(share):
+                return await asyncio.open_connection(
+                    address, target.port, ssl=context, server_hostname=target.host, limit=MAX_HEAD_BYTES
+                )
+        except TimeoutError:
+            error = OSError(f"{address}: no TLS connection within {share:.1f}s")
         except OSError as exc:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
             error = exc
     raise error
@@ -286,12 +293,15 @@ class MtaSts:
         the connections tried, TLS, the request and the whole response: a host that sends a
         byte now and then cannot hold the fetch (and every message waiting on it) for longer."""
         target = _target(url)
+        deadline = time.monotonic() + self._timeout
         async with asyncio.timeout(self._timeout):
             if self._address_check is None:
                 addresses = await relais_dns.addresses(self._resolver, target.host)
             else:
                 addresses = await self._allowed_addresses(target.host, self._address_check)
-            reader, writer = await _connect(addresses, target, self._context)
+            # The connections get what is left, less a share for the request and the response.
+            within = (deadline - time.monotonic()) * 0.8
+            reader, writer = await _connect(addresses, target, self._context, within)
             try:
                 writer.write(
                     f"GET {target.path} HTTP/1.0\r\nHost: {target.authority}\r\n"

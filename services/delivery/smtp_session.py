@@ -22,7 +22,7 @@ import aiosmtplib
 from services.core.outcome import Deferred, Outcome, Reply, outcome_for
 from services.delivery import pipelining
 from services.delivery.draining import Stopping
-from services.delivery.message_data import MessageData, message_data, send_data
+from services.delivery.message_data import MessageData, drop_connection, message_data, send_data
 from services.delivery.tls_policy import TLS_FAILED, TLS_NOT_OFFERED, TlsPolicy
 from services.delivery.wire_addresses import WireEnvelope, mail_parameters
 
@@ -192,7 +192,7 @@ class Connection:
             # ends at retry.max_age like any other. Raised on, the job would come back from
             # the queue for ever, never reaching an outcome.
             log.exception("SMTP transaction with %s[%s] failed", self.host, self.address)
-            self.smtp.close()
+            drop_connection(self.smtp)
             reply = Reply(451, "4.3.0", f"local error in the SMTP transaction: {exc!r}", "DATA")
             return TransactionResult([Deferred(r, reply, self.host) for r in recipients], remote, broken=True)
 

@@ -1,0 +1,77 @@
+"""A transfer given up on sends nothing more, final dot included. `transport.abort()` only drops
+asyncio's own buffer: what the kernel's send queue already holds (up to 4 MiB by default, often
+all of a message) was still sent after the close. A slow server then got the dot after the
+attempt had been deferred, answered 250, and the retry sent the message a second time. The
+connection is now reset (SO_LINGER 0), which discards the kernel's queue too."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from services.delivery.smtp_session import SessionSettings, Source, open_connection
+from services.delivery.tls_policy import TlsPolicy
+from tests.support.raw_smtp import RawServer, serving
+
+SOURCE = Source("", "relais.test")
+
+
+class SlowReader(RawServer):
+    """Reads the body 16 KiB every 0.25 s (small receive buffer) and answers 250 after the dot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dot_at: float | None = None
+
+    async def start(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.bind(("127.0.0.1", 0))
+        self._server = await asyncio.start_server(self._serve, sock=sock)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
+                if verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    await writer.drain()
+                    tail = b""
+                    while not tail.endswith(b"\r\n.\r\n"):
+                        chunk = await reader.read(16384)
+                        if not chunk:
+                            return
+                        tail = (tail + chunk)[-5:]
+                        await asyncio.sleep(0.25)
+                    self.dot_at = time.monotonic()
+                    writer.write(b"250 2.0.0 queued\r\n")  # the message is delivered
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_deferred_attempt_does_not_deliver_afterwards() -> None:
+    body = b"Subject: s\r\n\r\n" + (b"z" * 78 + b"\r\n") * 2_500  # 200 KB: one piece
+    async with serving(SlowReader) as start:
+        server = await start()
+        settings = SessionSettings(port=server.port, command_timeout=1.0, data_done_timeout=1.0)
+        conn = await open_connection("127.0.0.1", "mx.test", SOURCE, settings, TlsPolicy())
+        try:
+            result = await conn.transact("a@acme.test", ["x@b.test"], body)
+        finally:
+            await conn.close()
+        gave_up = time.monotonic()
+        await asyncio.sleep(5.0)
+    (outcome,) = result.outcomes
+    assert outcome.kind == "deferred", outcome  # the job will be sent again
+    assert server.dot_at is None, (
+        f"the server got the final dot {server.dot_at - gave_up:.1f}s after the attempt was "
+        f"deferred ({outcome.reply}) and answered 250: delivered, and the retry delivers it again"
+    )
