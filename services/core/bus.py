@@ -406,7 +406,9 @@ async def consume(
                 log.warning("pull from %s failed: %r", binding.durable, exc)
                 if declared is not None and time.monotonic() - missing_checked > _MISSING_CHECK:
                     missing_checked = time.monotonic()
-                    if await _recreated_if_missing(bus, binding, declared):
+                    if await _recreated_if_missing(bus, binding, declared) and sub is not None:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
                         sub = None
                 await asyncio.sleep(0.5)
                 continue

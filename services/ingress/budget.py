@@ -7,8 +7,8 @@ and gives it all back when its DATA ends, however it ends (queued, refused, brok
 disconnect, timeout). A session that cannot reserve reads the rest of its message, discards it
 and is answered 452 4.3.1, as Postfix answers when its queue is short of space.
 
-Sessions that did not authenticate (the inbound listener's, anyone on the internet; relay
-networks' too) may together hold only half of it, or one message of the largest size when that
+The inbound listener's sessions (port 25: anyone on the internet, no account) may together
+hold only half of it, or one message of the largest size when that
 is more: a few anonymous clients sending large messages slowly must not refuse every account's
 mail, and the largest message must still fit.
 
@@ -24,11 +24,11 @@ class ByteBudget:
 
     def __init__(self, capacity: int, *, largest: int = 0) -> None:
         self.capacity = capacity
-        # What sessions that did not authenticate may hold together (`largest`: the largest
+        # What the inbound listener's sessions may hold together (`largest`: the largest
         # message allowed, 0 for none).
         self.anonymous_share = max(capacity // 2, min(largest, capacity))
         self.used = 0
-        self.anonymous = 0  # the part of `used` held by sessions that did not authenticate
+        self.anonymous = 0  # the part of `used` held by the inbound listener's sessions
 
     @property
     def free(self) -> int | None:

@@ -158,7 +158,7 @@ class IngressHandler:
             if verdict is None and account is not None:
                 verdict = self._rates.check(name, account)
         # Last: the budget's state is nobody's business before the sender is known to be allowed.
-        room = self._budget.room(anonymous=not session.authenticated)
+        room = self._budget.room(anonymous=self.inbound)
         verdict = verdict or policy.storage_verdict(mail_options, room)
         if verdict:
             return str(verdict)

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, _Missing, syntax
@@ -87,8 +88,6 @@ def _write_now(transport: Any, reply: str) -> None:
     transport.write(f"{reply}\r\n".encode())
 
 
-# A SIZE= parameter of MAIL (RFC 1870), whatever its value.
-_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\S*)", re.IGNORECASE)
 # `<dot-atom@host.name>` and what follows it. Anything else (quoted local parts, routes, address
 # literals, comments, RFC 2047 lookalikes, non-ASCII) goes through aiosmtpd's RFC 5322 parser.
 _PLAIN_ANGLE_ADDR = re.compile(rf"<({PLAIN_ADDR_SPEC})>[ \t]*")
@@ -363,15 +362,19 @@ class RelaisSMTP(SMTP):
     # -- DSN parameters (RFC 3461), which aiosmtpd would refuse with 555 --------------------------
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd's parameter parsing, refusing a SIZE that is not ASCII digits (RFC 1870):
+        aiosmtpd calls int() on whatever str.isdigit() takes ("²" among them), a traceback and
+        451. None makes aiosmtpd answer its 501 syntax error."""
+        result = super()._getparams(params)
+        size = result.get("SIZE") if result else None
+        if isinstance(size, str) and not (size.isascii() and size.isdigit()):
+            return None
+        return result
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.dsn_mail = ("", "")
         if arg:
-            size = _SIZE_PARAM.search(arg)
-            if size is not None and not size.group(1).isascii():
-                # aiosmtpd calls int() on whatever str.isdigit() calls digits ("²" among them):
-                # a traceback and 451. RFC 1870 allows ASCII digits only.
-                await self.push("501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
-                return
             arg, params = dsn.split_params(arg, dsn.MAIL_PARAMS)
             verdict, ret, envid = dsn.mail_verdict(params)
             if verdict:
@@ -422,7 +425,8 @@ class RelaisSMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         # What the message holds of the byte budget, given back however DATA ends: queued,
         # refused, a failing hook, the connection gone or timed out (both cancel this task).
-        reservation = self._budget.reservation(anonymous=not self.session.authenticated)
+        # The inbound listener's sessions are anyone's; submission ones are an account's.
+        reservation = self._budget.reservation(anonymous=getattr(self.event_handler, "inbound", False))
         try:
             reply = await self._receive(reservation)
         finally:

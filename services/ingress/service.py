@@ -78,7 +78,9 @@ class IngressService:
         # Connections per client IP, and per load balancer while a PROXY header is awaited.
         self.gate = ConnectionGate(cfg)
         # DATA octets held by all of this process's sessions (ingress.max_buffered_bytes).
-        self.budget = ByteBudget(cfg.max_buffered_bytes, largest=cfg.max_message_size)
+        # The largest message allowed: max_message_size, or with none the whole budget.
+        largest = cfg.max_message_size or cfg.max_buffered_bytes
+        self.budget = ByteBudget(cfg.max_buffered_bytes, largest=largest)
         self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._servers: list[asyncio.Server] = []
         self._connections: set[RelaisSMTP] = set()

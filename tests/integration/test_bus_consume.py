@@ -173,6 +173,12 @@ async def test_a_consumer_deleted_while_consuming_is_created_again(nats_server: 
         try:
             await bus.publish("gone.1", b"x")
             assert await asyncio.wait_for(handled.get(), 10) == "gone.1"
+            # Its ack is processed (the work queue removes it) before the consumer goes: an ack
+            # still on its way would make the new consumer deliver it again, rightly.
+            for _ in range(200):
+                if (await bus.js.stream_info("GONE")).state.messages == 0:
+                    break
+                await asyncio.sleep(0.05)
             await bus.js.delete_consumer("GONE", "gone")
             await bus.publish("gone.2", b"x")
             assert await asyncio.wait_for(handled.get(), 30) == "gone.2"
