@@ -299,9 +299,7 @@ class MtaSts:
                 addresses = await relais_dns.addresses(self._resolver, target.host)
             else:
                 addresses = await self._allowed_addresses(target.host, self._address_check)
-            # The connections get what is left, less a share for the request and the response.
-            within = (deadline - time.monotonic()) * 0.8
-            reader, writer = await _connect(addresses, target, self._context, within)
+            reader, writer = await _connect(addresses, target, self._context, deadline - time.monotonic())
             try:
                 writer.write(
                     f"GET {target.path} HTTP/1.0\r\nHost: {target.authority}\r\n"
