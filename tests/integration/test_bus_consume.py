@@ -1,8 +1,11 @@
-"""bus.consume against a real nats-server: a handler slower than ack_wait is not redelivered."""
+"""bus.consume against a real nats-server: a handler slower than ack_wait is not redelivered; a
+consumer deleted while consumed is created again, leaving no pull subscription behind."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
@@ -149,12 +152,13 @@ async def test_progress_follows_the_consumers_ack_wait_on_the_server(nats_server
         await bus.nc.close()
 
 
-async def test_a_consumer_deleted_while_consuming_is_created_again(nats_server: EmbeddedNats) -> None:
-    # Deleted by hand (or lost in a restore): the loop used to pull from nothing until a restart.
+@contextlib.asynccontextmanager
+async def consuming_gone(nats_server: EmbeddedNats) -> AsyncIterator[tuple[Bus, asyncio.Queue[str]]]:
+    """A bus consuming stream GONE through its declared consumer `gone` for the block: yields the
+    bus and the subjects handled, in turn. Work-queue retention, as Relais' streams: a re-created
+    consumer starts at the first message still stored, so what was acked is not handled again."""
     bus = await connect(NatsConfig(url=nats_server.url), "test-consume")
     try:
-        # Work-queue retention, as Relais' streams: the re-created consumer starts at the first
-        # message still stored, so what was acked is not handled again.
         await bus.js.add_stream(
             StreamConfig(name="GONE", subjects=["gone.>"], retention=RetentionPolicy.WORK_QUEUE)
         )
@@ -171,21 +175,45 @@ async def test_a_consumer_deleted_while_consuming_is_created_again(nats_server: 
             consume(bus, binding, handler, concurrency=4, stop=stop, ack_wait=ACK_WAIT, declared=declared)
         )
         try:
-            await bus.publish("gone.1", b"x")
-            assert await asyncio.wait_for(handled.get(), 10) == "gone.1"
-            # Its ack is processed (the work queue removes it) before the consumer goes: an ack
-            # still on its way would make the new consumer deliver it again, rightly.
-            for _ in range(200):
-                if (await bus.js.stream_info("GONE")).state.messages == 0:
-                    break
-                await asyncio.sleep(0.05)
-            await bus.js.delete_consumer("GONE", "gone")
-            await bus.publish("gone.2", b"x")
-            assert await asyncio.wait_for(handled.get(), 30) == "gone.2"
-            info = await bus.js.consumer_info("GONE", "gone")
-            assert info.config.ack_wait == ACK_WAIT, "created again as declared"
+            yield bus, handled
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
     finally:
         await bus.nc.close()
+
+
+async def delete_once_acked(bus: Bus) -> None:
+    """Delete consumer `gone` once the acks sent are processed (the work queue has removed what
+    was handled): an ack still on its way would make the new consumer deliver it again, rightly."""
+    for _ in range(200):
+        if (await bus.js.stream_info("GONE")).state.messages == 0:
+            break
+        await asyncio.sleep(0.05)
+    await bus.js.delete_consumer("GONE", "gone")
+
+
+async def test_a_consumer_deleted_while_consuming_is_created_again(nats_server: EmbeddedNats) -> None:
+    # Deleted by hand (or lost in a restore): the loop used to pull from nothing until a restart.
+    async with consuming_gone(nats_server) as (bus, handled):
+        await bus.publish("gone.1", b"x")
+        assert await asyncio.wait_for(handled.get(), 10) == "gone.1"
+        await delete_once_acked(bus)
+        await bus.publish("gone.2", b"x")
+        assert await asyncio.wait_for(handled.get(), 30) == "gone.2"
+        info = await bus.js.consumer_info("GONE", "gone")
+        assert info.config.ack_wait == ACK_WAIT, "created again as declared"
+
+
+async def test_recreating_a_consumer_leaves_no_subscription_behind(nats_server: EmbeddedNats) -> None:
+    # The old pull subscription is unsubscribed before a new one is bound.
+    async with consuming_gone(nats_server) as (bus, handled):
+        await bus.publish("gone.0", b"x")
+        assert await asyncio.wait_for(handled.get(), 10) == "gone.0"
+        before = len(bus.nc._subs)
+        for i in range(1, 4):
+            await delete_once_acked(bus)
+            await bus.publish(f"gone.{i}", b"x")
+            assert await asyncio.wait_for(handled.get(), 30) == f"gone.{i}"
+        after = len(bus.nc._subs)
+    assert after == before, f"{after - before} subscriptions left behind by 3 re-creations"

@@ -11,7 +11,7 @@ names the source a message left from.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from services.delivery.sending import AttemptResult, send_job
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import Source
 from services.delivery.tls_policy import TlsPolicy
+from tests.support.certs import TestPKI
 from tests.support.dns_server import DNSServer
+from tests.support.policy_hosts import PolicyServer, serving_policies
 from tests.support.relais import SERVICES, RelaisStack, asubmit, make_config, message
 
 DOMAINS = {"alpha.test": "127.0.0.2", "beta.test": "127.0.0.3"}
@@ -44,6 +46,13 @@ def zone(dns_server: DNSServer) -> DNSServer:
         dns_server.add(domain, "MX", f"10 mx.{domain}.")
         dns_server.add(f"mx.{domain}", "A", ip)
     return dns_server
+
+
+@pytest.fixture
+def policy_server(pki: TestPKI) -> Iterator[PolicyServer]:
+    """An MTA-STS policy host presenting the test certificate, with no routes yet."""
+    with serving_policies(pki.server_context()) as server:
+        yield server
 
 
 def pools(*addresses: str) -> dict[str, PoolConfig]:

@@ -13,7 +13,7 @@ from services.delivery.message_data import _CHUNK, message_data
 from services.delivery.smtp_session import SessionSettings, Source, open_connection
 from services.delivery.tls_policy import TlsPolicy
 from tests.support.certs import TestPKI
-from tests.support.raw_smtp import RawServer, serving
+from tests.support.raw_smtp import ScriptedMX, serving
 
 SOURCE = Source("", "relais.test")
 
@@ -32,47 +32,24 @@ def _body() -> bytes:
     return bytes(out)
 
 
-class Recorder(RawServer):
+class Recorder(ScriptedMX):
+    """Keeps the message as it came over the wire, final dot included."""
+
+    extensions = (b"PIPELINING",)
+
     def __init__(self, context: ssl.SSLContext | None) -> None:
-        super().__init__()
-        self.context = context
+        super().__init__(context)
         self.data = b""
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 rec ESMTP\r\n")
-        tls = False
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
-                if verb == b"STARTTLS":
-                    writer.write(b"220 go\r\n")
-                    await writer.drain()
-                    await writer.start_tls(self.context)
-                    tls = True
-                    continue
-                if verb == b"DATA":
-                    writer.write(b"354 go\r\n")
-                    await writer.drain()
-                    got = bytearray()
-                    while not got.endswith(b"\r\n.\r\n"):
-                        chunk = await reader.read(1 << 16)
-                        if not chunk:
-                            return
-                        got += chunk
-                    self.data = bytes(got)
-                    writer.write(b"250 ok\r\n")
-                elif verb == b"EHLO":
-                    offer = b"" if tls or self.context is None else b"250-STARTTLS\r\n"
-                    writer.write(b"250-rec\r\n" + offer + b"250 PIPELINING\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    await writer.drain()
-                    return
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
+    async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+        got = bytearray()
+        while not got.endswith(b"\r\n.\r\n"):
+            chunk = await reader.read(1 << 16)
+            if not chunk:
+                return None
+            got += chunk
+        self.data = bytes(got)
+        return b"250 ok\r\n"
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "starttls"])

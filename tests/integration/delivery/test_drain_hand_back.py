@@ -20,7 +20,7 @@ from services.delivery.smtp_session import SessionSettings, Source, open_connect
 from services.delivery.tls_policy import TlsPolicy
 from tests.integration.delivery.conftest import SOURCE_A, attempt, pools, resolver_of, submit_many
 from tests.support.dns_server import DNSServer
-from tests.support.raw_smtp import RawServer, serving
+from tests.support.raw_smtp import ScriptedMX, serving
 
 STALLING_MX = "127.0.0.41"
 
@@ -116,29 +116,20 @@ async def test_a_draining_worker_hands_the_job_to_another(
             await bus.nc.close()
 
 
-class DataRecorder(RawServer):
+class DataRecorder(ScriptedMX):
     """A sound server that notes when it has answered DATA with 354 and what follows it."""
+
+    extensions = (b"SIZE",)
 
     def __init__(self) -> None:
         super().__init__()
         self.go_ahead = False
         self.after_354 = b""
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 mx ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
-                if verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    self.go_ahead = True
-                    self.after_354 = await reader.read()  # up to the client's close
-                    return
-                writer.write(b"250-mx\r\n250 SIZE\r\n" if verb == b"EHLO" else b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
+    async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+        self.go_ahead = True
+        self.after_354 = await reader.read()  # up to the client's close
+        return None
 
 
 async def test_no_final_dot_once_stopping() -> None:

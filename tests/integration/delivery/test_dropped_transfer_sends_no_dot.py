@@ -12,13 +12,16 @@ import time
 
 from services.delivery.smtp_session import SessionSettings, Source, open_connection
 from services.delivery.tls_policy import TlsPolicy
-from tests.support.raw_smtp import RawServer, serving
+from tests.support.raw_smtp import ReadsSlowly, serving
 
 SOURCE = Source("", "relais.test")
 
 
-class SlowReader(RawServer):
+class SlowReader(ReadsSlowly):
     """Reads the body 16 KiB every 0.25 s (small receive buffer) and answers 250 after the dot."""
+
+    bite = 16384
+    pause = 0.25
 
     def __init__(self) -> None:
         super().__init__()
@@ -31,30 +34,11 @@ class SlowReader(RawServer):
         self._server = await asyncio.start_server(self._serve, sock=sock)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 slow ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
-                if verb == b"DATA":
-                    writer.write(b"354 go\r\n")
-                    await writer.drain()
-                    tail = b""
-                    while not tail.endswith(b"\r\n.\r\n"):
-                        chunk = await reader.read(16384)
-                        if not chunk:
-                            return
-                        tail = (tail + chunk)[-5:]
-                        await asyncio.sleep(0.25)
-                    self.dot_at = time.monotonic()
-                    writer.write(b"250 2.0.0 queued\r\n")  # the message is delivered
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+    async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+        if await super().on_data(reader, writer) is None:
+            return None
+        self.dot_at = time.monotonic()
+        return b"250 2.0.0 queued\r\n"  # the message is delivered
 
 
 async def test_a_deferred_attempt_does_not_deliver_afterwards() -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.support.policy_hosts import LITERAL, PolicyServer, text_plain
 from tests.support.relais import asubmit, message, wait_for_events
 
 POLICIES = {
@@ -18,38 +16,11 @@ POLICIES = {
 }
 
 
-class _PolicyHandler(BaseHTTPRequestHandler):
-    fetched: list[str] = []
-
-    def do_GET(self) -> None:
-        domain = self.path.strip("/")
-        policy = POLICIES.get(domain)
-        _PolicyHandler.fetched.append(domain)
-        if policy is None:
-            self.send_error(404)
-            return
-        data = policy.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def policy_server(pki) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _PolicyHandler)
-    server.socket = pki.server_context().wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}/{{domain}}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def policy_server(policy_server: PolicyServer) -> PolicyServer:
+    """The conftest's policy host, serving POLICIES."""
+    policy_server.routes.update({f"/{domain}": text_plain(p.encode()) for domain, p in POLICIES.items()})
+    return policy_server
 
 
 @pytest.fixture
@@ -65,11 +36,13 @@ async def test_enforced_policy_with_a_mismatched_certificate_is_deferred_not_del
     make_stack, make_sink, pki, policy_server, sts_zone
 ) -> None:
     sink = make_sink("127.0.0.2", tls_context=pki.wrong_server_context())
-    stack = await make_stack(delivery={"mta_sts_url": policy_server, "tls_ca_file": str(pki.ca_pem)})
+    stack = await make_stack(
+        delivery={"mta_sts_url": policy_server.url(LITERAL), "tls_ca_file": str(pki.ca_pem)}
+    )
     assert (await asubmit(stack.smtp_address, recipients=["x@alpha.test"], data=message()))[0] == 250
     deferred = await wait_for_events(stack.config.nats.url, "deferred", 2)
     assert all(e.reply["enhanced"] == "4.7.5" for e in deferred), [e.reply for e in deferred]
-    assert "alpha.test" in _PolicyHandler.fetched
+    assert "/alpha.test" in [path for _, path in policy_server.requests]
     await asyncio.sleep(0.5)
     assert sink.messages == [] and sink.data_commands == 0, "nothing crossed the unverified connection"
 
@@ -78,7 +51,9 @@ async def test_enforced_policy_with_a_valid_certificate_delivers_over_verified_t
     make_stack, make_sink, pki, policy_server, sts_zone
 ) -> None:
     sink = make_sink("127.0.0.3", tls_context=pki.server_context())
-    stack = await make_stack(delivery={"mta_sts_url": policy_server, "tls_ca_file": str(pki.ca_pem)})
+    stack = await make_stack(
+        delivery={"mta_sts_url": policy_server.url(LITERAL), "tls_ca_file": str(pki.ca_pem)}
+    )
     assert (await asubmit(stack.smtp_address, recipients=["y@example.test"], data=message()))[0] == 250
     (got,) = await sink.async_wait_for(1)
     assert got.tls

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 
@@ -17,6 +16,7 @@ from services.core.config import DnsConfig
 from services.delivery.mta_sts import MtaSts
 from tests.support.certs import TestPKI
 from tests.support.dns_server import DNSServer
+from tests.support.policy_hosts import RawTlsHost
 
 HEAD = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"
 FULL = (
@@ -25,56 +25,31 @@ FULL = (
 CUT = FULL[: FULL.index(b"mx: mx2")]  # what an on-path attacker lets through
 
 
-class OneShotTls:
-    """HTTPS on `host`:`port` (0: any); reads the request, sends `response`, then ends the
-    TCP connection without close_notify (`truncate`) or with it."""
+class OneShotTls(RawTlsHost):
+    """Reads the request, sends `response`, then ends the TCP connection without close_notify
+    (`truncate`) or with it."""
 
-    def __init__(
-        self,
-        context: ssl.SSLContext,
-        response: bytes,
-        *,
-        truncate: bool,
-        host: str = "127.0.0.1",
-        port: int = 0,
-    ) -> None:
-        self._context = context
+    def __init__(self, context: ssl.SSLContext, response: bytes, *, truncate: bool) -> None:
+        super().__init__(context)
         self._response = response
         self._truncate = truncate
-        self._listener = socket.create_server((host, port))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
         self.requests = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                continue
-            sock.settimeout(5)
-            try:
-                tls = self._context.wrap_socket(sock, server_side=True)
-                tls.recv(4096)
-                self.requests += 1
-                tls.sendall(self._response)
-                if self._truncate:
-                    sock.shutdown(socket.SHUT_RDWR)  # FIN, no close_notify
-                    time.sleep(0.5)
-                    sock.close()
-                else:
-                    tls.unwrap()
-                    tls.close()
-            except OSError:
-                pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
+    def _answer(self, sock: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(sock, server_side=True)
+            tls.recv(4096)
+            self.requests += 1
+            tls.sendall(self._response)
+            if self._truncate:
+                sock.shutdown(socket.SHUT_RDWR)  # FIN, no close_notify
+                time.sleep(0.5)
+                sock.close()
+            else:
+                tls.unwrap()
+                tls.close()
+        except OSError:
+            pass
 
 
 @pytest.fixture
@@ -90,11 +65,8 @@ def _sts(zone: DNSServer, pki: TestPKI, url: str, timeout: float) -> MtaSts:
 
 @pytest.fixture
 def truncating(pki: TestPKI) -> Iterator[OneShotTls]:
-    server = OneShotTls(pki.server_context(), HEAD + CUT, truncate=True)
-    try:
+    with OneShotTls(pki.server_context(), HEAD + CUT, truncate=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def test_a_truncated_eof_delimited_body_is_no_policy(
@@ -111,33 +83,32 @@ async def test_a_truncated_eof_delimited_body_is_no_policy(
 async def test_a_dead_first_address_leaves_no_time_for_the_next(
     zone: DNSServer, pki: TestPKI, first: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    good = OneShotTls(pki.server_context(), HEAD + FULL, truncate=False)
-    # 127.0.0.5:<same port>: either drops SYNs (accept queue full), or accepts TCP and never
-    # says a TLS word.
-    dead = socket.socket()
-    dead.bind(("127.0.0.5", good.port))
-    dead.listen(0)
-    filler = socket.create_connection(("127.0.0.5", good.port)) if first == "syn-dropped" else None
-    try:
-        zone.add("mta-sts.example.test", "A", "127.0.0.5")
-        zone.add("mta-sts.example.test", "A", "127.0.0.1")
-        # The test DNS server answers the RRset in any order; pin the dead address first, as a
-        # resolver that rotates answers does every other time.
-        found = relais_dns.addresses
+    with OneShotTls(pki.server_context(), HEAD + FULL, truncate=False) as good:
+        # 127.0.0.5:<same port>: either drops SYNs (accept queue full), or accepts TCP and never
+        # says a TLS word.
+        dead = socket.socket()
+        dead.bind(("127.0.0.5", good.port))
+        dead.listen(0)
+        filler = socket.create_connection(("127.0.0.5", good.port)) if first == "syn-dropped" else None
+        try:
+            zone.add("mta-sts.example.test", "A", "127.0.0.5")
+            zone.add("mta-sts.example.test", "A", "127.0.0.1")
+            # The test DNS server answers the RRset in any order; pin the dead address first, as
+            # a resolver that rotates answers does every other time.
+            found = relais_dns.addresses
 
-        async def dead_first(resolver, host):  # type: ignore[no-untyped-def]
-            return sorted(await found(resolver, host), key=lambda a: a != "127.0.0.5")
+            async def dead_first(resolver, host):  # type: ignore[no-untyped-def]
+                return sorted(await found(resolver, host), key=lambda a: a != "127.0.0.5")
 
-        monkeypatch.setattr(relais_dns, "addresses", dead_first)
-        url = f"https://mta-sts.{{domain}}:{good.port}/"
-        started = time.monotonic()
-        policy = await _sts(zone, pki, url, 2.0).policy("example.test")
-        elapsed = time.monotonic() - started
-    finally:
-        if filler is not None:
-            filler.close()
-        dead.close()
-        good.stop()
+            monkeypatch.setattr(relais_dns, "addresses", dead_first)
+            url = f"https://mta-sts.{{domain}}:{good.port}/"
+            started = time.monotonic()
+            policy = await _sts(zone, pki, url, 2.0).policy("example.test")
+            elapsed = time.monotonic() - started
+        finally:
+            if filler is not None:
+                filler.close()
+            dead.close()
     assert policy is not None, (
         f"no policy after {elapsed:.1f}s; requests at the good address: {good.requests}"
     )
@@ -145,14 +116,11 @@ async def test_a_dead_first_address_leaves_no_time_for_the_next(
 
 async def test_an_eof_delimited_body_ended_cleanly_is_the_policy(zone: DNSServer, pki: TestPKI) -> None:
     # Control for the truncation test: same server, body ended by close_notify (and FIN).
-    server = OneShotTls(pki.server_context(), HEAD + FULL, truncate=False)
-    try:
+    with OneShotTls(pki.server_context(), HEAD + FULL, truncate=False) as server:
         zone.add("mta-sts.example.test", "A", "127.0.0.1")
         url = f"https://mta-sts.{{domain}}:{server.port}/"
         started = time.monotonic()
         policy = await _sts(zone, pki, url, 3.0).policy("example.test")
         elapsed = time.monotonic() - started
-    finally:
-        server.stop()
     assert policy is not None and policy.mx == ("mx1.example.test", "mx2.example.test"), (policy, elapsed)
     assert elapsed < 1.0, f"took {elapsed:.1f}s of a 3 s deadline"

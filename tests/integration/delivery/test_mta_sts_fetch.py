@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -22,11 +21,18 @@ from services.delivery.mta_sts import MAX_POLICY_BYTES, MtaSts
 from services.delivery.public_addresses import why_not_public
 from tests.support.certs import TestPKI
 from tests.support.dns_server import DNSServer
+from tests.support.policy_hosts import (
+    LITERAL,
+    NAMED,
+    PolicyServer,
+    RawTlsHost,
+    Response,
+    serving_policies,
+    text_plain,
+)
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: *.example.test\r\nmax_age: 86400\r\n"
-# The policy host by IP literal, or by a name only the test zone knows.
-LITERAL = "https://127.0.0.1:{port}/{domain}"
-NAMED = "https://mta-sts.{domain}:{port}/{domain}"
+PLAIN_POLICY = text_plain(POLICY.encode(), "text/plain; charset=utf-8")
 PATHS = ["resolved", "pinned"]
 DRIP = 0.3  # seconds between two bytes of the dripping host's response
 TIMEOUT = 1.0
@@ -61,55 +67,33 @@ def _template(path: str) -> str:
 # --- a policy host that answers, slowly enough never to trip a per-read timeout ----------------
 
 
-class DrippingHost:
-    """HTTPS on 127.0.0.1: completes the handshake, reads the request, then sends a valid
-    policy response one byte every DRIP seconds. `closed` is set when the client went away."""
+class DrippingHost(RawTlsHost):
+    """Completes the handshake, reads the request, then sends a valid policy response one byte
+    every DRIP seconds. `closed` is set when the client went away."""
 
     RESPONSE = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nversion: STSv1\nmode: none\nmax_age: 1\n"
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        self._context = context
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self.connections = 0
+        super().__init__(context)
         self.closed = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            sock.settimeout(5)
-            try:
-                with self._context.wrap_socket(sock, server_side=True) as tls:
-                    tls.recv(4096)
-                    for byte in self.RESPONSE:
-                        if self._stop.is_set():
-                            return
-                        tls.sendall(bytes([byte]))
-                        time.sleep(DRIP)
-            except OSError:
-                self.closed.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
+    def _answer(self, sock: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(sock, server_side=True) as tls:
+                tls.recv(4096)
+                for byte in self.RESPONSE:
+                    if self.stopping.is_set():
+                        return
+                    tls.sendall(bytes([byte]))
+                    time.sleep(DRIP)
+        except OSError:
+            self.closed.set()
 
 
 @pytest.fixture
 def dripping_host(pki: TestPKI) -> Iterator[DrippingHost]:
-    host = DrippingHost(pki.server_context())
-    try:
+    with DrippingHost(pki.server_context()) as host:
         yield host
-    finally:
-        host.stop()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -130,72 +114,12 @@ async def test_a_dripping_policy_host_costs_one_timeout_not_one_per_byte(
 # --- a policy server with canned responses ----------------------------------------------------
 
 
-Response = tuple[int, dict[str, str], bytes]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: PolicyServer
-
-    def do_GET(self) -> None:
-        self.server.requests.append((self.headers.get("Host", ""), self.path))
-        status, headers, body = self.server.routes.get(self.path, (404, {}, b""))
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class PolicyServer(ThreadingHTTPServer):
-    """HTTPS (HTTP/1.0 responses, closed after each) on 127.0.0.1; `routes` maps a request
-    path to its response, and `requests` records (Host, path) and `server_names` the SNI."""
-
-    daemon_threads = True
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.routes: dict[str, Response] = {}
-        self.requests: list[tuple[str, str]] = []
-        self.server_names: list[str | None] = []
-        context.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)
-        self.socket = context.wrap_socket(self.socket, server_side=True)
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # a client that stops reading a long body is expected here
-
-    def url(self, path: str) -> str:
-        return _template(path).format(port=self.server_address[1], domain="{domain}")
-
-
-@pytest.fixture
-def policy_server(pki: TestPKI) -> Iterator[PolicyServer]:
-    server = PolicyServer(pki.server_context())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def text_plain(body: bytes, **headers: str) -> Response:
-    return (
-        200,
-        {"Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(body)), **headers},
-        body,
-    )
-
-
 @pytest.mark.parametrize("path", PATHS)
 async def test_a_policy_is_fetched_with_the_policy_host_as_tls_name_and_host(
     zone: DNSServer, pki: TestPKI, policy_server: PolicyServer, path: str
 ) -> None:
-    policy_server.routes["/example.test"] = text_plain(POLICY.encode())
-    policy = await _sts(zone, pki, policy_server.url(path), path).policy("example.test")
+    policy_server.routes["/example.test"] = PLAIN_POLICY
+    policy = await _sts(zone, pki, policy_server.url(_template(path)), path).policy("example.test")
     assert policy is not None and policy.mx == ("*.example.test",)
     port = policy_server.server_address[1]
     host = "mta-sts.example.test" if path == "pinned" else "127.0.0.1"
@@ -208,7 +132,7 @@ async def test_without_public_mx_only_the_policy_host_is_resolved_by_the_relais_
     zone: DNSServer, pki: TestPKI, policy_server: PolicyServer
 ) -> None:
     # Only the test zone knows mta-sts.example.test: the system resolver (urllib's) does not.
-    policy_server.routes["/example.test"] = text_plain(POLICY.encode())
+    policy_server.routes["/example.test"] = PLAIN_POLICY
     url = NAMED.format(port=policy_server.server_address[1], domain="{domain}")
     policy = await _sts(zone, pki, url, "resolved").policy("example.test")
     assert policy is not None and policy.mode == "enforce"
@@ -216,15 +140,9 @@ async def test_without_public_mx_only_the_policy_host_is_resolved_by_the_relais_
 
 
 async def test_a_wrong_certificate_is_refused(zone: DNSServer, pki: TestPKI) -> None:
-    server = PolicyServer(pki.wrong_server_context())
-    server.routes["/example.test"] = text_plain(POLICY.encode())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        assert await _sts(zone, pki, server.url("pinned"), "pinned").policy("example.test") is None
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_policies(pki.wrong_server_context()) as server:
+        server.routes["/example.test"] = PLAIN_POLICY
+        assert await _sts(zone, pki, server.url(NAMED), "pinned").policy("example.test") is None
     assert server.requests == []
 
 
@@ -251,8 +169,8 @@ async def test_a_response_other_than_a_plain_text_200_is_no_policy(
 ) -> None:
     port = policy_server.server_address[1]
     policy_server.routes["/example.test"] = REFUSED[response](port)
-    policy_server.routes["/moved"] = text_plain(POLICY.encode())
-    assert await _sts(zone, pki, policy_server.url(path), path).policy("example.test") is None
+    policy_server.routes["/moved"] = PLAIN_POLICY
+    assert await _sts(zone, pki, policy_server.url(_template(path)), path).policy("example.test") is None
     assert [p for _, p in policy_server.requests] == ["/example.test"], "nothing else was asked"
 
 
@@ -265,7 +183,7 @@ async def test_an_oversized_body_is_cut_at_max_policy_bytes(
     body = (POLICY + "x" * MAX_POLICY_BYTES + "\r\nmx: late.example.test\r\n").encode()
     headers = {"Content-Type": "text/plain"} | ({"Content-Length": str(len(body))} if length else {})
     policy_server.routes["/example.test"] = (200, headers, body)
-    policy = await _sts(zone, pki, policy_server.url(path), path).policy("example.test")
+    policy = await _sts(zone, pki, policy_server.url(_template(path)), path).policy("example.test")
     assert policy is not None and policy.mx == ("*.example.test",), policy
 
 
@@ -274,7 +192,7 @@ async def test_the_fetch_needs_no_worker_thread(
 ) -> None:
     """Policy hosts that hang used to hold the default executor's threads; with all of them
     busy the fetch still goes."""
-    policy_server.routes["/example.test"] = text_plain(POLICY.encode())
+    policy_server.routes["/example.test"] = PLAIN_POLICY
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=1)
     loop.set_default_executor(executor)
@@ -282,7 +200,7 @@ async def test_the_fetch_needs_no_worker_thread(
     loop.run_in_executor(None, busy.wait, 30.0)
     try:
         for path in PATHS:
-            sts = _sts(zone, pki, policy_server.url(path), path, timeout=2.0)
+            sts = _sts(zone, pki, policy_server.url(_template(path)), path, timeout=2.0)
             assert await asyncio.wait_for(sts.policy("example.test"), 5.0) is not None, path
     finally:
         busy.set()

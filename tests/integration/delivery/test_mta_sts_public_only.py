@@ -7,12 +7,6 @@ and Host header still the policy host's name), never to a second, possibly diffe
 
 from __future__ import annotations
 
-import socket
-import ssl
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from services.core import dns as relais_dns
@@ -21,62 +15,19 @@ from services.delivery.mta_sts import MtaSts
 from services.delivery.public_addresses import why_not_public
 from tests.support.certs import TestPKI
 from tests.support.dns_server import DNSServer
+from tests.support.policy_hosts import LITERAL, NAMED, PolicyServer, text_plain
 from tests.support.relais import asubmit, message, wait_for_events
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: *.example.test\r\nmax_age: 86400\r\n"
-NAMED = "https://mta-sts.{domain}:{port}/{domain}"
-LITERAL = "https://127.0.0.1:{port}/{domain}"
 # A name both the test zone and the system resolver (which the unchecked fetch uses) know.
 LOCALHOST = "https://localhost:{port}/{domain}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: PolicyServer
-
-    def do_GET(self) -> None:
-        self.server.requests.append((self.headers.get("Host", ""), self.path))
-        data = POLICY.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class PolicyServer(ThreadingHTTPServer):
-    """HTTPS on 127.0.0.1 that counts TCP connections (before any TLS) and records the SNI name
-    and (Host, path) of each request."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.connections = 0
-        self.requests: list[tuple[str, str]] = []
-        self.server_names: list[str | None] = []
-        context.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)
-        self._tls = context
-
-    def get_request(self) -> tuple[socket.socket, object]:
-        sock, peer = self.socket.accept()
-        self.connections += 1
-        return self._tls.wrap_socket(sock, server_side=True), peer
-
-    def url(self, template: str) -> str:
-        return template.format(port=self.server_address[1], domain="{domain}")
-
-
 @pytest.fixture
-def policy_server(pki: TestPKI) -> Iterator[PolicyServer]:
-    server = PolicyServer(pki.server_context())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+def policy_server(policy_server: PolicyServer) -> PolicyServer:
+    """The conftest's policy host, serving POLICY for example.test."""
+    policy_server.routes["/example.test"] = text_plain(POLICY.encode())
+    return policy_server
 
 
 def _sts(dns_server: DNSServer, pki: TestPKI, url: str, **options: object) -> MtaSts:

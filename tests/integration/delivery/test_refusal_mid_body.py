@@ -11,48 +11,30 @@ import contextlib
 
 from services.delivery.smtp_session import SessionSettings, Source, open_connection
 from services.delivery.tls_policy import TlsPolicy
-from tests.support.raw_smtp import RawServer, serving
+from tests.support.raw_smtp import ScriptedMX, serving
 
 SOURCE = Source("", "relais.test")
 BIG = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 32_000  # 32 MB
 
 
-class RefusesMidBody(RawServer):
-    """354, reads `before` octets of the body, answers 552 and ends the connection by `how`."""
+class RefusesMidBody(ScriptedMX):
+    """Reads 300 KiB of the body, answers 552 and ends the connection by `how`."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 strict ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
-                if verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    await reader.readexactly(300 * 1024)
-                    writer.write(b"552 5.3.4 Message size exceeds fixed limit\r\n")
-                    await writer.drain()
-                    if self.how == "half-close":
-                        # FIN after the reply; what still comes is read and dropped.
-                        writer.write_eof()
-                        with contextlib.suppress(ConnectionError):
-                            while await reader.read(1 << 20):
-                                pass
-                    return
-                if verb == b"EHLO":
-                    writer.write(b"250-strict\r\n250 8BITMIME\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    await writer.drain()
-                    return
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
+    async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+        await reader.readexactly(300 * 1024)
+        writer.write(b"552 5.3.4 Message size exceeds fixed limit\r\n")
+        await writer.drain()
+        if self.how == "half-close":
+            # FIN after the reply; what still comes is read and dropped.
+            writer.write_eof()
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(1 << 20):
+                    pass
+        return None
 
 
 async def test_a_refusal_mid_body_is_the_outcome() -> None:

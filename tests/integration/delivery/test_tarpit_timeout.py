@@ -6,7 +6,6 @@ and the job deferred with 4.4.2; the retry delivers."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -15,7 +14,7 @@ import pytest
 from services.core.outcome import Deferred
 from services.delivery.smtp_session import SessionSettings, Source, open_connection
 from services.delivery.tls_policy import TlsPolicy
-from tests.support.raw_smtp import RawServer, serving
+from tests.support.raw_smtp import ReadsSlowly, StopsReadingAfter354, serving
 from tests.support.relais import asubmit, message, wait_for_events
 
 CONNECTION_LOST = (451, "4.4.2")
@@ -70,66 +69,6 @@ async def test_a_stall_at_another_command_still_times_out_at_command_timeout(mak
     assert sink.data_commands == 0
     sink.delay_rcpt = 0.0
     await sink.async_wait_for(1, timeout=30)
-
-
-class StopsReadingAfter354(RawServer):
-    """Answers DATA with 354, then reads nothing for `pause` seconds: the client's writes back
-    up. Then it reads what still comes, until the client closes or resets the connection."""
-
-    pause = 3.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.received = 0  # octets read after the 354
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 slow ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
-                if verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    await asyncio.sleep(self.pause)
-                    await self._read_to_the_end(reader)
-                    return
-                writer.write(b"250-slow\r\n250 8BITMIME\r\n" if verb == b"EHLO" else b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
-
-    async def _read_to_the_end(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ConnectionError):
-            while chunk := await asyncio.wait_for(reader.read(1 << 20), 10.0):
-                self.received += len(chunk)
-
-
-class ReadsSlowly(RawServer):
-    """Takes the message after its 354 in small bites: a slow link that still makes progress."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.received = 0
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 slow ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
-                if verb == b"QUIT":
-                    break
-                if verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    tail = b""
-                    while not tail.endswith(b"\r\n.\r\n") and (chunk := await reader.read(128 * 1024)):
-                        self.received += len(chunk)
-                        tail = (tail + chunk)[-5:]
-                        await asyncio.sleep(0.05)
-                writer.write(b"250-slow\r\n250 8BITMIME\r\n" if verb == b"EHLO" else b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ beyond its limit while a TLS handshake or a PROXY header is awaited (security re
 
 from __future__ import annotations
 
-import asyncio
 import smtplib
 import socket
 from collections.abc import Callable
@@ -11,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from services.core.config import ListenerConfig
 from services.ingress import service
 from services.ingress.replies import TOO_MANY_CONNECTIONS
-from tests.integration.ingress.helpers import free_listen, in_thread, listener, tls_sections
+from tests.integration.ingress.helpers import in_thread, listening, settle, tls_sections
 from tests.support.certs import TestPKI
 
 PROXY_V1 = "PROXY TCP4 {} 10.0.0.1 40000 25\r\n"
@@ -42,23 +40,12 @@ def _greeting_over_tls(address: tuple[str, int], pki: TestPKI, source: str = "12
         return smtp.noop()[0]
 
 
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(200):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("never happened")
-
-
 @pytest.fixture
 async def implicit_tls(make_ingress: Callable[..., Any], pki: TestPKI) -> tuple[Any, tuple[str, int]]:
-    listen = free_listen()
-    stack = await make_ingress(
-        ingress=tls_sections(
-            pki, max_connections_per_ip=2, listeners=[ListenerConfig(listen=listen, mode="implicit-tls")]
-        )
+    stack, [address] = await listening(
+        make_ingress, tls_sections(pki, max_connections_per_ip=2), {"mode": "implicit-tls"}
     )
-    return stack, listener(stack, listen)
+    return stack, address
 
 
 async def test_one_ip_cannot_hold_more_than_its_limit_during_tls_handshakes(
@@ -75,31 +62,27 @@ async def test_one_ip_cannot_hold_more_than_its_limit_during_tls_handshakes(
         assert await in_thread(_greeting_over_tls, address, pki, "127.0.0.2") == 250
         # A socket closed during its handshake gives its place back.
         held.pop().close()
-        await _until(lambda: gate.open_connections("127.0.0.1") == 1)
+        assert await settle(lambda: gate.open_connections("127.0.0.1") == 1)
         assert await in_thread(_greeting_over_tls, address, pki) == 250
     finally:
         for sock in held:
             sock.close()
-    await _until(lambda: gate.open_connections("127.0.0.1") == 0)
+    assert await settle(lambda: gate.open_connections("127.0.0.1") == 0)
 
 
 async def test_a_handshake_that_times_out_gives_its_place_back(
     make_ingress: Callable[..., Any], pki: TestPKI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service, "_TLS_HANDSHAKE_TIMEOUT", 0.5)
-    listen = free_listen()
-    stack = await make_ingress(
-        ingress=tls_sections(
-            pki, max_connections_per_ip=1, listeners=[ListenerConfig(listen=listen, mode="implicit-tls")]
-        )
+    stack, [address] = await listening(
+        make_ingress, tls_sections(pki, max_connections_per_ip=1), {"mode": "implicit-tls"}
     )
-    address = listener(stack, listen)
     silent = await in_thread(_hold, address)
     assert await in_thread(_closed_at_once, await in_thread(_hold, address)) == b""
     assert stack.ingress.gate.open_connections("127.0.0.1") == 1
     # The server gives up on the silent one after the handshake timeout, and frees its place.
     assert await in_thread(_closed_at_once, silent) == b""
-    await _until(lambda: stack.ingress.gate.open_connections("127.0.0.1") == 0)
+    assert await settle(lambda: stack.ingress.gate.open_connections("127.0.0.1") == 0)
     assert await in_thread(_greeting_over_tls, address, pki) == 250
 
 
@@ -112,15 +95,12 @@ def _proxied(address: tuple[str, int], client: str, source: str = "127.0.0.1") -
 async def test_sockets_awaiting_a_proxy_header_count_per_load_balancer(
     make_ingress: Callable[..., Any],
 ) -> None:
-    listen = free_listen()
-    stack = await make_ingress(
-        ingress={
-            "max_connections_per_ip": 1,
-            "max_proxy_pending_per_peer": 2,
-            "listeners": [ListenerConfig(listen=listen, proxy_protocol=True)],
-        }
+    stack, [address] = await listening(
+        make_ingress,
+        {"max_connections_per_ip": 1, "max_proxy_pending_per_peer": 2},
+        {"proxy_protocol": True},
     )
-    address, gate = listener(stack, listen), stack.ingress.gate
+    gate = stack.ingress.gate
     held = [await in_thread(_hold, address) for _ in range(2)]
     try:
         # A third socket from that load balancer without its header: refused, in words its
@@ -141,20 +121,16 @@ async def test_sockets_awaiting_a_proxy_header_count_per_load_balancer(
     finally:
         for sock in held:
             sock.close()
-    await _until(lambda: gate.open_connections("203.0.113.1") == 0)
+    assert await settle(lambda: gate.open_connections("203.0.113.1") == 0)
 
 
 async def test_a_connection_from_outside_proxy_from_is_closed_before_its_header(
     make_ingress: Callable[..., Any],
 ) -> None:
     # Its header would not be believed: it is not kept waiting for one (PROXY timeout: 10 s).
-    listen = free_listen()
-    stack = await make_ingress(
-        ingress={
-            "listeners": [ListenerConfig(listen=listen, proxy_protocol=True, proxy_from=["127.0.0.2/32"])]
-        }
+    stack, [address] = await listening(
+        make_ingress, {}, {"proxy_protocol": True, "proxy_from": ["127.0.0.2/32"]}
     )
-    address = listener(stack, listen)
     assert await in_thread(_closed_at_once, await in_thread(_hold, address, "127.0.0.3")) == b""
     assert stack.ingress.gate.waiting_connections("127.0.0.3") == 0
 
@@ -163,31 +139,17 @@ def _connect_and_close(address: tuple[str, int]) -> None:
     socket.create_connection(address, timeout=5).close()  # FIN, no PROXY header
 
 
-def _proxied_greeting(address: tuple[str, int]) -> bytes:
-    with socket.create_connection(address, timeout=5) as sock:
-        sock.sendall(PROXY_V1.format("203.0.113.1").encode())
-        return sock.recv(200)
-
-
 async def test_a_connection_closed_before_its_proxy_header_frees_its_pending_slot(
     make_ingress: Callable[..., Any],
 ) -> None:
     # A load balancer's TCP health checks connect and close. Each kept its pending place until
     # aiosmtpd's 10 s PROXY timeout, so enough of them refused the clients behind it.
-    listen = free_listen()
-    stack = await make_ingress(
-        ingress={
-            "max_proxy_pending_per_peer": 3,
-            "listeners": [ListenerConfig(listen=listen, proxy_protocol=True)],
-        }
+    stack, [address] = await listening(
+        make_ingress, {"max_proxy_pending_per_peer": 3}, {"proxy_protocol": True}
     )
-    address, gate = listener(stack, listen), stack.ingress.gate
+    gate = stack.ingress.gate
     for _ in range(3):
         await in_thread(_connect_and_close, address)
-    for _ in range(50):
-        if gate.waiting_connections("127.0.0.1") == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert gate.waiting_connections("127.0.0.1") == 0
-    greeting = await in_thread(_proxied_greeting, address)
+    assert await settle(lambda: gate.waiting_connections("127.0.0.1") == 0, 1.0)
+    greeting = await in_thread(_proxied, address, "203.0.113.1")
     assert greeting[:3] == b"220", greeting

@@ -4,41 +4,37 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-from services.core.config import ListenerConfig
-from tests.integration.ingress.helpers import free_listen, in_thread, listener, tls_sections
+from tests.integration.ingress.helpers import (
+    SUBMISSION_TO_DATA,
+    ehlo_auth,
+    in_thread,
+    listening,
+    read_replies,
+    settle,
+    tls_sections,
+    to_data,
+)
 from tests.support.certs import TestPKI
 
 
-async def _settle(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return condition()
-
-
-def _recv_until(sock: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
+def _to_starttls(sock: socket.socket) -> None:
+    """Greeting, EHLO, STARTTLS: the server now awaits a TLS handshake."""
+    read_replies(sock, 1)
+    sock.sendall(b"EHLO c.test\r\n")
+    read_replies(sock, 1)
+    sock.sendall(b"STARTTLS\r\n")
+    assert read_replies(sock, 1)[0].startswith(b"220")
 
 
 def _starttls_then_garbage(address: tuple[str, int]) -> bytes:
     with socket.create_connection(address, timeout=10) as sock:
-        _recv_until(sock, b"\r\n")
-        sock.sendall(b"EHLO c.test\r\n")
-        _recv_until(sock, b"250 ")
-        sock.sendall(b"STARTTLS\r\n")
-        assert _recv_until(sock, b"\r\n").startswith(b"220")
+        _to_starttls(sock)
         sock.sendall(b"this is not a TLS ClientHello\r\n" * 4)
         sock.settimeout(5)
         try:
@@ -49,11 +45,7 @@ def _starttls_then_garbage(address: tuple[str, int]) -> bytes:
 
 def _starttls_then_close(address: tuple[str, int]) -> None:
     with socket.create_connection(address, timeout=10) as sock:
-        _recv_until(sock, b"\r\n")
-        sock.sendall(b"EHLO c.test\r\n")
-        _recv_until(sock, b"250 ")
-        sock.sendall(b"STARTTLS\r\n")
-        assert _recv_until(sock, b"\r\n").startswith(b"220")
+        _to_starttls(sock)
 
 
 def _tls_wrong_ca(address: tuple[str, int]) -> None:
@@ -78,9 +70,9 @@ def _tls_garbage(address: tuple[str, int]) -> None:
 def _tls_session_reset(address: tuple[str, int], pki: TestPKI) -> None:
     raw = socket.create_connection(address, timeout=10)
     tls = pki.client_context().wrap_socket(raw, server_hostname="relais.test")
-    _recv_until(tls, b"\r\n")
+    read_replies(tls, 1)
     tls.sendall(b"EHLO c.test\r\n")
-    _recv_until(tls, b"250 ")
+    read_replies(tls, 1)
     tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     tls.close()
 
@@ -92,40 +84,29 @@ async def test_a_failed_starttls_handshake_gives_its_place_back(
     gate = stack.ingress.gate
     said = await in_thread(_starttls_then_garbage, stack.smtp_address)
     await in_thread(_starttls_then_close, stack.smtp_address)
-    ok = await _settle(lambda: gate.open_connections("127.0.0.1") == 0)
+    ok = await settle(lambda: gate.open_connections("127.0.0.1") == 0)
     assert ok, (said, gate.open_connections("127.0.0.1"), len(stack.ingress._connections))
 
 
 async def test_implicit_tls_every_ending_gives_its_place_back(
     make_ingress: Callable[..., Any], pki: TestPKI
 ) -> None:
-    listen = free_listen()
-    stack = await make_ingress(
-        ingress=tls_sections(
-            pki, max_connections_per_ip=3, listeners=[ListenerConfig(listen=listen, mode="implicit-tls")]
-        )
+    stack, [address] = await listening(
+        make_ingress, tls_sections(pki, max_connections_per_ip=3), {"mode": "implicit-tls"}
     )
-    gate, address = stack.ingress.gate, listener(stack, listen)
+    gate = stack.ingress.gate
     await in_thread(_tls_wrong_ca, address)
     await in_thread(_tls_garbage, address)
     await in_thread(_tls_session_reset, address, pki)
-    ok = await _settle(lambda: gate.open_connections("127.0.0.1") == 0)
+    ok = await settle(lambda: gate.open_connections("127.0.0.1") == 0)
     assert ok, gate.open_connections("127.0.0.1")
-    assert await _settle(lambda: not stack.ingress._connections)
+    assert await settle(lambda: not stack.ingress._connections)
 
 
 def _tls_data_then_unwrap(address: tuple[str, int], pki: TestPKI) -> None:
-    from tests.integration.ingress.helpers import plain
-    from tests.support.relais import ACCOUNT, PASSWORD
-
     raw = socket.create_connection(address, timeout=10)
     tls = pki.client_context().wrap_socket(raw, server_hostname="relais.test")
-    _recv_until(tls, b"\r\n")
-    tls.sendall(
-        f"EHLO c.test\r\nAUTH PLAIN {plain(ACCOUNT, PASSWORD)}\r\n".encode()
-        + b"MAIL FROM:<news@acme.test>\r\nRCPT TO:<a@alpha.test>\r\nDATA\r\n"
-    )
-    _recv_until(tls, b"354 ")
+    to_data(tls, ehlo_auth() + SUBMISSION_TO_DATA)
     tls.sendall(b"Subject: x\r\n\r\n" + b"y" * 70 + b"\r\n" + b"\r\n.")
     plain_sock = tls.unwrap()  # close_notify in the middle of the end-of-data line
     plain_sock.close()
@@ -134,24 +115,19 @@ def _tls_data_then_unwrap(address: tuple[str, int], pki: TestPKI) -> None:
 async def test_implicit_tls_close_notify_mid_data(
     make_ingress: Callable[..., Any], pki: TestPKI, caplog: Any
 ) -> None:
-    listen = free_listen()
-    stack = await make_ingress(
-        ingress=tls_sections(pki, listeners=[ListenerConfig(listen=listen, mode="implicit-tls")])
-    )
-    gate, budget, address = stack.ingress.gate, stack.ingress.budget, listener(stack, listen)
+    stack, [address] = await listening(make_ingress, tls_sections(pki), {"mode": "implicit-tls"})
+    gate, budget = stack.ingress.gate, stack.ingress.budget
     try:
         await in_thread(_tls_data_then_unwrap, address, pki)
     except (OSError, ssl.SSLError):
         pass
-    assert await _settle(lambda: gate.open_connections("127.0.0.1") == 0 and budget.used == 0)
+    assert await settle(lambda: gate.open_connections("127.0.0.1") == 0 and budget.used == 0)
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.records
 
 
 def _random_endings(
     tls_address: tuple[str, int], proxy_address: tuple[str, int], pki: TestPKI, seed: int
 ) -> None:
-    import random
-
     rng = random.Random(seed)
     for _ in range(60):
         kind = rng.choice(["tls", "proxy"])
@@ -167,14 +143,14 @@ def _random_endings(
                 else:
                     s = pki.client_context().wrap_socket(raw, server_hostname="relais.test")
                     raw = s
-                    _recv_until(s, b"\r\n")
+                    read_replies(s, 1)
                     if step >= 3:
                         s.sendall(b"EHLO c.test\r\nMAIL FROM:<x@acme.test>\r\n")
             else:
                 if step >= 1:
                     raw.sendall(b"PROXY TCP4 203.0.113.%d 10.0.0.1 1 25\r\n" % rng.randint(1, 3))
                 if step >= 2:
-                    _recv_until(raw, b"\r\n")
+                    read_replies(raw, 1)
                     raw.sendall(b"EHLO c.test\r\n")
                 if step >= 3:
                     raw.sendall(b"PROXY again\r\n")
@@ -187,23 +163,15 @@ def _random_endings(
 
 
 async def test_random_endings_leave_no_count(make_ingress: Callable[..., Any], pki: TestPKI) -> None:
-    tls_listen, proxy_listen = free_listen(), free_listen()
-    stack = await make_ingress(
-        ingress=tls_sections(
-            pki,
-            max_connections_per_ip=1000,
-            listeners=[
-                ListenerConfig(listen=tls_listen, mode="implicit-tls"),
-                ListenerConfig(listen=proxy_listen, proxy_protocol=True),
-            ],
-        )
+    stack, [tls_address, proxy_address] = await listening(
+        make_ingress,
+        tls_sections(pki, max_connections_per_ip=1000),
+        {"mode": "implicit-tls"},
+        {"proxy_protocol": True},
     )
     gate = stack.ingress.gate
     await asyncio.gather(
-        *(
-            in_thread(_random_endings, listener(stack, tls_listen), listener(stack, proxy_listen), pki, seed)
-            for seed in range(4)
-        )
+        *(in_thread(_random_endings, tls_address, proxy_address, pki, seed) for seed in range(4))
     )
-    ok = await _settle(lambda: not gate._open and not gate._waiting, 13)
+    ok = await settle(lambda: not gate._open and not gate._waiting, 13)
     assert ok, (dict(gate._open), dict(gate._waiting), len(stack.ingress._connections))

@@ -24,7 +24,7 @@ from services.ingress.replies import (
     TOO_MANY_RECIPIENTS,
     TOO_MANY_SESSIONS,
 )
-from tests.integration.ingress.helpers import client, in_thread, login, plain, queued, reply
+from tests.integration.ingress.helpers import client, in_thread, login, plain, queued, reply, submit
 from tests.support.relais import ACCOUNT, PASSWORD, message, password_hash
 
 BIG = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 12  # ~12 KB
@@ -74,22 +74,14 @@ async def test_recipient_limit(make_ingress: Callable[..., Any]) -> None:
 
 async def test_line_length_and_header_size(make_ingress: Callable[..., Any]) -> None:
     ingress = await make_ingress(ingress={"max_header_size": 2_000})
-
-    def send(data: bytes) -> tuple[int, bytes]:
-        with client(ingress.smtp_address) as smtp:
-            login(smtp)
-            smtp.mail("news@acme.test")
-            smtp.rcpt("a@alpha.test")
-            return smtp.data(data)
-
     just_ok = b"From: <news@acme.test>\r\n\r\n" + b"a" * 998 + b"\r\n"
     too_long = b"From: <news@acme.test>\r\n\r\n" + b"a" * 999 + b"\r\n"
     far_too_long = b"From: <news@acme.test>\r\n\r\n" + b"a" * 5000 + b"\r\n"
     big_headers = b"From: <news@acme.test>\r\n" + b"X-Pad: p\r\n" * 300 + b"\r\nbody\r\n"
-    assert (await in_thread(send, just_ok))[0] == 250
-    assert await in_thread(send, too_long) == reply(LINE_TOO_LONG)
-    assert await in_thread(send, far_too_long) == reply(LINE_TOO_LONG)
-    assert await in_thread(send, big_headers) == reply(HEADER_TOO_BIG)
+    assert (await in_thread(submit, ingress.smtp_address, just_ok))[0] == 250
+    assert await in_thread(submit, ingress.smtp_address, too_long) == reply(LINE_TOO_LONG)
+    assert await in_thread(submit, ingress.smtp_address, far_too_long) == reply(LINE_TOO_LONG)
+    assert await in_thread(submit, ingress.smtp_address, big_headers) == reply(HEADER_TOO_BIG)
     assert len(await queued(ingress.config.nats.url)) == 1
 
 

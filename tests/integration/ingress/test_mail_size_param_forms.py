@@ -5,24 +5,12 @@ str.isdigit() accepts ("²"), which answered 451 with a traceback."""
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.integration.ingress.helpers import in_thread, plain
-from tests.support.relais import ACCOUNT, PASSWORD
-
-
-def _mail_line(address: tuple[str, int], line: str) -> bytes:
-    with socket.create_connection(address, timeout=10) as sock:
-        sock.sendall(f"EHLO c.test\r\nAUTH PLAIN {plain(ACCOUNT, PASSWORD)}\r\n".encode())
-        data = b""
-        while data.count(b"\r\n250 ") + data.count(b"\r\n235 ") < 2:
-            data += sock.recv(4096)
-        sock.sendall(line.encode() + b"\r\n")
-        return sock.recv(4096).split(b"\r\n")[0]
+from tests.integration.ingress.helpers import in_thread, reply_after_auth
 
 
 @pytest.mark.parametrize(
@@ -38,6 +26,6 @@ async def test_non_ascii_size_still_reaches_int(
 ) -> None:
     stack = await make_ingress(ingress={"max_message_size": 0})
     caplog.set_level(logging.ERROR)
-    said = await in_thread(_mail_line, stack.smtp_address, line)
+    said = await in_thread(reply_after_auth, stack.smtp_address, line)
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert said.startswith(b"501") and not tracebacks, (said, [r.getMessage() for r in tracebacks])
