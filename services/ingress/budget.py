@@ -8,9 +8,9 @@ disconnect, timeout). A session that cannot reserve reads the rest of its messag
 and is answered 452 4.3.1, as Postfix answers when its queue is short of space.
 
 The inbound listener's sessions (port 25: anyone on the internet, no account) may together
-hold only half of it, or one message of the largest size when that
-is more: a few anonymous clients sending large messages slowly must not refuse every account's
-mail, and the largest message must still fit.
+hold only half of it, or one message of the largest size when that is more: a few anonymous
+clients sending large messages slowly must not refuse every account's mail, and the largest
+message must still fit.
 
 Per process, like the connection gate: it protects this process's memory, and replicas do not
 share memory.
