@@ -105,18 +105,21 @@ async def send_data(
         for start in range(0, len(body), _CHUNK):
             if _early_reply(protocol) is not None:
                 break
-            _check(smtp, stopping)
+            _check(stopping)
             protocol.write(body[start : start + _CHUNK])
             await _drained(protocol, within=transfer_timeout, stopping=stopping)
         if _early_reply(protocol) is None:
             # The dot on its own, after a last look: past it the server may take the message.
-            _check(smtp, stopping)
+            _check(stopping)
             protocol.write(dot)
             dot_written = True
             await _drained(protocol, within=transfer_timeout)
             response = await protocol.read_response(timeout=reply_timeout)
         else:
             response = _refused_early(smtp, protocol)
+    except Stopping:
+        drop_connection(smtp)  # before the dot: the server takes nothing
+        raise
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
         said = _early_reply(protocol)
         if said is None:
@@ -141,9 +144,8 @@ def _refused_early(smtp: aiosmtplib.SMTP, protocol: SMTPProtocol) -> aiosmtplib.
     return said
 
 
-def _check(smtp: aiosmtplib.SMTP, stopping: Callable[[], bool] | None) -> None:
+def _check(stopping: Callable[[], bool] | None) -> None:
     if stopping is not None and stopping():
-        drop_connection(smtp)
         raise Stopping("worker stopping before the message's final dot")
 
 
@@ -190,8 +192,7 @@ async def _drained(
                     await protocol._drain_helper()
                 return
             except TimeoutError as exc:
-                if stopping is not None and stopping():
-                    raise Stopping("worker stopping before the message's final dot") from exc
+                _check(stopping)
                 waited += step or 0.0
                 if transport.get_write_buffer_size() < left:
                     break  # progress: the "no progress" clock starts again

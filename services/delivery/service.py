@@ -42,10 +42,11 @@ from services.delivery import gauges
 from services.delivery.capture import capture
 from services.delivery.connections import ConnectionPool, Saturated
 from services.delivery.control import DeliveryControl
+from services.delivery.draining import Stopping
 from services.delivery.limits import SharedLimits
 from services.delivery.mta_sts import MtaSts
 from services.delivery.public_addresses import why_not_public
-from services.delivery.sending import AttemptResult, Stopping, send_job
+from services.delivery.sending import AttemptResult, send_job
 from services.delivery.shaping import Shaping, load_shaping
 from services.delivery.smtp_session import SessionSettings, Source, client_tls_context
 from services.delivery.sources import RECHECK_SECONDS, SourceHealth, choose_source, pool_sources
