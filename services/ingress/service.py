@@ -77,10 +77,12 @@ class IngressService:
         )
         # Connections per client IP, and per load balancer while a PROXY header is awaited.
         self.gate = ConnectionGate(cfg)
+        # The largest message allowed: max_message_size, or with none the whole budget (a
+        # message larger than the budget could never be taken; relais validate keeps the budget
+        # above max_message_size otherwise).
+        self._largest = cfg.max_message_size or cfg.max_buffered_bytes
         # DATA octets held by all of this process's sessions (ingress.max_buffered_bytes).
-        # The largest message allowed: max_message_size, or with none the whole budget.
-        largest = cfg.max_message_size or cfg.max_buffered_bytes
-        self.budget = ByteBudget(cfg.max_buffered_bytes, largest=largest)
+        self.budget = ByteBudget(cfg.max_buffered_bytes, largest=self._largest)
         self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._servers: list[asyncio.Server] = []
         self._connections: set[RelaisSMTP] = set()
@@ -119,9 +121,6 @@ class IngressService:
             proxy=listener.proxy_protocol,
             proxy_from=tuple(listener.proxy_from),
         )
-        # A message larger than the whole budget could never be taken: with no max_message_size
-        # the budget is the largest message (relais validate keeps the budget above it otherwise).
-        size_limit = cfg.max_message_size or cfg.max_buffered_bytes
 
         def make() -> RelaisSMTP:
             return RelaisSMTP(
@@ -133,7 +132,7 @@ class IngressService:
                 prototype=prototype,
                 hostname=cfg.hostname,
                 ident="Relais ESMTP",
-                data_size_limit=size_limit,
+                data_size_limit=self._largest,
                 enable_SMTPUTF8=True,
                 decode_data=False,
                 tls_context=None if implicit else tls,
