@@ -110,16 +110,17 @@ def _target(url: str) -> _Target:
 
 
 async def _connect(
-    addresses: Sequence[str], target: _Target, context: ssl.SSLContext, within: float
+    addresses: Sequence[str], target: _Target, context: ssl.SSLContext, deadline: float
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """TLS to the first of `addresses` that answers (at most MAX_POLICY_ADDRESSES are tried),
     verified for `target.host`: the name is not looked up again. Each address gets an equal
-    share of what is left of `within`, so one that never answers leaves time for the next."""
+    share of what is left until `deadline` (the event loop's clock), so one that never answers
+    leaves time for the next."""
     tried = list(addresses[:MAX_POLICY_ADDRESSES])
-    deadline = time.monotonic() + within
+    loop = asyncio.get_running_loop()
     error: OSError = OSError(f"no address for {target.host}")
     for n, address in enumerate(tried):
-        share = (deadline - time.monotonic()) / (len(tried) - n)
+        share = (deadline - loop.time()) / (len(tried) - n)
         try:
             async with asyncio.timeout(share):
                 return await asyncio.open_connection(
@@ -293,13 +294,12 @@ class MtaSts:
         the connections tried, TLS, the request and the whole response: a host that sends a
         byte now and then cannot hold the fetch (and every message waiting on it) for longer."""
         target = _target(url)
-        deadline = time.monotonic() + self._timeout
-        async with asyncio.timeout(self._timeout):
+        async with asyncio.timeout(self._timeout) as deadline:
             if self._address_check is None:
                 addresses = await relais_dns.addresses(self._resolver, target.host)
             else:
                 addresses = await self._allowed_addresses(target.host, self._address_check)
-            reader, writer = await _connect(addresses, target, self._context, deadline - time.monotonic())
+            reader, writer = await _connect(addresses, target, self._context, deadline.when() or 0.0)
             try:
                 writer.write(
                     f"GET {target.path} HTTP/1.0\r\nHost: {target.authority}\r\n"
