@@ -395,7 +395,7 @@ def _validate_ingress(config: Config) -> None:
             raise ConfigError(f"ingress.relay_networks: {net!r} is not a CIDR network") from exc
     if ingress.relay_networks and not ingress.relay_networks_account:
         raise ConfigError("ingress.relay_networks needs ingress.relay_networks_account")
-    for key in ("max_buffered_bytes", "max_proxy_pending_per_peer"):
+    for key in ("max_buffered_bytes", "max_proxy_pending_per_peer", "max_connections"):
         if getattr(ingress, key) < 0:
             raise ConfigError(f"ingress.{key}: must be >= 0 (0: no limit)")
     if 0 < ingress.max_buffered_bytes < ingress.max_message_size:

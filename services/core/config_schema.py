@@ -89,6 +89,13 @@ class IngressConfig:
     # A real load balancer sends the header at once, so only a burst the event loop has not read
     # yet sits here: generous, so a busy replica never refuses its load balancer. 0: no limit.
     max_proxy_pending_per_peer: int = 200
+    # Connections open at once on each listener of one replica, from any address, counted from
+    # the accept like max_connections_per_ip; beyond it 421 4.3.2 (a refused implicit-TLS client
+    # is closed without a word). Each listener has its own, as each Postfix master.cf service
+    # has its process limit, so a flood on port 25 leaves the submission ports their share.
+    # Memory is not what runs out first (an idle session holds about 8 KiB): file descriptors
+    # and the event loop's time are. 0: no limit.
+    max_connections: int = 1000
     # DATA octets all sessions of one ingress process may hold at once; beyond it a message is
     # read to its end and refused with 452 4.3.1, like Postfix short of queue space. Four
     # default-sized messages: a 1 GiB pod keeps room for the transient copies of the hand-off

@@ -116,6 +116,18 @@ SMTP_SESSIONS = Counter(
     ["direction"],
     registry=REGISTRY,
 )
+INGRESS_CONNECTIONS = Gauge(
+    "relais_ingress_connections",
+    "Connections open on each ingress listener of this process, from their accept, against "
+    "ingress.max_connections",
+    ["listener"],
+    registry=REGISTRY,
+)
+INGRESS_BUFFERED_BYTES = Gauge(
+    "relais_ingress_buffered_bytes",
+    "DATA octets this ingress process's sessions hold in memory, against ingress.max_buffered_bytes",
+    registry=REGISTRY,
+)
 TLS_RECIPIENTS = Counter(
     "relais_tls_recipients",
     "Recipients by the TLS version of their SMTP transaction ('none': plaintext): inbound when "

@@ -13,6 +13,8 @@ or one address could hold any number of sockets in those windows.
   anyone hold sockets. So it counts apart, per peer, against `max_proxy_pending_per_peer`, until
   the header names the client, whose IP then counts instead. A peer outside the listener's
   `proxy_from` is closed at once: its header would not be believed anyway.
+- Every connection admitted also takes a seat on its listener, whatever its address, against
+  `ingress.max_connections`: many addresses together must not exhaust the process either.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.ingress.limits import ConnectionGate, GatePass
+from services.ingress.limits import ConnectionGate, GatePass, ListenerSeats
 from services.ingress.policy import in_networks
-from services.ingress.replies import TOO_MANY_CONNECTIONS, Verdict
+from services.ingress.replies import LISTENER_FULL, TOO_MANY_CONNECTIONS, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class Door:
     """One listener's rules for a just-accepted connection."""
 
     gate: ConnectionGate
+    # This listener's connections (its own, not shared with the replica's other listeners).
+    seats: ListenerSeats
     # TLS from the first byte (implicit TLS): the SMTP session starts once the handshake is done.
     tls: ssl.SSLContext | None = None
     handshake_timeout: float = 30.0
@@ -52,11 +56,18 @@ class Door:
             if self.proxy_from and not in_networks(peer, self.proxy_from):
                 log.warning("PROXY listener: connection from %s, not a load balancer: closed", peer)
                 return None
-            # The load balancer relays the reply to its client: a plain temporary refusal.
-            return admitted if admitted.wait(peer) else TOO_MANY_CONNECTIONS
-        if admitted.admit(peer):
+            # The load balancer relays a refusal to its client: a plain temporary one.
+            counted = admitted.wait(peer)
+        else:
+            counted = admitted.admit(peer)
+        if not counted:
+            refusal = TOO_MANY_CONNECTIONS
+        elif not admitted.sit(self.seats):
+            admitted.release()
+            refusal = LISTENER_FULL
+        else:
             return admitted
-        return None if self.tls is not None else TOO_MANY_CONNECTIONS
+        return None if self.tls is not None else refusal
 
 
 def peer_address(transport: asyncio.BaseTransport) -> str:

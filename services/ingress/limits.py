@@ -421,14 +421,41 @@ def _uncount(counter: Counter[str], key: str) -> None:
         del counter[key]
 
 
+class ListenerSeats:
+    """Connections open on one listener of this replica, from any address, against
+    `ingress.max_connections` (0: no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.limit and self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give(self) -> None:
+        self.taken -= 1
+
+
 class GatePass:
-    """One connection's place in the gate: at most one count at a time, given back exactly once
-    however the connection ends (a PROXY header read, a handshake that failed, a session over)."""
+    """One connection's place in the gate: its seat on the listener and at most one count at a
+    time, given back exactly once however the connection ends (a PROXY header read, a handshake
+    that failed, a session over)."""
 
     def __init__(self, gate: ConnectionGate) -> None:
         self._gate = gate
+        self._seats: ListenerSeats | None = None
         self._ip: str | None = None
         self._waiting: str | None = None
+
+    def sit(self, seats: ListenerSeats) -> bool:
+        """Take a seat on the connection's listener; False when it is full."""
+        if not seats.take():
+            return False
+        self._seats = seats
+        return True
 
     def admit(self, ip: str) -> bool:
         """Count the connection against its client IP (a PROXY header's: it waits no more)."""
@@ -455,6 +482,9 @@ class GatePass:
         if self._ip is not None:
             self._gate.release(self._ip)
             self._ip = None
+        if self._seats is not None:
+            self._seats.give()
+            self._seats = None
 
     def _stop_waiting(self) -> None:
         if self._waiting is not None:

@@ -27,6 +27,8 @@ class Verdict:
 
 # Connection
 TOO_MANY_CONNECTIONS = Verdict(421, "4.7.0", "Too many connections from your address, try again later")
+# The listener is full, whoever asks: the system, not the client, is the reason (RFC 3463 X.3.2).
+LISTENER_FULL = Verdict(421, "4.3.2", "Too many connections, try again later")
 TOO_MANY_ERRORS = Verdict(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_JUNK_COMMANDS = Verdict(421, "4.7.0", "Too many commands without mail, closing connection")
 TIMEOUT = Verdict(421, "4.4.2", "Timeout, closing connection")

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import resource
 from collections.abc import Callable
 
+from services.core import metrics
 from services.core.bodies import BodyStore
 from services.core.bus import Bus
 from services.core.config import Config, ListenerConfig, listener_configs
@@ -17,7 +19,14 @@ from services.ingress.budget import ByteBudget
 from services.ingress.door import Door
 from services.ingress.handler import IngressHandler
 from services.ingress.handoff import Handoff
-from services.ingress.limits import AuthThrottle, ConnectionGate, Counters, MessageRates, SessionRegistry
+from services.ingress.limits import (
+    AuthThrottle,
+    ConnectionGate,
+    Counters,
+    ListenerSeats,
+    MessageRates,
+    SessionRegistry,
+)
 from services.ingress.protocol import RelaisSMTP
 from services.ingress.prototype import Prototype
 from services.ingress.tls import TlsCertificates
@@ -35,6 +44,8 @@ class _QuietDeprecation(logging.Filter):
 
 logging.getLogger("mail.log").addFilter(_QuietDeprecation())
 
+# File descriptors beside the listeners' connections: NATS, DNS, TLS certificate reloads, logs.
+_FD_RESERVE = 64
 # How long a PROXY-protocol listener waits for the header before dropping the connection.
 _PROXY_TIMEOUT = 10.0
 _TLS_HANDSHAKE_TIMEOUT = 30.0
@@ -44,6 +55,30 @@ _DRAIN_SECONDS = 20.0
 _EVENT_DRAIN_SECONDS = 5.0
 # The drain has ended every session by then; this only bounds a server's own close.
 _SERVER_CLOSE_SECONDS = 1.0
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft open-files limit to its hard one, as Go programs (nats-server
+    among them) do at start: the common soft default of 1,024 fails accepts, and NATS
+    reconnects, long before the listeners are full. The soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def _check_open_files(connections: int) -> None:
+    limit = raise_open_files_limit()
+    if connections and limit != resource.RLIM_INFINITY and connections + _FD_RESERVE > limit:
+        log.warning(
+            "open-files limit %d is below the listeners' %d connections (ingress.max_connections per "
+            "listener) plus %d: a busy replica will fail accepts; raise the limit or lower the setting",
+            limit,
+            connections,
+            _FD_RESERVE,
+        )
 
 
 def split_hostport(listen: str) -> tuple[str, int]:
@@ -83,6 +118,7 @@ class IngressService:
         self._largest = cfg.max_message_size or cfg.max_buffered_bytes
         # DATA octets held by all of this process's sessions (ingress.max_buffered_bytes).
         self.budget = ByteBudget(cfg.max_buffered_bytes, largest=self._largest)
+        metrics.INGRESS_BUFFERED_BYTES.set_function(lambda: self.budget.used)
         self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._servers: list[asyncio.Server] = []
         self._connections: set[RelaisSMTP] = set()
@@ -113,9 +149,12 @@ class IngressService:
         require_tls = cfg.auth_require_tls and not implicit and not local_only
         # aiosmtpd's reflective set-up, paid by the listener's first connection only.
         prototype = Prototype()
+        seats = ListenerSeats(cfg.max_connections)
+        metrics.INGRESS_CONNECTIONS.labels(listener.listen).set_function(lambda: seats.taken)
         # Implicit TLS is started by the protocol itself, after the gate counted the connection.
         door = Door(
             self.gate,
+            seats,
             tls=tls if implicit else None,
             handshake_timeout=_TLS_HANDSHAKE_TIMEOUT,
             proxy=listener.proxy_protocol,
@@ -150,8 +189,10 @@ class IngressService:
         await self.accounts.start()
         await self.sessions.start()
         loop = asyncio.get_running_loop()
+        listeners = listener_configs(self._config)
+        _check_open_files(len(listeners) * self._config.ingress.max_connections)
         try:
-            for listener in listener_configs(self._config):
+            for listener in listeners:
                 host, port = split_hostport(listener.listen)
                 server = await loop.create_server(
                     self._factory(listener), host=host, port=port, reuse_address=True

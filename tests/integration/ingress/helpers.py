@@ -159,6 +159,21 @@ def hold_inbound(address: tuple[str, int], octets: int) -> socket.socket:
     return hold_data(address, inbound_message(octets), INBOUND_TO_DATA)
 
 
+def hold_silent(address: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
+    """A connection that sends nothing: a handshake or a PROXY header that never comes."""
+    return socket.create_connection(address, timeout=5, source_address=(source, 0))
+
+
+def closed_at_once(sock: socket.socket) -> bytes:
+    """What the server said before closing `sock` (a socket timeout when it did not close)."""
+    sock.settimeout(3)
+    with sock:
+        data = b""
+        while chunk := sock.recv(200):
+            data += chunk
+        return data
+
+
 async def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Blocking smtplib clients run in a thread so the in-process ingress keeps serving."""
     return await asyncio.to_thread(fn, *args, **kwargs)

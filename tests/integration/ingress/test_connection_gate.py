@@ -12,25 +12,17 @@ import pytest
 
 from services.ingress import service
 from services.ingress.replies import TOO_MANY_CONNECTIONS
-from tests.integration.ingress.helpers import in_thread, listening, settle, tls_sections
+from tests.integration.ingress.helpers import (
+    closed_at_once,
+    hold_silent,
+    in_thread,
+    listening,
+    settle,
+    tls_sections,
+)
 from tests.support.certs import TestPKI
 
 PROXY_V1 = "PROXY TCP4 {} 10.0.0.1 40000 25\r\n"
-
-
-def _hold(address: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
-    """A connection that sends nothing: a handshake or a PROXY header that never comes."""
-    return socket.create_connection(address, timeout=5, source_address=(source, 0))
-
-
-def _closed_at_once(sock: socket.socket) -> bytes:
-    """What the server said before closing `sock` (a socket timeout when it did not close)."""
-    sock.settimeout(3)
-    with sock:
-        data = b""
-        while chunk := sock.recv(200):
-            data += chunk
-        return data
 
 
 def _greeting_over_tls(address: tuple[str, int], pki: TestPKI, source: str = "127.0.0.1") -> int:
@@ -48,15 +40,15 @@ async def implicit_tls(make_ingress: Callable[..., Any], pki: TestPKI) -> tuple[
     return stack, address
 
 
-async def test_one_ip_cannot_hold_more_than_its_limit_during_tls_handshakes(
+async def test_one_ip_cannothold_silent_more_than_its_limit_during_tls_handshakes(
     implicit_tls: tuple[Any, tuple[str, int]], pki: TestPKI
 ) -> None:
     stack, address = implicit_tls
     gate = stack.ingress.gate
-    held = [await in_thread(_hold, address) for _ in range(2)]
+    held = [await in_thread(hold_silent, address) for _ in range(2)]
     try:
         # The third is closed without a handshake, and without a word a TLS client could read.
-        assert await in_thread(_closed_at_once, await in_thread(_hold, address)) == b""
+        assert await in_thread(closed_at_once, await in_thread(hold_silent, address)) == b""
         assert gate.open_connections("127.0.0.1") == 2
         # Another address is not affected.
         assert await in_thread(_greeting_over_tls, address, pki, "127.0.0.2") == 250
@@ -77,11 +69,11 @@ async def test_a_handshake_that_times_out_gives_its_place_back(
     stack, [address] = await listening(
         make_ingress, tls_sections(pki, max_connections_per_ip=1), {"mode": "implicit-tls"}
     )
-    silent = await in_thread(_hold, address)
-    assert await in_thread(_closed_at_once, await in_thread(_hold, address)) == b""
+    silent = await in_thread(hold_silent, address)
+    assert await in_thread(closed_at_once, await in_thread(hold_silent, address)) == b""
     assert stack.ingress.gate.open_connections("127.0.0.1") == 1
     # The server gives up on the silent one after the handshake timeout, and frees its place.
-    assert await in_thread(_closed_at_once, silent) == b""
+    assert await in_thread(closed_at_once, silent) == b""
     assert await settle(lambda: stack.ingress.gate.open_connections("127.0.0.1") == 0)
     assert await in_thread(_greeting_over_tls, address, pki) == 250
 
@@ -101,11 +93,11 @@ async def test_sockets_awaiting_a_proxy_header_count_per_load_balancer(
         {"proxy_protocol": True},
     )
     gate = stack.ingress.gate
-    held = [await in_thread(_hold, address) for _ in range(2)]
+    held = [await in_thread(hold_silent, address) for _ in range(2)]
     try:
         # A third socket from that load balancer without its header: refused, in words its
         # client can read (the load balancer relays them).
-        refused = await in_thread(_closed_at_once, await in_thread(_hold, address))
+        refused = await in_thread(closed_at_once, await in_thread(hold_silent, address))
         assert refused == f"{TOO_MANY_CONNECTIONS}\r\n".encode()
         assert gate.waiting_connections("127.0.0.1") == 2
         # Another load balancer is not affected.
@@ -131,7 +123,7 @@ async def test_a_connection_from_outside_proxy_from_is_closed_before_its_header(
     stack, [address] = await listening(
         make_ingress, {}, {"proxy_protocol": True, "proxy_from": ["127.0.0.2/32"]}
     )
-    assert await in_thread(_closed_at_once, await in_thread(_hold, address, "127.0.0.3")) == b""
+    assert await in_thread(closed_at_once, await in_thread(hold_silent, address, "127.0.0.3")) == b""
     assert stack.ingress.gate.waiting_connections("127.0.0.3") == 0
 
 

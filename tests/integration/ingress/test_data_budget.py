@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from services.core import metrics
 from services.ingress.replies import INSUFFICIENT_STORAGE, LOCAL_ERROR, MESSAGE_TOO_BIG
 from tests.integration.ingress.helpers import (
     client,
@@ -42,6 +43,7 @@ async def test_concurrent_messages_beyond_the_budget(make_ingress: Callable[...,
     # Session A sends most of its message and waits: it holds ~15 KB of the budget.
     a = await in_thread(hold_data, ingress.smtp_address, first[:15_000])
     assert await settle(lambda: budget.used >= 14_000)
+    assert metrics.REGISTRY.get_sample_value("relais_ingress_buffered_bytes") == budget.used
 
     b = await in_thread(client, ingress.smtp_address)
 
