@@ -197,16 +197,17 @@ async def asubmit(address: tuple[str, int], **kwargs: Any) -> tuple[int, bytes]:
     return await asyncio.to_thread(submit, address, **kwargs)
 
 
-def an_envelope(*recipients: str, body: bytes = b"Hello.\r\n", **fields: Any) -> Envelope:
+def an_envelope(*recipients: str, body: bytes | BodyRef = b"Hello.\r\n", **fields: Any) -> Envelope:
     """An envelope as the ingress stores it for the test account (news@SENDER_DOMAIN, the body
-    inline), for tests that put one on a stream themselves; `fields` override any field."""
+    inline unless `body` is a reference already), for tests that put one on a stream themselves
+    or need one to hand; `fields` override any field."""
     base: dict[str, Any] = {
         "id": new_message_id(),
         "sender": f"news@{SENDER_DOMAIN}",
         "recipients": recipients or ("a@alpha.test",),
         "account": ACCOUNT,
         "sender_domain": SENDER_DOMAIN,
-        "body": BodyRef(size=len(body), inline=body),
+        "body": body if isinstance(body, BodyRef) else BodyRef(size=len(body), inline=body),
     }
     return Envelope(**(base | fields))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from services.bounce.classify import DEFAULT_RULES, BounceCategory, is_hard
@@ -19,8 +17,9 @@ from services.bounce.policy import (
     wants_dsn,
 )
 from services.core.disposition import expiry_reply
-from services.core.envelope import BodyRef, Envelope
+from services.core.envelope import Envelope
 from services.core.outcome import EXPIRED, NO_ROUTE, NO_SUCH_DOMAIN, Bounced, Reply
+from tests.support.relais import an_envelope
 
 USER_UNKNOWN = Reply(550, "5.1.1", "<a@x.test>: Recipient address rejected: User unknown", "RCPT")
 MAILBOX_FULL = Reply(552, "5.2.2", "Mailbox full", "RCPT")
@@ -28,15 +27,8 @@ GREYLISTED = Reply(450, "4.2.0", "Greylisted, try again later", "RCPT")
 
 
 def env(**changes: object) -> Envelope:
-    base = Envelope(
-        id="m1",
-        sender="s@acme.test",
-        recipients=("a@x.test", "b@x.test", "c@x.test"),
-        account="acme",
-        sender_domain="acme.test",
-        body=BodyRef(size=1, inline=b"x"),
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    fields = {"body": b"x", "id": "m1", "sender": "s@acme.test"} | changes
+    return an_envelope("a@x.test", "b@x.test", "c@x.test", **fields)  # type: ignore[arg-type]
 
 
 def test_notify_never_and_success_only_get_no_failure_dsn() -> None:

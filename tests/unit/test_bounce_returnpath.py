@@ -8,8 +8,9 @@ import pytest
 
 from services.core import returnpath
 from services.core.config import BounceConfig
-from services.core.envelope import BodyRef, Envelope, new_message_id
+from services.core.envelope import Envelope, new_message_id
 from services.core.returnpath import encode_token, parse_verp, return_path, verify, verp_address
+from tests.support.relais import an_envelope
 
 SECRET = "s3cret-s3cret-s3cret"
 OLD_SECRET = "old-secret-old-secret"
@@ -18,15 +19,7 @@ CONFIG = BounceConfig(verp=True, return_path_domain=DOMAIN, verp_secrets=[SECRET
 
 
 def envelope(**changes: object) -> Envelope:
-    env = Envelope(
-        id=new_message_id(),
-        sender="news@acme.test",
-        recipients=("bob@alpha.test",),
-        account="acme",
-        sender_domain="acme.test",
-        body=BodyRef(size=1, inline=b"x"),
-    )
-    return dataclasses.replace(env, **changes)  # type: ignore[arg-type]
+    return an_envelope("bob@alpha.test", body=b"x", **changes)
 
 
 def test_single_recipient_round_trip_names_account_and_message() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import pytest
 
@@ -17,20 +19,12 @@ from services.core.envelope import (
     new_message_id,
 )
 from services.core.outcome import Bounced, Reply
+from tests.support.relais import an_envelope
 
 
 def _envelope(**kw: object) -> Envelope:
-    base: dict[str, object] = dict(
-        id=new_message_id(),
-        sender="news@acme.test",
-        recipients=("a@x.test", "b@x.test"),
-        account="acme",
-        sender_domain="acme.test",
-        body=BodyRef(size=5, inline=b"hi\r\n\x00\xff"),
-        received_at=1700000000.25,
-    )
-    base.update(kw)
-    return Envelope(**base)  # type: ignore[arg-type]
+    fields: dict[str, Any] = {"body": b"hi\r\n\x00\xff", "received_at": 1700000000.25} | kw
+    return an_envelope("a@x.test", "b@x.test", **fields)
 
 
 def test_round_trip_keeps_every_field() -> None:

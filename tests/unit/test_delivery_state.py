@@ -8,7 +8,7 @@ import pytest
 
 from services.core.config import RetryConfig
 from services.core.disposition import DELAY_WARNED, wants_delay_warning
-from services.core.envelope import BodyRef, BounceNotice, Envelope
+from services.core.envelope import BounceNotice, Envelope
 from services.core.outcome import Bounced, Reply
 from services.core.pause import parse_pause_key, pause_key
 from services.delivery import sources
@@ -29,6 +29,7 @@ from services.delivery.limits import (
 from services.delivery.service import SLOT_INTERVAL_META, SLOT_META, _parse_slot, _Slot
 from services.delivery.smtp_session import Source
 from services.delivery.sources import SourceHealth, choose_source
+from tests.support.relais import an_envelope
 
 
 def test_gcra_spaces_slots_by_the_interval_and_never_goes_back_in_time() -> None:
@@ -126,16 +127,9 @@ def test_pinned_source_is_used_when_usable_else_a_weighted_pick() -> None:
     assert choose_source([], pinned="192.0.2.2") is None
 
 
-def _env(**kw) -> Envelope:
+def _env(**kw: object) -> Envelope:
     kw.setdefault("sender", "s@a.test")
-    return Envelope(
-        id="m1",
-        recipients=("r@b.test",),
-        account="acme",
-        sender_domain="a.test",
-        body=BodyRef(size=1, inline=b"x"),
-        **kw,
-    )
+    return an_envelope("r@b.test", body=b"x", id="m1", sender_domain="a.test", **kw)
 
 
 def test_delay_warning_goes_once_after_the_configured_age_and_never_by_default() -> None:

@@ -17,9 +17,10 @@ from services.core.config import (
     SourceConfig,
     validate,
 )
-from services.core.envelope import BodyRef, Envelope
+from services.core.envelope import Envelope
 from services.router.accounts import account_from_record
 from services.router.plan import META_POOL, Job, choose_pool, split_by_domain, without_suppressed
+from tests.support.relais import an_envelope
 
 HASH = "scrypt$16384$8$1$c2FsdA==$ZGlnZXN0"
 
@@ -41,15 +42,15 @@ def _config() -> Config:
 
 
 def _env(sender_domain: str = "acme.test", meta: dict[str, str] | None = None, **kw: object) -> Envelope:
-    return Envelope(
+    recipients: tuple[str, ...] = kw.pop("recipients", ("a@x.test",))  # type: ignore[assignment]
+    return an_envelope(
+        *recipients,
+        body=b"x",
         id="m1",
         sender=f"news@{sender_domain}",
-        recipients=kw.pop("recipients", ("a@x.test",)),  # type: ignore[arg-type]
-        account="acme",
         sender_domain=sender_domain,
-        body=BodyRef(size=1, inline=b"x"),
         meta=meta or {},
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 

@@ -6,9 +6,10 @@ from dataclasses import replace
 
 from services.core import metrics
 from services.core import telemetry as t
-from services.core.envelope import BodyRef, Envelope
+from services.core.envelope import Envelope
 from services.core.events import event_for, outcome_attributes
 from services.core.outcome import Reply
+from tests.support.relais import an_envelope
 
 
 def sample(name: str, **labels: str) -> float:
@@ -16,19 +17,15 @@ def sample(name: str, **labels: str) -> float:
 
 
 def envelope(**kw: object) -> Envelope:
-    base = dict(
+    base: dict[str, object] = dict(
         id="0190000000aabbccddeeff",
-        sender="news@acme.test",
         recipients=("a@alpha.test", "b@alpha.test"),
         account="acme-unit",
-        sender_domain="acme.test",
-        body=BodyRef(size=3, inline=b"abc"),
         received_at=1000.0,
         pool="unitpool",
         site="mx.unit.test",
     )
-    base.update(kw)
-    return Envelope(**base)  # type: ignore[arg-type]
+    return an_envelope(body=b"abc", **(base | kw))
 
 
 def test_accepted_counts_messages_and_recipients_per_account() -> None:

@@ -11,24 +11,16 @@ import email
 
 from flufl.bounce import all_failures
 
-from services.core.envelope import BodyRef, Envelope, new_message_id
+from services.core.envelope import Envelope
 from tests.integration.bounce.conftest import publish_route
-from tests.support.relais import ACCOUNT, SENDER_DOMAIN, RelaisStack, message, wait_for_events
+from tests.support.relais import SENDER_DOMAIN, RelaisStack, an_envelope, message, wait_for_events
 
 SENDER = f"news@{SENDER_DOMAIN}"
 REJECT = "550 5.1.1 No such user"
 
 
 def envelope(recipients: tuple[str, ...], data: bytes, **dsn: object) -> Envelope:
-    return Envelope(
-        id=new_message_id(),
-        sender=SENDER,
-        recipients=recipients,
-        account=ACCOUNT,
-        sender_domain=SENDER_DOMAIN,
-        body=BodyRef(size=len(data), inline=data),
-        **dsn,  # type: ignore[arg-type]
-    )
+    return an_envelope(*recipients, body=data, **dsn)
 
 
 async def test_notify_orcpt_ret_and_envid_shape_the_dsn(stack: RelaisStack, make_sink, sender_mx) -> None:
