@@ -37,6 +37,10 @@ from services.router.warmup import WARMUP_DEFERRED, WarmupCounters, pick_source
 log = logging.getLogger(__name__)
 
 SUPPRESSED = Reply(550, "5.7.1", "Recipient is on the account's suppression list; not sent", "QUEUE")
+# The account's pool (or the "default" it falls back to) is not configured: no delivery worker
+# takes that pool's jobs. Waiting for the configuration to be mended, as Postfix does with an
+# unknown transport, gives the mail an outcome; a job for that pool would wait for ever.
+NO_POOL = Reply(451, "4.3.5", "No IP pool is configured for this sender; will retry", "QUEUE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +117,44 @@ class RouterService:
             await self._bodies.hold(env.body, [job.job_id for job in jobs])
         pool = choose_pool(self._config, env, account)
         suppressed = await self._suppressed(env)
-        await asyncio.gather(*(self._route_job(env, job, pool, suppressed) for job in jobs))
+        # Every job runs to its end, failed siblings or not: a pass must be over before its
+        # message can come back (a second pass overlapping it could decide a job otherwise).
+        results = await asyncio.gather(
+            *(self._route_job(env, job, pool, suppressed) for job in jobs), return_exceptions=True
+        )
+        failed = [(job, r) for job, r in zip(jobs, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            await self._hand_back(env, failed, done=len(jobs) - len(failed))
+
+    async def _hand_back(self, env: Envelope, failed: list[tuple[Job, BaseException]], *, done: int) -> None:
+        """Queue the jobs that failed as route messages of their own, so only they are routed
+        again. Redelivering the whole message would route its finished jobs again too: once
+        more into the warm-up counts, maybe to another fate (DNS or the cap changed meanwhile),
+        and, once the failure has outlasted the duplicate window, into a second delivery job.
+        With nothing finished, the message itself is redelivered as before."""
+        error = failed[0][1]
+        if not done or not isinstance(error, Exception):
+            raise error
+        try:
+            for job, exc in failed:
+                log.warning("job %s of message %s failed, to be routed again: %r", job.job_id, env.id, exc)
+                await self._route_again(env, job)
+        except Exception as unqueued:
+            raise error from unqueued
+
+    async def _route_again(self, env: Envelope, job: Job) -> None:
+        # The same attempt: a delivery job that the failed pass did store is then a duplicate.
+        payload = replace(env, job_id=job.job_id, recipients=job.recipients, domain=job.domain).to_msgpack()
+        await patiently(
+            lambda: self._bus.publish(
+                route_subject(),
+                payload,
+                msg_id=f"again-{job.job_id}-{env.attempt_count}",
+                headers={"traceparent": env.trace_context} if env.trace_context else None,
+                attributes={"relais.message_id": env.id},
+            ),
+            f"job {job.job_id} routed again",
+        )
 
     async def _sign(self, env: Envelope, account: AccountConfig | None) -> Envelope:
         domains = account.domains if account else ()
@@ -160,29 +201,26 @@ class RouterService:
         if not job.recipients:
             await self._bodies.release(env.body, job.job_id)
             return
+        if pool not in self._config.pools:
+            log.error("message %s: pool %r is not configured; deferring job %s", env.id, pool, job.job_id)
+            await self._settle_all(routed, Deferred, NO_POOL)
+            return
         dest = await self._resolve(job.domain)
         route = dest.route
         if route.failure is not None:
             kind = Bounced if route.is_permanent_failure else Deferred
-            await settle(
-                self._bus,
-                self._bodies,
-                self._config.retry,
-                routed,
-                [kind(rcpt, route.failure) for rcpt in job.recipients],
-            )
+            await self._settle_all(routed, kind, route.failure)
             return
         routed = replace(routed, mx_hosts=route.hosts, site=dest.site)
         pick = await pick_source(
             self._config, self._counters, pool, dest.site, len(job.recipients), now=time.time(), rng=self._rng
         )
         if pick.defer:
-            outcomes = [Deferred(rcpt, WARMUP_DEFERRED) for rcpt in job.recipients]
-            await settle(self._bus, self._bodies, self._config.retry, routed, outcomes)
+            await self._settle_all(routed, Deferred, WARMUP_DEFERRED)
             return
         if pick.source:
             routed = replace(routed, meta={**routed.meta, META_SOURCE: pick.source})
-        # Patiently, as `settle` does: giving up would have the whole message routed again, and
+        # Patiently, as `settle` does: giving up would have this job routed again, and
         # a second pass may decide this job otherwise (warm-up cap reached, DNS failing) after
         # the first one's job was in fact stored: two fates. The msg id dedupes the repeats.
         payload = routed.to_msgpack()
@@ -195,6 +233,11 @@ class RouterService:
             ),
             f"delivery job {job.job_id}",
         )
+
+    async def _settle_all(self, routed: Envelope, kind: type[Bounced | Deferred], reply: Reply) -> None:
+        """One outcome the router decided (no MX, no pool, warm-up) for every recipient of a job."""
+        outcomes = [kind(rcpt, reply) for rcpt in routed.recipients]
+        await settle(self._bus, self._bodies, self._config.retry, routed, outcomes)
 
     async def _publish_suppressed(
         self, routed: Envelope, dropped: tuple[str, ...], entries: Mapping[str, Suppression]
