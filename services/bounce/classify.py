@@ -170,12 +170,14 @@ _REPLY_TEXT_RULES = (
         r" resolution|servfail|dns (?:lookup |query |resolution )?(?:failure|failed|error|timeout"
         r"|timed out)|host lookup did not complete|unable to resolve|could not resolve",
     ),
+    # Before invalid_recipient, whose "does not exist" would also read delivery's own "Host not
+    # found: MX host ... does not exist" (every MX host NXDOMAIN) as an unknown user.
     _text(
         _C.BAD_DOMAIN,
         r"host or domain name not found|domain (?:name )?(?:not found|does not exist|doesn't exist)"
         r"|non-?existent ?domain|no (?:mx|mail exchanger|valid mx)\b|nxdomain|null mx|does not accept"
         r" (?:e-?)?mail|relevant mx records point to non-existent hosts|unroute?able domain"
-        r"|\.\.\. unknown host",
+        r"|\.\.\. unknown host|host not found: mx host",
     ),
     _text(
         _C.INACTIVE_MAILBOX,

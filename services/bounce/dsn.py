@@ -8,7 +8,8 @@ as RFC 6532 allows.
 
 Third part, in order of preference:
 
-* ``original_message`` given (RET=FULL) and 7-bit clean: ``message/rfc822``, verbatim.
+* ``original_message`` given (RET=FULL), 7-bit clean and at most ``MAX_RETURNED`` octets:
+  ``message/rfc822``, verbatim.
 * otherwise ``text/rfc822-headers``: 7bit when the header block is ASCII with short lines, else
   base64. ``message/rfc822`` may not be base64-encoded (RFC 2046 section 5.2.1), so an 8-bit
   original is returned as headers only, the same downgrade MTAs make for oversized returns; the
@@ -43,6 +44,10 @@ _CRLF = b"\r\n"
 _MAX_LINE = 998
 _FOLD_WIDTH = 78
 _TEXT_WIDTH = 76
+# The largest original a RET=FULL DSN returns whole (Postfix's bounce_size_limit): a larger one
+# is returned as its headers, as Postfix does. A DSN is never bounced, so one the sender's MX
+# refuses for its size is lost; and the largest message accepted would make a 50 MiB DSN.
+MAX_RETURNED = 50_000
 _STATUS_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _DIAGNOSTIC_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 # "rfc822; bob@x", "dns;mx.example": the value already names its type (RFC 3464 section 2.1.2).
@@ -121,11 +126,12 @@ def build_dsn(
         raise ValueError("message_id must be enclosed in angle brackets")
     when = date if date is not None else datetime.now(UTC)
 
-    returned_full = original_message is not None and _is_7bit(_normalise(original_message))
+    headers_only = _why_headers_only(original_message)
+    returned_full = original_message is not None and not headers_only
     parts = [
         _part(
             ["Content-Description: Notification", "Content-Type: text/plain; charset=us-ascii"],
-            _notification(reporting_mta, recipients, arrival_date, when, original_message, returned_full),
+            _notification(reporting_mta, recipients, arrival_date, when, returned_full, headers_only),
         ),
         _part(
             ["Content-Description: Delivery report", "Content-Type: message/delivery-status"],
@@ -189,8 +195,8 @@ def _notification(
     recipients: Sequence[RecipientStatus],
     arrival_date: datetime,
     when: datetime,
-    original_message: bytes | None,
     returned_full: bool,
+    headers_only: str,
 ) -> bytes:
     host = _untyped(reporting_mta)
     actions = {r.action for r in recipients}
@@ -216,10 +222,8 @@ def _notification(
         )
     else:
         paras.append("Your message was delivered to, or passed on for, the recipients listed below.")
-    if original_message is not None and not returned_full:
-        paras.append(
-            "The original message contains 8-bit data or over-long lines, so only its headers are returned."
-        )
+    if headers_only:
+        paras.append(headers_only)
     paras.append("The mail system".rjust(34))
 
     groups = (
@@ -242,6 +246,20 @@ def _notification(
                 text.extend(_wrap(line, indent="    "))
                 text.append("")
     return _lines(text[:-1])
+
+
+def _why_headers_only(original_message: bytes | None) -> str:
+    """Why a RET=FULL original goes back as its headers only; '' when it goes whole (or no
+    whole message was asked for)."""
+    if original_message is None:
+        return ""
+    if len(original_message) > MAX_RETURNED:
+        why = f"is larger than {MAX_RETURNED} octets"
+    elif not _is_7bit(_normalise(original_message)):
+        why = "contains 8-bit data or over-long lines"
+    else:
+        return ""
+    return f"The original message {why}, so only its headers are returned."
 
 
 def _wrap(para: str, *, indent: str) -> list[str]:

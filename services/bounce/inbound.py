@@ -43,6 +43,10 @@ _ADDRESS = re.compile(r"(?<![^\s<>\"'(),;:])[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+")
 # A real report carries one token, two with a forwarded copy; each token is checked against
 # each address named, so a report stuffed with thousands of tokens must not cost that product.
 _MAX_RETURN_PATHS = 8
+# And only so many of the addresses a report names: one about our transaction names at most its
+# recipients (Postfix's smtpd_recipient_limit is 1,000), while anyone can mail the feedback
+# address a report naming 100,000 (800,000 MAC checks, 3 s of CPU with the event loop blocked).
+_MAX_NAMED = 1_000
 # Headers of a reported message that may name its recipient (FBLs often redact these).
 _RECIPIENT_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To")
 
@@ -64,7 +68,11 @@ class Finding:
     def suppresses(self) -> bool:
         if self.kind == "complained":
             return True
-        return self.permanent and is_hard(BounceCategory(self.category))
+        # A remote MTA that gave up after temporary replies reports "failed" with its last 4xx:
+        # like our own expiries, that says "not now" about the address, not "never".
+        reply = self.reply
+        temporary = reply is not None and (reply.is_transient or reply.enhanced_status.startswith("4"))
+        return self.permanent and not temporary and is_hard(BounceCategory(self.category))
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +110,15 @@ def findings(
     msg = parse_message(raw)
     report = parse_arf(msg)
     if report is not None:
-        # An FBL sends to the feedback address; the token is in the reported message's Return-Path
-        # (or any header that carries it), or the report came to the VERP address itself.
-        carried = _header_addresses(report.original, ("Return-Path", "Sender", "Errors-To"))
+        # An FBL sends to the feedback address; the token is in the report's Original-Mail-From,
+        # the reported message's Return-Path (or any header that carries it), or the report came
+        # to the VERP address itself. Only the first few tokens are checked, and the sender
+        # writes its own header fields, look-alike tokens included: so what the sender cannot
+        # write comes first, and the reported fields in their order, where the receiver's
+        # Return-Path and trace fields stand above the sender's.
         headers = report.original.values() if report.original is not None else []
         scanned = [m.group(0) for v in headers for m in _ADDRESS.finditer(str(v))]
-        paths = return_paths([*local_recipients, *carried, *scanned], config)
+        paths = return_paths([*local_recipients, report.original_mail_from, *scanned], config)
         candidates = report.original_rcpt_to
         if not candidates:
             # The report redacts the recipient, so guess from the reported message's headers.
@@ -145,7 +156,9 @@ def _verified(
     out: list[Finding] = []
     rejected: list[str] = []
     seen: set[tuple[str, str, str]] = set()
-    for names, info in candidates:
+    if len(candidates) > _MAX_NAMED:
+        rejected.append(f"{kind}: {len(candidates)} recipients named, only the first {_MAX_NAMED} checked")
+    for names, info in candidates[:_MAX_NAMED]:
         match = _first_vouched(paths, [n for n in names if n], config.verp_secrets)
         if match is None:
             rejected.append(f"{kind}: token does not vouch for {' / '.join(n for n in names if n)!r}")

@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 
 from services.bounce import policy
 from services.bounce.classify import DEFAULT_RULES, rules_from_data
-from services.bounce.dsn import RecipientStatus, build_dsn, diagnostic_type, is_report
+from services.bounce.dsn import DIAGNOSTIC_LOCAL, RecipientStatus, build_dsn, diagnostic_type, is_report
 from services.bounce.hold import DELAYED, FAILED, FlushRequest, HoldStore, notice_id
 from services.bounce.inbound import InboundHandler
 from services.bounce.webhooks import WebhookDispatcher
@@ -253,7 +253,7 @@ class BounceService:
                 action="delayed" if delayed else "failed",
                 status=_status_for(f.reply.enhanced_status, delayed),
                 diagnostic_code=f"{f.reply.code} {f.reply.enhanced_status} {f.reply.text}",
-                diagnostic_type=diagnostic_type(f.reply.command),
+                diagnostic_type=_diagnostic_type(f),
                 remote_mta=f.mx_host or None,
                 last_attempt=_last_attempt(notice, now),
                 will_retry_until=retry_until if delayed else None,
@@ -298,6 +298,12 @@ def _last_attempt(notice: BounceNotice, now: datetime) -> datetime:
     """When the job was last tried: notices of one DSN may come from attempts seconds apart."""
     attempts = notice.envelope.attempts
     return datetime.fromtimestamp(attempts[-1].at, UTC) if attempts else now
+
+
+def _diagnostic_type(failure: Bounced) -> str:
+    """An expiry's "554 4.4.7 Message expired ...; last reply: ..." is Relais' verdict, whatever
+    stage its last temporary reply came from: typed `smtp`, it would read as an MX's 554."""
+    return DIAGNOSTIC_LOCAL if failure.expired else diagnostic_type(failure.reply.command)
 
 
 def _status_for(enhanced: str, delayed: bool) -> str:

@@ -18,6 +18,7 @@ which senders already parse). Signature (Stripe-style, replay-protected by the t
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -123,6 +124,7 @@ async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
         f"Host: {parts.netloc.rpartition('@')[2]}",
         f"Content-Length: {len(body)}",
         "Connection: close",
+        *_basic_auth(parts),
         *(f"{name}: {value}" for name, value in headers.items()),
     ]
     reader, writer = await asyncio.open_connection(
@@ -149,6 +151,17 @@ async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
     if not version.startswith("HTTP/") or not rest[:3].isdigit():
         raise ValueError(f"not an HTTP response: {status[:80]!r}")
     return int(rest[:3])
+
+
+def _basic_auth(parts: urllib.parse.SplitResult) -> list[str]:
+    """The Authorization field for credentials in the URL (https://user:password@host/...),
+    which is how Postmark lets a receiver protect its webhook with HTTP basic auth."""
+    if parts.username is None:
+        return []
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return [f"Authorization: Basic {token}"]
 
 
 # How often the bounce service re-declares the webhooks consumers from its configuration.
