@@ -10,6 +10,7 @@ both acknowledged before the inbound envelope is.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import re
@@ -232,7 +233,9 @@ class InboundHandler:
                 log.info("inbound %s already processed (body gone)", env.id)
                 return
             try:
-                verdict = findings(raw, env.recipients, self._config, self._rules)
+                # Off the event loop: anyone can mail us a report of max_message_size, and the
+                # parse of one of 50 MB takes half a minute, in which nothing else would move.
+                verdict = await asyncio.to_thread(findings, raw, env.recipients, self._config, self._rules)
             except MemoryError:
                 raise  # this replica's trouble, not the message's: another may manage it
             except Exception as exc:
