@@ -283,6 +283,11 @@ def validate(config: Config) -> None:
         url = account.webhook_url
         if url and (not url.startswith(("http://", "https://")) or any(c.isspace() or c < " " for c in url)):
             raise ConfigError(f"accounts.{name}.webhook_url: expected an http:// or https:// URL")
+        if not url.isascii():
+            # It goes on the request line and in Host as written: it could never be sent.
+            raise ConfigError(
+                f"accounts.{name}.webhook_url: ASCII only (percent-encode the path, use the A-label host)"
+            )
         if account.webhook_url and len(account.webhook_secret) < 16:
             raise ConfigError(f"accounts.{name}.webhook_secret: at least 16 characters with a webhook_url")
     _validate_bounce(config.bounce)

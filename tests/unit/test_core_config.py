@@ -119,6 +119,11 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ('[nats]\nevents_max_age = "5m"\n[bounce]\nwebhook_retry_max = "10m"\n', "webhook_retry_max"),
         ('[retry]\nbase_delay = "2h"\nmax_delay = "1h"\n', "retry.max_delay"),
         ("[retry]\njitter = 1.5\n", "retry.jitter"),
+        (
+            f'[accounts.acme]\npassword_hash = "{HASH}"\nwebhook_url = "https://hooks.test/ünï"\n'
+            'webhook_secret = "0123456789abcdef"\n',
+            "webhook_url: ASCII only",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
