@@ -19,6 +19,8 @@ fails that check and is skipped: it is never acted on twice.
 - bounce-queue's is due in an hour (a claim), then the BounceNotice is published, then the claim
   deleted. A command that dies after the claim leaves the job to be retried in an hour, never a
   lost message; one that dies between the notice and the delete leaves that retry after the bounce.
+  A claim says so in a header, and requeue leaves it alone: taken over, it would fire at once,
+  and the job be delivered after its sender was told it bounced.
 """
 
 from __future__ import annotations
@@ -104,25 +106,34 @@ async def queued_jobs(bus: Bus, limit: int = 1_000_000) -> AsyncIterator[Envelop
         yield env
 
 
+# Marks a schedule that a bounce-queue run claimed: its job is being bounced.
+_CLAIMED_BY = "Relais-Claimed-By"
+
+
 def _carried_headers(headers: dict[str, str]) -> dict[str, str]:
-    # The trace context travels on; the schedule's own NATS-* headers must not.
-    return {k: v for k, v in headers.items() if not k.lower().startswith("nats-")}
+    # The trace context travels on; the schedule's own NATS-* headers and a claim's mark must not.
+    return {k: v for k, v in headers.items() if not k.lower().startswith("nats-") and k != _CLAIMED_BY}
 
 
 # Long enough for a bounce-queue run to publish its notice and delete the claim.
 _CLAIM_FOR = 3600.0
 _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+# JSStreamMsgDeleteFailed ("no message found"): the sequence is not (or no longer) stored.
+_NO_MESSAGE = 10057
 
 
-async def _take_over(bus: Bus, job: Scheduled, at: float) -> int | None:
+async def _take_over(bus: Bus, job: Scheduled, at: float, *, claim: bool = False) -> int | None:
     """Replace the job's schedule with one due at `at`, if it is still the one read; returns
-    the new schedule's sequence, or None when it fired or was replaced meanwhile."""
+    the new schedule's sequence, or None when it fired or was replaced meanwhile. `claim`
+    marks the replacement as bounce-queue's."""
     headers = _carried_headers(job.headers)
     headers |= {
         Header.SCHEDULE: f"@at {rfc3339(at)}",
         Header.SCHEDULE_TARGET: job.target,
         _EXPECTED_LAST_SUBJECT_SEQ: str(job.seq),
     }
+    if claim:
+        headers[_CLAIMED_BY] = "bounce-queue"
     try:
         ack = await bus.js.publish(job.subject, job.envelope.to_msgpack(), headers=headers)
     except APIError as exc:
@@ -142,6 +153,8 @@ async def _delete_claim(bus: Bus, stream: str, seq: int) -> None:
         except NotFoundError:
             return
         except Exception as exc:
+            if isinstance(exc, APIError) and exc.err_code == _NO_MESSAGE:
+                return  # gone already: an earlier try whose answer was lost deleted it
             if attempt == 29:
                 raise
             log.warning("deleting claim %s/%d failed, trying again: %r", stream, seq, exc)
@@ -149,10 +162,13 @@ async def _delete_claim(bus: Bus, stream: str, seq: int) -> None:
 
 
 async def requeue(bus: Bus, site: str) -> list[Scheduled]:
-    """Retry every deferred job for the site now; returns the jobs that were requeued."""
+    """Retry every deferred job for the site now; returns the jobs that were requeued. Jobs a
+    bounce-queue run has claimed are left to it."""
     done: list[Scheduled] = []
     async for job in scheduled_jobs(bus):
-        if matches_site(job.envelope, site) and await _take_over(bus, job, time.time()) is not None:
+        if _CLAIMED_BY in job.headers or not matches_site(job.envelope, site):
+            continue
+        if await _take_over(bus, job, time.time()) is not None:
             done.append(job)
     return done
 
@@ -165,7 +181,7 @@ async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
         env = job.envelope
         if not matches_site(env, site):
             continue
-        claim = await _take_over(bus, job, time.time() + _CLAIM_FOR)
+        claim = await _take_over(bus, job, time.time() + _CLAIM_FOR, claim=True)
         if claim is None:
             continue
         notice = BounceNotice(
