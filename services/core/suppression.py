@@ -1,7 +1,11 @@
 """Per-account suppression list in NATS KV: written by bounce (and operators), read by the router.
 
 Key: `<account>.<sha256(address)[:40]>` (KV keys cannot hold '@' or '+'); the value is JSON
-that carries the address itself, so listing needs no reverse mapping.
+that carries the address itself, so listing needs no reverse mapping. The address is hashed
+lower-cased with its domain as `domain_key` spells it, so "bob@Bücher.test" and
+"bob@xn--bcher-kva.test" are one entry, as they are one mailbox to the ingress and the router.
+Entries written before that hashed the address as written: lookups and removals also try those
+spellings (the U-label one of an internationalised domain, and the one given).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 
+import idna
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from services.core.addresses import recipient_key
 from services.core.bus import BrokerUnavailable, Bus, DirectGetUnavailable, is_kv_delete
 from services.core.topology import SUPPRESSION_BUCKET, kv_stream, kv_subject
 
@@ -40,8 +46,35 @@ log = logging.getLogger(__name__)
 
 
 def suppression_key(account: str, address: str) -> str:
-    digest = hashlib.sha256(address.strip().lower().encode()).hexdigest()[:40]
-    return f"{account}.{digest}"
+    """The key an entry for `address` is written under."""
+    return _key(account, _mailbox(address))
+
+
+def _mailbox(address: str) -> str:
+    address = address.strip()
+    return (recipient_key(address) if "@" in address else address).lower()
+
+
+def _key(account: str, spelling: str) -> str:
+    return f"{account}.{hashlib.sha256(spelling.encode()).hexdigest()[:40]}"
+
+
+def lookup_keys(account: str, address: str) -> list[str]:
+    """Where an entry for `address` may be: its key, then the keys earlier releases wrote for
+    other spellings of the same mailbox (they hashed it as written, lower-cased)."""
+    written = address.strip().lower()
+    spellings = [_mailbox(address), written]
+    local, at, domain = written.rpartition("@")
+    if at and "xn--" in domain:
+        spellings.append(f"{local}@{_u_labels(domain)}")
+    return [_key(account, spelling) for spelling in dict.fromkeys(spellings)]
+
+
+def _u_labels(domain: str) -> str:
+    try:
+        return idna.decode(domain.rstrip("."), uts46=True)
+    except (idna.IDNAError, UnicodeError):
+        return domain
 
 
 def _decode(value: bytes | None) -> Suppression | None:
@@ -111,11 +144,15 @@ class SuppressionList:
         raise BrokerUnavailable(f"suppression entry {key}: too much contention")
 
     async def get(self, account: str, address: str) -> Suppression | None:
-        try:
-            kv_entry = await (await self._bucket()).get(suppression_key(account, address))
-        except KeyNotFoundError:
-            return None
-        return _active(kv_entry.value)
+        kv = await self._bucket()
+        for key in lookup_keys(account, address):
+            try:
+                entry = _active((await kv.get(key)).value)
+            except KeyNotFoundError:
+                continue
+            if entry is not None:
+                return entry
+        return None
 
     async def get_many(self, account: str, addresses: Iterable[str]) -> Mapping[str, Suppression]:
         """Active entries among `addresses` (lower-cased), keyed by address: one round trip.
@@ -127,7 +164,7 @@ class SuppressionList:
         unique = sorted({a.lower() for a in addresses})
         if self._bus is None or not unique:
             return await self._get_each(account, unique)
-        subjects = {kv_subject(SUPPRESSION_BUCKET, suppression_key(account, a)): a for a in unique}
+        subjects = {kv_subject(SUPPRESSION_BUCKET, key): a for a in unique for key in lookup_keys(account, a)}
         try:
             found = await self._bus.get_last(kv_stream(SUPPRESSION_BUCKET), list(subjects))
         except DirectGetUnavailable:
@@ -147,14 +184,17 @@ class SuppressionList:
         return {a: e for a, e in zip(addresses, entries, strict=True) if e is not None}
 
     async def remove(self, account: str, address: str) -> bool:
+        """Remove the address's entry, under every spelling it may have been written with."""
         kv = await self._bucket()
-        key = suppression_key(account, address)
-        try:
-            await kv.get(key)
-        except KeyNotFoundError:
-            return False
-        await kv.delete(key)
-        return True
+        removed = False
+        for key in lookup_keys(account, address):
+            try:
+                await kv.get(key)
+            except KeyNotFoundError:
+                continue
+            await kv.delete(key)
+            removed = True
+        return removed
 
     async def list(self, account: str) -> list[Suppression]:
         """Every entry of the account, expired ones included (they show when they lapsed).

@@ -1,0 +1,45 @@
+"""One mailbox, one suppression entry, however its domain is spelt: a hard bounce recorded for
+bob@bücher.test suppresses mail to bob@xn--bcher-kva.test, as the ingress and the router take
+both for one recipient. Entries an earlier release wrote under the spelling it was given are
+still found, for either spelling, and removed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+
+from services.core.bus import Bus
+from services.core.suppression import Suppression, SuppressionList
+from services.core.topology import SUPPRESSION_BUCKET
+
+U_LABEL = "bob@bücher.test"
+A_LABEL = "bob@xn--bcher-kva.test"
+
+
+async def _lookups(bus: Bus, address: str) -> tuple[bool, bool]:
+    """Whether `address` is suppressed: by the router's batched lookup, and by a single get."""
+    batched = await SuppressionList(bus.js, bus).get_many("acme", [address])
+    single = await SuppressionList(bus.js).get("acme", address)
+    return address.lower() in batched, single is not None
+
+
+async def test_an_entry_for_one_spelling_suppresses_the_other(topology_bus: Bus) -> None:
+    suppression = SuppressionList(topology_bus.js)
+    await suppression.add(Suppression("acme", U_LABEL, "hard_bounce"), keep_longer=True)
+    assert await _lookups(topology_bus, A_LABEL) == (True, True)
+    assert await _lookups(topology_bus, "Bob@Bücher.test.") == (True, True)
+    assert await suppression.remove("acme", A_LABEL)
+    assert await _lookups(topology_bus, U_LABEL) == (False, False)
+
+
+async def test_an_entry_an_earlier_release_wrote_is_found_and_removed(topology_bus: Bus) -> None:
+    # Written as earlier releases did: the address hashed as given, U-labels and all.
+    kv = await topology_bus.js.key_value(SUPPRESSION_BUCKET)
+    legacy = f"acme.{hashlib.sha256(U_LABEL.encode()).hexdigest()[:40]}"
+    await kv.put(legacy, json.dumps(asdict(Suppression("acme", U_LABEL, "complaint", at=1.0))).encode())
+
+    assert await _lookups(topology_bus, U_LABEL) == (True, True)
+    assert await _lookups(topology_bus, A_LABEL) == (True, True)
+    assert await SuppressionList(topology_bus.js).remove("acme", A_LABEL)
+    assert await _lookups(topology_bus, U_LABEL) == (False, False)
