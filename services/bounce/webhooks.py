@@ -38,6 +38,7 @@ from services.core import telemetry
 from services.core.bus import Bus, fetch
 from services.core.config import BounceConfig, Config
 from services.core.events import Event
+from services.core.schedule import doubling
 from services.core.topology import ensure_webhooks_consumers, webhook_accounts, webhooks_binding
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def entries(event: Event, event_id: str) -> list[dict[str, Any]]:
 
 def backoff(deliveries: int, config: BounceConfig) -> float:
     """Delay before the next try after `deliveries` failed ones: doubling, capped."""
-    return min(config.webhook_retry_base * 2 ** max(deliveries - 1, 0), config.webhook_retry_max)
+    return doubling(config.webhook_retry_base, deliveries, config.webhook_retry_max)
 
 
 @functools.cache
@@ -174,6 +175,10 @@ class WebhookDispatcher:
     def __init__(self, config: Config, bus: Bus) -> None:
         self._config = config
         self._bus = bus
+        # Failed POSTs in a row per account, on this replica. The events' own delivery counts
+        # restart at 1 with every new event, so a dead receiver of a busy account would
+        # otherwise be tried at the base delay for as long as it stays down.
+        self._failures: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         reconciler = asyncio.create_task(self._reconcile(stop))
@@ -268,10 +273,12 @@ class WebhookDispatcher:
         finally:
             keepalive.cancel()
         if not problem:
+            self._failures.pop(account, None)
             for msg in msgs:
                 await _settle(msg.ack())
             return 0.0
-        deliveries = max(m.metadata.num_delivered for m in msgs)
+        failures = self._failures[account] = self._failures.get(account, 0) + 1
+        deliveries = max(failures, *(m.metadata.num_delivered for m in msgs))
         delay = backoff(deliveries, self._config.bounce)
         log.warning(
             "webhook of account %s failed (%s); %d event(s) retried in %.1fs",

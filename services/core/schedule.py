@@ -18,17 +18,22 @@ from nats.js.api import Header
 from services.core.bus import Bus
 from services.core.config import RetryConfig
 
-# Doublings past which every delay is max_delay anyway. A job retried at a fixed interval
+# Doublings past which every delay is the cap anyway. A job retried at a fixed interval
 # (base_delay = max_delay) for days reaches 1,025 attempts, and 2 ** 1024 overflows a float: its
 # outcome could then never be settled, and the job was attempted again and again, never expiring.
 _MAX_DOUBLINGS = 60
 
 
+def doubling(base: float, failures: int, cap: float) -> float:
+    """base, 2*base, 4*base ... after the 1st, 2nd, 3rd ... failure, never above `cap`, for any
+    number of failures."""
+    return min(base * 2.0 ** min(max(0, failures - 1), _MAX_DOUBLINGS), cap)
+
+
 def backoff_delay(failures: int, config: RetryConfig, rng: random.Random | None = None) -> float:
     """Exponential backoff with +-jitter: base, 2*base, 4*base ... capped at max_delay."""
     rng = rng or random.Random()
-    doublings = min(max(0, failures - 1), _MAX_DOUBLINGS)
-    raw = min(config.base_delay * 2.0**doublings, config.max_delay)
+    raw = doubling(config.base_delay, failures, config.max_delay)
     return max(1.0, raw * (1 + rng.uniform(-config.jitter, config.jitter)))
 
 

@@ -51,3 +51,5 @@ def test_entries_are_sendgrid_style_one_per_recipient() -> None:
 def test_backoff_doubles_up_to_the_cap() -> None:
     config = BounceConfig(webhook_retry_base=5.0, webhook_retry_max=60.0)
     assert [backoff(n, config) for n in (1, 2, 3, 4, 5, 9)] == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+    # A receiver down for the events' whole retention at a short cap: 2 ** 1024 would overflow.
+    assert backoff(10_081, config) == 60.0
