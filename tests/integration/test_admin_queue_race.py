@@ -1,5 +1,8 @@
 """`relais requeue` and `relais bounce-queue` against a schedule that fires (or is taken over by
-another command) after the command read it: the job is skipped, never acted on twice."""
+another command) after the command read it: the job is skipped, never acted on twice. A
+requeue that reads bounce-queue's claim (the schedule it replaced, due in an hour, before its
+BounceNotice goes out) leaves it alone: taken over, it would fire at once, and the job be
+delivered after its sender was told it bounced."""
 
 from __future__ import annotations
 
@@ -108,3 +111,31 @@ async def test_requeue_fires_the_job_once(bus: Bus, monkeypatch: pytest.MonkeyPa
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.5)
     assert await stored(bus, DELIVER_STREAM, job.target) == 1
+
+
+async def test_requeue_leaves_a_job_that_bounce_queue_claimed(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = await deferred_job(bus)
+    take_over = queue._take_over
+    requeued: list[queue.Scheduled] = []
+
+    async def claim_then_requeue(bus: Bus, job: queue.Scheduled, at: float, **kwargs: bool) -> int | None:
+        claim = await take_over(bus, job, at, **kwargs)
+        if at > time.time() + HOUR / 2:  # bounce-queue's claim is stored: an operator requeues now
+            requeued.extend(await queue.requeue(bus, "alpha.test"))
+        return claim
+
+    monkeypatch.setattr(queue, "_take_over", claim_then_requeue)
+    assert len(await queue.bounce_queue(bus, "alpha.test", "mailbox gone")) == 1
+    assert await stored(bus, BOUNCE_STREAM, ">") == 1
+    assert requeued == [], "requeue took over bounce-queue's claim"
+    await asyncio.sleep(1.5)  # a take-over due "now" would have fired by then
+    assert await stored(bus, DELIVER_STREAM, job.target) == 0, "the bounced job went to delivery too"
+    assert await stored(bus, DELIVER_STREAM, "relais.retry.>") == 0, "the claim was deleted"
+
+
+async def test_deleting_a_claim_that_is_gone_already_succeeds(bus: Bus) -> None:
+    job = await deferred_job(bus)
+    await bus.js.delete_msg(DELIVER_STREAM, job.seq)  # the first try, whose answer was lost
+    await queue._delete_claim(bus, DELIVER_STREAM, job.seq)
