@@ -6,20 +6,25 @@ Kubernetes. Mail is captured into a local mailbox because a laptop cannot send o
 
 from __future__ import annotations
 
+import http.client
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from services.core.accounts import hash_password
-from services.core.config import listener_configs, load_config
+from services.core.config import Config, listener_configs, load_config
 from services.core.embedded import EmbeddedNats, free_port, wait_for_port
 
 DEMO_ACCOUNT = "demo"
 DEMO_DOMAINS = ("example.com", "example.org")
+# One process each, as in production; the ingress, which takes mail, starts last.
+SERVICE_NAMES = ("router", "delivery", "bounce", "ingress")
+START_TIMEOUT = 60.0
 
 
 def write_default_config(data_dir: Path, smtp_port: int) -> tuple[Path, str]:
@@ -65,7 +70,163 @@ pool = "default"
     return config_path, password
 
 
-def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
+class StartFailed(Exception):
+    """`relais up` could not bring the cluster up; the message is the one line the user sees."""
+
+
+def mail_listener(config: Config) -> str:
+    """The listener that takes mail from senders: the one to announce and wait for."""
+    listeners = listener_configs(config)
+    return next((li.listen for li in listeners if li.mode != "inbound"), listeners[0].listen)
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        wait_for_port(host, port, timeout=0.05)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _taken(config: Config) -> str:
+    """A listener of the ingress that another program answers on already; "" when none does.
+    Checked before anything starts: the port would answer, and `relais up` take it for its own."""
+    for listener in listener_configs(config):
+        if _answers(*_host_port(listener.listen)):
+            return listener.listen
+    return ""
+
+
+def _ready(address: str) -> bool:
+    """Whether a service's /readyz says ready: for the ingress, that it bound its listeners."""
+    connection = http.client.HTTPConnection(*_host_port(address), timeout=1)
+    try:
+        connection.request("GET", "/readyz")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):  # not listening yet
+        return False
+    finally:
+        connection.close()
+
+
+def _exited(name: str, child: subprocess.Popen[bytes], logs_dir: Path, when: str) -> str:
+    log = logs_dir / f"{name}.log"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    why = f": {lines[-1].strip()}" if lines else ""
+    return f"the {name} exited with {child.returncode} {when}{why}; see {log}"
+
+
+def _start_services(
+    env: dict[str, str], http: dict[str, str], logs_dir: Path, children: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    for name in SERVICE_NAMES:
+        with open(logs_dir / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+            # A process group of their own: a closed terminal (SIGHUP) or a Ctrl-C signals the
+            # terminal's foreground group, and a service dies undrained on SIGHUP. Only `relais up`
+            # hears it, and stops them with SIGTERM, on which each one drains its work.
+            children[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", name],
+                env=dict(env, RELAIS_TELEMETRY__HTTP_LISTEN=http[name]),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                process_group=0,
+            )
+
+
+def _wait_until_up(
+    children: dict[str, subprocess.Popen[bytes]],
+    ingress_http: str,
+    smtp: str,
+    logs_dir: Path,
+    stopping: Callable[[], bool],
+    timeout: float,
+) -> None:
+    """Until the ingress is ready (its own /readyz) and its mail listener answers; raises
+    StartFailed when a service exits first or `timeout` passes. Returns early when stopping."""
+    deadline = time.monotonic() + timeout
+    while not stopping():
+        for name, child in children.items():
+            if child.poll() is not None:
+                raise StartFailed(_exited(name, child, logs_dir, "while starting"))
+        if _ready(ingress_http) and _answers(*_host_port(smtp)):
+            return
+        if time.monotonic() >= deadline:
+            raise StartFailed(
+                f"not up within {timeout:.0f}s: the ingress is not ready on {smtp}; see {logs_dir}"
+            )
+        time.sleep(0.2)
+
+
+def _announce(
+    *,
+    started: float,
+    smtp: str,
+    password: str,
+    generated: bool,
+    nats_url: str,
+    data_dir: Path,
+    logs_dir: Path,
+    http: dict[str, str],
+) -> None:
+    ready = time.monotonic() - started
+    port = _host_port(smtp)[1]
+    print(f"Relais is up in {ready:.1f}s.")
+    print(f"  SMTP (AUTH PLAIN/LOGIN): {smtp}")
+    if password:
+        domains = ", ".join(DEMO_DOMAINS)
+        print(f"  account: {DEMO_ACCOUNT}  password: {password}  (sender domains: {domains})")
+    elif generated:
+        print(
+            f"  account: {DEMO_ACCOUNT}  password: unknown (demo-password.txt is gone); set one with"
+            f" relais account passwd {DEMO_ACCOUNT} --nats-url {nats_url}"
+        )
+    print(f"  NATS: {nats_url}   data: {data_dir.resolve()}   logs: {logs_dir.resolve()}")
+    secret = password or "..."
+    print(f"  try:   swaks --server 127.0.0.1:{port} --auth-user {DEMO_ACCOUNT} \\")
+    print(f"           --auth-password '{secret}' \\")
+    print("           --from you@example.com --to someone@example.net")
+    print("  then:  relais mailbox list   |   relais mailbox show <id>")
+    print(f"         relais message <id> --nats-url {nats_url}   |   relais trace <id>")
+    print(f"         relais status --nats-url {nats_url}")
+    print("  metrics: " + "  ".join(f"{name} http://{addr}/metrics" for name, addr in http.items()))
+    print("Ctrl-C stops everything.", flush=True)
+
+
+def _supervise(
+    children: dict[str, subprocess.Popen[bytes]], logs_dir: Path, stopping: Callable[[], bool]
+) -> int:
+    """Until stopped (0), or until a service exits on its own (1)."""
+    while not stopping():
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(f"relais: {_exited(name, child, logs_dir, 'unexpectedly')}", file=sys.stderr)
+                return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _stop_services(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to all at once (each drains its work), SIGKILL to any still running after 10 s."""
+    for child in children.values():
+        if child.poll() is None:
+            child.terminate()
+    for child in children.values():
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def run_up(
+    *, data_dir: Path, config_path: str | None, smtp_port: int, start_timeout: float = START_TIMEOUT
+) -> int:
     started = time.monotonic()
     password = ""
     generated = config_path is None
@@ -73,81 +234,55 @@ def run_up(*, data_dir: Path, config_path: str | None, smtp_port: int) -> int:
         path, password = write_default_config(data_dir, smtp_port)
         config_path = str(path)
     config = load_config(config_path)
+    smtp = mail_listener(config)
+    taken = _taken(config)
+    if taken:
+        instead = "choose another port with --port" if generated else f"listen elsewhere in {config_path}"
+        print(f"relais: {taken} is in use by another program: stop it, or {instead}", file=sys.stderr)
+        return 1
     nats_port = 4222
-    try:
-        wait_for_port("127.0.0.1", nats_port, timeout=0.05)
+    if _answers("127.0.0.1", nats_port):
         nats_port = free_port()  # something already listens on 4222: do not fight over it
-    except TimeoutError:
-        pass
     nats = EmbeddedNats(store_dir=data_dir / "nats", port=nats_port, log_file=data_dir / "nats.log")
     env = dict(os.environ, RELAIS_CONFIG=config_path, RELAIS_NATS__URL=nats.url)
-    children: list[subprocess.Popen[bytes]] = []
+    children: dict[str, subprocess.Popen[bytes]] = {}
     logs_dir = data_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
-    failed = False
 
     def stop(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    # SIGHUP too: a closed terminal must stop the services gracefully and the nats-server, which
+    # runs in a session of its own and would be left running.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     try:
         # Inside the try: nats-server runs in its own session, so a Ctrl-C during start-up
         # would not reach it, and only the finally below stops it.
         nats.start()
         # Each service gets its own loopback port for /healthz, /readyz and /metrics.
-        http = {name: f"127.0.0.1:{free_port()}" for name in ("router", "delivery", "bounce", "ingress")}
-        for name in ("router", "delivery", "bounce", "ingress"):
-            log = open(logs_dir / f"{name}.log", "ab")
-            child_env = dict(env, RELAIS_TELEMETRY__HTTP_LISTEN=http[name])
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "services.cli", name], env=child_env, stdout=log, stderr=log
-                )
-            )
-        listeners = listener_configs(config)
-        smtp = next((li.listen for li in listeners if li.mode != "inbound"), listeners[0].listen)
-        host, _, port = smtp.rpartition(":")
-        wait_for_port(host.strip("[]"), int(port), timeout=60)
-        ready = time.monotonic() - started
-        print(f"Relais is up in {ready:.1f}s.")
-        print(f"  SMTP (AUTH PLAIN/LOGIN): {smtp}")
-        if password:
-            domains = ", ".join(DEMO_DOMAINS)
-            print(f"  account: {DEMO_ACCOUNT}  password: {password}  (sender domains: {domains})")
-        elif generated:
-            print(
-                f"  account: {DEMO_ACCOUNT}  password: unknown (demo-password.txt is gone); set one with"
-                f" relais account passwd {DEMO_ACCOUNT} --nats-url {nats.url}"
-            )
-        print(f"  NATS: {nats.url}   data: {data_dir.resolve()}   logs: {logs_dir.resolve()}")
-        secret = password or "..."
-        print(f"  try:   swaks --server 127.0.0.1:{port} --auth-user {DEMO_ACCOUNT} \\")
-        print(f"           --auth-password '{secret}' \\")
-        print("           --from you@example.com --to someone@example.net")
-        print("  then:  relais mailbox list   |   relais mailbox show <id>")
-        print(f"         relais message <id> --nats-url {nats.url}   |   relais trace <id>")
-        print(f"         relais status --nats-url {nats.url}")
-        print("  metrics: " + "  ".join(f"{name} http://{addr}/metrics" for name, addr in http.items()))
-        print("Ctrl-C stops everything.", flush=True)
-        while not stopping:
-            for child in children:
-                if child.poll() is not None:
-                    print(
-                        f"relais: a service exited with {child.returncode}; see {logs_dir}", file=sys.stderr
-                    )
-                    stopping = failed = True
-            time.sleep(0.2)
-        return 1 if failed else 0
+        http = {name: f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES}
+        _start_services(env, http, logs_dir, children)
+        try:
+            _wait_until_up(children, http["ingress"], smtp, logs_dir, lambda: stopping, start_timeout)
+        except StartFailed as exc:
+            print(f"relais: {exc}", file=sys.stderr)
+            return 1
+        if stopping:
+            return 0
+        _announce(
+            started=started,
+            smtp=smtp,
+            password=password,
+            generated=generated,
+            nats_url=nats.url,
+            data_dir=data_dir,
+            logs_dir=logs_dir,
+            http=http,
+        )
+        return _supervise(children, logs_dir, lambda: stopping)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop_services(children)
         nats.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -25,9 +26,32 @@ def describe(entry: Suppression) -> str:
     return f"{entry.address}  {why}  since {since}  expires {expires}  source {entry.source or '-'}"
 
 
-async def run(config: Config, args: argparse.Namespace) -> int:
+def _expiry(value: str) -> float:
+    """`--expires`: seconds from now. Checked while parsing, so a typo is a usage error that
+    touches nothing, not a traceback after connecting."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        # An entry expired at birth would report "suppressed" and suppress nothing.
+        raise argparse.ArgumentTypeError(f"{value!r} is no time at all (leave --expires out for never)")
+    return seconds
+
+
+def _usage_error(config: Config, args: argparse.Namespace) -> str:
+    """What makes this command line unusable before anything is asked of NATS; "" when nothing."""
     if args.account not in config.accounts and not args.force:
-        print(f"relais: unknown account {args.account!r} (use --force to manage it anyway)")
+        return f"unknown account {args.account!r} (use --force to manage it anyway)"
+    if args.action != "list" and not args.address:
+        return f"suppression {args.action} needs an address"
+    return ""
+
+
+async def run(config: Config, args: argparse.Namespace) -> int:
+    refused = _usage_error(config, args)
+    if refused:
+        print(f"relais: {refused}", file=sys.stderr)
         return 2
     bus = await connect(config.nats, "relais-admin")
     try:
@@ -39,12 +63,9 @@ async def run(config: Config, args: argparse.Namespace) -> int:
             if not entries and not args.json:
                 print(f"(no suppressed addresses for account {args.account})")
             return 0
-        if not args.address:
-            print(f"relais: suppression {args.action} needs an address")
-            return 2
         address = args.address.strip().lower()
         if args.action == "add":
-            expires = time.time() + parse_duration(args.expires) if args.expires else 0.0
+            expires = time.time() + args.expires if args.expires else 0.0
             entry = Suppression(
                 account=args.account,
                 address=address,
@@ -72,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--account", "-a", required=True)
     p.add_argument("--reason", choices=REASONS, default="manual")
     p.add_argument("--source", default="", help="who or what asked for it (default: operator)")
-    p.add_argument("--expires", default="", help="e.g. 30d; default: never")
+    p.add_argument("--expires", type=_expiry, default=0.0, help="e.g. 30d; default: never")
     p.add_argument("--json", action="store_true", help="list as JSON lines")
     p.add_argument("--force", action="store_true", help="allow an account not in the config")
     p.add_argument("--config", "-c", help="TOML config file (default: $RELAIS_CONFIG)")

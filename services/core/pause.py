@@ -13,22 +13,32 @@ cannot hold, is written as '_', so every key is a valid KV key and maps back to 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.api import Header, RawStreamMsg
+from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
-from services.core.topology import DELIVERY_CONTROL_BUCKET
+from services.core.bus import WRONG_LAST_SEQUENCE, is_kv_delete, leader_last
+from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
 
 PAUSE_KINDS = ("pool", "source", "site")
 _KEY_PREFIX = "pause"
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
+log = logging.getLogger(__name__)
+
 
 class PauseError(ValueError):
     """Not a pausable thing (unknown kind, or a name that cannot be a key)."""
+
+
+class PausedAgain(PauseError):
+    """Paused anew while a resume was clearing the pause it had read: the new pause stands."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +68,36 @@ def parse_pause_key(key: str) -> tuple[str, str]:
     return parts[1], name.replace("_", ":") if parts[1] == "source" else name
 
 
+def _kind_and_name(key: str) -> tuple[str, str]:
+    try:
+        return parse_pause_key(key)
+    except PauseError:
+        # A kind a newer release added: shown as its key spells it.
+        kind, _, name = key.partition(".")[2].partition(".")
+        return kind, name
+
+
+def decode_pause(key: str, value: bytes) -> Pause:
+    """The pause a record under `key` stands for. Never raises: delivery holds mail for any value
+    under a pause key, so `relais status` must show every such record, whatever it holds."""
+    kind, name = _kind_and_name(key)  # the key, not the record, is what delivery goes by
+    try:
+        record = json.loads(value)
+        # Fields a newer release added are ignored, so a rolling upgrade reads its records.
+        return Pause(
+            kind,
+            name,
+            reason=str(record.get("reason", "")),
+            at=float(record.get("at", 0.0)),
+            by=str(record.get("by", "")),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        log.error("unreadable pause record %s %r: %s", key, value[:200], exc)
+        return Pause(kind, name, reason="unreadable pause record")
+
+
 class PauseState:
-    """Read and write pause flags. Every call is one KV operation; callers cache if they must."""
+    """Read and write pause flags. Every call is a KV operation or two; callers cache if they must."""
 
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
@@ -77,15 +115,41 @@ class PauseState:
         return entry
 
     async def resume(self, kind: str, name: str) -> bool:
-        """Clear a pause; False when it was not paused."""
+        """Clear a pause; False when it was not paused. Raises PausedAgain when someone paused it
+        again between this read and the purge: a purge of whatever is there would lose that one."""
         key = pause_key(kind, name)
-        kv = await self._bucket()
-        try:
-            await kv.get(key)
-        except KeyNotFoundError:
+        read = await self._stored(key)
+        if read is None:
             return False
-        await kv.purge(key)
-        return True
+        # A purge marker as KV's purge writes it, stored only if the key is still at the revision
+        # read: the purge(key, revision) of the other NATS clients. Not a stream purge up to that
+        # sequence: the delivery workers watch the bucket, and would never see the pause end.
+        headers = {
+            KV_OP: KV_PURGE,
+            Header.ROLLUP.value: MSG_ROLLUP_SUBJECT,
+            Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(read.seq),
+        }
+        try:
+            await self._js.publish(kv_subject(DELIVERY_CONTROL_BUCKET, key), b"", headers=headers)
+            return True
+        except APIError as exc:
+            if exc.err_code not in WRONG_LAST_SEQUENCE:
+                raise
+        now = await self._stored(key)
+        if now is None:
+            return False  # resumed by someone else meanwhile
+        again = decode_pause(key, now.data or b"")
+        raise PausedAgain(
+            f"{kind} {again.name} was paused again while resuming ({again.reason or 'no reason'},"
+            f" by {again.by or 'unknown'}); it stays paused: resume it again to clear that pause"
+        )
+
+    async def _stored(self, key: str) -> RawStreamMsg | None:
+        """The key's record, None when it has none. From the leader: a replica behind would give
+        an old revision, and the compare-and-set on it would fail."""
+        stream, subject = kv_stream(DELIVERY_CONTROL_BUCKET), kv_subject(DELIVERY_CONTROL_BUCKET, key)
+        msg = await leader_last(self._js, stream, subject)
+        return None if msg is None or is_kv_delete(msg) or not msg.data else msg
 
     async def is_paused(self, kind: str, name: str) -> bool:
         try:
@@ -95,7 +159,8 @@ class PauseState:
         return True
 
     async def paused(self) -> list[Pause]:
-        """Everything paused now, sorted by kind and name."""
+        """Everything paused now, sorted by kind and name; records this release cannot read too,
+        since delivery holds mail for them all the same."""
         try:
             kv = await self._bucket()
             keys = await kv.keys()
@@ -110,5 +175,5 @@ class PauseState:
             except KeyNotFoundError:
                 continue
             if entry.value:
-                found.append(Pause(**json.loads(entry.value)))
+                found.append(decode_pause(key, entry.value))
         return sorted(found, key=lambda p: (p.kind, p.name))

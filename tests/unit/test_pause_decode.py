@@ -1,0 +1,21 @@
+"""Reading pause records never fails: delivery holds mail for any value under a pause key, so the
+operator's listing must show each one, whatever release wrote it."""
+
+from __future__ import annotations
+
+import json
+
+from services.core.pause import Pause, decode_pause, pause_key
+
+
+def test_a_record_is_named_by_its_key_and_keeps_what_it_says() -> None:
+    record = {"kind": "site", "name": "other", "reason": "incident 7", "at": 5, "by": "ann", "ttl": 60}
+    assert decode_pause(pause_key("source", "2001:db8::1"), json.dumps(record).encode()) == Pause(
+        "source", "2001:db8::1", "incident 7", 5.0, "ann"
+    )
+
+
+def test_a_kind_from_a_newer_release_or_a_mistyped_record_is_still_listed() -> None:
+    assert decode_pause("pause.tenant.big", b'{"reason": "abuse"}') == Pause("tenant", "big", "abuse")
+    for value in (b'{"at": "yesterday"}', b"null", b"\xff", b"42"):
+        assert decode_pause("pause.pool.bulk", value) == Pause("pool", "bulk", "unreadable pause record")
