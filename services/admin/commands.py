@@ -21,7 +21,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from services.core.bus import BrokerUnavailable, Bus, connect
 from services.core.config import Config, ConfigError, load_config, replace
-from services.core.pause import PAUSE_KINDS, PauseError, PauseState
+from services.core.pause import PAUSE_KINDS, PausedAgain, PauseError, PauseState
 
 DEFAULT_TRACES = "relais-data/traces.jsonl"
 
@@ -147,6 +147,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
                 print(f"resumed {args.kind} {args.name}")
             else:
                 print(f"{args.kind} {args.name} was not paused")
+        except PausedAgain as exc:  # the command line was fine: the state moved under it
+            print(f"relais: {exc}", file=sys.stderr)
+            return 1
         except PauseError as exc:
             print(f"relais: {exc}", file=sys.stderr)
             return 2

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
+from services.cli import main
 from services.core.bus import Bus
-from services.core.pause import PauseError, PauseState, pause_key
+from services.core.embedded import EmbeddedNats
+from services.core.pause import PausedAgain, PauseError, PauseState, pause_key
 from services.core.topology import DELIVERY_CONTROL_BUCKET
 
 
@@ -63,3 +65,15 @@ async def test_records_with_unknown_fields_or_unreadable_ones_are_listed(topolog
     ], "delivery holds mail for each of these keys: status must show every one"
     assert listed[0].reason == "warm-up" and listed[0].by == "ann"
     assert all("unreadable" in p.reason for p in listed[1:])
+
+
+def test_relais_resume_exits_1_when_paused_again_meanwhile(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Not a usage error (2): the command line was right, and the state moved under it.
+    async def paused_again(self: PauseState, kind: str, name: str) -> bool:
+        raise PausedAgain(f"{kind} {name} was paused again while resuming")
+
+    monkeypatch.setattr(PauseState, "resume", paused_again)
+    assert main(["resume", "site", "alpha.test", "--nats-url", nats_server.url]) == 1
+    assert "paused again while resuming" in capsys.readouterr().err
