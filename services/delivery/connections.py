@@ -159,7 +159,7 @@ class ConnectionPool:
             interval = limits.connection_interval()
             if interval > 0:
                 slot = await self._limits.reserve(
-                    "conn", source.address, site, interval, max_wait=self._lease_wait
+                    "conn", source.address, site, interval, latest=time.time() + self._lease_wait
                 )
                 wait = slot - time.time()
                 if wait > self._lease_wait:

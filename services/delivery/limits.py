@@ -175,14 +175,14 @@ class SharedLimits:
         interval: float,
         now: float | None = None,
         *,
-        max_wait: float | None = None,
+        latest: float | None = None,
     ) -> float:
         """Take the next free slot; returns its time (<= now means go ahead right away).
 
-        With `max_wait`, a slot further away than that is only looked at, not taken: a caller
-        that will not wait for it must not push every later slot out (a connection that gives
-        up and comes back at its slot's time would find it taken by the waiters it pushed, and
-        the site would never get a connection again)."""
+        With `latest`, a slot after that time is only looked at, not taken: a caller that will
+        not wait for it must not push every later slot out (a connection that gives up and
+        comes back at its slot's time would find it taken by the waiters it pushed, and the
+        site would never get a connection again)."""
         if interval <= 0:
             return now if now is not None else time.time()
         key = slot_key(kind, source, site)
@@ -198,12 +198,12 @@ class SharedLimits:
                 slot = clock.take(moment)
                 if slot is not None:
                     return slot
-                return await self._reserve_block(key, clock, interval, now, max_wait)
+                return await self._reserve_block(key, clock, interval, now, latest)
         finally:
             clock.waiting -= 1
 
     async def _reserve_block(
-        self, key: str, clock: _Clock, interval: float, now: float | None, max_wait: float | None
+        self, key: str, clock: _Clock, interval: float, now: float | None, latest: float | None
     ) -> float:
         kv = await self._bucket()
         count = block_size(interval, clock.waiting)
@@ -212,7 +212,7 @@ class SharedLimits:
         for _ in range(_CAS_ATTEMPTS):
             moment = time.time() if now is None else now
             first, after = next_slot(tat, moment, interval, count)
-            if max_wait is not None and first - moment > max_wait:
+            if latest is not None and first > latest:
                 # Clocks only move forward, so the stored one is at least this far: too far to
                 # wait for, and left for those who will.
                 return first

@@ -47,7 +47,7 @@ from services.delivery.limits import SharedLimits
 from services.delivery.mta_sts import MtaSts
 from services.delivery.public_addresses import why_not_public
 from services.delivery.sending import AttemptResult, send_job
-from services.delivery.shaping import Shaping, load_shaping
+from services.delivery.shaping import Limits, Shaping, load_shaping
 from services.delivery.smtp_session import SessionSettings, Source, client_tls_context
 from services.delivery.sources import RECHECK_SECONDS, SourceHealth, choose_source, pool_sources
 from services.delivery.tls_policy import tls_policy
@@ -272,21 +272,9 @@ class DeliveryService:
             await self._postpone(env, time.time() + d.pause_recheck, "no usable source")
             return None
         limits = self.shaping.limits(site, source.address)
-        backoff = self.control.backoff(source.address, site)
-        base = limits.message_interval()
-        interval = max(base, backoff.interval() if backoff else 0.0)
-        # A job coming back for the slot it reserved goes now: reserving again would push every
-        # waiting job further out for ever once the queue is longer than max_shaping_wait.
-        holds_slot = slot.holds(source.address, site, interval, time.time(), base)
-        if interval > 0 and not holds_slot:
-            at = await self.limits.reserve("msg", source.address, site, interval)
-            wait = at - time.time()
-            if wait > d.max_shaping_wait:
-                reserved = _Slot(source.address, site, at, interval)
-                await self._postpone(env, at, "shaping", reserved.meta())
-                return None
-            if wait > 0:
-                await asyncio.sleep(wait)
+        used = await self._message_slot(env, source, site, limits, slot)
+        if used is None:
+            return None
         sts = await self._sts.policy(env.domain) if d.mta_sts and env.domain else None
         policy = tls_policy(site_requires=limits.require_tls, verify_always=d.tls_verify, sts=sts)
         self.attempts += 1
@@ -306,7 +294,9 @@ class DeliveryService:
                 stopping=self._stop.is_set,
             )
         except Saturated as exc:
-            await self._postpone(env, time.time() + exc.retry_after, "connection limit")
+            # The slot this attempt took stays the job's: re-reserving would send it to the back
+            # of the site's queue (hours on a busy site) and leave the slot's rate unused.
+            await self._postpone(env, time.time() + exc.retry_after, "connection limit", used.meta())
             return None
         except Stopping as exc:
             log.info("job %s handed to another worker: %s", env.key, exc)
@@ -322,6 +312,43 @@ class DeliveryService:
             log.warning("recording push-back from %s failed: %r", site, exc)
         return result
 
+    async def _message_slot(
+        self, env: Envelope, source: Source, site: str, limits: Limits, slot: _Slot
+    ) -> _Slot | None:
+        """The message slot of (source, site) this attempt goes in, once waited for (`_NO_SLOT`
+        for a site without a rate now); None when the job was re-scheduled instead."""
+        backoff = self.control.backoff(source.address, site)
+        base = limits.message_interval()
+        interval = max(base, backoff.interval() if backoff else 0.0)
+        if interval <= 0:
+            return _NO_SLOT
+        if slot.interval is None:  # reserved by the previous release, at the site's own rate
+            slot = replace(slot, interval=base)
+        if slot.holds(source.address, site, interval, time.time(), base):
+            # Back for the slot it reserved: reserving again would push every waiting job
+            # further out for ever once the queue is longer than max_shaping_wait.
+            return slot
+        if slot.ours(source.address, site, interval, base):
+            # Back before its slot (the schedule fired by a clock ahead of ours, or an admin
+            # requeue): it keeps its place rather than going to the back of the queue.
+            used = slot
+        else:
+            # While pushed back, no slot past the push-back's end: slots reserved at its slow
+            # rate would outlive it by as long as the queue is (days for a big send).
+            until = backoff.until if backoff is not None and backoff.interval() > base else None
+            at = await self.limits.reserve("msg", source.address, site, interval, latest=until)
+            if until is not None and at > until:
+                await self._postpone(env, until, "shaping")
+                return None
+            used = _Slot(source.address, site, at, interval)
+        wait = used.at - time.time()
+        if wait > self._config.delivery.max_shaping_wait:
+            await self._postpone(env, used.at, "shaping", used.meta())
+            return None
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return used
+
     async def _push_back(self, source: Source, site: str, result: AttemptResult) -> None:
         for reply in result.remote_replies:
             if not reply.is_transient:
@@ -331,11 +358,10 @@ class DeliveryService:
                 # Capped like relais_recipients_total's site: one series per long-tail domain
                 # would grow without bound (and this counter with it).
                 self.pushbacks[(metrics.SITES.label(site), rule.name)] += 1
-                await self.control.push_back(source.address, site, rule, reply)
-                # Consume one slot at the reduced rate now, so the next message waits its turn.
-                await self.limits.reserve(
-                    "msg", source.address, site, 60.0 / max(rule.messages_per_minute, 0.01)
-                )
+                state = await self.control.push_back(source.address, site, rule, reply)
+                # Consume one slot at the reduced rate now, so the next message waits its turn
+                # (none past the push-back's end, as for any slot taken during it).
+                await self.limits.reserve("msg", source.address, site, state.interval(), latest=state.until)
                 return
 
     async def _postpone(
@@ -347,7 +373,8 @@ class DeliveryService:
         that is postponed again leaves a single copy.
         """
         again = replace(env, meta={**env.meta, **meta}) if meta else _without_slot(env)
-        if time.time() - env.received_at > self._config.retry.max_age:
+        expires = env.received_at + self._config.retry.max_age
+        if time.time() > expires:
             # Paused or throttled past the maximum queue age: it expires like any undeliverable job.
             reply = env.attempts[-1].reply if env.attempts else NO_ROUTE
             deferred = [Deferred(r, reply) for r in env.recipients]
@@ -360,7 +387,10 @@ class DeliveryService:
             schedule_subject=deliver_retry_subject(env.key, env.attempt_count),
             target_subject=deliver_subject(env.pool),
             payload=again.to_msgpack(),
-            at=max(at, time.time() + 1.0),
+            # Back by its expiry at the latest, to end there: a slot beyond it (a long queue at
+            # a slow rate) would send it after max_age, or drop it unsent once its body's TTL
+            # (max_age + 2 days) had run out.
+            at=max(min(at, expires), time.time() + 1.0),
             headers={"traceparent": env.trace_context} if env.trace_context else None,
             attributes={"relais.message_id": env.id, "relais.postponed": reason},
         )
@@ -376,18 +406,28 @@ class _Slot:
     interval: float | None = None  # None: reserved by a release that did not record it
 
     def holds(self, source: str, site: str, interval: float, now: float, base: float) -> bool:
-        """Whether this attempt may go in this slot: same source and site, its time has come,
-        and it was reserved at no faster a rate than the one that applies now (`interval`).
-        A slot without its interval was reserved at the site's own rate (`base`)."""
+        """Whether this attempt may go in this slot now: it is `ours` and its time has come."""
+        return self.ours(source, site, interval, base) and self.at <= now + 1.0
+
+    def ours(self, source: str, site: str, interval: float, base: float) -> bool:
+        """Whether this attempt may use this slot: same source and site, and reserved at no
+        faster a rate than the one that applies now (`interval`). A slot without its interval
+        was reserved at the site's own rate (`base`)."""
         reserved = base if self.interval is None else self.interval
         reserved_slower = reserved + 0.001 >= interval  # written to the millisecond
-        return self.source == source and self.site == site and self.at <= now + 1.0 and reserved_slower
+        return self.source == source and self.site == site and reserved_slower
 
     def meta(self) -> dict[str, str]:
+        """The envelope meta that carries this slot to the job's next attempt; none for `_NO_SLOT`."""
+        if math.isinf(self.at):
+            return {}
         return {
             SLOT_META: f"{self.source}|{self.site}|{self.at:.3f}",
             SLOT_INTERVAL_META: f"{self.interval or 0.0:.3f}",
         }
+
+
+_NO_SLOT = _Slot()  # an attempt to a site without a message rate takes no slot
 
 
 def _parse_slot(value: str, interval: str) -> _Slot:

@@ -159,6 +159,16 @@ def _limit_values(table: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _names(table: dict[str, Any], key: str, where: str) -> list[str]:
+    """A site's `mx_suffixes` or `domains`: a list of non-empty strings. A bare string would be
+    read letter by letter, and an empty suffix ends every host name: either would make the
+    rule claim nearly every site, with its limits and require_tls."""
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip(".") for v in value):
+        raise ConfigError(f'shaping: {where}.{key}: expected a list of names, like ["example.com"]')
+    return value
+
+
 def _pattern(value: Any, where: str) -> re.Pattern[str]:
     try:
         return re.compile(str(value), re.IGNORECASE)
@@ -182,8 +192,8 @@ def _parse(data: dict[str, Any]) -> Shaping:
                 name=name.lower(),
                 overrides=_limit_values(table, where),
                 source_overrides=sources,
-                mx_suffixes=tuple(s.lower() for s in table.get("mx_suffixes", ())),
-                domains=tuple(domain_key(d) for d in table.get("domains", ())),
+                mx_suffixes=tuple(s.lower() for s in _names(table, "mx_suffixes", where)),
+                domains=tuple(domain_key(d) for d in _names(table, "domains", where)),
             )
         )
     pushbacks = []
