@@ -35,14 +35,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.core.bus import WRONG_LAST_SEQUENCE, BrokerUnavailable, is_kv_delete, leader_last
+from services.core.bus import CAS_ATTEMPTS, WRONG_LAST_SEQUENCE, BrokerUnavailable, is_kv_delete, leader_last
 from services.core.topology import BOUNCE_HOLD_BUCKET, kv_stream, kv_subject
 
 FAILED = "failed"
 DELAYED = "delayed"
 _SCHEMA = 1
-# Joins of one message's jobs race each other at most a handful at a time.
-_CAS_ATTEMPTS = 50
 
 T = TypeVar("T")
 
@@ -276,7 +274,7 @@ class HoldStore:
         """Read-modify-write of the message's windows by compare-and-set on the key's revision."""
         kv = await self._bucket()
         key = windows_key(message_id)
-        for _ in range(_CAS_ATTEMPTS):
+        for _ in range(CAS_ATTEMPTS):
             stored = await self._read(key)
             current = Windows.from_json(stored.value) if stored.value else Windows()
             updated, result = change(current)

@@ -75,6 +75,10 @@ def undecodable(exc: Exception) -> Exception:
 # JSStreamWrongLastSequenceErr(F) / ...ConstantErr: a publish with an expected last (subject)
 # sequence, i.e. a compare-and-set, lost.
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+# Compare-and-set rounds on one KV key before contention is reported as BrokerUnavailable: each
+# lost round means another writer (or a replica still behind one) got in first, and the writers
+# of one key race a handful at a time.
+CAS_ATTEMPTS = 50
 # The header that marks a KV delete or purge, the last message of a deleted key.
 _KV_OPERATION = "KV-Operation"
 

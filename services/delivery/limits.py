@@ -42,13 +42,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.core.bus import BrokerUnavailable
+from services.core.bus import CAS_ATTEMPTS, BrokerUnavailable
 from services.core.topology import SHAPING_BUCKET
 
 log = logging.getLogger(__name__)
 
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
-_CAS_ATTEMPTS = 50
 # A crashed worker's connections stay counted against the cap until its entry lapses, and its
 # replacement may find the whole cap held by the dead entry: keep that stall short. Each worker
 # renews once per (source, site) it holds connections to, LEASE_RENEW_BEFORE before its entry
@@ -209,7 +208,7 @@ class SharedLimits:
         count = block_size(interval, clock.waiting)
         # Our own last write is the likeliest current value: try it before reading.
         revision, tat = clock.revision, clock.tat
-        for _ in range(_CAS_ATTEMPTS):
+        for _ in range(CAS_ATTEMPTS):
             moment = time.time() if now is None else now
             first, after = next_slot(tat, moment, interval, count)
             if latest is not None and first > latest:
@@ -246,7 +245,7 @@ class SharedLimits:
     async def _change(self, key: str, change) -> bool:  # type: ignore[no-untyped-def]
         """Read-modify-CAS the lease record of one (source, site); `change` returns (record, ok)."""
         kv = await self._bucket()
-        for _ in range(_CAS_ATTEMPTS):
+        for _ in range(CAS_ATTEMPTS):
             try:
                 entry = await kv.get(key)
                 record = msgpack.unpackb(entry.value) if entry.value else {}

@@ -19,13 +19,11 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysEr
 from nats.js.kv import KeyValue
 
 from services.core.accounts import AccountRecordError, decode_account, encode_account
+from services.core.bus import CAS_ATTEMPTS
 from services.core.config import AccountConfig, valid_name
 from services.core.topology import ACCOUNTS_BUCKET
 
 log = logging.getLogger(__name__)
-
-# Each lost compare-and-set means another write (or a replica still behind one): read again.
-_CAS_ATTEMPTS = 50
 
 
 class AccountStore:
@@ -146,7 +144,7 @@ async def update_account(
     command wrote in between: a `disable` and a `passwd` at the same moment both take effect,
     instead of the later write restoring what the earlier one changed. None: no such account."""
     kv = await js.key_value(ACCOUNTS_BUCKET)
-    for _ in range(_CAS_ATTEMPTS):
+    for _ in range(CAS_ATTEMPTS):
         try:
             entry = await kv.get(name)
         except KeyNotFoundError:
