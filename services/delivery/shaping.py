@@ -115,7 +115,9 @@ class Shaping:
         return Limits(**values)
 
     def pushback_for(self, reply: Reply, site: str) -> Pushback | None:
-        text = str(reply)
+        # Addresses the reply echoes are the senders' to choose: a recipient named
+        # throttle@... or rate-limited@... must not slow its (source, site) for every account.
+        text = _ADDRESS.sub("<address>", str(reply))
         for rule in self.pushbacks:
             if rule.site and rule.site != site:
                 continue
@@ -133,6 +135,9 @@ class Shaping:
                 kind = Deferred if rule.outcome == "temporary" else Bounced
                 return kind(outcome.recipient, outcome.reply, outcome.mx_host)
         return outcome
+
+
+_ADDRESS = re.compile(r"[^\s<>]+@[^\s<>]+")
 
 
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:

@@ -94,6 +94,16 @@ def test_pushback_rules_match_in_order_and_per_site(rules) -> None:
     assert rules.pushback_for(Reply(450, "4.2.1", "mailbox busy", "RCPT"), "x") is None
 
 
+def test_an_address_echoed_in_a_reply_triggers_no_pushback(rules) -> None:
+    # The recipient's name is the sender's to choose; the reply's own words still count.
+    echoed = Reply(450, "4.2.0", "<throttle@x.test>: Recipient address rejected: Greylisted", "RCPT")
+    assert rules.pushback_for(echoed, "x") is None
+    google = Reply(450, "4.2.1", "<rate-limited@gmail.com>: try again later", "RCPT")
+    assert rules.pushback_for(google, "google") is None
+    throttled = Reply(450, "4.2.0", "<bob@x.test>: throttled, slow down", "RCPT")
+    assert rules.pushback_for(throttled, "x").name == "generic-throttle"
+
+
 def test_rewrite_turns_mailbox_full_into_a_deferral_and_respects_operator_rules(rules) -> None:
     full = Bounced("a@b.test", Reply(552, "5.2.2", "Mailbox full", "RCPT"))
     assert isinstance(rules.rewrite(full), Deferred)
