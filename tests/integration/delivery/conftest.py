@@ -11,7 +11,7 @@ names the source a message left from.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from services.core.embedded import EmbeddedNats
 from services.delivery.connections import ConnectionPool
 from services.delivery.sending import AttemptResult, send_job
 from services.delivery.shaping import Limits
-from services.delivery.smtp_session import Source
+from services.delivery.smtp_session import SessionSettings, Source, TransactionResult, open_connection
 from services.delivery.tls_policy import TlsPolicy
 from tests.support.certs import TestPKI
 from tests.support.dns_server import DNSServer
@@ -125,6 +125,23 @@ def max_in_window(times: list[float], window: float) -> int:
 def resolver_of(dns_server: DNSServer) -> dns.asyncresolver.Resolver:
     """A resolver asking only the loopback DNS server, as a worker configured for it would."""
     return relais_dns.make_resolver(DnsConfig(servers=[f"{dns_server.host}:{dns_server.port}"], timeout=2.0))
+
+
+async def one_transaction(
+    settings: SessionSettings,
+    body: bytes,
+    recipients: Sequence[str] = ("x@b.test",),
+    *,
+    host: str = "127.0.0.1",
+    mx: str = "mx.test",
+) -> TransactionResult:
+    """One transaction from a@acme.test as delivery makes it, on a connection of its own to
+    `host` (at `settings.port`), closed however it ends."""
+    conn = await open_connection(host, mx, Source("", "relais.test"), settings, TlsPolicy())
+    try:
+        return await conn.transact("a@acme.test", list(recipients), body)
+    finally:
+        await conn.close()
 
 
 async def attempt(

@@ -18,7 +18,14 @@ from services.delivery.draining import Stopping
 from services.delivery.service import DeliveryService
 from services.delivery.smtp_session import SessionSettings, Source, open_connection
 from services.delivery.tls_policy import TlsPolicy
-from tests.integration.delivery.conftest import SOURCE_A, attempt, pools, resolver_of, submit_many
+from tests.integration.delivery.conftest import (
+    SOURCE_A,
+    attempt,
+    one_transaction,
+    pools,
+    resolver_of,
+    submit_many,
+)
 from tests.support.dns_server import DNSServer
 from tests.support.raw_smtp import ScriptedMX, serving
 
@@ -163,11 +170,7 @@ async def test_an_unforeseen_error_in_a_transaction_defers(monkeypatch: pytest.M
     async with serving(DataRecorder) as start:
         server = await start()
         settings = SessionSettings(port=server.port, starttls=False, command_timeout=5.0)
-        conn = await open_connection("127.0.0.1", "mx.test", Source("", "relais.test"), settings, TlsPolicy())
-        try:
-            result = await conn.transact("a@acme.test", ["r@b.test"], b"Subject: s\r\n\r\nhi\r\n")
-        finally:
-            await conn.close()
+        result = await one_transaction(settings, b"Subject: s\r\n\r\nhi\r\n", ["r@b.test"])
     (outcome,) = result.outcomes
     assert isinstance(outcome, Deferred) and outcome.reply.enhanced_status == "4.3.0", outcome
     assert result.broken, "the connection is not reused after an error nobody understood"

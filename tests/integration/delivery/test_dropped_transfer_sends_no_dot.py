@@ -10,11 +10,9 @@ import asyncio
 import socket
 import time
 
-from services.delivery.smtp_session import SessionSettings, Source, open_connection
-from services.delivery.tls_policy import TlsPolicy
+from services.delivery.smtp_session import SessionSettings
+from tests.integration.delivery.conftest import one_transaction
 from tests.support.raw_smtp import ReadsSlowly, serving
-
-SOURCE = Source("", "relais.test")
 
 
 class SlowReader(ReadsSlowly):
@@ -46,11 +44,7 @@ async def test_a_deferred_attempt_does_not_deliver_afterwards() -> None:
     async with serving(SlowReader) as start:
         server = await start()
         settings = SessionSettings(port=server.port, command_timeout=1.0, data_done_timeout=1.0)
-        conn = await open_connection("127.0.0.1", "mx.test", SOURCE, settings, TlsPolicy())
-        try:
-            result = await conn.transact("a@acme.test", ["x@b.test"], body)
-        finally:
-            await conn.close()
+        result = await one_transaction(settings, body)
         gave_up = time.monotonic()
         await asyncio.sleep(5.0)
     (outcome,) = result.outcomes

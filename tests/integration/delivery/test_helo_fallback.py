@@ -13,6 +13,7 @@ import pytest
 
 from services.delivery.smtp_session import SessionSettings, Source, TryNextHost, open_connection
 from services.delivery.tls_policy import TLS_NOT_OFFERED, TlsPolicy
+from tests.integration.delivery.conftest import one_transaction
 from tests.support.raw_smtp import RawServer, serving
 from tests.support.relais import asubmit, message, wait_for_events
 
@@ -107,13 +108,7 @@ async def test_required_tls_defers_at_a_helo_only_server(old_server, policy: Tls
 
 async def test_a_non_ascii_local_part_bounces_at_a_helo_only_server(old_server) -> None:
     server = await old_server()
-    conn = await open_connection(
-        "127.0.0.1", "mx.test", Source("", "relais.test"), _settings(server), TlsPolicy()
-    )
-    try:
-        result = await conn.transact("a@acme.test", ["jöran@b.test"], EIGHT_BIT)
-    finally:
-        await conn.close()
+    result = await one_transaction(_settings(server), EIGHT_BIT, ["jöran@b.test"])
     ((kind, enhanced),) = [(o.kind, o.reply.enhanced_status) for o in result.outcomes]
     assert (kind, enhanced) == ("bounced", "5.6.7")
     assert b"MAIL" not in server.verbs()

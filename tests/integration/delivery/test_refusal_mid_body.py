@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from services.delivery.smtp_session import SessionSettings, Source, open_connection
-from services.delivery.tls_policy import TlsPolicy
+from services.delivery.smtp_session import SessionSettings
+from tests.integration.delivery.conftest import one_transaction
 from tests.support.raw_smtp import ScriptedMX, serving
 
-SOURCE = Source("", "relais.test")
 BIG = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 32_000  # 32 MB
 
 
@@ -41,10 +40,6 @@ async def test_a_refusal_mid_body_is_the_outcome() -> None:
     async with serving(RefusesMidBody) as start:
         server = await start("half-close")
         settings = SessionSettings(port=server.port, command_timeout=5.0, data_done_timeout=5.0)
-        conn = await open_connection("127.0.0.1", "mx.test", SOURCE, settings, TlsPolicy())
-        try:
-            result = await conn.transact("a@acme.test", ["x@b.test"], BIG)
-        finally:
-            await conn.close()
+        result = await one_transaction(settings, BIG)
     (outcome,) = result.outcomes
     assert (outcome.kind, outcome.reply.code) == ("bounced", 552), outcome

@@ -9,10 +9,9 @@ import pytest
 from services.core.outcome import Bounced, Delivered
 from services.delivery.connections import ConnectionPool
 from services.delivery.message_data import message_data
-from services.delivery.smtp_session import SessionSettings, Source, open_connection
-from services.delivery.tls_policy import TlsPolicy
+from services.delivery.smtp_session import SessionSettings
 from services.delivery.wire_addresses import size_exceeded
-from tests.integration.delivery.conftest import attempt, resolver_of
+from tests.integration.delivery.conftest import attempt, one_transaction, resolver_of
 from tests.support.dns_server import DNSServer
 
 # Bare LF line ends and leading dots: the size is what goes on the wire, not what was stored,
@@ -26,11 +25,9 @@ MESSAGE_SIZE_EXCEEDED = (552, "5.3.4")
 async def test_mail_declares_the_octets_the_server_then_receives(make_sink, pipelining: bool) -> None:
     sink = make_sink("127.0.0.2", pipelining=pipelining)
     settings = SessionSettings(port=sink.port, starttls=False, command_timeout=10.0)
-    conn = await open_connection(sink.host, "mx.alpha.test", Source("", "relais.test"), settings, TlsPolicy())
-    try:
-        result = await conn.transact("a@acme.test", ["x@alpha.test", "y@alpha.test"], BODY)
-    finally:
-        await conn.close()
+    result = await one_transaction(
+        settings, BODY, ["x@alpha.test", "y@alpha.test"], host=sink.host, mx="mx.alpha.test"
+    )
     assert all(isinstance(o, Delivered) for o in result.outcomes), result
     (got,) = sink.messages
     assert f"SIZE={len(got.data)}" in got.mail_options, got.mail_options
@@ -67,11 +64,7 @@ async def test_size_is_declared_only_where_offered_and_a_larger_limit_takes_the_
     larger = make_sink("127.0.0.3", size_limit=len(BODY) * 2)
     for server, declared in ((without, False), (larger, True)):
         settings = SessionSettings(port=server.port, starttls=False, command_timeout=10.0)
-        conn = await open_connection(server.host, "mx.test", Source("", "relais.test"), settings, TlsPolicy())
-        try:
-            result = await conn.transact("a@acme.test", ["x@alpha.test"], BODY)
-        finally:
-            await conn.close()
+        result = await one_transaction(settings, BODY, ["x@alpha.test"], host=server.host)
         assert [o.kind for o in result.outcomes] == ["delivered"]
         (got,) = server.messages
         assert any(o.startswith("SIZE=") for o in got.mail_options) == declared, got.mail_options
