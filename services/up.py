@@ -19,6 +19,7 @@ from pathlib import Path
 from services.core.accounts import hash_password
 from services.core.config import Config, listener_configs, load_config
 from services.core.embedded import EmbeddedNats, free_port, wait_for_port
+from services.core.health import split_listen
 
 DEMO_ACCOUNT = "demo"
 DEMO_DOMAINS = ("example.com", "example.org")
@@ -80,11 +81,6 @@ def mail_listener(config: Config) -> str:
     return next((li.listen for li in listeners if li.mode != "inbound"), listeners[0].listen)
 
 
-def _host_port(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def _answers(host: str, port: int) -> bool:
     try:
         wait_for_port(host, port, timeout=0.05)
@@ -97,14 +93,14 @@ def _taken(config: Config) -> str:
     """A listener of the ingress that another program answers on already; "" when none does.
     Checked before anything starts: the port would answer, and `relais up` take it for its own."""
     for listener in listener_configs(config):
-        if _answers(*_host_port(listener.listen)):
+        if _answers(*split_listen(listener.listen)):
             return listener.listen
     return ""
 
 
 def _ready(address: str) -> bool:
     """Whether a service's /readyz says ready: for the ingress, that it bound its listeners."""
-    connection = http.client.HTTPConnection(*_host_port(address), timeout=1)
+    connection = http.client.HTTPConnection(*split_listen(address), timeout=1)
     try:
         connection.request("GET", "/readyz")
         return connection.getresponse().status == 200
@@ -154,7 +150,7 @@ def _wait_until_up(
         for name, child in children.items():
             if child.poll() is not None:
                 raise StartFailed(_exited(name, child, logs_dir, "while starting"))
-        if _ready(ingress_http) and _answers(*_host_port(smtp)):
+        if _ready(ingress_http) and _answers(*split_listen(smtp)):
             return
         if time.monotonic() >= deadline:
             raise StartFailed(
@@ -175,7 +171,7 @@ def _announce(
     http: dict[str, str],
 ) -> None:
     ready = time.monotonic() - started
-    port = _host_port(smtp)[1]
+    port = split_listen(smtp)[1]
     print(f"Relais is up in {ready:.1f}s.")
     print(f"  SMTP (AUTH PLAIN/LOGIN): {smtp}")
     if password:

@@ -13,6 +13,7 @@ from services.core import metrics
 from services.core.bodies import BodyStore
 from services.core.bus import Bus
 from services.core.config import Config, ListenerConfig, listener_configs
+from services.core.health import split_listen
 from services.ingress.accounts import AccountStore
 from services.ingress.auth import Authenticator, PasswordChecker
 from services.ingress.budget import ByteBudget
@@ -81,11 +82,6 @@ def _check_open_files(connections: int) -> None:
         )
 
 
-def split_hostport(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -129,7 +125,7 @@ class IngressService:
 
     def _factory(self, listener: ListenerConfig) -> Callable[[], RelaisSMTP]:
         cfg = self._config.ingress
-        host, _ = split_hostport(listener.listen)
+        host, _ = split_listen(listener.listen)
         handler = IngressHandler(
             self._config,
             self._handoff,
@@ -193,7 +189,7 @@ class IngressService:
         _check_open_files(len(listeners) * self._config.ingress.max_connections)
         try:
             for listener in listeners:
-                host, port = split_hostport(listener.listen)
+                host, port = split_listen(listener.listen)
                 server = await loop.create_server(
                     self._factory(listener), host=host, port=port, reuse_address=True
                 )
