@@ -26,7 +26,7 @@ from asyncio import sslproto
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.ingress.limits import ConnectionGate, GatePass, ListenerSeats
+from services.ingress.limits import ConnectionGate, GatePass
 from services.ingress.policy import in_networks
 from services.ingress.replies import LISTENER_FULL, TOO_MANY_CONNECTIONS, Verdict
 
@@ -38,8 +38,8 @@ class Door:
     """One listener's rules for a just-accepted connection."""
 
     gate: ConnectionGate
-    # This listener's connections (its own, not shared with the replica's other listeners).
-    seats: ListenerSeats
+    # The listen address: its connections count apart from the replica's other listeners'.
+    listener: str
     # TLS from the first byte (implicit TLS): the SMTP session starts once the handshake is done.
     tls: ssl.SSLContext | None = None
     handshake_timeout: float = 30.0
@@ -62,7 +62,7 @@ class Door:
             counted = admitted.admit(peer)
         if not counted:
             refusal = TOO_MANY_CONNECTIONS
-        elif not admitted.sit(self.seats):
+        elif not admitted.sit(self.listener):
             admitted.release()
             refusal = LISTENER_FULL
         else:

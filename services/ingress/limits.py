@@ -381,13 +381,16 @@ class SessionRegistry:
 class ConnectionGate:
     """Open connections per client IP on this replica, counted from the moment each is accepted;
     and, apart, connections per socket address still waiting for a PROXY header to name their
-    client (the address is then a load balancer's, shared by all the clients behind it)."""
+    client (the address is then a load balancer's, shared by all the clients behind it); and
+    every connection per listener, from any address, against `ingress.max_connections`."""
 
     def __init__(self, config: IngressConfig) -> None:
         self._max = config.max_connections_per_ip
         self._max_waiting = config.max_proxy_pending_per_peer
+        self._max_per_listener = config.max_connections
         self._open: Counter[str] = Counter()
         self._waiting: Counter[str] = Counter()
+        self._seated: Counter[str] = Counter()
 
     def admit(self, ip: str) -> bool:
         return _count(self._open, ip, self._max)
@@ -407,6 +410,15 @@ class ConnectionGate:
     def waiting_connections(self, peer: str) -> int:
         return self._waiting[peer]
 
+    def seat(self, listener: str) -> bool:
+        return _count(self._seated, listener, self._max_per_listener)
+
+    def unseat(self, listener: str) -> None:
+        _uncount(self._seated, listener)
+
+    def listener_connections(self, listener: str) -> int:
+        return self._seated[listener]
+
 
 def _count(counter: Counter[str], key: str, limit: int) -> bool:
     if limit and counter[key] >= limit:
@@ -421,24 +433,6 @@ def _uncount(counter: Counter[str], key: str) -> None:
         del counter[key]
 
 
-class ListenerSeats:
-    """Connections open on one listener of this replica, from any address, against
-    `ingress.max_connections` (0: no limit)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.taken = 0
-
-    def take(self) -> bool:
-        if self.limit and self.taken >= self.limit:
-            return False
-        self.taken += 1
-        return True
-
-    def give(self) -> None:
-        self.taken -= 1
-
-
 class GatePass:
     """One connection's place in the gate: its seat on the listener and at most one count at a
     time, given back exactly once however the connection ends (a PROXY header read, a handshake
@@ -446,15 +440,15 @@ class GatePass:
 
     def __init__(self, gate: ConnectionGate) -> None:
         self._gate = gate
-        self._seats: ListenerSeats | None = None
+        self._listener: str | None = None
         self._ip: str | None = None
         self._waiting: str | None = None
 
-    def sit(self, seats: ListenerSeats) -> bool:
+    def sit(self, listener: str) -> bool:
         """Take a seat on the connection's listener; False when it is full."""
-        if not seats.take():
+        if not self._gate.seat(listener):
             return False
-        self._seats = seats
+        self._listener = listener
         return True
 
     def admit(self, ip: str) -> bool:
@@ -482,9 +476,9 @@ class GatePass:
         if self._ip is not None:
             self._gate.release(self._ip)
             self._ip = None
-        if self._seats is not None:
-            self._seats.give()
-            self._seats = None
+        if self._listener is not None:
+            self._gate.unseat(self._listener)
+            self._listener = None
 
     def _stop_waiting(self) -> None:
         if self._waiting is not None:

@@ -24,7 +24,6 @@ from services.ingress.limits import (
     AuthThrottle,
     ConnectionGate,
     Counters,
-    ListenerSeats,
     MessageRates,
     SessionRegistry,
 )
@@ -145,12 +144,13 @@ class IngressService:
         require_tls = cfg.auth_require_tls and not implicit and not local_only
         # aiosmtpd's reflective set-up, paid by the listener's first connection only.
         prototype = Prototype()
-        seats = ListenerSeats(cfg.max_connections)
-        metrics.INGRESS_CONNECTIONS.labels(listener.listen).set_function(lambda: seats.taken)
+        listen = listener.listen
+        gauge = metrics.INGRESS_CONNECTIONS.labels(listen)
+        gauge.set_function(lambda: self.gate.listener_connections(listen))
         # Implicit TLS is started by the protocol itself, after the gate counted the connection.
         door = Door(
             self.gate,
-            seats,
+            listen,
             tls=tls if implicit else None,
             handshake_timeout=_TLS_HANDSHAKE_TIMEOUT,
             proxy=listener.proxy_protocol,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.core.config import IngressConfig
 from services.ingress.door import Door
-from services.ingress.limits import ConnectionGate, GatePass, ListenerSeats
+from services.ingress.limits import ConnectionGate, GatePass
 from services.ingress.protocol import enhance, is_error, plain_angle_addr
 from services.ingress.replies import LINE_TOO_LONG, MESSAGE_TOO_BIG, RELAY_DENIED
 
@@ -125,7 +125,7 @@ async def test_connections_built_from_the_prototype_match_aiosmtpd_own_setup() -
             return None
 
     handler = Handler()
-    door = Door(ConnectionGate(IngressConfig()), ListenerSeats(0))
+    door = Door(ConnectionGate(IngressConfig()), "127.0.0.1:2525")
     prototype = Prototype()
     options = {
         "hostname": "relais.test",
@@ -175,7 +175,7 @@ async def test_a_multiline_reply_is_one_write() -> None:
         async def drain(self) -> None:
             return None
 
-    door = Door(ConnectionGate(IngressConfig()), ListenerSeats(0))
+    door = Door(ConnectionGate(IngressConfig()), "127.0.0.1:2525")
     conn = RelaisSMTP(object(), door=door, max_errors=5, hostname="relais.test")
     conn._writer = writer = Writer()  # type: ignore[assignment]
     conn.session = Session(conn.loop)
