@@ -50,7 +50,6 @@ from services.core.topology import (
     bounce_flush_subject,
     bounce_subject,
     bounce_window_subject,
-    consumer_config,
     inbound_binding,
     route_subject,
 )
@@ -72,14 +71,8 @@ class BounceService:
 
     async def run(self, stop: asyncio.Event) -> None:
         def consume(binding: ConsumerBinding, handler: transport.Handler, slots: int) -> Awaitable[None]:
-            return transport.consume(
-                self._bus,
-                binding,
-                handler,
-                concurrency=slots,
-                stop=stop,
-                ack_wait=self._config.nats.ack_wait,
-                declared=consumer_config(binding, self._config),
+            return transport.consume_declared(
+                self._bus, self._config, binding, handler, concurrency=slots, stop=stop
             )
 
         await asyncio.gather(

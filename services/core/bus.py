@@ -24,8 +24,8 @@ from nats.js.api import ConsumerConfig, Header, PubAck, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from services.core import metrics, telemetry
-from services.core.config import NatsConfig
-from services.core.topology import ConsumerBinding
+from services.core.config import Config, NatsConfig
+from services.core.topology import ConsumerBinding, consumer_config
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -320,6 +320,29 @@ async def connect(config: NatsConfig, name: str) -> Bus:
 
 
 Handler = Callable[[Msg], Awaitable[None]]
+
+
+def consume_declared(
+    bus: Bus,
+    config: Config,
+    binding: ConsumerBinding,
+    handler: Handler,
+    *,
+    concurrency: int,
+    stop: asyncio.Event,
+    confirm_acks: bool = False,
+) -> Coroutine[Any, Any, None]:
+    """`consume` from one of the topology's consumers, as `ensure_topology` declares it."""
+    return consume(
+        bus,
+        binding,
+        handler,
+        concurrency=concurrency,
+        stop=stop,
+        ack_wait=config.nats.ack_wait,
+        confirm_acks=confirm_acks,
+        declared=consumer_config(binding, config),
+    )
 
 
 async def consume(

@@ -190,6 +190,53 @@ class BounceNotice:
             raise EnvelopeDecodeError(f"malformed bounce notice: {exc}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The router's decision not to hand a job to delivery: every recipient bounced (no such
+    domain, null MX) or deferred (DNS failure, warm-up cap, no pool) with one reply.
+
+    It is stored in the delivery stream under the msg id the job's delivery job would have had
+    (`job_msg_id`), so JetStream keeps whichever of the two a router stores first: a pass
+    redelivered after a crash cannot give the job a second, different fate. `decided_at` and
+    `seed` make every handling of it settle alike (the same retry time, or expiry)."""
+
+    envelope: Envelope
+    reply: Reply
+    bounce: bool
+    decided_at: float
+    seed: float
+
+    def to_msgpack(self) -> bytes:
+        wire = {
+            "v": SCHEMA_VERSION,
+            "envelope": _envelope_to_wire(self.envelope),
+            "reply": self.reply.to_dict(),
+            "bounce": self.bounce,
+            "at": self.decided_at,
+            "seed": self.seed,
+        }
+        return msgpack.packb(wire, use_bin_type=True)
+
+    @classmethod
+    def from_msgpack(cls, payload: bytes) -> Verdict:
+        wire = _unpack(payload)
+        try:
+            return cls(
+                _envelope_from_wire(wire["envelope"]),
+                Reply.from_dict(wire["reply"]),
+                bool(wire["bounce"]),
+                float(wire["at"]),
+                float(wire["seed"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EnvelopeDecodeError(f"malformed verdict: {exc}") from exc
+
+
+def job_msg_id(env: Envelope) -> str:
+    """The msg id of a routed job's one fate per attempt: its delivery job or its `Verdict`."""
+    return f"{env.key}.{env.attempt_count}"
+
+
 def _unpack(payload: bytes) -> dict[str, Any]:
     try:
         wire = msgpack.unpackb(payload, raw=False)

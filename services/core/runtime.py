@@ -25,6 +25,7 @@ from services.core.topology import (
     inbound_binding,
     router_binding,
     stream_configs,
+    verdict_binding,
 )
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ async def start_bus(config: Config, name: str, *, attempts: int = 60) -> Bus:
 def owned_bindings(name: str, config: Config) -> list[ConsumerBinding]:
     """The durable consumers a service pulls from: its lag is what its /metrics reports."""
     if name == "router":
-        return [router_binding()]
+        return [router_binding(), verdict_binding()]
     if name == "delivery":
         return [delivery_binding(pool) for pool in config.served_pools()]
     if name == "bounce":

@@ -7,6 +7,7 @@ place that declares streams; services bind to what `ensure_topology` created.
     relais.retry.route.<key>.<n>      scheduled re-route after a DNS failure (ADR-51 schedule)
     relais.deliver.<pool>             delivery jobs, partitioned by IP pool -> delivery-<pool>
     relais.retry.deliver.<key>.<n>    scheduled retry of a deferred job (ADR-51 schedule)
+    relais.verdict                    jobs the router settles itself (bounce, defer) -> router-verdicts
     relais.bounce                     permanent failures and expiries -> bounce
     relais.bounce.window.<msg>.<win>  end of one DSN window of a message (ADR-51 schedule)
     relais.bounce.flush               fired by a window's schedule: one DSN for it -> bounce-flush
@@ -22,7 +23,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -52,6 +53,7 @@ INBOUND_STREAM = "RELAIS_INBOUND"
 BODY_BUCKET = "relais-bodies"
 BODY_REFS_BUCKET = "relais-body-refs"
 ROUTER_CONSUMER = "router"
+VERDICT_CONSUMER = "router-verdicts"
 BOUNCE_CONSUMER = "bounce"
 INBOUND_CONSUMER = "bounce-inbound"
 # One DSN per message and window (bounce.dsn_window): the notices of a message's domain jobs wait
@@ -114,6 +116,12 @@ def deliver_subject(pool: str) -> str:
 def deliver_filter() -> str:
     """Every pool's delivery jobs (not their retry schedules)."""
     return f"{PREFIX}.deliver.>"
+
+
+def verdict_subject() -> str:
+    """The router's verdicts (`envelope.Verdict`). In the delivery stream, beside the delivery
+    jobs, so that a job's verdict and its delivery job share one msg id namespace."""
+    return f"{PREFIX}.verdict"
 
 
 def deliver_retry_subject(key: str, attempt: int) -> str:
@@ -227,6 +235,10 @@ def router_binding() -> ConsumerBinding:
     return ConsumerBinding(ROUTE_STREAM, ROUTER_CONSUMER, route_subject())
 
 
+def verdict_binding() -> ConsumerBinding:
+    return ConsumerBinding(DELIVER_STREAM, VERDICT_CONSUMER, verdict_subject())
+
+
 def delivery_binding(pool: str) -> ConsumerBinding:
     return ConsumerBinding(DELIVER_STREAM, delivery_consumer(pool), deliver_subject(pool))
 
@@ -271,7 +283,7 @@ def stream_configs(config: Config) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=DELIVER_STREAM,
-            subjects=[deliver_filter(), _DELIVER_RETRIES],
+            subjects=[deliver_filter(), _DELIVER_RETRIES, verdict_subject()],
             retention=RetentionPolicy.WORK_QUEUE,
             allow_msg_schedules=True,
             **common,
@@ -321,6 +333,7 @@ def stream_configs(config: Config) -> list[StreamConfig]:
 def consumer_bindings(config: Config) -> list[ConsumerBinding]:
     return [
         router_binding(),
+        verdict_binding(),
         bounce_binding(),
         bounce_flush_binding(),
         inbound_binding(),
@@ -350,7 +363,16 @@ async def _ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
         if exc.err_code != 10058:
             raise
         log.info("updating stream %s to the declared configuration", stream.name)
-        await js.update_stream(stream)
+        await js.update_stream(await _keeping_later_subjects(js, stream))
+
+
+async def _keeping_later_subjects(js: JetStreamContext, stream: StreamConfig) -> StreamConfig:
+    """The declared stream plus the subjects it holds beyond them, which a later release added.
+    A replica of this release restarting during a rolling upgrade must not take them away from
+    the later release's replicas, whose publishes to them would find no stream."""
+    current = (await js.stream_info(stream.name)).config.subjects or []
+    later = [s for s in current if s not in (stream.subjects or [])]
+    return replace(stream, subjects=[*(stream.subjects or []), *later]) if later else stream
 
 
 async def ensure_topology(js: JetStreamContext, config: Config) -> None:

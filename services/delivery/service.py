@@ -32,7 +32,6 @@ from services.core.returnpath import return_path
 from services.core.schedule import publish_at
 from services.core.telemetry import consumer_span, record_reply
 from services.core.topology import (
-    consumer_config,
     deliver_retry_subject,
     deliver_subject,
     delivery_binding,
@@ -155,17 +154,15 @@ class DeliveryService:
             await self.control.stop()
 
     def _consume(self, pool: str, concurrency: int, stop: asyncio.Event) -> asyncio.Task[None]:
-        binding = delivery_binding(pool)
         return asyncio.create_task(
-            transport.consume(
+            transport.consume_declared(
                 self._bus,
-                binding,
+                self._config,
+                delivery_binding(pool),
                 self.handle,
                 concurrency=concurrency,
                 stop=stop,
-                ack_wait=self._config.nats.ack_wait,
                 confirm_acks=True,
-                declared=consumer_config(binding, self._config),
             )
         )
 

@@ -17,16 +17,29 @@ from nats.aio.msg import Msg
 from services.core import bus as transport
 from services.core import metrics
 from services.core.bodies import BodyMissing, BodyStore
-from services.core.bus import Bus, patiently
+from services.core.bus import Bus, consume_declared, patiently
 from services.core.config import AccountConfig, Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
-from services.core.envelope import META_DKIM, META_SOURCE, Envelope, EnvelopeDecodeError
+from services.core.envelope import (
+    META_DKIM,
+    META_SOURCE,
+    Envelope,
+    EnvelopeDecodeError,
+    Verdict,
+    job_msg_id,
+)
 from services.core.events import event_for, publish_event
 from services.core.outcome import Bounced, Deferred, Reply
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import consumer_span
-from services.core.topology import consumer_config, deliver_subject, route_subject, router_binding
+from services.core.topology import (
+    deliver_subject,
+    route_subject,
+    router_binding,
+    verdict_binding,
+    verdict_subject,
+)
 from services.router import dkim
 from services.router.accounts import AccountView
 from services.router.mx import MxRoute, resolve_mx
@@ -41,6 +54,8 @@ SUPPRESSED = Reply(550, "5.7.1", "Recipient is on the account's suppression list
 # takes that pool's jobs. Waiting for the configuration to be mended, as Postfix does with an
 # unknown transport, gives the mail an outcome; a job for that pool would wait for ever.
 NO_POOL = Reply(451, "4.3.5", "No IP pool is configured for this sender; will retry", "QUEUE")
+# Verdicts are few (failing domains, warm-up) and each takes a couple of publishes.
+_VERDICT_SLOTS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +89,23 @@ class RouterService:
         self._rng = rng or random.Random()
 
     async def run(self, stop: asyncio.Event) -> None:
-        binding = router_binding()
-        await transport.consume(
-            self._bus,
-            binding,
-            self.handle,
-            concurrency=self._config.router.concurrency,
-            stop=stop,
-            ack_wait=self._config.nats.ack_wait,
-            declared=consumer_config(binding, self._config),
+        await asyncio.gather(
+            consume_declared(
+                self._bus,
+                self._config,
+                router_binding(),
+                self.handle,
+                concurrency=self._config.router.concurrency,
+                stop=stop,
+            ),
+            consume_declared(
+                self._bus,
+                self._config,
+                verdict_binding(),
+                self.carry_out,
+                concurrency=_VERDICT_SLOTS,
+                stop=stop,
+            ),
         )
 
     async def handle(self, msg: Msg) -> None:
@@ -101,6 +124,30 @@ class RouterService:
             {"relais.message_id": env.id, "relais.account": env.account, "relais.attempt": env.attempt_count},
         ):
             await self.route(env)
+
+    async def carry_out(self, msg: Msg) -> None:
+        """Settle a verdict that a router stored: its retry or bounce notice, as delivery
+        settles an attempt's outcomes, at the time it was decided."""
+        try:
+            verdict = Verdict.from_msgpack(msg.data)
+        except EnvelopeDecodeError as exc:
+            raise transport.undecodable(exc) from exc
+        env = verdict.envelope
+        with consumer_span(
+            verdict_subject(),
+            msg.headers,
+            {"relais.message_id": env.id, "relais.job_id": env.job_id, "relais.attempt": env.attempt_count},
+        ):
+            kind = Bounced if verdict.bounce else Deferred
+            await settle(
+                self._bus,
+                self._bodies,
+                self._config.retry,
+                env,
+                [kind(rcpt, verdict.reply) for rcpt in env.recipients],
+                now=verdict.decided_at,
+                rng=random.Random(verdict.seed),
+            )
 
     async def route(self, env: Envelope) -> None:
         jobs = split_by_domain(env)
@@ -228,16 +275,28 @@ class RouterService:
             lambda: self._bus.publish(
                 deliver_subject(pool),
                 payload,
-                msg_id=f"{job.job_id}.{env.attempt_count}",
+                msg_id=job_msg_id(routed),
                 attributes={"relais.message_id": env.id, "relais.pool": pool, "relais.site": routed.site},
             ),
             f"delivery job {job.job_id}",
         )
 
     async def _settle_all(self, routed: Envelope, kind: type[Bounced | Deferred], reply: Reply) -> None:
-        """One outcome the router decided (no MX, no pool, warm-up) for every recipient of a job."""
-        outcomes = [kind(rcpt, reply) for rcpt in routed.recipients]
-        await settle(self._bus, self._bodies, self._config.retry, routed, outcomes)
+        """One outcome the router decided (no MX, no pool, warm-up) for every recipient of a job,
+        stored as a verdict under the job's msg id and carried out by `carry_out`. Settled here
+        instead, a pass redelivered after a crash could settle a job whose delivery job the
+        first pass had stored (or store one for a job already settled): two fates."""
+        verdict = Verdict(routed, reply, kind is Bounced, time.time(), self._rng.random())
+        payload = verdict.to_msgpack()
+        await patiently(
+            lambda: self._bus.publish(
+                verdict_subject(),
+                payload,
+                msg_id=job_msg_id(routed),
+                attributes={"relais.message_id": routed.id, "relais.reply": str(reply)},
+            ),
+            f"verdict on job {routed.job_id}",
+        )
 
     async def _publish_suppressed(
         self, routed: Envelope, dropped: tuple[str, ...], entries: Mapping[str, Suppression]

@@ -1,4 +1,5 @@
-"""ensure_topology on buckets an earlier release created: direct gets are switched on in place."""
+"""ensure_topology on streams and buckets another release created: an earlier one's are brought
+to the declared shape in place, and a later one's additions are left alone."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from services.core.config import Config, NatsConfig, replace
 from services.core.embedded import EmbeddedNats
 from services.core.topology import (
     BODY_BUCKET,
+    DELIVER_STREAM,
     SUPPRESSION_BUCKET,
     ensure_topology,
     kv_configs,
     object_stream,
+    stream_configs,
+    verdict_subject,
 )
 
 
@@ -54,5 +58,25 @@ async def test_the_body_store_follows_a_changed_retry_age(nats_server: EmbeddedN
         assert info.config.max_age == longer.retry.max_age + 2 * 86400
         assert info.config.allow_direct, "the body store's direct reads stay on"
         assert (await store.get("kept")).data == b"a body"
+    finally:
+        await bus.close()
+
+
+async def test_a_stream_keeps_the_subjects_a_later_release_added(nats_server: EmbeddedNats) -> None:
+    # A replica of the earlier release restarting during a rolling upgrade declares the stream
+    # again: it must not take away a subject the later release's replicas publish to.
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-topology")
+    try:
+        (deliver,) = [s for s in stream_configs(config) if s.name == DELIVER_STREAM]
+        earlier = [s for s in deliver.subjects or [] if s != verdict_subject()]
+        deliver.subjects = [*earlier, "relais.later-release"]
+        await bus.js.add_stream(deliver)
+
+        await ensure_topology(bus.js, config)
+
+        subjects = (await bus.js.stream_info(DELIVER_STREAM)).config.subjects or []
+        assert verdict_subject() in subjects, "this release's subject was added"
+        assert "relais.later-release" in subjects
     finally:
         await bus.close()

@@ -16,6 +16,8 @@ from services.core.envelope import (
     Envelope,
     EnvelopeDecodeError,
     NewerSchema,
+    Verdict,
+    job_msg_id,
     new_message_id,
 )
 from services.core.outcome import Bounced, Reply
@@ -111,6 +113,29 @@ def test_a_notice_from_before_per_failure_expiry_still_decodes(expired: bool) ->
     wire["expired"] = expired
     (failure,) = BounceNotice.from_msgpack(msgpack.packb(wire)).failures
     assert failure.expired is expired
+
+
+def test_verdict_round_trip() -> None:
+    verdict = Verdict(
+        _envelope(job_id="j-1"), Reply(451, "4.4.3", "DNS failed", "DNS"), False, 1.7e9 + 0.5, 0.25
+    )
+    assert Verdict.from_msgpack(verdict.to_msgpack()) == verdict
+
+
+def test_a_verdict_without_its_decision_time_is_poison() -> None:
+    wire = msgpack.unpackb(
+        Verdict(_envelope(), Reply(550, "5.1.2", "no domain"), True, 1.0, 0.5).to_msgpack()
+    )
+    del wire["at"]
+    with pytest.raises(EnvelopeDecodeError):
+        Verdict.from_msgpack(msgpack.packb(wire))
+
+
+def test_a_jobs_verdict_and_delivery_job_share_one_msg_id_per_attempt() -> None:
+    job = _envelope(job_id="m-3")
+    retried = job.with_attempt(Attempt(1.0, Reply(451, "4.4.3", "DNS failed", "DNS")))
+    assert job_msg_id(job) == "m-3.0"
+    assert job_msg_id(retried) == "m-3.1", "a retry is a new attempt, free to get another fate"
 
 
 def test_message_ids_sort_by_time_and_do_not_collide() -> None:

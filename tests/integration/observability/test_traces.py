@@ -220,3 +220,25 @@ async def test_a_deferred_attempt_carries_its_deferred_event(stack: RelaisStack,
     assert deferred.attributes[t.ATTEMPT] == 1
     (delivered,) = [e for e in second.events if e.name == "relais.delivered"]
     assert delivered.attributes[t.ATTEMPT] == 2, "numbered like the deferral before it"
+
+
+async def test_a_job_the_router_bounces_is_settled_in_the_same_trace(stack: RelaisStack, spans) -> None:
+    code, reply = await asubmit(stack.smtp_address, recipients=["x@no-such-domain.test"], data=message())
+    assert code == 250
+    mid = queued_id(reply)
+
+    def bounced(spans: list[ReadableSpan]) -> bool:
+        return any(s.name == "process relais.bounce" and s.attributes.get(t.MESSAGE_ID) == mid for s in spans)
+
+    members = trace_of(await wait_for_spans(spans, bounced, within=30), mid)
+    assert_connected(members)
+    (route,) = [
+        s for s in members if s.name == "process relais.route" and s.attributes.get(t.MESSAGE_ID) == mid
+    ]
+    (verdict,) = [s for s in members if s.name == "process relais.verdict"]
+    (bounce,) = [
+        s for s in members if s.name == "process relais.bounce" and s.attributes.get(t.MESSAGE_ID) == mid
+    ]
+    assert verdict.kind is SpanKind.CONSUMER
+    assert route in ancestors(verdict, members)
+    assert verdict in ancestors(bounce, members)
