@@ -15,6 +15,7 @@ import email.utils
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
 
@@ -50,6 +51,10 @@ _MAX_RETURN_PATHS = 8
 _MAX_NAMED = 1_000
 # Headers of a reported message that may name its recipient (FBLs often redact these).
 _RECIPIENT_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To")
+# Threads of their own: the default pool also runs every getaddrinfo (webhook hosts), and a
+# few receivers hanging in DNS would hold the parses up. Parsing is CPU under the GIL, so a
+# second thread is only there for when one is busy with a large report.
+_PARSERS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +225,7 @@ class InboundHandler:
         self._bodies = bodies
         self._rules = rules
         self._suppression = SuppressionList(bus.js)
+        self._parsers = ThreadPoolExecutor(_PARSERS, thread_name_prefix="relais-report")
 
     async def handle(self, msg: Msg) -> None:
         try:
@@ -235,7 +241,9 @@ class InboundHandler:
             try:
                 # Off the event loop: anyone can mail us a report of max_message_size, and the
                 # parse of one of 50 MB takes half a minute, in which nothing else would move.
-                verdict = await asyncio.to_thread(findings, raw, env.recipients, self._config, self._rules)
+                verdict = await asyncio.get_running_loop().run_in_executor(
+                    self._parsers, findings, raw, env.recipients, self._config, self._rules
+                )
             except MemoryError:
                 raise  # this replica's trouble, not the message's: another may manage it
             except Exception as exc:
