@@ -34,6 +34,11 @@ from services.ingress.session import facts
 log = logging.getLogger(__name__)
 
 _AUTH_CACHE_SECONDS = 300.0
+# LOGIN's challenges as Postfix and Dovecot send them. Clients ought to ignore them
+# (draft-murchison-sasl-login) but some compare: Go's widely copied LOGIN helper and curl abort on
+# aiosmtpd's "User Name\0" and "Password\0" (aiosmtpd issue #566).
+LOGIN_USERNAME_CHALLENGE = "Username:"
+LOGIN_PASSWORD_CHALLENGE = "Password:"
 
 
 class PasswordChecker:
@@ -141,7 +146,7 @@ class Authenticator:
 
     async def login(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
-            login = await server.challenge_auth(SMTP.AuthLoginUsernameChallenge)
+            login = await server.challenge_auth(LOGIN_USERNAME_CHALLENGE)
             if login is MISSING:
                 return AuthResult(success=False, handled=True)
         else:
@@ -149,7 +154,7 @@ class Authenticator:
             if login is None:
                 await server.push(str(AUTH_BAD_BASE64))
                 return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
+        password = await server.challenge_auth(LOGIN_PASSWORD_CHALLENGE)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
         return await self._authenticate(server, login, password)  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.ingress.budget import Reservation
@@ -118,6 +119,7 @@ async def read_data(
     size_limit: int | None,
     line_limit: int,
     reservation: Reservation | None = None,
+    arrived: Callable[[int], None] | None = None,
 ) -> tuple[DataState, bytes, LineStats]:
     """Read from just after `354` through the end-of-data line; (state, unstuffed message,
     what was seen of its lines).
@@ -127,7 +129,8 @@ async def read_data(
     passes per block, whatever the lines look like. The message is empty unless the state is
     NOMINAL (what aiosmtpd keeps of a refused one). Its octets are reserved in `reservation` as
     they arrive (NO_ROOM when that fails); a refused message gives its reservation back at once.
-    What followed the end-of-data line (pipelined commands) is left in `reader`.
+    What followed the end-of-data line (pipelined commands) is left in `reader`. `arrived` is
+    told the size of every block read (the session's timeout follows the transfer's progress).
     """
     rules = _Rules(size_limit, line_limit)
     # One buffer, not a list of the blocks read: a client sending tiny packets would make each
@@ -153,6 +156,8 @@ async def read_data(
         block = await reader.read(_EVERYTHING)
         if not block:
             raise asyncio.IncompleteReadError(carry[virtual:], None)
+        if arrived is not None:
+            arrived(len(block))
         text = carry + block
         end = text.find(_END)
         if end >= 0:
@@ -170,10 +175,15 @@ def _give_back(reader: asyncio.StreamReader, rest: bytes) -> None:
     """Return what followed the end-of-data line to `reader`, for the command loop.
 
     `read(_EVERYTHING)` left the buffer empty and nothing ran since (no await), so appending is
-    putting back in front. Once the client has closed its side the session is being cancelled
-    (aiosmtpd's `eof_received`) and nobody would read it.
+    putting back in front. A client that has shut its side still has those commands answered
+    (`RelaisSMTP.eof_received`), but the reader refuses `feed_data` after its EOF: they go
+    straight back into its buffer then.
     """
-    if rest and not reader.at_eof():
+    if not rest:
+        return
+    if reader.at_eof():
+        reader._buffer.extend(rest)  # type: ignore[attr-defined]
+    else:
         reader.feed_data(rest)
 
 

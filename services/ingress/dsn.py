@@ -1,4 +1,5 @@
-"""RFC 3461 DSN parameters: RET and ENVID at MAIL FROM, NOTIFY and ORCPT at RCPT TO.
+"""RFC 3461 DSN parameters: RET and ENVID at MAIL FROM, NOTIFY and ORCPT at RCPT TO; and RFC
+4954's AUTH parameter of MAIL FROM, taken where AUTH is offered and discarded.
 
 aiosmtpd refuses parameters it does not know (555), so `RelaisSMTP` takes these out of the
 command first, checks them here, and the handler records them in the envelope for the bounce
@@ -10,10 +11,12 @@ from __future__ import annotations
 import re
 
 from services.core.addresses import printable_ascii
-from services.ingress.replies import Verdict
+from services.ingress.replies import BAD_AUTH_PARAMETER, Verdict
 
 BAD_DSN_PARAMETER = Verdict(501, "5.5.4", "Invalid DSN parameter")
 MAIL_PARAMS = ("RET", "ENVID")
+# RFC 4954 5: where AUTH is offered, MAIL may carry AUTH=<> or AUTH=<xtext of the submitter>.
+MAIL_AUTH_PARAM = "AUTH"
 RCPT_PARAMS = ("NOTIFY", "ORCPT")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 _XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})*$")
@@ -35,12 +38,14 @@ def xtext_decode(value: str) -> str | None:
 def split_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:
     """The command argument without the named parameters, and those parameters (names upper-cased).
 
-    Parameters follow the closing '>' of the path (RFC 5321 4.1.2).
+    Parameters follow the path (RFC 5321 4.1.2), which ends at the first '>' outside a quoted
+    local part: a parameter value may hold '>' too (an ENVID of "<id@host>"). Without angle
+    brackets the path ends at the first blank after "FROM:" / "TO:".
     """
-    end = arg.rfind(">")
+    end = _path_end(arg)
     if end < 0:
         return arg, {}
-    path, rest = arg[: end + 1], arg[end + 1 :]
+    path, rest = arg[:end], arg[end:]
     kept: list[str] = []
     found: dict[str, str] = {}
     for token in rest.split():
@@ -50,6 +55,29 @@ def split_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]
         else:
             kept.append(token)
     return " ".join([path, *kept]), found
+
+
+def _path_end(arg: str) -> int:
+    """Where the path of `FROM:<path> params` (or `TO:`) ends, or -1 when it does not end."""
+    _, colon, after = arg.partition(":")
+    if not colon:
+        return -1
+    start = len(arg) - len(after.lstrip())
+    if not arg.startswith("<", start):
+        blank = re.compile(r"\s").search(arg, start)
+        return blank.start() if blank else len(arg)
+    quoted = escaped = False
+    for index in range(start + 1, len(arg)):
+        char = arg[index]
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index + 1
+    return -1
 
 
 def mail_verdict(params: dict[str, str]) -> tuple[Verdict | None, str, str]:
@@ -64,6 +92,13 @@ def mail_verdict(params: dict[str, str]) -> tuple[Verdict | None, str, str]:
             return BAD_DSN_PARAMETER, "", ""
         envid = decoded
     return None, ret, envid
+
+
+def mail_auth_verdict(value: str) -> Verdict | None:
+    """MAIL's AUTH parameter: checked, then discarded. RFC 4954 5 lets a server trust no
+    client's claim about who submitted a message, provided it still takes valid ones; the
+    message is the authenticated account's whatever the parameter says."""
+    return None if value == "<>" or xtext_decode(value) else BAD_AUTH_PARAMETER
 
 
 def rcpt_verdict(params: dict[str, str]) -> tuple[Verdict | None, str, str]:

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 from opentelemetry.trace import SpanKind
 
 from services.core.addresses import recipient_key
@@ -116,6 +116,11 @@ class IngressHandler:
             self._sessions.release(state.account)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client's handshake after STARTTLS failed (aiosmtpd then closes, answering
+            # nothing): a scanner or a client that does not trust us, no fault of ours.
+            log.info("STARTTLS handshake failed: %r", error.__cause__)
+            return str(LOCAL_ERROR)
         # Never show a client our internals; a 4xx makes it retry, which is right for our faults.
         log.exception("SMTP session error: %r", error)
         return str(LOCAL_ERROR)
@@ -176,17 +181,20 @@ class IngressHandler:
             address = policy.local_postmaster(address, self._local_domains)
             verdict = policy.inbound_recipient_verdict(
                 address,
-                len(envelope.rcpt_tos),
+                _accepted_rcpts(envelope),
                 ingress.max_recipients,
                 self._local_domains,
                 smtputf8=envelope.smtp_utf8,
             )
         else:
             verdict = policy.recipient_verdict(
-                address, len(envelope.rcpt_tos), ingress.max_recipients, smtputf8=envelope.smtp_utf8
+                address, _accepted_rcpts(envelope), ingress.max_recipients, smtputf8=envelope.smtp_utf8
             )
         if verdict:
             return str(verdict)
+        # Every RCPT accepted counts against the limit, a repeated one too (as in Postfix):
+        # otherwise repeating one recipient would hold a session open for ever without an error.
+        envelope.rcpt_accepted = _accepted_rcpts(envelope) + 1  # type: ignore[attr-defined]
         keys = _recipient_keys(envelope)
         key = recipient_key(address)
         if key in keys:
@@ -335,6 +343,11 @@ class IngressHandler:
             reply = await self._handoff.queue(sub, message_id=message_id, span=span)
             span.set_attribute("smtp.reply", reply[:3])
             return reply
+
+
+def _accepted_rcpts(envelope: Envelope) -> int:
+    """RCPT commands accepted in this transaction, repeated recipients included."""
+    return getattr(envelope, "rcpt_accepted", len(envelope.rcpt_tos))
 
 
 def _recipient_keys(envelope: Envelope) -> set[str]:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -40,6 +41,25 @@ _BROKER_ERRORS = (TimeoutError, nats.errors.Error, APIError, OSError)
 
 def ip_token(ip: str) -> str:
     return ip.replace(".", "-").replace(":", "_") or "unknown"
+
+
+# An IPv6 client's failed AUTHs count for its /64: the least a host or site is given (RFC 6177),
+# so one guesser holds 2^64 addresses to rotate through. Dovecot's auth penalty counts per /48.
+IPV6_AUTH_PREFIX = 64
+
+
+def auth_source(ip: str) -> str:
+    """What failed AUTHs from `ip` are counted under: an IPv4 address itself, an IPv6 address's
+    /64 by its first address ("2001:db8:1:2::"), `ip` as given when it is no address."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    return str(ipaddress.ip_network(f"{address}/{IPV6_AUTH_PREFIX}", strict=False).network_address)
 
 
 def user_token(username: str) -> str:
@@ -189,7 +209,7 @@ class AuthThrottle:
     def _subjects(self, ip: str, username: str) -> tuple[str, str]:
         window = int(time.time() // self._lockout)
         return (
-            limit_subject("authfail-ip", ip_token(ip), window),
+            limit_subject("authfail-ip", ip_token(auth_source(ip)), window),
             limit_subject("authfail-user", user_token(username), window),
         )
 

@@ -1,18 +1,22 @@
 """aiosmtpd's SMTP protocol with the ingress' connection-level rules.
 
 - every refusal carries an enhanced status code (aiosmtpd's built-in replies get one here);
-- too many error replies in one session end it with 421;
+- too many error replies in one session end it with 421 (recipients refused for the per-message
+  limit are no errors, up to RECIPIENT_OVERSHOOT_LIMIT a transaction);
+- AUTH mechanism names are taken in any case (`commands.py`, with each command's line limit);
 - connections are gated from the moment they are accepted (`door.py`): per client IP, and per
   load balancer while a PROXY header is awaited; implicit TLS starts here, after the gate;
 - DATA octets are reserved in the process's byte budget as they arrive (`budget.py`);
 - AUTH lines may be as long as RFC 4954 allows, every other command keeps its own limit;
-- an idle/command timeout says 421 4.4.2 before closing;
+- an idle/command timeout says 421 4.4.2 before closing; a message that keeps arriving extends it
+  (MIN_DATA_RATE);
+- a client that half-closes its side has the commands it sent answered before the session ends;
 - implicit-TLS sessions expose their TLS facts like STARTTLS sessions do;
 - the handler hears when a session ends, to release what the session held;
 - what aiosmtpd spends CPU on per message is done more cheaply with the same outcomes: its
-  reflective per-connection set-up once per listener (`prototype.py`), `<local@domain>` arguments of
-  MAIL/RCPT without the RFC 5322 parser, a multi-line reply in one write, and the message read in
-  chunks (`data.py`).
+  reflective per-connection set-up once per listener (`prototype.py`), `<local@domain>` arguments
+  of MAIL/RCPT without the RFC 5322 parser (`commands.py`), a multi-line reply in one write, and
+  the message read in chunks (`data.py`).
 """
 
 from __future__ import annotations
@@ -20,19 +24,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import contextlib
 import logging
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, _Missing, syntax
 
 from services.core import metrics
-from services.core.addresses import PLAIN_ADDR_SPEC
 from services.ingress import dsn
 from services.ingress.budget import ByteBudget, Reservation
+from services.ingress.commands import (
+    AUTH_LINE_LIMIT,
+    auth_mechanism_upper,
+    command_size_limits,
+    plain_angle_addr,
+)
 from services.ingress.data import DataState, read_data
 from services.ingress.door import Door, start_tls
 from services.ingress.limits import GatePass
@@ -47,25 +54,25 @@ from services.ingress.replies import (
     TLS_ALREADY_ACTIVE,
     TOO_MANY_ERRORS,
     TOO_MANY_JUNK_COMMANDS,
+    TOO_MANY_RECIPIENTS,
     enhance,
     is_error,
 )
 
 log = logging.getLogger(__name__)
 
-# RFC 4954 4: an AUTH command with its initial response, or a response line of the exchange, may
-# be this long (without its CRLF), as deployed mechanisms need.
-AUTH_LINE_LIMIT = 12288
 # A line of a message: aiosmtpd's limit, with its CRLF (policy then holds lines to RFC 5322's 998).
 DATA_LINE_LIMIT = SMTP.line_length_limit
-_COMMAND_SIZE_LIMITS = {
-    # SIZE (RFC 1870) 26, SMTPUTF8 (RFC 6531) 10, RET and ENVID (RFC 3461) 100.
-    "MAIL": 512 + 26 + 10 + 100,
-    "RCPT": 512 + 500,  # NOTIFY and ORCPT (RFC 3461)
-    "AUTH": AUTH_LINE_LIMIT,
-}
 # NOOP, RSET, HELP, VRFY, EXPN, HELO and EHLO a session may send between two accepted messages.
 JUNK_COMMAND_LIMIT = 100
+# While a message arrives, each octet extends the command timeout by 1/MIN_DATA_RATE s, never
+# beyond a whole timeout from now (Postfix's smtpd_min_data_rate, 500): a large message on a slow
+# link is taken, however long it takes, and a stalled one is cut off as before.
+MIN_DATA_RATE = 500
+# RCPTs refused for the per-message limit that are not errors (Postfix's
+# smtpd_recipient_overshoot_limit): RFC 5321 4.5.3.1.10 has the client send the message to the
+# recipients accepted and the rest in a later transaction.
+RECIPIENT_OVERSHOOT_LIMIT = 1000
 
 # A message refused while it was read: aiosmtpd's replies (which `push` turns into ours, see
 # enhance()) and, when the byte budget had no room for it, Postfix's.
@@ -76,37 +83,13 @@ _REFUSED = {
 }
 
 
-def command_size_limits() -> collections.defaultdict[str, int]:
-    """Longest command line, per command, for one session: RFC 5321 4.5.3.1.4's 512 plus what
-    each advertised extension adds (the reader's limit, AUTH's, caps them all)."""
-    return collections.defaultdict(lambda: SMTP.command_size_limit, _COMMAND_SIZE_LIMITS)
+_OVER_RECIPIENT_LIMIT = str(TOO_MANY_RECIPIENTS)
 
 
 def _write_now(transport: Any, reply: str) -> None:
     """A reply written straight to the transport, bypassing `push`: counted here instead."""
     metrics.observe_smtp_reply(reply)
     transport.write(f"{reply}\r\n".encode())
-
-
-# `<dot-atom@host.name>` and what follows it. Anything else (quoted local parts, routes, address
-# literals, comments, RFC 2047 lookalikes, non-ASCII) goes through aiosmtpd's RFC 5322 parser.
-_PLAIN_ANGLE_ADDR = re.compile(rf"<({PLAIN_ADDR_SPEC})>[ \t]*")
-
-
-def plain_angle_addr(arg: str) -> tuple[str, str] | None:
-    """(address, parameters) of `<local@domain> params` when it is a plain dot-atom address,
-    exactly as `email._header_value_parser.get_angle_addr` would return them; else None.
-
-    aiosmtpd parses every MAIL/RCPT argument with the RFC 5322 header parser and also defines a
-    typing.Protocol class on each call: about 10% of the ingress' CPU at 10 recipients a message.
-    """
-    match = _PLAIN_ANGLE_ADDR.match(arg)
-    if match is None or "=?" in arg:
-        return None
-    rest = arg[match.end() :]
-    if rest.startswith("("):  # a comment, which the parser would swallow
-        return None
-    return match.group(1), rest
 
 
 class RelaisSMTP(SMTP):
@@ -146,11 +129,15 @@ class RelaisSMTP(SMTP):
         self._max_errors = max_errors
         self._errors = 0
         self._junk = 0
+        # RCPTs of this transaction refused for the recipient limit (RECIPIENT_OVERSHOOT_LIMIT).
+        self._overshoot = 0
         self._implicit_tls = door.tls is not None
         # This connection's count in the gate, from its accept on (None until then).
         self._gate_pass: GatePass | None = None
         self._refused = False
         self._session_ended = False
+        # The client shut its side and is owed replies still (see `eof_received`).
+        self._half_closed = False
         # Lines of a multi-line reply waiting for its last line (see `push`).
         self._continued: list[str] = []
 
@@ -202,6 +189,12 @@ class RelaisSMTP(SMTP):
         return self._gate_pass.admit(ip)
 
     def eof_received(self) -> bool | None:
+        if self._answers_owed():
+            # Half-closed (shutdown(SHUT_WR), `nc -N`) with commands still to answer: the client
+            # reads on. As in Postfix, they are answered (a message's 250 included) before the
+            # session ends (see `push`); aiosmtpd would cancel the session here and then.
+            self._half_closed = True
+            return asyncio.StreamReaderProtocol.eof_received(self)  # EOF to the reader, no cancel
         keep_open = super().eof_received()  # cancels the session's task
         if self._gate_pass is not None and self._gate_pass.waiting and self.transport is not None:
             # Gone before its PROXY header: aiosmtpd reads the header outside the part of its
@@ -211,6 +204,33 @@ class RelaisSMTP(SMTP):
             self.transport.close()
             return False
         return keep_open
+
+    @property
+    def _inbound(self) -> bool:
+        """The inbound listener's session: anyone's, without AUTH."""
+        return bool(getattr(self.event_handler, "inbound", False))
+
+    def _answers_owed(self) -> bool:
+        """Whether a client that ended its input is still owed replies: a message being taken
+        (`busy`), or a whole command line not read yet. Plain TCP only (asyncio's TLS cannot
+        half-close), and never before a PROXY header."""
+        if self.transport is None or self._tls_protocol is not None or self._implicit_tls:
+            return False
+        if self._gate_pass is None or self._gate_pass.waiting:
+            return False
+        return self.busy or self._line_waiting()
+
+    def _line_waiting(self) -> bool:
+        # The reader's buffer, as aiosmtpd itself reaches it (it clears it after STARTTLS).
+        return b"\n" in self._reader._buffer  # type: ignore[attr-defined]
+
+    async def _end_session(self) -> None:
+        """Close, and end the session's task here when it is the caller, before a read fails."""
+        self.hang_up()
+        task = self._handler_coroutine
+        if task is not None and task is asyncio.current_task():
+            task.cancel()
+            await asyncio.sleep(0)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -345,7 +365,7 @@ class RelaisSMTP(SMTP):
         if self.envelope is not None and self.envelope.mail_from:
             await self.push(str(AUTH_IN_TRANSACTION))
             return
-        await super().smtp_AUTH(arg)
+        await super().smtp_AUTH(auth_mechanism_upper(arg))
 
     # -- MAIL / RCPT arguments ----------------------------------------------------------------------
 
@@ -374,9 +394,14 @@ class RelaisSMTP(SMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.dsn_mail = ("", "")
+        self._overshoot = 0
         if arg:
-            arg, params = dsn.split_params(arg, dsn.MAIL_PARAMS)
+            # Only where AUTH is offered: elsewhere aiosmtpd refuses it as unknown (555).
+            names = dsn.MAIL_PARAMS if self._inbound else (*dsn.MAIL_PARAMS, dsn.MAIL_AUTH_PARAM)
+            arg, params = dsn.split_params(arg, names)
+            auth = params.pop(dsn.MAIL_AUTH_PARAM, None)
             verdict, ret, envid = dsn.mail_verdict(params)
+            verdict = verdict or (dsn.mail_auth_verdict(auth) if auth is not None else None)
             if verdict:
                 await self.push(str(verdict))
                 return
@@ -426,7 +451,7 @@ class RelaisSMTP(SMTP):
         # What the message holds of the byte budget, given back however DATA ends: queued,
         # refused, a failing hook, the connection gone or timed out (both cancel this task).
         # The inbound listener's sessions are anyone's; submission ones are an account's.
-        reservation = self._budget.reservation(anonymous=getattr(self.event_handler, "inbound", False))
+        reservation = self._budget.reservation(anonymous=self._inbound)
         try:
             reply = await self._receive(reservation)
         finally:
@@ -444,7 +469,12 @@ class RelaisSMTP(SMTP):
                 size_limit=self.data_size_limit,
                 line_limit=DATA_LINE_LIMIT,
                 reservation=reservation,
+                arrived=self._data_deadline(),
             )
+        except asyncio.IncompleteReadError:
+            # Half-closed before the end-of-data line: nothing to queue, nothing more to answer.
+            await self._end_session()
+            raise
         except asyncio.CancelledError:
             # The connection went away during DATA (aiosmtpd's eof_received cancels us).
             self._writer.close()
@@ -464,6 +494,20 @@ class RelaisSMTP(SMTP):
             self._set_post_data_state()
         return "250 OK" if status is MISSING else status
 
+    def _data_deadline(self) -> Callable[[int], None]:
+        """What moves the timeout on as a message's octets arrive (see MIN_DATA_RATE)."""
+        loop, timeout = self.loop, self._timeout_duration
+        deadline = loop.time() + timeout
+
+        def arrived(octets: int) -> None:
+            nonlocal deadline
+            now = loop.time()
+            deadline = min(now + timeout, deadline + octets / MIN_DATA_RATE)
+            # Past the deadline the timer is about to fire anyway; 0 would mean "the default".
+            self._reset_timeout(max(deadline - now, 1e-3))
+
+        return arrived
+
     def shut_down(self) -> None:
         """Say 421 4.3.2 and close; only between transactions (see `busy`)."""
         if self._shutting_down or self.transport is None:
@@ -478,6 +522,14 @@ class RelaisSMTP(SMTP):
             self.transport.close()
 
     # -- replies -------------------------------------------------------------------------------
+
+    def _overshooting(self, reply: str) -> bool:
+        """Whether `reply` refuses a recipient past the limit within the overshoot allowed: the
+        client did nothing wrong (RFC 5321 4.5.3.1.10), so it is no error."""
+        if reply != _OVER_RECIPIENT_LIMIT:
+            return False
+        self._overshoot += 1
+        return self._overshoot <= RECIPIENT_OVERSHOOT_LIMIT
 
     async def push(self, status: AnyStr) -> None:
         reply = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
@@ -498,10 +550,14 @@ class RelaisSMTP(SMTP):
         if reply.startswith("421"):
             self.hang_up()
             return
-        if is_error(reply):
+        if is_error(reply) and not self._overshooting(reply):
             self._errors += 1
             if self._max_errors and self._errors >= self._max_errors:
                 log.info("%r: %d errors, closing", self.session.peer if self.session else None, self._errors)
                 metrics.observe_smtp_reply(str(TOO_MANY_ERRORS))
                 await super().push(str(TOO_MANY_ERRORS))
                 self.hang_up()
+                return
+        if self._half_closed and not self._line_waiting():
+            # Every command the client sent before shutting its side has its answer.
+            await self._end_session()

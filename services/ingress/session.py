@@ -41,6 +41,10 @@ def peer_ip(session: Session) -> str:
     if getattr(proxy, "command", None) == V2_CMD.LOCAL:
         return ""  # PROXY protocol 2.2: the addresses, if any, are to be ignored
     source = getattr(proxy, "src_addr", None)
+    if isinstance(source, IPv6Address) and source.ipv4_mapped is not None:
+        # A dual-stack load balancer writes an IPv4 client as ::ffff:a.b.c.d: the client is
+        # a.b.c.d for relay_networks, limits and Received: (Postfix's PROXY reader does the same).
+        return str(source.ipv4_mapped)
     return str(source) if isinstance(source, IPv4Address | IPv6Address) else ""
 
 

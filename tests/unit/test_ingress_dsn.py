@@ -40,3 +40,28 @@ def test_mail_parameters() -> None:
 )
 def test_rcpt_parameters(params: dict[str, str], expected: tuple[object, str, str]) -> None:
     assert dsn.rcpt_verdict(params) == expected
+
+
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ("FROM:<a@acme.test> ENVID=<1@c.test>", ("FROM:<a@acme.test>", {"ENVID": "<1@c.test>"})),
+        ("FROM:a@acme.test RET=HDRS", ("FROM:a@acme.test", {"RET": "HDRS"})),
+        ("FROM: <> RET=FULL", ("FROM: <>", {"RET": "FULL"})),
+        (
+            "TO:<b@alpha.test> ORCPT=rfc822;<b@alpha.test>",
+            ("TO:<b@alpha.test>", {"ORCPT": "rfc822;<b@alpha.test>"}),
+        ),
+        # A quoted local part may hold '>' and blanks, even what looks like a parameter.
+        ('FROM:<"a>b"@acme.test> RET=FULL', ('FROM:<"a>b"@acme.test>', {"RET": "FULL"})),
+        ('FROM:<"x RET=FULL"@acme.test>', ('FROM:<"x RET=FULL"@acme.test>', {})),
+        (
+            'FROM:<"x\\" RET=FULL>"@acme.test> RET=HDRS',
+            ('FROM:<"x\\" RET=FULL>"@acme.test>', {"RET": "HDRS"}),
+        ),
+        # No end: left whole, for aiosmtpd to refuse.
+        ("FROM:<a@acme.test RET=FULL", ("FROM:<a@acme.test RET=FULL", {})),
+    ],
+)
+def test_parameters_are_split_off_where_the_path_ends(arg: str, expected: tuple[str, dict[str, str]]) -> None:
+    assert dsn.split_params(arg, (*dsn.MAIL_PARAMS, *dsn.RCPT_PARAMS)) == expected

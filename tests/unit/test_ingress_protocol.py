@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from services.core.config import IngressConfig
+from services.ingress.commands import plain_angle_addr
 from services.ingress.door import Door
 from services.ingress.limits import ConnectionGate, GatePass
-from services.ingress.protocol import enhance, is_error, plain_angle_addr
+from services.ingress.protocol import enhance, is_error
 from services.ingress.replies import LINE_TOO_LONG, MESSAGE_TOO_BIG, RELAY_DENIED
 
 

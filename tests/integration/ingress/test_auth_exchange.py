@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP
 
+from services.ingress.auth import LOGIN_PASSWORD_CHALLENGE
 from services.ingress.replies import (
     AUTH_AUTHZID,
     AUTH_LINE_TOO_LONG,
@@ -82,13 +82,13 @@ def _line_lengths(address: tuple[str, int]) -> list[bytes]:
         _base64_of_length(12288),
         b"AUTH PLAIN",
         b"A" * 12289,
-        # Every other command keeps its limit: 512, MAIL 648, RCPT 1012; and over the reader's.
+        # Every other command keeps its limit: 512, MAIL 1148, RCPT 1012; and over the reader's.
         b"NOOP " + b"x" * 507,
         b"NOOP " + b"x" * 508,
         b"NOOP " + b"x" * 5000,
         b"NOOP " + b"x" * 20000,
-        _padded(mail, 648),
-        _padded(mail, 649),
+        _padded(mail, 1148),
+        _padded(mail, 1149),
         _padded(b"RCPT TO:<a@alpha.test>", 1013),
         b"NOOP",
     ]
@@ -145,5 +145,5 @@ async def test_an_empty_initial_response_is_an_empty_response(ingress: Any) -> N
 
     plain_empty, login_empty, aborted = await in_thread(scenario)
     assert plain_empty == reply(AUTH_MALFORMED)
-    password_challenge = base64.b64encode(SMTP.AuthLoginPasswordChallenge.encode())
+    password_challenge = base64.b64encode(LOGIN_PASSWORD_CHALLENGE.encode())
     assert login_empty == (334, password_challenge) and aborted[0] == 501

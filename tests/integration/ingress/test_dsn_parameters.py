@@ -35,3 +35,27 @@ async def test_dsn_parameters_recorded(make_ingress: Callable[..., Any]) -> None
     assert env.recipients == ("a@alpha.test", "b@alpha.test")
     assert env.dsn_notify == {"a@alpha.test": "SUCCESS,FAILURE"}
     assert env.dsn_orcpt == {"a@alpha.test": "rfc822;A@alpha.test"}
+
+
+# Values holding '>' (an ENVID written as a Message-ID) and parameters after a path without
+# angle brackets: split off at the path's real end, not its last '>' (before, MAIL got 555).
+async def test_an_envid_holding_angle_brackets_is_recorded(make_ingress: Callable[..., Any]) -> None:
+    ingress = await make_ingress()
+
+    def scenario() -> list[tuple[int, bytes]]:
+        with client(ingress.smtp_address) as smtp:
+            login(smtp)
+            replies = [
+                smtp.docmd("MAIL", "FROM:news@acme.test RET=HDRS"),
+                smtp.rset(),
+                smtp.docmd("MAIL", "FROM:<news@acme.test> RET=HDRS ENVID=<4711@client.test>"),
+                smtp.docmd("RCPT", "TO:<a@alpha.test> NOTIFY=FAILURE ORCPT=rfc822;<a@alpha.test>"),
+            ]
+            return [*replies, smtp.data(message())]
+
+    replies = await in_thread(scenario)
+    assert [code for code, _ in replies] == [250, 250, 250, 250, 250], replies
+    [env] = await queued(ingress.config.nats.url)
+    assert (env.dsn_ret, env.dsn_envid) == ("HDRS", "<4711@client.test>")
+    assert env.dsn_notify == {"a@alpha.test": "FAILURE"}
+    assert env.dsn_orcpt == {"a@alpha.test": "rfc822;<a@alpha.test>"}
