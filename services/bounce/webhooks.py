@@ -34,7 +34,7 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
-from services.core import telemetry
+from services.core import metrics, telemetry
 from services.core.bus import Bus, fetch
 from services.core.config import BounceConfig, Config
 from services.core.events import Event
@@ -249,6 +249,7 @@ class WebhookDispatcher:
                 # here it would end the posting loop, and with it the bounce service.
                 log.error("undecodable event on %s: %r", msg.subject, exc)
                 await _settle(msg.term())
+                metrics.observe_handler(webhooks_binding(account).durable, "poison", 0.0)
         if not body_items:
             return 0.0
         body = json.dumps(body_items, separators=(",", ":")).encode()
@@ -259,6 +260,7 @@ class WebhookDispatcher:
             TIMESTAMP_HEADER: str(ts),
             SIGNATURE_HEADER: sign(acct.webhook_secret, ts, body),
         }
+        started = time.monotonic()
         keepalive = asyncio.create_task(_keep_in_progress(msgs, self._config.nats.ack_wait))
         try:
             with telemetry.linked_span(
@@ -276,6 +278,9 @@ class WebhookDispatcher:
             self._failures.pop(account, None)
             for msg in msgs:
                 await _settle(msg.ack())
+            metrics.observe_batch(
+                webhooks_binding(account).durable, "ack", len(msgs), time.monotonic() - started
+            )
             return 0.0
         failures = self._failures[account] = self._failures.get(account, 0) + 1
         deliveries = max(failures, *(m.metadata.num_delivered for m in msgs))
@@ -289,6 +294,9 @@ class WebhookDispatcher:
         )
         for msg in msgs:
             await _settle(msg.nak(delay=delay))
+        metrics.observe_batch(
+            webhooks_binding(account).durable, "retry", len(msgs), time.monotonic() - started
+        )
         return delay
 
 

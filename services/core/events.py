@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from services.core import metrics, telemetry
-from services.core.bus import Bus
+from services.core.bus import BrokerUnavailable, Bus
 from services.core.envelope import Envelope
 from services.core.outcome import Reply
 from services.core.topology import event_subject
@@ -107,15 +107,50 @@ def event_for(
     )
 
 
+class _Unanswered:
+    """Msg ids of events this process published without getting an answer (the publish timed
+    out: maybe stored). When publishing one again finds it stored, the copy found is this
+    process's own, which nobody recorded. Bounded: only ids still being retried matter."""
+
+    def __init__(self, cap: int = 10_000) -> None:
+        self._cap = cap
+        self._ids: dict[str, None] = {}
+
+    def add(self, msg_id: str) -> None:
+        self._ids[msg_id] = None
+        if len(self._ids) > self._cap:
+            del self._ids[next(iter(self._ids))]  # the oldest: insertion order
+
+    def take(self, msg_id: str) -> bool:
+        return self._ids.pop(msg_id, 0) is None
+
+
+_unanswered = _Unanswered()
+
+
 async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None, record: bool = True) -> None:
     """Publish one event; the msg id makes a redelivered stage's republish a no-op.
 
     `record=False` when the caller already called `record_event` (the ingress records `accepted`
     at its 250 and publishes the event after answering). A duplicate (the stream already held
-    the msg id: a redelivery, or `settle` trying again) is not recorded: it was counted when
-    it was first stored."""
-    ack = await bus.publish(event_subject(event.account, event.kind), event.to_json(), msg_id=msg_id)
-    if record and not ack.duplicate:
+    the msg id: a redelivery) is not recorded: it was counted when it was first stored. Unless
+    the copy stored is the one this process published without an answer (`settle` trying again
+    after a timeout): that one was never recorded, and the outcome would have no count, no log
+    line and no span event."""
+    try:
+        ack = await bus.publish(
+            event_subject(event.account, event.kind),
+            event.to_json(),
+            msg_id=msg_id,
+            # The span is named by the subject's template: the account is an attribute instead.
+            attributes={telemetry.MESSAGE_ID: event.message_id, telemetry.ACCOUNT: event.account},
+        )
+    except BrokerUnavailable as exc:
+        if record and msg_id and exc.maybe_stored:
+            _unanswered.add(msg_id)
+        raise
+    ours = bool(msg_id) and _unanswered.take(msg_id or "")
+    if record and (not ack.duplicate or ours):
         record_event(event)
 
 

@@ -2,20 +2,22 @@
 
 - outcomes come from `services.core.events.publish_event` (accepted, delivered, deferred,
   bounced, expired, suppressed, complained), labelled with the same nouns as span attributes;
-- handler results and durations come from `services.core.bus.consume` (for delivery consumers
-  the handler is one delivery attempt, hence `relais_attempt_duration_seconds{pool}`);
+- handler results and durations come from `services.core.bus.consume`; delivery attempts
+  (`relais_attempt_duration_seconds{pool}`) from delivery, which knows a run that made one;
 - publishes and broker failures come from `Bus.publish`;
 - queue depth and consumer lag are read from JetStream when /metrics is scraped
   (`refresh_queue_gauges`), for the consumers the scraped service owns.
 
-Label values are bounded: pools, sources and accounts come from the config, sites are MX hosts
-(one per receiving provider), and subjects are reduced to their family (`relais.retry`, not the
+Label values are bounded: pools and sources come from the config, accounts (also added at run
+time) and sites (MX hosts, one per receiving provider) keep their first distinct values and
+count the rest as "other", and subjects are reduced to their family (`relais.retry`, not the
 per-job schedule subject).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import Iterable
@@ -33,7 +35,6 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from services.core import telemetry as t
-from services.core.topology import pool_of_delivery_consumer
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ DELIVERY_LATENCY = Histogram(
 )
 ATTEMPT_DURATION = Histogram(
     "relais_attempt_duration_seconds",
-    "Duration of one delivery attempt (SMTP session and settling its outcome)",
+    "Duration of one delivery attempt, its wait for a shaping slot included, up to the MX's last "
+    "reply (a job postponed without contacting an MX is no attempt)",
     [t.label(t.POOL)],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
     registry=REGISTRY,
@@ -179,6 +181,9 @@ class BoundedLabel:
 
 
 SITES = BoundedLabel(cap=500)
+# Accounts live in the accounts bucket, added at run time (`relais account add`), not only in
+# the config: a relay with tens of thousands of senders would be as many series per ingress.
+ACCOUNTS = BoundedLabel(cap=1000)
 
 
 def subject_family(subject: str) -> str:
@@ -202,8 +207,9 @@ def observe_event(event: Any) -> None:
     kind = event.kind
     n = len(event.recipients) or 1
     if kind == "accepted":
-        ACCEPTED.labels(event.account).inc()
-        ACCEPTED_RECIPIENTS.labels(event.account).inc(n)
+        account = ACCOUNTS.label(event.account)
+        ACCEPTED.labels(account).inc()
+        ACCEPTED_RECIPIENTS.labels(account).inc(n)
         TLS_RECIPIENTS.labels("inbound", getattr(event, "tls_version", "") or "none").inc(n)
         return
     RECIPIENTS.labels(kind, event.pool, event.source_ip, SITES.label(event.site)).inc(n)
@@ -221,16 +227,28 @@ def observe_event(event: Any) -> None:
 
 
 def observe_handler(consumer: str, result: str, seconds: float) -> None:
-    """One message handled by a durable consumer; a delivery consumer's handler is one attempt.
+    """One message handled by a durable consumer. Called from the consume loop's bookkeeping,
+    so it never raises.
 
-    Called from the consume loop's bookkeeping, so it never raises."""
+    Not every run of a delivery consumer's handler is an attempt (a job postponed while its
+    pool is paused, handed back to the host of its pinned source, or already finished): attempts
+    are observed by delivery itself (`observe_attempt`)."""
     try:
         PROCESSED.labels(consumer, result).inc()
         HANDLER_DURATION.labels(consumer).observe(seconds)
-        if consumer.startswith("delivery-"):
-            ATTEMPT_DURATION.labels(pool_of_delivery_consumer(consumer)).observe(seconds)
     except Exception:
         log.exception("handler metrics for %s failed", consumer)
+
+
+def observe_batch(consumer: str, result: str, count: int, seconds: float) -> None:
+    """`count` messages a consumer settled together, in `seconds` (a webhook batch: one POST)."""
+    for _ in range(count):
+        observe_handler(consumer, result, seconds)
+
+
+def observe_attempt(pool: str, seconds: float) -> None:
+    """One delivery attempt of a job of `pool`: it went to an MX (or the capture mailbox)."""
+    ATTEMPT_DURATION.labels(pool).observe(seconds)
 
 
 class DnsCacheCollector(Collector):
@@ -272,8 +290,14 @@ class SpanDropsCollector(Collector):
 REGISTRY.register(SpanDropsCollector())
 
 
+_CONSUMER_GAUGES = (CONSUMER_PENDING, CONSUMER_ACK_PENDING, CONSUMER_REDELIVERED)
+
+
 async def refresh_queue_gauges(js: Any, bindings: Iterable[Any], per_call: float = 2.0) -> None:
-    """Read depth and lag of the given consumers (`ConsumerBinding`s) and their streams."""
+    """Read depth and lag of the given consumers (`ConsumerBinding`s) and their streams.
+
+    What cannot be read now is left out of the scrape rather than left at its last value: a
+    frozen lag looks healthy to an alert while nobody measures it (`absent()` catches a gap)."""
     streams: set[str] = set()
     for binding in bindings:
         streams.add(binding.stream)
@@ -281,6 +305,8 @@ async def refresh_queue_gauges(js: Any, bindings: Iterable[Any], per_call: float
             info = await asyncio.wait_for(js.consumer_info(binding.stream, binding.durable), per_call)
         except Exception as exc:
             log.debug("consumer info %s unavailable: %r", binding.durable, exc)
+            for gauge in _CONSUMER_GAUGES:
+                _forget(gauge, binding.durable)
             continue
         CONSUMER_PENDING.labels(binding.durable).set(info.num_pending or 0)
         CONSUMER_ACK_PENDING.labels(binding.durable).set(info.num_ack_pending or 0)
@@ -290,8 +316,14 @@ async def refresh_queue_gauges(js: Any, bindings: Iterable[Any], per_call: float
             sinfo = await asyncio.wait_for(js.stream_info(stream), per_call)
         except Exception as exc:
             log.debug("stream info %s unavailable: %r", stream, exc)
+            _forget(STREAM_MESSAGES, stream)
             continue
         STREAM_MESSAGES.labels(stream).set(sinfo.state.messages)
+
+
+def _forget(gauge: Gauge, label: str) -> None:
+    with contextlib.suppress(KeyError):  # never read yet
+        gauge.remove(label)
 
 
 def exposition() -> bytes:

@@ -128,6 +128,31 @@ def deliver_retry_subject(key: str, attempt: int) -> str:
     return f"{PREFIX}.retry.deliver.{_token(key, 'key')}.{attempt}"
 
 
+# The subjects that carry an id or an account: (tokens before the variable part, names of the
+# variable tokens). Spans are named by their template.
+_TEMPLATED_SUBJECTS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    ((PREFIX, "retry", "route"), ("{key}", "{attempt}")),
+    ((PREFIX, "retry", "deliver"), ("{key}", "{attempt}")),
+    ((PREFIX, "bounce", "window"), ("{message_id}", "{window}")),
+    ((PREFIX, "events"), ("{account}",)),
+)
+
+
+def subject_template(subject: str) -> str:
+    """The low-cardinality form of a subject that names one job, DSN window or account
+    (`relais.retry.route.{key}.{attempt}`); the subject itself when it has no variable part.
+
+    Span names use it, as OpenTelemetry's messaging conventions ask: trace backends index span
+    names (Jaeger's operations, Tempo's span-name values), and a name per deferred job grows that
+    index by one per retry, for ever. The subject stays in `messaging.destination.name`."""
+    parts = subject.split(".")
+    for fixed, variable in _TEMPLATED_SUBJECTS:
+        n = len(fixed)
+        if tuple(parts[:n]) == fixed and len(parts) >= n + len(variable):
+            return ".".join((*fixed, *variable, *parts[n + len(variable) :]))
+    return subject
+
+
 def pool_of_deliver_subject(subject: str) -> str:
     parts = subject.split(".")
     if len(parts) != 3 or parts[:2] != [PREFIX, "deliver"]:

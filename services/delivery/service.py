@@ -196,6 +196,7 @@ class DeliveryService:
                 span.set_attribute("relais.outcome", "postponed")
                 return
             duration_ms = int((time.monotonic() - started) * 1000)
+            metrics.observe_attempt(env.pool, duration_ms / 1000)
             span.set_attribute("relais.mx_host", result.mx_host)
             span.set_attribute("relais.source_ip", result.source_ip)
             span.set_attribute("relais.duration_ms", duration_ms)

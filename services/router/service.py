@@ -303,8 +303,10 @@ class RouterService:
     ) -> None:
         reasons = sorted({entries[r.lower()].reason for r in dropped})
         digest = hashlib.sha256("\n".join(sorted(dropped)).encode()).hexdigest()[:12]
+        event = event_for("suppressed", routed, dropped, SUPPRESSED, detail={"reason": ",".join(reasons)})
         await publish_event(
             self._bus,
-            event_for("suppressed", routed, dropped, SUPPRESSED, detail={"reason": ",".join(reasons)}),
+            # This routing pass decided it: numbered like a verdict of the same pass (from 1).
+            replace(event, attempt=routed.attempt_count + 1),
             msg_id=f"sup-{routed.job_id}-{routed.attempt_count}-{digest}",
         )

@@ -55,7 +55,7 @@ def test_a_retry_published_inside_the_attempt_is_parented_by_the_attempt(spans) 
         retry_headers = {"traceparent": root_tp}
         with t.producer_span("relais.retry.route.j1.1", retry_headers):
             pass
-    retry = by_name(spans)["send relais.retry.route.j1.1"]
+    retry = by_name(spans)["send relais.retry.route.{key}.{attempt}"]
     assert retry.parent.span_id == attempt.get_span_context().span_id
     assert retry.context.trace_id == root.get_span_context().trace_id
 

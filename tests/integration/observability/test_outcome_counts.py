@@ -32,8 +32,8 @@ def envelope(pool: str) -> Envelope:
 
 
 async def test_an_outcome_published_again_is_counted_once(topology_bus: Bus) -> None:
-    # A redelivered bounce notice, or `settle` trying again after a timed-out publish that was
-    # stored all the same, publishes the same event (same msg id) a second time.
+    # A redelivered bounce notice publishes the same event (same msg id) a second time. (After
+    # a timed-out publish of this process, see test_outcome_after_lost_ack.)
     pool = "dup-pool"  # a pool of this test only: the registry is shared by the whole process
     event = event_for("bounced", envelope(pool), ["gone@x.test"], USER_UNKNOWN, detail={"category": "bad"})
     before = scrape()
