@@ -410,6 +410,9 @@ def _validate_ingress(config: Config) -> None:
 
 def _validate_routing(config: Config) -> None:
     """Warm-up schedules, sites and DKIM keys."""
+    for section in ("router", "delivery"):
+        if getattr(config, section).max_buffered_bytes < 0:
+            raise ConfigError(f"{section}.max_buffered_bytes: must be >= 0 (0: no budget)")
     for name, schedule in config.warmup.items():
         if schedule.overflow not in ("warm", "defer"):
             raise ConfigError(f"warmup.{name}.overflow: expected 'warm' or 'defer'")

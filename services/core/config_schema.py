@@ -126,6 +126,10 @@ class DnsConfig:
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     concurrency: int = 64
+    # Octets of stored (non-inline) bodies one router process holds at once to DKIM-sign them;
+    # a job waits for room (services/core/held_bodies.py). Signing takes about four times the
+    # body, so the default fits a 512 MiB pod. 0: no budget.
+    max_buffered_bytes: int = 64 * 1024 * 1024
     # Deliver to MX targets that are IP addresses (a misconfiguration RFC 5321 does not allow,
     # but common); false treats such hosts as absent.
     mx_ip_literals: bool = True
@@ -148,6 +152,11 @@ class DeliveryConfig:
     # message already, and the retry sends it again.
     data_done_timeout: float = 600.0
     concurrency: int = 64
+    # Octets of stored (non-inline) bodies one delivery process holds at once, from the fetch to
+    # the attempt's end; a job waits for room (services/core/held_bodies.py). With the DKIM
+    # prefix and the dot-stuffed copy a body costs about three times its size: the default fits
+    # a 1 GiB pod. 0: no budget.
+    max_buffered_bytes: int = 200 * 1024 * 1024
     # Opportunistic STARTTLS: try TLS when offered, fall back to plaintext if the handshake fails.
     starttls: bool = True
     # Check certificates whenever TLS is used: a failed check defers, with no plaintext fallback.

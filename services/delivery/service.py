@@ -27,6 +27,7 @@ from services.core.config import Config
 from services.core.disposition import settle
 from services.core.dns import make_resolver
 from services.core.envelope import META_DKIM, META_SOURCE, Envelope, EnvelopeDecodeError
+from services.core.held_bodies import HeldBodies
 from services.core.outcome import NO_ROUTE, Deferred
 from services.core.returnpath import return_path
 from services.core.schedule import publish_at
@@ -73,6 +74,7 @@ class DeliveryService:
         self._bus = bus
         self._stop = asyncio.Event()  # run()'s: set once the worker drains
         self._bodies = BodyStore(bus.js, config.nats.inline_body_max, bus)
+        self._held = HeldBodies(config.delivery.max_buffered_bytes)
         self._resolver = make_resolver(config.dns)
         d = config.delivery
         self._settings = SessionSettings(
@@ -182,16 +184,19 @@ class DeliveryService:
             "relais.attempt": env.attempt_count + 1,
         }
         with consumer_span(msg.subject, msg.headers, attrs) as span:
-            try:
-                body = await self._bodies.get(env.body)
-            except BodyMissing:
-                # Redelivered after its final outcome (body already released): nothing to do.
-                log.info("job %s already finished; dropping redelivery", env.key)
-                return
-            # DKIM-Signature field(s) the router computed once per message (services/router/dkim.py).
-            body = env.meta.get(META_DKIM, "").encode() + body
-            started = time.monotonic()
-            result = await self._attempt(env, body)
+            # Held from the fetch to the attempt's end: the settling needs no body.
+            async with self._held.holding_body(env.body):
+                try:
+                    body = await self._bodies.get(env.body)
+                except BodyMissing:
+                    # Redelivered after its final outcome (body already released): nothing to do.
+                    log.info("job %s already finished; dropping redelivery", env.key)
+                    return
+                # DKIM-Signature field(s) the router computed once per message (services/router/dkim.py).
+                body = env.meta.get(META_DKIM, "").encode() + body
+                started = time.monotonic()
+                result = await self._attempt(env, body)
+                del body
             if result is None:
                 span.set_attribute("relais.outcome", "postponed")
                 return

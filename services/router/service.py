@@ -8,7 +8,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import dns.asyncresolver
@@ -30,6 +30,7 @@ from services.core.envelope import (
     job_msg_id,
 )
 from services.core.events import event_for, publish_event
+from services.core.held_bodies import HeldBodies
 from services.core.outcome import Bounced, Deferred, Reply
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import consumer_span
@@ -80,6 +81,7 @@ class RouterService:
         self._config = config
         self._bus = bus
         self._bodies = BodyStore(bus.js, config.nats.inline_body_max, bus)
+        self._held = HeldBodies(config.router.max_buffered_bytes)
         self._resolver = make_resolver(config.dns)
         self._sites = SiteRules.from_config(config.sites)
         self._suppression = SuppressionList(bus.js, bus)
@@ -207,6 +209,10 @@ class RouterService:
         domains = account.domains if account else ()
         if not dkim.may_sign(self._dkim_keys, env.sender_domain, domains):
             return env
+        async with self._held.holding_body(env.body):
+            return await self._signed(env, domains)
+
+    async def _signed(self, env: Envelope, domains: Sequence[str]) -> Envelope:
         body = await self._bodies.get(env.body)
         keys = dkim.signing_keys(self._dkim_keys, body, env.sender_domain, domains)
         if not keys:
