@@ -22,15 +22,18 @@ from tests.support.relais import asubmit, message, wait_for_events
 SLOW_RETRIES = {"base_delay": HOUR, "max_delay": HOUR, "max_age": 5 * 24 * HOUR}
 
 
-async def test_a_requeued_retry_stays_in_its_message_trace(make_stack, make_sink, spans) -> None:
+async def _deferred_once(make_stack, make_sink, recipient: str, tempfails: int) -> tuple[str, str]:
+    """(NATS url, message id) of a message deferred once and due again only in an hour."""
     stack = await make_stack(retry=SLOW_RETRIES)
-    url = stack.config.nats.url
-    sink = make_sink("127.0.0.2")
-    sink.tempfail_data = 1
-    code, reply = await asubmit(stack.smtp_address, recipients=["rq@alpha.test"], data=message())
+    make_sink("127.0.0.2").tempfail_data = tempfails
+    code, reply = await asubmit(stack.smtp_address, recipients=[recipient], data=message())
     assert code == 250
-    mid = queued_id(reply)
-    await wait_for_events(url, "deferred", 1)
+    await wait_for_events(stack.config.nats.url, "deferred", 1)
+    return stack.config.nats.url, queued_id(reply)
+
+
+async def test_a_requeued_retry_stays_in_its_message_trace(make_stack, make_sink, spans) -> None:
+    url, mid = await _deferred_once(make_stack, make_sink, "rq@alpha.test", 1)
     rc, out = await relais("requeue", "alpha.test", nats_url=url)
     assert rc == 0 and "1 deferred job(s)" in out, out
 
@@ -45,14 +48,7 @@ async def test_a_requeued_retry_stays_in_its_message_trace(make_stack, make_sink
 async def test_a_job_bounced_by_the_operator_stays_in_its_message_trace(
     make_stack, make_sink, sender_mx, spans
 ) -> None:
-    stack = await make_stack(retry=SLOW_RETRIES)
-    url = stack.config.nats.url
-    sink = make_sink("127.0.0.2")
-    sink.tempfail_data = 5
-    code, reply = await asubmit(stack.smtp_address, recipients=["bq@alpha.test"], data=message())
-    assert code == 250
-    mid = queued_id(reply)
-    await wait_for_events(url, "deferred", 1)
+    url, mid = await _deferred_once(make_stack, make_sink, "bq@alpha.test", 5)
     rc, out = await relais("bounce-queue", "alpha.test", "--reason", "gave up", nats_url=url)
     assert rc == 0 and "1 deferred job(s)" in out, out
     await sender_mx.async_wait_for(1, timeout=30)
