@@ -310,7 +310,10 @@ def trace_id_of(traceparent: str) -> str:
     return parts[1] if len(parts) >= 3 else ""
 
 
-def _attrs(destination: str, operation: str, extra: Mapping[str, object] | None) -> dict[str, object]:
+def _named(
+    operation: str, destination: str, extra: Mapping[str, object] | None
+) -> tuple[str, dict[str, object]]:
+    """A messaging span's name (by the subject's template) and attributes."""
     attrs: dict[str, object] = {
         MESSAGING_SYSTEM: "nats",
         MESSAGING_DESTINATION: destination,
@@ -322,7 +325,7 @@ def _attrs(destination: str, operation: str, extra: Mapping[str, object] | None)
     for key, value in (extra or {}).items():
         if value is not None and value != "":
             attrs[key] = value
-    return attrs
+    return f"{operation} {template}", attrs
 
 
 def _producer_parent(headers: Mapping[str, str]) -> otel_context.Context | None:
@@ -364,11 +367,9 @@ def producer_span(
             inject(headers, current)
         yield current
         return
+    name, attrs = _named("send", subject, attributes)
     with tracer().start_as_current_span(
-        f"send {subject_template(subject)}",
-        context=parent,
-        kind=SpanKind.PRODUCER,
-        attributes=_attrs(subject, "send", attributes),
+        name, context=parent, kind=SpanKind.PRODUCER, attributes=attrs
     ) as span:
         inject(headers, span)
         yield span
@@ -392,12 +393,9 @@ def consumer_span(
             span_ctx = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
             if span_ctx.is_valid:
                 link_objs.append(Link(span_ctx))
+        name, attrs = _named("process", subject, attributes)
         with tracer().start_as_current_span(
-            f"process {subject_template(subject)}",
-            context=extract(headers),
-            kind=SpanKind.CONSUMER,
-            attributes=_attrs(subject, "process", attributes),
-            links=link_objs,
+            name, context=extract(headers), kind=SpanKind.CONSUMER, attributes=attrs, links=link_objs
         ) as span:
             yield span
     finally:
