@@ -11,9 +11,10 @@ the same rules wherever it was decided:
 
 Everything is published (and acknowledged) before the caller acks its input, except the
 `deferred` event: it reports a retry that is already stored, so it goes out in the background
-(`Bus.background`, awaited when the service stops). Its span event is added in line, once every
-other consequence was acknowledged, since the background publish runs after the attempt's span
-ended; it is counted and logged by that publish, unless JetStream already held it.
+(`events.report_later`: asked again through a leader election, awaited when the service stops).
+Its span event is added in line, once every other consequence was acknowledged, since the
+background publish runs after the attempt's span ended; it is counted and logged by that
+publish, unless JetStream already held it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from services.core.bodies import BodyStore
 from services.core.bus import Bus, patiently
 from services.core.config import RetryConfig
 from services.core.envelope import Attempt, BounceNotice, Envelope
-from services.core.events import Event, annotate_event, event_for, publish_event
+from services.core.events import Event, annotate_event, event_for, publish_event, report_later
 from services.core.outcome import EXPIRED, Bounced, Deferred, Delivered, Outcome, Reply
 from services.core.schedule import next_attempt_at, publish_at
 from services.core.topology import bounce_subject, route_retry_subject, route_subject
@@ -101,10 +102,8 @@ async def _report_deferred(bus: Bus, event: Event, env: Envelope) -> None:
     ack; it is counted there, unless JetStream already held it (a redelivered attempt)."""
     annotate_event(event)
     key = env.key
-    await bus.background(
-        publish_event(bus, event, msg_id=f"dfr-{key}-{env.attempt_count + 1}"),
-        f"deferred event of {key}",
-    )
+    msg_id = f"dfr-{key}-{env.attempt_count + 1}"
+    await report_later(bus, event, msg_id=msg_id, what=f"deferred event of {key}")
 
 
 async def _settle_once(

@@ -10,10 +10,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 from services.core import metrics, telemetry
-from services.core.bus import BrokerUnavailable, Bus
+from services.core.bus import ACK_PATIENCE, BrokerUnavailable, Bus, patiently
 from services.core.envelope import Envelope
 from services.core.outcome import Reply
 from services.core.topology import event_subject
@@ -152,6 +153,16 @@ async def publish_event(bus: Bus, event: Event, *, msg_id: str | None = None, re
     ours = bool(msg_id) and _unanswered.take(msg_id or "")
     if record and (not ack.duplicate or ours):
         record_event(event)
+
+
+async def report_later(bus: Bus, event: Event, *, msg_id: str, what: str, record: bool = True) -> None:
+    """Publish an event whose outcome is already durable (`accepted` after the 250, `deferred`
+    once its retry is stored) without making the caller wait: `Bus.background`, asked again with
+    the same msg id while JetStream does not answer (a leader election) for up to ACK_PATIENCE,
+    then logged as lost. The task copies the current context, so the event's PRODUCER span joins
+    the message's trace."""
+    publish = partial(publish_event, bus, event, msg_id=msg_id, record=record)
+    await bus.background(patiently(publish, what, patience=ACK_PATIENCE), what)
 
 
 def record_event(event: Event) -> None:

@@ -1,8 +1,8 @@
 """Hand an accepted message to JetStream: body first, then the envelope; 250 only after both acks.
 
 The `accepted` event is not part of that promise: it feeds webhooks and `relais message`, and is
-published after the 250 (`Bus.background`, retried for `_EVENT_PATIENCE`, waited for when the
-ingress stops), so one JetStream round trip fewer delays each reply.
+published after the 250 (`events.report_later`: retried through a leader election, waited for when
+the ingress stops), so one JetStream round trip fewer delays each reply.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from services.core.bodies import BodyStore
-from services.core.bus import BrokerUnavailable, Bus, patiently
+from services.core.bus import BrokerUnavailable, Bus
 from services.core.envelope import Envelope, new_message_id
-from services.core.events import event_for, publish_event, record_event
+from services.core.events import event_for, record_event, report_later
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import traceparent_of
 from services.core.topology import inbound_subject, route_subject
@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 _PUBLISH_ATTEMPTS = 3
 _MIN_ATTEMPT = 0.2
 _RETRY_PAUSE = 0.1
-# How long an `accepted` event is retried while JetStream does not answer, before it is logged
-# as lost (the message itself is queued; its event is informational).
-_EVENT_PATIENCE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +71,9 @@ class Handoff:
         # there must never turn the 250 into a 451 (the client would send the message twice).
         event = event_for("accepted", env, env.recipients)
         record_event(event)
-        what = f"accepted event of {message_id}"
-        # The msg id makes a retry after a lost ack a no-op in JetStream. The task copies the
-        # current context, so the event's PRODUCER span joins the message's trace.
-        await self._bus.background(
-            patiently(
-                lambda: publish_event(self._bus, event, msg_id=f"acc-{message_id}", record=False),
-                what,
-                patience=_EVENT_PATIENCE,
-            ),
-            what,
+        # The msg id makes a retry after a lost ack a no-op in JetStream.
+        await report_later(
+            self._bus, event, msg_id=f"acc-{message_id}", what=f"accepted event of {message_id}", record=False
         )
         return f"250 2.0.0 Ok: queued as {message_id}"
 

@@ -118,3 +118,32 @@ async def test_expiry_is_marked_on_the_expired_recipients_only() -> None:
     notice = BounceNotice.from_msgpack(bus.published[-1][1])
     assert {f.recipient: f.expired for f in notice.failures} == {"a@x.test": False, "b@x.test": True}
     assert notice.failures[1].reply.enhanced_status == "4.4.7"
+
+
+class EventlessBus(transport.Bus):
+    """A Bus whose first `refuse` publishes of an event go unanswered; every other is stored.
+    Its background publishes run as in every service."""
+
+    def __init__(self, refuse: int) -> None:
+        super().__init__(nc=None, js=None, publish_timeout=1.0)  # type: ignore[arg-type]
+        self.refuse = refuse
+        self.published: list[tuple[str, str | None]] = []
+
+    async def publish(self, subject: str, payload: bytes, *, headers: Any = None, **kw: Any) -> Any:
+        if subject.startswith("relais.events.") and self.refuse:
+            self.refuse -= 1
+            raise BrokerUnavailable("no answer: a leader election")
+        self.published.append((subject, kw.get("msg_id")))
+        return SimpleNamespace(duplicate=False)
+
+
+async def test_a_deferred_event_is_asked_again_while_jetstream_does_not_answer() -> None:
+    # The retry is stored, so the job is acked: an event refused once was lost for good, and
+    # webhooks and `relais message` never heard of the deferral.
+    bus = EventlessBus(refuse=2)
+    retry = RetryConfig(base_delay=60.0, max_delay=60.0, jitter=0.0)
+
+    await disposition.settle(bus, Bodies(), retry, job(), [Deferred("a@x.test", NOT_NOW)], now=0.0)  # type: ignore[arg-type]
+    await bus.flush(5.0)
+
+    assert ("relais.events.acme.deferred", "dfr-m1-x-1") in bus.published

@@ -1,4 +1,4 @@
-"""The accepted event after the 250 goes through `Bus.background`: the caller does not wait for
+"""The accepted event after the 250 goes through `events.report_later`: the caller does not wait for
 its ack, a refused publish is asked again (same msg id) for a while, and a stop waits for what is
 in flight only up to a grace period. Also: the event's JSON."""
 
@@ -10,8 +10,9 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
-from services.core.bus import BrokerUnavailable, Bus, patiently
-from services.core.events import Event, publish_event
+from services.core import events
+from services.core.bus import BrokerUnavailable, Bus
+from services.core.events import Event, report_later
 from services.core.outcome import Reply
 
 
@@ -36,15 +37,9 @@ def event(n: int) -> Event:
     return Event(kind="accepted", message_id=f"m{n}", account="acme", recipients=["r@alpha.test"])
 
 
-async def send(bus: FakeBus, n: int, patience: float = 3.0) -> None:
+async def send(bus: FakeBus, n: int) -> None:
     """What `Handoff.queue` does after the 250."""
-    what = f"accepted event of m{n}"
-    await bus.background(
-        patiently(
-            lambda: publish_event(bus, event(n), msg_id=f"acc-m{n}", record=False), what, patience=patience
-        ),
-        what,
-    )
+    await report_later(bus, event(n), msg_id=f"acc-m{n}", what=f"accepted event of m{n}", record=False)
 
 
 async def test_the_caller_does_not_wait_for_the_ack_and_flush_does() -> None:
@@ -66,11 +61,12 @@ async def test_a_refused_publish_is_asked_again_with_the_same_msg_id() -> None:
     assert [m for _, _, m in bus.published] == ["acc-m1"]
 
 
-async def test_a_lost_event_is_logged_and_flush_gives_up_in_time(caplog) -> None:  # type: ignore[no-untyped-def]
+async def test_a_lost_event_is_logged_and_flush_gives_up_in_time(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     bus = FakeBus(fail=100)
     bus.release.set()
+    monkeypatch.setattr(events, "ACK_PATIENCE", 0.0)
     with caplog.at_level(logging.WARNING):
-        await send(bus, 1, patience=0.0)
+        await send(bus, 1)
         await bus.flush(5.0)
     assert bus.published == [] and "accepted event of m1 lost" in caplog.text
     stuck = FakeBus()  # never acknowledges
