@@ -190,43 +190,60 @@ class BounceNotice:
             raise EnvelopeDecodeError(f"malformed bounce notice: {exc}") from exc
 
 
+# A verdict with suppressed recipients, or one whose job is to be delivered, is written under this
+# schema version: a router of an earlier release, which knows only bounce-or-defer verdicts, then
+# leaves it to an upgraded replica (`NewerSchema`) instead of dropping it as malformed.
+VERDICT_SCHEMA = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The router's decision not to hand a job to delivery: every recipient bounced (no such
-    domain, null MX) or deferred (DNS failure, warm-up cap, no pool) with one reply.
+    """A job's fate as a routing pass decided it, when it is more than a delivery job: every
+    recipient bounced (no such domain, null MX) or deferred (DNS failure, warm-up cap, no pool)
+    with one `reply`; or some recipients dropped for the suppression list (`suppressed`, for
+    the reasons in `suppressed_for`), the others then delivered (`reply` None) or settled.
 
     It is stored in the delivery stream under the msg id the job's delivery job would have had
     (`job_msg_id`), so JetStream keeps whichever of the two a router stores first: a pass
-    redelivered after a crash cannot give the job a second, different fate. `decided_at` and
-    `seed` make every handling of it settle alike (the same retry time, or expiry)."""
+    redelivered after a crash cannot give the job a second, different fate, even if the DNS
+    answer or the suppression list changed in between. `decided_at` and `seed` make every
+    handling of it settle alike (the same retry time, or expiry)."""
 
     envelope: Envelope
-    reply: Reply
+    reply: Reply | None
     bounce: bool
     decided_at: float
     seed: float
+    suppressed: tuple[str, ...] = ()
+    suppressed_for: str = ""
 
     def to_msgpack(self) -> bytes:
         wire = {
-            "v": SCHEMA_VERSION,
+            "v": SCHEMA_VERSION if self.reply is not None and not self.suppressed else VERDICT_SCHEMA,
             "envelope": _envelope_to_wire(self.envelope),
-            "reply": self.reply.to_dict(),
+            "reply": self.reply.to_dict() if self.reply is not None else None,
             "bounce": self.bounce,
             "at": self.decided_at,
             "seed": self.seed,
         }
+        if self.suppressed:
+            wire["suppressed"] = list(self.suppressed)
+            wire["suppressed_for"] = self.suppressed_for
         return msgpack.packb(wire, use_bin_type=True)
 
     @classmethod
     def from_msgpack(cls, payload: bytes) -> Verdict:
-        wire = _unpack(payload)
+        wire = _unpack(payload, newest=VERDICT_SCHEMA)
         try:
+            reply = wire["reply"]
             return cls(
                 _envelope_from_wire(wire["envelope"]),
-                Reply.from_dict(wire["reply"]),
+                Reply.from_dict(reply) if reply is not None else None,
                 bool(wire["bounce"]),
                 float(wire["at"]),
                 float(wire["seed"]),
+                tuple(wire.get("suppressed", ())),
+                str(wire.get("suppressed_for", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EnvelopeDecodeError(f"malformed verdict: {exc}") from exc
@@ -237,15 +254,15 @@ def job_msg_id(env: Envelope) -> str:
     return f"{env.key}.{env.attempt_count}"
 
 
-def _unpack(payload: bytes) -> dict[str, Any]:
+def _unpack(payload: bytes, newest: int = SCHEMA_VERSION) -> dict[str, Any]:
     try:
         wire = msgpack.unpackb(payload, raw=False)
     except (ValueError, msgpack.UnpackException) as exc:
         raise EnvelopeDecodeError(f"not msgpack: {exc}") from exc
-    if not isinstance(wire, dict) or wire.get("v") != SCHEMA_VERSION:
-        version = wire.get("v") if isinstance(wire, dict) else None
-        if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise NewerSchema(f"envelope schema version {version}, this release reads {SCHEMA_VERSION}")
+    version = wire.get("v") if isinstance(wire, dict) else None
+    if not isinstance(version, int) or not SCHEMA_VERSION <= version <= newest:
+        if isinstance(version, int) and version > newest:
+            raise NewerSchema(f"envelope schema version {version}, this release reads {newest}")
         raise EnvelopeDecodeError(f"unsupported envelope schema version {version!r}")
     return wire
 

@@ -128,8 +128,10 @@ class RouterService:
             await self.route(env)
 
     async def carry_out(self, msg: Msg) -> None:
-        """Settle a verdict that a router stored: its retry or bounce notice, as delivery
-        settles an attempt's outcomes, at the time it was decided."""
+        """Carry out a verdict that a router stored: the suppressed event of its dropped
+        recipients, then the delivery job of the others, or their retry or bounce notice (as
+        delivery settles an attempt's outcomes, at the time it was decided). Each publish has
+        a msg id of its own, so a verdict handled again stores nothing twice."""
         try:
             verdict = Verdict.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
@@ -140,16 +142,23 @@ class RouterService:
             msg.headers,
             {"relais.message_id": env.id, "relais.job_id": env.job_id, "relais.attempt": env.attempt_count},
         ):
-            kind = Bounced if verdict.bounce else Deferred
-            await settle(
-                self._bus,
-                self._bodies,
-                self._config.retry,
-                env,
-                [kind(rcpt, verdict.reply) for rcpt in env.recipients],
-                now=verdict.decided_at,
-                rng=random.Random(verdict.seed),
-            )
+            if verdict.suppressed:
+                await self._publish_suppressed(env, verdict.suppressed, verdict.suppressed_for)
+            if not env.recipients:
+                await self._bodies.release(env.body, env.job_id)
+            elif verdict.reply is None:
+                await self._publish_job(env, f"{job_msg_id(env)}.kept")
+            else:
+                kind = Bounced if verdict.bounce else Deferred
+                await settle(
+                    self._bus,
+                    self._bodies,
+                    self._config.retry,
+                    env,
+                    [kind(rcpt, verdict.reply) for rcpt in env.recipients],
+                    now=verdict.decided_at,
+                    rng=random.Random(verdict.seed),
+                )
 
     async def route(self, env: Envelope) -> None:
         jobs = split_by_domain(env)
@@ -243,73 +252,80 @@ class RouterService:
     async def _route_job(
         self, env: Envelope, job: Job, pool: str, suppressed: Mapping[str, Suppression]
     ) -> None:
+        """Store the job's one fate: its delivery job, or a `Verdict` when the router settles
+        some or all of its recipients itself (suppressed, bounced, deferred). Either goes under
+        the job's msg id, so a pass repeated after a crash stores nothing beside the first."""
         job, dropped = without_suppressed(job, suppressed)
         # A pinned source is decided afresh on every pass (a retry may go out elsewhere).
         meta = {k: v for k, v in env.meta.items() if k != META_SOURCE}
         routed = replace(
             env, job_id=job.job_id, recipients=job.recipients, domain=job.domain, pool=pool, meta=meta
         )
-        if dropped:
-            await self._publish_suppressed(routed, dropped, suppressed)
-        if not job.recipients:
-            await self._bodies.release(env.body, job.job_id)
+        routed, reply, bounce = await self._decide(routed) if job.recipients else (routed, None, False)
+        if reply is None and not dropped:
+            await self._publish_job(routed, job_msg_id(routed))
             return
-        if pool not in self._config.pools:
-            log.error("message %s: pool %r is not configured; deferring job %s", env.id, pool, job.job_id)
-            await self._settle_all(routed, Deferred, NO_POOL)
-            return
-        dest = await self._resolve(job.domain)
-        route = dest.route
-        if route.failure is not None:
-            kind = Bounced if route.is_permanent_failure else Deferred
-            await self._settle_all(routed, kind, route.failure)
-            return
-        routed = replace(routed, mx_hosts=route.hosts, site=dest.site)
-        pick = await pick_source(
-            self._config, self._counters, pool, dest.site, len(job.recipients), now=time.time(), rng=self._rng
-        )
-        if pick.defer:
-            await self._settle_all(routed, Deferred, WARMUP_DEFERRED)
-            return
-        if pick.source:
-            routed = replace(routed, meta={**routed.meta, META_SOURCE: pick.source})
-        # Patiently, as `settle` does: giving up would have this job routed again, and
-        # a second pass may decide this job otherwise (warm-up cap reached, DNS failing) after
-        # the first one's job was in fact stored: two fates. The msg id dedupes the repeats.
-        payload = routed.to_msgpack()
-        await patiently(
-            lambda: self._bus.publish(
-                deliver_subject(pool),
-                payload,
-                msg_id=job_msg_id(routed),
-                attributes={"relais.message_id": env.id, "relais.pool": pool, "relais.site": routed.site},
-            ),
-            f"delivery job {job.job_id}",
-        )
-
-    async def _settle_all(self, routed: Envelope, kind: type[Bounced | Deferred], reply: Reply) -> None:
-        """One outcome the router decided (no MX, no pool, warm-up) for every recipient of a job,
-        stored as a verdict under the job's msg id and carried out by `carry_out`. Settled here
-        instead, a pass redelivered after a crash could settle a job whose delivery job the
-        first pass had stored (or store one for a job already settled): two fates."""
-        verdict = Verdict(routed, reply, kind is Bounced, time.time(), self._rng.random())
+        because = ",".join(sorted({suppressed[r.lower()].reason for r in dropped}))
+        verdict = Verdict(routed, reply, bounce, time.time(), self._rng.random(), dropped, because)
         payload = verdict.to_msgpack()
         await patiently(
             lambda: self._bus.publish(
                 verdict_subject(),
                 payload,
                 msg_id=job_msg_id(routed),
-                attributes={"relais.message_id": routed.id, "relais.reply": str(reply)},
+                attributes={"relais.message_id": routed.id, "relais.reply": str(reply or SUPPRESSED)},
             ),
             f"verdict on job {routed.job_id}",
         )
 
-    async def _publish_suppressed(
-        self, routed: Envelope, dropped: tuple[str, ...], entries: Mapping[str, Suppression]
-    ) -> None:
-        reasons = sorted({entries[r.lower()].reason for r in dropped})
+    async def _decide(self, routed: Envelope) -> tuple[Envelope, Reply | None, bool]:
+        """The job with its MX hosts, site and source, and no reply: it is to be delivered. Or
+        the reply every recipient gets instead, and whether it bounces them."""
+        if routed.pool not in self._config.pools:
+            log.error("pool %r is not configured; deferring job %s", routed.pool, routed.job_id)
+            return routed, NO_POOL, False
+        dest = await self._resolve(routed.domain)
+        route = dest.route
+        if route.failure is not None:
+            return routed, route.failure, route.is_permanent_failure
+        routed = replace(routed, mx_hosts=route.hosts, site=dest.site)
+        pick = await pick_source(
+            self._config,
+            self._counters,
+            routed.pool,
+            dest.site,
+            len(routed.recipients),
+            now=time.time(),
+            rng=self._rng,
+        )
+        if pick.defer:
+            return routed, WARMUP_DEFERRED, False
+        if pick.source:
+            routed = replace(routed, meta={**routed.meta, META_SOURCE: pick.source})
+        return routed, None, False
+
+    async def _publish_job(self, routed: Envelope, msg_id: str) -> None:
+        # Patiently, as `settle` does: giving up would have this job routed again, and
+        # a second pass may decide this job otherwise (warm-up cap reached, DNS failing) after
+        # the first one's job was in fact stored: two fates. The msg id dedupes the repeats.
+        payload = routed.to_msgpack()
+        await patiently(
+            lambda: self._bus.publish(
+                deliver_subject(routed.pool),
+                payload,
+                msg_id=msg_id,
+                attributes={
+                    "relais.message_id": routed.id,
+                    "relais.pool": routed.pool,
+                    "relais.site": routed.site,
+                },
+            ),
+            f"delivery job {routed.job_id}",
+        )
+
+    async def _publish_suppressed(self, routed: Envelope, dropped: tuple[str, ...], because: str) -> None:
         digest = hashlib.sha256("\n".join(sorted(dropped)).encode()).hexdigest()[:12]
-        event = event_for("suppressed", routed, dropped, SUPPRESSED, detail={"reason": ",".join(reasons)})
+        event = event_for("suppressed", routed, dropped, SUPPRESSED, detail={"reason": because})
         await publish_event(
             self._bus,
             # This routing pass decided it: numbered like a verdict of the same pass (from 1).

@@ -10,6 +10,7 @@ import pytest
 from services.core.bus import Poison, Retry, undecodable
 from services.core.envelope import (
     SCHEMA_VERSION,
+    VERDICT_SCHEMA,
     Attempt,
     BodyRef,
     BounceNotice,
@@ -120,6 +121,19 @@ def test_verdict_round_trip() -> None:
         _envelope(job_id="j-1"), Reply(451, "4.4.3", "DNS failed", "DNS"), False, 1.7e9 + 0.5, 0.25
     )
     assert Verdict.from_msgpack(verdict.to_msgpack()) == verdict
+
+
+def test_a_verdict_with_suppressed_recipients_round_trips_as_the_next_schema() -> None:
+    # A router of the release before reads only bounce-or-defer verdicts: this one must look
+    # newer to it (left for an upgraded replica), not malformed (dropped).
+    verdict = Verdict(_envelope(job_id="j-1"), None, False, 1.0, 0.5, ("a@x.test",), "hard_bounce")
+    wire = msgpack.unpackb(verdict.to_msgpack())
+    assert wire["v"] == VERDICT_SCHEMA > SCHEMA_VERSION
+    assert Verdict.from_msgpack(verdict.to_msgpack()) == verdict
+    plain = Verdict(_envelope(), Reply(550, "5.1.2", "no domain"), True, 1.0, 0.5)
+    assert msgpack.unpackb(plain.to_msgpack())["v"] == SCHEMA_VERSION
+    with pytest.raises(NewerSchema):
+        Envelope.from_msgpack(msgpack.packb({**wire["envelope"], "v": VERDICT_SCHEMA}))
 
 
 def test_a_verdict_without_its_decision_time_is_poison() -> None:
