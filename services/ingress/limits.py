@@ -33,6 +33,7 @@ from services.core.bus import BrokerUnavailable, Bus
 from services.core.config import AccountConfig, IngressConfig
 from services.core.topology import LIMITS_STREAM, SESSIONS_BUCKET, SESSIONS_TTL, limit_subject
 from services.ingress.replies import DAILY_LIMIT, HOURLY_LIMIT, Verdict
+from services.ingress.session import unmapped
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,9 @@ def auth_source(ip: str) -> str:
     """What failed AUTHs from `ip` are counted under: an IPv4 address itself, an IPv6 address's
     /64 by its first address ("2001:db8:1:2::"), `ip` as given when it is no address."""
     try:
-        address = ipaddress.ip_address(ip)
+        address = unmapped(ipaddress.ip_address(ip))
     except ValueError:
         return ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     if isinstance(address, ipaddress.IPv4Address):
         return str(address)
     return str(ipaddress.ip_network(f"{address}/{IPV6_AUTH_PREFIX}", strict=False).network_address)

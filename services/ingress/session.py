@@ -41,11 +41,15 @@ def peer_ip(session: Session) -> str:
     if getattr(proxy, "command", None) == V2_CMD.LOCAL:
         return ""  # PROXY protocol 2.2: the addresses, if any, are to be ignored
     source = getattr(proxy, "src_addr", None)
-    if isinstance(source, IPv6Address) and source.ipv4_mapped is not None:
-        # A dual-stack load balancer writes an IPv4 client as ::ffff:a.b.c.d: the client is
-        # a.b.c.d for relay_networks, limits and Received: (Postfix's PROXY reader does the same).
-        return str(source.ipv4_mapped)
-    return str(source) if isinstance(source, IPv4Address | IPv6Address) else ""
+    return str(unmapped(source)) if isinstance(source, IPv4Address | IPv6Address) else ""
+
+
+def unmapped(address: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
+    """An IPv4 client written as ::ffff:a.b.c.d (by a dual-stack load balancer or socket) is
+    a.b.c.d, for relay_networks, limits and Received: (Postfix's PROXY reader does the same)."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def socket_peer_ip(session: Session) -> str:
