@@ -110,7 +110,10 @@ def render_tree(spans: Sequence[Span]) -> str:
                 reply = " ".join(
                     str(ev_attrs[k]) for k in (t.REPLY_CODE, t.ENHANCED_STATUS) if ev_attrs.get(k)
                 )
-                rcpts = ev_attrs.get(t.RECIPIENTS, "")
+                rcpts = str(ev_attrs.get(t.RECIPIENTS, ""))
+                unnamed = int(ev_attrs.get(t.RECIPIENT_COUNT) or 0) - t.RECIPIENTS_NAMED
+                if unnamed > 0:
+                    rcpts += f" (+{unnamed} more)"
                 pad = prefix + ("" if top else ("   " if last else "│  "))
                 lines.append(
                     f"{'':11}{pad}  • {event['name'].removeprefix('relais.')} {reply} {rcpts}".rstrip()

@@ -173,7 +173,7 @@ def record_event(event: Event) -> None:
     try:
         metrics.observe_event(event)
         attributes = outcome_attributes(event)
-        telemetry.annotate_outcome(event.kind, attributes)
+        telemetry.annotate_outcome(event.kind, attributes, event.recipients)
         log_event(event, attributes)
     except Exception:
         event_log.exception("recording %s event of %s failed", event.kind, event.message_id)
@@ -183,7 +183,7 @@ def annotate_event(event: Event) -> None:
     """Only the span event of an outcome (`record_event` counts and logs it too), for an event
     published after the span it belongs to has ended; never raises."""
     try:
-        telemetry.annotate_outcome(event.kind, outcome_attributes(event))
+        telemetry.annotate_outcome(event.kind, outcome_attributes(event), event.recipients)
     except Exception:
         event_log.exception("annotating %s event of %s failed", event.kind, event.message_id)
 

@@ -6,7 +6,8 @@
   (`relais_attempt_duration_seconds{pool}`) from delivery, which knows a run that made one;
 - publishes and broker failures come from `Bus.publish`;
 - queue depth and consumer lag are read from JetStream when /metrics is scraped
-  (`refresh_queue_gauges`), for the consumers the scraped service owns.
+  (`refresh_queue_gauges`), for the consumers the scraped service pulls from
+  (`services.core.runtime.lag_bindings`: the bounce service's webhook consumers too).
 
 Label values are bounded: pools and sources come from the config, accounts (also added at run
 time) and sites (MX hosts, one per receiving provider) keep their first distinct values and
@@ -149,7 +150,8 @@ STREAM_MESSAGES = Gauge(
 )
 CONSUMER_PENDING = Gauge(
     "relais_consumer_pending",
-    "Messages not yet delivered to a consumer (lag); per pool for delivery-<pool>",
+    "Messages not yet delivered to a consumer (lag); per pool for delivery-<pool>, per account "
+    "for webhooks-<account>",
     ["consumer"],
     registry=REGISTRY,
 )
@@ -277,12 +279,13 @@ REGISTRY.register(DNS_CACHE)
 
 
 class SpanDropsCollector(Collector):
-    """Spans the tracer's export queue dropped (the SDK only logs them)."""
+    """Spans the tracer never exported (the SDK only logs them): see `telemetry.spans_dropped`."""
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         yield CounterMetricFamily(
             "relais_spans_dropped",
-            "Finished spans dropped because the export queue was full",
+            "Finished spans never exported: the export queue was full, or the export failed "
+            "(collector unreachable)",
             t.spans_dropped(),
         )
 
@@ -293,32 +296,44 @@ REGISTRY.register(SpanDropsCollector())
 _CONSUMER_GAUGES = (CONSUMER_PENDING, CONSUMER_ACK_PENDING, CONSUMER_REDELIVERED)
 
 
+# Consumer and stream infos read at once per scrape: the bounce service reads one consumer per
+# account with a webhook, and read one after another they outlasted the scrape's deadline.
+_READS_AT_ONCE = 16
+
+
 async def refresh_queue_gauges(js: Any, bindings: Iterable[Any], per_call: float = 2.0) -> None:
     """Read depth and lag of the given consumers (`ConsumerBinding`s) and their streams.
 
     What cannot be read now is left out of the scrape rather than left at its last value: a
     frozen lag looks healthy to an alert while nobody measures it (`absent()` catches a gap)."""
-    streams: set[str] = set()
-    for binding in bindings:
-        streams.add(binding.stream)
+    bindings = list(bindings)
+    slots = asyncio.Semaphore(_READS_AT_ONCE)
+
+    async def consumer(binding: Any) -> None:
         try:
-            info = await asyncio.wait_for(js.consumer_info(binding.stream, binding.durable), per_call)
+            async with slots:
+                info = await asyncio.wait_for(js.consumer_info(binding.stream, binding.durable), per_call)
         except Exception as exc:
             log.debug("consumer info %s unavailable: %r", binding.durable, exc)
             for gauge in _CONSUMER_GAUGES:
                 _forget(gauge, binding.durable)
-            continue
+            return
         CONSUMER_PENDING.labels(binding.durable).set(info.num_pending or 0)
         CONSUMER_ACK_PENDING.labels(binding.durable).set(info.num_ack_pending or 0)
         CONSUMER_REDELIVERED.labels(binding.durable).set(info.num_redelivered or 0)
-    for stream in streams:
+
+    async def stream(name: str) -> None:
         try:
-            sinfo = await asyncio.wait_for(js.stream_info(stream), per_call)
+            async with slots:
+                sinfo = await asyncio.wait_for(js.stream_info(name), per_call)
         except Exception as exc:
-            log.debug("stream info %s unavailable: %r", stream, exc)
-            _forget(STREAM_MESSAGES, stream)
-            continue
-        STREAM_MESSAGES.labels(stream).set(sinfo.state.messages)
+            log.debug("stream info %s unavailable: %r", name, exc)
+            _forget(STREAM_MESSAGES, name)
+            return
+        STREAM_MESSAGES.labels(name).set(sinfo.state.messages)
+
+    streams = sorted({binding.stream for binding in bindings})
+    await asyncio.gather(*(consumer(b) for b in bindings), *(stream(s) for s in streams))
 
 
 def _forget(gauge: Gauge, label: str) -> None:

@@ -26,6 +26,8 @@ from services.core.topology import (
     router_binding,
     stream_configs,
     verdict_binding,
+    webhook_accounts,
+    webhooks_binding,
 )
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ async def start_bus(config: Config, name: str, *, attempts: int = 60) -> Bus:
 
 
 def owned_bindings(name: str, config: Config) -> list[ConsumerBinding]:
-    """The durable consumers a service pulls from: its lag is what its /metrics reports."""
+    """The durable consumers a service pulls from and needs to be ready (`readiness_checks`)."""
     if name == "router":
         return [router_binding(), verdict_binding()]
     if name == "delivery":
@@ -103,6 +105,21 @@ def owned_bindings(name: str, config: Config) -> list[ConsumerBinding]:
     if name == "bounce":
         return [bounce_binding(), bounce_flush_binding(), inbound_binding()]
     return []
+
+
+def lag_bindings(name: str, config: Config) -> list[ConsumerBinding]:
+    """The consumers whose lag a service's /metrics reports: those it owns, and for the bounce
+    service also each account's `webhooks-<account>`, which it posts from. Those stay out of
+    its readiness: they are made per account, and one account's dead receiver (or a consumer
+    not made yet) must not take every bounce pod out of service.
+
+    The webhook accounts are the ones the dispatcher posts for: the configuration the process
+    started with (`webhook_accounts`), so the lag series follow a webhook added or removed with
+    the restart that rolls out the change, as its posting does."""
+    bindings = owned_bindings(name, config)
+    if name == "bounce":
+        bindings += [webhooks_binding(account) for account in webhook_accounts(config.accounts)]
+    return bindings
 
 
 def readiness_checks(
@@ -161,14 +178,14 @@ async def start_health(
     so several services sharing a host (tests, a laptop) do not take each other down."""
     if not config.telemetry.http_listen:
         return None
-    bindings = owned_bindings(name, config)
+    measured = lag_bindings(name, config)
 
     async def refresh() -> None:
-        await metrics.refresh_queue_gauges(bus.js, bindings)
+        await metrics.refresh_queue_gauges(bus.js, measured)
 
     server = HealthServer(
         config.telemetry.http_listen,
-        checks=readiness_checks(config, bus, service, bindings, stopping),
+        checks=readiness_checks(config, bus, service, owned_bindings(name, config), stopping),
         refresh=refresh,
     )
     try:

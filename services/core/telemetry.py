@@ -64,6 +64,7 @@ OUTCOME = "relais.outcome"
 BOUNCE_CATEGORY = "relais.bounce_category"
 DSN_FOR = "relais.dsn_for"
 RECIPIENTS = "relais.recipients"
+RECIPIENT_COUNT = "relais.recipient_count"
 REPLY_CODE = "smtp.reply.code"
 ENHANCED_STATUS = "smtp.reply.enhanced_status"
 TLS_VERSION = "tls.protocol.version"
@@ -196,12 +197,98 @@ def setup_tracing(config: TelemetryConfig, service_name: str) -> TracerProvider 
         exporter = ConsoleSpanExporter()
     else:
         exporter = JsonLinesExporter(config.traces_file or "relais-data/traces.jsonl")
-    # An explicit OTEL_BSP_MAX_QUEUE_SIZE wins (the SDK reads it when given None).
-    queue = None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else SPAN_QUEUE_DEFAULT
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=queue))
+    provider.add_span_processor(span_processor(exporter))
     _quiet_span_drops()
     install_provider(provider)
     return provider
+
+
+def span_processor(exporter: SpanExporter) -> BoundedBatchSpanProcessor:
+    """The batching processor every service exports through, its shutdown bounded."""
+    # An explicit OTEL_BSP_MAX_QUEUE_SIZE wins (the SDK reads it when given None).
+    queue = None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else SPAN_QUEUE_DEFAULT
+    return BoundedBatchSpanProcessor(exporter, max_queue_size=queue)
+
+
+# How long a stopping service waits for its last spans to be exported, then how long it gives
+# the export thread to count what is left as dropped. The SDK's shutdown waits up to 30 s for
+# its export thread (`BatchSpanProcessor.shutdown` takes no timeout), and the OTLP exporter
+# retries an unreachable collector for up to OTEL_EXPORTER_OTLP_TIMEOUT (10 s) per batch: a
+# collector that is down held every pod stop and every Ctrl-C of `relais up` for 30 s.
+SPAN_SHUTDOWN_BUDGET = 4.0
+SPAN_SHUTDOWN_GRACE = 1.0
+
+
+class BoundedBatchSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, whose shutdown gives up after `shutdown_budget` seconds: the
+    exporter is then shut down (which ends the OTLP exporters' retries) and the spans not
+    exported are counted in `spans_dropped`, as are those of every failed export."""
+
+    def __init__(
+        self, exporter: SpanExporter, *, shutdown_budget: float = SPAN_SHUTDOWN_BUDGET, **options: int | None
+    ) -> None:
+        self._accounting = _ExportAccounting(exporter)
+        self.shutdown_budget = shutdown_budget
+        super().__init__(self._accounting, **options)
+
+    def shutdown(self) -> None:
+        before = spans_dropped()
+        # The SDK's shutdown in a thread of its own, so that waiting for it can end.
+        stopping = threading.Thread(target=super().shutdown, name="relais-span-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(self.shutdown_budget)
+        if stopping.is_alive():
+            self._accounting.abandon()
+            stopping.join(SPAN_SHUTDOWN_GRACE)
+        dropped = spans_dropped() - before
+        if dropped:
+            log.warning("%d span(s) could not be exported before shutdown (is the collector up?)", dropped)
+
+
+class _ExportAccounting(SpanExporter):
+    """Wraps the real exporter: counts the spans of failed exports as dropped, and once
+    `abandon`ed (the shutdown's budget spent) counts the batch being sent and drops every later
+    one at once instead of trying."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._abandoned = False
+        self._stopped = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            if self._abandoned:
+                _span_drops.add(len(spans))
+                return SpanExportResult.FAILURE
+            self._in_flight += len(spans)
+        result = SpanExportResult.FAILURE
+        try:
+            result = self._exporter.export(spans)
+            return result
+        finally:
+            with self._lock:
+                self._in_flight -= len(spans)
+                # After `abandon`, a batch that was in flight is already counted.
+                if result is not SpanExportResult.SUCCESS and not self._abandoned:
+                    _span_drops.add(len(spans))
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            _span_drops.add(self._in_flight)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
 
 
 # Whether a tracer provider is installed: by `install_provider`, or found by
@@ -239,6 +326,7 @@ class _SpanDrops(logging.Filter):
     def __init__(self, interval: float = 60.0) -> None:
         super().__init__()
         self.dropped = 0
+        self._lock = threading.Lock()
         self._interval = interval
         self._last_warning = -interval
 
@@ -248,7 +336,7 @@ class _SpanDrops(logging.Filter):
         shown = logging.getLogger().isEnabledFor(record.levelno)
         if not str(record.msg).startswith("Queue full"):
             return shown
-        self.dropped += 1
+        self.add(1)
         if not shown:
             return False
         now = time.monotonic()
@@ -260,6 +348,11 @@ class _SpanDrops(logging.Filter):
         )
         record.args = (self.dropped,)
         return True
+
+    def add(self, count: int) -> None:
+        # From the threads that end spans and from the export thread.
+        with self._lock:
+            self.dropped += count
 
 
 _span_drops = _SpanDrops()
@@ -282,7 +375,8 @@ def _quiet_span_drops() -> None:
 
 
 def spans_dropped() -> int:
-    """Spans the export queue had no room for since this process started."""
+    """Spans this process finished and never exported: no room in the export queue, an export
+    that failed (collector unreachable), or still unsent when shutdown gave up on them."""
     return _span_drops.dropped
 
 
@@ -439,7 +533,15 @@ def context_from_traceparent(traceparent: str) -> otel_context.Context:
     return extract({"traceparent": traceparent} if traceparent else {})
 
 
-def annotate_outcome(kind: str, attributes: Mapping[str, object]) -> None:
+# Addresses an outcome's span event names (`relais.recipients`); `relais.recipient_count` counts
+# them all. A delivery job holds every recipient of a message at one domain: a list of 1,000 at
+# one provider put ~25 KB of addresses into each outcome event of each attempt, which collectors
+# and backends truncate or refuse (and which is personal data). The events stream, the log line
+# and `relais message` keep every recipient.
+RECIPIENTS_NAMED = 10
+
+
+def annotate_outcome(kind: str, attributes: Mapping[str, object], recipients: Sequence[str] = ()) -> None:
     """Record one outcome (delivered, deferred, bounced ...) on the span being processed.
 
     A span event per outcome, because one attempt can deliver some recipients and defer others;
@@ -449,6 +551,9 @@ def annotate_outcome(kind: str, attributes: Mapping[str, object]) -> None:
     if not span.is_recording():
         return
     attrs = {k: v for k, v in attributes.items() if v is not None and v != ""}
+    if recipients:
+        attrs[RECIPIENTS] = ",".join(recipients[:RECIPIENTS_NAMED])
+        attrs[RECIPIENT_COUNT] = len(recipients)
     span.add_event(f"relais.{kind}", attrs)
     existing = getattr(span, "attributes", None) or {}
     for key in (REPLY_CODE, ENHANCED_STATUS, BOUNCE_CATEGORY):

@@ -60,6 +60,15 @@ def test_span_tree_nests_children_under_parents_with_durations_and_key_attribute
     assert "• delivered 250 2.0.0 x@y" in lines[5]
 
 
+def test_an_outcome_of_more_recipients_than_its_span_event_names_says_how_many_more() -> None:
+    named = [f"r{i}@y" for i in range(t.RECIPIENTS_NAMED)]
+    spans = [dict(s) for s in SPANS]
+    spans[4]["events"] = [
+        {"name": "relais.delivered", "attributes": {t.RECIPIENTS: ",".join(named), t.RECIPIENT_COUNT: 1000}}
+    ]
+    assert f"• delivered  {','.join(named)} (+{1000 - t.RECIPIENTS_NAMED} more)" in render_tree(spans)
+
+
 def test_a_message_is_found_by_its_id_a_dsn_by_the_original_id() -> None:
     dsn = span("f" * 16, "e" * 16, "send relais.route", 80, 1, **{t.MESSAGE_ID: "dsn1", t.DSN_FOR: "m1"})
     other = dict(span("1" * 16, "", "smtp receive", 0, 1, **{t.MESSAGE_ID: "m2"}), trace_id="f" * 32)
