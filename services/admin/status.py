@@ -3,8 +3,8 @@ site, pauses.
 
 Everything is read from NATS, so it works against any cluster. Rates are measured, not stored:
 the events that arrive during `interval` seconds are counted by kind. (Differences of the events
-stream's stored counts read ~0/s once the stream is as old as its max_age: as many events
-leave it as arrive.)
+stream's stored counts read ~0/s once the stream is as old as its max_age or as large as its
+max_bytes: as many events leave it as arrive.)
 """
 
 from __future__ import annotations

@@ -333,6 +333,8 @@ _AT_LEAST_ONE = (  # ingress.max_message_size may be 0: no limit, as aiosmtpd re
 # A consumer reports progress every max(ack_wait / 3, 1) s; below this, a message in hand would
 # be redelivered to another replica before the first report.
 _MIN_ACK_WAIT = 2.0
+# A smaller events cap keeps a few hundred events: more likely a size meant in other units.
+_MIN_EVENTS_MAX_BYTES = 1024 * 1024
 
 
 def _validate_numbers(config: Config) -> None:
@@ -355,6 +357,8 @@ def _validate_numbers(config: Config) -> None:
             f"nats.events_max_age: must be 0 (no limit) or >= {nats.duplicate_window:g}s, "
             "the de-duplication window that nats.ack_wait implies"
         )
+    if nats.events_max_bytes != 0 and nats.events_max_bytes < _MIN_EVENTS_MAX_BYTES:
+        raise ConfigError("nats.events_max_bytes: must be 0 (no limit) or >= 1048576 (1 MiB), in bytes")
     if config.retry.max_delay < config.retry.base_delay:
         raise ConfigError("retry.max_delay: must be >= retry.base_delay")
     if not 0 <= config.retry.jitter <= 1:

@@ -30,7 +30,16 @@ class NatsConfig:
     inline_body_max: int = 128 * 1024
     # How long consumers may hold a message before JetStream redelivers it elsewhere.
     ack_wait: float = 120.0
+    # The events stream (`relais message` history, webhooks catching up) keeps events this long,
     events_max_age: float = 7 * 86400.0
+    # and at most this many bytes: past either limit its oldest events go, so events never take
+    # the file store the mail queues need (full, it refuses every write: 451 to all mail). A
+    # stored event takes ~0.75 KB, a message's events ~2.2 KB: at 100 msg/s, 7 days would be
+    # 130 GB. 4 GiB fits the shipped store (max_file_store 18G per server, every server holding
+    # a copy of every stream) beside the mail queues and the body Object Store, and keeps about
+    # 2M messages' events (5 h at 100 msg/s). Each server reserves it from max_file_store and
+    # refuses a cap that does not fit. 0: no limit.
+    events_max_bytes: int = 4 * 1024 * 1024 * 1024
 
     @property
     def duplicate_window(self) -> float:

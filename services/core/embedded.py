@@ -196,6 +196,9 @@ class EmbeddedNats:
     monitor_port: int = 0
     # fsync every write (`sync_interval: always`) instead of nats-server's periodic sync.
     sync_always: bool = False
+    # JetStream's file store limit ("18G"); "" leaves nats-server's default, 75% of the disk's
+    # free space at its start. A stream's max_bytes is reserved in it (nats.events_max_bytes).
+    max_file_store: str = ""
     # GOMAXPROCS for the server; 0 leaves Go's default (every core of the machine, or the
     # container's CPU limit). Nodes of a cluster that share one machine are given their share.
     cpus: int = 0
@@ -226,6 +229,7 @@ class EmbeddedNats:
             "jetstream {",
             f'  store_dir: "{self.store_dir}"',
             *(["  sync_interval: always"] if self.sync_always else []),
+            *([f"  max_file_store: {self.max_file_store}"] if self.max_file_store else []),
             "}",
         ]
         if self.monitor_port:

@@ -32,6 +32,7 @@ from nats.js.api import (
     ConsumerConfig,
     ConsumerInfo,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
     RetentionPolicy,
@@ -350,6 +351,10 @@ def stream_configs(config: Config) -> list[StreamConfig]:
             subjects=[f"{PREFIX}.events.>"],
             retention=RetentionPolicy.LIMITS,
             max_age=config.nats.events_max_age,
+            # Bounded in size too, the oldest events making room: they share the servers' file
+            # store with the mail queues, and a full store refuses every write (451 to all mail).
+            max_bytes=config.nats.events_max_bytes or -1,  # JetStream's "no limit"
+            discard=DiscardPolicy.OLD,
             **common,
         ),
     ]
@@ -381,22 +386,27 @@ def consumer_config(binding: ConsumerBinding, config: Config) -> ConsumerConfig:
 
 
 async def _ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
+    """Create the stream, or bring an existing one to the declared shape. An existing stream is
+    updated, never added again: a single server adding it again reserves a capped stream's
+    `max_bytes` a second time, and refuses (10047) a cap over half its store."""
     try:
-        await js.add_stream(stream)
-    except BadRequestError as exc:
-        # Already there with older settings: bring it to the declared shape.
-        if exc.err_code != 10058:
-            raise
-        log.info("updating stream %s to the declared configuration", stream.name)
-        await js.update_stream(await _keeping_later_subjects(js, stream))
+        current = (await js.stream_info(stream.name)).config
+    except NotFoundError:
+        try:
+            await js.add_stream(stream)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # not "created meanwhile by another replica"
+                raise
+            current = (await js.stream_info(stream.name)).config
+    await js.update_stream(_keeping_later_subjects(current, stream))
 
 
-async def _keeping_later_subjects(js: JetStreamContext, stream: StreamConfig) -> StreamConfig:
+def _keeping_later_subjects(current: StreamConfig, stream: StreamConfig) -> StreamConfig:
     """The declared stream plus the subjects it holds beyond them, which a later release added.
     A replica of this release restarting during a rolling upgrade must not take them away from
     the later release's replicas, whose publishes to them would find no stream."""
-    current = (await js.stream_info(stream.name)).config.subjects or []
-    later = [s for s in current if s not in (stream.subjects or [])]
+    later = [s for s in current.subjects or [] if s not in (stream.subjects or [])]
     return replace(stream, subjects=[*(stream.subjects or []), *later]) if later else stream
 
 

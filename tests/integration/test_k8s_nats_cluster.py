@@ -60,8 +60,9 @@ def _node_config(conf: str, node: Node, store: Path) -> str:
     conf = _replace_once(conf, "listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{node.route}")
     conf = _replace_once(conf, "http_port: 8222", f"http: 127.0.0.1:{node.monitor}")
     conf = _replace_once(conf, "store_dir: /data/jetstream", f'store_dir: "{store / "jetstream"}"')
-    conf = _replace_once(conf, '"/var/run/nats/nats.pid"', f'"{store / "nats.pid"}"')
-    return _replace_once(conf, "max_file_store: 18G", "max_file_store: 256M")
+    # The shipped max_file_store stays: it is only reserved, and the streams' caps (the events
+    # stream's 4 GiB) must fit it on every server of the cluster.
+    return _replace_once(conf, '"/var/run/nats/nats.pid"', f'"{store / "nats.pid"}"')
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from services.core.config import Config
 from services.core.embedded import ClusterPeer, EmbeddedNats, free_port, wait_for_port
 from services.core.topology import EVENTS_STREAM, events_filter
 from tests.support.dns_server import DNSServer
+from tests.support.nats import TEST_MAX_FILE_STORE
 from tests.support.relais import SERVICES, ServiceProcess, config_to_toml, make_config
 from tests.support.smtp_sink import SMTPSink
 
@@ -91,6 +92,7 @@ class NatsCluster:
                     monitor_port=free_port(host) if monitor else 0,
                     sync_always=sync_always,
                     cpus=cpus,
+                    max_file_store=TEST_MAX_FILE_STORE,
                 )
             )
 

@@ -119,6 +119,10 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ("[nats]\nack_wait = 1\n", "nats.ack_wait"),
         ('[nats]\nevents_max_age = "2m"\n', "nats.events_max_age"),
         ('[nats]\nevents_max_age = "5m"\n[bounce]\nwebhook_retry_max = "10m"\n', "webhook_retry_max"),
+        # Bytes: 4 meant as 4 GiB would keep no history; sizes are written in bytes, not units.
+        ("[nats]\nevents_max_bytes = 4\n", "nats.events_max_bytes: must be 0"),
+        ("[nats]\nevents_max_bytes = -1\n", "nats.events_max_bytes: must be 0"),
+        ('[nats]\nevents_max_bytes = "4G"\n', "nats.events_max_bytes: invalid literal"),
         ('[retry]\nbase_delay = "2h"\nmax_delay = "1h"\n', "retry.max_delay"),
         ("[retry]\njitter = 1.5\n", "retry.jitter"),
         (
@@ -131,6 +135,15 @@ def test_every_advertised_env_name_is_accepted() -> None:
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text), env={})
+
+
+def test_the_events_stream_is_bounded_in_bytes_unless_told_otherwise(tmp_path: Path) -> None:
+    # Age alone let a bulk sender's events fill the file store the mail queues share.
+    assert load_config(None, env={}).nats.events_max_bytes == 4 * 1024**3
+    unbounded = load_config(_write(tmp_path, "[nats]\nevents_max_bytes = 0\n"), env={})
+    assert unbounded.nats.events_max_bytes == 0
+    smallest = load_config(None, env={"RELAIS_NATS__EVENTS_MAX_BYTES": "1048576"})
+    assert smallest.nats.events_max_bytes == 1024 * 1024
 
 
 @pytest.mark.parametrize(
