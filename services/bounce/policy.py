@@ -9,34 +9,20 @@ from collections.abc import Sequence
 from services.bounce.classify import BounceCategory, BounceRule, classify, is_hard
 from services.core.addresses import printable_ascii
 from services.core.config import BounceConfig
-from services.core.envelope import Envelope
+from services.core.envelope import Envelope, notify_of, wants_dsn
 from services.core.outcome import Bounced, Reply
 
 log = logging.getLogger(__name__)
 
-# RFC 3461 section 4.1: with no NOTIFY the MTA chooses; "FAILURE,DELAY" is what Postfix does.
-DEFAULT_NOTIFY = frozenset({"FAILURE", "DELAY"})
+# The NOTIFY keyword that asks for each DSN action (RFC 3461 section 4.1).
+_NOTIFY_FOR = {"failed": "FAILURE", "delayed": "DELAY", "relayed": "SUCCESS"}
 
 
-def wants_dsn(env: Envelope) -> bool:
-    """Never to the null sender, never about a DSN: that is how bounce loops start."""
-    return bool(env.sender) and env.kind == "message"
-
-
-def notify_of(env: Envelope, recipient: str) -> frozenset[str]:
-    """The recipient's NOTIFY keywords (empty set for NEVER)."""
-    given = env.dsn_notify.get(recipient) or env.dsn_notify.get(recipient.lower())
-    if not given:
-        return DEFAULT_NOTIFY
-    words = frozenset(w.strip().upper() for w in given.split(",") if w.strip())
-    return frozenset() if "NEVER" in words else words
-
-
-def dsn_recipients(env: Envelope, recipients: Sequence[str], *, delayed: bool) -> list[str]:
-    """The recipients a failure (or, with `delayed`, a delay) DSN may mention."""
+def dsn_recipients(env: Envelope, recipients: Sequence[str], *, action: str) -> list[str]:
+    """The recipients a DSN reporting `action` ("failed", "delayed", "relayed") may mention."""
     if not wants_dsn(env):
         return []
-    wanted = "DELAY" if delayed else "FAILURE"
+    wanted = _NOTIFY_FOR[action]
     return [r for r in recipients if wanted in notify_of(env, r)]
 
 

@@ -39,7 +39,7 @@ from services.core.bus import Bus
 from services.core.config import Config
 from services.core.envelope import BounceNotice, Envelope, EnvelopeDecodeError, new_message_id
 from services.core.events import event_for, publish_event
-from services.core.outcome import Bounced
+from services.core.outcome import Bounced, Delivered
 from services.core.schedule import publish_at
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import MESSAGE_ID, consumer_span
@@ -89,8 +89,9 @@ class BounceService:
         except EnvelopeDecodeError as exc:
             raise transport.undecodable(exc) from exc
         env = notice.envelope
-        # A delay warning (settle sends one when retry.delay_warning_after passes) is only a DSN.
-        outcome = "delayed" if notice.delay_warning else "bounced"
+        # A delay warning (settle sends one when retry.delay_warning_after passes) is only a DSN,
+        # as are relayed recipients (delivered, with NOTIFY=SUCCESS).
+        outcome = "delayed" if notice.delay_warning else "bounced" if notice.failures else "relayed"
         with consumer_span(
             bounce_subject(),
             msg.headers,
@@ -118,7 +119,7 @@ class BounceService:
         """Hold a notice for its message's DSN window. Returns (held, id the DSN will have);
         (False, "") when no DSN is due, and then the caller releases the body as usual."""
         env = notice.envelope
-        if not self._dsn_failures(notice):
+        if not self._dsn_failures(notice) and not self._dsn_relayed(notice):
             return False, ""
         nid = notice_id(env.key, round_no, notice.delay_warning)
         if not await self._hold.put(env.id, nid, notice.to_msgpack()):
@@ -210,20 +211,28 @@ class BounceService:
     @staticmethod
     def _dsn_failures(notice: BounceNotice) -> list[Bounced]:
         """The failures of a notice that the DSN may mention (NOTIFY; never to <>, never a DSN's)."""
-        env = notice.envelope
+        action = "delayed" if notice.delay_warning else "failed"
         recipients = [f.recipient for f in notice.failures]
-        wanted = set(policy.dsn_recipients(env, recipients, delayed=notice.delay_warning))
+        wanted = set(policy.dsn_recipients(notice.envelope, recipients, action=action))
         return [f for f in notice.failures if f.recipient in wanted]
 
+    @staticmethod
+    def _dsn_relayed(notice: BounceNotice) -> list[Delivered]:
+        """The relayed recipients of a notice that the DSN may mention (NOTIFY=SUCCESS)."""
+        recipients = [d.recipient for d in notice.relayed]
+        wanted = set(policy.dsn_recipients(notice.envelope, recipients, action="relayed"))
+        return [d for d in notice.relayed if d.recipient in wanted]
+
     async def _send_dsn(self, notices: list[BounceNotice], msg_id: str, dsn_id: str) -> str:
-        """Publish one DSN for these notices of one message, all of one kind (failure or delay),
-        if anyone should get one; returns its id or ''. `msg_id` makes a repeated call a no-op."""
+        """Publish one DSN for these notices of one message, all of one kind (final outcomes, or
+        delays), if anyone should get one; returns its id or ''. `msg_id` makes a repeated call a
+        no-op."""
         env = notices[0].envelope
         delayed = notices[0].delay_warning
-        failures: list[tuple[BounceNotice, Bounced]] = []
+        failures: list[tuple[BounceNotice, Bounced | Delivered]] = []
         seen: set[str] = set()
         for notice in notices:
-            for f in self._dsn_failures(notice):
+            for f in [*self._dsn_failures(notice), *self._dsn_relayed(notice)]:
                 if f.recipient not in seen:  # a recipient is in one job; belt and braces
                     seen.add(f.recipient)
                     failures.append((notice, f))
@@ -243,7 +252,7 @@ class BounceService:
             RecipientStatus(
                 final_recipient=f.recipient,
                 original_recipient=policy.original_recipient(env, f.recipient),
-                action="delayed" if delayed else "failed",
+                action=_action(f, delayed),
                 status=_status_for(f.reply.enhanced_status, delayed),
                 diagnostic_code=f"{f.reply.code} {f.reply.enhanced_status} {f.reply.text}",
                 diagnostic_type=_diagnostic_type(f),
@@ -253,7 +262,10 @@ class BounceService:
             )
             for notice, f in failures
         ]
-        full = policy.returns_full(env, self._config.bounce.return_full) and not delayed
+        # RET asks for the message in a DSN that reports a failure; others return its headers
+        # (RFC 3461 section 4.3).
+        failed = any(status.action == "failed" for status in statuses)
+        full = policy.returns_full(env, self._config.bounce.return_full) and failed
         data = build_dsn(
             reporting_mta=self._hostname,
             from_address=f"{self._config.bounce.dsn_from}@{self._hostname}",
@@ -293,10 +305,17 @@ def _last_attempt(notice: BounceNotice, now: datetime) -> datetime:
     return datetime.fromtimestamp(attempts[-1].at, UTC) if attempts else now
 
 
-def _diagnostic_type(failure: Bounced) -> str:
+def _action(outcome: Bounced | Delivered, delayed: bool) -> str:
+    if isinstance(outcome, Delivered):
+        return "relayed"
+    return "delayed" if delayed else "failed"
+
+
+def _diagnostic_type(outcome: Bounced | Delivered) -> str:
     """An expiry's "554 4.4.7 Message expired ...; last reply: ..." is Relais' verdict, whatever
     stage its last temporary reply came from: typed `smtp`, it would read as an MX's 554."""
-    return DIAGNOSTIC_LOCAL if failure.expired else diagnostic_type(failure.reply.command)
+    expired = isinstance(outcome, Bounced) and outcome.expired
+    return DIAGNOSTIC_LOCAL if expired else diagnostic_type(outcome.reply.command)
 
 
 def _status_for(enhanced: str, delayed: bool) -> str:

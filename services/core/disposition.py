@@ -6,7 +6,8 @@ the same rules wherever it was decided:
 - delivered recipients: a `delivered` event;
 - deferred recipients: one scheduled retry of the job restricted to them, or, past the maximum
   queue age, expiry (4.4.7) which joins the bounced ones;
-- bounced recipients: a `BounceNotice` for the bounce service (DSN, then body release);
+- bounced recipients, and delivered ones whose NOTIFY asked for SUCCESS: one `BounceNotice`
+  for the bounce service (DSN, then body release);
 - when nothing is left pending and nothing went to bounce, the body is released here.
 
 Everything is published (and acknowledged) before the caller acks its input, except the
@@ -27,7 +28,7 @@ from dataclasses import replace
 from services.core.bodies import BodyStore
 from services.core.bus import Bus, patiently
 from services.core.config import RetryConfig
-from services.core.envelope import Attempt, BounceNotice, Envelope
+from services.core.envelope import Attempt, BounceNotice, Envelope, notify_of, wants_dsn
 from services.core.events import Event, annotate_event, event_for, publish_event, report_later
 from services.core.outcome import EXPIRED, Bounced, Deferred, Delivered, Outcome, Reply
 from services.core.schedule import next_attempt_at, publish_at
@@ -41,8 +42,7 @@ def wants_delay_warning(env: Envelope, retry: RetryConfig, now: float) -> bool:
     """Whether this deferral is the first one past `retry.delay_warning_after` (0 = never)."""
     return (
         retry.delay_warning_after > 0
-        and env.kind != "dsn"
-        and bool(env.sender)
+        and wants_dsn(env)
         and now - env.received_at >= retry.delay_warning_after
         and env.meta.get(DELAY_WARNED) != "1"
     )
@@ -176,11 +176,15 @@ async def _settle_once(
                 **extra,
             )
 
-    if bounced:
+    relayed = tuple(o for o in delivered if wants_dsn(env) and "SUCCESS" in notify_of(env, o.recipient))
+    if bounced or relayed:
+        # One notice per attempt, failures and successes together: one holder of the body, so
+        # the DSN of neither can find it released by the other.
         notice = BounceNotice(
-            envelope=env.with_attempt(Attempt(now, bounced[0].reply, mx_host, source_ip)),
+            envelope=env.with_attempt(Attempt(now, (bounced or relayed)[0].reply, mx_host, source_ip)),
             failures=tuple(bounced),
             releases_body=not deferred,
+            relayed=relayed,
         )
         await bus.publish(
             bounce_subject(),
@@ -206,6 +210,6 @@ async def _settle_once(
             msg_id=f"dlv-{key}-{round_no}",
         )
 
-    if not deferred and not bounced:
+    if not deferred and not bounced and not relayed:
         await bodies.release(env.body, key)
     return deferred_event

@@ -13,9 +13,14 @@ from typing import Any
 
 import msgpack
 
-from services.core.outcome import Bounced, Reply
+from services.core.outcome import Bounced, Delivered, Reply
 
 SCHEMA_VERSION = 1
+# Verdicts and bounce notices that a service of an earlier release would misread (a verdict with
+# suppressed recipients or a job to deliver, a notice with relayed recipients) are written under
+# this schema version: that service leaves them to an upgraded replica (`NewerSchema`) instead
+# of dropping them as malformed or acting on half of them.
+NEXT_SCHEMA = 2
 
 
 class EnvelopeDecodeError(ValueError):
@@ -137,9 +142,28 @@ class Envelope:
         return _envelope_from_wire(_unpack(payload))
 
 
+# RFC 3461 section 4.1: with no NOTIFY the MTA chooses; "FAILURE,DELAY" is what Postfix does.
+DEFAULT_NOTIFY = frozenset({"FAILURE", "DELAY"})
+
+
+def wants_dsn(env: Envelope) -> bool:
+    """Never to the null sender, never about a DSN: that is how bounce loops start."""
+    return bool(env.sender) and env.kind == "message"
+
+
+def notify_of(env: Envelope, recipient: str) -> frozenset[str]:
+    """The recipient's NOTIFY keywords (empty set for NEVER)."""
+    given = env.dsn_notify.get(recipient) or env.dsn_notify.get(recipient.lower())
+    if not given:
+        return DEFAULT_NOTIFY
+    words = frozenset(w.strip().upper() for w in given.split(",") if w.strip())
+    return frozenset() if "NEVER" in words else words
+
+
 @dataclass(frozen=True, slots=True)
 class BounceNotice:
-    """A delivery job whose recipients (all or some) failed for good, for the bounce service."""
+    """What one attempt of a delivery job tells the sender, for the bounce service: recipients
+    that failed for good, and recipients delivered whose NOTIFY asked for SUCCESS."""
 
     envelope: Envelope
     failures: tuple[Bounced, ...]
@@ -149,10 +173,17 @@ class BounceNotice:
     # recipients still being retried with their last temporary reply; nothing failed for good,
     # no bounced/expired event is due and the body must stay (releases_body is False).
     delay_warning: bool = False
+    # Delivered recipients that asked for a success DSN (RFC 3464 action "relayed"): Relais
+    # passes no DSN request on to the MX, so, as RFC 3461 section 5.2.2 asks of an MTA relaying
+    # to one that does not take them, it reports the relay itself. Their `delivered` events
+    # are out already; the DSN is all that is due.
+    relayed: tuple[Delivered, ...] = ()
 
     def to_msgpack(self) -> bytes:
-        wire = {
-            "v": SCHEMA_VERSION,
+        wire: dict[str, Any] = {
+            # A bounce service of an earlier release would read relayed recipients as nothing
+            # to report, or worse: this version leaves the notice to an upgraded one.
+            "v": NEXT_SCHEMA if self.relayed else SCHEMA_VERSION,
             "envelope": _envelope_to_wire(self.envelope),
             "failures": [
                 {"rcpt": f.recipient, "reply": f.reply.to_dict(), "mx": f.mx_host, "exp": f.expired}
@@ -163,11 +194,15 @@ class BounceNotice:
             "release": self.releases_body,
             "delay": self.delay_warning,
         }
+        if self.relayed:
+            wire["relayed"] = [
+                {"rcpt": d.recipient, "reply": d.reply.to_dict(), "mx": d.mx_host} for d in self.relayed
+            ]
         return msgpack.packb(wire, use_bin_type=True)
 
     @classmethod
     def from_msgpack(cls, payload: bytes) -> BounceNotice:
-        wire = _unpack(payload)
+        wire = _unpack(payload, newest=NEXT_SCHEMA)
         try:
             # Notices written before expiry was per failure ("exp") said it once, for all of them.
             legacy_expired = bool(wire.get("expired", False))
@@ -180,20 +215,19 @@ class BounceNotice:
                 )
                 for f in wire["failures"]
             )
+            relayed = tuple(
+                Delivered(d["rcpt"], Reply.from_dict(d["reply"]), d.get("mx", ""))
+                for d in wire.get("relayed", ())
+            )
             return cls(
                 _envelope_from_wire(wire["envelope"]),
                 failures,
                 bool(wire.get("release", True)),
                 bool(wire.get("delay", False)),
+                relayed,
             )
         except (KeyError, TypeError) as exc:
             raise EnvelopeDecodeError(f"malformed bounce notice: {exc}") from exc
-
-
-# A verdict with suppressed recipients, or one whose job is to be delivered, is written under this
-# schema version: a router of an earlier release, which knows only bounce-or-defer verdicts, then
-# leaves it to an upgraded replica (`NewerSchema`) instead of dropping it as malformed.
-VERDICT_SCHEMA = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +253,7 @@ class Verdict:
 
     def to_msgpack(self) -> bytes:
         wire = {
-            "v": SCHEMA_VERSION if self.reply is not None and not self.suppressed else VERDICT_SCHEMA,
+            "v": SCHEMA_VERSION if self.reply is not None and not self.suppressed else NEXT_SCHEMA,
             "envelope": _envelope_to_wire(self.envelope),
             "reply": self.reply.to_dict() if self.reply is not None else None,
             "bounce": self.bounce,
@@ -233,7 +267,7 @@ class Verdict:
 
     @classmethod
     def from_msgpack(cls, payload: bytes) -> Verdict:
-        wire = _unpack(payload, newest=VERDICT_SCHEMA)
+        wire = _unpack(payload, newest=NEXT_SCHEMA)
         try:
             reply = wire["reply"]
             return cls(

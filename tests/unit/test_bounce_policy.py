@@ -33,21 +33,21 @@ def env(**changes: object) -> Envelope:
 
 def test_notify_never_and_success_only_get_no_failure_dsn() -> None:
     e = env(dsn_notify={"a@x.test": "NEVER", "b@x.test": "SUCCESS", "c@x.test": "FAILURE"})
-    assert dsn_recipients(e, list(e.recipients), delayed=False) == ["c@x.test"]
+    assert dsn_recipients(e, list(e.recipients), action="failed") == ["c@x.test"]
     assert notify_of(e, "a@x.test") == frozenset()
 
 
 def test_no_notify_means_failure_and_delay() -> None:
     e = env()
-    assert dsn_recipients(e, ["a@x.test"], delayed=False) == ["a@x.test"]
-    assert dsn_recipients(e, ["a@x.test"], delayed=True) == ["a@x.test"]
-    assert dsn_recipients(env(dsn_notify={"a@x.test": "FAILURE"}), ["a@x.test"], delayed=True) == []
+    assert dsn_recipients(e, ["a@x.test"], action="failed") == ["a@x.test"]
+    assert dsn_recipients(e, ["a@x.test"], action="delayed") == ["a@x.test"]
+    assert dsn_recipients(env(dsn_notify={"a@x.test": "FAILURE"}), ["a@x.test"], action="delayed") == []
 
 
 def test_never_a_dsn_to_the_null_sender_or_about_a_dsn() -> None:
     assert not wants_dsn(env(sender=""))
     assert not wants_dsn(env(kind="dsn"))
-    assert dsn_recipients(env(sender=""), ["a@x.test"], delayed=False) == []
+    assert dsn_recipients(env(sender=""), ["a@x.test"], action="failed") == []
 
 
 def test_orcpt_envid_and_ret() -> None:
@@ -125,3 +125,9 @@ def test_config_rules_are_checked_by_validate_and_tried_first() -> None:
         validate(Config(bounce=BounceConfig(rules=[{"category": "spam_block", "text": "(unclosed"}])))
     rules = rules_from_data([{"category": "spam_block", "text": "rejected by acme policy"}]) + DEFAULT_RULES
     assert classify(550, "5.1.1", "User unknown, rejected by acme policy", rules) is BounceCategory.SPAM_BLOCK
+
+
+def test_only_notify_success_asks_for_a_relayed_dsn() -> None:
+    e = env(dsn_notify={"a@x.test": "SUCCESS", "b@x.test": "SUCCESS,FAILURE", "c@x.test": "NEVER"})
+    assert dsn_recipients(e, list(e.recipients), action="relayed") == ["a@x.test", "b@x.test"]
+    assert dsn_recipients(env(), ["a@x.test"], action="relayed") == [], "the default is FAILURE,DELAY"

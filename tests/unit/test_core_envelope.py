@@ -9,8 +9,8 @@ import pytest
 
 from services.core.bus import Poison, Retry, undecodable
 from services.core.envelope import (
+    NEXT_SCHEMA,
     SCHEMA_VERSION,
-    VERDICT_SCHEMA,
     Attempt,
     BodyRef,
     BounceNotice,
@@ -21,7 +21,7 @@ from services.core.envelope import (
     job_msg_id,
     new_message_id,
 )
-from services.core.outcome import Bounced, Reply
+from services.core.outcome import Bounced, Delivered, Reply
 from tests.support.relais import an_envelope
 
 
@@ -116,6 +116,20 @@ def test_a_notice_from_before_per_failure_expiry_still_decodes(expired: bool) ->
     assert failure.expired is expired
 
 
+def test_a_notice_with_relayed_recipients_round_trips_as_the_next_schema() -> None:
+    # A bounce service of the release before would send a DSN of its failures only and release
+    # the body: this notice must look newer to it, and be left for an upgraded replica.
+    notice = BounceNotice(
+        _envelope(job_id="j-1"),
+        (Bounced("b@x.test", Reply(550, "5.1.1", "no such user", "RCPT"), "mx.x.test"),),
+        relayed=(Delivered("a@x.test", Reply(250, "2.0.0", "queued", "DATA"), "mx.x.test"),),
+    )
+    assert msgpack.unpackb(notice.to_msgpack())["v"] == NEXT_SCHEMA
+    assert BounceNotice.from_msgpack(notice.to_msgpack()) == notice
+    failures_only = BounceNotice(_envelope(), notice.failures)
+    assert msgpack.unpackb(failures_only.to_msgpack())["v"] == SCHEMA_VERSION
+
+
 def test_verdict_round_trip() -> None:
     verdict = Verdict(
         _envelope(job_id="j-1"), Reply(451, "4.4.3", "DNS failed", "DNS"), False, 1.7e9 + 0.5, 0.25
@@ -128,12 +142,12 @@ def test_a_verdict_with_suppressed_recipients_round_trips_as_the_next_schema() -
     # newer to it (left for an upgraded replica), not malformed (dropped).
     verdict = Verdict(_envelope(job_id="j-1"), None, False, 1.0, 0.5, ("a@x.test",), "hard_bounce")
     wire = msgpack.unpackb(verdict.to_msgpack())
-    assert wire["v"] == VERDICT_SCHEMA > SCHEMA_VERSION
+    assert wire["v"] == NEXT_SCHEMA > SCHEMA_VERSION
     assert Verdict.from_msgpack(verdict.to_msgpack()) == verdict
     plain = Verdict(_envelope(), Reply(550, "5.1.2", "no domain"), True, 1.0, 0.5)
     assert msgpack.unpackb(plain.to_msgpack())["v"] == SCHEMA_VERSION
     with pytest.raises(NewerSchema):
-        Envelope.from_msgpack(msgpack.packb({**wire["envelope"], "v": VERDICT_SCHEMA}))
+        Envelope.from_msgpack(msgpack.packb({**wire["envelope"], "v": NEXT_SCHEMA}))
 
 
 def test_a_verdict_without_its_decision_time_is_poison() -> None:

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import email
+import smtplib
 
 from flufl.bounce import all_failures
 
 from services.core.envelope import Envelope
 from tests.integration.bounce.conftest import publish_route
-from tests.support.relais import SENDER_DOMAIN, RelaisStack, an_envelope, message, wait_for_events
+from tests.support.relais import (
+    ACCOUNT,
+    PASSWORD,
+    SENDER_DOMAIN,
+    RelaisStack,
+    an_envelope,
+    message,
+    stored_bodies,
+    wait_for_events,
+)
 
 SENDER = f"news@{SENDER_DOMAIN}"
 REJECT = "550 5.1.1 No such user"
@@ -86,3 +96,99 @@ async def test_an_orcpt_or_envid_with_a_line_break_is_left_out_of_a_dsn_that_sti
     assert blocks[1]["Final-Recipient"] == "rfc822; orig@alpha.test"
     assert blocks[1]["Original-Recipient"] is None
     assert b"victim@beta.test" not in dsn.data and b"X-Evil" not in dsn.data
+
+
+def _blocks(dsn: bytes) -> tuple[email.message.Message, dict[str, email.message.Message]]:
+    parsed = email.message_from_bytes(dsn)
+    status = next(p for p in parsed.walk() if p.get_content_type() == "message/delivery-status")
+    blocks = status.get_payload()
+    return blocks[0], {b["Final-Recipient"]: b for b in blocks[1:]}
+
+
+async def test_notify_success_gets_a_relayed_dsn_once_delivered(
+    stack: RelaisStack, make_sink, sender_mx
+) -> None:
+    # Relais advertises DSN but passes no DSN request on to the MX, so it must report the relay
+    # itself (RFC 3461 section 5.2.2); without it, NOTIFY=SUCCESS was silently dropped.
+    sink = make_sink("127.0.0.2")
+    env = envelope(
+        ("ok@alpha.test", "plain@alpha.test"),
+        message(subject="Receipt wanted", body="Body stays home.\r\n"),
+        dsn_notify={"ok@alpha.test": "SUCCESS"},
+        dsn_envid="campaign-7",
+        dsn_ret="FULL",
+    )
+    await publish_route(stack.config.nats.url, env)
+
+    (delivered,) = await sink.async_wait_for(1)
+    assert set(delivered.rcpt_tos) == {"ok@alpha.test", "plain@alpha.test"}
+    (dsn,) = await sender_mx.async_wait_for(1)
+    per_message, finals = _blocks(dsn.data)
+    assert per_message["Original-Envelope-Id"] == "campaign-7"
+    assert set(finals) == {"rfc822; ok@alpha.test"}, "plain@ asked for nothing (FAILURE,DELAY)"
+    relayed = finals["rfc822; ok@alpha.test"]
+    assert relayed["Action"] == "relayed" and relayed["Status"].startswith("2.")
+    parsed = email.message_from_bytes(dsn.data)
+    # A DSN reporting no failure returns the headers only, whatever RET asked (RFC 3461 4.3).
+    assert not [p for p in parsed.walk() if p.get_content_type() == "message/rfc822"]
+    assert b"Body stays home." not in dsn.data and b"Receipt wanted" in dsn.data
+    await asyncio.sleep(1.0)
+    assert len(sender_mx.messages) == 1
+
+
+async def test_a_failure_and_a_relay_of_one_attempt_share_one_dsn(
+    stack: RelaisStack, make_sink, sender_mx
+) -> None:
+    sink = make_sink("127.0.0.2")
+    sink.rcpt_replies["gone@alpha.test"] = REJECT
+    env = envelope(
+        ("ok@alpha.test", "gone@alpha.test"),
+        message(),
+        dsn_notify={"ok@alpha.test": "SUCCESS,FAILURE", "gone@alpha.test": "SUCCESS,FAILURE"},
+    )
+    await publish_route(stack.config.nats.url, env)
+
+    await wait_for_events(stack.config.nats.url, "bounced", 1)
+    (dsn,) = await sender_mx.async_wait_for(1)
+    _, finals = _blocks(dsn.data)
+    assert finals["rfc822; ok@alpha.test"]["Action"] == "relayed"
+    assert finals["rfc822; gone@alpha.test"]["Action"] == "failed"
+    await asyncio.sleep(1.0)
+    assert len(sender_mx.messages) == 1
+
+
+def _submit_with_notify(address: tuple[str, int], recipient: str, data: bytes) -> int:
+    with smtplib.SMTP(*address, timeout=30) as client:
+        client.ehlo("client.test")
+        client.login(ACCOUNT, PASSWORD)
+        client.mail(SENDER, ["RET=HDRS", "ENVID=big-1"])
+        code, _ = client.rcpt(recipient, ["NOTIFY=SUCCESS"])
+        assert code == 250
+        return client.data(data)[0]
+
+
+async def test_a_large_body_stays_until_its_relayed_dsn_has_its_headers(
+    stack: RelaisStack, make_sink, sender_mx
+) -> None:
+    # Over inline_body_max: the body is in the Object Store, and the notice, not the delivery,
+    # releases it, once the DSN has copied its headers.
+    sink = make_sink("127.0.0.2")
+    data = message(subject="Large receipt", body=("y" * 76 + "\r\n") * 3_000)
+    code = await asyncio.to_thread(_submit_with_notify, stack.smtp_address, "big@alpha.test", data)
+    assert code == 250
+
+    await sink.async_wait_for(1)
+    (dsn,) = await sender_mx.async_wait_for(1)
+    per_message, finals = _blocks(dsn.data)
+    assert per_message["Original-Envelope-Id"] == "big-1"
+    assert finals["rfc822; big@alpha.test"]["Action"] == "relayed"
+    assert b"Subject: Large receipt" in dsn.data
+    await _until_no_bodies(stack.config.nats.url)
+
+
+async def _until_no_bodies(nats_url: str) -> None:
+    for _ in range(100):
+        if await stored_bodies(nats_url) == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the body was never released")

@@ -14,7 +14,7 @@ from services.bounce.service import BounceService
 from services.core.bus import Bus, Retry
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats
-from services.core.envelope import SCHEMA_VERSION, BounceNotice, new_message_id
+from services.core.envelope import NEXT_SCHEMA, BounceNotice, new_message_id
 from services.core.outcome import Bounced, Reply
 from tests.support.relais import an_envelope
 
@@ -23,7 +23,7 @@ def _notice_of_a_later_release(message_id: str) -> bytes:
     env = an_envelope("a@alpha.test", body=b"hi\r\n", id=message_id)
     failure = Bounced("a@alpha.test", Reply(550, "5.1.1", "no such user"), mx_host="mx.alpha.test")
     wire = msgpack.unpackb(BounceNotice(env, (failure,)).to_msgpack())
-    wire["v"] = SCHEMA_VERSION + 1
+    wire["v"] = NEXT_SCHEMA + 1
     return msgpack.packb(wire)
 
 
