@@ -39,7 +39,7 @@ from services.core.bus import Bus
 from services.core.config import Config
 from services.core.envelope import BounceNotice, Envelope, EnvelopeDecodeError, new_message_id
 from services.core.events import event_for, publish_event
-from services.core.outcome import Bounced, Delivered
+from services.core.outcome import LOCAL_MAILBOX, Bounced, Delivered
 from services.core.schedule import publish_at
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import MESSAGE_ID, consumer_span
@@ -107,13 +107,22 @@ class BounceService:
                 dsn_id = await self._send_dsn([notice], f"{prefix}-{env.key}-{round_no}", new_message_id())
             if dsn_id:
                 span.set_attribute("relais.dsn_id", dsn_id)
-            if notice.delay_warning:
-                return  # still being retried: no outcome yet, and the body stays
-            # Events and suppression never wait for the DSN window.
-            for failure in notice.failures:
-                await self._record(env, failure, round_no)
-            if notice.releases_body and not held:
-                await self._bodies.release(env.body, env.key)
+            # A delay warning's recipients are still being retried: no outcome yet. Events and
+            # suppression never wait for the DSN window.
+            if not notice.delay_warning:
+                for failure in notice.failures:
+                    await self._record(env, failure, round_no)
+            if not held:
+                await self._release(notice)
+
+    async def _release(self, notice: BounceNotice) -> None:
+        """The body references a notice holds, once its DSN is built (or none is due): the job's
+        when it was the job's last outcome, and its own (`holds_body`)."""
+        env = notice.envelope
+        if notice.releases_body:
+            await self._bodies.release(env.body, env.key)
+        if notice.holds_body:
+            await self._bodies.release(env.body, notice.holds_body)
 
     async def _hold_for_dsn(self, notice: BounceNotice, round_no: int) -> tuple[bool, str]:
         """Hold a notice for its message's DSN window. Returns (held, id the DSN will have);
@@ -178,8 +187,7 @@ class BounceService:
                 await self._hold.mark_sent(mid, wid)
             # Bodies are released only now: the DSN above needed them for the returned headers.
             for notice in notices:
-                if notice.releases_body:
-                    await self._bodies.release(notice.envelope.body, notice.envelope.key)
+                await self._release(notice)
             await self._hold.drop(mid, window.members)
             await self._hold.finish(mid, wid)
 
@@ -256,7 +264,7 @@ class BounceService:
                 status=_status_for(f.reply.enhanced_status, delayed),
                 diagnostic_code=f"{f.reply.code} {f.reply.enhanced_status} {f.reply.text}",
                 diagnostic_type=_diagnostic_type(f),
-                remote_mta=f.mx_host or None,
+                remote_mta=f.mx_host if f.mx_host and f.mx_host != LOCAL_MAILBOX else None,
                 last_attempt=_last_attempt(notice, now),
                 will_retry_until=retry_until if delayed else None,
             )
@@ -307,7 +315,9 @@ def _last_attempt(notice: BounceNotice, now: datetime) -> datetime:
 
 def _action(outcome: Bounced | Delivered, delayed: bool) -> str:
     if isinstance(outcome, Delivered):
-        return "relayed"
+        # Into `relais up`'s mailbox is a final delivery (RFC 3464 2.3.3); anywhere else, the
+        # message went on to a server that was not asked for DSNs.
+        return "delivered" if outcome.mx_host == LOCAL_MAILBOX else "relayed"
     return "delayed" if delayed else "failed"
 
 

@@ -153,6 +153,26 @@ class BodyStore:
         except KeyWrongLastSequenceError:
             pass
 
+    async def add_holder(self, ref: BodyRef, holder: str, *, beside: str) -> None:
+        """Add `holder` to the references of a stored body that `beside` (a job) still holds, so
+        that the body outlives whichever of the two releases last. Idempotent. A record without
+        `beside` means the job finished meanwhile; nothing is added then."""
+        if ref.inline is not None:
+            return
+        kv = await self._kv()
+        subject = kv_subject(BODY_REFS_BUCKET, ref.object_name)
+        for _ in range(50):
+            stored = await self._leader_last(kv_stream(BODY_REFS_BUCKET), subject)
+            jobs: list[str] = msgpack.unpackb(stored.data or b"\x90") if stored is not None else []
+            if holder in jobs or beside not in jobs or stored is None:
+                return
+            try:
+                await kv.update(ref.object_name, msgpack.packb([*jobs, holder]), last=stored.seq or 0)
+                return
+            except KeyWrongLastSequenceError:
+                continue  # another job released or held concurrently; re-read and retry
+        raise BrokerUnavailable(f"could not hold body {ref.object_name}: too much contention")
+
     async def release(self, ref: BodyRef, job_id: str) -> None:
         """A job reached its final outcome; delete the body when no job needs it any more."""
         if ref.inline is not None:

@@ -129,6 +129,8 @@ async def _settle_once(
     key = env.key
     round_no = env.attempt_count + 1
     deferred_event: Event | None = None
+    relayed = tuple(o for o in delivered if wants_dsn(env) and "SUCCESS" in notify_of(env, o.recipient))
+    notice_holder = ""
 
     if deferred:
         reply = deferred[0].reply
@@ -141,6 +143,10 @@ async def _settle_once(
             deferred = []
         else:
             again = replace(attempted, recipients=tuple(o.recipient for o in deferred))
+            # The job keeps its body for the retry; a DSN of this attempt holds it as well,
+            # before the retry is stored, so that the retry cannot end first and release it.
+            if bounced or relayed:
+                notice_holder = await _hold_for_dsn(bodies, env, f"{key}#bn{round_no}")
             if wants_delay_warning(env, retry, now):
                 again = replace(again, meta={**again.meta, DELAY_WARNED: "1"})
                 warning = BounceNotice(
@@ -148,6 +154,7 @@ async def _settle_once(
                     failures=tuple(Bounced(o.recipient, o.reply, o.mx_host) for o in deferred),
                     releases_body=False,
                     delay_warning=True,
+                    holds_body=await _hold_for_dsn(bodies, env, f"{key}#dw"),
                 )
                 await bus.publish(
                     bounce_subject(),
@@ -176,7 +183,6 @@ async def _settle_once(
                 **extra,
             )
 
-    relayed = tuple(o for o in delivered if wants_dsn(env) and "SUCCESS" in notify_of(env, o.recipient))
     if bounced or relayed:
         # One notice per attempt, failures and successes together: one holder of the body, so
         # the DSN of neither can find it released by the other.
@@ -185,6 +191,7 @@ async def _settle_once(
             failures=tuple(bounced),
             releases_body=not deferred,
             relayed=relayed,
+            holds_body=notice_holder,
         )
         await bus.publish(
             bounce_subject(),
@@ -213,3 +220,11 @@ async def _settle_once(
     if not deferred and not bounced and not relayed:
         await bodies.release(env.body, key)
     return deferred_event
+
+
+async def _hold_for_dsn(bodies: BodyStore, env: Envelope, holder: str) -> str:
+    """A reference of a notice's own on the job's stored body ("" for an inline body)."""
+    if env.body.is_inline:
+        return ""
+    await bodies.add_holder(env.body, holder, beside=env.key)
+    return holder

@@ -178,12 +178,18 @@ class BounceNotice:
     # to one that does not take them, it reports the relay itself. Their `delivered` events
     # are out already; the DSN is all that is due.
     relayed: tuple[Delivered, ...] = ()
+    # A reference of the notice's own on a body in the Object Store, released once its DSN is
+    # built. `settle` takes one when the job keeps the body for recipients still being retried
+    # (releases_body False): their retry may end first, and must not take the headers (or
+    # RET=FULL's message) away from this DSN.
+    holds_body: str = ""
 
     def to_msgpack(self) -> bytes:
         wire: dict[str, Any] = {
             # A bounce service of an earlier release would read relayed recipients as nothing
             # to report, or worse: this version leaves the notice to an upgraded one.
-            "v": NEXT_SCHEMA if self.relayed else SCHEMA_VERSION,
+            # (or leave the body it holds stored until its time-to-live).
+            "v": NEXT_SCHEMA if self.relayed or self.holds_body else SCHEMA_VERSION,
             "envelope": _envelope_to_wire(self.envelope),
             "failures": [
                 {"rcpt": f.recipient, "reply": f.reply.to_dict(), "mx": f.mx_host, "exp": f.expired}
@@ -194,6 +200,8 @@ class BounceNotice:
             "release": self.releases_body,
             "delay": self.delay_warning,
         }
+        if self.holds_body:
+            wire["holds_body"] = self.holds_body
         if self.relayed:
             wire["relayed"] = [
                 {"rcpt": d.recipient, "reply": d.reply.to_dict(), "mx": d.mx_host} for d in self.relayed
@@ -225,6 +233,7 @@ class BounceNotice:
                 bool(wire.get("release", True)),
                 bool(wire.get("delay", False)),
                 relayed,
+                str(wire.get("holds_body", "")),
             )
         except (KeyError, TypeError) as exc:
             raise EnvelopeDecodeError(f"malformed bounce notice: {exc}") from exc

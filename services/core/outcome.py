@@ -65,6 +65,11 @@ def default_enhanced(code: int) -> str:
     return {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}.get(klass, "4.0.0")
 
 
+# The MX host of a recipient `relais up` captured in its local mailbox (delivery mode
+# "capture"): delivered for good there, not relayed to another server.
+LOCAL_MAILBOX = "mailbox"
+
+
 @dataclass(frozen=True, slots=True)
 class Delivered:
     recipient: str

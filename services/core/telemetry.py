@@ -229,9 +229,15 @@ class BoundedBatchSpanProcessor(BatchSpanProcessor):
     ) -> None:
         self._accounting = _ExportAccounting(exporter)
         self.shutdown_budget = shutdown_budget
+        self._done = False
         super().__init__(self._accounting, **options)
 
     def shutdown(self) -> None:
+        # The provider's own atexit hook shuts it down again; a thread started that late is
+        # refused (RuntimeError on some Pythons), and there is nothing left to export anyway.
+        if self._done:
+            return
+        self._done = True
         before = spans_dropped()
         # The SDK's shutdown in a thread of its own, so that waiting for it can end.
         stopping = threading.Thread(target=super().shutdown, name="relais-span-shutdown", daemon=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.core.envelope import Envelope
-from services.core.outcome import Delivered, Outcome, Reply
+from services.core.outcome import LOCAL_MAILBOX, Delivered, Outcome, Reply
 
 CAPTURED = Reply(250, "2.0.0", "Captured in the local mailbox", "DATA")
 
@@ -44,7 +44,7 @@ def capture(mailbox: Path, env: Envelope, body: bytes) -> list[Outcome]:
         "at": time.time(),
     }
     (mailbox / f"{env.key}.json").write_text(json.dumps(meta))
-    return [Delivered(r, CAPTURED, "mailbox") for r in env.recipients]
+    return [Delivered(r, CAPTURED, LOCAL_MAILBOX) for r in env.recipients]
 
 
 def list_captured(mailbox: Path) -> list[CapturedMessage]:

@@ -28,7 +28,7 @@ from services.core.disposition import settle
 from services.core.dns import make_resolver
 from services.core.envelope import META_DKIM, META_SOURCE, Envelope, EnvelopeDecodeError
 from services.core.held_bodies import HeldBodies
-from services.core.outcome import NO_ROUTE, Deferred
+from services.core.outcome import LOCAL_MAILBOX, NO_ROUTE, Deferred
 from services.core.returnpath import return_path
 from services.core.schedule import publish_at
 from services.core.telemetry import consumer_span, record_reply
@@ -241,7 +241,7 @@ class DeliveryService:
         """One delivery attempt, or None when the job was re-scheduled instead (paused, shaped)."""
         if self._config.delivery.mode == "capture":
             outcomes = await asyncio.to_thread(capture, self._mailbox, env, body)
-            return AttemptResult(outcomes, mx_host="mailbox")
+            return AttemptResult(outcomes, mx_host=LOCAL_MAILBOX)
         d = self._config.delivery
         if self._stop.is_set():
             # Draining: another worker takes it at once, rather than this one starting an

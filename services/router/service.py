@@ -55,7 +55,8 @@ SUPPRESSED = Reply(550, "5.7.1", "Recipient is on the account's suppression list
 # takes that pool's jobs. Waiting for the configuration to be mended, as Postfix does with an
 # unknown transport, gives the mail an outcome; a job for that pool would wait for ever.
 NO_POOL = Reply(451, "4.3.5", "No IP pool is configured for this sender; will retry", "QUEUE")
-# Verdicts are few (failing domains, warm-up) and each takes a couple of publishes.
+# Verdicts are jobs the router settles itself (failing domains, warm-up, suppressed recipients):
+# a small share of the jobs, each a couple of publishes.
 _VERDICT_SLOTS = 16
 
 
@@ -282,7 +283,8 @@ class RouterService:
         """The job with its MX hosts, site and source, and no reply: it is to be delivered. Or
         the reply every recipient gets instead, and whether it bounces them."""
         if routed.pool not in self._config.pools:
-            log.error("pool %r is not configured; deferring job %s", routed.pool, routed.job_id)
+            pool, job = routed.pool, routed.job_id
+            log.error("message %s: pool %r is not configured; deferring job %s", routed.id, pool, job)
             return routed, NO_POOL, False
         dest = await self._resolve(routed.domain)
         route = dest.route

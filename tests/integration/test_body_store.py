@@ -65,3 +65,22 @@ async def test_a_replica_behind_the_write_does_not_make_a_body_look_gone(
     await store.release(ref, "m1-1")
     with pytest.raises(BodyMissing):
         await store.get(ref)
+
+
+async def test_a_second_holder_keeps_the_body_until_both_released(topology_bus: Bus) -> None:
+    store = BodyStore(topology_bus.js, 0, topology_bus)
+    ref = await store.put("m2", os.urandom(200_000))
+    await store.hold(ref, ["m2-a"])
+    await store.add_holder(ref, "m2-a#bn1", beside="m2-a")
+    await store.add_holder(ref, "m2-a#bn1", beside="m2-a")  # settle asked again: no second entry
+
+    await store.release(ref, "m2-a")
+    assert len(await store.get(ref)) == 200_000, "the DSN's holder still needs it"
+    await store.release(ref, "m2-a#bn1")
+    with pytest.raises(BodyMissing):
+        await store.get(ref)
+
+    # A job that already finished: nothing is held again, and nothing is left to leak.
+    await store.add_holder(ref, "m2-a#dw", beside="m2-a")
+    with pytest.raises(BodyMissing):
+        await store.get(ref)

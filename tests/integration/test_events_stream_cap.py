@@ -18,7 +18,7 @@ from services.core.embedded import EmbeddedNats
 from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.events import event_for, publish_event
 from services.core.topology import EVENTS_STREAM, ROUTE_STREAM, ensure_topology, route_subject
-from services.up import write_default_config
+from services.up import LAPTOP_EVENTS_MAX_BYTES, service_env, write_default_config
 
 CAP = 1024 * 1024  # the smallest cap `relais validate` takes
 # A message to 40 recipients: its `accepted` event lists them all, about 2.5 KB stored.
@@ -199,3 +199,26 @@ async def test_a_cap_over_half_a_single_servers_store_survives_the_next_start(
         assert (await bus.js.stream_info(EVENTS_STREAM)).config.max_bytes == config.nats.events_max_bytes
     finally:
         await bus.close()
+
+
+@pytest.mark.parametrize("store_limited_nats", ["1G"], indirect=True)
+async def test_relais_up_caps_the_events_of_a_config_an_earlier_release_generated(
+    store_limited_nats: EmbeddedNats, tmp_path: Path
+) -> None:
+    """`relais up` keeps the config it generated once; an earlier release's has no cap, and the
+    4 GiB default did not fit a laptop's store: no service started after the upgrade."""
+    path, _ = write_default_config(tmp_path / "relais-data", 2525)
+    earlier = re.sub(r"\[nats\]\n(#.*\n)*events_max_bytes = \d+\n\n", "", path.read_text())
+    assert "events_max_bytes" not in earlier, "the generated config changed shape"
+    path.write_text(earlier)
+
+    env = service_env({}, path, store_limited_nats.url, generated=True)
+    config = load_config(str(path), env=env)
+    bus = await connect(config.nats, "test-events-cap")
+    try:
+        await ensure_topology(bus.js, config)
+        assert (await bus.js.stream_info(EVENTS_STREAM)).config.max_bytes == LAPTOP_EVENTS_MAX_BYTES
+    finally:
+        await bus.close()
+    # A config of the operator's own keeps what it says (the default, unless it sets one).
+    assert "RELAIS_NATS__EVENTS_MAX_BYTES" not in service_env({}, path, "nats://x", generated=False)

@@ -131,3 +131,12 @@ def test_only_notify_success_asks_for_a_relayed_dsn() -> None:
     e = env(dsn_notify={"a@x.test": "SUCCESS", "b@x.test": "SUCCESS,FAILURE", "c@x.test": "NEVER"})
     assert dsn_recipients(e, list(e.recipients), action="relayed") == ["a@x.test", "b@x.test"]
     assert dsn_recipients(env(), ["a@x.test"], action="relayed") == [], "the default is FAILURE,DELAY"
+
+
+def test_a_recipient_captured_in_the_local_mailbox_was_delivered_not_relayed() -> None:
+    from services.bounce.service import _action
+    from services.core.outcome import LOCAL_MAILBOX, Delivered
+
+    ok = Reply(250, "2.0.0", "Ok", "DATA")
+    assert _action(Delivered("a@x.test", ok, LOCAL_MAILBOX), delayed=False) == "delivered"
+    assert _action(Delivered("a@x.test", ok, "mx.x.test"), delayed=False) == "relayed"

@@ -128,6 +128,10 @@ def test_a_notice_with_relayed_recipients_round_trips_as_the_next_schema() -> No
     assert BounceNotice.from_msgpack(notice.to_msgpack()) == notice
     failures_only = BounceNotice(_envelope(), notice.failures)
     assert msgpack.unpackb(failures_only.to_msgpack())["v"] == SCHEMA_VERSION
+    # Its own body reference: an older bounce service would never release it.
+    holding = BounceNotice(_envelope(), notice.failures, releases_body=False, holds_body="j-1#bn1")
+    assert msgpack.unpackb(holding.to_msgpack())["v"] == NEXT_SCHEMA
+    assert BounceNotice.from_msgpack(holding.to_msgpack()) == holding
 
 
 def test_verdict_round_trip() -> None:

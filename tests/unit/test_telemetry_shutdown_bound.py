@@ -77,3 +77,17 @@ def test_a_hung_export_is_given_up_after_the_budget_and_its_spans_count_as_dropp
         time.sleep(0.05)  # what was still queued is counted as the export thread passes it
     assert t.spans_dropped() - before == 5
     assert exporter.exported <= 1, "nothing is tried once the budget is spent"
+
+
+def test_a_second_shutdown_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tracer provider's atexit hook shuts its processors down again, after the service did;
+    # at interpreter exit some Pythons refuse to start a thread, and every exit printed a traceback.
+    processor = t.span_processor(_Stuck())
+    processor.shutdown_budget = 0.1
+    processor.shutdown()
+
+    def refused(*_: object, **__: object) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(t.threading, "Thread", refused)
+    processor.shutdown()

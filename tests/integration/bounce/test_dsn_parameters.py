@@ -157,14 +157,21 @@ async def test_a_failure_and_a_relay_of_one_attempt_share_one_dsn(
     assert len(sender_mx.messages) == 1
 
 
-def _submit_with_notify(address: tuple[str, int], recipient: str, data: bytes) -> int:
+def _submit_with_notify(address: tuple[str, int], notify: dict[str, str], data: bytes) -> int:
+    """Submit over SMTP with each recipient's NOTIFY ("" for none)."""
     with smtplib.SMTP(*address, timeout=30) as client:
         client.ehlo("client.test")
         client.login(ACCOUNT, PASSWORD)
         client.mail(SENDER, ["RET=HDRS", "ENVID=big-1"])
-        code, _ = client.rcpt(recipient, ["NOTIFY=SUCCESS"])
-        assert code == 250
+        for recipient, keywords in notify.items():
+            code, _ = client.rcpt(recipient, [f"NOTIFY={keywords}"] if keywords else [])
+            assert code == 250
         return client.data(data)[0]
+
+
+def _large(subject: str) -> bytes:
+    """Over inline_body_max: stored in the Object Store, released by reference count."""
+    return message(subject=subject, body=("y" * 76 + "\r\n") * 3_000)
 
 
 async def test_a_large_body_stays_until_its_relayed_dsn_has_its_headers(
@@ -173,8 +180,8 @@ async def test_a_large_body_stays_until_its_relayed_dsn_has_its_headers(
     # Over inline_body_max: the body is in the Object Store, and the notice, not the delivery,
     # releases it, once the DSN has copied its headers.
     sink = make_sink("127.0.0.2")
-    data = message(subject="Large receipt", body=("y" * 76 + "\r\n") * 3_000)
-    code = await asyncio.to_thread(_submit_with_notify, stack.smtp_address, "big@alpha.test", data)
+    notify = {"big@alpha.test": "SUCCESS"}
+    code = await asyncio.to_thread(_submit_with_notify, stack.smtp_address, notify, _large("Large receipt"))
     assert code == 250
 
     await sink.async_wait_for(1)
@@ -192,3 +199,27 @@ async def _until_no_bodies(nats_url: str) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError("the body was never released")
+
+
+async def test_a_retry_ending_first_leaves_the_body_to_its_attempts_dsn(
+    make_stack, make_sink, sender_mx
+) -> None:
+    # ok@ is relayed and later@ deferred in one attempt; the DSN waits for its window, and the
+    # retry delivers later@ before that. The job's last outcome released the body, and the DSN
+    # went out with an empty headers part.
+    stack = await make_stack(bounce={"dsn_window": 6.0})
+    sink = make_sink("127.0.0.2")
+    sink.rcpt_replies["later@alpha.test"] = "451 4.2.0 Try again later"
+    notify = {"ok@alpha.test": "SUCCESS", "later@alpha.test": ""}
+    code = await asyncio.to_thread(_submit_with_notify, stack.smtp_address, notify, _large("Held receipt"))
+    assert code == 250
+
+    await wait_for_events(stack.config.nats.url, "deferred", 1)
+    del sink.rcpt_replies["later@alpha.test"]
+    await wait_for_events(stack.config.nats.url, "delivered", 2)
+    assert not sender_mx.messages, "the DSN window is still open"
+    (dsn,) = await sender_mx.async_wait_for(1)
+    _, finals = _blocks(dsn.data)
+    assert set(finals) == {"rfc822; ok@alpha.test"}
+    assert b"Subject: Held receipt" in dsn.data
+    await _until_no_bodies(stack.config.nats.url)
