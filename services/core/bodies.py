@@ -153,6 +153,15 @@ class BodyStore:
         except KeyWrongLastSequenceError:
             pass
 
+    async def _references(self, ref: BodyRef) -> tuple[list[str], int]:
+        """The jobs holding a stored body, and their record's revision (none: [], 0). From the
+        leader: a lagging replica's "no record" would leave the body stored."""
+        subject = kv_subject(BODY_REFS_BUCKET, ref.object_name)
+        stored = await self._leader_last(kv_stream(BODY_REFS_BUCKET), subject)
+        if stored is None:
+            return [], 0
+        return msgpack.unpackb(stored.data or b"\x90"), stored.seq or 0
+
     async def add_holder(self, ref: BodyRef, holder: str, *, beside: str) -> None:
         """Add `holder` to the references of a stored body that `beside` (a job) still holds, so
         that the body outlives whichever of the two releases last. Idempotent. A record without
@@ -160,14 +169,12 @@ class BodyStore:
         if ref.inline is not None:
             return
         kv = await self._kv()
-        subject = kv_subject(BODY_REFS_BUCKET, ref.object_name)
         for _ in range(50):
-            stored = await self._leader_last(kv_stream(BODY_REFS_BUCKET), subject)
-            jobs: list[str] = msgpack.unpackb(stored.data or b"\x90") if stored is not None else []
-            if holder in jobs or beside not in jobs or stored is None:
+            jobs, revision = await self._references(ref)
+            if holder in jobs or beside not in jobs:
                 return
             try:
-                await kv.update(ref.object_name, msgpack.packb([*jobs, holder]), last=stored.seq or 0)
+                await kv.update(ref.object_name, msgpack.packb([*jobs, holder]), last=revision)
                 return
             except KeyWrongLastSequenceError:
                 continue  # another job released or held concurrently; re-read and retry
@@ -178,17 +185,11 @@ class BodyStore:
         if ref.inline is not None:
             return
         kv = await self._kv()
-        subject = kv_subject(BODY_REFS_BUCKET, ref.object_name)
         for _ in range(50):
-            # From the leader: a lagging replica's "no record" would leave the body stored.
-            stored = await self._leader_last(kv_stream(BODY_REFS_BUCKET), subject)
-            if stored is None:
-                return
-            jobs: list[str] = msgpack.unpackb(stored.data or b"\x90")
+            jobs, revision = await self._references(ref)
             if job_id not in jobs:
                 return
             jobs.remove(job_id)
-            revision = stored.seq or 0
             if jobs:
                 try:
                     await kv.update(ref.object_name, msgpack.packb(jobs), last=revision)
