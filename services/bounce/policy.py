@@ -9,21 +9,10 @@ from collections.abc import Sequence
 from services.bounce.classify import BounceCategory, BounceRule, classify, is_hard
 from services.core.addresses import printable_ascii
 from services.core.config import BounceConfig
-from services.core.envelope import Envelope, notify_of, wants_dsn
+from services.core.envelope import Envelope
 from services.core.outcome import Bounced, Reply
 
 log = logging.getLogger(__name__)
-
-# The NOTIFY keyword that asks for each DSN action (RFC 3461 section 4.1).
-_NOTIFY_FOR = {"failed": "FAILURE", "delayed": "DELAY", "relayed": "SUCCESS"}
-
-
-def dsn_recipients(env: Envelope, recipients: Sequence[str], *, action: str) -> list[str]:
-    """The recipients a DSN reporting `action` ("failed", "delayed", "relayed") may mention."""
-    if not wants_dsn(env):
-        return []
-    wanted = _NOTIFY_FOR[action]
-    return [r for r in recipients if wanted in notify_of(env, r)]
 
 
 def original_recipient(env: Envelope, recipient: str) -> str | None:

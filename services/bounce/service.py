@@ -37,7 +37,13 @@ from services.core import bus as transport
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus
 from services.core.config import Config
-from services.core.envelope import BounceNotice, Envelope, EnvelopeDecodeError, new_message_id
+from services.core.envelope import (
+    BounceNotice,
+    Envelope,
+    EnvelopeDecodeError,
+    dsn_recipients,
+    new_message_id,
+)
 from services.core.events import event_for, publish_event
 from services.core.outcome import LOCAL_MAILBOX, Bounced, Delivered
 from services.core.schedule import publish_at
@@ -221,14 +227,14 @@ class BounceService:
         """The failures of a notice that the DSN may mention (NOTIFY; never to <>, never a DSN's)."""
         action = "delayed" if notice.delay_warning else "failed"
         recipients = [f.recipient for f in notice.failures]
-        wanted = set(policy.dsn_recipients(notice.envelope, recipients, action=action))
+        wanted = set(dsn_recipients(notice.envelope, recipients, action=action))
         return [f for f in notice.failures if f.recipient in wanted]
 
     @staticmethod
     def _dsn_relayed(notice: BounceNotice) -> list[Delivered]:
         """The relayed recipients of a notice that the DSN may mention (NOTIFY=SUCCESS)."""
         recipients = [d.recipient for d in notice.relayed]
-        wanted = set(policy.dsn_recipients(notice.envelope, recipients, action="relayed"))
+        wanted = set(dsn_recipients(notice.envelope, recipients, action="relayed"))
         return [d for d in notice.relayed if d.recipient in wanted]
 
     async def _send_dsn(self, notices: list[BounceNotice], msg_id: str, dsn_id: str) -> str:
@@ -237,14 +243,14 @@ class BounceService:
         no-op."""
         env = notices[0].envelope
         delayed = notices[0].delay_warning
-        failures: list[tuple[BounceNotice, Bounced | Delivered]] = []
+        reported: list[tuple[BounceNotice, Bounced | Delivered]] = []
         seen: set[str] = set()
         for notice in notices:
             for f in [*self._dsn_failures(notice), *self._dsn_relayed(notice)]:
                 if f.recipient not in seen:  # a recipient is in one job; belt and braces
                     seen.add(f.recipient)
-                    failures.append((notice, f))
-        if not failures:
+                    reported.append((notice, f))
+        if not reported:
             return ""
         try:
             original = await self._bodies.get(env.body)
@@ -268,7 +274,7 @@ class BounceService:
                 last_attempt=_last_attempt(notice, now),
                 will_retry_until=retry_until if delayed else None,
             )
-            for notice, f in failures
+            for notice, f in reported
         ]
         # RET asks for the message in a DSN that reports a failure; others return its headers
         # (RFC 3461 section 4.3).

@@ -28,7 +28,7 @@ from dataclasses import replace
 from services.core.bodies import BodyStore
 from services.core.bus import Bus, patiently
 from services.core.config import RetryConfig
-from services.core.envelope import Attempt, BounceNotice, Envelope, notify_of, wants_dsn
+from services.core.envelope import Attempt, BounceNotice, Envelope, dsn_recipients, wants_dsn
 from services.core.events import Event, annotate_event, event_for, publish_event, report_later
 from services.core.outcome import EXPIRED, Bounced, Deferred, Delivered, Outcome, Reply
 from services.core.schedule import next_attempt_at, publish_at
@@ -129,7 +129,8 @@ async def _settle_once(
     key = env.key
     round_no = env.attempt_count + 1
     deferred_event: Event | None = None
-    relayed = tuple(o for o in delivered if wants_dsn(env) and "SUCCESS" in notify_of(env, o.recipient))
+    asked = set(dsn_recipients(env, [o.recipient for o in delivered], action="relayed"))
+    relayed = tuple(o for o in delivered if o.recipient in asked)
     notice_holder = ""
 
     if deferred:
@@ -146,7 +147,7 @@ async def _settle_once(
             # The job keeps its body for the retry; a DSN of this attempt holds it as well,
             # before the retry is stored, so that the retry cannot end first and release it.
             if bounced or relayed:
-                notice_holder = await _hold_for_dsn(bodies, env, f"{key}#bn{round_no}")
+                notice_holder = await _own_body_reference(bodies, env, f"{key}#bn{round_no}")
             if wants_delay_warning(env, retry, now):
                 again = replace(again, meta={**again.meta, DELAY_WARNED: "1"})
                 warning = BounceNotice(
@@ -154,7 +155,7 @@ async def _settle_once(
                     failures=tuple(Bounced(o.recipient, o.reply, o.mx_host) for o in deferred),
                     releases_body=False,
                     delay_warning=True,
-                    holds_body=await _hold_for_dsn(bodies, env, f"{key}#dw"),
+                    holds_body=await _own_body_reference(bodies, env, f"{key}#dw"),
                 )
                 await bus.publish(
                     bounce_subject(),
@@ -222,7 +223,7 @@ async def _settle_once(
     return deferred_event
 
 
-async def _hold_for_dsn(bodies: BodyStore, env: Envelope, holder: str) -> str:
+async def _own_body_reference(bodies: BodyStore, env: Envelope, holder: str) -> str:
     """A reference of a notice's own on the job's stored body ("" for an inline body)."""
     if env.body.is_inline:
         return ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,6 +161,18 @@ def notify_of(env: Envelope, recipient: str) -> frozenset[str]:
     return frozenset() if "NEVER" in words else words
 
 
+# The NOTIFY keyword that asks for each DSN action (RFC 3461 section 4.1).
+_NOTIFY_FOR = {"failed": "FAILURE", "delayed": "DELAY", "relayed": "SUCCESS"}
+
+
+def dsn_recipients(env: Envelope, recipients: Sequence[str], *, action: str) -> list[str]:
+    """The recipients a DSN reporting `action` ("failed", "delayed", "relayed") may mention."""
+    if not wants_dsn(env):
+        return []
+    wanted = _NOTIFY_FOR[action]
+    return [r for r in recipients if wanted in notify_of(env, r)]
+
+
 @dataclass(frozen=True, slots=True)
 class BounceNotice:
     """What one attempt of a delivery job tells the sender, for the bounce service: recipients
@@ -186,9 +199,9 @@ class BounceNotice:
 
     def to_msgpack(self) -> bytes:
         wire: dict[str, Any] = {
-            # A bounce service of an earlier release would read relayed recipients as nothing
-            # to report, or worse: this version leaves the notice to an upgraded one.
-            # (or leave the body it holds stored until its time-to-live).
+            # A bounce service of an earlier release would not report relayed recipients, nor
+            # release the body reference the notice holds: it leaves this version to an
+            # upgraded one.
             "v": NEXT_SCHEMA if self.relayed or self.holds_body else SCHEMA_VERSION,
             "envelope": _envelope_to_wire(self.envelope),
             "failures": [

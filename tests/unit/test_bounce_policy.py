@@ -7,17 +7,14 @@ import pytest
 from services.bounce.classify import DEFAULT_RULES, BounceCategory, is_hard
 from services.bounce.policy import (
     category_of,
-    dsn_recipients,
     envelope_id,
     failure_category,
-    notify_of,
     original_recipient,
     returns_full,
     suppresses,
-    wants_dsn,
 )
 from services.core.disposition import expiry_reply
-from services.core.envelope import Envelope
+from services.core.envelope import Envelope, dsn_recipients, notify_of, wants_dsn
 from services.core.outcome import EXPIRED, NO_ROUTE, NO_SUCH_DOMAIN, Bounced, Reply
 from tests.support.relais import an_envelope
 
