@@ -140,6 +140,18 @@ async def test_mail_is_still_taken_while_events_overflow_a_small_store(
         await bus.close()
 
 
+async def _cap_after_starts(config: Config, starts: int) -> int:
+    """The events stream's cap once `starts` services declared the topology, each at its start
+    (`ensure_topology` raises if the server refuses the cap)."""
+    bus = await connect(config.nats, "test-events-cap")
+    try:
+        for _ in range(starts):
+            await ensure_topology(bus.js, config)
+        return (await bus.js.stream_info(EVENTS_STREAM)).config.max_bytes
+    finally:
+        await bus.close()
+
+
 def _shipped_max_file_store() -> str:
     (size,) = re.findall(r"^\s*max_file_store:\s*(\S+)", SHIPPED_NATS_CONF.read_text(), re.MULTILINE)
     return size
@@ -153,15 +165,7 @@ async def test_the_default_cap_fits_the_shipped_store_on_every_start(
     does not fit; every service declares the stream again at start. Only reserved: nothing is
     written."""
     config = Config(nats=NatsConfig(url=store_limited_nats.url))
-    bus = await connect(config.nats, "test-events-cap")
-    try:
-        await ensure_topology(bus.js, config)
-        await ensure_topology(bus.js, config)
-
-        info = await bus.js.stream_info(EVENTS_STREAM)
-        assert info.config.max_bytes == config.nats.events_max_bytes > 0
-    finally:
-        await bus.close()
+    assert await _cap_after_starts(config, 2) == config.nats.events_max_bytes > 0
 
 
 @pytest.mark.parametrize("store_limited_nats", ["1G"], indirect=True)
@@ -173,14 +177,8 @@ async def test_relais_up_starts_on_a_laptop_with_little_free_disk(
     declaring the stream at its start."""
     path, _ = write_default_config(tmp_path / "relais-data", 2525)
     config = load_config(path, env={"RELAIS_NATS__URL": store_limited_nats.url})
-    bus = await connect(config.nats, "test-events-cap")
-    try:
-        for _service in ("router", "delivery", "bounce", "ingress"):  # each declares it at start
-            await ensure_topology(bus.js, config)
-
-        assert (await bus.js.stream_info(EVENTS_STREAM)).config.max_bytes == config.nats.events_max_bytes
-    finally:
-        await bus.close()
+    # Router, delivery, bounce and ingress each declare it at start.
+    assert await _cap_after_starts(config, 4) == config.nats.events_max_bytes
 
 
 @pytest.mark.parametrize("store_limited_nats", ["1G"], indirect=True)
@@ -191,14 +189,7 @@ async def test_a_cap_over_half_a_single_servers_store_survives_the_next_start(
     time, and refused it (10047) once the cap was over half the store: the second service to
     start stopped. The stream is updated instead."""
     config = Config(nats=NatsConfig(url=store_limited_nats.url, events_max_bytes=600 * 1024 * 1024))
-    bus = await connect(config.nats, "test-events-cap")
-    try:
-        await ensure_topology(bus.js, config)
-        await ensure_topology(bus.js, config)
-
-        assert (await bus.js.stream_info(EVENTS_STREAM)).config.max_bytes == config.nats.events_max_bytes
-    finally:
-        await bus.close()
+    assert await _cap_after_starts(config, 2) == config.nats.events_max_bytes
 
 
 @pytest.mark.parametrize("store_limited_nats", ["1G"], indirect=True)
@@ -214,11 +205,6 @@ async def test_relais_up_caps_the_events_of_a_config_an_earlier_release_generate
 
     env = service_env({}, path, store_limited_nats.url, generated=True)
     config = load_config(str(path), env=env)
-    bus = await connect(config.nats, "test-events-cap")
-    try:
-        await ensure_topology(bus.js, config)
-        assert (await bus.js.stream_info(EVENTS_STREAM)).config.max_bytes == LAPTOP_EVENTS_MAX_BYTES
-    finally:
-        await bus.close()
+    assert await _cap_after_starts(config, 1) == LAPTOP_EVENTS_MAX_BYTES
     # A config of the operator's own keeps what it says (the default, unless it sets one).
     assert "RELAIS_NATS__EVENTS_MAX_BYTES" not in service_env({}, path, "nats://x", generated=False)

@@ -12,7 +12,7 @@ import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,15 +180,17 @@ def submit(
     user: str = ACCOUNT,
     password: str = PASSWORD,
     mail_options: Sequence[str] = (),
+    rcpt_options: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[int, bytes]:
-    """Submit one message with smtplib (a real client over a real socket); returns the DATA reply."""
+    """Submit one message with smtplib (a real client over a real socket); returns the DATA reply.
+    `rcpt_options` holds a recipient's RCPT parameters (`NOTIFY=SUCCESS`)."""
     with smtplib.SMTP(*address, timeout=30) as client:
         client.ehlo("client.test")
         client.login(user, password)
         code, msg = client.mail(sender, list(mail_options))
         assert code == 250, (code, msg)
         for rcpt in recipients:
-            code, msg = client.rcpt(rcpt)
+            code, msg = client.rcpt(rcpt, list((rcpt_options or {}).get(rcpt, ())))
             assert code == 250, (code, msg)
         return client.data(data)
 

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import email
-import smtplib
 
 from flufl.bounce import all_failures
 
 from services.core.envelope import Envelope
 from tests.integration.bounce.conftest import publish_route
 from tests.support.relais import (
-    ACCOUNT,
-    PASSWORD,
     SENDER_DOMAIN,
     RelaisStack,
     an_envelope,
+    asubmit,
     message,
     stored_bodies,
     wait_for_events,
@@ -157,16 +155,16 @@ async def test_a_failure_and_a_relay_of_one_attempt_share_one_dsn(
     assert len(sender_mx.messages) == 1
 
 
-def _submit_with_notify(address: tuple[str, int], notify: dict[str, str], data: bytes) -> int:
+async def _submit_with_notify(address: tuple[str, int], notify: dict[str, str], data: bytes) -> int:
     """Submit over SMTP with each recipient's NOTIFY ("" for none)."""
-    with smtplib.SMTP(*address, timeout=30) as client:
-        client.ehlo("client.test")
-        client.login(ACCOUNT, PASSWORD)
-        client.mail(SENDER, ["RET=HDRS", "ENVID=big-1"])
-        for recipient, keywords in notify.items():
-            code, _ = client.rcpt(recipient, [f"NOTIFY={keywords}"] if keywords else [])
-            assert code == 250
-        return client.data(data)[0]
+    code, _ = await asubmit(
+        address,
+        recipients=list(notify),
+        data=data,
+        mail_options=["RET=HDRS", "ENVID=big-1"],
+        rcpt_options={rcpt: [f"NOTIFY={words}"] for rcpt, words in notify.items() if words},
+    )
+    return code
 
 
 def _large(subject: str) -> bytes:
@@ -181,7 +179,7 @@ async def test_a_large_body_stays_until_its_relayed_dsn_has_its_headers(
     # releases it, once the DSN has copied its headers.
     sink = make_sink("127.0.0.2")
     notify = {"big@alpha.test": "SUCCESS"}
-    code = await asyncio.to_thread(_submit_with_notify, stack.smtp_address, notify, _large("Large receipt"))
+    code = await _submit_with_notify(stack.smtp_address, notify, _large("Large receipt"))
     assert code == 250
 
     await sink.async_wait_for(1)
@@ -211,7 +209,7 @@ async def test_a_retry_ending_first_leaves_the_body_to_its_attempts_dsn(
     sink = make_sink("127.0.0.2")
     sink.rcpt_replies["later@alpha.test"] = "451 4.2.0 Try again later"
     notify = {"ok@alpha.test": "SUCCESS", "later@alpha.test": ""}
-    code = await asyncio.to_thread(_submit_with_notify, stack.smtp_address, notify, _large("Held receipt"))
+    code = await _submit_with_notify(stack.smtp_address, notify, _large("Held receipt"))
     assert code == 250
 
     await wait_for_events(stack.config.nats.url, "deferred", 1)

@@ -49,6 +49,19 @@ async def aget(url: str) -> tuple[int, str]:
     return await asyncio.to_thread(get, url)
 
 
+async def until_ready(base: str, proc: ServiceProcess, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Until the service's /readyz answers 200; its log in the failure otherwise."""
+    deadline = time.monotonic() + timeout
+    status = 0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            status, _ = await aget(f"{base}/readyz")
+        if status == 200:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{proc.name} never ready (last /readyz: {status}):\n{proc.log()}")
+
+
 async def test_metrics_endpoint_counts_a_run_and_reports_queue_depth(stack: RelaisStack, make_sink) -> None:
     sink = make_sink("127.0.0.2")
     sink.rcpt_replies = {"gone@alpha.test": "550 5.1.1 <gone@alpha.test>: no such user"}
@@ -143,17 +156,7 @@ async def test_a_service_process_serves_health_and_its_consumer_lag(
     proc = ServiceProcess("router", path, tmp_path)
     proc.start()
     try:
-        deadline = time.monotonic() + 30
-        status = 0
-        while time.monotonic() < deadline:
-            try:
-                status, _ = await aget(f"http://127.0.0.1:{port}/readyz")
-            except OSError:
-                status = 0
-            if status == 200:
-                break
-            await asyncio.sleep(0.3)
-        assert status == 200, proc.log()
+        await until_ready(f"http://127.0.0.1:{port}", proc)
         _, text = await aget(f"http://127.0.0.1:{port}/metrics")
         assert 'relais_consumer_pending{consumer="router"}' in text
     finally:
@@ -176,13 +179,7 @@ async def test_a_stopping_ingress_is_not_ready_while_it_drains(stack: RelaisStac
     assert proc.process is not None
     base = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 30
-        status = 0
-        while status != 200 and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                status, _ = await aget(f"{base}/readyz")
-            await asyncio.sleep(0.2)
-        assert status == 200, proc.log()
+        await until_ready(base, proc)
         mail = message()
 
         def start_data() -> socket.socket:

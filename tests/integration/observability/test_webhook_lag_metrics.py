@@ -15,7 +15,7 @@ from services.core.embedded import EmbeddedNats, free_port
 from services.core.events import Event
 from services.core.topology import event_subject, webhooks_binding
 from tests.integration.bounce.test_webhooks import webhook_account
-from tests.integration.observability.test_metrics_endpoint import aget
+from tests.integration.observability.test_metrics_endpoint import aget, until_ready
 from tests.support.prom import Samples, samples, value
 from tests.support.relais import (
     ACCOUNT,
@@ -27,20 +27,6 @@ from tests.support.relais import (
 
 QUIET_ACCOUNT = "quiet"  # an account without a webhook: no consumer, no lag to report
 LAG = ("relais_consumer_pending", "relais_consumer_ack_pending")
-
-
-async def _ready(base: str, proc: ServiceProcess) -> None:
-    deadline = time.monotonic() + 30
-    status = 0
-    while time.monotonic() < deadline:
-        try:
-            status, _ = await aget(f"{base}/readyz")
-        except OSError:
-            status = 0
-        if status == 200:
-            return
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"bounce never ready:\n{proc.log()}")
 
 
 async def _scrape_until(base: str, done: Callable[[Samples], bool]) -> Samples:
@@ -85,7 +71,7 @@ async def test_bounce_metrics_report_each_webhook_consumers_lag_but_readiness_ig
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     try:
-        await _ready(base, proc)  # the webhook consumer exists from here on (made at start)
+        await until_ready(base, proc)  # the webhook consumer exists from here on (made at start)
         for i in range(3):
             event = Event("accepted", f"lag-{i}", ACCOUNT, [f"r{i}@alpha.test"])
             await js.publish(event_subject(ACCOUNT, "accepted"), event.to_json())
