@@ -75,6 +75,10 @@ class BounceService:
         self._inbound = InboundHandler(config.bounce, bus, self._bodies, self._rules)
         self._webhooks = WebhookDispatcher(config, bus)
 
+    def webhook_accounts(self) -> list[str]:
+        """The accounts whose events are posted now (their lag is on /metrics)."""
+        return self._webhooks.webhook_accounts()
+
     async def run(self, stop: asyncio.Event) -> None:
         def consume(binding: ConsumerBinding, handler: transport.Handler, slots: int) -> Awaitable[None]:
             return transport.consume_declared(

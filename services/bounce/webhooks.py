@@ -35,11 +35,12 @@ import nats
 from nats.aio.msg import Msg
 
 from services.core import metrics, telemetry
+from services.core.account_watch import AccountWatch
 from services.core.bus import Bus, fetch
-from services.core.config import BounceConfig, Config
+from services.core.config import AccountConfig, BounceConfig, Config, webhook_problem
 from services.core.events import Event
 from services.core.schedule import doubling
-from services.core.topology import ensure_webhooks_consumers, webhook_accounts, webhooks_binding
+from services.core.topology import ensure_webhooks_consumers, webhooks_binding
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,17 @@ def _basic_auth(parts: urllib.parse.SplitResult) -> list[str]:
     return [f"Authorization: Basic {token}"]
 
 
-# How often the bounce service re-declares the webhooks consumers from its configuration.
+# How often the bounce service re-declares the webhooks consumers when no account changed.
 _RECONCILE_INTERVAL = 60.0
 # How long one fetch waits for events before the loop looks at `stop` again.
 _FETCH_WAIT = 2.0
 
 
 class WebhookDispatcher:
+    """Posts the events of every account with a webhook: the config file's accounts, overlaid
+    by the account records in KV (as the router reads them), followed live, so `relais account
+    webhook` takes effect on every replica within moments."""
+
     def __init__(self, config: Config, bus: Bus) -> None:
         self._config = config
         self._bus = bus
@@ -179,29 +184,98 @@ class WebhookDispatcher:
         # restart at 1 with every new event, so a dead receiver of a busy account would
         # otherwise be tried at the base delay for as long as it stays down.
         self._failures: dict[str, int] = {}
+        self._changed = asyncio.Event()
+        self._records = AccountWatch(bus.js, {}, check_password_hash=False, on_change=self._accounts_changed)
+        self._webhooks = self._with_webhooks()
+        self._webhooks_compared = False  # the config file's webhooks with the records in KV
+        # account -> the event that ends its posting loop after the batch in hand
+        self._posting: dict[str, asyncio.Event] = {}
+        self._loops: set[asyncio.Task[None]] = set()  # those ending included, awaited at stop
+
+    def webhook_accounts(self) -> list[str]:
+        """The accounts whose events this replica posts now."""
+        return sorted(self._webhooks)
+
+    def _with_webhooks(self) -> dict[str, AccountConfig]:
+        merged = {**self._config.accounts, **self._records.accounts}
+        out = {}
+        for name, account in merged.items():
+            if not account.webhook_url:
+                continue
+            problem = webhook_problem(account.webhook_url, account.webhook_secret)
+            if problem:
+                # Only a record written around `relais account`, which checks the same rules.
+                log.error("account %s: %s; its events are not posted", name, problem)
+                continue
+            out[name] = account
+        return out
+
+    def _accounts_changed(self) -> None:
+        if not self._webhooks_compared:
+            self._webhooks_compared = True
+            self._warn_about_file_webhooks()
+        self._webhooks = self._with_webhooks()
+        self._changed.set()
+
+    def _warn_about_file_webhooks(self) -> None:
+        """The config file seeds an account's record once; a webhook edited there later (as it
+        was read before webhooks followed KV) would otherwise be ignored without a word."""
+        for name, seeded in self._config.accounts.items():
+            record = self._records.accounts.get(name)
+            if record is not None and (record.webhook_url, record.webhook_secret) != (
+                seeded.webhook_url,
+                seeded.webhook_secret,
+            ):
+                log.warning(
+                    "account %s: the webhook in the config file differs from the account record in KV, "
+                    "which is the one used; change it with `relais account webhook %s`",
+                    name,
+                    name,
+                )
 
     async def run(self, stop: asyncio.Event) -> None:
-        reconciler = asyncio.create_task(self._reconcile(stop))
+        self._records.start()
+        stopper = asyncio.create_task(_set_when(stop, self._changed))
+        js, all_due = self._bus.js, 0.0
         try:
-            accounts = webhook_accounts(self._config.accounts)
-            if accounts:
-                await asyncio.gather(*(self._post_account(name, stop) for name in accounts))
-            else:
-                await stop.wait()  # no account has a webhook: there is no consumer
+            while not stop.is_set():
+                self._changed.clear()
+                wanted = self.webhook_accounts()
+                new = [account for account in wanted if account not in self._posting]
+                try:
+                    # Every account's consumer at start and every minute, which also deletes an
+                    # earlier release's shared consumer once none of its replicas is left; in
+                    # between, those of webhooks just seen, before their posting starts (a
+                    # change to any account must not cost a request per account with a webhook).
+                    if time.monotonic() >= all_due:
+                        all_due = time.monotonic() + _RECONCILE_INTERVAL
+                        await ensure_webhooks_consumers(js, self._config, reconcile=True, accounts=wanted)
+                    elif new:
+                        await ensure_webhooks_consumers(js, self._config, reconcile=False, accounts=new)
+                except Exception as exc:
+                    log.warning("could not declare the webhooks consumers: %r", exc)
+                self._follow(wanted)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), max(all_due - time.monotonic(), 0.0))
         finally:
-            reconciler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reconciler
+            stopper.cancel()
+            for done in self._posting.values():
+                done.set()
+            await asyncio.gather(*self._loops, return_exceptions=True)
+            await self._records.stop()
 
-    async def _reconcile(self, stop: asyncio.Event) -> None:
-        """Keep the consumers what this configuration says (`ensure_webhooks_consumers`)."""
-        while not stop.is_set():
-            try:
-                await ensure_webhooks_consumers(self._bus.js, self._config, reconcile=True)
-            except Exception as exc:
-                log.warning("could not declare the webhooks consumers: %r", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _RECONCILE_INTERVAL)
+    def _follow(self, wanted: list[str]) -> None:
+        """One posting loop per account with a webhook: new ones started, those of accounts
+        whose webhook was removed ended once their batch in hand is settled."""
+        for account in [name for name in self._posting if name not in wanted]:
+            self._posting.pop(account).set()
+            log.info("webhook of account %s removed; no longer posting its events", account)
+        for account in wanted:
+            if account not in self._posting:
+                done = self._posting[account] = asyncio.Event()
+                loop = asyncio.create_task(self._post_account(account, done))
+                self._loops.add(loop)
+                loop.add_done_callback(self._loops.discard)
 
     async def _post_account(self, account: str, stop: asyncio.Event) -> None:
         """Fetch a batch of the account's events, post it, and after a failure wait out the
@@ -238,7 +312,13 @@ class WebhookDispatcher:
     async def deliver(self, account: str, msgs: Sequence[Msg]) -> float:
         """Post one batch of an account's events; returns how long to wait before the next
         (0 after a 2xx, else the back-off its events were nak'ed with)."""
-        acct = self._config.accounts[account]
+        acct = self._webhooks.get(account)
+        if acct is None:
+            # Its webhook was removed since the fetch: not posted; back to the consumer, which
+            # the removal deleted or which keeps them for a webhook set again.
+            for msg in msgs:
+                await _settle(msg.nak())
+            return 0.0
         body_items: list[dict[str, Any]] = []
         for msg in msgs:
             try:
@@ -298,6 +378,11 @@ class WebhookDispatcher:
             webhooks_binding(account).durable, "retry", len(msgs), time.monotonic() - started
         )
         return delay
+
+
+async def _set_when(first: asyncio.Event, then: asyncio.Event) -> None:
+    await first.wait()
+    then.set()
 
 
 async def _settle(coro: Any) -> None:

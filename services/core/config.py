@@ -82,6 +82,19 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
+def webhook_problem(url: str, secret: str) -> str:
+    """What is wrong with an account's webhook settings, as "<field>: <why>"; "" if nothing.
+    The config file and `relais account webhook` check the same rules."""
+    if url and (not url.startswith(("http://", "https://")) or any(c.isspace() or c < " " for c in url)):
+        return "webhook_url: expected an http:// or https:// URL"
+    if not url.isascii():
+        # It goes on the request line and in Host as written: it could never be sent.
+        return "webhook_url: ASCII only (percent-encode the path, use the A-label host)"
+    if url and len(secret) < 16:
+        return "webhook_secret: at least 16 characters with a webhook_url"
+    return ""
+
+
 def valid_name(name: str) -> bool:
     """Pool, account and site names: lowercase letters, digits, '-' and '_', at most 63."""
     return bool(_NAME.match(name))
@@ -280,16 +293,9 @@ def validate(config: Config) -> None:
                 raise ConfigError(f"accounts.{name}.pools: unknown pool {pool!r}")
         if not account.password_hash.startswith("scrypt$"):
             raise ConfigError(f"accounts.{name}.password_hash: expected an scrypt hash (relais account hash)")
-        url = account.webhook_url
-        if url and (not url.startswith(("http://", "https://")) or any(c.isspace() or c < " " for c in url)):
-            raise ConfigError(f"accounts.{name}.webhook_url: expected an http:// or https:// URL")
-        if not url.isascii():
-            # It goes on the request line and in Host as written: it could never be sent.
-            raise ConfigError(
-                f"accounts.{name}.webhook_url: ASCII only (percent-encode the path, use the A-label host)"
-            )
-        if account.webhook_url and len(account.webhook_secret) < 16:
-            raise ConfigError(f"accounts.{name}.webhook_secret: at least 16 characters with a webhook_url")
+        problem = webhook_problem(account.webhook_url, account.webhook_secret)
+        if problem:
+            raise ConfigError(f"accounts.{name}.{problem}")
     _validate_bounce(config.bounce)
     for domain, pool in config.sender_domains.items():
         if domain != domain_key(domain):

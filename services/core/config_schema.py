@@ -294,6 +294,7 @@ class AccountConfig:
     max_messages_per_day: int = 0
     max_sessions: int = 0
     # Event webhook: JSON batches POSTed here, signed with HMAC-SHA256 under webhook_secret.
+    # Like every field here, it seeds the account's record in KV; `relais account webhook` changes it.
     webhook_url: str = ""
     webhook_secret: str = ""
 

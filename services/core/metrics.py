@@ -315,8 +315,7 @@ async def refresh_queue_gauges(js: Any, bindings: Iterable[Any], per_call: float
                 info = await asyncio.wait_for(js.consumer_info(binding.stream, binding.durable), per_call)
         except Exception as exc:
             log.debug("consumer info %s unavailable: %r", binding.durable, exc)
-            for gauge in _CONSUMER_GAUGES:
-                _forget(gauge, binding.durable)
+            forget_consumers([binding.durable])
             return
         CONSUMER_PENDING.labels(binding.durable).set(info.num_pending or 0)
         CONSUMER_ACK_PENDING.labels(binding.durable).set(info.num_ack_pending or 0)
@@ -334,6 +333,13 @@ async def refresh_queue_gauges(js: Any, bindings: Iterable[Any], per_call: float
 
     streams = sorted({binding.stream for binding in bindings})
     await asyncio.gather(*(consumer(b) for b in bindings), *(stream(s) for s in streams))
+
+
+def forget_consumers(durables: Iterable[str]) -> None:
+    """Drop the series of consumers no longer measured."""
+    for durable in durables:
+        for gauge in _CONSUMER_GAUGES:
+            _forget(gauge, durable)
 
 
 def _forget(gauge: Gauge, label: str) -> None:

@@ -26,7 +26,6 @@ from services.core.topology import (
     router_binding,
     stream_configs,
     verdict_binding,
-    webhook_accounts,
     webhooks_binding,
 )
 
@@ -34,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class Service(Protocol):
-    """What `serve` runs. A service may also define `ready() -> bool` (e.g. listeners bound)."""
+    """What `serve` runs. A service may also define `ready() -> bool` (e.g. listeners bound),
+    and `webhook_accounts() -> list[str]` (the accounts whose events it posts now)."""
 
     async def run(self, stop: asyncio.Event) -> None: ...
 
@@ -107,18 +107,18 @@ def owned_bindings(name: str, config: Config) -> list[ConsumerBinding]:
     return []
 
 
-def lag_bindings(name: str, config: Config) -> list[ConsumerBinding]:
+def lag_bindings(name: str, config: Config, service: object = None) -> list[ConsumerBinding]:
     """The consumers whose lag a service's /metrics reports: those it owns, and for the bounce
     service also each account's `webhooks-<account>`, which it posts from. Those stay out of
     its readiness: they are made per account, and one account's dead receiver (or a consumer
     not made yet) must not take every bounce pod out of service.
 
-    The webhook accounts are the ones the dispatcher posts for: the configuration the process
-    started with (`webhook_accounts`), so the lag series follow a webhook added or removed with
-    the restart that rolls out the change, as its posting does."""
+    The webhook accounts are the ones the service posts for at this moment (they follow the
+    account records in KV), so a webhook's lag series comes and goes with its posting."""
     bindings = owned_bindings(name, config)
-    if name == "bounce":
-        bindings += [webhooks_binding(account) for account in webhook_accounts(config.accounts)]
+    accounts = getattr(service, "webhook_accounts", None)
+    if callable(accounts):
+        bindings += [webhooks_binding(account) for account in accounts()]
     return bindings
 
 
@@ -178,10 +178,15 @@ async def start_health(
     so several services sharing a host (tests, a laptop) do not take each other down."""
     if not config.telemetry.http_listen:
         return None
-    measured = lag_bindings(name, config)
+    measured: set[str] = set()
 
     async def refresh() -> None:
-        await metrics.refresh_queue_gauges(bus.js, measured)
+        bindings = lag_bindings(name, config, service)
+        # A webhook removed since the last scrape: its series go rather than freeze.
+        metrics.forget_consumers(measured - {binding.durable for binding in bindings})
+        measured.clear()
+        measured.update(binding.durable for binding in bindings)
+        await metrics.refresh_queue_gauges(bus.js, bindings)
 
     server = HealthServer(
         config.telemetry.http_listen,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -442,24 +442,30 @@ async def _ensure_body_store(js: JetStreamContext, config: Config) -> None:
         await _bring_stream_to(js, object_stream(BODY_BUCKET), {"max_age": ttl, "num_replicas": replicas})
 
 
-async def ensure_webhooks_consumers(js: JetStreamContext, config: Config, *, reconcile: bool) -> None:
-    """One consumer per account with a webhook, filtered on that account's events.
+async def ensure_webhooks_consumers(
+    js: JetStreamContext, config: Config, *, reconcile: bool, accounts: Iterable[str] | None = None
+) -> None:
+    """One consumer per account with a webhook, filtered on that account's events: `accounts`,
+    by default those of the config file with a `webhook_url`.
 
-    Every service creates the missing ones (`ensure_topology`), so events are kept from the
-    first start on. Nobody deletes one: a replica still on the previous configuration during a
-    rollout would delete what the current one needs (and every minute again, losing the events
-    in between). NATS removes a consumer nobody has pulled from for `events_max_age`, by when
-    its events have left the stream anyway; until then, a webhook configured again resumes
-    where it stopped. Only the bounce service, which posts them, deletes an earlier release's
-    shared consumer (`reconcile`), at its start and every minute after. While that one exists,
-    only the bounce service creates the per-account ones (see below).
+    Every service creates the missing ones for the config file's accounts (`ensure_topology`),
+    so events are kept from the first start on; the bounce service and `relais account webhook`
+    create them for the account records in KV. No service deletes one: a replica still on the
+    previous configuration during a rollout would delete what the current one needs (and every
+    minute again, losing the events in between). NATS removes a consumer nobody has pulled from
+    for `events_max_age`, by when its events have left the stream anyway; until then, a webhook
+    configured again resumes where it stopped. Only `relais account webhook --clear`, an
+    operator's decision, deletes one at once. The bounce service, which posts them, deletes an
+    earlier release's shared consumer (`reconcile`), at its start and every minute after. While
+    that one exists, only the bounce service creates the per-account ones (see below).
 
     A consumer created here starts at the stream's end, so a newly configured webhook receives
     the events from then on, not the stream's history (as Postmark and SendGrid do). Replacing
     the shared consumer, each account's starts after the shared one's ack floor: none is
     skipped, and every event after the oldest one it had not acknowledged (of any account) is
     posted again; receivers drop those by `event_id`."""
-    wanted = [webhooks_binding(name) for name in webhook_accounts(config.accounts)]
+    names = webhook_accounts(config.accounts) if accounts is None else accounts
+    wanted = [webhooks_binding(name) for name in names]
     try:
         legacy: ConsumerInfo | None = await js.consumer_info(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
     except NotFoundError:

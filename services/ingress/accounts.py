@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
+from services.core.account_watch import AccountWatch
 from services.core.accounts import AccountRecordError, decode_account, encode_account
 from services.core.bus import CAS_ATTEMPTS
 from services.core.config import AccountConfig, valid_name
@@ -33,9 +34,11 @@ class AccountStore:
         self._js = js
         self._seed = dict(seed)
         # Until the first KV snapshot arrives, the config file is the best knowledge there is.
-        self._accounts: dict[str, AccountConfig] = dict(seed)
-        self._task: asyncio.Task[None] | None = None
-        self.loaded = asyncio.Event()
+        self._watch = AccountWatch(js, seed)
+
+    @property
+    def loaded(self) -> asyncio.Event:
+        return self._watch.loaded
 
     @property
     def ready(self) -> bool:
@@ -44,10 +47,10 @@ class AccountStore:
         return self.loaded.is_set()
 
     def get(self, name: str) -> AccountConfig | None:
-        return self._accounts.get(name)
+        return self._watch.accounts.get(name)
 
     def names(self) -> list[str]:
-        return sorted(self._accounts)
+        return sorted(self._watch.accounts)
 
     async def start(self, wait: float = 5.0) -> None:
         try:
@@ -55,45 +58,12 @@ class AccountStore:
             await seed_accounts(kv, self._seed)
         except Exception as exc:
             log.warning("accounts KV unavailable, using the config file's accounts for now: %r", exc)
-        self._task = asyncio.create_task(self._watch())
+        self._watch.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.loaded.wait(), wait)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                kv = await self._js.key_value(ACCOUNTS_BUCKET)
-                watcher = await kv.watchall()
-                snapshot: dict[str, AccountConfig] = {}
-                initial = True
-                async for entry in watcher:
-                    if entry is None:  # end of the initial values: swap in the complete view
-                        self._accounts = snapshot
-                        initial = False
-                        self.loaded.set()
-                        continue
-                    target = snapshot if initial else self._accounts
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        target.pop(entry.key, None)
-                        continue
-                    try:
-                        target[entry.key] = decode_account(entry.value)
-                    except AccountRecordError as exc:
-                        log.error("ignoring invalid account record %r: %s", entry.key, exc)
-                        target.pop(entry.key, None)
-                    if not initial:
-                        log.info("account %s updated", entry.key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("accounts watch interrupted, retrying: %r", exc)
-                await asyncio.sleep(1.0)
+        await self._watch.stop()
 
 
 async def seed_accounts(kv: KeyValue, seed: Mapping[str, AccountConfig]) -> None:

@@ -1,18 +1,29 @@
-"""`relais account add/list/disable/enable/passwd`: accounts in NATS KV, live on every ingress replica."""
+"""`relais account add/list/disable/enable/passwd/webhook`: accounts in NATS KV, live on every
+ingress replica (authentication) and bounce replica (webhooks)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import getpass
+import secrets
 import sys
+import urllib.parse
 
-from nats.js.errors import BucketNotFoundError
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from services.core.accounts import hash_password
 from services.core.bus import connect
-from services.core.config import AccountConfig, Config
-from services.core.topology import ACCOUNTS_BUCKET, ensure_topology
+from services.core.config import AccountConfig, Config, webhook_problem
+from services.core.topology import (
+    ACCOUNTS_BUCKET,
+    EVENTS_STREAM,
+    ensure_topology,
+    ensure_webhooks_consumers,
+    webhooks_binding,
+)
 from services.ingress.accounts import (
     AccountRecordError,
     get_account,
@@ -22,8 +33,6 @@ from services.ingress.accounts import (
     update_account,
     valid_name,
 )
-
-ACTIONS = ("add", "list", "disable", "enable", "passwd")
 
 
 def add_arguments(sub: argparse._SubParsersAction, func: object) -> None:  # type: ignore[type-arg]
@@ -43,6 +52,19 @@ def add_arguments(sub: argparse._SubParsersAction, func: object) -> None:  # typ
     p.add_argument("--max-per-hour", type=int, default=0)
     p.add_argument("--max-per-day", type=int, default=0)
     p.add_argument("--max-sessions", type=int, default=0)
+    p.add_argument("--webhook-url", default="", help="POST the account's events here (http:// or https://)")
+    p.add_argument(
+        "--webhook-secret", default="", help="HMAC signing secret (default: generated, printed once)"
+    )
+    common(p)
+    p = sub.add_parser("webhook", help="set, rotate the secret of, or remove an account's event webhook")
+    p.add_argument("name")
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--url", help="POST the account's events here (keeps the current secret)")
+    change.add_argument("--clear", action="store_true", help="remove the webhook and its unposted events")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--secret", help="HMAC signing secret, at least 16 characters")
+    secret.add_argument("--new-secret", action="store_true", help="generate a new secret (printed once)")
     common(p)
     p = sub.add_parser("list", help="list accounts")
     common(p)
@@ -69,15 +91,30 @@ def describe(name: str, account: AccountConfig) -> str:
         limits.append(f"{account.max_sessions} sessions")
     pools = ",".join([account.pool, *account.pools])
     state = "disabled" if account.disabled else "active"
+    webhook = f"  webhook={shown_url(account.webhook_url)}" if account.webhook_url else ""
     return (
         f"{name:<20} {state:<8} pools={pools:<16} domains={','.join(account.domains) or '-'}"
-        f"  limits={' '.join(limits) or '-'}"
+        f"  limits={' '.join(limits) or '-'}{webhook}"
     )
+
+
+def shown_url(url: str) -> str:
+    """The URL without the password a receiver's basic auth put in it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def new_webhook_secret() -> str:
+    # 256 bits, as the signing secrets Stripe and Svix hand out.
+    return secrets.token_hex(32)
 
 
 async def run(config: Config, args: argparse.Namespace) -> int:
     action = args.account_command
-    if action in ("add", "disable", "enable", "passwd") and not valid_name(args.name):
+    if action != "list" and not valid_name(args.name):
         print("relais: account names are lowercase letters, digits, '-' and '_'", file=sys.stderr)
         return 2
     if action == "add":
@@ -97,34 +134,13 @@ async def run(config: Config, args: argparse.Namespace) -> int:
                 print(describe(name, account))
             return 0
         if action == "add":
-            password = args.password or getpass.getpass("password: ")
-            account = AccountConfig(
-                password_hash=hash_password(password),
-                domains=[d.lower() for d in args.domain],
-                pool=args.pool,
-                pools=args.allow_pool,
-                max_messages_per_hour=args.max_per_hour,
-                max_messages_per_day=args.max_per_day,
-                max_sessions=args.max_sessions,
-            )
-            await put_account(bus.js, args.name, account)
-            print(describe(args.name, account))
-            return 0
+            return await _add(bus.js, config, args)
         if action == "passwd":
-            if await get_account(bus.js, args.name) is None:
-                print(f"relais: no account {args.name}", file=sys.stderr)
-                return 1
-            password_hash = hash_password(args.password or getpass.getpass("password: "))
-            changed = await update_account(
-                bus.js, args.name, lambda current: dataclasses.replace(current, password_hash=password_hash)
-            )
-            if changed is None:
-                print(f"relais: no account {args.name}", file=sys.stderr)
-                return 1
-            return 0
+            return await _passwd(bus.js, args)
+        if action == "webhook":
+            return await _webhook(bus.js, config, args)
         if not await set_disabled(bus.js, args.name, action == "disable"):
-            print(f"relais: no account {args.name}", file=sys.stderr)
-            return 1
+            return _no_account(args.name)
         print(f"{args.name} {action}d")
         return 0
     except AccountRecordError as exc:
@@ -132,3 +148,93 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         return 1
     finally:
         await bus.close()
+
+
+def _no_account(name: str) -> int:
+    print(f"relais: no account {name}", file=sys.stderr)
+    return 1
+
+
+def _refuse(problem: str) -> int:
+    print(f"relais: {problem}", file=sys.stderr)
+    return 2
+
+
+async def _add(js: JetStreamContext, config: Config, args: argparse.Namespace) -> int:
+    if args.webhook_secret and not args.webhook_url:
+        return _refuse("--webhook-secret needs --webhook-url")
+    secret = args.webhook_secret or (new_webhook_secret() if args.webhook_url else "")
+    problem = webhook_problem(args.webhook_url, secret)
+    if problem:
+        return _refuse(problem)
+    password = args.password or getpass.getpass("password: ")
+    account = AccountConfig(
+        password_hash=hash_password(password),
+        domains=[d.lower() for d in args.domain],
+        pool=args.pool,
+        pools=args.allow_pool,
+        max_messages_per_hour=args.max_per_hour,
+        max_messages_per_day=args.max_per_day,
+        max_sessions=args.max_sessions,
+        webhook_url=args.webhook_url,
+        webhook_secret=secret,
+    )
+    if account.webhook_url:
+        # Before the record: the events of the account's first messages are kept for it.
+        await ensure_webhooks_consumers(js, config, reconcile=False, accounts=[args.name])
+    await put_account(js, args.name, account)
+    print(describe(args.name, account))
+    if account.webhook_url and not args.webhook_secret:
+        print(f"webhook secret: {secret}")
+    return 0
+
+
+async def _passwd(js: JetStreamContext, args: argparse.Namespace) -> int:
+    if await get_account(js, args.name) is None:
+        return _no_account(args.name)
+    password_hash = hash_password(args.password or getpass.getpass("password: "))
+    changed = await update_account(
+        js, args.name, lambda current: dataclasses.replace(current, password_hash=password_hash)
+    )
+    return 0 if changed is not None else _no_account(args.name)
+
+
+async def _webhook(js: JetStreamContext, config: Config, args: argparse.Namespace) -> int:
+    """Set, re-point, re-key or remove an account's webhook. Re-pointing keeps the secret (and
+    the consumer, so no event is skipped); removing deletes the consumer with the events it
+    had not posted yet, as deleting a webhook at Postmark or SendGrid does."""
+    current = await get_account(js, args.name)
+    if current is None:
+        return _no_account(args.name)
+    if args.clear:
+        if args.secret or args.new_secret:
+            return _refuse("--clear takes no secret")
+        await update_account(
+            js, args.name, lambda account: dataclasses.replace(account, webhook_url="", webhook_secret="")
+        )
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(EVENTS_STREAM, webhooks_binding(args.name).durable)
+        print(f"{args.name}: webhook removed")
+        return 0
+    if not (args.url or args.secret or args.new_secret):
+        shown = shown_url(current.webhook_url) if current.webhook_url else "none"
+        print(f"{args.name}: webhook {shown}")
+        return 0
+    url = args.url or current.webhook_url
+    if not url:
+        return _refuse(f"account {args.name} has no webhook: give --url")
+    generated = args.new_secret or not (args.secret or current.webhook_secret)
+    secret = new_webhook_secret() if generated else args.secret or current.webhook_secret
+    problem = webhook_problem(url, secret)
+    if problem:
+        return _refuse(problem)
+    await ensure_webhooks_consumers(js, config, reconcile=False, accounts=[args.name])
+    changed = await update_account(
+        js, args.name, lambda account: dataclasses.replace(account, webhook_url=url, webhook_secret=secret)
+    )
+    if changed is None:
+        return _no_account(args.name)
+    print(f"{args.name}: webhook {shown_url(url)}")
+    if generated:
+        print(f"webhook secret: {secret}")
+    return 0

@@ -171,6 +171,23 @@ class RelaisStack:
         await self.stop()
 
 
+def run_cli(config: Config, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`relais <args> --config <file>` as an operator runs it, with `config` written to a file
+    in `workdir`; the environment's RELAIS_* settings are left out."""
+    path = workdir / "relais-cli.toml"
+    path.write_text(config_to_toml(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+        check=False,
+    )
+
+
 def submit(
     address: tuple[str, int],
     *,

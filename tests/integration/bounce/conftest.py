@@ -1,14 +1,23 @@
 """The spine's stack and zone, plus what the bounce scenarios share: VERP settings, inbound
-publishing (the ingress's real contract), suppression look-ups and waiting for consumers."""
+publishing (the ingress's real contract), suppression look-ups, waiting for consumers, and a
+webhook receiver on loopback that checks signatures."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import nats
+import pytest
 
+from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from services.core.bus import Bus
+from services.core.config import AccountConfig
 from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.suppression import Suppression, SuppressionList
 from services.core.topology import inbound_subject
@@ -19,6 +28,7 @@ from tests.integration.spine.conftest import (  # noqa: F401 - fixtures
     stack,
     zone,
 )
+from tests.support.relais import ACCOUNT, SENDER_DOMAIN, password_hash
 
 RETURN_DOMAIN = "bounces.relais.test"
 SECRET = "verp-secret-0123456789"
@@ -81,3 +91,78 @@ async def wait_consumed(nats_url: str, stream: str, durable: str, timeout: float
         raise TimeoutError(f"{durable} still has work after {timeout}s")
     finally:
         await nc.close()
+
+
+WEBHOOK_SECRET = "whsec-test-0123456789abcdef"
+
+
+@dataclass
+class Receiver:
+    """Answers 500 to the first `fail_first` POSTs, 200 after; records what it accepted."""
+
+    fail_first: int = 0
+    requests: int = 0
+    accepted: list[dict] = field(default_factory=list)
+    bad_signatures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+    secret: str = WEBHOOK_SECRET  # what a signature must verify with
+    paths: list[str] = field(default_factory=list)  # of the accepted POSTs
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            ok = verify_signature(
+                state.secret, self.headers[TIMESTAMP_HEADER], body, self.headers[SIGNATURE_HEADER]
+            )
+            with state.lock:
+                state.requests += 1
+                failing = state.requests <= state.fail_first
+                if not ok:
+                    state.bad_signatures += 1
+                elif not failing:
+                    state.accepted.extend(json.loads(body))
+                    state.paths.append(self.path)
+            self.send_response(500 if failing or not ok else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/relais"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def webhook_account(url: str) -> dict[str, AccountConfig]:
+    return {
+        ACCOUNT: AccountConfig(
+            password_hash=password_hash(),
+            domains=[SENDER_DOMAIN],
+            webhook_url=url,
+            webhook_secret=WEBHOOK_SECRET,
+        )
+    }
+
+
+async def wait_accepted(receiver: Receiver, count: int, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with receiver.lock:
+            if len(receiver.accepted) >= count:
+                return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"receiver accepted {len(receiver.accepted)} of {count} entries")

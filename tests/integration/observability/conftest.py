@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.integration.bounce.test_webhooks import receiver  # noqa: F401 - fixture
+from tests.integration.bounce.conftest import receiver  # noqa: F401 - fixture
 from tests.integration.spine.conftest import (  # noqa: F401 - fixtures
     _stop_made_stacks,
     make_stack,

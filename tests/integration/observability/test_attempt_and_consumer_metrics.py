@@ -10,7 +10,7 @@ from services.core import metrics
 from services.core.bus import Bus
 from services.core.topology import bounce_binding, bounce_subject, webhooks_binding
 from services.delivery import pause
-from tests.integration.bounce.test_webhooks import wait_accepted, webhook_account
+from tests.integration.bounce.conftest import wait_accepted, webhook_account
 from tests.support.prom import Samples, scrape, value
 from tests.support.relais import ACCOUNT, asubmit, message
 

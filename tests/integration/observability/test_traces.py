@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from services.core import telemetry as t
-from tests.integration.bounce.test_webhooks import wait_accepted, webhook_account
+from tests.integration.bounce.conftest import wait_accepted, webhook_account
 from tests.integration.observability.conftest import wait_for_spans
 from tests.support.relais import RelaisStack, asubmit, message, wait_for_events
 
