@@ -14,6 +14,10 @@ loop):
   aiosmtpd's order within one line; either way the rest is read (and dropped) up to the end;
 - dot-stuffing is undone (RFC 5321 4.5.2).
 
+With `ingress.bare_line_endings = "normalise"` the reader also turns every bare CR and LF into
+CRLF, before undoing dot-stuffing: a line they begin is unstuffed like any other ("a\\n..b" is
+"a", ".b"). They still never end the data.
+
 One outcome is the ingress' own: a message whose octets the process's DATA budget cannot hold
 (`budget.py`) is "no room", read to its end and dropped like the others.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +35,9 @@ from services.ingress.budget import Reservation
 
 _CRLF = b"\r\n"
 _END = b"\r\n.\r\n"
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+# The period that begins a line of more than that period, in CRLF-only text (RFC 5321 4.5.2).
+_STUFFED = re.compile(rb"(?:^|(?<=\r\n))\.(?!\r\n)")
 
 
 class DataState(enum.Enum):
@@ -120,6 +128,7 @@ async def read_data(
     line_limit: int,
     reservation: Reservation | None = None,
     arrived: Callable[[int], None] | None = None,
+    normalise: bool = False,
 ) -> tuple[DataState, bytes, LineStats]:
     """Read from just after `354` through the end-of-data line; (state, unstuffed message,
     what was seen of its lines).
@@ -131,6 +140,7 @@ async def read_data(
     they arrive (NO_ROOM when that fails); a refused message gives its reservation back at once.
     What followed the end-of-data line (pipelined commands) is left in `reader`. `arrived` is
     told the size of every block read (the session's timeout follows the transfer's progress).
+    `normalise`: bare CR and LF become CRLF, and the lines they begin are unstuffed too.
     """
     rules = _Rules(size_limit, line_limit)
     # One buffer, not a list of the blocks read: a client sending tiny packets would make each
@@ -163,7 +173,7 @@ async def read_data(
         if end >= 0:
             keep(text[virtual : end + 2])  # the CRLF before "." ends the last line
             _give_back(reader, text[end + len(_END) :])
-            return _finish(rules, held)
+            return _finish(rules, held, normalise)
         carry = text[-(len(_END) - 1) :]
         kept = len(text) - len(carry)
         if kept > virtual:
@@ -187,12 +197,26 @@ def _give_back(reader: asyncio.StreamReader, rest: bytes) -> None:
         reader.feed_data(rest)
 
 
-def _finish(rules: _Rules, held: bytearray) -> tuple[DataState, bytes, LineStats]:
+def normalise_line_endings(data: bytes) -> bytes:
+    """Every bare CR and bare LF made a CRLF."""
+    return _LINE_ENDING.sub(_CRLF, data)
+
+
+def _finish(rules: _Rules, held: bytearray, normalise: bool) -> tuple[DataState, bytes, LineStats]:
     if rules.state is not DataState.NOMINAL:
         return rules.state, b"", LineStats()
     message = bytes(held)
     del held[:]
-    # Undo dot-stuffing (RFC 5321 4.5.2): the first "." of every line is dropped.
+    return DataState.NOMINAL, _unstuff(message, normalise), LineStats(rules.longest, rules.crlf)
+
+
+def _unstuff(message: bytes, normalise: bool) -> bytes:
+    """Undo dot-stuffing (RFC 5321 4.5.2): the first "." of every line is dropped."""
+    if normalise:
+        # Normalised first: unstuffed after, a line begun by a bare LF would keep its dot. A
+        # line of a lone "." can only sit beside a bare line ending here (between CRLFs it
+        # would have ended the data): it ended nothing and is no stuffed line, so it stays.
+        return _STUFFED.sub(b"", normalise_line_endings(message))
     if message.startswith(b"."):
         message = message[1:]
-    return DataState.NOMINAL, message.replace(b"\r\n.", _CRLF), LineStats(rules.longest, rules.crlf)
+    return message.replace(b"\r\n.", _CRLF)

@@ -225,8 +225,7 @@ class IngressHandler:
         )
         if verdict:
             return str(verdict)
-        if ingress.bare_line_endings == "normalise":
-            data = policy.normalise_line_endings(data)
+        # With bare_line_endings = "normalise" the DATA reader made every line end CRLF already.
         head, rest = headers.split_message(data)
         verdict = policy.hop_verdict(head)
         if verdict:

@@ -255,10 +255,6 @@ def has_bare_line_ending(data: bytes, crlf: int | None = None) -> bool:
     return lf != (data.count(b"\r\n") if crlf is None else crlf)
 
 
-def normalise_line_endings(data: bytes) -> bytes:
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
-
-
 def header_block(data: bytes) -> bytes:
     return headers.split_message(data)[0]
 

@@ -39,6 +39,7 @@ from services.ingress.commands import (
     auth_mechanism_upper,
     command_size_limits,
     plain_angle_addr,
+    without_root_dot,
 )
 from services.ingress.data import DataState, read_data
 from services.ingress.door import Door, start_tls
@@ -108,6 +109,7 @@ class RelaisSMTP(SMTP):
         budget: ByteBudget | None = None,
         registry: set[RelaisSMTP] | None = None,
         prototype: Prototype | None = None,
+        normalise_line_endings: bool = False,
         **kwargs: Any,
     ) -> None:
         if prototype is None or not prototype.apply(self, handler, kwargs):
@@ -126,6 +128,8 @@ class RelaisSMTP(SMTP):
         self.dsn_rcpt = ("", "")
         self._door = door
         self._budget = budget if budget is not None else ByteBudget(0)
+        # ingress.bare_line_endings = "normalise": the DATA reader makes bare CR/LF a CRLF.
+        self._normalise = normalise_line_endings
         self._max_errors = max_errors
         self._errors = 0
         self._junk = 0
@@ -370,6 +374,7 @@ class RelaisSMTP(SMTP):
     # -- MAIL / RCPT arguments ----------------------------------------------------------------------
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        arg = without_root_dot(arg) if arg else arg
         plain = plain_angle_addr(arg) if arg else None
         if plain is None:
             return super()._getaddr(arg)
@@ -470,6 +475,7 @@ class RelaisSMTP(SMTP):
                 line_limit=DATA_LINE_LIMIT,
                 reservation=reservation,
                 arrived=self._data_deadline(),
+                normalise=self._normalise,
             )
         except asyncio.IncompleteReadError:
             # Half-closed before the end-of-data line: nothing to queue, nothing more to answer.

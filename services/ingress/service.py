@@ -121,6 +121,13 @@ class IngressService:
         # listen string as configured -> bound (host, port); `address` is the first listener's.
         self.addresses: dict[str, tuple[str, int]] = {}
         self.address: tuple[str, int] | None = None
+        self._listening = False
+
+    def ready(self) -> bool:
+        """Whether every listener accepts connections (/readyz). Kubernetes sends a ready pod
+        traffic for all its ports at once: ready after the first listener only, clients of the
+        others would be refused while the rest bind, or for good when one cannot bind."""
+        return self._listening
 
     def _factory(self, listener: ListenerConfig) -> Callable[[], RelaisSMTP]:
         cfg = self._config.ingress
@@ -165,6 +172,7 @@ class IngressService:
                 registry=self._connections,
                 max_errors=cfg.max_errors,
                 prototype=prototype,
+                normalise_line_endings=cfg.bare_line_endings == "normalise",
                 hostname=cfg.hostname,
                 ident="Relais ESMTP",
                 data_size_limit=self._largest,
@@ -199,12 +207,15 @@ class IngressService:
                 self.address = self.address or (sock[0], sock[1])
                 log.info("ingress %s listener on %s:%s", listener.mode, sock[0], sock[1])
         except BaseException:
+            # The process then exits non-zero (the orchestrator restarts it), never ready.
             await self.stop()
             raise
+        self._listening = True
         if self.tls is not None:
             self._tasks.append(asyncio.create_task(self.tls.watch(self._config.ingress.tls_reload_interval)))
 
     async def stop(self) -> None:
+        self._listening = False
         for server in self._servers:
             server.close()
         # Drained before waiting for the servers: from Python 3.12.1 `wait_closed` waits for

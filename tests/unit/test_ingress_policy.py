@@ -6,7 +6,7 @@ import pytest
 
 from services.core.config import AccountConfig, BounceConfig, Config, IngressConfig
 from services.ingress import headers, policy
-from services.ingress.data import LineStats
+from services.ingress.data import LineStats, normalise_line_endings
 from services.ingress.replies import (
     ACCOUNT_DISABLED,
     AUTH_REQUIRED,
@@ -143,7 +143,7 @@ def test_header_size_limit() -> None:
 
 
 def test_normalise_line_endings() -> None:
-    assert policy.normalise_line_endings(b"a\nb\rc\r\nd") == b"a\r\nb\r\nc\r\nd"
+    assert normalise_line_endings(b"a\nb\rc\r\nd") == b"a\r\nb\r\nc\r\nd"
 
 
 def test_from_header_ownership() -> None:
