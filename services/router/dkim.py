@@ -17,9 +17,11 @@ ever; `SigningError.reason` says why, as the label of `relais_dkim_sign_failures
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
+from email.message import Message
+from email.parser import HeaderParser
 from email.utils import getaddresses
 from pathlib import Path
 
@@ -55,10 +57,21 @@ DEFAULT_HEADERS = (
 # Reply-To redirecting answers), so these are over-signed: one more than occur, so an absent one
 # must stay absent. rspamd's set.
 OVERSIGNED = frozenset({"from", "subject", "date", "reply-to", "to", "cc"})
-# Over-signed only when present, as rspamd does: a second Message-ID or Content-Type re-framing
-# the body cannot be added, while a mailing list may still add what it needs. List-Unsubscribe
-# is not over-signed at all: Mailman adds it, and the signature must survive the list.
-OVERSIGNED_IF_PRESENT = frozenset({"message-id", "mime-version", "content-type", "in-reply-to", "references"})
+# Over-signed only when present, as rspamd does: a second Message-ID, Sender ("on behalf of"),
+# or Content-Type or Content-Transfer-Encoding re-framing the body cannot be added, while a
+# mailing list may still add what it needs. List-Unsubscribe is not over-signed at all: Mailman
+# adds it, and the signature must survive the list.
+OVERSIGNED_IF_PRESENT = frozenset(
+    {
+        "message-id",
+        "sender",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "in-reply-to",
+        "references",
+    }
+)
 
 # Reasons a message went out unsigned, the closed label set of relais_dkim_sign_failures_total.
 REASON_MESSAGE = "message"  # its header cannot be parsed
@@ -152,11 +165,34 @@ def dns_record(key: SigningKey) -> tuple[str, str]:
     return f"{key.selector}._domainkey.{key.domain}", public_txt(pem)
 
 
+# A field name followed by white space before its colon (RFC 5322 obs-optional): the ingress
+# accepts such fields, but dkimpy refuses "Subject :" and skips any line starting "From ".
+_SPACE_BEFORE_COLON = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.MULTILINE)
+
+
+def _header_end(message: bytes) -> int:
+    """Where the header ends: after the CRLF of its last field (0 when there is none)."""
+    if message.startswith(b"\r\n"):
+        return 0
+    end = message.find(b"\r\n\r\n")
+    return len(message) if end < 0 else end + 2
+
+
+def _head(message: bytes) -> bytes:
+    """The header fields, without white space before their colons. Relaxed canonicalisation
+    (RFC 6376 3.4.2) deletes it, so a signature over them is that of the fields as sent."""
+    return _SPACE_BEFORE_COLON.sub(rb"\1:", message[: _header_end(message)])
+
+
+def _header(message: bytes) -> Message:
+    """The message's header fields, decoded as UTF-8 (RFC 6532, as the ingress reads them): a
+    byte-wise parse turns a non-ASCII From: domain into surrogates, which match no key."""
+    return HeaderParser().parsestr(_head(message).decode("utf-8", "surrogateescape") + "\r\n")
+
+
 def header_names(message: bytes) -> list[str]:
     """Lower-cased names of the message's header fields, in order, repeats kept."""
-    head = message.split(b"\r\n\r\n", 1)[0]
-    parsed = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
-    return [name.lower() for name in parsed.keys()]
+    return [name.lower() for name in _header(message).keys()]
 
 
 def headers_to_sign(present: Iterable[str], wanted: Iterable[str]) -> list[str]:
@@ -175,11 +211,9 @@ def headers_to_sign(present: Iterable[str], wanted: Iterable[str]) -> list[str]:
 
 
 def from_domains(message: bytes) -> list[str]:
-    head = message.split(b"\r\n\r\n", 1)[0]
-    parsed = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
     return [
         domain_key(addr.rpartition("@")[2])
-        for _, addr in getaddresses(parsed.get_all("from", []))
+        for _, addr in getaddresses(_header(message).get_all("from", []))
         if "@" in addr
     ]
 
@@ -209,6 +243,10 @@ def sign(message: bytes, keys: Iterable[SigningKey]) -> str:
     """DKIM-Signature field(s), CRLF-terminated, to prepend to the message; one per key.
 
     Raises only `SigningError`, whatever dkimpy raises: the caller sends the message unsigned."""
+    end = _header_end(message)
+    head = _head(message)
+    if len(head) != end:  # white space before a colon: dkimpy gets the header without it
+        message = head + message[end:]
     try:
         present = header_names(message)
     except Exception as exc:
