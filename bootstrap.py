@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+CONSTRAINTS = ROOT / "constraints.txt"
 
 
 def ensure_venv(extras: str) -> None:
@@ -25,13 +26,14 @@ def ensure_venv(extras: str) -> None:
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / f".installed-{extras or 'base'}"
-    pyproject = ROOT / "pyproject.toml"
-    if stamp.exists() and stamp.stat().st_mtime >= pyproject.stat().st_mtime:
+    inputs = [ROOT / "pyproject.toml", CONSTRAINTS]
+    if stamp.exists() and all(stamp.stat().st_mtime >= path.stat().st_mtime for path in inputs):
         return
     pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     target = f".[{extras}]" if extras else "."
-    subprocess.run([*pip, "-e", target], check=True, cwd=ROOT)
+    # The versions the tests ran with, not the newest each range allows today.
+    subprocess.run([*pip, "-c", str(CONSTRAINTS), "-e", target], check=True, cwd=ROOT)
     stamp.touch()
 
 
