@@ -196,7 +196,8 @@ class DeliveryConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RetryConfig:
-    # First retry after about base_delay, doubling per attempt, capped at max_delay, with jitter.
+    # First retry after about base_delay, doubling per attempt, capped at max_delay, with jitter;
+    # a retry that would come after max_age comes at max_age, the last attempt before expiry.
     base_delay: float = 60.0
     max_delay: float = 3600.0
     jitter: float = 0.2

@@ -40,11 +40,15 @@ def backoff_delay(failures: int, config: RetryConfig, rng: random.Random | None 
 def next_attempt_at(
     received_at: float, failures: int, now: float, config: RetryConfig, rng: random.Random | None = None
 ) -> float | None:
-    """When to try again, or None once the message would be older than max_age (it expires)."""
-    at = now + backoff_delay(failures, config, rng)
-    if at - received_at > config.max_age:
+    """When to try again, or None once the message is max_age old (it expires).
+
+    A back-off that would pass max_age is cut to it: the last attempt comes when the message is
+    max_age old, so mail is tried for as long as max_age says, as with Postfix's
+    maximal_queue_lifetime, instead of expiring up to max_delay early."""
+    deadline = received_at + config.max_age
+    if now >= deadline:
         return None
-    return at
+    return min(now + backoff_delay(failures, config, rng), deadline)
 
 
 def rfc3339(ts: float) -> str:

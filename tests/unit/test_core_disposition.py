@@ -112,7 +112,7 @@ async def test_expiry_is_marked_on_the_expired_recipients_only() -> None:
         retry,
         job(received_at=1000.0),
         [Bounced("a@x.test", USER_UNKNOWN), Deferred("b@x.test", NOT_NOW)],
-        now=1000.0,
+        now=1010.0,  # max_age old: the attempt was the last
     )
 
     notice = BounceNotice.from_msgpack(bus.published[-1][1])

@@ -29,7 +29,16 @@ def test_first_retry_is_within_minutes() -> None:
 def test_no_retry_past_max_age() -> None:
     received = 1_000_000.0
     assert next_attempt_at(received, 1, received + 10, CFG) is not None
-    assert next_attempt_at(received, 20, received + CFG.max_age - 60, CFG) is None
+    assert next_attempt_at(received, 20, received + CFG.max_age, CFG) is None
+    assert next_attempt_at(received, 20, received + CFG.max_age + 60, CFG) is None
+
+
+def test_the_last_attempt_comes_when_the_message_is_max_age_old() -> None:
+    # The back-off from here would pass max_age: the retry is cut to it rather than dropped, so
+    # no message expires before max_age (it did up to max_delay * (1 + jitter) early).
+    received = 1_000_000.0
+    now = received + CFG.max_age - 60
+    assert next_attempt_at(received, 20, now, CFG) == received + CFG.max_age
 
 
 def test_rfc3339_rounds_up_to_whole_seconds() -> None:

@@ -17,8 +17,11 @@ GONE = "550 5.1.1 <gone@alpha.test>: Recipient address rejected: User unknown"
 
 
 async def test_an_expiry_is_reported_as_relais_own_diagnostic(make_stack, make_sink, sender_mx) -> None:
-    # The first retry would already be past max_age: the deferral expires in the same round.
-    stack = await make_stack(retry={"base_delay": 60.0, "max_delay": 60.0, "max_age": 1.0})
+    # The retry is cut to max_age (1 s), and expires then; the DSN window outlasts it, so one
+    # DSN reports both recipients.
+    stack = await make_stack(
+        retry={"base_delay": 60.0, "max_delay": 60.0, "max_age": 1.0}, bounce={"dsn_window": 5.0}
+    )
     sink = make_sink("127.0.0.2")
     sink.rcpt_replies = {"gone@alpha.test": GONE, "later@alpha.test": NOT_NOW}
     recipients = ["gone@alpha.test", "later@alpha.test"]

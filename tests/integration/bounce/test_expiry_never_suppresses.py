@@ -15,8 +15,11 @@ NOT_NOW = "450 4.1.1 <later@alpha.test>: Recipient address rejected: User unknow
 async def test_an_expired_recipient_is_not_suppressed_and_a_bounced_one_is(
     make_stack, make_sink, sender_mx
 ) -> None:
-    # The first retry would already be past max_age: the deferral expires in the same round.
-    stack = await make_stack(retry={"base_delay": 60.0, "max_delay": 60.0, "max_age": 1.0})
+    # The retry is cut to max_age (1 s), and expires then; the DSN window outlasts it, so one
+    # DSN reports both recipients.
+    stack = await make_stack(
+        retry={"base_delay": 60.0, "max_delay": 60.0, "max_age": 1.0}, bounce={"dsn_window": 5.0}
+    )
     url = stack.config.nats.url
     sink = make_sink("127.0.0.2")
     sink.rcpt_replies = {"gone@alpha.test": USER_UNKNOWN, "later@alpha.test": NOT_NOW}
