@@ -139,6 +139,8 @@ class BodyStore:
             return
         try:
             await (await self._store()).delete(ref.object_name)
+        except ObjectNotFoundError:
+            pass  # deleted already (a release finishing what a killed replica began)
         except Exception as exc:
             log.warning("could not discard orphan body %s (it expires by TTL): %r", ref.object_name, exc)
 
@@ -188,6 +190,10 @@ class BodyStore:
         for _ in range(50):
             jobs, revision = await self._references(ref)
             if job_id not in jobs:
+                if revision and not jobs:
+                    # An emptied record: the last release stopped before deleting the body (its
+                    # replica died). Nothing can hold it again, so this one finishes the job.
+                    await self._delete(ref, kv)
                 return
             jobs.remove(job_id)
             if jobs:
@@ -200,7 +206,13 @@ class BodyStore:
                 await kv.update(ref.object_name, msgpack.packb([]), last=revision)
             except KeyWrongLastSequenceError:
                 continue
-            await self.discard(ref)
-            await kv.delete(ref.object_name)
+            await self._delete(ref, kv)
             return
         raise BrokerUnavailable(f"could not release body {ref.object_name}: too much contention")
+
+    async def _delete(self, ref: BodyRef, kv: KeyValue) -> None:
+        """Delete a body whose reference record was emptied, then the record. Emptied first,
+        the record keeps the deletion to finish should this stop half-way: `add_holder` never
+        adds to a record without its job, and `hold` never writes over a record."""
+        await self.discard(ref)
+        await kv.delete(ref.object_name)
