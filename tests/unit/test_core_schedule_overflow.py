@@ -18,4 +18,6 @@ def test_a_job_retried_for_days_still_gets_a_retry_time_then_expires() -> None:
     received = 1_000_000.0
     now = received + 1100 * 300.0
     assert next_attempt_at(received, 1100, now, FIXED) == now + 300.0
-    assert next_attempt_at(received, 1440, received + FIXED.max_age - 100, FIXED) is None
+    deadline = received + FIXED.max_age
+    assert next_attempt_at(received, 1440, deadline - 100, FIXED) == deadline  # the last attempt
+    assert next_attempt_at(received, 1441, deadline, FIXED) is None
