@@ -75,16 +75,25 @@ class ConnectionPool:
         self._task = asyncio.create_task(self._housekeeping())
 
     async def checkout(
-        self, source: Source, site: str, host: str, address: str, limits: Limits, policy: TlsPolicy
+        self,
+        source: Source,
+        site: str,
+        host: str,
+        address: str,
+        limits: Limits,
+        policy: TlsPolicy,
+        *,
+        fresh: bool = False,
     ) -> Connection:
-        """A connection to `address` from `source`: an idle one when fit, else a new one.
+        """A connection to `address` from `source`: an idle one when fit, else a new one; a new
+        one always when `fresh` (idle ones to `address` were found dead, and any left may be).
 
         At the site's connection cap this waits (up to `lease_wait`) for a connection to come
         back idle, or for a lease to free up anywhere in the cluster; then gives up: Saturated.
         """
         deadline = time.monotonic() + self._lease_wait
         while True:
-            conn = await self._reuse(source, host, address, limits, policy)
+            conn = None if fresh else await self._reuse(source, host, address, limits, policy)
             if conn is not None:
                 return conn
             if limits.connections <= 0:
@@ -92,7 +101,7 @@ class ConnectionPool:
             # One task per (source, site) talks to KV at a time; the others wait for its
             # result or for a connection coming back idle, instead of all scanning leases.
             async with self._lease_locks[(source.address, site)]:
-                conn = await self._reuse(source, host, address, limits, policy)
+                conn = None if fresh else await self._reuse(source, host, address, limits, policy)
                 if conn is not None:
                     return conn
                 key = (source.address, site)
@@ -108,8 +117,9 @@ class ConnectionPool:
                         self._opening[lease.key] += 1  # held from now on, registered once open
             if lease is not None:
                 return await self._open(source, site, host, address, limits, policy, lease)
-            # Our own idle connections to another MX of the site hold leases we can free.
-            if await self._close_one_idle(source.address, site, keep=address):
+            # Our own idle connections to another MX of the site hold leases we can free (to
+            # this one too when they are not to be reused).
+            if await self._close_one_idle(source.address, site, keep="" if fresh else address):
                 continue
             if time.monotonic() >= deadline:
                 raise Saturated(max(self._lease_wait, 5.0))

@@ -136,10 +136,10 @@ async def send_data(
 
 def _refused_early(smtp: aiosmtplib.SMTP, protocol: SMTPProtocol) -> aiosmtplib.SMTPResponse:
     """The reply a server gave before the message's end: its refusal. The connection is
-    dropped, since the rest was not sent; a 250 there fits nothing (no message was)."""
+    dropped, since the rest was not sent; a 2xx there fits nothing (no message was)."""
     said = _early_reply(protocol)
     drop_connection(smtp)
-    if said is None or said.code == 250:
+    if said is None or 200 <= said.code < 300:
         raise aiosmtplib.SMTPServerDisconnected(f"reply before the end of the message: {said}")
     return said
 

@@ -26,6 +26,16 @@ from services.core.addresses import is_plain
 _WAKE = aiosmtplib.SMTPResponse(-1, "")
 
 
+class GroupInterrupted(aiosmtplib.SMTPServerDisconnected):
+    """The connection was lost, or a reply did not come in time, part-way through a pipelined
+    group. `replies` are the ones read before, each paired with its command in order: a
+    recipient the server refused there keeps that refusal (Postfix settles it at its reply)."""
+
+    def __init__(self, cause: aiosmtplib.SMTPException, replies: list[aiosmtplib.SMTPResponse]) -> None:
+        super().__init__(f"{cause!r} after {len(replies)} replies of a pipelined group")
+        self.replies = replies
+
+
 class PipeliningProtocol(SMTPProtocol):
     # The replies (or parse errors) of the outstanding group, in order; None outside a group.
     # Class-level default: `install` turns an existing protocol into this class in place.
@@ -63,9 +73,9 @@ class PipeliningProtocol(SMTPProtocol):
         """Write `commands` (each a full line with CRLF) at once and read their replies in order;
         any reply already received beyond those is returned after them (more replies than
         commands: the caller cannot trust the pairing). Stops after a 421 (the server is
-        closing: no further reply will come). Raises SMTPServerDisconnected / SMTPTimeoutError
-        like `execute_command` when the connection is lost or a reply does not come within
-        `reply_timeout` (aiosmtplib's per-reply timeout).
+        closing: no further reply will come). Raises GroupInterrupted (an SMTPServerDisconnected
+        holding the replies read so far) when the connection is lost or a reply does not come
+        within `reply_timeout` (aiosmtplib's per-reply timeout).
         """
         if self._command_lock is None:
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
@@ -78,7 +88,10 @@ class PipeliningProtocol(SMTPProtocol):
                     if not queued:
                         # Wakes when replies are queued; raises on timeout, EOF or loss. A wake
                         # left over from replies already popped only costs one more turn.
-                        await self.read_response(timeout=reply_timeout)
+                        try:
+                            await self.read_response(timeout=reply_timeout)
+                        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+                            raise GroupInterrupted(exc, replies) from exc
                         continue
                     reply = queued.popleft()
                     if isinstance(reply, Exception):

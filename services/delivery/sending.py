@@ -41,9 +41,10 @@ class AttemptResult:
     notes: list[str] = field(default_factory=list)
 
 
-# Reused connections found closed at MAIL that one message replaces before a failure counts as
-# its own (connection lost: deferred). Each one is dropped, so idle connections a restarted
-# server left behind are cleared a few at a time.
+# Reused connections found closed at MAIL that one message replaces by another idle one; each
+# one is dropped, so idle connections a restarted server left behind are cleared a few at a
+# time. The try after them goes over a new connection: only a failure there is the message's
+# own (deferred), never one of a connection the server had given up before it was used.
 _STALE_RETRIES = 3
 
 
@@ -63,10 +64,11 @@ async def _transact(
     """A connection to `address` and the transaction over it; raises TryNextHost (connect or
     MAIL). A reused connection that turns out closed is dropped and another one taken."""
     for attempt in range(_STALE_RETRIES + 1):
-        conn = await pool.checkout(source, site, host, address, limits, policy)
+        last = attempt == _STALE_RETRIES
+        conn = await pool.checkout(source, site, host, address, limits, policy, fresh=last)
         try:
             return conn, await conn.transact(
-                sender, recipients, body, stale_is_retryable=attempt < _STALE_RETRIES, stopping=stopping
+                sender, recipients, body, stale_is_retryable=not last, stopping=stopping
             )
         except StaleConnection as exc:
             log.debug("reused connection to %s[%s] was closed (%s); taking another", host, address, exc)

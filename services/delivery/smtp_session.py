@@ -100,10 +100,11 @@ def _reply_of(exc: aiosmtplib.SMTPResponseException, command: str) -> Reply:
 
 
 # What each stage expects, as Postfix reads it: MAIL 250; RCPT any 2xx (RFC 5321 names 250 and
-# 251; some servers say 252); DATA any 3xx (RFC 5321 names 354).
+# 251; some servers say 252); DATA any 3xx (RFC 5321 names 354); the message any 2xx.
 _MAIL_OK = (250,)
 _RCPT_OK = tuple(range(200, 300))
 _DATA_GO = tuple(range(300, 400))
+_TAKEN = tuple(range(200, 300))
 
 
 def _misplaced(code: int, expected: tuple[int, ...]) -> bool:
@@ -171,6 +172,9 @@ class Connection:
         stale_ok = unprobed and stale_is_retryable
         self.clean = False
         remote: list[Reply] = []
+        # Each recipient's verdict as the server gave it (a refusal at RCPT, or the reply after
+        # the data): what it said stands, however the transaction ends afterwards.
+        outcomes: dict[str, Outcome] = {}
         try:
             content = message_data(body)
             server = f"{self.host}[{self.address}]"
@@ -179,14 +183,17 @@ class Connection:
                 self.clean = True  # refused before MAIL: no transaction was opened
                 return TransactionResult([outcome_for(r, wire, self.host) for r in recipients], [])
             if self.smtp.supports_extension("pipelining"):
-                return await self._pipelined(wire, recipients, content, remote, stale_ok)
-            return await self._lockstep(wire, recipients, content, remote, stale_ok)
+                return await self._pipelined(wire, recipients, content, outcomes, remote, stale_ok)
+            return await self._lockstep(wire, recipients, content, outcomes, remote, stale_ok)
         except (TryNextHost, StaleConnection, Stopping):
             raise
         except _LOST as exc:
-            # Lost mid-transaction: nothing was confirmed, so every recipient is retried later.
+            # Lost mid-transaction: the recipients the server refused keep its reply (a 5xx
+            # bounces now, as Postfix settles a recipient at its RCPT reply); no other was
+            # confirmed, so those are retried later.
             reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", "DATA")
-            return TransactionResult([Deferred(r, reply, self.host) for r in recipients], remote, broken=True)
+            settled = [outcomes.get(r) or Deferred(r, reply, self.host) for r in recipients]
+            return TransactionResult(settled, remote, broken=True)
         except Exception as exc:
             # A reply nothing here foresaw, or a bug: deferred, so that the job is retried and
             # ends at retry.max_age like any other. Raised on, the job would come back from
@@ -201,6 +208,7 @@ class Connection:
         wire: WireEnvelope,
         recipients: Sequence[str],
         content: MessageData,
+        outcomes: dict[str, Outcome],
         remote: list[Reply],
         stale_ok: bool,
     ) -> TransactionResult:
@@ -213,7 +221,6 @@ class Connection:
             if stale_ok:
                 raise StaleConnection(repr(exc)) from exc
             raise
-        outcomes: dict[str, Outcome] = {}
         accepted: list[str] = []
         for rcpt, address in zip(recipients, wire.recipients, strict=True):
             try:
@@ -233,7 +240,10 @@ class Connection:
                     return self._finished(recipients, outcomes, remote)
         if not accepted:
             return self._finished(recipients, outcomes, remote)
-        start = await smtp.execute_command(b"DATA")
+        try:
+            start = await smtp.execute_command(b"DATA")
+        except aiosmtplib.SMTPResponseException as exc:  # not an SMTP reply at all
+            return self._protocol_error(recipients, remote, f"{exc.code} {exc.message}", "DATA")
         return await self._data(start, content, recipients, accepted, outcomes, remote)
 
     async def _pipelined(
@@ -241,6 +251,7 @@ class Connection:
         wire: WireEnvelope,
         recipients: Sequence[str],
         content: MessageData,
+        outcomes: dict[str, Outcome],
         remote: list[Reply],
         stale_ok: bool,
     ) -> TransactionResult:
@@ -258,6 +269,8 @@ class Connection:
             # Nothing can have been delivered: the data is only sent after the group's replies.
             if stale_ok:
                 raise StaleConnection(repr(exc)) from exc
+            if isinstance(exc, pipelining.GroupInterrupted):
+                self._refusals_before_loss(recipients, exc.replies, outcomes, remote)
             raise
         if len(replies) > len(commands):
             extra = replies[len(commands)]
@@ -268,17 +281,10 @@ class Connection:
             # RFC 2920: the server answers the RCPTs and DATA after a refused MAIL with errors
             # (read above), so no transaction is open, as after a refused MAIL without pipelining.
             return self._refused_at_mail(mail.code, mail.message, recipients, remote, stale_ok)
-        outcomes: dict[str, Outcome] = {}
         accepted: list[str] = []
-        for rcpt, response in zip(recipients, replies[1:], strict=False):
-            if response.code in _RCPT_OK:
-                accepted.append(rcpt)
-                continue
-            if _misplaced(response.code, _RCPT_OK):
-                return self._protocol_error(recipients, remote, f"{response.code} {response.message}", "RCPT")
-            reply = Reply.parse(response.code, response.message, "RCPT")
-            if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
-                break
+        misplaced = self._rcpt_replies(recipients, replies[1:], outcomes, accepted, remote)
+        if misplaced is not None:
+            return self._protocol_error(recipients, remote, misplaced, "RCPT")
         data = replies[len(recipients) + 1] if len(replies) > len(recipients) + 1 else None
         if data is not None and _misplaced(data.code, _DATA_GO):
             return self._protocol_error(recipients, remote, f"{data.code} {data.message}", "DATA")
@@ -299,6 +305,44 @@ class Connection:
                 outcomes[rcpt] = Deferred(rcpt, closing, host)
             return self._finished(recipients, outcomes, remote)
         return await self._data(data, content, recipients, accepted, outcomes, remote)
+
+    def _rcpt_replies(
+        self,
+        recipients: Sequence[str],
+        responses: Sequence[aiosmtplib.SMTPResponse],
+        outcomes: dict[str, Outcome],
+        accepted: list[str],
+        remote: list[Reply],
+    ) -> str | None:
+        """Pair a pipelined group's RCPT replies with their recipients, as `_lockstep` does one
+        by one: a 2xx accepts, a refusal is recorded. Returns the first reply that fits neither
+        (a protocol error), else None."""
+        for rcpt, response in zip(recipients, responses, strict=False):
+            if response.code in _RCPT_OK:
+                accepted.append(rcpt)
+                continue
+            if _misplaced(response.code, _RCPT_OK):
+                return f"{response.code} {response.message}"
+            reply = Reply.parse(response.code, response.message, "RCPT")
+            if not self._refused_at_rcpt(rcpt, reply, recipients, outcomes, accepted, remote):
+                break
+        return None
+
+    def _refusals_before_loss(
+        self,
+        recipients: Sequence[str],
+        replies: Sequence[aiosmtplib.SMTPResponse],
+        outcomes: dict[str, Outcome],
+        remote: list[Reply],
+    ) -> None:
+        """The refusals among the replies a pipelined group got before the connection went:
+        recorded as in a whole group, unless MAIL was not accepted or a reply fits nothing
+        (then none of them is trusted)."""
+        if not replies or replies[0].code not in _MAIL_OK:
+            return
+        accepted: list[str] = []  # taken, but the data never went: deferred with the loss
+        if self._rcpt_replies(recipients, replies[1:], outcomes, accepted, remote) is not None:
+            outcomes.clear()
 
     async def _data(
         self,
@@ -328,6 +372,10 @@ class Connection:
                 reply = Reply.parse(response.code, response.message, "DATA")
                 self.clean = True  # the final reply to the data ends the transaction
             except aiosmtplib.SMTPResponseException as exc:
+                if _misplaced(exc.code, _TAKEN):
+                    # Not a reply to the message (no SMTP code, or a 1xx/3xx): the server is out
+                    # of step, and whether it took the message cannot be read from it.
+                    return self._protocol_error(recipients, remote, f"{exc.code} {exc.message}", "DATA")
                 reply = _reply_of(exc, "DATA")
                 remote.append(reply)
         else:
