@@ -60,6 +60,7 @@ async def _transact(
     recipients: Sequence[str],
     body: bytes,
     stopping: Callable[[], bool] | None,
+    smtputf8: bool,
 ) -> tuple[Connection, TransactionResult]:
     """A connection to `address` and the transaction over it; raises TryNextHost (connect or
     MAIL). A reused connection that turns out closed is dropped and another one taken."""
@@ -68,7 +69,7 @@ async def _transact(
         conn = await pool.checkout(source, site, host, address, limits, policy, fresh=last)
         try:
             return conn, await conn.transact(
-                sender, recipients, body, stale_is_retryable=not last, stopping=stopping
+                sender, recipients, body, stale_is_retryable=not last, stopping=stopping, smtputf8=smtputf8
             )
         except StaleConnection as exc:
             log.debug("reused connection to %s[%s] was closed (%s); taking another", host, address, exc)
@@ -114,12 +115,14 @@ async def send_job(
     address_limit: int = MX_ADDRESS_LIMIT,
     address_check: AddressCheck | None = None,
     stopping: Callable[[], bool] | None = None,
+    smtputf8: bool = False,
 ) -> AttemptResult:
     """Deliver to the first MX that answers; every recipient gets its own outcome.
 
     `address_check` (None: every address goes) names why an address may not be connected to;
     such addresses are skipped, and a route with no other address left bounces. Once `stopping`
-    says so, Stopping is raised instead of trying another address or sending a final dot."""
+    says so, Stopping is raised instead of trying another address or sending a final dot.
+    `smtputf8`: the sender submitted the message with SMTPUTF8."""
     last = NO_ROUTE
     remote: list[Reply] = []
     notes: list[str] = []
@@ -156,7 +159,18 @@ async def send_job(
             tried += 1
             try:
                 conn, done = await _transact(
-                    pool, source, site, host, address, limits, policy, sender, recipients, body, stopping
+                    pool,
+                    source,
+                    site,
+                    host,
+                    address,
+                    limits,
+                    policy,
+                    sender,
+                    recipients,
+                    body,
+                    stopping,
+                    smtputf8,
                 )
             except TryNextHost as exc:
                 notes.append(f"{host}[{address}]: {exc.reply}")

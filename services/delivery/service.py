@@ -295,6 +295,7 @@ class DeliveryService:
                 policy=policy,
                 address_check=self._address_check,
                 stopping=self._stop.is_set,
+                smtputf8=env.meta.get("smtputf8") == "1",
             )
         except Saturated as exc:
             # The slot this attempt took stays the job's: re-reserving would send it to the back

@@ -162,11 +162,13 @@ class Connection:
         *,
         stale_is_retryable: bool = True,
         stopping: Callable[[], bool] | None = None,
+        smtputf8: bool = False,
     ) -> TransactionResult:
         """MAIL, RCPT per recipient, DATA: pipelined (RFC 2920) when the server offers it, one
         round trip per command otherwise. Raises TryNextHost for a 4xx to MAIL, StaleConnection
         when an unprobed reused connection is dead at MAIL (if retryable), and Stopping when
-        `stopping` says so before the message's final dot is sent."""
+        `stopping` says so before the message's final dot is sent. `smtputf8`: the sender
+        submitted the message with SMTPUTF8 (`mail_parameters`)."""
         self._stopping = stopping
         unprobed, self.unprobed = self.unprobed, False
         stale_ok = unprobed and stale_is_retryable
@@ -178,7 +180,9 @@ class Connection:
         try:
             content = message_data(body)
             server = f"{self.host}[{self.address}]"
-            wire = mail_parameters(self.smtp, sender, recipients, body, size=content.size, server=server)
+            wire = mail_parameters(
+                self.smtp, sender, recipients, body, size=content.size, server=server, smtputf8=smtputf8
+            )
             if isinstance(wire, Reply):
                 self.clean = True  # refused before MAIL: no transaction was opened
                 return TransactionResult([outcome_for(r, wire, self.host) for r in recipients], [])

@@ -104,3 +104,36 @@ async def test_a_non_ascii_local_part_anywhere_needs_smtputf8(make_sink) -> None
     assert without_size(got.mail_options) == ["BODY=8BITMIME"]
     assert [o.kind for o in refused.outcomes] == ["bounced", "bounced"]
     assert refused.outcomes[0].reply.enhanced_status == "5.6.7"
+
+
+UTF8_HEADERS = message(subject="Grüße", body="Hello.\r\n")
+
+
+async def test_utf8_header_fields_submitted_with_smtputf8_go_out_with_smtputf8(make_stack, make_sink) -> None:
+    # RFC 6532 header fields need SMTPUTF8 on every hop, even with an ASCII envelope.
+    sink = make_sink("127.0.0.2")
+    stack = await make_stack()
+    code, _ = await asubmit(
+        stack.smtp_address, recipients=["plain@alpha.test"], data=UTF8_HEADERS, mail_options=["SMTPUTF8"]
+    )
+    assert code == 250
+    (got,) = await sink.async_wait_for(1)
+    assert "SMTPUTF8" in got.mail_options
+    assert "Subject: Grüße".encode() in got.data
+
+
+async def test_mx_without_smtputf8_bounces_utf8_header_fields_submitted_with_smtputf8(
+    make_stack, make_sink
+) -> None:
+    # As Postfix does when the sender asked for SMTPUTF8: not sent where it would be mangled.
+    sink = make_sink("127.0.0.2", smtputf8=False)
+    make_sink("127.0.0.9")  # the sender's MX, where the DSN lands
+    stack = await make_stack()
+    code, _ = await asubmit(
+        stack.smtp_address, recipients=["plain@alpha.test"], data=UTF8_HEADERS, mail_options=["SMTPUTF8"]
+    )
+    assert code == 250
+    (bounced,) = await wait_for_events(stack.config.nats.url, "bounced", 1)
+    assert bounced.recipients == ["plain@alpha.test"] and bounced.reply["enhanced"] == "5.6.7"
+    assert "header" in bounced.reply["text"]
+    assert sink.messages == [], "nothing was sent to the MX that cannot take it"
