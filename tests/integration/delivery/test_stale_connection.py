@@ -1,5 +1,7 @@
 """A connection reused without RSET that the server closed meanwhile: the message goes over a
-fresh connection, not to a retry; and a connection left with an open transaction is RSET."""
+fresh connection, not to a retry, also behind more dead ones than a message replaces one by one
+(`sending._STALE_RETRIES`: the last try opens a new one); and a connection left with an open
+transaction is RSET."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import dns.asyncresolver
 import pytest
 
 from services.core.outcome import Delivered
+from services.delivery import smtp_session
 from services.delivery.connections import ConnectionPool
+from services.delivery.sending import _STALE_RETRIES
 from services.delivery.smtp_session import SessionSettings
 from tests.integration.delivery.conftest import attempt
 from tests.support.raw_smtp import RawServer, serving
@@ -97,3 +101,24 @@ async def test_an_open_transaction_is_reset_before_reuse(make_server) -> None:
         await pool.close()
     assert server.commands[:6] == ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT"]
     assert server.connections == 1
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["421", "closed"])
+async def test_a_message_behind_more_dead_connections_than_retries_still_goes(
+    make_server, monkeypatch: pytest.MonkeyPatch, drop: bool
+) -> None:
+    # However slow the machine, the idle connections count as recently used: none is probed.
+    monkeypatch.setattr(smtp_session, "REUSE_WITHOUT_PROBE", 3600.0)
+    server = await make_server(drop=drop)
+    pool = ConnectionPool(None, SessionSettings(port=server.port, starttls=False))  # type: ignore[arg-type]
+    idle = _STALE_RETRIES + 1
+    try:
+        # Sent side by side, each over a connection of its own, all left idle afterwards.
+        first = await asyncio.gather(*(_send(pool, f"r{i}@b.test") for i in range(idle)))
+        assert all(isinstance(o, Delivered) for (o,) in first), first
+        assert server.connections == idle
+        (outcome,) = await _send(pool, "last@b.test")
+        assert isinstance(outcome, Delivered), outcome
+    finally:
+        await pool.close()
+    assert server.delivered == idle + 1 and server.connections == idle + 1
