@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -40,14 +41,30 @@ def ensure_postfix() -> None:
 # -- process accounting ----------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a live process (fields 14 and 15 of /proc/<pid>/stat)."""
+def cpu_split(pid: int, *, reaped: bool = False) -> tuple[float, float]:
+    """User and system CPU of a live process (fields 14 and 15 of /proc/<pid>/stat), with its
+    reaped children's (fields 16 and 17) when `reaped`."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0
-    fields = stat.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return 0.0, 0.0
+    fields = [int(f) for f in stat.rpartition(")")[2].split()[11:15]]
+    user, system = fields[0], fields[1]
+    if reaped:
+        user, system = user + fields[2], system + fields[3]
+    return user / _CLK_TCK, system / _CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
+
+
+def py_spy() -> str:
+    """The py-spy binary, which `--profile` needs and the project does not install."""
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    return found
 
 
 def peak_rss_mb(pid: int) -> float:

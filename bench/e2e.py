@@ -16,7 +16,9 @@ queue id in Relais' Received header), CPU seconds per 1,000 messages and peak RS
 (/proc), and NATS messages per mail per service (nats-server /connz). `cpu_total` is the CPU of
 all of a system's processes per 1,000 messages (the load driver's is apart); `cpu_vs_postfix` is
 Postfix's over Relais' in the same round, above 1 when Relais spends less per message. Next to
-`vs_postfix` it tells a CPU-bound row from one that waits (fsync, hand-offs). Prints a table and
+`vs_postfix` it tells a CPU-bound row from one that waits (fsync, hand-offs). `sys_<process>` is
+the share of a process's CPU spent in the kernel: in the services, mostly socket I/O; the rest is
+Python. Prints a table and
 writes JSON to bench/results/. Numbers on a shared machine are noisy; each row is a fixed
 message count with a time cap, so the script always ends.
 """
@@ -31,7 +33,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,10 +49,11 @@ from bench import postfix as postfix_mod  # noqa: E402
 from bench.common import (  # noqa: E402
     SmtpSink,
     connz,
-    cpu_seconds,
+    cpu_split,
     ensure_postfix,
     peak_rss_mb,
     percentile,
+    py_spy,
     smtp_source,
     stop_profilers,
     table,
@@ -103,11 +105,22 @@ def role_of(name: str) -> str:
     return name.rsplit("-", 1)[0]
 
 
-def cpu_by_role(pids: dict[str, int]) -> dict[str, float]:
-    out: dict[str, float] = collections.defaultdict(float)
+def cpu_by_role(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds summed over each role's processes."""
+    out: dict[str, tuple[float, float]] = {}
     for name, pid in pids.items():
-        out[role_of(name)] += cpu_seconds(pid)
-    return dict(out)
+        user, system = cpu_split(pid)
+        before = out.get(role_of(name), (0.0, 0.0))
+        out[role_of(name)] = (before[0] + user, before[1] + system)
+    return out
+
+
+def spent(before: tuple[float, float], after: tuple[float, float], n: int) -> tuple[float, float]:
+    """CPU seconds per 1,000 messages between two (user, system) snapshots, and the share of
+    it spent in the kernel (socket I/O, fsync) rather than in the process's own code."""
+    user, system = after[0] - before[0], after[1] - before[1]
+    total = user + system
+    return total / n * 1000, system / total if total > 0 else 0.0
 
 
 def rss_by_role(pids: dict[str, int]) -> dict[str, float]:
@@ -285,7 +298,7 @@ def run_relais(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, An
         }
         n = max(1, len(dumped))
         for role in sorted(cpu1):
-            row[f"cpu_{role}"] = (cpu1[role] - cpu0.get(role, 0.0)) / n * 1000
+            row[f"cpu_{role}"], row[f"sys_{role}"] = spent(cpu0.get(role, (0.0, 0.0)), cpu1[role], n)
             row[f"rss_{role}_mb"] = rss.get(role, 0.0)
         row["cpu_total"] = sum(row[f"cpu_{role}"] for role in cpu1)
         for name in sorted(msgs1):
@@ -320,7 +333,7 @@ def run_postfix(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, A
         dumped = sink.scan()
         arrived = [d.received_at for d in dumped]
         n = max(1, len(dumped))
-        cpu = (cpu1 - cpu0) / n * 1000
+        cpu, kernel = spent(cpu0, cpu1, n)
         return {
             "system": spec.label,
             "load": spec.load,
@@ -330,6 +343,7 @@ def run_postfix(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, A
             "accepted_per_s": args.messages / max(1e-6, t_acc - t0),
             "delivered_per_s": len(dumped) / max(1e-6, (max(arrived) if arrived else t0) - t0),
             "cpu_postfix": cpu,
+            "sys_postfix": kernel,
             "cpu_total": cpu,
             # Summed over Postfix's processes, so shared pages count once per process.
             "rss_postfix_mb": sum(peak_rss_mb(p) for p in instance.pids()),
@@ -341,17 +355,15 @@ def run_postfix(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, A
         sink.stop()
 
 
-def postfix_cpu(instance: postfix_mod.PostfixInstance, master: int) -> float:
-    """Master (with its reaped children, fields 16-17) plus the children alive now."""
-    total = 0.0
-    try:
-        fields = Path(f"/proc/{master}/stat").read_text().rpartition(")")[2].split()
-        total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return 0.0
+def postfix_cpu(instance: postfix_mod.PostfixInstance, master: int) -> tuple[float, float]:
+    """(user, system) of the master with its reaped children, plus the children alive now."""
+    user, system = cpu_split(master, reaped=True)
+    if not user and not system:
+        return 0.0, 0.0
     for pid in instance.pids()[1:]:
-        total += cpu_seconds(pid)
-    return total
+        child = cpu_split(pid)
+        user, system = user + child[0], system + child[1]
+    return user, system
 
 
 # -- profiling ---------------------------------------------------------------------------------------
@@ -360,14 +372,14 @@ def postfix_cpu(instance: postfix_mod.PostfixInstance, master: int) -> float:
 def start_profilers(args: argparse.Namespace, cluster: Cluster, work: Path) -> list[subprocess.Popen[bytes]]:
     if not args.profile:
         return []
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    binary = py_spy()
     procs = []
     for name, pid in cluster.pids().items():
         if role_of(name) == args.profile:
             out = RESULTS / f"profile-{args.profile}-{name}-{int(time.time())}.txt"
             procs.append(
                 subprocess.Popen(
-                    [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50", "-o", str(out)],
+                    [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", "50", "-o", str(out)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -571,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     if nats_cols:
         print("\nNATS messages per mail, published/received, by client:")
         print(table([r for r in rows if r["system"] != "postfix"], ["system", "load", *nats_cols]))
+    kernel_cols = sorted({k for r in rows for k in r if k.startswith("sys_")})
+    if kernel_cols:
+        print("\nShare of each one's CPU spent in the kernel (socket I/O, fsync), the rest in its own code:")
+        print(table(rows, ["system", "load", *kernel_cols]))
     write_json(out, args, rows, summary)
     print(f"\nwrote {out.relative_to(REPO)}")
     return 0

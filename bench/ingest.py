@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
 import ssl
 import subprocess
 import sys
@@ -39,19 +38,12 @@ import trustme
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import connz, stop_profilers  # noqa: E402
+from bench.common import connz, cpu_seconds, py_spy, stop_profilers  # noqa: E402
 from services.core.accounts import hash_password  # noqa: E402
 from services.core.embedded import EmbeddedNats, free_port, stop_process, wait_for_port  # noqa: E402
 from tests.support.signals import unwind_on_sigterm  # noqa: E402
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 PASSWORD = "bench-password-123"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a live process (fields 14 and 15 of /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def make_message(size: int, i: int) -> bytes:
@@ -213,11 +205,11 @@ def print_table(results: list[Result], clients: int) -> None:
 
 def start_profilers(out: Path, ingresses: list[Ingress]) -> list[subprocess.Popen[bytes]]:
     """py-spy on each ingress process; the second one's file gets a `.tls` suffix."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    binary = py_spy()
     procs = []
     for ingress, suffix in zip(ingresses, ("", ".tls"), strict=True):
         target = out.with_name(out.name + suffix)
-        command = [py_spy, "record", "--pid", str(ingress.process.pid), "--format", "raw", "--rate", "250"]
+        command = [binary, "record", "--pid", str(ingress.process.pid), "--format", "raw", "--rate", "250"]
         command += ["--nonblocking", "-o", str(target)]
         procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # py-spy attaches before the first row starts
