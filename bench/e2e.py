@@ -240,6 +240,9 @@ def run_relais(spec: Spec, args: argparse.Namespace, work: Path) -> dict[str, An
         sink_factory=make_sink,
         nats_monitor=True,
         nats_sync_always=args.sync_always,
+        # An MX's records live minutes (the harness's 1 s is for its DNS outage tests); Postfix's
+        # rows look nothing up, relaying every message to one address.
+        dns_ttl=300,
         nats={"ack_wait": 30.0, "publish_timeout": 5.0},
         delivery={"shaping_file": str(shaping)},
         ingress={

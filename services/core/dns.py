@@ -7,13 +7,19 @@ The cache is dnspython's LRU cache with two operator caps: a record's TTL is hon
 beyond `cache_max_ttl` (a mistyped week-long TTL must not pin a dead MX), and negative answers
 (NXDOMAIN, no data; TTL from the zone's SOA per RFC 2308) at most `negative_ttl`. Temporary
 failures are never cached, so a SERVFAIL heals as soon as the authority does.
+
+Lookups that miss the cache together share one query: when a busy domain's answer expires,
+every job in flight for it misses at once, and each would otherwise ask the same question.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
+from collections.abc import Callable, Coroutine
 from functools import lru_cache
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -48,9 +54,30 @@ class CappedCache(dns.resolver.LRUCache):
         # (a fifth of the router's and a tenth of delivery's CPU per message went there).
         self.decoded: dict[tuple[str, str], tuple[float, list[dns.rdata.Rdata] | None]] = {}
 
+        self._asking: dict[tuple[str, str], asyncio.Task[list[dns.rdata.Rdata] | None]] = {}
+
     def flush(self, key: dns.resolver.CacheKey | None = None) -> None:
         super().flush(key)
         self.decoded.clear()
+
+    def asking(
+        self, name: str, rdtype: str, ask: Callable[[], Coroutine[Any, Any, list[dns.rdata.Rdata] | None]]
+    ) -> asyncio.Task[list[dns.rdata.Rdata] | None]:
+        """The query for (name, type) in flight on this event loop, started with `ask` if none is."""
+        key = (name, rdtype)
+        loop = asyncio.get_running_loop()
+        task = self._asking.get(key)
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(ask())
+            self._asking[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        return task
+
+    def _finished(self, key: tuple[str, str], task: asyncio.Task[list[dns.rdata.Rdata] | None]) -> None:
+        if self._asking.get(key) is task:
+            del self._asking[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every caller was cancelled meanwhile
 
     def remember(
         self, name: str, rdtype: str, expiration: float, result: list[dns.rdata.Rdata] | None
@@ -114,10 +141,19 @@ def to_ascii(domain: str) -> str:
 async def query(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> list[dns.rdata.Rdata] | None:
     """Records of a type; [] when the name exists without such records; None for NXDOMAIN."""
     cache = resolver.cache if isinstance(resolver.cache, CappedCache) else None
-    if cache is not None:
-        known, records = cache.recall(name, rdtype)
-        if known:
-            return None if records is None else list(records)
+    if cache is None:
+        return await _ask(resolver, None, name, rdtype)
+    known, records = cache.recall(name, rdtype)
+    if not known:
+        # Shielded: a caller that gives up must not cancel the query for the others.
+        shared = cache.asking(name, rdtype, lambda: _ask(resolver, cache, name, rdtype))
+        records = await asyncio.shield(shared)
+    return None if records is None else list(records)
+
+
+async def _ask(
+    resolver: dns.asyncresolver.Resolver, cache: CappedCache | None, name: str, rdtype: str
+) -> list[dns.rdata.Rdata] | None:
     result: list[dns.rdata.Rdata] | None
     try:
         answer = await resolver.resolve(name, rdtype, search=False)

@@ -204,6 +204,7 @@ class Cluster:
         sink_factory: Any = None,
         nats_monitor: bool = False,
         nats_sync_always: bool = False,
+        dns_ttl: int = DNS_TTL,
         **config_sections: Any,
     ) -> None:
         self.base_dir = Path(base_dir)
@@ -212,6 +213,7 @@ class Cluster:
         self.domains = dict(DEFAULT_DOMAINS if domains is None else domains)
         self.nats = NatsCluster(self.base_dir, nats_nodes, monitor=nats_monitor, sync_always=nats_sync_always)
         self.dns = DNSServer("127.0.0.1")
+        self.dns_ttl = dns_ttl
         hosts = [*self.domains.values(), SENDER_MX]
         self.sink_port = sink_port or free_port(*hosts)
         # bench/e2e.py swaps the aiosmtpd sinks for Postfix's smtp-sink; anything with start/stop.
@@ -289,11 +291,12 @@ class Cluster:
         self.stop()
 
     def _fill_zone(self) -> None:
-        self.dns.add(SENDER_DOMAIN, "MX", "10 mx.acme.test.", ttl=DNS_TTL)
-        self.dns.add("mx.acme.test", "A", SENDER_MX, ttl=DNS_TTL)
+        ttl = self.dns_ttl
+        self.dns.add(SENDER_DOMAIN, "MX", "10 mx.acme.test.", ttl=ttl)
+        self.dns.add("mx.acme.test", "A", SENDER_MX, ttl=ttl)
         for domain, ip in self.domains.items():
-            self.dns.add(domain, "MX", f"10 mx.{domain}.", ttl=DNS_TTL)
-            self.dns.add(f"mx.{domain}", "A", ip, ttl=DNS_TTL)
+            self.dns.add(domain, "MX", f"10 mx.{domain}.", ttl=ttl)
+            self.dns.add(f"mx.{domain}", "A", ip, ttl=ttl)
 
     # -- faults -----------------------------------------------------------------------------
 

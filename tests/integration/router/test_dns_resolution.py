@@ -75,6 +75,44 @@ async def test_servfail_is_temporary_then_the_domain_recovers(dns_server: DNSSer
     assert recovered.hosts == ("mx.flaky.test",), "a SERVFAIL is never cached"
 
 
+async def test_lookups_that_miss_together_share_one_query(dns_server: DNSServer) -> None:
+    dns_server.add("busy.test", "MX", "10 mx.busy.test.")
+    dns_server.add("mx.busy.test", "A", "127.0.0.7")
+    resolver = _resolver(dns_server)
+    routes = await asyncio.gather(*(resolve_mx(resolver, "busy.test") for _ in range(50)))
+    hosts = await asyncio.gather(*(relais_dns.addresses(resolver, "mx.busy.test") for _ in range(50)))
+    assert {r.hosts for r in routes} == {("mx.busy.test",)}
+    assert hosts == [["127.0.0.7"]] * 50
+    assert _count(dns_server, "busy.test", "MX") == 1
+    assert _count(dns_server, "mx.busy.test", "A") == 1
+    assert _count(dns_server, "mx.busy.test", "AAAA") == 1, "no data is shared too"
+
+
+async def test_a_failed_shared_query_fails_for_all_and_is_asked_again_later(dns_server: DNSServer) -> None:
+    dns_server.add("shaky.test", "MX", "10 mx.shaky.test.")
+    dns_server.set_servfail("shaky.test")
+    resolver = _resolver(dns_server)
+    failed = await asyncio.gather(*(resolve_mx(resolver, "shaky.test") for _ in range(20)))
+    assert all(r.failure is not None and r.failure.is_transient for r in failed)
+    assert _count(dns_server, "shaky.test", "MX") == 1
+    dns_server.set_servfail("shaky.test", enabled=False)
+    assert (await resolve_mx(resolver, "shaky.test")).hosts == ("mx.shaky.test",)
+    assert _count(dns_server, "shaky.test", "MX") == 2
+
+
+async def test_a_caller_that_gives_up_leaves_the_shared_query_to_the_others(dns_server: DNSServer) -> None:
+    dns_server.add("patient.test", "MX", "10 mx.patient.test.")
+    resolver = _resolver(dns_server)
+    impatient = asyncio.create_task(relais_dns.query(resolver, "patient.test", "MX"))
+    patient = asyncio.create_task(relais_dns.query(resolver, "patient.test", "MX"))
+    await asyncio.sleep(0)  # both are waiting on the one query now
+    impatient.cancel()
+    records = await patient
+    assert [r.to_text() for r in records or []] == ["10 mx.patient.test."]
+    assert impatient.cancelled()
+    assert _count(dns_server, "patient.test", "MX") == 1
+
+
 async def test_a_dead_resolver_is_temporary(dns_server: DNSServer) -> None:
     dns_server.add("slow.test", "MX", "10 mx.slow.test.")
     dns_server.set_drop(True)
