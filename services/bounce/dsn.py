@@ -128,17 +128,23 @@ def build_dsn(
 
     headers_only = _why_headers_only(original_message)
     returned_full = original_message is not None and not headers_only
+    # Nothing of the message is left when its body went by TTL: the third part is optional
+    # (RFC 3464 section 2), and an empty one would claim headers that are not there.
+    returned = original_message is not None or bool(_header_block(original_headers).strip())
     parts = [
         _part(
             ["Content-Description: Notification", "Content-Type: text/plain; charset=us-ascii"],
-            _notification(reporting_mta, recipients, arrival_date, when, returned_full, headers_only),
+            _notification(
+                reporting_mta, recipients, arrival_date, when, returned_full, headers_only, returned=returned
+            ),
         ),
         _part(
             ["Content-Description: Delivery report", "Content-Type: message/delivery-status"],
             _delivery_status(reporting_mta, recipients, arrival_date, envelope_id),
         ),
-        _returned_part(original_headers, original_message if returned_full else None),
     ]
+    if returned:
+        parts.append(_returned_part(original_headers, original_message if returned_full else None))
     boundary = _boundary(message_id, parts)
 
     headers = [
@@ -197,21 +203,26 @@ def _notification(
     when: datetime,
     returned_full: bool,
     headers_only: str,
+    *,
+    returned: bool,
 ) -> bytes:
     host = _untyped(reporting_mta)
     actions = {r.action for r in recipients}
     paras = [f"This is the mail system at host {host}."]
     if "failed" in actions:
-        attached = "It's attached below." if returned_full else "Its headers are attached below."
+        if not returned:
+            attached = "It is no longer held here, so none of it is attached."
+        else:
+            attached = "It's attached below." if returned_full else "Its headers are attached below."
         paras.append(
             "I'm sorry to have to inform you that your message could not be delivered to one or "
             f"more recipients. {attached}"
         )
         paras.append("For further assistance, please send mail to postmaster.")
-        paras.append(
-            "If you do so, please include this problem report. You can delete your own text "
-            "from the attached returned message."
-        )
+        advice = "If you do so, please include this problem report."
+        if returned:
+            advice += " You can delete your own text from the attached returned message."
+        paras.append(advice)
     elif "delayed" in actions:
         banner = "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #"
         paras.append("\n".join(["#" * len(banner), banner, "#" * len(banner)]))

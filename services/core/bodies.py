@@ -47,7 +47,8 @@ def _live_object(meta: bytes | None) -> ObjectInfo | None:
 
 
 class BodyMissing(Exception):
-    """The referenced body is gone: its message already reached a final outcome."""
+    """The referenced body is gone: its job already reached its final outcome, or it waited
+    past the body's TTL (`disposition.settle_missing_body` tells the two apart)."""
 
 
 class BodyStore:

@@ -20,6 +20,7 @@ publish, unless JetStream already held it.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -27,12 +28,14 @@ from dataclasses import replace
 
 from services.core.bodies import BodyStore
 from services.core.bus import Bus, patiently
-from services.core.config import RetryConfig
+from services.core.config import Config, RetryConfig
 from services.core.envelope import Attempt, BounceNotice, Envelope, dsn_recipients, wants_dsn
 from services.core.events import Event, annotate_event, event_for, publish_event, report_later
 from services.core.outcome import EXPIRED, Bounced, Deferred, Delivered, Outcome, Reply
 from services.core.schedule import next_attempt_at, publish_at
-from services.core.topology import bounce_subject, route_retry_subject, route_subject
+from services.core.topology import body_ttl, bounce_subject, route_retry_subject, route_subject
+
+log = logging.getLogger(__name__)
 
 # Envelope meta key set once the delayed-delivery warning went out, so it goes out once.
 DELAY_WARNED = "delay_warned"
@@ -50,6 +53,32 @@ def wants_delay_warning(env: Envelope, retry: RetryConfig, now: float) -> bool:
 
 def expiry_reply(last: Reply) -> Reply:
     return Reply(EXPIRED.code, EXPIRED.enhanced_status, f"{EXPIRED.text}; last reply: {last}", last.command)
+
+
+# The "last reply" of an expiry whose job was never tried before its body went by TTL.
+BODY_EXPIRED = Reply(451, "4.4.7", "Message content expired from the queue before it could be sent", "QUEUE")
+
+
+async def settle_missing_body(
+    bus: Bus, bodies: BodyStore, config: Config, env: Envelope, *, now: float | None = None
+) -> None:
+    """What a job whose stored body is gone (`BodyMissing`) comes to.
+
+    Mostly a redelivery after the job's final outcome released the body: dropped, or the
+    message would get a second outcome. But a body also goes by the Object Store's TTL
+    (`body_ttl`): a job received that long ago cannot be such a redelivery (every job ends by
+    `retry.max_age`, a redelivery follows within minutes), so its recipients expire, as a job
+    past its queue age does, lest the message end with no outcome and its sender unaware."""
+    decided_at = time.time() if now is None else now
+    if decided_at - env.received_at < body_ttl(config):
+        log.info("job %s already finished; dropping redelivery", env.key)
+        return
+    log.warning(
+        "job %s expires: its body went by TTL (%.0f s) before it could be sent", env.key, body_ttl(config)
+    )
+    last = env.attempts[-1].reply if env.attempts else BODY_EXPIRED
+    expired = [Bounced(rcpt, expiry_reply(last), expired=True) for rcpt in env.recipients]
+    await settle(bus, bodies, config.retry, env, expired, now=decided_at)
 
 
 async def settle(

@@ -24,7 +24,7 @@ from services.core import metrics
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus
 from services.core.config import Config
-from services.core.disposition import settle
+from services.core.disposition import settle, settle_missing_body
 from services.core.dns import make_resolver
 from services.core.envelope import META_DKIM, META_SOURCE, Envelope, EnvelopeDecodeError
 from services.core.held_bodies import HeldBodies
@@ -189,8 +189,8 @@ class DeliveryService:
                 try:
                     body = await self._bodies.get(env.body)
                 except BodyMissing:
-                    # Redelivered after its final outcome (body already released): nothing to do.
-                    log.info("job %s already finished; dropping redelivery", env.key)
+                    # Redelivered after its final outcome, or its body outlived by a long wait.
+                    await settle_missing_body(self._bus, self._bodies, self._config, env)
                     return
                 # DKIM-Signature field(s) the router computed once per message (services/router/dkim.py).
                 body = env.meta.get(META_DKIM, "").encode() + body

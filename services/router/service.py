@@ -19,7 +19,7 @@ from services.core import metrics
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus, consume_declared, patiently
 from services.core.config import AccountConfig, Config
-from services.core.disposition import settle
+from services.core.disposition import settle, settle_missing_body
 from services.core.dns import make_resolver
 from services.core.envelope import (
     META_DKIM,
@@ -170,7 +170,8 @@ class RouterService:
                 try:
                     env = await self._sign(env, account)
                 except BodyMissing:
-                    log.info("message %s already finished; dropping redelivery", env.id)
+                    # Redelivered after its final outcome, or its body outlived by a long wait.
+                    await self._body_missing(env, jobs, account)
                     return
             # Every job is held before suppression is looked at: ids never depend on the list.
             await self._bodies.hold(env.body, [job.job_id for job in jobs])
@@ -184,6 +185,14 @@ class RouterService:
         failed = [(job, r) for job, r in zip(jobs, results, strict=True) if isinstance(r, BaseException)]
         if failed:
             await self._hand_back(env, failed, done=len(jobs) - len(failed))
+
+    async def _body_missing(self, env: Envelope, jobs: Sequence[Job], account: AccountConfig | None) -> None:
+        """The message as its jobs would have it (recipients without duplicates, its pool), for
+        `settle_missing_body` to drop or expire as a whole."""
+        recipients = tuple(rcpt for job in jobs for rcpt in job.recipients)
+        pool = choose_pool(self._config, env, account)
+        whole = replace(env, recipients=recipients, pool=pool)
+        await settle_missing_body(self._bus, self._bodies, self._config, whole)
 
     async def _hand_back(self, env: Envelope, failed: list[tuple[Job, BaseException]], *, done: int) -> None:
         """Queue the jobs that failed as route messages of their own, so only they are routed

@@ -339,6 +339,17 @@ def test_headers_only_by_default() -> None:
     assert returned.get_payload(decode=True) == ORIGINAL_HEADERS[:-2]
 
 
+def test_a_message_no_longer_held_gets_no_returned_part_and_says_so() -> None:
+    raw = make_dsn([BOB_FAILED], original_headers=b"")
+    msg = parse(raw)
+
+    assert [part.get_content_type() for part in msg.iter_parts()] == ["text/plain", "message/delivery-status"]
+    text = " ".join(msg.get_payload()[0].get_payload(decode=True).decode().split())  # unwrapped
+    assert "It is no longer held here, so none of it is attached." in text
+    assert "attached below" not in text and "attached returned message" not in text
+    assert_wire_clean(raw)
+
+
 def test_whole_message_given_only_its_headers_are_returned() -> None:
     msg = parse(make_dsn([BOB_FAILED], original_headers=ORIGINAL_MESSAGE))
 
