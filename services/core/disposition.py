@@ -104,7 +104,8 @@ async def settle(
     would give the job two fates. So the clock is read once and each attempt replays the same
     jitter: a private generator from one seed, which leaves a caller's shared `rng` alone."""
     decided_at = time.time() if now is None else now
-    seed = (rng or random.Random()).random()
+    # The module's generator when no `rng` is given: a fresh Random() reads os.urandom.
+    seed = rng.random() if rng else random.random()
 
     async def attempt() -> Event | None:
         return await _settle_once(
@@ -116,7 +117,7 @@ async def settle(
             mx_host=mx_host,
             source_ip=source_ip,
             now=decided_at,
-            rng=random.Random(seed),
+            seed=seed,
             facts=facts,
         )
 
@@ -145,7 +146,7 @@ async def _settle_once(
     mx_host: str,
     source_ip: str,
     now: float,
-    rng: random.Random,
+    seed: float,
     facts: Mapping[str, object] | None,
 ) -> Event | None:
     """Publish every consequence of one attempt but the `deferred` event, which it returns (None
@@ -165,7 +166,7 @@ async def _settle_once(
     if deferred:
         reply = deferred[0].reply
         attempted = env.with_attempt(Attempt(now, reply, mx_host, source_ip))
-        at = next_attempt_at(env.received_at, attempted.attempt_count, now, retry, rng)
+        at = next_attempt_at(env.received_at, attempted.attempt_count, now, retry, random.Random(seed))
         if at is None:
             bounced += [
                 Bounced(o.recipient, expiry_reply(o.reply), o.mx_host, expired=True) for o in deferred
