@@ -83,7 +83,25 @@ class TransactionResult:
     broken: bool = False
 
 
+# Loading the CA store takes about 20 ms of CPU, and every STARTTLS needs a context: one per
+# kind is shared by all connections, and made again after an hour so that a renewed CA bundle
+# is read without a restart (Postfix's smtp processes, reused up to max_use, do about the same).
+_CONTEXT_LIFETIME = 3600.0
+_contexts: dict[tuple[bool, str], tuple[float, ssl.SSLContext]] = {}
+
+
 def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
+    """The client context for STARTTLS, shared (see `_contexts`): do not modify it."""
+    now = time.monotonic()
+    made = _contexts.get((verify, ca_file))
+    if made is not None and now - made[0] < _CONTEXT_LIFETIME:
+        return made[1]
+    ctx = _new_tls_context(verify, ca_file)
+    _contexts[(verify, ca_file)] = (now, ctx)
+    return ctx
+
+
+def _new_tls_context(verify: bool, ca_file: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     if ca_file:
         ctx.load_verify_locations(cafile=ca_file)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import ssl
+from pathlib import Path
 
+import pytest
+import trustme
+from cryptography import x509
+
+from services.delivery import smtp_session
 from services.delivery.mta_sts import PolicyError, StsPolicy, parse_policy, parse_txt
+from services.delivery.smtp_session import client_tls_context
 from services.delivery.tls_policy import mx_matches, tls_policy
 
 POLICY = "\r\n".join(
@@ -65,3 +72,31 @@ def test_policy_precedence() -> None:
     testing = StsPolicy("testing", ("mx.example.test",), 60)
     relaxed = tls_policy(site_requires=False, verify_always=False, sts=testing)
     assert not relaxed.require and relaxed.allows_host("anything.test"), "testing mode only reports"
+
+
+def test_starttls_contexts_are_shared_by_kind() -> None:
+    opportunistic = client_tls_context(False)
+    verified = client_tls_context(True)
+    assert client_tls_context(False) is opportunistic and client_tls_context(True) is verified
+    assert opportunistic.verify_mode == ssl.CERT_NONE and not opportunistic.check_hostname
+    assert verified.verify_mode == ssl.CERT_REQUIRED and verified.check_hostname
+    assert opportunistic.minimum_version == verified.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def _serials(ctx: ssl.SSLContext) -> set[int]:
+    return {int(cert["serialNumber"], 16) for cert in ctx.get_ca_certs()}
+
+
+def test_a_renewed_ca_bundle_is_read_once_the_shared_context_is_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    old, new = trustme.CA(), trustme.CA()
+    old.cert_pem.write_to_path(str(bundle))
+    first = client_tls_context(True, str(bundle))
+    new.cert_pem.write_to_path(str(bundle))
+    assert client_tls_context(True, str(bundle)) is first, "shared while young"
+    monkeypatch.setattr(smtp_session, "_CONTEXT_LIFETIME", 0.0)
+    renewed = client_tls_context(True, str(bundle))
+    serial = x509.load_pem_x509_certificate(new.cert_pem.bytes()).serial_number
+    assert serial in _serials(renewed) and serial not in _serials(first)
