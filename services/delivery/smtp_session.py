@@ -117,12 +117,19 @@ def _reply_of(exc: aiosmtplib.SMTPResponseException, command: str) -> Reply:
     return Reply.parse(exc.code, exc.message, command)
 
 
-# What each stage expects, as Postfix reads it: MAIL 250; RCPT any 2xx (RFC 5321 names 250 and
-# 251; some servers say 252); DATA any 3xx (RFC 5321 names 354); the message any 2xx.
+# What each stage expects, as Postfix reads it: EHLO/HELO 250 (aiosmtplib refuses other 2xx, and
+# HELO is then tried); MAIL 250; RCPT any 2xx (RFC 5321 names 250 and 251; some servers say 252);
+# DATA any 3xx (RFC 5321 names 354); the message any 2xx.
+_EHLO_OK = tuple(range(200, 300))
 _MAIL_OK = (250,)
 _RCPT_OK = tuple(range(200, 300))
 _DATA_GO = tuple(range(300, 400))
 _TAKEN = tuple(range(200, 300))
+
+
+def protocol_error(command: str, got: str) -> Reply:
+    """What a server's reply that fits nothing is deferred with (Postfix: "protocol error")."""
+    return Reply(451, "4.5.0", f"SMTP protocol error: unexpected reply to {command}: {got}", command)
 
 
 def _misplaced(code: int, expected: tuple[int, ...]) -> bool:
@@ -416,7 +423,7 @@ class Connection:
         354 we never got) and the connection closed, never reused to go on guessing."""
         log.warning("protocol error from %s[%s]: %r in reply to %s", self.host, self.address, got, command)
         self.smtp.close()
-        reply = Reply(451, "4.5.0", f"SMTP protocol error: unexpected reply to {command}: {got}", command)
+        reply = protocol_error(command, got)
         return self._finished(recipients, {r: Deferred(r, reply, self.host) for r in recipients}, remote)
 
     def _refused_at_mail(
@@ -580,6 +587,10 @@ async def _hello(conn: Connection) -> None:
         await smtp.ehlo()
         return
     except aiosmtplib.SMTPResponseException as exc:
+        if _misplaced(exc.code, _EHLO_OK):
+            # Not SMTP at all (an HTTP server, say): out of step, so HELO would be guessing too.
+            smtp.close()
+            raise TryNextHost(protocol_error("EHLO", f"{exc.code} {exc.message}"), remote=True) from exc
         refusal = _reply_of(exc, "EHLO")
         if exc.code == 421 or not smtp.is_connected:
             raise TryNextHost(refusal, remote=True) from exc
@@ -587,6 +598,9 @@ async def _hello(conn: Connection) -> None:
     try:
         await smtp.helo()
     except aiosmtplib.SMTPResponseException as exc:
+        if _misplaced(exc.code, _EHLO_OK):
+            smtp.close()
+            raise TryNextHost(protocol_error("HELO", f"{exc.code} {exc.message}"), remote=True) from exc
         raise TryNextHost(_reply_of(exc, "HELO"), remote=True) from exc
     except _LOST as exc:
         raise TryNextHost(refusal, remote=True) from exc
