@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.core.addresses import recipient_key
@@ -15,7 +16,7 @@ from services.core.bus import BrokerUnavailable
 from services.core.config import AccountConfig, Config
 from services.core.envelope import META_POOL, new_message_id
 from services.core.outcome import QUEUE_UNAVAILABLE
-from services.core.telemetry import tracer
+from services.core.telemetry import recording, tracer
 from services.ingress import headers, policy
 from services.ingress.accounts import AccountStore
 from services.ingress.auth import Authenticator
@@ -327,6 +328,10 @@ class IngressHandler:
         )
 
     async def _queue(self, session: Session, sub: Submission, message_id: str) -> str:
+        if not recording():
+            # What OpenTelemetry's no-op tracer would make the span: the current one, unchanged
+            # (attaching it as current again, and back, cost ~3% of the CPU per message).
+            return await self._handoff.queue(sub, message_id=message_id, span=trace.get_current_span())
         with tracer().start_as_current_span(
             "smtp receive",
             kind=SpanKind.SERVER,

@@ -101,10 +101,16 @@ def local_domains(config: Config) -> list[str]:
 
 def in_networks(ip: str, networks: Iterable[str]) -> bool:
     try:
-        addr = ipaddress.ip_address(ip)
+        addr = _address(ip)
     except ValueError:
         return False
     return any(addr in _network(net) for net in networks)
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # Asked at MAIL and at DATA of every message, mostly by the same few clients.
+    return ipaddress.ip_address(ip)
 
 
 @functools.lru_cache(maxsize=256)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import types
+from collections.abc import Callable
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
@@ -22,12 +23,17 @@ class Prototype:
 
     Only immutable values, the handler, bound methods and dicts/tuples of them are copied; if
     aiosmtpd ever keeps anything else per connection, every connection takes the real path.
+    How each attribute is made again is worked out once, at capture (`_recipe`): values holding
+    nothing of the first connection and nothing mutable are shared, in one `dict.update`; the
+    method tables are copied, or re-bound from their functions, without looking at each entry
+    again (that look cost ~10 µs per connection).
     """
 
     def __init__(self) -> None:
         self._key: tuple[type, Any, dict[str, Any]] | None = None
         self._state: dict[str, Any] | None = None
-        self._source: object = None
+        self._shared: dict[str, Any] = {}
+        self._rebuilt: dict[str, Callable[[object], Any]] = {}
 
     def capture(self, conn: SMTP, handler: Any, kwargs: dict[str, Any]) -> None:
         """Remember `conn`'s attributes right after `SMTP.__init__` (before anything else)."""
@@ -37,7 +43,9 @@ class Prototype:
         transport_keys = _stream_protocol_attributes(getattr(conn, "loop", None))
         state = {k: v for k, v in vars(conn).items() if k not in transport_keys}
         if transport_keys and all(_copyable(value, conn, handler) for value in state.values()):
-            self._state, self._source = state, conn
+            self._state = state
+            self._shared = {k: v for k, v in state.items() if _shareable(v, conn)}
+            self._rebuilt = {k: _recipe(v, conn) for k, v in state.items() if k not in self._shared}
 
     def apply(self, conn: SMTP, handler: Any, kwargs: dict[str, Any]) -> bool:
         """Initialise `conn` like `SMTP.__init__` would; False when it must run the real thing."""
@@ -55,9 +63,9 @@ class Prototype:
             loop=loop,
         )
         own = vars(conn)
-        source = self._source
-        for name, value in state.items():
-            own[name] = _rebind(value, source, conn)
+        own.update(self._shared)
+        for name, make in self._rebuilt.items():
+            own[name] = make(conn)
         return True
 
 
@@ -102,6 +110,29 @@ def _copyable(value: Any, conn: object, handler: Any) -> bool:
     if isinstance(value, tuple):
         return all(_copyable(v, conn, handler) for v in value)
     return False
+
+
+def _shareable(value: Any, conn: object) -> bool:
+    """Whether every connection may hold `value` itself: nothing mutable, nothing of `conn`."""
+    if isinstance(value, types.MethodType):
+        return value.__self__ is not conn
+    if isinstance(value, tuple):
+        return all(_shareable(v, conn) for v in value)
+    return not isinstance(value, dict)
+
+
+def _recipe(value: Any, source: object) -> Callable[[object], Any]:
+    """How to make `value`, an attribute of `source`, for another connection."""
+    if isinstance(value, dict) and all(_shareable(v, source) for v in value.values()):
+        return lambda conn: dict(value)  # the handler's hooks and AUTH mechanisms
+    if isinstance(value, dict) and all(_method_of(v, source) for v in value.values()):
+        functions = {name: method.__func__ for name, method in value.items()}
+        return lambda conn: {name: types.MethodType(f, conn) for name, f in functions.items()}
+    return lambda conn: _rebind(value, source, conn)
+
+
+def _method_of(value: Any, conn: object) -> bool:
+    return isinstance(value, types.MethodType) and value.__self__ is conn
 
 
 def _rebind(value: Any, old: object, new: object) -> Any:
