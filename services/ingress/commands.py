@@ -37,16 +37,20 @@ _PLAIN_ANGLE_ADDR = re.compile(rf"<({PLAIN_ADDR_SPEC})>[ \t]*")
 # its last one. The dot must follow a label character: "domain..", "@." and "[literal]." are not
 # this form and stay malformed.
 _ROOT_DOT = re.compile(r"<[^<>]*@[^<>@\s]*[^<>@\s.\[\]](?=\.>)")
+# The same without angle brackets, which aiosmtpd (like Postfix) takes from lenient clients.
+_BARE_ROOT_DOT = re.compile(r"[^<>@\s]+@[^<>@\s]*[^<>@\s.\[\]](?=\.(?:\s|$))")
 
 
 def without_root_dot(arg: str) -> str:
     """A MAIL/RCPT argument whose address's domain ends with one trailing dot, without the dot:
-    `<a@example.com.>` is `<a@example.com>`, as Postfix's trivial-rewrite takes it. Dropped
-    before parsing, so every check after sees only the domain as it is configured and compared;
-    the result is an argument the client could have sent itself, so no check can be skipped."""
-    if ".>" not in arg:
-        return arg
-    match = _ROOT_DOT.match(arg)
+    `<a@example.com.>` is `<a@example.com>` (and `a@example.com.` is `a@example.com`), as
+    Postfix's trivial-rewrite takes it. Dropped before parsing, so every check after sees only
+    the domain as it is configured and compared; the result is an argument the client could have
+    sent itself, so no check can be skipped."""
+    if arg.startswith("<"):
+        match = _ROOT_DOT.match(arg) if ".>" in arg else None
+    else:
+        match = _BARE_ROOT_DOT.match(arg) if arg.partition(" ")[0].endswith(".") else None
     if match is None:
         return arg
     return arg[: match.end()] + arg[match.end() + 1 :]

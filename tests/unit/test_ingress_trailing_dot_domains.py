@@ -19,6 +19,9 @@ from services.ingress.commands import plain_angle_addr, without_root_dot
         ("<a@example..com.>", "<a@example..com>"),  # the empty label is still there to refuse
         ("<a@example.com>", "<a@example.com>"),
         ("<a@example.com> X=a.>", "<a@example.com> X=a.>"),  # a dot in the parameters stays
+        ("a@example.com.", "a@example.com"),  # without <>, as aiosmtpd and Postfix take it
+        ("a@example.com. SIZE=10", "a@example.com SIZE=10"),
+        ("a@example.com SIZE=1.", "a@example.com SIZE=1."),
     ],
 )
 def test_one_dot_after_a_label_is_dropped(arg: str, expected: str) -> None:
@@ -34,7 +37,11 @@ def test_one_dot_after_a_label_is_dropped(arg: str, expected: str) -> None:
         "<postmaster.>",
         "<a.@example.com>",
         "<>",
-        "a@example.com.",  # without <>: aiosmtpd's leniency, not this form
+        "a@example.com..",
+        "a@.",
+        "a@[192.0.2.1].",
+        "postmaster.",
+        "a@example.com.>",  # an unbalanced bracket is the parser's to refuse
     ],
 )
 def test_other_dots_are_left_for_the_parser(arg: str) -> None:

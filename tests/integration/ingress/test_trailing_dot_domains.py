@@ -88,6 +88,28 @@ async def test_owned_sender_and_recipients_are_taken_without_the_dot(two: Any) -
     assert list(env.recipients) == ["a@alpha.test", "b@Beta.Test"]
 
 
+async def test_without_angle_brackets_too(two: Any) -> None:
+    # Lenient clients send bare addresses; aiosmtpd and Postfix take them, dot or no dot.
+    stack, address = two
+
+    def deliver() -> tuple[int, bytes]:
+        with client(address["submission"]) as smtp:
+            login(smtp)
+            assert smtp.docmd("MAIL FROM:news@acme.test.")[0] == 250
+            assert smtp.docmd("RCPT TO:a@alpha.test.")[0] == 250
+            return smtp.data(message())
+
+    def not_owned() -> tuple[int, bytes]:
+        with client(address["submission"]) as smtp:
+            login(smtp)
+            return smtp.docmd("MAIL FROM:ceo@paypal.test.")
+
+    assert (await in_thread(deliver))[0] == 250
+    [env] = await queued(stack.config.nats.url)
+    assert env.sender == "news@acme.test" and list(env.recipients) == ["a@alpha.test"]
+    assert await in_thread(not_owned) == reply(SENDER_NOT_OWNED)
+
+
 async def test_a_domain_not_owned_is_refused_as_without_the_dot(two: Any) -> None:
     stack, address = two
     assert await in_thread(_mail, address["submission"], "ceo@paypal.test.") == reply(SENDER_NOT_OWNED)
