@@ -437,7 +437,10 @@ class Connection:
         self.clean = True  # refused: no transaction was opened
         reply = Reply.parse(code, message, "MAIL")
         if reply.is_permanent:
-            return TransactionResult([outcome_for(r, reply, self.host) for r in recipients], [reply])
+            # A transaction tried counts toward `messages_per_connection` like one that went
+            # through: a sender the server refuses must not keep one connection for ever.
+            refused = {r: outcome_for(r, reply, self.host) for r in recipients}
+            return self._finished(recipients, refused, [reply])
         raise TryNextHost(reply, remote=True)
 
     def _refused_at_rcpt(

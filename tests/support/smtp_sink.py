@@ -128,6 +128,8 @@ class SMTPSink:
         self.data_reply: str | None = None
         self.rcpt_replies: dict[str, str] = {}
         self.rcpt_default: str | None = None
+        # What MAIL is answered with instead of 250 (e.g. a 550 for a blocked sender).
+        self.mail_reply: str | None = None
         self.delay_data = 0.0
         self.delay_rcpt = 0.0  # seconds each RCPT waits for its reply (a tarpit before DATA)
         self.connections = 0
@@ -246,6 +248,16 @@ class SMTPSink:
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self.mail_reply is not None:
+            return self.mail_reply
+        # Implementing the hook makes taking the sender our job, not aiosmtpd's.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]

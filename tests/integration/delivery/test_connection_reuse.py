@@ -78,3 +78,15 @@ async def test_new_connection_rate_is_respected(make_stack, make_sink, shaping_f
     assert sink.connections == 8, "one message per connection"
     # 120/min: one new connection every 0.5 s, so at most 4 (+1) messages in any 2 s.
     assert max_in_window([m.received_at for m in got], 2.0) <= 5
+
+
+async def test_transactions_refused_at_mail_count_toward_the_message_budget(
+    make_stack, make_sink, shaping_file
+) -> None:
+    sink = make_sink("127.0.0.2")
+    sink.mail_reply = "550 5.7.1 sender blocked here"
+    stack = await make_stack(delivery={"shaping_file": shaping_file(TWO_PER_CONNECTION)})
+    await submit_many(stack, 6)
+    bounced = await wait_for_events(stack.config.nats.url, "bounced", 6)
+    assert {e.reply["enhanced"] for e in bounced if e.reply} == {"5.7.1"}
+    assert sink.connections == 3, "two transactions per connection, refused or not"
