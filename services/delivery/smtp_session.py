@@ -156,6 +156,7 @@ class Connection:
         self.tls_cipher = ""
         self.verified = False
         self.sent = 0
+        self._awaiting = "MAIL"
         self.opened_at = time.monotonic()
         self.last_used = self.opened_at
         # No transaction is open on the server (after EHLO, or after DATA's final reply).
@@ -195,6 +196,7 @@ class Connection:
         `stopping` says so before the message's final dot is sent. `smtputf8`: the sender
         submitted the message with SMTPUTF8 (`mail_parameters`)."""
         self._stopping = stopping
+        self._awaiting = "MAIL"  # the command whose reply is awaited, named if the connection is lost
         unprobed, self.unprobed = self.unprobed, False
         stale_ok = unprobed and stale_is_retryable
         self.clean = False
@@ -220,7 +222,7 @@ class Connection:
             # Lost mid-transaction: the recipients the server refused keep its reply (a 5xx
             # bounces now, as Postfix settles a recipient at its RCPT reply); no other was
             # confirmed, so those are retried later.
-            reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", "DATA")
+            reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", self._awaiting)
             settled = [outcomes.get(r) or Deferred(r, reply, self.host) for r in recipients]
             return TransactionResult(settled, remote, broken=True)
         except Exception as exc:
@@ -251,6 +253,7 @@ class Connection:
                 raise StaleConnection(repr(exc)) from exc
             raise
         accepted: list[str] = []
+        self._awaiting = "RCPT"
         for rcpt, address in zip(recipients, wire.recipients, strict=True):
             try:
                 await smtp.rcpt(address, encoding=wire.encoding)
@@ -269,6 +272,7 @@ class Connection:
                     return self._finished(recipients, outcomes, remote)
         if not accepted:
             return self._finished(recipients, outcomes, remote)
+        self._awaiting = "DATA"
         try:
             start = await smtp.execute_command(b"DATA")
         except aiosmtplib.SMTPResponseException as exc:  # not an SMTP reply at all
@@ -300,6 +304,8 @@ class Connection:
                 raise StaleConnection(repr(exc)) from exc
             if isinstance(exc, pipelining.GroupInterrupted):
                 self._refusals_before_loss(recipients, exc.replies, outcomes, remote)
+                read = len(exc.replies)
+                self._awaiting = "MAIL" if not read else "RCPT" if read <= len(recipients) else "DATA"
             raise
         if len(replies) > len(commands):
             extra = replies[len(commands)]
@@ -333,6 +339,7 @@ class Connection:
             for rcpt in accepted:
                 outcomes[rcpt] = Deferred(rcpt, closing, host)
             return self._finished(recipients, outcomes, remote)
+        self._awaiting = "DATA"
         return await self._data(data, content, recipients, accepted, outcomes, remote)
 
     def _rcpt_replies(

@@ -72,6 +72,7 @@ async def test_refused_recipients_keep_their_outcome_when_the_connection_goes(
     good, bad, busy = result.outcomes
     assert isinstance(good, Deferred), good
     assert (good.reply.code, good.reply.enhanced_status) == CONNECTION_LOST, good
+    assert good.reply.command == "DATA", "lost while the message was being sent or answered"
     assert isinstance(bad, Bounced), "a 550 at RCPT is final whatever happens later"
     assert (bad.reply.code, bad.reply.enhanced_status) == (550, "5.1.1"), bad
     assert isinstance(busy, Deferred), busy
@@ -79,3 +80,47 @@ async def test_refused_recipients_keep_their_outcome_when_the_connection_goes(
     assert result.broken and not conn.alive
     assert [r.code for r in result.remote_replies] == [550, 450]
     assert server.got_dot == (when in ("dot", "silent"))
+
+
+class GoesAwayAt(RefusesSomeRecipients):
+    """Closes without a reply when the command `verb` comes (the first one, for RCPT)."""
+
+    def __init__(self, verb: bytes, *, pipelining: bool) -> None:
+        super().__init__(pipelining=pipelining)
+        self.verb = verb
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx ESMTP\r\n")
+        extensions = b"250-mx\r\n" + (b"250-PIPELINING\r\n" if self.pipelining else b"") + b"250 8BITMIME\r\n"
+        try:
+            while line := await reader.readline():
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
+                if verb == self.verb:
+                    return
+                writer.write(extensions if verb == b"EHLO" else b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def going_away_at() -> AsyncIterator:
+    async with serving(GoesAwayAt) as start:
+        yield start
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
+@pytest.mark.parametrize("verb", ["MAIL", "RCPT"])
+async def test_the_deferral_names_the_command_the_connection_was_lost_at(
+    going_away_at, verb: str, pipelining: bool
+) -> None:
+    server = await going_away_at(verb.encode(), pipelining=pipelining)
+    conn = await connect(server)
+    try:
+        result = await conn.transact("a@acme.test", ["good@b.test"], BODY)
+    finally:
+        await conn.close()
+    [outcome] = result.outcomes
+    assert isinstance(outcome, Deferred), outcome
+    assert (outcome.reply.code, outcome.reply.enhanced_status) == CONNECTION_LOST, outcome
+    assert outcome.reply.command == verb, outcome.reply
