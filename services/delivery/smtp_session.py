@@ -315,6 +315,10 @@ class Connection:
         if mail.code != 250:
             # RFC 2920: the server answers the RCPTs and DATA after a refused MAIL with errors
             # (read above), so no transaction is open, as after a refused MAIL without pipelining.
+            to_data = replies[len(recipients) + 1] if len(replies) > len(recipients) + 1 else None
+            if to_data is not None and to_data.code in _DATA_GO:
+                # Yet this one opened the data phase: it would read our next commands as a message.
+                smtp.close()
             return self._refused_at_mail(mail.code, mail.message, recipients, remote, stale_ok)
         accepted: list[str] = []
         misplaced = self._rcpt_replies(recipients, replies[1:], outcomes, accepted, remote)

@@ -110,3 +110,19 @@ async def test_a_sound_server_still_gets_the_message(
         await conn.close()
     assert [o.kind for o in result.outcomes] == ["delivered"] and not result.broken
     assert server.bodies == [BODY]
+
+
+async def test_a_354_after_a_refused_mail_in_a_pipelined_group_closes_the_connection(misbehaving) -> None:
+    # Against RFC 2920 the server opened the data phase of a transaction it refused: it now
+    # reads whatever comes next as a message, so the connection cannot go back to the pool.
+    server = await misbehaving({"MAIL": b"550 5.7.1 sender refused\r\n"}, pipelining=True)
+    conn = await _connect(server)
+    try:
+        result = await conn.transact("a@acme.test", ["x@b.test"], BODY)
+    finally:
+        await conn.close()
+    [outcome] = result.outcomes
+    assert outcome.kind == "bounced" and outcome.reply.enhanced_status == "5.7.1", outcome
+    assert result.broken and not conn.alive
+    await asyncio.sleep(0.1)
+    assert server.bodies == []
