@@ -37,7 +37,7 @@ class RawServer(ABC):
 class ScriptedMX(RawServer):
     """A plain server up to the message: greets, answers EHLO with `extensions` (and STARTTLS
     before TLS when it has a `context`), takes STARTTLS, answers QUIT with 221 and any other
-    command with 250. DATA gets a 354, then `on_data` plays the transfer. A client resetting
+    command with `reply_to` (250). DATA gets a 354, then `on_data` plays the transfer. A client resetting
     the connection (as one giving up a transfer does) ends the session quietly."""
 
     extensions: tuple[bytes, ...] = (b"8BITMIME",)
@@ -49,6 +49,10 @@ class ScriptedMX(RawServer):
     @abstractmethod
     async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
         """Play the transfer after the 354: the reply to send next, or None to end the session."""
+
+    def reply_to(self, verb: bytes) -> bytes | None:
+        """The reply to any other command (HELO, MAIL, RCPT, RSET...); None closes without one."""
+        return b"250 ok\r\n"
 
     def ehlo_reply(self, tls: bool) -> bytes:
         keywords = [b"mx", *([b"STARTTLS"] if self.context is not None and not tls else []), *self.extensions]
@@ -80,7 +84,10 @@ class ScriptedMX(RawServer):
                     await writer.drain()
                     return
                 else:
-                    writer.write(b"250 ok\r\n")
+                    other = self.reply_to(verb)
+                    if other is None:
+                        return
+                    writer.write(other)
                 await writer.drain()
         except ConnectionError:
             pass

@@ -34,6 +34,7 @@ from services.core.topology import (
 from tests.integration.bounce.conftest import wait_consumed
 from tests.integration.delivery.conftest import SENDER_MX
 from tests.support.relais import an_envelope, read_events, wait_for_events
+from tests.support.smtp_sink import SMTPSink
 
 LARGE = 200_000  # over nats.inline_body_max: the body would be in the Object Store
 
@@ -69,6 +70,21 @@ def assert_expiry_dsn(dsn: bytes, recipients: tuple[str, ...]) -> None:
     assert "It is no longer held here, so none of it is attached." in text
 
 
+async def assert_expired_with_one_dsn(
+    url: str, sender_mx: SMTPSink, env: Envelope, recipients: tuple[str, ...]
+) -> None:
+    """Each recipient expired (4.4.7) and nothing else, one DSN to the sender saying so."""
+    expired = await wait_for_events(url, "expired", len(recipients))
+    assert sorted(r for e in expired for r in e.recipients) == sorted(recipients)
+    assert all(e.message_id == env.id and e.reply and e.reply["enhanced"] == "4.4.7" for e in expired)
+    (dsn,) = await sender_mx.async_wait_for(1)
+    assert dsn.mail_from == "<>" and dsn.rcpt_tos == [env.sender]
+    assert_expiry_dsn(dsn.data, recipients)
+    # Its outcome is in: every event the message will have is out.
+    kinds = [e.kind for e in await read_events(url) if e.message_id == env.id]
+    assert kinds == ["expired"] * len(recipients)
+
+
 def job(env: Envelope) -> Envelope:
     """The delivery job the router made of a one-domain message."""
     site = "alpha.test"
@@ -94,15 +110,7 @@ async def test_a_job_older_than_its_body_ttl_expires_with_a_dsn(make_stack, make
 
     await publish_job(bus, env)
 
-    expired = await wait_for_events(url, "expired", 2)
-    assert sorted(r for e in expired for r in e.recipients) == sorted(recipients)
-    assert all(e.message_id == env.id and e.reply and e.reply["enhanced"] == "4.4.7" for e in expired)
-    (dsn,) = await sender_mx.async_wait_for(1)
-    assert dsn.mail_from == "<>" and dsn.rcpt_tos == [env.sender]
-    assert_expiry_dsn(dsn.data, recipients)
-    # Its outcome is in: every event the message will have is out, and nothing went to its MX.
-    kinds = sorted(e.kind for e in await read_events(url) if e.message_id == env.id)
-    assert kinds == ["expired", "expired"]
+    await assert_expired_with_one_dsn(url, sender_mx, env, recipients)
     assert mx.messages == []
     # The body's release after the DSN finds no body to delete, and is no error for that.
     await wait_consumed(url, BOUNCE_FLUSH_STREAM, BOUNCE_FLUSH_CONSUMER)

@@ -17,7 +17,7 @@ from tests.integration.delivery.test_data_reply_after_partial_rcpt import (
     connect,
     read_message,
 )
-from tests.support.raw_smtp import serving
+from tests.support.raw_smtp import ScriptedMX, serving
 
 BODY = b"Subject: partial\r\n\r\nhello\r\n"
 CONNECTION_LOST = (451, "4.4.2")
@@ -82,25 +82,19 @@ async def test_refused_recipients_keep_their_outcome_when_the_connection_goes(
     assert server.got_dot == (when in ("dot", "silent"))
 
 
-class GoesAwayAt(RefusesSomeRecipients):
+class GoesAwayAt(ScriptedMX):
     """Closes without a reply when the command `verb` comes (the first one, for RCPT)."""
 
     def __init__(self, verb: bytes, *, pipelining: bool) -> None:
-        super().__init__(pipelining=pipelining)
+        super().__init__()
         self.verb = verb
+        self.extensions = (b"PIPELINING", b"8BITMIME") if pipelining else (b"8BITMIME",)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 mx ESMTP\r\n")
-        extensions = b"250-mx\r\n" + (b"250-PIPELINING\r\n" if self.pipelining else b"") + b"250 8BITMIME\r\n"
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
-                if verb == self.verb:
-                    return
-                writer.write(extensions if verb == b"EHLO" else b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
+    def reply_to(self, verb: bytes) -> bytes | None:
+        return None if verb == self.verb else super().reply_to(verb)
+
+    async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+        raise AssertionError("the connection goes before DATA")
 
 
 @pytest.fixture

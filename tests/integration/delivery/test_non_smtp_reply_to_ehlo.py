@@ -17,7 +17,7 @@ NOT_SMTP = b"HTTP/1.1 400 Bad Request\r\n"
 
 
 class AnswersHelloWithGarbage(ScriptedMX):
-    """Answers EHLO with `ehlo` and HELO with an HTTP line."""
+    """Answers EHLO with `ehlo` and HELO with an HTTP line; records the commands it got."""
 
     def __init__(self, *, ehlo: bytes) -> None:
         super().__init__()
@@ -25,29 +25,12 @@ class AnswersHelloWithGarbage(ScriptedMX):
         self.commands: list[bytes] = []
 
     def ehlo_reply(self, tls: bool) -> bytes:
+        self.commands.append(b"EHLO")
         return self.ehlo
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 mx ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].strip().upper()
-                self.commands.append(verb)
-                if verb == b"EHLO":
-                    writer.write(self.ehlo)
-                elif verb == b"HELO":
-                    writer.write(NOT_SMTP)
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    await writer.drain()
-                    return
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+    def reply_to(self, verb: bytes) -> bytes | None:
+        self.commands.append(verb)
+        return NOT_SMTP if verb == b"HELO" else super().reply_to(verb)
 
     async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
         raise AssertionError("no transaction may start")
