@@ -238,10 +238,28 @@ def service_env(base: dict[str, str], config_path: Path, nats_url: str, *, gener
     return env
 
 
+def _on_stop_signals(stop: Callable[..., None]) -> None:
+    """SIGTERM stops Relais; so do SIGINT (Ctrl-C) and SIGHUP (the terminal closed: the services
+    must stop gracefully, and the nats-server, in a session of its own, would be left running),
+    unless they were ignored when it started. `nohup` ignores SIGHUP so that closing the terminal
+    leaves the command running, and a shell ignores SIGINT for a job it starts in the background."""
+    signal.signal(signal.SIGTERM, stop)
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, stop)
+
+
 def run_up(
     *, data_dir: Path, config_path: str | None, smtp_port: int, start_timeout: float = START_TIMEOUT
 ) -> int:
     started = time.monotonic()
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    _on_stop_signals(stop)
     password = ""
     generated = config_path is None
     if config_path is None:
@@ -262,16 +280,6 @@ def run_up(
     children: dict[str, subprocess.Popen[bytes]] = {}
     logs_dir = data_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    # SIGHUP too: a closed terminal must stop the services gracefully and the nats-server, which
-    # runs in a session of its own and would be left running.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
     try:
         # Inside the try: nats-server runs in its own session, so a Ctrl-C during start-up
         # would not reach it, and only the finally below stops it.

@@ -1,4 +1,5 @@
-"""`kill` (SIGTERM) unwinds a test run or a benchmark the way Ctrl-C does.
+"""`kill` (SIGTERM) unwinds a test run or a benchmark the way Ctrl-C does, and Ctrl-C works even
+in a run started in the background.
 
 Python's default for SIGTERM is to die on the spot, skipping every `finally`, fixture teardown
 and `with` exit, which leaves the nats-servers, services and sinks the run started running for
@@ -19,3 +20,8 @@ def _unwind(signum: int, _frame: FrameType | None) -> None:
 
 def unwind_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _unwind)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Started in the background (`.ci/run &`, nohup): the shell made SIGINT ignored, and so
+        # it would be in every process the run starts, as no terminal leaves it. `relais up`
+        # leaves an inherited SIG_IGN alone, so its tests' Ctrl-C would never arrive.
+        signal.signal(signal.SIGINT, signal.default_int_handler)

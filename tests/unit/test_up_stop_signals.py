@@ -1,0 +1,45 @@
+"""Which signals stop `relais up`: SIGTERM always; Ctrl-C (SIGINT) and a closed terminal (SIGHUP)
+unless the shell started it with them ignored (`nohup`, a background job), as Unix commands do."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from services.up import _on_stop_signals
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture
+def restored_signals() -> Iterator[None]:
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _stop(*_: object) -> None:
+    pass
+
+
+def test_each_stop_signal_stops_it(restored_signals: None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    _on_stop_signals(_stop)
+    assert all(signal.getsignal(sig) is _stop for sig in SIGNALS)
+
+
+@pytest.mark.parametrize("ignored", [signal.SIGINT, signal.SIGHUP], ids=["background-job", "nohup"])
+def test_a_signal_ignored_at_start_stays_ignored(restored_signals: None, ignored: signal.Signals) -> None:
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN if sig == ignored else signal.SIG_DFL)
+    _on_stop_signals(_stop)
+    assert signal.getsignal(ignored) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is _stop
+    other = signal.SIGHUP if ignored == signal.SIGINT else signal.SIGINT
+    assert signal.getsignal(other) is _stop
