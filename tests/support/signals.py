@@ -1,5 +1,5 @@
-"""`kill` (SIGTERM) unwinds a test run or a benchmark the way Ctrl-C does, and Ctrl-C works even
-in a run started in the background.
+"""`kill` (SIGTERM) unwinds a test run or a benchmark the way Ctrl-C does, and the programs a run
+starts get the signals a terminal gives, even when the run was started in the background.
 
 Python's default for SIGTERM is to die on the spot, skipping every `finally`, fixture teardown
 and `with` exit, which leaves the nats-servers, services and sinks the run started running for
@@ -18,10 +18,18 @@ def _unwind(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
+def _ignore(signum: int, _frame: FrameType | None) -> None:
+    """Ignores the signal here, yet (being a handler) leaves the default to programs run."""
+
+
 def unwind_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _unwind)
+    # A run started in the background (`.ci/run &`) or under `nohup` has SIGINT or SIGHUP
+    # ignored, and so would every process it starts, since an ignored signal stays ignored
+    # across exec. `relais up` leaves an inherited SIG_IGN alone, so its tests' Ctrl-C and closed
+    # terminal would never arrive. A handled signal is reset to its default at exec: the programs
+    # get what a terminal gives them, and this run still outlives a hang-up as it was asked to.
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        # Started in the background (`.ci/run &`, nohup): the shell made SIGINT ignored, and so
-        # it would be in every process the run starts, as no terminal leaves it. `relais up`
-        # leaves an inherited SIG_IGN alone, so its tests' Ctrl-C would never arrive.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _ignore)
