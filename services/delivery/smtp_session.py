@@ -312,11 +312,11 @@ class Connection:
             what = f"a reply too many in a pipelined group ({extra.code} {extra.message})"
             return self._protocol_error(recipients, remote, what, "DATA")
         mail = replies[0]
+        data = replies[len(recipients) + 1] if len(replies) > len(recipients) + 1 else None
         if mail.code != 250:
             # RFC 2920: the server answers the RCPTs and DATA after a refused MAIL with errors
             # (read above), so no transaction is open, as after a refused MAIL without pipelining.
-            to_data = replies[len(recipients) + 1] if len(replies) > len(recipients) + 1 else None
-            if to_data is not None and to_data.code in _DATA_GO:
+            if data is not None and data.code in _DATA_GO:
                 # Yet this one opened the data phase: it would read our next commands as a message.
                 smtp.close()
             return self._refused_at_mail(mail.code, mail.message, recipients, remote, stale_ok)
@@ -324,7 +324,6 @@ class Connection:
         misplaced = self._rcpt_replies(recipients, replies[1:], outcomes, accepted, remote)
         if misplaced is not None:
             return self._protocol_error(recipients, remote, misplaced, "RCPT")
-        data = replies[len(recipients) + 1] if len(replies) > len(recipients) + 1 else None
         if data is not None and _misplaced(data.code, _DATA_GO):
             return self._protocol_error(recipients, remote, f"{data.code} {data.message}", "DATA")
         if not accepted:
@@ -601,10 +600,7 @@ async def _hello(conn: Connection) -> None:
         await smtp.ehlo()
         return
     except aiosmtplib.SMTPResponseException as exc:
-        if _misplaced(exc.code, _EHLO_OK):
-            # Not SMTP at all (an HTTP server, say): out of step, so HELO would be guessing too.
-            smtp.close()
-            raise TryNextHost(protocol_error("EHLO", f"{exc.code} {exc.message}"), remote=True) from exc
+        _raise_if_not_smtp(smtp, exc, "EHLO")  # out of step: HELO would be guessing too
         refusal = _reply_of(exc, "EHLO")
         if exc.code == 421 or not smtp.is_connected:
             raise TryNextHost(refusal, remote=True) from exc
@@ -612,12 +608,18 @@ async def _hello(conn: Connection) -> None:
     try:
         await smtp.helo()
     except aiosmtplib.SMTPResponseException as exc:
-        if _misplaced(exc.code, _EHLO_OK):
-            smtp.close()
-            raise TryNextHost(protocol_error("HELO", f"{exc.code} {exc.message}"), remote=True) from exc
+        _raise_if_not_smtp(smtp, exc, "HELO")
         raise TryNextHost(_reply_of(exc, "HELO"), remote=True) from exc
     except _LOST as exc:
         raise TryNextHost(refusal, remote=True) from exc
+
+
+def _raise_if_not_smtp(smtp: aiosmtplib.SMTP, exc: aiosmtplib.SMTPResponseException, command: str) -> None:
+    """A reply to EHLO or HELO that is neither a greeting nor a refusal (not SMTP at all: an
+    HTTP server, say) is a protocol error: the connection is closed and the next host tried."""
+    if _misplaced(exc.code, _EHLO_OK):
+        smtp.close()
+        raise TryNextHost(protocol_error(command, f"{exc.code} {exc.message}"), remote=True) from exc
 
 
 def without_starttls(settings: SessionSettings) -> SessionSettings:
