@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
-from services.core.accounts import hash_password
-from services.core.config import Config, ConfigError, load_config
-from services.core.runtime import serve, setup_logging
+# Relais' own modules are imported inside the commands, after main() has made Ctrl-C quiet: they
+# take a good part of a second to import, and a Ctrl-C then would end in a traceback.
+if TYPE_CHECKING:
+    from services.core.config import Config
 
 
 def _builders() -> dict[str, Callable[..., object]]:
@@ -33,6 +37,8 @@ SERVICES = ("ingress", "router", "delivery", "bounce")
 
 
 def _load(path: str | None) -> Config:
+    from services.core.config import ConfigError, load_config
+
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -41,6 +47,10 @@ def _load(path: str | None) -> Config:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.core.runtime import serve, setup_logging
+
     setup_logging(args.log_level)
     config = _load(args.config)
     if args.nats_url:
@@ -52,6 +62,8 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from services.core.config import ConfigError
+
     config = _load(args.config)
     if config.dkim:
         from services.router.dkim import load_keys
@@ -76,6 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_dkim(args: argparse.Namespace) -> int:
+    from services.core.config import ConfigError
     from services.router.dkim import dns_record, load_keys
 
     try:
@@ -124,6 +137,8 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
 
 
 def cmd_account_hash(args: argparse.Namespace) -> int:
+    from services.core.accounts import hash_password
+
     password = args.password or getpass.getpass("password: ")
     print(hash_password(password))
     return 0
@@ -195,8 +210,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_while_starting(signum: int, _frame: FrameType | None) -> None:
+    """Ctrl-C while `relais` is still importing, before its command started anything: it ends
+    at once, as killed by the signal (what shells report as 130, and what Python itself does
+    after an uncaught KeyboardInterrupt), only without the traceback."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _quiet_ctrl_c_while_starting() -> Callable[[], None]:
+    """Makes a Ctrl-C quiet until the command begins; returns what puts Python's handler back.
+    Only Python's own handler is replaced: a SIGINT ignored by the shell (a job started in the
+    background) stays ignored, and `relais up` then leaves it so too."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return lambda: None
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    restore = _quiet_ctrl_c_while_starting()
+    try:
+        args = build_parser().parse_args(argv)
+    except BaseException:  # --help, a usage error
+        restore()
+        raise
+    # `relais up` keeps it until its own stop handlers replace it (services.up._on_stop_signals),
+    # after more imports; every other command gets Python's KeyboardInterrupt back, as before.
+    if args.command != "up":
+        restore()
     if args.command == "mailbox" and args.action == "show" and not args.id:
         print("relais: mailbox show needs a message id", file=sys.stderr)
         return 2
