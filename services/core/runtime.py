@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 class Service(Protocol):
     """What `serve` runs. A service may also define `ready() -> bool` (e.g. listeners bound),
-    and `webhook_accounts() -> list[str]` (the accounts whose events it posts now)."""
+    `describe_listeners() -> str` (what it listens on, for /readyz), and
+    `webhook_accounts() -> list[str]` (the accounts whose events it posts now)."""
 
     async def run(self, stop: asyncio.Event) -> None: ...
 
@@ -147,11 +148,13 @@ def readiness_checks(
         return not missing, f"missing {', '.join(missing)}" if missing else ""
 
     async def listeners_bound() -> tuple[bool, str]:
-        # A service says so with `ready()`; one that listens (the ingress) is ready once its
-        # socket is bound (`address` set); consumers have nothing to bind.
+        # A service says so with `ready()`, and names what it bound with `describe_listeners()`;
+        # one that listens is ready once its socket is bound (`address` set); consumers have
+        # nothing to bind.
         ready = getattr(service, "ready", None)
         if callable(ready):
-            return bool(ready()), ""
+            describe = getattr(service, "describe_listeners", None)
+            return bool(ready()), describe() if callable(describe) else ""
         if hasattr(service, "address"):
             address = getattr(service, "address", None)
             return address is not None, f"{address[0]}:{address[1]}" if address else "not bound"

@@ -81,6 +81,11 @@ def _check_open_files(connections: int) -> None:
         )
 
 
+def _shown(bound: list[tuple[str, int]]) -> str:
+    """Bound addresses as an operator writes them: `127.0.0.1:2525, [::1]:2525`."""
+    return ", ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in bound)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -118,7 +123,11 @@ class IngressService:
         self._servers: list[asyncio.Server] = []
         self._connections: set[RelaisSMTP] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        # listen string as configured -> bound (host, port); `address` is the first listener's.
+        self._listeners = listener_configs(config)
+        # listen string as configured -> every (host, port) it bound: a name with several
+        # addresses (`localhost` as 127.0.0.1 and ::1) gets a socket for each.
+        self.bound: dict[str, list[tuple[str, int]]] = {}
+        # listen string -> its first bound (host, port); `address` is the first listener's.
         self.addresses: dict[str, tuple[str, int]] = {}
         self.address: tuple[str, int] | None = None
         self._listening = False
@@ -128,6 +137,16 @@ class IngressService:
         traffic for all its ports at once: ready after the first listener only, clients of the
         others would be refused while the rest bind, or for good when one cannot bind."""
         return self._listening
+
+    def describe_listeners(self) -> str:
+        """Each listener as configured, with its mode and what it bound, for /readyz: a name that
+        gave more (or fewer) addresses than the operator expected shows there."""
+        return "; ".join(
+            f"{li.mode} {li.listen} on {_shown(self.bound[li.listen])}"
+            if li.listen in self.bound
+            else f"{li.mode} {li.listen} not bound"
+            for li in self._listeners
+        )
 
     def _factory(self, listener: ListenerConfig) -> Callable[[], RelaisSMTP]:
         cfg = self._config.ingress
@@ -193,19 +212,20 @@ class IngressService:
         await self.accounts.start()
         await self.sessions.start()
         loop = asyncio.get_running_loop()
-        listeners = listener_configs(self._config)
-        _check_open_files(len(listeners) * self._config.ingress.max_connections)
+        _check_open_files(len(self._listeners) * self._config.ingress.max_connections)
         try:
-            for listener in listeners:
+            for listener in self._listeners:
                 host, port = split_listen(listener.listen)
                 server = await loop.create_server(
                     self._factory(listener), host=host, port=port, reuse_address=True
                 )
                 self._servers.append(server)
-                sock = server.sockets[0].getsockname()
-                self.addresses[listener.listen] = (sock[0], sock[1])
-                self.address = self.address or (sock[0], sock[1])
-                log.info("ingress %s listener on %s:%s", listener.mode, sock[0], sock[1])
+                # getsockname() is (host, port) for IPv4, (host, port, flowinfo, scope) for IPv6.
+                bound = [(name[0], name[1]) for name in (sock.getsockname() for sock in server.sockets)]
+                self.bound[listener.listen] = bound
+                self.addresses[listener.listen] = bound[0]
+                self.address = self.address or bound[0]
+                log.info("ingress %s listener %s on %s", listener.mode, listener.listen, _shown(bound))
         except BaseException:
             # The process then exits non-zero (the orchestrator restarts it), never ready.
             await self.stop()
