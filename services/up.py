@@ -281,6 +281,8 @@ def run_up(
     logs_dir = data_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if stopping:
+            return 0  # stopped while reading its configuration: nothing to start, nor to stop
         # Inside the try: nats-server runs in its own session, so a Ctrl-C during start-up
         # would not reach it, and only the finally below stops it.
         nats.start()

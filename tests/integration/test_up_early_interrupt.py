@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import _quiet_ctrl_c_while_starting, main
+from services.core.config import load_config
 from services.core.embedded import free_port, stop_process
 from services.up import _on_stop_signals
 from tests.integration.test_relais_up import alive, started_by
@@ -139,3 +140,22 @@ def test_other_commands_get_pythons_handler_back(
         main(["no-such-command"])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     capsys.readouterr()
+
+
+def test_a_stop_before_nats_starts_starts_nothing(
+    python_ctrl_c: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C once `run_up` has taken over, while it still reads its configuration, stops it
+    before nats-server and the services are started (they used to start, and then stop)."""
+    from services import up
+
+    def interrupted_while_loading(path: str) -> object:
+        config = load_config(path)
+        os.kill(os.getpid(), signal.SIGINT)  # run_up's own handler takes it
+        return config
+
+    monkeypatch.setattr(up, "load_config", interrupted_while_loading)
+    data = tmp_path / "relais-data"
+    assert up.run_up(data_dir=data, config_path=None, smtp_port=free_port()) == 0
+    assert not (data / "nats").exists() and not (data / "nats.log").exists(), "nats-server never started"
+    assert not list((data / "logs").iterdir()), "no service started"
