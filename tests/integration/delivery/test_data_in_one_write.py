@@ -6,6 +6,7 @@ its own, after the body has drained, so that a transfer given up on never sends 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterator
 
 import pytest
@@ -21,8 +22,8 @@ from tests.support.raw_smtp import ScriptedMX, serving
 class KeepsMessage(ScriptedMX):
     """Reads the message up to its final dot, keeps it as it arrived, and answers 250."""
 
-    def __init__(self, context: object = None) -> None:
-        super().__init__(context)  # type: ignore[arg-type]
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        super().__init__(context)
         self.received = b""
 
     async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
