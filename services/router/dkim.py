@@ -120,7 +120,11 @@ def private_key_material(data: bytes, algorithm: str) -> bytes:
         raise ValueError("not an RSA private key")
     if key.key_size < 1024:
         raise ValueError(f"RSA key of {key.key_size} bits is too short (use 2048)")
-    return data
+    # Written out afresh: dkimpy's own PEM reader refuses files that cryptography reads (CRLF
+    # line ends, a public key before the private one), which would leave every message unsigned.
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def load_keys(config: Config) -> dict[str, list[SigningKey]]:
