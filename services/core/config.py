@@ -10,6 +10,7 @@ the environment, are errors: a typo must never silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import os
 import re
@@ -252,6 +253,18 @@ def listener_configs(config: Config) -> list[ListenerConfig]:
     return list(config.ingress.listeners) or [ListenerConfig(listen=config.ingress.listen)]
 
 
+def _calendar_day(text: str) -> bool:
+    """Whether `text` is a day of the calendar written YYYY-MM-DD: "2026-02-30" has the shape,
+    but the router's `date.fromisoformat` then raised for every job of the pool."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return False
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     if config.nats.replicas not in (1, 3, 5):
@@ -437,7 +450,7 @@ def _validate_routing(config: Config) -> None:
             if source.warmup:
                 if source.warmup not in config.warmup:
                     raise ConfigError(f"{where}.warmup: unknown schedule {source.warmup!r}")
-                if not re.match(r"^\d{4}-\d{2}-\d{2}$", source.warmup_start):
+                if not _calendar_day(source.warmup_start):
                     raise ConfigError(f"{where}.warmup_start: expected the first day as YYYY-MM-DD")
     for name, site in config.sites.items():
         if not valid_name(name):

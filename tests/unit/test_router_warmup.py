@@ -140,5 +140,14 @@ def test_config_rejects_unknown_schedules_and_bad_dates() -> None:
     )
     with pytest.raises(ConfigError, match="warmup_start"):
         validate(bad_date)
+    # The shape of a date but no day of the calendar: routing raised for every job of the pool,
+    # which was retried without end and never delivered nor bounced.
+    for impossible in ("2026-02-30", "2026-13-01", "2026-00-10"):
+        source = SourceConfig(address="127.0.0.5", warmup="w", warmup_start=impossible)
+        no_such_day = Config(
+            pools={"default": PoolConfig(sources=[source])}, warmup={"w": WarmupConfig(daily=[1])}
+        )
+        with pytest.raises(ConfigError, match="warmup_start"):
+            validate(no_such_day)
     with pytest.raises(ConfigError, match="overflow"):
         validate(Config(warmup={"w": WarmupConfig(daily=[1], overflow="drop")}))
