@@ -63,7 +63,9 @@ class ConnectionPool:
         # (source address, MX address) whose STARTTLS failed: opportunistic TLS is skipped until then.
         self._tls_broken: dict[tuple[str, str], float] = {}
         self._leases: dict[int, Lease] = {}
-        self._opening: Counter[str] = Counter()  # leases granted to connections being opened
+        # Leases granted to connections being opened (by id of the lease): renewed like the
+        # others, since a tarpit greeting can take longer than LEASE_TTL.
+        self._opening: dict[int, Lease] = {}
         self._lease_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._lease_miss: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -114,7 +116,7 @@ class ConnectionPool:
                     if lease is None:
                         self._lease_miss[key] = time.monotonic()
                     else:
-                        self._opening[lease.key] += 1  # held from now on, registered once open
+                        self._opening[id(lease)] = lease  # held from now on, registered once open
             if lease is not None:
                 return await self._open(source, site, host, address, limits, policy, lease)
             # Our own idle connections to another MX of the site hold leases we can free (to
@@ -132,7 +134,10 @@ class ConnectionPool:
         """Leases this worker holds on (source, site): its open connections' and those granted
         to connections still opening."""
         key = lease_key(source, site)
-        return self._opening[key] + sum(1 for lease in self._leases.values() if lease.key == key)
+        return sum(1 for lease in self._held_leases() if lease.key == key)
+
+    def _held_leases(self) -> list[Lease]:
+        return [*self._leases.values(), *self._opening.values()]
 
     async def _reuse(
         self, source: Source, host: str, address: str, limits: Limits, policy: TlsPolicy
@@ -197,14 +202,14 @@ class ConnectionPool:
             )
         except BaseException:
             if lease is not None:
-                self._opening[lease.key] -= 1
+                self._opening.pop(id(lease), None)
                 await self._limits.release(lease)
             raise
         self.opened += 1
         log.debug("opened connection %s -> %s[%s] for site %s", source.address, host, address, site)
         self._site_of[id(conn)] = (source.address, site)
         if lease is not None:
-            self._opening[lease.key] -= 1
+            self._opening.pop(id(lease), None)
             self._leases[id(conn)] = lease
         return conn
 
@@ -252,20 +257,24 @@ class ConnectionPool:
         now = time.monotonic()
         for key in [k for k, until in self._tls_broken.items() if until <= now]:
             del self._tls_broken[key]
+        stale: list[Connection] = []
         for key, conns in list(self._idle.items()):
-            stale = [c for c in conns if now - c.last_used > self._idle_timeout or not c.alive]
-            for conn in stale:
+            for conn in [c for c in conns if now - c.last_used > self._idle_timeout or not c.alive]:
                 conns.remove(conn)
-                await self._discard(conn)
+                stale.append(conn)
             if not conns:
                 self._idle.pop(key, None)
+        # Together: each close may wait for its QUIT (5 s), and a few silent peers closed one
+        # after another would hold the next renewal back until every lease here had lapsed.
+        await asyncio.gather(*(self._discard(conn) for conn in stale))
 
     async def _renew_leases(self) -> None:
-        held = Counter(lease.key for lease in self._leases.values())
-        due = {lease.key for lease in self._leases.values() if lease.until - time.time() < LEASE_RENEW_BEFORE}
+        leases = self._held_leases()
+        held = Counter(lease.key for lease in leases)
+        due = {lease.key for lease in leases if lease.until - time.time() < LEASE_RENEW_BEFORE}
         for key in due:
             await self._limits.renew(key, held[key])
-            for lease in self._leases.values():
+            for lease in leases:
                 if lease.key == key:
                     lease.until = time.time() + LEASE_TTL
 
