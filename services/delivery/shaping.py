@@ -93,17 +93,24 @@ class Shaping:
         """The shaping site of a job: the rule that claims it, else the router's site name.
 
         All of a provider's MX hosts then share one budget, whatever the router named them.
+        The most specific claim wins, not the first rule: a domain named outright, then the
+        router's site name, then the longest MX suffix. An operator's rule for one customer
+        domain hosted by a provider is merged after the provider's built-in rule and inside
+        its MX suffix, and must not be shadowed by it.
         """
         site, domain, mx_host = site.lower(), domain_key(domain), mx_host.lower().rstrip(".")
         for rule in self.sites:
-            if rule.name == site:
-                return rule.name
-        for rule in self.sites:
             if domain and domain in rule.domains:
                 return rule.name
-            if mx_host and any(mx_host.endswith(s) for s in rule.mx_suffixes):
+        for rule in self.sites:
+            if rule.name == site:
                 return rule.name
-        return site or domain or mx_host
+        best, longest = "", -1
+        for rule in self.sites:
+            for suffix in rule.mx_suffixes:
+                if len(suffix) > longest and _under(mx_host, suffix):
+                    best, longest = rule.name, len(suffix)
+        return best or site or domain or mx_host
 
     def limits(self, site: str, source: str = "") -> Limits:
         """Default, then the site's rule, then the site's override for this source IP."""
@@ -138,6 +145,12 @@ class Shaping:
 
 
 _ADDRESS = re.compile(r"[^\s<>]+@[^\s<>]+")
+
+
+def _under(host: str, suffix: str) -> bool:
+    """Whether `host` is `suffix` or a name below it: whole labels only, so "example.test"
+    does not claim "notexample.test"."""
+    return bool(host) and (host == suffix or host.endswith("." + suffix))
 
 
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
@@ -197,7 +210,8 @@ def _parse(data: dict[str, Any]) -> Shaping:
                 name=name.lower(),
                 overrides=_limit_values(table, where),
                 source_overrides=sources,
-                mx_suffixes=tuple(s.lower() for s in _names(table, "mx_suffixes", where)),
+                # Written ".google.com", "google.com" or "google.com.": matched by whole labels.
+                mx_suffixes=tuple(s.lower().strip(".") for s in _names(table, "mx_suffixes", where)),
                 domains=tuple(domain_key(d) for d in _names(table, "domains", where)),
             )
         )
