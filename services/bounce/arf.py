@@ -6,7 +6,7 @@ import email
 from dataclasses import dataclass, field
 from email.message import Message
 
-from services.bounce.parse import returned_message
+from services.bounce.parse import MAX_FIELD, header_text, returned_message
 
 # Feedback types that mean "the recipient does not want this mail" (RFC 5965 section 7.3);
 # "not-spam" is the opposite and "virus" is about the content, not the recipient's wishes.
@@ -45,7 +45,7 @@ def parse_arf(msg: Message) -> FeedbackReport | None:
     rcpts = [_bare(v) for v in fields.get_all("Original-Rcpt-To", []) if _bare(v)]
     return FeedbackReport(
         feedback_type=str(fields.get("Feedback-Type", "")).strip().lower(),
-        user_agent=str(fields.get("User-Agent", "")).strip(),
+        user_agent=header_text(fields.get("User-Agent", "")).strip()[:MAX_FIELD],
         original_mail_from=_bare(fields.get("Original-Mail-From", "")),
         original_rcpt_to=rcpts,
         source_ip=str(fields.get("Source-IP", "")).strip(),
@@ -70,7 +70,7 @@ def _report_fields(msg: Message) -> Message | None:
 
 
 def _bare(value: object) -> str:
-    text = str(value or "").strip()
+    text = header_text(value).strip()
     if ";" in text and "@" not in text.partition(";")[0]:
         text = text.partition(";")[2]
     return text.strip().strip("<>").strip()

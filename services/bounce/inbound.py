@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 
 from services.bounce.arf import parse_arf
 from services.bounce.classify import BounceCategory, BounceRule, is_hard
-from services.bounce.parse import FailedRecipient, parse_bounce, parse_message
+from services.bounce.parse import FailedRecipient, header_text, parse_bounce, parse_message
 from services.bounce.policy import suppression_expiry
 from services.core import bus as transport
 from services.core.bodies import BodyMissing, BodyStore
@@ -103,7 +103,7 @@ def return_paths(addresses: Iterable[str], config: BounceConfig) -> list[ReturnP
 def _header_addresses(msg: Message | None, names: Sequence[str]) -> list[str]:
     if msg is None:
         return []
-    values = [str(v) for name in names for v in (msg.get_all(name) or [])]
+    values = [header_text(v) for name in names for v in (msg.get_all(name) or [])]
     parsed = [addr for _, addr in email.utils.getaddresses(values) if "@" in addr]
     return parsed or [m.group(0) for v in values for m in _ADDRESS.finditer(v)]
 

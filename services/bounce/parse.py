@@ -7,11 +7,16 @@ text found next to each address, through the same classifier as synchronous fail
 
 from __future__ import annotations
 
+import binascii
 import email
 import email.message
+import io
+import quopri
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from email.generator import BytesGenerator
+from email.header import Header, decode_header
 from email.message import Message
 
 from flufl.bounce import all_failures
@@ -31,10 +36,33 @@ def reply_in_text(text: str) -> re.Match[str] | None:
 
 
 _STATUS_IN_TEXT = re.compile(r"(?<![\d.])#?([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
-_RETURNED = frozenset({"message/rfc822", "text/rfc822-headers", "message/rfc822-headers"})
+# RFC 6533's message/global* types are what Postfix and Exim write for mail sent with SMTPUTF8.
+_RETURNED = frozenset(
+    {
+        "message/rfc822",
+        "text/rfc822-headers",
+        "message/rfc822-headers",
+        "message/global",
+        "message/global-headers",
+    }
+)
+_DSN_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
+_IDENTITY_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
+# What only a delay warning says (Exim, Gmail, Exchange, sendmail, Symantec wordings): read in
+# the report's own text, never in the returned message.
+_DELAY_WARNING = re.compile(
+    r"has not yet been delivered|delivery attempts will continue|this is (?:just )?a warning"
+    r"|warning message only|has been delayed|has been postponed|advisory-only"
+    r"|do not need to resend",
+    re.IGNORECASE,
+)
 # Prose around an address that explains it: its own line and a few after (Exim, Postfix style).
 _CONTEXT_LINES = 4
 _MAX_TEXT = 20_000
+# What one field of a report may carry on into an event. An SMTP reply runs to a few lines
+# (Gmail's longest, about 300 characters); a crafted report can put megabytes in one field,
+# and an event over NATS' max_payload was refused at every redelivery, for ever.
+MAX_FIELD = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +117,11 @@ def parse_bounce(msg: Message, rules: Sequence[BounceRule] = DEFAULT_RULES) -> P
     if not temporary and not permanent:
         return ParsedBounce("none", [], "", original)
     text = human_text(msg)
+    if _DELAY_WARNING.search(" ".join(text.split())):
+        # flufl's first detector to name an address wins, and its generic matcher comes before
+        # its warning one: Exim's delay warning in prose came out as a failure. The message is
+        # still being retried; what the warning says about it is no outcome.
+        temporary, permanent = temporary | permanent, frozenset()
     hard = [_address(_decode(a)) for a in sorted(permanent)]
     soft = [_address(_decode(a)) for a in sorted(temporary - permanent)]
     recipients = [_heuristic_recipient(a, True, text, rules) for a in hard if a]
@@ -104,19 +137,50 @@ def _decode(address: bytes | str) -> str:
 
 def _delivery_status(msg: Message) -> tuple[Message, list[Message]] | None:
     for part in msg.walk():
-        if part.get_content_type() != "message/delivery-status":
+        ctype = part.get_content_type()
+        if ctype not in _DSN_TYPES:
             continue
         payload = part.get_payload()
-        if isinstance(payload, list) and payload and all(isinstance(p, Message) for p in payload):
+        encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+        if (
+            ctype == "message/delivery-status"
+            and encoding in _IDENTITY_ENCODINGS
+            and isinstance(payload, list)
+            and payload
+            and all(isinstance(p, Message) for p in payload)
+        ):
             return payload[0], payload[1:]
-        # Some MTAs base64 the part or the parser kept it as text: split the blocks ourselves.
-        data = part.get_payload(decode=True) or b""
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        # Encoded, global (which the stdlib reads as one embedded message) or kept as text:
+        # split the blocks ourselves.
+        text = _part_text(part, encoding)
         blocks = [email.message_from_string(b.strip() + "\n") for b in re.split(r"\r?\n\s*\r?\n", text)]
         blocks = [b for b in blocks if len(b.keys())]
         if blocks:
             return blocks[0], blocks[1:]
     return None
+
+
+def _part_text(part: Message, encoding: str) -> str:
+    """A part's body as UTF-8 text. The stdlib parses a message/* body as header blocks or as
+    an embedded message even when it is base64, so its octets are written back out first."""
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        out = io.BytesIO()
+        for block in payload:
+            if isinstance(block, Message):
+                BytesGenerator(out, mangle_from_=False, maxheaderlen=0).flatten(block)
+                out.write(b"\n")
+        data = out.getvalue()
+    else:
+        data = str(payload or "").encode("utf-8", "surrogateescape")
+    try:
+        if encoding == "base64":
+            data = binascii.a2b_base64(data)
+        elif encoding == "quoted-printable":
+            data = quopri.decodestring(data)
+    except (binascii.Error, ValueError):
+        pass  # read as it stands: a broken encoding yields no fields, not a crash
+    return data.decode("utf-8", "replace")
 
 
 def _dsn_recipient(block: Message, rules: Sequence[BounceRule]) -> FailedRecipient | None:
@@ -192,7 +256,7 @@ def human_text(msg: Message) -> str:
 
 def _walk_outside_returned(msg: Message) -> Iterator[Message]:
     yield msg
-    if msg.get_content_type() in _RETURNED or msg.get_content_type() == "message/delivery-status":
+    if msg.get_content_type() in _RETURNED or msg.get_content_type() in _DSN_TYPES:
         return
     if msg.is_multipart():
         for sub in msg.get_payload():
@@ -203,23 +267,36 @@ def _walk_outside_returned(msg: Message) -> Iterator[Message]:
 def returned_message(msg: Message) -> Message | None:
     """The returned original (full message or its headers), when the report carries one."""
     for part in msg.walk():
-        ctype = part.get_content_type()
-        if ctype == "message/rfc822":
-            payload = part.get_payload()
-            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
-                return payload[0]
-        elif ctype in ("text/rfc822-headers", "message/rfc822-headers"):
-            data = part.get_payload(decode=True)
-            if isinstance(data, bytes):
-                return email.message_from_bytes(data.lstrip())
+        if part.get_content_type() not in _RETURNED:
+            continue
+        # message/* parts come parsed as an embedded message; text/rfc822-headers as text.
+        payload = part.get_payload()
+        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+            return payload[0]
+        data = part.get_payload(decode=True)
+        if isinstance(data, bytes):
+            return email.message_from_bytes(data.lstrip())
     return None
 
 
+def header_text(value: object) -> str:
+    """A header field's value as text. The parser keeps 8-bit octets (an address in raw UTF-8,
+    as an MTA without RFC 6533 writes it) as surrogates, and hands such a value out as a Header
+    whose str() replaces them: both are read as UTF-8 here. A surrogate passed on would make
+    every later encode() raise."""
+    if isinstance(value, Header):
+        return b"".join(
+            chunk if isinstance(chunk, bytes) else chunk.encode("utf-8", "surrogateescape")
+            for chunk, _ in decode_header(value)
+        ).decode("utf-8", "replace")
+    return str(value or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _untype(value: object) -> str:
-    """'smtp; 550 ...' -> '550 ...'; 'dns; mx.example' -> 'mx.example'."""
-    text = " ".join(str(value or "").split())
+    """'smtp; 550 ...' -> '550 ...'; 'dns; mx.example' -> 'mx.example'. At most MAX_FIELD long."""
+    text = " ".join(header_text(value).split())
     kind, sep, rest = text.partition(";")
-    return rest.strip() if sep and re.fullmatch(r"[A-Za-z0-9-]+", kind.strip()) else text
+    return (rest.strip() if sep and re.fullmatch(r"[A-Za-z0-9-]+", kind.strip()) else text)[:MAX_FIELD]
 
 
 def _address(value: object) -> str:

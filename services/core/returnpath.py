@@ -139,7 +139,10 @@ def parse_verp(address: str, *, prefix: str, domain: str) -> ReturnPath | None:
 
 def verify(path: ReturnPath, recipient: str, secrets: Sequence[str]) -> bool:
     """Whether `recipient` is one the message was really sent to, as far as the MAC can tell."""
-    if not recipient or "@" not in recipient:
+    local, at, _ = recipient.rpartition("@")
+    # No message of ours went to a longer name (the ingress takes 64 characters of local part,
+    # DNS 253 of domain): a domain-bound MAC would otherwise vouch for a name of any length.
+    if not at or not local or len(local) > 64 or len(domain_of(recipient)) > 253:
         return False
     scopes = {_scope(path.single_recipient, [recipient]), _legacy_scope(path.single_recipient, recipient)}
     return any(
