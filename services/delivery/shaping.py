@@ -9,6 +9,8 @@ The format is documented in `shaping_default.toml`, which ships as package data;
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -118,7 +120,7 @@ class Shaping:
         for rule in self.sites:
             if rule.name == site:
                 values.update(rule.overrides)
-                values.update(rule.source_overrides.get(source, {}))
+                values.update(rule.source_overrides.get(_address_key(source), {}))
         return Limits(**values)
 
     def pushback_for(self, reply: Reply, site: str) -> Pushback | None:
@@ -151,6 +153,29 @@ def _under(host: str, suffix: str) -> bool:
     """Whether `host` is `suffix` or a name below it: whole labels only, so "example.test"
     does not claim "notexample.test"."""
     return bool(host) and (host == suffix or host.endswith("." + suffix))
+
+
+def _site_name(name: str) -> str:
+    """A site as the router names it: lower case, no trailing dot ("Example.Test." is example.test)."""
+    return name.lower().rstrip(".")
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_key(address: str) -> str:
+    """One spelling per IP address ("2001:DB8:0::1" is 2001:db8::1); anything else as it is."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+
+
+def _source_key(key: str, where: str) -> str:
+    """A `[site.<name>.source."<ip>"]` key in its one spelling; a key that is no IP address would
+    silently never apply."""
+    try:
+        return str(ipaddress.ip_address(key))
+    except ValueError:
+        raise ConfigError(f"shaping: {where}.source.{key}: expected a source IP address") from None
 
 
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
@@ -202,12 +227,13 @@ def _parse(data: dict[str, Any]) -> Shaping:
     for name, table in data.get("site", {}).items():
         where = f"site.{name}"
         _check_keys(table, _SITE_KEYS, f"[{where}]")
-        sources = {ip: _limit_values(t, f"{where}.source.{ip}") for ip, t in table.get("source", {}).items()}
+        sources: dict[str, dict[str, Any]] = {}
         for ip, t in table.get("source", {}).items():
             _check_keys(t, _LIMIT_KEYS, f"[{where}.source.{ip}]")
+            sources.setdefault(_source_key(ip, where), {}).update(_limit_values(t, f"{where}.source.{ip}"))
         sites.append(
             SiteRule(
-                name=name.lower(),
+                name=_site_name(name),
                 overrides=_limit_values(table, where),
                 source_overrides=sources,
                 # Written ".google.com", "google.com" or "google.com.": matched by whole labels.
@@ -229,7 +255,7 @@ def _parse(data: dict[str, Any]) -> Shaping:
                 pattern=_pattern(table["match"], where),
                 duration=parse_duration(table.get("duration", "10m")),
                 messages_per_minute=float(table.get("messages_per_minute", 10)),
-                site=str(table.get("site", "")).lower(),
+                site=_site_name(str(table.get("site", ""))),
             )
         )
     rewrites = []
