@@ -19,6 +19,9 @@ from services.core.config import AccountConfig
 # RFC 7914 interactive-login parameters: about 16 MiB and tens of milliseconds per check,
 # which makes offline guessing expensive and online guessing slow.
 _N, _R, _P = 2**14, 8, 1
+# Octets of digest `hash_password` writes. A stored digest cut shorter (a copy that lost its
+# tail, a hand-made record) is refused: one of a single octet matches one wrong password in 256.
+_DKLEN = 32
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(AccountConfig))
 
@@ -29,7 +32,7 @@ class AccountRecordError(ValueError):
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
     salt = salt or secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=32)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=_DKLEN)
     b64 = base64.b64encode
     return f"scrypt${_N}${_R}${_P}${b64(salt).decode()}${b64(digest).decode()}"
 
@@ -41,6 +44,8 @@ def verify_password(password: str, encoded: str) -> bool:
             return False
         salt = base64.b64decode(salt_b64)
         expected = base64.b64decode(digest_b64)
+        if len(expected) < _DKLEN:
+            return False
         digest = hashlib.scrypt(
             password.encode(), salt=salt, n=int(n), r=int(r), p=int(p), dklen=len(expected), maxmem=2**26
         )
