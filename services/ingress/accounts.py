@@ -33,8 +33,9 @@ class AccountStore:
     def __init__(self, js: JetStreamContext, seed: Mapping[str, AccountConfig]) -> None:
         self._js = js
         self._seed = dict(seed)
+        self._listeners: list[Callable[[], None]] = []
         # Until the first KV snapshot arrives, the config file is the best knowledge there is.
-        self._watch = AccountWatch(js, seed)
+        self._watch = AccountWatch(js, seed, on_change=self._changed)
 
     @property
     def loaded(self) -> asyncio.Event:
@@ -51,6 +52,14 @@ class AccountStore:
 
     def names(self) -> list[str]:
         return sorted(self._watch.accounts)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change the watch applies (the first snapshot included)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     async def start(self, wait: float = 5.0) -> None:
         try:

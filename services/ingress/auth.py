@@ -12,8 +12,9 @@ import binascii
 import hashlib
 import logging
 import time
+import weakref
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
 
 from services.core.accounts import hash_password, verify_password
 from services.core.config import AccountConfig
@@ -52,7 +53,7 @@ class PasswordChecker:
         self._verified: dict[str, float] = {}
         # One scrypt per (user, password, hash) at a time: a sender opening 50 connections at
         # once must not cost 50 derivations (about a second of CPU each ten).
-        self._pending: dict[str, asyncio.Future[bool]] = {}
+        self._pending: dict[str, asyncio.Task[bool | None]] = {}
         self._slots = asyncio.Semaphore(concurrency)
         # Unknown users are checked against this, so timing does not reveal which names exist.
         self._decoy = hash_password("relais-decoy")
@@ -77,36 +78,54 @@ class PasswordChecker:
         if account is not None and self._verified.get(key, 0.0) > time.monotonic():
             return True
         pending = self._pending.get(key)
-        if pending is not None:
-            shared = await asyncio.shield(pending)
-            return shared if shared is None else shared and account is not None
-        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        username = login.decode("utf-8", "replace")
+        if pending is None:
+            # A task of its own, finished even when the session that started it hangs up: else
+            # the sessions sharing it would be cancelled with it, and a right password would stay
+            # counted as a failed guess (enough such drops lock the owner out).
+            pending = asyncio.create_task(
+                self._derive(key, login, password, encoded, account is not None, throttle, ip, known)
+            )
+            pending.add_done_callback(_retrieved)
+            self._pending[key] = pending
+        ok = await asyncio.shield(pending)
+        return ok if ok is None else ok and account is not None
+
+    async def _derive(
+        self,
+        key: str,
+        login: bytes,
+        password: bytes,
+        encoded: str,
+        exists: bool,
+        throttle: AuthThrottle | None,
+        ip: str,
+        known: bool,
+    ) -> bool | None:
+        """`check`'s shared part: reserve, scrypt, refund and remember a success."""
         try:
+            username = login.decode("utf-8", "replace")
             reserved = await throttle.reserve(ip, username, known) if throttle is not None else ()
-            ok: bool | None = None
-            if reserved is not None:
-                secret = password.decode("utf-8", "replace")
-                async with self._slots:
-                    ok = await asyncio.to_thread(verify_password, secret, encoded)
-                if ok and account is not None and throttle is not None:
-                    await throttle.refund(reserved)
-            future.set_result(ok)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so an unawaited failure is not logged twice
-            raise
+            if reserved is None:
+                return None
+            secret = password.decode("utf-8", "replace")
+            async with self._slots:
+                ok = await asyncio.to_thread(verify_password, secret, encoded)
+            if not ok or not exists:
+                return False
+            if throttle is not None:
+                await throttle.refund(reserved)
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[key] = time.monotonic() + _AUTH_CACHE_SECONDS
+            return True
         finally:
             del self._pending[key]
-        if ok is None:
-            return None
-        if not ok or account is None:
-            return False
-        if len(self._verified) > 10_000:
-            self._verified.clear()
-        self._verified[key] = time.monotonic() + _AUTH_CACHE_SECONDS
-        return True
+
+
+def _retrieved(task: asyncio.Task[bool | None]) -> None:
+    # A check whose sessions all left has nobody to raise its failure to: not worth a warning.
+    if not task.cancelled():
+        task.exception()
 
 
 class Authenticator:
@@ -122,6 +141,20 @@ class Authenticator:
         self._throttle = throttle
         self._sessions = sessions
         self._passwords = passwords
+        # Each authenticated session and the password hash it logged in with: a new password
+        # (`relais account passwd`, after a leak) must end what the old one opened, or a session
+        # held open would go on sending for as long as its holder likes.
+        self._logins: weakref.WeakKeyDictionary[Session, tuple[str, str]] = weakref.WeakKeyDictionary()
+        accounts.on_change(self._end_stale_logins)
+
+    def _end_stale_logins(self) -> None:
+        """Sessions whose account now has another password (or is gone) are no longer
+        authenticated: their next MAIL or DATA gets 530, and they may log in again."""
+        for session, (name, password_hash) in list(self._logins.items()):
+            account = self._accounts.get(name)
+            if account is None or account.password_hash != password_hash:
+                session.authenticated = False
+                del self._logins[session]
 
     async def plain(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -186,11 +219,21 @@ class Authenticator:
             return AuthResult(success=False, handled=False, message=str(AUTH_INVALID))
         assert account is not None
         await self._throttle.remember(state.client_ip, username, account.password_hash)
+        current = self._accounts.get(username)
+        if current is None or current.password_hash != account.password_hash:
+            # The password changed while this one was checked: it is the account's no longer.
+            # (From here to `_logins` nothing awaits, so no later change can pass unseen.)
+            return AuthResult(success=False, handled=False, message=str(AUTH_INVALID))
+        if state.holds_session_slot:
+            # Logging in again after a new password ended the first login: still one session.
+            self._sessions.release(state.account)
+            state.holds_session_slot = False
         if not await self._sessions.acquire(username, account.max_sessions):
             await server.push(str(TOO_MANY_SESSIONS))
             return AuthResult(success=False, handled=True)
         state.account = username
         state.holds_session_slot = True
+        self._logins[session] = (username, account.password_hash)
         return AuthResult(success=True, auth_data=username, message=str(AUTH_OK))
 
 
