@@ -214,8 +214,9 @@ class AuthThrottle:
 
     @staticmethod
     def _known_subjects(ip: str, username: str, secret: str, now: float) -> tuple[str, str]:
-        """Today's and yesterday's known-client records of (IP, user)."""
-        token = known_client_token(ip, username, secret)
+        """Today's and yesterday's known-client records of (IP, user). An IPv6 client is known by
+        its /64, as its failures are counted: its temporary addresses change daily or sooner."""
+        token = known_client_token(auth_source(ip), username, secret)
         day = windows(now)[1]
         return limit_subject("auth-known", token, day), limit_subject("auth-known", token, day - 1)
 
