@@ -70,10 +70,11 @@ def split_address(address: str, *, utf8: bool = False) -> tuple[str, str] | None
     if "%" in local or "!" in local:
         return None
     if utf8 and not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
+        # IDNA 2008, as everything else reads it (`domain_key`): Python's own codec is IDNA 2003,
+        # which made faß.test fass.test, so the owner of fass.test could send as another domain.
+        domain = domain_key(domain) + ("." if domain.endswith(".") else "")
+        if not domain.isascii():
+            return None  # a name IDNA refuses
     if not _DOMAIN.match(domain):
         return None
     return local, domain.lower()

@@ -97,6 +97,17 @@ def test_utf8_addresses_need_smtputf8() -> None:
     assert policy.recipient_verdict("josé@bücher.test", 0, 10, smtputf8=True) is None
 
 
+def test_an_internationalised_sender_domain_is_read_by_idna_2008() -> None:
+    """faß.test is xn--fa-hia.test, another registered domain than fass.test (what Python's own
+    IDNA 2003 codec made of it): its owner may send as it, the owner of fass.test may not."""
+    owns_fass = AccountConfig(password_hash="scrypt$x", domains=["fass.test"])
+    owns_fass_eszett = AccountConfig(password_hash="scrypt$x", domains=["faß.test"])
+    assert policy.sender_verdict(owns_fass, "ceo@faß.test", smtputf8=True) == SENDER_NOT_OWNED
+    assert policy.sender_verdict(owns_fass_eszett, "ceo@faß.test", smtputf8=True) is None
+    assert policy.sender_verdict(owns_fass_eszett, "ceo@xn--fa-hia.test") is None
+    assert policy.split_address("ceo@Faß.test", utf8=True) == ("ceo", "xn--fa-hia.test")
+
+
 def test_content_verdicts() -> None:
     ok = b"Subject: x\r\n\r\nbody\r\n"
     assert policy.content_verdict(ok, "reject") is None
