@@ -158,8 +158,23 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return _with_bus(args, action)
 
 
+def _no_site(args: argparse.Namespace) -> bool:
+    """An empty site (an unset shell variable) is refused: it names no site, and read as one it
+    would match every job deferred before MX resolution, whatever its domain."""
+    if args.site.strip():
+        return False
+    print(
+        f"relais: {args.command}: the site is empty; name a site or domain ('all' for every site)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def cmd_requeue(args: argparse.Namespace) -> int:
     from services.admin.queue import requeue
+
+    if _no_site(args):
+        return 2
 
     async def action(bus: Bus) -> int:
         done = await requeue(bus, args.site)
@@ -173,6 +188,9 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 def cmd_bounce_queue(args: argparse.Namespace) -> int:
     from services.admin.queue import bounce_queue
+
+    if _no_site(args):
+        return 2
 
     async def action(bus: Bus) -> int:
         done = await bounce_queue(bus, args.site, args.reason)
