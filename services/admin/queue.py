@@ -16,11 +16,17 @@ over by replacing its schedule with one that expects the sequence the command re
 fails that check and is skipped: it is never acted on twice.
 
 - requeue's replacement is simply due now: the server fires it, as it would have later;
-- bounce-queue's is due in an hour (a claim), then the BounceNotice is published, then the claim
-  deleted. A command that dies after the claim leaves the job to be retried in an hour, never a
-  lost message; one that dies between the notice and the delete leaves that retry after the bounce.
+- bounce-queue's is due an hour later than the job was (a claim), then the BounceNotice is
+  published, then the claim deleted. A command that dies after the claim leaves the job to be
+  retried an hour late, never a lost message; one that dies between the notice and the delete
+  leaves that retry after the bounce.
   A claim says so in a header, and requeue leaves it alone: taken over, it would fire at once,
   and the job be delivered after its sender was told it bounced.
+
+Schedules fire by the servers' clock, and this host's may be hours off it (a clock set to local
+time read as UTC). So "now" is when the server stored the schedule, in its past, and the claim is
+due an hour after the job was (a time in the server's future: it has not fired), or after now by
+this host's clock if that is later.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from nats.js.api import Header, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from services.core import telemetry as t
+from services.core.addresses import domain_key
 from services.core.bus import WRONG_LAST_SEQUENCE, Bus
 from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDecodeError
 from services.core.outcome import Bounced, Reply
-from services.core.schedule import rfc3339
+from services.core.schedule import parse_at, rfc3339
 from services.core.topology import DELIVER_STREAM, bounce_subject, deliver_filter, retry_filters
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,8 @@ class Scheduled:
     target: str
     headers: dict[str, str]
     envelope: Envelope
+    due: float | None = None  # when the schedule fires, by the server's clock
+    stored_at: float | None = None  # when the server stored it, by its clock: in its past
 
 
 def admin_bounce_reply(reason: str) -> Reply:
@@ -61,9 +70,13 @@ def admin_bounce_reply(reason: str) -> Reply:
 
 
 def matches_site(env: Envelope, site: str) -> bool:
-    """A site is an MX host (after routing) or, for jobs deferred before MX resolution, the domain."""
-    site = site.lower().rstrip(".")
-    return site in ("*", "all") or site in (env.site.lower().rstrip("."), env.domain.lower().rstrip("."))
+    """A site is an MX host (after routing) or, for jobs deferred before MX resolution, the domain;
+    in any spelling (case, trailing dot, U-labels): the router stores A-labels. An empty name is
+    no site: jobs deferred before MX resolution have none, and it would match them all."""
+    site = domain_key(site)
+    if not site:
+        return False
+    return site in ("*", "all") or site in (domain_key(env.site), domain_key(env.domain))
 
 
 async def _stored(
@@ -96,7 +109,9 @@ async def scheduled_jobs(bus: Bus, limit: int = 1_000_000) -> AsyncIterator[Sche
             headers = dict(raw.headers or {})
             target = headers.get(Header.SCHEDULE_TARGET, "")
             if target:
-                yield Scheduled(stream, raw.seq or 0, raw.subject or "", target, headers, env)
+                due = parse_at(headers.get(Header.SCHEDULE, ""))
+                stored_at = raw.time.timestamp() if raw.time else None
+                yield Scheduled(stream, raw.seq or 0, raw.subject or "", target, headers, env, due, stored_at)
 
 
 async def queued_jobs(bus: Bus, limit: int = 1_000_000) -> AsyncIterator[Envelope]:
@@ -168,7 +183,8 @@ async def requeue(bus: Bus, site: str) -> list[Scheduled]:
     async for job in scheduled_jobs(bus):
         if _CLAIMED_BY in job.headers or not matches_site(job.envelope, site):
             continue
-        if await _take_over(bus, job, time.time()) is not None:
+        now = job.stored_at if job.stored_at is not None else time.time()
+        if await _take_over(bus, job, now) is not None:
             done.append(job)
     return done
 
@@ -181,7 +197,7 @@ async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
         env = job.envelope
         if not matches_site(env, site):
             continue
-        claim = await _take_over(bus, job, time.time() + _CLAIM_FOR, claim=True)
+        claim = await _take_over(bus, job, max(time.time(), job.due or 0.0) + _CLAIM_FOR, claim=True)
         if claim is None:
             continue
         notice = BounceNotice(

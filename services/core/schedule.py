@@ -56,6 +56,18 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(int(ts) + (1 if ts % 1 else 0), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_at(schedule: str) -> float | None:
+    """The time of a one-shot schedule header (`@at <RFC 3339>`), None for any other schedule."""
+    kind, _, when = schedule.strip().partition(" ")
+    if kind != "@at":
+        return None
+    try:
+        at = datetime.fromisoformat(when.strip())
+    except ValueError:
+        return None
+    return at.timestamp() if at.tzinfo is not None else None
+
+
 async def publish_at(
     bus: Bus,
     *,
