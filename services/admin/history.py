@@ -23,6 +23,13 @@ from services.core.topology import EVENTS_STREAM, events_filter
 CLOCK_SLACK = 60.0
 
 
+class Events(list[Event]):
+    """A message's events, oldest first. `complete` is False when the scan stopped at its limit
+    before the end of the stream: later events, such as an outcome after a retry, were not read."""
+
+    complete: bool = True
+
+
 def arrival_of(message_id: str) -> float | None:
     """Epoch seconds encoded in a Relais message id, or None for something else."""
     try:
@@ -35,8 +42,8 @@ def arrival_of(message_id: str) -> float | None:
 
 async def message_events(
     js: JetStreamContext, message_id: str, *, idle: float = 0.5, limit: int = 1_000_000
-) -> list[Event]:
-    """Events of one message (or of a DSN about it), oldest first."""
+) -> Events:
+    """Events of one message (or of a DSN about it), oldest first, from at most `limit` events."""
     arrival = arrival_of(message_id)
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if arrival is not None:
@@ -45,7 +52,7 @@ async def message_events(
             deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start.strftime("%Y-%m-%dT%H:%M:%SZ")
         )
     sub = await js.subscribe(events_filter(), stream=EVENTS_STREAM, ordered_consumer=True, config=config)
-    found: list[Event] = []
+    found = Events()
     try:
         for _ in range(limit):
             try:
@@ -61,6 +68,8 @@ async def message_events(
             pending = msg.metadata.num_pending if msg.metadata else 1
             if pending == 0:
                 break
+        else:
+            found.complete = False
     finally:
         await sub.unsubscribe()
     return found
@@ -71,8 +80,9 @@ def _when(ts: float) -> str:
 
 
 def render_history(message_id: str, events: Sequence[Event]) -> str:
+    complete = getattr(events, "complete", True)
     if not events:
-        return f"no events for {message_id}"
+        return f"no events for {message_id}" + ("" if complete else f"\n{_CUT_SHORT}")
     first = events[0]
     lines = [
         f"message {message_id}  account {first.account}  from <{first.sender}>",
@@ -96,8 +106,12 @@ def render_history(message_id: str, events: Sequence[Event]) -> str:
         if e.message_id != message_id:
             rcpts = f"DSN {e.message_id} to {rcpts}"
         lines.append(f"{_when(e.at)}  {e.kind:<10} {rcpts}{attempt}  {where}{reply}{retry_at}".rstrip())
-    lines += _fate([e for e in events if e.message_id == message_id])
+    # Cut short, the last events read are not the message's last: no fate can be told from them.
+    lines += _fate([e for e in events if e.message_id == message_id]) if complete else [_CUT_SHORT]
     return "\n".join(lines)
+
+
+_CUT_SHORT = "scan stopped at its limit of events: later events not read, the outcome may be among them"
 
 
 FINAL_KINDS = ("delivered", "bounced", "expired", "suppressed")
