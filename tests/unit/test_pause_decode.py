@@ -19,3 +19,12 @@ def test_a_kind_from_a_newer_release_or_a_mistyped_record_is_still_listed() -> N
     assert decode_pause("pause.tenant.big", b'{"reason": "abuse"}') == Pause("tenant", "big", "abuse")
     for value in (b'{"at": "yesterday"}', b"null", b"\xff", b"42"):
         assert decode_pause("pause.pool.bulk", value) == Pause("pool", "bulk", "unreadable pause record")
+
+
+def test_a_source_is_paused_under_one_key_however_its_address_is_spelt() -> None:
+    # The operator's spelling and the pool's must meet: a pause under another spelling paused
+    # nothing, and the command said it had.
+    key = pause_key("source", "2001:db8::1")
+    assert pause_key("source", "2001:DB8:0::1") == key
+    assert pause_key("source", "2001:0db8:0000:0000:0000:0000:0000:0001") == key
+    assert pause_key("source", "127.0.0.5") == pause_key("source", " 127.0.0.5 ")
