@@ -55,12 +55,23 @@ from services.delivery.tls_policy import tls_policy
 log = logging.getLogger(__name__)
 
 # Envelope meta set when a job was re-scheduled to a reserved shaping slot: "<source>|<site>|<time>",
-# and the interval it was reserved at under its own key (so that workers of the previous release,
-# which read only the first, keep honouring it during an upgrade). It is good for one attempt:
-# the retry of a deferred job must take a slot of its own, and a push-back that slowed the site
-# since makes it void.
+# and the interval it was reserved at and when the job is due back for it under keys of their
+# own (so that workers of the previous release, which read only the first, keep honouring it
+# during an upgrade). It is good for one attempt: the retry of a deferred job must take a slot
+# of its own, and a push-back that slowed the site since makes it void, as does coming back long
+# after it was due (`_Slot.late`).
 SLOT_META = "shaping_slot"
 SLOT_INTERVAL_META = "shaping_slot_interval"
+SLOT_DUE_META = "shaping_slot_due"
+_SLOT_METAS = (SLOT_META, SLOT_INTERVAL_META, SLOT_DUE_META)
+# How late after the second its schedule fired a job may still go in its carried slot. Later
+# than that (a delivery outage, a consumer backlog: many such jobs reach a worker together) the
+# slot is void and the job takes a fresh one, or they would all go in one burst, as a held slot
+# more than limits.SLOT_GRACE late is dropped. The schedule fires by the NATS server's clock and
+# lateness is judged by the worker's: a grace of a second would void every slot of a worker whose
+# clock ran a second ahead, and its jobs, sent to the back of the queue each time they came back,
+# could wait until they expired. Half a minute bounds a burst to half a minute of the site's rate.
+CARRIED_SLOT_GRACE = 30.0
 # A job pinned to a source of another host is handed back this many times at most, each after
 # this delay; with N hosts sharing a pool each offer reaches the right one with chance 1/N, so
 # 32 offers miss with 4% at N = 10. After that it goes from a source here: mail before caps.
@@ -261,7 +272,9 @@ class DeliveryService:
             if not self.control.paused("source", s.address)
         ]
         pinned = env.meta.get(META_SOURCE, "")
-        slot = _parse_slot(env.meta.get(SLOT_META, ""), env.meta.get(SLOT_INTERVAL_META, ""))
+        slot = _parse_slot(
+            env.meta.get(SLOT_META, ""), env.meta.get(SLOT_INTERVAL_META, ""), env.meta.get(SLOT_DUE_META, "")
+        )
         source = choose_source(candidates, slot.source or pinned)
         if pinned and source is not None and source.address != pinned:
             self.pin_missed += 1
@@ -300,7 +313,7 @@ class DeliveryService:
         except Saturated as exc:
             # The slot this attempt took stays the job's: re-reserving would send it to the back
             # of the site's queue (hours on a busy site) and leave the slot's rate unused.
-            await self._postpone(env, time.time() + exc.retry_after, "connection limit", used.meta())
+            await self._postpone(env, time.time() + exc.retry_after, "connection limit", used)
             return None
         except Stopping as exc:
             log.info("job %s handed to another worker: %s", env.key, exc)
@@ -328,11 +341,12 @@ class DeliveryService:
             return _NO_SLOT
         if slot.interval is None:  # reserved by the previous release, at the site's own rate
             slot = replace(slot, interval=base)
-        if slot.holds(source.address, site, interval, time.time(), base):
+        now = time.time()
+        if slot.holds(source.address, site, interval, now, base):
             # Back for the slot it reserved: reserving again would push every waiting job
             # further out for ever once the queue is longer than max_shaping_wait.
             return slot
-        if slot.ours(source.address, site, interval, base):
+        if slot.ours(source.address, site, interval, now, base):
             # Back before its slot (the schedule fired by a clock ahead of ours, or an admin
             # requeue): it keeps its place rather than going to the back of the queue.
             used = slot
@@ -347,7 +361,7 @@ class DeliveryService:
             used = _Slot(source.address, site, at, interval)
         wait = used.at - time.time()
         if wait > self._config.delivery.max_shaping_wait:
-            await self._postpone(env, used.at, "shaping", used.meta())
+            await self._postpone(env, used.at, "shaping", used)
             return None
         if wait > 0:
             await asyncio.sleep(wait)
@@ -368,15 +382,13 @@ class DeliveryService:
                 await self.limits.reserve("msg", source.address, site, state.interval(), latest=state.until)
                 return
 
-    async def _postpone(
-        self, env: Envelope, at: float, reason: str, meta: dict[str, str] | None = None
-    ) -> None:
-        """Come back at `at` on the pool's own subject; the attempt count does not change.
+    async def _postpone(self, env: Envelope, at: float, reason: str, slot: _Slot | None = None) -> None:
+        """Come back at `at` on the pool's own subject, carrying `slot` if any; the attempt count
+        does not change.
 
         Re-publishing the same schedule subject replaces the schedule, so a redelivered job
         that is postponed again leaves a single copy.
         """
-        again = replace(env, meta={**env.meta, **meta}) if meta else _without_slot(env)
         expires = env.received_at + self._config.retry.max_age
         if time.time() > expires:
             # Paused or throttled past the maximum queue age: it expires like any undeliverable job.
@@ -384,6 +396,14 @@ class DeliveryService:
             deferred = [Deferred(r, reply) for r in env.recipients]
             await settle(self._bus, self._bodies, self._config.retry, env, deferred)
             return
+        # Back by its expiry at the latest, to end there: a slot beyond it (a long queue at a slow
+        # rate) would send it after max_age, or drop it unsent once its body's TTL (max_age + 2
+        # days) had run out. On the whole second, when the schedule fires (services.core.schedule):
+        # that is when a carried slot is due.
+        at = math.ceil(max(min(at, expires), time.time() + 1.0))
+        again = _without_slot(env)
+        if slot is not None:
+            again = replace(again, meta={**again.meta, **replace(slot, due=at).meta()})
         log.debug("job %s postponed (%s) until %.0f", env.key, reason, at)
         self.postponed[reason] += 1
         await publish_at(
@@ -391,10 +411,7 @@ class DeliveryService:
             schedule_subject=deliver_retry_subject(env.key, env.attempt_count),
             target_subject=deliver_subject(env.pool),
             payload=again.to_msgpack(),
-            # Back by its expiry at the latest, to end there: a slot beyond it (a long queue at
-            # a slow rate) would send it after max_age, or drop it unsent once its body's TTL
-            # (max_age + 2 days) had run out.
-            at=max(min(at, expires), time.time() + 1.0),
+            at=at,
             headers={"traceparent": env.trace_context} if env.trace_context else None,
             attributes={"relais.message_id": env.id, "relais.postponed": reason},
         )
@@ -408,41 +425,64 @@ class _Slot:
     site: str = ""
     at: float = math.inf
     interval: float | None = None  # None: reserved by a release that did not record it
+    due: float | None = None  # when the job's schedule brings it back; None: at `at`
 
     def holds(self, source: str, site: str, interval: float, now: float, base: float) -> bool:
         """Whether this attempt may go in this slot now: it is `ours` and its time has come."""
-        return self.ours(source, site, interval, base) and self.at <= now + 1.0
+        return self.ours(source, site, interval, now, base) and self.at <= now + 1.0
 
-    def ours(self, source: str, site: str, interval: float, base: float) -> bool:
-        """Whether this attempt may use this slot: same source and site, and reserved at no
-        faster a rate than the one that applies now (`interval`). A slot without its interval
-        was reserved at the site's own rate (`base`)."""
+    def ours(self, source: str, site: str, interval: float, now: float, base: float) -> bool:
+        """Whether this attempt may use this slot: same source and site, reserved at no faster
+        a rate than the one that applies now (`interval`), and not `late`. A slot without its
+        interval was reserved at the site's own rate (`base`)."""
         reserved = base if self.interval is None else self.interval
         reserved_slower = reserved + 0.001 >= interval  # written to the millisecond
-        return self.source == source and self.site == site and reserved_slower
+        return self.source == source and self.site == site and reserved_slower and not self.late(now)
+
+    def late(self, now: float) -> bool:
+        """Whether the job came back too long after it was due for this slot to be used.
+
+        Lateness counts from when the job was due back, not from the slot: a job that found
+        every connection busy keeps its slot for its return a few seconds later, and those
+        returns stay as far apart as their slots were. Jobs held up past their time (an outage,
+        a backlog) come back bunched, and going in their old slots would be a burst. Without
+        `due` (carried by the previous release), the schedule brought it back on the whole
+        second after the slot."""
+        if math.isinf(self.at):
+            return False  # no slot at all
+        return now > max(math.ceil(self.at), self.due or 0.0) + CARRIED_SLOT_GRACE
 
     def meta(self) -> dict[str, str]:
         """The envelope meta that carries this slot to the job's next attempt; none for `_NO_SLOT`."""
         if math.isinf(self.at):
             return {}
-        return {
+        meta = {
             SLOT_META: f"{self.source}|{self.site}|{self.at:.3f}",
             SLOT_INTERVAL_META: f"{self.interval or 0.0:.3f}",
         }
+        if self.due is not None:
+            meta[SLOT_DUE_META] = f"{self.due:.3f}"
+        return meta
 
 
 _NO_SLOT = _Slot()  # an attempt to a site without a message rate takes no slot
 
 
-def _parse_slot(value: str, interval: str) -> _Slot:
+def _parse_slot(value: str, interval: str, due: str = "") -> _Slot:
     parts = value.split("|")
     try:
-        return _Slot(parts[0], parts[1], float(parts[2]), float(interval) if interval else None)
+        return _Slot(
+            parts[0],
+            parts[1],
+            float(parts[2]),
+            float(interval) if interval else None,
+            float(due) if due else None,
+        )
     except (IndexError, ValueError):
         return _Slot()
 
 
 def _without_slot(env: Envelope) -> Envelope:
-    if SLOT_META not in env.meta and SLOT_INTERVAL_META not in env.meta:
+    if not any(k in env.meta for k in _SLOT_METAS):
         return env
-    return replace(env, meta={k: v for k, v in env.meta.items() if k not in (SLOT_META, SLOT_INTERVAL_META)})
+    return replace(env, meta={k: v for k, v in env.meta.items() if k not in _SLOT_METAS})
