@@ -1,8 +1,9 @@
 """What every delivery worker must know at once: pauses and provider push-back back-offs.
 
 Both live in the `relais-delivery-control` KV bucket. Each worker keeps a local copy current
-through a KV watch, so checking them costs nothing per message; setting one is a KV put that
-every other worker sees within a moment.
+through a KV watch, so checking them costs nothing per message; setting one is a KV write that
+every other worker sees within a moment. A push-back is merged into the one stored for its
+(source, site) by compare-and-set (`stricter`), so a weaker one never lifts a stricter one.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import contextlib
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgpack
 from nats.js import JetStreamContext
+from nats.js.errors import APIError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from services.core.bus import CAS_ATTEMPTS, WRONG_LAST_SEQUENCE, BrokerUnavailable, is_kv_delete, leader_last
 from services.core.outcome import Reply
 from services.core.pause import PauseError, pause_key
-from services.core.topology import DELIVERY_CONTROL_BUCKET
+from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
 from services.delivery.shaping import Pushback
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,24 @@ class Backoff:
     def from_bytes(cls, data: bytes) -> Backoff:
         until, rate, rule, reply = msgpack.unpackb(data)
         return cls(float(until), float(rate), str(rule), str(reply))
+
+
+def stricter(stored: Backoff | None, new: Backoff, now: float) -> Backoff:
+    """The back-off to keep when `new` is recorded over `stored`: the slower rate of the two
+    (its rule and reply; the new one's at equal rates) until the later end of the two. Pure.
+
+    A provider's "10/min for an hour" must survive a generic 421 ("60/min for 5 minutes") a
+    moment later, or the throttle lifts early. KumoMTA keeps each rule's throttle with its own
+    expiry, a rule triggered again extending its own; merging both into one record keeps the
+    record's format (workers of the previous release read it) and errs on the careful side:
+    a short strict back-off met by a long weak one holds the strict rate until the later end.
+    The merge is order-independent, so concurrent writers reach the same record whichever
+    lands first.
+    """
+    if stored is None or stored.until <= now:
+        return new
+    slowest = new if new.interval() >= stored.interval() else stored
+    return replace(slowest, until=max(stored.until, new.until))
 
 
 class DeliveryControl:
@@ -121,19 +142,51 @@ class DeliveryControl:
         return state if state.until > (time.time() if now is None else now) else None
 
     async def push_back(self, source: str, site: str, rule: Pushback, reply: Reply) -> Backoff:
-        """Record a push-back for every worker; also effective here at once."""
-        state = Backoff(time.time() + rule.duration, rule.messages_per_minute, rule.name, str(reply))
+        """Record a push-back for every worker, kept with the one stored if that is stricter
+        (`stricter`); returns the back-off now in force, also effective here at once."""
+        now = time.time()
+        new = Backoff(now + rule.duration, rule.messages_per_minute, rule.name, str(reply))
         key = backoff_key(source, site)
+        state = await self._merge(key, new)
         self._values[key] = state.to_bytes()
-        assert self._kv is not None
-        await self._kv.put(key, state.to_bytes())
         log.warning(
             "push-back from %s for source %s: %s; backing off for %.0fs at %g/min (rule %s)",
             site,
             source or "-",
             reply,
-            rule.duration,
-            rule.messages_per_minute,
-            rule.name,
+            state.until - now,
+            state.messages_per_minute,
+            state.rule,
         )
         return state
+
+    async def _merge(self, key: str, new: Backoff) -> Backoff:
+        """Write `stricter(stored, new)` by compare-and-set on the key's revision, reading again
+        when another worker wrote in between: a plain put would let the last writer win."""
+        assert self._kv is not None
+        stream, subject = kv_stream(DELIVERY_CONTROL_BUCKET), kv_subject(DELIVERY_CONTROL_BUCKET, key)
+        for _ in range(CAS_ATTEMPTS):
+            # From the leader: a replica behind the latest write would give an old revision.
+            msg = await leader_last(self._js, stream, subject)
+            revision = (msg.seq or 0) if msg is not None else 0
+            stored = None if msg is None or is_kv_delete(msg) or not msg.data else _decoded(msg.data)
+            state = stricter(stored, new, time.time())
+            if state == stored:
+                return state  # the stored one is stricter and outlasts this one: nothing to write
+            try:
+                await self._kv.update(key, state.to_bytes(), last=revision)
+                return state
+            except KeyWrongLastSequenceError:
+                continue
+            except APIError as exc:
+                if exc.err_code not in WRONG_LAST_SEQUENCE:
+                    raise
+        raise BrokerUnavailable(f"push-back {key}: too much contention")
+
+
+def _decoded(data: bytes) -> Backoff | None:
+    """A stored back-off; None for a record this release cannot read, which the new one replaces."""
+    try:
+        return Backoff.from_bytes(data)
+    except Exception:
+        return None
