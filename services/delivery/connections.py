@@ -283,7 +283,8 @@ class ConnectionPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for conns in list(self._idle.values()):
-            for conn in conns:
-                await self._discard(conn)
+        idle = [conn for conns in self._idle.values() for conn in conns]
         self._idle.clear()
+        # Together, as in _sweep: each close may wait for its QUIT (5 s), and a stopping worker
+        # closing a few silent peers one after another could outlast its grace period.
+        await asyncio.gather(*(self._discard(conn) for conn in idle))
