@@ -15,6 +15,9 @@ Keys, per message:
                                  notice either joined before the close (that flush reports it) or
                                  finds the window closed and opens the next one.
     n.<message id>.<notice id>   one held notice (its msgpack), written before it joins.
+    d.<message id>               who sent the message's one delay warning (the DSN's msg id),
+                                 claimed by compare-and-set before it goes: each domain job sends
+                                 a warning of its own, minutes apart, and the sender gets one.
 
 Nothing lives in a replica's memory. A replica killed at any step leaves its input unacked and
 every step is safe to repeat; a held notice whose key was deleted (the delete marker stays for
@@ -57,6 +60,10 @@ def windows_key(message_id: str) -> str:
 
 def notice_key(message_id: str, notice: str) -> str:
     return f"n.{message_id}.{notice}"
+
+
+def warned_key(message_id: str) -> str:
+    return f"d.{message_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +262,25 @@ class HoldStore:
 
     async def finish(self, message_id: str, wid: str) -> None:
         await self._change(message_id, lambda ws: ws.finish(wid))
+
+    async def claim_delay_warning(self, message_id: str, owner: str) -> bool:
+        """Make `owner` the message's one delay warning. True when it is: the first to claim it,
+        or the same owner again (a redelivered flush); False once another warned the sender."""
+        kv = await self._bucket()
+        key = warned_key(message_id)
+        for _ in range(CAS_ATTEMPTS):
+            stored = await self._read(key)
+            if stored.value is not None:
+                return stored.value == owner.encode()
+            try:
+                await kv.update(key, owner.encode(), last=stored.revision)
+                return True
+            except KeyWrongLastSequenceError:
+                continue
+            except APIError as exc:
+                if exc.err_code not in WRONG_LAST_SEQUENCE:
+                    raise
+        raise BrokerUnavailable(f"delay warning record {key}: too much contention")
 
     async def notices(self, message_id: str, members: Iterable[str]) -> list[tuple[str, bytes]]:
         """The held payloads of these members that still exist (in member order)."""

@@ -264,6 +264,12 @@ class BounceService:
         if headers and is_report(email.message_from_bytes(headers)):
             log.info("no DSN for %s: it is itself a delivery or disposition report", env.id)
             return ""
+        # One delay warning per message (`retry.delay_warning_after`), as Postfix sends: each
+        # domain job warns when its own retries pass that age, minutes apart on their jittered
+        # schedules, so the first warning of the message claims it and the later ones are dropped.
+        if delayed and not await self._hold.claim_delay_warning(env.id, msg_id):
+            log.info("no delay warning for job %s: the sender of %s was warned already", env.key, env.id)
+            return ""
         now = datetime.now(UTC)
         retry_until = datetime.fromtimestamp(env.received_at + self._config.retry.max_age, UTC)
         statuses = [
