@@ -2,9 +2,10 @@
 
 The DSN is written directly rather than through ``email.message`` so that every byte is under our
 control: CRLF everywhere, no line over 998 octets, and a 7-bit body that any next hop accepts
-without 8BITMIME. The one exception is a non-ASCII envelope sender in ``To:``: such a DSN can only
-be delivered over SMTPUTF8 (its RCPT TO is non-ASCII too), so the header carries the UTF-8 address
-as RFC 6532 allows.
+without 8BITMIME. The one exception is an envelope sender with a non-ASCII local part in ``To:``:
+such a DSN can only be delivered over SMTPUTF8 (its RCPT TO has no ASCII form either), so the
+header carries the UTF-8 address as RFC 6532 allows. A sender whose domain alone is non-ASCII
+gets it in A-labels, as delivery sends its RCPT TO to an MX without SMTPUTF8.
 
 Third part, in order of preference:
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from services.core.addresses import domain_key
 from services.core.outcome import LOCAL_STAGES
 
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
@@ -149,7 +151,7 @@ def build_dsn(
 
     headers = [
         f"From: Mail Delivery System <{from_address}>",
-        f"To: {to_address.strip('<>')}",
+        f"To: {_header_address(to_address.strip('<>'))}",
         f"Subject: {_subject(recipients)}",
         f"Date: {_date(when)}",
         f"Message-ID: {message_id}",
@@ -287,8 +289,11 @@ def _explain(r: RecipientStatus) -> str:
     who = f"<{r.final_recipient}>"
     diag = _ascii(r.diagnostic_code) if r.diagnostic_code else None
     host = _untyped(r.remote_mta) if r.remote_mta else None
-    if diag and host:
+    if diag and host and r.diagnostic_type == DIAGNOSTIC_SMTP:
         why = f"host {host} said: {diag}"
+    elif diag and host:
+        # Relais' own verdict (an expiry): the host only gave the "last reply" inside it.
+        why = f"{diag} (last tried: host {host})"
     elif diag:
         why = diag
     else:
@@ -395,6 +400,16 @@ def _is_7bit(data: bytes) -> bool:
     if not data.isascii() or b"\0" in data:
         return False
     return all(len(line) <= _MAX_LINE for line in data.split(_CRLF))
+
+
+def _header_address(address: str) -> str:
+    """The address for ``To:``: an internationalised domain in A-labels when the local part is
+    ASCII, since delivery may then send the DSN without SMTPUTF8, where a UTF-8 field must not go
+    (RFC 6532). A non-ASCII local part stays: its RCPT TO needs SMTPUTF8 anyway."""
+    local, at, domain = address.rpartition("@")
+    if address.isascii() or not at or not local.isascii():
+        return address
+    return f"{local}@{domain_key(domain)}"
 
 
 def _recipient(address: str) -> str:
