@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import email
 from dataclasses import dataclass, field
 from email.message import Message
 
-from services.bounce.parse import MAX_FIELD, header_text, returned_message
+from services.bounce.parse import MAX_FIELD, header_text, part_as_message, returned_message
 
 # Feedback types that mean "the recipient does not want this mail" (RFC 5965 section 7.3);
 # "not-spam" is the opposite and "virus" is about the content, not the recipient's wishes.
@@ -56,17 +55,8 @@ def parse_arf(msg: Message) -> FeedbackReport | None:
 
 
 def _report_fields(msg: Message) -> Message | None:
-    for part in msg.walk():
-        if part.get_content_type() != "message/feedback-report":
-            continue
-        payload = part.get_payload()
-        # The stdlib parses message/* subtypes as an embedded message: the fields are its headers.
-        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
-            return payload[0]
-        data = part.get_payload(decode=True)
-        if isinstance(data, bytes):
-            return email.message_from_bytes(data.lstrip())
-    return None
+    # The stdlib parses message/* subtypes as an embedded message: the fields are its headers.
+    return part_as_message(msg, ("message/feedback-report",))
 
 
 def _bare(value: object) -> str:

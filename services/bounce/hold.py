@@ -35,10 +35,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.core.bus import CAS_ATTEMPTS, WRONG_LAST_SEQUENCE, BrokerUnavailable, is_kv_delete, leader_last
+from services.core.bus import CAS_ATTEMPTS, BrokerUnavailable, cas_won, is_kv_delete, leader_last
 from services.core.topology import BOUNCE_HOLD_BUCKET, kv_stream, kv_subject
 
 FAILED = "failed"
@@ -272,14 +272,8 @@ class HoldStore:
             stored = await self._read(key)
             if stored.value is not None:
                 return stored.value == owner.encode()
-            try:
-                await kv.update(key, owner.encode(), last=stored.revision)
+            if await cas_won(kv.update(key, owner.encode(), last=stored.revision)):
                 return True
-            except KeyWrongLastSequenceError:
-                continue
-            except APIError as exc:
-                if exc.err_code not in WRONG_LAST_SEQUENCE:
-                    raise
         raise BrokerUnavailable(f"delay warning record {key}: too much contention")
 
     async def notices(self, message_id: str, members: Iterable[str]) -> list[tuple[str, bytes]]:
@@ -306,16 +300,11 @@ class HoldStore:
             updated, result = change(current)
             if updated == current:
                 return result
-            try:
-                # After a delete the marker is the last message, so its revision is expected.
-                if updated.by_id:
-                    await kv.update(key, updated.to_json(), last=stored.revision)
-                else:
-                    await kv.delete(key, last=stored.revision)
+            # After a delete the marker is the last message, so its revision is expected.
+            if updated.by_id:
+                write = kv.update(key, updated.to_json(), last=stored.revision)
+            else:
+                write = kv.delete(key, last=stored.revision)
+            if await cas_won(write):
                 return result
-            except KeyWrongLastSequenceError:
-                continue
-            except APIError as exc:
-                if exc.err_code not in WRONG_LAST_SEQUENCE:
-                    raise
         raise BrokerUnavailable(f"hold record {key}: too much contention")

@@ -13,7 +13,7 @@ import email.message
 import io
 import quopri
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.generator import BytesGenerator
 from email.header import Header, decode_header
@@ -266,8 +266,13 @@ def _walk_outside_returned(msg: Message) -> Iterator[Message]:
 
 def returned_message(msg: Message) -> Message | None:
     """The returned original (full message or its headers), when the report carries one."""
+    return part_as_message(msg, _RETURNED)
+
+
+def part_as_message(msg: Message, types: Collection[str]) -> Message | None:
+    """The first part of one of these content types, read as a message (or a header block)."""
     for part in msg.walk():
-        if part.get_content_type() not in _RETURNED:
+        if part.get_content_type() not in types:
             continue
         # message/* parts come parsed as an embedded message; text/rfc822-headers as text.
         payload = part.get_payload()

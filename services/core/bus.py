@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, Header, PubAck, RawStreamMsg
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 
 from services.core import metrics, telemetry
 from services.core.config import Config, NatsConfig
@@ -81,6 +81,20 @@ WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 CAS_ATTEMPTS = 50
 # The header that marks a KV delete or purge, the last message of a deleted key.
 _KV_OPERATION = "KV-Operation"
+
+
+async def cas_won(write: Awaitable[object]) -> bool:
+    """Run a KV write that expects the key's revision: False when another writer got in first
+    (nats-py reports that as KeyWrongLastSequenceError, or as an APIError with its code)."""
+    try:
+        await write
+    except KeyWrongLastSequenceError:
+        return False
+    except APIError as exc:
+        if exc.err_code not in WRONG_LAST_SEQUENCE:
+            raise
+        return False
+    return True
 
 
 def is_kv_delete(msg: Msg | RawStreamMsg) -> bool:

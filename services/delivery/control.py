@@ -17,10 +17,9 @@ from dataclasses import dataclass, replace
 
 import msgpack
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.core.bus import CAS_ATTEMPTS, WRONG_LAST_SEQUENCE, BrokerUnavailable, is_kv_delete, leader_last
+from services.core.bus import CAS_ATTEMPTS, BrokerUnavailable, cas_won, is_kv_delete, leader_last
 from services.core.outcome import Reply
 from services.core.pause import PauseError, pause_key
 from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
@@ -173,14 +172,8 @@ class DeliveryControl:
             state = stricter(stored, new, time.time())
             if state == stored:
                 return state  # the stored one is stricter and outlasts this one: nothing to write
-            try:
-                await self._kv.update(key, state.to_bytes(), last=revision)
+            if await cas_won(self._kv.update(key, state.to_bytes(), last=revision)):
                 return state
-            except KeyWrongLastSequenceError:
-                continue
-            except APIError as exc:
-                if exc.err_code not in WRONG_LAST_SEQUENCE:
-                    raise
         raise BrokerUnavailable(f"push-back {key}: too much contention")
 
 

@@ -28,6 +28,7 @@ from services.up import _on_stop_signals
 from tests.integration.test_relais_up import alive, started_by
 from tests.integration.test_up_lifecycle import leaving_nothing_running
 from tests.support.relais import REPO
+from tests.support.signals import handlers_restored
 
 _PAGE = 4096
 
@@ -103,13 +104,9 @@ def test_ctrl_c_while_importing_ends_quietly_with_nothing_started(tmp_path: Path
 @pytest.fixture
 def python_ctrl_c() -> Iterator[None]:
     """SIGINT as Python sets it up at start; the test run's own handler put back afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with handlers_restored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def _stop(*_: object) -> None:

@@ -10,7 +10,9 @@ processes.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from types import FrameType
 
 
@@ -33,3 +35,15 @@ def unwind_on_sigterm() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
         signal.signal(signal.SIGHUP, _ignore)
+
+
+@contextlib.contextmanager
+def handlers_restored(*signums: int) -> Iterator[None]:
+    """The handlers of these signals as they were, put back on exit: for a test that installs
+    its own (as `relais up` does when run in the test process)."""
+    saved = {signum: signal.getsignal(signum) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

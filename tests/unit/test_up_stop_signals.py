@@ -9,18 +9,15 @@ from collections.abc import Iterator
 import pytest
 
 from services.up import _on_stop_signals
+from tests.support.signals import handlers_restored
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @pytest.fixture
 def restored_signals() -> Iterator[None]:
-    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    try:
+    with handlers_restored(*SIGNALS):
         yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def _stop(*_: object) -> None:
