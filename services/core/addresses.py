@@ -9,6 +9,7 @@ literals, comments, routes, non-ASCII) to the RFC 5321/5322 parsers of aiosmtpd 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 
 import idna
@@ -69,3 +70,14 @@ def _a_labels(domain: str) -> str:
         return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
     except (idna.IDNAError, UnicodeError):
         return domain
+
+
+@functools.lru_cache(maxsize=1024)
+def ip_key(address: str) -> str:
+    """A source IP address in its one spelling ("2001:DB8:0::1" is 2001:db8::1), as lookups
+    compare it; anything that is no IP address as it is. A pause or a shaping override written
+    in another spelling than the pool's would otherwise never apply."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address

@@ -12,8 +12,6 @@ cannot hold, is written as '_', so every key is a valid KV key and maps back to 
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import json
 import logging
 import re
@@ -25,6 +23,7 @@ from nats.js.api import Header, RawStreamMsg
 from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
+from services.core.addresses import ip_key
 from services.core.bus import WRONG_LAST_SEQUENCE, is_kv_delete, leader_last
 from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
 
@@ -57,20 +56,11 @@ def pause_key(kind: str, name: str) -> str:
         raise PauseError(f"cannot pause a {kind!r}; use one of {', '.join(PAUSE_KINDS)}")
     name = name.strip().lower().rstrip(".")
     if kind == "source":
-        name = _one_spelling(name)
+        # `relais pause source 2001:db8:0::1` must pause the pool's 2001:db8::1.
+        name = ip_key(name)
     if not name or not _NAME.match(name) or ".." in name:
         raise PauseError(f"{name!r} is not a valid {kind} name")
     return f"{_KEY_PREFIX}.{kind}.{name.replace(':', '_')}"
-
-
-@functools.lru_cache(maxsize=1024)
-def _one_spelling(address: str) -> str:
-    """A source address as one key whatever its spelling: `relais pause source 2001:db8:0::1`
-    must pause the pool's 2001:db8::1 (it paused nothing, and said it had)."""
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return address
 
 
 def parse_pause_key(key: str) -> tuple[str, str]:

@@ -9,7 +9,6 @@ The format is documented in `shaping_default.toml`, which ships as package data;
 from __future__ import annotations
 
 import dataclasses
-import functools
 import ipaddress
 import re
 import tomllib
@@ -18,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from services.core.addresses import domain_key
+from services.core.addresses import domain_key, ip_key
 from services.core.config import ConfigError, parse_duration
 from services.core.outcome import Bounced, Deferred, Delivered, Outcome, Reply
 
@@ -120,7 +119,7 @@ class Shaping:
         for rule in self.sites:
             if rule.name == site:
                 values.update(rule.overrides)
-                values.update(rule.source_overrides.get(_address_key(source), {}))
+                values.update(rule.source_overrides.get(ip_key(source), {}))
         return Limits(**values)
 
     def pushback_for(self, reply: Reply, site: str) -> Pushback | None:
@@ -158,15 +157,6 @@ def _under(host: str, suffix: str) -> bool:
 def _site_name(name: str) -> str:
     """A site as the router names it: lower case, no trailing dot ("Example.Test." is example.test)."""
     return name.lower().rstrip(".")
-
-
-@functools.lru_cache(maxsize=1024)
-def _address_key(address: str) -> str:
-    """One spelling per IP address ("2001:DB8:0::1" is 2001:db8::1); anything else as it is."""
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return address
 
 
 def _source_key(key: str, where: str) -> str:
