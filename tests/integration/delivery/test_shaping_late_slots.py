@@ -10,32 +10,13 @@ from __future__ import annotations
 
 import time
 
-from services.core.bus import Bus
-from services.core.topology import deliver_subject
-from services.delivery.service import SLOT_INTERVAL_META, SLOT_META
-from tests.integration.delivery.conftest import SOURCE_A, max_in_window
-from tests.integration.delivery.test_shaping_reserved_slots import delivery_worker
-from tests.support.relais import an_envelope, wait_for_events
+from tests.integration.delivery.conftest import max_in_window
+from tests.integration.delivery.test_shaping_reserved_slots import SITE, delivery_worker, publish_job
+from tests.support.relais import wait_for_events
 
-SITE = "alpha.test"
 INTERVAL = 3.0
 RATE = f'[site."{SITE}"]\nmessages_per_minute = 20\n'  # one message every 3 s
 JOBS = 4
-
-
-async def publish_job(bus: Bus, recipient: str, slot_at: float) -> None:
-    """A job of the site's coming back for the slot it reserved at `slot_at`, at the site's rate,
-    as its schedule re-publishes it."""
-    env = an_envelope(
-        recipient,
-        job_id=f"job-{recipient.partition('@')[0]}",
-        pool="default",
-        domain=SITE,
-        site=SITE,
-        mx_hosts=(f"mx.{SITE}",),
-        meta={SLOT_META: f"{SOURCE_A}|{SITE}|{slot_at:.3f}", SLOT_INTERVAL_META: f"{INTERVAL:.3f}"},
-    )
-    await bus.js.publish(deliver_subject("default"), env.to_msgpack())
 
 
 async def test_jobs_back_long_after_their_slots_keep_the_site_s_rate(
@@ -49,7 +30,7 @@ async def test_jobs_back_long_after_their_slots_keep_the_site_s_rate(
     async with delivery_worker(stack.config) as (_, bus):
         past = time.time() - 300.0
         for i in range(JOBS):
-            await publish_job(bus, f"r{i}@alpha.test", past + i * INTERVAL)
+            await publish_job(bus, f"r{i}@alpha.test", past + i * INTERVAL, interval=INTERVAL)
 
         got = await sink.async_wait_for(JOBS, timeout=90)
         assert sorted(r for m in got for r in m.rcpt_tos) == [f"r{i}@alpha.test" for i in range(JOBS)]

@@ -66,10 +66,13 @@ async def queue_ahead(bus: Bus, seconds: float) -> float:
     return tat
 
 
-async def publish_job(bus: Bus, recipient: str, slot_at: float | None = None, **fields: Any) -> None:
-    """A job of the site's, coming back for the slot it reserved at the site's rate if any."""
+async def publish_job(
+    bus: Bus, recipient: str, slot_at: float | None = None, *, interval: float = INTERVAL, **fields: Any
+) -> None:
+    """A job of the site's, coming back for the slot it reserved at `interval` (the site's rate)
+    if any, as its schedule re-publishes it."""
     slot = (
-        {SLOT_META: f"{SOURCE_A}|{SITE}|{slot_at:.3f}", SLOT_INTERVAL_META: f"{INTERVAL:.3f}"}
+        {SLOT_META: f"{SOURCE_A}|{SITE}|{slot_at:.3f}", SLOT_INTERVAL_META: f"{interval:.3f}"}
         if slot_at
         else {}
     )
