@@ -243,10 +243,20 @@ def signing_keys(
     return []
 
 
-def sign(message: bytes, keys: Iterable[SigningKey]) -> str:
-    """DKIM-Signature field(s), CRLF-terminated, to prepend to the message; one per key.
+@dataclass(frozen=True, slots=True)
+class Signatures:
+    """What signing one message with its domain's keys gave."""
 
-    Raises only `SigningError`, whatever dkimpy raises: the caller sends the message unsigned."""
+    fields: str  # DKIM-Signature field(s), CRLF-terminated, to prepend to the message
+    failures: tuple[SigningError, ...]  # one per key that could not sign
+
+
+def sign(message: bytes, keys: Iterable[SigningKey]) -> Signatures:
+    """A DKIM-Signature field per key that signs.
+
+    A key that fails costs only its own signature: DMARC passes on any one aligned signature,
+    so the others still go (a domain rotating selectors keeps two). Raises only `SigningError`,
+    whatever dkimpy raises, when no key signed: the caller sends the message unsigned."""
     end = _header_end(message)
     head = _head(message)
     if len(head) != end:  # white space before a colon: dkimpy gets the header without it
@@ -255,7 +265,16 @@ def sign(message: bytes, keys: Iterable[SigningKey]) -> str:
         present = header_names(message)
     except Exception as exc:
         raise SigningError(REASON_MESSAGE, f"cannot parse the header: {exc!r}") from exc
-    return "".join(_sign_one(message, present, key) for key in keys)
+    fields: list[str] = []
+    failures: list[SigningError] = []
+    for key in keys:
+        try:
+            fields.append(_sign_one(message, present, key))
+        except SigningError as exc:
+            failures.append(exc)
+    if failures and not fields:
+        raise failures[0]
+    return Signatures("".join(fields), tuple(failures))
 
 
 def _sign_one(message: bytes, present: list[str], key: SigningKey) -> str:

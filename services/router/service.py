@@ -238,13 +238,16 @@ class RouterService:
             return env
         # RSA signing and hashing a large body take CPU: keep the event loop free.
         try:
-            signature = await asyncio.to_thread(dkim.sign, body, keys)
+            signed = await asyncio.to_thread(dkim.sign, body, keys)
         except dkim.SigningError as exc:
             # Unsigned rather than retried for ever: a message that fails once fails every time.
             log.warning("message %s sent without DKIM signature (%s): %s", env.id, exc.reason, exc)
             metrics.DKIM_SIGN_FAILURES.labels(exc.reason).inc()
             return env
-        return replace(env, meta={**env.meta, META_DKIM: signature})
+        for failure in signed.failures:
+            log.warning("message %s lacks one DKIM signature (%s): %s", env.id, failure.reason, failure)
+            metrics.DKIM_SIGN_FAILURES.labels(failure.reason).inc()
+        return replace(env, meta={**env.meta, META_DKIM: signed.fields})
 
     async def _suppressed(self, env: Envelope) -> Mapping[str, Suppression]:
         """Active suppression entries of the message's recipients (DSNs are never suppressed)."""

@@ -69,7 +69,7 @@ def test_present_fields_are_signed_once_per_occurrence_and_over_signed_ones_once
 @pytest.mark.parametrize("algorithm,pem", [("rsa-sha256", rsa_pem), ("ed25519-sha256", ed_pem)])
 def test_signature_verifies_and_breaks_when_a_from_is_added(algorithm: str, pem) -> None:
     key = _key(algorithm, pem())
-    field = dkim.sign(MESSAGE, [key])
+    field = dkim.sign(MESSAGE, [key]).fields
     assert field.startswith("DKIM-Signature: ") and field.endswith("\r\n")
     assert f"a={algorithm}" in field
     signed = field.encode() + MESSAGE
@@ -82,7 +82,7 @@ def test_signature_verifies_and_breaks_when_a_from_is_added(algorithm: str, pem)
 
 def _sign_and_verifier(message: bytes):
     key = _key("rsa-sha256", rsa_pem())
-    signed = dkim.sign(message, [key]).encode() + message
+    signed = dkim.sign(message, [key]).fields.encode() + message
     records = {"s1._domainkey.acme.test": dkim.public_txt(rsa_pem())}
     return signed, lambda data: dkimpy.verify(data, dnsfunc=_dns(records))
 
@@ -150,7 +150,7 @@ def test_a_field_a_mailing_list_adds_keeps_the_signature(added: bytes) -> None:
 
 def test_two_keys_give_two_independent_signatures() -> None:
     keys = [_key("rsa-sha256", rsa_pem(), "r1"), _key("ed25519-sha256", ed_pem(), "e1")]
-    signed = dkim.sign(MESSAGE, keys).encode() + MESSAGE
+    signed = dkim.sign(MESSAGE, keys).fields.encode() + MESSAGE
     records = {
         "r1._domainkey.acme.test": dkim.public_txt(rsa_pem()),
         "e1._domainkey.acme.test": dkim.public_txt(ed_pem()),
@@ -230,3 +230,15 @@ def test_dns_record_of_a_loaded_key_publishes_its_public_half(algorithm: str, pe
     name, txt = dkim.dns_record(_key(algorithm, pem(), selector="sel"))
     assert name == "sel._domainkey.acme.test"
     assert txt == dkim.public_txt(pem())
+
+
+def test_a_key_that_fails_costs_only_its_own_signature() -> None:
+    # A domain rotating selectors signs with two keys: DMARC passes on either, so one refused
+    # key must not send the message out with no signature at all.
+    good = _key("ed25519-sha256", ed_pem(), "e1")
+    bad = dkim.SigningKey("acme.test", "old", "rsa-sha256", b"not a key")
+    signed = dkim.sign(MESSAGE, [bad, good])
+    assert [f.reason for f in signed.failures] == [dkim.REASON_KEY]
+    assert signed.fields.count("DKIM-Signature: ") == 1
+    records = {"e1._domainkey.acme.test": dkim.public_txt(ed_pem())}
+    assert dkimpy.verify(signed.fields.encode() + MESSAGE, dnsfunc=_dns(records))

@@ -53,7 +53,7 @@ def test_a_key_file_that_loads_signs_and_verifies(tmp_path: Path, layout: str) -
     path.write_bytes(LAYOUTS[layout]())
     config = Config(dkim={"acme.test": [DkimKeyConfig(selector="s1", key_file=str(path))]})
     keys = dkim.load_keys(config)["acme.test"]
-    signed = dkim.sign(MESSAGE, keys).encode() + MESSAGE
+    signed = dkim.sign(MESSAGE, keys).fields.encode() + MESSAGE
     record = dkim.public_txt(_pem(serialization.PrivateFormat.PKCS8)).encode()
     assert dkimpy.verify(signed, dnsfunc=lambda name, timeout=5: record)
     # The record `relais dkim` prints for the loaded key is the one that verifies.

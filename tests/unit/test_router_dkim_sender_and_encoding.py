@@ -42,7 +42,7 @@ def _verify(data: bytes) -> bool:
 
 def _signed(message: bytes) -> bytes:
     key = dkim.SigningKey("acme.test", "s1", "rsa-sha256", dkim.private_key_material(_pem(), "rsa-sha256"))
-    return dkim.sign(message, [key]).encode() + message
+    return dkim.sign(message, [key]).fields.encode() + message
 
 
 @pytest.mark.parametrize("added", [b"Sender: Evil <evil@bad.test>", b"Content-Transfer-Encoding: base64"])

@@ -87,7 +87,7 @@ def _sign(message: bytes) -> bytes:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     key = dkim.SigningKey("acme.test", "s1", "rsa-sha256", dkim.private_key_material(pem, "rsa-sha256"))
-    return dkim.sign(message, [key]).encode() + message
+    return dkim.sign(message, [key]).fields.encode() + message
 
 
 PLAIN = b"From: Acme <news@acme.test>\r\nTo: x@example.test\r\nSubject: Hi\r\n\r\nHello.\r\n"
