@@ -21,7 +21,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from services.core.bus import BrokerUnavailable, Bus, connect
 from services.core.config import Config, ConfigError, load_config, replace
-from services.core.pause import PAUSE_KINDS, PausedAgain, PauseError, PauseState
+from services.core.pause import PAUSE_KINDS, PausedAgain, PauseError, PauseState, pause_name
 
 DEFAULT_TRACES = "relais-data/traces.jsonl"
 
@@ -103,11 +103,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_message(args: argparse.Namespace) -> int:
-    from services.admin.history import message_events, render_history
+    from services.admin.history import lookup_of, message_events, render_history
+
+    asked = lookup_of(args.id)
 
     async def action(bus: Bus) -> int:
-        events = await message_events(bus.js, args.id)
-        print(render_history(args.id, events))
+        events = await message_events(bus.js, asked.message_id)
+        print(render_history(asked.message_id, events, job=asked.job_key))
         return 0 if events else 1
 
     return _with_bus(args, action)
@@ -138,15 +140,17 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_pause(args: argparse.Namespace) -> int:
     async def action(bus: Bus) -> int:
         state = PauseState(bus.js)
+        # Said as stored (bücher.test as xn--bcher-kva.test), the name `relais status` lists.
+        name = pause_name(args.kind, args.name)
         try:
             if args.command == "pause":
                 who = f"{getpass.getuser()}@{socket.gethostname()}"
                 await state.pause(args.kind, args.name, reason=args.reason or "", by=who)
-                print(f"paused {args.kind} {args.name}")
+                print(f"paused {args.kind} {name}")
             elif await state.resume(args.kind, args.name):
-                print(f"resumed {args.kind} {args.name}")
+                print(f"resumed {args.kind} {name}")
             else:
-                print(f"{args.kind} {args.name} was not paused")
+                print(f"{args.kind} {name} was not paused")
         except PausedAgain as exc:  # the command line was fine: the state moved under it
             print(f"relais: {exc}", file=sys.stderr)
             return 1
@@ -219,7 +223,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = sub.add_parser("message", help="the history of one message: received, attempts, outcome, trace id")
     _common(p)
-    p.add_argument("id", help="message id (as in `250 ... queued as <id>`)")
+    p.add_argument(
+        "id", help="message id (as in `250 ... queued as <id>`) or job key (<id>-<n>, as logs name jobs)"
+    )
     p.set_defaults(func=cmd_message)
 
     p = sub.add_parser("trace", help="print the span tree of a message from the local trace file")

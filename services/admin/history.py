@@ -1,5 +1,8 @@
 """`relais message <id>`: everything that happened to one message, from the events stream.
 
+The id may be a job key too (`envelope.job_key`, as log lines name jobs): the message's history
+is shown, that job's events marked and its fate last.
+
 Events carry the message id in their body, not in their subject (`relais.events.<account>.<kind>`),
 so the lookup is a scan with a filter. It starts at the message's own arrival time, read from its
 id (ids begin with the millisecond clock, see `envelope.new_message_id`), so it only reads events
@@ -9,6 +12,7 @@ written after the message arrived, not the whole retention window.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import nats.errors
@@ -16,11 +20,32 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.core.addresses import recipient_key
+from services.core.envelope import is_message_id, message_id_of_job
 from services.core.events import Event
 from services.core.topology import EVENTS_STREAM, events_filter
 
 # How far before the id's timestamp the scan starts: clocks of ingress replicas differ a little.
 CLOCK_SLACK = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What `relais message` was asked about: a message, or one job of it (`job_key`)."""
+
+    message_id: str
+    job_key: str = ""
+
+
+def lookup_of(asked: str) -> Lookup:
+    """A message id or a job key as an operator copied it: in any case, between `<>`. Only the
+    format Relais writes is folded to lower case; anything else is looked up as written."""
+    text = asked.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    folded = text.lower()
+    if message_id := message_id_of_job(folded):
+        return Lookup(message_id, folded)
+    return Lookup(folded) if is_message_id(folded) else Lookup(text)
 
 
 class Events(list[Event]):
@@ -79,10 +104,12 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
-def render_history(message_id: str, events: Sequence[Event]) -> str:
+def render_history(message_id: str, events: Sequence[Event], *, job: str = "") -> str:
+    """The message's history; asked about one of its jobs, that job's events are marked `*`
+    and its fate follows the message's."""
     complete = getattr(events, "complete", True)
     if not events:
-        return f"no events for {message_id}" + ("" if complete else f"\n{_CUT_SHORT}")
+        return f"no events for {job or message_id}" + ("" if complete else f"\n{_CUT_SHORT}")
     first = events[0]
     lines = [
         f"message {message_id}  account {first.account}  from <{first.sender}>",
@@ -105,10 +132,25 @@ def render_history(message_id: str, events: Sequence[Event]) -> str:
         rcpts = ", ".join(e.recipients)
         if e.message_id != message_id:
             rcpts = f"DSN {e.message_id} to {rcpts}"
-        lines.append(f"{_when(e.at)}  {e.kind:<10} {rcpts}{attempt}  {where}{reply}{retry_at}".rstrip())
+        mark = ("* " if e.job_id == job else "  ") if job else ""
+        lines.append(f"{mark}{_when(e.at)}  {e.kind:<10} {rcpts}{attempt}  {where}{reply}{retry_at}".rstrip())
     # Cut short, the last events read are not the message's last: no fate can be told from them.
-    lines += _fate([e for e in events if e.message_id == message_id]) if complete else [_CUT_SHORT]
+    if not complete:
+        return "\n".join([*lines, _CUT_SHORT])
+    own = [e for e in events if e.message_id == message_id]
+    lines += _fate(own)
+    if job:
+        lines.append(_job_fate(job, own))
     return "\n".join(lines)
+
+
+def _job_fate(job: str, own: Sequence[Event]) -> str:
+    fate = _fate([e for e in own if e.job_id == job])
+    if fate:
+        return f"job {job}: {fate[0]}"
+    # Not attempted yet (a routed job has no event before its first attempt), or a mistyped key.
+    seen = ", ".join(sorted({e.job_id for e in own if e.job_id}, key=lambda key: (len(key), key)))
+    return f"job {job}: no events yet (the message's jobs with events: {seen or 'none'})"
 
 
 _CUT_SHORT = "scan stopped at its limit of events: later events not read, the outcome may be among them"

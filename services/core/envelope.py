@@ -6,6 +6,7 @@ not carried at all but referenced (see `services.core.bodies`).
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -39,6 +40,26 @@ class NewerSchema(EnvelopeDecodeError):
 def new_message_id() -> str:
     """Queue id: millisecond time, then randomness: ids sort by arrival and never collide across replicas."""
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+# What `new_message_id` writes, and a job key: the message id, a dash, the job's number.
+_MESSAGE_ID = re.compile(r"[0-9a-f]{23}")
+_JOB_KEY = re.compile(r"(?P<message_id>[0-9a-f]{23})-[0-9]+")
+
+
+def job_key(message_id: str, number: int) -> str:
+    """The key of a message's job `number` (the router numbers a message's jobs from 0)."""
+    return f"{message_id}-{number}"
+
+
+def is_message_id(text: str) -> bool:
+    return _MESSAGE_ID.fullmatch(text) is not None
+
+
+def message_id_of_job(key: str) -> str:
+    """The message id in a job key as `job_key` writes it; "" for anything else."""
+    found = _JOB_KEY.fullmatch(key)
+    return found["message_id"] if found else ""
 
 
 # Envelope.meta keys that one service writes and another reads.

@@ -6,8 +6,9 @@ import each other's internals. Keys sit in the delivery control bucket declared 
 
     pause.<kind>.<name>     kind in pool | source | site; value: JSON {kind, name, reason, at, by}
 
-Names are pool names, source IPs or site names (MX hosts); ':' of IPv6 addresses, which KV keys
-cannot hold, is written as '_', so every key is a valid KV key and maps back to one name.
+Names are pool names, source IPs or site names (MX hosts, in A-labels as the router names them);
+':' of IPv6 addresses, which KV keys cannot hold, is written as '_', so every key is a valid KV
+key and maps back to one name.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from nats.js.api import Header, RawStreamMsg
 from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
-from services.core.addresses import ip_key
+from services.core.addresses import domain_key, ip_key
 from services.core.bus import WRONG_LAST_SEQUENCE, is_kv_delete, leader_last
 from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
 
@@ -51,13 +52,23 @@ class Pause:
     by: str = ""
 
 
-def pause_key(kind: str, name: str) -> str:
-    if kind not in PAUSE_KINDS:
-        raise PauseError(f"cannot pause a {kind!r}; use one of {', '.join(PAUSE_KINDS)}")
+def pause_name(kind: str, name: str) -> str:
+    """A name in the one spelling its pause key holds, the spelling delivery looks it up by."""
     name = name.strip().lower().rstrip(".")
     if kind == "source":
         # `relais pause source 2001:db8:0::1` must pause the pool's 2001:db8::1.
-        name = ip_key(name)
+        return ip_key(name)
+    if kind == "site":
+        # The router names sites in A-labels: `relais pause site bücher.test` must pause
+        # xn--bcher-kva.test. Pools are names of the configuration, not domains.
+        return domain_key(name)
+    return name
+
+
+def pause_key(kind: str, name: str) -> str:
+    if kind not in PAUSE_KINDS:
+        raise PauseError(f"cannot pause a {kind!r}; use one of {', '.join(PAUSE_KINDS)}")
+    name = pause_name(kind, name)
     if not name or not _NAME.match(name) or ".." in name:
         raise PauseError(f"{name!r} is not a valid {kind} name")
     return f"{_KEY_PREFIX}.{kind}.{name.replace(':', '_')}"
@@ -114,7 +125,7 @@ class PauseState:
 
     async def pause(self, kind: str, name: str, *, reason: str = "", by: str = "") -> Pause:
         key = pause_key(kind, name)
-        entry = Pause(kind, name.strip().lower().rstrip("."), reason, time.time(), by)
+        entry = Pause(kind, pause_name(kind, name), reason, time.time(), by)
         await (await self._bucket()).put(key, json.dumps(asdict(entry)).encode())
         return entry
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from services.core.addresses import domain_as_written, domain_key, domain_of, recipient_key
 from services.core.config import AccountConfig, Config
-from services.core.envelope import META_POOL, Envelope
+from services.core.envelope import META_POOL, Envelope, job_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ def split_by_domain(env: Envelope) -> list[Job]:
     # stored some of its jobs, must give each domain the id it got then, or a job would be
     # taken for a duplicate of another domain's and dropped.
     order = sorted(groups, key=lambda domain: domain_as_written(groups[domain][0]))
-    return [Job(f"{env.id}-{i}", domain, tuple(groups[domain])) for i, domain in enumerate(order)]
+    return [Job(job_key(env.id, i), domain, tuple(groups[domain])) for i, domain in enumerate(order)]
 
 
 def choose_pool(config: Config, env: Envelope, account: AccountConfig | None) -> str:
