@@ -116,6 +116,7 @@ def cmd_message(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from services.admin.history import lookup_of
     from services.admin.trace import load_spans, render_message, trace_files
 
     path = args.file
@@ -129,7 +130,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if not files:
         print(f'relais: no trace file at {path} (set telemetry.traces = "jsonl")', file=sys.stderr)
         return 1
-    text = render_message(load_spans(files), args.id)
+    # A job key or a copied id finds its message's traces, as with `relais message`.
+    text = render_message(load_spans(files), lookup_of(args.id).message_id)
     if text is None:
         print(f"relais: no spans for {args.id} in {path}", file=sys.stderr)
         return 1

@@ -176,7 +176,3 @@ def _fate(own: Sequence[Event]) -> list[str]:
     if not queued:
         return [f"final: {', '.join(sorted(set(finals.values())))}"]
     return [f"still queued: {', '.join(queued)}"]
-
-
-async def show_message(js: JetStreamContext, message_id: str) -> str:
-    return render_history(message_id, await message_events(js, message_id))

@@ -12,6 +12,23 @@ from tests.support.relais import REPO, RelaisStack, asubmit, message, wait_for_e
 from tests.support.spans import collecting
 
 
+async def trace(asked: str, path: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "trace",
+        asked,
+        "--file",
+        str(path),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+    return proc.returncode or 0, out
+
+
 async def test_trace_prints_the_tree_of_a_delivered_message(
     stack: RelaisStack, make_sink, tmp_path: Path
 ) -> None:
@@ -28,20 +45,8 @@ async def test_trace_prints_the_tree_of_a_delivered_message(
                 break
             await asyncio.sleep(0.1)
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        "trace",
-        mid,
-        "--file",
-        str(path),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
-    assert proc.returncode == 0, out
+    returncode, out = await trace(mid, path)
+    assert returncode == 0, out
     lines = out.splitlines()
     assert lines[0].startswith("trace ") and "spans" in lines[0]
     assert "smtp receive" in lines[1] and f"message_id={mid}" in lines[1] and "account=acme" in lines[1]
@@ -55,20 +60,11 @@ async def test_trace_prints_the_tree_of_a_delivered_message(
     route = next(line for line in lines if "process relais.route" in line)
     assert deliver.index("process") > route.index("process")
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        "trace",
-        "nope",
-        "--file",
-        str(path),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
-    assert proc.returncode == 1 and "no spans for nope" in out
+    # The job key a log line names, copied with its brackets, finds the same message's tree.
+    assert await trace(f"<{mid.upper()}-0>", path) == (0, out)
+
+    returncode, out = await trace("nope", path)
+    assert returncode == 1 and "no spans for nope" in out
 
 
 def test_the_trace_file_rotates_and_both_generations_are_read(tmp_path: Path) -> None:
