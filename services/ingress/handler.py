@@ -21,7 +21,7 @@ from services.ingress import headers, policy
 from services.ingress.accounts import AccountStore
 from services.ingress.auth import Authenticator
 from services.ingress.budget import ByteBudget
-from services.ingress.handoff import Handoff, Submission
+from services.ingress.handoff import Handoff, Submission, past_the_client
 from services.ingress.limits import MessageRates, SessionRegistry
 from services.ingress.replies import (
     ACCOUNTS_UNAVAILABLE,
@@ -285,34 +285,38 @@ class IngressHandler:
         head = block.without(headers.CONTROL_HEADERS) + headers.missing_fields(
             block, message_id=message_id, hostname=ingress.hostname, now=time.time()
         )
+        submission = Submission(
+            account=name,
+            sender=sender,
+            recipients=tuple(envelope.rcpt_tos),
+            sender_domain=sender_domain,
+            data=self._received(session, message_id, name, tls) + head + rest,
+            client_ip=state.client_ip,
+            meta=meta,
+            dsn_ret=getattr(envelope, "dsn_ret", ""),
+            dsn_envid=getattr(envelope, "dsn_envid", ""),
+            dsn_notify=dict(getattr(envelope, "dsn_notify", {})),
+            dsn_orcpt=dict(getattr(envelope, "dsn_orcpt", {})),
+        )
+        return await past_the_client(self._queue_counted(session, submission, message_id, account))
+
+    async def _queue_counted(
+        self, session: Session, sub: Submission, message_id: str, account: AccountConfig
+    ) -> str:
+        """Count the message against its account's rate, queue it, and refund the count unless it
+        was queued: the quota is used exactly by the messages queued."""
         try:
-            verdict, reserved_at = await self._rates.reserve(name, account)
+            verdict, take = await self._rates.reserve(sub.account, account, message_id)
         except BrokerUnavailable:
             return str(_QUEUE_UNAVAILABLE)
         if verdict:
             return str(verdict)
         reply = str(LOCAL_ERROR)  # what the client sees if queueing raises (handle_exception)
         try:
-            reply = await self._queue(
-                session,
-                Submission(
-                    account=name,
-                    sender=sender,
-                    recipients=tuple(envelope.rcpt_tos),
-                    sender_domain=sender_domain,
-                    data=self._received(session, message_id, name, tls) + head + rest,
-                    client_ip=state.client_ip,
-                    meta=meta,
-                    dsn_ret=getattr(envelope, "dsn_ret", ""),
-                    dsn_envid=getattr(envelope, "dsn_envid", ""),
-                    dsn_notify=dict(getattr(envelope, "dsn_notify", {})),
-                    dsn_orcpt=dict(getattr(envelope, "dsn_orcpt", {})),
-                ),
-                message_id,
-            )
+            reply = await self._queue(session, sub, message_id)
         finally:
             if not reply.startswith("250"):
-                await self._rates.refund(name, account, reserved_at)
+                await self._rates.refund(take)
         return reply
 
     def _received(

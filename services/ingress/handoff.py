@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from services.core.bodies import BodyStore
 from services.core.bus import BrokerUnavailable, Bus
@@ -21,6 +23,8 @@ from services.core.telemetry import traceparent_of
 from services.core.topology import inbound_subject, route_subject
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Within the hand-off deadline the envelope is published up to this many times (see
 # `_publish_until_acked`), each attempt waiting at most deadline / attempts for its ack.
@@ -142,3 +146,28 @@ class Handoff:
                     raise BrokerUnavailable(str(exc), maybe_stored=maybe_stored) from exc
                 log.info("publishing %s again after: %s", msg_id, exc)
                 await asyncio.sleep(_RETRY_PAUSE)
+
+
+async def past_the_client(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` (a message's hand-off, from counting it to queueing it) to its end even when
+    the session is cancelled meanwhile, then pass the cancellation on.
+
+    Once the final dot is read the client's leaving (a reset, a TLS connection closed) must not
+    cut the hand-off halfway: the envelope stored and its quota refunded, or the quota taken and
+    nothing stored. Postfix likewise keeps a message whose client left after the dot. `work` is
+    bounded by its own broker deadlines; the session waits for it, so the message's octets stay
+    counted in the DATA budget until then.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Nobody is left to answer: the session's handle_exception will not hear of it.
+            log.error("hand-off of a session that ended failed", exc_info=error)
+        raise asyncio.CancelledError
+    return task.result()

@@ -23,10 +23,12 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.errors import APIError
 
 from services.core.bus import BrokerUnavailable, Bus
@@ -74,13 +76,21 @@ class Counters:
         self._timeout = timeout
 
     async def add(self, subject: str, delta: int = 1) -> int:
+        ack = await self._publish(subject, {"Nats-Incr": f"{delta:+d}"})
+        return int(ack.val or 0)
+
+    async def add_once(self, subject: str, delta: int, msg_id: str) -> int | None:
+        """As `add`, but applied once per `msg_id` however often it is sent (within the stream's
+        duplicate window), so a change whose ack was lost can be sent again. None when it had
+        been applied already: JetStream then reports no value."""
+        ack = await self._publish(subject, {"Nats-Incr": f"{delta:+d}", "Nats-Msg-Id": msg_id})
+        return None if ack.duplicate else int(ack.val or 0)
+
+    async def _publish(self, subject: str, headers: dict[str, str]) -> PubAck:
         try:
-            ack = await self._bus.js.publish(
-                subject, b"", timeout=self._timeout, headers={"Nats-Incr": f"{delta:+d}"}
-            )
+            return await self._bus.js.publish(subject, b"", timeout=self._timeout, headers=headers)
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"counter {subject}: {exc!r}") from exc
-        return int(ack.val or 0)
 
     async def values(self, subjects: Sequence[str]) -> list[int]:
         """The current value of each counter (0 when it has none), in one direct-get round trip."""
@@ -111,6 +121,22 @@ def rate_verdict(account: AccountConfig, per_hour: int, per_day: int) -> Verdict
     return None
 
 
+# A refund is sent this many times at most while JetStream does not acknowledge it; its msg id
+# makes a repeat that reaches the stream a second time a no-op.
+_REFUND_ATTEMPTS = 2
+
+
+@dataclass(slots=True)
+class RateTake:
+    """What one message took of its account's rate counters: the counters whose increment
+    JetStream acknowledged, given back at most once (`MessageRates.refund`)."""
+
+    account: str
+    message_id: str
+    at: float
+    counters: tuple[str, ...] = ()
+
+
 class MessageRates:
     """Messages per hour/day per account: exact at end of DATA, cheap at MAIL.
 
@@ -139,21 +165,35 @@ class MessageRates:
         per_day = seen[3] if seen[2] == day else 0
         return rate_verdict(account, per_hour + 1, per_day + 1)
 
-    async def reserve(self, name: str, account: AccountConfig) -> tuple[Verdict | None, float]:
-        """At end of DATA: count the message; over the limit it is refunded and refused.
+    async def reserve(
+        self, name: str, account: AccountConfig, message_id: str
+    ) -> tuple[Verdict | None, RateTake]:
+        """At end of DATA: count message `message_id`; over the limit it is refunded and refused.
 
-        Returns the verdict and the time used, which `refund` needs to hit the same windows.
+        Raises BrokerUnavailable (451) when either counter could not be counted, having given
+        back the other one's increment: a refused message costs nothing, however often the
+        client retries through the error. Returns the verdict and what was taken, for `refund`.
         """
-        now = time.time()
+        take = RateTake(name, message_id, time.time())
         if not (account.max_messages_per_hour or account.max_messages_per_day):
-            return None, now
-        hour_s, day_s = self._subjects(name, now)
-        per_hour, per_day = await asyncio.gather(self._counters.add(hour_s), self._counters.add(day_s))
+            return None, take
+        subjects = self._subjects(name, take.at)
+        # Both answers are waited for, failed or not: an increment still on its way when the
+        # other failed would otherwise be neither known nor given back.
+        results = await asyncio.gather(*(self._counters.add(s) for s in subjects), return_exceptions=True)
+        take.counters = tuple(s for s, r in zip(subjects, results, strict=True) if isinstance(r, int))
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            # An increment that timed out may have been applied: it is not given back, as one
+            # cannot tell. The message then counts once though refused, rather than never.
+            await self.refund(take)
+            raise failure
+        per_hour, per_day = (r for r in results if isinstance(r, int))
         verdict = rate_verdict(account, per_hour, per_day)
-        self._remember(name, now, per_hour - bool(verdict), per_day - bool(verdict))
+        self._remember(name, take.at, per_hour - bool(verdict), per_day - bool(verdict))
         if verdict:
-            await self.refund(name, account, now)
-        return verdict, now
+            await self.refund(take)
+        return verdict, take
 
     def _remember(self, name: str, now: float, per_hour: int, per_day: int) -> None:
         if len(self._seen) > 100_000:
@@ -161,20 +201,28 @@ class MessageRates:
         hour, day = windows(now)
         self._seen[name] = (hour, per_hour, day, per_day)
 
-    async def refund(self, name: str, account: AccountConfig, at: float) -> None:
-        """The message was not queued after all (451): give its slot back."""
-        if not (account.max_messages_per_hour or account.max_messages_per_day):
+    async def refund(self, take: RateTake) -> None:
+        """The message was not queued after all (451, or over the limit): give back what it
+        took, once however often this is called."""
+        counters, take.counters = take.counters, ()
+        if not counters:
             return
-        hour_s, day_s = self._subjects(name, at)
-        try:
-            per_hour, per_day = await asyncio.gather(
-                self._counters.add(hour_s, -1), self._counters.add(day_s, -1)
-            )
-        except BrokerUnavailable as exc:
-            log.warning("could not refund rate counters of %s: %s", name, exc)
-            return
-        # Else MAIL's early check would go on counting the refunded message until the window ends.
-        self._remember(name, at, per_hour, per_day)
+        values = await asyncio.gather(*(self._give_back(s, take.message_id) for s in counters))
+        per_hour, per_day = values if len(values) == 2 else (None, None)
+        if per_hour is not None and per_day is not None:
+            # Else MAIL's early check would go on counting the refunded message until the window ends.
+            self._remember(take.account, take.at, per_hour, per_day)
+
+    async def _give_back(self, subject: str, message_id: str) -> int | None:
+        """-1 on `subject` for `message_id`, once: its msg id lets a refund whose ack was lost be
+        sent again without giving back twice. The counter's value after it, None if unknown."""
+        for attempt in range(1, _REFUND_ATTEMPTS + 1):
+            try:
+                return await self._counters.add_once(subject, -1, f"refund.{message_id}.{subject}")
+            except BrokerUnavailable as exc:
+                if attempt == _REFUND_ATTEMPTS:
+                    log.warning("could not refund %s for %s: %s", subject, message_id, exc)
+        return None
 
 
 def known_client_token(ip: str, username: str, secret: str) -> str:
