@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 
 from services.core.accounts import AccountRecordError, decode_account
 from services.core.config import AccountConfig
+from services.core.kv_watch import REMOVALS, follow
 from services.core.topology import ACCOUNTS_BUCKET
 
 log = logging.getLogger(__name__)
@@ -53,31 +54,30 @@ class AccountWatch:
     async def _watch(self) -> None:
         while True:
             try:
-                kv = await self._js.key_value(ACCOUNTS_BUCKET)
-                watcher = await kv.watchall()
                 snapshot: dict[str, AccountConfig] = {}
                 initial = True
-                async for entry in watcher:
-                    if entry is None:  # end of the initial values: swap in the complete view
-                        self.accounts = snapshot
-                        initial = False
-                        self.loaded.set()
-                        self._changed()
-                        continue
-                    target = snapshot if initial else self.accounts
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        target.pop(entry.key, None)
-                    else:
-                        try:
-                            target[entry.key] = decode_account(
-                                entry.value, check_password_hash=self._check_password_hash
-                            )
-                        except AccountRecordError as exc:
-                            log.error("ignoring invalid account record %r: %s", entry.key, exc)
+                async with contextlib.aclosing(follow(self._js, ACCOUNTS_BUCKET)) as entries:
+                    async for entry in entries:
+                        if entry is None:  # the end of the stored records: swap in the complete view
+                            self.accounts = snapshot
+                            initial = False
+                            self.loaded.set()
+                            self._changed()
+                            continue
+                        target = snapshot if initial else self.accounts
+                        if entry.operation in REMOVALS or not entry.value:
                             target.pop(entry.key, None)
-                    if not initial:
-                        log.info("account %s updated", entry.key)
-                        self._changed()
+                        else:
+                            try:
+                                target[entry.key] = decode_account(
+                                    entry.value, check_password_hash=self._check_password_hash
+                                )
+                            except AccountRecordError as exc:
+                                log.error("ignoring invalid account record %r: %s", entry.key, exc)
+                                target.pop(entry.key, None)
+                        if not initial:
+                            log.info("account %s updated", entry.key)
+                            self._changed()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import Header, RawStreamMsg
-from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
 from services.core.addresses import domain_key, ip_key
 from services.core.bus import WRONG_LAST_SEQUENCE, is_kv_delete, leader_last
+from services.core.kv_watch import stored
 from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
 
 PAUSE_KINDS = ("pool", "source", "site")
@@ -177,18 +178,8 @@ class PauseState:
         """Everything paused now, sorted by kind and name; records this release cannot read too,
         since delivery holds mail for them all the same."""
         try:
-            kv = await self._bucket()
-            keys = await kv.keys()
-        except (NoKeysError, BucketNotFoundError):
+            entries = await stored(self._js, DELIVERY_CONTROL_BUCKET, f"{_KEY_PREFIX}.>")
+        except BucketNotFoundError:
             return []
-        found = []
-        for key in keys:
-            if not key.startswith(_KEY_PREFIX + "."):
-                continue
-            try:
-                entry = await kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                found.append(decode_pause(key, entry.value))
+        found = [decode_pause(entry.key, entry.value) for entry in entries]
         return sorted(found, key=lambda p: (p.kind, p.name))

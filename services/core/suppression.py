@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 
 from services.core.addresses import recipient_key
 from services.core.bus import BrokerUnavailable, Bus, DirectGetUnavailable, is_kv_delete
+from services.core.kv_watch import stored
 from services.core.topology import SUPPRESSION_BUCKET, kv_stream, kv_subject
 
 
@@ -202,16 +203,9 @@ class SuppressionList:
         A subject-filtered watch, not `kv.keys(filters=...)`: nats-py matches those filters as
         substrings, so "acme.*" would find nothing (and "acme" would also find "acme2").
         """
-        kv = await self._bucket()
-        watcher = await kv.watch(f"{account}.*", ignore_deletes=True)
         out = []
-        try:
-            async for kv_entry in watcher:
-                if kv_entry is None:  # the watcher's "no more stored values" marker
-                    break
-                entry = _decode(kv_entry.value)
-                if entry is not None:
-                    out.append(entry)
-        finally:
-            await watcher.stop()
+        for kv_entry in await stored(self._js, SUPPRESSION_BUCKET, f"{account}.*"):
+            entry = _decode(kv_entry.value)
+            if entry is not None:
+                out.append(entry)
         return sorted(out, key=lambda e: e.at)

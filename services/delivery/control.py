@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from services.core.bus import CAS_ATTEMPTS, BrokerUnavailable, cas_won, is_kv_delete, leader_last
+from services.core.kv_watch import REMOVALS, follow
 from services.core.outcome import Reply
 from services.core.pause import PauseError, pause_key
 from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
@@ -105,18 +106,17 @@ class DeliveryControl:
                 await self._task
 
     async def _watch(self) -> None:
-        assert self._kv is not None
         while True:
             try:
-                watcher = await self._kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        self._ready.set()
-                        continue
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        self._values.pop(entry.key, None)
-                    else:
-                        self._values[entry.key] = entry.value
+                async with contextlib.aclosing(follow(self._js, DELIVERY_CONTROL_BUCKET)) as entries:
+                    async for entry in entries:
+                        if entry is None:
+                            self._ready.set()
+                            continue
+                        if entry.operation in REMOVALS or not entry.value:
+                            self._values.pop(entry.key, None)
+                        else:
+                            self._values[entry.key] = entry.value
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

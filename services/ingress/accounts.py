@@ -15,13 +15,14 @@ import logging
 from collections.abc import Callable, Mapping
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from services.core.account_watch import AccountWatch
 from services.core.accounts import AccountRecordError, decode_account, encode_account
 from services.core.bus import CAS_ATTEMPTS
 from services.core.config import AccountConfig, valid_name
+from services.core.kv_watch import stored
 from services.core.topology import ACCOUNTS_BUCKET
 
 log = logging.getLogger(__name__)
@@ -98,21 +99,13 @@ async def get_account(js: JetStreamContext, name: str) -> AccountConfig | None:
 
 
 async def list_accounts(js: JetStreamContext) -> dict[str, AccountConfig]:
-    kv = await js.key_value(ACCOUNTS_BUCKET)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return {}
     out: dict[str, AccountConfig] = {}
-    for key in sorted(keys):
+    for entry in sorted(await stored(js, ACCOUNTS_BUCKET), key=lambda e: e.key):
         try:
-            account = await get_account(js, key)
+            out[entry.key] = decode_account(entry.value)
         except AccountRecordError as exc:
             # Listed without it, as the ingress does, rather than no list at all.
-            log.error("ignoring invalid account record %r: %s", key, exc)
-            continue
-        if account is not None:
-            out[key] = account
+            log.error("ignoring invalid account record %r: %s", entry.key, exc)
     return out
 
 

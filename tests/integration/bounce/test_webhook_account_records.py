@@ -5,6 +5,7 @@ restart, against a real HTTP receiver on loopback, real SMTP and a real nats-ser
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import subprocess
@@ -15,12 +16,14 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError
 
+from services.bounce.webhooks import WebhookDispatcher
 from services.core.config import Config
 from services.core.embedded import EmbeddedNats
 from services.core.runtime import start_bus
-from services.core.topology import ACCOUNTS_BUCKET, EVENTS_STREAM, webhooks_binding
+from services.core.topology import ACCOUNTS_BUCKET, EVENTS_STREAM, kv_stream, webhooks_binding
 from services.ingress.accounts import get_account, seed_accounts
 from tests.integration.bounce.conftest import Receiver, wait_accepted, webhook_account
+from tests.support.nats_delay_proxy import DelayingNatsProxy
 from tests.support.relais import ACCOUNT, asubmit, make_config, message, run_cli, wait_for_events
 
 
@@ -169,6 +172,34 @@ async def stored_webhook(config: Config) -> tuple[str, str]:
         return account.webhook_url, account.webhook_secret
     finally:
         await bus.close()
+
+
+async def test_a_replica_whose_records_come_after_the_watch_s_end_marker_still_compares_its_file(
+    seeded: Config, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a loaded machine the stored records can reach a starting replica after nats-py's
+    "end of stored values" marker (nats-io/nats.py#842); the proxy makes that order certain.
+    The record (without a webhook) must still be what the file's webhook is compared with."""
+    async with DelayingNatsProxy(seeded.nats.url, kv_stream(ACCOUNTS_BUCKET), 0.8) as proxy:
+        config = dataclasses.replace(
+            seeded,
+            nats=dataclasses.replace(seeded.nats, url=proxy.url),
+            accounts=webhook_account(receiver.url),
+        )
+        bus = await start_bus(config, "test-bounce", attempts=5)
+        dispatcher, stop = WebhookDispatcher(config, bus), asyncio.Event()
+        with caplog.at_level(logging.WARNING, logger="services.bounce.webhooks"):
+            running = asyncio.create_task(dispatcher.run(stop))
+            try:
+                deadline = time.monotonic() + 20
+                while dispatcher.webhook_accounts():  # until the record overrides the file
+                    assert time.monotonic() < deadline, "the record never reached the replica"
+                    await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                await running
+                await bus.close()
+    assert f"account {ACCOUNT}: the webhook in the config file differs" in caplog.text
 
 
 async def test_webhook_settings_are_checked_and_a_url_password_is_not_listed(
