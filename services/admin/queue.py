@@ -17,11 +17,19 @@ fails that check and is skipped: it is never acted on twice.
 
 - requeue's replacement is simply due now: the server fires it, as it would have later;
 - bounce-queue's is due an hour later than the job was (a claim), then the BounceNotice is
-  published, then the claim deleted. A command that dies after the claim leaves the job to be
-  retried an hour late, never a lost message; one that dies between the notice and the delete
-  leaves that retry after the bounce.
+  published, then the claim is marked as noticed (replaced once more) and deleted. A command
+  that dies after the claim leaves the job to be retried an hour late, never a lost message;
+  one that dies between the notice and the delete leaves that retry after the bounce.
   A claim says so in a header, and requeue leaves it alone: taken over, it would fire at once,
   and the job be delivered after its sender was told it bounced.
+- bounce-queue run again finishes what a failed run left: a claim marked as noticed is only
+  deleted; any other claim is bounced like a deferred job. The notice's msg id is the job's
+  and attempt's, so a notice the failed run had published is dropped by JetStream if the rerun
+  comes within the bounce stream's duplicate window (`nats.duplicate_window`, 5 minutes by
+  default). After it, a second notice goes out only if the failed run died between its
+  notice's ack and the mark. The bounce service then still sends one DSN when
+  `bounce.dsn_window` > 0 (the default: its hold keeps one notice per job and attempt for
+  the bodies' TTL), a second one with a window of 0; the `bounced` event goes out twice.
 
 Schedules fire by the servers' clock, and this host's may be hours off it (a clock set to local
 time read as UTC). So "now" is when the server stored the schedule, in its past, and the claim is
@@ -35,7 +43,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nats.js.api import Header, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
@@ -123,11 +131,20 @@ async def queued_jobs(bus: Bus, limit: int = 1_000_000) -> AsyncIterator[Envelop
 
 # Marks a schedule that a bounce-queue run claimed: its job is being bounced.
 _CLAIMED_BY = "Relais-Claimed-By"
+# Marks a claim whose BounceNotice is out (its msg id): a rerun only deletes it.
+_NOTICED = "Relais-Noticed"
+_MARKS = (_CLAIMED_BY, _NOTICED)
 
 
 def _carried_headers(headers: dict[str, str]) -> dict[str, str]:
-    # The trace context travels on; the schedule's own NATS-* headers and a claim's mark must not.
-    return {k: v for k, v in headers.items() if not k.lower().startswith("nats-") and k != _CLAIMED_BY}
+    # The trace context travels on; the schedule's own NATS-* headers and a claim's marks must not.
+    return {k: v for k, v in headers.items() if not k.lower().startswith("nats-") and k not in _MARKS}
+
+
+def admin_notice_id(env: Envelope) -> str:
+    """The msg id of bounce-queue's notice for a job: the same in every run that bounces this
+    attempt of the job, so JetStream keeps one."""
+    return f"bn-admin-{env.key}-{env.attempt_count}"
 
 
 # Long enough for a bounce-queue run to publish its notice and delete the claim.
@@ -137,10 +154,12 @@ _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _NO_MESSAGE = 10057
 
 
-async def _take_over(bus: Bus, job: Scheduled, at: float, *, claim: bool = False) -> int | None:
+async def _take_over(
+    bus: Bus, job: Scheduled, at: float, *, claim: bool = False, noticed: str = ""
+) -> int | None:
     """Replace the job's schedule with one due at `at`, if it is still the one read; returns
     the new schedule's sequence, or None when it fired or was replaced meanwhile. `claim`
-    marks the replacement as bounce-queue's."""
+    marks the replacement as bounce-queue's, `noticed` as one whose notice is out."""
     headers = _carried_headers(job.headers)
     headers |= {
         Header.SCHEDULE: f"@at {rfc3339(at)}",
@@ -149,6 +168,8 @@ async def _take_over(bus: Bus, job: Scheduled, at: float, *, claim: bool = False
     }
     if claim:
         headers[_CLAIMED_BY] = "bounce-queue"
+    if noticed:
+        headers[_NOTICED] = noticed
     try:
         ack = await bus.js.publish(job.subject, job.envelope.to_msgpack(), headers=headers)
     except APIError as exc:
@@ -194,27 +215,50 @@ async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
     reply = admin_bounce_reply(reason)
     done: list[Scheduled] = []
     async for job in scheduled_jobs(bus):
-        env = job.envelope
-        if not matches_site(env, site):
+        if not matches_site(job.envelope, site):
             continue
-        claim = await _take_over(bus, job, max(time.time(), job.due or 0.0) + _CLAIM_FOR, claim=True)
-        if claim is None:
-            continue
-        notice = BounceNotice(
-            envelope=env.with_attempt(Attempt(time.time(), reply)),
-            failures=tuple(Bounced(rcpt, reply) for rcpt in env.recipients),
-            releases_body=True,
-        )
-        await bus.publish(
-            bounce_subject(),
-            notice.to_msgpack(),
-            msg_id=f"bn-admin-{job.stream}-{job.seq}",
-            headers=_carried_headers(job.headers),
-            attributes={t.MESSAGE_ID: env.id, t.SITE: env.site},
-        )
-        await _delete_claim(bus, job.stream, claim)
-        done.append(job)
+        if job.headers.get(_NOTICED):
+            # An earlier run's notice is out and only its claim is left.
+            await _delete_claim(bus, job.stream, job.seq)
+            done.append(job)
+        elif await _bounce_job(bus, job, reply):
+            done.append(job)
     return done
+
+
+async def _bounce_job(bus: Bus, job: Scheduled, reply: Reply) -> bool:
+    """Claim the job, publish its notice, mark the claim noticed and delete it; False when the
+    job fired or another run took it over meanwhile."""
+    due = max(time.time(), job.due or 0.0) + _CLAIM_FOR
+    claim = await _take_over(bus, job, due, claim=True)
+    if claim is None:
+        return False
+    env = job.envelope
+    notice = BounceNotice(
+        envelope=env.with_attempt(Attempt(time.time(), reply)),
+        failures=tuple(Bounced(rcpt, reply) for rcpt in env.recipients),
+        releases_body=True,
+    )
+    msg_id = admin_notice_id(env)
+    await _publish_notice(bus, job, notice, msg_id)
+    # Marked before the delete, which retries for a while: a run that dies there leaves a claim
+    # that a rerun, however much later, deletes without a second notice.
+    marked = await _take_over(bus, replace(job, seq=claim), due, claim=True, noticed=msg_id)
+    if marked is not None:
+        await _delete_claim(bus, job.stream, marked)
+    # else another run took the claim over meanwhile: its notice has this msg id, and it deletes.
+    return True
+
+
+async def _publish_notice(bus: Bus, job: Scheduled, notice: BounceNotice, msg_id: str) -> None:
+    env = job.envelope
+    await bus.publish(
+        bounce_subject(),
+        notice.to_msgpack(),
+        msg_id=msg_id,
+        headers=_carried_headers(job.headers),
+        attributes={t.MESSAGE_ID: env.id, t.SITE: env.site},
+    )
 
 
 async def deferred_by_site(bus: Bus, limit: int = 100_000) -> tuple[dict[str, int], bool]:

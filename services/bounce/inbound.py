@@ -1,8 +1,9 @@
 """Mail to Relais' own domains: asynchronous bounces and feedback-loop reports.
 
 Nothing here trusts the message. A bounce or complaint counts only for a recipient that the
-VERP token's MAC vouches for (`services.core.returnpath.verify`); a forged report, a report for
-someone else's address, or one without a token changes nothing and is only logged.
+VERP token's MAC vouches for (`services.core.returnpath.verify`), and only while the token is
+younger than `bounce.verp_max_age`; a forged report, a report for someone else's address, one to
+an expired token or one without a token changes nothing and is only logged.
 
 `findings` is the pure decision; `InboundHandler` does the I/O: suppression entries and events,
 both acknowledged before the inbound envelope is.
@@ -14,6 +15,7 @@ import asyncio
 import email.utils
 import logging
 import re
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from services.core.config import BounceConfig
 from services.core.envelope import Envelope, EnvelopeDecodeError
 from services.core.events import Event, publish_event
 from services.core.outcome import Reply
-from services.core.returnpath import ReturnPath, parse_verp, verify
+from services.core.returnpath import ReturnPath, is_current, parse_verp, verify
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import consumer_span
 from services.core.topology import inbound_subject
@@ -108,9 +110,23 @@ def _header_addresses(msg: Message | None, names: Sequence[str]) -> list[str]:
     return parsed or [m.group(0) for v in values for m in _ADDRESS.finditer(v)]
 
 
+def current_paths(
+    paths: Sequence[ReturnPath], config: BounceConfig, now: float
+) -> tuple[list[ReturnPath], list[str]]:
+    """The paths still young enough to be believed, and why the others were set aside."""
+    current = [p for p in paths if is_current(p, now=now, max_age=config.verp_max_age)]
+    stale = [f"token of message {p.message_id} past bounce.verp_max_age" for p in paths if p not in current]
+    return current, stale
+
+
 def findings(
-    raw: bytes, local_recipients: Sequence[str], config: BounceConfig, rules: Sequence[BounceRule]
+    raw: bytes,
+    local_recipients: Sequence[str],
+    config: BounceConfig,
+    rules: Sequence[BounceRule],
+    now: float | None = None,
 ) -> Verdict:
+    now = time.time() if now is None else now
     if not config.return_path_domain or not config.verp_secrets:
         return Verdict([], ["no return path domain/secrets configured: cannot authenticate reports"])
     msg = parse_message(raw)
@@ -124,7 +140,9 @@ def findings(
         # Return-Path and trace fields stand above the sender's.
         headers = report.original.values() if report.original is not None else []
         scanned = [m.group(0) for v in headers for m in _ADDRESS.finditer(str(v))]
-        paths = return_paths([*local_recipients, report.original_mail_from, *scanned], config)
+        paths, stale = current_paths(
+            return_paths([*local_recipients, report.original_mail_from, *scanned], config), config, now
+        )
         candidates = report.original_rcpt_to
         if not candidates:
             # The report redacts the recipient, so guess from the reported message's headers.
@@ -137,9 +155,9 @@ def findings(
         detail = {"feedback_type": report.feedback_type, "source": "fbl"}
         if report.user_agent:
             detail["user_agent"] = report.user_agent
-        return _verified("complained", paths, [([c], None) for c in candidates], config, detail)
+        return _verified("complained", paths, [([c], None) for c in candidates], config, detail, stale)
 
-    paths = return_paths(local_recipients, config)
+    paths, stale = current_paths(return_paths(local_recipients, config), config, now)
     parsed = parse_bounce(msg, rules)
     if parsed.kind == "none":
         return Verdict([], ["not a bounce or feedback report"])
@@ -147,7 +165,7 @@ def findings(
     detail = {"source": "async", "format": parsed.kind}
     if parsed.reporting_mta:
         detail["reporting_mta"] = parsed.reporting_mta
-    return _verified("bounced", paths, failed, config, detail)
+    return _verified("bounced", paths, failed, config, detail, stale)
 
 
 def _verified(
@@ -156,11 +174,12 @@ def _verified(
     candidates: Sequence[tuple[Sequence[str], FailedRecipient | None]],
     config: BounceConfig,
     detail: dict[str, str],
+    stale: Sequence[str] = (),
 ) -> Verdict:
     if not paths:
-        return Verdict([], [f"{kind}: no valid return path token"])
+        return Verdict([], [*stale, f"{kind}: no valid return path token"])
     out: list[Finding] = []
-    rejected: list[str] = []
+    rejected: list[str] = list(stale)
     seen: set[tuple[str, str, str]] = set()
     if len(candidates) > _MAX_NAMED:
         rejected.append(f"{kind}: {len(candidates)} recipients named, only the first {_MAX_NAMED} checked")
@@ -242,7 +261,7 @@ class InboundHandler:
                 # Off the event loop: anyone can mail us a report of max_message_size, and the
                 # parse of one of 50 MB takes half a minute, in which nothing else would move.
                 verdict = await asyncio.get_running_loop().run_in_executor(
-                    self._parsers, findings, raw, env.recipients, self._config, self._rules
+                    self._parsers, findings, raw, env.recipients, self._config, self._rules, time.time()
                 )
             except MemoryError:
                 raise  # this replica's trouble, not the message's: another may manage it

@@ -341,6 +341,7 @@ _POSITIVE = (
     "retry.base_delay",
     "retry.max_age",
     "bounce.webhook_timeout",
+    "bounce.verp_max_age",
     "bounce.webhook_retry_base",
 )
 _AT_LEAST_ONE = (  # ingress.max_message_size may be 0: no limit, as aiosmtpd reads it
@@ -384,6 +385,9 @@ def _validate_numbers(config: Config) -> None:
         raise ConfigError("retry.jitter: expected a fraction between 0 and 1")
     if config.bounce.webhook_retry_max < config.bounce.webhook_retry_base:
         raise ConfigError("bounce.webhook_retry_max: must be >= bounce.webhook_retry_base")
+    if config.bounce.verp_secrets and config.bounce.verp_max_age < 2 * config.retry.max_age:
+        # Tokens are dated; a remote MTA's late bounce of our last attempt must still count.
+        raise ConfigError("bounce.verp_max_age: must be >= twice retry.max_age")
     if 0 < nats.events_max_age < config.bounce.webhook_retry_max:
         # An account's webhook consumer goes after events_max_age without a pull, and a failing
         # webhook is not pulled from for up to webhook_retry_max: it would go with its events.

@@ -223,6 +223,11 @@ class BounceConfig:
     return_path_domain: str = ""
     verp_prefix: str = "b"
     verp_secrets: list[str] = field(default_factory=list)
+    # Seconds a VERP token is believed after the day it was signed: a report to an older one
+    # (a forwarded copy, a list archive) changes nothing. At least twice retry.max_age: a remote
+    # MTA may queue our last attempt as long as we do, and tokens of the release before are
+    # dated by the message's arrival, up to retry.max_age before that attempt.
+    verp_max_age: float = 30 * 86400.0
     # How long a hard bounce or complaint keeps an address suppressed; 0 = until an operator removes it.
     suppression_expiry: float = 0.0
     # Classification rules tried before the built-in ones: [{category, code?, enhanced?, text?}].

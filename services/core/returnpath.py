@@ -3,12 +3,17 @@
 Delivery sends each job with such a MAIL FROM, so a bounce that arrives days later (to that
 address) names its account and message without any state kept on our side. The token is
 
-    base32( head | message id | mac )      head = version (2 bits) | scope (1 bit) | hex length (5 bits)
+    base32( head | day | message id | mac )      head = version (2 bits) | scope (1 bit) | hex length (5 bits)
 
+* day: the UTC day the address was signed (days since 1970-01-01, 2 bytes, good until 2149).
+  A token is believed for `bounce.verp_max_age` after that day ends, no longer: a forwarded
+  copy or a list archive keeps its Return-Path for ever, and whoever finds it months later
+  must not be able to have its recipient suppressed.
 * message id: a `new_message_id()` (23 lowercase hex digits) packed into 12 bytes; any other id
   is carried as its UTF-8 bytes (hex length 0).
-* mac: the first 10 bytes of HMAC-SHA256(secret, account, message id, scope). 80 bits: a forger
-  gets no feedback, so guessing one is out of reach.
+* mac: the first 10 bytes of HMAC-SHA256(secret, account, message id, scope, day). 80 bits: a
+  forger gets no feedback, so guessing one is out of reach; a changed day breaks it like any
+  other field.
 * scope: what the MAC binds besides the message. A job with one recipient binds that recipient
   (exact VERP: a bounce can only ever suppress the address the message went to). A job with
   several recipients (delivery sends a domain's recipients in one transaction) binds the
@@ -17,9 +22,12 @@ address) names its account and message without any state kept on our side. The t
   message who forges a bounce could name another address at the same domain; see the README
   of services/bounce.
 
+Version 1 tokens (the release before) have no day; mail queued before an upgrade may bounce
+after it, so they still verify, dated by the arrival time in their MAC-covered message id.
+
 Local parts are matched case-insensitively (some MTAs fold case), hence base32. With the
 default prefix and an account name of up to 20 characters the local part stays within the 64
-octets RFC 5321 asks for.
+octets RFC 5321 asks for (the token is 40 characters).
 
 Key rotation: the first secret signs, every listed secret verifies.
 """
@@ -31,6 +39,7 @@ import binascii
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,9 +47,16 @@ from services.core.addresses import domain_as_written, domain_of
 from services.core.config import BounceConfig
 from services.core.envelope import Envelope
 
-_VERSION = 1
+_VERSION = 2
+_VERSION_UNDATED = 1  # signed by the release before: no day in the token
 _MAC_LEN = 10
+_DAY_LEN = 2
+_DAY = 86400
+# How far ahead of our clock a signing replica's clock may have been.
+_CLOCK_SKEW_DAYS = 1
 _HEX_ID = re.compile(r"^[0-9a-f]{1,24}$")
+# `new_message_id()`: 11 hex digits of milliseconds since the epoch, then 12 of randomness.
+_TIMED_ID = re.compile(r"^[0-9a-f]{23}$")
 _ACCOUNT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SCOPE_RECIPIENT = 0x20
 
@@ -54,6 +70,12 @@ class ReturnPath:
     # True: the MAC binds one recipient address; False: it binds the recipient domain.
     single_recipient: bool
     mac: bytes
+    # UTC day (since the epoch) the token was signed; None for a version 1 token, which has none.
+    day: int | None = None
+
+
+def utc_day(when: float) -> int:
+    return int(when // _DAY)
 
 
 def _scope(single_recipient: bool, recipients: Sequence[str]) -> str:
@@ -69,26 +91,34 @@ def _scope(single_recipient: bool, recipients: Sequence[str]) -> str:
 def _legacy_scope(single_recipient: bool, recipient: str) -> str:
     # How releases before this one spelt it (the domain lower-cased as written): their tokens,
     # in mail sent before an upgrade, must still verify. Differs only for internationalised
-    # domains. To be removed once such mail is older than retry.max_age.
+    # domains. Only version 1 tokens can carry it, so it goes with them.
     return recipient.strip().lower() if single_recipient else "@" + domain_as_written(recipient)
 
 
-def _mac(secret: str, account: str, message_id: str, scope: str) -> bytes:
-    data = b"\0".join([b"relais-verp-v1", account.encode(), message_id.encode(), scope.encode()])
+def _mac(secret: str, account: str, message_id: str, scope: str, day: int | None) -> bytes:
+    fields = [account.encode(), message_id.encode(), scope.encode()]
+    if day is None:  # version 1, byte for byte: tokens already out there must keep verifying
+        data = b"\0".join([b"relais-verp-v1", *fields])
+    else:
+        data = b"\0".join([b"relais-verp-v2", *fields, str(day).encode()])
     return hmac.new(secret.encode(), data, hashlib.sha256).digest()[:_MAC_LEN]
 
 
-def encode_token(secret: str, account: str, message_id: str, recipients: Sequence[str]) -> str:
+def encode_token(
+    secret: str, account: str, message_id: str, recipients: Sequence[str], *, now: float | None = None
+) -> str:
     if not recipients:
         raise ValueError("a return path needs at least one recipient")
     single = len(recipients) == 1
+    day = utc_day(time.time() if now is None else now)
     head = (_VERSION << 6) | (_SCOPE_RECIPIENT if single else 0)
     if _HEX_ID.match(message_id):
         head |= len(message_id)
         packed = int(message_id, 16).to_bytes(12, "big")
     else:
         packed = message_id.encode()
-    raw = bytes([head]) + packed + _mac(secret, account, message_id, _scope(single, recipients))
+    mac = _mac(secret, account, message_id, _scope(single, recipients), day)
+    raw = bytes([head]) + day.to_bytes(_DAY_LEN, "big") + packed + mac
     return base64.b32encode(raw).decode().rstrip("=").lower()
 
 
@@ -98,9 +128,18 @@ def decode_token(account: str, token: str) -> ReturnPath | None:
         raw = base64.b32decode(text + "=" * (-len(text) % 8))
     except (binascii.Error, ValueError):
         return None
-    if len(raw) < 1 + 1 + _MAC_LEN or raw[0] >> 6 != _VERSION:
+    if not raw:
         return None
-    head, packed, mac = raw[0], raw[1:-_MAC_LEN], raw[-_MAC_LEN:]
+    version = raw[0] >> 6
+    if version == _VERSION:
+        head, day, rest = raw[0], int.from_bytes(raw[1 : 1 + _DAY_LEN], "big"), raw[1 + _DAY_LEN :]
+    elif version == _VERSION_UNDATED:
+        head, day, rest = raw[0], None, raw[1:]
+    else:
+        return None
+    if len(rest) < 1 + _MAC_LEN:
+        return None
+    packed, mac = rest[:-_MAC_LEN], rest[-_MAC_LEN:]
     hex_len = head & 0x1F
     if hex_len:
         if len(packed) != 12 or hex_len > 24:
@@ -113,13 +152,36 @@ def decode_token(account: str, token: str) -> ReturnPath | None:
             message_id = packed.decode()
         except UnicodeDecodeError:
             return None
-    return ReturnPath(account, message_id, bool(head & _SCOPE_RECIPIENT), mac)
+    return ReturnPath(account, message_id, bool(head & _SCOPE_RECIPIENT), mac, day)
+
+
+def is_current(path: ReturnPath, *, now: float, max_age: float) -> bool:
+    """Whether a report to `path` may still be believed at `now`: signed at most `max_age`
+    before (the whole signing day counts, so never less than max_age after the send)."""
+    if path.day is not None:
+        signed_by = (path.day + 1) * _DAY
+        return now - signed_by <= max_age and path.day <= utc_day(now) + _CLOCK_SKEW_DAYS
+    # A version 1 token: the message's arrival, which its id carries, is the latest it can be
+    # dated by. Arrival comes before the send, so this is the stricter reading. An id that
+    # carries no time cannot be dated, and such a token is not believed.
+    if not _TIMED_ID.match(path.message_id):
+        return False
+    arrived = int(path.message_id[:11], 16) / 1000
+    return now - arrived <= max_age
 
 
 def verp_address(
-    *, prefix: str, domain: str, secret: str, account: str, message_id: str, recipients: Sequence[str]
+    *,
+    prefix: str,
+    domain: str,
+    secret: str,
+    account: str,
+    message_id: str,
+    recipients: Sequence[str],
+    now: float | None = None,
 ) -> str:
-    return f"{prefix}+{account}.{encode_token(secret, account, message_id, recipients)}@{domain}"
+    token = encode_token(secret, account, message_id, recipients, now=now)
+    return f"{prefix}+{account}.{token}@{domain}"
 
 
 def parse_verp(address: str, *, prefix: str, domain: str) -> ReturnPath | None:
@@ -144,9 +206,11 @@ def verify(path: ReturnPath, recipient: str, secrets: Sequence[str]) -> bool:
     # DNS 253 of domain): a domain-bound MAC would otherwise vouch for a name of any length.
     if not at or not local or len(local) > 64 or len(domain_of(recipient)) > 253:
         return False
-    scopes = {_scope(path.single_recipient, [recipient]), _legacy_scope(path.single_recipient, recipient)}
+    scopes = {_scope(path.single_recipient, [recipient])}
+    if path.day is None:  # only the release before spelt scopes the old way too
+        scopes.add(_legacy_scope(path.single_recipient, recipient))
     return any(
-        hmac.compare_digest(_mac(secret, path.account, path.message_id, scope), path.mac)
+        hmac.compare_digest(_mac(secret, path.account, path.message_id, scope, path.day), path.mac)
         for secret in secrets
         if secret
         for scope in scopes
