@@ -65,6 +65,7 @@ def message_id_of_job(key: str) -> str:
 # Envelope.meta keys that one service writes and another reads.
 META_POOL = "pool"  # pool requested with X-Relais-Pool (ingress, checked there) -> router
 META_SOURCE = "source"  # source address pinned by warm-up (router) -> delivery must send from it
+META_WARMUP_DAY = "warmup_day"  # UTC day (YYYY-MM-DD) warm-up counted the pinned source for
 META_DKIM = "dkim"  # DKIM-Signature field(s), CRLF-terminated (router) -> delivery prepends them
 
 

@@ -420,6 +420,8 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     await _ensure_body_store(js, config)
     for bucket in kv_configs(config):
         await _ensure_kv(js, bucket)
+    # The router stores a job's warm-up counts and its verdict in one atomic batch (ADR-50).
+    await _bring_stream_to(js, kv_stream(WARMUP_BUCKET), {"allow_atomic": True})
 
 
 def body_ttl(config: Config) -> float:

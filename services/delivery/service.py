@@ -15,6 +15,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -26,9 +27,9 @@ from services.core.bus import Bus
 from services.core.config import Config
 from services.core.disposition import settle, settle_missing_body
 from services.core.dns import make_resolver
-from services.core.envelope import META_DKIM, META_SOURCE, Envelope, EnvelopeDecodeError
+from services.core.envelope import META_DKIM, META_SOURCE, META_WARMUP_DAY, Envelope, EnvelopeDecodeError
 from services.core.held_bodies import HeldBodies
-from services.core.outcome import LOCAL_MAILBOX, NO_ROUTE, Deferred
+from services.core.outcome import LOCAL_MAILBOX, NO_ROUTE, Deferred, Reply
 from services.core.returnpath import return_path
 from services.core.schedule import publish_at
 from services.core.telemetry import consumer_span, record_reply
@@ -77,6 +78,18 @@ CARRIED_SLOT_GRACE = 30.0
 # 32 offers miss with 4% at N = 10. After that it goes from a source here: mail before caps.
 _PINNED_OFFERS = 32
 _PINNED_RETRY = 0.25
+
+
+# A job pinned by the router's warm-up was counted against its source's cap for one UTC day.
+WARMUP_DAY_OVER = Reply(451, "4.4.5", "Warm-up counted this for a day that is over; will retry", "QUEUE")
+
+
+def counted_for_a_day_over(env: Envelope, now: float) -> bool:
+    """Whether warm-up counted the job for a UTC day before `now`'s. A day ahead of ours (the
+    router's clock ahead of this host's) is no reason to wait; a job pinned without a day (by a
+    previous release) goes as before."""
+    day = env.meta.get(META_WARMUP_DAY, "")
+    return bool(day) and day < datetime.fromtimestamp(now, UTC).date().isoformat()
 
 
 class DeliveryService:
@@ -291,6 +304,11 @@ class DeliveryService:
         used = await self._message_slot(env, source, site, limits, slot)
         if used is None:
             return None
+        if counted_for_a_day_over(env, time.time()):
+            # Warm-up counted this job against a UTC day that has ended while shaping held it:
+            # sent now, it would come on top of today's count, up to twice the source's cap.
+            # Its retry is routed again, and counted for the day it goes out.
+            return AttemptResult([Deferred(rcpt, WARMUP_DAY_OVER) for rcpt in env.recipients])
         sts = await self._sts.policy(env.domain) if d.mta_sts and env.domain else None
         policy = tls_policy(site_requires=limits.require_tls, verify_always=d.tls_verify, sts=sts)
         self.attempts += 1

@@ -24,6 +24,7 @@ from services.core.dns import make_resolver
 from services.core.envelope import (
     META_DKIM,
     META_SOURCE,
+    META_WARMUP_DAY,
     Envelope,
     EnvelopeDecodeError,
     Verdict,
@@ -86,7 +87,7 @@ class RouterService:
         self._resolver = make_resolver(config.dns)
         self._sites = SiteRules.from_config(config.sites)
         self._suppression = SuppressionList(bus.js, bus)
-        self._counters = WarmupCounters(bus.js)
+        self._counters = WarmupCounters(bus)
         self._accounts = AccountView(bus.js, config)
         self._dkim_keys = dkim.load_keys(config)
         self._rng = rng or random.Random()
@@ -196,10 +197,10 @@ class RouterService:
 
     async def _hand_back(self, env: Envelope, failed: list[tuple[Job, BaseException]], *, done: int) -> None:
         """Queue the jobs that failed as route messages of their own, so only they are routed
-        again. Redelivering the whole message would route its finished jobs again too: once
-        more into the warm-up counts, maybe to another fate (DNS or the cap changed meanwhile),
-        and, once the failure has outlasted the duplicate window, into a second delivery job.
-        With nothing finished, the message itself is redelivered as before."""
+        again. Redelivering the whole message would route its finished jobs again too: maybe to
+        another fate (DNS changed meanwhile), and, once the failure has outlasted the duplicate
+        window, into a second delivery job (warm-up alone would not mind: it keeps the verdict
+        of each attempt). With nothing finished, the message itself is redelivered as before."""
         error = failed[0][1]
         if not done or not isinstance(error, Exception):
             raise error
@@ -269,8 +270,8 @@ class RouterService:
         some or all of its recipients itself (suppressed, bounced, deferred). Either goes under
         the job's msg id, so a pass repeated after a crash stores nothing beside the first."""
         job, dropped = without_suppressed(job, suppressed)
-        # A pinned source is decided afresh on every pass (a retry may go out elsewhere).
-        meta = {k: v for k, v in env.meta.items() if k != META_SOURCE}
+        # A pinned source is decided afresh for every attempt (a retry may go out elsewhere).
+        meta = {k: v for k, v in env.meta.items() if k not in (META_SOURCE, META_WARMUP_DAY)}
         routed = replace(
             env, job_id=job.job_id, recipients=job.recipients, domain=job.domain, pool=pool, meta=meta
         )
@@ -309,13 +310,16 @@ class RouterService:
             routed.pool,
             dest.site,
             len(routed.recipients),
+            job=job_msg_id(routed),  # a pass repeated for this attempt takes the verdict stored then
             now=time.time(),
             rng=self._rng,
         )
         if pick.defer:
             return routed, WARMUP_DEFERRED, False
         if pick.source:
-            routed = replace(routed, meta={**routed.meta, META_SOURCE: pick.source})
+            # With the day it was counted for, if any: delivery must not send it on a later one.
+            pinned = {META_SOURCE: pick.source} | ({META_WARMUP_DAY: pick.day} if pick.day else {})
+            routed = replace(routed, meta={**routed.meta, **pinned})
         return routed, None, False
 
     async def _publish_job(self, routed: Envelope, msg_id: str) -> None:

@@ -3,8 +3,10 @@ NATS KV counters are exercised in tests/integration/router/test_warmup_*.py)."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 
 import pytest
@@ -14,9 +16,12 @@ from services.router.warmup import (
     ALL_SCOPE,
     OTHER_SCOPE,
     Limit,
+    Pick,
+    Stored,
     counter_key,
     limits_for,
     pick_source,
+    verdict_key,
     weighted_order,
 )
 
@@ -25,14 +30,38 @@ NOW_DAY1 = datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp()
 
 
 class DictCounters:
-    def __init__(self) -> None:
-        self.values: Counter[str] = Counter()
+    """Keys with revisions, written all or nothing, as the KV bucket's atomic batches are."""
 
-    async def add(self, key: str, count: int, cap: int | None) -> bool:
-        if cap is not None and self.values[key] >= cap:
+    def __init__(self) -> None:
+        self.entries: dict[str, Stored] = {}
+        self.revision = 0
+
+    def value(self, key: str) -> int:
+        entry = self.entries.get(key)
+        return int(entry.value or b"0") if entry else 0
+
+    async def read(self, keys: Sequence[str]) -> dict[str, Stored]:
+        return {key: self.entries[key] for key in keys if key in self.entries}
+
+    async def write_all(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+        current = {key: self.entries[key].revision if key in self.entries else 0 for key in writes}
+        if any(current[key] != expected for key, (_, expected) in writes.items()):
             return False
-        self.values[key] += count
+        for key, (value, _) in writes.items():
+            self.revision += 1
+            self.entries[key] = Stored(value, self.revision)
         return True
+
+
+_jobs = itertools.count()
+
+
+async def _pick(
+    config: Config, counters: DictCounters, rng: random.Random, job: str = "", *, now: float
+) -> Pick:
+    """pick_source for one recipient of a job of its own (first attempt) unless `job` names one."""
+    job = job or f"{next(_jobs):023x}-0.0"  # job_msg_id: job key (message id, job number), attempt
+    return await pick_source(config, counters, "p", "s", 1, job=job, now=now, rng=rng)
 
 
 def _config(overflow: str = "warm", **schedule: object) -> Config:
@@ -84,17 +113,19 @@ def test_counter_keys_are_valid_kv_keys() -> None:
 async def test_full_warming_source_overflows_to_the_warm_one() -> None:
     config, counters = _config(), DictCounters()
     rng = random.Random(3)
-    picks = [await pick_source(config, counters, "p", "s", 1, now=NOW_DAY1, rng=rng) for _ in range(40)]
+    picks = [await _pick(config, counters, rng, now=NOW_DAY1) for _ in range(40)]
     by_source = Counter(p.source for p in picks)
     assert by_source["127.0.0.5"] == 2, "day 1 cap of the warming source"
     assert by_source["127.0.0.6"] == 38
     assert not any(p.defer for p in picks)
+    assert {p.day for p in picks if p.source == "127.0.0.5"} == {"2026-12-01"}
+    assert {p.day for p in picks if p.source == "127.0.0.6"} == {""}, "uncapped: any day may send it"
 
 
 async def test_full_warming_source_defers_when_configured() -> None:
     config, counters = _config(overflow="defer"), DictCounters()
     rng = random.Random(3)
-    picks = [await pick_source(config, counters, "p", "s", 1, now=NOW_DAY1, rng=rng) for _ in range(40)]
+    picks = [await _pick(config, counters, rng, now=NOW_DAY1) for _ in range(40)]
     assert Counter(p.source for p in picks if not p.defer)["127.0.0.5"] == 2
     assert any(p.defer for p in picks), "jobs drawn to the full warming source wait"
     assert any(p.source == "127.0.0.6" for p in picks), "the warm source still takes its share"
@@ -108,8 +139,8 @@ async def test_every_source_full_defers() -> None:
         }
     )
     counters = DictCounters()
-    first = await pick_source(config, counters, "p", "s", 1, now=NOW_DAY1, rng=random.Random())
-    second = await pick_source(config, counters, "p", "s", 1, now=NOW_DAY1, rng=random.Random())
+    first = await _pick(config, counters, random.Random(), now=NOW_DAY1)
+    second = await _pick(config, counters, random.Random(), now=NOW_DAY1)
     assert first.source == "127.0.0.5" and second.defer
 
 
@@ -117,11 +148,96 @@ async def test_uncapped_pools_leave_the_choice_to_delivery() -> None:
     config = Config(
         pools={"default": PoolConfig(), "p": PoolConfig(sources=[SourceConfig(address="127.0.0.5")])}
     )
-    pick = await pick_source(config, DictCounters(), "p", "s", 1, now=NOW_DAY1, rng=random.Random())
+    pick = await _pick(config, DictCounters(), random.Random(), now=NOW_DAY1)
     assert pick.source == "" and not pick.defer
     after = datetime(2027, 1, 1, tzinfo=UTC).timestamp()
-    pick = await pick_source(_config(), DictCounters(), "p", "s", 1, now=after, rng=random.Random())
+    pick = await _pick(_config(), DictCounters(), random.Random(), now=after)
     assert pick.source == "" and not pick.defer, "schedule over: nothing to pin"
+
+
+WARMING_KEY = counter_key(DAY1, "127.0.0.5", OTHER_SCOPE)
+JOB = "0123456789abcdef01234-0"
+
+
+def _only_warming(overflow: str = "warm") -> Config:
+    config = _config(overflow=overflow)
+    config.pools["p"].sources.pop()  # the warm source: every pick is the warming one or a wait
+    return config
+
+
+async def test_a_repeated_pass_takes_the_stored_verdict_and_counts_nothing() -> None:
+    config, counters = _config(), DictCounters()
+    first = await _pick(config, counters, random.Random(3), job=f"{JOB}.0", now=NOW_DAY1)
+    # Whatever order the repeat draws, it keeps the first pass's source and its single count.
+    repeats = [
+        await _pick(config, counters, random.Random(seed), job=f"{JOB}.0", now=NOW_DAY1) for seed in range(20)
+    ]
+    assert set(repeats) == {first}
+    assert counters.value(WARMING_KEY) == (1 if first.source == "127.0.0.5" else 0)
+    assert verdict_key(f"{JOB}.0") in counters.entries
+
+
+async def test_a_pick_carries_the_day_it_was_counted_for_even_when_repeated_the_next_day() -> None:
+    config, counters = _only_warming(), DictCounters()
+    first = await _pick(config, counters, random.Random(), job=f"{JOB}.0", now=NOW_DAY1)
+    assert first == Pick(source="127.0.0.5", day="2026-12-01")
+    next_day = datetime(2026, 12, 2, 0, 5, tzinfo=UTC).timestamp()
+    again = await _pick(config, counters, random.Random(), job=f"{JOB}.0", now=next_day)
+    assert again == first, "counted on the 1st: delivery must see that day, not the 2nd"
+    assert counters.value(counter_key(date(2026, 12, 2), "127.0.0.5", OTHER_SCOPE)) == 0
+
+
+async def test_a_repeated_pass_defers_as_the_first_one_did_even_with_room_now() -> None:
+    config, counters = _only_warming(overflow="defer"), DictCounters()
+    counters.entries[WARMING_KEY] = Stored(b"2", 1)  # day 1's cap of the warming source: full
+    assert (await _pick(config, counters, random.Random(), job=f"{JOB}.0", now=NOW_DAY1)).defer
+    counters.entries[WARMING_KEY] = Stored(b"0", 99)  # an operator reset the day's counter
+    again = await _pick(config, counters, random.Random(), job=f"{JOB}.0", now=NOW_DAY1)
+    assert again.defer, "the deferral is the job's stored fate: a delivery job now would be a second"
+    assert counters.value(WARMING_KEY) == 0
+
+
+async def test_a_retried_job_counts_again() -> None:
+    config, counters = _only_warming(), DictCounters()
+    for attempt in range(2):
+        pick = await _pick(config, counters, random.Random(), job=f"{JOB}.{attempt}", now=NOW_DAY1)
+        assert pick.source == "127.0.0.5"
+    assert counters.value(WARMING_KEY) == 2, "the provider sees each attempt"
+
+
+class _Contended(DictCounters):
+    """Another replica counts one recipient on the warming source just before each of our first
+    two writes, so they find the counter moved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raced = 0
+
+    async def write_all(self, writes: Mapping[str, tuple[bytes, int]]) -> bool:
+        if self.raced < 2:
+            self.raced += 1
+            entry = self.entries.get(WARMING_KEY)
+            theirs = (str(self.value(WARMING_KEY) + 1).encode(), entry.revision if entry else 0)
+            assert await super().write_all({WARMING_KEY: theirs})
+        return await super().write_all(writes)
+
+
+async def test_a_lost_compare_and_set_reads_again() -> None:
+    config, counters = _only_warming(overflow="defer"), _Contended()
+    pick = await _pick(config, counters, random.Random(), now=NOW_DAY1)
+    assert pick.defer, "the two racing counts filled day 1's cap of 2"
+    assert counters.value(WARMING_KEY) == 2
+
+
+async def test_a_source_full_on_one_of_its_caps_counts_on_none() -> None:
+    source = SourceConfig(address="127.0.0.7", daily_cap=100, warmup="new", warmup_start="2026-12-01")
+    config = Config(
+        pools={"default": PoolConfig(), "p": PoolConfig(sources=[source])}, warmup=_config().warmup
+    )
+    counters = DictCounters()
+    counters.entries[counter_key(DAY1, "127.0.0.7", OTHER_SCOPE)] = Stored(b"2", 1)
+    assert (await _pick(config, counters, random.Random(), now=NOW_DAY1)).defer
+    assert counters.value(counter_key(DAY1, "127.0.0.7", ALL_SCOPE)) == 0
 
 
 def test_config_rejects_unknown_schedules_and_bad_dates() -> None:
