@@ -19,7 +19,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
 from services.core.accounts import hash_password, verify_password
 from services.core.config import AccountConfig
 from services.ingress.accounts import AccountStore
-from services.ingress.limits import AuthThrottle, SessionRegistry
+from services.ingress.limits import AuthTake, AuthThrottle, SessionRegistry
 from services.ingress.replies import (
     AUTH_AUTHZID,
     AUTH_BAD_BASE64,
@@ -104,8 +104,8 @@ class PasswordChecker:
         """`check`'s shared part: reserve, scrypt, refund and remember a success."""
         try:
             username = login.decode("utf-8", "replace")
-            reserved = await throttle.reserve(ip, username, known) if throttle is not None else ()
-            if reserved is None:
+            take = await throttle.reserve(ip, username, known) if throttle is not None else AuthTake()
+            if take is None:
                 return None
             secret = password.decode("utf-8", "replace")
             async with self._slots:
@@ -113,7 +113,7 @@ class PasswordChecker:
             if not ok or not exists:
                 return False
             if throttle is not None:
-                await throttle.refund(reserved)
+                await throttle.refund(take)
             if len(self._verified) > 10_000:
                 self._verified.clear()
             self._verified[key] = time.monotonic() + _AUTH_CACHE_SECONDS

@@ -126,6 +126,18 @@ def rate_verdict(account: AccountConfig, per_hour: int, per_day: int) -> Verdict
 _REFUND_ATTEMPTS = 2
 
 
+async def give_back(counters: Counters, subject: str, msg_id: str) -> int | None:
+    """-1 on `subject`, once per `msg_id`: the msg id lets a refund whose ack was lost be sent
+    again without giving back twice. The counter's value after it, None if unknown."""
+    for attempt in range(1, _REFUND_ATTEMPTS + 1):
+        try:
+            return await counters.add_once(subject, -1, msg_id)
+        except BrokerUnavailable as exc:
+            if attempt == _REFUND_ATTEMPTS:
+                log.warning("could not refund %s (%s): %s", subject, msg_id, exc)
+    return None
+
+
 @dataclass(slots=True)
 class RateTake:
     """What one message took of its account's rate counters: the counters whose increment
@@ -214,15 +226,7 @@ class MessageRates:
             self._remember(take.account, take.at, per_hour, per_day)
 
     async def _give_back(self, subject: str, message_id: str) -> int | None:
-        """-1 on `subject` for `message_id`, once: its msg id lets a refund whose ack was lost be
-        sent again without giving back twice. The counter's value after it, None if unknown."""
-        for attempt in range(1, _REFUND_ATTEMPTS + 1):
-            try:
-                return await self._counters.add_once(subject, -1, f"refund.{message_id}.{subject}")
-            except BrokerUnavailable as exc:
-                if attempt == _REFUND_ATTEMPTS:
-                    log.warning("could not refund %s for %s: %s", subject, message_id, exc)
-        return None
+        return await give_back(self._counters, subject, f"refund.{message_id}.{subject}")
 
 
 def known_client_token(ip: str, username: str, secret: str) -> str:
@@ -233,6 +237,15 @@ def known_client_token(ip: str, username: str, secret: str) -> str:
     password forgets every address the old one was used from (the attacker's, after a leak)."""
     message = f"{username.strip().lower()}\0{ip}".encode("utf-8", "replace")
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class AuthTake:
+    """What one AUTH attempt took of the failure counters: those whose increment JetStream
+    acknowledged, given back at most once when its password is right (`AuthThrottle.refund`)."""
+
+    attempt: str = ""
+    counters: tuple[str, ...] = ()
 
 
 class AuthThrottle:
@@ -285,22 +298,32 @@ class AuthThrottle:
         is_known = any(value > 0 for value in known)
         return by_ip >= self._max or (by_user >= self._max and not is_known), is_known
 
-    async def reserve(self, ip: str, username: str, known: bool = False) -> tuple[str, ...] | None:
+    async def reserve(self, ip: str, username: str, known: bool = False) -> AuthTake | None:
         """Count an attempt as failed before its password is checked; None when that makes it
         one too many. Counting only after the check would let every guess that arrives while
         the others are still being checked pass `locked`: as many guesses per window as an
-        attacker can open connections. Returns the counters to `refund` if the password is right.
-        A `known` client's attempts count against the user too, but only its IP's count stops it.
+        attacker can open connections. Returns what was taken, to `refund` if the password is
+        right. A `known` client's attempts count against the user too, but only its IP's count
+        stops it. A counter the broker could not count stops nothing (the password check still
+        runs); the other one still does.
         """
+        take = AuthTake(secrets.token_hex(8))
         if self._max <= 0:
-            return ()
+            return take
         subjects = self._subjects(ip, username)
-        try:
-            by_ip, by_user = await asyncio.gather(*(self._counters.add(s) for s in subjects))
-        except BrokerUnavailable as exc:
-            log.warning("auth attempt not counted: %s", exc)
-            return ()
-        return None if by_ip > self._max or (by_user > self._max and not known) else subjects
+        # Both answers are waited for, failed or not: an increment acknowledged after the other
+        # failed would otherwise be neither known nor given back, and a right password would
+        # stay counted as a failed guess.
+        results = await asyncio.gather(*(self._counters.add(s) for s in subjects), return_exceptions=True)
+        take.counters = tuple(s for s, r in zip(subjects, results, strict=True) if isinstance(r, int))
+        for subject, result in zip(subjects, results, strict=True):
+            if isinstance(result, BrokerUnavailable):
+                log.warning("auth attempt not counted on %s: %s", subject, result)
+            elif isinstance(result, BaseException):
+                await self.refund(take)
+                raise result
+        by_ip, by_user = (r if isinstance(r, int) else 0 for r in results)
+        return None if by_ip > self._max or (by_user > self._max and not known) else take
 
     async def remember(self, ip: str, username: str, secret: str) -> None:
         """`ip` logged in as `username`: the per-user lock spares it for a day or two."""
@@ -318,12 +341,11 @@ class AuthThrottle:
             self._recorded.clear()
         self._recorded.add(subject)
 
-    async def refund(self, subjects: tuple[str, ...]) -> None:
-        """A reserved attempt whose password was right: it was no failure."""
-        try:
-            await asyncio.gather(*(self._counters.add(s, -1) for s in subjects))
-        except BrokerUnavailable as exc:
-            log.warning("auth success not refunded: %s", exc)
+    async def refund(self, take: AuthTake) -> None:
+        """A reserved attempt whose password was right: it was no failure. Gives back what it
+        took, once however often this is called."""
+        counters, take.counters = take.counters, ()
+        await asyncio.gather(*(give_back(self._counters, s, f"refund.{take.attempt}.{s}") for s in counters))
 
 
 class SessionRegistry:

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import resource
+import weakref
 from collections.abc import Callable
 
 from services.core import metrics
@@ -51,6 +52,10 @@ _PROXY_TIMEOUT = 10.0
 _TLS_HANDSHAKE_TIMEOUT = 30.0
 # On stop, sessions in the middle of DATA get this long to finish (Kubernetes gives 30 s).
 _DRAIN_SECONDS = 20.0
+# A session whose client left after the final dot goes on handing its message over
+# (`past_the_client`): at most this many broker round trips of `nats.publish_timeout` each (the
+# rate counters' increments, the envelope's publish, a refund sent twice). Then events are sent.
+_HANDOFF_ROUND_TRIPS = 4
 # Then accepted events still being published get this long.
 _EVENT_DRAIN_SECONDS = 5.0
 # The drain has ended every session by then; this only bounds a server's own close.
@@ -122,6 +127,9 @@ class IngressService:
         self.tls = TlsCertificates(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         self._servers: list[asyncio.Server] = []
         self._connections: set[RelaisSMTP] = set()
+        # Every connection's protocol while it lives: its session's task may outlive the
+        # connection (and its place in `_connections`), a message's hand-off running to its end.
+        self._protocols: weakref.WeakSet[RelaisSMTP] = weakref.WeakSet()
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners = listener_configs(config)
         # listen string as configured -> every (host, port) it bound: a name with several
@@ -184,7 +192,7 @@ class IngressService:
         )
 
         def make() -> RelaisSMTP:
-            return RelaisSMTP(
+            protocol = RelaisSMTP(
                 handler,
                 door=door,
                 budget=self.budget,
@@ -205,6 +213,8 @@ class IngressService:
                 timeout=cfg.command_timeout,
                 proxy_protocol_timeout=_PROXY_TIMEOUT if listener.proxy_protocol else None,
             )
+            self._protocols.add(protocol)
+            return protocol
 
         return make
 
@@ -268,6 +278,20 @@ class IngressService:
             await asyncio.sleep(0.05)
         for connection in list(self._connections):
             connection.hang_up()
+        await self._sessions_ended()
+
+    async def _sessions_ended(self) -> None:
+        """Wait for sessions whose connection is gone but whose task is not: a client that left
+        after the final dot, or was cut by the drain, leaves its message's hand-off running
+        (`past_the_client`). Closing NATS under it would leave the message's quota taken with
+        nothing queued, or its `accepted` event unsent. Bounded by a hand-off's own deadlines."""
+        # aiosmtpd's task of each session (`_handler_coroutine`), None before it started.
+        tasks = {getattr(protocol, "_handler_coroutine", None) for protocol in list(self._protocols)}
+        running = {task for task in tasks if task is not None and not task.done()}
+        if not running:
+            return
+        log.info("stopping: waiting for %d sessions to end", len(running))
+        await asyncio.wait(running, timeout=_HANDOFF_ROUND_TRIPS * self._config.nats.publish_timeout)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
