@@ -170,6 +170,9 @@ def _basic_auth(parts: urllib.parse.SplitResult) -> list[str]:
 _RECONCILE_INTERVAL = 60.0
 # How long one fetch waits for events before the loop looks at `stop` again.
 _FETCH_WAIT = 2.0
+# How long a starting replica waits for the account records in KV before posting from the config
+# file alone (as the ingress waits for its accounts): with KV away, webhooks are still posted.
+_RECORDS_WAIT = 5.0
 
 
 class WebhookDispatcher:
@@ -238,6 +241,7 @@ class WebhookDispatcher:
         stopper = asyncio.create_task(_set_when(stop, self._changed))
         js, all_due = self._bus.js, 0.0
         try:
+            await self._wait_for_records(stop)
             while not stop.is_set():
                 self._changed.clear()
                 wanted = self.webhook_accounts()
@@ -263,6 +267,23 @@ class WebhookDispatcher:
                 done.set()
             await asyncio.gather(*self._loops, return_exceptions=True)
             await self._records.stop()
+
+    async def _wait_for_records(self, stop: asyncio.Event) -> None:
+        """Until the account records are read, or `_RECORDS_WAIT`: a first pass on the config
+        file's webhooks alone would post to a webhook the records have since removed or
+        re-pointed, for as long as their first snapshot takes."""
+        waits = [asyncio.create_task(self._records.loaded.wait()), asyncio.create_task(stop.wait())]
+        try:
+            await asyncio.wait(waits, timeout=_RECORDS_WAIT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not self._records.loaded.is_set() and not stop.is_set():
+            log.warning(
+                "account records in KV not read within %.0fs; posting the config file's webhooks "
+                "until they are",
+                _RECORDS_WAIT,
+            )
 
     def _follow(self, wanted: list[str]) -> None:
         """One posting loop per account with a webhook: new ones started, those of accounts

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from services.core import metrics
 from services.core.bus import Bus
-from services.core.topology import bounce_binding, bounce_subject, webhooks_binding
+from services.core.topology import ConsumerBinding, bounce_binding, bounce_subject, webhooks_binding
 from services.delivery import pause
 from tests.integration.bounce.conftest import wait_accepted, webhook_account
 from tests.support.prom import Samples, scrape, value
@@ -22,6 +22,16 @@ async def _scraped_until(done: Callable[[Samples], bool]) -> Samples:
         if done(got) or time.monotonic() > deadline:
             return got
         await asyncio.sleep(0.1)
+
+
+async def _counted_by_consumer(bus: Bus, binding: ConsumerBinding, pending: int) -> None:
+    # The publish ack comes when the stream stored the message; its consumers learn of it
+    # a moment later (nats-server signals them apart from the ack), so a consumer info read
+    # right after the ack may still say 0 pending: the gauge would be right, the test not.
+    deadline = time.monotonic() + 20
+    while (await bus.js.consumer_info(binding.stream, binding.durable)).num_pending < pending:
+        assert time.monotonic() < deadline, f"{binding.durable} never counted {pending} pending"
+        await asyncio.sleep(0.01)
 
 
 async def test_a_job_postponed_while_its_pool_is_paused_is_not_an_attempt(make_stack, make_sink) -> None:
@@ -91,6 +101,7 @@ async def test_lag_of_a_consumer_that_cannot_be_read_is_not_reported_frozen(topo
     # value read stayed, and a lag alert watched a number nobody measured any more.
     binding = bounce_binding()
     await topology_bus.js.publish(bounce_subject(), b"x")
+    await _counted_by_consumer(topology_bus, binding, 1)
     await metrics.refresh_queue_gauges(topology_bus.js, [binding])
     assert metrics.REGISTRY.get_sample_value("relais_consumer_pending", {"consumer": binding.durable}) == 1
     await topology_bus.js.delete_consumer(binding.stream, binding.durable)
