@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from services.core.config import Config
 from services.core.embedded import nats_server_binary
-from services.core.topology import stream_configs
-from tests.unit.k8s_manifests import BASE, KUSTOMIZATIONS, one, render
+from tests.unit.k8s_manifests import KUSTOMIZATIONS, one, render
 
 
 def _tested_version() -> tuple[int, int, int]:
@@ -45,14 +43,3 @@ def test_nats_image_is_the_release_the_tests_ran(kustomization: Path) -> None:
     tested = _tested_version()
     assert deployed[:2] == tested[:2], f"cluster runs nats-server {deployed}, the tests ran {tested}"
     assert deployed >= tested, f"cluster runs nats-server {deployed}, older than the tested {tested}"
-
-
-def test_service_users_may_not_purge_any_mail_stream() -> None:
-    """The deny list in nats.conf names every stream the topology declares (a stream added to
-    services.core.topology must be added there); the cluster test proves the deny works."""
-    conf = (BASE / "nats.conf").read_text()
-    denied = set(re.findall(r'"\$JS\.API\.STREAM\.PURGE\.([A-Z_]+)"', conf))
-    assert denied == {stream.name for stream in stream_configs(Config())}
-    assert '"$JS.API.STREAM.DELETE.>"' in conf
-    users = re.findall(r"\{user: (\w+), password: \$\w+(, permissions: \$SERVICE_PERMISSIONS)?\}", conf)
-    assert {user for user, limited in users if limited} == {"ingress", "router", "delivery", "bounce"}
