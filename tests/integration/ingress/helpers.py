@@ -18,7 +18,7 @@ from services.core.envelope import Envelope
 from services.core.topology import INBOUND_STREAM, ROUTE_STREAM
 from services.ingress.replies import Verdict
 from tests.support.certs import TestPKI
-from tests.support.relais import ACCOUNT, PASSWORD, RelaisStack
+from tests.support.relais import ACCOUNT, PASSWORD, RelaisStack, message
 
 
 def tls_sections(pki: TestPKI, **ingress: Any) -> dict[str, Any]:
@@ -92,6 +92,18 @@ def submit(address: tuple[str, int], data: bytes, *, authenticate: bool = True) 
         smtp.mail("news@acme.test")
         smtp.rcpt("a@alpha.test")
         return smtp.data(data)
+
+
+def send_counted(address: tuple[str, int], pki: TestPKI | None = None) -> tuple[int, bytes]:
+    """One message counted against acme's rate limits, in a session of its own (over STARTTLS
+    with `pki`): the reply to DATA, or to MAIL when that refuses at the limit."""
+    with client(address, pki=pki, starttls=pki is not None) as smtp:
+        login(smtp)
+        code, text = smtp.mail("news@acme.test")
+        if code != 250:
+            return code, text
+        smtp.rcpt("a@alpha.test")
+        return smtp.data(message())
 
 
 def plain(user: str, password: str) -> str:

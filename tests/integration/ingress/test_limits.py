@@ -24,7 +24,16 @@ from services.ingress.replies import (
     TOO_MANY_RECIPIENTS,
     TOO_MANY_SESSIONS,
 )
-from tests.integration.ingress.helpers import client, in_thread, login, plain, queued, reply, submit
+from tests.integration.ingress.helpers import (
+    client,
+    in_thread,
+    login,
+    plain,
+    queued,
+    reply,
+    send_counted,
+    submit,
+)
 from tests.support.relais import ACCOUNT, PASSWORD, message, password_hash
 
 BIG = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 12  # ~12 KB
@@ -147,17 +156,8 @@ async def test_hourly_limit_across_replicas(make_ingress: Callable[..., Any]) ->
     one = await make_ingress(accounts=_accounts(max_messages_per_hour=3))
     two = await make_ingress(accounts=_accounts(max_messages_per_hour=3))
 
-    def send(address: tuple[str, int]) -> tuple[int, bytes]:
-        with client(address) as smtp:
-            login(smtp)
-            code, text = smtp.mail("news@acme.test")
-            if code != 250:
-                return code, text
-            smtp.rcpt("a@alpha.test")
-            return smtp.data(message())
-
-    results = [await in_thread(send, s.smtp_address) for s in (one, two, one)]
-    more = [await in_thread(send, s.smtp_address) for s in (two, one)]
+    results = [await in_thread(send_counted, s.smtp_address) for s in (one, two, one)]
+    more = [await in_thread(send_counted, s.smtp_address) for s in (two, one)]
     assert [r[0] for r in results] == [250, 250, 250]
     assert more == [reply(HOURLY_LIMIT), reply(HOURLY_LIMIT)]
     assert len(await queued(one.config.nats.url)) == 3
@@ -166,17 +166,8 @@ async def test_hourly_limit_across_replicas(make_ingress: Callable[..., Any]) ->
 async def test_daily_limit(make_ingress: Callable[..., Any]) -> None:
     ingress = await make_ingress(accounts=_accounts(max_messages_per_day=1))
 
-    def send() -> tuple[int, bytes]:
-        with client(ingress.smtp_address) as smtp:
-            login(smtp)
-            code, text = smtp.mail("news@acme.test")
-            if code != 250:
-                return code, text
-            smtp.rcpt("a@alpha.test")
-            return smtp.data(message())
-
-    assert (await in_thread(send))[0] == 250
-    assert await in_thread(send) == reply(DAILY_LIMIT)
+    assert (await in_thread(send_counted, ingress.smtp_address))[0] == 250
+    assert await in_thread(send_counted, ingress.smtp_address) == reply(DAILY_LIMIT)
 
 
 async def test_idle_timeout_says_421(make_ingress: Callable[..., Any]) -> None:

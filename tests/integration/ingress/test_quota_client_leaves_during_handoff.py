@@ -38,6 +38,7 @@ from tests.integration.ingress.helpers import (
     login,
     queued,
     reply,
+    send_counted,
     settle,
     tls_sections,
 )
@@ -111,16 +112,6 @@ def _gone(session: Any) -> bool:
     return session.transport is None or session._half_closed
 
 
-def _send(address: tuple[str, int], pki: TestPKI | None) -> tuple[int, bytes]:
-    with client(address, pki=pki, starttls=pki is not None) as smtp:
-        login(smtp)
-        code, text = smtp.mail("news@acme.test")
-        if code != 250:
-            return code, text
-        smtp.rcpt("a@alpha.test")
-        return smtp.data(message())
-
-
 @pytest.mark.parametrize("step", [hold_counter, hold_envelope], ids=["counting", "queueing"])
 @pytest.mark.parametrize("leaving", ["close", "reset", "tls-close"])
 async def test_a_message_whose_client_left_during_the_hand_off_is_queued_and_counted(
@@ -161,5 +152,5 @@ async def test_a_message_whose_client_left_during_the_hand_off_is_queued_and_cou
     accepted = await wait_for_events(stack.config.nats.url, "accepted", 1, timeout=10, account=ACCOUNT)
     assert [event.message_id for event in accepted] == [env.id]
     # The day's one message was used by the message queued: the next is refused.
-    assert await in_thread(_send, stack.smtp_address, pki if over_tls else None) == reply(DAILY_LIMIT)
+    assert await in_thread(send_counted, stack.smtp_address, pki if over_tls else None) == reply(DAILY_LIMIT)
     assert len(await queued(stack.config.nats.url)) == 1

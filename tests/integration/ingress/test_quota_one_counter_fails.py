@@ -21,8 +21,8 @@ from nats.js import JetStreamContext
 from services.core.config import AccountConfig
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.topology import LIMIT_KINDS, LIMITS_STREAM, PREFIX
-from tests.integration.ingress.helpers import client, in_thread, login, queued
-from tests.support.relais import ACCOUNT, message, password_hash
+from tests.integration.ingress.helpers import in_thread, queued, send_counted
+from tests.support.relais import ACCOUNT, password_hash
 
 
 @pytest.fixture
@@ -42,17 +42,6 @@ async def js(make_ingress: Callable[..., Any]) -> AsyncIterator[tuple[Any, JetSt
         await nc.close()
 
 
-def _send(address: tuple[str, int]) -> tuple[int, bytes]:
-    """One message in a session of its own: the reply to DATA, or to MAIL when that refuses."""
-    with client(address) as smtp:
-        login(smtp)
-        code, text = smtp.mail("news@acme.test")
-        if code != 250:
-            return code, text
-        smtp.rcpt("a@alpha.test")
-        return smtp.data(message())
-
-
 async def _limits_cover(js: JetStreamContext, kinds: tuple[str, ...]) -> None:
     info = await js.stream_info(LIMITS_STREAM)
     info.config.subjects = [f"{PREFIX}.limits.{kind}.>" for kind in kinds]
@@ -64,9 +53,9 @@ async def test_retries_through_a_failing_day_counter_leave_the_hourly_quota_whol
 ) -> None:
     stack, client = js
     await _limits_cover(client, tuple(kind for kind in LIMIT_KINDS if kind != "msg-day"))
-    during = [await in_thread(_send, stack.smtp_address) for _ in range(3)]
+    during = [await in_thread(send_counted, stack.smtp_address) for _ in range(3)]
     await _limits_cover(client, LIMIT_KINDS)
-    after = [await in_thread(_send, stack.smtp_address) for _ in range(2)]
+    after = [await in_thread(send_counted, stack.smtp_address) for _ in range(2)]
 
     unavailable = (
         QUEUE_UNAVAILABLE.code,

@@ -27,12 +27,11 @@ import pytest
 from services.core.config import AccountConfig
 from services.ingress.replies import DAILY_LIMIT
 from services.ingress.service import IngressService
-from tests.integration.ingress.helpers import hold_data, in_thread, queued, reply, settle
+from tests.integration.ingress.helpers import hold_data, in_thread, queued, reply, send_counted, settle
 from tests.integration.ingress.test_quota_client_leaves_during_handoff import (
     HeldStep,
     _gone,
     _reset,
-    _send,
     _stuffed,
     hold_counter,
     hold_envelope,
@@ -108,4 +107,4 @@ async def test_stop_waits_for_the_hand_off_of_a_client_that_left(
     assert [event.message_id for event in accepted] == [env.id]
     # Counted too: the day's one message is used, on any replica.
     other = await make_ingress(accounts={ACCOUNT: account})
-    assert await in_thread(_send, other.smtp_address, None) == reply(DAILY_LIMIT)
+    assert await in_thread(send_counted, other.smtp_address, None) == reply(DAILY_LIMIT)
