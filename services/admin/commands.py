@@ -1,4 +1,5 @@
-"""The admin commands of `relais`: status, message, trace, pause/resume, requeue, bounce-queue.
+"""The admin commands of `relais`: status, message, trace, pause/resume, requeue, bounce-queue,
+topology apply.
 
 All but `trace` talk to NATS only (`--nats-url` or the config's nats.url), so they work against
 any cluster from anywhere that reaches it. `trace` reads the local JSON-lines trace file.
@@ -208,6 +209,15 @@ def cmd_bounce_queue(args: argparse.Namespace) -> int:
     return _with_bus(args, action)
 
 
+def cmd_topology(args: argparse.Namespace) -> int:
+    from services.admin import topology_apply
+    from services.core.runtime import setup_logging
+
+    if args.serve:
+        setup_logging(args.log_level)
+    return topology_apply.main(config_for(args), keep_serving=args.serve)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="TOML config file (default: $RELAIS_CONFIG)")
     p.add_argument("--nats-url", help="override nats.url")
@@ -249,6 +259,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.add_argument("site", help="MX host (site) or recipient domain")
     p.set_defaults(func=cmd_requeue)
+
+    p = sub.add_parser("topology", help="JetStream streams, consumers and buckets")
+    actions = p.add_subparsers(dest="topology_command", required=True)
+    p = actions.add_parser(
+        "apply", help="create or update them, for services with nats.declare_topology = false (as admin)"
+    )
+    _common(p)
+    p.add_argument("--serve", action="store_true", help="then keep running with /healthz and /readyz")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_topology)
 
     p = sub.add_parser("bounce-queue", help="bounce deferred mail for a site, with a reason (DSNs are sent)")
     _common(p)

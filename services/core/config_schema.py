@@ -40,6 +40,11 @@ class NatsConfig:
     # 2M messages' events (5 h at 100 msg/s). Each server reserves it from max_file_store and
     # refuses a cap that does not fit. 0: no limit.
     events_max_bytes: int = 4 * 1024 * 1024 * 1024
+    # Whether a service creates and updates the JetStream topology (streams, consumers, buckets)
+    # at start. False where an operator applies it as a more privileged user
+    # (`relais topology apply`, the relais-topology workload on Kubernetes): the service then
+    # only waits until what it needs exists, and its NATS user needs no right to change streams.
+    declare_topology: bool = True
 
     @property
     def duplicate_window(self) -> float:

@@ -18,10 +18,11 @@ from services.core.health import Check, HealthServer
 from services.core.telemetry import setup_tracing
 from services.core.topology import (
     ConsumerBinding,
+    TopologyMissing,
     bounce_binding,
     bounce_flush_binding,
     delivery_binding,
-    ensure_topology,
+    ensure_or_check_topology,
     inbound_binding,
     router_binding,
     stream_configs,
@@ -77,12 +78,14 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 async def start_bus(config: Config, name: str, *, attempts: int = 60) -> Bus:
-    """Connect and make sure the topology exists; NATS may come up after us in Kubernetes."""
+    """Connect and make sure the topology exists: declared here, or with
+    `nats.declare_topology = false` applied by an operator (the relais-topology workload), which
+    may come up after us in Kubernetes, as NATS may."""
     for attempt in range(attempts):
         bus: Bus | None = None
         try:
             bus = await connect(config.nats, name)
-            await ensure_topology(bus.js, config)
+            await ensure_or_check_topology(bus.js, config)
             return bus
         except Exception as exc:
             if bus is not None:
@@ -92,7 +95,10 @@ async def start_bus(config: Config, name: str, *, attempts: int = 60) -> Bus:
                     await bus.nc.close()
             if attempt == attempts - 1:
                 raise
-            log.warning("waiting for NATS at %s: %r", config.nats.url, exc)
+            if isinstance(exc, TopologyMissing):
+                log.warning("waiting for the topology at %s: %s", config.nats.url, exc)
+            else:
+                log.warning("waiting for NATS at %s: %r", config.nats.url, exc)
             await asyncio.sleep(1.0)
     raise RuntimeError("unreachable")
 

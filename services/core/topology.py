@@ -1,7 +1,9 @@
 """The JetStream topology: every stream, subject, consumer and bucket Relais uses.
 
 This module is the only place that builds or parses subject and consumer names, and the only
-place that declares streams; services bind to what `ensure_topology` created.
+place that declares streams; services bind to what `ensure_topology` created, either at their
+own start or, with `nats.declare_topology = false`, as an operator applied it
+(`relais topology apply`): they then only check that it exists (`missing_topology`).
 
     relais.route                      accepted messages (and re-routes) -> router
     relais.retry.route.<key>.<n>      scheduled re-route after a DNS failure (ADR-51 schedule)
@@ -22,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -424,6 +426,53 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     await _bring_stream_to(js, kv_stream(WARMUP_BUCKET), {"allow_atomic": True})
 
 
+class TopologyMissing(RuntimeError):
+    """What a service that does not declare the topology (`nats.declare_topology = false`) needs
+    and JetStream does not have yet: an operator has not applied this release's topology."""
+
+
+async def missing_topology(js: JetStreamContext, config: Config) -> list[str]:
+    """What `ensure_topology` would create and is not there: streams (or the subjects this
+    release added to one), consumers, the body store, buckets. Only reads (stream and consumer
+    info), so a user without the right to change streams can ask."""
+    missing: list[str] = []
+    for stream in stream_configs(config):
+        try:
+            current = (await js.stream_info(stream.name)).config
+        except NotFoundError:
+            missing.append(stream.name)
+            continue
+        absent = [s for s in stream.subjects or [] if s not in (current.subjects or [])]
+        if absent:
+            missing.append(f"{stream.name} subjects {', '.join(absent)}")
+    for binding in consumer_bindings(config):
+        if not await _exists(js.consumer_info(binding.stream, binding.durable)):
+            missing.append(f"{binding.stream} consumer {binding.durable}")
+    buckets = [object_stream(BODY_BUCKET), *(kv_stream(b.bucket) for b in kv_configs(config))]
+    missing += [name for name in buckets if not await _exists(js.stream_info(name))]
+    return missing
+
+
+async def _exists(lookup: Awaitable[object]) -> bool:
+    try:
+        await lookup
+    except NotFoundError:
+        return False
+    return True
+
+
+async def ensure_or_check_topology(js: JetStreamContext, config: Config) -> None:
+    """At a service's start: declare the topology (`nats.declare_topology`, the default), or
+    check that an operator applied it; raises `TopologyMissing` naming what is not there yet."""
+    if config.nats.declare_topology:
+        await ensure_topology(js, config)
+        return
+    missing = await missing_topology(js, config)
+    if missing:
+        what = "; ".join(missing)
+        raise TopologyMissing(f"not applied yet (relais topology apply): missing {what}")
+
+
 def body_ttl(config: Config) -> float:
     """Bodies (and their reference counts) outlive the longest possible retry, so that a leaked
     reference still expires."""
@@ -450,11 +499,13 @@ async def ensure_webhooks_consumers(
     """One consumer per account with a webhook, filtered on that account's events: `accounts`,
     by default those of the config file with a `webhook_url`.
 
-    Every service creates the missing ones for the config file's accounts (`ensure_topology`),
-    so events are kept from the first start on; the bounce service and `relais account webhook`
-    create them for the account records in KV. No service deletes one: a replica still on the
-    previous configuration during a rollout would delete what the current one needs (and every
-    minute again, losing the events in between). NATS removes a consumer nobody has pulled from
+    `ensure_topology` (every service at start, or `relais topology apply` where they do not
+    declare) creates the missing ones for the config file's accounts, so events are kept from
+    the first start on; the bounce service and `relais account webhook` create them for the
+    account records in KV (on Kubernetes the bounce user is the one service user allowed to).
+    No service deletes one: a replica still on the previous configuration during a rollout
+    would delete what the current one needs (and every minute again, losing the events in
+    between). NATS removes a consumer nobody has pulled from
     for `events_max_age`, by when its events have left the stream anyway; until then, a webhook
     configured again resumes where it stopped. Only `relais account webhook --clear`, an
     operator's decision, deletes one at once. The bounce service, which posts them, deletes an

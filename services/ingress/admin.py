@@ -127,6 +127,10 @@ async def run(config: Config, args: argparse.Namespace) -> int:
         try:
             await bus.js.key_value(ACCOUNTS_BUCKET)
         except BucketNotFoundError:
+            if not config.nats.declare_topology:
+                no_bucket = "no account bucket: apply the topology first (relais topology apply)"
+                print(f"relais: {no_bucket}", file=sys.stderr)
+                return 1
             # First command against a fresh cluster: declare everything, as a service would.
             await ensure_topology(bus.js, config)
         if action == "list":

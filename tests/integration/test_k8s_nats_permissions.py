@@ -11,6 +11,7 @@ message put there would skip AUTH, the sender-domain checks and the router, an o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import subprocess
 import time
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
-from nats.js.api import Header
-from nats.js.errors import APIError
+from nats.js.api import AckPolicy, ConsumerConfig, Header, RePublish, StreamConfig
+from nats.js.errors import APIError, NotFoundError
 
 from services.core import topology
 from services.core.config import Config
@@ -112,10 +114,23 @@ def shipped_nats(tmp_path: Path) -> Iterator[ShippedNats]:
 
 
 def _as_user(config: Config, server: ShippedNats, user: str) -> Config:
+    """The config a pod runs with: its user, and (as deploy/k8s/base/relais.toml says) not
+    declaring the topology, which the relais-topology pod applies as `admin`."""
     nats_config = dataclasses.replace(
-        config.nats, url=f"nats://{server.host}:{server.port}", user=user, password=server.password(user)
+        config.nats,
+        url=f"nats://{server.host}:{server.port}",
+        user=user,
+        password=server.password(user),
+        declare_topology=False,
     )
     return dataclasses.replace(config, nats=nats_config)
+
+
+def _apply_topology(config: Config, server: ShippedNats, workdir: Path) -> None:
+    """What the relais-topology pod does at start: `relais topology apply` as `admin`, with the
+    services' config file (which says not to declare)."""
+    ran = run_cli(_as_user(config, server, "admin"), workdir, "topology", "apply")
+    assert ran.returncode == 0, (ran.stdout, ran.stderr)
 
 
 @pytest.fixture
@@ -124,20 +139,23 @@ async def stacks(
     zone: DNSServer,  # noqa: F811 - the imported fixture
     sink_port: int,
     receiver: Receiver,  # noqa: F811 - the imported fixture
+    tmp_path: Path,
 ) -> AsyncIterator[dict[str, RelaisStack]]:
-    """Each service in a stack of its own, connected as its own user, as in the cluster. The
-    account posts its events to a webhook (the bounce service's consumer on the events stream)."""
+    """Each service in a stack of its own, connected as its own user, as in the cluster, after
+    the topology was applied as `admin`. The account posts its events to a webhook (the bounce
+    service's consumer on the events stream)."""
     config = make_config(
         nats_url=shipped_nats.url(),
         dns_port=zone.port,
         smtp_port=sink_port,
         accounts=webhook_account(receiver.url),
     )
+    await asyncio.to_thread(_apply_topology, config, shipped_nats, tmp_path)
     running: dict[str, RelaisStack] = {}
     try:
         for user in SERVICE_USERS:
             running[user] = RelaisStack(_as_user(config, shipped_nats, user))
-            # Each declares the whole topology at start (start_bus), as its user.
+            # Each only checks at start (start_bus) that the topology is there, as its user.
             await running[user].start([user])
         yield running
     finally:
@@ -370,12 +388,14 @@ async def test_a_service_user_cannot_listen_to_the_mail_flowing_through_nats(
         assert await connection.refused(subject, "subscription"), f"{user} may subscribe to {subject}"
 
 
-# The operator commands docs/operations.md has run in a service's pod, as that pod's user.
+# The operator commands docs/operations.md has run in a pod, as that pod's user: accounts in
+# the relais-topology pod (`admin`: a webhook's consumer is made on the events stream).
 OPERATOR_COMMANDS = [
-    ("ingress", ("account", "add", "newsletter", "--domain", "news.test", "--password", "a long password")),
-    ("ingress", ("account", "webhook", "newsletter", "--url", "https://hooks.example.com/relais")),
-    ("ingress", ("account", "webhook", "newsletter", "--clear")),
-    ("ingress", ("account", "disable", "newsletter")),
+    ("admin", ("account", "add", "newsletter", "--domain", "news.test", "--password", "a long password")),
+    ("admin", ("account", "webhook", "newsletter", "--url", "https://hooks.example.com/relais")),
+    ("admin", ("account", "webhook", "newsletter", "--clear")),
+    ("admin", ("account", "disable", "newsletter")),
+    ("ingress", ("account", "enable", "newsletter")),
     ("bounce", ("suppression", "add", "gone@alpha.test", "--account", ACCOUNT)),
     ("delivery", ("pause", "pool", "default", "--reason", "maintenance")),
     ("delivery", ("resume", "pool", "default")),
@@ -388,7 +408,120 @@ async def test_operator_commands_run_in_the_pod_whose_service_owns_what_they_cha
     shipped_nats: ShippedNats, tmp_path: Path
 ) -> None:
     config = make_config(nats_url=shipped_nats.url())
+    _apply_topology(config, shipped_nats, tmp_path)
     for user, command in OPERATOR_COMMANDS:
         ran = await asyncio.to_thread(run_cli, _as_user(config, shipped_nats, user), tmp_path, *command)
         assert ran.returncode == 0, (user, command, ran.stdout, ran.stderr)
     assert shipped_nats.violations() == []
+
+
+async def _refused_request(connection: Probe, request: Awaitable[object], subject: str) -> bool:
+    """Whether the server refused a JetStream API request's publish (the request itself then
+    times out or fails: nobody answers it)."""
+    with contextlib.suppress(APIError, nats.errors.TimeoutError, TimeoutError):
+        await request
+    return await connection.refused(subject)
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_a_service_user_cannot_reconfigure_a_stream_into_an_open_relay(
+    probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats, user: str
+) -> None:
+    """A republish from relais.route (which the ingress may publish) into a pool's delivery
+    jobs would let a leaked password queue mail past AUTH and the router; a lower limit would
+    drop queued mail. Only `admin` (the relais-topology pod) changes streams."""
+    connection = await probe(user)
+    js = connection.nc.jetstream(timeout=2)
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        declared = (await admin.jetstream().stream_info(topology.ROUTE_STREAM)).config
+        relay = dataclasses.replace(
+            declared,
+            republish=RePublish(src=topology.route_subject(), dest=topology.deliver_subject("default")),
+            max_msgs=1,
+        )
+        subject = f"$JS.API.STREAM.UPDATE.{topology.ROUTE_STREAM}"
+        assert await _refused_request(connection, js.update_stream(relay), subject), f"{user} updated it"
+        current = (await admin.jetstream().stream_info(topology.ROUTE_STREAM)).config
+        assert current.republish is None and current.max_msgs == declared.max_msgs
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_a_service_user_cannot_create_a_stream(
+    probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats, user: str
+) -> None:
+    connection = await probe(user)
+    forged = StreamConfig(name="FORGED", subjects=["forged.>"])
+    created = connection.nc.jetstream(timeout=2).add_stream(forged)
+    assert await _refused_request(connection, created, "$JS.API.STREAM.CREATE.FORGED")
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        with pytest.raises(NotFoundError):
+            await admin.jetstream().stream_info("FORGED")
+    finally:
+        await admin.close()
+
+
+# Consumers a leaked password could make or remove: a second consumer on a work queue takes its
+# messages (here the scheduled retries) from the service that should have them; a named one on
+# the events stream would replace an account's webhook consumer (its filter: whose events are
+# posted where); deleting the router's stops the mail.
+FORGED_CONSUMERS = [
+    (user, stream, name, subject)
+    for user in ("ingress", "router", "delivery")
+    for stream, name, subject in (
+        (topology.DELIVER_STREAM, "forged", "relais.retry.deliver.>"),
+        (topology.ROUTE_STREAM, "forged", "relais.retry.route.>"),
+        (topology.EVENTS_STREAM, topology.webhooks_binding(ACCOUNT).durable, "relais.events.>"),
+    )
+] + [("bounce", topology.DELIVER_STREAM, "forged", "relais.retry.deliver.>")]
+
+
+@pytest.mark.parametrize(
+    ("user", "stream", "name", "subject"),
+    FORGED_CONSUMERS,
+    ids=[f"{u}:{s}:{n}" for u, s, n, _ in FORGED_CONSUMERS],
+)
+async def test_a_service_user_cannot_create_a_consumer_beside_its_services(
+    probe: Callable[[str], Awaitable[Probe]],
+    shipped_nats: ShippedNats,
+    user: str,
+    stream: str,
+    name: str,
+    subject: str,
+) -> None:
+    connection = await probe(user)
+    js = connection.nc.jetstream(timeout=2)
+    durable = ConsumerConfig(durable_name=name, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT)
+    assert await _refused_request(
+        connection, js.add_consumer(stream, durable), f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{name}"
+    )
+    named = ConsumerConfig(name=name, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT)
+    assert await _refused_request(
+        connection, js.add_consumer(stream, named), f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{subject}"
+    )
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        with pytest.raises(NotFoundError):
+            await admin.jetstream().consumer_info(stream, name)
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_a_service_user_cannot_delete_another_services_consumer(
+    probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats, user: str
+) -> None:
+    connection = await probe(user)
+    deleted = connection.nc.jetstream(timeout=2).delete_consumer(
+        topology.ROUTE_STREAM, topology.ROUTER_CONSUMER
+    )
+    subject = f"$JS.API.CONSUMER.DELETE.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}"
+    assert await _refused_request(connection, deleted, subject)
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        await admin.jetstream().consumer_info(topology.ROUTE_STREAM, topology.ROUTER_CONSUMER)
+    finally:
+        await admin.close()

@@ -24,6 +24,17 @@ SERVICE_USERS = ("ingress", "router", "delivery", "bounce")
 # the KV and Object Store writes). Schedules put their target here too: nats-server does not
 # check a schedule's target against its publisher's permissions, so a service that schedules
 # into a subject can write it anyway (delivery's postponed jobs, retries into relais.route).
+ALL = set(SERVICE_USERS)
+# The streams whose consumers are the topology's alone: the work queues and the counters.
+MAIL_STREAMS = [s.name for s in topology.stream_configs(Config()) if s.name != topology.EVENTS_STREAM]
+# Every way to ask for a consumer (ephemeral, named, named with a filter, durable) or to delete one.
+CONSUMER_REQUESTS = (
+    ("CREATE", ""),
+    ("CREATE", ".x"),
+    ("CREATE", ".x.relais.route"),
+    ("DURABLE.CREATE", ".x"),
+    ("DELETE", f".{topology.ROUTER_CONSUMER}"),
+)
 WRITERS: dict[str, set[str]] = {
     topology.route_subject(): {"ingress", "router", "delivery", "bounce"},
     topology.inbound_subject(): {"ingress"},
@@ -59,13 +70,41 @@ WRITERS: dict[str, set[str]] = {
     f"$JS.ACK.{topology.BOUNCE_FLUSH_STREAM}.{topology.BOUNCE_FLUSH_CONSUMER}.1.1.1.1.0": {"bounce"},
     f"$JS.ACK.{topology.INBOUND_STREAM}.{topology.INBOUND_CONSUMER}.1.1.1.1.0": {"bounce"},
     f"$JS.ACK.{topology.EVENTS_STREAM}.webhooks-acme.1.1.1.1.0": {"bounce"},
-    # Every service declares the whole topology at start.
-    f"$JS.API.STREAM.UPDATE.{topology.DELIVER_STREAM}": {"ingress", "router", "delivery", "bounce"},
-    f"$JS.API.CONSUMER.CREATE.{topology.DELIVER_STREAM}.x": {"ingress", "router", "delivery", "bounce"},
-    # What none may do: only `admin` (operators).
+    # What the services do with JetStream's API at run time: read streams and consumers, pull,
+    # get messages, watch buckets (ephemeral consumers on their streams), read bodies, read
+    # events (`relais status`, `relais message`: ephemeral consumers).
+    f"$JS.API.STREAM.INFO.{topology.DELIVER_STREAM}": ALL,
+    f"$JS.API.CONSUMER.INFO.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": ALL,
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": ALL,
+    f"$JS.API.DIRECT.GET.{topology.kv_stream(topology.SUPPRESSION_BUCKET)}": ALL,
+    f"$JS.API.STREAM.MSG.GET.{topology.DELIVER_STREAM}": ALL,
+    f"$JS.API.CONSUMER.CREATE.{topology.kv_stream(topology.ACCOUNTS_BUCKET)}": ALL,
+    f"$JS.API.CONSUMER.CREATE.{topology.object_stream(topology.BODY_BUCKET)}": ALL,
+    f"$JS.API.CONSUMER.CREATE.{topology.EVENTS_STREAM}": ALL,
+    f"$JS.API.STREAM.PURGE.{topology.object_stream(topology.BODY_BUCKET)}": ALL,
+    # The per-account webhook consumers: the bounce service makes them for the account records
+    # and deletes an earlier release's shared one.
+    f"$JS.API.CONSUMER.DURABLE.CREATE.{topology.EVENTS_STREAM}.webhooks-acme": {"bounce"},
+    f"$JS.API.CONSUMER.DELETE.{topology.EVENTS_STREAM}.webhooks": {"bounce"},
+    # What none may do: only `admin` (the relais-topology pod, operators). Declaring the
+    # topology (a stream update could add a republish into the delivery jobs), a consumer on a
+    # mail stream (a second one on a work queue takes the service's messages).
+    f"$JS.API.STREAM.CREATE.{topology.DELIVER_STREAM}": set(),
+    f"$JS.API.STREAM.CREATE.{topology.kv_stream(topology.ACCOUNTS_BUCKET)}": set(),
+    f"$JS.API.STREAM.UPDATE.{topology.ROUTE_STREAM}": set(),
+    f"$JS.API.STREAM.UPDATE.{topology.kv_stream(topology.WARMUP_BUCKET)}": set(),
+    f"$JS.API.STREAM.RESTORE.{topology.DELIVER_STREAM}": set(),
+    f"$JS.API.CONSUMER.PAUSE.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": set(),
+    f"$JS.API.CONSUMER.CREATE.{topology.EVENTS_STREAM}.x.relais.events.acme.delivered": {"bounce"},
     f"$JS.API.STREAM.DELETE.{topology.DELIVER_STREAM}": set(),
     f"$JS.API.STREAM.MSG.DELETE.{topology.DELIVER_STREAM}": set(),
     **{f"$JS.API.STREAM.PURGE.{s.name}": set() for s in topology.stream_configs(Config())},
+    **{
+        f"$JS.API.CONSUMER.{verb}.{stream}{suffix}": set()
+        for stream in MAIL_STREAMS
+        for verb, suffix in CONSUMER_REQUESTS
+    },
+    f"$JS.API.CONSUMER.DURABLE.CREATE.{topology.EVENTS_STREAM}.x": {"bounce"},
 }
 
 
@@ -93,10 +132,14 @@ def _permissions(user: str) -> tuple[list[str], list[str], list[str]]:
     block = _block(f"{user.upper()}_PERMISSIONS")
     publish, subscribe = block.split("subscribe:", 1)
     allow = re.search(r"allow: \[(.*?)\]", publish, re.S)
-    deny = re.search(r"deny: (\$SERVICE_DENY|\[(.*?)\])", publish, re.S)
+    deny = re.search(r"deny: (\$(\w+)|\[(.*?)\])", publish, re.S)
     assert allow and deny, f"{user}: publish needs an allow and a deny list"
-    shared = _conf().split("SERVICE_DENY: [", 1)[1].split("]", 1)[0]
-    denied = _list(shared if deny.group(2) is None else deny.group(2))
+    if deny.group(2) is not None:  # a list shared by name (SERVICE_DENY, BOUNCE_DENY)
+        named = re.search(rf"^{deny.group(2)}: \[(.*?)^\]", _conf(), re.S | re.M)
+        assert named, f"nats.conf has no {deny.group(2)} list"
+        denied = _list(named.group(1))
+    else:
+        denied = _list(deny.group(3))
     return _list(allow.group(1)), denied, _list(subscribe)
 
 
@@ -159,10 +202,19 @@ def test_every_permission_names_what_the_topology_declares(user: str) -> None:
             assert tokens[3] == ">" or (tokens[2], tokens[3]) in consumers, entry
         elif tokens[:4] == ["$JS", "API", "STREAM", "PURGE"]:
             assert tokens[4] in streams, entry
+        elif tokens[:3] == ["$JS", "API", "CONSUMER"] and tokens[3] != "PAUSE":
+            # A consumer rule names a declared stream: CREATE.<stream>[.>], DURABLE.CREATE.<stream>.>,
+            # DELETE.<stream>.>
+            stream = tokens[5] if tokens[3] == "DURABLE" else tokens[4]
+            assert stream in streams, entry
         else:
             assert entry in (
                 "$JS.API.>",
                 "$JS.FC.>",
+                "$JS.API.STREAM.CREATE.>",
+                "$JS.API.STREAM.UPDATE.>",
+                "$JS.API.STREAM.RESTORE.>",
                 "$JS.API.STREAM.DELETE.>",
                 "$JS.API.STREAM.MSG.DELETE.>",
+                "$JS.API.CONSUMER.PAUSE.>",
             )
