@@ -5,17 +5,13 @@ whether the rerun comes within JetStream's duplicate window or after it."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from services.admin import queue
 from services.core.bus import Bus
-from services.core.schedule import publish_at
-from services.core.topology import BOUNCE_STREAM, DELIVER_STREAM, deliver_retry_subject, deliver_subject
-from tests.support.relais import an_envelope
-
-HOUR = 3600.0
+from services.core.topology import BOUNCE_STREAM, DELIVER_STREAM, deliver_subject
+from tests.integration.test_admin_queue_race import deferred_job, stored
 
 
 class RunDied(Exception):
@@ -25,22 +21,6 @@ class RunDied(Exception):
 @pytest.fixture
 def bus(topology_bus: Bus) -> Bus:
     return topology_bus
-
-
-async def deferred_job(bus: Bus) -> None:
-    env = an_envelope("r@alpha.test", body=b"x\r\n", domain="alpha.test", job_id="j-0")
-    await publish_at(
-        bus,
-        schedule_subject=deliver_retry_subject(env.job_id, 1),
-        target_subject=deliver_subject("default"),
-        payload=env.to_msgpack(),
-        at=time.time() + HOUR,
-    )
-
-
-async def stored(bus: Bus, stream: str, subject: str) -> int:
-    info = await bus.js.stream_info(stream, subjects_filter=subject)
-    return sum((info.state.subjects or {}).values())
 
 
 def dies_at(monkeypatch: pytest.MonkeyPatch, step: str) -> None:
