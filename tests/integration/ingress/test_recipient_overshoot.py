@@ -22,12 +22,13 @@ def _rcpts(count: int) -> bytes:
     return b"".join(b"RCPT TO:<r%d@alpha.test>\r\n" % n for n in range(count))
 
 
-def _pipelined(address: tuple[str, int], commands: bytes, then: bytes = b"") -> list[bytes]:
+def _pipelined(address: tuple[str, int], commands: bytes, then: bytes = b"", *, more: int = 0) -> list[bytes]:
     """The last line of every reply to `commands` (greeting, EHLO and AUTH first), sent in one
-    write; then, once the 354 is in, `then` and the replies to it (or fewer if the server closes)."""
+    write, and `more` replies after them (a 421 closing the session comes in a write of its own);
+    then, once the 354 is in, `then` and the replies to it (or fewer if the server closes)."""
     with socket.create_connection(address, timeout=15) as sock:
         sock.sendall(ehlo_auth() + commands)
-        replies = read_replies(sock, 3 + commands.count(b"\r\n"))
+        replies = read_replies(sock, 3 + commands.count(b"\r\n") + more)
         if then and replies and replies[-1].startswith(b"354"):
             sock.sendall(then)
             replies += read_replies(sock, then.count(b"\r\n.\r\n") + then.endswith(b"QUIT\r\n"))
@@ -55,7 +56,7 @@ async def test_excess_recipients_beyond_the_overshoot_limit_are_errors(
 ) -> None:
     ingress = await make_ingress(ingress={"max_recipients": 1, "max_errors": 3})
     excess = RECIPIENT_OVERSHOOT_LIMIT + 3
-    replies = await in_thread(_pipelined, ingress.smtp_address, MAIL + _rcpts(1 + excess))
+    replies = await in_thread(_pipelined, ingress.smtp_address, MAIL + _rcpts(1 + excess), more=1)
     over = str(TOO_MANY_RECIPIENTS).encode()
     assert replies[4] == b"250 2.1.5 Ok" and replies[5:-1] == [over] * excess, replies[-5:]
     assert replies[-1] == str(TOO_MANY_ERRORS).encode(), replies[-5:]
