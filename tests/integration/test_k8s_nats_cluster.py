@@ -3,7 +3,8 @@
 deploy/k8s/base/nats.conf is used as rendered into its ConfigMap, with the StatefulSet's
 environment (pod DNS names swapped for loopback ports, since there is no cluster DNS here). It
 proves what the manifests rely on: the routes authenticate and form a JetStream cluster, each
-service's user can create Relais' topology at 3 replicas, anonymous clients are refused, the
+`admin` applies Relais' topology at 3 replicas and each service's user finds it (the services do
+not declare it there, nats.declare_topology = false), anonymous clients are refused, the
 system account cannot touch Relais' streams, and the monitoring endpoint shows consumer lag
 under account RELAIS where KEDA's nats-jetstream scaler looks for it.
 """
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.js import JetStreamContext
 
 from services.core import topology
 from services.core.bus import connect
-from services.core.config import load_config
+from services.core.config import Config, load_config, replace
 from services.core.embedded import free_port, nats_server_binary, wait_for_port
 from tests.unit.k8s_manifests import BASE, config_map_data, one, render
 from tests.unit.test_k8s_wiring import _kube_env, _main_container
@@ -130,9 +132,10 @@ async def test_shipped_nats_config_runs_relais_at_three_replicas(
         },
     )
     assert config.nats.replicas == REPLICAS
+    await _applied_by_admin(config, env)
     bus = await connect(config.nats, "k8s-test")
     try:
-        await topology.ensure_topology(bus.js, config)
+        await topology.ensure_or_check_topology(bus.js, config)
         ack = await bus.js.publish(topology.route_subject(), b"probe")
         assert ack.stream == topology.ROUTE_STREAM
         info = await bus.js.stream_info(topology.ROUTE_STREAM)
@@ -167,10 +170,10 @@ async def test_anonymous_and_wrong_password_clients_are_refused(
 
 async def test_system_account_cannot_reach_relais_streams(cluster: tuple[list[Node], dict[str, str]]) -> None:
     nodes, env = cluster
-    relais = await nats.connect(nodes[0].url, user="ingress", password=env["INGRESS_PASSWORD"])
+    relais = await nats.connect(nodes[0].url, user="admin", password=env["ADMIN_PASSWORD"])
     system = await nats.connect(nodes[0].url, user="sys", password=env["SYS_PASSWORD"])
     try:
-        await relais.jetstream().add_stream(name="ISOLATION", subjects=["isolation.>"], num_replicas=1)
+        await admin_js(relais).add_stream(name="ISOLATION", subjects=["isolation.>"], num_replicas=1)
         with pytest.raises(Exception):  # noqa: B017 - SYS has no JetStream: any error proves isolation
             await system.jetstream(timeout=2).stream_info("ISOLATION")
     finally:
@@ -181,15 +184,30 @@ async def test_system_account_cannot_reach_relais_streams(cluster: tuple[list[No
 SERVICE_USERS = ("ingress", "router", "delivery", "bounce")
 
 
-async def test_service_users_build_the_topology_but_cannot_destroy_mail(
+def admin_js(nc: nats.NATS) -> JetStreamContext:
+    return nc.jetstream(timeout=5.0)
+
+
+async def _applied_by_admin(config: Config, env: dict[str, str]) -> None:
+    """What the relais-topology pod does: the topology declared as `admin`."""
+    as_admin = replace(config, nats={"user": "admin", "password": env["ADMIN_PASSWORD"]})
+    bus = await connect(as_admin.nats, "k8s-test-topology")
+    try:
+        await topology.ensure_topology(bus.js, as_admin)
+    finally:
+        await bus.close()
+
+
+async def test_service_users_find_the_topology_admin_applied_but_cannot_destroy_mail(
     cluster: tuple[list[Node], dict[str, str]],
 ) -> None:
-    """Every service declares the whole topology at start, so each user needs JetStream's
-    create and update API; none needs to delete a stream or purge a mail stream, and a leaked
-    service password (the internet-facing ingress's first) must not be able to throw away
-    every message Relais has answered 250 for. Operators' `admin` user still can."""
+    """`admin` applies the topology (the relais-topology pod); each service only checks it. None
+    needs to delete a stream or purge a mail stream, and a leaked service password (the
+    internet-facing ingress's first) must not be able to throw away every message Relais has
+    answered 250 for. Operators' `admin` user still can."""
     nodes, env = cluster
     urls = ",".join(n.url for n in nodes)
+    await _applied_by_admin(load_config(BASE / "relais.toml", {"RELAIS_NATS__URL": urls}), env)
     for user in SERVICE_USERS:
         config = load_config(
             BASE / "relais.toml",
@@ -201,7 +219,8 @@ async def test_service_users_build_the_topology_but_cannot_destroy_mail(
         )
         bus = await connect(config.nats, f"k8s-test-{user}")
         try:
-            await topology.ensure_topology(bus.js, config)
+            assert not config.nats.declare_topology
+            await topology.ensure_or_check_topology(bus.js, config)
             await bus.js.publish(topology.route_subject(), f"kept from {user}".encode())
             js = bus.nc.jetstream(timeout=1.0)
             for attempt in (js.purge_stream, js.delete_stream):
