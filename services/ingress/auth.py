@@ -19,7 +19,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
 from services.core.accounts import hash_password, verify_password
 from services.core.config import AccountConfig
 from services.ingress.accounts import AccountStore
-from services.ingress.limits import AuthTake, AuthThrottle, SessionRegistry
+from services.ingress.limits import AuthThrottle, SessionRegistry, Take
 from services.ingress.replies import (
     AUTH_AUTHZID,
     AUTH_BAD_BASE64,
@@ -104,7 +104,7 @@ class PasswordChecker:
         """`check`'s shared part: reserve, scrypt, refund and remember a success."""
         try:
             username = login.decode("utf-8", "replace")
-            take = await throttle.reserve(ip, username, known) if throttle is not None else AuthTake()
+            take = await throttle.reserve(ip, username, known) if throttle is not None else Take()
             if take is None:
                 return None
             secret = password.decode("utf-8", "replace")

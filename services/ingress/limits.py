@@ -139,14 +139,36 @@ async def give_back(counters: Counters, subject: str, msg_id: str) -> int | None
 
 
 @dataclass(slots=True)
-class RateTake:
-    """What one message took of its account's rate counters: the counters whose increment
-    JetStream acknowledged, given back at most once (`MessageRates.refund`)."""
+class Take:
+    """What one message or AUTH attempt (`key`) took of some counters: those whose increment
+    JetStream acknowledged, given back at most once (`give_back_all`)."""
+
+    key: str = ""
+    counters: tuple[str, ...] = ()
+
+
+async def take_each(counters: Counters, take: Take, subjects: Sequence[str]) -> list[int | BaseException]:
+    """Add 1 to each counter; each one's value, or the error it met. Every answer is waited for,
+    failed or not: an increment acknowledged after another failed would otherwise be neither
+    known nor given back. `take` holds the acknowledged ones."""
+    results = await asyncio.gather(*(counters.add(s) for s in subjects), return_exceptions=True)
+    take.counters = tuple(s for s, r in zip(subjects, results, strict=True) if isinstance(r, int))
+    return results
+
+
+async def give_back_all(counters: Counters, take: Take) -> list[int | None]:
+    """Give back what `take` holds, once however often this is called; the counters' values
+    after it, None where unknown."""
+    subjects, take.counters = take.counters, ()
+    return list(await asyncio.gather(*(give_back(counters, s, f"refund.{take.key}.{s}") for s in subjects)))
+
+
+@dataclass(slots=True, kw_only=True)
+class RateTake(Take):
+    """What one message (`key`: its id) took of its account's rate counters."""
 
     account: str
-    message_id: str
     at: float
-    counters: tuple[str, ...] = ()
 
 
 class MessageRates:
@@ -186,14 +208,10 @@ class MessageRates:
         back the other one's increment: a refused message costs nothing, however often the
         client retries through the error. Returns the verdict and what was taken, for `refund`.
         """
-        take = RateTake(name, message_id, time.time())
+        take = RateTake(key=message_id, account=name, at=time.time())
         if not (account.max_messages_per_hour or account.max_messages_per_day):
             return None, take
-        subjects = self._subjects(name, take.at)
-        # Both answers are waited for, failed or not: an increment still on its way when the
-        # other failed would otherwise be neither known nor given back.
-        results = await asyncio.gather(*(self._counters.add(s) for s in subjects), return_exceptions=True)
-        take.counters = tuple(s for s, r in zip(subjects, results, strict=True) if isinstance(r, int))
+        results = await take_each(self._counters, take, self._subjects(name, take.at))
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
             # An increment that timed out may have been applied: it is not given back, as one
@@ -216,17 +234,11 @@ class MessageRates:
     async def refund(self, take: RateTake) -> None:
         """The message was not queued after all (451, or over the limit): give back what it
         took, once however often this is called."""
-        counters, take.counters = take.counters, ()
-        if not counters:
-            return
-        values = await asyncio.gather(*(self._give_back(s, take.message_id) for s in counters))
+        values = await give_back_all(self._counters, take)
         per_hour, per_day = values if len(values) == 2 else (None, None)
         if per_hour is not None and per_day is not None:
             # Else MAIL's early check would go on counting the refunded message until the window ends.
             self._remember(take.account, take.at, per_hour, per_day)
-
-    async def _give_back(self, subject: str, message_id: str) -> int | None:
-        return await give_back(self._counters, subject, f"refund.{message_id}.{subject}")
 
 
 def known_client_token(ip: str, username: str, secret: str) -> str:
@@ -237,15 +249,6 @@ def known_client_token(ip: str, username: str, secret: str) -> str:
     password forgets every address the old one was used from (the attacker's, after a leak)."""
     message = f"{username.strip().lower()}\0{ip}".encode("utf-8", "replace")
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:32]
-
-
-@dataclass(slots=True)
-class AuthTake:
-    """What one AUTH attempt took of the failure counters: those whose increment JetStream
-    acknowledged, given back at most once when its password is right (`AuthThrottle.refund`)."""
-
-    attempt: str = ""
-    counters: tuple[str, ...] = ()
 
 
 class AuthThrottle:
@@ -298,7 +301,7 @@ class AuthThrottle:
         is_known = any(value > 0 for value in known)
         return by_ip >= self._max or (by_user >= self._max and not is_known), is_known
 
-    async def reserve(self, ip: str, username: str, known: bool = False) -> AuthTake | None:
+    async def reserve(self, ip: str, username: str, known: bool = False) -> Take | None:
         """Count an attempt as failed before its password is checked; None when that makes it
         one too many. Counting only after the check would let every guess that arrives while
         the others are still being checked pass `locked`: as many guesses per window as an
@@ -307,15 +310,12 @@ class AuthThrottle:
         stops it. A counter the broker could not count stops nothing (the password check still
         runs); the other one still does.
         """
-        take = AuthTake(secrets.token_hex(8))
+        take = Take(secrets.token_hex(8))
         if self._max <= 0:
             return take
         subjects = self._subjects(ip, username)
-        # Both answers are waited for, failed or not: an increment acknowledged after the other
-        # failed would otherwise be neither known nor given back, and a right password would
-        # stay counted as a failed guess.
-        results = await asyncio.gather(*(self._counters.add(s) for s in subjects), return_exceptions=True)
-        take.counters = tuple(s for s, r in zip(subjects, results, strict=True) if isinstance(r, int))
+        # A right password must not stay counted as a failed guess: take_each knows what to give back.
+        results = await take_each(self._counters, take, subjects)
         for subject, result in zip(subjects, results, strict=True):
             if isinstance(result, BrokerUnavailable):
                 log.warning("auth attempt not counted on %s: %s", subject, result)
@@ -341,11 +341,10 @@ class AuthThrottle:
             self._recorded.clear()
         self._recorded.add(subject)
 
-    async def refund(self, take: AuthTake) -> None:
+    async def refund(self, take: Take) -> None:
         """A reserved attempt whose password was right: it was no failure. Gives back what it
         took, once however often this is called."""
-        counters, take.counters = take.counters, ()
-        await asyncio.gather(*(give_back(self._counters, s, f"refund.{take.attempt}.{s}") for s in counters))
+        await give_back_all(self._counters, take)
 
 
 class SessionRegistry:
