@@ -4,7 +4,8 @@
     python3 bootstrap.py up     # create .venv, install Relais, run `relais up`
     python3 bootstrap.py test   # create .venv, install Relais + test tools, run the whole test suite
 
-Anything after the command is passed on (to `relais up` or to pytest).
+Anything after the command is passed on (to `relais up` or to pytest; `-n 0` runs the tests
+in one process).
 """
 
 from __future__ import annotations
@@ -46,8 +47,18 @@ def main(argv: list[str]) -> int:
         ensure_venv("")
         os.execv(str(BIN / "relais"), [str(BIN / "relais"), "up", *rest])
     ensure_venv("test")
-    result = subprocess.run([str(BIN / "python"), "-m", "pytest", "tests", *rest], cwd=ROOT)
+    result = subprocess.run([str(BIN / "python"), "-m", "pytest", "tests", *_workers(rest), *rest], cwd=ROOT)
     return result.returncode
+
+
+def _workers(args: list[str]) -> list[str]:
+    """One pytest worker per usable core (at most 4), unless the caller chose: most tests wait
+    on real servers and timeouts, so a single worker leaves the machine idle for half an hour.
+    Tests of one file stay on one worker (the groups are set in tests/conftest.py)."""
+    if any(arg.startswith(("-n", "--numprocesses")) or arg == "no:xdist" for arg in args):
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ["-n", str(min(cores, 4)), "--dist", "loadgroup"]
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 _TESTS_DIR = Path(__file__).parent
 _TIER_MARKERS = {"unit": pytest.mark.unit, "integration": pytest.mark.integration}
+_CLUSTER_PACKAGE = ("integration", "cluster")
 # Hosts the sinks may use; 127.0.0.1 is left to the services under test and the DNS server.
 SINK_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))
 
@@ -31,14 +32,30 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its tier, taken from its directory, so `-m unit` needs no decorators."""
+    """Mark each test with its tier, taken from its directory, so `-m unit` needs no decorators,
+    and with the group of tests it shares a worker with when the suite runs on several (xdist
+    `--dist loadgroup`, as `bootstrap.py test` runs it)."""
     for item in items:
-        try:
-            tier = item.path.relative_to(_TESTS_DIR).parts[0]
-        except ValueError:
+        parts = _parts(item)
+        if not parts:
             continue
-        if tier in _TIER_MARKERS:
-            item.add_marker(_TIER_MARKERS[tier])
+        if parts[0] in _TIER_MARKERS:
+            item.add_marker(_TIER_MARKERS[parts[0]])
+        # A file's tests run in order on one worker, as they were written to; the cluster
+        # scenarios share one package-scoped cluster, which each worker would start again.
+        group = parts[:2] if parts[:2] == _CLUSTER_PACKAGE else parts
+        item.add_marker(pytest.mark.xdist_group("/".join(group)))
+    # The cluster scenarios are the longest group by far: started last, the other workers
+    # would sit idle while one ran them.
+    items.sort(key=lambda item: _parts(item)[:2] != _CLUSTER_PACKAGE)
+
+
+def _parts(item: pytest.Item) -> tuple[str, ...]:
+    """The test file's path under tests/, in parts; empty for a file outside it."""
+    try:
+        return item.path.relative_to(_TESTS_DIR).parts
+    except ValueError:
+        return ()
 
 
 @pytest.fixture
