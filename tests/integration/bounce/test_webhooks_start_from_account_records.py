@@ -29,7 +29,7 @@ from tests.support.relais import ACCOUNT, make_config
 # them, and far longer than it takes to fetch and post an event.
 RECORDS_LATE = 1.0
 # Far beyond the replica's wait for them.
-RECORDS_OUT_OF_REACH = 60.0
+RECORDS_OUT_OF_REACH = 15.0
 
 
 async def file_config_with_an_event(nats_url: str, receiver: Receiver, record_url: str | None) -> Config:
