@@ -10,6 +10,7 @@ from services.bounce.parse import MAX_FIELD, header_text, part_as_message, retur
 # Feedback types that mean "the recipient does not want this mail" (RFC 5965 section 7.3);
 # "not-spam" is the opposite and "virus" is about the content, not the recipient's wishes.
 COMPLAINT_TYPES = frozenset({"abuse", "fraud", "other"})
+_MAX_PARTS_SEARCHED = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,8 @@ def is_arf(msg: Message) -> bool:
 
 
 def parse_arf(msg: Message) -> FeedbackReport | None:
-    if not is_arf(msg):
+    msg = feedback_report(msg)
+    if msg is None:
         return None
     fields = _report_fields(msg)
     if fields is None:
@@ -52,6 +54,18 @@ def parse_arf(msg: Message) -> FeedbackReport | None:
         reporting_mta=str(fields.get("Reporting-MTA", "")).partition(";")[2].strip(),
         original=returned_message(msg),
     )
+
+
+def feedback_report(msg: Message) -> Message | None:
+    """The ARF report `msg` is, or the first one forwarded inside it: some feedback loops and
+    abuse desks send it as a part of a multipart/mixed, or attached as message/rfc822. Only the
+    first parts are looked at; a report nested deeper is not one a feedback loop sends."""
+    for seen, part in enumerate(msg.walk()):
+        if seen >= _MAX_PARTS_SEARCHED:
+            return None
+        if is_arf(part):
+            return part
+    return None
 
 
 def _report_fields(msg: Message) -> Message | None:
