@@ -12,11 +12,12 @@ both acknowledged before the inbound envelope is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
@@ -28,13 +29,14 @@ from services.bounce.classify import BounceCategory, BounceRule, is_hard
 from services.bounce.parse import FailedRecipient, header_text, parse_bounce, parse_message
 from services.bounce.policy import suppression_expiry
 from services.core import bus as transport
+from services.core.account_watch import AccountWatch
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus
 from services.core.config import BounceConfig
 from services.core.envelope import Envelope, EnvelopeDecodeError
 from services.core.events import Event, publish_event
 from services.core.outcome import Reply
-from services.core.returnpath import ReturnPath, is_current, parse_verp, verify
+from services.core.returnpath import ReturnPath, accounts_by_handle, is_current, parse_verp, verify
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import consumer_span
 from services.core.topology import inbound_subject
@@ -57,6 +59,8 @@ _RECIPIENT_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To"
 # few receivers hanging in DNS would hold the parses up. Parsing is CPU under the GIL, so a
 # second thread is only there for when one is busy with a large report.
 _PARSERS = 2
+# How long a starting replica waits for the account records before it reads its first report.
+_RECORDS_WAIT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +94,16 @@ class Verdict:
     rejected: list[str]
 
 
-def return_paths(addresses: Iterable[str], config: BounceConfig) -> list[ReturnPath]:
-    """The distinct VERP return paths among `addresses`, in order, at most _MAX_RETURN_PATHS."""
+def return_paths(
+    addresses: Iterable[str], config: BounceConfig, accounts: Mapping[str, str] | None = None
+) -> list[ReturnPath]:
+    """The distinct VERP return paths among `addresses`, in order, at most _MAX_RETURN_PATHS.
+    `accounts`: `accounts_by_handle` of every account, for return paths that carry a handle."""
     out: dict[ReturnPath, None] = {}
     for address in addresses:
-        path = parse_verp(address, prefix=config.verp_prefix, domain=config.return_path_domain)
+        path = parse_verp(
+            address, prefix=config.verp_prefix, domain=config.return_path_domain, accounts=accounts
+        )
         if path is not None:
             out[path] = None
             if len(out) == _MAX_RETURN_PATHS:
@@ -125,7 +134,9 @@ def findings(
     config: BounceConfig,
     rules: Sequence[BounceRule],
     now: float | None = None,
+    accounts: Mapping[str, str] | None = None,
 ) -> Verdict:
+    """`accounts`: `accounts_by_handle` of every account (return paths of long account names)."""
     now = time.time() if now is None else now
     if not config.return_path_domain or not config.verp_secrets:
         return Verdict([], ["no return path domain/secrets configured: cannot authenticate reports"])
@@ -141,7 +152,9 @@ def findings(
         headers = report.original.values() if report.original is not None else []
         scanned = [m.group(0) for v in headers for m in _ADDRESS.finditer(str(v))]
         paths, stale = current_paths(
-            return_paths([*local_recipients, report.original_mail_from, *scanned], config), config, now
+            return_paths([*local_recipients, report.original_mail_from, *scanned], config, accounts),
+            config,
+            now,
         )
         candidates = report.original_rcpt_to
         if not candidates:
@@ -157,7 +170,7 @@ def findings(
             detail["user_agent"] = report.user_agent
         return _verified("complained", paths, [([c], None) for c in candidates], config, detail, stale)
 
-    paths, stale = current_paths(return_paths(local_recipients, config), config, now)
+    paths, stale = current_paths(return_paths(local_recipients, config, accounts), config, now)
     parsed = parse_bounce(msg, rules)
     if parsed.kind == "none":
         return Verdict([], ["not a bounce or feedback report"])
@@ -234,10 +247,16 @@ def _bounce_finding(
 
 
 class InboundHandler:
-    """Consumer of `relais.inbound` (durable `bounce-inbound`)."""
+    """Consumer of `relais.inbound` (durable `bounce-inbound`). `follow_accounts` must run
+    alongside: a return path of a long account name carries only a handle, which the names of
+    the account records resolve."""
 
     def __init__(
-        self, config: BounceConfig, bus: Bus, bodies: BodyStore, rules: Sequence[BounceRule]
+        self,
+        config: BounceConfig,
+        bus: Bus,
+        bodies: BodyStore,
+        rules: Sequence[BounceRule],
     ) -> None:
         self._config = config
         self._bus = bus
@@ -245,6 +264,33 @@ class InboundHandler:
         self._rules = rules
         self._suppression = SuppressionList(bus.js)
         self._parsers = ThreadPoolExecutor(_PARSERS, thread_name_prefix="relais-report")
+        self._accounts = AccountWatch(bus.js, {}, check_password_hash=False, on_change=self._accounts_changed)
+        self._handles: dict[str, str] | None = None  # built from the names when first needed
+
+    async def follow_accounts(self, stop: asyncio.Event) -> None:
+        self._accounts.start()
+        try:
+            await stop.wait()
+        finally:
+            await self._accounts.stop()
+
+    def _accounts_changed(self) -> None:
+        self._handles = None
+
+    async def _account_handles(self) -> dict[str, str]:
+        """Every account's handle, once the records in KV are read (the config file's accounts
+        are seeded there; `relais account add` writes only there): a bounce must not be dropped
+        because this replica started a moment ago, nor while KV cannot be read (it waits)."""
+        if not self._accounts.loaded.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._accounts.loaded.wait(), _RECORDS_WAIT)
+            if not self._accounts.loaded.is_set():
+                raise transport.Retry("account records in KV not read yet")
+        if self._handles is None:
+            # Built here, on the event loop, which alone changes the names; the parse threads
+            # only read the finished index.
+            self._handles = accounts_by_handle(self._accounts.accounts)
+        return self._handles
 
     async def handle(self, msg: Msg) -> None:
         try:
@@ -257,11 +303,19 @@ class InboundHandler:
             except BodyMissing:
                 log.info("inbound %s already processed (body gone)", env.id)
                 return
+            handles = await self._account_handles()
             try:
                 # Off the event loop: anyone can mail us a report of max_message_size, and the
                 # parse of one of 50 MB takes half a minute, in which nothing else would move.
                 verdict = await asyncio.get_running_loop().run_in_executor(
-                    self._parsers, findings, raw, env.recipients, self._config, self._rules, time.time()
+                    self._parsers,
+                    findings,
+                    raw,
+                    env.recipients,
+                    self._config,
+                    self._rules,
+                    time.time(),
+                    handles,
                 )
             except MemoryError:
                 raise  # this replica's trouble, not the message's: another may manage it

@@ -90,6 +90,7 @@ class BounceService:
             # Also with dsn_window = 0: windows opened before the setting changed still end.
             consume(bounce_flush_binding(), self.flush, 16),
             consume(inbound_binding(), self._inbound.handle, 8),
+            self._inbound.follow_accounts(stop),
             self._webhooks.run(stop),
         )
 

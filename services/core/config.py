@@ -506,6 +506,10 @@ def _validate_bounce(bounce: BounceConfig) -> None:
             raise ConfigError("bounce.verp needs verp_secrets of at least 16 characters each")
         if not re.match(r"^[a-z0-9][a-z0-9_-]*$", bounce.verp_prefix):
             raise ConfigError("bounce.verp_prefix: lowercase letters, digits, '-' and '_'")
+        if len(bounce.verp_prefix) > 9:
+            # With it, `<prefix>+_<account handle>.<token>` (services/core/returnpath.py) must
+            # fit the 64 octets of a local part, or bounces to it are refused on the way back.
+            raise ConfigError("bounce.verp_prefix: at most 9 characters")
     for i, rule in enumerate(bounce.rules):
         unknown = set(rule) - {"category", "code", "enhanced", "text"}
         if unknown or "category" not in rule:

@@ -226,6 +226,7 @@ class BounceConfig:
     # all verify (key rotation). Mail to the domain must reach the ingress's inbound listener.
     verp: bool = False
     return_path_domain: str = ""
+    # At most 9 characters: with it, every account's return path fits a 64-octet local part.
     verp_prefix: str = "b"
     verp_secrets: list[str] = field(default_factory=list)
     # Seconds a VERP token is believed after the day it was signed: a report to an older one

@@ -1,7 +1,8 @@
 """VERP return paths: `<prefix>+<account>.<token>@<return path domain>`, authenticated by HMAC.
 
 Delivery sends each job with such a MAIL FROM, so a bounce that arrives days later (to that
-address) names its account and message without any state kept on our side. The token is
+address) names its account and message without any state kept on our side (but the account
+records, for a long account name: see below). The token is
 
     base32( head | day | message id | mac )      head = version (2 bits) | scope (1 bit) | hex length (5 bits)
 
@@ -25,9 +26,23 @@ address) names its account and message without any state kept on our side. The t
 Version 1 tokens (the release before) have no day; mail queued before an upgrade may bounce
 after it, so they still verify, dated by the arrival time in their MAC-covered message id.
 
-Local parts are matched case-insensitively (some MTAs fold case), hence base32. With the
-default prefix and an account name of up to 20 characters the local part stays within the 64
-octets RFC 5321 asks for (the token is 40 characters).
+Local parts are matched case-insensitively (some MTAs fold case), hence base32.
+
+A local part may have 64 octets (RFC 5321 4.5.3.1.1); longer ones are refused by receivers that
+check (our own inbound listener among them), so the bounce would never come back. The token is
+40 characters, and account names may have 63. An account whose name fits (up to 21 characters
+with the default prefix) is named as is; a longer one by its handle, `_` and 12 base32
+characters of a SHA-256 of the name (no account name starts with `_`):
+
+    <prefix>+_<handle>.<token>@<return path domain>
+
+The bounce service finds the account whose name has that handle among the account records (it
+follows them anyway); the MAC covers the full name as before, so a handle only says where to
+look, never vouches for anything, and the token is the same either way. The handle is unkeyed,
+so rotating secrets does not change it: short names are in the clear anyway. Sixty bits keep
+two accounts from sharing one by chance; two that did would make one's long-form bounces fail
+the MAC, not count for the other. With a prefix of up to 9 characters (config checks it) every
+account name fits one of the two forms.
 
 Key rotation: the first secret signs, every listed secret verifies.
 """
@@ -40,7 +55,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from services.core.addresses import domain_as_written, domain_of
@@ -59,6 +74,10 @@ _HEX_ID = re.compile(r"^[0-9a-f]{1,24}$")
 _TIMED_ID = re.compile(r"^[0-9a-f]{23}$")
 _ACCOUNT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SCOPE_RECIPIENT = 0x20
+_LOCAL_PART_MAX = 64  # octets, RFC 5321 4.5.3.1.1
+# Marks an account handle in the local part: account names start with a letter or digit.
+_HANDLE_MARK = "_"
+_HANDLE_LEN = 12  # base32 characters, 60 bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +189,17 @@ def is_current(path: ReturnPath, *, now: float, max_age: float) -> bool:
     return now - arrived <= max_age
 
 
+def account_handle(account: str) -> str:
+    """What names `account` in a return path whose local part its name would make too long."""
+    digest = hashlib.sha256(b"relais-verp-account\0" + account.encode()).digest()
+    return base64.b32encode(digest).decode()[:_HANDLE_LEN].lower()
+
+
+def accounts_by_handle(accounts: Iterable[str]) -> dict[str, str]:
+    """The index `parse_verp` looks handles up in, built from the names of every account."""
+    return {account_handle(account): account for account in accounts}
+
+
 def verp_address(
     *,
     prefix: str,
@@ -181,11 +211,19 @@ def verp_address(
     now: float | None = None,
 ) -> str:
     token = encode_token(secret, account, message_id, recipients, now=now)
-    return f"{prefix}+{account}.{token}@{domain}"
+    local = f"{prefix}+{account}.{token}"
+    if len(local) > _LOCAL_PART_MAX:
+        local = f"{prefix}+{_HANDLE_MARK}{account_handle(account)}.{token}"
+    return f"{local}@{domain}"
 
 
-def parse_verp(address: str, *, prefix: str, domain: str) -> ReturnPath | None:
-    """The claims of a VERP address at our return path domain, or None if it is not one."""
+def parse_verp(
+    address: str, *, prefix: str, domain: str, accounts: Mapping[str, str] | None = None
+) -> ReturnPath | None:
+    """The claims of a VERP address at our return path domain, or None if it is not one.
+
+    `accounts` (`accounts_by_handle`) names the account of an address that carries a handle;
+    such an address whose handle is not there (no such account, or no index) is None too."""
     local, _, at = address.strip().strip("<>").rpartition("@")
     if not local or at.lower().rstrip(".") != domain.lower().rstrip("."):
         return None
@@ -194,6 +232,8 @@ def parse_verp(address: str, *, prefix: str, domain: str) -> ReturnPath | None:
     if not local.startswith(lead):
         return None
     account, dot, token = local[len(lead) :].rpartition(".")
+    if account.startswith(_HANDLE_MARK):
+        account = (accounts or {}).get(account[len(_HANDLE_MARK) :], "")
     if not dot or not _ACCOUNT.match(account):
         return None
     return decode_token(account, token)
