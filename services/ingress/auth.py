@@ -90,6 +90,12 @@ class PasswordChecker:
         ok = await asyncio.shield(pending)
         return ok if ok is None else ok and account is not None
 
+    def running(self) -> set[asyncio.Task[bool | None]]:
+        """The checks not done yet, some perhaps of sessions that left: the service's stop waits
+        for them, or a right password's refund would meet a closed NATS connection and stay
+        counted as a failed guess."""
+        return set(self._pending.values())
+
     async def _derive(
         self,
         key: str,

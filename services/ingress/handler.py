@@ -243,20 +243,19 @@ class IngressHandler:
             meta["body"] = "8BITMIME"
         message_id = new_message_id()
         if self.inbound:
-            return await self._queue(
-                session,
-                Submission(
-                    account="",
-                    sender=sender,
-                    recipients=tuple(envelope.rcpt_tos),
-                    sender_domain=policy.domain_of(sender) if sender else "",
-                    data=self._received(session, message_id, "", tls) + data,
-                    client_ip=state.client_ip,
-                    meta=meta,
-                    kind="inbound",
-                ),
-                message_id,
+            inbound = Submission(
+                account="",
+                sender=sender,
+                recipients=tuple(envelope.rcpt_tos),
+                sender_domain=policy.domain_of(sender) if sender else "",
+                data=self._received(session, message_id, "", tls) + data,
+                client_ip=state.client_ip,
+                meta=meta,
+                kind="inbound",
             )
+            # As a submission's: cut between the body's store and the envelope's publish, the
+            # body would stay in the Object Store for days with nothing to read or discard it.
+            return await past_the_client(self._queue(session, inbound, message_id))
         name, account = self._account(session)
         # Asked again: the account may have been disabled, or lost the domain, since MAIL FROM.
         verdict = policy.sender_verdict(account, sender, smtputf8=envelope.smtp_utf8)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from services.core.bodies import BodyStore
 from services.core.bus import BrokerUnavailable, Bus
 from services.core.envelope import Envelope, new_message_id
-from services.core.events import event_for, record_event, report_later
+from services.core.events import Event, event_for, record_event, report_later
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import traceparent_of
 from services.core.topology import inbound_subject, route_subject
@@ -57,6 +57,22 @@ class Handoff:
         self._bus = bus
         self._bodies = bodies
         self._deadline = deadline
+        # Once the service stops (`stop_by`), the loop time by which a hand-off stops waiting for
+        # room to report its `accepted` event, and the waits for room until then.
+        self._report_by: float | None = None
+        self._waiting_for_room: set[asyncio.Timeout] = set()
+
+    def stop_by(self, when: float) -> None:
+        """The service is stopping and waits for hand-offs until `when` (loop time): from then on
+        none waits for room to report its `accepted` event (`Bus.background`) beyond it. Room
+        frees only as events are acknowledged, and a slow events stream could hold a hand-off
+        past the stop's bound, its event then neither sent nor reported lost."""
+        if self._report_by is not None:
+            when = min(when, self._report_by)  # stopped again: no later than the first stop said
+        self._report_by = when
+        for waiting in self._waiting_for_room:
+            if not waiting.expired():  # an expired one is already ending its hand-off
+                waiting.reschedule(when)
 
     async def queue(self, sub: Submission, *, message_id: str | None = None, span: object = None) -> str:
         """Queue durably and return the SMTP reply: `250 ... queued as <id>` or `451 4.3.0`."""
@@ -75,11 +91,21 @@ class Handoff:
         # there must never turn the 250 into a 451 (the client would send the message twice).
         event = event_for("accepted", env, env.recipients)
         record_event(event)
-        # The msg id makes a retry after a lost ack a no-op in JetStream.
-        await report_later(
-            self._bus, event, msg_id=f"acc-{message_id}", what=f"accepted event of {message_id}", record=False
-        )
+        await self._report_accepted(event, message_id)
         return f"250 2.0.0 Ok: queued as {message_id}"
+
+    async def _report_accepted(self, event: Event, message_id: str) -> None:
+        what = f"accepted event of {message_id}"
+        try:
+            async with asyncio.timeout_at(self._report_by) as waiting:
+                self._waiting_for_room.add(waiting)
+                try:
+                    # The msg id makes a retry after a lost ack a no-op in JetStream.
+                    await report_later(self._bus, event, msg_id=f"acc-{message_id}", what=what, record=False)
+                finally:
+                    self._waiting_for_room.discard(waiting)
+        except TimeoutError:
+            log.warning("%s lost: no room to publish it before the ingress stopped", what)
 
     async def _queue(self, sub: Submission, message_id: str, span: object, accept_by: float) -> Envelope:
         body = await self._bodies.put(message_id, sub.data)

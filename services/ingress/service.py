@@ -54,7 +54,9 @@ _TLS_HANDSHAKE_TIMEOUT = 30.0
 _DRAIN_SECONDS = 20.0
 # A session whose client left after the final dot goes on handing its message over
 # (`past_the_client`): at most this many broker round trips of `nats.publish_timeout` each (the
-# rate counters' increments, the envelope's publish, a refund sent twice). Then events are sent.
+# rate counters' increments, the envelope's publish, a refund sent twice; or, queued, the wait
+# for room to report it). A password check, likewise: its count, scrypt, a refund sent twice.
+# Then events are sent.
 _HANDOFF_ROUND_TRIPS = 4
 # Then accepted events still being published get this long.
 _EVENT_DRAIN_SECONDS = 5.0
@@ -109,11 +111,12 @@ class IngressService:
         counters = Counters(bus, config.nats.publish_timeout)
         self._rates = MessageRates(counters)
         self.sessions = SessionRegistry(bus.js)
+        self._passwords = PasswordChecker()
         self._auth = Authenticator(
             accounts=self.accounts,
             throttle=AuthThrottle(counters, cfg.auth_max_failures, cfg.auth_lockout),
             sessions=self.sessions,
-            passwords=PasswordChecker(),
+            passwords=self._passwords,
         )
         # Connections per client IP, and per load balancer while a PROXY header is awaited.
         self.gate = ConnectionGate(cfg)
@@ -284,14 +287,21 @@ class IngressService:
         """Wait for sessions whose connection is gone but whose task is not: a client that left
         after the final dot, or was cut by the drain, leaves its message's hand-off running
         (`past_the_client`). Closing NATS under it would leave the message's quota taken with
-        nothing queued, or its `accepted` event unsent. Bounded by a hand-off's own deadlines."""
+        nothing queued, or its `accepted` event unsent. Likewise for password checks, which
+        outlive the sessions that asked (a right password's failure count is refunded after
+        scrypt). Bounded by a hand-off's own deadlines, which `stop_by` makes hold for the wait
+        for room to report the `accepted` event too."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _HANDOFF_ROUND_TRIPS * self._config.nats.publish_timeout
+        self._handoff.stop_by(deadline)
         # aiosmtpd's task of each session (`_handler_coroutine`), None before it started.
         tasks = {getattr(protocol, "_handler_coroutine", None) for protocol in list(self._protocols)}
-        running = {task for task in tasks if task is not None and not task.done()}
-        if not running:
+        sessions = {task for task in tasks if task is not None and not task.done()}
+        checks = self._passwords.running()
+        if not sessions and not checks:
             return
-        log.info("stopping: waiting for %d sessions to end", len(running))
-        await asyncio.wait(running, timeout=_HANDOFF_ROUND_TRIPS * self._config.nats.publish_timeout)
+        log.info("stopping: waiting for %d sessions and %d password checks", len(sessions), len(checks))
+        await asyncio.wait(sessions | checks, timeout=deadline - loop.time())
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
