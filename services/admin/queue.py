@@ -23,13 +23,15 @@ fails that check and is skipped: it is never acted on twice.
   A claim says so in a header, and requeue leaves it alone: taken over, it would fire at once,
   and the job be delivered after its sender was told it bounced.
 - bounce-queue run again finishes what a failed run left: a claim marked as noticed is only
-  deleted; any other claim is bounced like a deferred job. The notice's msg id is the job's
-  and attempt's, so a notice the failed run had published is dropped by JetStream if the rerun
-  comes within the bounce stream's duplicate window (`nats.duplicate_window`, 5 minutes by
-  default). After it, a second notice goes out only if the failed run died between its
-  notice's ack and the mark. The bounce service then still sends one DSN when
-  `bounce.dsn_window` > 0 (the default: its hold keeps one notice per job and attempt for
-  the bodies' TTL), a second one with a window of 0; the `bounced` event goes out twice.
+  deleted. A claim without the mark may belong to a run that died between its notice's ack
+  and the mark, so the rerun looks for that notice where it must be if it was published (in
+  the bounce stream, or, once the bounce service handled it, as its `bounced` events; both
+  read from near the claim's time) and only deletes the claim when it finds it; otherwise the
+  job is bounced like a deferred one. The notice's msg id is the job's and attempt's, so the
+  notice of a run racing another over the same claim is dropped by JetStream (within its
+  duplicate window, `nats.duplicate_window`); a rerun, however late while the claim stands,
+  sends no second notice, so no second DSN or `bounced` event. The look-up costs a rerun a
+  scan of the bounce stream near the claim's time and of the account's `bounced` events since.
 
 Schedules fire by the servers' clock, and this host's may be hours off it (a clock set to local
 time read as UTC). So "now" is when the server stored the schedule, in its past, and the claim is
@@ -44,17 +46,28 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
-from nats.js.api import Header, RawStreamMsg
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy, Header, RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from services.core import telemetry as t
 from services.core.addresses import domain_key
 from services.core.bus import WRONG_LAST_SEQUENCE, Bus
 from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDecodeError
+from services.core.events import Event
 from services.core.outcome import Bounced, Reply
 from services.core.schedule import parse_at, rfc3339
-from services.core.topology import DELIVER_STREAM, bounce_subject, deliver_filter, retry_filters
+from services.core.topology import (
+    BOUNCE_STREAM,
+    DELIVER_STREAM,
+    EVENTS_STREAM,
+    bounce_subject,
+    deliver_filter,
+    event_subject,
+    retry_filters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +230,7 @@ async def bounce_queue(bus: Bus, site: str, reason: str) -> list[Scheduled]:
     async for job in scheduled_jobs(bus):
         if not matches_site(job.envelope, site):
             continue
-        if job.headers.get(_NOTICED):
+        if job.headers.get(_NOTICED) or (_CLAIMED_BY in job.headers and await _notice_out(bus, job)):
             # An earlier run's notice is out and only its claim is left.
             await _delete_claim(bus, job.stream, job.seq)
             done.append(job)
@@ -259,6 +272,95 @@ async def _publish_notice(bus: Bus, job: Scheduled, notice: BounceNotice, msg_id
         headers=_carried_headers(job.headers),
         attributes={t.MESSAGE_ID: env.id, t.SITE: env.site},
     )
+
+
+# How far from its claim's storage a run's notice can be stored: published right after the claim
+# and given up after the publish timeout, plus the skew between the two streams' leaders' clocks.
+_NOTICE_NEAR_CLAIM = 300.0
+# A scan of the events stream that has some to read gives up after this long without one.
+_EVENTS_IDLE = 10.0
+
+
+async def _notice_out(bus: Bus, claim: Scheduled) -> bool:
+    """Whether the run that claimed this job published its notice before it died unmarked.
+
+    Looked for where the notice is: in the bounce stream until the bounce service has handled
+    it, then as the `bounced` events it publishes before it acks the notice (the stream is a
+    work queue, the notice then gone). Read in that order, a notice handled between the two
+    reads is seen in the second. Both scans start near the claim's time: a rerun must not send a
+    second notice once JetStream forgot the msg id (its duplicate window), nor skip one that
+    was never stored."""
+    since = (claim.stored_at or 0.0) - _NOTICE_NEAR_CLAIM
+    if await _in_bounce_stream(bus, admin_notice_id(claim.envelope), since):
+        return True
+    return await _bounced_events_out(bus, claim.envelope, since)
+
+
+async def _in_bounce_stream(bus: Bus, msg_id: str, since: float) -> bool:
+    seq = await _first_stored_since(bus, BOUNCE_STREAM, bounce_subject(), since)
+    until = since + 2 * _NOTICE_NEAR_CLAIM
+    while True:
+        try:
+            raw = await bus.js.get_msg(BOUNCE_STREAM, seq=seq, subject=bounce_subject(), next=True)
+        except NotFoundError:
+            return False
+        if _stored_at(raw) > until:
+            return False
+        if (raw.headers or {}).get(Header.MSG_ID) == msg_id:
+            return True
+        seq = (raw.seq or seq) + 1
+
+
+async def _first_stored_since(bus: Bus, stream: str, subject: str, since: float) -> int:
+    """A sequence from which the stream's next message on `subject` is the first stored at
+    `since` or later (binary search: the stream may hold a long backlog from before)."""
+    state = (await bus.js.stream_info(stream)).state
+    low, high = state.first_seq, state.last_seq + 1
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            raw = await bus.js.get_msg(stream, seq=middle, subject=subject, next=True)
+        except NotFoundError:
+            high = middle
+            continue
+        if _stored_at(raw) < since:
+            low = (raw.seq or middle) + 1
+        else:
+            high = middle
+    return low
+
+
+def _stored_at(raw: RawStreamMsg) -> float:
+    return raw.time.timestamp() if raw.time else 0.0
+
+
+async def _bounced_events_out(bus: Bus, env: Envelope, since: float) -> bool:
+    """Whether the bounce service recorded a `bounced` event of bounce-queue's notice for this
+    attempt of the job: the notice's attempt is the one after the job's."""
+    start = datetime.fromtimestamp(max(0.0, since), UTC)
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
+    sub = await bus.js.subscribe(
+        event_subject(env.account, "bounced"), stream=EVENTS_STREAM, ordered_consumer=True, config=config
+    )
+    try:
+        info = await sub.consumer_info()
+        if info.num_pending == 0 and info.delivered.consumer_seq == 0:
+            return False  # no such event since then: none to wait for
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=_EVENTS_IDLE)
+            except (TimeoutError, nats.errors.TimeoutError):
+                return False
+            try:
+                event = Event.from_json(msg.data)
+            except (ValueError, TypeError):
+                continue
+            if (event.message_id, event.job_id, event.attempt) == (env.id, env.job_id, env.attempt_count + 1):
+                return True
+            if msg.metadata and msg.metadata.num_pending == 0:
+                return False
+    finally:
+        await sub.unsubscribe()
 
 
 async def deferred_by_site(bus: Bus, limit: int = 100_000) -> tuple[dict[str, int], bool]:

@@ -249,6 +249,10 @@ class HoldStore:
             # The marker expired between the two calls: try again.
         raise BrokerUnavailable(f"could not hold notice {key}")
 
+    async def holds(self, message_id: str, notice: str) -> bool:
+        """Whether the notice is held now, waiting for its window's flush."""
+        return (await self._read(notice_key(message_id, notice))).value is not None
+
     async def join(self, message_id: str, notice: str, kind: str, *, new_id: str, flush_at: float) -> Joined:
         return await self._change(
             message_id, lambda ws: ws.join(notice, kind, new_id=new_id, flush_at=flush_at)

@@ -32,6 +32,7 @@ from services.bounce.classify import DEFAULT_RULES, rules_from_data
 from services.bounce.dsn import DIAGNOSTIC_LOCAL, RecipientStatus, build_dsn, diagnostic_type, is_report
 from services.bounce.hold import DELAYED, FAILED, FlushRequest, HoldStore, notice_id
 from services.bounce.inbound import InboundHandler
+from services.bounce.retrying import still_retried
 from services.bounce.webhooks import WebhookDispatcher
 from services.core import bus as transport
 from services.core.bodies import BodyMissing, BodyStore
@@ -61,6 +62,11 @@ from services.core.topology import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long after its window's end a flush counts as late. Schedules fire on the second and a
+# flush consumer without a backlog takes its request at once; later than this, the delay
+# warnings it sends are checked again (`bounce.retrying`), since their retries may have run.
+LATE_FLUSH = 30.0
 
 
 class BounceService:
@@ -108,6 +114,14 @@ class BounceService:
             msg.headers,
             {"relais.message_id": env.id, "relais.job_id": env.job_id, "relais.outcome": outcome},
         ) as span:
+            if notice.delay_warning:
+                warned = await self._still_retried(notice)
+                if warned is None:
+                    # Unless an earlier delivery of it joined a window, whose flush releases it.
+                    if not await self._hold.holds(env.id, notice_id(env.key, env.attempt_count, True)):
+                        await self._release(notice)
+                    return
+                notice = warned
             round_no = env.attempt_count
             held = False
             if self._config.bounce.dsn_window > 0:
@@ -192,15 +206,29 @@ class BounceService:
             if missing and not window.sent:
                 log.warning("%s: %d held notices of DSN window %s are gone", mid, missing, wid)
             if not window.sent:
-                if notices:
+                reported = notices
+                if window.kind == DELAYED and time.time() > window.flush_at + LATE_FLUSH:
+                    # Its notices were checked when they came; a flush this late (a backlog, a
+                    # stopped service) may come after their retries gave them an outcome.
+                    reported = [w for w in [await self._still_retried(n) for n in notices] if w]
+                if reported:
                     prefix = "dsnw" if window.kind == DELAYED else "dsn"
-                    await self._send_dsn(notices, f"{prefix}-{mid}-{wid}", wid)
+                    await self._send_dsn(reported, f"{prefix}-{mid}-{wid}", wid)
                 await self._hold.mark_sent(mid, wid)
             # Bodies are released only now: the DSN above needed them for the returned headers.
             for notice in notices:
                 await self._release(notice)
             await self._hold.drop(mid, window.members)
             await self._hold.finish(mid, wid)
+
+    async def _still_retried(self, notice: BounceNotice) -> BounceNotice | None:
+        """A delay warning cut to the recipients still being retried, None when none is: come
+        late, it may find its retry already gave them a final outcome (`bounce.retrying`)."""
+        warned = await still_retried(self._bus.js, notice, self._config.retry, time.time())
+        if warned is None:
+            env = notice.envelope
+            log.info("no delay warning for job %s of %s: its retries have run since", env.key, env.id)
+        return warned
 
     async def _record(self, env: Envelope, failure: Bounced, round_no: int) -> None:
         """Classify one failed recipient; suppress it if the address is dead; publish its event."""

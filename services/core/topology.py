@@ -42,7 +42,9 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
 
+from services.core.accounts import AccountRecordError, decode_account
 from services.core.config import AccountConfig, Config
 
 log = logging.getLogger(__name__)
@@ -240,6 +242,15 @@ def retry_filters() -> list[tuple[str, str]]:
     return [(ROUTE_STREAM, _ROUTE_RETRIES), (DELIVER_STREAM, _DELIVER_RETRIES)]
 
 
+def job_retry_filters(key: str) -> list[tuple[str, str]]:
+    """(stream, subject filter) of one job's scheduled retries, whatever their round."""
+    token = _token(key, "key")
+    return [
+        (ROUTE_STREAM, f"{PREFIX}.retry.route.{token}.*"),
+        (DELIVER_STREAM, f"{PREFIX}.retry.deliver.{token}.*"),
+    ]
+
+
 def delivery_consumer(pool: str) -> str:
     return f"delivery-{_token(pool, 'pool')}"
 
@@ -418,7 +429,9 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         await _ensure_stream(js, stream)
     for binding in consumer_bindings(config):
         await js.add_consumer(binding.stream, consumer_config(binding, config))
-    await ensure_webhooks_consumers(js, config, reconcile=False)
+    # The file's webhooks, unless their account records cleared them since.
+    file_webhooks = await _file_webhooks_in_force(js, config)
+    await ensure_webhooks_consumers(js, config, reconcile=False, accounts=file_webhooks)
     await _ensure_body_store(js, config)
     for bucket in kv_configs(config):
         await _ensure_kv(js, bucket)
@@ -501,8 +514,9 @@ async def ensure_webhooks_consumers(
 
     `ensure_topology` (every service at start, or `relais topology apply` where they do not
     declare) creates the missing ones for the config file's accounts, so events are kept from
-    the first start on; the bounce service and `relais account webhook` create them for the
-    account records in KV (on Kubernetes the bounce user is the one service user allowed to).
+    the first start on, but not where an account record cleared the file's webhook (`--clear`
+    deleted that consumer); the bounce service and `relais account webhook` create them for
+    the account records in KV (on Kubernetes the bounce user is the one service user allowed to).
     No service deletes one: a replica still on the previous configuration during a rollout
     would delete what the current one needs (and every minute again, losing the events in
     between). NATS removes a consumer nobody has pulled from
@@ -553,6 +567,34 @@ async def ensure_webhooks_consumers(
         log.info("deleting webhooks consumer %s", LEGACY_WEBHOOKS_CONSUMER)
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(EVENTS_STREAM, LEGACY_WEBHOOKS_CONSUMER)
+
+
+async def _file_webhooks_in_force(js: JetStreamContext, config: Config) -> list[str]:
+    """The config file's accounts with a webhook, less those whose account record has none.
+
+    The file only seeds a record. Once `relais account webhook --clear` emptied it and deleted
+    the consumer, a consumer made again at the next start would keep the account's events
+    unposted, and a webhook set later would get all of them rather than those from then on.
+    No record (none seeded yet, or deleted) leaves the file's webhook in force."""
+    names = webhook_accounts(config.accounts)
+    if not names:
+        return []
+    try:
+        records = await js.key_value(ACCOUNTS_BUCKET)
+    except NotFoundError:
+        return names  # not made yet: nothing can have cleared a webhook
+    return [name for name in names if await _record_keeps_webhook(records, name)]
+
+
+async def _record_keeps_webhook(records: KeyValue, name: str) -> bool:
+    try:
+        entry = await records.get(name)
+    except NotFoundError:  # no record, or a deleted one
+        return True
+    try:
+        return bool(decode_account(entry.value or b"", check_password_hash=False).webhook_url)
+    except AccountRecordError:
+        return True  # unreadable: the file's webhook, as before records could clear one
 
 
 def _legacy_covers(legacy: ConsumerInfo, subject: str) -> bool:
