@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from services.core import bus as transport
 from services.core import metrics
 from services.core.bodies import BodyMissing, BodyStore
-from services.core.bus import Bus
+from services.core.bus import BrokerUnavailable, Bus
 from services.core.config import Config
 from services.core.disposition import settle, settle_missing_body
 from services.core.dns import make_resolver
@@ -47,6 +47,14 @@ from services.delivery.draining import Stopping
 from services.delivery.limits import SharedLimits
 from services.delivery.mta_sts import MtaSts
 from services.delivery.public_addresses import why_not_public
+from services.delivery.redelivery import (
+    NOTHING,
+    PARTLY_SETTLED_META,
+    Stored,
+    left_to_send,
+    stored_outcome,
+    unmarked,
+)
 from services.delivery.sending import AttemptResult, send_job
 from services.delivery.shaping import Limits, Shaping, load_shaping
 from services.delivery.smtp_session import SessionSettings, Source, client_tls_context
@@ -121,6 +129,7 @@ class DeliveryService:
         self.attempts = 0  # SMTP attempts made by this worker (tests, benchmarks, metrics)
         self.postponed: Counter[str] = Counter()  # re-scheduled jobs by reason
         self.pin_missed = 0  # jobs pinned to another host's source that went from one here
+        self.settled_before = 0  # redelivered jobs whose attempt was settled: not sent again
         self.pushbacks: Counter[tuple[str, str]] = Counter()  # (site, rule) back-offs started
         gauges.DELIVERY.track(self)
         # delivery.public_mx_only: MX hosts and MTA-STS policy hosts only on public addresses.
@@ -208,6 +217,18 @@ class DeliveryService:
             "relais.attempt": env.attempt_count + 1,
         }
         with consumer_span(msg.subject, msg.headers, attrs) as span:
+            stored = await self._stored_outcome(env, msg)
+            if stored.complete:
+                span.set_attribute("relais.outcome", "settled")
+                self._finish_settled(env)
+                return
+            kept: list[Deferred] = []
+            if stored.partly:
+                left = await left_to_send(self._bus, env, stored)
+                if left is None:
+                    span.set_attribute("relais.outcome", "deferred")
+                    return
+                env, kept = left
             # Held from the fetch to the attempt's end: the settling needs no body.
             async with self._held.holding_body(env.body):
                 try:
@@ -232,6 +253,9 @@ class DeliveryService:
             if result.tls_version:
                 span.set_attribute("tls.protocol.version", result.tls_version)
             outcomes = [self.shaping.rewrite(o) for o in result.outcomes]
+            if kept and any(isinstance(o, Deferred) for o in outcomes):
+                # This retry schedule replaces the stored one of the attempt: it keeps its recipients.
+                outcomes += kept
             span.set_attribute("relais.outcome", ",".join(sorted({o.kind for o in outcomes})))
             if outcomes:  # the attempt's reply, also when it only leads to a bounce notice
                 record_reply(outcomes[0].reply.code, outcomes[0].reply.enhanced_status)
@@ -239,7 +263,7 @@ class DeliveryService:
                 self._bus,
                 self._bodies,
                 self._config.retry,
-                _without_slot(env),
+                unmarked(_without_slot(env)),
                 outcomes,
                 mx_host=result.mx_host,
                 source_ip=result.source_ip,
@@ -250,6 +274,31 @@ class DeliveryService:
                     "duration_ms": duration_ms,
                 },
             )
+
+    async def _stored_outcome(self, env: Envelope, msg: Msg) -> Stored:
+        """What was stored of this attempt before the job came back (`redelivery`): only a
+        redelivered job asks, so a first delivery costs no round trip more."""
+        if msg.metadata.num_delivered <= 1 and PARTLY_SETTLED_META not in env.meta:
+            return NOTHING
+        try:
+            return await stored_outcome(self._bus, env)
+        except BrokerUnavailable as exc:
+            # Sending without knowing could send the mail a second time: ask again later.
+            raise transport.Retry(f"cannot tell whether job {env.key} was settled: {exc}") from exc
+
+    def _finish_settled(self, env: Envelope) -> None:
+        """A job whose attempt was settled before its ack was lost: acked without sending.
+
+        Settle's last step, the body's release when every recipient was delivered, is not
+        made again: which recipients the stored `delivered` event names is not known here, and
+        releasing while a retry still needs the body would lose it. A worker that died in the
+        moment between that event and the release leaves the body to its TTL (`body_ttl`)."""
+        self.settled_before += 1
+        log.info(
+            "job %s came back after its attempt %d was settled; not sending it again",
+            env.key,
+            env.attempt_count + 1,
+        )
 
     def _hand_back_if_pinned_elsewhere(self, env: Envelope, msg: Msg) -> None:
         """Raises transport.Retry for a job pinned to a source this host cannot bind, so that
