@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -282,6 +283,18 @@ class _Collector:
     msgs: list[Msg] = field(default_factory=list)
 
 
+# A NATS user name that can be one subject token; other names keep nats-py's `_INBOX` prefix.
+_INBOX_USER = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def inbox_prefix(user: str | None) -> str:
+    """The prefix of a connection's inboxes: `_INBOX.<user>` for a named user, so that a NATS
+    server can let each user subscribe to its own inboxes only (deploy/k8s/base/nats.conf).
+    Replies, pulled messages and watched KV entries all come to inboxes: under one shared
+    `_INBOX.>`, any user could read what every other one pulls."""
+    return f"_INBOX.{user}" if user and _INBOX_USER.match(user) else "_INBOX"
+
+
 # Rounds of tries at every server, half a second apart, before `connect` gives up on the first
 # connection (a service's start-up tries again; an admin command says so and exits). nats-py
 # would otherwise try for ever, so an unreachable URL or a refused login hung the caller silently.
@@ -298,6 +311,7 @@ async def connect(config: NatsConfig, name: str) -> Bus:
         "max_reconnect_attempts": _FIRST_CONNECT_ROUNDS,
         "reconnect_time_wait": 0.5,
         "allow_reconnect": True,
+        "inbox_prefix": inbox_prefix(config.user),
     }
     if config.user:
         options["user"] = config.user

@@ -23,9 +23,10 @@ import nats
 import nats.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, Header, RePublish, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 
 from services.core import topology
+from services.core.bus import BrokerUnavailable, Bus, inbox_prefix
 from services.core.config import Config
 from services.core.embedded import free_port, nats_server_binary, stop_process, wait_for_port
 from services.core.schedule import rfc3339
@@ -233,10 +234,13 @@ class Probe:
         await self.nc.flush(timeout=5)
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            if any(f'{what} to "{subject.lower()}"' in refusal for refusal in self.refusals):
+            if self.saw_refused(subject, what):
                 return True
             await asyncio.sleep(0.02)
         return False
+
+    def saw_refused(self, subject: str, what: str = "publish") -> bool:
+        return any(f'{what} to "{subject.lower()}"' in refusal for refusal in self.refusals)
 
 
 @pytest.fixture
@@ -259,6 +263,8 @@ async def probe(shipped_nats: ShippedNats) -> AsyncIterator[Callable[[str], Awai
             password=shipped_nats.password(user),
             error_cb=on_error,
             allow_reconnect=False,
+            # As the services connect (services.core.bus.connect): each user's own inboxes.
+            inbox_prefix=inbox_prefix(user),
         )
         probes.append(Probe(nc, refusals))
         return probes[-1]
@@ -389,7 +395,8 @@ async def test_a_service_user_cannot_listen_to_the_mail_flowing_through_nats(
 
 
 # The operator commands docs/operations.md has run in a pod, as that pod's user: accounts in
-# the relais-topology pod (`admin`: a webhook's consumer is made on the events stream).
+# the relais-topology pod (`admin`: a webhook's consumer is made on the events stream), and the
+# commands that read across services there too (`relais status` reads the events).
 OPERATOR_COMMANDS = [
     ("admin", ("account", "add", "newsletter", "--domain", "news.test", "--password", "a long password")),
     ("admin", ("account", "webhook", "newsletter", "--url", "https://hooks.example.com/relais")),
@@ -400,7 +407,7 @@ OPERATOR_COMMANDS = [
     ("delivery", ("pause", "pool", "default", "--reason", "maintenance")),
     ("delivery", ("resume", "pool", "default")),
     ("delivery", ("requeue", "all")),
-    ("router", ("status", "--interval", "0")),
+    ("admin", ("status", "--interval", "0")),
 ]
 
 
@@ -416,10 +423,19 @@ async def test_operator_commands_run_in_the_pod_whose_service_owns_what_they_cha
 
 
 async def _refused_request(connection: Probe, request: Awaitable[object], subject: str) -> bool:
-    """Whether the server refused a JetStream API request's publish (the request itself then
-    times out or fails: nobody answers it)."""
-    with contextlib.suppress(APIError, nats.errors.TimeoutError, TimeoutError):
-        await request
+    """Whether the server refused a JetStream API request's publish. Nobody answers a refused
+    request, so it is given up as soon as the refusal came rather than left to time out."""
+    asked = asyncio.ensure_future(request)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if asked.done() or connection.saw_refused(subject):
+            break
+        await asyncio.sleep(0.02)
+    asked.cancel()
+    with contextlib.suppress(
+        APIError, nats.errors.TimeoutError, TimeoutError, BrokerUnavailable, asyncio.CancelledError
+    ):
+        await asked
     return await connection.refused(subject)
 
 
@@ -525,3 +541,283 @@ async def test_a_service_user_cannot_delete_another_services_consumer(
         await admin.jetstream().consumer_info(topology.ROUTE_STREAM, topology.ROUTER_CONSUMER)
     finally:
         await admin.close()
+
+
+# What a service reads, as its code reads it: the tests below ask as a leaked password would,
+# with nats-py's own calls (a KV get, a watch, a get through the stream leader) and Relais'
+# batched direct get (services.core.bus.Bus.get_last).
+Read = Callable[[nats.NATS], Awaitable[object]]
+# A record that stands for what the account records hold (password hashes, webhook secrets).
+ACCOUNT_RECORD = b"password hash and webhook secret"
+
+
+def _kv_get(bucket: str, key: str) -> Read:
+    async def read(nc: nats.NATS) -> object:
+        try:
+            return (await (await nc.jetstream(timeout=2).key_value(bucket)).get(key)).value
+        except KeyNotFoundError:
+            return None  # answered: nothing stored under that key
+
+    return read
+
+
+def _leader_get(stream: str, subject: str) -> Read:
+    async def read(nc: nats.NATS) -> object:
+        try:
+            return (await nc.jetstream(timeout=2).get_msg(stream, subject=subject, direct=False)).data
+        except NotFoundError:
+            return None
+
+    return read
+
+
+def _batched_get(stream: str, subject: str) -> Read:
+    async def read(nc: nats.NATS) -> object:
+        bus = Bus(nc=nc, js=nc.jetstream(timeout=2), publish_timeout=2.0)
+        return [m.data for m in (await bus.get_last(stream, [subject])).values()]
+
+    return read
+
+
+def _watch(bucket: str) -> Read:
+    async def read(nc: nats.NATS) -> object:
+        watcher = await (await nc.jetstream(timeout=2).key_value(bucket)).watch(">")
+        try:
+            first = await watcher.updates(timeout=2)
+            return first.value if first is not None else None
+        finally:
+            await watcher.stop()
+
+    return read
+
+
+def _events_consumer() -> Read:
+    """What `relais status` and `relais message` do: an ordered consumer on the events."""
+
+    async def read(nc: nats.NATS) -> object:
+        js = nc.jetstream(timeout=2)
+        sub = await js.subscribe(
+            topology.events_filter(), stream=topology.EVENTS_STREAM, ordered_consumer=True
+        )
+        await sub.unsubscribe()
+        return sub
+
+    return read
+
+
+_ACCOUNT_KEY = (topology.ACCOUNTS_BUCKET, ACCOUNT)
+_ACCOUNTS_STREAM = topology.kv_stream(topology.ACCOUNTS_BUCKET)
+_SUPPRESSION_STREAM = topology.kv_stream(topology.SUPPRESSION_BUCKET)
+_SUPPRESSED = topology.kv_subject(topology.SUPPRESSION_BUCKET, f"{ACCOUNT}.x")
+_BODIES_STREAM = topology.object_stream(topology.BODY_BUCKET)
+_BODY_META = topology.object_meta_subject(topology.BODY_BUCKET, "Ym9keQ==")
+_CONTROL = topology.DELIVERY_CONTROL_BUCKET
+_COUNTER = topology.limit_subject("authfail-ip", "digest", 1)
+
+
+def _account_subject() -> str:
+    return topology.kv_subject(*_ACCOUNT_KEY)
+
+
+# What each user must not read, and the request the server refuses: the account records (above
+# all for delivery, which never reads them), a bucket its service does not read, the bodies'
+# store for the ingress (which only stores them), the events (`relais status` reads them as
+# `admin`), another service's queued jobs.
+READ_REFUSED: list[tuple[str, str, Read, str]] = [
+    (
+        "delivery",
+        "account record by key",
+        _kv_get(*_ACCOUNT_KEY),
+        f"$JS.API.DIRECT.GET.{_ACCOUNTS_STREAM}.{_account_subject()}",
+    ),
+    (
+        "delivery",
+        "account record from the leader",
+        _leader_get(_ACCOUNTS_STREAM, _account_subject()),
+        f"$JS.API.STREAM.MSG.GET.{_ACCOUNTS_STREAM}",
+    ),
+    (
+        "delivery",
+        "account records batched",
+        _batched_get(_ACCOUNTS_STREAM, _account_subject()),
+        f"$JS.API.DIRECT.GET.{_ACCOUNTS_STREAM}",
+    ),
+    (
+        "delivery",
+        "account records watched",
+        _watch(topology.ACCOUNTS_BUCKET),
+        f"$JS.API.CONSUMER.CREATE.{_ACCOUNTS_STREAM}",
+    ),
+    (
+        "router",
+        "account records watched",
+        _watch(topology.ACCOUNTS_BUCKET),
+        f"$JS.API.CONSUMER.CREATE.{_ACCOUNTS_STREAM}",
+    ),
+    (
+        "router",
+        "account records batched",
+        _batched_get(_ACCOUNTS_STREAM, _account_subject()),
+        f"$JS.API.DIRECT.GET.{_ACCOUNTS_STREAM}",
+    ),
+    (
+        "ingress",
+        "suppression list",
+        _batched_get(_SUPPRESSION_STREAM, _SUPPRESSED),
+        f"$JS.API.DIRECT.GET.{_SUPPRESSION_STREAM}",
+    ),
+    (
+        "delivery",
+        "suppression list",
+        _batched_get(_SUPPRESSION_STREAM, _SUPPRESSED),
+        f"$JS.API.DIRECT.GET.{_SUPPRESSION_STREAM}",
+    ),
+    (
+        "router",
+        "suppression list watched",
+        _watch(topology.SUPPRESSION_BUCKET),
+        f"$JS.API.CONSUMER.CREATE.{_SUPPRESSION_STREAM}",
+    ),
+    (
+        "ingress",
+        "delivery control watched",
+        _watch(_CONTROL),
+        f"$JS.API.CONSUMER.CREATE.{topology.kv_stream(_CONTROL)}",
+    ),
+    ("ingress", "bodies", _batched_get(_BODIES_STREAM, _BODY_META), f"$JS.API.DIRECT.GET.{_BODIES_STREAM}"),
+    (
+        "bounce",
+        "AUTH counters",
+        _batched_get(topology.LIMITS_STREAM, _COUNTER),
+        f"$JS.API.DIRECT.GET.{topology.LIMITS_STREAM}",
+    ),
+    (
+        "ingress",
+        "delivery jobs",
+        _leader_get(topology.DELIVER_STREAM, topology.deliver_subject("default")),
+        f"$JS.API.STREAM.MSG.GET.{topology.DELIVER_STREAM}",
+    ),
+    *[
+        (user, "events", _events_consumer(), f"$JS.API.CONSUMER.CREATE.{topology.EVENTS_STREAM}")
+        for user in ("ingress", "router", "delivery")
+    ],
+]
+
+
+# The control beside the refusals: what each service reads, read with the same calls.
+READ_ACCEPTED: list[tuple[str, str, Read]] = [
+    ("ingress", "account record by key", _kv_get(*_ACCOUNT_KEY)),
+    ("ingress", "account records watched", _watch(topology.ACCOUNTS_BUCKET)),
+    ("router", "account record by key", _kv_get(*_ACCOUNT_KEY)),
+    ("bounce", "account records watched", _watch(topology.ACCOUNTS_BUCKET)),
+    ("bounce", "account record from the leader", _leader_get(_ACCOUNTS_STREAM, _account_subject())),
+    ("router", "suppression list", _batched_get(_SUPPRESSION_STREAM, _SUPPRESSED)),
+    ("bounce", "suppression list watched", _watch(topology.SUPPRESSION_BUCKET)),
+    ("delivery", "delivery control watched", _watch(_CONTROL)),
+    ("delivery", "bodies", _batched_get(_BODIES_STREAM, _BODY_META)),
+    ("ingress", "AUTH counters", _batched_get(topology.LIMITS_STREAM, _COUNTER)),
+    ("delivery", "delivery jobs", _leader_get(topology.DELIVER_STREAM, topology.deliver_subject("default"))),
+    ("admin", "events", _events_consumer()),
+]
+
+
+@pytest.fixture
+async def account_record(
+    shipped_nats: ShippedNats,
+    probe: Callable[[str], Awaitable[Probe]],  # declares the topology, the bucket with it
+) -> None:
+    """An account record, stored by `admin`: what a refused read would have got."""
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        await admin.jetstream().publish(_account_subject(), ACCOUNT_RECORD)
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("user", "what", "read", "subject"), READ_REFUSED, ids=[f"{u}:{w}" for u, w, _, _ in READ_REFUSED]
+)
+async def test_a_service_user_cannot_read_what_its_service_does_not(
+    probe: Callable[[str], Awaitable[Probe]],
+    account_record: None,
+    user: str,
+    what: str,
+    read: Read,
+    subject: str,
+) -> None:
+    connection = await probe(user)
+    assert await _refused_request(connection, read(connection.nc), subject), f"{user} may read the {what}"
+
+
+@pytest.mark.parametrize(
+    ("user", "what", "read"), READ_ACCEPTED, ids=[f"{u}:{w}" for u, w, _ in READ_ACCEPTED]
+)
+async def test_a_service_user_reads_what_its_service_reads(
+    probe: Callable[[str], Awaitable[Probe]], account_record: None, user: str, what: str, read: Read
+) -> None:
+    connection = await probe(user)
+    got = await read(connection.nc)
+    await connection.nc.flush(timeout=5)
+    assert connection.refusals == [], f"{user} was refused the {what}"
+    if "account record" in what:
+        assert got == ACCOUNT_RECORD
+
+
+# Each durable consumer with a message waiting, and the service that pulls from it. A pull by
+# anyone else would get the message (whole mail, on the delivery and route streams) and, never
+# acked, hold it back from the service for nats.ack_wait.
+PULLS = [
+    (topology.router_binding(), "router"),
+    (topology.verdict_binding(), "router"),
+    (topology.delivery_binding("default"), "delivery"),
+    (topology.bounce_binding(), "bounce"),
+]
+
+
+@pytest.mark.parametrize(("binding", "owner"), PULLS, ids=[b.durable for b, _ in PULLS])
+async def test_only_a_consumers_service_pulls_from_it(
+    probe: Callable[[str], Awaitable[Probe]],
+    shipped_nats: ShippedNats,
+    binding: topology.ConsumerBinding,
+    owner: str,
+) -> None:
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        await admin.jetstream().publish(binding.subject, b"queued mail")
+        for user in SERVICE_USERS:
+            if user == owner:
+                continue
+            connection = await probe(user)
+            sub = await connection.nc.jetstream(timeout=2).pull_subscribe_bind(
+                binding.durable, binding.stream
+            )
+            subject = f"$JS.API.CONSUMER.MSG.NEXT.{binding.stream}.{binding.durable}"
+            assert await _refused_request(connection, sub.fetch(1, timeout=1), subject), f"{user} pulled it"
+        info = await admin.jetstream().consumer_info(binding.stream, binding.durable)
+        assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (1, 0, 0)
+    finally:
+        await admin.close()
+    service = await probe(owner)
+    sub = await service.nc.jetstream(timeout=5).pull_subscribe_bind(binding.durable, binding.stream)
+    (msg,) = await sub.fetch(1, timeout=5)
+    assert msg.data == b"queued mail"
+    await msg.ack_sync()
+    assert service.refusals == []
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_a_service_user_cannot_listen_to_another_users_inboxes(
+    probe: Callable[[str], Awaitable[Probe]], user: str
+) -> None:
+    """Replies to every request come to inboxes: the messages a service pulls, the entries its
+    watches deliver, the answers of its direct gets (account records among them). Each user
+    subscribes only to its own."""
+    connection = await probe(user)
+    own = f"{inbox_prefix(user)}.>"
+    await connection.nc.subscribe(own)
+    others = [f"{inbox_prefix(other)}.>" for other in (*SERVICE_USERS, "admin") if other != user]
+    for subject in [*others, "_INBOX.>"]:
+        await connection.nc.subscribe(subject)
+        assert await connection.refused(subject, "subscription"), f"{user} may subscribe to {subject}"
+    # Refusals come in order: the one for its own inboxes would have come before the others'.
+    assert not any(f'"{own.lower()}"' in refusal for refusal in connection.refusals)

@@ -1,10 +1,11 @@
 """The service users' permissions in deploy/k8s/base/nats.conf, read against the topology.
 
-Who may write each subject and bucket is stated here once, from the services' code; the conf
-must grant exactly that, and name only streams, consumers and buckets the topology declares (a
-renamed bucket would otherwise leave a permission for nothing and a service refused). The
-integration test (tests/integration/test_k8s_nats_permissions.py) proves the server enforces
-them and that Relais runs with them.
+Who may write each subject and bucket, and who may read each stream, bucket and consumer, is
+stated here once, from the services' code; the conf must grant exactly that, and name only
+streams, consumers and buckets the topology declares (a renamed bucket would otherwise leave a
+permission for nothing and a service refused). The integration test
+(tests/integration/test_k8s_nats_permissions.py) proves the server enforces them and that
+Relais runs with them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import cache
 import pytest
 
 from services.core import topology
+from services.core.bus import inbox_prefix
 from services.core.config import Config
 from tests.unit.k8s_manifests import BASE
 
@@ -70,22 +72,11 @@ WRITERS: dict[str, set[str]] = {
     f"$JS.ACK.{topology.BOUNCE_FLUSH_STREAM}.{topology.BOUNCE_FLUSH_CONSUMER}.1.1.1.1.0": {"bounce"},
     f"$JS.ACK.{topology.INBOUND_STREAM}.{topology.INBOUND_CONSUMER}.1.1.1.1.0": {"bounce"},
     f"$JS.ACK.{topology.EVENTS_STREAM}.webhooks-acme.1.1.1.1.0": {"bounce"},
-    # What the services do with JetStream's API at run time: read streams and consumers, pull,
-    # get messages, watch buckets (ephemeral consumers on their streams), read bodies, read
-    # events (`relais status`, `relais message`: ephemeral consumers).
-    f"$JS.API.STREAM.INFO.{topology.DELIVER_STREAM}": ALL,
-    f"$JS.API.CONSUMER.INFO.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": ALL,
-    f"$JS.API.CONSUMER.MSG.NEXT.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": ALL,
-    f"$JS.API.DIRECT.GET.{topology.kv_stream(topology.SUPPRESSION_BUCKET)}": ALL,
-    f"$JS.API.STREAM.MSG.GET.{topology.DELIVER_STREAM}": ALL,
-    f"$JS.API.CONSUMER.CREATE.{topology.kv_stream(topology.ACCOUNTS_BUCKET)}": ALL,
-    f"$JS.API.CONSUMER.CREATE.{topology.object_stream(topology.BODY_BUCKET)}": ALL,
-    f"$JS.API.CONSUMER.CREATE.{topology.EVENTS_STREAM}": ALL,
-    f"$JS.API.STREAM.PURGE.{topology.object_stream(topology.BODY_BUCKET)}": ALL,
     # The per-account webhook consumers: the bounce service makes them for the account records
     # and deletes an earlier release's shared one.
     f"$JS.API.CONSUMER.DURABLE.CREATE.{topology.EVENTS_STREAM}.webhooks-acme": {"bounce"},
     f"$JS.API.CONSUMER.DELETE.{topology.EVENTS_STREAM}.webhooks": {"bounce"},
+    f"$JS.API.CONSUMER.DELETE.{topology.EVENTS_STREAM}.webhooks-acme": set(),  # `admin`'s --clear
     # What none may do: only `admin` (the relais-topology pod, operators). Declaring the
     # topology (a stream update could add a republish into the delivery jobs), a consumer on a
     # mail stream (a second one on a work queue takes the service's messages).
@@ -98,6 +89,7 @@ WRITERS: dict[str, set[str]] = {
     f"$JS.API.CONSUMER.CREATE.{topology.EVENTS_STREAM}.x.relais.events.acme.delivered": {"bounce"},
     f"$JS.API.STREAM.DELETE.{topology.DELIVER_STREAM}": set(),
     f"$JS.API.STREAM.MSG.DELETE.{topology.DELIVER_STREAM}": set(),
+    f"$JS.API.STREAM.MSG.DELETE.{topology.kv_stream(topology.ACCOUNTS_BUCKET)}": set(),
     **{f"$JS.API.STREAM.PURGE.{s.name}": set() for s in topology.stream_configs(Config())},
     **{
         f"$JS.API.CONSUMER.{verb}.{stream}{suffix}": set()
@@ -105,11 +97,85 @@ WRITERS: dict[str, set[str]] = {
         for verb, suffix in CONSUMER_REQUESTS
     },
     f"$JS.API.CONSUMER.DURABLE.CREATE.{topology.EVENTS_STREAM}.x": {"bounce"},
+    # Storing a body replaces an object's chunks, releasing one deletes them: a purge of the
+    # body store's stream, filtered on the object's chunks.
+    f"$JS.API.STREAM.PURGE.{topology.object_stream(topology.BODY_BUCKET)}": {
+        "ingress",
+        "router",
+        "delivery",
+        "bounce",
+    },
 }
 
 
-# The entries that name no stream, consumer or bucket of their own.
-_API_WIDE = ("$JS.API.>", "$JS.FC.>", "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.MSG.DELETE.>")
+def _direct_key(bucket: str, key: str) -> str:
+    """What nats-py's `kv.get` asks: a direct get naming the key's subject."""
+    return f"$JS.API.DIRECT.GET.{topology.kv_stream(bucket)}.{topology.kv_subject(bucket, key)}"
+
+
+_ACCOUNTS = topology.kv_stream(topology.ACCOUNTS_BUCKET)
+_SUPPRESSION = topology.kv_stream(topology.SUPPRESSION_BUCKET)
+_BODIES = topology.object_stream(topology.BODY_BUCKET)
+_REFS = topology.kv_stream(topology.BODY_REFS_BUCKET)
+# Which users may read a stream, bucket or consumer, as the services' code does (grep
+# `pull_subscribe_bind`, `get_last`, `get_next`, `leader_last`, `kv.get`, `follow`, `stored`,
+# `watch`): pulls from a consumer (MSG.NEXT), direct gets (batched, with the subjects in the
+# request; or naming one subject, as `kv.get` does), gets through the stream leader
+# (STREAM.MSG.GET), and watches (an ordered consumer per watch, made by nats-py 2.16 on
+# CONSUMER.CREATE.<stream> with its filter in the body). Anything else, another service's
+# consumer or bucket, is refused: a leaked password reads only what its service reads.
+READERS: dict[str, set[str]] = {
+    # Info: names, counts and settings (start-up topology check, readiness, consumer lag).
+    f"$JS.API.STREAM.INFO.{topology.DELIVER_STREAM}": ALL,
+    f"$JS.API.STREAM.INFO.{_ACCOUNTS}": ALL,
+    f"$JS.API.CONSUMER.INFO.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": ALL,
+    f"$JS.API.CONSUMER.INFO.{_ACCOUNTS}.ordered": ALL,
+    "$JS.FC.KV_relais-accounts.x": ALL,
+    # Pulls: each service from its own consumers only.
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": {"router"},
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.DELIVER_STREAM}.{topology.VERDICT_CONSUMER}": {"router"},
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.DELIVER_STREAM}.{topology.delivery_consumer('default')}": {
+        "delivery"
+    },
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.BOUNCE_STREAM}.{topology.BOUNCE_CONSUMER}": {"bounce"},
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.BOUNCE_FLUSH_STREAM}.{topology.BOUNCE_FLUSH_CONSUMER}": {"bounce"},
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.INBOUND_STREAM}.{topology.INBOUND_CONSUMER}": {"bounce"},
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.EVENTS_STREAM}.webhooks-acme": {"bounce"},
+    # The account records (password hashes, webhook secrets): the ingress (logins) and bounce
+    # (webhooks) watch them, the router reads one by key (pool, DKIM); delivery never.
+    f"$JS.API.CONSUMER.CREATE.{_ACCOUNTS}": {"ingress", "bounce"},
+    f"$JS.API.STREAM.MSG.GET.{_ACCOUNTS}": {"ingress", "bounce"},
+    _direct_key(topology.ACCOUNTS_BUCKET, "acme"): {"ingress", "router"},
+    f"$JS.API.DIRECT.GET.{_ACCOUNTS}": set(),
+    # The suppression list: the router checks recipients (batched direct get), bounce keeps it.
+    f"$JS.API.DIRECT.GET.{_SUPPRESSION}": {"router"},
+    _direct_key(topology.SUPPRESSION_BUCKET, "acme.key"): {"bounce"},
+    f"$JS.API.CONSUMER.CREATE.{_SUPPRESSION}": {"bounce"},
+    f"$JS.API.STREAM.MSG.GET.{_SUPPRESSION}": {"bounce"},
+    # Each service's own buckets.
+    f"$JS.API.DIRECT.GET.{topology.LIMITS_STREAM}": {"ingress"},
+    f"$JS.API.CONSUMER.CREATE.{topology.kv_stream(topology.SESSIONS_BUCKET)}": {"ingress"},
+    f"$JS.API.DIRECT.GET.{topology.kv_stream(topology.WARMUP_BUCKET)}": {"router"},
+    _direct_key(topology.SHAPING_BUCKET, "key"): {"delivery"},
+    f"$JS.API.CONSUMER.CREATE.{topology.kv_stream(topology.DELIVERY_CONTROL_BUCKET)}": {"delivery"},
+    f"$JS.API.STREAM.MSG.GET.{topology.kv_stream(topology.DELIVERY_CONTROL_BUCKET)}": {"delivery"},
+    f"$JS.API.STREAM.MSG.GET.{topology.kv_stream(topology.BOUNCE_HOLD_BUCKET)}": {"bounce"},
+    # Bodies: the ingress stores them (looking for an object of that name first), the others
+    # read them (direct gets of the meta and chunks, the leader's word before "gone").
+    f"$JS.API.DIRECT.GET.{_BODIES}": {"router", "delivery", "bounce"},
+    f"$JS.API.STREAM.MSG.GET.{_BODIES}": ALL,
+    f"$JS.API.CONSUMER.CREATE.{_BODIES}": set(),
+    f"$JS.API.STREAM.MSG.GET.{_REFS}": {"router", "delivery", "bounce"},
+    # `relais requeue`, run in a delivery pod, reads the retry schedules where they are stored;
+    # bounce reads a job's own before it sends a delay warning that came late.
+    f"$JS.API.STREAM.MSG.GET.{topology.ROUTE_STREAM}": {"delivery", "bounce"},
+    f"$JS.API.STREAM.MSG.GET.{topology.DELIVER_STREAM}": {"delivery", "bounce"},
+    f"$JS.API.DIRECT.GET.{topology.DELIVER_STREAM}": set(),
+    # The events: only bounce's webhook consumers; `relais status` and `relais message` read them
+    # as `admin`, in the relais-topology pod.
+    f"$JS.API.CONSUMER.CREATE.{topology.EVENTS_STREAM}": set(),
+    f"$JS.API.STREAM.MSG.GET.{topology.EVENTS_STREAM}": set(),
+}
 
 
 @cache
@@ -118,7 +184,8 @@ def _conf() -> str:
 
 
 def _list(text: str) -> list[str]:
-    return re.findall(r'"([^"]+)"', text)
+    """The quoted entries of a conf list, its comments left out."""
+    return re.findall(r'"([^"]+)"', re.sub(r"#[^\n]*", "", text))
 
 
 def _block(name: str) -> str:
@@ -132,15 +199,9 @@ def _permissions(user: str) -> tuple[list[str], list[str], list[str]]:
     block = _block(f"{user.upper()}_PERMISSIONS")
     publish, subscribe = block.split("subscribe:", 1)
     allow = re.search(r"allow: \[(.*?)\]", publish, re.S)
-    deny = re.search(r"deny: (\$(\w+)|\[(.*?)\])", publish, re.S)
-    assert allow and deny, f"{user}: publish needs an allow and a deny list"
-    if deny.group(2) is not None:  # a list shared by name (SERVICE_DENY, BOUNCE_DENY)
-        named = re.search(rf"^{deny.group(2)}: \[(.*?)^\]", _conf(), re.S | re.M)
-        assert named, f"nats.conf has no {deny.group(2)} list"
-        denied = _list(named.group(1))
-    else:
-        denied = _list(deny.group(3))
-    return _list(allow.group(1)), denied, _list(subscribe)
+    deny = re.search(r"deny: \[(.*?)\]", publish, re.S)
+    assert allow, f"{user}: publish needs an allow list"
+    return _list(allow.group(1)), _list(deny.group(1)) if deny else [], _list(subscribe)
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -172,11 +233,27 @@ def test_only_the_services_that_write_a_subject_may_publish_to_it(subject: str) 
     assert {user for user in SERVICE_USERS if _may_publish(user, subject)} == WRITERS[subject]
 
 
+@pytest.mark.parametrize("subject", sorted(READERS))
+def test_only_the_services_that_read_a_stream_may_ask_for_its_messages(subject: str) -> None:
+    assert {user for user in SERVICE_USERS if _may_publish(user, subject)} == READERS[subject]
+
+
 @pytest.mark.parametrize("user", SERVICE_USERS)
-def test_a_service_user_subscribes_only_to_its_inboxes(user: str) -> None:
-    """Replies to its requests, pulls and KV watches all come to nats-py's `_INBOX.` prefix;
-    any other subscription would read mail or account records as they are published."""
-    assert _permissions(user)[2] == ["_INBOX.>"]
+def test_a_service_user_subscribes_only_to_its_own_inboxes(user: str) -> None:
+    """Replies to its requests, pulls and KV watches all come to its inboxes, named by
+    `inbox_prefix` for its user: a subscription to another user's inboxes would read what that
+    service pulls and watches, any other one mail or account records as they are published."""
+    assert _permissions(user)[2] == [f"{inbox_prefix(user)}.>"]
+    others = [f"{inbox_prefix(other)}.x.y" for other in SERVICE_USERS if other != user]
+    assert not any(_matches(f"{inbox_prefix(user)}.>", inbox) for inbox in [*others, "_INBOX.x.y"])
+
+
+def test_only_a_user_name_that_is_one_subject_token_names_its_inboxes() -> None:
+    """A user's inboxes are `_INBOX.<user>.<id>` when its name is one subject token (a dot, a
+    space or a wildcard would make other subjects or invalid ones); otherwise, and without a
+    user name (a token, a creds file, `relais up`), a connection keeps nats-py's prefix."""
+    assert inbox_prefix("delivery") == "_INBOX.delivery"
+    assert inbox_prefix("ops.team") == inbox_prefix("") == inbox_prefix(None) == "_INBOX"
 
 
 @pytest.mark.parametrize("user", SERVICE_USERS)
@@ -186,6 +263,8 @@ def test_every_permission_names_what_the_topology_declares(user: str) -> None:
     streams = {s.name: s.subjects or [] for s in topology.stream_configs(config)}
     consumers = {(b.stream, b.durable) for b in topology.consumer_bindings(config)}
     buckets = {kv.bucket for kv in topology.kv_configs(config)}
+    # The streams behind the buckets and the body store, which JetStream names.
+    stores = {topology.kv_stream(b) for b in buckets} | {topology.object_stream(topology.BODY_BUCKET)}
     allow, deny, _ = _permissions(user)
     for entry in allow + deny:
         tokens = entry.split(".")
@@ -200,21 +279,20 @@ def test_every_permission_names_what_the_topology_declares(user: str) -> None:
             assert tokens[2] in streams, entry
             assert tokens[3] == ">" or tokens[4:] == [">"], entry
             assert tokens[3] == ">" or (tokens[2], tokens[3]) in consumers, entry
-        elif tokens[:4] == ["$JS", "API", "STREAM", "PURGE"]:
-            assert tokens[4] in streams, entry
-        elif tokens[:3] == ["$JS", "API", "CONSUMER"] and tokens[3] != "PAUSE":
-            # A consumer rule names a declared stream: CREATE.<stream>[.>], DURABLE.CREATE.<stream>.>,
-            # DELETE.<stream>.>
+        elif tokens[:4] in (["$JS", "API", "STREAM", "PURGE"], ["$JS", "API", "STREAM", "MSG"]):
+            # STREAM.PURGE.<stream>, STREAM.MSG.GET.<stream>
+            assert tokens[4 if tokens[3] == "PURGE" else 5] in streams.keys() | stores, entry
+        elif tokens[:4] == ["$JS", "API", "DIRECT", "GET"]:
+            # DIRECT.GET.<stream>, or DIRECT.GET.<bucket's stream>.$KV.<bucket>.> as `kv.get` asks
+            assert tokens[4] in streams.keys() | stores, entry
+            assert tokens[5:] in ([], [">"]), entry
+        elif tokens[:5] == ["$JS", "API", "CONSUMER", "MSG", "NEXT"]:
+            # Its own consumers; delivery-<pool> and webhooks-<account> as <stream>.*
+            assert (tokens[5], tokens[6]) in consumers or (tokens[5] in streams and tokens[6] == "*"), entry
+        elif tokens[:3] == ["$JS", "API", "CONSUMER"] and tokens[3] != "INFO":
+            # A consumer rule names a declared stream: CREATE.<stream>[.*.>],
+            # DURABLE.CREATE.<stream>.*, DELETE.<stream>.<name>
             stream = tokens[5] if tokens[3] == "DURABLE" else tokens[4]
-            assert stream in streams, entry
+            assert stream in streams.keys() | stores, entry
         else:
-            assert entry in (
-                "$JS.API.>",
-                "$JS.FC.>",
-                "$JS.API.STREAM.CREATE.>",
-                "$JS.API.STREAM.UPDATE.>",
-                "$JS.API.STREAM.RESTORE.>",
-                "$JS.API.STREAM.DELETE.>",
-                "$JS.API.STREAM.MSG.DELETE.>",
-                "$JS.API.CONSUMER.PAUSE.>",
-            )
+            assert entry in ("$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.INFO.*.*", "$JS.FC.>"), entry

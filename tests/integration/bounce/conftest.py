@@ -11,12 +11,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import nats
 import pytest
 
 from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
-from services.core.bus import Bus
+from services.core.bus import Bus, inbox_prefix
 from services.core.config import AccountConfig
 from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.suppression import Suppression, SuppressionList
@@ -37,8 +38,10 @@ FBL_ADDRESS = f"fbl@{RETURN_DOMAIN}"
 
 
 async def publish_inbound(nats_url: str, raw: bytes, recipients: list[str], sender: str = "") -> str:
-    """What the ingress's inbound listener publishes for mail to our own domains."""
-    nc = await nats.connect(nats_url)
+    """What the ingress's inbound listener publishes for mail to our own domains. Its inboxes
+    are named after the URL's user, as the services name theirs (deploy/k8s/base/nats.conf lets
+    each user subscribe to its own only)."""
+    nc = await nats.connect(nats_url, inbox_prefix=inbox_prefix(urlsplit(nats_url).username))
     try:
         bus = Bus(nc=nc, js=nc.jetstream(), publish_timeout=5.0)
         env = Envelope(
