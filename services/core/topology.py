@@ -79,6 +79,10 @@ SUPPRESSION_BUCKET = "relais-suppression"
 # (source IP, site), and the control flags (pause, push-back back-off) every worker watches.
 SHAPING_BUCKET = "relais-shaping"
 DELIVERY_CONTROL_BUCKET = "relais-delivery-control"
+# A back-off is stored with a per-message TTL (ADR-43) and expires when it ends; JetStream then
+# writes a marker that tells every watching worker, and removes that marker after this long.
+# Pauses carry no TTL and stay until resumed.
+DELIVERY_CONTROL_MARKER_TTL = 300.0
 # Warm-up/daily-cap counters per (UTC day, source, site), shared by every router replica.
 WARMUP_BUCKET = "relais-warmup"
 LIMITS_STREAM = "RELAIS_LIMITS"
@@ -461,9 +465,25 @@ async def missing_topology(js: JetStreamContext, config: Config) -> list[str]:
     for binding in consumer_bindings(config):
         if not await _exists(js.consumer_info(binding.stream, binding.durable)):
             missing.append(f"{binding.stream} consumer {binding.durable}")
-    buckets = [object_stream(BODY_BUCKET), *(kv_stream(b.bucket) for b in kv_configs(config))]
-    missing += [name for name in buckets if not await _exists(js.stream_info(name))]
+    if not await _exists(js.stream_info(object_stream(BODY_BUCKET))):
+        missing.append(object_stream(BODY_BUCKET))
+    for bucket in kv_configs(config):
+        missing += await _missing_bucket(js, bucket)
     return missing
+
+
+async def _missing_bucket(js: JetStreamContext, bucket: KeyValueConfig) -> list[str]:
+    """The bucket, or the per-message TTLs its writers need: their writes with a TTL would be
+    refused. Its other settings (expiry markers among them) `ensure_topology` brings in line,
+    but the services work without them."""
+    name = kv_stream(bucket.bucket)
+    try:
+        current = (await js.stream_info(name)).config
+    except NotFoundError:
+        return [name]
+    if _message_ttls(bucket) and not current.allow_msg_ttl:
+        return [f"{name} per-message TTL"]
+    return []
 
 
 async def _exists(lookup: Awaitable[object]) -> bool:
@@ -610,9 +630,17 @@ def kv_configs(config: Config) -> list[KeyValueConfig]:
     replicas = config.nats.replicas
     bodies_ttl = body_ttl(config)
 
-    def bucket(name: str, *, history: int = 1, ttl: float | None = None) -> KeyValueConfig:
+    def bucket(
+        name: str, *, history: int = 1, ttl: float | None = None, marker_ttl: float | None = None
+    ) -> KeyValueConfig:
         return KeyValueConfig(
-            bucket=name, history=history, ttl=ttl, replicas=replicas, storage=StorageType.FILE, direct=True
+            bucket=name,
+            history=history,
+            ttl=ttl,
+            replicas=replicas,
+            storage=StorageType.FILE,
+            direct=True,
+            limit_marker_ttl=marker_ttl,
         )
 
     return [
@@ -622,7 +650,8 @@ def kv_configs(config: Config) -> list[KeyValueConfig]:
         bucket(SESSIONS_BUCKET, ttl=SESSIONS_TTL),
         # Slots and leases are only meaningful for minutes; the TTL sweeps keys of idle (source, site)s.
         bucket(SHAPING_BUCKET, ttl=86400.0),
-        bucket(DELIVERY_CONTROL_BUCKET),
+        # No bucket TTL: a pause lasts until resumed, and a back-off as long as its rule says.
+        bucket(DELIVERY_CONTROL_BUCKET, marker_ttl=DELIVERY_CONTROL_MARKER_TTL),
         bucket(BODY_REFS_BUCKET, ttl=bodies_ttl),
         # Held bounce notices normally live for one DSN window; the TTL only sweeps what a failure
         # left behind, and keeps the delete markers that tell a redelivered notice "already
@@ -645,8 +674,17 @@ async def _ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> None:
             "max_msgs_per_subject": config.history,
             "max_age": config.ttl or 0.0,
             "num_replicas": config.replicas,
+            **_message_ttls(config),
         }
         await _bring_stream_to(js, kv_stream(config.bucket), declared)
+
+
+def _message_ttls(config: KeyValueConfig) -> dict[str, Any]:
+    """The stream settings of a bucket whose values expire one by one (per-message TTLs, and
+    markers of their expiry that watchers see); an earlier release made it without them."""
+    if not config.limit_marker_ttl:
+        return {}
+    return {"allow_msg_ttl": True, "subject_delete_marker_ttl": config.limit_marker_ttl}
 
 
 async def _bring_stream_to(js: JetStreamContext, name: str, declared: dict[str, Any]) -> None:

@@ -4,6 +4,14 @@ Both live in the `relais-delivery-control` KV bucket. Each worker keeps a local 
 through a KV watch, so checking them costs nothing per message; setting one is a KV write that
 every other worker sees within a moment. A push-back is merged into the one stored for its
 (source, site) by compare-and-set (`stricter`), so a weaker one never lifts a stricter one.
+
+A back-off is stored with a per-message TTL (ADR-43) that ends no earlier than it does: JetStream
+removes it then, and the marker it writes in its place (itself gone after
+`DELIVERY_CONTROL_MARKER_TTL`) removes it from every worker's copy. Without that, every
+(source, site) ever pushed back stayed in the bucket, in each worker's memory and in the replay
+each starting worker reads. Back-offs left without a TTL, by a release before this one, are
+purged by the workers once they ended (`forget_ended`). Pauses have no TTL: they stay until
+resumed.
 """
 
 from __future__ import annotations
@@ -11,28 +19,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, replace
 
 import msgpack
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
+from nats.js.api import Header
+from nats.js.errors import APIError
+from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
-from services.core.bus import CAS_ATTEMPTS, BrokerUnavailable, cas_won, is_kv_delete, leader_last
+from services.core.bus import (
+    CAS_ATTEMPTS,
+    WRONG_LAST_SEQUENCE,
+    BrokerUnavailable,
+    cas_won,
+    is_kv_delete,
+    leader_last,
+)
 from services.core.kv_watch import REMOVALS, follow
 from services.core.outcome import Reply
 from services.core.pause import PauseError, pause_key
-from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
+from services.core.topology import (
+    DELIVERY_CONTROL_BUCKET,
+    DELIVERY_CONTROL_MARKER_TTL,
+    kv_stream,
+    kv_subject,
+)
 from services.delivery.shaping import Pushback
 
 log = logging.getLogger(__name__)
 
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+_BACKOFF_PREFIX = "backoff."
+# How often each worker looks for ended back-offs JetStream did not expire itself.
+SWEEP_EVERY = 60.0
+# How long after its end a back-off must still be there to be purged by a worker: JetStream
+# expires one stored with a TTL within a second or so, and a purge is not needed for those.
+LEFT_BEHIND = 60.0
 
 
 def backoff_key(source: str, site: str) -> str:
-    return f"backoff.{_KEY_SAFE.sub('_', source.lower()) or '_'}.{_KEY_SAFE.sub('_', site.lower()) or '_'}"
+    return f"{_BACKOFF_PREFIX}{_key_token(source)}.{_key_token(site)}"
+
+
+def _key_token(name: str) -> str:
+    return _KEY_SAFE.sub("_", name.lower()) or "_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,19 +107,27 @@ def stricter(stored: Backoff | None, new: Backoff, now: float) -> Backoff:
     return replace(slowest, until=max(stored.until, new.until))
 
 
+def ttl_header(seconds: float) -> str:
+    """A `Nats-TTL` value no shorter than `seconds`: the header counts whole seconds, and a
+    record removed before its back-off ends would lift it early."""
+    return str(max(1, math.ceil(seconds)))
+
+
 class DeliveryControl:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
-        self._kv: KeyValue | None = None
-        self._values: dict[str, bytes] = {}
-        self._task: asyncio.Task[None] | None = None
+        # key -> (value, revision): the revision is what a purge of an ended back-off expects.
+        self._entries: dict[str, tuple[bytes, int]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
 
-    async def start(self, stop: asyncio.Event, report_every: float = 10.0) -> None:
+    async def start(
+        self, stop: asyncio.Event, report_every: float = 10.0, sweep_every: float = SWEEP_EVERY
+    ) -> None:
         """Returns once the pauses and back-offs in KV were read, or `stop` is set: a worker
         that took jobs before would send the mail of a paused pool or site."""
-        self._kv = await self._js.key_value(DELIVERY_CONTROL_BUCKET)
-        self._task = asyncio.create_task(self._watch())
+        await self._js.key_value(DELIVERY_CONTROL_BUCKET)  # raises at once if the bucket is missing
+        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._sweep(sweep_every))]
         ready, stopped = asyncio.create_task(self._ready.wait()), asyncio.create_task(stop.wait())
         try:
             while not (ready.done() or stopped.done()):
@@ -100,10 +141,10 @@ class DeliveryControl:
             stopped.cancel()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await task
 
     async def _watch(self) -> None:
         while True:
@@ -114,9 +155,9 @@ class DeliveryControl:
                             self._ready.set()
                             continue
                         if entry.operation in REMOVALS or not entry.value:
-                            self._values.pop(entry.key, None)
+                            self._entries.pop(entry.key, None)
                         else:
-                            self._values[entry.key] = entry.value
+                            self._entries[entry.key] = (entry.value, entry.revision or 0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -124,21 +165,20 @@ class DeliveryControl:
                 log.warning("delivery control watch failed, restarting: %r", exc)
                 await asyncio.sleep(1.0)
 
+    def held_keys(self) -> frozenset[str]:
+        """The keys of this worker's copy of the bucket: its pauses and back-offs."""
+        return frozenset(self._entries)
+
     def paused(self, kind: str, name: str) -> bool:
         try:
-            return bool(name) and pause_key(kind, name) in self._values
+            return bool(name) and pause_key(kind, name) in self._entries
         except PauseError:
             return False  # a name that cannot be paused is not paused
 
     def backoff(self, source: str, site: str, now: float | None = None) -> Backoff | None:
-        raw = self._values.get(backoff_key(source, site))
-        if not raw:
-            return None
-        try:
-            state = Backoff.from_bytes(raw)
-        except Exception:
-            return None
-        return state if state.until > (time.time() if now is None else now) else None
+        raw, _ = self._entries.get(backoff_key(source, site), (b"", 0))
+        state = _decoded(raw) if raw else None
+        return state if state is not None and state.until > (time.time() if now is None else now) else None
 
     async def push_back(self, source: str, site: str, rule: Pushback, reply: Reply) -> Backoff:
         """Record a push-back for every worker, kept with the one stored if that is stricter
@@ -146,8 +186,9 @@ class DeliveryControl:
         now = time.time()
         new = Backoff(now + rule.duration, rule.messages_per_minute, rule.name, str(reply))
         key = backoff_key(source, site)
-        state = await self._merge(key, new)
-        self._values[key] = state.to_bytes()
+        state, revision = await self._merge(key, new)
+        if revision > self._entries.get(key, (b"", 0))[1]:  # the watch may have brought a later one
+            self._entries[key] = (state.to_bytes(), revision)
         log.warning(
             "push-back from %s for source %s: %s; backing off for %.0fs at %g/min (rule %s)",
             site,
@@ -159,22 +200,82 @@ class DeliveryControl:
         )
         return state
 
-    async def _merge(self, key: str, new: Backoff) -> Backoff:
+    async def _sweep(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.forget_ended()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("clearing ended back-offs failed, trying again later: %r", exc)
+
+    async def forget_ended(self, now: float | None = None) -> int:
+        """Purge the back-offs in this worker's copy that ended `LEFT_BEHIND` ago or more, and
+        forget them here; returns how many were purged. JetStream expires those stored with a
+        TTL itself, so what is left was written without one (by an earlier release), or expired
+        while this worker's watch was away and missed the marker (the purge then finds it gone).
+
+        Each purge expects the revision seen here, so a push-back written since is kept; a record
+        this release cannot read is kept too (a later release's, whose end it cannot tell)."""
+        before = (time.time() if now is None else now) - LEFT_BEHIND
+        ended = [
+            (key, revision)
+            for key, (raw, revision) in self._entries.items()
+            if key.startswith(_BACKOFF_PREFIX) and _ended_before(raw, before)
+        ]
+        purged = 0
+        for key, revision in ended:
+            purged += await purge_ended(self._js, key, revision)
+            if self._entries.get(key, (b"", 0))[1] == revision:  # nothing newer came meanwhile
+                del self._entries[key]
+        return purged
+
+    async def _merge(self, key: str, new: Backoff) -> tuple[Backoff, int]:
         """Write `stricter(stored, new)` by compare-and-set on the key's revision, reading again
-        when another worker wrote in between: a plain put would let the last writer win."""
-        assert self._kv is not None
+        when another worker wrote in between: a plain put would let the last writer win.
+        Returns the back-off in force and its revision."""
         stream, subject = kv_stream(DELIVERY_CONTROL_BUCKET), kv_subject(DELIVERY_CONTROL_BUCKET, key)
         for _ in range(CAS_ATTEMPTS):
             # From the leader: a replica behind the latest write would give an old revision.
             msg = await leader_last(self._js, stream, subject)
             revision = (msg.seq or 0) if msg is not None else 0
+            # No data: a purge, or the marker JetStream left where a back-off expired.
             stored = None if msg is None or is_kv_delete(msg) or not msg.data else _decoded(msg.data)
             state = stricter(stored, new, time.time())
             if state == stored:
-                return state  # the stored one is stricter and outlasts this one: nothing to write
-            if await cas_won(self._kv.update(key, state.to_bytes(), last=revision)):
-                return state
+                return state, revision  # the stored one is stricter and outlasts this one
+            headers = {
+                Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(revision),
+                # Counted from now, before the server stores it: it cannot expire before `until`.
+                Header.MSG_TTL.value: ttl_header(state.until - time.time()),
+            }
+            try:
+                ack = await self._js.publish(subject, state.to_bytes(), headers=headers)
+            except APIError as exc:
+                if exc.err_code not in WRONG_LAST_SEQUENCE:
+                    raise
+                continue  # another worker wrote in between: merge with theirs
+            return state, ack.seq
         raise BrokerUnavailable(f"push-back {key}: too much contention")
+
+
+async def purge_ended(js: JetStreamContext, key: str, revision: int) -> bool:
+    """Remove the back-off stored under `key` at `revision`, with its history; False when the key
+    is no longer at that revision (a push-back written since, which stays, or already removed).
+    A KV purge marker as `PauseState.resume` writes it, with a TTL so that it goes too."""
+    headers = {
+        KV_OP: KV_PURGE,
+        Header.ROLLUP.value: MSG_ROLLUP_SUBJECT,
+        Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(revision),
+        Header.MSG_TTL.value: ttl_header(DELIVERY_CONTROL_MARKER_TTL),
+    }
+    return await cas_won(js.publish(kv_subject(DELIVERY_CONTROL_BUCKET, key), b"", headers=headers))
+
+
+def _ended_before(raw: bytes, moment: float) -> bool:
+    state = _decoded(raw)
+    return state is not None and state.until <= moment
 
 
 def _decoded(data: bytes) -> Backoff | None:
