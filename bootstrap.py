@@ -58,7 +58,7 @@ def _workers(args: list[str]) -> list[str]:
     if any(arg.startswith(("-n", "--numprocesses")) or arg == "no:xdist" for arg in args):
         return []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return ["-n", str(min(cores, 4)), "--dist", "loadgroup"]
+    return ["-n", str(min(cores, 4)), "--dist", "loadfile"]
 
 
 if __name__ == "__main__":

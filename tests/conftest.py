@@ -22,31 +22,28 @@ if TYPE_CHECKING:
 _TESTS_DIR = Path(__file__).parent
 _TIER_MARKERS = {"unit": pytest.mark.unit, "integration": pytest.mark.integration}
 _CLUSTER_PACKAGE = ("integration", "cluster")
+_CLUSTER_NODEIDS = "tests/integration/cluster/"
 # Hosts the sinks may use; 127.0.0.1 is left to the services under test and the DNS server.
 SINK_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # A CI timeout or a `kill` then tears the fixtures down: no server outlives the run.
-    unwind_on_sigterm()
+    # A CI timeout or a `kill` then tears the fixtures down: no server outlives the run. An
+    # xdist controller passes the signal on to its workers, whose fixtures hold the servers.
+    controller = not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+    unwind_on_sigterm(children_first=controller)
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_FilesOnOneWorker(), "relais-xdist-files")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its tier, taken from its directory, so `-m unit` needs no decorators,
-    and with the group of tests it shares a worker with when the suite runs on several (xdist
-    `--dist loadgroup`, as `bootstrap.py test` runs it)."""
+    """Mark each test with its tier, taken from its directory, so `-m unit` needs no decorators."""
     for item in items:
         parts = _parts(item)
-        if not parts:
-            continue
-        if parts[0] in _TIER_MARKERS:
+        if parts and parts[0] in _TIER_MARKERS:
             item.add_marker(_TIER_MARKERS[parts[0]])
-        # A file's tests run in order on one worker, as they were written to; the cluster
-        # scenarios share one package-scoped cluster, which each worker would start again.
-        group = parts[:2] if parts[:2] == _CLUSTER_PACKAGE else parts
-        item.add_marker(pytest.mark.xdist_group("/".join(group)))
-    # The cluster scenarios are the longest group by far: started last, the other workers
-    # would sit idle while one ran them.
+    # The cluster scenarios are the longest group by far (`_FilesOnOneWorker`): started last, the
+    # other workers would sit idle while one ran them.
     items.sort(key=lambda item: _parts(item)[:2] != _CLUSTER_PACKAGE)
 
 
@@ -56,6 +53,28 @@ def _parts(item: pytest.Item) -> tuple[str, ...]:
         return item.path.relative_to(_TESTS_DIR).parts
     except ValueError:
         return ()
+
+
+class _FilesOnOneWorker:
+    """With several pytest-xdist workers (`bootstrap.py test` runs one per core), each test file
+    runs in order on one worker, as its tests were written to, and the cluster scenarios
+    (`tests/integration/cluster`) all on one: they share a package-scoped 3-node cluster, which
+    every worker would otherwise start again, two at once more than 2 cores can carry.
+
+    A scheduler rather than `xdist_group` marks: pytest-xdist 3.8 applies those by renaming the
+    test's node id, which pytest 9 no longer lets it do."""
+
+    @pytest.hookimpl
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        from xdist.scheduler import LoadFileScheduling
+
+        class Scheduling(LoadFileScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                if nodeid.startswith(_CLUSTER_NODEIDS):
+                    return _CLUSTER_NODEIDS
+                return super()._split_scope(nodeid)
+
+        return Scheduling(config, log)
 
 
 @pytest.fixture
