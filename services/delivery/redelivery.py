@@ -31,6 +31,14 @@ retry schedule, while it waits, have their outcome; the others are tried again
 once, since their failures may be in the notice and a retry would report them a second time.
 A redelivery with none of these records is sent again as before: its first copy, if the MX got
 one, was in flight.
+
+A job its worker postponed instead (paused, shaped, stopping: `DeliveryService._postpone`) was
+re-published as a schedule on `relais.retry.deliver.<key>.<attempts>`, under a msg id of the
+job's stream message (`postponement_id`), before the ack. Coming back, it asks that msg id
+first (`postponed`): stored, the schedule carries the job on, waiting or fired (its copy is a
+new message with a sequence of its own), and the job is acked without acting; acting too would
+make two live copies of it. The subject could not tell: a fired schedule is gone from it, and a
+later postponement of the job's copy from the schedule is on it too.
 """
 
 from __future__ import annotations
@@ -46,7 +54,13 @@ from nats.js.errors import APIError
 from services.core.bus import WRONG_LAST_SEQUENCE, BrokerUnavailable, Bus, leader_last
 from services.core.envelope import Envelope, EnvelopeDecodeError
 from services.core.outcome import NO_ROUTE, Deferred
-from services.core.topology import ROUTE_STREAM, bounce_subject, event_subject, route_retry_subject
+from services.core.topology import (
+    ROUTE_STREAM,
+    bounce_subject,
+    deliver_retry_subject,
+    event_subject,
+    route_retry_subject,
+)
 
 # Envelope meta of a job that is what is left of a partly settled attempt, when it was
 # re-scheduled (paused, shaped) before it went: its next delivery, a first one, asks as well.
@@ -74,6 +88,8 @@ class Stored:
     # The attempt's bounce notice is stored (whose recipients cannot be read back: the bounce
     # service has taken it). A second notice of this attempt would be dropped as its duplicate.
     notice: bool = False
+    # This very job message was postponed: its schedule carries the job on, nothing is to be done.
+    postponed: bool = False
 
     @property
     def partly(self) -> bool:
@@ -108,6 +124,20 @@ class Stored:
 
 
 NOTHING = Stored()
+POSTPONED = Stored(postponed=True)
+
+
+def postponement_id(key: str, job_seq: int) -> str:
+    """The msg id of the schedule that postpones the job delivered as stream message `job_seq`:
+    one per postponement, so that postponing the schedule's copy in turn is stored too."""
+    return f"pp-{key}-{job_seq}"
+
+
+async def postponed(bus: Bus, env: Envelope, job_seq: int) -> bool:
+    """Whether the job delivered as stream message `job_seq` was postponed (its schedule
+    stored, whether it has fired since or not)."""
+    subject = deliver_retry_subject(env.key, env.attempt_count)
+    return await msg_id_stored(bus, subject, postponement_id(env.key, job_seq))
 
 
 async def stored_outcome(bus: Bus, env: Envelope) -> Stored:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from nats.aio.msg import Msg
+from nats.js.api import Header
 
 from services.core import bus as transport
 from services.core import metrics
@@ -50,8 +51,11 @@ from services.delivery.public_addresses import why_not_public
 from services.delivery.redelivery import (
     NOTHING,
     PARTLY_SETTLED_META,
+    POSTPONED,
     Stored,
     left_to_send,
+    postponed,
+    postponement_id,
     stored_outcome,
     unmarked,
 )
@@ -130,6 +134,7 @@ class DeliveryService:
         self.postponed: Counter[str] = Counter()  # re-scheduled jobs by reason
         self.pin_missed = 0  # jobs pinned to another host's source that went from one here
         self.settled_before = 0  # redelivered jobs whose attempt was settled: not sent again
+        self.postponed_before = 0  # redelivered jobs that were postponed: left to their schedule
         self.pushbacks: Counter[tuple[str, str]] = Counter()  # (site, rule) back-offs started
         gauges.DELIVERY.track(self)
         # delivery.public_mx_only: MX hosts and MTA-STS policy hosts only on public addresses.
@@ -218,6 +223,10 @@ class DeliveryService:
         }
         with consumer_span(msg.subject, msg.headers, attrs) as span:
             stored = await self._stored_outcome(env, msg)
+            if stored.postponed:
+                span.set_attribute("relais.outcome", "postponed")
+                self._leave_to_postponement(env)
+                return
             if stored.complete:
                 span.set_attribute("relais.outcome", "settled")
                 self._finish_settled(env)
@@ -240,7 +249,7 @@ class DeliveryService:
                 # DKIM-Signature field(s) the router computed once per message (services/router/dkim.py).
                 body = env.meta.get(META_DKIM, "").encode() + body
                 started = time.monotonic()
-                result = await self._attempt(env, body)
+                result = await self._attempt(env, body, msg.metadata.sequence.stream)
                 del body
             if result is None:
                 span.set_attribute("relais.outcome", "postponed")
@@ -276,11 +285,15 @@ class DeliveryService:
             )
 
     async def _stored_outcome(self, env: Envelope, msg: Msg) -> Stored:
-        """What was stored of this attempt before the job came back (`redelivery`): only a
-        redelivered job asks, so a first delivery costs no round trip more."""
-        if msg.metadata.num_delivered <= 1 and PARTLY_SETTLED_META not in env.meta:
+        """What was stored of this attempt, or of this job's postponement, before the job came
+        back (`redelivery`): only a redelivered job asks, so a first delivery costs no round trip
+        more."""
+        redelivered = msg.metadata.num_delivered > 1
+        if not redelivered and PARTLY_SETTLED_META not in env.meta:
             return NOTHING
         try:
+            if redelivered and await postponed(self._bus, env, msg.metadata.sequence.stream):
+                return POSTPONED
             return await stored_outcome(self._bus, env)
         except BrokerUnavailable as exc:
             # Sending without knowing could send the mail a second time: ask again later.
@@ -300,6 +313,12 @@ class DeliveryService:
             env.attempt_count + 1,
         )
 
+    def _leave_to_postponement(self, env: Envelope) -> None:
+        """A job postponed before its ack was lost: acked without acting. Its schedule, or the
+        copy the schedule brought back, is the job's one live copy."""
+        self.postponed_before += 1
+        log.info("job %s came back after it was postponed; its schedule carries it on", env.key)
+
     def _hand_back_if_pinned_elsewhere(self, env: Envelope, msg: Msg) -> None:
         """Raises transport.Retry for a job pinned to a source this host cannot bind, so that
         the pool's workers get it again, until one that has the address takes it."""
@@ -310,8 +329,9 @@ class DeliveryService:
             # pool's workers all pull one consumer, so the job goes back to them.
             raise transport.Retry(f"pinned source {pinned} is not on this host", delay=_PINNED_RETRY)
 
-    async def _attempt(self, env: Envelope, body: bytes) -> AttemptResult | None:
-        """One delivery attempt, or None when the job was re-scheduled instead (paused, shaped)."""
+    async def _attempt(self, env: Envelope, body: bytes, job_seq: int) -> AttemptResult | None:
+        """One delivery attempt, or None when the job (stream message `job_seq`) was re-scheduled
+        instead (paused, shaped)."""
         if self._config.delivery.mode == "capture":
             outcomes = await asyncio.to_thread(capture, self._mailbox, env, body)
             return AttemptResult(outcomes, mx_host=LOCAL_MAILBOX)
@@ -319,14 +339,14 @@ class DeliveryService:
         if self._stop.is_set():
             # Draining: another worker takes it at once, rather than this one starting an
             # attempt the grace period before the kill was not sized for.
-            await self._postpone(env, time.time(), "stopping")
+            await self._postpone(env, job_seq, time.time(), "stopping")
             return None
         if self.control.paused("pool", env.pool) or self.control.paused("site", env.site):
-            await self._postpone(env, time.time() + d.pause_recheck, "paused")
+            await self._postpone(env, job_seq, time.time() + d.pause_recheck, "paused")
             return None
         site = self.shaping.site_for(env.site, env.domain, env.mx_hosts[0] if env.mx_hosts else "")
         if site != env.site and self.control.paused("site", site):
-            await self._postpone(env, time.time() + d.pause_recheck, "paused")
+            await self._postpone(env, job_seq, time.time() + d.pause_recheck, "paused")
             return None
         candidates = [
             (s, w)
@@ -347,10 +367,10 @@ class DeliveryService:
                 source.address,
             )
         if source is None:
-            await self._postpone(env, time.time() + d.pause_recheck, "no usable source")
+            await self._postpone(env, job_seq, time.time() + d.pause_recheck, "no usable source")
             return None
         limits = self.shaping.limits(site, source.address)
-        used = await self._message_slot(env, source, site, limits, slot)
+        used = await self._message_slot(env, job_seq, source, site, limits, slot)
         if used is None:
             return None
         if counted_for_a_day_over(env, time.time()):
@@ -380,11 +400,11 @@ class DeliveryService:
         except Saturated as exc:
             # The slot this attempt took stays the job's: re-reserving would send it to the back
             # of the site's queue (hours on a busy site) and leave the slot's rate unused.
-            await self._postpone(env, time.time() + exc.retry_after, "connection limit", used)
+            await self._postpone(env, job_seq, time.time() + exc.retry_after, "connection limit", used)
             return None
         except Stopping as exc:
             log.info("job %s handed to another worker: %s", env.key, exc)
-            await self._postpone(env, time.time(), "stopping")
+            await self._postpone(env, job_seq, time.time(), "stopping")
             return None
         if result.bind_failed:
             self.health.mark_unhealthy(source.address, "bind failed on connect")
@@ -397,7 +417,7 @@ class DeliveryService:
         return result
 
     async def _message_slot(
-        self, env: Envelope, source: Source, site: str, limits: Limits, slot: _Slot
+        self, env: Envelope, job_seq: int, source: Source, site: str, limits: Limits, slot: _Slot
     ) -> _Slot | None:
         """The message slot of (source, site) this attempt goes in, once waited for (`_NO_SLOT`
         for a site without a rate now); None when the job was re-scheduled instead."""
@@ -423,12 +443,12 @@ class DeliveryService:
             until = backoff.until if backoff is not None and backoff.interval() > base else None
             at = await self.limits.reserve("msg", source.address, site, interval, latest=until)
             if until is not None and at > until:
-                await self._postpone(env, until, "shaping")
+                await self._postpone(env, job_seq, until, "shaping")
                 return None
             used = _Slot(source.address, site, at, interval)
         wait = used.at - time.time()
         if wait > self._config.delivery.max_shaping_wait:
-            await self._postpone(env, used.at, "shaping", used)
+            await self._postpone(env, job_seq, used.at, "shaping", used)
             return None
         if wait > 0:
             await asyncio.sleep(wait)
@@ -449,12 +469,17 @@ class DeliveryService:
                 await self.limits.reserve("msg", source.address, site, state.interval(), latest=state.until)
                 return
 
-    async def _postpone(self, env: Envelope, at: float, reason: str, slot: _Slot | None = None) -> None:
+    async def _postpone(
+        self, env: Envelope, job_seq: int, at: float, reason: str, slot: _Slot | None = None
+    ) -> None:
         """Come back at `at` on the pool's own subject, carrying `slot` if any; the attempt count
         does not change.
 
-        Re-publishing the same schedule subject replaces the schedule, so a redelivered job
-        that is postponed again leaves a single copy.
+        The schedule is stored under a msg id of the job's stream message (`job_seq`): when the
+        ack that follows is lost, the job comes back, finds it (`redelivery.postponed`) and is
+        left to it, rather than going on beside the schedule's copy. Re-publishing the same
+        schedule subject replaces the schedule, so the copy from the schedule, postponed again,
+        leaves a single one as well.
         """
         expires = env.received_at + self._config.retry.max_age
         if time.time() > expires:
@@ -473,13 +498,16 @@ class DeliveryService:
             again = replace(again, meta={**again.meta, **replace(slot, due=at).meta()})
         log.debug("job %s postponed (%s) until %.0f", env.key, reason, at)
         self.postponed[reason] += 1
+        headers = {Header.MSG_ID: postponement_id(env.key, job_seq)}
+        if env.trace_context:
+            headers["traceparent"] = env.trace_context
         await publish_at(
             self._bus,
             schedule_subject=deliver_retry_subject(env.key, env.attempt_count),
             target_subject=deliver_subject(env.pool),
             payload=again.to_msgpack(),
             at=at,
-            headers={"traceparent": env.trace_context} if env.trace_context else None,
+            headers=headers,
             attributes={"relais.message_id": env.id, "relais.postponed": reason},
         )
 
