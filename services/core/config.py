@@ -3,8 +3,10 @@
 The schema itself (the dataclasses and their defaults) is defined once, in
 services/core/config_schema.py, and re-exported here so `from services.core.config import ...`
 is the one import path. A file is loaded from TOML, then overridden by `RELAIS_<SECTION>__<KEY>`
-environment variables (the way Kubernetes manifests set things). Unknown keys, in the file or in
-the environment, are errors: a typo must never silently fall back to a default.
+environment variables (the way Kubernetes manifests set things), or by `RELAIS_<SECTION>__<KEY>_FILE`
+naming a file that holds the value (how secrets arrive: a mounted Secret, not the environment,
+which child processes inherit and /proc/<pid>/environ and crash dumps show). Unknown keys, in
+the file or in the environment, are errors: a typo must never silently fall back to a default.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from services.core.config_schema import (
 
 __all__ = [
     "ENV_CONFIG_PATH",
+    "ENV_FILE_SUFFIX",
     "ENV_PREFIX",
     "LISTENER_MODES",
     "AccountConfig",
@@ -74,6 +77,8 @@ __all__ = [
 
 ENV_PREFIX = "RELAIS_"
 ENV_CONFIG_PATH = "RELAIS_CONFIG"
+# RELAIS_<SECTION>__<KEY>_FILE=<path>: the setting's value is the content of that file.
+ENV_FILE_SUFFIX = "_FILE"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -178,7 +183,8 @@ def _build(cls: Any, data: Mapping[str, Any], where: str = "") -> Any:
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """RELAIS_SECTION__KEY=value -> {"section": {"key": value}}; unknown names are errors."""
+    """RELAIS_SECTION__KEY=value, or RELAIS_SECTION__KEY_FILE=path -> {"section": {"key": value}};
+    unknown names are errors."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
     out: dict[str, dict[str, str]] = {}
     for name, value in env.items():
@@ -194,8 +200,44 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
         spec = sections.get(section)
         if spec is None or not dataclasses.is_dataclass(spec.default_factory):  # type: ignore[arg-type]
             raise ConfigError(f"unknown environment variable {name}")
+        setting = _file_variant_of(spec.default_factory, attr)  # type: ignore[arg-type]
+        if setting:
+            plain = name[: -len(ENV_FILE_SUFFIX)]
+            if plain in env:
+                raise ConfigError(f"{plain} and {name} are both set: use one of them")
+            attr, value = setting, _read_value_file(name, value)
         out.setdefault(section, {})[attr] = value
     return out
+
+
+def _file_variant_of(section: type, attr: str) -> str:
+    """The setting `attr` reads from a file when it is `<setting>_file`, else "". A setting
+    whose own name ends in _file (shaping_file, tls_ca_file) is that setting, not a variant."""
+    names = {f.name for f in dataclasses.fields(section)}
+    suffix = ENV_FILE_SUFFIX.lower()
+    if attr in names or not attr.endswith(suffix) or attr[: -len(suffix)] not in names:
+        return ""
+    return attr[: -len(suffix)]
+
+
+def _read_value_file(name: str, path: str) -> str:
+    """The one-line value in the file a _FILE variable names, without its line ending. Errors
+    name the variable and the path, never the content: it is a secret."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path} is not UTF-8 text") from None
+    # `echo secret > file` and most editors end the file with a newline; it is not the value's.
+    value = text.rstrip("\r\n")
+    if not value.strip():
+        raise ConfigError(f"{name}: {path} is empty")
+    if "\n" in value or "\r" in value:
+        # As in the variable's own form, a list is comma-separated: one line per item would be
+        # read as a single item with line breaks in it.
+        raise ConfigError(f"{name}: {path} holds more than one line; write the value on one line")
+    return value
 
 
 def env_variable_names() -> list[str]:
@@ -205,7 +247,8 @@ def env_variable_names() -> list[str]:
         factory = section.default_factory
         if dataclasses.is_dataclass(factory):
             for f in dataclasses.fields(factory):
-                names.append(f"{ENV_PREFIX}{section.name.upper()}__{f.name.upper()}")
+                name = f"{ENV_PREFIX}{section.name.upper()}__{f.name.upper()}"
+                names += [name, name + ENV_FILE_SUFFIX]
     return names
 
 

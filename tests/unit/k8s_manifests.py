@@ -8,6 +8,7 @@ which test_k8s_render keeps equal to kubectl's output. Nothing here talks to a c
 
 from __future__ import annotations
 
+import base64
 import functools
 import shutil
 import subprocess
@@ -69,6 +70,36 @@ def load_yaml_file(path: Path) -> list[Manifest]:
 
 def secret_templates() -> list[Manifest]:
     return [doc for path in sorted(SECRET_TEMPLATES.glob("*.yaml")) for doc in load_yaml_file(path)]
+
+
+def secret_value(template: Manifest, key: str) -> str:
+    """A key's value in a Secret template, from stringData or (base64) data."""
+    if key in template.get("stringData", {}):
+        return str(template["stringData"][key])
+    return base64.b64decode(template["data"][key]).decode()
+
+
+def secret_files(workload: Manifest, container: Manifest) -> dict[str, tuple[str, str]]:
+    """Path in the container -> (Secret, key) of each file its mounted Secret volumes hold: the
+    volume's `items`, or every key of the Secret's template when it projects them all."""
+    volumes = {
+        v["name"]: v["secret"]
+        for v in workload["spec"]["template"]["spec"].get("volumes", [])
+        if "secret" in v
+    }
+    templates = {t["metadata"]["name"]: t for t in secret_templates()}
+    files: dict[str, tuple[str, str]] = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes.get(mount["name"])
+        if secret is None:
+            continue
+        assert "subPath" not in mount, "a subPath mount of a Secret never sees its rotation"
+        template = templates.get(secret["secretName"], {})
+        keys = [*template.get("stringData", {}), *template.get("data", {})]
+        items = secret.get("items") or [{"key": key, "path": key} for key in keys]
+        for item in items:
+            files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = (secret["secretName"], item["key"])
+    return files
 
 
 def by_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:

@@ -34,7 +34,9 @@ from tests.unit.k8s_manifests import (
     port_of,
     relais_workloads,
     render,
+    secret_files,
     secret_templates,
+    secret_value,
     walk,
     workloads,
 )
@@ -63,8 +65,32 @@ def effective_config(manifests: list[Manifest], workload: Manifest, tmp_path: Pa
         if name.startswith("RELAIS_")
     }
     env["RELAIS_CONFIG"] = str(path)
+    env.update(_secret_files_here(workload, env, tmp_path))
     return load_config(None, env)
 
+
+def _secret_files_here(workload: Manifest, env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """Each `_FILE` variable naming a file on a mounted Secret, pointed at a copy of that file
+    written from the Secret's template: what the kubelet would put at the path in the pod."""
+    files = secret_files(workload, _main_container(workload))
+    templates = {t["metadata"]["name"]: t for t in secret_templates()}
+    here: dict[str, str] = {}
+    for name, value in env.items():
+        if name in FILE_VARIANTS and value in files:
+            secret, key = files[value]
+            copy_path = tmp_path / workload["metadata"]["name"] / value.lstrip("/")
+            copy_path.parent.mkdir(parents=True, exist_ok=True)
+            copy_path.write_text(secret_value(templates[secret], key))
+            here[name] = str(copy_path)
+    return here
+
+
+# The variables that read a setting from a file (RELAIS_NATS__PASSWORD_FILE), not the settings
+# whose own name ends in _FILE (RELAIS_DELIVERY__SHAPING_FILE).
+_KNOWN_ENV = set(env_variable_names())
+FILE_VARIANTS = {n for n in _KNOWN_ENV if n.endswith("_FILE") and n.removesuffix("_FILE") in _KNOWN_ENV}
+# The settings that are secrets, which no manifest may pass as an environment variable.
+SECRET_SETTINGS = {"RELAIS_NATS__PASSWORD", "RELAIS_NATS__TOKEN", "RELAIS_BOUNCE__VERP_SECRETS"}
 
 # What the kubelet would give a pod for each `valueFrom`: secrets as an opaque string, fields as
 # an example of their kind.
@@ -267,8 +293,16 @@ def test_each_service_has_its_own_nats_user_in_the_jetstream_account(
     for workload in relais_workloads(manifests):
         config = effective_config(manifests, workload, tmp_path)
         assert config.nats.user in accounts["RELAIS"]
-        password = env_of(_main_container(workload))["RELAIS_NATS__PASSWORD"]["valueFrom"]["secretKeyRef"]
-        assert password == {"name": "relais-nats", "key": f"{config.nats.user}-password"}
+        container = _main_container(workload)
+        password_file = plain_env(container)["RELAIS_NATS__PASSWORD_FILE"]
+        assert secret_files(workload, container)[password_file] == (
+            "relais-nats",
+            f"{config.nats.user}-password",
+        )
+        # Its own password only: the other services' keys of relais-nats are not in the pod.
+        assert {k for s, k in secret_files(workload, container).values() if s == "relais-nats"} == {
+            f"{config.nats.user}-password"
+        }
         users.add(config.nats.user)
     # The services' users, and `admin` for the relais-topology pod: the only one that may
     # change streams, and the only pod with its password.
@@ -503,10 +537,66 @@ def test_every_secret_reference_is_provided_by_a_template(kustomization: Path) -
                 referenced += 1
             if isinstance(node, dict) and "secretName" in node:
                 assert node["secretName"] in templates, node
+                for item in node.get("items", []):
+                    assert item["key"] in keys[node["secretName"]], (node["secretName"], item)
                 referenced += 1
     assert referenced
     for secret in templates.values():
         assert secret["metadata"]["namespace"] == _namespace(render(kustomization))
+
+
+@PARAMS
+def test_no_secret_reaches_a_service_through_its_environment(kustomization: Path) -> None:
+    """Secrets are files on a mounted Secret, read through RELAIS_<SECTION>__<KEY>_FILE. An
+    environment variable is inherited by every child process, readable in /proc/<pid>/environ,
+    and copied into crash reports, debug dumps and the tools that describe a pod."""
+    for workload in relais_workloads(render(kustomization)):
+        name = workload["metadata"]["name"]
+        for container in containers(workload):
+            assert not [e for e in container.get("envFrom", []) if "secretRef" in e], name
+            for entry in container.get("env", []):
+                assert "secretKeyRef" not in entry.get("valueFrom", {}), (name, entry["name"])
+                assert entry["name"] not in SECRET_SETTINGS, (name, entry["name"])
+
+
+@PARAMS
+def test_every_file_variable_names_a_file_on_a_mounted_secret(kustomization: Path) -> None:
+    used = 0
+    for workload in relais_workloads(render(kustomization)):
+        for container in containers(workload):
+            files = secret_files(workload, container)
+            for name, value in plain_env(container).items():
+                if name in FILE_VARIANTS:
+                    assert value in files, f"{workload['metadata']['name']}: {name}={value} is on no Secret"
+                    used += 1
+    assert used, "no secret is read from a file"
+
+
+@PARAMS
+def test_secret_files_are_read_only_and_readable_by_the_service_alone(kustomization: Path) -> None:
+    """Mounted as root's files with the pod's group (fsGroup) readable: 0440. Without fsGroup
+    the service (uid 10001) could not read them; with an `other` bit, any uid could."""
+    secret_volumes = 0
+    for workload in relais_workloads(render(kustomization)):
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        context = pod["securityContext"]
+        secrets = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+        for volume, secret in secrets.items():
+            # A file's mode is its item's, else the volume's defaultMode (the API's default 0644).
+            default = secret.get("defaultMode", 0o644)
+            items = secret.get("items")
+            modes = [i.get("mode", default) for i in items] if items else [default]
+            for mode in modes:
+                assert mode & 0o007 == 0, f"{name}: {volume} is readable by any uid ({mode:o})"
+                assert mode & 0o040, f"{name}: {volume} is not readable by the pod's group ({mode:o})"
+            assert context["fsGroup"] == context["runAsGroup"], name
+            secret_volumes += 1
+        for container in containers(workload):
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] in secrets:
+                    assert mount.get("readOnly") is True, f"{name}: {mount['name']}"
+    assert secret_volumes
 
 
 @PARAMS
@@ -574,7 +664,11 @@ def test_verp_secrets_reach_only_the_services_that_sign_and_verify(
     for workload in relais_workloads(manifests):
         component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
         if component in ("ingress", "router"):
-            assert "RELAIS_BOUNCE__VERP_SECRETS" not in env_of(_main_container(workload))
+            container = _main_container(workload)
+            assert not {"RELAIS_BOUNCE__VERP_SECRETS", "RELAIS_BOUNCE__VERP_SECRETS_FILE"} & set(
+                env_of(container)
+            )
+            assert "relais-verp" not in {s for s, _ in secret_files(workload, container).values()}
         verp.setdefault(component, set()).add(effective_config(manifests, workload, tmp_path).bounce.verp)
     # Delivery signs return paths and bounce verifies them: on for both, or off for both.
     assert len(verp["delivery"] | verp["bounce"]) == 1
