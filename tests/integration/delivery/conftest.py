@@ -11,6 +11,8 @@ names the source a message left from.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from services.core import dns as relais_dns
 from services.core.config import DnsConfig, PoolConfig, SourceConfig
 from services.core.embedded import EmbeddedNats
 from services.delivery.connections import ConnectionPool
+from services.delivery.control import DeliveryControl
 from services.delivery.sending import AttemptResult, send_job
 from services.delivery.shaping import Limits
 from services.delivery.smtp_session import SessionSettings, Source, TransactionResult, open_connection
@@ -167,3 +170,19 @@ async def attempt(
         policy=TlsPolicy(),
         **options,
     )
+
+
+@contextlib.asynccontextmanager
+async def running_controls(js: Any, count: int, **start: Any) -> AsyncIterator[list[DeliveryControl]]:
+    """The pause and push-back control of `count` delivery workers, each watching the bucket
+    (`start`: DeliveryControl.start's options); stopped on the way out."""
+    stop = asyncio.Event()
+    controls = [DeliveryControl(js) for _ in range(count)]
+    try:
+        for control in controls:
+            await control.start(stop, **start)
+        yield controls
+    finally:
+        stop.set()
+        for control in controls:
+            await control.stop()

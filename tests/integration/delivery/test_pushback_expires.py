@@ -20,6 +20,7 @@ from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subjec
 from services.delivery import pause
 from services.delivery.control import Backoff, DeliveryControl, backoff_key
 from services.delivery.shaping import Pushback
+from tests.integration.delivery.conftest import running_controls
 
 SOURCE = "127.0.0.21"
 WORKERS = 2
@@ -33,16 +34,8 @@ WAIT = 30.0  # the longest any step may take on a loaded machine
 
 @pytest.fixture
 async def workers(topology_bus: Bus) -> AsyncIterator[list[DeliveryControl]]:
-    stop = asyncio.Event()
-    controls = [DeliveryControl(topology_bus.js) for _ in range(WORKERS)]
-    try:
-        for control in controls:
-            await control.start(stop)
+    async with running_controls(topology_bus.js, WORKERS) as controls:
         yield controls
-    finally:
-        stop.set()
-        for control in controls:
-            await control.stop()
 
 
 def reply(text: str) -> Reply:

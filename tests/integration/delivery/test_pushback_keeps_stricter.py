@@ -16,6 +16,7 @@ from services.core.outcome import Reply
 from services.core.topology import DELIVERY_CONTROL_BUCKET
 from services.delivery.control import Backoff, DeliveryControl, backoff_key
 from services.delivery.shaping import Pushback
+from tests.integration.delivery.conftest import running_controls
 
 SOURCE, SITE = "127.0.0.21", "gmail"
 PROVIDER = Pushback("provider-rate", re.compile("rate limited"), duration=3600.0, messages_per_minute=10)
@@ -26,16 +27,8 @@ WORKERS = 4
 @pytest.fixture
 async def workers(topology_bus: Bus) -> AsyncIterator[list[DeliveryControl]]:
     """The control of `WORKERS` delivery workers, each watching the bucket; stopped on the way out."""
-    stop = asyncio.Event()
-    controls = [DeliveryControl(topology_bus.js) for _ in range(WORKERS)]
-    try:
-        for control in controls:
-            await control.start(stop)
+    async with running_controls(topology_bus.js, WORKERS) as controls:
         yield controls
-    finally:
-        stop.set()
-        for control in controls:
-            await control.stop()
 
 
 async def stored(bus: Bus) -> Backoff:

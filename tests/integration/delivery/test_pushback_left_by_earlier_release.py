@@ -20,6 +20,7 @@ from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subjec
 from services.delivery import pause
 from services.delivery.control import LEFT_BEHIND, Backoff, DeliveryControl, backoff_key, purge_ended
 from services.delivery.shaping import Pushback
+from tests.integration.delivery.conftest import running_controls
 
 SOURCE = "127.0.0.21"
 HOUR = Pushback("provider-hour", re.compile("try in an hour"), duration=3600.0, messages_per_minute=10)
@@ -104,10 +105,7 @@ async def test_workers_purging_while_a_push_back_lands_keep_it(
     # records a push-back on its key. Whichever lands first, the push-back is what stays.
     js = topology_bus.js
     await store_as_earlier_release(js, "gmail", time.time() - 2 * LEFT_BEHIND)
-    sweepers = [DeliveryControl(js) for _ in range(4)]
-    for control in sweepers:
-        await control.start(stop, sweep_every=SWEEP_EVERY)
-    try:
+    async with running_controls(js, 4, sweep_every=SWEEP_EVERY) as sweepers:
         await asyncio.sleep(SWEEP_EVERY / 2)
         fresh = await DeliveryControl(js).push_back(SOURCE, "gmail", HOUR, reply("try in an hour"))
         await asyncio.sleep(5 * SWEEP_EVERY)  # several sweeps by every worker since
@@ -116,6 +114,3 @@ async def test_workers_purging_while_a_push_back_lands_keep_it(
         assert kept is not None and kept.data and Backoff.from_bytes(kept.data) == fresh
         for control in sweepers:
             assert control.backoff(SOURCE, "gmail") == fresh
-    finally:
-        for control in sweepers:
-            await control.stop()

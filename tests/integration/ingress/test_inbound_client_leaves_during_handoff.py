@@ -15,8 +15,6 @@ is held, after JetStream acknowledged it, until the ingress has seen the client 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import smtplib
 from collections.abc import Callable
 from typing import Any
@@ -35,14 +33,13 @@ from tests.integration.ingress.helpers import (
     inbound_message,
     listener,
     queued_inbound,
-    settle,
     tls_sections,
 )
 from tests.integration.ingress.test_quota_client_leaves_during_handoff import (
     HeldStep,
-    _gone,
     _reset,
     _stuffed,
+    leave_while_held,
 )
 from tests.support.certs import TestPKI
 from tests.support.relais import stored_bodies
@@ -101,19 +98,7 @@ async def test_an_inbound_message_whose_client_left_during_the_hand_off_is_queue
     else:
         sock = await in_thread(hold_data, address, _stuffed(inbound_message(OCTETS)), INBOUND_TO_DATA)
         leave = lambda: _reset(sock)  # noqa: E731
-    try:
-        assert await asyncio.to_thread(held.entered.wait, 30), "the hand-off never stored the body"
-        [session] = service._connections
-        task = session._handler_coroutine
-        assert task is not None
-        leave()
-        assert await settle(lambda: _gone(session)), "the ingress never saw the client leave"
-    finally:
-        held.release.set()
-        with contextlib.suppress(OSError):
-            leave()  # a no-op unless the test failed before the client left
-    await asyncio.wait({task}, timeout=30)
-    assert task.done()
+    await leave_while_held(service, held, leave)
 
     url = stack.config.nats.url
     envelopes = await queued_inbound(url)

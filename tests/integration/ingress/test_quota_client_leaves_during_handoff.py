@@ -112,6 +112,24 @@ def _gone(session: Any) -> bool:
     return session.transport is None or session._half_closed
 
 
+async def leave_while_held(service: IngressService, held: HeldStep, leave: Callable[[], None]) -> None:
+    """Once the hand-off reached the held step: the client leaves, the ingress sees it go, the
+    step goes on, and the session's task runs to its end."""
+    try:
+        assert await asyncio.to_thread(held.entered.wait, 30), "the hand-off never reached the step"
+        [session] = service._connections
+        task = session._handler_coroutine
+        assert task is not None
+        leave()
+        assert await settle(lambda: _gone(session)), "the ingress never saw the client leave"
+    finally:
+        held.release.set()
+        with contextlib.suppress(OSError):
+            leave()  # a no-op unless the test failed before the client left
+    await asyncio.wait({task}, timeout=30)
+    assert task.done()
+
+
 @pytest.mark.parametrize("step", [hold_counter, hold_envelope], ids=["counting", "queueing"])
 @pytest.mark.parametrize("leaving", ["close", "reset", "tls-close"])
 async def test_a_message_whose_client_left_during_the_hand_off_is_queued_and_counted(
@@ -133,19 +151,7 @@ async def test_a_message_whose_client_left_during_the_hand_off_is_queued_and_cou
     else:
         sock = await in_thread(hold_data, stack.smtp_address, _stuffed(message()))
         leave = (lambda: _reset(sock)) if leaving == "reset" else sock.close
-    try:
-        assert await asyncio.to_thread(held.entered.wait, 30), "the hand-off never reached the step"
-        [session] = service._connections
-        task = session._handler_coroutine
-        assert task is not None
-        leave()
-        assert await settle(lambda: _gone(session)), "the ingress never saw the client leave"
-    finally:
-        held.release.set()
-        with contextlib.suppress(OSError):
-            leave()  # a no-op unless the test failed before the client left
-    await asyncio.wait({task}, timeout=30)
-    assert task.done()
+    await leave_while_held(service, held, leave)
 
     [env] = await queued(stack.config.nats.url)
     # Queued, so accepted: webhooks and `relais message` hear of it like of any other.

@@ -51,6 +51,15 @@ class _WaitingForSessions(logging.Handler):
             self.seen.set()
 
 
+async def stop_until_it_waits(stack: Any, waiting: _WaitingForSessions) -> asyncio.Task[None]:
+    """Start the stop, and return once it waits for what is left running (or has ended)."""
+    stopping = asyncio.create_task(stack.stop())
+    seen = asyncio.create_task(waiting.seen.wait())
+    await asyncio.wait({stopping, seen}, return_when=asyncio.FIRST_COMPLETED)
+    seen.cancel()
+    return stopping
+
+
 @pytest.fixture
 def stop_waiting() -> Any:
     handler = _WaitingForSessions()
@@ -88,10 +97,7 @@ async def test_stop_waits_for_the_hand_off_of_a_client_that_left(
         assert not service._connections
 
         # The replica stops as `relais ingress` does: the service, then its NATS connection.
-        stopping = asyncio.create_task(stack.stop())
-        waiting = asyncio.create_task(stop_waiting.seen.wait())
-        await asyncio.wait({stopping, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
+        stopping = await stop_until_it_waits(stack, stop_waiting)
     finally:
         held.release.set()
         with contextlib.suppress(OSError):

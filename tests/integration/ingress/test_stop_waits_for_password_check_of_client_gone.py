@@ -29,6 +29,7 @@ from tests.integration.ingress.test_auth_client_leaves_during_check import (  # 
 )
 from tests.integration.ingress.test_stop_waits_for_hand_off_of_client_gone import (  # noqa: F401 - fixture
     _WaitingForSessions,
+    stop_until_it_waits,
     stop_waiting,
 )
 
@@ -47,10 +48,7 @@ async def test_stop_waits_for_the_password_check_of_a_client_that_left(
         assert await asyncio.to_thread(held.entered.wait, 30), "the password was never checked"
 
         # The replica stops as `relais ingress` does: the service, then its NATS connection.
-        stopping = asyncio.create_task(stack.stop())
-        waiting = asyncio.create_task(stop_waiting.seen.wait())
-        await asyncio.wait({stopping, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
+        stopping = await stop_until_it_waits(stack, stop_waiting)
     finally:
         held.release.set()
         with contextlib.suppress(OSError):
