@@ -145,25 +145,28 @@ def _start_services(
 
 def _wait_until_up(
     children: dict[str, subprocess.Popen[bytes]],
-    ingress_http: str,
+    http: dict[str, str],
     smtp: str,
     logs_dir: Path,
     stopping: Callable[[], bool],
     timeout: float,
 ) -> None:
-    """Until the ingress is ready (its own /readyz) and its mail listener answers; raises
-    StartFailed when a service exits first or `timeout` passes. Returns early when stopping."""
+    """Until every service is ready (its own /readyz) and the ingress's mail listener answers;
+    raises StartFailed when a service exits first or `timeout` passes. Returns early when
+    stopping. Every service, not the ingress alone: "up" with a router still starting would
+    queue mail nobody routes yet, and a Ctrl-C then would find that router not yet able to
+    stop cleanly."""
     deadline = time.monotonic() + timeout
     while not stopping():
         for name, child in children.items():
             if child.poll() is not None:
                 raise StartFailed(_exited(name, child, logs_dir, "while starting"))
-        if _ready(ingress_http) and _answers(*split_listen(smtp)):
+        waiting = [name for name, address in http.items() if not _ready(address)]
+        if not waiting and _answers(*split_listen(smtp)):
             return
         if time.monotonic() >= deadline:
-            raise StartFailed(
-                f"not up within {timeout:.0f}s: the ingress is not ready on {smtp}; see {logs_dir}"
-            )
+            not_ready = ", ".join(waiting) or f"the ingress's listener on {smtp}"
+            raise StartFailed(f"not up within {timeout:.0f}s: not ready: {not_ready}; see {logs_dir}")
         time.sleep(0.2)
 
 
@@ -290,7 +293,7 @@ def run_up(
         http = {name: f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES}
         _start_services(env, http, logs_dir, children)
         try:
-            _wait_until_up(children, http["ingress"], smtp, logs_dir, lambda: stopping, start_timeout)
+            _wait_until_up(children, http, smtp, logs_dir, lambda: stopping, start_timeout)
         except StartFailed as exc:
             print(f"relais: {exc}", file=sys.stderr)
             return 1

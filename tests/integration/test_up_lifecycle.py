@@ -125,5 +125,5 @@ def test_a_start_up_timeout_is_one_line_and_status_1(tmp_path: Path) -> None:
         )
         assert ran.returncode == 1, ran
         assert ran.stdout == "" and len(ran.stderr.splitlines()) == 1, ran
-        assert ran.stderr.startswith("relais: not up within 0s: the ingress is not ready"), ran.stderr
+        assert ran.stderr.startswith("relais: not up within 0s: not ready: router, delivery, bounce, ingress"), ran.stderr
         assert not [pid for pid in started_by(data) if alive(pid)]
