@@ -125,5 +125,6 @@ def test_a_start_up_timeout_is_one_line_and_status_1(tmp_path: Path) -> None:
         )
         assert ran.returncode == 1, ran
         assert ran.stdout == "" and len(ran.stderr.splitlines()) == 1, ran
-        assert ran.stderr.startswith("relais: not up within 0s: not ready: router, delivery, bounce, ingress"), ran.stderr
+        expected = "relais: not up within 0s: not ready: router, delivery, bounce, ingress"
+        assert ran.stderr.startswith(expected), ran.stderr
         assert not [pid for pid in started_by(data) if alive(pid)]
