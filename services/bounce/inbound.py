@@ -247,9 +247,9 @@ def _bounce_finding(
 
 
 class InboundHandler:
-    """Consumer of `relais.inbound` (durable `bounce-inbound`). `follow_accounts` must run
-    alongside: a return path of a long account name carries only a handle, which the names of
-    the account records resolve."""
+    """Consumer of `relais.inbound` (durable `bounce-inbound`). `accounts` is the bounce
+    service's watch of the account records (run by its webhooks): a return path of a long account
+    name carries only a handle, which the names of the records resolve."""
 
     def __init__(
         self,
@@ -257,6 +257,7 @@ class InboundHandler:
         bus: Bus,
         bodies: BodyStore,
         rules: Sequence[BounceRule],
+        accounts: AccountWatch,
     ) -> None:
         self._config = config
         self._bus = bus
@@ -264,15 +265,9 @@ class InboundHandler:
         self._rules = rules
         self._suppression = SuppressionList(bus.js)
         self._parsers = ThreadPoolExecutor(_PARSERS, thread_name_prefix="relais-report")
-        self._accounts = AccountWatch(bus.js, {}, check_password_hash=False, on_change=self._accounts_changed)
+        self._accounts = accounts
+        accounts.on_change(self._accounts_changed)
         self._handles: dict[str, str] | None = None  # built from the names when first needed
-
-    async def follow_accounts(self, stop: asyncio.Event) -> None:
-        self._accounts.start()
-        try:
-            await stop.wait()
-        finally:
-            await self._accounts.stop()
 
     def _accounts_changed(self) -> None:
         self._handles = None

@@ -78,8 +78,8 @@ class BounceService:
         self._rules = rules_from_data(config.bounce.rules) + DEFAULT_RULES
         self._suppression = SuppressionList(bus.js)
         self._hold = HoldStore(bus.js)
-        self._inbound = InboundHandler(config.bounce, bus, self._bodies, self._rules)
         self._webhooks = WebhookDispatcher(config, bus)
+        self._inbound = InboundHandler(config.bounce, bus, self._bodies, self._rules, self._webhooks.records)
 
     def webhook_accounts(self) -> list[str]:
         """The accounts whose events are posted now (their lag is on /metrics)."""
@@ -96,7 +96,6 @@ class BounceService:
             # Also with dsn_window = 0: windows opened before the setting changed still end.
             consume(bounce_flush_binding(), self.flush, 16),
             consume(inbound_binding(), self._inbound.handle, 8),
-            self._inbound.follow_accounts(stop),
             self._webhooks.run(stop),
         )
 

@@ -188,12 +188,19 @@ class WebhookDispatcher:
         # otherwise be tried at the base delay for as long as it stays down.
         self._failures: dict[str, int] = {}
         self._changed = asyncio.Event()
-        self._records = AccountWatch(bus.js, {}, check_password_hash=False, on_change=self._accounts_changed)
+        self._records = AccountWatch(bus.js, {}, check_password_hash=False)
+        self._records.on_change(self._accounts_changed)
         self._webhooks = self._with_webhooks()
         self._webhooks_compared = False  # the config file's webhooks with the records in KV
         # account -> the event that ends its posting loop after the batch in hand
         self._posting: dict[str, asyncio.Event] = {}
         self._loops: set[asyncio.Task[None]] = set()  # those ending included, awaited at stop
+
+    @property
+    def records(self) -> AccountWatch:
+        """The account records as this replica follows them (started and stopped by `run`), for
+        the bounce service's other readers: one watch of the bucket per process."""
+        return self._records
 
     def webhook_accounts(self) -> list[str]:
         """The accounts whose events this replica posts now."""

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 class AccountWatch:
     """`accounts` is the config file's until the first snapshot of KV arrives (`loaded`), then
-    the records in KV, updated as they change. `on_change` is called after every change, the
-    first snapshot included."""
+    the records in KV, updated as they change. The listeners given to `on_change` are called
+    after every change, the first snapshot included: one watch serves every reader in a
+    process."""
 
     def __init__(
         self,
@@ -33,14 +34,17 @@ class AccountWatch:
         initial: Mapping[str, AccountConfig],
         *,
         check_password_hash: bool = True,
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._js = js
         self._check_password_hash = check_password_hash
-        self._on_change = on_change
+        self._listeners: list[Callable[[], None]] = []
         self.accounts: dict[str, AccountConfig] = dict(initial)
         self.loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change the watch applies (the first snapshot included)."""
+        self._listeners.append(listener)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch())
@@ -86,5 +90,5 @@ class AccountWatch:
                 await asyncio.sleep(1.0)
 
     def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
+        for listener in self._listeners:
+            listener()

@@ -34,9 +34,8 @@ class AccountStore:
     def __init__(self, js: JetStreamContext, seed: Mapping[str, AccountConfig]) -> None:
         self._js = js
         self._seed = dict(seed)
-        self._listeners: list[Callable[[], None]] = []
         # Until the first KV snapshot arrives, the config file is the best knowledge there is.
-        self._watch = AccountWatch(js, seed, on_change=self._changed)
+        self._watch = AccountWatch(js, seed)
 
     @property
     def loaded(self) -> asyncio.Event:
@@ -56,11 +55,7 @@ class AccountStore:
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every change the watch applies (the first snapshot included)."""
-        self._listeners.append(listener)
-
-    def _changed(self) -> None:
-        for listener in self._listeners:
-            listener()
+        self._watch.on_change(listener)
 
     async def start(self, wait: float = 5.0) -> None:
         try:

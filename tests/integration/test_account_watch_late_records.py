@@ -38,7 +38,8 @@ async def first_view(url: str) -> tuple[dict[str, AccountConfig], list[dict[str,
     """The view once `loaded`, and the view at each `on_change` call until then."""
     nc = await nats.connect(url)
     seen: list[dict[str, AccountConfig]] = []
-    watch = AccountWatch(nc.jetstream(), {}, on_change=lambda: seen.append(dict(watch.accounts)))
+    watch = AccountWatch(nc.jetstream(), {})
+    watch.on_change(lambda: seen.append(dict(watch.accounts)))
     watch.start()
     try:
         async with asyncio.timeout(20):  # a guard against a hang, not a measure
