@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import smtplib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -18,7 +20,8 @@ import pytest
 
 from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from services.core.bus import Bus, inbox_prefix
-from services.core.config import AccountConfig
+from services.core.config import AccountConfig, ListenerConfig
+from services.core.embedded import free_port
 from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.suppression import Suppression, SuppressionList
 from services.core.topology import inbound_subject
@@ -29,7 +32,8 @@ from tests.integration.spine.conftest import (  # noqa: F401 - fixtures
     stack,
     zone,
 )
-from tests.support.relais import ACCOUNT, SENDER_DOMAIN, password_hash
+from tests.support.bounce_samples import postfix_dsn
+from tests.support.relais import ACCOUNT, SENDER_DOMAIN, RelaisStack, password_hash, wait_listening
 
 RETURN_DOMAIN = "bounces.relais.test"
 SECRET = "verp-secret-0123456789"
@@ -57,6 +61,41 @@ async def publish_inbound(nats_url: str, raw: bytes, recipients: list[str], send
         return env.id
     finally:
         await nc.close()
+
+
+async def stack_with_inbound_listener(
+    make: Callable[..., Any], **sections: Any
+) -> tuple[RelaisStack, tuple[str, int]]:
+    """A stack with VERP on, a submission listener and an inbound (port-25-style) listener that
+    takes mail for the return path domain (`make`: the make_stack fixture): the stack and the
+    inbound listener's address."""
+    submission = f"127.0.0.1:{free_port()}"
+    inbound = ("127.0.0.1", free_port())
+    made = await make(
+        bounce=VERP,
+        smtp_listen=submission,
+        ingress={
+            "listeners": [
+                ListenerConfig(listen=submission, mode="submission"),
+                ListenerConfig(listen=f"{inbound[0]}:{inbound[1]}", mode="inbound"),
+            ],
+            "local_domains": [RETURN_DOMAIN],
+        },
+        **sections,
+    )
+    wait_listening(inbound)
+    return made, inbound
+
+
+async def bounce_over_smtp(inbound: tuple[str, int], return_path: str, recipient: str) -> None:
+    """What the recipient's MTA does days later: a DSN to the return path it was given."""
+
+    def send() -> None:
+        with smtplib.SMTP(*inbound, timeout=30) as client:
+            client.ehlo("mx.alpha.test")
+            client.sendmail("", [return_path], postfix_dsn(to=return_path, recipient=recipient))
+
+    await asyncio.to_thread(send)
 
 
 async def publish_route(nats_url: str, env: Envelope) -> None:

@@ -4,20 +4,19 @@ recipient through the token, the address suppressed, the next message to it not 
 from __future__ import annotations
 
 import asyncio
-import smtplib
 
-from services.core.config import ListenerConfig
-from services.core.embedded import free_port
 from services.core.topology import INBOUND_CONSUMER, INBOUND_STREAM
 from tests.integration.bounce.conftest import (
     RETURN_DOMAIN,
     VERP,
+    bounce_over_smtp,
     publish_inbound,
+    stack_with_inbound_listener,
     suppression_entry,
     wait_consumed,
 )
 from tests.support.bounce_samples import exim_bounce, postfix_dsn
-from tests.support.relais import ACCOUNT, asubmit, message, read_events, wait_for_events, wait_listening
+from tests.support.relais import ACCOUNT, asubmit, message, read_events, wait_for_events
 
 
 async def test_async_dsn_suppresses_and_the_next_message_is_not_sent(make_stack, make_sink) -> None:
@@ -64,31 +63,13 @@ async def test_multi_recipient_job_exim_bounce_maps_to_the_named_recipient(make_
 
 async def test_bounce_over_smtp_to_the_inbound_listener(make_stack, make_sink) -> None:
     """End to end: the remote MTA's bounce arrives on the ingress's port-25-style listener."""
-    submission = f"127.0.0.1:{free_port()}"
-    inbound = ("127.0.0.1", free_port())
-    stack = await make_stack(
-        bounce=VERP,
-        smtp_listen=submission,
-        ingress={
-            "listeners": [
-                ListenerConfig(listen=submission, mode="submission"),
-                ListenerConfig(listen=f"{inbound[0]}:{inbound[1]}", mode="inbound"),
-            ],
-            "local_domains": [RETURN_DOMAIN],
-        },
-    )
+    stack, inbound = await stack_with_inbound_listener(make_stack)
     url = stack.config.nats.url
     sink = make_sink("127.0.0.2")
     assert (await asubmit(stack.smtp_address, recipients=["smtp@alpha.test"], data=message()))[0] == 250
     (sent,) = await sink.async_wait_for(1)
-    wait_listening(inbound)
 
-    def bounce_over_smtp() -> None:
-        with smtplib.SMTP(*inbound, timeout=30) as client:
-            client.ehlo("mx.alpha.test")
-            client.sendmail("", [sent.mail_from], postfix_dsn(to=sent.mail_from, recipient="smtp@alpha.test"))
-
-    await asyncio.to_thread(bounce_over_smtp)
+    await bounce_over_smtp(inbound, sent.mail_from, "smtp@alpha.test")
     (bounced,) = await wait_for_events(url, "bounced", 1)
     assert bounced.recipients == ["smtp@alpha.test"] and bounced.detail["source"] == "async"
     await wait_consumed(url, INBOUND_STREAM, INBOUND_CONSUMER)

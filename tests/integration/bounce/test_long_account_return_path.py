@@ -12,11 +12,14 @@ import time
 
 import nats
 
-from services.core.config import AccountConfig, ListenerConfig
-from services.core.embedded import free_port
+from services.core.config import AccountConfig
 from services.ingress.accounts import put_account
-from tests.integration.bounce.conftest import RETURN_DOMAIN, VERP, suppression_entry
-from tests.support.bounce_samples import postfix_dsn
+from tests.integration.bounce.conftest import (
+    RETURN_DOMAIN,
+    bounce_over_smtp,
+    stack_with_inbound_listener,
+    suppression_entry,
+)
 from tests.support.relais import (
     ACCOUNT,
     SENDER_DOMAIN,
@@ -25,7 +28,6 @@ from tests.support.relais import (
     password_hash,
     submit,
     wait_for_events,
-    wait_listening,
 )
 
 LONG = "northwind-traders-transactional-mail-eu1"  # 40 characters
@@ -34,36 +36,6 @@ LATER = "contoso-pharmaceuticals-patient-notices-nl"  # 42, added with `relais a
 
 def sender() -> AccountConfig:
     return AccountConfig(password_hash=password_hash(), domains=[SENDER_DOMAIN], pool="default")
-
-
-async def stack_with_inbound_listener(make_stack, accounts: dict[str, AccountConfig]):
-    submission = f"127.0.0.1:{free_port()}"
-    inbound = ("127.0.0.1", free_port())
-    stack = await make_stack(
-        bounce=VERP,
-        smtp_listen=submission,
-        accounts=accounts,
-        ingress={
-            "listeners": [
-                ListenerConfig(listen=submission, mode="submission"),
-                ListenerConfig(listen=f"{inbound[0]}:{inbound[1]}", mode="inbound"),
-            ],
-            "local_domains": [RETURN_DOMAIN],
-        },
-    )
-    wait_listening(inbound)
-    return stack, inbound
-
-
-async def bounce_over_smtp(inbound: tuple[str, int], return_path: str, recipient: str) -> None:
-    """What the recipient's MTA does days later: a DSN to the return path it was given."""
-
-    def send() -> None:
-        with smtplib.SMTP(*inbound, timeout=30) as client:
-            client.ehlo("mx.alpha.test")
-            client.sendmail("", [return_path], postfix_dsn(to=return_path, recipient=recipient))
-
-    await asyncio.to_thread(send)
 
 
 async def assert_bounce_counts_for(url: str, account: str, delivered_id: str, recipient: str) -> None:
@@ -78,7 +50,8 @@ def local_part(address: str) -> str:
 
 
 async def test_a_long_account_name_gets_a_return_path_its_bounces_come_back_to(make_stack, make_sink) -> None:
-    stack, inbound = await stack_with_inbound_listener(make_stack, {ACCOUNT: sender(), LONG: sender()})
+    accounts = {ACCOUNT: sender(), LONG: sender()}
+    stack, inbound = await stack_with_inbound_listener(make_stack, accounts=accounts)
     url = stack.config.nats.url
     sink = make_sink("127.0.0.2")
     reply = await asubmit(stack.smtp_address, user=LONG, recipients=["gone@alpha.test"], data=message())
@@ -107,7 +80,7 @@ async def submit_once_known(address: tuple[str, int], user: str, recipients: lis
 
 
 async def test_an_account_added_to_the_records_later_is_found_from_its_bounce(make_stack, make_sink) -> None:
-    stack, inbound = await stack_with_inbound_listener(make_stack, {ACCOUNT: sender()})
+    stack, inbound = await stack_with_inbound_listener(make_stack, accounts={ACCOUNT: sender()})
     url = stack.config.nats.url
     nc = await nats.connect(url)
     try:
