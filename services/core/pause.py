@@ -9,12 +9,16 @@ import each other's internals. Keys sit in the delivery control bucket declared 
 Names are pool names, source IPs or site names (MX hosts, in A-labels as the router names them);
 ':' of IPv6 addresses, which KV keys cannot hold, is written as '_', so every key is a valid KV
 key and maps back to one name.
+
+A pause carries no TTL: it stays until resumed. A resume purges its key with a marker that
+expires in turn (`purge_marker`), so a resumed pause leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +31,7 @@ from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 from services.core.addresses import domain_key, ip_key
 from services.core.bus import WRONG_LAST_SEQUENCE, is_kv_delete, leader_last
 from services.core.kv_watch import stored
-from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_stream, kv_subject
+from services.core.topology import DELIVERY_CONTROL_BUCKET, DELIVERY_CONTROL_MARKER_TTL, kv_stream, kv_subject
 
 PAUSE_KINDS = ("pool", "source", "site")
 _KEY_PREFIX = "pause"
@@ -112,6 +116,28 @@ def decode_pause(key: str, value: bytes) -> Pause:
         return Pause(kind, name, reason="unreadable pause record")
 
 
+def ttl_header(seconds: float) -> str:
+    """A `Nats-TTL` value no shorter than `seconds`: the header counts whole seconds, and a
+    record removed before its back-off ends would lift it early."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def purge_marker(revision: int) -> dict[str, str]:
+    """The headers of a purge marker for a key of the delivery control bucket (a resumed pause, an
+    ended back-off), as KV's purge writes it, stored only if the key is still at `revision`: the
+    purge(key, revision) of the other NATS clients. It removes the key's value, and goes itself
+    after `DELIVERY_CONTROL_MARKER_TTL`: every watching worker has seen it by then, and one whose
+    watch was away longer reads the bucket anew. Without the TTL, every key ever resumed or
+    purged stayed in the bucket, and in the replay each starting worker reads."""
+    return {
+        KV_OP: KV_PURGE,
+        Header.ROLLUP.value: MSG_ROLLUP_SUBJECT,
+        Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(revision),
+        # Read at each call: tests shorten it.
+        Header.MSG_TTL.value: ttl_header(DELIVERY_CONTROL_MARKER_TTL),
+    }
+
+
 class PauseState:
     """Read and write pause flags. Every call is a KV operation or two; callers cache if they must."""
 
@@ -137,16 +163,11 @@ class PauseState:
         read = await self._stored(key)
         if read is None:
             return False
-        # A purge marker as KV's purge writes it, stored only if the key is still at the revision
-        # read: the purge(key, revision) of the other NATS clients. Not a stream purge up to that
-        # sequence: the delivery workers watch the bucket, and would never see the pause end.
-        headers = {
-            KV_OP: KV_PURGE,
-            Header.ROLLUP.value: MSG_ROLLUP_SUBJECT,
-            Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(read.seq),
-        }
+        # A purge marker at the revision read, not a stream purge up to that sequence: the
+        # delivery workers watch the bucket, and would never see the pause end.
         try:
-            await self._js.publish(kv_subject(DELIVERY_CONTROL_BUCKET, key), b"", headers=headers)
+            marker = purge_marker(read.seq)
+            await self._js.publish(kv_subject(DELIVERY_CONTROL_BUCKET, key), b"", headers=marker)
             return True
         except APIError as exc:
             if exc.err_code not in WRONG_LAST_SEQUENCE:

@@ -81,7 +81,7 @@ SHAPING_BUCKET = "relais-shaping"
 DELIVERY_CONTROL_BUCKET = "relais-delivery-control"
 # A back-off is stored with a per-message TTL (ADR-43) and expires when it ends; JetStream then
 # writes a marker that tells every watching worker, and removes that marker after this long.
-# Pauses carry no TTL and stay until resumed.
+# Pauses carry no TTL and stay until resumed; a resume's marker is removed after this long too.
 DELIVERY_CONTROL_MARKER_TTL = 300.0
 # Warm-up/daily-cap counters per (UTC day, source, site), shared by every router replica.
 WARMUP_BUCKET = "relais-warmup"
@@ -427,6 +427,11 @@ def _keeping_later_subjects(current: StreamConfig, stream: StreamConfig) -> Stre
     return replace(stream, subjects=[*(stream.subjects or []), *later]) if later else stream
 
 
+# Buckets written in atomic batches, a setting KeyValueConfig cannot carry: the router stores a
+# job's warm-up counts and its verdict in one (ADR-50).
+_ATOMIC_BUCKETS = (WARMUP_BUCKET,)
+
+
 async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     """Create (or update) every stream, consumer and bucket. Safe to run from every replica."""
     for stream in stream_configs(config):
@@ -439,8 +444,8 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     await _ensure_body_store(js, config)
     for bucket in kv_configs(config):
         await _ensure_kv(js, bucket)
-    # The router stores a job's warm-up counts and its verdict in one atomic batch (ADR-50).
-    await _bring_stream_to(js, kv_stream(WARMUP_BUCKET), {"allow_atomic": True})
+    for bucket in _ATOMIC_BUCKETS:
+        await _bring_stream_to(js, kv_stream(bucket), {"allow_atomic": True})
 
 
 class TopologyMissing(RuntimeError):
@@ -450,8 +455,9 @@ class TopologyMissing(RuntimeError):
 
 async def missing_topology(js: JetStreamContext, config: Config) -> list[str]:
     """What `ensure_topology` would create and is not there: streams (or the subjects this
-    release added to one), consumers, the body store, buckets. Only reads (stream and consumer
-    info), so a user without the right to change streams can ask."""
+    release added to one), consumers, the body store, buckets (or the settings their writers
+    need). Only reads (stream and consumer info), so a user without the right to change streams
+    can ask."""
     missing: list[str] = []
     for stream in stream_configs(config):
         try:
@@ -473,17 +479,20 @@ async def missing_topology(js: JetStreamContext, config: Config) -> list[str]:
 
 
 async def _missing_bucket(js: JetStreamContext, bucket: KeyValueConfig) -> list[str]:
-    """The bucket, or the per-message TTLs its writers need: their writes with a TTL would be
-    refused. Its other settings (expiry markers among them) `ensure_topology` brings in line,
-    but the services work without them."""
+    """The bucket, or the settings its writers need: per-message TTLs and atomic batches, without
+    which their writes would be refused. Its other settings (expiry markers among them)
+    `ensure_topology` brings in line, but the services work without them."""
     name = kv_stream(bucket.bucket)
     try:
         current = (await js.stream_info(name)).config
     except NotFoundError:
         return [name]
+    missing = []
     if _message_ttls(bucket) and not current.allow_msg_ttl:
-        return [f"{name} per-message TTL"]
-    return []
+        missing.append(f"{name} per-message TTL")
+    if bucket.bucket in _ATOMIC_BUCKETS and not current.allow_atomic:
+        missing.append(f"{name} atomic batches")
+    return missing
 
 
 async def _exists(lookup: Awaitable[object]) -> bool:

@@ -11,7 +11,11 @@ removes it then, and the marker it writes in its place (itself gone after
 (source, site) ever pushed back stayed in the bucket, in each worker's memory and in the replay
 each starting worker reads. Back-offs left without a TTL, by a release before this one, are
 purged by the workers once they ended (`forget_ended`). Pauses have no TTL: they stay until
-resumed.
+resumed, and the marker of a resume expires as an ended back-off's does (`purge_marker`).
+
+A worker whose watch lost track (NATS reconnected, its consumer lost: `WatchRestarted`) reads the
+bucket anew and puts that copy in place of its own once complete: a marker gone meanwhile would
+otherwise never tell it, and the pause it ended would hold mail until the worker restarts.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass, replace
@@ -28,7 +31,6 @@ import msgpack
 from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import APIError
-from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
 from services.core.bus import (
     CAS_ATTEMPTS,
@@ -38,12 +40,11 @@ from services.core.bus import (
     is_kv_delete,
     leader_last,
 )
-from services.core.kv_watch import REMOVALS, follow
+from services.core.kv_watch import REMOVALS, WatchRestarted, follow
 from services.core.outcome import Reply
-from services.core.pause import PauseError, pause_key
+from services.core.pause import PauseError, pause_key, purge_marker, ttl_header
 from services.core.topology import (
     DELIVERY_CONTROL_BUCKET,
-    DELIVERY_CONTROL_MARKER_TTL,
     kv_stream,
     kv_subject,
 )
@@ -107,12 +108,6 @@ def stricter(stored: Backoff | None, new: Backoff, now: float) -> Backoff:
     return replace(slowest, until=max(stored.until, new.until))
 
 
-def ttl_header(seconds: float) -> str:
-    """A `Nats-TTL` value no shorter than `seconds`: the header counts whole seconds, and a
-    record removed before its back-off ends would lift it early."""
-    return str(max(1, math.ceil(seconds)))
-
-
 class DeliveryControl:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
@@ -148,21 +143,31 @@ class DeliveryControl:
 
     async def _watch(self) -> None:
         while True:
+            # Each watch replays the bucket into a copy of its own, put in place of the one in
+            # force once complete: what left the bucket while no watch ran (a resume whose marker
+            # expired, a bucket declared anew) leaves this worker's copy too, and until then the
+            # copy in force keeps every pause it had: none is dropped, even for a moment.
+            replay: dict[str, tuple[bytes, int]] | None = {}
             try:
                 async with contextlib.aclosing(follow(self._js, DELIVERY_CONTROL_BUCKET)) as entries:
                     async for entry in entries:
                         if entry is None:
+                            self._entries, replay = replay, None
                             self._ready.set()
                             continue
+                        target = self._entries if replay is None else replay
                         if entry.operation in REMOVALS or not entry.value:
-                            self._entries.pop(entry.key, None)
+                            target.pop(entry.key, None)
                         else:
-                            self._entries[entry.key] = (entry.value, entry.revision or 0)
+                            target[entry.key] = (entry.value, entry.revision or 0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # NATS away: keep the last known state and watch again (the watch replays it all).
-                log.warning("delivery control watch failed, restarting: %r", exc)
+                if isinstance(exc, WatchRestarted):
+                    log.info("delivery control watch lost track (%s): reading the bucket anew", exc)
+                else:
+                    log.warning("delivery control watch failed, restarting: %r", exc)
                 await asyncio.sleep(1.0)
 
     def held_keys(self) -> frozenset[str]:
@@ -214,7 +219,7 @@ class DeliveryControl:
         """Purge the back-offs in this worker's copy that ended `LEFT_BEHIND` ago or more, and
         forget them here; returns how many were purged. JetStream expires those stored with a
         TTL itself, so what is left was written without one (by an earlier release), or expired
-        while this worker's watch was away and missed the marker (the purge then finds it gone).
+        where no marker told (a bucket without expiry markers: the purge then finds it gone).
 
         Each purge expects the revision seen here, so a push-back written since is kept; a record
         this release cannot read is kept too (a later release's, whose end it cannot tell)."""
@@ -263,14 +268,9 @@ class DeliveryControl:
 async def purge_ended(js: JetStreamContext, key: str, revision: int) -> bool:
     """Remove the back-off stored under `key` at `revision`, with its history; False when the key
     is no longer at that revision (a push-back written since, which stays, or already removed).
-    A KV purge marker as `PauseState.resume` writes it, with a TTL so that it goes too."""
-    headers = {
-        KV_OP: KV_PURGE,
-        Header.ROLLUP.value: MSG_ROLLUP_SUBJECT,
-        Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(revision),
-        Header.MSG_TTL.value: ttl_header(DELIVERY_CONTROL_MARKER_TTL),
-    }
-    return await cas_won(js.publish(kv_subject(DELIVERY_CONTROL_BUCKET, key), b"", headers=headers))
+    The same purge marker as `PauseState.resume` writes, which goes too."""
+    marker = purge_marker(revision)
+    return await cas_won(js.publish(kv_subject(DELIVERY_CONTROL_BUCKET, key), b"", headers=marker))
 
 
 def _ended_before(raw: bytes, moment: float) -> bool:

@@ -26,9 +26,11 @@ from services.core.runtime import start_bus
 from services.core.topology import (
     DELIVER_STREAM,
     ROUTE_STREAM,
+    WARMUP_BUCKET,
     TopologyMissing,
     ensure_or_check_topology,
     ensure_topology,
+    kv_stream,
     missing_topology,
     stream_configs,
     verdict_subject,
@@ -202,3 +204,26 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> str:
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"not ready (exit status {process.poll()})")
+
+
+async def test_a_warm_up_bucket_without_atomic_batches_is_waited_for(nats_server: EmbeddedNats) -> None:
+    """The router writes a job's warm-up counts and its verdict in one atomic batch (ADR-50): on
+    a warm-up bucket that does not allow them (as nats-py makes one, or a release before them
+    left it), every batch would be refused and every job of a warming pool would wait. Its
+    services wait for the topology instead, which turns them on."""
+    config = _not_declaring(nats_server.url)
+    bus = await connect(config.nats, "test-check")
+    try:
+        await ensure_topology(bus.js, config)
+        warmup = (await bus.js.stream_info(kv_stream(WARMUP_BUCKET))).config
+        assert warmup.allow_atomic
+        warmup.allow_atomic = False
+        await bus.js.update_stream(warmup)
+
+        assert await missing_topology(bus.js, config) == [f"{kv_stream(WARMUP_BUCKET)} atomic batches"]
+        with pytest.raises(TopologyMissing, match="atomic batches"):
+            await ensure_or_check_topology(bus.js, config)
+        await ensure_topology(bus.js, config)
+        assert await missing_topology(bus.js, config) == []
+    finally:
+        await bus.close()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.core.config import Config
+from services.core.pause import ttl_header
 from services.core.topology import DELIVERY_CONTROL_BUCKET, kv_configs
-from services.delivery.control import ttl_header
 
 
 @pytest.mark.parametrize("seconds", [0.001, 0.5, 1.0, 1.2, 59.999, 300.0, 3600.25])
