@@ -5,15 +5,18 @@ to this release's shape, as every service does at start by default (`topology.en
 
 `--serve` keeps running afterwards with the services' /healthz and /readyz (the relais-topology
 Deployment): the pod applies the topology at each start, so each configuration change (its
-ConfigMap hash) applies it again.
+ConfigMap hash) applies it again. Meanwhile it purges the bodies the services marked deleted,
+which their users may not purge (services.core.bodies).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 
+from services.core.bodies import sweep_deleted_bodies
 from services.core.bus import Bus
 from services.core.config import Config, replace
 from services.core.runtime import serve, start_bus
@@ -23,16 +26,31 @@ COMPONENT = "topology"
 log = logging.getLogger(__name__)
 
 
-class TopologyKeeper:
-    """The `--serve` process after the topology was applied: nothing to do but stay up, so its
-    readiness (the topology present) shows in the rollout."""
+# How often the keeper purges the bodies marked deleted since its last sweep. Until then they
+# are gone for every reader, and only take room in the store.
+SWEEP_INTERVAL = 30.0
 
-    def __init__(self, config: Config, bus: Bus) -> None:
+
+class TopologyKeeper:
+    """The `--serve` process after the topology was applied: it stays up, so its readiness (the
+    topology present) shows in the rollout, and sweeps the deleted bodies."""
+
+    def __init__(self, config: Config, bus: Bus, *, sweep_interval: float = SWEEP_INTERVAL) -> None:
         self.config = config
+        self._bus = bus
+        self._sweep_interval = sweep_interval
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("topology applied at %s", self.config.nats.url)
-        await stop.wait()
+        swept_to = 0
+        while not stop.is_set():
+            try:
+                swept_to = await sweep_deleted_bodies(self._bus, after=swept_to)
+            except Exception as exc:
+                # Another sweep will come: a deleted body waits for it, taking room only.
+                log.warning("sweeping deleted bodies failed: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._sweep_interval)
 
 
 def declaring(config: Config) -> Config:

@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from services.core.bus import leader_last
 from services.core.config import RetryConfig
 from services.core.envelope import BounceNotice, Envelope, EnvelopeDecodeError
-from services.core.schedule import next_attempt_at
+from services.core.schedule import is_schedule, next_attempt_at
 from services.core.topology import job_retry_filters
 
 
@@ -61,8 +61,8 @@ async def pending_recipients(js: JetStreamContext, key: str) -> set[str] | None:
     pending: set[str] = set()
     for stream, subject_filter in job_retry_filters(key):
         stored = await leader_last(js, stream, subject_filter)
-        if stored is None:
-            continue
+        if stored is None or not is_schedule(stored.headers):
+            continue  # none, or fired into the subject by a schedule of another subject: no retry
         try:
             pending.update(Envelope.from_msgpack(stored.data or b"").recipients)
         except EnvelopeDecodeError:

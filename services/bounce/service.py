@@ -73,7 +73,9 @@ class BounceService:
     def __init__(self, config: Config, bus: Bus) -> None:
         self._config = config
         self._bus = bus
-        self._bodies = BodyStore(bus.js, config.nats.inline_body_max, bus)
+        self._bodies = BodyStore(
+            bus.js, config.nats.inline_body_max, bus, purges=config.nats.declare_topology
+        )
         self._hostname = config.bounce.reporting_mta or config.ingress.hostname
         self._rules = rules_from_data(config.bounce.rules) + DEFAULT_RULES
         self._suppression = SuppressionList(bus.js)

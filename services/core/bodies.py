@@ -7,6 +7,19 @@ final outcome releases its reference, and the last release deletes the object.
 "Gone" is only ever concluded from the stream leader. Direct gets, which any replica may answer,
 are the fast path, but a follower that has not yet applied the ingress's write answers "no such
 body" for a moment, and a body taken for gone ends its message without an outcome.
+
+No service's NATS user may purge the bodies' stream (deploy/k8s/base/nats.conf): a purge names
+its filter in the request's body, so a user allowed to purge one body's chunks may purge every
+queued body. Nor may anyone roll it up: the stream refuses `Nats-Rollup` (topology), since
+`Nats-Rollup: all` on any subject a user may publish to empties the whole stream. So:
+
+- A body is written here, not with nats-py's `ObjectStore.put` (which looks for an object of
+  the same name, purges the chunks it replaces and rolls up the meta): chunks, then one meta
+  message, in the Object Store's format. A name is a message id, written once.
+- Deleting one publishes a meta message saying it is deleted, which names that body alone.
+  Its chunks are then purged by whoever may purge: the service itself where its user declares
+  the topology (`nats.declare_topology`, every right), else the topology keeper's sweep
+  (`relais topology apply --serve`, as `admin`: `sweep_deleted_bodies`).
 """
 
 from __future__ import annotations
@@ -15,13 +28,15 @@ import base64
 import hashlib
 import json
 import logging
+from datetime import UTC, datetime
 
 import msgpack
 from nats.js import JetStreamContext
-from nats.js.api import ObjectInfo, RawStreamMsg
+from nats.js.api import ObjectInfo, ObjectMetaOptions, RawStreamMsg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
+from nats.nuid import NUID
 
 from services.core.bus import BrokerUnavailable, Bus, is_kv_delete, leader_last
 from services.core.envelope import BodyRef
@@ -37,6 +52,15 @@ from services.core.topology import (
 
 log = logging.getLogger(__name__)
 
+# The Object Store's chunk size, as nats-py and the other clients write it.
+CHUNK_SIZE = 128 * 1024
+# Meta messages per request while the sweep looks for deleted bodies (the server caps a batch).
+_SWEEP_BATCH = 256
+
+
+def _meta_subject(name: str) -> str:
+    return object_meta_subject(BODY_BUCKET, base64.urlsafe_b64encode(name.encode()).decode())
+
 
 def _live_object(meta: bytes | None) -> ObjectInfo | None:
     """The object a meta message describes, None when there is none or it was deleted."""
@@ -44,6 +68,15 @@ def _live_object(meta: bytes | None) -> ObjectInfo | None:
         return None
     info = ObjectInfo.from_response(json.loads(meta))
     return None if info.deleted else info
+
+
+def _meta_info(meta: bytes | None) -> ObjectInfo | None:
+    """What a meta message says, None when it says nothing readable (so that one written by
+    something else than an Object Store client cannot stop the sweep)."""
+    try:
+        return ObjectInfo.from_response(json.loads(meta or b""))
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return None
 
 
 class BodyMissing(Exception):
@@ -57,10 +90,16 @@ class BodyStore:
     for every read (a consumer created and deleted per delivery attempt: on replicated streams a
     clustered operation each time)."""
 
-    def __init__(self, js: JetStreamContext, inline_max: int, bus: Bus | None = None) -> None:
+    def __init__(
+        self, js: JetStreamContext, inline_max: int, bus: Bus | None = None, *, purges: bool = True
+    ) -> None:
+        """`purges`: whether this process purges a deleted body's chunks itself (its NATS user
+        may: it declares the topology), or leaves them to the topology keeper's sweep."""
         self._js = js
         self._inline_max = inline_max
         self._bus = bus
+        self._purges = purges
+        self._nuid = NUID()
         self._objects: ObjectStore | None = None
         self._refs: KeyValue | None = None
 
@@ -77,12 +116,37 @@ class BodyStore:
     async def put(self, message_id: str, data: bytes) -> BodyRef:
         if len(data) <= self._inline_max:
             return BodyRef(size=len(data), inline=data)
+        nuid = self._nuid.next().decode()
         try:
-            store = await self._store()
-            await store.put(message_id, data)
+            await self._write(message_id, nuid, data)
         except Exception as exc:
+            # The ingress answers 451: whatever chunks were stored are never read. The meta
+            # naming them is for the purge that removes them (a failure to write it leaves them
+            # to the stream's TTL).
+            await self._delete_object(message_id, nuid)
             raise BrokerUnavailable(f"storing body of {message_id} failed: {exc!r}") from exc
         return BodyRef(size=len(data), object_name=message_id)
+
+    async def _write(self, name: str, nuid: str, data: bytes) -> None:
+        """The chunks, then the meta that makes them an object, as the Object Store lays them
+        out (`ObjectStore.get`, `get_info` and `list` read them), but with no look-up of an
+        earlier object, no purge and no roll-up: nothing is replaced, as a name is written once."""
+        chunk_subject = object_chunk_subject(BODY_BUCKET, nuid)
+        chunks = [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+        for chunk in chunks:
+            await self._js.publish(chunk_subject, chunk)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+        info = ObjectInfo(
+            name=name,
+            bucket=BODY_BUCKET,
+            nuid=nuid,
+            size=len(data),
+            chunks=len(chunks),
+            digest=f"SHA-256={digest}",
+            mtime=datetime.now(UTC).isoformat(),
+            options=ObjectMetaOptions(max_chunk_size=CHUNK_SIZE),
+        )
+        await self._js.publish(_meta_subject(name), json.dumps(info.as_dict()).encode())
 
     async def get(self, ref: BodyRef) -> bytes:
         if ref.inline is not None:
@@ -100,7 +164,7 @@ class BodyStore:
 
     async def _get_direct(self, bus: Bus, name: str) -> bytes:
         stream = object_stream(BODY_BUCKET)
-        meta = object_meta_subject(BODY_BUCKET, base64.urlsafe_b64encode(name.encode()).decode())
+        meta = _meta_subject(name)
         found = (await bus.get_last(stream, [meta])).get(meta)
         info = _live_object(found.data if found is not None else None)
         if info is None:
@@ -135,15 +199,22 @@ class BodyStore:
         return None if msg is None or is_kv_delete(msg) else msg
 
     async def discard(self, ref: BodyRef) -> None:
-        """Drop a body that was stored but never queued (the ingress answered 451)."""
+        """Delete a body: one never queued (the ingress answered 451), or one no job needs."""
         if ref.inline is not None:
             return
+        await self._delete_object(ref.object_name)
+
+    async def _delete_object(self, name: str, nuid: str = "") -> None:
+        """Mark the object deleted (readers take it for gone from then on), then purge it
+        where this process may. Marked again, one deleted already (a release finishing what
+        a killed replica began) is purged again: nothing is left to remove."""
+        tombstone = ObjectInfo(name=name, bucket=BODY_BUCKET, nuid=nuid, deleted=True)
         try:
-            await (await self._store()).delete(ref.object_name)
-        except ObjectNotFoundError:
-            pass  # deleted already (a release finishing what a killed replica began)
+            await self._js.publish(_meta_subject(name), json.dumps(tombstone.as_dict()).encode())
+            if self._purges:
+                await purge_deleted_body(self._js, _meta_subject(name))
         except Exception as exc:
-            log.warning("could not discard orphan body %s (it expires by TTL): %r", ref.object_name, exc)
+            log.warning("could not delete body %s (it expires by TTL): %r", name, exc)
 
     async def hold(self, ref: BodyRef, job_ids: list[str]) -> None:
         """Record the jobs that still need a stored body. Idempotent across router redeliveries:
@@ -217,3 +288,51 @@ class BodyStore:
         adds to a record without its job, and `hold` never writes over a record."""
         await self.discard(ref)
         await kv.delete(ref.object_name)
+
+
+async def purge_deleted_body(js: JetStreamContext, meta_subject: str) -> bool:
+    """Purge the chunks of every object a meta subject has named and then the subject, if its
+    last meta says deleted (read through the stream leader); False if not. Only for a user
+    that may purge the stream: a service that declares the topology, or `admin`."""
+    stream = object_stream(BODY_BUCKET)
+    nuids: set[str] = set()
+    last: ObjectInfo | None = None
+    seq = 0
+    while True:
+        try:
+            msg = await js.get_msg(stream, seq=seq + 1, subject=meta_subject, next=True)
+        except NotFoundError:
+            break
+        seq = msg.seq or seq + 1
+        last = _meta_info(msg.data)
+        if last is not None and last.nuid:
+            nuids.add(last.nuid)
+    if last is None or not last.deleted:
+        return False
+    for nuid in sorted(nuids):
+        await js.purge_stream(stream, subject=object_chunk_subject(BODY_BUCKET, nuid))
+    # Only the metas read above: a purge bounded by the sequence after the last of them.
+    await js.purge_stream(stream, subject=meta_subject, seq=seq + 1)
+    return True
+
+
+async def sweep_deleted_bodies(bus: Bus, *, after: int = 0) -> int:
+    """Purge every body marked deleted in a meta stored after sequence `after`; returns the
+    sequence to start from next time. Run by the topology keeper as `admin` (the services'
+    users may not purge); started from 0, it goes through every meta still stored once."""
+    stream = object_stream(BODY_BUCKET)
+    every_meta = object_meta_subject(BODY_BUCKET, ">")
+    swept = 0
+    while True:
+        batch = await bus.get_next(stream, every_meta, _SWEEP_BATCH, after=after)
+        if not batch:
+            break
+        for msg in batch:
+            headers = msg.headers or {}
+            after = max(after, int(headers.get("Nats-Sequence", after)))
+            info = _meta_info(msg.data)
+            if info is not None and info.deleted:
+                swept += await purge_deleted_body(bus.js, headers["Nats-Subject"])
+    if swept:
+        log.info("purged %d deleted bodies", swept)
+    return after

@@ -5,6 +5,13 @@ the schedule message lives on its own subject (`relais.retry.<stage>.<key>.<n>`)
 `Nats-Schedule: @at <time>` and `Nats-Schedule-Target: <work subject>`; at that time the server
 publishes it to the work subject and purges the schedule. The consumer acks the original as soon
 as the schedule is stored, so thousands of deferred messages cost no consumer capacity.
+
+The server publishes what a schedule fires itself, to any subject of the schedule's stream: it
+checks the target against the stream's subjects, not against its publisher's permissions. A
+service user may so reach a subject of that stream it may not publish (delivery the router's
+verdicts, the ingress a job's retry subject). What it fires is inert, though, and marked: the
+server strips the schedule's headers and sets `Nats-Scheduler`, which it refuses from clients.
+So the readers of such a subject tell it apart (`fired_by`, `is_schedule`).
 """
 
 from __future__ import annotations
@@ -49,6 +56,17 @@ def next_attempt_at(
     if now >= deadline:
         return None
     return min(now + backoff_delay(failures, config, rng), deadline)
+
+
+def fired_by(headers: Mapping[str, str] | None) -> str:
+    """The subject of the schedule that fired this message; "" for one a client published."""
+    return (headers or {}).get(Header.SCHEDULER.value, "")
+
+
+def is_schedule(headers: Mapping[str, str] | None) -> bool:
+    """Whether a stored message is a schedule still to fire (a retry to come), not what one
+    fired into its subject."""
+    return bool((headers or {}).get(Header.SCHEDULE.value)) and not fired_by(headers)
 
 
 def rfc3339(ts: float) -> str:

@@ -532,7 +532,11 @@ async def _ensure_body_store(js: JetStreamContext, config: Config) -> None:
         # buckets do, rather than refuse to start every service.
         if exc.err_code != 10058:
             raise
-        await _bring_stream_to(js, object_stream(BODY_BUCKET), {"max_age": ttl, "num_replicas": replicas})
+    # No roll-ups, which the Object Store turns on: `Nats-Rollup: all` on any subject a
+    # service user may publish to would empty the stream of every queued body. Relais writes
+    # and deletes bodies without them (services.core.bodies).
+    declared = {"max_age": ttl, "num_replicas": replicas, "allow_rollup_hdrs": False}
+    await _bring_stream_to(js, object_stream(BODY_BUCKET), declared)
 
 
 async def ensure_webhooks_consumers(
@@ -698,7 +702,7 @@ def _message_ttls(config: KeyValueConfig) -> dict[str, Any]:
 
 async def _bring_stream_to(js: JetStreamContext, name: str, declared: dict[str, Any]) -> None:
     """Update the settings of a bucket's stream that differ from `declared`; keep the rest (the
-    client library's own choices: subjects, discard policy, roll-ups) as they are."""
+    client library's own choices: subjects, discard policy) as they are."""
     current = (await js.stream_info(name)).config
     if any((getattr(current, k) or 0) != v for k, v in declared.items()):
         log.info("updating stream %s to the declared configuration", name)

@@ -54,6 +54,7 @@ from nats.js.errors import APIError
 from services.core.bus import WRONG_LAST_SEQUENCE, BrokerUnavailable, Bus, leader_last
 from services.core.envelope import Envelope, EnvelopeDecodeError
 from services.core.outcome import NO_ROUTE, Deferred
+from services.core.schedule import is_schedule
 from services.core.topology import (
     ROUTE_STREAM,
     bounce_subject,
@@ -69,7 +70,8 @@ PARTLY_SETTLED_META = "partly_settled"
 log = logging.getLogger(__name__)
 
 # A roll-up that is no roll-up: a publish asking for it is refused (JSStreamRollupFailedErr,
-# "not permitted" on a stream without roll-ups, as Relais' are, "invalid" on any other), and
+# "not permitted" on a stream without roll-ups, "invalid" on any other, such as the streams
+# that take schedules, on which nats-server always allows roll-ups), and
 # nats-server refuses it after the de-duplication, alone and clustered, before it stores or
 # stages anything. Expected-last-sequence headers are checked before the de-duplication by a
 # server alone, and an unmet expected last msg id leaves a clustered stream holding the msg id.
@@ -148,6 +150,10 @@ async def stored_outcome(bus: Bus, env: Envelope) -> Stored:
     if await msg_id_stored(bus, event_subject(env.account, "deferred"), f"dfr-{key}-{round_no}"):
         return Stored(complete=True)
     retry = await leader_last(bus.js, ROUTE_STREAM, route_retry_subject(key, round_no))
+    if retry is not None and not is_schedule(retry.headers):
+        # Fired there by a schedule that anyone publishing `relais.route` may store (the ingress):
+        # no retry. Taken for one, the job's recipients would count as settled and go unsent.
+        retry = None
     notice = await msg_id_stored(bus, bounce_subject(), f"bn-{key}-{round_no}")
     stored = Stored(retry=retry, notice=notice)
     if retry is not None and not stored.remaining(env):

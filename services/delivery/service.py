@@ -109,7 +109,9 @@ class DeliveryService:
         self._config = config
         self._bus = bus
         self._stop = asyncio.Event()  # run()'s: set once the worker drains
-        self._bodies = BodyStore(bus.js, config.nats.inline_body_max, bus)
+        self._bodies = BodyStore(
+            bus.js, config.nats.inline_body_max, bus, purges=config.nats.declare_topology
+        )
         self._held = HeldBodies(config.delivery.max_buffered_bytes)
         self._resolver = make_resolver(config.dns)
         d = config.delivery

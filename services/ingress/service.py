@@ -105,7 +105,7 @@ class IngressService:
         self._config = config
         self._bus = bus
         cfg = config.ingress
-        bodies = BodyStore(bus.js, config.nats.inline_body_max)
+        bodies = BodyStore(bus.js, config.nats.inline_body_max, purges=config.nats.declare_topology)
         self._handoff = Handoff(bus, bodies, config.nats.publish_timeout)
         self.accounts = AccountStore(bus.js, config.accounts)
         counters = Counters(bus, config.nats.publish_timeout)

@@ -33,6 +33,7 @@ from services.core.envelope import (
 from services.core.events import event_for, publish_event
 from services.core.held_bodies import HeldBodies
 from services.core.outcome import Bounced, Deferred, Reply
+from services.core.schedule import fired_by
 from services.core.suppression import Suppression, SuppressionList
 from services.core.telemetry import consumer_span
 from services.core.topology import (
@@ -82,7 +83,9 @@ class RouterService:
     def __init__(self, config: Config, bus: Bus, *, rng: random.Random | None = None) -> None:
         self._config = config
         self._bus = bus
-        self._bodies = BodyStore(bus.js, config.nats.inline_body_max, bus)
+        self._bodies = BodyStore(
+            bus.js, config.nats.inline_body_max, bus, purges=config.nats.declare_topology
+        )
         self._held = HeldBodies(config.router.max_buffered_bytes)
         self._resolver = make_resolver(config.dns)
         self._sites = SiteRules.from_config(config.sites)
@@ -134,6 +137,12 @@ class RouterService:
         recipients, then the delivery job of the others, or their retry or bounce notice (as
         delivery settles an attempt's outcomes, at the time it was decided). Each publish has
         a msg id of its own, so a verdict handled again stores nothing twice."""
+        scheduler = fired_by(msg.headers)
+        if scheduler:
+            # A router stores its verdicts itself, never through a schedule. Delivery's
+            # postponements share the verdicts' stream, and a schedule fires into any subject of
+            # its stream, whoever may publish there: this one was forged with delivery's password.
+            raise transport.Poison(f"a verdict fired by the schedule on {scheduler}: not carried out")
         try:
             verdict = Verdict.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:

@@ -1,7 +1,8 @@
 """The shipped NATS configuration, run for real: three nats-server processes on loopback.
 
 deploy/k8s/base/nats.conf is used as rendered into its ConfigMap, with the StatefulSet's
-environment (pod DNS names swapped for loopback ports, since there is no cluster DNS here). It
+environment and the passwords and routes its init container writes from the Secret (the routes'
+pod DNS names swapped for loopback ports, since there is no cluster DNS here). It
 proves what the manifests rely on: the routes authenticate and form a JetStream cluster, each
 `admin` applies Relais' topology at 3 replicas and each service's user finds it (the services do
 not declare it there, nats.declare_topology = false), anonymous clients are refused, the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import subprocess
 import time
 import urllib.request
@@ -28,7 +30,7 @@ from services.core import topology
 from services.core.bus import connect
 from services.core.config import Config, load_config, replace
 from services.core.embedded import free_port, nats_server_binary, wait_for_port
-from tests.unit.k8s_manifests import BASE, config_map_data, one, render
+from tests.unit.k8s_manifests import BASE, NATS_PASSWORD_KEYS, lay_out_nats_pod, one, plain_env, render
 from tests.unit.test_k8s_wiring import _kube_env, _main_container
 
 REPLICAS = 3
@@ -69,30 +71,31 @@ def _node_config(conf: str, node: Node, store: Path) -> str:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[list[Node], dict[str, str]]]:
+    """The three servers, and their users' passwords as <USER>_PASSWORD."""
     manifests = render(BASE)
-    conf = config_map_data(manifests, "nats-config")["nats.conf"]
-    base_env = _kube_env(_main_container(one(manifests, "StatefulSet", "nats")))
+    sts = one(manifests, "StatefulSet", "nats")
+    base_env = _kube_env(_main_container(sts))
     nodes = [Node(f"nats-{i}", free_port(), free_port(), free_port()) for i in range(REPLICAS)]
-    password = base_env["ROUTE_PASSWORD"]
+    passwords = {key: secrets.token_hex(32) for key in NATS_PASSWORD_KEYS}
+    (init,) = sts["spec"]["template"]["spec"]["initContainers"]
+    # The routes' hosts as the StatefulSet names them, each pointed at loopback instead.
+    assert plain_env(init)["ROUTE_HOSTS"].split() == [f"nats-{j}.nats-headless:6222" for j in range(REPLICAS)]
+    route_hosts = " ".join(f"127.0.0.1:{peer.route}" for peer in nodes)
     try:
         for node in nodes:
             store = tmp_path / node.name
             store.mkdir()
-            path = store / "nats.conf"
-            path.write_text(_node_config(conf, node, store))
+            path = lay_out_nats_pod(manifests, store, passwords, route_hosts=route_hosts)
+            path.write_text(_node_config(path.read_text(), node, store))
             env = dict(base_env)
             env.update(SERVER_NAME=node.name, CLIENT_ADVERTISE=f"127.0.0.1:{node.client}")
-            for j, peer in enumerate(nodes):
-                # Same shape as the StatefulSet's ROUTE_j, pointing at loopback instead of pod DNS.
-                assert env[f"ROUTE_{j}"] == f"nats://route:{password}@nats-{j}.nats-headless:6222"
-                env[f"ROUTE_{j}"] = f"nats://route:{password}@127.0.0.1:{peer.route}"
             log = (store / "nats-server.log").open("wb")
             node.process = subprocess.Popen(
                 [nats_server_binary(), "-c", str(path)], env=env, stdout=log, stderr=subprocess.STDOUT
             )
             wait_for_port("127.0.0.1", node.client, timeout=15)
         _wait_for_meta_leader(nodes)
-        yield nodes, base_env
+        yield nodes, {f"{key.split('-')[0].upper()}_PASSWORD": value for key, value in passwords.items()}
     finally:
         for node in nodes:
             if node.process is not None:

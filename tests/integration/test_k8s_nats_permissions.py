@@ -2,7 +2,8 @@
 enough to do another service's part.
 
 One nats-server runs the shipped nats.conf (its cluster block cut out: one server is enough to
-check permissions), with the StatefulSet's environment. The four services then run with a user
+check permissions), with the StatefulSet's environment and the passwords its init container
+writes from the Secret. The four services then run with a user
 each and carry mail end to end; and each user is refused the subjects of the others, above all
 the ingress (the internet-facing service, whose password leaks first) the delivery jobs: a
 message put there would skip AUTH, the sender-domain checks and the router, an open relay.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
+import secrets
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,9 +29,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, Header, RePublish, StreamConf
 from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 
 from services.core import topology
+from services.core.bodies import BodyMissing, BodyStore, sweep_deleted_bodies
 from services.core.bus import BrokerUnavailable, Bus, inbox_prefix
 from services.core.config import Config
 from services.core.embedded import free_port, nats_server_binary, stop_process, wait_for_port
+from services.core.envelope import new_message_id
 from services.core.schedule import rfc3339
 from tests.integration.bounce.conftest import (  # noqa: F401 - fixtures
     Receiver,
@@ -50,10 +55,11 @@ from tests.support.relais import (
     message,
     read_events,
     run_cli,
+    stored_bodies,
     wait_for_events,
 )
 from tests.support.smtp_sink import SMTPSink
-from tests.unit.k8s_manifests import BASE, config_map_data, one, render
+from tests.unit.k8s_manifests import BASE, NATS_PASSWORD_KEYS, lay_out_nats_pod, one, render
 from tests.unit.test_k8s_wiring import _kube_env, _main_container
 
 SERVICE_USERS = ("ingress", "router", "delivery", "bounce")
@@ -66,11 +72,11 @@ LARGE_BODY = "A large newsletter line, repeated to pass the inline limit.\r\n" *
 class ShippedNats:
     host: str
     port: int
-    env: dict[str, str]
+    passwords: dict[str, str]  # the relais-nats Secret
     log: Path
 
     def password(self, user: str) -> str:
-        return self.env[f"{user.upper()}_PASSWORD"]
+        return self.passwords[f"{user}-password"]
 
     def url(self, user: str = "admin") -> str:
         return f"nats://{user}:{self.password(user)}@{self.host}:{self.port}"
@@ -82,7 +88,8 @@ class ShippedNats:
 
 def _single_server(conf: str, port: int, store: Path) -> str:
     """The shipped nats.conf for one server on loopback: the cluster block goes (its routes
-    name pods), and everything else (accounts, users, permissions) stays as shipped."""
+    name pods), and everything else (accounts, users, permissions) stays as shipped. (The
+    route password and routes, which only the cluster block used, go from the passwords.)"""
     assert conf.count("\ncluster {") == 1, "nats.conf no longer has one cluster block"
     start = conf.index("\ncluster {")
     end = conf.index("\n}\n", start) + len("\n}\n")
@@ -93,15 +100,33 @@ def _single_server(conf: str, port: int, store: Path) -> str:
     return _replace_once(conf, '"/var/run/nats/nats.pid"', f'"{store / "nats.pid"}"')
 
 
+def secret_passwords() -> dict[str, str]:
+    """A relais-nats Secret: a password for each key, one of them with the characters a conf
+    string must escape (`"`, `\\`), a `$` and leading digits, the others as
+    docs/operations.md generates them."""
+    passwords = {key: secrets.token_hex(32) for key in NATS_PASSWORD_KEYS}
+    passwords["router-password"] = f'0123"\\$ROUTER {secrets.token_hex(8)}'
+    return passwords
+
+
 @pytest.fixture
 def shipped_nats(tmp_path: Path) -> Iterator[ShippedNats]:
     manifests = render(BASE)
-    conf = config_map_data(manifests, "nats-config")["nats.conf"]
+    passwords = secret_passwords()
+    path = lay_out_nats_pod(manifests, tmp_path, passwords)
     env = _kube_env(_main_container(one(manifests, "StatefulSet", "nats")))
     port = free_port()
     env.update(SERVER_NAME="nats-0", CLIENT_ADVERTISE=f"127.0.0.1:{port}")
-    path = tmp_path / "nats.conf"
-    path.write_text(_single_server(conf, port, tmp_path))
+    path.write_text(_single_server(path.read_text(), port, tmp_path))
+    (name,) = re.findall(r'^include "([^"]+)"', path.read_text(), re.M)
+    included = path.parent / name
+    kept = [
+        line
+        for line in included.read_text().splitlines()
+        if not line.startswith(("ROUTE_PASSWORD:", "ROUTES:"))
+    ]
+    included.chmod(0o600)  # written read-only, as the server's user alone reads it
+    included.write_text("\n".join(kept) + "\n")
     log = tmp_path / "nats-server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -109,7 +134,7 @@ def shipped_nats(tmp_path: Path) -> Iterator[ShippedNats]:
         )
     try:
         wait_for_port("127.0.0.1", port, timeout=15)
-        yield ShippedNats("127.0.0.1", port, env, log)
+        yield ShippedNats("127.0.0.1", port, passwords, log)
     finally:
         stop_process(process)
 
@@ -172,11 +197,11 @@ async def test_the_four_services_carry_mail_each_as_its_own_user(
     receiver: Receiver,  # noqa: F811 - the imported fixture
     zone: DNSServer,  # noqa: F811 - the imported fixture
 ) -> None:
-    """Every part of the flow with its user: a large body (Object Store, references), a
-    deferral and its scheduled retry, a hard bounce (held notice, DSN window schedule, DSN as
-    a new message, suppression entry), the suppressed address dropped, a domain that does not
-    exist bounced and one whose DNS fails deferred by the router, mail to Relais' own domain,
-    webhook posts. The server refuses nothing along the way."""
+    """Every part of the flow with its user: a large body (Object Store, references, deleted
+    and then swept by `admin`), a deferral and its scheduled retry, a hard bounce (held notice,
+    DSN window schedule, DSN as a new message, suppression entry), the suppressed address
+    dropped, a domain that does not exist bounced and one whose DNS fails deferred by the
+    router, mail to Relais' own domain, webhook posts. The server refuses nothing on the way."""
     admin = shipped_nats.url()
     smtp = stacks["ingress"].smtp_address
     alpha = make_sink("127.0.0.2")
@@ -217,6 +242,19 @@ async def test_the_four_services_carry_mail_each_as_its_own_user(
     assert dns_deferrals and dns_deferrals[0].recipients == ["later@flaky.test"]
     await wait_accepted(receiver, 1)
     await wait_consumed(admin, topology.EVENTS_STREAM, topology.webhooks_binding(ACCOUNT).durable)
+
+    # The large body was deleted by the service that settled its last recipient, which may not
+    # purge: its chunks are gone once the relais-topology pod (`admin`) has swept them.
+    deadline = time.monotonic() + 15
+    while await stored_bodies(admin):
+        assert time.monotonic() < deadline, "the large body was never deleted"
+        await asyncio.sleep(0.2)
+    nc = await nats.connect(admin)
+    try:
+        await sweep_deleted_bodies(Bus(nc=nc, js=nc.jetstream(), publish_timeout=5.0))
+        assert await _bodies_stream_messages(nc) == 0
+    finally:
+        await nc.close()
     assert shipped_nats.violations() == []
 
 
@@ -821,3 +859,95 @@ async def test_a_service_user_cannot_listen_to_another_users_inboxes(
         assert await connection.refused(subject, "subscription"), f"{user} may subscribe to {subject}"
     # Refusals come in order: the one for its own inboxes would have come before the others'.
     assert not any(f'"{own.lower()}"' in refusal for refusal in connection.refusals)
+
+
+# The bodies' stream holds every queued large body. No service user may purge it or delete its
+# messages: both name what they remove in the request's body, so a user allowed to remove one
+# body's chunks could remove every queued body's. Nor roll it up: `Nats-Rollup: all` on any
+# subject a user may publish empties a stream, so the body store refuses roll-ups. A service
+# deletes a body by marking it deleted; `admin` (the relais-topology pod) purges it.
+BODY = LARGE_BODY.encode()
+
+
+async def _bodies_stream_messages(nc: nats.NATS) -> int:
+    return (await nc.jetstream().stream_info(_BODIES_STREAM)).state.messages
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_a_service_user_cannot_purge_the_bodies_stream(
+    probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats, user: str
+) -> None:
+    connection = await probe(user)
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        queued = await BodyStore(admin.jetstream(), 0).put(new_message_id(), BODY)
+        stored = await _bodies_stream_messages(admin)
+        js = connection.nc.jetstream(timeout=2)
+        purge = f"$JS.API.STREAM.PURGE.{_BODIES_STREAM}"
+        assert await _refused_request(connection, js.purge_stream(_BODIES_STREAM), purge), f"{user} purged"
+        delete = f"$JS.API.STREAM.MSG.DELETE.{_BODIES_STREAM}"
+        assert await _refused_request(connection, js.delete_msg(_BODIES_STREAM, 1), delete), f"{user} deleted"
+        assert await _bodies_stream_messages(admin) == stored
+        assert await BodyStore(admin.jetstream(), 0).get(queued) == BODY
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_a_service_user_cannot_roll_up_the_bodies_stream(
+    probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats, user: str
+) -> None:
+    """A meta of the body store is a subject every service user may publish to (to delete a
+    body); a header in that publish would have emptied the stream."""
+    connection = await probe(user)
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        queued = await BodyStore(admin.jetstream(), 0).put(new_message_id(), BODY)
+        stored = await _bodies_stream_messages(admin)
+        forged = topology.object_meta_subject(topology.BODY_BUCKET, "Zm9yZ2Vk")
+        with pytest.raises(APIError, match="rollup not permitted"):
+            await connection.nc.jetstream(timeout=5).publish(forged, b"{}", headers={Header.ROLLUP: "all"})
+        assert connection.refusals == [], "the stream refused it, not the user's permissions"
+        assert await _bodies_stream_messages(admin) == stored
+        assert await BodyStore(admin.jetstream(), 0).get(queued) == BODY
+    finally:
+        await admin.close()
+
+
+async def test_each_service_user_stores_reads_and_deletes_bodies_as_its_service_does(
+    probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats
+) -> None:
+    """The control beside the refusals: the ingress stores the mail's bodies and bounce its
+    DSNs', the others read them, and each may delete one (its service's user may not purge:
+    `purges=False`, as `nats.declare_topology = false` makes it). `admin`'s sweep then leaves
+    nothing in the stream."""
+    users = {user: await probe(user) for user in SERVICE_USERS}
+
+    def store(user: str) -> BodyStore:
+        nc = users[user].nc
+        bus = Bus(nc=nc, js=nc.jetstream(timeout=5), publish_timeout=5.0)
+        return BodyStore(bus.js, 0, bus, purges=False)
+
+    mail = await store("ingress").put(new_message_id(), BODY)
+    dsn = await store("bounce").put(new_message_id(), BODY)
+    discarded = await store("ingress").put(new_message_id(), BODY)
+    for user in ("router", "delivery", "bounce"):
+        assert await store(user).get(mail) == BODY
+        assert await store(user).get(dsn) == BODY
+    await store("ingress").discard(discarded)  # the 451 after a body was stored
+    await store("delivery").discard(mail)
+    await store("router").discard(dsn)
+    for user, connection in users.items():
+        await connection.nc.flush(timeout=5)
+        assert connection.refusals == [], f"{user} was refused {connection.refusals}"
+    for ref in (mail, dsn, discarded):
+        with pytest.raises(BodyMissing):
+            await store("delivery").get(ref)
+
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        assert await _bodies_stream_messages(admin) > 0, "the chunks wait for the sweep"
+        await sweep_deleted_bodies(Bus(nc=admin, js=admin.jetstream(), publish_timeout=5.0))
+        assert await _bodies_stream_messages(admin) == 0
+    finally:
+        await admin.close()

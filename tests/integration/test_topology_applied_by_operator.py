@@ -19,11 +19,14 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from services.admin import topology_apply
-from services.core.bus import connect
+from services.core.bodies import BodyStore
+from services.core.bus import Bus, connect
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats, free_port
+from services.core.envelope import new_message_id
 from services.core.runtime import start_bus
 from services.core.topology import (
+    BODY_BUCKET,
     DELIVER_STREAM,
     ROUTE_STREAM,
     WARMUP_BUCKET,
@@ -32,6 +35,7 @@ from services.core.topology import (
     ensure_topology,
     kv_stream,
     missing_topology,
+    object_stream,
     stream_configs,
     verdict_subject,
 )
@@ -227,3 +231,44 @@ async def test_a_warm_up_bucket_without_atomic_batches_is_waited_for(nats_server
         assert await missing_topology(bus.js, config) == []
     finally:
         await bus.close()
+
+
+async def _bodies_stream_messages(bus: Bus) -> int:
+    return (await bus.js.stream_info(object_stream(BODY_BUCKET))).state.messages
+
+
+async def _until_no_body_stored(bus: Bus) -> None:
+    deadline = time.monotonic() + 10
+    while await _bodies_stream_messages(bus):
+        assert time.monotonic() < deadline, "the deleted body's chunks are still stored"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_topology_pod_purges_the_bodies_the_services_deleted(topology_bus: Bus) -> None:
+    """The services' users may not purge the bodies' stream (deploy/k8s/base/nats.conf): a body
+    they delete is only marked deleted. The topology pod (`admin`) purges it, at its start and
+    at every sweep after, and leaves the bodies still queued alone."""
+    bus = topology_bus
+    service = BodyStore(bus.js, 0, bus, purges=False)
+    deleted_before_start = await service.put(new_message_id(), os.urandom(300_000))
+    await service.discard(deleted_before_start)
+    assert await _bodies_stream_messages(bus), "marked deleted, still stored"
+
+    keeper = topology_apply.TopologyKeeper(Config(), bus, sweep_interval=0.1)
+    stop = asyncio.Event()
+    running = asyncio.create_task(keeper.run(stop))
+    try:
+        await _until_no_body_stored(bus)
+        queued = await service.put(new_message_id(), os.urandom(300_000))
+        queued_messages = await _bodies_stream_messages(bus)
+        deleted_later = await service.put(new_message_id(), os.urandom(300_000))
+        await service.discard(deleted_later)
+        deadline = time.monotonic() + 10
+        while await _bodies_stream_messages(bus) > queued_messages:
+            assert time.monotonic() < deadline, "a body deleted after the start was never purged"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few more sweeps
+        assert len(await service.get(queued)) == 300_000
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=5)

@@ -3,17 +3,22 @@ to the declared shape in place, and a later one's additions are left alone."""
 
 from __future__ import annotations
 
-from nats.js.api import KeyValueConfig, StorageType
+import pytest
+from nats.js.api import Header, KeyValueConfig, StorageType
+from nats.js.errors import APIError
 
+from services.core.bodies import BodyStore
 from services.core.bus import connect
 from services.core.config import Config, NatsConfig, replace
 from services.core.embedded import EmbeddedNats
+from services.core.envelope import BodyRef
 from services.core.topology import (
     BODY_BUCKET,
     DELIVER_STREAM,
     SUPPRESSION_BUCKET,
     ensure_topology,
     kv_configs,
+    object_meta_subject,
     object_stream,
     stream_configs,
     verdict_subject,
@@ -47,8 +52,8 @@ async def test_the_body_store_follows_a_changed_retry_age(nats_server: EmbeddedN
     bus = await connect(config.nats, "test-topology")
     try:
         await ensure_topology(bus.js, config)
-        store = await bus.js.object_store(BODY_BUCKET)
-        await store.put("kept", b"a body")
+        store = BodyStore(bus.js, 0, bus)
+        kept = await store.put("kept", b"a body")
         longer = replace(config, retry={"max_age": config.retry.max_age + 86400})
 
         await ensure_topology(bus.js, longer)
@@ -57,7 +62,34 @@ async def test_the_body_store_follows_a_changed_retry_age(nats_server: EmbeddedN
         info = await bus.js.stream_info(object_stream(BODY_BUCKET))
         assert info.config.max_age == longer.retry.max_age + 2 * 86400
         assert info.config.allow_direct, "the body store's direct reads stay on"
-        assert (await store.get("kept")).data == b"a body"
+        assert await store.get(kept) == b"a body"
+    finally:
+        await bus.close()
+
+
+async def test_an_earlier_body_store_stops_taking_rollups_and_keeps_its_bodies(
+    nats_server: EmbeddedNats,
+) -> None:
+    # The Object Store allows roll-ups, and `Nats-Rollup: all` on any subject of the stream
+    # empties it: every service user may publish there, so the body store must refuse them.
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-topology")
+    try:
+        body = b"a body stored by the release before, in chunks\r\n" * 5000
+        earlier = await bus.js.create_object_store(BODY_BUCKET)  # as a release before this made it
+        await earlier.put("queued", body)
+        assert (await bus.js.stream_info(object_stream(BODY_BUCKET))).config.allow_rollup_hdrs
+
+        await ensure_topology(bus.js, config)
+
+        assert not (await bus.js.stream_info(object_stream(BODY_BUCKET))).config.allow_rollup_hdrs
+        with pytest.raises(APIError, match="rollup not permitted"):
+            await bus.js.publish(
+                object_meta_subject(BODY_BUCKET, "eA=="), b"", headers={Header.ROLLUP: "all"}
+            )
+        queued = BodyRef(size=len(body), object_name="queued")
+        assert await BodyStore(bus.js, 0, bus).get(queued) == body
+        assert (await earlier.get("queued")).data == body
     finally:
         await bus.close()
 

@@ -187,3 +187,56 @@ def container_port(container: Manifest, name_or_number: str | int) -> int:
         if port.get("name") == name_or_number:
             return int(port["containerPort"])
     raise AssertionError(f"container {container['name']} has no port named {name_or_number!r}")
+
+
+# The keys of the relais-nats Secret that the NATS servers read (nats-passwords.sh).
+NATS_PASSWORD_KEYS = tuple(
+    f"{user}-password" for user in ("ingress", "router", "delivery", "bounce", "admin", "sys", "route")
+)
+
+
+def lay_out_nats_pod(
+    manifests: list[Manifest], root: Path, passwords: dict[str, str], *, route_hosts: str | None = None
+) -> Path:
+    """A NATS pod's files, laid out under `root` as its containers see them under /etc: the
+    nats-config ConfigMap, the relais-nats Secret (`passwords`, key -> value), and what the
+    `passwords` init container writes from them, by running its command with its environment
+    (its /etc paths under `root`; `route_hosts` in place of ROUTE_HOSTS, for servers on
+    loopback). Returns the path of nats.conf."""
+    pod = one(manifests, "StatefulSet", "nats")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def here(path: str) -> str:
+        assert path.startswith("/etc/"), f"{path}: the NATS pod's files are laid out under /etc only"
+        return str(root) + path
+
+    for mount in init["volumeMounts"]:
+        directory = Path(here(mount["mountPath"]))
+        directory.mkdir(parents=True, exist_ok=True)
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            prefix = volume["configMap"]["name"].rsplit("-", 1)[0]  # without kustomize's hash
+            for name, text in config_map_data(manifests, prefix).items():
+                (directory / name).write_text(text)
+        elif "secret" in volume:
+            for item in volume["secret"]["items"]:
+                if item["key"] in passwords:
+                    (directory / item["path"]).write_text(passwords[item["key"]])
+    env = plain_env(init)
+    if route_hosts is not None:
+        env["ROUTE_HOSTS"] = route_hosts
+    env = {name: here(value) if value.startswith("/etc/") else value for name, value in env.items()}
+    command = [here(arg) if arg.startswith("/etc/") else arg for arg in init["command"]]
+    ran = subprocess.run(
+        command + init.get("args", []),
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert ran.returncode == 0, f"the passwords init container failed: {ran.stderr}"
+    (server,) = pod["containers"]
+    config = next(m for m in server["volumeMounts"] if m["name"] == "config")
+    return Path(here(config["mountPath"])) / "nats.conf"

@@ -22,6 +22,7 @@ from services.core.embedded import nats_server_binary
 from tests.unit.k8s_manifests import (
     BASE,
     KUSTOMIZATIONS,
+    NATS_PASSWORD_KEYS,
     Manifest,
     by_kind,
     config_map_data,
@@ -29,6 +30,7 @@ from tests.unit.k8s_manifests import (
     containers,
     env_of,
     fewest_replicas,
+    lay_out_nats_pod,
     one,
     plain_env,
     port_of,
@@ -240,11 +242,14 @@ def _kube_env(container: Manifest) -> dict[str, str]:
 
 
 def test_nats_server_accepts_its_config_with_the_statefulset_environment(tmp_path: Path) -> None:
-    """nats-server -t resolves every $VARIABLE in nats.conf from the pod's env, or fails."""
+    """nats-server -t resolves every $VARIABLE in nats.conf, from the pod's env or from the
+    passwords its init container wrote from the Secret (the template's values), or fails."""
     manifests = render(BASE)
     env = _kube_env(_main_container(one(manifests, "StatefulSet", "nats")))
-    conf = tmp_path / "nats.conf"
-    conf.write_text(config_map_data(manifests, "nats-config")["nats.conf"].replace("/data/", f"{tmp_path}/"))
+    (template,) = [t for t in secret_templates() if t["metadata"]["name"] == "relais-nats"]
+    passwords = {key: secret_value(template, key) for key in NATS_PASSWORD_KEYS}
+    conf = lay_out_nats_pod(manifests, tmp_path, passwords)
+    conf.write_text(conf.read_text().replace("/data/", f"{tmp_path}/"))
     result = subprocess.run(
         [nats_server_binary(), "-t", "-c", str(conf)],
         env={"PATH": os.environ.get("PATH", ""), **env},
@@ -255,6 +260,52 @@ def test_nats_server_accepts_its_config_with_the_statefulset_environment(tmp_pat
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "$(" not in "".join(env.values()), "an env reference the kubelet cannot expand"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("bounce-password", ""),
+        ("bounce-password", "first line\nsecond line"),
+        ("route-password", "not/for@a:url"),
+    ],
+)
+def test_a_nats_password_the_server_cannot_take_stops_the_pod_naming_its_key(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    """Stopped at the init container, with the key in its message and never the value."""
+    passwords = {k: f"{k}-value" for k in NATS_PASSWORD_KEYS}
+    passwords[key] = value
+    with pytest.raises(AssertionError) as stopped:
+        lay_out_nats_pod(render(BASE), tmp_path, passwords)
+    assert key in str(stopped.value)
+    assert not value or value not in str(stopped.value)
+    assert not list(tmp_path.glob("etc/nats-passwords/passwords.conf"))
+
+
+@PARAMS
+def test_nats_reads_its_passwords_from_a_read_only_file_in_memory(kustomization: Path) -> None:
+    """The init container alone mounts the relais-nats Secret; what it writes from it (the
+    file nats.conf includes) is on a memory-backed volume, which the server mounts read-only."""
+    manifests = render(kustomization)
+    pod = one(manifests, "StatefulSet", "nats")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert {s for s, _ in secret_files(one(manifests, "StatefulSet", "nats"), init).values()} == {
+        "relais-nats"
+    }
+    # (`data`, the PVC, is no pod volume but a claim template)
+    assert not [m for m in server["volumeMounts"] if "secret" in volumes.get(m["name"], {})]
+    conf = config_map_data(manifests, "nats-config")["nats.conf"]
+    (included,) = re.findall(r'^include "([^"]+)"', conf, re.M)
+    config_dir = next(m["mountPath"] for m in server["volumeMounts"] if m["name"] == "config")
+    path = os.path.normpath(os.path.join(config_dir, included))
+    assert path == plain_env(init)["PASSWORDS_FILE"]
+    (mount,) = [m for m in server["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mount.get("readOnly") is True
+    assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory"
+    assert not [e for e in server.get("env", []) if e["name"].endswith("PASSWORD") or "ROUTE" in e["name"]]
 
 
 @PARAMS
@@ -270,9 +321,10 @@ def test_nats_cluster_matches_the_config(kustomization: Path, tmp_path: Path) ->
         assert config.nats.replicas == replicas == 3
         urls = [u.strip() for u in config.nats.url.split(",")]
         assert urls == [f"nats://nats-{i}.{headless['metadata']['name']}:4222" for i in range(replicas)]
-    env = _kube_env(_main_container(sts))
-    routes = [env[f"ROUTE_{i}"] for i in range(replicas)]
-    assert [r.rsplit("@", 1)[1] for r in routes] == [f"nats-{i}.nats-headless:6222" for i in range(replicas)]
+    # The routes' hosts, which the passwords init container writes into nats.conf's ROUTES.
+    (init,) = sts["spec"]["template"]["spec"]["initContainers"]
+    hosts = plain_env(init)["ROUTE_HOSTS"].split()
+    assert hosts == [f"nats-{i}.{headless['metadata']['name']}:6222" for i in range(replicas)]
     claim = sts["spec"]["volumeClaimTemplates"][0]
     mount = next(m for m in _main_container(sts)["volumeMounts"] if m["name"] == claim["metadata"]["name"])
     assert "store_dir: " + mount["mountPath"] in _nats_conf(), "JetStream must store on the PVC"
@@ -546,11 +598,14 @@ def test_every_secret_reference_is_provided_by_a_template(kustomization: Path) -
 
 
 @PARAMS
-def test_no_secret_reaches_a_service_through_its_environment(kustomization: Path) -> None:
-    """Secrets are files on a mounted Secret, read through RELAIS_<SECTION>__<KEY>_FILE. An
+def test_no_secret_reaches_a_container_through_its_environment(kustomization: Path) -> None:
+    """Secrets are files on a mounted Secret: the services read theirs through
+    RELAIS_<SECTION>__<KEY>_FILE, the NATS servers theirs through nats.conf's include. An
     environment variable is inherited by every child process, readable in /proc/<pid>/environ,
     and copied into crash reports, debug dumps and the tools that describe a pod."""
-    for workload in relais_workloads(render(kustomization)):
+    manifests = render(kustomization)
+    assert one(manifests, "StatefulSet", "nats") in workloads(manifests)
+    for workload in workloads(manifests):
         name = workload["metadata"]["name"]
         for container in containers(workload):
             assert not [e for e in container.get("envFrom", []) if "secretRef" in e], name
@@ -575,9 +630,11 @@ def test_every_file_variable_names_a_file_on_a_mounted_secret(kustomization: Pat
 @PARAMS
 def test_secret_files_are_read_only_and_readable_by_the_service_alone(kustomization: Path) -> None:
     """Mounted as root's files with the pod's group (fsGroup) readable: 0440. Without fsGroup
-    the service (uid 10001) could not read them; with an `other` bit, any uid could."""
+    the service (uid 10001; the NATS servers' 1000) could not read them; with an `other` bit,
+    any uid could."""
     secret_volumes = 0
-    for workload in relais_workloads(render(kustomization)):
+    manifests = render(kustomization)
+    for workload in [*relais_workloads(manifests), one(manifests, "StatefulSet", "nats")]:
         name = workload["metadata"]["name"]
         pod = workload["spec"]["template"]["spec"]
         context = pod["securityContext"]
