@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from types import TracebackType
+
+from tests.support.loopback_proxy import LoopbackProxy
 
 
-class CuttableNatsProxy:
+class CuttableNatsProxy(LoopbackProxy):
     def __init__(self, upstream_url: str) -> None:
-        host, _, port = upstream_url.removeprefix("nats://").rpartition(":")
-        self._upstream = (host, int(port))
-        self._server: asyncio.Server | None = None
+        super().__init__(upstream_url)
         self._cut = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"nats://{host}:{port}"
 
     def cut(self) -> None:
         self._cut = True
@@ -36,34 +27,16 @@ class CuttableNatsProxy:
     def mend(self) -> None:
         self._cut = False
 
-    async def __aenter__(self) -> CuttableNatsProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._server is not None
-        self._server.close()
-        self.cut()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         if self._cut:
             client_writer.transport.abort()
             return
-        try:
-            server_reader, server_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            client_writer.transport.abort()
+        link = await self._open_upstream(client_writer)
+        if link is None:
             return
-        self._writers |= {client_writer, server_writer}
-        for reader, writer in ((client_reader, server_writer), (server_reader, client_writer)):
-            task = asyncio.create_task(self._pump(reader, writer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        server_reader, server_writer = link
+        self._spawn(self._pump(client_reader, server_writer))
+        self._spawn(self._pump(server_reader, client_writer))
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):

@@ -14,55 +14,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from types import TracebackType
+
+from tests.support.loopback_proxy import LoopbackProxy
 
 
-class DelayingNatsProxy:
+class DelayingNatsProxy(LoopbackProxy):
     def __init__(self, upstream_url: str, stream: str, delay: float) -> None:
-        host, _, port = upstream_url.removeprefix("nats://").rpartition(":")
-        self._upstream = (host, int(port))
+        super().__init__(upstream_url)
         self._ack_prefix = f"$JS.ACK.{stream}.".encode()
         self._info_prefix = f"$JS.API.CONSUMER.INFO.{stream}.".encode()
         self._delay = delay
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"nats://{host}:{port}"
-
-    async def __aenter__(self) -> DelayingNatsProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection(*self._upstream)
-        self._writers += [client_writer, server_writer]
+        link = await self._open_upstream(client_writer)
+        if link is None:
+            return
+        server_reader, server_writer = link
         held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         requests: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-        for job in (
-            self._pump_from_client(client_reader, requests),
-            _release_held(requests, server_writer),
-            self._pump_from_server(server_reader, client_writer, held),
-            _release_held(held, client_writer),
-        ):
-            task = asyncio.create_task(job)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._spawn(self._pump_from_client(client_reader, requests))
+        self._spawn(_release_held(requests, server_writer))
+        self._spawn(self._pump_from_server(server_reader, client_writer, held))
+        self._spawn(_release_held(held, client_writer))
 
     async def _pump_from_client(
         self, reader: asyncio.StreamReader, requests: asyncio.Queue[tuple[float, bytes]]
