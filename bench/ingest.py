@@ -2,7 +2,7 @@
 """Ingress throughput: accepted messages per second, and CPU per 1,000 messages.
 
 A real nats-server (EmbeddedNats, file storage) and the ingress as its own OS process
-(`python -m services.cli ingress`), nothing else: accepted mail stays in RELAIS_ROUTE. 50
+(`python -m services.cli ingress`), nothing else: accepted mail stays in RELAIS_SUBMIT. 50
 concurrent aiosmtplib clients each keep one session (EHLO [STARTTLS] AUTH, then MAIL/RCPT/DATA
 per message), as bulk senders do; the "conn/msg" rows open a new session for every message.
 Every row counts only `250` replies to DATA, i.e. messages JetStream acknowledged.

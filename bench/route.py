@@ -13,7 +13,7 @@ account lookup, suppression check per recipient (KV), MX + site, and the JetStre
 the delivery job (acknowledged), for single-recipient messages with a warm DNS cache.
 
 With --consume, runs the router service as deployed (`RouterService.run`: pull, decode, route,
-publish, ack) over N messages already queued on `relais.route`, once per recipient count in
+publish, ack) over N messages already queued on `relais.submit`, once per recipient count in
 --rcpts (all of a message's recipients in one domain, a few of them suppressed), and reports
 messages/s, the router's CPU per 1,000 messages and the NATS messages its connection sent and
 received per message (nats-server /connz): the round trips the router pays per message.
@@ -157,7 +157,13 @@ async def consume(count: int, domains: int, rcpts: int, size: int = 100) -> dict
     from services.core.embedded import EmbeddedNats, free_port
     from services.core.envelope import BodyRef, Envelope
     from services.core.suppression import Suppression, SuppressionList
-    from services.core.topology import DELIVER_STREAM, ensure_topology, route_subject
+    from services.core.topology import (
+        DELIVER_STREAM,
+        SUBMIT_CONSUMER,
+        SUBMIT_STREAM,
+        ensure_topology,
+        submit_subject,
+    )
     from services.router.service import RouterService
 
     with tempfile.TemporaryDirectory() as tmp, DNSServer("127.0.0.1") as server:
@@ -192,7 +198,7 @@ async def consume(count: int, domains: int, rcpts: int, size: int = 100) -> dict
                     body=body,
                 )
                 async with sem:
-                    await feeder.publish(route_subject(), env.to_msgpack(), msg_id=env.id)
+                    await feeder.publish(submit_subject(), env.to_msgpack(), msg_id=env.id)
 
             await asyncio.gather(*(queue(i) for i in range(count)))
             bus = await connect(config.nats, "bench-router")
@@ -206,9 +212,9 @@ async def consume(count: int, domains: int, rcpts: int, size: int = 100) -> dict
             while True:
                 await asyncio.sleep(0.05)
                 info = await feeder.js.stream_info(DELIVER_STREAM)
-                # a fully suppressed message yields no job: count routed messages by the route stream
-                left = (await feeder.js.consumer_info("RELAIS_ROUTE", "router")).num_ack_pending
-                pending = (await feeder.js.consumer_info("RELAIS_ROUTE", "router")).num_pending
+                # a fully suppressed message yields no job: count routed messages by the submit stream
+                left = (await feeder.js.consumer_info(SUBMIT_STREAM, SUBMIT_CONSUMER)).num_ack_pending
+                pending = (await feeder.js.consumer_info(SUBMIT_STREAM, SUBMIT_CONSUMER)).num_pending
                 if pending == 0 and left == 0 and info.state.messages > 0:
                     break
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0

@@ -168,9 +168,9 @@ def span_pair_micro(n: int = 20000) -> tuple[float, float]:
         started = time.process_time()
         for i in range(n):
             headers: dict[str, str] = {}
-            with telemetry.producer_span("relais.route", headers, {telemetry.MESSAGE_ID: str(i)}):
+            with telemetry.producer_span("relais.submit", headers, {telemetry.MESSAGE_ID: str(i)}):
                 pass
-            with telemetry.consumer_span("relais.route", headers, {telemetry.MESSAGE_ID: str(i)}):
+            with telemetry.consumer_span("relais.submit", headers, {telemetry.MESSAGE_ID: str(i)}):
                 pass
         return (time.process_time() - started) / n * 1e6
 

@@ -58,7 +58,7 @@ from services.core.topology import (
     bounce_subject,
     bounce_window_subject,
     inbound_binding,
-    route_subject,
+    submit_subject,
 )
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class BounceService:
             meta={"dsn_for": env.id},
         )
         await self._bus.publish(
-            route_subject(),
+            submit_subject(),
             dsn.to_msgpack(),
             msg_id=msg_id,
             attributes={"relais.message_id": dsn_id, "relais.dsn_for": env.id},

@@ -26,6 +26,7 @@ from services.core.topology import (
     inbound_binding,
     router_binding,
     stream_configs,
+    submit_binding,
     verdict_binding,
     webhooks_binding,
 )
@@ -106,7 +107,7 @@ async def start_bus(config: Config, name: str, *, attempts: int = 60) -> Bus:
 def owned_bindings(name: str, config: Config) -> list[ConsumerBinding]:
     """The durable consumers a service pulls from and needs to be ready (`readiness_checks`)."""
     if name == "router":
-        return [router_binding(), verdict_binding()]
+        return [submit_binding(), router_binding(), verdict_binding()]
     if name == "delivery":
         return [delivery_binding(pool) for pool in config.served_pools()]
     if name == "bounce":

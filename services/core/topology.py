@@ -5,7 +5,8 @@ place that declares streams; services bind to what `ensure_topology` created, ei
 own start or, with `nats.declare_topology = false`, as an operator applied it
 (`relais topology apply`): they then only check that it exists (`missing_topology`).
 
-    relais.route                      accepted messages (and re-routes) -> router
+    relais.submit                     accepted messages and DSNs -> router-submit
+    relais.route                      retries of deferred jobs, jobs routed again -> router
     relais.retry.route.<key>.<n>      scheduled re-route after a DNS failure (ADR-51 schedule)
     relais.deliver.<pool>             delivery jobs, partitioned by IP pool -> delivery-<pool>
     relais.retry.deliver.<key>.<n>    scheduled retry of a deferred job (ADR-51 schedule)
@@ -50,6 +51,11 @@ from services.core.config import AccountConfig, Config
 log = logging.getLogger(__name__)
 
 PREFIX = "relais"
+# New mail (the ingress's accepted messages, bounce's DSNs) has a stream of its own, which takes
+# no schedules: nats-server gives a stream that takes schedules roll-ups too (and a schedule is
+# stored as a roll-up of its subject), so whoever may publish one of its subjects can empty it.
+# Only the router and delivery publish to the route stream, whose retries are schedules.
+SUBMIT_STREAM = "RELAIS_SUBMIT"
 ROUTE_STREAM = "RELAIS_ROUTE"
 DELIVER_STREAM = "RELAIS_DELIVER"
 BOUNCE_STREAM = "RELAIS_BOUNCE"
@@ -58,6 +64,7 @@ INBOUND_STREAM = "RELAIS_INBOUND"
 BODY_BUCKET = "relais-bodies"
 BODY_REFS_BUCKET = "relais-body-refs"
 ROUTER_CONSUMER = "router"
+SUBMIT_CONSUMER = "router-submit"
 VERDICT_CONSUMER = "router-verdicts"
 BOUNCE_CONSUMER = "bounce"
 INBOUND_CONSUMER = "bounce-inbound"
@@ -106,7 +113,14 @@ def _token(value: str, what: str) -> str:
     return value
 
 
+def submit_subject() -> str:
+    """New mail for the router: what the ingress accepted, the DSNs bounce writes."""
+    return f"{PREFIX}.submit"
+
+
 def route_subject() -> str:
+    """Mail for the router again: deferred jobs' retries (fired by their schedules), jobs it
+    hands back to be routed alone."""
     return f"{PREFIX}.route"
 
 
@@ -278,6 +292,10 @@ def router_binding() -> ConsumerBinding:
     return ConsumerBinding(ROUTE_STREAM, ROUTER_CONSUMER, route_subject())
 
 
+def submit_binding() -> ConsumerBinding:
+    return ConsumerBinding(SUBMIT_STREAM, SUBMIT_CONSUMER, submit_subject())
+
+
 def verdict_binding() -> ConsumerBinding:
     return ConsumerBinding(DELIVER_STREAM, VERDICT_CONSUMER, verdict_subject())
 
@@ -317,6 +335,15 @@ def stream_configs(config: Config) -> list[StreamConfig]:
         duplicate_window=config.nats.duplicate_window,
     )
     return [
+        StreamConfig(
+            name=SUBMIT_STREAM,
+            subjects=[submit_subject()],
+            retention=RetentionPolicy.WORK_QUEUE,
+            # What JetStream defaults to, said here because it is the point of this stream: no
+            # `Nats-Rollup: all` from a publisher empties the queue of accepted mail.
+            allow_rollup_hdrs=False,
+            **common,
+        ),
         StreamConfig(
             name=ROUTE_STREAM,
             subjects=[route_subject(), _ROUTE_RETRIES],
@@ -379,6 +406,7 @@ def stream_configs(config: Config) -> list[StreamConfig]:
 
 def consumer_bindings(config: Config) -> list[ConsumerBinding]:
     return [
+        submit_binding(),
         router_binding(),
         verdict_binding(),
         bounce_binding(),

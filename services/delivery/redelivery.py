@@ -151,8 +151,9 @@ async def stored_outcome(bus: Bus, env: Envelope) -> Stored:
         return Stored(complete=True)
     retry = await leader_last(bus.js, ROUTE_STREAM, route_retry_subject(key, round_no))
     if retry is not None and not is_schedule(retry.headers):
-        # Fired there by a schedule that anyone publishing `relais.route` may store (the ingress):
-        # no retry. Taken for one, the job's recipients would count as settled and go unsent.
+        # Fired there by a schedule that anyone publishing `relais.route` may store (the router,
+        # delivery; the ingress and bounce before they published `relais.submit`): no retry.
+        # Taken for one, the job's recipients would count as settled and go unsent.
         retry = None
     notice = await msg_id_stored(bus, bounce_subject(), f"bn-{key}-{round_no}")
     stored = Stored(retry=retry, notice=notice)

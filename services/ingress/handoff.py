@@ -20,7 +20,7 @@ from services.core.envelope import Envelope, new_message_id
 from services.core.events import Event, event_for, record_event, report_later
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import traceparent_of
-from services.core.topology import inbound_subject, route_subject
+from services.core.topology import inbound_subject, submit_subject
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Handoff:
         )
         try:
             await self._publish_until_acked(
-                inbound_subject() if sub.kind == "inbound" else route_subject(),
+                inbound_subject() if sub.kind == "inbound" else submit_subject(),
                 env.to_msgpack(),
                 msg_id=message_id,
                 attributes={"relais.message_id": message_id, "relais.account": sub.account},

@@ -40,6 +40,7 @@ from services.core.topology import (
     deliver_subject,
     route_subject,
     router_binding,
+    submit_binding,
     verdict_binding,
     verdict_subject,
 )
@@ -96,14 +97,21 @@ class RouterService:
         self._rng = rng or random.Random()
 
     async def run(self, stop: asyncio.Event) -> None:
+        # New mail (relais.submit) and mail routed again (relais.route: jobs handed back, DNS
+        # retries) are one kind of message in two streams; only the second takes schedules, so
+        # only the router and delivery may publish there. Each queue has its own slots: a burst
+        # of retries fired at once never holds new mail back, nor the other way round.
         await asyncio.gather(
-            consume_declared(
-                self._bus,
-                self._config,
-                router_binding(),
-                self.handle,
-                concurrency=self._config.router.concurrency,
-                stop=stop,
+            *(
+                consume_declared(
+                    self._bus,
+                    self._config,
+                    binding,
+                    self.handle,
+                    concurrency=self._config.router.concurrency,
+                    stop=stop,
+                )
+                for binding in (submit_binding(), router_binding())
             ),
             consume_declared(
                 self._bus,
@@ -126,7 +134,7 @@ class RouterService:
             await self._bodies.discard(env.body)
             return
         with consumer_span(
-            route_subject(),
+            msg.subject,  # relais.submit or relais.route, the router's two queues
             msg.headers,
             {"relais.message_id": env.id, "relais.account": env.account, "relais.attempt": env.attempt_count},
         ):

@@ -21,8 +21,8 @@ from services.core.topology import (
     BOUNCE_STREAM,
     DELIVER_STREAM,
     EVENTS_STREAM,
-    ROUTE_STREAM,
-    ROUTER_CONSUMER,
+    SUBMIT_CONSUMER,
+    SUBMIT_STREAM,
     delivery_consumer,
 )
 from tests.integration.bounce.conftest import wait_consumed
@@ -101,14 +101,14 @@ async def test_a_rerun_finds_the_notice_the_bounce_service_handled(
         await wait_consumed(url, BOUNCE_STREAM, BOUNCE_CONSUMER)
         # The DSN's and the event's msg ids are forgotten as well: nothing downstream would
         # drop a second notice's.
-        await past_the_duplicate_windows(bus, BOUNCE_STREAM, ROUTE_STREAM, EVENTS_STREAM)
+        await past_the_duplicate_windows(bus, BOUNCE_STREAM, SUBMIT_STREAM, EVENTS_STREAM)
 
         assert len(await queue.bounce_queue(bus, SITE, "mailbox gone")) == 1
         assert [job async for job in queue.scheduled_jobs(bus)] == [], "the claim was deleted"
     finally:
         await bus.close()
     await wait_consumed(url, BOUNCE_STREAM, BOUNCE_CONSUMER)
-    await wait_consumed(url, ROUTE_STREAM, ROUTER_CONSUMER)
+    await wait_consumed(url, SUBMIT_STREAM, SUBMIT_CONSUMER)  # the message and its DSN
     await wait_consumed(url, DELIVER_STREAM, delivery_consumer("default"))
     assert len(sender_mx.messages) == 1, "one DSN"
     assert len([e for e in await read_events(url) if e.kind == "bounced"]) == 1

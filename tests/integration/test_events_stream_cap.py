@@ -17,7 +17,7 @@ from services.core.config import Config, NatsConfig, load_config
 from services.core.embedded import EmbeddedNats
 from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.events import event_for, publish_event
-from services.core.topology import EVENTS_STREAM, ROUTE_STREAM, ensure_topology, route_subject
+from services.core.topology import EVENTS_STREAM, SUBMIT_STREAM, ensure_topology, submit_subject
 from services.up import LAPTOP_EVENTS_MAX_BYTES, service_env, write_default_config
 
 CAP = 1024 * 1024  # the smallest cap `relais validate` takes
@@ -130,11 +130,11 @@ async def test_mail_is_still_taken_while_events_overflow_a_small_store(
             message = _message()
             published += await _accept(bus, message)
             if published > mail * 64 * 1024:  # a mail per 64 KiB of events: the mail fits the store
-                ack = await bus.publish(route_subject(), message.to_msgpack(), msg_id=message.id)
-                assert ack.stream == ROUTE_STREAM
+                ack = await bus.publish(submit_subject(), message.to_msgpack(), msg_id=message.id)
+                assert ack.stream == SUBMIT_STREAM
                 mail += 1
 
-        assert (await bus.js.stream_info(ROUTE_STREAM)).state.messages == mail
+        assert (await bus.js.stream_info(SUBMIT_STREAM)).state.messages == mail
         assert (await bus.js.stream_info(EVENTS_STREAM)).state.bytes <= CAP
     finally:
         await bus.close()

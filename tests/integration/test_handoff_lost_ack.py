@@ -14,7 +14,7 @@ from services.core.bodies import BodyStore
 from services.core.bus import BrokerUnavailable, Bus, connect
 from services.core.config import Config, NatsConfig
 from services.core.embedded import EmbeddedNats
-from services.core.topology import EVENTS_STREAM, ROUTE_STREAM, ensure_topology
+from services.core.topology import EVENTS_STREAM, SUBMIT_STREAM, ensure_topology
 from services.ingress.handoff import Handoff, Submission
 
 SUBMISSION = Submission(
@@ -56,8 +56,8 @@ def fail_publishes(
     return calls
 
 
-async def route_messages(bus: Bus) -> int:
-    return (await bus.js.stream_info(ROUTE_STREAM)).state.messages
+async def submitted_messages(bus: Bus) -> int:
+    return (await bus.js.stream_info(SUBMIT_STREAM)).state.messages
 
 
 async def test_a_stored_message_whose_ack_was_lost_is_accepted_once(
@@ -68,7 +68,7 @@ async def test_a_stored_message_whose_ack_was_lost_is_accepted_once(
     reply = await handoff.queue(SUBMISSION, message_id="lost-ack-1")
     assert reply.startswith("250 "), reply
     assert len(calls) >= 2, "published again after the lost ack"
-    assert await route_messages(bus) == 1, "the second publish was de-duplicated by JetStream"
+    assert await submitted_messages(bus) == 1, "the second publish was de-duplicated by JetStream"
     await bus.flush(5.0)
     accepted = await bus.js.get_last_msg(EVENTS_STREAM, "relais.events.acme.accepted")
     assert accepted.headers and accepted.headers.get("Nats-Msg-Id") == "acc-lost-ack-1"
@@ -84,4 +84,4 @@ async def test_nothing_acknowledged_within_the_deadline_is_a_451(
     assert reply.startswith("451 4.3.0"), reply
     assert time.monotonic() - started < 3.0, "451 within about the deadline"
     assert len(calls) >= 2, "retried while the deadline allowed"
-    assert await route_messages(bus) == 0
+    assert await submitted_messages(bus) == 0

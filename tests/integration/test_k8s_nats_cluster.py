@@ -144,6 +144,7 @@ async def test_shipped_nats_config_runs_relais_at_three_replicas(
         info = await bus.js.stream_info(topology.ROUTE_STREAM)
         assert info.config.num_replicas == REPLICAS
         assert info.cluster is not None and len(info.cluster.replicas or []) == REPLICAS - 1
+        assert (await bus.js.stream_info(topology.SUBMIT_STREAM)).config.num_replicas == REPLICAS
         consumer = await bus.js.consumer_info(topology.ROUTE_STREAM, topology.ROUTER_CONSUMER)
         leader = next(n for n in nodes if n.name == consumer.cluster.leader)
     finally:
@@ -185,6 +186,14 @@ async def test_system_account_cannot_reach_relais_streams(cluster: tuple[list[No
 
 
 SERVICE_USERS = ("ingress", "router", "delivery", "bounce")
+# The mail stream each service user publishes to: new mail (the ingress, bounce's DSNs), or mail
+# routed again (the router, delivery's retries).
+MAIL_QUEUE = {
+    "ingress": (topology.submit_subject(), topology.SUBMIT_STREAM),
+    "router": (topology.route_subject(), topology.ROUTE_STREAM),
+    "delivery": (topology.route_subject(), topology.ROUTE_STREAM),
+    "bounce": (topology.submit_subject(), topology.SUBMIT_STREAM),
+}
 
 
 def admin_js(nc: nats.NATS) -> JetStreamContext:
@@ -224,13 +233,14 @@ async def test_service_users_find_the_topology_admin_applied_but_cannot_destroy_
         try:
             assert not config.nats.declare_topology
             await topology.ensure_or_check_topology(bus.js, config)
-            await bus.js.publish(topology.route_subject(), f"kept from {user}".encode())
+            subject, stream = MAIL_QUEUE[user]
+            await bus.js.publish(subject, f"kept from {user}".encode())
             js = bus.nc.jetstream(timeout=1.0)
             for attempt in (js.purge_stream, js.delete_stream):
                 with pytest.raises(Exception):  # noqa: B017 - a refused request only times out
-                    await attempt(topology.ROUTE_STREAM)
-            info = await bus.js.stream_info(topology.ROUTE_STREAM)
-            assert info.state.messages >= 1, f"{user} purged the route stream"
+                    await attempt(stream)
+            info = await bus.js.stream_info(stream)
+            assert info.state.messages >= 1, f"{user} purged {stream}"
         finally:
             await bus.close()
     admin = await nats.connect([n.url for n in nodes], user="admin", password=env["ADMIN_PASSWORD"])

@@ -327,6 +327,10 @@ REFUSED = [
     ("ingress", topology.kv_subject(topology.SUPPRESSION_BUCKET, "acme.x")),
     ("ingress", topology.kv_subject(topology.DELIVERY_CONTROL_BUCKET, "pool.default")),
     ("ingress", f"$JS.API.STREAM.MSG.DELETE.{topology.ROUTE_STREAM}"),
+    # Only the router and delivery publish mail routed again: the route stream takes schedules,
+    # and so roll-ups, which would let a publisher empty it (test_k8s_nats_schedule_targets.py).
+    ("ingress", topology.route_subject()),
+    ("bounce", topology.route_subject()),
     ("router", topology.kv_subject(topology.ACCOUNTS_BUCKET, "intruder")),
     ("router", topology.kv_subject(topology.SUPPRESSION_BUCKET, "acme.x")),
     ("router", topology.limit_subject("msg-hour", ACCOUNT, 1)),
@@ -355,7 +359,12 @@ async def test_a_service_user_cannot_publish_where_its_service_does_not(
     admin = await nats.connect(shipped_nats.url())
     try:
         js = admin.jetstream()
-        for stream in (topology.DELIVER_STREAM, topology.BOUNCE_STREAM, topology.ROUTE_STREAM):
+        for stream in (
+            topology.DELIVER_STREAM,
+            topology.BOUNCE_STREAM,
+            topology.ROUTE_STREAM,
+            topology.SUBMIT_STREAM,
+        ):
             assert (await js.stream_info(stream)).state.messages == 0, f"{user} got into {stream}"
     finally:
         await admin.close()
@@ -364,7 +373,7 @@ async def test_a_service_user_cannot_publish_where_its_service_does_not(
 # The control beside the refusals: what each user's service publishes is accepted, so a refusal
 # above is the permission at work, not a probe that can never succeed.
 ACCEPTED = [
-    ("ingress", topology.route_subject()),
+    ("ingress", topology.submit_subject()),
     ("ingress", topology.inbound_subject()),
     ("ingress", topology.event_subject(ACCOUNT, "accepted")),
     ("ingress", topology.kv_subject(topology.ACCOUNTS_BUCKET, "newsletter")),
@@ -380,7 +389,7 @@ ACCEPTED = [
     ("delivery", topology.bounce_subject()),
     ("delivery", topology.kv_subject(topology.SHAPING_BUCKET, "slot")),
     ("delivery", topology.kv_subject(topology.DELIVERY_CONTROL_BUCKET, "pool.default")),
-    ("bounce", topology.route_subject()),
+    ("bounce", topology.submit_subject()),
     ("bounce", topology.bounce_window_subject("msg", "win")),
     ("bounce", topology.event_subject(ACCOUNT, "complained")),
     ("bounce", topology.kv_subject(topology.SUPPRESSION_BUCKET, "acme.x")),
@@ -401,8 +410,8 @@ async def test_the_ingress_cannot_schedule_a_delivery_job_from_its_own_subject(
     probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats
 ) -> None:
     """A message schedule's target is not checked against its publisher's permissions, only
-    against its stream's subjects: the route stream's, where the ingress publishes, do not
-    hold the delivery jobs."""
+    against its stream's: the submit stream, where the ingress publishes, takes no schedule at
+    all (and the route stream, which takes them, holds no delivery job)."""
     connection = await probe("ingress")
     schedule = {
         Header.SCHEDULE: f"@at {rfc3339(time.time() + 1)}",
@@ -410,7 +419,7 @@ async def test_the_ingress_cannot_schedule_a_delivery_job_from_its_own_subject(
     }
     with pytest.raises(APIError):
         await connection.nc.jetstream(timeout=5).publish(
-            topology.route_subject(), b"forged", headers=schedule
+            topology.submit_subject(), b"forged", headers=schedule
         )
     await asyncio.sleep(2)  # past the time it would have fired
     admin = await nats.connect(shipped_nats.url())
@@ -481,22 +490,22 @@ async def _refused_request(connection: Probe, request: Awaitable[object], subjec
 async def test_a_service_user_cannot_reconfigure_a_stream_into_an_open_relay(
     probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats, user: str
 ) -> None:
-    """A republish from relais.route (which the ingress may publish) into a pool's delivery
+    """A republish from relais.submit (which the ingress may publish) into a pool's delivery
     jobs would let a leaked password queue mail past AUTH and the router; a lower limit would
     drop queued mail. Only `admin` (the relais-topology pod) changes streams."""
     connection = await probe(user)
     js = connection.nc.jetstream(timeout=2)
     admin = await nats.connect(shipped_nats.url())
     try:
-        declared = (await admin.jetstream().stream_info(topology.ROUTE_STREAM)).config
+        declared = (await admin.jetstream().stream_info(topology.SUBMIT_STREAM)).config
         relay = dataclasses.replace(
             declared,
-            republish=RePublish(src=topology.route_subject(), dest=topology.deliver_subject("default")),
+            republish=RePublish(src=topology.submit_subject(), dest=topology.deliver_subject("default")),
             max_msgs=1,
         )
-        subject = f"$JS.API.STREAM.UPDATE.{topology.ROUTE_STREAM}"
+        subject = f"$JS.API.STREAM.UPDATE.{topology.SUBMIT_STREAM}"
         assert await _refused_request(connection, js.update_stream(relay), subject), f"{user} updated it"
-        current = (await admin.jetstream().stream_info(topology.ROUTE_STREAM)).config
+        current = (await admin.jetstream().stream_info(topology.SUBMIT_STREAM)).config
         assert current.republish is None and current.max_msgs == declared.max_msgs
     finally:
         await admin.close()
@@ -528,6 +537,7 @@ FORGED_CONSUMERS = [
     for stream, name, subject in (
         (topology.DELIVER_STREAM, "forged", "relais.retry.deliver.>"),
         (topology.ROUTE_STREAM, "forged", "relais.retry.route.>"),
+        (topology.SUBMIT_STREAM, "forged", topology.submit_subject()),
         (topology.EVENTS_STREAM, topology.webhooks_binding(ACCOUNT).durable, "relais.events.>"),
     )
 ] + [("bounce", topology.DELIVER_STREAM, "forged", "relais.retry.deliver.>")]
@@ -805,6 +815,7 @@ async def test_a_service_user_reads_what_its_service_reads(
 # anyone else would get the message (whole mail, on the delivery and route streams) and, never
 # acked, hold it back from the service for nats.ack_wait.
 PULLS = [
+    (topology.submit_binding(), "router"),
     (topology.router_binding(), "router"),
     (topology.verdict_binding(), "router"),
     (topology.delivery_binding("default"), "delivery"),

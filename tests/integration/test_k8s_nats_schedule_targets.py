@@ -13,14 +13,17 @@ the publisher's permissions are checked for the schedule's own subject only. Wha
   and sets `Nats-Scheduler`, the schedule's subject, which it refuses from a client (10212).
 
 Within its stream, though, a schedule fires into a subject its publisher may not publish:
-delivery, which postpones jobs on the delivery stream, into `relais.verdict`; the ingress and
-bounce, which publish `relais.route`, into a job's route retry subject; the router, which
-publishes delivery jobs, into a delivery retry subject. Those who read these subjects tell a
-fired message from their own (`services.core.schedule.fired_by`, `is_schedule`).
+delivery, which postpones jobs on the delivery stream, into `relais.verdict`; the router, which
+publishes delivery jobs, into a delivery retry subject, and the jobs it routes again
+(`relais.route`) into a job's route retry subject. Those who read these subjects tell a fired
+message from their own (`services.core.schedule.fired_by`, `is_schedule`).
 
-Not closed (the last tests, expected to fail): nats-server gives a stream that takes schedules
-roll-ups too, whatever its configuration says, so a user that may publish one subject of the
-route or delivery stream can empty it.
+nats-server gives a stream that takes schedules roll-ups too, whatever its configuration says,
+and stores a schedule as a roll-up of its own subject: a user that may publish one subject of
+such a stream can empty it. The ingress and bounce publish new mail to `relais.submit`, whose
+stream takes neither schedules nor roll-ups, and may not publish `relais.route`: neither can
+empty a mail queue. Not closed (the last test, expected to fail): the router and delivery,
+which both publish to the route and delivery streams, can still empty those.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from tests.integration.test_k8s_nats_permissions import (  # noqa: F401 - fixtur
     Probe,
     ShippedNats,
     _as_user,
+    _refused_request,
     probe,
     shipped_nats,
 )
@@ -56,6 +60,7 @@ TARGET_INVALID = 10190
 SCHEDULES_DISABLED = 10188
 # Every stream a probe's publish could have reached.
 STREAMS = (
+    topology.SUBMIT_STREAM,
     topology.ROUTE_STREAM,
     topology.DELIVER_STREAM,
     topology.BOUNCE_STREAM,
@@ -102,14 +107,14 @@ OUTSIDE_ITS_STREAM = [
     ("router", topology.route_retry_subject("job", 1), _INTRUDER),
     ("delivery", topology.deliver_retry_subject("job", 1), _INTRUDER),
     ("bounce", topology.bounce_window_subject("msg", "win"), _INTRUDER),
-    ("ingress", topology.route_subject(), _INTRUDER),
+    ("router", topology.route_subject(), _INTRUDER),
     # Another stream's subject the user may not publish.
     ("delivery", topology.deliver_retry_subject("job", 1), topology.bounce_flush_subject()),
-    ("bounce", topology.route_subject(), topology.bounce_subject()),
+    ("router", topology.route_subject(), topology.inbound_subject()),
     # ... or may publish: the rule is the stream, not the permissions.
     ("router", topology.verdict_subject(), topology.route_subject()),
     # A subject no stream holds: a core NATS message nobody would have checked.
-    ("ingress", topology.route_subject(), "relais.nowhere"),
+    ("delivery", topology.route_subject(), "relais.nowhere"),
 ]
 
 
@@ -140,6 +145,10 @@ async def test_a_schedule_cannot_fire_outside_its_own_stream(
 # The events above all: the router publishes `suppressed` events, but not `delivered` ones.
 # (user, a subject it publishes, the target, what else its publishes there carry)
 WITHOUT_SCHEDULES = [
+    # New mail: the only mail stream the ingress and bounce publish to.
+    ("ingress", topology.submit_subject(), _INTRUDER, {}),
+    ("ingress", topology.submit_subject(), "relais.nowhere", {}),
+    ("bounce", topology.submit_subject(), topology.bounce_subject(), {}),
     (
         "router",
         topology.event_subject(ACCOUNT, "suppressed"),
@@ -327,12 +336,12 @@ async def test_a_verdict_the_router_stored_is_carried_out(
         await admin.close()
 
 
-# -- within its stream: the ingress, bounce and the router fire into jobs' retry subjects --------
+# -- within its stream: the router and delivery fire into jobs' retry subjects ---------------------
 
 # (user, its subject in the retry's stream, the stream, the retry subject of a job's next round)
 INTO_RETRY_SUBJECTS = [
-    ("ingress", topology.route_subject(), topology.ROUTE_STREAM, topology.route_retry_subject),
-    ("bounce", topology.route_subject(), topology.ROUTE_STREAM, topology.route_retry_subject),
+    ("router", topology.route_subject(), topology.ROUTE_STREAM, topology.route_retry_subject),
+    ("delivery", topology.route_subject(), topology.ROUTE_STREAM, topology.route_retry_subject),
     ("router", topology.verdict_subject(), topology.DELIVER_STREAM, topology.deliver_retry_subject),
 ]
 
@@ -404,31 +413,104 @@ async def test_a_jobs_retry_schedule_is_its_retry(
     }
 
 
-# -- not closed: roll-ups on the streams that take schedules ---------------------------------------
+# -- closed: the ingress and bounce cannot empty a mail queue --------------------------------------
 
-# (user, a subject it publishes, that subject's stream, the headers). A schedule is stored as a
-# roll-up of its own subject: on `relais.route`, of every message queued there.
+_ROLLUP = {Header.ROLLUP.value: "all"}
+# JSStreamRollupFailedErrF: "rollup not permitted", the stream's answer.
+ROLLUP_REFUSED = 10111
+_RETRY = topology.route_retry_subject("job", 1)
+# (user, subject, headers, what refuses them: the user's permissions (None), else the stream's
+# error code). A schedule is stored as a roll-up of its own subject, so one on a subject of
+# queued mail would remove that mail.
+CANNOT_EMPTY = [
+    (user, subject, headers, refusal)
+    for user in ("ingress", "bounce")
+    for subject, headers, refusal in (
+        (topology.route_subject(), _ROLLUP, None),
+        (topology.route_subject(), _schedule(topology.route_retry_subject("forged", 1), 600), None),
+        (topology.submit_subject(), _ROLLUP, ROLLUP_REFUSED),
+        (topology.submit_subject(), _schedule(topology.submit_subject(), 600), SCHEDULES_DISABLED),
+    )
+]
+
+
+async def _queue_mail(admin: nats.NATS) -> None:
+    """New mail waiting for the router, mail routed again, and a job's scheduled retry."""
+    js = admin.jetstream()
+    await js.publish(topology.submit_subject(), b"new mail")
+    await js.publish(topology.route_subject(), b"routed again")
+    await js.publish(_RETRY, b"scheduled retry", headers=_schedule(topology.route_subject(), delay=600))
+
+
+async def _first(admin: nats.NATS, stream: str, subject: str) -> bytes | None:
+    try:
+        msg = await admin.jetstream().get_msg(stream, seq=1, subject=subject, next=True, direct=False)
+    except NotFoundError:
+        return None
+    return msg.data
+
+
+@pytest.mark.parametrize(
+    ("user", "subject", "headers", "refusal"),
+    CANNOT_EMPTY,
+    ids=[f"{u}:{s}:{'rollup' if Header.ROLLUP.value in h else 'schedule'}" for u, s, h, _ in CANNOT_EMPTY],
+)
+async def test_the_ingress_and_bounce_cannot_empty_a_mail_queue(
+    probe: Callable[[str], Awaitable[Probe]],  # noqa: F811 - the imported fixture
+    shipped_nats: ShippedNats,  # noqa: F811 - the imported fixture
+    user: str,
+    subject: str,
+    headers: dict[str, str],
+    refusal: int | None,
+) -> None:
+    """New mail, mail routed again and the retries scheduled beside it outlive anything the
+    ingress (the internet-facing service) or bounce publish: they may not publish
+    `relais.route` at all, and the submit stream, where they publish new mail, refuses
+    roll-ups and schedules. Beside each refusal, the same user's new mail is taken."""
+    connection = await probe(user)
+    admin = await nats.connect(shipped_nats.url())
+    try:
+        await _queue_mail(admin)
+        forged = connection.nc.jetstream(timeout=5).publish(subject, b"", headers=headers)
+        if refusal is None:
+            assert await _refused_request(connection, forged, subject), f"{user} may publish {subject}"
+        else:
+            with pytest.raises(APIError) as refused:
+                await forged
+            assert refused.value.err_code == refusal
+            assert connection.refusals == [], "the stream refused it, not the user's permissions"
+        # The control: the same user's own output, without the header.
+        ack = await connection.nc.jetstream(timeout=5).publish(topology.submit_subject(), b"more mail")
+        assert ack.stream == topology.SUBMIT_STREAM
+        assert await _first(admin, topology.SUBMIT_STREAM, topology.submit_subject()) == b"new mail"
+        assert await _first(admin, topology.ROUTE_STREAM, topology.route_subject()) == b"routed again"
+        assert await _first(admin, topology.ROUTE_STREAM, _RETRY) == b"scheduled retry"
+        counts = await _stored(admin)
+        assert (counts[topology.SUBMIT_STREAM], counts[topology.ROUTE_STREAM]) == (2, 2)
+    finally:
+        await admin.close()
+
+
+# -- not closed: the router and delivery on the streams that take schedules ------------------------
+
+# (user, a subject it publishes, that subject's stream, the headers). Both publish to the route
+# stream (jobs routed again, retries) and to the delivery stream (jobs, postponements): new
+# streams would not help, since whoever may write a queue can roll it up once it takes schedules.
 ROLLUPS = [
-    ("ingress", topology.route_subject(), topology.ROUTE_STREAM, {Header.ROLLUP.value: "all"}),
-    (
-        "ingress",
-        topology.route_subject(),
-        topology.ROUTE_STREAM,
-        _schedule(topology.route_retry_subject("forged", 1), delay=600),
-    ),
-    ("router", topology.deliver_subject("default"), topology.DELIVER_STREAM, {Header.ROLLUP.value: "all"}),
+    ("router", topology.deliver_subject("default"), topology.DELIVER_STREAM, _ROLLUP),
+    ("router", topology.route_subject(), topology.ROUTE_STREAM, _ROLLUP),
 ]
 
 
 @pytest.mark.xfail(
     strict=True,
     reason="nats-server sets allow_rollup_hdrs (and clears deny_purge) on a stream with "
-    "allow_msg_schedules: work subjects must move to streams without schedules",
+    "allow_msg_schedules, and the router and delivery publish to the route and delivery streams",
 )
 @pytest.mark.parametrize(
     ("user", "subject", "stream", "headers"),
     ROLLUPS,
-    ids=["ingress:rollup-all", "ingress:schedule-on-route", "router:rollup-all"],
+    ids=["router:rollup-deliver", "router:rollup-route"],
 )
 async def test_a_service_user_cannot_empty_a_mail_stream(
     probe: Callable[[str], Awaitable[Probe]],  # noqa: F811 - the imported fixture

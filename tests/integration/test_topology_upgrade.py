@@ -15,12 +15,18 @@ from services.core.envelope import BodyRef
 from services.core.topology import (
     BODY_BUCKET,
     DELIVER_STREAM,
+    ROUTE_STREAM,
+    SUBMIT_CONSUMER,
+    SUBMIT_STREAM,
     SUPPRESSION_BUCKET,
     ensure_topology,
     kv_configs,
+    missing_topology,
     object_meta_subject,
     object_stream,
+    route_subject,
     stream_configs,
+    submit_subject,
     verdict_subject,
 )
 
@@ -110,5 +116,36 @@ async def test_a_stream_keeps_the_subjects_a_later_release_added(nats_server: Em
         subjects = (await bus.js.stream_info(DELIVER_STREAM)).config.subjects or []
         assert verdict_subject() in subjects, "this release's subject was added"
         assert "relais.later-release" in subjects
+    finally:
+        await bus.close()
+
+
+async def test_the_release_before_the_submit_stream_gets_it_and_keeps_its_queued_mail(
+    nats_server: EmbeddedNats,
+) -> None:
+    """New mail moved from the route stream (which takes schedules, and so roll-ups) to a stream
+    of its own. The topology of the release before has no submit stream: the services of this
+    release wait for it, the topology workload adds it, and the mail the release before queued
+    on `relais.route` stays there for this release's routers, which read both."""
+    config = Config(nats=NatsConfig(url=nats_server.url))
+    bus = await connect(config.nats, "test-topology")
+    try:
+        await ensure_topology(bus.js, config)
+        await bus.js.delete_stream(SUBMIT_STREAM)  # as the release before had it
+        await bus.js.publish(route_subject(), b"accepted by an ingress of the release before")
+        assert await missing_topology(bus.js, config) == [
+            SUBMIT_STREAM,
+            f"{SUBMIT_STREAM} consumer {SUBMIT_CONSUMER}",
+        ]
+
+        await ensure_topology(bus.js, config)
+
+        assert await missing_topology(bus.js, config) == []
+        assert (await bus.js.stream_info(ROUTE_STREAM)).state.messages == 1
+        submit = (await bus.js.stream_info(SUBMIT_STREAM)).config
+        assert not submit.allow_msg_schedules and not submit.allow_rollup_hdrs
+        with pytest.raises(APIError, match="rollup not permitted"):
+            await bus.js.publish(submit_subject(), b"", headers={Header.ROLLUP: "all"})
+        assert (await bus.js.publish(submit_subject(), b"new mail")).stream == SUBMIT_STREAM
     finally:
         await bus.close()

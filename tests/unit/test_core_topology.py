@@ -32,7 +32,7 @@ def test_names_that_would_span_or_wildcard_tokens_are_refused(bad: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "subject", ["relais.deliver", "relais.deliver.a.b", "other.deliver.a", "relais.route"]
+    "subject", ["relais.deliver", "relais.deliver.a.b", "other.deliver.a", "relais.route", "relais.submit"]
 )
 def test_parsers_refuse_foreign_subjects(subject: str) -> None:
     with pytest.raises(t.SubjectError):
@@ -57,6 +57,30 @@ def test_retry_schedules_live_in_the_stream_of_their_target() -> None:
     assert route.allow_msg_schedules
     assert t.route_subject() in route.subjects
     assert t.route_retry_subject("k", 1).startswith("relais.retry.route.")
+
+
+def test_new_mail_enters_a_stream_that_takes_neither_schedules_nor_roll_ups() -> None:
+    """nats-server gives a stream that takes schedules roll-ups too: whoever may publish one
+    of its subjects could empty it. The ingress and bounce publish new mail to the submit
+    stream, which takes neither; the route stream keeps the schedules (retries) alone."""
+    streams = {s.name: s for s in t.stream_configs(Config())}
+    submit, route = streams[t.SUBMIT_STREAM], streams[t.ROUTE_STREAM]
+    assert submit.subjects == [t.submit_subject()]
+    assert not submit.allow_msg_schedules and submit.allow_rollup_hdrs is False
+    assert t.submit_subject() not in route.subjects
+    # The same queue as the route stream in every other respect.
+    for field in ("retention", "storage", "num_replicas", "duplicate_window", "max_bytes", "max_msgs"):
+        assert getattr(submit, field) == getattr(route, field), field
+    # The router takes both with one handler; each consumer is declared alike.
+    config = Config()
+    submit_consumer = t.consumer_config(t.submit_binding(), config)
+    route_consumer = t.consumer_config(t.router_binding(), config)
+    assert submit_consumer.durable_name == t.SUBMIT_CONSUMER != route_consumer.durable_name
+    assert submit_consumer.filter_subject == t.submit_subject()
+    submit_consumer.durable_name = route_consumer.durable_name
+    submit_consumer.filter_subject = route_consumer.filter_subject
+    assert submit_consumer == route_consumer
+    assert {b.durable for b in owned_bindings("router", config)} >= {t.SUBMIT_CONSUMER, t.ROUTER_CONSUMER}
 
 
 def test_replicas_follow_config() -> None:

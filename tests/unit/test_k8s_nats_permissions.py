@@ -26,6 +26,8 @@ SERVICE_USERS = ("ingress", "router", "delivery", "bounce")
 # the KV and Object Store writes). Schedules put their target here too: nats-server does not
 # check a schedule's target against its publisher's permissions, so a service that schedules
 # into a subject can write it anyway (delivery's postponed jobs, retries into relais.route).
+# New mail goes to relais.submit (no schedules, no roll-ups): the ingress and bounce may not
+# publish relais.route, whose stream takes both.
 ALL = set(SERVICE_USERS)
 # The streams whose consumers are the topology's alone: the work queues and the counters.
 MAIL_STREAMS = [s.name for s in topology.stream_configs(Config()) if s.name != topology.EVENTS_STREAM]
@@ -38,7 +40,8 @@ CONSUMER_REQUESTS = (
     ("DELETE", f".{topology.ROUTER_CONSUMER}"),
 )
 WRITERS: dict[str, set[str]] = {
-    topology.route_subject(): {"ingress", "router", "delivery", "bounce"},
+    topology.submit_subject(): {"ingress", "bounce"},
+    topology.route_subject(): {"router", "delivery"},
     topology.inbound_subject(): {"ingress"},
     topology.limit_subject("msg-hour", "acme", 1): {"ingress"},
     topology.deliver_subject("default"): {"router", "delivery"},
@@ -68,6 +71,7 @@ WRITERS: dict[str, set[str]] = {
     topology.object_meta_subject(topology.BODY_BUCKET, "name"): {"ingress", "router", "delivery", "bounce"},
     topology.object_chunk_subject(topology.BODY_BUCKET, "nuid"): {"ingress", "bounce"},
     # Acks (and naks, terms, "in progress") of each durable consumer: only its service's.
+    f"$JS.ACK.{topology.SUBMIT_STREAM}.{topology.SUBMIT_CONSUMER}.1.1.1.1.0": {"router"},
     f"$JS.ACK.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}.1.1.1.1.0": {"router"},
     f"$JS.ACK.{topology.DELIVER_STREAM}.{topology.VERDICT_CONSUMER}.1.1.1.1.0": {"router"},
     f"$JS.ACK.{topology.DELIVER_STREAM}.{topology.delivery_consumer('default')}.1.1.1.1.0": {"delivery"},
@@ -86,9 +90,11 @@ WRITERS: dict[str, set[str]] = {
     f"$JS.API.STREAM.CREATE.{topology.DELIVER_STREAM}": set(),
     f"$JS.API.STREAM.CREATE.{topology.kv_stream(topology.ACCOUNTS_BUCKET)}": set(),
     f"$JS.API.STREAM.UPDATE.{topology.ROUTE_STREAM}": set(),
+    f"$JS.API.STREAM.UPDATE.{topology.SUBMIT_STREAM}": set(),
     f"$JS.API.STREAM.UPDATE.{topology.kv_stream(topology.WARMUP_BUCKET)}": set(),
     f"$JS.API.STREAM.RESTORE.{topology.DELIVER_STREAM}": set(),
     f"$JS.API.CONSUMER.PAUSE.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": set(),
+    f"$JS.API.CONSUMER.PAUSE.{topology.SUBMIT_STREAM}.{topology.SUBMIT_CONSUMER}": set(),
     f"$JS.API.CONSUMER.CREATE.{topology.EVENTS_STREAM}.x.relais.events.acme.delivered": {"bounce"},
     f"$JS.API.STREAM.DELETE.{topology.DELIVER_STREAM}": set(),
     f"$JS.API.STREAM.MSG.DELETE.{topology.DELIVER_STREAM}": set(),
@@ -128,10 +134,13 @@ READERS: dict[str, set[str]] = {
     # Info: names, counts and settings (start-up topology check, readiness, consumer lag).
     f"$JS.API.STREAM.INFO.{topology.DELIVER_STREAM}": ALL,
     f"$JS.API.STREAM.INFO.{_ACCOUNTS}": ALL,
+    f"$JS.API.STREAM.INFO.{topology.SUBMIT_STREAM}": ALL,
     f"$JS.API.CONSUMER.INFO.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": ALL,
+    f"$JS.API.CONSUMER.INFO.{topology.SUBMIT_STREAM}.{topology.SUBMIT_CONSUMER}": ALL,
     f"$JS.API.CONSUMER.INFO.{_ACCOUNTS}.ordered": ALL,
     "$JS.FC.KV_relais-accounts.x": ALL,
     # Pulls: each service from its own consumers only.
+    f"$JS.API.CONSUMER.MSG.NEXT.{topology.SUBMIT_STREAM}.{topology.SUBMIT_CONSUMER}": {"router"},
     f"$JS.API.CONSUMER.MSG.NEXT.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}": {"router"},
     f"$JS.API.CONSUMER.MSG.NEXT.{topology.DELIVER_STREAM}.{topology.VERDICT_CONSUMER}": {"router"},
     f"$JS.API.CONSUMER.MSG.NEXT.{topology.DELIVER_STREAM}.{topology.delivery_consumer('default')}": {
@@ -170,6 +179,8 @@ READERS: dict[str, set[str]] = {
     # bounce reads a job's own before it sends a delay warning that came late.
     f"$JS.API.STREAM.MSG.GET.{topology.ROUTE_STREAM}": {"delivery", "bounce"},
     f"$JS.API.STREAM.MSG.GET.{topology.DELIVER_STREAM}": {"delivery", "bounce"},
+    # New mail holds no retry schedule: nobody reads it but the router, through its consumer.
+    f"$JS.API.STREAM.MSG.GET.{topology.SUBMIT_STREAM}": set(),
     f"$JS.API.DIRECT.GET.{topology.DELIVER_STREAM}": set(),
     # The events: only bounce's webhook consumers; `relais status` and `relais message` read them
     # as `admin`, in the relais-topology pod.

@@ -391,7 +391,7 @@ def test_keda_watches_the_consumers_each_service_pulls_from(kustomization: Path,
     for workload in relais_workloads(manifests):
         component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
         if component == "router":
-            bindings = [topology.router_binding(), topology.verdict_binding()]
+            bindings = [topology.submit_binding(), topology.router_binding(), topology.verdict_binding()]
         elif component == "bounce":
             bindings = [
                 topology.bounce_binding(),

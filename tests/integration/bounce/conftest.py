@@ -98,14 +98,14 @@ async def bounce_over_smtp(inbound: tuple[str, int], return_path: str, recipient
     await asyncio.to_thread(send)
 
 
-async def publish_route(nats_url: str, env: Envelope) -> None:
+async def publish_submission(nats_url: str, env: Envelope) -> None:
     """What the ingress publishes for an accepted submission (router input)."""
-    from services.core.topology import route_subject
+    from services.core.topology import submit_subject
 
     nc = await nats.connect(nats_url)
     try:
         await Bus(nc=nc, js=nc.jetstream(), publish_timeout=5.0).publish(
-            route_subject(), env.to_msgpack(), msg_id=env.id
+            submit_subject(), env.to_msgpack(), msg_id=env.id
         )
     finally:
         await nc.close()

@@ -8,7 +8,7 @@ import email
 
 from services.bounce.dsn import SUBJECT_DELAYED
 from services.core.envelope import BodyRef, Envelope, new_message_id
-from tests.integration.bounce.conftest import publish_route
+from tests.integration.bounce.conftest import publish_submission
 from tests.support.relais import ACCOUNT, SENDER_DOMAIN, asubmit, message, wait_for_events
 
 RETRY = {"base_delay": 1.0, "max_delay": 1.0, "jitter": 0.0, "max_age": 3600.0, "delay_warning_after": 0.5}
@@ -46,7 +46,7 @@ async def test_notify_failure_only_gets_no_delay_warning(make_stack, make_sink, 
         body=BodyRef(size=len(data), inline=data),
         dsn_notify={"slow@alpha.test": "FAILURE"},
     )
-    await publish_route(stack.config.nats.url, env)
+    await publish_submission(stack.config.nats.url, env)
     await wait_for_events(stack.config.nats.url, "deferred", 3)
     await asyncio.sleep(1.0)
     assert sender_mx.messages == []

@@ -42,12 +42,14 @@ from services.core.topology import (
     DELIVER_STREAM,
     ROUTE_STREAM,
     ROUTER_CONSUMER,
+    SUBMIT_CONSUMER,
+    SUBMIT_STREAM,
     bounce_flush_subject,
     delivery_consumer,
     route_retry_subject,
     route_subject,
 )
-from tests.integration.bounce.conftest import publish_route, wait_consumed
+from tests.integration.bounce.conftest import publish_submission, wait_consumed
 from tests.integration.bounce.test_one_delay_warning_per_message import (
     ORIGINAL,
     SLOW,
@@ -79,7 +81,7 @@ async def submit(nats_url: str, notify: str | None = None) -> str:
         body=BodyRef(size=len(data), inline=data),
         dsn_notify={RCPT: notify} if notify else {},
     )
-    await publish_route(nats_url, env)
+    await publish_submission(nats_url, env)
     return env.id
 
 
@@ -112,6 +114,7 @@ async def drained(nats_url: str) -> None:
     finally:
         await nc.close()
     await wait_consumed(nats_url, BOUNCE_FLUSH_STREAM, BOUNCE_FLUSH_CONSUMER)
+    await wait_consumed(nats_url, SUBMIT_STREAM, SUBMIT_CONSUMER)  # the DSNs
     await wait_consumed(nats_url, ROUTE_STREAM, ROUTER_CONSUMER)
     await wait_consumed(nats_url, DELIVER_STREAM, delivery_consumer("default"))
 

@@ -8,7 +8,7 @@ import email
 
 from services.core.envelope import Envelope
 from services.core.outcome import NULL_MX
-from tests.integration.bounce.conftest import publish_route
+from tests.integration.bounce.conftest import publish_submission
 from tests.support.relais import RelaisStack, an_envelope, message
 
 REJECT = "550 5.1.1 No such user"
@@ -27,8 +27,8 @@ async def test_diagnostic_type_names_who_made_the_reply(
 ) -> None:
     zone.add("nullmx.test", "MX", "0 .")
     make_sink("127.0.0.2").rcpt_default = REJECT
-    await publish_route(stack.config.nats.url, envelope("n@nullmx.test", "local-1"))
-    await publish_route(stack.config.nats.url, envelope("bob@alpha.test", "remote-1"))
+    await publish_submission(stack.config.nats.url, envelope("n@nullmx.test", "local-1"))
+    await publish_submission(stack.config.nats.url, envelope("bob@alpha.test", "remote-1"))
 
     dsns = await sender_mx.async_wait_for(2)
     blocks = {}

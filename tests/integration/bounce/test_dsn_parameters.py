@@ -12,7 +12,7 @@ import email
 from flufl.bounce import all_failures
 
 from services.core.envelope import Envelope
-from tests.integration.bounce.conftest import publish_route
+from tests.integration.bounce.conftest import publish_submission
 from tests.support.relais import (
     SENDER_DOMAIN,
     RelaisStack,
@@ -43,7 +43,7 @@ async def test_notify_orcpt_ret_and_envid_shape_the_dsn(stack: RelaisStack, make
         dsn_ret="FULL",
         dsn_envid="campaign-42",
     )
-    await publish_route(stack.config.nats.url, env)
+    await publish_submission(stack.config.nats.url, env)
 
     bounced = await wait_for_events(stack.config.nats.url, "bounced", 3)
     assert {r for e in bounced for r in e.recipients} == set(env.recipients), "events ignore NOTIFY"
@@ -68,7 +68,7 @@ async def test_notify_never_for_every_recipient_sends_no_dsn(
     sink = make_sink("127.0.0.2")
     sink.rcpt_default = REJECT
     env = envelope(("a@alpha.test",), message(), dsn_notify={"a@alpha.test": "NEVER"})
-    await publish_route(stack.config.nats.url, env)
+    await publish_submission(stack.config.nats.url, env)
     await wait_for_events(stack.config.nats.url, "bounced", 1)
     await asyncio.sleep(1.5)
     assert sender_mx.messages == []
@@ -84,7 +84,7 @@ async def test_an_orcpt_or_envid_with_a_line_break_is_left_out_of_a_dsn_that_sti
     env = envelope(
         ("orig@alpha.test",), message(), dsn_orcpt={"orig@alpha.test": injected}, dsn_envid="id\r\nX-Evil: 1"
     )
-    await publish_route(stack.config.nats.url, env)
+    await publish_submission(stack.config.nats.url, env)
 
     (dsn,) = await sender_mx.async_wait_for(1)
     parsed = email.message_from_bytes(dsn.data)
@@ -116,7 +116,7 @@ async def test_notify_success_gets_a_relayed_dsn_once_delivered(
         dsn_envid="campaign-7",
         dsn_ret="FULL",
     )
-    await publish_route(stack.config.nats.url, env)
+    await publish_submission(stack.config.nats.url, env)
 
     (delivered,) = await sink.async_wait_for(1)
     assert set(delivered.rcpt_tos) == {"ok@alpha.test", "plain@alpha.test"}
@@ -144,7 +144,7 @@ async def test_a_failure_and_a_relay_of_one_attempt_share_one_dsn(
         message(),
         dsn_notify={"ok@alpha.test": "SUCCESS,FAILURE", "gone@alpha.test": "SUCCESS,FAILURE"},
     )
-    await publish_route(stack.config.nats.url, env)
+    await publish_submission(stack.config.nats.url, env)
 
     await wait_for_events(stack.config.nats.url, "bounced", 1)
     (dsn,) = await sender_mx.async_wait_for(1)

@@ -26,7 +26,7 @@ from services.core.config import BounceConfig, Config, NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.envelope import Attempt, BounceNotice, Envelope
 from services.core.outcome import Bounced, Reply
-from services.core.topology import BOUNCE_HOLD_BUCKET, ROUTE_STREAM, bounce_flush_subject, bounce_subject
+from services.core.topology import BOUNCE_HOLD_BUCKET, SUBMIT_STREAM, bounce_flush_subject, bounce_subject
 from tests.support.relais import an_envelope
 
 SLOW = Reply(451, "4.2.0", "Try again later", "RCPT")
@@ -74,11 +74,13 @@ async def report(service: BounceService, bus: Bus, notice: BounceNotice, window:
 
 
 async def dsns_for(bus: Bus, message_id: str) -> list[email.message.Message]:
-    info = await bus.js.stream_info(ROUTE_STREAM)
-    found = []
+    info = await bus.js.stream_info(SUBMIT_STREAM)
+    found: list[email.message.Message] = []
+    if not info.state.messages:
+        return found  # an empty stream's first sequence is 0, which no get may ask for
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         try:
-            stored = await bus.js.get_msg(ROUTE_STREAM, seq)
+            stored = await bus.js.get_msg(SUBMIT_STREAM, seq)
         except NotFoundError:
             continue
         env = Envelope.from_msgpack(stored.data or b"")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.topology import DELIVER_STREAM, ROUTE_STREAM
+from services.core.topology import DELIVER_STREAM, SUBMIT_STREAM
 from tests.integration.cluster.conftest import MESSAGES, drive
 from tests.integration.cluster.ledger import plan, program_bounces, settle_and_audit
 from tests.support.cluster import Cluster
@@ -26,8 +26,8 @@ async def test_killing_the_stream_leader_loses_nothing(healthy_cluster: Cluster)
 
     async def kill_leader() -> None:
         victim["node"] = await cluster.nats.leader_of(DELIVER_STREAM)
-        route_leader = await cluster.nats.leader_of(ROUTE_STREAM)
-        print(f"  leader of {DELIVER_STREAM}: n{victim['node']}, of {ROUTE_STREAM}: n{route_leader}")
+        submit_leader = await cluster.nats.leader_of(SUBMIT_STREAM)
+        print(f"  leader of {DELIVER_STREAM}: n{victim['node']}, of {SUBMIT_STREAM}: n{submit_leader}")
         cluster.nats.kill(victim["node"])
 
     async def report_new_leader() -> None:

@@ -15,7 +15,7 @@ import nats
 from services.core.config import ListenerConfig
 from services.core.embedded import free_port
 from services.core.envelope import Envelope
-from services.core.topology import INBOUND_STREAM, ROUTE_STREAM
+from services.core.topology import INBOUND_STREAM, SUBMIT_STREAM
 from services.ingress.replies import Verdict
 from tests.support.certs import TestPKI
 from tests.support.relais import ACCOUNT, PASSWORD, RelaisStack, message
@@ -47,7 +47,7 @@ async def listening(
     return stack, [listener(stack, listen) for listen in listens]
 
 
-async def queued(nats_url: str, stream: str = ROUTE_STREAM) -> list[Envelope]:
+async def queued(nats_url: str, stream: str = SUBMIT_STREAM) -> list[Envelope]:
     """Every envelope currently in a work-queue stream, read by sequence (no consumer needed)."""
     nc = await nats.connect(nats_url)
     try:

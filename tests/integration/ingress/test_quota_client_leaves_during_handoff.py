@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from services.core.config import AccountConfig
-from services.core.topology import route_subject
+from services.core.topology import submit_subject
 from services.ingress.replies import DAILY_LIMIT
 from services.ingress.service import IngressService
 from tests.integration.ingress.helpers import (
@@ -73,13 +73,13 @@ def hold_counter(service: IngressService, held: HeldStep) -> None:
 
 
 def hold_envelope(service: IngressService, held: HeldStep) -> None:
-    """Hold the envelope's publish to the route stream, once JetStream has stored it."""
+    """Hold the envelope's publish to the submit stream, once JetStream has stored it."""
     bus = service._handoff._bus
     real = bus.publish
 
     async def publish(subject: str, payload: bytes, **kwargs: Any) -> Any:
         ack = await real(subject, payload, **kwargs)
-        if subject == route_subject():
+        if subject == submit_subject():
             await held.hold()
         return ack
 

@@ -96,6 +96,11 @@ async def test_pause_and_resume_show_in_status(stack: RelaisStack) -> None:
     rc, out = await relais("status", "--interval", "0", nats_url=url)
     assert rc == 0, out
     assert "RELAIS_DELIVER" in out and "delivery-default (pool default)" in out
+    # The router's queues: new mail, and mail routed again.
+    tables = out.split("\n\n")[:2]
+    streams, consumers = ({line.split()[0] for line in table.splitlines()[1:]} for table in tables)
+    assert {"RELAIS_SUBMIT", "RELAIS_ROUTE"} <= streams, out
+    assert {"router-submit", "router"} <= consumers, out
     paused = out.split("PAUSED", 1)[1]
     assert "site    mx.alpha.test  (incident 42)" in paused, out
     rc, out = await relais("resume", "site", "mx.alpha.test", nats_url=url)

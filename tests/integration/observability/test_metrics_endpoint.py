@@ -98,8 +98,9 @@ async def test_metrics_endpoint_counts_a_run_and_reports_queue_depth(stack: Rela
         assert delta("relais_delivery_latency_seconds_count", pool="default") == 3
         # (>=: the DSN of the bounce is a message of its own, routed and attempted too)
         assert delta("relais_attempt_duration_seconds_count", pool="default") >= 4
-        assert delta("relais_processed_total", consumer="router", result="ack") >= 4
-        assert delta("relais_published_total", subject="relais.route") >= 4
+        # New mail, the DSN included, is routed from relais.submit.
+        assert delta("relais_processed_total", consumer="router-submit", result="ack") >= 4
+        assert delta("relais_published_total", subject="relais.submit") >= 4
         assert delta("relais_smtp_sessions_total", direction="inbound") >= 5
         assert delta("relais_delivery_connections_opened_total") >= 1  # delivery's collector
         assert delta("relais_rejected_total") >= 1
@@ -158,6 +159,7 @@ async def test_a_service_process_serves_health_and_its_consumer_lag(
     try:
         await until_ready(f"http://127.0.0.1:{port}", proc)
         _, text = await aget(f"http://127.0.0.1:{port}/metrics")
+        assert 'relais_consumer_pending{consumer="router-submit"}' in text
         assert 'relais_consumer_pending{consumer="router"}' in text
     finally:
         proc.stop()

@@ -51,13 +51,13 @@ async def test_trace_prints_the_tree_of_a_delivered_message(
     assert lines[0].startswith("trace ") and "spans" in lines[0]
     assert "smtp receive" in lines[1] and f"message_id={mid}" in lines[1] and "account=acme" in lines[1]
     names = [re.search(r"s  [│├└─ ]*(.+?)  \[", line).group(1) for line in lines[1:] if line.startswith("+")]
-    assert names.index("send relais.route") < names.index("process relais.route")
-    assert names.index("process relais.route") < names.index("send relais.deliver.default")
+    assert names.index("send relais.submit") < names.index("process relais.submit")
+    assert names.index("process relais.submit") < names.index("send relais.deliver.default")
     deliver = next(line for line in lines if "process relais.deliver.default" in line)
     assert "outcome=delivered" in deliver and "code=250" in deliver and " ms" in deliver
     assert any("• delivered 250" in line for line in lines)
     # Indentation grows along the chain: the delivery attempt sits deeper than the route step.
-    route = next(line for line in lines if "process relais.route" in line)
+    route = next(line for line in lines if "process relais.submit" in line)
     assert deliver.index("process") > route.index("process")
 
     # The job key a log line names, copied with its brackets, finds the same message's tree.
