@@ -213,9 +213,8 @@ async def consume(count: int, domains: int, rcpts: int, size: int = 100) -> dict
                 await asyncio.sleep(0.05)
                 info = await feeder.js.stream_info(DELIVER_STREAM)
                 # a fully suppressed message yields no job: count routed messages by the submit stream
-                left = (await feeder.js.consumer_info(SUBMIT_STREAM, SUBMIT_CONSUMER)).num_ack_pending
-                pending = (await feeder.js.consumer_info(SUBMIT_STREAM, SUBMIT_CONSUMER)).num_pending
-                if pending == 0 and left == 0 and info.state.messages > 0:
+                router = await feeder.js.consumer_info(SUBMIT_STREAM, SUBMIT_CONSUMER)
+                if router.num_pending == 0 and router.num_ack_pending == 0 and info.state.messages > 0:
                     break
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
             after = connz(nats_server.monitor_url).get("bench-router", (0, 0))

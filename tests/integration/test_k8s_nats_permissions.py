@@ -81,6 +81,15 @@ class ShippedNats:
     def url(self, user: str = "admin") -> str:
         return f"nats://{user}:{self.password(user)}@{self.host}:{self.port}"
 
+    @contextlib.asynccontextmanager
+    async def admin(self) -> AsyncIterator[nats.NATS]:
+        """A connection as `admin`, the user with no limits, closed on exit."""
+        connection = await nats.connect(self.url())
+        try:
+            yield connection
+        finally:
+            await connection.close()
+
     def violations(self) -> list[str]:
         """The server's log lines about a publish or subscription it refused."""
         return [line for line in self.log.read_text(errors="replace").splitlines() if "Violation" in line]
@@ -356,8 +365,7 @@ async def test_a_service_user_cannot_publish_where_its_service_does_not(
     connection = await probe(user)
     await connection.nc.publish(subject, b"forged", headers={Header.MSG_ID: f"probe-{user}"})
     assert await connection.refused(subject), f"{user} may publish to {subject}"
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         js = admin.jetstream()
         for stream in (
             topology.DELIVER_STREAM,
@@ -366,8 +374,6 @@ async def test_a_service_user_cannot_publish_where_its_service_does_not(
             topology.SUBMIT_STREAM,
         ):
             assert (await js.stream_info(stream)).state.messages == 0, f"{user} got into {stream}"
-    finally:
-        await admin.close()
 
 
 # The control beside the refusals: what each user's service publishes is accepted, so a refusal
@@ -422,11 +428,8 @@ async def test_the_ingress_cannot_schedule_a_delivery_job_from_its_own_subject(
             topology.submit_subject(), b"forged", headers=schedule
         )
     await asyncio.sleep(2)  # past the time it would have fired
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         assert (await admin.jetstream().stream_info(topology.DELIVER_STREAM)).state.messages == 0
-    finally:
-        await admin.close()
 
 
 @pytest.mark.parametrize("user", SERVICE_USERS)
@@ -495,8 +498,7 @@ async def test_a_service_user_cannot_reconfigure_a_stream_into_an_open_relay(
     drop queued mail. Only `admin` (the relais-topology pod) changes streams."""
     connection = await probe(user)
     js = connection.nc.jetstream(timeout=2)
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         declared = (await admin.jetstream().stream_info(topology.SUBMIT_STREAM)).config
         relay = dataclasses.replace(
             declared,
@@ -507,8 +509,6 @@ async def test_a_service_user_cannot_reconfigure_a_stream_into_an_open_relay(
         assert await _refused_request(connection, js.update_stream(relay), subject), f"{user} updated it"
         current = (await admin.jetstream().stream_info(topology.SUBMIT_STREAM)).config
         assert current.republish is None and current.max_msgs == declared.max_msgs
-    finally:
-        await admin.close()
 
 
 @pytest.mark.parametrize("user", SERVICE_USERS)
@@ -519,12 +519,9 @@ async def test_a_service_user_cannot_create_a_stream(
     forged = StreamConfig(name="FORGED", subjects=["forged.>"])
     created = connection.nc.jetstream(timeout=2).add_stream(forged)
     assert await _refused_request(connection, created, "$JS.API.STREAM.CREATE.FORGED")
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         with pytest.raises(NotFoundError):
             await admin.jetstream().stream_info("FORGED")
-    finally:
-        await admin.close()
 
 
 # Consumers a leaked password could make or remove: a second consumer on a work queue takes its
@@ -566,12 +563,9 @@ async def test_a_service_user_cannot_create_a_consumer_beside_its_services(
     assert await _refused_request(
         connection, js.add_consumer(stream, named), f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{subject}"
     )
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         with pytest.raises(NotFoundError):
             await admin.jetstream().consumer_info(stream, name)
-    finally:
-        await admin.close()
 
 
 @pytest.mark.parametrize("user", SERVICE_USERS)
@@ -584,11 +578,8 @@ async def test_a_service_user_cannot_delete_another_services_consumer(
     )
     subject = f"$JS.API.CONSUMER.DELETE.{topology.ROUTE_STREAM}.{topology.ROUTER_CONSUMER}"
     assert await _refused_request(connection, deleted, subject)
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         await admin.jetstream().consumer_info(topology.ROUTE_STREAM, topology.ROUTER_CONSUMER)
-    finally:
-        await admin.close()
 
 
 # What a service reads, as its code reads it: the tests below ask as a leaked password would,
@@ -775,11 +766,8 @@ async def account_record(
     probe: Callable[[str], Awaitable[Probe]],  # declares the topology, the bucket with it
 ) -> None:
     """An account record, stored by `admin`: what a refused read would have got."""
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         await admin.jetstream().publish(_account_subject(), ACCOUNT_RECORD)
-    finally:
-        await admin.close()
 
 
 @pytest.mark.parametrize(
@@ -830,8 +818,7 @@ async def test_only_a_consumers_service_pulls_from_it(
     binding: topology.ConsumerBinding,
     owner: str,
 ) -> None:
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         await admin.jetstream().publish(binding.subject, b"queued mail")
         for user in SERVICE_USERS:
             if user == owner:
@@ -844,8 +831,6 @@ async def test_only_a_consumers_service_pulls_from_it(
             assert await _refused_request(connection, sub.fetch(1, timeout=1), subject), f"{user} pulled it"
         info = await admin.jetstream().consumer_info(binding.stream, binding.durable)
         assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (1, 0, 0)
-    finally:
-        await admin.close()
     service = await probe(owner)
     sub = await service.nc.jetstream(timeout=5).pull_subscribe_bind(binding.durable, binding.stream)
     (msg,) = await sub.fetch(1, timeout=5)
@@ -889,8 +874,7 @@ async def test_a_service_user_cannot_purge_the_bodies_stream(
     probe: Callable[[str], Awaitable[Probe]], shipped_nats: ShippedNats, user: str
 ) -> None:
     connection = await probe(user)
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         queued = await BodyStore(admin.jetstream(), 0).put(new_message_id(), BODY)
         stored = await _bodies_stream_messages(admin)
         js = connection.nc.jetstream(timeout=2)
@@ -900,8 +884,6 @@ async def test_a_service_user_cannot_purge_the_bodies_stream(
         assert await _refused_request(connection, js.delete_msg(_BODIES_STREAM, 1), delete), f"{user} deleted"
         assert await _bodies_stream_messages(admin) == stored
         assert await BodyStore(admin.jetstream(), 0).get(queued) == BODY
-    finally:
-        await admin.close()
 
 
 @pytest.mark.parametrize("user", SERVICE_USERS)
@@ -911,8 +893,7 @@ async def test_a_service_user_cannot_roll_up_the_bodies_stream(
     """A meta of the body store is a subject every service user may publish to (to delete a
     body); a header in that publish would have emptied the stream."""
     connection = await probe(user)
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         queued = await BodyStore(admin.jetstream(), 0).put(new_message_id(), BODY)
         stored = await _bodies_stream_messages(admin)
         forged = topology.object_meta_subject(topology.BODY_BUCKET, "Zm9yZ2Vk")
@@ -921,8 +902,6 @@ async def test_a_service_user_cannot_roll_up_the_bodies_stream(
         assert connection.refusals == [], "the stream refused it, not the user's permissions"
         assert await _bodies_stream_messages(admin) == stored
         assert await BodyStore(admin.jetstream(), 0).get(queued) == BODY
-    finally:
-        await admin.close()
 
 
 async def test_each_service_user_stores_reads_and_deletes_bodies_as_its_service_does(
@@ -955,10 +934,7 @@ async def test_each_service_user_stores_reads_and_deletes_bodies_as_its_service_
         with pytest.raises(BodyMissing):
             await store("delivery").get(ref)
 
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         assert await _bodies_stream_messages(admin) > 0, "the chunks wait for the sweep"
         await sweep_deleted_bodies(Bus(nc=admin, js=admin.jetstream(), publish_timeout=5.0))
         assert await _bodies_stream_messages(admin) == 0
-    finally:
-        await admin.close()

@@ -133,11 +133,8 @@ async def test_a_schedule_cannot_fire_outside_its_own_stream(
         await connection.nc.jetstream(timeout=5).publish(subject, b"forged", headers=_schedule(target))
     assert refused.value.err_code == TARGET_INVALID
     await asyncio.sleep(2)  # past the time it would have fired
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         assert await _stored(admin) == dict.fromkeys(STREAMS, 0)
-    finally:
-        await admin.close()
     assert connection.refusals == []
 
 
@@ -185,11 +182,8 @@ async def test_a_stream_without_schedules_refuses_one(
         await connection.nc.jetstream(timeout=5).publish(subject, b"", headers=_schedule(target) | extra)
     assert refused.value.err_code == SCHEDULES_DISABLED
     await asyncio.sleep(2)
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         assert await _stored(admin) == dict.fromkeys(STREAMS, 0)
-    finally:
-        await admin.close()
 
 
 # The control: each service's own schedule fires into its own stream.
@@ -229,8 +223,7 @@ async def test_a_services_own_schedule_fires_inert_into_its_stream(
     connection = await probe(user)
     headers = _schedule(target) | {Header.MSG_ID: "own-schedule", "traceparent": "kept"}
     await connection.nc.jetstream(timeout=5).publish(subject, b"payload", headers=headers)
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         fired = await _fired(admin, stream, target)
         assert fired.data == b"payload"
         assert fired.headers == {
@@ -239,8 +232,6 @@ async def test_a_services_own_schedule_fires_inert_into_its_stream(
             "traceparent": "kept",
         }
         assert await _last(admin, stream, subject) is None  # the schedule is gone
-    finally:
-        await admin.close()
     with pytest.raises(APIError) as refused:
         await connection.nc.jetstream(timeout=5).publish(
             subject, b"forged", headers={Header.SCHEDULER.value: subject}
@@ -259,11 +250,8 @@ async def router(
 ) -> AsyncIterator[RelaisStack]:
     """The router, as its own user, on the topology applied as `admin`."""
     config = make_config(nats_url=shipped_nats.url())
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         await topology.ensure_topology(admin.jetstream(), config)
-    finally:
-        await admin.close()
     stack = RelaisStack(_as_user(config, shipped_nats, "router"))
     await stack.start(["router"])
     try:
@@ -307,14 +295,11 @@ async def test_a_verdict_fired_by_a_schedule_is_not_carried_out(
     await delivery.nc.jetstream(timeout=5).publish(
         subject, verdict.to_msgpack(), headers=_schedule(topology.verdict_subject())
     )
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         await _verdicts_handled(admin, 1)  # fired, and the router had it
         assert [e for e in await read_events(shipped_nats.url()) if e.kind == "suppressed"] == []
         deliver = topology.deliver_subject("default")
         assert await _last(admin, topology.DELIVER_STREAM, deliver) is None
-    finally:
-        await admin.close()
     assert delivery.refusals == []
 
 
@@ -326,14 +311,11 @@ async def test_a_verdict_the_router_stored_is_carried_out(
     connection = await probe("router")
     verdict = _verdict()
     await connection.nc.jetstream(timeout=5).publish(topology.verdict_subject(), verdict.to_msgpack())
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         await _verdicts_handled(admin, 1)
         (suppressed,) = [e for e in await read_events(shipped_nats.url()) if e.kind == "suppressed"]
         assert suppressed.recipients == ["gone@alpha.test"]
         assert await _last(admin, topology.DELIVER_STREAM, topology.deliver_subject("default")) is not None
-    finally:
-        await admin.close()
 
 
 # -- within its stream: the router and delivery fire into jobs' retry subjects ---------------------
@@ -367,11 +349,8 @@ async def test_a_message_fired_into_a_jobs_retry_subject_is_no_retry(
     forger = await probe(user)
     target = retry_subject(job.key, attempt.attempt_count)
     await forger.nc.jetstream(timeout=5).publish(subject, attempt.to_msgpack(), headers=_schedule(target))
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         await _fired(admin, stream, target)
-    finally:
-        await admin.close()
     delivery, bounce = await probe("delivery"), await probe("bounce")
     if stream == topology.ROUTE_STREAM:
         bus = Bus(nc=delivery.nc, js=delivery.nc.jetstream(timeout=5), publish_timeout=5.0)
@@ -468,8 +447,7 @@ async def test_the_ingress_and_bounce_cannot_empty_a_mail_queue(
     `relais.route` at all, and the submit stream, where they publish new mail, refuses
     roll-ups and schedules. Beside each refusal, the same user's new mail is taken."""
     connection = await probe(user)
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         await _queue_mail(admin)
         forged = connection.nc.jetstream(timeout=5).publish(subject, b"", headers=headers)
         if refusal is None:
@@ -487,8 +465,6 @@ async def test_the_ingress_and_bounce_cannot_empty_a_mail_queue(
         assert await _first(admin, topology.ROUTE_STREAM, _RETRY) == b"scheduled retry"
         counts = await _stored(admin)
         assert (counts[topology.SUBMIT_STREAM], counts[topology.ROUTE_STREAM]) == (2, 2)
-    finally:
-        await admin.close()
 
 
 # -- not closed: the router and delivery on the streams that take schedules ------------------------
@@ -522,8 +498,7 @@ async def test_a_service_user_cannot_empty_a_mail_stream(
 ) -> None:
     """Queued mail and the retries scheduled beside it outlive anything a service user publishes."""
     connection = await probe(user)
-    admin = await nats.connect(shipped_nats.url())
-    try:
+    async with shipped_nats.admin() as admin:
         js = admin.jetstream()
         await js.publish(subject, b"queued mail")
         retry = {
@@ -540,5 +515,3 @@ async def test_a_service_user_cannot_empty_a_mail_stream(
         assert (await _last(admin, stream, retry[0])) is not None, "the scheduled retry is gone"
         queued = await js.get_msg(stream, seq=1, subject=subject, next=True, direct=False)
         assert queued.data == b"queued mail", "the queued mail is gone"
-    finally:
-        await admin.close()
