@@ -1,6 +1,7 @@
 """How the ingress reads a command line before aiosmtpd acts on it: the longest line each command
-may have, `<local@domain>` arguments of MAIL/RCPT without the RFC 5322 parser, and AUTH
-mechanism names in any case. Pure functions: no sockets."""
+may have, `<local@domain>` arguments of MAIL/RCPT without the RFC 5322 parser, AUTH mechanism
+names in any case, and lines that are no commands but a message or an HTTP request. Pure
+functions: no sockets."""
 
 from __future__ import annotations
 
@@ -70,6 +71,21 @@ def plain_angle_addr(arg: str) -> tuple[str, str] | None:
     if rest.startswith("("):  # a comment, which the parser would swallow
         return None
     return match.group(1), rest
+
+
+# A message header field's name and its colon (RFC 5322 3.6.8: printable ASCII but ":"), at the
+# start of a line: Postfix's is_header().
+_HEADER_FIELD = re.compile(r"[!-9;-~]+:")
+# HTTP methods that begin a request sent to the SMTP port: Postfix's smtpd_forbidden_commands.
+_HTTP_METHODS = frozenset({"CONNECT", "GET", "POST"})
+
+
+def non_smtp_command(word: str) -> bool:
+    """Whether a line's first word, which names no command, shows that the client is sending
+    text of another kind: a message header field (`SUBJECT:`, `X-MAILER:RELAIS`), i.e. a message
+    sent without waiting for 354 whose DATA was refused, or an HTTP request (a web server's
+    SSRF). Lines further down such text may look like SMTP commands; none may be obeyed."""
+    return word.upper() in _HTTP_METHODS or _HEADER_FIELD.match(word) is not None
 
 
 def auth_mechanism_upper(arg: str | None) -> str | None:

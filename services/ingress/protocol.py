@@ -11,6 +11,8 @@
 - an idle/command timeout says 421 4.4.2 before closing; a message that keeps arriving extends it
   (MIN_DATA_RATE);
 - a client that half-closes its side has the commands it sent answered before the session ends;
+- a line that is no command but a message header (a message sent without waiting for 354,
+  whose DATA was refused) or an HTTP request ends the session: nothing after it runs;
 - implicit-TLS sessions expose their TLS facts like STARTTLS sessions do;
 - the handler hears when a session ends, to release what the session held;
 - what aiosmtpd spends CPU on per message is done more cheaply with the same outcomes: its
@@ -38,6 +40,7 @@ from services.ingress.commands import (
     AUTH_LINE_LIMIT,
     auth_mechanism_upper,
     command_size_limits,
+    non_smtp_command,
     plain_angle_addr,
     without_root_dot,
 )
@@ -50,6 +53,7 @@ from services.ingress.replies import (
     AUTH_IN_TRANSACTION,
     AUTH_LINE_TOO_LONG,
     INSUFFICIENT_STORAGE,
+    NON_SMTP_COMMAND,
     SHUTTING_DOWN,
     TIMEOUT,
     TLS_ALREADY_ACTIVE,
@@ -85,6 +89,8 @@ _REFUSED = {
 
 
 _OVER_RECIPIENT_LIMIT = str(TOO_MANY_RECIPIENTS)
+# aiosmtpd's reply to a line whose first word names no command, around that word.
+_UNKNOWN_COMMAND = ('500 Error: command "', '" not recognized')
 
 
 def _write_now(transport: Any, reply: str) -> None:
@@ -565,8 +571,28 @@ class RelaisSMTP(SMTP):
         self._overshoot += 1
         return self._overshoot <= RECIPIENT_OVERSHOOT_LIMIT
 
+    def _non_smtp(self, reply: str) -> bool:
+        """Whether `reply` is aiosmtpd's to a line that is no command but a message header
+        line or an HTTP request (`commands.non_smtp_command`)."""
+        head, tail = _UNKNOWN_COMMAND
+        return reply.startswith(head) and non_smtp_command(reply[len(head) :].removesuffix(tail))
+
+    async def _refuse_non_smtp(self) -> None:
+        """The client sends something else than commands: a message it did not wait for 354 to
+        send (RFC 2920 3.1) after its DATA was refused, or an HTTP request. As in Postfix, the
+        session ends here; read on, a MAIL, RCPT and DATA further down that text would queue a
+        message to recipients chosen by whoever wrote the text."""
+        reply = str(NON_SMTP_COMMAND)
+        log.info("%r: non-SMTP command, closing", self.session.peer if self.session else None)
+        metrics.observe_smtp_reply(reply)
+        await super().push(reply)
+        await self._end_session()  # at once: what follows may be read already
+
     async def push(self, status: AnyStr) -> None:
         reply = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if self._non_smtp(reply):
+            await self._refuse_non_smtp()
+            return
         reply = enhance(reply)
         if reply[3:4] == "-":
             # A continuation line ("250-PIPELINING") goes out with its reply's last line: aiosmtpd

@@ -35,6 +35,9 @@ TIMEOUT = Verdict(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Verdict(421, "4.3.2", "Service shutting down, try again later")
 BAD_HELO = Verdict(501, "5.5.4", "Invalid HELO/EHLO name")
 TLS_ALREADY_ACTIVE = Verdict(503, "5.5.1", "TLS already active")
+# A message header line or an HTTP request read as a command (`commands.non_smtp_command`):
+# Postfix's answer (221 2.7.0) and, as there, the session ends.
+NON_SMTP_COMMAND = Verdict(221, "2.7.0", "Non-SMTP command, closing connection")
 
 # Authentication
 AUTH_OK = Verdict(235, "2.7.0", "Authentication successful")

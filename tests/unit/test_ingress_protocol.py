@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.core.config import IngressConfig
-from services.ingress.commands import plain_angle_addr
+from services.ingress.commands import non_smtp_command, plain_angle_addr
 from services.ingress.door import Door
 from services.ingress.limits import ConnectionGate, GatePass
 from services.ingress.protocol import enhance, is_error
@@ -198,3 +198,11 @@ def test_a_gate_pass_counts_once_and_moves_from_its_load_balancer_to_its_client(
         p.release()
         p.release()  # a handshake that failed and a session that ended: still given back once
     assert gate.open_connections("192.0.2.1") == 0 and gate.waiting_connections("10.0.0.1") == 0
+
+
+def test_header_lines_and_http_requests_are_no_commands() -> None:
+    # The first word of a line, as aiosmtpd passes it on (upper case, up to the first space).
+    for word in ("SUBJECT:", "FROM:", "X-MAILER:RELAIS", "CONTENT-TYPE:\tTEXT/PLAIN", 'X"Q:', "GET", "POST"):
+        assert non_smtp_command(word), word
+    for word in ("MAIL", "RCPT", "DATA", "BDAT", "HELLO", "GETS", "", ":", " SUBJECT:", "\tFROM:", "A\x7fB:"):
+        assert not non_smtp_command(word), word
