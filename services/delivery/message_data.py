@@ -37,6 +37,12 @@ _STOP_POLL = 1.0
 _CHUNK = 256 * 1024
 
 
+class UnansweredDot(aiosmtplib.SMTPServerDisconnected):
+    """The connection was lost, or the reply timed out, after the message's final dot was
+    written: the server may have taken the message, so its retry may deliver it a second time
+    (RFC 1047). Raised in place of the loss, which it names."""
+
+
 @dataclass(frozen=True, slots=True)
 class MessageData:
     # What goes on the wire after the 354: CRLF line ends, leading dots doubled, CRLF.CRLF last.
@@ -83,7 +89,8 @@ async def send_data(
     stopping: Callable[[], bool] | None = None,
 ) -> aiosmtplib.SMTPResponse:
     """The data after a 354, and the reply after its final dot; raises SMTPDataError for any
-    reply but 250, SMTPTimeoutError / SMTPServerDisconnected (connection closed) otherwise.
+    reply but 250, SMTPTimeoutError / SMTPServerDisconnected (connection closed) otherwise, and
+    UnansweredDot for either once the final dot was written.
 
     The transfer is timed apart from that reply, as Postfix times smtp_data_xfer_timeout apart
     from smtp_data_done_timeout: a message the server stops reading is given up after
@@ -126,10 +133,12 @@ async def send_data(
     except Stopping:
         drop_connection(smtp)  # before the dot: the server takes nothing
         raise
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
         said = _early_reply(protocol)
         if said is None:
             drop_connection(smtp)
+            if dot_written:
+                raise UnansweredDot(repr(exc)) from exc
             raise
         # The server answered, then hung up (or the wait for more broke on its close): what
         # it said is the transaction's reply, the final one once the dot was written.

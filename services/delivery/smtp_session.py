@@ -22,7 +22,13 @@ import aiosmtplib
 from services.core.outcome import Deferred, Outcome, Reply, outcome_for
 from services.delivery import pipelining
 from services.delivery.draining import Stopping
-from services.delivery.message_data import MessageData, drop_connection, message_data, send_data
+from services.delivery.message_data import (
+    MessageData,
+    UnansweredDot,
+    drop_connection,
+    message_data,
+    send_data,
+)
 from services.delivery.tls_policy import TLS_FAILED, TLS_NOT_OFFERED, TlsPolicy
 from services.delivery.wire_addresses import WireEnvelope, mail_parameters
 
@@ -223,6 +229,8 @@ class Connection:
             # bounces now, as Postfix settles a recipient at its RCPT reply); no other was
             # confirmed, so those are retried later.
             reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", self._awaiting)
+            if isinstance(exc, UnansweredDot):
+                reply = self._unanswered_dot(exc, [r for r in recipients if r not in outcomes])
             settled = [outcomes.get(r) or Deferred(r, reply, self.host) for r in recipients]
             return TransactionResult(settled, remote, broken=True)
         except Exception as exc:
@@ -423,6 +431,22 @@ class Connection:
         for rcpt in accepted:
             outcomes[rcpt] = outcome_for(rcpt, reply, self.host)
         return self._finished(recipients, outcomes, remote)
+
+    def _unanswered_dot(self, exc: UnansweredDot, sent_to: Sequence[str]) -> Reply:
+        """What the recipients the message went to are deferred with when its final dot got no
+        reply. The server may have taken it, so the retry may deliver it twice (RFC 1047): that
+        cannot be avoided, only said, in the outcome and in the log, in Postfix's words."""
+        if sent_to:
+            log.warning(
+                "no reply from %s[%s] to the final dot of a message to %d recipient(s) (%s): "
+                "deferred, message may be sent more than once",
+                self.host,
+                self.address,
+                len(sent_to),
+                exc,
+            )
+        text = f"connection lost or timed out after the final dot ({exc})"
+        return Reply(451, "4.4.2", f"{text} -- message may be sent more than once", "DATA")
 
     def _protocol_error(
         self, recipients: Sequence[str], remote: list[Reply], got: str, command: str
