@@ -44,9 +44,13 @@ MAX_LINE = 998  # octets, without CRLF (RFC 5322 2.1.1)
 MAX_HOPS = 50
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
-# A conservative dot-atom domain: letters, digits, hyphens, at least two labels. IP literals,
-# source routes, '%' and '!' routing tricks all fail this and are refused as relay attempts.
-_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$", re.I)
+# A conservative dot-atom domain: letters, digits, hyphens, at least two labels, a top label
+# that is not all digits (RFC 1123 2.1: else 10.0.0.10 would pass as a name). IP literals, with
+# or without brackets, source routes, '%' and '!' routing tricks all fail this and are refused
+# as relay attempts.
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?=[0-9-]*[a-z])[a-z0-9-]{2,63}$", re.I
+)
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
 # The same, but also non-ASCII (RFC 6531) for SMTPUTF8 transactions; still no routing characters.
 # Surrogates are left out: they are how undecodable octets arrive (surrogateescape), not UTF-8.

@@ -37,6 +37,10 @@ RELAY_TRICKS = [
     "@a.test,@b.test:user@victim.test",
     "user@[192.0.2.1]",
     "user@[IPv6:2001:db8::1]",
+    # An address without its brackets: no top-level domain is all digits (RFC 1123 2.1).
+    "user@10.0.0.10",
+    "user@127.0.0.10",
+    "user@192.0.2.255",
     '"user@victim.test"@acme.test',
     '"user%victim.test"@acme.test',
     "user@victim.test@acme.test",
@@ -52,6 +56,11 @@ def test_relay_tricks_refused_as_recipients(address: str) -> None:
 def test_relay_tricks_never_reach_local_domains(address: str) -> None:
     verdict = policy.inbound_recipient_verdict(address, 0, 100, ["acme.test"])
     assert verdict in (RELAY_DENIED, BAD_RECIPIENT_SYNTAX)
+
+
+def test_domains_whose_top_label_has_digits_are_no_ip_address() -> None:
+    for domain in ("x.b2b", "example.xn--p1ai", "10.example", "a.0com"):
+        assert policy.split_address(f"user@{domain}") == ("user", domain), domain
 
 
 def test_plain_recipient_accepted_and_counted() -> None:
