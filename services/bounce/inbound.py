@@ -55,9 +55,9 @@ _MAX_RETURN_PATHS = 8
 _MAX_NAMED = 1_000
 # Headers of a reported message that may name its recipient (FBLs often redact these).
 _RECIPIENT_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To")
-# Threads of their own: the default pool also runs every getaddrinfo (webhook hosts), and a
-# few receivers hanging in DNS would hold the parses up. Parsing is CPU under the GIL, so a
-# second thread is only there for when one is busy with a large report.
+# Threads of their own: the default pool also runs asyncio's own getaddrinfo calls, and a slow
+# lookup there would hold the parses up (webhook hosts have their own threads). Parsing is CPU
+# under the GIL, so a second thread is only there for when one is busy with a large report.
 _PARSERS = 2
 # How long a starting replica waits for the account records before it reads its first report.
 _RECORDS_WAIT = 5.0

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import ssl
 import time
 import urllib.parse
@@ -130,8 +133,7 @@ async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
         *(f"{name}: {value}" for name, value in headers.items()),
     ]
     reader, writer = await asyncio.open_connection(
-        host,
-        parts.port or (443 if https else 80),
+        sock=await _connect(host, parts.port or (443 if https else 80)),
         ssl=_tls_context() if https else None,
         server_hostname=host if https else None,
     )
@@ -140,11 +142,15 @@ async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
         await writer.drain()
         while True:
             status = await reader.readline()
+            final = status.partition(b" ")[2][:1] != b"1"  # 100 Continue, other interim answers: read on
             # The rest of the head, so that the receiver is not cut off while it writes it; the
-            # body says nothing the status does not.
-            while (await reader.readline()).strip():
-                pass
-            if status.partition(b" ")[2][:1] != b"1":  # 100 Continue, other interim answers: read on
+            # body says nothing the status does not. After the final status, a field over the
+            # reader's line limit ends that courtesy, not the answer: a 2xx taken for a failure
+            # would have the batch posted again for as long as the events stream keeps it.
+            with contextlib.suppress(ValueError) if final else contextlib.nullcontext():
+                while (await reader.readline()).strip():
+                    pass
+            if final:
                 break
     finally:
         # Not waiting for the close: a TLS peer that never answers it would outlast the deadline.
@@ -153,6 +159,41 @@ async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
     if not version.startswith("HTTP/") or not rest[:3].isdigit():
         raise ValueError(f"not an HTTP response: {status[:80]!r}")
     return int(rest[:3])
+
+
+# One lookup thread per webhook host, not the event loop's default pool (a handful of threads
+# that asyncio's own lookups share): there, a few receivers whose DNS hangs would hold up the
+# lookups of every other account's receiver, and so its webhook. Lookups of one host wait for
+# each other, so a hung one ties up one thread however often its POST is tried again.
+_lookup_threads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    """A TCP connection to the first of the host's addresses that takes one."""
+    loop = asyncio.get_running_loop()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        lookup = _lookup_threads.get(host)
+        if lookup is None:
+            lookup = _lookup_threads[host] = concurrent.futures.ThreadPoolExecutor(1, "webhook-dns")
+        infos = await loop.run_in_executor(lookup, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    else:  # an address: nothing to look up, nothing that can hang
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+        except BaseException:
+            sock.close()
+            raise
+    raise OSError(f"cannot connect to {host} port {port}: {errors!r}")
 
 
 def _basic_auth(parts: urllib.parse.SplitResult) -> list[str]:
