@@ -16,6 +16,7 @@ expires in turn (`purge_marker`), so a resumed pause leaves nothing behind.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -68,6 +69,14 @@ def pause_name(kind: str, name: str) -> str:
         # xn--bcher-kva.test. Pools are names of the configuration, not domains.
         return domain_key(name)
     return name
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def pause_key(kind: str, name: str) -> str:
@@ -152,6 +161,11 @@ class PauseState:
 
     async def pause(self, kind: str, name: str, *, reason: str = "", by: str = "") -> Pause:
         key = pause_key(kind, name)
+        if kind == "source" and not _is_ip(pause_name(kind, name)):
+            # Sources are IP addresses (the config takes no other), and delivery looks their
+            # pauses up by address: this one would hold nothing, and be listed as if it did.
+            # Only setting one is refused: a pause stored under such a name can still be resumed.
+            raise PauseError(f"{name.strip()!r} is no IP address: a source is paused by its address")
         entry = Pause(kind, pause_name(kind, name), reason, time.time(), by)
         await (await self._bucket()).put(key, json.dumps(asdict(entry)).encode())
         return entry

@@ -375,6 +375,11 @@ class DeliveryService:
         used = await self._message_slot(env, job_seq, source, site, limits, slot)
         if used is None:
             return None
+        if self._paused_meanwhile(env, site, source.address):
+            # Paused while the job waited here for its slot: it has not begun sending, and a
+            # pause holds all such mail. It keeps the slot, for a pause lifted within its grace.
+            await self._postpone(env, job_seq, time.time() + d.pause_recheck, "paused", used)
+            return None
         if counted_for_a_day_over(env, time.time()):
             # Warm-up counted this job against a UTC day that has ended while shaping held it:
             # sent now, it would come on top of today's count, up to twice the source's cap.
@@ -417,6 +422,17 @@ class DeliveryService:
             # redelivery would send the accepted recipients a second copy.
             log.warning("recording push-back from %s failed: %r", site, exc)
         return result
+
+    def _paused_meanwhile(self, env: Envelope, site: str, source: str) -> bool:
+        """Whether the job's pool, site or chosen source is paused now (checked before the
+        job's slot, and again after waiting for it)."""
+        paused = self.control.paused
+        return (
+            paused("pool", env.pool)
+            or paused("site", env.site)
+            or paused("site", site)
+            or paused("source", source)
+        )
 
     async def _message_slot(
         self, env: Envelope, job_seq: int, source: Source, site: str, limits: Limits, slot: _Slot
