@@ -131,8 +131,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if not files:
         print(f'relais: no trace file at {path} (set telemetry.traces = "jsonl")', file=sys.stderr)
         return 1
+    try:
+        spans = load_spans(files)
+    except OSError as exc:
+        print(
+            f"relais: cannot read the trace file {exc.filename or path}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     # A job key or a copied id finds its message's traces, as with `relais message`.
-    text = render_message(load_spans(files), lookup_of(args.id).message_id)
+    text = render_message(spans, lookup_of(args.id).message_id)
     if text is None:
         print(f"relais: no spans for {args.id} in {path}", file=sys.stderr)
         return 1

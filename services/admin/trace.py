@@ -41,17 +41,22 @@ def trace_files(path: str | Path) -> list[Path]:
 
 
 def load_spans(paths: Iterable[Path]) -> list[Span]:
+    """The span records of the files; raises OSError for a path that cannot be read (a
+    directory, no permission). A line that is no span record is skipped, as is one of bytes
+    that are no text: the exporter writes ASCII, so such a file is another one (`--file` wrong)."""
     spans: list[Span] = []
     for path in paths:
-        with path.open() as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 line = line.strip()
                 if not line:
                     continue
                 try:
-                    spans.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash; the rest is still readable
+                if isinstance(record, dict):
+                    spans.append(record)
     return spans
 
 
