@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 
@@ -60,12 +61,25 @@ def feedback_report(msg: Message) -> Message | None:
     """The ARF report `msg` is, or the first one forwarded inside it: some feedback loops and
     abuse desks send it as a part of a multipart/mixed, or attached as message/rfc822. Only the
     first parts are looked at; a report nested deeper is not one a feedback loop sends."""
-    for seen, part in enumerate(msg.walk()):
+    for seen, part in enumerate(_forwarded_parts(msg)):
         if seen >= _MAX_PARTS_SEARCHED:
             return None
         if is_arf(part):
             return part
     return None
+
+
+def _forwarded_parts(msg: Message) -> Iterator[Message]:
+    """`msg.walk()`, but not into a report of another kind: a DSN (or read receipt) returns the
+    message it is about, and an ARF report returned in a bounce is mail we sent (an account that
+    sends reports), not one sent to us. Read as one, it named its complainer as ours."""
+    yield msg
+    if msg.get_content_type() == "multipart/report" and not is_arf(msg):
+        return
+    if msg.is_multipart():
+        for sub in msg.get_payload():
+            if isinstance(sub, Message):
+                yield from _forwarded_parts(sub)
 
 
 def _report_fields(msg: Message) -> Message | None:
