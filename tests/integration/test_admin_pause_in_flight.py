@@ -7,8 +7,6 @@ not sent, not deferred, not bounced, no attempt counted, even when the operator 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -20,29 +18,11 @@ from tests.integration.delivery.conftest import (  # noqa: F401 - fixtures
     submit_many,
     zone,
 )
-from tests.support.relais import REPO, read_events, wait_for_events
+from tests.support.relais import read_events, relais_cli, wait_for_events
 from tests.support.smtp_sink import SMTPSink
 
 HELD = 3
 TWO_REPLICAS = ("ingress", "router", "delivery", "delivery", "bounce")
-
-
-async def relais(*args: str, nats_url: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        "--nats-url",
-        nats_url,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
 
 
 async def test_a_pause_during_a_transaction_holds_what_follows_until_resume(
@@ -60,7 +40,7 @@ async def test_a_pause_during_a_transaction_holds_what_follows_until_resume(
             break
         await asyncio.sleep(0.05)
     assert sink.data_commands == 1
-    rc, out = await relais("pause", "site", "alpha.test", "--reason", "incident", nats_url=url)
+    rc, out = await relais_cli("pause", "site", "alpha.test", "--reason", "incident", nats_url=url)
     assert rc == 0 and "paused site alpha.test" in out, out
     await asyncio.sleep(0.5)  # the workers' watch sees it
     sink.delay_data = 0.0
@@ -69,17 +49,17 @@ async def test_a_pause_during_a_transaction_holds_what_follows_until_resume(
     (first,) = await sink.async_wait_for(1, timeout=20)
     assert first.rcpt_tos == ["first@alpha.test"], "the transaction under way ends as it would have"
     await asyncio.sleep(3.0)  # three pause rechecks
-    rc, out = await relais("requeue", "alpha.test", nats_url=url)
+    rc, out = await relais_cli("requeue", "alpha.test", nats_url=url)
     assert rc == 0, out
     await asyncio.sleep(2.0)
     assert len(sink.messages) == 1, "nothing more goes to a paused site, requeued or not"
-    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert rc == 0 and "incident" in out, out
     held_by_status = out.split("DEFERRED RECIPIENTS BY SITE", 1)[1].split("\n\n", 1)[0]
     assert held_by_status.split()[-2:] == ["alpha.test", str(HELD)], out
     assert not [e for e in await read_events(url) if e.kind in ("deferred", "bounced", "expired")]
 
-    rc, out = await relais("resume", "site", "alpha.test", nats_url=url)
+    rc, out = await relais_cli("resume", "site", "alpha.test", nats_url=url)
     assert rc == 0 and "resumed site alpha.test" in out, out
     await sink.async_wait_for(1 + HELD, timeout=30)
     await asyncio.sleep(3.0)  # a second copy would come within moments
@@ -90,5 +70,5 @@ async def test_a_pause_during_a_transaction_holds_what_follows_until_resume(
     assert Counter(e.kind for e in await read_events(url) if e.kind in ("delivered", "bounced")) == {
         "delivered": 1 + HELD
     }
-    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert "DEFERRED: none" in out and "QUEUED: none" in out and "PAUSED: nothing" in out, out

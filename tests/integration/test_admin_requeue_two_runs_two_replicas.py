@@ -7,38 +7,18 @@ copy, none is left deferred, and each message's history ends in one `delivered` 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from services.core.addresses import recipient_key
 from tests.integration.spine.conftest import _stop_made_stacks, make_stack, zone  # noqa: F401 - fixtures
-from tests.support.relais import REPO, asubmit, message, read_events, wait_for_events
+from tests.support.relais import asubmit, message, read_events, relais_cli, wait_for_events
 from tests.support.smtp_sink import SMTPSink
 
 HOUR = 3600.0
 JOBS = 4
 TWO_REPLICAS = ("ingress", "router", "delivery", "delivery", "bounce")
-
-
-async def relais(*args: str, nats_url: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        "--nats-url",
-        nats_url,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
 
 
 async def test_two_requeues_at_once_with_two_replicas_deliver_each_job_once(
@@ -60,7 +40,7 @@ async def test_two_requeues_at_once_with_two_replicas_deliver_each_job_once(
     await wait_for_events(url, "deferred", JOBS)
     assert sink.messages == []
 
-    runs = await asyncio.gather(*(relais("requeue", "alpha.test", nats_url=url) for _ in range(2)))
+    runs = await asyncio.gather(*(relais_cli("requeue", "alpha.test", nats_url=url) for _ in range(2)))
     for rc, out in runs:
         assert rc == 0, out
     requeued = Counter(
@@ -81,8 +61,8 @@ async def test_two_requeues_at_once_with_two_replicas_deliver_each_job_once(
         "delivered": JOBS
     }
 
-    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert rc == 0 and "DEFERRED: none" in out and "QUEUED: none" in out, out
     for message_id in ids:
-        rc, out = await relais("message", message_id, nats_url=url)
+        rc, out = await relais_cli("message", message_id, nats_url=url)
         assert rc == 0 and out.splitlines()[-1] == "final: delivered", out

@@ -188,6 +188,31 @@ def run_cli(config: Config, workdir: Path, *args: str) -> subprocess.CompletedPr
     )
 
 
+async def relais_cli(*args: str, nats_url: str) -> tuple[int, str]:
+    """`relais <args> --nats-url <url>` as an operator runs it, without the environment's
+    RELAIS_* settings: its exit code and its output, stderr included."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        *args,
+        "--nats-url",
+        nats_url,
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode()
+
+
 def submit(
     address: tuple[str, int],
     *,

@@ -5,39 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import email
-import os
-import sys
 
 import nats
 from flufl.bounce import all_failures
 
 from services.core.topology import DELIVER_STREAM
-from tests.support.relais import REPO, RelaisStack, asubmit, message, read_events, wait_for_events
+from tests.support.relais import RelaisStack, asubmit, message, read_events, relais_cli, wait_for_events
 
 HOUR = 3600.0
-
-
-async def relais(*args: str, nats_url: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        "--nats-url",
-        nats_url,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc.returncode or 0, out.decode()
 
 
 def queued_id(reply: bytes) -> str:
@@ -53,7 +28,7 @@ async def test_message_shows_acceptance_each_attempt_with_its_reply_and_the_outc
     assert code == 250
     mid = queued_id(reply)
     (delivered,) = await wait_for_events(stack.config.nats.url, "delivered", 1, timeout=30)
-    rc, out = await relais("message", mid, nats_url=stack.config.nats.url)
+    rc, out = await relais_cli("message", mid, nats_url=stack.config.nats.url)
     assert rc == 0, out
     lines = out.splitlines()
     assert lines[0].startswith(f"message {mid}  account acme  from <news@acme.test>")
@@ -67,7 +42,7 @@ async def test_message_shows_acceptance_each_attempt_with_its_reply_and_the_outc
     assert "attempt 3" in delivered_line, out
     assert lines[-1] == "final: delivered"
 
-    rc, out = await relais("message", "0190000000000000000000", nats_url=stack.config.nats.url)
+    rc, out = await relais_cli("message", "0190000000000000000000", nats_url=stack.config.nats.url)
     assert rc == 1 and "no events" in out
 
 
@@ -83,7 +58,7 @@ async def test_message_is_not_final_while_a_recipient_is_still_queued(make_stack
     url = stack.config.nats.url
     await wait_for_events(url, "delivered", 1)
     await wait_for_events(url, "deferred", 1)
-    rc, out = await relais("message", mid, nats_url=url)
+    rc, out = await relais_cli("message", mid, nats_url=url)
     assert rc == 0, out
     assert "final:" not in out, out
     assert out.splitlines()[-1] == "still queued: b@beta.test", out
@@ -91,9 +66,9 @@ async def test_message_is_not_final_while_a_recipient_is_still_queued(make_stack
 
 async def test_pause_and_resume_show_in_status(stack: RelaisStack) -> None:
     url = stack.config.nats.url
-    rc, out = await relais("pause", "site", "mx.alpha.test", "--reason", "incident 42", nats_url=url)
+    rc, out = await relais_cli("pause", "site", "mx.alpha.test", "--reason", "incident 42", nats_url=url)
     assert rc == 0 and "paused site mx.alpha.test" in out, out
-    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert rc == 0, out
     assert "RELAIS_DELIVER" in out and "delivery-default (pool default)" in out
     # The router's queues: new mail, and mail routed again.
@@ -103,11 +78,11 @@ async def test_pause_and_resume_show_in_status(stack: RelaisStack) -> None:
     assert {"router-submit", "router"} <= consumers, out
     paused = out.split("PAUSED", 1)[1]
     assert "site    mx.alpha.test  (incident 42)" in paused, out
-    rc, out = await relais("resume", "site", "mx.alpha.test", nats_url=url)
+    rc, out = await relais_cli("resume", "site", "mx.alpha.test", nats_url=url)
     assert rc == 0 and "resumed" in out
-    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert "PAUSED: nothing" in out, out
-    rc, out = await relais("pause", "planet", "mars", nats_url=url)
+    rc, out = await relais_cli("pause", "planet", "mars", nats_url=url)
     assert rc != 0
 
 
@@ -126,7 +101,7 @@ async def test_status_shows_the_mail_queued_for_delivery_by_site(make_stack) -> 
             await asyncio.sleep(0.1)
     finally:
         await client.close()
-    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert rc == 0, out
     queued = out.split("QUEUED RECIPIENTS BY SITE", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     assert [line.split() for line in queued] == [["alpha.test", "3"], ["beta.test", "1"]], out
@@ -141,18 +116,18 @@ async def test_requeue_retries_deferred_mail_for_a_site_now(make_stack, make_sin
     code, reply = await asubmit(stack.smtp_address, recipients=["later@alpha.test"], data=message())
     assert code == 250
     await wait_for_events(url, "deferred", 1)
-    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert "DEFERRED RECIPIENTS BY SITE" in out and "alpha.test" in out.split("DEFERRED", 1)[1], out
 
-    rc, out = await relais("requeue", "beta.test", nats_url=url)
+    rc, out = await relais_cli("requeue", "beta.test", nats_url=url)
     assert rc == 0 and "0 deferred job(s)" in out, out
-    rc, out = await relais("requeue", "alpha.test", nats_url=url)
+    rc, out = await relais_cli("requeue", "alpha.test", nats_url=url)
     assert rc == 0 and "1 deferred job(s) for alpha.test requeued" in out, out
     (got,) = await sink.async_wait_for(1, timeout=20)  # an hour early
     assert got.rcpt_tos == ["later@alpha.test"]
     (delivered,) = await wait_for_events(url, "delivered", 1)
     assert delivered.message_id == queued_id(reply)
-    rc, out = await relais("status", "--interval", "0", nats_url=url)
+    rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert "DEFERRED: none" in out, out
 
 
@@ -166,7 +141,7 @@ async def test_bounce_queue_bounces_deferred_mail_with_the_admin_reason(
     code, reply = await asubmit(stack.smtp_address, recipients=["stuck@alpha.test"], data=message())
     assert code == 250
     await wait_for_events(url, "deferred", 1)
-    rc, out = await relais("bounce-queue", "alpha.test", "--reason", "customer asked", nats_url=url)
+    rc, out = await relais_cli("bounce-queue", "alpha.test", "--reason", "customer asked", nats_url=url)
     assert rc == 0 and "1 deferred job(s) for alpha.test bounced" in out, out
 
     (dsn,) = await sender_mx.async_wait_for(1, timeout=20)
@@ -183,7 +158,7 @@ async def test_bounce_queue_bounces_deferred_mail_with_the_admin_reason(
     ]
 
     (dsn_delivered,) = await wait_for_events(url, "delivered", 1)  # the DSN, to the sender's MX
-    rc, out = await relais("message", bounced.message_id, nats_url=url)
+    rc, out = await relais_cli("message", bounced.message_id, nats_url=url)
     assert rc == 0, out
     assert "bounced" in out and "5.0.0 Bounced by the administrator: customer asked" in out
     assert f"DSN {dsn_delivered.message_id} to news@acme.test" in out
