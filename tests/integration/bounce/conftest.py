@@ -5,6 +5,7 @@ webhook receiver on loopback that checks signatures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import smtplib
 import threading
@@ -177,12 +178,20 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with http_receiver(Handler) as base:
+        state.url = f"{base}/hooks/relais"
+        yield state
+
+
+@contextlib.contextmanager
+def http_receiver(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on loopback answering with `handler` in a thread of its own, for the
+    lifetime of the block; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/relais"
     try:
-        yield state
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -21,6 +21,7 @@ from services.core.config import AccountConfig, BounceConfig, Config, NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.events import event_for, publish_event
 from services.core.topology import ensure_topology
+from tests.integration.bounce.conftest import http_receiver
 from tests.support.relais import an_envelope
 
 SECRETS = {"acme": "whsec-acme-0123456789", "globex": "whsec-globex-0123456789"}
@@ -65,16 +66,9 @@ def receivers() -> Iterator[Receivers]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    try:
+    with http_receiver(Handler) as base:
+        state.url = f"{base}/hook"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @contextlib.asynccontextmanager
