@@ -14,14 +14,16 @@ from typing import Any, TypeVar
 
 
 class RawServer(ABC):
-    """A TCP server on 127.0.0.1 (a free port) whose connections go to `_serve`."""
+    """A TCP server on (`host`, `port`), by default 127.0.0.1 and a free port, whose
+    connections go to `_serve`."""
 
-    def __init__(self) -> None:
-        self.port = 0
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -42,8 +44,10 @@ class ScriptedMX(RawServer):
 
     extensions: tuple[bytes, ...] = (b"8BITMIME",)
 
-    def __init__(self, context: ssl.SSLContext | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self, context: ssl.SSLContext | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        super().__init__(host, port)
         self.context = context
 
     @abstractmethod

@@ -98,13 +98,8 @@ class TakesItThenHangsUp(ScriptedMX):
     to every later one. Records every message it read."""
 
     def __init__(self, host: str, port: int) -> None:
-        super().__init__()
-        self.host = host
-        self.port = port
+        super().__init__(host=host, port=port)
         self.bodies: list[bytes] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
 
     async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
         self.bodies.append(await read_message(reader))
@@ -178,15 +173,10 @@ class Says421(RawServer):
     Counts its connections."""
 
     def __init__(self, host: str, port: int, at: str, *, pipelining: bool) -> None:
-        super().__init__()
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.at = at
         self.pipelining = pipelining
         self.connections = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -29,13 +29,9 @@ class Answers(RawServer):
     open, as a peer gone silent."""
 
     def __init__(self, host: str, port: int, *, hang_on_quit: bool = False) -> None:
-        super().__init__()
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.hang_on_quit = hang_on_quit
         self.accepted = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
