@@ -341,7 +341,7 @@ async def test_a_reply_with_no_code_in_a_pipelined_group_sends_nothing_and_defer
 # -- a pooled connection dropped while idle --------------------------------------------------
 
 
-class OneMessageThenDrops(RawServer):
+class OneMessageThenDrops(ScriptedMX):
     """Takes one message per connection, then drops the connection: `how` "close" closes it
     (an idle timeout); "silent" keeps it open and answers nothing more (a firewall that lost
     its state), until QUIT, which closes it so that the test ends quickly."""
@@ -354,30 +354,17 @@ class OneMessageThenDrops(RawServer):
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        writer.write(b"220 drops ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
-                if verb == b"QUIT":
-                    break
-                if verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    await read_message(reader)
-                    self.delivered += 1
-                    writer.write(b"250 2.0.0 queued\r\n")
-                    await writer.drain()
-                    if self.how == "close":
-                        return
-                    while (line := await reader.readline()) and not line.startswith(b"QUIT"):
-                        pass  # silent
-                    return
-                writer.write(b"250 ok\r\n")
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        await super()._serve(reader, writer)
+
+    async def on_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+        await read_message(reader)
+        self.delivered += 1
+        writer.write(b"250 2.0.0 queued\r\n")
+        await writer.drain()
+        if self.how == "silent":
+            while (line := await reader.readline()) and not line.startswith(b"QUIT"):
+                pass
+        return None
 
 
 @pytest.mark.parametrize("probe", [False, True], ids=["unprobed", "probed"])
