@@ -7,7 +7,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from services.core import telemetry as t
 from tests.integration.observability.conftest import wait_for_spans
-from tests.integration.observability.test_admin_cli import HOUR, relais
+from tests.integration.observability.test_admin_cli import HOUR
 from tests.integration.observability.test_traces import (
     DELIVER,
     ancestors,
@@ -17,7 +17,7 @@ from tests.integration.observability.test_traces import (
     queued_id,
     trace_of,
 )
-from tests.support.relais import asubmit, message, wait_for_events
+from tests.support.relais import asubmit, message, relais_cli, wait_for_events
 
 SLOW_RETRIES = {"base_delay": HOUR, "max_delay": HOUR, "max_age": 5 * 24 * HOUR}
 
@@ -34,7 +34,7 @@ async def _deferred_once(make_stack, make_sink, recipient: str, tempfails: int) 
 
 async def test_a_requeued_retry_stays_in_its_message_trace(make_stack, make_sink, spans) -> None:
     url, mid = await _deferred_once(make_stack, make_sink, "rq@alpha.test", 1)
-    rc, out = await relais("requeue", "alpha.test", nats_url=url)
+    rc, out = await relais_cli("requeue", "alpha.test", nats_url=url)
     assert rc == 0 and "1 deferred job(s)" in out, out
 
     members = trace_of(await wait_for_spans(spans, finished_with(mid, "delivered"), within=30), mid)
@@ -49,7 +49,7 @@ async def test_a_job_bounced_by_the_operator_stays_in_its_message_trace(
     make_stack, make_sink, sender_mx, spans
 ) -> None:
     url, mid = await _deferred_once(make_stack, make_sink, "bq@alpha.test", 5)
-    rc, out = await relais("bounce-queue", "alpha.test", "--reason", "gave up", nats_url=url)
+    rc, out = await relais_cli("bounce-queue", "alpha.test", "--reason", "gave up", nats_url=url)
     assert rc == 0 and "1 deferred job(s)" in out, out
     await sender_mx.async_wait_for(1, timeout=30)
 
