@@ -412,6 +412,12 @@ def _validate_numbers(config: Config) -> None:
         if value(path) < 1:
             raise ConfigError(f"{path}: must be >= 1")
     nats = config.nats
+    if not nats.publish_timeout <= config.ingress.queue_timeout < nats.duplicate_window:
+        # Asked again after that, a message stored at first would no longer be recognised.
+        raise ConfigError(
+            f"ingress.queue_timeout: must be >= nats.publish_timeout and < {nats.duplicate_window:g}s, "
+            "the de-duplication window that nats.ack_wait implies"
+        )
     if nats.ack_wait < _MIN_ACK_WAIT:
         raise ConfigError(f"nats.ack_wait: must be >= {_MIN_ACK_WAIT:g}s")
     if 0 < nats.events_max_age < nats.duplicate_window:

@@ -117,6 +117,12 @@ class IngressConfig:
     max_buffered_bytes: int = 200 * 1024 * 1024
     # Idle/command timeout: the longest silence (or one DATA transfer) before the session is closed.
     command_timeout: float = 300.0
+    # How long a message is asked about again (same msg id) once a publish may have stored it
+    # while its ack was lost, as in a stream leader election, before answering 451 anyway: such
+    # a 451 could be delivered, and the client's retry a second time. Publishes that failed for
+    # certain (nothing stored) are still answered 451 after nats.publish_timeout. Clients wait
+    # 10 minutes for the reply to the final dot (RFC 5321); below the de-duplication window.
+    queue_timeout: float = 30.0
     # Error replies in one session before it is closed with 421.
     max_errors: int = 10
     # AUTH failures per client IP or per username within auth_lockout before further attempts

@@ -26,11 +26,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Within the hand-off deadline the envelope is published up to this many times (see
-# `_publish_until_acked`), each attempt waiting at most deadline / attempts for its ack.
+# Each attempt to publish the envelope waits at most publish_timeout / this for its ack (see
+# `_publish_until_acked`), so that a publish lost in a leader change is asked again in time.
 _PUBLISH_ATTEMPTS = 3
 _MIN_ATTEMPT = 0.2
+# The pause between attempts doubles up to the maximum: an election answers "no responders"
+# at once, and every waiting session asking ten times a second would only load it.
 _RETRY_PAUSE = 0.1
+_MAX_RETRY_PAUSE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +56,18 @@ class Submission:
 
 
 class Handoff:
-    def __init__(self, bus: Bus, bodies: BodyStore, deadline: float) -> None:
+    """`publish_timeout`: how long publishes may fail for certain (nothing stored) before the
+    `451`. `queue_timeout` (at least that): how long they are asked again while an earlier one
+    may have been stored, its ack lost; a `451` then could be delivered anyway, and the client's
+    retry a second time."""
+
+    def __init__(
+        self, bus: Bus, bodies: BodyStore, publish_timeout: float, queue_timeout: float | None = None
+    ) -> None:
         self._bus = bus
         self._bodies = bodies
-        self._deadline = deadline
+        self._publish_timeout = publish_timeout
+        self._queue_timeout = max(publish_timeout, queue_timeout or publish_timeout)
         # Once the service stops (`stop_by`), the loop time by which a hand-off stops waiting for
         # room to report its `accepted` event, and the waits for room until then.
         self._report_by: float | None = None
@@ -77,12 +88,23 @@ class Handoff:
     async def queue(self, sub: Submission, *, message_id: str | None = None, span: object = None) -> str:
         """Queue durably and return the SMTP reply: `250 ... queued as <id>` or `451 4.3.0`."""
         message_id = message_id or new_message_id()
-        accept_by = time.time() + self._deadline
+        started = time.time()
+        # The router drops a copy stored after this (`Envelope.refused_when_stored_at`): the 451.
+        accept_by = started + self._queue_timeout
         try:
-            async with asyncio.timeout(self._deadline):
-                env = await self._queue(sub, message_id, span, accept_by)
+            async with asyncio.timeout(self._queue_timeout):
+                env = await self._queue(sub, message_id, span, started + self._publish_timeout, accept_by)
         except (BrokerUnavailable, TimeoutError) as exc:
-            log.warning("queueing %s failed, answering 451: %s", message_id, exc)
+            if isinstance(exc, BrokerUnavailable) and exc.maybe_stored:
+                log.error(
+                    "queueing %s failed, answering 451, yet it may be queued (no answer from JetStream "
+                    "for %gs): it may be delivered, and the client's retry a second time: %s",
+                    message_id,
+                    time.time() - started,
+                    exc,
+                )
+            else:
+                log.warning("queueing %s failed, answering 451: %s", message_id, exc)
             return f"{QUEUE_UNAVAILABLE.code} {QUEUE_UNAVAILABLE.enhanced_status} {QUEUE_UNAVAILABLE.text}"
         if sub.kind == "inbound":
             return f"250 2.0.0 Ok: queued as {message_id}"
@@ -107,7 +129,9 @@ class Handoff:
         except TimeoutError:
             log.warning("%s lost: no room to publish it before the ingress stopped", what)
 
-    async def _queue(self, sub: Submission, message_id: str, span: object, accept_by: float) -> Envelope:
+    async def _queue(
+        self, sub: Submission, message_id: str, span: object, certain_by: float, accept_by: float
+    ) -> Envelope:
         body = await self._bodies.put(message_id, sub.data)
         env = Envelope(
             id=message_id,
@@ -133,6 +157,7 @@ class Handoff:
                 env.to_msgpack(),
                 msg_id=message_id,
                 attributes={"relais.message_id": message_id, "relais.account": sub.account},
+                certain_by=certain_by,
                 accept_by=accept_by,
             )
         except BrokerUnavailable as exc:
@@ -143,35 +168,53 @@ class Handoff:
         return env
 
     async def _publish_until_acked(
-        self, subject: str, payload: bytes, *, msg_id: str, attributes: dict[str, str], accept_by: float
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str,
+        attributes: dict[str, str],
+        certain_by: float,
+        accept_by: float,
     ) -> None:
-        """Publish, and publish again with the same message id until JetStream acknowledges or
-        the deadline passes.
+        """Publish, and publish again with the same message id until JetStream acknowledges:
+        until `certain_by` while every failure was certain (nothing stored), until `accept_by`
+        once one may have stored the message, or until the service's stop bound.
 
         An ack lost in a leader change does not mean the message was not stored: the new
         leader may hold it. Asking again with the same `Nats-Msg-Id` is answered from the
         stream's de-duplication window (`duplicate`), which turns that case into the `250` it
-        deserves instead of a `451` whose retry the client would see delivered twice.
+        deserves instead of a `451` whose retry the client would see delivered twice. An
+        election can outlast `nats.publish_timeout` on a loaded cluster, so such a message is
+        asked about for `ingress.queue_timeout`: SMTP clients wait 10 minutes for the reply to
+        the final dot (RFC 5321 4.5.3.2.6).
         """
-        attempt_timeout = max(self._deadline / _PUBLISH_ATTEMPTS, _MIN_ATTEMPT)
+        loop = asyncio.get_running_loop()
+        attempt_timeout = max(self._publish_timeout / _PUBLISH_ATTEMPTS, _MIN_ATTEMPT)
         maybe_stored = False
+        pause = _RETRY_PAUSE
+
+        def time_left() -> float:
+            left = (accept_by if maybe_stored else certain_by) - time.time()
+            return left if self._report_by is None else min(left, self._report_by - loop.time())
+
         while True:
-            remaining = accept_by - time.time()
             try:
                 await self._bus.publish(
                     subject,
                     payload,
                     msg_id=msg_id,
                     attributes=attributes,
-                    timeout=max(min(attempt_timeout, remaining), _MIN_ATTEMPT),
+                    timeout=max(min(attempt_timeout, time_left()), _MIN_ATTEMPT),
                 )
                 return
             except BrokerUnavailable as exc:
                 maybe_stored = maybe_stored or exc.maybe_stored
-                if accept_by - time.time() < _MIN_ATTEMPT:
+                if time_left() < _MIN_ATTEMPT + pause:
                     raise BrokerUnavailable(str(exc), maybe_stored=maybe_stored) from exc
                 log.info("publishing %s again after: %s", msg_id, exc)
-                await asyncio.sleep(_RETRY_PAUSE)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_RETRY_PAUSE)
 
 
 async def past_the_client(work: Coroutine[Any, Any, T]) -> T:

@@ -106,7 +106,7 @@ class IngressService:
         self._bus = bus
         cfg = config.ingress
         bodies = BodyStore(bus.js, config.nats.inline_body_max, purges=config.nats.declare_topology)
-        self._handoff = Handoff(bus, bodies, config.nats.publish_timeout)
+        self._handoff = Handoff(bus, bodies, config.nats.publish_timeout, config.ingress.queue_timeout)
         self.accounts = AccountStore(bus.js, config.accounts)
         counters = Counters(bus, config.nats.publish_timeout)
         self._rates = MessageRates(counters)

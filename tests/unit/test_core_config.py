@@ -117,6 +117,9 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ("[nats]\npublish_timeout = 0\n", "nats.publish_timeout"),
         ("[delivery]\ndata_done_timeout = 0\n", "delivery.data_done_timeout"),
         ("[nats]\nack_wait = 1\n", "nats.ack_wait"),
+        # A message whose ack was lost is recognised only within the de-duplication window.
+        ('[ingress]\nqueue_timeout = "2s"\n', "ingress.queue_timeout: must be >= nats.publish_timeout"),
+        ('[ingress]\nqueue_timeout = "5m"\n', "ingress.queue_timeout"),
         ('[nats]\nevents_max_age = "2m"\n', "nats.events_max_age"),
         ('[nats]\nevents_max_age = "5m"\n[bounce]\nwebhook_retry_max = "10m"\n', "webhook_retry_max"),
         # Bytes: 4 meant as 4 GiB would keep no history; sizes are written in bytes, not units.
