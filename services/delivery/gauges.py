@@ -1,8 +1,9 @@
 """Delivery's own Prometheus series, read from the live workers of this process when scraped.
 
 Workers keep plain counters (`SourceHealth.unhealthy_total`, `DeliveryService.postponed`,
-`DeliveryService.pushbacks`, `ConnectionPool.opened`); this collector only reads them, so the
-service code stays free of metric calls and tests can build as many workers as they like.
+`DeliveryService.pushbacks`, `DeliveryService.possible_duplicates`, `ConnectionPool.opened`);
+this collector only reads them, so the service code stays free of metric calls and tests can
+build as many workers as they like.
 """
 
 from __future__ import annotations
@@ -45,10 +46,18 @@ class DeliveryCollector(Collector):
             "Provider push-backs that started a back-off",
             labels=["site", "rule"],
         )
+        duplicates = CounterMetricFamily(
+            "relais_delivery_possible_duplicates",
+            "Messages deferred after their final dot got no reply that could be read (connection "
+            "lost, timeout, no SMTP reply): the MX may have taken them, so their retry may deliver "
+            "them twice (RFC 1047)",
+            labels=["pool", "site"],
+        )
         opened = CounterMetricFamily("relais_delivery_connections_opened", "SMTP connections opened")
         sources: dict[str, int] = {}
         reasons: dict[str, int] = {}
         rules: dict[tuple[str, str], int] = {}
+        maybe_twice: dict[tuple[str, str], int] = {}
         down: set[str] = set()
         for worker in workers:
             # The gauge is what is skipped now (a source that binds again leaves it); the marks
@@ -60,6 +69,8 @@ class DeliveryCollector(Collector):
                 reasons[reason] = reasons.get(reason, 0) + count
             for key, count in worker.pushbacks.items():
                 rules[key] = rules.get(key, 0) + count
+            for key, count in worker.possible_duplicates.items():
+                maybe_twice[key] = maybe_twice.get(key, 0) + count
         for address in sorted(down):
             unhealthy.add_metric([address or "any"], 1)
         for address, count in sorted(sources.items()):
@@ -68,8 +79,10 @@ class DeliveryCollector(Collector):
             postponed.add_metric([reason], count)
         for (site, rule), count in sorted(rules.items()):
             pushbacks.add_metric([site, rule], count)
+        for (pool, site), count in sorted(maybe_twice.items()):
+            duplicates.add_metric([pool, site], count)
         opened.add_metric([], sum(w.connections.opened for w in workers))
-        yield from (unhealthy, marks, postponed, pushbacks, opened)
+        yield from (unhealthy, marks, postponed, pushbacks, duplicates, opened)
 
 
 DELIVERY = DeliveryCollector()

@@ -43,6 +43,14 @@ class UnansweredDot(aiosmtplib.SMTPServerDisconnected):
     (RFC 1047). Raised in place of the loss, which it names."""
 
 
+class DotReply(aiosmtplib.SMTPDataError):
+    """The reply after the message's final dot, when it is not 250: a refusal, another 2xx, a
+    code no reply to a message has (1xx, 3xx, 6xx...), or no SMTP reply at all (aiosmtplib's
+    code -1: an HTTP line, binary noise, a line too long). Raised apart from a reply that came
+    before the message's end: only once the dot went may the server have taken the message, so
+    a reply that cannot be read there does not say it did not (RFC 1047)."""
+
+
 @dataclass(frozen=True, slots=True)
 class MessageData:
     # What goes on the wire after the 354: CRLF line ends, leading dots doubled, CRLF.CRLF last.
@@ -89,8 +97,9 @@ async def send_data(
     stopping: Callable[[], bool] | None = None,
 ) -> aiosmtplib.SMTPResponse:
     """The data after a 354, and the reply after its final dot; raises SMTPDataError for any
-    reply but 250, SMTPTimeoutError / SMTPServerDisconnected (connection closed) otherwise, and
-    UnansweredDot for either once the final dot was written.
+    reply but 250 (DotReply once the final dot was written, for what is no reply too),
+    SMTPTimeoutError / SMTPServerDisconnected (connection closed) otherwise, and UnansweredDot
+    for either once the final dot was written.
 
     The transfer is timed apart from that reply, as Postfix times smtp_data_xfer_timeout apart
     from smtp_data_done_timeout: a message the server stops reading is given up after
@@ -133,6 +142,11 @@ async def send_data(
     except Stopping:
         drop_connection(smtp)  # before the dot: the server takes nothing
         raise
+    except aiosmtplib.SMTPResponseException as exc:
+        # What came could not be read as a reply (not SMTP, or too long).
+        if not dot_written:
+            raise
+        raise DotReply(exc.code, exc.message) from exc
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
         said = _early_reply(protocol)
         if said is None:
@@ -145,7 +159,7 @@ async def send_data(
         response = said if dot_written else _refused_early(smtp, protocol)
         drop_connection(smtp)
     if response.code != 250:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
+        raise (DotReply if dot_written else aiosmtplib.SMTPDataError)(response.code, response.message)
     return response
 
 

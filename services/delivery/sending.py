@@ -39,6 +39,9 @@ class AttemptResult:
     remote_replies: list[Reply] = field(default_factory=list)
     bind_failed: bool = False
     notes: list[str] = field(default_factory=list)
+    # Deferred after its final dot got no reply that could be read: the MX may have taken it
+    # (TransactionResult.maybe_taken).
+    maybe_taken: bool = False
 
 
 # Reused connections found closed at MAIL that one message replaces by another idle one; each
@@ -191,6 +194,7 @@ async def send_job(
                 source_ip=source.address,
                 remote_replies=remote + done.remote_replies,
                 notes=notes,
+                maybe_taken=done.maybe_taken,
             )
         if bind_failed:
             break

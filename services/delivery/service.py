@@ -138,6 +138,7 @@ class DeliveryService:
         self.settled_before = 0  # redelivered jobs whose attempt was settled: not sent again
         self.postponed_before = 0  # redelivered jobs that were postponed: left to their schedule
         self.pushbacks: Counter[tuple[str, str]] = Counter()  # (site, rule) back-offs started
+        self.possible_duplicates: Counter[tuple[str, str]] = Counter()  # (pool, site): maybe_taken
         gauges.DELIVERY.track(self)
         # delivery.public_mx_only: MX hosts and MTA-STS policy hosts only on public addresses.
         self._address_check = why_not_public if d.public_mx_only else None
@@ -415,6 +416,8 @@ class DeliveryService:
             return None
         if result.bind_failed:
             self.health.mark_unhealthy(source.address, "bind failed on connect")
+        if result.maybe_taken:
+            self.possible_duplicates[(env.pool, metrics.SITES.label(site))] += 1
         try:
             await self._push_back(source, site, result)
         except Exception as exc:

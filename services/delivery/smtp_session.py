@@ -23,6 +23,7 @@ from services.core.outcome import Deferred, Outcome, Reply, outcome_for
 from services.delivery import pipelining
 from services.delivery.draining import Stopping
 from services.delivery.message_data import (
+    DotReply,
     MessageData,
     UnansweredDot,
     drop_connection,
@@ -87,6 +88,9 @@ class TransactionResult:
     remote_replies: list[Reply] = field(default_factory=list)
     # The connection is not fit for another message (lost, timed out, or the server said 421).
     broken: bool = False
+    # The message's final dot went and no reply to it could be read (lost, timed out, or no
+    # SMTP reply): the server may have taken it, and the retry may deliver it twice (RFC 1047).
+    maybe_taken: bool = False
 
 
 # Loading the CA store takes about 20 ms of CPU, and every STARTTLS needs a context: one per
@@ -136,6 +140,10 @@ _TAKEN = tuple(range(200, 300))
 def protocol_error(command: str, got: str) -> Reply:
     """What a server's reply that fits nothing is deferred with (Postfix: "protocol error")."""
     return Reply(451, "4.5.0", f"SMTP protocol error: unexpected reply to {command}: {got}", command)
+
+
+# Postfix's words for a deferral after the final dot that no reply settled (smtp_proto.c).
+MAY_BE_SENT_TWICE = "message may be sent more than once"
 
 
 def _misplaced(code: int, expected: tuple[int, ...]) -> bool:
@@ -229,10 +237,12 @@ class Connection:
             # bounces now, as Postfix settles a recipient at its RCPT reply); no other was
             # confirmed, so those are retried later.
             reply = Reply(451, "4.4.2", f"connection lost or timed out: {exc!r}", self._awaiting)
+            sent_to: list[str] = []
             if isinstance(exc, UnansweredDot):
-                reply = self._unanswered_dot(exc, [r for r in recipients if r not in outcomes])
+                sent_to = [r for r in recipients if r not in outcomes]
+                reply = self._unanswered_dot(exc, sent_to)
             settled = [outcomes.get(r) or Deferred(r, reply, self.host) for r in recipients]
-            return TransactionResult(settled, remote, broken=True)
+            return TransactionResult(settled, remote, broken=True, maybe_taken=bool(sent_to))
         except Exception as exc:
             # A reply nothing here foresaw, or a bug: deferred, so that the job is retried and
             # ends at retry.max_age like any other. Raised on, the job would come back from
@@ -421,8 +431,14 @@ class Connection:
             except aiosmtplib.SMTPResponseException as exc:
                 if _misplaced(exc.code, _TAKEN):
                     # Not a reply to the message (no SMTP code, or a 1xx/3xx): the server is out
-                    # of step, and whether it took the message cannot be read from it.
-                    return self._protocol_error(recipients, remote, f"{exc.code} {exc.message}", "DATA")
+                    # of step, and whether it took the message cannot be read from it. After the
+                    # dot it may have, as when no reply comes (Postfix reads past such lines to
+                    # the loss or timeout it reports "while sending end of data -- message may
+                    # be sent more than once").
+                    got = f"{exc.code} {exc.message.strip()}"  # aiosmtplib keeps a bad line's CRLF
+                    return self._protocol_error(
+                        recipients, remote, got, "DATA", after_dot=isinstance(exc, DotReply)
+                    )
                 reply = _reply_of(exc, "DATA")
                 remote.append(reply)
         else:
@@ -438,27 +454,43 @@ class Connection:
         cannot be avoided, only said, in the outcome and in the log, in Postfix's words."""
         if sent_to:
             log.warning(
-                "no reply from %s[%s] to the final dot of a message to %d recipient(s) (%s): "
-                "deferred, message may be sent more than once",
+                "no reply from %s[%s] to the final dot of a message to %d recipient(s) (%s): deferred, %s",
                 self.host,
                 self.address,
                 len(sent_to),
                 exc,
+                MAY_BE_SENT_TWICE,
             )
         text = f"connection lost or timed out after the final dot ({exc})"
-        return Reply(451, "4.4.2", f"{text} -- message may be sent more than once", "DATA")
+        return Reply(451, "4.4.2", f"{text} -- {MAY_BE_SENT_TWICE}", "DATA")
 
     def _protocol_error(
-        self, recipients: Sequence[str], remote: list[Reply], got: str, command: str
+        self,
+        recipients: Sequence[str],
+        remote: list[Reply],
+        got: str,
+        command: str,
+        *,
+        after_dot: bool = False,
     ) -> TransactionResult:
         """A reply that fits neither its command nor a refusal: a 250 to DATA, a 252 to RCPT, or
         a reply too many. Replies may then be paired with the wrong commands, so none of this
         transaction's can be trusted: every recipient is deferred (nothing was sent after a
-        354 we never got) and the connection closed, never reused to go on guessing."""
-        log.warning("protocol error from %s[%s]: %r in reply to %s", self.host, self.address, got, command)
+        354 we never got) and the connection closed, never reused to go on guessing.
+
+        `after_dot`: it came after the message's final dot, which the server may have taken
+        (RFC 1047): said as `_unanswered_dot` says it."""
+        note = f" -- {MAY_BE_SENT_TWICE}" if after_dot else ""
+        log.warning(
+            "protocol error from %s[%s]: %r in reply to %s%s", self.host, self.address, got, command, note
+        )
         self.smtp.close()
         reply = protocol_error(command, got)
-        return self._finished(recipients, {r: Deferred(r, reply, self.host) for r in recipients}, remote)
+        if after_dot:
+            reply = dataclasses.replace(reply, text=reply.text + note)
+        result = self._finished(recipients, {r: Deferred(r, reply, self.host) for r in recipients}, remote)
+        result.maybe_taken = after_dot
+        return result
 
     def _refused_at_mail(
         self, code: int, message: str, recipients: Sequence[str], remote: list[Reply], stale_ok: bool
