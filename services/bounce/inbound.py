@@ -6,7 +6,9 @@ younger than `bounce.verp_max_age`; a forged report, a report for someone else's
 an expired token or one without a token changes nothing and is only logged.
 
 `findings` is the pure decision; `InboundHandler` does the I/O: suppression entries and events,
-both acknowledged before the inbound envelope is.
+both acknowledged before the inbound envelope is. A report whose reading goes wrong
+`MAX_DELIVERIES` times is given up (terminated, logged, counted); one whose outcome NATS cannot
+take yet waits for it in place and uses no delivery.
 """
 
 from __future__ import annotations
@@ -17,18 +19,23 @@ import email.utils
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
+from typing import NoReturn, TypeVar
 
+import nats.errors
 from nats.aio.msg import Msg
+from nats.js.errors import APIError
+from opentelemetry.trace import Span
 
 from services.bounce.arf import parse_arf
 from services.bounce.classify import BounceCategory, BounceRule, is_hard
 from services.bounce.parse import FailedRecipient, header_text, parse_bounce, parse_message
 from services.bounce.policy import suppression_expiry
 from services.core import bus as transport
+from services.core import metrics
 from services.core.account_watch import AccountWatch
 from services.core.bodies import BodyMissing, BodyStore
 from services.core.bus import Bus
@@ -42,6 +49,7 @@ from services.core.telemetry import consumer_span
 from services.core.topology import inbound_subject
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Starts only where a run of address characters starts: unanchored, a long run without an "@"
 # was tried from every one of its positions (quadratic; 40 s for one 128 KB header).
@@ -61,6 +69,19 @@ _RECIPIENT_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To"
 _PARSERS = 2
 # How long a starting replica waits for the account records before it reads its first report.
 _RECORDS_WAIT = 5.0
+# How many deliveries of one report may go wrong before it is given up: terminated, with an
+# error logged and `relais_inbound_given_up` counted. The consumer has no max_deliver, so a report
+# our code fails on came back for ever (a parse and an ack-pending slot each time), and one that
+# has its replica killed for memory took a replica down every ack_wait. The count is
+# num_delivered, so a delivery ends unfinished only when something went wrong: the handler raised
+# (a bug, MemoryError), or the delivery ended unseen (the replica died or stopped while reading,
+# an ack was lost). NATS not answering is waited out in place (`_patiently`) and costs none.
+MAX_DELIVERIES = 5
+# Waits for NATS in place: the first after 1 s, doubling up to a minute.
+_WAIT_FIRST = 1.0
+_WAIT_MAX = 60.0
+# JSStreamMessageExceedsMaximumErr: the stream refuses a message over its max_msg_size.
+_TOO_LARGE_FOR_STREAM = 10054
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +113,46 @@ class Verdict:
     findings: list[Finding]
     # Why nothing (or not everything) counted: logged, and the test for forged bounces reads it.
     rejected: list[str]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure is NATS not answering (yet), which a later try may not meet: no fault of
+    the report's. JetStream refusing what the report made as too large (for a NATS message or for
+    the stream) is an answer, the same every time: that failure is the report's own."""
+    if isinstance(exc, transport.Retry):
+        return True
+    if not isinstance(exc, transport.UNANSWERED):
+        return False
+    cause = exc.__cause__ if isinstance(exc, transport.BrokerUnavailable) else exc
+    if isinstance(cause, nats.errors.MaxPayloadError):
+        return False
+    return not (isinstance(cause, APIError) and cause.err_code == _TOO_LARGE_FOR_STREAM)
+
+
+async def _patiently(step: Callable[[], Awaitable[_T]], what: str, stop: asyncio.Event) -> _T:
+    """`step`, tried again while NATS does not answer, until it does or the replica stops. The
+    report stays in progress meanwhile (`bus.consume`), so a wait costs it no delivery: nak'ed,
+    every try would count towards MAX_DELIVERIES, and an outage of a few minutes (a stream
+    without its leader, a full store) would have every report that came meanwhile given up."""
+    wait = _WAIT_FIRST
+    while True:
+        try:
+            return await step()
+        except Exception as exc:
+            if stop.is_set() or not is_transient(exc):
+                raise
+            log.warning("%s: NATS did not answer, trying again in %.0fs: %r", what, wait, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+        wait = min(wait * 2, _WAIT_MAX)
+
+
+def _delivery(msg: Msg) -> tuple[int, int]:
+    """Which delivery of its message `msg` is, and the message's stream sequence."""
+    try:
+        return msg.metadata.num_delivered or 1, msg.metadata.sequence.stream
+    except Exception:  # not from a JetStream consumer
+        return 1, 0
 
 
 def return_paths(
@@ -287,45 +348,89 @@ class InboundHandler:
             self._handles = accounts_by_handle(self._accounts.accounts)
         return self._handles
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, msg: Msg, stop: asyncio.Event | None = None) -> None:
+        """Read one report. `stop` set: the replica is stopping, and a report waiting for NATS
+        is let go (nak'ed; it comes back)."""
         try:
             env = Envelope.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
             raise transport.undecodable(exc) from exc
+        delivery, seq = _delivery(msg)
+        if delivery > MAX_DELIVERIES:
+            await self._give_up(env, seq, delivery, None)
         with consumer_span(inbound_subject(), msg.headers, {"relais.message_id": env.id}) as span:
             try:
-                raw = await self._bodies.get(env.body)
-            except BodyMissing:
-                log.info("inbound %s already processed (body gone)", env.id)
-                return
-            handles = await self._account_handles()
-            try:
-                # Off the event loop: anyone can mail us a report of max_message_size, and the
-                # parse of one of 50 MB takes half a minute, in which nothing else would move.
-                verdict = await asyncio.get_running_loop().run_in_executor(
-                    self._parsers,
-                    findings,
-                    raw,
-                    env.recipients,
-                    self._config,
-                    self._rules,
-                    time.time(),
-                    handles,
-                )
-            except MemoryError:
-                raise  # this replica's trouble, not the message's: another may manage it
-            except Exception as exc:
-                # Parsing is deterministic, so no retry mends a message our parsers choke on (a
-                # nesting too deep, an unknown charset codec): redelivered, it would come back
-                # forever. It is logged and counts for nothing, like any message not a report.
-                log.warning("inbound %s from <%s> could not be parsed: %r", env.id, env.sender, exc)
-                verdict = Verdict([], [f"unparsable: {exc!r}"])
-            for reason in verdict.rejected:
-                log.warning("inbound %s from <%s>: %s", env.id, env.sender, reason)
-            span.set_attribute("relais.findings", len(verdict.findings))
-            for finding in verdict.findings:
-                await self.apply(finding, inbound_id=env.id)
-            await self._bodies.discard(env.body)
+                await self._read(env, span, stop or asyncio.Event())
+            except Exception as exc:  # MemoryError too: another replica had its chances
+                if delivery < MAX_DELIVERIES or is_transient(exc):
+                    raise  # nak'ed: back after the consumer's backoff
+                await self._give_up(env, seq, delivery, exc)
+
+    async def _give_up(self, env: Envelope, seq: int, delivery: int, exc: Exception | None) -> NoReturn:
+        """Terminate a report whose MAX_DELIVERIES deliveries all went wrong, loudly."""
+        if exc is None:
+            # Delivery MAX_DELIVERIES did not end with an error (that would have ended it there),
+            # so it ended unseen: read again, the report may take this replica down too.
+            log.error(
+                "inbound %s (stream seq %d) from <%s>: giving up on it at delivery %d, after %d that "
+                "went wrong, the last unseen: its replica died or stopped while reading it",
+                env.id,
+                seq,
+                env.sender,
+                delivery,
+                delivery - 1,
+            )
+        else:
+            log.error(
+                "inbound %s (stream seq %d) from <%s>: giving up on it, delivery %d failed too: %r",
+                env.id,
+                seq,
+                env.sender,
+                delivery,
+                exc,
+                exc_info=exc,
+            )
+        metrics.INBOUND_GIVEN_UP.labels("lost" if exc is None else "error").inc()
+        await self._bodies.discard(env.body)  # never raises: a body left behind expires by TTL
+        raise transport.Poison(f"inbound {env.id} (stream seq {seq}) given up at delivery {delivery}")
+
+    async def _read(self, env: Envelope, span: Span, stop: asyncio.Event) -> None:
+        def patiently(step: Callable[[], Awaitable[_T]], what: str) -> Awaitable[_T]:
+            return _patiently(step, f"inbound {env.id}: {what}", stop)
+
+        try:
+            raw = await patiently(lambda: self._bodies.get(env.body), "body")
+        except BodyMissing:
+            log.info("inbound %s already processed (body gone)", env.id)
+            return
+        handles = await patiently(self._account_handles, "account records")
+        try:
+            # Off the event loop: anyone can mail us a report of max_message_size, and the
+            # parse of one of 50 MB takes half a minute, in which nothing else would move.
+            verdict = await asyncio.get_running_loop().run_in_executor(
+                self._parsers,
+                findings,
+                raw,
+                env.recipients,
+                self._config,
+                self._rules,
+                time.time(),
+                handles,
+            )
+        except MemoryError:
+            raise  # this replica's trouble, maybe not the message's: another may manage it
+        except Exception as exc:
+            # Parsing is deterministic, so no retry mends a message our parsers choke on (a
+            # nesting too deep, an unknown charset codec): redelivered, it would come back
+            # forever. It is logged and counts for nothing, like any message not a report.
+            log.warning("inbound %s from <%s> could not be parsed: %r", env.id, env.sender, exc)
+            verdict = Verdict([], [f"unparsable: {exc!r}"])
+        for reason in verdict.rejected:
+            log.warning("inbound %s from <%s>: %s", env.id, env.sender, reason)
+        span.set_attribute("relais.findings", len(verdict.findings))
+        for finding in verdict.findings:
+            await patiently(lambda f=finding: self.apply(f, inbound_id=env.id), "outcome")
+        await self._bodies.discard(env.body)
 
     async def apply(self, finding: Finding, *, inbound_id: str) -> None:
         if finding.suppresses:

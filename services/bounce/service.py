@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import functools
 import logging
 import secrets
 import time
@@ -97,7 +98,8 @@ class BounceService:
             consume(bounce_binding(), self.handle, 32),
             # Also with dsn_window = 0: windows opened before the setting changed still end.
             consume(bounce_flush_binding(), self.flush, 16),
-            consume(inbound_binding(), self._inbound.handle, 8),
+            # `stop` ends a report's wait for NATS: nak'ed, it comes back to a replica that runs.
+            consume(inbound_binding(), functools.partial(self._inbound.handle, stop=stop), 8),
             self._webhooks.run(stop),
         )
 

@@ -57,7 +57,8 @@ class Retry(Exception):
 
 
 class Poison(Exception):
-    """An input that can never be processed (undecodable). It is terminated, and logged loudly."""
+    """An input that can never be processed (undecodable; an inbound report given up after its
+    deliveries went wrong). It is terminated, and logged loudly."""
 
 
 # How long an input written by a later release waits for a replica that reads it.
@@ -430,7 +431,7 @@ async def consume(
             await _settle(msg.nak(delay=exc.delay))
         except Poison as exc:
             result = "poison"
-            log.error("terminating undecodable message on %s: %s", binding.subject, exc)
+            log.error("terminating a message on %s that can never be processed: %s", binding.subject, exc)
             working.pop(id(msg), None)
             await _settle(msg.term())
         except Exception:

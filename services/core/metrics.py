@@ -4,7 +4,8 @@
   bounced, expired, suppressed, complained), labelled with the same nouns as span attributes;
 - handler results and durations come from `services.core.bus.consume`; delivery attempts
   (`relais_attempt_duration_seconds{pool}`) from delivery, which knows a run that made one;
-- publishes and broker failures come from `Bus.publish`;
+- publishes and broker failures come from `Bus.publish`; inbound reports given up from
+  `services.bounce.inbound`;
 - queue depth and consumer lag are read from JetStream when /metrics is scraped
   (`refresh_queue_gauges`), for the consumers the scraped service pulls from
   (`services.core.runtime.lag_bindings`: the bounce service's webhook consumers too).
@@ -93,6 +94,14 @@ PROCESSED = Counter(
     "relais_processed",
     "Messages handled by a consumer, by result (ack, retry, poison, error)",
     ["consumer", "result"],
+    registry=REGISTRY,
+)
+INBOUND_GIVEN_UP = Counter(
+    "relais_inbound_given_up",
+    "Inbound reports (mail to our own domains) given up (terminated) once "
+    "services.bounce.inbound.MAX_DELIVERIES deliveries of each went wrong, by how the last ended: "
+    "error (the handler raised) or lost (its replica died or stopped while reading it)",
+    ["reason"],
     registry=REGISTRY,
 )
 HANDLER_DURATION = Histogram(
