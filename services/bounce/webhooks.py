@@ -13,6 +13,14 @@ which senders already parse). Signature (Stripe-style, replay-protected by the t
 
     X-Relais-Timestamp: <unix seconds>
     X-Relais-Signature: v1=<hex HMAC-SHA256(webhook_secret, "<timestamp>." + body)>
+    X-Relais-Signatures: v1=<hex under webhook_secret>[, v1=<hex under the previous secret>]
+
+X-Relais-Signature is as it always was, one signature under the current secret, so a receiver
+that compares the whole field with what it computed keeps working. X-Relais-Signatures is the
+one to verify for a secret rotation without failed batches: during the rotation's overlap
+(`relais account webhook --new-secret --overlap 24h`) it carries a signature under the previous
+secret too, and a receiver accepts a POST when any entry matches the one it computes, whichever
+of the two secrets it holds at that moment.
 """
 
 from __future__ import annotations
@@ -49,12 +57,23 @@ log = logging.getLogger(__name__)
 
 TIMESTAMP_HEADER = "X-Relais-Timestamp"
 SIGNATURE_HEADER = "X-Relais-Signature"
+SIGNATURES_HEADER = "X-Relais-Signatures"
 USER_AGENT = "Relais-Webhooks/1"
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"v1={mac}"
+
+
+def signature_headers(account: AccountConfig, timestamp: int, body: bytes, now: float) -> dict[str, str]:
+    """The signature fields of a POST at `now`: the previous secret signs in X-Relais-Signatures
+    too until its overlap ends (read from the account record, so every replica signs alike)."""
+    current = sign(account.webhook_secret, timestamp, body)
+    signatures = [current]
+    if account.webhook_previous_secret and now < account.webhook_previous_secret_until:
+        signatures.append(sign(account.webhook_previous_secret, timestamp, body))
+    return {SIGNATURE_HEADER: current, SIGNATURES_HEADER: ", ".join(signatures)}
 
 
 def verify_signature(
@@ -66,15 +85,18 @@ def verify_signature(
     now: float | None = None,
     tolerance: float = 300,
 ) -> bool:
-    """What a receiver does: recompute, compare in constant time, refuse stale timestamps."""
+    """What a receiver does: recompute, compare in constant time, refuse stale timestamps.
+    `signature` is either field: X-Relais-Signature, or X-Relais-Signatures, whose entries are
+    comma-separated and any one of which may match."""
     try:
         ts = int(timestamp)
     except ValueError:
         return False
     if abs((time.time() if now is None else now) - ts) > tolerance:
         return False
+    expected = sign(secret, ts, body).encode()
     # As bytes: compare_digest refuses a str with non-ASCII characters (TypeError, not False).
-    return hmac.compare_digest(sign(secret, ts, body).encode(), signature.strip().encode())
+    return any(hmac.compare_digest(expected, entry.strip().encode()) for entry in signature.split(","))
 
 
 def entries(event: Event, event_id: str) -> list[dict[str, Any]]:
@@ -253,9 +275,16 @@ class WebhookDispatcher:
         for name, account in merged.items():
             if not account.webhook_url:
                 continue
-            problem = webhook_problem(account.webhook_url, account.webhook_secret)
+            problem = webhook_problem(
+                account.webhook_url,
+                account.webhook_secret,
+                previous_secret=account.webhook_previous_secret,
+                previous_until=account.webhook_previous_secret_until,
+            )
             if problem:
-                # Only a record written around `relais account`, which checks the same rules.
+                # Only a record written around `relais account`, which checks the same rules, or
+                # before it checked as much (a port out of range): not posted, rather than failing
+                # every POST for as long as the events stream keeps the events.
                 log.error("account %s: %s; its events are not posted", name, problem)
                 continue
             out[name] = account
@@ -402,12 +431,13 @@ class WebhookDispatcher:
         if not body_items:
             return 0.0
         body = json.dumps(body_items, separators=(",", ":")).encode()
-        ts = int(time.time())
+        now = time.time()
+        ts = int(now)
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
             TIMESTAMP_HEADER: str(ts),
-            SIGNATURE_HEADER: sign(acct.webhook_secret, ts, body),
+            **signature_headers(acct, ts, body, now),
         }
         started = time.monotonic()
         keepalive = asyncio.create_task(_keep_in_progress(msgs, self._config.nats.ack_wait))

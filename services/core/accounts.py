@@ -77,4 +77,13 @@ def decode_account(data: bytes, *, check_password_hash: bool = True) -> AccountC
         raise AccountRecordError("password_hash is not a string")
     if check_password_hash and not account.password_hash.startswith("scrypt$"):
         raise AccountRecordError("password_hash is not an scrypt hash")
+    webhook = (account.webhook_url, account.webhook_secret, account.webhook_previous_secret)
+    until = account.webhook_previous_secret_until
+    if (
+        not all(isinstance(v, str) for v in webhook)
+        or isinstance(until, bool)
+        or not isinstance(until, int | float)
+    ):
+        # Checked and signed with by every bounce replica: a wrong type there would raise in its watch.
+        raise AccountRecordError("a webhook field has the wrong type")
     return account

@@ -19,6 +19,7 @@ import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ ENV_CONFIG_PATH = "RELAIS_CONFIG"
 # RELAIS_<SECTION>__<KEY>_FILE=<path>: the setting's value is the content of that file.
 ENV_FILE_SUFFIX = "_FILE"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# A label of a webhook's host name. '_' too: resolvers look such names up (service records,
+# some internal hosts), and webhooks were posted to them before this check.
+_HOST_LABEL = re.compile(r"^[a-z0-9_-]{1,63}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -88,17 +92,63 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
-def webhook_problem(url: str, secret: str) -> str:
+def webhook_problem(url: str, secret: str, *, previous_secret: str = "", previous_until: float = 0.0) -> str:
     """What is wrong with an account's webhook settings, as "<field>: <why>"; "" if nothing.
-    The config file and `relais account webhook` check the same rules."""
-    if url and (not url.startswith(("http://", "https://")) or any(c.isspace() or c < " " for c in url)):
-        return "webhook_url: expected an http:// or https:// URL"
+    The config file and `relais account` check the same rules: a URL that could never be posted
+    to must be refused where it is set, not retried for as long as the events stream keeps the
+    account's events."""
+    if url:
+        problem = _webhook_url_problem(url)
+        if problem:
+            return f"webhook_url: {problem}"
+        if len(secret) < 16:
+            return "webhook_secret: at least 16 characters with a webhook_url"
+    if previous_secret or previous_until:
+        # A secret rotation's overlap (`relais account webhook --overlap`): it signs too until then.
+        if not url:
+            return "webhook_previous_secret: only with a webhook_url"
+        if len(previous_secret) < 16:
+            return "webhook_previous_secret: at least 16 characters, with webhook_previous_secret_until"
+        if previous_until <= 0:
+            return "webhook_previous_secret_until: the unix time the previous secret stops signing"
+    return ""
+
+
+def _webhook_url_problem(url: str) -> str:
+    if not url.startswith(("http://", "https://")) or any(c.isspace() or c < " " for c in url):
+        return "expected an http:// or https:// URL"
     if not url.isascii():
         # It goes on the request line and in Host as written: it could never be sent.
-        return "webhook_url: ASCII only (percent-encode the path, use the A-label host)"
-    if url and len(secret) < 16:
-        return "webhook_secret: at least 16 characters with a webhook_url"
+        return "ASCII only (percent-encode the path, use the A-label host)"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # a bracketed host that is not an IPv6 address
+        return f"no valid host: {exc}"
+    try:
+        port = parts.port
+    except ValueError:  # out of range, or not a number
+        port = 0
+    if port == 0:
+        # Not even 0: the POST would take it for "no port" and go to 80 or 443 instead.
+        given = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+        return f"port {given!r} is not a number from 1 to 65535"
+    host = parts.hostname or ""
+    if not host:
+        return "no host to post to"
+    if not _host_name_or_address(host):
+        return f"host {host!r} is neither a domain name nor an IP address"
     return ""
+
+
+def _host_name_or_address(host: str) -> bool:
+    """Whether `host` (as urlsplit gives it: lowercase, no brackets) can be connected to: an
+    IP address, or a name a resolver can look up (no empty or over-long label)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        name = host.removesuffix(".")
+        return len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
+    return True
 
 
 def valid_name(name: str) -> bool:
@@ -349,7 +399,12 @@ def validate(config: Config) -> None:
                 raise ConfigError(f"accounts.{name}.pools: unknown pool {pool!r}")
         if not account.password_hash.startswith("scrypt$"):
             raise ConfigError(f"accounts.{name}.password_hash: expected an scrypt hash (relais account hash)")
-        problem = webhook_problem(account.webhook_url, account.webhook_secret)
+        problem = webhook_problem(
+            account.webhook_url,
+            account.webhook_secret,
+            previous_secret=account.webhook_previous_secret,
+            previous_until=account.webhook_previous_secret_until,
+        )
         if problem:
             raise ConfigError(f"accounts.{name}.{problem}")
     _validate_bounce(config.bounce)

@@ -315,6 +315,11 @@ class AccountConfig:
     # Like every field here, it seeds the account's record in KV; `relais account webhook` changes it.
     webhook_url: str = ""
     webhook_secret: str = ""
+    # A secret rotation's overlap, kept in the record by `relais account webhook --overlap`: the
+    # secret before webhook_secret signs each POST too until this unix time, so the receiver
+    # may switch to the new one at any moment before then.
+    webhook_previous_secret: str = ""
+    webhook_previous_secret_until: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

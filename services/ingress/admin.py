@@ -9,6 +9,7 @@ import dataclasses
 import getpass
 import secrets
 import sys
+import time
 import urllib.parse
 
 from nats.js import JetStreamContext
@@ -16,7 +17,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from services.core.accounts import hash_password
 from services.core.bus import connect
-from services.core.config import AccountConfig, Config, webhook_problem
+from services.core.config import AccountConfig, Config, parse_duration, webhook_problem
 from services.core.topology import (
     ACCOUNTS_BUCKET,
     EVENTS_STREAM,
@@ -65,6 +66,12 @@ def add_arguments(sub: argparse._SubParsersAction, func: object) -> None:  # typ
     secret = p.add_mutually_exclusive_group()
     secret.add_argument("--secret", help="HMAC signing secret, at least 16 characters")
     secret.add_argument("--new-secret", action="store_true", help="generate a new secret (printed once)")
+    p.add_argument(
+        "--overlap",
+        metavar="DURATION",
+        help="with --secret or --new-secret: the current secret signs too for this long (e.g. 24h), "
+        "so the receiver can switch at any moment within it (default: it stops at once)",
+    )
     common(p)
     p = sub.add_parser("list", help="list accounts")
     common(p)
@@ -207,38 +214,74 @@ async def _webhook(js: JetStreamContext, config: Config, args: argparse.Namespac
     """Set, re-point, re-key or remove an account's webhook. Re-pointing keeps the secret (and
     the consumer, so no event is skipped); removing deletes the consumer with the events it
     had not posted yet, as deleting a webhook at Postmark or SendGrid does."""
+    overlap = 0.0
+    if args.overlap is not None:
+        if not (args.secret or args.new_secret):
+            return _refuse("--overlap needs --secret or --new-secret")
+        try:
+            overlap = parse_duration(args.overlap)
+        except ValueError as exc:
+            return _refuse(f"--overlap: {exc}")
     current = await get_account(js, args.name)
     if current is None:
         return _no_account(args.name)
     if args.clear:
         if args.secret or args.new_secret:
             return _refuse("--clear takes no secret")
-        await update_account(
-            js, args.name, lambda account: dataclasses.replace(account, webhook_url="", webhook_secret="")
-        )
+        await update_account(js, args.name, lambda account: _with_webhook(account, "", ""))
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(EVENTS_STREAM, webhooks_binding(args.name).durable)
         print(f"{args.name}: webhook removed")
         return 0
     if not (args.url or args.secret or args.new_secret):
         shown = shown_url(current.webhook_url) if current.webhook_url else "none"
-        print(f"{args.name}: webhook {shown}")
+        print(f"{args.name}: webhook {shown}{_overlap_note(current)}")
         return 0
     url = args.url or current.webhook_url
     if not url:
         return _refuse(f"account {args.name} has no webhook: give --url")
+    if overlap and not current.webhook_secret:
+        return _refuse(f"--overlap: account {args.name} has no secret to keep signing with")
     generated = args.new_secret or not (args.secret or current.webhook_secret)
     secret = new_webhook_secret() if generated else args.secret or current.webhook_secret
     problem = webhook_problem(url, secret)
     if problem:
         return _refuse(problem)
+    until = time.time() + overlap if overlap else 0.0
     await ensure_webhooks_consumers(js, config, reconcile=False, accounts=[args.name])
     changed = await update_account(
-        js, args.name, lambda account: dataclasses.replace(account, webhook_url=url, webhook_secret=secret)
+        js, args.name, lambda account: _with_webhook(account, url, secret, overlap_until=until)
     )
     if changed is None:
         return _no_account(args.name)
-    print(f"{args.name}: webhook {shown_url(url)}")
+    print(f"{args.name}: webhook {shown_url(url)}{_overlap_note(changed)}")
     if generated:
         print(f"webhook secret: {secret}")
     return 0
+
+
+def _with_webhook(
+    account: AccountConfig, url: str, secret: str, *, overlap_until: float = 0.0
+) -> AccountConfig:
+    """The record with this webhook (url "": none). A secret that changes ends any overlap at
+    once (a leaked one must stop signing when it is replaced), unless `overlap_until` keeps the
+    one it replaces signing until then (one overlap at a time: the secret before that stops).
+    From the record as read for the compare-and-set: the secret kept is the one stored then."""
+    if url and secret == account.webhook_secret:
+        return dataclasses.replace(account, webhook_url=url)  # re-pointed: an overlap goes on
+    keep = bool(overlap_until and url and account.webhook_secret)
+    return dataclasses.replace(
+        account,
+        webhook_url=url,
+        webhook_secret=secret,
+        webhook_previous_secret=account.webhook_secret if keep else "",
+        webhook_previous_secret_until=overlap_until if keep else 0.0,
+    )
+
+
+def _overlap_note(account: AccountConfig) -> str:
+    until = account.webhook_previous_secret_until
+    if not account.webhook_previous_secret or until <= time.time():
+        return ""
+    shown = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    return f" (the previous secret signs too until {shown})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,83 @@ def test_every_advertised_env_name_is_accepted() -> None:
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text), env={})
+
+
+def _account_with(tmp_path: Path, **fields: object) -> Path:
+    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in fields.items())
+    return _write(tmp_path, f'[accounts.acme]\npassword_hash = "{HASH}"\n{lines}')
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        # Each of these loaded, then failed every POST at run time, for as long as the events
+        # stream kept the account's events.
+        ("https://hooks.example.test:99999/x", "port '99999' is not a number from 1 to 65535"),
+        ("https://hooks.example.test:0/x", "port '0' is not"),  # would have gone to 443
+        ("https://hooks.example.test:https/x", "port 'https' is not"),
+        ("https://hooks.example.test:8080:1/x", "port '8080:1' is not"),
+        ("https:///relais", "no host to post to"),
+        ("https://:8443/relais", "no host to post to"),
+        ("https://relais:pw@/relais", "no host to post to"),
+        ("http://[hooks.example.test]/x", "no valid host"),
+        ("http://[::1/x", "no valid host"),
+        ("https://hooks..example.test/x", "host 'hooks..example.test' is neither"),
+        (f"https://{'h' * 64}.example.test/x", f"host '{'h' * 64}.example.test' is neither a domain"),
+        ("https://hooks%2eexample.test/x", "host 'hooks%2eexample.test' is neither a domain name"),
+        ("ftp://hooks.example.test/x", "expected an http:// or https:// URL"),
+    ],
+)
+def test_a_webhook_url_that_could_never_be_posted_to_is_refused(tmp_path: Path, url: str, why: str) -> None:
+    path = _account_with(tmp_path, webhook_url=url, webhook_secret="0123456789abcdef")
+    with pytest.raises(ConfigError, match=f"^accounts\\.acme\\.webhook_url: {re.escape(why)}"):
+        load_config(path, env={})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example.test/relais",
+        "http://127.0.0.1:8080/hooks/relais?account=acme#top",
+        "https://relais:s3cr%3At%40@hooks.example.test:8443/hook",  # basic auth, as Postmark does
+        "http://[::1]:8080/hook",
+        "https://hooks.example.test.:443/",
+        "https://hooks.example.test:/relais",  # an empty port is the scheme's (RFC 3986)
+        "http://hooks_internal.example.test/relais",
+        "https://HOOKS.Example.test/relais",
+    ],
+)
+def test_webhook_urls_that_can_be_posted_to_stay_valid(tmp_path: Path, url: str) -> None:
+    config = load_config(_account_with(tmp_path, webhook_url=url, webhook_secret="0123456789abcdef"), env={})
+    assert config.accounts["acme"].webhook_url == url
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"webhook_previous_secret": "fedcba9876543210"}, "webhook_previous_secret: only with a webhook_url"),
+        (
+            {
+                "webhook_url": "https://hooks.example.test/",
+                "webhook_secret": "0123456789abcdef",
+                "webhook_previous_secret": "short",
+                "webhook_previous_secret_until": 2_000_000_000,
+            },
+            "webhook_previous_secret: at least 16 characters",
+        ),
+        (
+            {
+                "webhook_url": "https://hooks.example.test/",
+                "webhook_secret": "0123456789abcdef",
+                "webhook_previous_secret": "fedcba9876543210",
+            },
+            "webhook_previous_secret_until: the unix time",
+        ),
+    ],
+)
+def test_a_rotation_overlap_in_the_file_is_checked(tmp_path: Path, fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^accounts\\.acme\\.{re.escape(message)}"):
+        load_config(_account_with(tmp_path, **fields), env={})
 
 
 def test_the_events_stream_is_bounded_in_bytes_unless_told_otherwise(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import json
 import smtplib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 import nats
 import pytest
 
-from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
-from services.core.bus import Bus, inbox_prefix
-from services.core.config import AccountConfig, ListenerConfig
+from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookDispatcher, verify_signature
+from services.core.bus import Bus, connect, inbox_prefix
+from services.core.config import AccountConfig, Config, ListenerConfig
 from services.core.embedded import free_port
 from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.suppression import Suppression, SuppressionList
@@ -217,3 +217,17 @@ async def wait_accepted(receiver: Receiver, count: int, timeout: float = 30.0) -
                 return
         await asyncio.sleep(0.1)
     raise TimeoutError(f"receiver accepted {len(receiver.accepted)} of {count} entries")
+
+
+@contextlib.asynccontextmanager
+async def replica(config: Config, name: str) -> AsyncIterator[None]:
+    """A bounce replica's webhook posting alone, with a connection of its own, for the block."""
+    bus: Bus = await connect(config.nats, name)
+    stop = asyncio.Event()
+    running = asyncio.create_task(WebhookDispatcher(config, bus).run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await running
+        await bus.close()

@@ -235,3 +235,24 @@ async def test_webhook_settings_are_checked_and_a_url_password_is_not_listed(
         assert shown.returncode == 0, shown.stderr
         assert "https://relais:***@hooks.example/relais" in shown.stdout
         assert "hunter2" not in shown.stdout
+
+
+async def test_a_webhook_url_that_could_never_be_posted_to_is_refused_where_it_is_set(
+    seeded: Config, tmp_path: Path
+) -> None:
+    """It was stored, and then every POST failed at run time, retried for as long as the events
+    stream kept the account's events; the command refuses it with a usage error instead."""
+    for url, why in [
+        ("https://hooks.example.test:99999/x", "webhook_url: port '99999' is not a number from 1 to 65535"),
+        ("https://:8443/relais", "webhook_url: no host to post to"),
+    ]:
+        refused = await account_cli(seeded, tmp_path, "webhook", ACCOUNT, "--url", url)
+        assert refused.returncode == 2, (url, refused.stdout, refused.stderr)
+        assert why in refused.stderr
+        assert await stored_webhook(seeded) == ("", "")
+        added = await account_cli(
+            seeded, tmp_path, "add", "newco", "--password", "newco-password", "--webhook-url", url
+        )
+        assert added.returncode == 2, (url, added.stdout, added.stderr)
+        assert why in added.stderr
+        assert "newco" not in (await account_cli(seeded, tmp_path, "list")).stdout

@@ -6,22 +6,21 @@ receiver on loopback."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookDispatcher, verify_signature
-from services.core.bus import Bus, connect
+from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from services.core.bus import Bus
 from services.core.config import AccountConfig, BounceConfig, Config, NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.events import event_for, publish_event
 from services.core.topology import ensure_topology
-from tests.integration.bounce.conftest import http_receiver
+from tests.integration.bounce.conftest import http_receiver, replica
 from tests.support.relais import an_envelope
 
 SECRETS = {"acme": "whsec-acme-0123456789", "globex": "whsec-globex-0123456789"}
@@ -69,19 +68,6 @@ def receivers() -> Iterator[Receivers]:
     with http_receiver(Handler) as base:
         state.url = f"{base}/hook"
         yield state
-
-
-@contextlib.asynccontextmanager
-async def replica(config: Config, name: str) -> AsyncIterator[None]:
-    bus: Bus = await connect(config.nats, name)
-    stop = asyncio.Event()
-    running = asyncio.create_task(WebhookDispatcher(config, bus).run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await running
-        await bus.close()
 
 
 async def test_two_replicas_and_a_restart_post_every_event_once_with_its_own_secret(
