@@ -44,8 +44,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import nats.errors
@@ -363,24 +363,53 @@ async def _bounced_events_out(bus: Bus, env: Envelope, since: float) -> bool:
         await sub.unsubscribe()
 
 
-async def deferred_by_site(bus: Bus, limit: int = 100_000) -> tuple[dict[str, int], bool]:
-    """Deferred recipients per site (for `relais status`); True when the scan hit the limit."""
-    return await _recipients_by_site((job.envelope async for job in scheduled_jobs(bus, limit + 1)), limit)
+@dataclass
+class BySite:
+    """Recipients per site from one scan (for `relais status`); `held`: those of jobs a pause
+    holds, counted there instead; `truncated`: the scan hit its limit."""
+
+    sites: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+    truncated: bool = False
 
 
-async def queued_by_site(bus: Bus, limit: int = 100_000) -> tuple[dict[str, int], bool]:
-    """Recipients queued for delivery now, per site: where a backlog is (Postfix's qshape)."""
-    return await _recipients_by_site(queued_jobs(bus, limit + 1), limit)
+# (pool, site) -> whether a pause holds such a job now (`services.core.pause.holding`).
+Holds = Callable[[str, str], bool]
 
 
-async def _recipients_by_site(jobs: AsyncIterator[Envelope], limit: int) -> tuple[dict[str, int], bool]:
-    counts: dict[str, int] = {}
+def _nothing_paused(pool: str, site: str) -> bool:
+    return False
+
+
+async def deferred_by_site(bus: Bus, limit: int = 100_000, holds: Holds = _nothing_paused) -> BySite:
+    """Deferred recipients per site. A job a worker postponed (a schedule in the delivery stream,
+    back to its pool's queue) is held when a pause holds it: it waits for the resume, not for a
+    retry. A deferred job's retry (in the route stream) waits for its time whatever is paused."""
+    jobs = (
+        (job.envelope, job.stream == DELIVER_STREAM and holds(job.envelope.pool, job.envelope.site))
+        async for job in scheduled_jobs(bus, limit + 1)
+    )
+    return await _recipients_by_site(jobs, limit)
+
+
+async def queued_by_site(bus: Bus, limit: int = 100_000, holds: Holds = _nothing_paused) -> BySite:
+    """Recipients queued for delivery now, per site: where a backlog is (Postfix's qshape); those
+    of a paused pool or site apart, as held."""
+    return await _recipients_by_site(
+        ((env, holds(env.pool, env.site)) async for env in queued_jobs(bus, limit + 1)), limit
+    )
+
+
+async def _recipients_by_site(jobs: AsyncIterator[tuple[Envelope, bool]], limit: int) -> BySite:
+    counts = BySite()
     seen = 0
-    async for env in jobs:
+    async for env, held in jobs:
         seen += 1
         if seen > limit:
-            return counts, True
+            counts.truncated = True
+            return counts
         # Jobs deferred before MX resolution have no site yet: their domain stands in.
         site = env.site or env.domain or "?"
-        counts[site] = counts.get(site, 0) + len(env.recipients)
-    return counts, False
+        into = counts.held if held else counts.sites
+        into[site] = into.get(site, 0) + len(env.recipients)
+    return counts

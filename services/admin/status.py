@@ -1,5 +1,10 @@
-"""`relais status`: streams, consumers (lag per pool), outcome rates, queued and deferred mail per
-site, pauses.
+"""`relais status`: streams, consumers (lag per pool), outcome rates, queued, deferred and held
+mail per site, pauses.
+
+Held is the mail of a paused pool or site, waiting in the pool's queue or postponed by a worker:
+delivery re-schedules it as it schedules a deferred job's retry, and an operator must not read it
+as a site deferring mail. Deferred is what a remote MX (or DNS) deferred: its retry waits for its
+time whatever is paused.
 
 Everything is read from NATS, so it works against any cluster. Rates are measured, not stored:
 the events that arrive during `interval` seconds are counted by kind. (Differences of the events
@@ -17,7 +22,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.admin.queue import deferred_by_site, queued_by_site
 from services.core.bus import Bus
-from services.core.pause import Pause, PauseState
+from services.core.pause import Pause, PauseState, holding
 from services.core.topology import (
     EVENT_KINDS,
     EVENTS_STREAM,
@@ -58,6 +63,8 @@ class Status:
     queued_truncated: bool = False
     deferred_sites: dict[str, int] = field(default_factory=dict)
     deferred_truncated: bool = False
+    held_sites: dict[str, int] = field(default_factory=dict)
+    held_truncated: bool = False
     paused: list[Pause] = field(default_factory=list)
 
 
@@ -121,10 +128,18 @@ async def collect_status(bus: Bus, *, interval: float = 1.0, scan_sites: bool = 
                     c.num_waiting or 0,
                 )
             )
-    if scan_sites:
-        status.queued_sites, status.queued_truncated = await queued_by_site(bus)
-        status.deferred_sites, status.deferred_truncated = await deferred_by_site(bus)
     status.paused = await PauseState(bus.js).paused()
+    if scan_sites:
+        holds = holding(status.paused)
+        queued = await queued_by_site(bus, holds=holds)
+        deferred = await deferred_by_site(bus, holds=holds)
+        status.queued_sites, status.queued_truncated = queued.sites, queued.truncated
+        status.deferred_sites, status.deferred_truncated = deferred.sites, deferred.truncated
+        status.held_sites = {
+            site: queued.held.get(site, 0) + deferred.held.get(site, 0)
+            for site in queued.held.keys() | deferred.held.keys()
+        }
+        status.held_truncated = queued.truncated or deferred.truncated
     return status
 
 
@@ -150,6 +165,9 @@ def render_status(status: Status) -> str:
     out += _by_site("QUEUED", status.queued_sites, status.queued_truncated, waiting)
     out.append("")
     out += _by_site("DEFERRED", status.deferred_sites, status.deferred_truncated)
+    out.append("")
+    held = " (their pool or site is paused)"
+    out += _by_site("HELD", status.held_sites, status.held_truncated, held)
     out.append("")
     if status.paused:
         out.append("PAUSED")

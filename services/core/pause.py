@@ -10,29 +10,45 @@ Names are pool names, source IPs or site names (MX hosts, in A-labels as the rou
 ':' of IPv6 addresses, which KV keys cannot hold, is written as '_', so every key is a valid KV
 key and maps back to one name.
 
+A pool must be one of the cluster (it has a delivery consumer), a source an IP address: a pause
+under another name would hold nothing, yet be listed by `relais status` as if it held the mail.
+Resuming one stays allowed, so that such a record can be cleared. Sites are not checked: the
+router names them from DNS as mail comes, and a site with no mail yet may be paused ahead of it.
+
 A pause carries no TTL: it stays until resumed. A resume purges its key with a marker that
 expires in turn (`purge_marker`), so a resumed pause leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
 import math
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import Header, RawStreamMsg
-from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
 from services.core.addresses import domain_key, ip_key
 from services.core.bus import WRONG_LAST_SEQUENCE, is_kv_delete, leader_last
 from services.core.kv_watch import stored
-from services.core.topology import DELIVERY_CONTROL_BUCKET, DELIVERY_CONTROL_MARKER_TTL, kv_stream, kv_subject
+from services.core.topology import (
+    DELIVER_STREAM,
+    DELIVERY_CONTROL_BUCKET,
+    DELIVERY_CONTROL_MARKER_TTL,
+    SubjectError,
+    delivery_consumer,
+    delivery_pools,
+    kv_stream,
+    kv_subject,
+)
 
 PAUSE_KINDS = ("pool", "source", "site")
 _KEY_PREFIX = "pause"
@@ -43,6 +59,10 @@ log = logging.getLogger(__name__)
 
 class PauseError(ValueError):
     """Not a pausable thing (unknown kind, or a name that cannot be a key)."""
+
+
+class UnknownPool(PauseError):
+    """A pool the cluster does not have: no job is of it, so its pause would hold nothing."""
 
 
 class PausedAgain(PauseError):
@@ -166,9 +186,23 @@ class PauseState:
             # pauses up by address: this one would hold nothing, and be listed as if it did.
             # Only setting one is refused: a pause stored under such a name can still be resumed.
             raise PauseError(f"{name.strip()!r} is no IP address: a source is paused by its address")
+        if kind == "pool":
+            await self._check_pool(pause_name(kind, name))
         entry = Pause(kind, pause_name(kind, name), reason, time.time(), by)
         await (await self._bucket()).put(key, json.dumps(asdict(entry)).encode())
         return entry
+
+    async def _check_pool(self, name: str) -> None:
+        """Raise UnknownPool unless the cluster has the pool (`name` as its pause key spells it,
+        in lower case, as delivery looks pauses up): a typo in an incident paused nothing."""
+        try:
+            await self._js.consumer_info(DELIVER_STREAM, delivery_consumer(name))
+            return
+        except (NotFoundError, SubjectError):
+            pass  # or its consumer is spelled in another case: look at them all
+        pools = await delivery_pools(self._js)
+        if name not in {pause_name("pool", pool) for pool in pools}:
+            raise UnknownPool(f"no pool {name!r} in this cluster; its pools: {', '.join(pools) or 'none'}")
 
     async def resume(self, kind: str, name: str) -> bool:
         """Clear a pause; False when it was not paused. Raises PausedAgain when someone paused it
@@ -218,3 +252,28 @@ class PauseState:
             return []
         found = [decode_pause(entry.key, entry.value) for entry in entries]
         return sorted(found, key=lambda p: (p.kind, p.name))
+
+
+def holding(paused: Iterable[Pause]) -> Callable[[str, str], bool]:
+    """Whether these pauses hold a job of `pool` for `site` (as the router named it): what a
+    delivery worker checks before each attempt, postponing the job while either is paused.
+    A source's pause holds no job by itself (the pool's other sources send it), and a site
+    that only delivery's shaping rules name is not known here."""
+    keys: set[str] = set()
+    for p in paused:
+        try:
+            keys.add(pause_key(p.kind, p.name))
+        except PauseError:
+            continue  # a kind a newer release added: not what this release's workers check
+
+    @functools.cache
+    def paused_key(kind: str, name: str) -> bool:
+        try:
+            return bool(name) and pause_key(kind, name) in keys
+        except PauseError:
+            return False
+
+    def holds(pool: str, site: str) -> bool:
+        return bool(keys) and (paused_key("pool", pool) or paused_key("site", site))
+
+    return holds

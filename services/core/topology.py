@@ -279,6 +279,24 @@ def pool_of_delivery_consumer(name: str) -> str:
     return name[len("delivery-") :]
 
 
+# What one page of a JetStream consumer list holds at most (the server's JSApiListLimit).
+_CONSUMER_LIST_PAGE = 256
+
+
+async def delivery_pools(js: JetStreamContext) -> list[str]:
+    """The cluster's pools: those with a delivery consumer, whichever config file declared them
+    (`relais pause pool` runs with only `--nats-url`). Sorted; raises NotFoundError when there is
+    no delivery stream (no Relais topology)."""
+    pools: list[str] = []
+    offset = 0
+    while True:
+        page = await js.consumers_info(DELIVER_STREAM, offset=offset)
+        pools += [pool_of_delivery_consumer(c.name) for c in page if c.name.startswith("delivery-")]
+        if len(page) < _CONSUMER_LIST_PAGE:
+            return sorted(pools)
+        offset += len(page)
+
+
 @dataclass(frozen=True)
 class ConsumerBinding:
     """What a service needs to pull from one durable consumer."""

@@ -55,8 +55,10 @@ async def test_a_pause_during_a_transaction_holds_what_follows_until_resume(
     assert len(sink.messages) == 1, "nothing more goes to a paused site, requeued or not"
     rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert rc == 0 and "incident" in out, out
-    held_by_status = out.split("DEFERRED RECIPIENTS BY SITE", 1)[1].split("\n\n", 1)[0]
+    # Held by the pause, not deferred: no MX deferred them.
+    held_by_status = out.split("HELD RECIPIENTS BY SITE", 1)[1].split("\n\n", 1)[0]
     assert held_by_status.split()[-2:] == ["alpha.test", str(HELD)], out
+    assert "DEFERRED: none" in out, out
     assert not [e for e in await read_events(url) if e.kind in ("deferred", "bounced", "expired")]
 
     rc, out = await relais_cli("resume", "site", "alpha.test", nats_url=url)
@@ -72,3 +74,4 @@ async def test_a_pause_during_a_transaction_holds_what_follows_until_resume(
     }
     rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert "DEFERRED: none" in out and "QUEUED: none" in out and "PAUSED: nothing" in out, out
+    assert "HELD: none" in out, out

@@ -472,6 +472,21 @@ async def test_operator_commands_run_in_the_pod_whose_service_owns_what_they_cha
     assert shipped_nats.violations() == []
 
 
+async def test_a_mistyped_pool_is_refused_in_the_delivery_pod_naming_the_pools(
+    shipped_nats: ShippedNats, tmp_path: Path
+) -> None:
+    """`relais pause pool` refuses a pool the cluster does not have, naming those it has, which it
+    reads from the delivery stream's consumers: the delivery user may list them."""
+    config = make_config(nats_url=shipped_nats.url())
+    _apply_topology(config, shipped_nats, tmp_path)
+    ran = await asyncio.to_thread(
+        run_cli, _as_user(config, shipped_nats, "delivery"), tmp_path, "pause", "pool", "defualt"
+    )
+    assert ran.returncode == 2, (ran.stdout, ran.stderr)
+    assert ran.stderr.startswith("relais: ") and "its pools: default" in ran.stderr, ran.stderr
+    assert shipped_nats.violations() == []
+
+
 async def _refused_request(connection: Probe, request: Awaitable[object], subject: str) -> bool:
     """Whether the server refused a JetStream API request's publish. Nobody answers a refused
     request, so it is given up as soon as the refusal came rather than left to time out."""
