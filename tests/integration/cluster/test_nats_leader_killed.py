@@ -1,8 +1,11 @@
 """The NATS node that leads the work streams is SIGKILLed mid-run and restarted later.
 
 With R3 streams the two surviving nodes elect new leaders and keep every acknowledged message.
-Publishes in flight during the election may time out: the ingress answers 451 for those, and
-the audit checks that nothing it refused was delivered anyway.
+Publishes in flight during the election may time out: the ingress asks again under the same msg
+id until the new leader answers (`ingress.queue_timeout`), so a message stored before its ack
+was lost gets its 250. The audit checks that nothing the ingress refused was delivered anyway:
+with only `nats.publish_timeout` (5 s) for that, an election on a loaded CI machine outlasted
+it, and 4 of 3,000 messages were answered 451 and delivered.
 """
 
 from __future__ import annotations
