@@ -206,8 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from services.admin.commands import register as register_admin
 
-    register_admin(sub)
+    register_admin(sub, shaping_sites=_shaping_sites)
     return parser
+
+
+def _shaping_sites(config: Config) -> frozenset[str]:
+    """The site names the configured shaping rules give, for `relais pause site`. Raises ConfigError."""
+    from services.delivery.shaping import load_shaping
+
+    return load_shaping(config.delivery.shaping_file).claiming_sites()
 
 
 def _interrupted_while_starting(signum: int, _frame: FrameType | None) -> None:

@@ -13,7 +13,7 @@ import getpass
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,10 @@ def _nats_failure(config: Config, exc: BaseException) -> str:
     return f"NATS at {config.nats.url}: {exc!r}"
 
 
-def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[int]]) -> int:
-    config = config_for(args)
+def _with_bus(
+    args: argparse.Namespace, action: Callable[[Bus], Awaitable[int]], config: Config | None = None
+) -> int:
+    config = config if config is not None else config_for(args)
 
     async def main() -> int:
         try:
@@ -148,7 +150,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+# The site names delivery's shaping rules give (`relais` wires delivery's reader of them in).
+ShapingSites = Callable[[Config], Collection[str]]
+
+
+def _no_shaping_sites(config: Config) -> Collection[str]:
+    return ()
+
+
 def cmd_pause(args: argparse.Namespace) -> int:
+    config = config_for(args)
+    shaping_sites: ShapingSites = getattr(args, "shaping_sites", _no_shaping_sites)
+
     async def action(bus: Bus) -> int:
         state = PauseState(bus.js)
         # Said as stored (bücher.test as xn--bcher-kva.test), the name `relais status` lists.
@@ -156,7 +169,13 @@ def cmd_pause(args: argparse.Namespace) -> int:
         try:
             if args.command == "pause":
                 who = f"{getpass.getuser()}@{socket.gethostname()}"
-                await state.pause(args.kind, args.name, reason=args.reason or "", by=who)
+                await state.pause(
+                    args.kind,
+                    args.name,
+                    reason=args.reason or "",
+                    by=who,
+                    shaping_sites=lambda: shaping_sites(config),
+                )
                 print(f"paused {args.kind} {name}")
             elif await state.resume(args.kind, args.name):
                 print(f"resumed {args.kind} {name}")
@@ -170,7 +189,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
             return 2
         return 0
 
-    return _with_bus(args, action)
+    return _with_bus(args, action, config)
 
 
 def _no_site(args: argparse.Namespace) -> bool:
@@ -231,8 +250,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-url", help="override nats.url")
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the admin subcommands to `relais`' parser."""
+def register(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    shaping_sites: ShapingSites = _no_shaping_sites,
+) -> None:
+    """Add the admin subcommands to `relais`' parser. `shaping_sites` reads the site names of the
+    configured shaping rules, which `relais pause site` accepts though the router never gives
+    them: admin reads no other service's files itself."""
     p = sub.add_parser(
         "status", help="streams, consumer lag per pool, rates, queued and deferred mail per site, pauses"
     )
@@ -261,7 +285,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p.add_argument("name")
         if name == "pause":
             p.add_argument("--reason", default="")
-        p.set_defaults(func=cmd_pause)
+        p.set_defaults(func=cmd_pause, shaping_sites=shaping_sites)
 
     p = sub.add_parser("requeue", help="retry deferred mail for a site now ('all' for every site)")
     _common(p)

@@ -6,14 +6,17 @@ import each other's internals. Keys sit in the delivery control bucket declared 
 
     pause.<kind>.<name>     kind in pool | source | site; value: JSON {kind, name, reason, at, by}
 
-Names are pool names, source IPs or site names (MX hosts, in A-labels as the router names them);
-':' of IPv6 addresses, which KV keys cannot hold, is written as '_', so every key is a valid KV
-key and maps back to one name.
+Names are pool names, source IPs or site names, in A-labels as the router names sites: a
+`[sites]` rule's name, else the registrable part of the destination's primary MX host
+("example.co.uk" for mx1.mail.example.co.uk), never an MX host itself. ':' of IPv6 addresses,
+which KV keys cannot hold, is written as '_', so every key is a valid KV key and maps back to one
+name.
 
-A pool must be one of the cluster (it has a delivery consumer), a source an IP address: a pause
-under another name would hold nothing, yet be listed by `relais status` as if it held the mail.
-Resuming one stays allowed, so that such a record can be cleared. Sites are not checked: the
-router names them from DNS as mail comes, and a site with no mail yet may be paused ahead of it.
+A pool must be one of the cluster (it has a delivery consumer), a source an IP address, a site a
+name the router or delivery's shaping rules can give: a pause under another name would hold
+nothing, yet be listed by `relais status` as if it held the mail. Resuming one stays allowed, so
+that such a record can be cleared. Which sites exist is not checked: the router names them from
+DNS as mail comes, and a site with no mail yet may be paused ahead of it.
 
 A pause carries no TTL: it stays until resumed. A resume purges its key with a marker that
 expires in turn (`purge_marker`), so a resumed pause leaves nothing behind.
@@ -28,7 +31,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
@@ -38,7 +41,9 @@ from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT
 
 from services.core.addresses import domain_key, ip_key
 from services.core.bus import WRONG_LAST_SEQUENCE, is_kv_delete, leader_last
+from services.core.config import ConfigError
 from services.core.kv_watch import stored
+from services.core.sites import site_of_host
 from services.core.topology import (
     DELIVER_STREAM,
     DELIVERY_CONTROL_BUCKET,
@@ -63,6 +68,11 @@ class PauseError(ValueError):
 
 class UnknownPool(PauseError):
     """A pool the cluster does not have: no job is of it, so its pause would hold nothing."""
+
+
+class NotASite(PauseError):
+    """A dotted name no site has (an MX host): delivery looks pauses up by the job's site, so its
+    pause would hold nothing."""
 
 
 class PausedAgain(PauseError):
@@ -179,7 +189,18 @@ class PauseState:
             self._kv = await self._js.key_value(DELIVERY_CONTROL_BUCKET)
         return self._kv
 
-    async def pause(self, kind: str, name: str, *, reason: str = "", by: str = "") -> Pause:
+    async def pause(
+        self,
+        kind: str,
+        name: str,
+        *,
+        reason: str = "",
+        by: str = "",
+        shaping_sites: Callable[[], Collection[str]] = tuple,
+    ) -> Pause:
+        """Store a pause. `shaping_sites` gives the site names delivery's shaping rules claim
+        domains or MX hosts for (any name, dots and all), asked only for a dotted site name the
+        router would never give: the admin host may lack the shaping file it is read from."""
         key = pause_key(kind, name)
         if kind == "source" and not _is_ip(pause_name(kind, name)):
             # Sources are IP addresses (the config takes no other), and delivery looks their
@@ -188,6 +209,8 @@ class PauseState:
             raise PauseError(f"{name.strip()!r} is no IP address: a source is paused by its address")
         if kind == "pool":
             await self._check_pool(pause_name(kind, name))
+        if kind == "site":
+            _check_site(pause_name(kind, name), shaping_sites)
         entry = Pause(kind, pause_name(kind, name), reason, time.time(), by)
         await (await self._bucket()).put(key, json.dumps(asdict(entry)).encode())
         return entry
@@ -252,6 +275,25 @@ class PauseState:
             return []
         found = [decode_pause(entry.key, entry.value) for entry in entries]
         return sorted(found, key=lambda p: (p.kind, p.name))
+
+
+def _check_site(name: str, shaping_sites: Callable[[], Collection[str]]) -> None:
+    """Raise NotASite when `name` (as its pause key spells it) is an MX host rather than a site:
+    `relais pause site mx.example.test` was stored and listed, and held nothing."""
+    site = site_of_host(name)
+    if site is None:
+        return
+    try:
+        if name in {pause_name("site", s) for s in shaping_sites()}:
+            return  # a shaping rule's own site: delivery holds its jobs by that name too
+        unread = ""
+    except ConfigError as exc:
+        unread = f"; the shaping rules, which may name a site so, could not be read: {exc}"
+    raise NotASite(
+        f"{name} is no site name: mail to it is in site {site} (sites are named by the registrable"
+        f" part of the primary MX host, or by a [sites] rule; a site named by a shaping rule is"
+        f" known with --config naming its delivery.shaping_file){unread}"
+    )
 
 
 def holding(paused: Iterable[Pause]) -> Callable[[str, str], bool]:

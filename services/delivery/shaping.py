@@ -113,6 +113,12 @@ class Shaping:
                     best, longest = rule.name, len(suffix)
         return best or site or domain or mx_host
 
+    def claiming_sites(self) -> frozenset[str]:
+        """The names `site_for` may give a job besides the router's site name: those of the rules
+        that claim recipient domains or MX hosts. Delivery holds a job while either is paused,
+        and such a name may be any, an MX host's even, which the router never gives a site."""
+        return frozenset(rule.name for rule in self.sites if rule.domains or rule.mx_suffixes)
+
     def limits(self, site: str, source: str = "") -> Limits:
         """Default, then the site's rule, then the site's override for this source IP."""
         values = dict(self.default)

@@ -4,8 +4,9 @@ Delivery shapes traffic per site, so ten thousand domains hosted by one mailbox 
 one connection budget, as the provider sees them. Rules are data (`[sites.<name>] mx = [...]`):
 a pattern "*.google.com" matches any MX host under google.com, any other pattern matches one
 host exactly. A destination no rule names gets the registrable part of its primary MX host
-("mx1.mail.example.co.uk" -> "example.co.uk"), so domains sharing a provider's MX hosts roll up
-even without a rule.
+("mx1.mail.example.co.uk" -> "example.co.uk", `services.core.sites.registrable`, which the admin
+CLI shares to refuse pausing an MX host as a site), so domains sharing a provider's MX hosts
+roll up even without a rule.
 """
 
 from __future__ import annotations
@@ -14,21 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from services.core.config import SiteConfig
-from services.core.dns import ip_literal
-
-# Second-level labels under which registrations happen one level deeper (co.uk, com.au, ...).
-# A small stand-in for the Public Suffix List: good enough to name a provider, never used for
-# anything security relevant.
-_SECOND_LEVEL = frozenset({"co", "com", "net", "org", "gov", "edu", "ac", "ne", "or", "go", "gob"})
-
-
-def registrable(host: str) -> str:
-    """The provider-ish part of a host name: its last two labels, three under co.uk-like suffixes."""
-    if ip_literal(host) is not None:
-        return ip_literal(host) or host
-    labels = host.lower().rstrip(".").split(".")
-    keep = 3 if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL else 2
-    return ".".join(labels[-keep:])
+from services.core.sites import registrable
 
 
 @dataclass(frozen=True, slots=True)

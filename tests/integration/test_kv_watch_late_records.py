@@ -53,13 +53,13 @@ async def through_late_proxy(url: str, bucket: str, read: Callable[[JetStreamCon
 async def test_a_starting_delivery_worker_knows_a_stored_pause(
     topology_bus: Bus, nats_server: EmbeddedNats
 ) -> None:
-    await PauseState(topology_bus.js).pause("site", "mx.alpha.test", reason="incident")
+    await PauseState(topology_bus.js).pause("site", "alpha.test", reason="incident")
 
     async def worker_holds_the_site(js: JetStreamContext) -> bool:
         control = DeliveryControl(js)
         await control.start(asyncio.Event())
         try:
-            return control.paused("site", "mx.alpha.test")
+            return control.paused("site", "alpha.test")
         finally:
             await control.stop()
 
@@ -68,7 +68,7 @@ async def test_a_starting_delivery_worker_knows_a_stored_pause(
     async def listed(js: JetStreamContext) -> list[str]:
         return [p.name for p in await PauseState(js).paused()]
 
-    assert await through_late_proxy(nats_server.url, DELIVERY_CONTROL_BUCKET, listed) == ["mx.alpha.test"]
+    assert await through_late_proxy(nats_server.url, DELIVERY_CONTROL_BUCKET, listed) == ["alpha.test"]
 
 
 async def test_a_filtered_read_finds_its_keys_and_ends_at_once_when_none_match(
