@@ -328,6 +328,20 @@ async def wait_for_events(
     raise TimeoutError(f"expected {count} {kind!r} events, saw {len(found)}")
 
 
+async def wait_for_stored(nats_url: str, stream: str, count: int, within: float = 10.0) -> None:
+    """Until `stream` holds `count` messages (jobs routed while no delivery service runs, say);
+    returns at `within` whatever it holds, for the caller's own assertion to show."""
+    nc = await nats.connect(nats_url)
+    try:
+        deadline = time.monotonic() + within
+        while (await nc.jetstream().stream_info(stream)).state.messages != count:
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
 async def stored_bodies(nats_url: str) -> int:
     """How many large bodies the Object Store still holds (deleted ones excluded)."""
     nc = await nats.connect(nats_url)

@@ -6,11 +6,18 @@ from __future__ import annotations
 import asyncio
 import email
 
-import nats
 from flufl.bounce import all_failures
 
 from services.core.topology import DELIVER_STREAM
-from tests.support.relais import RelaisStack, asubmit, message, read_events, relais_cli, wait_for_events
+from tests.support.relais import (
+    RelaisStack,
+    asubmit,
+    message,
+    read_events,
+    relais_cli,
+    wait_for_events,
+    wait_for_stored,
+)
 
 HOUR = 3600.0
 
@@ -94,14 +101,7 @@ async def test_status_shows_the_mail_queued_for_delivery_by_site(make_stack) -> 
     for recipients in (["a@alpha.test", "b@alpha.test"], ["c@beta.test"], ["d@alpha.test"]):
         code, _ = await asubmit(stack.smtp_address, recipients=recipients, data=message())
         assert code == 250
-    client = await nats.connect(url)
-    try:
-        for _ in range(100):
-            if (await client.jetstream().stream_info(DELIVER_STREAM)).state.messages == 3:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await client.close()
+    await wait_for_stored(url, DELIVER_STREAM, 3)
     rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert rc == 0, out
     queued = out.split("QUEUED RECIPIENTS BY SITE", 1)[1].split("\n\n", 1)[0].splitlines()[1:]

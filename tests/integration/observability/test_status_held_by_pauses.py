@@ -14,7 +14,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 from services.core.topology import DELIVER_STREAM, deliver_filter, retry_filters
-from tests.support.relais import asubmit, message, relais_cli, wait_for_events
+from tests.support.relais import asubmit, message, relais_cli, wait_for_events, wait_for_stored
 from tests.support.smtp_sink import SMTPSink
 
 HOUR = 3600.0
@@ -67,14 +67,7 @@ async def test_status_counts_a_paused_pools_queue_as_held(make_stack: Callable[.
     for recipients in (["a@alpha.test"], ["b@beta.test", "c@beta.test"]):
         code, _ = await asubmit(stack.smtp_address, recipients=recipients, data=message())
         assert code == 250
-    client = await nats.connect(url)
-    try:
-        for _ in range(100):
-            if (await client.jetstream().stream_info(DELIVER_STREAM)).state.messages == 2:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await client.close()
+    await wait_for_stored(url, DELIVER_STREAM, 2)
     rc, out = await relais_cli("status", "--interval", "0", nats_url=url)
     assert rc == 0, out
     assert section(out, "QUEUED RECIPIENTS BY SITE") == [["alpha.test", "1"]], out
