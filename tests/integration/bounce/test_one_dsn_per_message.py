@@ -9,6 +9,7 @@ and the sender's own MX (where DSNs land) on 127.0.0.9."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.message
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,8 +22,14 @@ from nats.js.errors import NoKeysError
 
 from services.bounce.dsn import SUBJECT_DELAYED, SUBJECT_FAILED
 from services.bounce.hold import HoldStore
-from services.core.topology import BOUNCE_HOLD_BUCKET
-from tests.integration.bounce.conftest import suppression_entry
+from services.core.topology import (
+    BOUNCE_HOLD_BUCKET,
+    DELIVER_STREAM,
+    SUBMIT_CONSUMER,
+    SUBMIT_STREAM,
+    delivery_consumer,
+)
+from tests.integration.bounce.conftest import suppression_entry, wait_consumed
 from tests.support.relais import ACCOUNT, RelaisStack, asubmit, message, read_events, wait_for_events
 from tests.support.smtp_sink import ReceivedMessage
 
@@ -186,8 +193,10 @@ async def test_a_notice_that_dies_before_joining_its_window_is_reported_on_redel
 async def test_a_flush_that_dies_after_sending_its_dsn_does_not_send_it_twice(
     stack: RelaisStack, make_sink, sender_mx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mark_sent = HoldStore.mark_sent
+    mark_sent, join, close = HoldStore.mark_sent, HoldStore.join, HoldStore.close
     failures = []
+    joined: set[str] = set()
+    both_joined = asyncio.Event()
 
     async def dies_once(self: HoldStore, *args: Any, **kwargs: Any) -> Any:
         if not failures:
@@ -195,18 +204,42 @@ async def test_a_flush_that_dies_after_sending_its_dsn_does_not_send_it_twice(
             raise RuntimeError("replica killed after publishing the DSN, before recording it")
         return await mark_sent(self, *args, **kwargs)
 
+    async def counts_joins(self: HoldStore, message_id: str, notice: str, *args: Any, **kwargs: Any) -> Any:
+        result = await join(self, message_id, notice, *args, **kwargs)
+        joined.add(notice)
+        if len(joined) == len(TWO):
+            both_joined.set()
+        return result
+
+    async def closes_once_both_joined(self: HoldStore, *args: Any, **kwargs: Any) -> Any:
+        # The window lasts 1-2 s; on a loaded machine one domain job's notice can come later and
+        # rightly get a DSN of its own (test_a_failure_after_the_window_closed_...). This test is
+        # about the flush, so the window stays open until both joined; should one never join, the
+        # flush goes on after 20 s and the DSN's recipients below say so.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(20):
+                await both_joined.wait()
+        return await close(self, *args, **kwargs)
+
     monkeypatch.setattr(HoldStore, "mark_sent", dies_once)
+    monkeypatch.setattr(HoldStore, "join", counts_joins)
+    monkeypatch.setattr(HoldStore, "close", closes_once_both_joined)
     for host in ("127.0.0.2", "127.0.0.3"):
         make_sink(host).rcpt_default = REJECT
     assert (await asubmit(stack.smtp_address, recipients=TWO, data=message()))[0] == 250
 
     (dsn,) = await sender_mx.async_wait_for(1)
     assert set(reported(dsn)) == {"ann@alpha.test", "bob@beta.test"}
+    url = stack.config.nats.url
     for _ in range(40):  # the redelivered flush (after the nak's 5 s) finishes the window
-        if not await held_keys(stack.config.nats.url):
+        if not await held_keys(url):
             break
         await asyncio.sleep(0.5)
     assert failures
-    assert await held_keys(stack.config.nats.url) == []
-    await asyncio.sleep(1.0)
+    assert await held_keys(url) == []
+    # The redone flush published its DSN before it finished the window. Had that publish not been
+    # de-duplicated, the DSN would be in the pipeline now: once the router and delivery have
+    # nothing left, the sender's MX has every DSN it will ever get.
+    await wait_consumed(url, SUBMIT_STREAM, SUBMIT_CONSUMER)
+    await wait_consumed(url, DELIVER_STREAM, delivery_consumer("default"))
     assert len(sender_mx.messages) == 1, "the redone flush's DSN is the same message: de-duplicated"
