@@ -1,6 +1,7 @@
 """The spine's stack and zone, plus what the bounce scenarios share: VERP settings, inbound
-publishing (the ingress's real contract), suppression look-ups, waiting for consumers, and a
-webhook receiver on loopback that checks signatures."""
+publishing (the ingress's real contract), suppression look-ups, waiting for consumers and for a
+settled pipeline, DSN windows held open, and a webhook receiver on loopback that checks
+signatures."""
 
 from __future__ import annotations
 
@@ -18,14 +19,31 @@ from urllib.parse import urlsplit
 
 import nats
 import pytest
+from nats.js import JetStreamContext
 
+from services.bounce.hold import HoldStore
 from services.bounce.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookDispatcher, verify_signature
-from services.core.bus import Bus, connect, inbox_prefix
+from services.core.bus import Bus, connect, inbox_prefix, is_kv_delete, leader_last
 from services.core.config import AccountConfig, Config, ListenerConfig
 from services.core.embedded import free_port
 from services.core.envelope import BodyRef, Envelope, new_message_id
 from services.core.suppression import Suppression, SuppressionList
-from services.core.topology import inbound_subject
+from services.core.topology import (
+    BOUNCE_CONSUMER,
+    BOUNCE_HOLD_BUCKET,
+    BOUNCE_STREAM,
+    DELIVER_STREAM,
+    ROUTE_STREAM,
+    ROUTER_CONSUMER,
+    SUBMIT_CONSUMER,
+    SUBMIT_STREAM,
+    VERDICT_CONSUMER,
+    delivery_consumer,
+    inbound_subject,
+    kv_stream,
+    kv_subject,
+    retry_filters,
+)
 from tests.integration.spine.conftest import (  # noqa: F401 - fixtures
     _stop_made_stacks,
     make_stack,
@@ -134,6 +152,141 @@ async def wait_consumed(nats_url: str, stream: str, durable: str, timeout: float
         raise TimeoutError(f"{durable} still has work after {timeout}s")
     finally:
         await nc.close()
+
+
+# Where a notice's DSN goes once its window is flushed, in order: the consumers that have
+# nothing left when every DSN (and every job) due so far has reached its MX. The test stacks
+# have one pool, default.
+_PIPELINE = (
+    (BOUNCE_STREAM, BOUNCE_CONSUMER),
+    (SUBMIT_STREAM, SUBMIT_CONSUMER),
+    (ROUTE_STREAM, ROUTER_CONSUMER),
+    (DELIVER_STREAM, VERDICT_CONSUMER),
+    (DELIVER_STREAM, delivery_consumer("default")),
+)
+
+
+async def wait_settled(nats_url: str, *, retries: bool = True, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Until Relais has nothing left to do with what happened so far: every bounce notice handled,
+    every DSN window flushed and finished (its DSN published first), every scheduled retry fired,
+    the router and delivery idle. Every DSN and job due by now has then reached its MX, so
+    "nothing more arrives" is a fact rather than a guess at a sleep long enough on a loaded
+    machine. A test whose job is retried for ever passes `retries=False`: the retry scheduled
+    next is then not waited for, only what is in a consumer or a DSN window.
+
+    Settled is one pass in pipeline order that finds every consumer idle and nothing held,
+    while no stream of the pipeline took a message: a stage's output cannot then be on its way
+    to a stage already looked at (a DSN refused by its MX comes back to bounce, say)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        streams = sorted({stream for stream, _ in _PIPELINE})
+        deadline = time.monotonic() + timeout
+        while True:
+            before = [(await js.stream_info(s)).state.last_seq for s in streams]
+            busy = [d for s, d in _PIPELINE[:1] if not await _idle(js, s, d)]
+            busy += await _unfinished_windows(js)
+            busy += await _scheduled_retries(js) if retries else []
+            busy += [d for s, d in _PIPELINE[1:] if not await _idle(js, s, d)]
+            after = [(await js.stream_info(s)).state.last_seq for s in streams]
+            if not busy and before == after:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"not settled after {timeout}s: {busy or 'new messages'}")
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+async def _idle(js: JetStreamContext, stream: str, durable: str) -> bool:
+    info = await js.consumer_info(stream, durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def _unfinished_windows(js: JetStreamContext) -> list[str]:
+    """The hold bucket's window records and held notices (services.bounce.hold): a window is
+    finished, its DSN published, once both are gone. The delay-warning claims stay."""
+    return [key for key in await _live_keys(js, BOUNCE_HOLD_BUCKET) if key.startswith(("w.", "n."))]
+
+
+async def _scheduled_retries(js: JetStreamContext) -> list[str]:
+    """The subjects of the retry schedules stored now; the server purges one when it fires."""
+    stored = []
+    for stream, subject_filter in retry_filters():
+        info = await js.stream_info(stream, subjects_filter=subject_filter)
+        stored += [subject for subject, count in (info.state.subjects or {}).items() if count]
+    return stored
+
+
+async def held_keys(nats_url: str) -> list[str]:
+    """Live keys of the hold bucket: empty once every window has finished."""
+    nc = await nats.connect(nats_url)
+    try:
+        return await _live_keys(nc.jetstream(), BOUNCE_HOLD_BUCKET)
+    finally:
+        await nc.close()
+
+
+async def _live_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """The keys of a bucket that have a value, from its stream's subjects and their last
+    messages. Not KeyValue.keys(): nats-py's watcher can end the listing before it read the
+    keys the server already sent, and a check that finds no key then passes for a wrong reason."""
+    stream, prefix = kv_stream(bucket), kv_subject(bucket, "")
+    info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
+    live = []
+    for subject in info.state.subjects or {}:
+        last = await leader_last(js, stream, subject)
+        if last is not None and not is_kv_delete(last):
+            live.append(subject.removeprefix(prefix))
+    return sorted(live)
+
+
+@dataclass
+class HeldWindows:
+    """What `hold_dsn_windows` waits for; `release()` lets windows held for the test close."""
+
+    notices: int
+    joined: set[str] = field(default_factory=set)
+    all_joined: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+def hold_dsn_windows(
+    monkeypatch: pytest.MonkeyPatch, notices: int, *, until_released: bool = False, longest: float = 20.0
+) -> HeldWindows:
+    """Keep every DSN window open past `bounce.dsn_window` until `notices` notices have joined
+    (and, `until_released`, until the test calls `release()`); after `longest` seconds the flush
+    goes on regardless, and the test's own checks say what was missing.
+
+    The windows of these tests last 1-3 s; on a loaded machine a domain job's notice can come
+    later than that and rightly get a DSN of its own. A test about what one window reports holds
+    it, so it never depends on the machine's speed; a test about a notice that comes after its
+    window closed must not. Every bounce replica of the process is held alike."""
+    join, close = HoldStore.join, HoldStore.close
+    held = HeldWindows(notices)
+    if not until_released:
+        held.release()
+
+    async def counts_joins(self: HoldStore, message_id: str, notice: str, *args: Any, **kwargs: Any) -> Any:
+        joined = await join(self, message_id, notice, *args, **kwargs)
+        held.joined.add(notice)
+        if len(held.joined) >= notices:
+            held.all_joined.set()
+        return joined
+
+    async def closes_when_held_no_more(self: HoldStore, *args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(longest):
+                await held.all_joined.wait()
+                await held.released.wait()
+        return await close(self, *args, **kwargs)
+
+    monkeypatch.setattr(HoldStore, "join", counts_joins)
+    monkeypatch.setattr(HoldStore, "close", closes_when_held_no_more)
+    return held
 
 
 WEBHOOK_SECRET = "whsec-test-0123456789abcdef"

@@ -3,8 +3,6 @@ recipient through the token, the address suppressed, the next message to it not 
 
 from __future__ import annotations
 
-import asyncio
-
 from services.core.topology import INBOUND_CONSUMER, INBOUND_STREAM
 from tests.integration.bounce.conftest import (
     RETURN_DOMAIN,
@@ -14,6 +12,7 @@ from tests.integration.bounce.conftest import (
     stack_with_inbound_listener,
     suppression_entry,
     wait_consumed,
+    wait_settled,
 )
 from tests.support.bounce_samples import exim_bounce, postfix_dsn
 from tests.support.relais import ACCOUNT, asubmit, message, read_events, wait_for_events
@@ -42,7 +41,7 @@ async def test_async_dsn_suppresses_and_the_next_message_is_not_sent(make_stack,
 
     assert (await asubmit(stack.smtp_address, recipients=["later@alpha.test"], data=message()))[0] == 250
     await wait_for_events(url, "suppressed", 1)
-    await asyncio.sleep(1.0)
+    await wait_settled(url)
     assert len(sink.messages) == 1, "the suppressed address got nothing more"
 
 

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import email
 
 from services.bounce.dsn import SUBJECT_DELAYED
 from services.core.envelope import BodyRef, Envelope, new_message_id
-from tests.integration.bounce.conftest import publish_submission
+from tests.integration.bounce.conftest import publish_submission, wait_settled
 from tests.support.relais import ACCOUNT, SENDER_DOMAIN, asubmit, message, wait_for_events
 
 RETRY = {"base_delay": 1.0, "max_delay": 1.0, "jitter": 0.0, "max_age": 3600.0, "delay_warning_after": 0.5}
@@ -26,8 +25,11 @@ async def test_one_delay_warning_while_retries_go_on(make_stack, make_sink, send
     (block,) = status.get_payload()[1:]
     assert block["Action"] == "delayed" and block["Status"].startswith("4.")
     assert block["Will-Retry-Until"] is not None
-    await wait_for_events(stack.config.nats.url, "deferred", 3)
-    await asyncio.sleep(1.5)
+    # Two more retries, then their notices (if any), windows and DSNs are through.
+    url = stack.config.nats.url
+    deferred = len(await wait_for_events(url, "deferred", 1))
+    await wait_for_events(url, "deferred", deferred + 2)
+    await wait_settled(url, retries=False)
     assert len(sender_mx.messages) == 1, "one warning, not one per retry"
     assert sink.messages == []
 
@@ -47,6 +49,6 @@ async def test_notify_failure_only_gets_no_delay_warning(make_stack, make_sink, 
         dsn_notify={"slow@alpha.test": "FAILURE"},
     )
     await publish_submission(stack.config.nats.url, env)
-    await wait_for_events(stack.config.nats.url, "deferred", 3)
-    await asyncio.sleep(1.0)
+    await wait_for_events(stack.config.nats.url, "deferred", 3)  # warned at the second, were it due
+    await wait_settled(stack.config.nats.url, retries=False)
     assert sender_mx.messages == []

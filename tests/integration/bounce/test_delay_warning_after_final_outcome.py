@@ -22,7 +22,6 @@ from typing import Any
 
 import nats
 import pytest
-from nats.js.errors import NoKeysError
 
 from services.bounce import service as service_module
 from services.bounce.dsn import SUBJECT_DELAYED, SUBJECT_DELIVERED, SUBJECT_FAILED
@@ -34,22 +33,13 @@ from services.core.embedded import EmbeddedNats
 from services.core.envelope import Attempt, BodyRef, Envelope, new_message_id
 from services.core.schedule import publish_at
 from services.core.topology import (
-    BOUNCE_CONSUMER,
-    BOUNCE_FLUSH_CONSUMER,
-    BOUNCE_FLUSH_STREAM,
-    BOUNCE_HOLD_BUCKET,
     BOUNCE_STREAM,
-    DELIVER_STREAM,
     ROUTE_STREAM,
-    ROUTER_CONSUMER,
-    SUBMIT_CONSUMER,
-    SUBMIT_STREAM,
     bounce_flush_subject,
-    delivery_consumer,
     route_retry_subject,
     route_subject,
 )
-from tests.integration.bounce.conftest import publish_submission, wait_consumed
+from tests.integration.bounce.conftest import publish_submission, wait_settled
 from tests.integration.bounce.test_one_delay_warning_per_message import (
     ORIGINAL,
     SLOW,
@@ -99,26 +89,6 @@ async def notices_waiting(nats_url: str, count: int, timeout: float = 30.0) -> N
         await nc.close()
 
 
-async def drained(nats_url: str) -> None:
-    """Until every notice is read, every DSN window flushed, and every DSN delivered."""
-    await wait_consumed(nats_url, BOUNCE_STREAM, BOUNCE_CONSUMER)
-    nc = await nats.connect(nats_url)
-    try:
-        kv = await nc.jetstream().key_value(BOUNCE_HOLD_BUCKET)
-        deadline = time.monotonic() + 20
-        while any(key.startswith("w.") for key in await kv.keys()):
-            assert time.monotonic() < deadline, "a DSN window never ended"
-            await asyncio.sleep(0.1)
-    except NoKeysError:
-        pass
-    finally:
-        await nc.close()
-    await wait_consumed(nats_url, BOUNCE_FLUSH_STREAM, BOUNCE_FLUSH_CONSUMER)
-    await wait_consumed(nats_url, SUBMIT_STREAM, SUBMIT_CONSUMER)  # the DSNs
-    await wait_consumed(nats_url, ROUTE_STREAM, ROUTER_CONSUMER)
-    await wait_consumed(nats_url, DELIVER_STREAM, delivery_consumer("default"))
-
-
 def subjects(sink: SMTPSink) -> list[str]:
     return [email.message_from_bytes(m.data)["Subject"] for m in sink.messages]
 
@@ -137,7 +107,7 @@ async def test_a_warning_read_after_the_message_failed_is_not_sent(
     await make_stack(services=("bounce",), retry=RETRY)  # the bounce service's backlog
 
     await sender_mx.async_wait_for(1)
-    await drained(stack.config.nats.url)
+    await wait_settled(stack.config.nats.url)
     assert subjects(sender_mx) == [SUBJECT_FAILED], "no 'still trying' beside 'failed'"
 
 
@@ -157,7 +127,7 @@ async def test_a_warning_read_after_the_message_was_delivered_is_not_sent(
     await make_stack(services=("bounce",), retry=RETRY)
 
     await sender_mx.async_wait_for(1)
-    await drained(stack.config.nats.url)
+    await wait_settled(stack.config.nats.url)
     assert subjects(sender_mx) == [SUBJECT_DELIVERED], "no 'still trying' after delivery"
 
 

@@ -12,7 +12,7 @@ import email
 from flufl.bounce import all_failures
 
 from services.core.envelope import Envelope
-from tests.integration.bounce.conftest import publish_submission
+from tests.integration.bounce.conftest import publish_submission, wait_settled
 from tests.support.relais import (
     SENDER_DOMAIN,
     RelaisStack,
@@ -70,7 +70,7 @@ async def test_notify_never_for_every_recipient_sends_no_dsn(
     env = envelope(("a@alpha.test",), message(), dsn_notify={"a@alpha.test": "NEVER"})
     await publish_submission(stack.config.nats.url, env)
     await wait_for_events(stack.config.nats.url, "bounced", 1)
-    await asyncio.sleep(1.5)
+    await wait_settled(stack.config.nats.url)
     assert sender_mx.messages == []
 
 
@@ -130,7 +130,7 @@ async def test_notify_success_gets_a_relayed_dsn_once_delivered(
     # A DSN reporting no failure returns the headers only, whatever RET asked (RFC 3461 4.3).
     assert not [p for p in parsed.walk() if p.get_content_type() == "message/rfc822"]
     assert b"Body stays home." not in dsn.data and b"Receipt wanted" in dsn.data
-    await asyncio.sleep(1.0)
+    await wait_settled(stack.config.nats.url)
     assert len(sender_mx.messages) == 1
 
 
@@ -151,7 +151,7 @@ async def test_a_failure_and_a_relay_of_one_attempt_share_one_dsn(
     _, finals = _blocks(dsn.data)
     assert finals["rfc822; ok@alpha.test"]["Action"] == "relayed"
     assert finals["rfc822; gone@alpha.test"]["Action"] == "failed"
-    await asyncio.sleep(1.0)
+    await wait_settled(stack.config.nats.url)
     assert len(sender_mx.messages) == 1
 
 

@@ -3,9 +3,13 @@ the original message and recipient, and the address suppressed for the account."
 
 from __future__ import annotations
 
-import asyncio
-
-from tests.integration.bounce.conftest import FBL_ADDRESS, VERP, publish_inbound, suppression_entry
+from tests.integration.bounce.conftest import (
+    FBL_ADDRESS,
+    VERP,
+    publish_inbound,
+    suppression_entry,
+    wait_settled,
+)
 from tests.support.bounce_samples import arf_report
 from tests.support.relais import ACCOUNT, asubmit, message, wait_for_events
 
@@ -32,5 +36,5 @@ async def test_arf_report_creates_a_complaint_and_a_suppression(make_stack, make
 
     assert (await asubmit(stack.smtp_address, recipients=["angry@gamma.test"], data=message()))[0] == 250
     await wait_for_events(url, "suppressed", 1)
-    await asyncio.sleep(1.0)
+    await wait_settled(url)
     assert len(sink.messages) == 1

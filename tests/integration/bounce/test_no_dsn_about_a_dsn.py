@@ -5,9 +5,7 @@ a sender, not a recipient). The original recipient's hard bounce still suppresse
 
 from __future__ import annotations
 
-import asyncio
-
-from tests.integration.bounce.conftest import suppression_entry
+from tests.integration.bounce.conftest import suppression_entry, wait_settled
 from tests.support.relais import ACCOUNT, SENDER_DOMAIN, asubmit, message, read_events, wait_for_events
 
 REJECT = "550 5.1.1 No such user here"
@@ -22,7 +20,7 @@ async def test_a_bounced_dsn_gets_no_dsn_and_suppresses_no_one(stack, make_sink,
 
     bounced = await wait_for_events(url, "bounced", 2)
     assert sorted(r for e in bounced for r in e.recipients) == sorted(["gone@alpha.test", SENDER])
-    await asyncio.sleep(3.0)  # a DSN about the DSN, or a retry of it, would have come by now
+    await wait_settled(url)  # a DSN about the DSN, or a retry of it, would have come by now
     assert sender_mx.messages == []
     assert sender_mx.connections == 1, "the DSN was tried once and never reported on"
     events = await read_events(url)

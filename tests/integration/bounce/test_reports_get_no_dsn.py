@@ -4,11 +4,11 @@ sent from a VERP return path) does, as Postfix does. Loops end at the null rever
 
 from __future__ import annotations
 
-import asyncio
 import email
 
 from flufl.bounce import all_failures
 
+from tests.integration.bounce.conftest import wait_settled
 from tests.support.relais import RelaisStack, asubmit, message, wait_for_events
 
 REJECT = "550 5.1.1 No such user"
@@ -35,5 +35,5 @@ async def test_a_disposition_report_gets_no_dsn(stack: RelaisStack, make_sink, s
     assert (await asubmit(stack.smtp_address, recipients=["gone@alpha.test"], data=data))[0] == 250
 
     await wait_for_events(stack.config.nats.url, "bounced", 1)
-    await asyncio.sleep(1.5)
+    await wait_settled(stack.config.nats.url)
     assert sender_mx.messages == []

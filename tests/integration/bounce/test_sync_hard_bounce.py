@@ -3,9 +3,7 @@ message to it is dropped by the router instead of sent."""
 
 from __future__ import annotations
 
-import asyncio
-
-from tests.integration.bounce.conftest import suppression_entry
+from tests.integration.bounce.conftest import suppression_entry, wait_settled
 from tests.support.relais import ACCOUNT, RelaisStack, asubmit, message, read_events, wait_for_events
 
 USER_UNKNOWN = "550 5.1.1 <gone@alpha.test>: Recipient address rejected: User unknown"
@@ -37,7 +35,7 @@ async def test_user_unknown_is_suppressed_and_the_next_message_is_not_sent(
     assert suppressed.recipients == ["gone@alpha.test"]
     (delivered,) = await sink.async_wait_for(1)
     assert delivered.rcpt_tos == ["here@alpha.test"], "only the live address is sent to"
-    await asyncio.sleep(1.0)
+    await wait_settled(url)
     assert len([e for e in await read_events(url) if e.kind == "bounced"]) == 1
     assert len(sender_mx.messages) == 1, "a suppressed recipient is not a bounce: no second DSN"
 
