@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import email.utils
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -75,7 +76,7 @@ _RECORDS_WAIT = 5.0
 # has its replica killed for memory took a replica down every ack_wait. The count is
 # num_delivered, so a delivery ends unfinished only when something went wrong: the handler raised
 # (a bug, MemoryError), or the delivery ended unseen (the replica died or stopped while reading,
-# an ack was lost). NATS not answering is waited out in place (`_patiently`) and costs none.
+# an ack was lost). NATS not answering is waited out in place (`bus.patiently`) and costs none.
 MAX_DELIVERIES = 5
 # Waits for NATS in place: the first after 1 s, doubling up to a minute.
 _WAIT_FIRST = 1.0
@@ -127,24 +128,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(cause, nats.errors.MaxPayloadError):
         return False
     return not (isinstance(cause, APIError) and cause.err_code == _TOO_LARGE_FOR_STREAM)
-
-
-async def _patiently(step: Callable[[], Awaitable[_T]], what: str, stop: asyncio.Event) -> _T:
-    """`step`, tried again while NATS does not answer, until it does or the replica stops. The
-    report stays in progress meanwhile (`bus.consume`), so a wait costs it no delivery: nak'ed,
-    every try would count towards MAX_DELIVERIES, and an outage of a few minutes (a stream
-    without its leader, a full store) would have every report that came meanwhile given up."""
-    wait = _WAIT_FIRST
-    while True:
-        try:
-            return await step()
-        except Exception as exc:
-            if stop.is_set() or not is_transient(exc):
-                raise
-            log.warning("%s: NATS did not answer, trying again in %.0fs: %r", what, wait, exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), wait)
-        wait = min(wait * 2, _WAIT_MAX)
 
 
 def _delivery(msg: Msg) -> tuple[int, int]:
@@ -396,7 +379,17 @@ class InboundHandler:
 
     async def _read(self, env: Envelope, span: Span, stop: asyncio.Event) -> None:
         def patiently(step: Callable[[], Awaitable[_T]], what: str) -> Awaitable[_T]:
-            return _patiently(step, f"inbound {env.id}: {what}", stop)
+            # Until NATS answers or the replica stops: nak'ed, every try would count towards
+            # MAX_DELIVERIES, and an outage of a few minutes (a stream without its leader, a full
+            # store) would have every report that came meanwhile given up.
+            return transport.patiently(
+                step,
+                f"inbound {env.id}: {what}",
+                patience=math.inf,
+                retry=is_transient,
+                pauses=(_WAIT_FIRST, _WAIT_MAX),
+                stop=stop,
+            )
 
         try:
             raw = await patiently(lambda: self._bodies.get(env.body), "body")

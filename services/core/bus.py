@@ -559,22 +559,36 @@ async def _settle(coro: Awaitable[None]) -> None:
 UNANSWERED: tuple[type[BaseException], ...] = (BrokerUnavailable, TimeoutError, nats.errors.Error)
 
 
-async def patiently(attempt: Callable[[], Awaitable[_T]], what: str, *, patience: float | None = None) -> _T:
-    """Run `attempt` again while JetStream does not answer, with backoff, for up to `patience`
-    seconds (ACK_PATIENCE outlasts a leader election); then raise its last error. Returns what
-    the first answered attempt returned. The caller's input stays in progress meanwhile (see
-    `consume`), so nobody else takes it up."""
+async def patiently(
+    attempt: Callable[[], Awaitable[_T]],
+    what: str,
+    *,
+    patience: float | None = None,
+    retry: Callable[[BaseException], bool] | None = None,
+    pauses: tuple[float, float] = (0.25, 4.0),
+    stop: asyncio.Event | None = None,
+) -> _T:
+    """Run `attempt` again while JetStream does not answer (`retry`: by default an UNANSWERED
+    error), with backoff from `pauses[0]` doubling to `pauses[1]`, for up to `patience` seconds
+    (ACK_PATIENCE outlasts a leader election) or until `stop` is set; then raise its last error.
+    Returns what the first answered attempt returned. The caller's input stays in progress
+    meanwhile (see `consume`), so nobody else takes it up."""
     deadline = time.monotonic() + (ACK_PATIENCE if patience is None else patience)
-    pause = 0.25
+    pause, longest = pauses
     while True:
         try:
             return await attempt()
-        except UNANSWERED as exc:
-            if time.monotonic() + pause > deadline:
+        except Exception as exc:
+            answered = not (retry(exc) if retry is not None else isinstance(exc, UNANSWERED))
+            if answered or (stop is not None and stop.is_set()) or time.monotonic() + pause > deadline:
                 raise
             log.warning("%s: no answer yet, trying again in %.2fs: %r", what, pause, exc)
+        if stop is None:
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 4.0)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+        pause = min(pause * 2, longest)
 
 
 async def _confirm_ack(msg: Msg) -> None:
