@@ -191,9 +191,8 @@ async def addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str
 
 
 async def host_addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str] | None:
-    """`addresses`, but None when the host does not exist (NXDOMAIN): an MX naming a host that
-    is not there is a permanent error (Postfix: "Host not found", 5.4.4), one without an
-    address for now is not."""
+    """`addresses`, but None when the host does not exist (NXDOMAIN), so that a caller can name
+    it apart from a host that exists without an address ([])."""
     literal = ip_literal(host)
     if literal is not None:
         return [literal]

@@ -89,18 +89,31 @@ async def _transact(
 MX_ADDRESS_LIMIT = 5
 
 
-def host_not_found(hosts: Sequence[str]) -> Reply:
-    """Every MX host of the route is NXDOMAIN: no retry will find them (Postfix bounces too)."""
-    return Reply(550, "5.4.4", f"Host not found: MX host {', '.join(hosts)} does not exist", "DNS")
+def host_not_found(not_found: Sequence[str], no_address: Sequence[str] = ()) -> Reply:
+    """Every MX host of the route is NXDOMAIN or has no A/AAAA record: no retry finds an
+    address until the domain's DNS changes. Postfix (smtp_defer_if_no_mx_address_found=no, its
+    default) and Exim bounce such mail at once; retrying it for days only delays the bounce."""
+    return Reply(550, "5.4.4", f"Host not found: {_unresolved(not_found, no_address)}", "DNS")
 
 
-def no_public_address(hosts: Sequence[str], not_found: Sequence[str]) -> Reply:
+def no_public_address(
+    hosts: Sequence[str], not_found: Sequence[str], no_address: Sequence[str] = ()
+) -> Reply:
     """No MX host of the route has an address delivery may connect to (delivery.public_mx_only):
     like a host that does not exist, no retry changes that until the domain's DNS does."""
     text = f"No public address: MX host {', '.join(hosts)} has only non-public addresses"
-    if not_found:
-        text += f"; host not found: {', '.join(not_found)}"
+    if not_found or no_address:
+        text += f"; host not found: {_unresolved(not_found, no_address)}"
     return Reply(550, "5.4.4", text, "DNS")
+
+
+def _unresolved(not_found: Sequence[str], no_address: Sequence[str]) -> str:
+    parts = []
+    if not_found:
+        parts.append(f"MX host {', '.join(not_found)} does not exist")
+    if no_address:
+        parts.append(f"MX host {', '.join(no_address)} has no address record")
+    return "; ".join(parts)
 
 
 async def send_job(
@@ -130,6 +143,7 @@ async def send_job(
     remote: list[Reply] = []
     notes: list[str] = []
     not_found: list[str] = []
+    no_address: list[str] = []
     not_public: list[str] = []
     bind_failed = False
     tried = 0
@@ -151,7 +165,11 @@ async def send_job(
             notes.append(f"{host}: host not found")
             not_found.append(host)
             continue
-        if address_check is not None and addresses:
+        if not addresses:
+            notes.append(f"{host}: no address record")
+            no_address.append(host)
+            continue
+        if address_check is not None:
             addresses = _allowed(host, addresses, address_check, notes)
             if not addresses:
                 not_public.append(host)
@@ -199,13 +217,19 @@ async def send_job(
         if bind_failed:
             break
     outcomes: list[Outcome]
-    if mx_hosts and len(not_found) + len(not_public) == len(mx_hosts):
-        reply = no_public_address(not_public, not_found) if not_public else host_not_found(not_found)
+    if mx_hosts and len(not_found) + len(no_address) + len(not_public) == len(mx_hosts):
+        reply = (
+            no_public_address(not_public, not_found, no_address)
+            if not_public
+            else host_not_found(not_found, no_address)
+        )
         outcomes = [Bounced(r, reply) for r in recipients]
     else:
         # Deferred for the hosts that may answer later; the ones that cannot are named.
         if not_found:
             last = replace(last, text=f"{last.text}; host not found: {', '.join(not_found)}")
+        if no_address:
+            last = replace(last, text=f"{last.text}; no address record: {', '.join(no_address)}")
         if not_public:
             last = replace(last, text=f"{last.text}; no public address: {', '.join(not_public)}")
         outcomes = [Deferred(r, last) for r in recipients]

@@ -1,11 +1,9 @@
-"""An MX host that does not exist (NXDOMAIN for its address) is "Host not found": when every MX
-host of the route is, the message bounces 5.4.4 at once, as Postfix does; when some other host
-may still answer (or the answer was only "no address" or a DNS failure), it is deferred, and
-the deferral names the hosts that were not found."""
+"""An MX host that does not exist (NXDOMAIN for its address), or exists without an A or AAAA
+record, is "Host not found": when every MX host of the route is, the message bounces 5.4.4 at
+once, as Postfix and Exim do; when some other host may still answer (or a lookup failed), it is
+deferred, and the deferral names the hosts that were not found."""
 
 from __future__ import annotations
-
-import pytest
 
 from services.core.outcome import Bounced, Deferred
 from services.delivery.connections import ConnectionPool
@@ -45,14 +43,33 @@ async def test_one_host_not_found_and_one_unreachable_defers_naming_it(
     assert "host not found: mx1.gone.test" in outcome.reply.text
 
 
-@pytest.mark.parametrize("answer", ["no-address", "servfail"])
-async def test_no_address_or_dns_failure_is_not_host_not_found(
-    dns_server: DNSServer, sink_port: int, answer: str
+async def test_every_mx_host_without_an_address_bounces(dns_server: DNSServer, sink_port: int) -> None:
+    # The names exist (they have other records), but no A or AAAA: Postfix's "Host found but no
+    # data record of type A" bounce. Retrying finds nothing until the domain's DNS changes.
+    dns_server.add("mx1.gone.test", "TXT", "exists, without an address")
+    dns_server.add("mx2.gone.test", "TXT", "exists, without an address")
+    result = await _send(dns_server, sink_port, ["mx1.gone.test", "mx2.gone.test", "mx3.gone.test"])
+    (outcome,) = result.outcomes
+    assert isinstance(outcome, Bounced), outcome
+    assert (outcome.reply.code, outcome.reply.enhanced_status) == HOST_NOT_FOUND
+    assert "mx1.gone.test, mx2.gone.test has no address record" in outcome.reply.text
+    assert "mx3.gone.test does not exist" in outcome.reply.text
+
+
+async def test_a_dns_failure_defers_even_beside_hosts_without_an_address(
+    dns_server: DNSServer, sink_port: int
 ) -> None:
-    if answer == "no-address":
-        dns_server.add("mx1.gone.test", "TXT", "exists, without an address")
-    else:
-        dns_server.set_servfail("mx1.gone.test")
+    # A soft error dominates: the failed lookup may yet give an address (Postfix does the same).
+    dns_server.add("mx1.gone.test", "TXT", "exists, without an address")
+    dns_server.set_servfail("mx2.gone.test")
+    result = await _send(dns_server, sink_port, ["mx1.gone.test", "mx2.gone.test"])
+    (outcome,) = result.outcomes
+    assert isinstance(outcome, Deferred) and outcome.reply.is_transient, outcome
+    assert "no address record: mx1.gone.test" in outcome.reply.text
+
+
+async def test_a_dns_failure_alone_defers(dns_server: DNSServer, sink_port: int) -> None:
+    dns_server.set_servfail("mx1.gone.test")
     result = await _send(dns_server, sink_port, ["mx1.gone.test"])
     (outcome,) = result.outcomes
     assert isinstance(outcome, Deferred) and outcome.reply.is_transient, outcome
