@@ -1,7 +1,7 @@
 """The spine's stack and zone, plus what the bounce scenarios share: VERP settings, inbound
 publishing (the ingress's real contract), suppression look-ups, waiting for consumers and for a
-settled pipeline, DSN windows held open, and a webhook receiver on loopback that checks
-signatures."""
+settled pipeline (webhooks included), DSN windows held open, and a webhook receiver on loopback
+that checks signatures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import smtplib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -33,6 +33,7 @@ from services.core.topology import (
     BOUNCE_HOLD_BUCKET,
     BOUNCE_STREAM,
     DELIVER_STREAM,
+    EVENTS_STREAM,
     ROUTE_STREAM,
     ROUTER_CONSUMER,
     SUBMIT_CONSUMER,
@@ -43,6 +44,7 @@ from services.core.topology import (
     kv_stream,
     kv_subject,
     retry_filters,
+    webhooks_binding,
 )
 from tests.integration.spine.conftest import (  # noqa: F401 - fixtures
     _stop_made_stacks,
@@ -166,7 +168,13 @@ _PIPELINE = (
 )
 
 
-async def wait_settled(nats_url: str, *, retries: bool = True, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+async def wait_settled(
+    nats_url: str,
+    *,
+    retries: bool = True,
+    webhooks: Iterable[str] = (),
+    timeout: float = 30.0,  # noqa: ASYNC109
+) -> None:
     """Until Relais has nothing left to do with what happened so far: every bounce notice handled,
     every DSN window flushed and finished (its DSN published first), every scheduled retry fired,
     the router and delivery idle. Every DSN and job due by now has then reached its MX, so
@@ -174,20 +182,29 @@ async def wait_settled(nats_url: str, *, retries: bool = True, timeout: float = 
     machine. A test whose job is retried for ever passes `retries=False`: the retry scheduled
     next is then not waited for, only what is in a consumer or a DSN window.
 
+    `webhooks`: accounts whose webhook (`webhooks-<account>`, which must exist) has to be done
+    too: every event of theirs settled, acked after a 2xx or terminated, and none in hand or
+    nak'ed for a retry. A nak'ed event stays ack-pending until it is delivered again and settled
+    (nats-server keeps it among the consumer's pending for its whole delay), so an idle consumer
+    has no POST left to make: a duplicate would already be at the receiver.
+
     Settled is one pass in pipeline order that finds every consumer idle and nothing held,
-    while no stream of the pipeline took a message: a stage's output cannot then be on its way
-    to a stage already looked at (a DSN refused by its MX comes back to bounce, say)."""
+    while no stream of the pipeline (nor the events stream, with `webhooks`) took a message: a
+    stage's output cannot then be on its way to a stage already looked at (a DSN refused by its
+    MX comes back to bounce, say)."""
+    hooks = [(EVENTS_STREAM, webhooks_binding(account).durable) for account in webhooks]
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        streams = sorted({stream for stream, _ in _PIPELINE})
+        streams = sorted({stream for stream, _ in [*_PIPELINE, *hooks]})
         deadline = time.monotonic() + timeout
         while True:
             before = [(await js.stream_info(s)).state.last_seq for s in streams]
             busy = [d for s, d in _PIPELINE[:1] if not await _idle(js, s, d)]
             busy += await _unfinished_windows(js)
             busy += await _scheduled_retries(js) if retries else []
-            busy += [d for s, d in _PIPELINE[1:] if not await _idle(js, s, d)]
+            # The webhooks last: every other stage publishes events.
+            busy += [d for s, d in [*_PIPELINE[1:], *hooks] if not await _idle(js, s, d)]
             after = [(await js.stream_info(s)).state.last_seq for s in streams]
             if not busy and before == after:
                 return
@@ -199,8 +216,12 @@ async def wait_settled(nats_url: str, *, retries: bool = True, timeout: float = 
 
 
 async def _idle(js: JetStreamContext, stream: str, durable: str) -> bool:
+    """Nothing left to deliver, and nothing delivered but not yet acked or terminated: in hand,
+    nak'ed and waiting out its delay, or past ack_wait and due again (nats-server counts all three
+    in num_ack_pending). num_redelivered, those delivered again and unsettled, is a part of that;
+    asked for too, so that no redelivery in flight depends on how the server counts."""
     info = await js.consumer_info(stream, durable)
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return info.num_pending == 0 and info.num_ack_pending == 0 and info.num_redelivered == 0
 
 
 async def _unfinished_windows(js: JetStreamContext) -> list[str]:
@@ -373,13 +394,15 @@ async def wait_accepted(receiver: Receiver, count: int, timeout: float = 30.0) -
 
 
 @contextlib.asynccontextmanager
-async def replica(config: Config, name: str) -> AsyncIterator[None]:
-    """A bounce replica's webhook posting alone, with a connection of its own, for the block."""
+async def replica(config: Config, name: str) -> AsyncIterator[WebhookDispatcher]:
+    """A bounce replica's webhook posting alone, with a connection of its own, for the block;
+    yields its dispatcher, whose account records say what it posts and signs with."""
     bus: Bus = await connect(config.nats, name)
     stop = asyncio.Event()
-    running = asyncio.create_task(WebhookDispatcher(config, bus).run(stop))
+    dispatcher = WebhookDispatcher(config, bus)
+    running = asyncio.create_task(dispatcher.run(stop))
     try:
-        yield
+        yield dispatcher
     finally:
         stop.set()
         await running

@@ -157,11 +157,22 @@ async def test_a_report_whose_reading_kills_the_replica_is_given_up(
 
 
 async def test_a_report_nats_cannot_take_yet_waits_without_using_deliveries(
-    make_stack, short_backoff: None
+    make_stack, monkeypatch: pytest.MonkeyPatch, short_backoff: None
 ) -> None:
     # The events stream is away (a leader lost, an operator's mistake): the bounced event
     # cannot be published, JetStream answers "no responders" at once. Nak'ed, every try would
     # be a delivery, and an outage a few tries long would have the report given up.
+    refused: list[float] = []
+    publish = inbound.publish_event
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await publish(*args, **kwargs)
+        except Exception:
+            refused.append(time.monotonic())
+            raise
+
+    monkeypatch.setattr(inbound, "publish_event", counted)
     stack = await make_stack(services=("bounce",), bounce=VERP)
     url = stack.config.nats.url
     nc = await nats.connect(url)
@@ -171,7 +182,12 @@ async def test_a_report_nats_cannot_take_yet_waits_without_using_deliveries(
         await js.delete_stream(EVENTS_STREAM)
         raw, to, message_id = report("gone@alpha.test")
         await publish_inbound(url, raw, [to])
-        await asyncio.sleep(4.0)  # a nak'ed report would have come back a dozen times by now
+        # Until the outcome was refused twice: nak'ed after the first, the report would be on
+        # its second delivery by the second (the nak backoff is 0.2 s, the wait in place 1 s).
+        deadline = time.monotonic() + 20
+        while len(refused) < 2:
+            assert time.monotonic() < deadline, f"the outcome was tried {len(refused)} times"
+            await asyncio.sleep(0.05)
         info = await js.consumer_info(INBOUND_STREAM, INBOUND_CONSUMER)
         assert info.num_ack_pending == 1 and info.num_redelivered == 0
         await js.add_stream(events)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -22,7 +23,7 @@ from services.core.embedded import EmbeddedNats
 from services.core.runtime import start_bus
 from services.core.topology import ACCOUNTS_BUCKET, EVENTS_STREAM, kv_stream, webhooks_binding
 from services.ingress.accounts import get_account, seed_accounts
-from tests.integration.bounce.conftest import Receiver, wait_accepted, webhook_account
+from tests.integration.bounce.conftest import Receiver, wait_accepted, wait_settled, webhook_account
 from tests.support.nats_delay_proxy import DelayingNatsProxy
 from tests.support.relais import ACCOUNT, asubmit, make_config, message, run_cli, wait_for_events
 
@@ -76,14 +77,34 @@ async def test_a_webhook_set_on_a_running_cluster_is_posted_and_can_be_re_pointe
         assert receiver.bad_signatures == 0
 
 
+@pytest.fixture
+def dispatchers(monkeypatch: pytest.MonkeyPatch) -> list[WebhookDispatcher]:
+    """Every webhook dispatcher made in this process from now on: the stacks' bounce replicas'."""
+    made: list[WebhookDispatcher] = []
+    init = WebhookDispatcher.__init__
+
+    def recorded(self: WebhookDispatcher, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(WebhookDispatcher, "__init__", recorded)
+    return made
+
+
 async def test_a_removed_webhook_is_no_longer_posted_and_its_consumer_goes(
-    make_stack, make_sink, receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_stack,
+    make_sink,
+    receiver: Receiver,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    dispatchers: list[WebhookDispatcher],
 ) -> None:
     # Seeded from the config file; the record in KV, changed by the operator, is what counts.
     stack = await make_stack(accounts=webhook_account(receiver.url))
     make_sink("127.0.0.2")
     assert (await asubmit(stack.smtp_address, recipients=["a@alpha.test"], data=message()))[0] == 250
     await wait_accepted(receiver, 2)
+    assert dispatchers and all(ACCOUNT in d.webhook_accounts() for d in dispatchers)
 
     cleared = await account_cli(stack.config, tmp_path, "webhook", ACCOUNT, "--clear")
     assert cleared.returncode == 0, cleared.stderr
@@ -93,8 +114,14 @@ async def test_a_removed_webhook_is_no_longer_posted_and_its_consumer_goes(
 
     assert (await asubmit(stack.smtp_address, recipients=["b@alpha.test"], data=message()))[0] == 250
     await wait_for_events(stack.config.nats.url, "delivered", 2)
-    # Longer than a posting loop's fetch wait (2 s): a loop still running would have posted.
-    await asyncio.sleep(3)
+    # Until no bounce replica posts the account's events any more (each has read the record: a
+    # batch of them it fetched goes back unposted, and their posting loop ends) and Relais has
+    # nothing left to do: the message's events are all out, no consumer to post them, none to come.
+    deadline = time.monotonic() + 10
+    while any(ACCOUNT in d.webhook_accounts() for d in dispatchers):
+        assert time.monotonic() < deadline, "a bounce replica still posts the cleared webhook"
+        await asyncio.sleep(0.05)
+    await wait_settled(stack.config.nats.url)
     with receiver.lock:
         assert len(receiver.accepted) == posted
     assert not await consumer_exists(stack.config.nats.url, ACCOUNT)

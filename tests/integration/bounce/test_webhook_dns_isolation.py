@@ -48,13 +48,21 @@ SCRIPT = textwrap.dedent(
             except TimeoutError:
                 return "timeout"
 
+        tries = [0] * {DEAD_HOSTS}
+
         async def dead_receiver(i):  # as its account's loop does: POST, time out, back off, again
             while True:
+                tries[i] += 1  # its lookup is asked for before this task next yields
                 await attempt(f"http://dead{{i}}.example.test/hook")
                 await asyncio.sleep(0.2)
 
         dead = [asyncio.create_task(dead_receiver(i)) for i in range({DEAD_HOSTS})]
-        await asyncio.sleep(3)  # every dead receiver tried, some twice
+        # Until every dead receiver has tried twice: its first lookup hung and timed out, the
+        # second asked for behind it. Counted, not slept for: on a slow machine some might not
+        # have tried yet, and the healthy receiver's lookup would not queue behind theirs.
+        async with asyncio.timeout(30):
+            while min(tries) < 2:
+                await asyncio.sleep(0.05)
         print("healthy:", await attempt(healthy), flush=True)
         for task in dead:
             task.cancel()

@@ -20,7 +20,7 @@ from services.core.config import AccountConfig, BounceConfig, Config, NatsConfig
 from services.core.embedded import EmbeddedNats
 from services.core.events import event_for, publish_event
 from services.core.topology import ensure_topology
-from tests.integration.bounce.conftest import http_receiver, replica
+from tests.integration.bounce.conftest import http_receiver, replica, wait_settled
 from tests.support.relais import an_envelope
 
 SECRETS = {"acme": "whsec-acme-0123456789", "globex": "whsec-globex-0123456789"}
@@ -70,6 +70,17 @@ def receivers() -> Iterator[Receivers]:
         yield state
 
 
+async def until_taken(receivers: Receivers, count: int, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while True:
+        with receivers.lock:
+            taken = sum(len(entries) for entries in receivers.taken.values())
+        if taken >= count:
+            return
+        assert time.monotonic() < deadline, f"{taken} of {count} events taken after {timeout}s"
+        await asyncio.sleep(0.05)
+
+
 async def test_two_replicas_and_a_restart_post_every_event_once_with_its_own_secret(
     nats_server: EmbeddedNats, topology_bus: Bus, receivers: Receivers
 ) -> None:
@@ -97,18 +108,13 @@ async def test_two_replicas_and_a_restart_post_every_event_once_with_its_own_sec
     async with replica(config, "bounce-a"):
         async with replica(config, "bounce-b"):
             await publish(EVENTS_PER_ACCOUNT // 2)
-            await asyncio.sleep(0.5)  # some posted, some in hand or still waiting
+            await until_taken(receivers, 1)  # posting under way, past the failing POSTs
         # bounce-b stopped (its batch in hand settled first); bounce-c takes its place.
         async with replica(config, "bounce-c"):
             await publish(EVENTS_PER_ACCOUNT // 2)
-            deadline = time.monotonic() + 30
-            while True:
-                with receivers.lock:
-                    got = {name: {e["email"] for e in taken} for name, taken in receivers.taken.items()}
-                if got == published or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # a second copy would come within a retry interval
+            # Until both webhooks have settled every event, while the replicas still run: a batch
+            # nak'ed or unacked would be posted again before this returns, not after it.
+            await wait_settled(nats_server.url, webhooks=SECRETS)
 
     with receivers.lock:
         assert receivers.requests > receivers.fail_first

@@ -180,13 +180,22 @@ async def test_during_the_overlap_both_secrets_sign_and_the_receiver_switches_wi
 async def test_after_the_overlap_only_the_new_secret_signs_and_a_re_key_without_one_ends_it(
     topology_bus: Bus, receiver: Receiver, config: Config, tmp_path: Path
 ) -> None:
-    async with replica(config, "bounce-a"):
+    async with replica(config, "bounce-a") as dispatcher:
         code, out, err = await account_webhook(config, tmp_path, "--new-secret", "--overlap", "2s")
         assert code == 0, err
         new = printed_secret(out)
         receiver.secret = new
         until = (await stored(topology_bus)).webhook_previous_secret_until
-        await asyncio.sleep(max(until - time.time(), 0) + 0.5)
+        # The overlap is time: over once the clock the replica reads when it signs is past its
+        # end; no margin on top. And the replica must have read the rotated record: still on the
+        # one before (a slow watch), it would sign under OLD alone, no test of an ended overlap.
+        deadline = time.monotonic() + 20
+        while True:
+            seen = dispatcher.records.accounts.get(ACCOUNT)
+            if seen is not None and seen.webhook_secret == new and time.time() > until:
+                break
+            assert time.monotonic() < deadline, "the rotation never reached the replica"
+            await asyncio.sleep(0.05)
 
         post = await post_one(topology_bus, receiver)
         assert post.signed_by(new)
