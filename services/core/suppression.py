@@ -165,7 +165,12 @@ class SuppressionList:
         unique = sorted({a.lower() for a in addresses})
         if self._bus is None or not unique:
             return await self._get_each(account, unique)
-        subjects = {kv_subject(SUPPRESSION_BUCKET, key): a for a in unique for key in lookup_keys(account, a)}
+        # A key may serve several addresses: "bob@bücher.test" and "bob@xn--bcher-kva.test" (two
+        # recipients when their local parts differ in case) are one mailbox, with the same keys.
+        subjects: dict[str, list[str]] = {}
+        for a in unique:
+            for key in lookup_keys(account, a):
+                subjects.setdefault(kv_subject(SUPPRESSION_BUCKET, key), []).append(a)
         try:
             found = await self._bus.get_last(kv_stream(SUPPRESSION_BUCKET), list(subjects))
         except DirectGetUnavailable:
@@ -177,7 +182,7 @@ class SuppressionList:
                 continue  # deleted or purged: not suppressed
             entry = _active(msg.data)
             if entry is not None:
-                out[subjects[subject]] = entry
+                out.update(dict.fromkeys(subjects[subject], entry))
         return out
 
     async def _get_each(self, account: str, addresses: list[str]) -> dict[str, Suppression]:

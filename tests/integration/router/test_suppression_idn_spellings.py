@@ -12,6 +12,7 @@ from dataclasses import asdict
 from services.core.bus import Bus
 from services.core.suppression import Suppression, SuppressionList
 from services.core.topology import SUPPRESSION_BUCKET
+from services.router.plan import Job, without_suppressed
 
 U_LABEL = "bob@bücher.test"
 A_LABEL = "bob@xn--bcher-kva.test"
@@ -43,3 +44,18 @@ async def test_an_entry_an_earlier_release_wrote_is_found_and_removed(topology_b
     assert await _lookups(topology_bus, A_LABEL) == (True, True)
     assert await SuppressionList(topology_bus.js).remove("acme", A_LABEL)
     assert await _lookups(topology_bus, U_LABEL) == (False, False)
+
+
+async def test_two_spellings_of_one_mailbox_in_one_message_are_both_suppressed(topology_bus: Bus) -> None:
+    # "Bob@Bücher.test" and "bob@xn--bcher-kva.test" are two recipients to the ingress (the local
+    # part's case may matter), one mailbox to the suppression list: the batched lookup shares
+    # its keys between them, and must still answer for each, as one get each does.
+    await SuppressionList(topology_bus.js).add(Suppression("acme", U_LABEL, "hard_bounce"), keep_longer=True)
+    recipients = ("Bob@Bücher.test", A_LABEL)
+
+    found = await SuppressionList(topology_bus.js, topology_bus).get_many("acme", recipients)
+
+    single = SuppressionList(topology_bus.js)
+    assert {a.lower() for a in recipients if await single.get("acme", a) is not None} == set(found)
+    kept, dropped = without_suppressed(Job("m1-0", "xn--bcher-kva.test", recipients), found)
+    assert kept.recipients == () and dropped == recipients
