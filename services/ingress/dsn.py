@@ -36,7 +36,8 @@ def xtext_decode(value: str) -> str | None:
 
 
 def split_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:
-    """The command argument without the named parameters, and those parameters (names upper-cased).
+    """The command argument without the named parameters, and those parameters (names upper-cased;
+    the value "" for one given more than once).
 
     Parameters follow the path (RFC 5321 4.1.2), which ends at the first '>' outside a quoted
     local part: a parameter value may hold '>' too (an ENVID of "<id@host>"). Without angle
@@ -51,7 +52,9 @@ def split_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]
     for token in rest.split():
         key, eq, value = token.partition("=")
         if key.upper() in names and eq:
-            found[key.upper()] = value
+            # Given twice: no value is taken (as Postfix, which refuses a repeated RET, ENVID,
+            # NOTIFY or ORCPT); an empty one is invalid for every parameter named here.
+            found[key.upper()] = "" if key.upper() in found else value
         else:
             kept.append(token)
     return " ".join([path, *kept]), found
@@ -83,7 +86,7 @@ def _path_end(arg: str) -> int:
 def mail_verdict(params: dict[str, str]) -> tuple[Verdict | None, str, str]:
     """(verdict, RET, decoded ENVID)."""
     ret = params.get("RET", "").upper()
-    if ret and ret not in ("FULL", "HDRS"):
+    if "RET" in params and ret not in ("FULL", "HDRS"):
         return BAD_DSN_PARAMETER, "", ""
     envid = ""
     if "ENVID" in params:

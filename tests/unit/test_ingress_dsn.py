@@ -12,13 +12,17 @@ def test_split_params_keeps_the_rest() -> None:
     assert arg == "FROM:<a@acme.test> SIZE=100"
     assert found == {"RET": "hdrs", "ENVID": "x+2By"}
     assert dsn.split_params("TO:<b@alpha.test>", dsn.RCPT_PARAMS) == ("TO:<b@alpha.test>", {})
+    # A parameter given twice keeps no value: "" is refused for each of them.
+    arg, found = dsn.split_params("TO:<b@alpha.test> NOTIFY=NEVER notify=SUCCESS", dsn.RCPT_PARAMS)
+    assert (arg, found) == ("TO:<b@alpha.test>", {"NOTIFY": ""})
+    assert dsn.rcpt_verdict(found)[0] == dsn.BAD_DSN_PARAMETER
 
 
 def test_mail_parameters() -> None:
     assert dsn.mail_verdict({"RET": "hdrs", "ENVID": "QQ+2B1"}) == (None, "HDRS", "QQ+1")
     assert dsn.mail_verdict({})[0] is None
     bad_envids = ("a+zz", "", "x" * 101, "a+0D+0Ab")  # the last decodes to a line break
-    for bad in ({"RET": "ALL"}, *({"ENVID": value} for value in bad_envids)):
+    for bad in ({"RET": "ALL"}, {"RET": ""}, *({"ENVID": value} for value in bad_envids)):
         assert dsn.mail_verdict(bad)[0] == dsn.BAD_DSN_PARAMETER
 
 
