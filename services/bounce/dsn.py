@@ -1,7 +1,8 @@
 """RFC 3464 delivery status notifications, built as bytes with no I/O.
 
 The DSN is written directly rather than through ``email.message`` so that every byte is under our
-control: CRLF everywhere, no line over 998 octets, and a 7-bit body that any next hop accepts
+control: CRLF everywhere, no line over 998 octets, each delivery-status field but free text on
+one line (as line-by-line bounce readers expect), and a 7-bit body that any next hop accepts
 without 8BITMIME. The one exception is an envelope sender with a non-ASCII local part in ``To:``:
 such a DSN can only be delivered over SMTPUTF8 (its RCPT TO has no ASCII form either), so the
 header carries the UTF-8 address as RFC 6532 allows. A sender whose domain alone is non-ASCII
@@ -45,6 +46,12 @@ DIAGNOSTIC_LOCAL = "x-relais"
 _CRLF = b"\r\n"
 _MAX_LINE = 998
 _FOLD_WIDTH = 78
+# The delivery-status fields folded to _FOLD_WIDTH: free text, whose continuation lines bounce
+# processors join. The others (addresses, hosts, dates, the envelope id) are folded only past
+# _MAX_LINE, as Postfix, Exim and Sendmail write them: readers that go line by line (Sisimai, the
+# common open-source one) take "Final-Recipient: rfc822; <address>" from that one line, and a fold
+# after "rfc822;" left them a DSN naming no recipient.
+_FOLDED_FIELDS = frozenset({"Diagnostic-Code"})
 _TEXT_WIDTH = 76
 # The largest original a RET=FULL DSN returns whole (Postfix's bounce_size_limit): a larger one
 # is returned as its headers, as Postfix does. A DSN is never bounced, so one the sender's MX
@@ -333,7 +340,14 @@ def _delivery_status(
             block.append(("Will-Retry-Until", _date(r.will_retry_until)))
         blocks.append(block)
     # Blocks are separated by one blank line; the part ends after the last block's CRLF.
-    return _CRLF.join(_lines(line for name, value in b for line in _fold(name, value)) for b in blocks)
+    return _CRLF.join(
+        _lines(
+            line
+            for name, value in b
+            for line in _fold(name, value, width=_FOLD_WIDTH if name in _FOLDED_FIELDS else _MAX_LINE)
+        )
+        for b in blocks
+    )
 
 
 def _returned_part(original_headers: bytes, full_message: bytes | None) -> bytes:
@@ -449,8 +463,8 @@ def _printable(text: str) -> str:
     )
 
 
-def _fold(name: str, value: str) -> list[str]:
-    """Fold ``name: value`` at spaces so lines stay near 78 and never exceed 998 octets.
+def _fold(name: str, value: str, *, width: int = _FOLD_WIDTH) -> list[str]:
+    """Fold ``name: value`` at spaces so lines stay near ``width`` and never exceed 998 octets.
 
     Unfolding restores the value exactly, except that a single word longer than a whole line
     must be split and reads back with a space inside it.
@@ -463,7 +477,7 @@ def _fold(name: str, value: str) -> list[str]:
     lines = [f"{name}:"]
     started = False
     for word in words:
-        if started and word and len(lines[-1]) + 1 + len(word) > _FOLD_WIDTH:
+        if started and word and len(lines[-1]) + 1 + len(word) > width:
             lines.append(f" {word}")
         else:
             lines[-1] += f" {word}"
