@@ -102,9 +102,7 @@ def no_public_address(
     """No MX host of the route has an address delivery may connect to (delivery.public_mx_only):
     like a host that does not exist, no retry changes that until the domain's DNS does."""
     text = f"No public address: MX host {', '.join(hosts)} has only non-public addresses"
-    if not_found or no_address:
-        text += f"; host not found: {_unresolved(not_found, no_address)}"
-    return Reply(550, "5.4.4", text, "DNS")
+    return Reply(550, "5.4.4", text + _unresolved_notes(not_found, no_address), "DNS")
 
 
 def _unresolved(not_found: Sequence[str], no_address: Sequence[str]) -> str:
@@ -114,6 +112,12 @@ def _unresolved(not_found: Sequence[str], no_address: Sequence[str]) -> str:
     if no_address:
         parts.append(f"MX host {', '.join(no_address)} has no address record")
     return "; ".join(parts)
+
+
+def _unresolved_notes(not_found: Sequence[str], no_address: Sequence[str]) -> str:
+    """What a reply about other hosts adds for the ones DNS gave no address."""
+    text = f"; host not found: {', '.join(not_found)}" if not_found else ""
+    return text + (f"; no address record: {', '.join(no_address)}" if no_address else "")
 
 
 async def send_job(
@@ -226,10 +230,8 @@ async def send_job(
         outcomes = [Bounced(r, reply) for r in recipients]
     else:
         # Deferred for the hosts that may answer later; the ones that cannot are named.
-        if not_found:
-            last = replace(last, text=f"{last.text}; host not found: {', '.join(not_found)}")
-        if no_address:
-            last = replace(last, text=f"{last.text}; no address record: {', '.join(no_address)}")
+        if not_found or no_address:
+            last = replace(last, text=last.text + _unresolved_notes(not_found, no_address))
         if not_public:
             last = replace(last, text=f"{last.text}; no public address: {', '.join(not_public)}")
         outcomes = [Deferred(r, last) for r in recipients]
