@@ -6,7 +6,8 @@ Answers are classified once here into what they mean for mail: records, "definit
 The cache is dnspython's LRU cache with two operator caps: a record's TTL is honoured but never
 beyond `cache_max_ttl` (a mistyped week-long TTL must not pin a dead MX), and negative answers
 (NXDOMAIN, no data; TTL from the zone's SOA per RFC 2308) at most `negative_ttl`. Temporary
-failures are never cached, so a SERVFAIL heals as soon as the authority does.
+failures are never cached, so a SERVFAIL heals as soon as the authority does. `cache_size`
+counts an answer once per `ANSWER_OCTETS` of its DNS message, so that it bounds memory too.
 
 Lookups that miss the cache together share one query: when a busy domain's answer expires,
 every job in flight for it misses at once, and each would otherwise ask the same question.
@@ -42,23 +43,64 @@ class NoSuchDomain(Exception):
     """NXDOMAIN: the name does not exist."""
 
 
+# A cached answer counts once per this many octets (started) of the DNS message it came in. A
+# message may hold 64 KiB: a few thousand MX records, 1.25 MB once parsed, that a zone anyone can
+# set up serves for every name under it. Counted once each, like the few hundred octets of an
+# answer mail needs, `cache_size` of them would outgrow any process.
+ANSWER_OCTETS = 512
+
+
+def answer_weight(answer: dns.resolver.Answer) -> int:
+    """How many of `cache_size` a cached answer takes: 1, or more for a large one."""
+    wire = getattr(answer.response, "wire", None) or b""
+    return max(1, -(-len(wire) // ANSWER_OCTETS))
+
+
 class CappedCache(dns.resolver.LRUCache):
-    """LRU answer cache whose entries expire at min(record TTL, cap); negative ones at a lower cap."""
+    """LRU answer cache whose entries expire at min(record TTL, cap); negative ones at a lower cap.
+
+    `max_size` bounds the answers held counted by `answer_weight`, not one each."""
 
     def __init__(self, max_size: int, max_ttl: float, negative_ttl: float) -> None:
         super().__init__(max_size)
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
+        self.weight = 0  # of the answers held
+        self._weights: dict[dns.resolver.CacheKey, int] = {}
         # What `query` made of a cached answer, by (name, type), until that answer expires: a hit
         # through dnspython still builds names, a resolution and, for "no data", an exception
-        # (a fifth of the router's and a tenth of delivery's CPU per message went there).
-        self.decoded: dict[tuple[str, str], tuple[float, list[dns.rdata.Rdata] | None]] = {}
+        # (a fifth of the router's and a tenth of delivery's CPU per message went there). It
+        # holds the answers' records too, so it is bounded by their weight as well.
+        self.decoded: dict[tuple[str, str], tuple[float, list[dns.rdata.Rdata] | None, int]] = {}
+        self.decoded_weight = 0
 
         self._asking: dict[tuple[str, str], asyncio.Task[list[dns.rdata.Rdata] | None]] = {}
 
     def flush(self, key: dns.resolver.CacheKey | None = None) -> None:
         super().flush(key)
+        with self.lock:
+            if key is None:
+                self._weights.clear()
+                self.weight = 0
+            else:
+                self.weight -= self._weights.pop(key, 0)
         self.decoded.clear()
+        self.decoded_weight = 0
+
+    def get(self, key: dns.resolver.CacheKey) -> dns.resolver.Answer | None:
+        answer = super().get(key)
+        if answer is None:
+            with self.lock:
+                if key not in self.data:  # expired, and let go by dnspython
+                    self.weight -= self._weights.pop(key, 0)
+        return answer
+
+    def _drop(self, key: dns.resolver.CacheKey) -> None:
+        # The caller holds the lock.
+        node = self.data.pop(key, None)
+        if node is not None:
+            node.unlink()
+        self.weight -= self._weights.pop(key, 0)
 
     def asking(
         self, name: str, rdtype: str, ask: Callable[[], Coroutine[Any, Any, list[dns.rdata.Rdata] | None]]
@@ -80,11 +122,22 @@ class CappedCache(dns.resolver.LRUCache):
             task.exception()  # retrieved here too, in case every caller was cancelled meanwhile
 
     def remember(
-        self, name: str, rdtype: str, expiration: float, result: list[dns.rdata.Rdata] | None
+        self,
+        name: str,
+        rdtype: str,
+        expiration: float,
+        result: list[dns.rdata.Rdata] | None,
+        weight: int = 1,
     ) -> None:
-        if len(self.decoded) >= self.max_size:
-            self.decoded.clear()  # rare (max_size distinct names live at once): start afresh
-        self.decoded[(name, rdtype)] = (expiration, result)
+        if weight > self.max_size:
+            return  # not cached by dnspython either
+        old = self.decoded.pop((name, rdtype), None)
+        self.decoded_weight -= old[2] if old else 0
+        if self.decoded_weight + weight > self.max_size:
+            self.decoded.clear()  # rare (a full cache of live answers): start afresh
+            self.decoded_weight = 0
+        self.decoded[(name, rdtype)] = (expiration, result, weight)
+        self.decoded_weight += weight
 
     def recall(self, name: str, rdtype: str) -> tuple[bool, list[dns.rdata.Rdata] | None]:
         hit = self.decoded.get((name, rdtype))
@@ -108,6 +161,16 @@ class CappedCache(dns.resolver.LRUCache):
         negative = value.rrset is None or key[1] == dns.rdatatype.ANY
         cap = self.negative_ttl if negative else self.max_ttl
         value.expiration = min(value.expiration, time.time() + cap)
+        weight = answer_weight(value)
+        with self.lock:
+            self._drop(key)
+            if weight > self.max_size:
+                return  # larger than the whole cache: asked again each time
+            while self.data and self.weight + weight > self.max_size:
+                self._drop(self.sentinel.prev.key)  # least recently used first
+            self._weights[key] = weight
+            self.weight += weight
+        # Never evicts now: the answers held weigh at least one each.
         super().put(key, value)
 
 
@@ -167,7 +230,7 @@ async def _ask(
     else:
         result = list(answer)
         if cache is not None:
-            cache.remember(name, rdtype, answer.expiration, result)
+            cache.remember(name, rdtype, answer.expiration, result, answer_weight(answer))
         return list(result)
     if cache is not None:
         # A negative answer expires when dnspython's cached copy does (SOA TTL, capped).

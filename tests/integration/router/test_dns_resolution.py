@@ -156,6 +156,35 @@ async def test_nxdomain_is_cached_negatively_within_the_cap(dns_server: DNSServe
     assert (await resolve_mx(resolver, "later.test")).hosts == ("mx.later.test",)
 
 
+async def test_large_answers_take_their_size_in_the_cache(dns_server: DNSServer) -> None:
+    # A zone anyone can set up may answer with 64 KiB of MX records (1.25 MB once parsed), for
+    # as many names as it likes. Each answer here is about 22 KB: 40-odd cache places of 512
+    # octets, so a cache of 200 holds four of them, not eight (nor 200).
+    domains = [f"big{n}.test" for n in range(8)]
+    for domain in domains:
+        dns_server.add(domain, "MX", *(f"{10 + i} m{i:04d}.{domain}." for i in range(1000)))
+    dns_server.add("small.test", "MX", "10 mx.small.test.")
+    resolver = _resolver(dns_server, cache_size=200)
+    for domain in domains:
+        assert len((await resolve_mx(resolver, domain)).hosts) == 10
+    await resolve_mx(resolver, "small.test")
+    asked = Counter(dns_server.queries)  # a large answer is asked twice: over UDP, then TCP
+
+    for domain in (domains[-1], "small.test", domains[0]):
+        await resolve_mx(resolver, domain)
+    again = Counter(dns_server.queries) - asked
+    assert again[(domains[-1], "MX")] == 0, "the latest large answer is still cached"
+    assert again[("small.test", "MX")] == 0
+    assert again[(domains[0], "MX")] > 0, "the oldest made room for the later ones"
+
+    tiny = _resolver(dns_server, cache_size=20)  # smaller than one large answer
+    await resolve_mx(tiny, domains[1])
+    asked = Counter(dns_server.queries)
+    await resolve_mx(tiny, domains[1])
+    again = Counter(dns_server.queries) - asked
+    assert again[(domains[1], "MX")] > 0, "an answer larger than the whole cache is not kept"
+
+
 async def test_unicode_domains_are_resolved_by_their_idna_form(dns_server: DNSServer) -> None:
     dns_server.add("bücher.test", "MX", "10 mx.bücher.test.")
     route = await resolve_mx(_resolver(dns_server), "Bücher.test")
