@@ -48,11 +48,9 @@ def order_mx(records: list[tuple[int, str]], rng: random.Random | None = None) -
     shuffled = list(records)
     rng.shuffle(shuffled)
     shuffled.sort(key=lambda r: r[0])
-    seen: list[str] = []
-    for _, host in shuffled:
-        if host not in seen:
-            seen.append(host)
-    return tuple(seen)
+    # Each host once, where it first comes. A dict, not a list scan: a zone may list thousands
+    # of hosts, and every message to the domain is ordered anew (quadratic, 2800 took 50 ms).
+    return tuple(dict.fromkeys(host for _, host in shuffled))
 
 
 def mx_route(records: list[tuple[int, str]], *, ip_literals: bool = True) -> MxRoute:
