@@ -610,7 +610,10 @@ async def open_connection(
                 )
                 # RFC 3207 4.2: what the server offered before TLS is forgotten (aiosmtplib
                 # empties its list), so ask again; else SMTPUTF8 and 8BITMIME look unsupported.
-                await smtp.ehlo()
+                # A refusal is the server's reply, as to any EHLO (TryNextHost for a 421, else
+                # HELO): the handshake worked, so it is no cause to retry in plaintext (Postfix
+                # recurses into its HELO dialogue). A lost session still is, below.
+                await _hello(conn)
             except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
                 # A certificate that fails a check the policy asks for must not turn into
                 # plaintext, which no one checks: that would reward whoever broke the handshake.
