@@ -3,8 +3,10 @@
 Discovery is the `_mta-sts.<domain>` TXT record ("v=STSv1; id=..."); the policy itself comes
 over HTTPS with a verified certificate from a URL template (`delivery.mta_sts_url`, normally
 https://mta-sts.{domain}/.well-known/mta-sts.txt) so tests can serve it on loopback. A policy
-is cached until its max_age and re-fetched when the TXT id changes; a failed refresh keeps the
-cached policy (section 5.1), and no policy at all means opportunistic TLS.
+is cached until its max_age and re-fetched when the TXT id changes, or when it is in use and
+REFRESH_AFTER (a day) or half its max_age old (section 3.3: refreshed before it expires, so that
+it does not lapse max_age after its first fetch for whoever blocks the policy host then); a
+failed refresh keeps the cached policy (section 5.1), and no policy at all means opportunistic TLS.
 
 The fetch is asyncio all the way, with no worker thread, under one deadline (`timeout`, the
 delivery connect_timeout): the policy host's lookup, the connection, TLS, the request and the
@@ -38,6 +40,7 @@ MAX_HEAD_BYTES = 16 * 1024  # status line and headers of the policy response
 MAX_POLICY_ADDRESSES = 3  # of the policy host's, tried in turn within the one deadline
 CLOSE_GRACE = 1.0  # for the TLS close after a complete response
 MAX_AGE_CAP = 31557600  # RFC 8461: at most one year
+REFRESH_AFTER = 86400.0  # RFC 8461 3.3: "a suggested refresh frequency is once per day"
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +244,12 @@ class MtaSts:
             return None
         return hit[0]
 
+    def _young(self, domain: str, now: float) -> bool:
+        """Whether the cached policy of `domain` is too recent to be refreshed: younger than a day
+        and than half its max_age (a policy for a day is refreshed before it lapses too)."""
+        hit = self._cache.get(domain)
+        return hit is not None and now - hit[1] < min(REFRESH_AFTER, hit[0].max_age / 2)
+
     async def policy(self, domain: str) -> StsPolicy | None:
         domain = domain.lower().rstrip(".")
         now = time.time()
@@ -253,7 +262,7 @@ class MtaSts:
         policy_id = parse_txt(txts)
         if policy_id is None:
             return cached
-        if cached is not None and cached.id == policy_id:
+        if cached is not None and cached.id == policy_id and self._young(domain, now):
             return cached
         key = (domain, policy_id)
         failed_at = self._failed.get(key)
