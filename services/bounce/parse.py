@@ -19,7 +19,8 @@ from email.generator import BytesGenerator
 from email.header import Header, decode_header
 from email.message import Message
 
-from flufl.bounce import all_failures
+from flufl.bounce._detectors.llnl import LLNL
+from flufl.bounce._scan import _DETECTORS as FLUFL_DETECTORS
 
 from services.bounce.classify import DEFAULT_RULES, BounceCategory, BounceRule, classify
 
@@ -35,6 +36,25 @@ def reply_in_text(text: str) -> re.Match[str] | None:
     return _REPLY_IN_TEXT.search(_ADDRESS_LITERAL.sub(" ", text))
 
 
+# flufl.bounce's detectors in its order, but for its last, written for one laboratory's sendmail of
+# 2001, whose only mark is a line holding ", <address>,". Any prose has such lines, an
+# out-of-office reply's too ("this mailbox, jane@example.com, is no longer monitored"), and what it
+# finds is a permanent failure: an automatic reply to the return path (RFC 3834) came out a
+# bounce, and had the recipient suppressed when the words around read as a dead mailbox. flufl
+# offers no public way to leave a detector out; constraints.txt pins it, and the tests name this one.
+_DETECTORS = tuple(d for d in FLUFL_DETECTORS if d is not LLNL)
+
+
+def _failures(msg: Message) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    """flufl.bounce's `all_failures` without that detector: (temporary, permanent) as the first
+    detector that names anyone reads them."""
+    for detector in _DETECTORS:
+        temporary, permanent = detector().process(msg)
+        if temporary or permanent:
+            return frozenset(temporary), frozenset(permanent)
+    return frozenset(), frozenset()
+
+
 _STATUS_IN_TEXT = re.compile(r"(?<![\d.])#?([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 # RFC 6533's message/global* types are what Postfix and Exim write for mail sent with SMTPUTF8.
 _RETURNED = frozenset(
@@ -46,6 +66,8 @@ _RETURNED = frozenset(
         "message/global-headers",
     }
 )
+# An RFC 5322 comment without nested ones: all a DSN field's value is seen to carry.
+_COMMENT = re.compile(r"\([^()]*\)")
 _DSN_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
 _IDENTITY_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
 # What only a delay warning says (Exim, Gmail, Exchange, sendmail, Symantec wordings): read in
@@ -129,7 +151,7 @@ def parse_bounce(msg: Message, rules: Sequence[BounceRule] = DEFAULT_RULES) -> P
         if recipients:
             return ParsedBounce("dsn", recipients, _untype(per_message.get("Reporting-MTA", "")), original)
     try:
-        temporary, permanent = all_failures(msg)
+        temporary, permanent = _failures(msg)
     except Exception:  # flufl's heuristics meet arbitrary mail; never let one crash the consumer
         temporary, permanent = set(), set()
     if not temporary and not permanent:
@@ -206,7 +228,9 @@ def _dsn_recipient(block: Message, rules: Sequence[BounceRule]) -> FailedRecipie
     # Final-Recipient may be an alias it expanded to. Prefer the former, keep both.
     final = _address(block.get("Final-Recipient", ""))
     original = _address(block.get("Original-Recipient", ""))
-    action = str(block.get("Action", "")).strip().lower()
+    # A comment may follow the value, as in any structured field ("failed (Bad destination
+    # mailbox address)"): without it, the Status and Diagnostic-Code were thrown away.
+    action = " ".join(_COMMENT.sub(" ", str(block.get("Action", ""))).split()[:1]).lower()
     if not (final or original) or action not in ("failed", "delayed"):
         return None
     status = str(block.get("Status", "")).strip().split(" ")[0]

@@ -110,11 +110,17 @@ async def stack_with_inbound_listener(
 
 async def bounce_over_smtp(inbound: tuple[str, int], return_path: str, recipient: str) -> None:
     """What the recipient's MTA does days later: a DSN to the return path it was given."""
+    await mail_over_smtp(inbound, return_path, postfix_dsn(to=return_path, recipient=recipient))
+
+
+async def mail_over_smtp(inbound: tuple[str, int], rcpt: str, raw: bytes) -> None:
+    """Any message to the inbound listener, from the null sender as bounces and automatic
+    replies come (RFC 3834)."""
 
     def send() -> None:
         with smtplib.SMTP(*inbound, timeout=30) as client:
             client.ehlo("mx.alpha.test")
-            client.sendmail("", [return_path], postfix_dsn(to=return_path, recipient=recipient))
+            client.sendmail("", [rcpt], raw)
 
     await asyncio.to_thread(send)
 
