@@ -57,7 +57,7 @@ from services.core.addresses import domain_key
 from services.core.bus import WRONG_LAST_SEQUENCE, Bus
 from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDecodeError
 from services.core.events import Event
-from services.core.outcome import Bounced, Reply
+from services.core.outcome import ADMIN_STAGE, Bounced, Reply
 from services.core.schedule import parse_at, rfc3339
 from services.core.topology import (
     BOUNCE_STREAM,
@@ -70,8 +70,6 @@ from services.core.topology import (
 )
 
 log = logging.getLogger(__name__)
-
-ADMIN_COMMAND = "ADMIN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +85,7 @@ class Scheduled:
 
 
 def admin_bounce_reply(reason: str) -> Reply:
-    return Reply(550, "5.0.0", f"Bounced by the administrator: {reason or 'no reason given'}", ADMIN_COMMAND)
+    return Reply(550, "5.0.0", f"Bounced by the administrator: {reason or 'no reason given'}", ADMIN_STAGE)
 
 
 def matches_site(env: Envelope, site: str) -> bool:

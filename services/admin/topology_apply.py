@@ -59,8 +59,10 @@ def declaring(config: Config) -> Config:
     return replace(config, nats={"declare_topology": True})
 
 
-async def apply(config: Config, *, attempts: int = 10) -> int:
-    """Apply once, waiting a little for NATS; exit status 0 once applied."""
+async def apply(config: Config, *, attempts: int = 1) -> int:
+    """Apply once; exit status 0 once applied. An operator's command: NATS unreachable, it
+    gives up after `connect`'s own rounds (seconds), as every admin command does, instead of
+    trying again for a minute (the relais-topology pod, `--serve`, is the one that waits)."""
     bus = await start_bus(declaring(config), "relais-topology", attempts=attempts)
     await bus.close()
     print(f"topology applied at {config.nats.url}")
@@ -75,6 +77,9 @@ async def apply_and_serve(config: Config) -> int:
 def main(config: Config, *, keep_serving: bool) -> int:
     if keep_serving:
         return asyncio.run(apply_and_serve(config))
+    # The transport logs each failed connect, which is noise on an operator's terminal: the
+    # failure is said once, below (as `commands.run_against_nats` has it for the others).
+    logging.basicConfig(level=logging.ERROR)
     try:
         return asyncio.run(apply(config))
     except Exception as exc:

@@ -9,9 +9,12 @@ import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 
-from services.core.bus import connect
-from services.core.config import Config, parse_duration
+from nats.js import JetStreamContext
+
+from services.core.bus import connect, is_kv_delete, leader_last
+from services.core.config import Config, parse_duration, valid_name
 from services.core.suppression import Suppression, SuppressionList
+from services.core.topology import ACCOUNTS_BUCKET, kv_stream, kv_subject
 
 REASONS = ("manual", "hard_bounce", "complaint")
 
@@ -39,22 +42,36 @@ def _expiry(value: str) -> float:
     return seconds
 
 
-def _usage_error(config: Config, args: argparse.Namespace) -> str:
+def _usage_error(args: argparse.Namespace) -> str:
     """What makes this command line unusable before anything is asked of NATS; "" when nothing."""
-    if args.account not in config.accounts and not args.force:
-        return f"unknown account {args.account!r} (use --force to manage it anyway)"
     if args.action != "list" and not args.address:
         return f"suppression {args.action} needs an address"
     return ""
 
 
+async def _known_account(js: JetStreamContext, config: Config, account: str) -> bool:
+    """Whether the account exists: in the config file, or in KV, where `relais account add`
+    writes the accounts (the file only seeds them). Read through the stream leader, which the
+    bounce pod's NATS user may (it may not direct-get account records)."""
+    if account in config.accounts:
+        return True
+    if not valid_name(account):  # no KV key, and a wildcard would match someone else's record
+        return False
+    record = await leader_last(js, kv_stream(ACCOUNTS_BUCKET), kv_subject(ACCOUNTS_BUCKET, account))
+    return record is not None and not is_kv_delete(record) and bool(record.data)
+
+
 async def run(config: Config, args: argparse.Namespace) -> int:
-    refused = _usage_error(config, args)
+    refused = _usage_error(args)
     if refused:
         print(f"relais: {refused}", file=sys.stderr)
         return 2
     bus = await connect(config.nats, "relais-admin")
     try:
+        if not args.force and not await _known_account(bus.js, config, args.account):
+            unknown = f"unknown account {args.account!r} (use --force to manage it anyway)"
+            print(f"relais: {unknown}", file=sys.stderr)
+            return 2
         suppression = SuppressionList(bus.js)
         if args.action == "list":
             entries = await suppression.list(args.account)
@@ -95,6 +112,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="", help="who or what asked for it (default: operator)")
     p.add_argument("--expires", type=_expiry, default=0.0, help="e.g. 30d; default: never")
     p.add_argument("--json", action="store_true", help="list as JSON lines")
-    p.add_argument("--force", action="store_true", help="allow an account not in the config")
+    p.add_argument("--force", action="store_true", help="allow an account neither in the config nor in KV")
     p.add_argument("--config", "-c", help="TOML config file (default: $RELAIS_CONFIG)")
     p.add_argument("--nats-url", help="override nats.url")

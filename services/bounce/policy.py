@@ -10,7 +10,7 @@ from services.bounce.classify import BounceCategory, BounceRule, classify, is_ha
 from services.core.addresses import printable_ascii
 from services.core.config import BounceConfig
 from services.core.envelope import Envelope
-from services.core.outcome import Bounced, Reply
+from services.core.outcome import ADMIN_STAGE, Bounced, Reply
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,16 @@ def suppresses(env: Envelope, failure: Bounced, category: BounceCategory) -> boo
 
     Only mail from senders counts: a DSN failing says something about a sender, not a recipient.
     An expiry never counts: its 5xx is Relais giving up on temporary failures, not an MX's verdict.
+    Nor does an operator's `relais bounce-queue`: its reason is free text for the DSN ("mailbox
+    unavailable for maintenance" reads as a dead address), and it judges a queue, not an address.
     """
-    return env.kind == "message" and not failure.expired and failure.reply.is_permanent and is_hard(category)
+    return (
+        env.kind == "message"
+        and not failure.expired
+        and failure.reply.command != ADMIN_STAGE
+        and failure.reply.is_permanent
+        and is_hard(category)
+    )
 
 
 def suppression_expiry(config: BounceConfig, now: float | None = None) -> float:

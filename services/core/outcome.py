@@ -9,8 +9,10 @@ from typing import Any
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
+# `Reply.command` of a bounce the operator ordered (`relais bounce-queue`): no MX said anything.
+ADMIN_STAGE = "ADMIN"
 # `Reply.command` values that name a decision made inside Relais, not an SMTP stage.
-LOCAL_STAGES = frozenset({"DNS", "QUEUE", "ADMIN"})
+LOCAL_STAGES = frozenset({"DNS", "QUEUE", ADMIN_STAGE})
 
 
 @dataclass(frozen=True, slots=True)

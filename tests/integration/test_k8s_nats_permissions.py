@@ -454,6 +454,8 @@ OPERATOR_COMMANDS = [
     ("admin", ("account", "disable", "newsletter")),
     ("ingress", ("account", "enable", "newsletter")),
     ("bounce", ("suppression", "add", "gone@alpha.test", "--account", ACCOUNT)),
+    # An account made with `relais account add` is in KV only: the bounce user reads its record.
+    ("bounce", ("suppression", "add", "gone@news.test", "--account", "newsletter")),
     ("delivery", ("pause", "pool", "default", "--reason", "maintenance")),
     ("delivery", ("resume", "pool", "default")),
     ("delivery", ("requeue", "all")),

@@ -1,16 +1,18 @@
 """`relais suppression` used wrongly: one line on stderr, a non-zero exit status, no traceback, and
-nothing written to the suppression list."""
+nothing written to the suppression list; and an account that only looks unknown to it (one in
+KV, not in the config file) is not refused."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from services.core.embedded import EmbeddedNats
 from tests.integration.bounce.test_suppression_cli import relais
-from tests.support.relais import config_to_toml, make_config
+from tests.support.relais import REPO, config_to_toml, make_config
 
 
 @pytest.fixture
@@ -45,3 +47,22 @@ def test_an_unknown_account_is_refused_on_stderr(config_path: Path) -> None:
 @pytest.mark.parametrize("action", ["add", "remove", "check"])
 def test_an_action_without_an_address_is_refused_on_stderr(config_path: Path, action: str) -> None:
     assert_refused(relais(config_path, action, "--account", "acme"), 2, "needs an address")
+
+
+def test_an_account_added_with_relais_account_is_known(config_path: Path) -> None:
+    """Accounts live in KV once the cluster runs (the file's `[accounts.*]` only seed it), and
+    `relais account add` is how an operator makes one: its suppression list is managed without
+    `--force`, which would also let a mistyped account through."""
+    command = ["account", "add", "shop", "--password", "pw-for-shop", "--config", str(config_path)]
+    added = subprocess.run(
+        [sys.executable, "-m", "services.cli", *command],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    suppressed = relais(config_path, "add", "x@alpha.test", "--account", "shop")
+    assert suppressed.returncode == 0, suppressed.stderr
+    assert relais(config_path, "check", "x@alpha.test", "--account", "shop").returncode == 0
+    assert_refused(relais(config_path, "list", "--account", "shops"), 2, "unknown account 'shops'")
