@@ -69,23 +69,11 @@ def test_a_feedback_report_still_counts_when_sent_to_the_feedback_address() -> N
     assert [(f.kind, f.recipient) for f in verdict.findings] == [("complained", "angry@gamma.test")]
 
 
-def test_an_out_of_office_reply_to_the_return_path_is_no_bounce() -> None:
-    to = _rp(["jane@alpha.test"])
-    raw = (
-        "From: Jane <jane@alpha.test>\r\n"
-        f"To: {to}\r\n"
-        "Subject: Automatic reply: Hello\r\n"
-        "Auto-Submitted: auto-replied\r\n"
-        "\r\n"
-        "I am out of the office until Monday. Mail to jane@alpha.test is read on my return;\r\n"
-        "my mailbox is full, so please resend anything urgent to desk@alpha.test.\r\n"
-    ).encode()
-    assert findings(raw, [to], CONFIG, DEFAULT_RULES).findings == []
-
-
 @pytest.mark.parametrize(
     "body",
     [
+        "I am out of the office until Monday. Mail to jane@alpha.test is read on my return;\r\n"
+        "my mailbox is full, so please resend anything urgent to desk@alpha.test.",
         # An address between commas was all flufl.bounce's LLNL detector wanted to see a failure.
         "I am away until 5 June. For urgent matters, jane@alpha.test, please call the desk.",
         "Thank you for your message. I have left Alpha; this mailbox, jane@alpha.test, is no longer active.",
@@ -93,7 +81,7 @@ def test_an_out_of_office_reply_to_the_return_path_is_no_bounce() -> None:
         "Hello, jane@alpha.test, here is our news.",
     ],
 )
-def test_an_auto_reply_naming_its_address_between_commas_is_no_bounce(body: str) -> None:
+def test_an_auto_reply_to_the_return_path_is_no_bounce(body: str) -> None:
     to = _rp(["jane@alpha.test"])
     raw = (
         "From: Jane <jane@alpha.test>\r\n"
