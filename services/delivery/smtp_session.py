@@ -569,7 +569,8 @@ async def open_connection(
     """Connect from the source IP, EHLO, and STARTTLS as the policy demands; raises TryNextHost.
 
     `reconnect` is awaited before a second connection (plaintext, after an opportunistic
-    STARTTLS failed), so that it is paced as a new connection too."""
+    STARTTLS handshake failed), so that it is paced as a new connection too. A STARTTLS the
+    server refuses needs none (`_starttls`)."""
     smtp = aiosmtplib.SMTP(
         hostname=address,
         port=settings.port,
@@ -605,9 +606,8 @@ async def open_connection(
         if offered and (settings.starttls or policy.require):
             verify = policy.verify
             try:
-                await smtp.starttls(
-                    tls_context=client_tls_context(verify, settings.tls_ca_file), server_hostname=host
-                )
+                if not await _starttls(conn, client_tls_context(verify, settings.tls_ca_file), policy):
+                    return conn  # refused: plaintext on this connection, as if not offered
                 # RFC 3207 4.2: what the server offered before TLS is forgotten (aiosmtplib
                 # empties its list), so ask again; else SMTPUTF8 and 8BITMIME look unsupported.
                 # A refusal is the server's reply, as to any EHLO (TryNextHost for a 421, else
@@ -647,6 +647,29 @@ async def open_connection(
             Reply(421, "4.4.2", f"{host}[{address}] lost during greeting: {exc!r}", "EHLO")
         ) from exc
     return conn
+
+
+async def _starttls(conn: Connection, context: ssl.SSLContext, policy: TlsPolicy) -> bool:
+    """STARTTLS and the handshake; False when the server refused the command and the session
+    goes on in plaintext. A refusal is the server's reply, not a failed handshake (Postfix,
+    smtp_helo): a 421, or a refusal followed by a hang-up, ends the try on this host, as does
+    any refusal when TLS is required (TryNextHost, remote). Otherwise the connection is still
+    in step after the refusal, so it carries the message in plaintext, as it would had the
+    server not offered STARTTLS: no second connection, and no memory of a broken TLS (the
+    server's answer may differ next time, and asking costs one round trip). Any other failure
+    (handshake, lost connection, a reply that is neither 220 nor a refusal) is raised as is."""
+    smtp = conn.smtp
+    try:
+        await smtp.starttls(tls_context=context, server_hostname=conn.host)
+        return True
+    except aiosmtplib.SMTPResponseException as exc:
+        if not 400 <= exc.code < 600:
+            raise
+        refusal = _reply_of(exc, "STARTTLS")
+        if exc.code == 421 or not smtp.is_connected or policy.require:
+            raise TryNextHost(refusal, remote=True) from exc
+    log.info("%s[%s] refused STARTTLS (%s); going on in plaintext", conn.host, conn.address, refusal)
+    return False
 
 
 async def _hello(conn: Connection) -> None:
