@@ -212,6 +212,9 @@ class NoPublicAddress(Exception):
 # applies meanwhile, as RFC 8461 5.1 has it for a failed refresh).
 FAILED_FETCH_MEMORY = 300.0
 _FAILED_MAX = 10_000
+# Policies kept per worker (each may hold up to MAX_POLICY_BYTES of mx patterns): past it, the
+# expired ones go, then those fetched longest ago (a policy in use is fetched again daily).
+_CACHE_MAX = 10_000
 
 
 class MtaSts:
@@ -231,6 +234,7 @@ class MtaSts:
         self._url = url_template
         self._context = context
         self._timeout = timeout
+        # domain -> (policy, when fetched), in the order fetched: the oldest first.
         self._cache: dict[str, tuple[StsPolicy, float]] = {}
         # (domain, policy id) -> when fetching it last failed. Without it, every message to a
         # domain whose policy host hangs waited the whole fetch timeout again, in a thread.
@@ -240,7 +244,10 @@ class MtaSts:
 
     def _cached(self, domain: str, now: float) -> StsPolicy | None:
         hit = self._cache.get(domain)
-        if hit is None or now - hit[1] > hit[0].max_age:
+        if hit is None:
+            return None
+        if now - hit[1] > hit[0].max_age:
+            del self._cache[domain]  # expired: no use for it any more (RFC 8461 5.1)
             return None
         return hit[0]
 
@@ -295,8 +302,20 @@ class MtaSts:
             self._failed[(domain, policy_id)] = now
             return None
         self._failed.pop((domain, policy_id), None)
-        self._cache[domain] = (policy, now)
+        self._store(domain, policy, now)
         return policy
+
+    def _store(self, domain: str, policy: StsPolicy, now: float) -> None:
+        """Cache `policy` as the newest; at _CACHE_MAX, the expired policies go (never used
+        again: `_cached`), then those fetched longest ago (one in use is fetched again within a
+        day, or half its max_age, of its last fetch: `_young`)."""
+        self._cache.pop(domain, None)  # re-inserted at the end: the dict keeps fetch order
+        if len(self._cache) >= _CACHE_MAX:
+            for stale in [d for d, (p, at) in self._cache.items() if now - at > p.max_age]:
+                del self._cache[stale]
+            while len(self._cache) >= _CACHE_MAX:
+                del self._cache[next(iter(self._cache))]
+        self._cache[domain] = (policy, now)
 
     async def _fetch(self, url: str) -> str:
         """The policy text at `url`. One deadline, `timeout`, covers the policy host's lookup,
