@@ -69,6 +69,14 @@ META_WARMUP_DAY = "warmup_day"  # UTC day (YYYY-MM-DD) warm-up counted the pinne
 META_DKIM = "dkim"  # DKIM-Signature field(s), CRLF-terminated (router) -> delivery prepends them
 
 
+# MX hosts a job carries (`Envelope.mx_hosts`), best preference first: the router keeps no more.
+# Every host rides in the envelope of each job and each retry (1500 records made a 297 KB
+# envelope), and delivery never gets through more than a few per attempt anyway (Postfix stops at
+# smtp_mx_address_limit = 5 addresses). A job holding this many may have left out hosts of its
+# domain, so delivery cannot tell from its hosts alone that no MX host of the domain has an address.
+MAX_MX_HOSTS = 10
+
+
 @dataclass(frozen=True, slots=True)
 class BodyRef:
     """Where the message bytes are: inline (small) or an Object Store object (large)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import dns.asyncresolver
 
 from services.core import dns as relais_dns
+from services.core.envelope import MAX_MX_HOSTS
 from services.core.outcome import NO_ROUTE, Bounced, Deferred, Outcome, Reply
 from services.delivery.connections import ConnectionPool
 from services.delivery.draining import Stopping
@@ -90,7 +91,7 @@ MX_ADDRESS_LIMIT = 5
 
 
 def host_not_found(not_found: Sequence[str], no_address: Sequence[str] = ()) -> Reply:
-    """Every MX host of the route is NXDOMAIN or has no A/AAAA record: no retry finds an
+    """Every MX host of the domain is NXDOMAIN or has no A/AAAA record: no retry finds an
     address until the domain's DNS changes. Postfix (smtp_defer_if_no_mx_address_found=no, its
     default) and Exim bounce such mail at once; retrying it for days only delays the bounce."""
     return Reply(550, "5.4.4", f"Host not found: {_unresolved(not_found, no_address)}", "DNS")
@@ -221,7 +222,10 @@ async def send_job(
         if bind_failed:
             break
     outcomes: list[Outcome]
-    if mx_hosts and len(not_found) + len(no_address) + len(not_public) == len(mx_hosts):
+    unusable = bool(mx_hosts) and len(not_found) + len(no_address) + len(not_public) == len(mx_hosts)
+    # A job holds at most MAX_MX_HOSTS of its domain's MX hosts: when it holds that many, a host
+    # left out may have an address, and only a domain whose every MX host was looked up bounces.
+    if unusable and len(mx_hosts) < MAX_MX_HOSTS:
         reply = (
             no_public_address(not_public, not_found, no_address)
             if not_public
@@ -234,6 +238,9 @@ async def send_job(
             last = replace(last, text=last.text + _unresolved_notes(not_found, no_address))
         if not_public:
             last = replace(last, text=f"{last.text}; no public address: {', '.join(not_public)}")
+        if unusable:
+            cut = f"any MX hosts after the best {MAX_MX_HOSTS} not looked up"
+            last = replace(last, text=f"{last.text}; {cut}")
         outcomes = [Deferred(r, last) for r in recipients]
     return AttemptResult(
         outcomes, source_ip=source.address, remote_replies=remote, bind_failed=bind_failed, notes=notes

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import dns.asyncresolver
 
 from services.core import dns as relais_dns
+from services.core.envelope import MAX_MX_HOSTS
 from services.core.outcome import DNS_TEMPFAIL, NO_SUCH_DOMAIN, NULL_MX, Reply
 
 
@@ -31,12 +32,6 @@ class MxRoute:
 # Shuffling needs no fresh generator per domain (seeding one from os.urandom cost more than the
 # shuffle); tests pass their own `rng`.
 _RNG = random.Random()
-
-# MX hosts kept per route, best preference first. Every host rides in the envelope of each job
-# and each retry (1500 records made a 297 KB envelope), and delivery never gets through more
-# than a few per attempt anyway (Postfix stops at smtp_mx_address_limit = 5 addresses).
-# Kept after the shuffle, so when more than 10 hosts share the best preference, which 10 varies.
-MAX_MX_HOSTS = 10
 
 NO_MAIL_HOST = Reply(550, "5.1.2", "Recipient domain has no MX and no address records", "DNS")
 INVALID_DOMAIN = Reply(550, "5.1.2", "Recipient domain is not a valid domain name", "DNS")
@@ -68,6 +63,8 @@ def mx_route(records: list[tuple[int, str]], *, ip_literals: bool = True) -> MxR
             return MxRoute(failure=NO_MAIL_HOST)
     best = min(p for p, _ in records)
     primary = tuple(sorted({h for p, h in records if p == best}))
+    # Cut after the shuffle, so when more than MAX_MX_HOSTS share the best preference, which
+    # ones are kept varies.
     return MxRoute(hosts=order_mx(records)[:MAX_MX_HOSTS], primary=primary)
 
 
