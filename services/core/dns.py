@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from functools import lru_cache
@@ -34,9 +35,21 @@ import dns.resolver
 from services.core import metrics
 from services.core.config import DnsConfig, split_server
 
+log = logging.getLogger(__name__)
+
 
 class DnsTemporaryError(Exception):
-    """SERVFAIL, timeout or no reachable server: the answer may be different later."""
+    """SERVFAIL, timeout or no reachable server: the answer may be different later.
+
+    Its text names the query and the kind of failure, as Postfix's "Name service error for
+    name=... type=MX: ..." does, and never the resolver: it reaches senders (DSNs, delay warnings)
+    and webhooks, and which server answered what (dnspython's text) is for the service's log."""
+
+    def __init__(self, name: str, rdtype: str, kind: str) -> None:
+        super().__init__(f"Name service error for name={name} type={rdtype}: {kind}")
+        self.name = name
+        self.rdtype = rdtype
+        self.kind = kind
 
 
 class NoSuchDomain(Exception):
@@ -226,7 +239,8 @@ async def _ask(
         result = []
     except dns.exception.DNSException as exc:
         # NoNameservers (SERVFAIL/REFUSED everywhere), timeouts, malformed answers.
-        raise DnsTemporaryError(f"{rdtype} {name}: {exc}") from exc
+        log.info("DNS lookup of %s %s failed: %s", name, rdtype, exc)
+        raise temporary_error(name, rdtype, exc) from exc
     else:
         result = list(answer)
         if cache is not None:
@@ -238,6 +252,34 @@ async def _ask(
         if expiration > time.time():
             cache.remember(name, rdtype, expiration, result)
     return result
+
+
+def temporary_error(name: str, rdtype: str, exc: dns.exception.DNSException) -> DnsTemporaryError:
+    """`exc`, a failed lookup of (name, type), told by its kind: "timeout", the rcodes the servers
+    answered ("SERVFAIL", "REFUSED"), "connection refused", "bad answer"."""
+    if isinstance(exc, dns.exception.Timeout):
+        kind = "timeout"
+    elif isinstance(exc, dns.resolver.NoNameservers):
+        # One (server, tcp, port, answer) per try: an rcode's text, or what went wrong.
+        kinds = dict.fromkeys(_answer_kind(error[3]) for error in exc.kwargs.get("errors") or ())
+        kind = ", ".join(kinds) or "no name server to ask"
+    elif isinstance(exc, dns.resolver.YXDOMAIN):
+        kind = "YXDOMAIN"
+    else:
+        kind = "bad answer"
+    return DnsTemporaryError(name, rdtype, kind)
+
+
+def _answer_kind(answer: object) -> str:
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, dns.exception.Timeout):
+        return "timeout"
+    if isinstance(answer, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(answer, OSError | EOFError):
+        return "network error"
+    return "bad answer"
 
 
 def ip_literal(host: str) -> str | None:

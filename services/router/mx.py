@@ -92,8 +92,10 @@ async def resolve_mx(
             return MxRoute(hosts=(name,), primary=(name,))
         return MxRoute(failure=NO_MAIL_HOST)
     except relais_dns.DnsTemporaryError as exc:
-        return MxRoute(
-            failure=Reply(
-                DNS_TEMPFAIL.code, DNS_TEMPFAIL.enhanced_status, f"{DNS_TEMPFAIL.text}: {exc}", "DNS"
-            )
-        )
+        return MxRoute(failure=dns_tempfail(exc))
+
+
+def dns_tempfail(exc: relais_dns.DnsTemporaryError) -> Reply:
+    """The reply to a failed lookup: it names the query and the kind of failure, never the resolver
+    (senders read it in DSNs and webhooks)."""
+    return Reply(DNS_TEMPFAIL.code, DNS_TEMPFAIL.enhanced_status, f"{DNS_TEMPFAIL.text}. {exc}", "DNS")

@@ -17,6 +17,9 @@ async def test_servfail_defers_then_delivers_after_recovery(make_stack, make_sin
     await asubmit_many(stack.smtp_address, [(f"news@{SENDER_DOMAIN}", ["f@flaky.test"], message())])
     (deferred, *_) = await wait_for_events(stack.config.nats.url, "deferred", 1)
     assert deferred.reply is not None and deferred.reply["enhanced"] == DNS_TEMPFAIL.enhanced_status
+    # What senders and webhooks read names the query, not the resolver.
+    assert "name=flaky.test type=MX: SERVFAIL" in deferred.reply["text"]
+    assert f"@{zone.port}" not in deferred.reply["text"]
     assert sink.messages == []
     zone.set_servfail("flaky.test", enabled=False)
     (got,) = await sink.async_wait_for(1, timeout=30)
