@@ -150,6 +150,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+SITE_HELP = (
+    "site, as the router names it and `relais status` lists it (a [sites] rule's name, else the"
+    " registrable part of the primary MX host: alpha.test for mx1.alpha.test; never an MX host),"
+    " or recipient domain"
+)
+
+
 # The site names delivery's shaping rules give (`relais` wires delivery's reader of them in).
 ShapingSites = Callable[[Config], Collection[str]]
 
@@ -204,8 +211,15 @@ def _no_site(args: argparse.Namespace) -> bool:
     return True
 
 
+def _hint_unmatched(done: Collection[object], hint: str) -> None:
+    """After a run that found nothing: what the site was matched against, on stderr. The exit
+    status stays 0 (nothing to do is no failure)."""
+    if not done and hint:
+        print(f"relais: {hint}", file=sys.stderr)
+
+
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from services.admin.queue import requeue
+    from services.admin.queue import requeue, unmatched_hint
 
     if _no_site(args):
         return 2
@@ -215,13 +229,14 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         for job in done:
             print(f"requeued {job.envelope.key}  {', '.join(job.envelope.recipients)}")
         print(f"{len(done)} deferred job(s) for {args.site} requeued")
+        _hint_unmatched(done, unmatched_hint(args.site))
         return 0
 
     return _with_bus(args, action)
 
 
 def cmd_bounce_queue(args: argparse.Namespace) -> int:
-    from services.admin.queue import bounce_queue
+    from services.admin.queue import bounce_queue, unmatched_hint
 
     if _no_site(args):
         return 2
@@ -231,6 +246,7 @@ def cmd_bounce_queue(args: argparse.Namespace) -> int:
         for job in done:
             print(f"bounced {job.envelope.key}  {', '.join(job.envelope.recipients)}")
         print(f"{len(done)} deferred job(s) for {args.site} bounced: {args.reason}")
+        _hint_unmatched(done, unmatched_hint(args.site))
         return 0
 
     return _with_bus(args, action)
@@ -289,7 +305,7 @@ def register(
 
     p = sub.add_parser("requeue", help="retry deferred mail for a site now ('all' for every site)")
     _common(p)
-    p.add_argument("site", help="MX host (site) or recipient domain")
+    p.add_argument("site", help=SITE_HELP)
     p.set_defaults(func=cmd_requeue)
 
     p = sub.add_parser("topology", help="JetStream streams, consumers and buckets")
@@ -304,6 +320,6 @@ def register(
 
     p = sub.add_parser("bounce-queue", help="bounce deferred mail for a site, with a reason (DSNs are sent)")
     _common(p)
-    p.add_argument("site", help="MX host (site) or recipient domain")
+    p.add_argument("site", help=SITE_HELP)
     p.add_argument("--reason", required=True)
     p.set_defaults(func=cmd_bounce_queue)

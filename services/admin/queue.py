@@ -59,6 +59,7 @@ from services.core.envelope import Attempt, BounceNotice, Envelope, EnvelopeDeco
 from services.core.events import Event
 from services.core.outcome import ADMIN_STAGE, Bounced, Reply
 from services.core.schedule import parse_at, rfc3339
+from services.core.sites import site_of_host
 from services.core.topology import (
     BOUNCE_STREAM,
     DELIVER_STREAM,
@@ -88,14 +89,39 @@ def admin_bounce_reply(reason: str) -> Reply:
     return Reply(550, "5.0.0", f"Bounced by the administrator: {reason or 'no reason given'}", ADMIN_STAGE)
 
 
+_EVERY_SITE = ("*", "all")
+
+
 def matches_site(env: Envelope, site: str) -> bool:
-    """A site is an MX host (after routing) or, for jobs deferred before MX resolution, the domain;
-    in any spelling (case, trailing dot, U-labels): the router stores A-labels. An empty name is
-    no site: jobs deferred before MX resolution have none, and it would match them all."""
+    """`site` names the job's site as the router named it (a `[sites]` rule's name, else the
+    registrable part of the primary MX host; `relais status` lists them) or its recipient domain
+    (the only name of a job deferred before MX resolution); in any spelling (case, trailing dot,
+    U-labels): the router stores A-labels. Never an MX host: one serves many domains, and a host
+    name may be a recipient domain as well. An empty name is no site: jobs deferred before MX
+    resolution have none, and it would match them all."""
     site = domain_key(site)
     if not site:
         return False
-    return site in ("*", "all") or site in (domain_key(env.site), domain_key(env.domain))
+    return site in _EVERY_SITE or site in (domain_key(env.site), domain_key(env.domain))
+
+
+def unmatched_hint(site: str) -> str:
+    """What to tell an operator whose `site` matched no deferred job ("" for every site): what it
+    is matched against, and, for a name that can only be an MX host's, the site its mail is in
+    (`relais pause site` refuses such a name by the same rule). Nothing to do is no failure, as
+    `postqueue -s` says nothing for a destination without mail, but `requeue mx1.example.test`
+    finding nothing must not read as "nothing deferred there"."""
+    name = domain_key(site)
+    if name in _EVERY_SITE:
+        return ""
+    hint = (
+        f"{site} is matched against the site names the router gives (as `relais status` lists them) and"
+        " recipient domains, never MX hosts"
+    )
+    host_site = site_of_host(name)
+    if host_site is not None:
+        hint += f"; mail through the MX host {name} is in site {host_site}, unless a [sites] rule names it"
+    return hint
 
 
 async def _stored(
