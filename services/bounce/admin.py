@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
 
+from services.core.addresses import mailbox_error
 from services.core.bus import connect, is_kv_delete, leader_last
 from services.core.config import Config, parse_duration, valid_name
 from services.core.suppression import Suppression, SuppressionList
@@ -44,8 +45,15 @@ def _expiry(value: str) -> float:
 
 def _usage_error(args: argparse.Namespace) -> str:
     """What makes this command line unusable before anything is asked of NATS; "" when nothing."""
-    if args.action != "list" and not args.address:
+    if args.action == "list":
+        return ""
+    address = (args.address or "").strip()
+    if not address:
         return f"suppression {args.action} needs an address"
+    # Else `add " "` stored an entry for no one, listed as if it suppressed someone.
+    problem = mailbox_error(address)
+    if problem:
+        return f"suppression {args.action}: {address!r} is no mail address: it has {problem}"
     return ""
 
 

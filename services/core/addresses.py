@@ -24,6 +24,30 @@ def is_plain(address: str) -> bool:
     return _PLAIN.fullmatch(address) is not None
 
 
+def mailbox_error(address: str) -> str:
+    """What makes `address` no mailbox a message could have gone to, "" when nothing: a local
+    part and a domain around the last "@" (as `recipient_key` splits them), printable, a space
+    only inside a quoted local part. What a typo or an empty shell variable gives an operator's
+    command (a suppression entry that would stand for no one) is refused; every address the
+    ingress takes passes, UTF-8 (SMTPUTF8), quoted local parts and a domain's root dot included."""
+    if is_plain(address):
+        return ""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "no '@' before a domain"
+    if not local:
+        return "no local part before its '@'"
+    domain = domain_key(domain)
+    if not domain or not all(domain.split(".")):
+        return "no domain after its '@'"
+    if not address.isprintable():  # control characters, and whitespace other than a space
+        return "a control character (or whitespace other than a space)"
+    quoted = len(local) > 1 and local[0] == local[-1] == '"'
+    if " " in domain or (not quoted and (" " in local or "@" in local)):
+        return "a space or an '@' outside a quoted local part"
+    return ""
+
+
 def printable_ascii(value: str) -> bool:
     """Only printable US-ASCII and spaces: what may go into a header field verbatim (a HELO name
     into Received:, ORCPT and ENVID into a DSN), where a CR, LF or NUL would start a new field."""

@@ -66,3 +66,53 @@ def test_an_account_added_with_relais_account_is_known(config_path: Path) -> Non
     assert suppressed.returncode == 0, suppressed.stderr
     assert relais(config_path, "check", "x@alpha.test", "--account", "shop").returncode == 0
     assert_refused(relais(config_path, "list", "--account", "shops"), 2, "unknown account 'shops'")
+
+
+def nothing_listed(config_path: Path) -> bool:
+    listed = relais(config_path, "list", "--account", "acme", "--json")
+    return listed.returncode == 0 and listed.stdout == ""
+
+
+# Not one of these is a mailbox a message went to: stored, each was an entry that suppressed no
+# one (" " one with an empty address), listed as if it stood for someone.
+NO_ADDRESSES = [
+    " ",
+    "nobody",
+    "@alpha.test",
+    "x@",
+    "a b@alpha.test",
+    "x@alpha .test",
+    "x\t@alpha.test",
+    "x@alpha.test\ny",
+]
+
+
+@pytest.mark.parametrize("action", ["add", "remove"])
+@pytest.mark.parametrize("address", NO_ADDRESSES)
+def test_what_is_no_address_is_refused_before_anything_is_written(
+    config_path: Path, action: str, address: str
+) -> None:
+    refused = relais(config_path, action, address, "--account", "acme")
+    assert_refused(refused, 2, "relais: ")
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert nothing_listed(config_path)
+
+
+@pytest.mark.parametrize(
+    ("address", "also"),
+    [
+        ("δοκιμή@παράδειγμα.δοκιμή", "δοκιμή@xn--hxajbheg2az3al.xn--jxalpdlp"),
+        ("x@Alpha.test.", "x@alpha.test"),
+        ('"john doe"@alpha.test', '"john doe"@alpha.test'),
+    ],
+)
+def test_real_addresses_are_still_managed(config_path: Path, address: str, also: str) -> None:
+    """A UTF-8 address (SMTPUTF8), a domain with the root's trailing dot and a quoted local part
+    with a space are addresses the ingress takes: they are suppressed, found in another spelling
+    of the same mailbox, and removed."""
+    added = relais(config_path, "add", address, "--account", "acme")
+    assert added.returncode == 0, added.stderr
+    assert relais(config_path, "check", also, "--account", "acme").returncode == 0
+    removed = relais(config_path, "remove", address, "--account", "acme")
+    assert removed.returncode == 0, removed.stderr
+    assert nothing_listed(config_path)
