@@ -281,7 +281,7 @@ class IngressHandler:
             if verdict:
                 return str(verdict)
             meta[META_POOL] = pool
-        head = block.without(headers.CONTROL_HEADERS) + headers.missing_fields(
+        head = block.without(headers.CONTROL_HEADERS + headers.DROPPED_HEADERS) + headers.missing_fields(
             block, message_id=message_id, hostname=ingress.hostname, now=time.time()
         )
         submission = Submission(

@@ -1,7 +1,7 @@
 """The message header block as bytes: find, strip and add fields without re-encoding anything.
 
 The body and every header Relais does not touch stay byte-for-byte what the sender wrote (DKIM
-signatures of the sender survive).
+signatures of the sender survive: RFC 6376 5.4.1 keeps Bcc and Return-Path out of them).
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import re
 CAMPAIGN_HEADER = "X-Relais-Campaign"
 POOL_HEADER = "X-Relais-Pool"
 CONTROL_HEADERS = (CAMPAIGN_HEADER, POOL_HEADER)
+# Removed from submitted mail, as by Postfix's cleanup (`message_drop_headers`): Bcc: would show
+# the To: and Cc: recipients the blind ones; Return-Path: is written at final delivery from the
+# envelope (RFC 5321 4.4: an originating system SHOULD NOT send one), and a stale one sits above
+# it; Content-Length: can truncate the message in an mbox.
+DROPPED_HEADERS = ("Bcc", "Resent-Bcc", "Return-Path", "Content-Length")
 
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 
