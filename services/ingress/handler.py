@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import logging
 import time
@@ -48,14 +49,20 @@ def received_header(
     account: str,
     tls: tuple[str, str] | None,
 ) -> bytes:
+    """`account`: the account the client authenticated as (SMTP AUTH), "" for none: a relay
+    network's client did not, and "ESMTPA" says it did (RFC 3848)."""
     protocol = "ESMTP" + ("S" if tls else "") + ("A" if account else "")
     tls_part = f"\r\n\t(using {tls[0]} with cipher {tls[1]})" if tls else ""
     auth_part = f"\r\n\t(authenticated as {account})" if account else ""
-    ip_part = f" ([{peer_ip}])" if peer_ip else ""  # a PROXY header may name no address
+    # RFC 5321 4.1.3: an IPv6 address literal carries its tag. A PROXY header may name no address.
+    literal = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
+    ip_part = f" ([{literal}])" if peer_ip else ""
+    # A numeric zone (RFC 5321 4.4); "GMT" is RFC 5322's obsolete syntax, never to be generated.
+    stamp = email.utils.format_datetime(datetime.datetime.now(datetime.UTC))
     return (
         f"Received: from {helo or 'unknown'}{ip_part}{tls_part}{auth_part}\r\n"
         f"\tby {hostname} (Relais) with {protocol} id {message_id};\r\n"
-        f"\t{email.utils.formatdate(localtime=False, usegmt=True)}\r\n"
+        f"\t{stamp}\r\n"
     ).encode()
 
 
@@ -284,12 +291,13 @@ class IngressHandler:
         head = block.without(headers.CONTROL_HEADERS + headers.DROPPED_HEADERS) + headers.missing_fields(
             block, message_id=message_id, hostname=ingress.hostname, now=time.time()
         )
+        authenticated = name if session.authenticated else ""  # not a relay network's client
         submission = Submission(
             account=name,
             sender=sender,
             recipients=tuple(envelope.rcpt_tos),
             sender_domain=sender_domain,
-            data=self._received(session, message_id, name, tls) + head + rest,
+            data=self._received(session, message_id, authenticated, tls) + head + rest,
             client_ip=state.client_ip,
             meta=meta,
             dsn_ret=getattr(envelope, "dsn_ret", ""),
