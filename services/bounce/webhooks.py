@@ -37,6 +37,7 @@ import json
 import logging
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -186,8 +187,32 @@ async def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
 # One lookup thread per webhook host, not the event loop's default pool (a handful of threads
 # that asyncio's own lookups share): there, a few receivers whose DNS hangs would hold up the
 # lookups of every other account's receiver, and so its webhook. Lookups of one host wait for
-# each other, so a hung one ties up one thread however often its POST is tried again.
-_lookup_threads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+# each other, so a hung one ties up one thread however often its POST is tried again. The thread
+# ends with its host's last lookup (hung ones included): kept, there would be one for every host
+# the service ever posted to. host -> [its thread, its lookups not finished]
+_lookup_threads: dict[str, list[Any]] = {}
+_lookup_threads_lock = threading.Lock()  # finished lookups are counted on their thread
+
+
+def _look_up(host: str, port: int) -> concurrent.futures.Future[list[Any]]:
+    """`getaddrinfo` of `host` on the host's lookup thread, started if it has none."""
+    with _lookup_threads_lock:
+        lookups = _lookup_threads.get(host)
+        if lookups is None:
+            lookups = _lookup_threads[host] = [concurrent.futures.ThreadPoolExecutor(1, "webhook-dns"), 0]
+        lookups[1] += 1
+        future = lookups[0].submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    future.add_done_callback(functools.partial(_looked_up, host, lookups))
+    return future
+
+
+def _looked_up(host: str, lookups: list[Any], _: concurrent.futures.Future[list[Any]]) -> None:
+    with _lookup_threads_lock:
+        lookups[1] -= 1
+        if lookups[1] or _lookup_threads.get(host) is not lookups:
+            return
+        del _lookup_threads[host]
+    lookups[0].shutdown(wait=False)  # its thread ends once this callback returns
 
 
 async def _connect(host: str, port: int) -> socket.socket:
@@ -196,10 +221,7 @@ async def _connect(host: str, port: int) -> socket.socket:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        lookup = _lookup_threads.get(host)
-        if lookup is None:
-            lookup = _lookup_threads[host] = concurrent.futures.ThreadPoolExecutor(1, "webhook-dns")
-        infos = await loop.run_in_executor(lookup, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        infos = await asyncio.wrap_future(_look_up(host, port))
     else:  # an address: nothing to look up, nothing that can hang
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
     errors: list[OSError] = []
