@@ -431,7 +431,9 @@ class WebhookDispatcher:
 
     async def deliver(self, account: str, msgs: Sequence[Msg]) -> float:
         """Post one batch of an account's events; returns how long to wait before the next
-        (0 after a 2xx, else the back-off its events were nak'ed with)."""
+        (0 after a 2xx, else the back-off its events were nak'ed with). The batch goes in as
+        many POSTs as `MAX_BODY` asks, in order; an event is acked once every POST that carried
+        its entries got a 2xx, and after a failure the events not acked yet are nak'ed."""
         acct = self._webhooks.get(account)
         if acct is None:
             # Its webhook was removed since the fetch: not posted; back to the consumer, which
@@ -439,20 +441,62 @@ class WebhookDispatcher:
             for msg in msgs:
                 await _settle(msg.nak())
             return 0.0
-        body_items: list[dict[str, Any]] = []
+        items: list[bytes] = []  # the body's entries, each encoded
+        posted: list[tuple[Msg, int]] = []  # each decoded event, and the end of its entries
         for msg in msgs:
             try:
                 meta = msg.metadata
-                body_items.extend(entries(Event.from_json(msg.data), f"{meta.stream}-{meta.sequence.stream}"))
+                event_entries = entries(Event.from_json(msg.data), f"{meta.stream}-{meta.sequence.stream}")
             except Exception as exc:
                 # Malformed (a field of the wrong type included): no retry mends it, and raised
                 # here it would end the posting loop, and with it the bounce service.
                 log.error("undecodable event on %s: %r", msg.subject, exc)
                 await _settle(msg.term())
                 metrics.observe_handler(webhooks_binding(account).durable, "poison", 0.0)
-        if not body_items:
+                continue
+            items.extend(json.dumps(entry, separators=(",", ":")).encode() for entry in event_entries)
+            posted.append((msg, len(items)))
+        if not posted:
             return 0.0
-        body = json.dumps(body_items, separators=(",", ":")).encode()
+        started = time.monotonic()
+        keepalive = asyncio.create_task(_keep_in_progress(msgs, self._config.nats.ack_wait))
+        acked = 0  # of `posted`
+        problem = ""
+        try:
+            for first, last in _bodies(items):
+                carried = [msg for msg, end in posted[acked:] if end > first]
+                problem = await self._post(acct, account, b"[" + b",".join(items[first:last]) + b"]", carried)
+                if problem:
+                    break
+                while acked < len(posted) and posted[acked][1] <= last:
+                    await _settle(posted[acked][0].ack())
+                    acked += 1
+        finally:
+            keepalive.cancel()
+        metrics.observe_batch(webhooks_binding(account).durable, "ack", acked, time.monotonic() - started)
+        if not problem:
+            self._failures.pop(account, None)
+            return 0.0
+        left = [msg for msg, _ in posted[acked:]]
+        failures = self._failures[account] = self._failures.get(account, 0) + 1
+        deliveries = max(failures, *(m.metadata.num_delivered for m in left))
+        delay = backoff(deliveries, self._config.bounce)
+        log.warning(
+            "webhook of account %s failed (%s); %d event(s) retried in %.1fs",
+            account,
+            problem,
+            len(left),
+            delay,
+        )
+        for msg in left:
+            await _settle(msg.nak(delay=delay))
+        metrics.observe_batch(
+            webhooks_binding(account).durable, "retry", len(left), time.monotonic() - started
+        )
+        return delay
+
+    async def _post(self, acct: AccountConfig, account: str, body: bytes, msgs: Sequence[Msg]) -> str:
+        """One signed POST of `body` (entries of `msgs`); what went wrong, or "" for a 2xx."""
         now = time.time()
         ts = int(now)
         headers = {
@@ -461,8 +505,6 @@ class WebhookDispatcher:
             TIMESTAMP_HEADER: str(ts),
             **signature_headers(acct, ts, body, now),
         }
-        started = time.monotonic()
-        keepalive = asyncio.create_task(_keep_in_progress(msgs, self._config.nats.ack_wait))
         try:
             with telemetry.linked_span(
                 "webhook post", [m.headers for m in msgs], {telemetry.ACCOUNT: account}
@@ -470,35 +512,30 @@ class WebhookDispatcher:
                 async with asyncio.timeout(self._config.bounce.webhook_timeout):
                     status = await post(acct.webhook_url, body, headers)
                 span.set_attribute("http.response.status_code", status)
-            problem = "" if 200 <= status < 300 else f"HTTP {status}"
         except Exception as exc:
-            problem = repr(exc)
-        finally:
-            keepalive.cancel()
-        if not problem:
-            self._failures.pop(account, None)
-            for msg in msgs:
-                await _settle(msg.ack())
-            metrics.observe_batch(
-                webhooks_binding(account).durable, "ack", len(msgs), time.monotonic() - started
-            )
-            return 0.0
-        failures = self._failures[account] = self._failures.get(account, 0) + 1
-        deliveries = max(failures, *(m.metadata.num_delivered for m in msgs))
-        delay = backoff(deliveries, self._config.bounce)
-        log.warning(
-            "webhook of account %s failed (%s); %d event(s) retried in %.1fs",
-            account,
-            problem,
-            len(msgs),
-            delay,
-        )
-        for msg in msgs:
-            await _settle(msg.nak(delay=delay))
-        metrics.observe_batch(
-            webhooks_binding(account).durable, "retry", len(msgs), time.monotonic() - started
-        )
-        return delay
+            return repr(exc)
+        return "" if 200 <= status < 300 else f"HTTP {status}"
+
+
+# The largest body a POST carries (unless one entry alone is larger): a batch's entries, one per
+# event and recipient, would otherwise make megabytes, which a receiver's web server refuses
+# (413: nginx's default client_max_body_size is 1 MiB) as often as the batch is posted again.
+# SendGrid's event webhook posts at most 768 KB.
+MAX_BODY = 768 * 1024
+
+
+def _bodies(items: Sequence[bytes]) -> list[tuple[int, int]]:
+    """`items` cut into runs [first, last) whose JSON array fits MAX_BODY, at least one each."""
+    runs: list[tuple[int, int]] = []
+    first, size = 0, 1  # "[" and, per entry, the entry and "," or "]"
+    for i, item in enumerate(items):
+        if i > first and size + len(item) + 1 > MAX_BODY:
+            runs.append((first, i))
+            first, size = i, 1
+        size += len(item) + 1
+    if items:
+        runs.append((first, len(items)))
+    return runs
 
 
 async def _set_when(first: asyncio.Event, then: asyncio.Event) -> None:
