@@ -93,7 +93,8 @@ class IngressConfig:
     # Client networks (CIDR) that may relay without AUTH, as `relay_networks_account`; off by default.
     relay_networks: list[str] = field(default_factory=list)
     relay_networks_account: str = ""
-    # "reject" a From: header domain the account does not own at end of DATA, or only "report" it.
+    # "reject" a From: (or Sender:) header domain the account does not own at end of DATA, or
+    # only "report" it.
     from_header_check: str = "reject"
     max_header_size: int = 256 * 1024
     # Counted from the moment a connection is accepted (an implicit-TLS handshake included).

@@ -276,7 +276,12 @@ class IngressHandler:
             return str(verdict)
         if verdict:
             meta["from_not_owned"] = "1"
-            log.info("account %s sent From: %s (report-only)", name, policy.from_header_domains(block))
+            log.info(
+                "account %s sent From: %s, Sender: %s (report-only)",
+                name,
+                policy.from_header_domains(block),
+                policy.from_header_domains(block, "sender"),
+            )
         sender_domain = policy.domain_of(sender) if sender else policy.from_header_domains(block)[0]
         campaign = policy.control_value(block.first(headers.CAMPAIGN_HEADER))
         if campaign:

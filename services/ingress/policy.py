@@ -31,6 +31,7 @@ from services.ingress.replies import (
     NUL_BYTES,
     POOL_NOT_ALLOWED,
     RELAY_DENIED,
+    SENDER_HEADER_NOT_OWNED,
     SENDER_NOT_OWNED,
     TOO_MANY_HOPS,
     TOO_MANY_RECIPIENTS,
@@ -270,10 +271,11 @@ def header_block(data: bytes) -> bytes:
     return headers.split_message(data)[0]
 
 
-def from_header_domains(message: bytes | headers.HeaderBlock) -> list[str]:
-    """Domains in the From: header(s) of a message (or of its already parsed header block).
+def from_header_domains(message: bytes | headers.HeaderBlock, field: str = "from") -> list[str]:
+    """Domains in the From: header(s) of a message (or of its already parsed header block), or
+    in another address field (`field`, e.g. "sender").
 
-    Every From: field counts, each read twice: as a mail reader parses it (comments dropped, so
+    Every such field counts, each read twice: as a mail reader parses it (comments dropped, so
     `ceo@(x@ours.example)bank.example` is at bank.example) and as a plain scan for `@domain`. An
     account must own all of them, so neither reading can hide a foreign domain from the other.
     The parsed mailboxes come first; one without a domain gives "", which nobody owns.
@@ -283,7 +285,7 @@ def from_header_domains(message: bytes | headers.HeaderBlock) -> list[str]:
     )
     parsed: list[str] = []
     scanned: list[str] = []
-    for value in block.every("from"):
+    for value in block.every(field):
         parsed += [
             a.rpartition("@")[2] if "@" in a else "" for _, a in email.utils.getaddresses([value]) if a
         ]
@@ -295,10 +297,15 @@ def from_header_domains(message: bytes | headers.HeaderBlock) -> list[str]:
 
 
 def from_header_verdict(account: AccountConfig, message: bytes | headers.HeaderBlock) -> Verdict | None:
+    """A From: the account owns, and a Sender: it owns when there is one. Sender: names who sent
+    the message on the author's behalf, and mail readers show it ("ceo@bank.example on behalf of
+    news@acme.test"), so it is sending as that domain as much as From: is."""
     domains = from_header_domains(message)
-    if domains and all(owns_domain(account, d) for d in domains):
-        return None
-    return FROM_NOT_OWNED
+    if not domains or not all(owns_domain(account, d) for d in domains):
+        return FROM_NOT_OWNED
+    if not all(owns_domain(account, d) for d in from_header_domains(message, "sender")):
+        return SENDER_HEADER_NOT_OWNED
+    return None
 
 
 def pool_verdict(requested: str, account: AccountConfig, configured_pools: Iterable[str]) -> Verdict | None:

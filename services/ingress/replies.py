@@ -84,6 +84,9 @@ NUL_BYTES = Verdict(554, "5.6.0", "Message contains NUL characters")
 TOO_MANY_HOPS = Verdict(554, "5.4.6", "Too many hops (Received: fields), mail loop?")
 NEEDS_8BITMIME = Verdict(554, "5.6.1", "8-bit message content requires BODY=8BITMIME")
 FROM_NOT_OWNED = Verdict(550, "5.7.1", "From: header domain not owned by the authenticated account")
+SENDER_HEADER_NOT_OWNED = Verdict(
+    550, "5.7.1", "Sender: header domain not owned by the authenticated account"
+)
 POOL_NOT_ALLOWED = Verdict(550, "5.7.1", "X-Relais-Pool names a pool this account may not use")
 LOCAL_ERROR = Verdict(451, "4.3.0", "Local error in processing, try again later")
 

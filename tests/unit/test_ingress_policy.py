@@ -22,6 +22,7 @@ from services.ingress.replies import (
     NUL_BYTES,
     POOL_NOT_ALLOWED,
     RELAY_DENIED,
+    SENDER_HEADER_NOT_OWNED,
     SENDER_NOT_OWNED,
     TOO_MANY_HOPS,
     TOO_MANY_RECIPIENTS,
@@ -200,6 +201,21 @@ def test_every_from_header_must_be_owned() -> None:
     assert policy.from_header_verdict(ACME, commented) is None
     assert policy.from_header_domains(b"From: Acme <news@acme.test>\r\n\r\n") == ["acme.test"]
     assert policy.from_header_domains(b"From: nobody\r\n\r\n") == [""]
+
+
+def test_a_sender_header_must_be_owned_too() -> None:
+    # Mail readers show Sender: as who sent "on behalf of" the From:.
+    owned_from = b"From: Acme <news@acme.test>\r\n"
+    assert policy.from_header_verdict(ACME, owned_from + b"Sender: <desk@acme.test>\r\n\r\n") is None
+    foreign = (b"<ceo@bank.example>", b"ceo@(x@acme.test)bank.example", b"desk@acme.test, ceo@bank.example")
+    for sender in foreign:
+        block = owned_from + b"Sender: " + sender + b"\r\n\r\n"
+        assert policy.from_header_verdict(ACME, block) == SENDER_HEADER_NOT_OWNED, sender
+    # A foreign From: stays the first reason, whatever the Sender: says.
+    foreign = b"From: <ceo@bank.example>\r\nSender: <desk@acme.test>\r\n\r\n"
+    assert policy.from_header_verdict(ACME, foreign) == FROM_NOT_OWNED
+    # An owned Sender: does not stand in for a missing From:.
+    assert policy.from_header_verdict(ACME, b"Sender: <desk@acme.test>\r\n\r\n") == FROM_NOT_OWNED
 
 
 def test_an_internationalised_from_domain_is_owned_in_either_spelling() -> None:

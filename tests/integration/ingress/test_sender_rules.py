@@ -14,6 +14,7 @@ from services.ingress.replies import (
     AUTH_OK,
     FROM_NOT_OWNED,
     POOL_NOT_ALLOWED,
+    SENDER_HEADER_NOT_OWNED,
     SENDER_NOT_OWNED,
 )
 from tests.integration.ingress.helpers import client, in_thread, login, plain, queued, reply
@@ -45,6 +46,16 @@ async def test_from_header_not_owned_rejected_at_end_of_data(make_ingress: Calla
     assert await in_thread(_send, ingress.smtp_address, FOREIGN_FROM) == reply(FROM_NOT_OWNED)
     assert await in_thread(_send, ingress.smtp_address, FOREIGN_FROM, "") == reply(FROM_NOT_OWNED)
     assert await queued(ingress.config.nats.url) == []
+
+
+async def test_sender_header_not_owned_rejected_at_end_of_data(make_ingress: Callable[..., Any]) -> None:
+    ingress = await make_ingress()
+    on_behalf = b"From: Acme <news@acme.test>\r\nSender: PayPal <service@paypal.test>\r\n\r\nx\r\n"
+    assert await in_thread(_send, ingress.smtp_address, on_behalf) == reply(SENDER_HEADER_NOT_OWNED)
+    own = on_behalf.replace(b"service@paypal.test", b"desk@acme.test")
+    assert (await in_thread(_send, ingress.smtp_address, own))[0] == 250
+    [env] = await queued(ingress.config.nats.url)
+    assert env.body.inline is not None and b"Sender: PayPal <desk@acme.test>" in env.body.inline
 
 
 async def test_from_header_report_only(make_ingress: Callable[..., Any]) -> None:
