@@ -102,6 +102,37 @@ def secret_files(workload: Manifest, container: Manifest) -> dict[str, tuple[str
     return files
 
 
+def service_link_env(manifests: list[Manifest], workload: Manifest) -> dict[str, str]:
+    """The variables the kubelet adds to every container of the workload's pods for each Service
+    of its namespace that has a cluster IP (kubelet's envvars.FromServices), unless the pod sets
+    `enableServiceLinks: false`: named after the Service, upper-cased, dashes to underscores, so
+    the Service `relais-smtp` gives RELAIS_SMTP_SERVICE_HOST, RELAIS_SMTP_PORT, ... Cluster IPs
+    are assigned at creation; an example address stands for them."""
+    if workload["spec"]["template"]["spec"].get("enableServiceLinks", True) is False:
+        return {}
+    namespace = workload["metadata"].get("namespace")
+    env: dict[str, str] = {}
+    for number, service in enumerate(by_kind(manifests, "Service")):
+        if service["metadata"].get("namespace") != namespace or service["spec"].get("clusterIP") == "None":
+            continue
+        name = service["metadata"]["name"].upper().replace("-", "_")
+        address = f"10.96.0.{10 + number}"
+        ports = service["spec"]["ports"]
+        env[f"{name}_SERVICE_HOST"] = address
+        env[f"{name}_SERVICE_PORT"] = str(ports[0]["port"])
+        env[f"{name}_PORT"] = f"{ports[0].get('protocol', 'TCP').lower()}://{address}:{ports[0]['port']}"
+        for port in ports:
+            protocol = port.get("protocol", "TCP")
+            if port.get("name"):
+                env[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(port["port"])
+            link = f"{name}_PORT_{port['port']}_{protocol.upper()}"
+            env[link] = f"{protocol.lower()}://{address}:{port['port']}"
+            env[f"{link}_PROTO"] = protocol.lower()
+            env[f"{link}_PORT"] = str(port["port"])
+            env[f"{link}_ADDR"] = address
+    return env
+
+
 def by_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
     return [m for m in manifests if m["kind"] == kind]
 

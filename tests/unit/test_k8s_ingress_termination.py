@@ -16,6 +16,7 @@ import pytest
 
 from services.ingress import service as ingress_service
 from tests.unit.k8s_manifests import KUSTOMIZATIONS, Manifest, one, render
+from tests.unit.test_k8s_wiring import effective_config
 
 # Detection time of the slowest default the shipped Service meets: an AWS NLB health-checks
 # every 10 s and takes a target out after 3 failures (GKE's L4 check for Local: 3 s x 2).
@@ -46,10 +47,14 @@ def test_ingress_leaves_the_load_balancer_before_it_stops_listening(kustomizatio
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
-def test_ingress_grace_period_holds_the_pause_and_the_drain(kustomization: Path) -> None:
+def test_ingress_grace_period_holds_the_pause_and_the_drain(kustomization: Path, tmp_path: Path) -> None:
     deployment, container = _ingress(kustomization)
+    config = effective_config(render(kustomization), deployment, tmp_path)
+    # Sessions in DATA finish, then hand-offs still running (a client that left after its dot,
+    # or was cut) get their broker round trips, at the deployment's own nats.publish_timeout.
     drain = (
         ingress_service._DRAIN_SECONDS
+        + ingress_service._HANDOFF_ROUND_TRIPS * config.nats.publish_timeout
         + ingress_service._SERVER_CLOSE_SECONDS
         + ingress_service._EVENT_DRAIN_SECONDS
     )

@@ -39,6 +39,7 @@ from tests.unit.k8s_manifests import (
     secret_files,
     secret_templates,
     secret_value,
+    service_link_env,
     walk,
     workloads,
 )
@@ -58,14 +59,12 @@ def _namespace(manifests: list[Manifest]) -> str:
 
 
 def effective_config(manifests: list[Manifest], workload: Manifest, tmp_path: Path) -> Config:
-    """The Config this workload's process would load: the ConfigMap's file plus its env."""
+    """The Config this workload's process would load: the ConfigMap's file plus its env, the
+    variables the kubelet adds for the namespace's Services included (the container's own win)."""
     path = tmp_path / f"{workload['metadata']['name']}.toml"
     path.write_text(config_map_data(manifests, "relais-config")["relais.toml"])
-    env = {
-        name: value
-        for name, value in kubelet_env(_main_container(workload)).items()
-        if name.startswith("RELAIS_")
-    }
+    environment = {**service_link_env(manifests, workload), **kubelet_env(_main_container(workload))}
+    env = {name: value for name, value in environment.items() if name.startswith("RELAIS_")}
     env["RELAIS_CONFIG"] = str(path)
     env.update(_secret_files_here(workload, env, tmp_path))
     return load_config(None, env)
@@ -136,6 +135,20 @@ def test_each_service_loads_its_effective_config(kustomization: Path, tmp_path: 
         config = effective_config(manifests, workload, tmp_path)
         assert config.nats.user, "every service authenticates to NATS"
         assert config.telemetry.traces == "otlp"
+
+
+@PARAMS
+def test_service_link_variables_never_reach_the_config_loader(kustomization: Path) -> None:
+    """The kubelet gives each pod a variable per Service of its namespace, named after it: the
+    Service relais-smtp gives RELAIS_SMTP_SERVICE_HOST and more, which the loader refuses as
+    unknown settings (a typo must never fall back to a default), so no service would start."""
+    manifests = render(kustomization)
+    for workload in relais_workloads(manifests):
+        linked = copy.deepcopy(workload)
+        linked["spec"]["template"]["spec"].pop("enableServiceLinks", None)
+        assert any(name.startswith("RELAIS_") for name in service_link_env(manifests, linked))
+        reaching = [name for name in service_link_env(manifests, workload) if name.startswith("RELAIS_")]
+        assert not reaching, f"{workload['metadata']['name']}: {sorted(reaching)}"
 
 
 @PARAMS
