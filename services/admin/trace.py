@@ -119,9 +119,10 @@ def render_tree(spans: Sequence[Span]) -> str:
                 unnamed = int(ev_attrs.get(t.RECIPIENT_COUNT) or 0) - t.RECIPIENTS_NAMED
                 if unnamed > 0:
                     rcpts += f" (+{unnamed} more)"
+                said = f'  "{ev_attrs[t.REPLY_TEXT]}"' if ev_attrs.get(t.REPLY_TEXT) else ""
                 pad = prefix + ("" if top else ("   " if last else "│  "))
                 lines.append(
-                    f"{'':11}{pad}  • {event['name'].removeprefix('relais.')} {reply} {rcpts}".rstrip()
+                    f"{'':11}{pad}  • {event['name'].removeprefix('relais.')} {reply} {rcpts}".rstrip() + said
                 )
         kids = sorted(children.get(span["span_id"], []), key=lambda s: s.get("start") or 0)
         for i, kid in enumerate(kids):

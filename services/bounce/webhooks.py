@@ -45,6 +45,7 @@ from typing import Any
 
 import nats
 from nats.aio.msg import Msg
+from opentelemetry.trace import StatusCode
 
 from services.core import metrics, telemetry
 from services.core.account_watch import AccountWatch
@@ -512,6 +513,11 @@ class WebhookDispatcher:
                 async with asyncio.timeout(self._config.bounce.webhook_timeout):
                     status = await post(acct.webhook_url, body, headers)
                 span.set_attribute("http.response.status_code", status)
+                if not 200 <= status < 300:
+                    # A failed post, as below (its events are retried): OpenTelemetry's HTTP
+                    # conventions make a client span of a 4xx/5xx an error, named by its code.
+                    span.set_attribute("error.type", str(status))
+                    span.set_status(StatusCode.ERROR, f"HTTP {status}")
         except Exception as exc:
             return repr(exc)
         return "" if 200 <= status < 300 else f"HTTP {status}"

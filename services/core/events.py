@@ -218,6 +218,7 @@ def outcome_attributes(event: Event) -> dict[str, object]:
         telemetry.ATTEMPT: event.attempt,
         telemetry.REPLY_CODE: reply.get("code"),
         telemetry.ENHANCED_STATUS: reply.get("enhanced"),
+        telemetry.REPLY_TEXT: str(reply.get("text") or "")[: telemetry.REPLY_TEXT_MAX],
         telemetry.BOUNCE_CATEGORY: event.detail.get("category"),
         telemetry.TLS_VERSION: event.tls_version,
         telemetry.RECIPIENTS: ",".join(event.recipients),

@@ -67,6 +67,7 @@ RECIPIENTS = "relais.recipients"
 RECIPIENT_COUNT = "relais.recipient_count"
 REPLY_CODE = "smtp.reply.code"
 ENHANCED_STATUS = "smtp.reply.enhanced_status"
+REPLY_TEXT = "smtp.reply.text"
 TLS_VERSION = "tls.protocol.version"
 
 
@@ -546,6 +547,12 @@ def context_from_traceparent(traceparent: str) -> otel_context.Context:
 # and `relais message` keep every recipient.
 RECIPIENTS_NAMED = 10
 
+# Characters of an MX's reply text kept on a span event (`smtp.reply.text`): the text is what tells
+# greylisting from a blocklist behind the same "451 4.7.1", but a multi-line reply can run to
+# kilobytes, and every attempt of a deferred job would carry it. The events stream (`relais
+# message`) keeps it whole.
+REPLY_TEXT_MAX = 512
+
 
 def annotate_outcome(kind: str, attributes: Mapping[str, object], recipients: Sequence[str] = ()) -> None:
     """Record one outcome (delivered, deferred, bounced ...) on the span being processed.
@@ -565,6 +572,12 @@ def annotate_outcome(kind: str, attributes: Mapping[str, object], recipients: Se
     for key in (REPLY_CODE, ENHANCED_STATUS, BOUNCE_CATEGORY):
         if key in attrs and key not in existing:
             span.set_attribute(key, attrs[key])  # type: ignore[arg-type]
+    # The text goes with the reply whose codes the span shows (`record_reply` may have set them
+    # from another recipient's outcome of the attempt).
+    shown = getattr(span, "attributes", None) or {}
+    same_reply = all(shown.get(key) == attrs.get(key) for key in (REPLY_CODE, ENHANCED_STATUS))
+    if REPLY_TEXT in attrs and REPLY_TEXT not in shown and same_reply:
+        span.set_attribute(REPLY_TEXT, attrs[REPLY_TEXT])  # type: ignore[arg-type]
 
 
 def record_reply(code: int, enhanced_status: str) -> None:
