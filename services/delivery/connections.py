@@ -67,6 +67,10 @@ class ConnectionPool:
         # others, since a tarpit greeting can take longer than LEASE_TTL.
         self._opening: dict[int, Lease] = {}
         self._lease_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        # By lease key: a grant states how many leases this worker holds, and a release takes one
+        # off the stored count. A release must not land after a grant that already left its lease
+        # out, or the record counts one connection fewer than are open, and others exceed the cap.
+        self._lease_writes: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._lease_miss: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         # Wakes local waiters at the connection cap as soon as a connection comes back idle.
@@ -110,9 +114,10 @@ class ConnectionPool:
                 lease = None
                 # All held a moment ago (another task looked): do not ask KV again so soon.
                 if time.monotonic() - self._lease_miss.get(key, 0.0) >= _LEASE_POLL:
-                    lease = await self._limits.acquire_lease(
-                        source.address, site, limits.connections, self._held(source.address, site)
-                    )
+                    async with self._lease_writes[lease_key(source.address, site)]:
+                        lease = await self._limits.acquire_lease(
+                            source.address, site, limits.connections, self._held(source.address, site)
+                        )
                     if lease is None:
                         self._lease_miss[key] = time.monotonic()
                     else:
@@ -202,8 +207,7 @@ class ConnectionPool:
             )
         except BaseException:
             if lease is not None:
-                self._opening.pop(id(lease), None)
-                await self._limits.release(lease)
+                await self._release(self._opening, id(lease), lease.key)
             raise
         self.opened += 1
         log.debug("opened connection %s -> %s[%s] for site %s", source.address, host, address, site)
@@ -236,11 +240,19 @@ class ConnectionPool:
     async def _discard(self, conn: Connection) -> None:
         await conn.close()
         self._site_of.pop(id(conn), None)
-        lease = self._leases.pop(id(conn), None)
+        lease = self._leases.get(id(conn))
         if lease is not None:
-            await self._limits.release(lease)
+            await self._release(self._leases, id(conn), lease.key)
         async with self._returned:
             self._returned.notify(1)
+
+    async def _release(self, held: dict[int, Lease], ident: int, key: str) -> None:
+        """Stop counting the lease `held[ident]` here and take it off KV's count, with no grant in
+        between (`_lease_writes`)."""
+        async with self._lease_writes[key]:
+            lease = held.pop(ident, None)
+            if lease is not None:
+                await self._limits.release(lease)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -270,10 +282,11 @@ class ConnectionPool:
 
     async def _renew_leases(self) -> None:
         leases = self._held_leases()
-        held = Counter(lease.key for lease in leases)
         due = {lease.key for lease in leases if lease.until - time.time() < LEASE_RENEW_BEFORE}
         for key in due:
-            await self._limits.renew(key, held[key])
+            async with self._lease_writes[key]:  # a lapsed entry is restated with this count
+                leases = self._held_leases()
+                await self._limits.renew(key, Counter(lease.key for lease in leases)[key])
             for lease in leases:
                 if lease.key == key:
                     lease.until = time.time() + LEASE_TTL
