@@ -473,6 +473,11 @@ class DeliveryService:
             return None
         if wait > 0:
             await asyncio.sleep(wait)
+            pushed = self.control.backoff(source.address, site)
+            if pushed is not None and pushed.interval() > (used.interval or base) + 0.001:
+                # Pushed back while it waited (by its own site, here or on another worker): this
+                # slot is at the rate the provider just refused. It takes one at the new rate.
+                return await self._message_slot(env, job_seq, source, site, limits, _NO_SLOT)
         return used
 
     async def _push_back(self, source: Source, site: str, result: AttemptResult) -> None:
