@@ -550,6 +550,15 @@ def _validate_routing(config: Config) -> None:
         caps = [schedule.daily, *schedule.sites.values()]
         if not any(caps) or any(c < 1 for cs in caps for c in cs):
             raise ConfigError(f"warmup.{name}: caps per day must be positive, and at least one given")
+        for site in schedule.sites:
+            # The router names a site by a [sites] rule, else by its MX host's registrable domain
+            # (dotted, lower case, A-labels): a schedule under any other name never applies, and
+            # a source warming only per site then sends to that site with no cap at all.
+            if site not in config.sites and ("." not in site or site != domain_key(site)):
+                raise ConfigError(
+                    f"warmup.{name}.sites.{site}: no site is named so (name a [sites] rule, or an"
+                    " MX host's registrable domain in lower case and A-labels)"
+                )
     for pool_name, pool in config.pools.items():
         for i, source in enumerate(pool.sources):
             where = f"pools.{pool_name}.sources[{i}]"

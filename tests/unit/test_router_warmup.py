@@ -11,7 +11,15 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from services.core.config import Config, ConfigError, PoolConfig, SourceConfig, WarmupConfig, validate
+from services.core.config import (
+    Config,
+    ConfigError,
+    PoolConfig,
+    SiteConfig,
+    SourceConfig,
+    WarmupConfig,
+    validate,
+)
 from services.router.warmup import (
     ALL_SCOPE,
     OTHER_SCOPE,
@@ -267,3 +275,30 @@ def test_config_rejects_unknown_schedules_and_bad_dates() -> None:
             validate(no_such_day)
     with pytest.raises(ConfigError, match="overflow"):
         validate(Config(warmup={"w": WarmupConfig(daily=[1], overflow="drop")}))
+
+
+def _site_schedule(site: str, **rules: list[str]) -> Config:
+    """A warming source whose schedule caps one site only (no `daily`)."""
+    source = SourceConfig(address="127.0.0.5", warmup="new", warmup_start="2026-12-01")
+    return Config(
+        pools={"default": PoolConfig(sources=[source])},
+        warmup={"new": WarmupConfig(sites={site: [1, 2]})},
+        sites={name: SiteConfig(mx=mx) for name, mx in rules.items()},
+    )
+
+
+@pytest.mark.parametrize("site", ["gmail", "Google", "google.com.", "Bücher.test"])
+def test_a_schedule_for_a_site_the_router_never_names_is_refused(site: str) -> None:
+    """The router names a destination's site by a [sites] rule, else by the registrable domain
+    of its MX host (lower case, A-labels): a schedule under any other name never applied, so
+    the warming source sent to that site with no cap at all when `daily` was empty."""
+    config = _site_schedule(site, google=["*.google.com"])
+    source = config.pools["default"].sources[0]
+    assert limits_for(config, source, "google", DAY1).limits == (), "what such a schedule did"
+    with pytest.raises(ConfigError, match=f"warmup.new.sites.{site}"):
+        validate(config)
+
+
+@pytest.mark.parametrize("site", ["google", "google.com", "192.0.2.1"])
+def test_a_schedule_for_a_site_the_router_may_name_loads(site: str) -> None:
+    validate(_site_schedule(site, google=["*.google.com"]))
