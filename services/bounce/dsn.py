@@ -112,6 +112,7 @@ def build_dsn(
     arrival_date: datetime,
     envelope_id: str | None = None,
     original_message: bytes | None = None,
+    oversized_original: int = 0,
     message_id: str,
     date: datetime | None = None,
 ) -> bytes:
@@ -119,7 +120,10 @@ def build_dsn(
 
     ``reporting_mta`` and each ``remote_mta`` are host names (or already typed "dns; host").
     ``original_headers`` may be the whole message: only the block before the first blank line
-    is used. Raises ValueError for input that would yield an invalid or injectable message.
+    is used. ``oversized_original``: the size of an original RET=FULL asked for, over
+    ``MAX_RETURNED``, of which only the headers were read (a caller need not fetch a message
+    that cannot go back whole); it is returned as its headers, as that ``original_message`` would
+    be. Raises ValueError for input that would yield an invalid or injectable message.
     """
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
@@ -135,7 +139,7 @@ def build_dsn(
         raise ValueError("message_id must be enclosed in angle brackets")
     when = date if date is not None else datetime.now(UTC)
 
-    headers_only = _why_headers_only(original_message)
+    headers_only = _why_headers_only(original_message, oversized_original)
     returned_full = original_message is not None and not headers_only
     # Nothing of the message is left when its body went by TTL: the third part is optional
     # (RFC 3464 section 2), and an empty one would claim headers that are not there.
@@ -268,14 +272,14 @@ def _notification(
     return _lines(text[:-1])
 
 
-def _why_headers_only(original_message: bytes | None) -> str:
+def _why_headers_only(original_message: bytes | None, oversized: int = 0) -> str:
     """Why a RET=FULL original goes back as its headers only; '' when it goes whole (or no
     whole message was asked for)."""
-    if original_message is None:
+    if original_message is None and not oversized:
         return ""
-    if len(original_message) > MAX_RETURNED:
+    if max(len(original_message or b""), oversized) > MAX_RETURNED:
         why = f"is larger than {MAX_RETURNED} octets"
-    elif not _is_7bit(_normalise(original_message)):
+    elif not _is_7bit(_normalise(original_message or b"")):
         why = "contains 8-bit data or over-long lines"
     else:
         return ""

@@ -43,6 +43,7 @@ from services.core.bus import Bus
 from services.core.config import BounceConfig
 from services.core.envelope import Envelope, EnvelopeDecodeError
 from services.core.events import Event, publish_event
+from services.core.held_bodies import HeldBodies
 from services.core.outcome import Reply
 from services.core.returnpath import ReturnPath, accounts_by_handle, is_current, parse_verp, verify
 from services.core.suppression import Suppression, SuppressionList
@@ -302,7 +303,9 @@ class InboundHandler:
         bodies: BodyStore,
         rules: Sequence[BounceRule],
         accounts: AccountWatch,
+        held: HeldBodies,
     ) -> None:
+        """`held`: the bounce process's budget of stored bodies (`bounce.max_buffered_bytes`)."""
         self._config = config
         self._bus = bus
         self._bodies = bodies
@@ -310,6 +313,7 @@ class InboundHandler:
         self._suppression = SuppressionList(bus.js)
         self._parsers = ThreadPoolExecutor(_PARSERS, thread_name_prefix="relais-report")
         self._accounts = accounts
+        self._held = held
         accounts.on_change(self._accounts_changed)
         self._handles: dict[str, str] | None = None  # built from the names when first needed
 
@@ -391,33 +395,38 @@ class InboundHandler:
                 stop=stop,
             )
 
-        try:
-            raw = await patiently(lambda: self._bodies.get(env.body), "body")
-        except BodyMissing:
-            log.info("inbound %s already processed (body gone)", env.id)
-            return
-        handles = await patiently(self._account_handles, "account records")
-        try:
-            # Off the event loop: anyone can mail us a report of max_message_size, and the
-            # parse of one of 50 MB takes half a minute, in which nothing else would move.
-            verdict = await asyncio.get_running_loop().run_in_executor(
-                self._parsers,
-                findings,
-                raw,
-                env.recipients,
-                self._config,
-                self._rules,
-                time.time(),
-                handles,
-            )
-        except MemoryError:
-            raise  # this replica's trouble, maybe not the message's: another may manage it
-        except Exception as exc:
-            # Parsing is deterministic, so no retry mends a message our parsers choke on (a
-            # nesting too deep, an unknown charset codec): redelivered, it would come back
-            # forever. It is logged and counts for nothing, like any message not a report.
-            log.warning("inbound %s from <%s> could not be parsed: %r", env.id, env.sender, exc)
-            verdict = Verdict([], [f"unparsable: {exc!r}"])
+        # Held from the fetch to the parse's end (bounce.max_buffered_bytes), the report waiting
+        # for room in progress: a few reports of max_message_size at once would have the pod
+        # killed for memory, and the same reports come back to the next replica.
+        async with self._held.holding_body(env.body):
+            try:
+                raw = await patiently(lambda: self._bodies.get(env.body), "body")
+            except BodyMissing:
+                log.info("inbound %s already processed (body gone)", env.id)
+                return
+            handles = await patiently(self._account_handles, "account records")
+            try:
+                # Off the event loop: anyone can mail us a report of max_message_size, and the
+                # parse of one of 50 MB takes half a minute, in which nothing else would move.
+                verdict = await asyncio.get_running_loop().run_in_executor(
+                    self._parsers,
+                    findings,
+                    raw,
+                    env.recipients,
+                    self._config,
+                    self._rules,
+                    time.time(),
+                    handles,
+                )
+            except MemoryError:
+                raise  # this replica's trouble, maybe not the message's: another may manage it
+            except Exception as exc:
+                # Parsing is deterministic, so no retry mends a message our parsers choke on (a
+                # nesting too deep, an unknown charset codec): redelivered, it would come back
+                # forever. It is logged and counts for nothing, like any message not a report.
+                log.warning("inbound %s from <%s> could not be parsed: %r", env.id, env.sender, exc)
+                verdict = Verdict([], [f"unparsable: {exc!r}"])
+            del raw  # the outcomes need none of it, and may wait long for NATS
         for reason in verdict.rejected:
             log.warning("inbound %s from <%s>: %s", env.id, env.sender, reason)
         span.set_attribute("relais.findings", len(verdict.findings))

@@ -24,22 +24,31 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 
 from services.bounce import policy
 from services.bounce.classify import DEFAULT_RULES, rules_from_data
-from services.bounce.dsn import DIAGNOSTIC_LOCAL, RecipientStatus, build_dsn, diagnostic_type, is_report
+from services.bounce.dsn import (
+    DIAGNOSTIC_LOCAL,
+    MAX_RETURNED,
+    RecipientStatus,
+    build_dsn,
+    diagnostic_type,
+    is_report,
+)
 from services.bounce.hold import DELAYED, FAILED, FlushRequest, HoldStore, notice_id
 from services.bounce.inbound import InboundHandler
 from services.bounce.retrying import still_retried
 from services.bounce.webhooks import WebhookDispatcher
 from services.core import bus as transport
-from services.core.bodies import BodyMissing, BodyStore
+from services.core.bodies import BodyMissing, BodyStore, head_octets
 from services.core.bus import Bus
 from services.core.config import Config
 from services.core.envelope import (
+    BodyRef,
     BounceNotice,
     Envelope,
     EnvelopeDecodeError,
@@ -47,6 +56,7 @@ from services.core.envelope import (
     new_message_id,
 )
 from services.core.events import event_for, publish_event
+from services.core.held_bodies import HeldBodies
 from services.core.outcome import LOCAL_MAILBOX, Bounced, Delivered
 from services.core.schedule import publish_at
 from services.core.suppression import Suppression, SuppressionList
@@ -68,6 +78,9 @@ log = logging.getLogger(__name__)
 # flush consumer without a backlog takes its request at once; later than this, the delay
 # warnings it sends are checked again (`bounce.retrying`), since their retries may have run.
 LATE_FLUSH = 30.0
+# Room for what the ingress adds to a header block it took within ingress.max_header_size: its
+# Received field and any Message-ID, Date or other missing fields.
+ADDED_HEADERS = 4096
 
 
 class BounceService:
@@ -82,7 +95,14 @@ class BounceService:
         self._suppression = SuppressionList(bus.js)
         self._hold = HoldStore(bus.js)
         self._webhooks = WebhookDispatcher(config, bus)
-        self._inbound = InboundHandler(config.bounce, bus, self._bodies, self._rules, self._webhooks.records)
+        # One budget for every loop's stored bodies (bounce.max_buffered_bytes): it bounds the pod.
+        self._held = HeldBodies(config.bounce.max_buffered_bytes)
+        # A DSN returning headers reads only this much of its original (0: to its header end).
+        max_header = config.ingress.max_header_size
+        self._header_limit = max_header + ADDED_HEADERS if max_header else 0
+        self._inbound = InboundHandler(
+            config.bounce, bus, self._bodies, self._rules, self._webhooks.records, self._held
+        )
 
     def webhook_accounts(self) -> list[str]:
         """The accounts whose events are posted now (their lag is on /metrics)."""
@@ -288,71 +308,87 @@ class BounceService:
                     reported.append((notice, f))
         if not reported:
             return ""
-        try:
-            original = await self._bodies.get(env.body)
-        except BodyMissing:
-            original = b""
-        headers = policy.header_block(original)
-        if headers and is_report(email.message_from_bytes(headers)):
-            log.info("no DSN for %s: it is itself a delivery or disposition report", env.id)
-            return ""
-        # One delay warning per message (`retry.delay_warning_after`), as Postfix sends: each
-        # domain job warns when its own retries pass that age, minutes apart on their jittered
-        # schedules, so the first warning of the message claims it and the later ones are dropped.
-        if delayed and not await self._hold.claim_delay_warning(env.id, msg_id):
-            log.info("no delay warning for job %s: the sender of %s was warned already", env.key, env.id)
-            return ""
-        now = datetime.now(UTC)
-        retry_until = datetime.fromtimestamp(env.received_at + self._config.retry.max_age, UTC)
-        statuses = [
-            RecipientStatus(
-                final_recipient=f.recipient,
-                original_recipient=policy.original_recipient(env, f.recipient),
-                action=_action(f, delayed),
-                status=_status_for(f.reply.enhanced_status, delayed),
-                diagnostic_code=f"{f.reply.code} {f.reply.enhanced_status} {f.reply.text}",
-                diagnostic_type=_diagnostic_type(f),
-                remote_mta=f.mx_host if f.mx_host and f.mx_host != LOCAL_MAILBOX else None,
-                last_attempt=_last_attempt(notice, now),
-                will_retry_until=retry_until if delayed else None,
-            )
-            for notice, f in reported
-        ]
         # RET asks for the message in a DSN that reports a failure; others return its headers
-        # (RFC 3461 section 4.3).
-        failed = any(status.action == "failed" for status in statuses)
+        # (RFC 3461 section 4.3). One over MAX_RETURNED goes back as its headers too.
+        failed = not delayed and any(isinstance(f, Bounced) for _, f in reported)
         full = policy.returns_full(env, self._config.bounce.return_full) and failed
-        data = build_dsn(
-            reporting_mta=self._hostname,
-            from_address=f"{self._config.bounce.dsn_from}@{self._hostname}",
-            to_address=env.sender,
-            original_headers=headers,
-            recipients=statuses,
-            arrival_date=datetime.fromtimestamp(env.received_at, UTC),
-            envelope_id=policy.envelope_id(env),
-            original_message=original if full and original else None,
-            message_id=f"<{dsn_id}.{secrets.token_hex(4)}@{self._hostname}>",
-            date=now,
-        )
-        dsn = Envelope(
-            id=dsn_id,
-            sender="",
-            recipients=(env.sender,),
-            account=env.account,
-            sender_domain=env.sender_domain,
-            body=await self._bodies.put(dsn_id, data),
-            received_at=time.time(),
-            trace_context=env.trace_context,
-            kind="dsn",
-            meta={"dsn_for": env.id},
-        )
-        await self._bus.publish(
-            submit_subject(),
-            dsn.to_msgpack(),
-            msg_id=msg_id,
-            attributes={"relais.message_id": dsn_id, "relais.dsn_for": env.id},
-        )
-        return dsn_id
+        whole = full and env.body.size <= MAX_RETURNED
+        async with self._holding_original(env.body, whole):
+            original = await self._original(env.body, whole)
+            headers = policy.header_block(original)
+            if headers and is_report(email.message_from_bytes(headers)):
+                log.info("no DSN for %s: it is itself a delivery or disposition report", env.id)
+                return ""
+            # One delay warning per message (`retry.delay_warning_after`), as Postfix sends: each
+            # domain job warns when its own retries pass that age, minutes apart on their jittered
+            # schedules, so the first warning of the message claims it and the later ones are dropped.
+            if delayed and not await self._hold.claim_delay_warning(env.id, msg_id):
+                log.info("no delay warning for job %s: the sender of %s was warned already", env.key, env.id)
+                return ""
+            now = datetime.now(UTC)
+            retry_until = datetime.fromtimestamp(env.received_at + self._config.retry.max_age, UTC)
+            statuses = [
+                RecipientStatus(
+                    final_recipient=f.recipient,
+                    original_recipient=policy.original_recipient(env, f.recipient),
+                    action=_action(f, delayed),
+                    status=_status_for(f.reply.enhanced_status, delayed),
+                    diagnostic_code=f"{f.reply.code} {f.reply.enhanced_status} {f.reply.text}",
+                    diagnostic_type=_diagnostic_type(f),
+                    remote_mta=f.mx_host if f.mx_host and f.mx_host != LOCAL_MAILBOX else None,
+                    last_attempt=_last_attempt(notice, now),
+                    will_retry_until=retry_until if delayed else None,
+                )
+                for notice, f in reported
+            ]
+            data = build_dsn(
+                reporting_mta=self._hostname,
+                from_address=f"{self._config.bounce.dsn_from}@{self._hostname}",
+                to_address=env.sender,
+                original_headers=headers,
+                recipients=statuses,
+                arrival_date=datetime.fromtimestamp(env.received_at, UTC),
+                envelope_id=policy.envelope_id(env),
+                original_message=original if whole and original else None,
+                oversized_original=env.body.size if full and not whole and headers else 0,
+                message_id=f"<{dsn_id}.{secrets.token_hex(4)}@{self._hostname}>",
+                date=now,
+            )
+            dsn = Envelope(
+                id=dsn_id,
+                sender="",
+                recipients=(env.sender,),
+                account=env.account,
+                sender_domain=env.sender_domain,
+                body=await self._bodies.put(dsn_id, data),
+                received_at=time.time(),
+                trace_context=env.trace_context,
+                kind="dsn",
+                meta={"dsn_for": env.id},
+            )
+            await self._bus.publish(
+                submit_subject(),
+                dsn.to_msgpack(),
+                msg_id=msg_id,
+                attributes={"relais.message_id": dsn_id, "relais.dsn_for": env.id},
+            )
+            return dsn_id
+
+    def _holding_original(self, ref: BodyRef, whole: bool) -> AbstractAsyncContextManager[None]:
+        """The budget for what a DSN reads of a stored original, from the read to the DSN's
+        publish: the whole body, or the chunks of its header block."""
+        if whole or ref.is_inline:
+            return self._held.holding_body(ref)
+        return self._held.holding(head_octets(ref, self._header_limit))
+
+    async def _original(self, ref: BodyRef, whole: bool) -> bytes:
+        """The original a DSN reports on: whole, or its header block alone; b"" when gone."""
+        try:
+            if whole:
+                return await self._bodies.get(ref)
+            return await self._bodies.get_head(ref, self._header_limit)
+        except BodyMissing:
+            return b""
 
 
 def _last_attempt(notice: BounceNotice, now: datetime) -> datetime:

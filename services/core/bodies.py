@@ -79,6 +79,33 @@ def _meta_info(meta: bytes | None) -> ObjectInfo | None:
         return None
 
 
+def head_octets(ref: BodyRef, limit: int) -> int:
+    """The most octets of a stored body `BodyStore.get_head` reads: whole chunks up to `limit`
+    (0: the whole body)."""
+    if not limit:
+        return ref.size
+    return min(ref.size, -(-limit // CHUNK_SIZE) * CHUNK_SIZE)
+
+
+def _head(data: bytes, limit: int) -> bytes:
+    """`data` through its header block; without its end within `limit` octets, those up to
+    their last line end (the ingress stores CRLF lines; a bare LF still ends one)."""
+    end = _header_end(data)
+    if end >= 0 and (not limit or end <= limit):
+        return data[:end]
+    if not limit or len(data) <= limit:
+        return data
+    return data[: data.rfind(b"\n", 0, limit) + 1]
+
+
+def _header_end(data: bytes) -> int:
+    """Where the empty line that ends the header block ends; -1 when it is not in `data`."""
+    if data.startswith(b"\r\n"):
+        return 2
+    end = data.find(b"\r\n\r\n")
+    return -1 if end < 0 else end + 4
+
+
 class BodyMissing(Exception):
     """The referenced body is gone: its job already reached its final outcome, or it waited
     past the body's TTL (`disposition.settle_missing_body` tells the two apart)."""
@@ -162,17 +189,35 @@ class BodyStore:
             raise BodyMissing(ref.object_name)
         return bytes(result.data)
 
+    async def get_head(self, ref: BodyRef, limit: int) -> bytes:
+        """The start of a body through its header block (the empty line included), for a reader
+        that needs no more (a DSN returning headers): a stored body is read a chunk at a time
+        and no further than that. Without an empty line in the first `limit` octets (0: no
+        limit), those up to their last line end. At most `head_octets(ref, limit)` are read."""
+        if ref.inline is not None:
+            return _head(ref.inline, limit)
+        if self._bus is None:
+            return _head(await self.get(ref), limit)
+        bus, stream = self._bus, object_stream(BODY_BUCKET)
+        info = await self._live_info(bus, ref.object_name)
+        data = bytearray()
+        after = 0
+        for _ in range(info.chunks or 0):
+            batch = await bus.get_next(stream, object_chunk_subject(BODY_BUCKET, info.nuid), 1, after=after)
+            if not batch:
+                raise BrokerUnavailable(f"body {ref.object_name}: chunks missing after {len(data)} bytes")
+            data += batch[0].data
+            after = int((batch[0].headers or {}).get("Nats-Sequence", after))
+            if _header_end(data) >= 0 or (limit and len(data) >= limit):
+                break
+        else:
+            if len(data) != info.size:
+                raise BrokerUnavailable(f"body {ref.object_name}: {len(data)} of {info.size} bytes")
+        return _head(bytes(data), limit)
+
     async def _get_direct(self, bus: Bus, name: str) -> bytes:
         stream = object_stream(BODY_BUCKET)
-        meta = _meta_subject(name)
-        found = (await bus.get_last(stream, [meta])).get(meta)
-        info = _live_object(found.data if found is not None else None)
-        if info is None:
-            # Perhaps a replica behind the ingress's write: ask the leader before believing it.
-            latest = await self._leader_last(stream, meta)
-            info = _live_object(latest.data if latest is not None else None)
-        if info is None:
-            raise BodyMissing(name)
+        info = await self._live_info(bus, name)
         chunks: list[bytes] = []
         after = 0
         while len(chunks) < (info.chunks or 0):
@@ -189,6 +234,20 @@ class BodyStore:
             # Chunks missing or changed under us: a read to retry, never a body to send.
             raise BrokerUnavailable(f"body {name}: {len(data)} of {info.size} bytes, digest {digest}")
         return data
+
+    async def _live_info(self, bus: Bus, name: str) -> ObjectInfo:
+        """What the meta of a stored body says, or BodyMissing."""
+        stream = object_stream(BODY_BUCKET)
+        meta = _meta_subject(name)
+        found = (await bus.get_last(stream, [meta])).get(meta)
+        info = _live_object(found.data if found is not None else None)
+        if info is None:
+            # Perhaps a replica behind the ingress's write: ask the leader before believing it.
+            latest = await self._leader_last(stream, meta)
+            info = _live_object(latest.data if latest is not None else None)
+        if info is None:
+            raise BodyMissing(name)
+        return info
 
     async def _leader_last(self, stream: str, subject: str) -> RawStreamMsg | None:
         """`bus.leader_last`, with a KV delete marker taken as nothing stored."""

@@ -541,7 +541,7 @@ def _validate_ingress(config: Config) -> None:
 
 def _validate_routing(config: Config) -> None:
     """Warm-up schedules, sites and DKIM keys."""
-    for section in ("router", "delivery"):
+    for section in ("router", "delivery", "bounce"):
         if getattr(config, section).max_buffered_bytes < 0:
             raise ConfigError(f"{section}.max_buffered_bytes: must be >= 0 (0: no budget)")
     for name, schedule in config.warmup.items():

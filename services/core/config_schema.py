@@ -233,6 +233,12 @@ class BounceConfig:
     # DSN listing every recipient that failed meanwhile (delay warnings: one of their own).
     # 0 = one DSN per failed job, at once. Events and suppression never wait.
     dsn_window: float = 5.0
+    # Octets of stored (non-inline) bodies one bounce process holds at once: inbound reports,
+    # originals a RET=FULL DSN returns, header blocks read for the others; more waits
+    # (services/core/held_bodies.py). Its own key, as the router's and delivery's are: each
+    # budget is sized to its pods. A report's parse takes a few times its size, so the default
+    # fits a 512 MiB pod. 0: no budget.
+    max_buffered_bytes: int = 64 * 1024 * 1024
     # VERP return path (services/core/returnpath.py): MAIL FROM <prefix>+<account>.<token>@domain,
     # so asynchronous bounces map back to account, message and recipient. The first secret signs,
     # all verify (key rotation). Mail to the domain must reach the ingress's inbound listener.

@@ -1,12 +1,13 @@
-"""How many octets of stored message bodies one router or delivery process holds at once
-(`router.max_buffered_bytes`, `delivery.max_buffered_bytes`).
+"""How many octets of stored message bodies one router, delivery or bounce process holds at
+once (`router.max_buffered_bytes`, `delivery.max_buffered_bytes`, `bounce.max_buffered_bytes`).
 
-Both fetch a large body from the Object Store whole: the router to DKIM-sign it (the signer
+Each fetches a large body from the Object Store whole: the router to DKIM-sign it (the signer
 holds about three more copies), delivery to send it (with its DKIM prefix and the dot-stuffed
-output). At 64 jobs at a time and up to 50 MiB a body, a few large messages at once exceed a
-pod's memory limit; the process is killed, the jobs come back after `ack_wait` and kill the next
-replica the same way. So a job waits here for room before it fetches; the memory a process
-needs is then bounded by its budget, whatever the mix of messages.
+output), bounce to parse an inbound report or return an original whole in a DSN. At 64 jobs at
+a time and up to 50 MiB a body, a few large messages at once exceed a pod's memory limit; the
+process is killed, the jobs come back after `ack_wait` and kill the next replica the same way.
+So a job waits here for room before it fetches; the memory a process needs is then bounded by
+its budget, whatever the mix of messages.
 
 Bodies carried inline in the envelope (up to `nats.inline_body_max`, 128 KiB) are already in
 memory with the message and are not counted. Waiters are served in arrival order, so a large

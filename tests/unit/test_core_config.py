@@ -115,6 +115,7 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ("[router]\nconcurrency = 0\n", "router.concurrency"),
         ("[router]\nmax_buffered_bytes = -1\n", "router.max_buffered_bytes"),
         ("[delivery]\nmax_buffered_bytes = -1\n", "delivery.max_buffered_bytes"),
+        ("[bounce]\nmax_buffered_bytes = -1\n", "bounce.max_buffered_bytes"),
         ("[bounce]\nwebhook_batch = 0\n", "bounce.webhook_batch"),
         ("[nats]\npublish_timeout = 0\n", "nats.publish_timeout"),
         ("[delivery]\ndata_done_timeout = 0\n", "delivery.data_done_timeout"),

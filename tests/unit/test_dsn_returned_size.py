@@ -58,3 +58,22 @@ def test_an_original_within_the_limit_is_still_returned_whole() -> None:
     msg = email.message_from_bytes(dsn_returning(small), policy=policy.default)
 
     assert msg.get_payload()[2].get_content_type() == "message/rfc822"
+
+
+def test_an_oversized_original_read_as_headers_makes_the_same_dsn() -> None:
+    # The bounce service reads only the header block of an original too large to go back whole
+    # (a 50 MiB attachment is not fetched to return its headers): the DSN must not change.
+    big = HEADERS + (b"B" * 76 + b"\r\n") * 70_000
+    kwargs = {
+        "reporting_mta": "relais.example",
+        "from_address": "MAILER-DAEMON@relais.example",
+        "to_address": "alice@sender.test",
+        "original_headers": HEADERS,
+        "recipients": [BOB],
+        "arrival_date": NOW,
+        "message_id": "<dsn.1@relais.example>",
+        "date": NOW,
+    }
+
+    assert build_dsn(**kwargs, oversized_original=len(big)) == dsn_returning(big)
+    assert build_dsn(**kwargs) != dsn_returning(big), "without the size, it reads as RET=HDRS"
