@@ -26,9 +26,12 @@ from tests.support.relais import an_envelope
 HOUR = 3600.0
 
 
-async def defer(bus: Bus, rcpt: str, domain: str, *, site: str = "", job_id: str = "j-0") -> None:
-    """A job the router deferred (a DNS failure: no site yet), as its retry schedule stores it."""
-    env = an_envelope(rcpt, domain=domain, site=site, job_id=job_id)
+async def defer(
+    bus: Bus, rcpt: str, domain: str, *, site: str = "", job_id: str = "j-0", mx_hosts: tuple[str, ...] = ()
+) -> None:
+    """A job the router deferred (a DNS failure: no site yet; else routed to `site` through
+    `mx_hosts`), as its retry schedule stores it."""
+    env = an_envelope(rcpt, domain=domain, site=site, job_id=job_id, mx_hosts=mx_hosts)
     await publish_at(
         bus,
         schedule_subject=route_retry_subject(env.key, 1),

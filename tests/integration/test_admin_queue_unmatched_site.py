@@ -7,33 +7,21 @@ name is matched against and, for a name that can only be an MX host, which site 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from services.admin import queue
 from services.core.bus import Bus
 from services.core.embedded import EmbeddedNats
-from services.core.schedule import publish_at
-from services.core.topology import BOUNCE_STREAM, ROUTE_STREAM, route_retry_subject, route_subject
+from services.core.topology import BOUNCE_STREAM, ROUTE_STREAM, route_subject
 from tests.integration.test_admin_cli_nats_failures import relais
-from tests.integration.test_admin_queue_site_names import fired, stored
-from tests.support.relais import an_envelope
+from tests.integration.test_admin_queue_site_names import defer, fired, stored
 
-HOUR = 3600.0
 COMMANDS = [("requeue",), ("bounce-queue", "--reason", "closed")]
 
 
 async def defer_routed(bus: Bus) -> None:
     """A job routed to site alpha.test through mx1.alpha.test, waiting for its retry."""
-    env = an_envelope("r@alpha.test", domain="alpha.test", site="alpha.test", mx_hosts=("mx1.alpha.test",))
-    await publish_at(
-        bus,
-        schedule_subject=route_retry_subject(env.key, 1),
-        target_subject=route_subject(),
-        payload=env.to_msgpack(),
-        at=time.time() + HOUR,
-    )
+    await defer(bus, "r@alpha.test", "alpha.test", site="alpha.test", mx_hosts=("mx1.alpha.test",))
 
 
 async def untouched(bus: Bus) -> bool:

@@ -12,14 +12,12 @@ stands for a healthy receiver's name.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.support import namespaces
 
 DEAD_HOSTS = 40  # more than the default pool's 32 threads on any machine
 
@@ -72,25 +70,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _namespaces_available() -> bool:
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
-        return False
-    return subprocess.run(["unshare", "-mn", "true"], capture_output=True, timeout=10).returncode == 0
-
-
-@pytest.mark.skipif(not _namespaces_available(), reason="needs root and unshare (mount + network namespace)")
+@pytest.mark.skipif(not namespaces.available(), reason="needs root and unshare (mount + network namespace)")
 def test_receivers_hung_in_dns_do_not_hold_back_another_account_s_webhook(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:2\n")
     script = tmp_path / "dns_isolation.py"
     script.write_text(SCRIPT)
-    inner = f"ip link set lo up && mount --bind {resolv} /etc/resolv.conf && exec {sys.executable} {script}"
     # The namespaces, the silent name server and the receiver all end with the process.
-    done = subprocess.run(
-        ["unshare", "-mn", "sh", "-c", inner],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[3],
-    )
+    done = namespaces.run_isolated(script, {resolv: "/etc/resolv.conf"})
     assert "healthy: 200" in done.stdout, done.stdout + done.stderr

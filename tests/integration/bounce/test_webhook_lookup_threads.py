@@ -10,14 +10,12 @@ receiver host, all of them a receiver on loopback.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.integration.bounce.test_webhook_dns_isolation import _namespaces_available
+from tests.support import namespaces
 
 HOSTS = 60
 
@@ -48,20 +46,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not _namespaces_available(), reason="needs root and unshare (mount + network namespace)")
+@pytest.mark.skipif(not namespaces.available(), reason="needs root and unshare (mount + network namespace)")
 def test_a_lookup_thread_ends_with_its_host_s_last_lookup(tmp_path: Path) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text("".join(f"127.0.0.1 receiver{i}.hooks.test\n" for i in range(HOSTS)))
     script = tmp_path / "lookup_threads.py"
     script.write_text(SCRIPT)
-    inner = f"ip link set lo up && mount --bind {hosts} /etc/hosts && exec {sys.executable} {script}"
-    done = subprocess.run(
-        ["unshare", "-mn", "sh", "-c", inner],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[3],
-    )
+    done = namespaces.run_isolated(script, {hosts: "/etc/hosts"})
     assert "statuses: [200]" in done.stdout, done.stdout + done.stderr
     added = int(done.stdout.split("threads added:")[1].split()[0])
     assert added <= 1, done.stdout  # not one per host posted to
