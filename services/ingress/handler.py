@@ -48,10 +48,14 @@ def received_header(
     message_id: str,
     account: str,
     tls: tuple[str, str] | None,
+    extended: bool = True,
+    smtputf8: bool = False,
 ) -> bytes:
     """`account`: the account the client authenticated as (SMTP AUTH), "" for none: a relay
-    network's client did not, and "ESMTPA" says it did (RFC 3848)."""
-    protocol = "ESMTP" + ("S" if tls else "") + ("A" if account else "")
+    network's client did not, and "ESMTPA" says it did (RFC 3848). `extended`: the client said
+    EHLO, not HELO; `smtputf8`: the transaction asked for SMTPUTF8 (RFC 6531 3.7.3's names)."""
+    base = "UTF8SMTP" if smtputf8 else "ESMTP" if extended else "SMTP"
+    protocol = base + ("S" if tls else "") + ("A" if account else "")
     tls_part = f"\r\n\t(using {tls[0]} with cipher {tls[1]})" if tls else ""
     auth_part = f"\r\n\t(authenticated as {account})" if account else ""
     # RFC 5321 4.1.3: an IPv6 address literal carries its tag. A PROXY header may name no address.
@@ -255,7 +259,7 @@ class IngressHandler:
                 sender=sender,
                 recipients=tuple(envelope.rcpt_tos),
                 sender_domain=policy.domain_of(sender) if sender else "",
-                data=self._received(session, message_id, "", tls) + data,
+                data=self._received(session, envelope, message_id, "", tls) + data,
                 client_ip=state.client_ip,
                 meta=meta,
                 kind="inbound",
@@ -302,7 +306,7 @@ class IngressHandler:
             sender=sender,
             recipients=tuple(envelope.rcpt_tos),
             sender_domain=sender_domain,
-            data=self._received(session, message_id, authenticated, tls) + head + rest,
+            data=self._received(session, envelope, message_id, authenticated, tls) + head + rest,
             client_ip=state.client_ip,
             meta=meta,
             dsn_ret=getattr(envelope, "dsn_ret", ""),
@@ -332,7 +336,12 @@ class IngressHandler:
         return reply
 
     def _received(
-        self, session: Session, message_id: str, account: str, tls: tuple[str, str] | None
+        self,
+        session: Session,
+        envelope: Envelope,
+        message_id: str,
+        account: str,
+        tls: tuple[str, str] | None,
     ) -> bytes:
         return received_header(
             helo=session.host_name or "",
@@ -341,6 +350,8 @@ class IngressHandler:
             message_id=message_id,
             account=account,
             tls=tls,
+            extended=bool(session.extended_smtp),
+            smtputf8=bool(envelope.smtp_utf8),
         )
 
     async def _queue(self, session: Session, sub: Submission, message_id: str) -> str:
