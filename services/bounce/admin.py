@@ -47,13 +47,22 @@ def _usage_error(args: argparse.Namespace) -> str:
     """What makes this command line unusable before anything is asked of NATS; "" when nothing."""
     if args.action == "list":
         return ""
-    address = (args.address or "").strip()
+    if args.action == "remove" and args.address is not None:
+        # Asked after looking for an entry: those stored before `add` checked its address
+        # (`add " "`) must still be removable, by the text they were added with.
+        return ""
+    return _address_error(args.action, args.address or "")
+
+
+def _address_error(action: str, address: str) -> str:
+    """What makes `address` no mail address to `action`; "" when nothing."""
+    address = address.strip()
     if not address:
-        return f"suppression {args.action} needs an address"
+        return f"suppression {action} needs an address"
     # Else `add " "` stored an entry for no one, listed as if it suppressed someone.
     problem = mailbox_error(address)
     if problem:
-        return f"suppression {args.action}: {address!r} is no mail address: it has {problem}"
+        return f"suppression {action}: {address!r} is no mail address: it has {problem}"
     return ""
 
 
@@ -102,9 +111,16 @@ async def run(config: Config, args: argparse.Namespace) -> int:
             print(f"suppressed {address} for account {args.account}")
             return 0
         if args.action == "remove":
-            removed = await suppression.remove(args.account, address)
-            print(f"removed {address}" if removed else f"{address} was not suppressed")
-            return 0 if removed else 1
+            # Under the keys the text derives, as any removal: an entry is found by its own text.
+            if await suppression.remove(args.account, address):
+                print(f"removed {address if not mailbox_error(address) else repr(address)}")
+                return 0
+            refused = _address_error(args.action, args.address)
+            if refused:
+                print(f"relais: {refused}", file=sys.stderr)
+                return 2
+            print(f"{address} was not suppressed")
+            return 1
         found = await suppression.get(args.account, address)
         print(describe(found) if found else f"{address} is not suppressed for account {args.account}")
         return 0 if found else 1

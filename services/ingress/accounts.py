@@ -78,10 +78,37 @@ async def seed_accounts(kv: KeyValue, seed: Mapping[str, AccountConfig]) -> None
 
 
 async def put_account(js: JetStreamContext, name: str, account: AccountConfig) -> None:
+    """Write the record, replacing any the name has."""
+    kv = await _records_of(js, name)
+    await kv.put(name, encode_account(account))
+
+
+async def create_account(js: JetStreamContext, name: str, account: AccountConfig) -> bool:
+    """Write the record of a new account; False, writing nothing, when the name has one. A KV
+    create, which the server refuses once the key holds a value: of two admins adding one name
+    at the same moment exactly one succeeds (a read, then a put, would let both, the later win)."""
+    kv = await _records_of(js, name)
+    try:
+        await kv.create(name, encode_account(account))
+    except KeyWrongLastSequenceError:
+        return False
+    return True
+
+
+async def has_record(js: JetStreamContext, name: str) -> bool:
+    """Whether the name has a record, readable or not (what makes `create_account` refuse)."""
+    kv = await js.key_value(ACCOUNTS_BUCKET)
+    try:
+        await kv.get(name)
+    except KeyNotFoundError:  # none, or deleted
+        return False
+    return True
+
+
+async def _records_of(js: JetStreamContext, name: str) -> KeyValue:
     if not valid_name(name):
         raise AccountRecordError("account names are lowercase letters, digits, '-' and '_'")
-    kv = await js.key_value(ACCOUNTS_BUCKET)
-    await kv.put(name, encode_account(account))
+    return await js.key_value(ACCOUNTS_BUCKET)
 
 
 async def get_account(js: JetStreamContext, name: str) -> AccountConfig | None:

@@ -27,7 +27,9 @@ from services.core.topology import (
 )
 from services.ingress.accounts import (
     AccountRecordError,
+    create_account,
     get_account,
+    has_record,
     list_accounts,
     put_account,
     set_disabled,
@@ -44,8 +46,14 @@ def add_arguments(sub: argparse._SubParsersAction, func: object) -> None:  # typ
         p.add_argument("--nats-url", help="override nats.url")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("add", help="create or replace an account (takes effect on every replica)")
+    p = sub.add_parser("add", help="create an account (takes effect on every replica)")
     p.add_argument("name")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="if the account exists, replace it: password, domains, pools, limits and webhook all "
+        "become what this command gives (a disabled account is enabled)",
+    )
     p.add_argument("--domain", action="append", default=[], help="sender domain (repeat for several)")
     p.add_argument("--pool", default="default")
     p.add_argument("--allow-pool", action="append", default=[], help="pool selectable by X-Relais-Pool")
@@ -171,6 +179,16 @@ def _refuse(problem: str) -> int:
     return 2
 
 
+def _exists(name: str, where: str) -> int:
+    # Exit status 1, as for `no account`: the command line was fine, the accounts are not.
+    print(
+        f"relais: account {name} already exists ({where}): --replace to overwrite all of it "
+        "(`passwd`, `webhook`, `disable` change one part)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 async def _add(js: JetStreamContext, config: Config, args: argparse.Namespace) -> int:
     if args.webhook_secret and not args.webhook_url:
         return _refuse("--webhook-secret needs --webhook-url")
@@ -178,6 +196,13 @@ async def _add(js: JetStreamContext, config: Config, args: argparse.Namespace) -
     problem = webhook_problem(args.webhook_url, secret)
     if problem:
         return _refuse(problem)
+    # Told before the password prompt; `create_account` below is what holds when two admins
+    # add the name at once. A name only in the file would be seeded from it at an ingress's
+    # start, unless a record is there by then: this one would win over the file for good.
+    if not args.replace and await has_record(js, args.name):
+        return _exists(args.name, "in KV")
+    if not args.replace and args.name in config.accounts:
+        return _exists(args.name, "in the config file")
     password = args.password or getpass.getpass("password: ")
     account = AccountConfig(
         password_hash=hash_password(password),
@@ -193,7 +218,10 @@ async def _add(js: JetStreamContext, config: Config, args: argparse.Namespace) -
     if account.webhook_url:
         # Before the record: the events of the account's first messages are kept for it.
         await ensure_webhooks_consumers(js, config, reconcile=False, accounts=[args.name])
-    await put_account(js, args.name, account)
+    if args.replace:
+        await put_account(js, args.name, account)
+    elif not await create_account(js, args.name, account):
+        return _exists(args.name, "in KV, added meanwhile")
     print(describe(args.name, account))
     if account.webhook_url and not args.webhook_secret:
         print(f"webhook secret: {secret}")

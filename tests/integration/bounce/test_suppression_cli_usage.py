@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from services.core.embedded import EmbeddedNats
+from services.core.runtime import start_bus
+from services.core.suppression import Suppression, SuppressionList
 from tests.integration.bounce.test_suppression_cli import relais
 from tests.support.relais import REPO, config_to_toml, make_config
 
 
 @pytest.fixture
 async def config_path(nats_server: EmbeddedNats, tmp_path: Path) -> Path:
-    from services.core.runtime import start_bus
-
     config = make_config(nats_url=nats_server.url)
     bus = await start_bus(config, "test-topology", attempts=5)  # the services create the bucket
     await bus.close()
@@ -116,3 +116,26 @@ def test_real_addresses_are_still_managed(config_path: Path, address: str, also:
     removed = relais(config_path, "remove", address, "--account", "acme")
     assert removed.returncode == 0, removed.stderr
     assert nothing_listed(config_path)
+
+
+@pytest.mark.parametrize("address", NO_ADDRESSES)
+async def test_an_entry_stored_for_no_address_is_still_removed(
+    nats_server: EmbeddedNats, config_path: Path, address: str
+) -> None:
+    """Before `add` refused them, such entries were stored (the text stripped and lower-cased,
+    under the key that text derives): `remove` given the same text takes them away, as it would
+    any entry, though it is no address; with no entry there it is refused as above."""
+    config = make_config(nats_url=nats_server.url)
+    bus = await start_bus(config, "test-old-entry", attempts=5)
+    try:
+        old = Suppression(account="acme", address=address.strip().lower(), reason="manual", source="operator")
+        await SuppressionList(bus.js).add(old)
+    finally:
+        await bus.close()
+    assert not nothing_listed(config_path)
+
+    removed = relais(config_path, "remove", address, "--account", "acme")
+    assert removed.returncode == 0, removed
+    assert removed.stdout.startswith("removed ") and len(removed.stdout.splitlines()) == 1, removed.stdout
+    assert nothing_listed(config_path)
+    assert_refused(relais(config_path, "remove", address, "--account", "acme"), 2, "relais: ")
