@@ -297,8 +297,10 @@ class IngressHandler:
             if verdict:
                 return str(verdict)
             meta[META_POOL] = pool
-        head = block.without(headers.CONTROL_HEADERS + headers.DROPPED_HEADERS) + headers.missing_fields(
-            block, message_id=message_id, hostname=ingress.hostname, now=time.time()
+        message = headers.join(
+            block.without(headers.CONTROL_HEADERS + headers.DROPPED_HEADERS),
+            headers.missing_fields(block, message_id=message_id, hostname=ingress.hostname, now=time.time()),
+            rest,
         )
         authenticated = name if session.authenticated else ""  # not a relay network's client
         submission = Submission(
@@ -306,7 +308,7 @@ class IngressHandler:
             sender=sender,
             recipients=tuple(envelope.rcpt_tos),
             sender_domain=sender_domain,
-            data=self._received(session, envelope, message_id, authenticated, tls) + head + rest,
+            data=self._received(session, envelope, message_id, authenticated, tls) + message,
             client_ip=state.client_ip,
             meta=meta,
             dsn_ret=getattr(envelope, "dsn_ret", ""),

@@ -2,6 +2,10 @@
 
 The body and every header Relais does not touch stay byte-for-byte what the sender wrote (DKIM
 signatures of the sender survive: RFC 6376 5.4.1 keeps Bcc and Return-Path out of them).
+
+The header ends where Postfix's cleanup ends it (`mime_state.c`), at the first line that is no
+field and continues none; everything the ingress checks, strips or adds is in that part, and the
+message it queues has an empty line there, so a mail reader's header is the same part.
 """
 
 from __future__ import annotations
@@ -21,16 +25,49 @@ CONTROL_HEADERS = (CAMPAIGN_HEADER, POOL_HEADER)
 DROPPED_HEADERS = ("Bcc", "Resent-Bcc", "Return-Path", "Content-Length")
 
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+# A field's start, as Postfix's is_header reads it: a name, white space, a colon. Possessive, so
+# that a name is not tried again shorter (these run on every message: 2 µs, not 30).
+_FIELD_START = re.compile(rb"[!-9;-~]++[ \t]*:")
+# A line after the first that neither begins a field nor continues one (white space).
+_STRAY_LINE = re.compile(rb"\n(?![!-9;-~]++[ \t]*:|[ \t])")
+# RFC 5322 obs-optional: `Subject : hi`. A field to Postfix and to this module, the end of the
+# header to Python's email parser; Postfix writes it `Subject: hi` so that all read it alike.
+_SPACE_BEFORE_COLON = re.compile(rb"(\n[!-9;-~]++)[ \t]+:")
 
 
 def split_message(data: bytes) -> tuple[bytes, bytes]:
-    """(header block including its final CRLF, rest starting at the empty line)."""
+    """(header block including its final CRLF, rest starting at the empty line).
+
+    The header block ends, as in Postfix's cleanup and in mail readers, at the first line that
+    is no field and does not continue one: `rest` then starts with that line, and there is no
+    empty line before it (`join` puts one there).
+    """
     if data.startswith(b"\r\n"):
         return b"", data
     end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return data, b""
-    return data[: end + 2], data[end + 2 :]
+    end = len(data) if end < 0 else end + 2
+    # A first line starting with white space continues the Received: the ingress writes above it.
+    if data[:1] not in (b" ", b"\t") and not _FIELD_START.match(data):
+        return b"", data
+    # Up to the last line's CR: a match at its LF would look at what follows the header.
+    stray = _STRAY_LINE.search(data, 0, end - 1)
+    if stray:
+        end = stray.start() + 1
+    return data[:end], data[end:]
+
+
+def join(head: bytes, added: bytes, rest: bytes) -> bytes:
+    """The message from the sender's header block (after `split_message`), the fields Relais
+    adds to it, and the rest.
+
+    When the sender's header ended at a line that is no field, an empty line goes before that
+    line, as Postfix's cleanup puts it: some readers would read on past such a line (Python's
+    parser past `From ...` or `: x`), and show as header fields what the ingress neither
+    checked nor stripped as such. A field written `Name :` becomes `Name:`, as in Postfix.
+    """
+    separator = b"" if not rest or rest.startswith(b"\r\n") else b"\r\n"
+    head = _SPACE_BEFORE_COLON.sub(rb"\1:", b"\n" + head)[1:]
+    return head + added + separator + rest
 
 
 def fields(header_block: bytes) -> list[tuple[str, bytes]]:

@@ -53,3 +53,29 @@ def test_one_parse_answers_every_question_like_the_functions() -> None:
     assert block.without(("date",)) is head  # nothing to drop: the same bytes, no copy
     added = headers.missing_fields(block, message_id="abc", hostname="relais.test", now=0.0)
     assert head + added == headers.submission_fixups(head, message_id="abc", hostname="relais.test", now=0.0)
+
+
+def test_the_header_ends_at_the_first_line_that_is_no_field() -> None:
+    # Postfix's is_header: a name, white space, a colon; else a continuation (SP/HT) of a field.
+    for stray in (b"not a header", b"From x@y.test Thu Jan  1 00:00:00 2026", b": no name", b"\xc3\xa9: x"):
+        msg = b"From: a@acme.test\r\n folded\r\n" + stray + b"\r\nTo: b@beta.test\r\n\r\nbody\r\n"
+        head, rest = headers.split_message(msg)
+        assert head == b"From: a@acme.test\r\n folded\r\n" and rest.startswith(stray + b"\r\nTo:")
+    assert headers.split_message(b"not a header\r\nFrom: a@acme.test\r\n") == (
+        b"",
+        b"not a header\r\nFrom: a@acme.test\r\n",
+    )
+    # A first line starting with white space continues the Received: written above it.
+    assert headers.split_message(b" x\r\nFrom: a\r\n\r\nb\r\n") == (b" x\r\nFrom: a\r\n", b"\r\nb\r\n")
+    assert headers.split_message(b"Subject : x\r\n\r\nb\r\n") == (b"Subject : x\r\n", b"\r\nb\r\n")
+
+
+def test_join_puts_an_empty_line_where_the_header_ended_without_one() -> None:
+    added = b"Date: now\r\n"
+    assert headers.join(b"From: a\r\n", added, b"not a header\r\n") == (
+        b"From: a\r\nDate: now\r\n\r\nnot a header\r\n"
+    )
+    assert headers.join(b"From: a\r\n", added, b"\r\nbody\r\n") == b"From: a\r\nDate: now\r\n\r\nbody\r\n"
+    assert headers.join(b"From: a\r\n", added, b"") == b"From: a\r\nDate: now\r\n"
+    # Obsolete `Name :` written `Name:` (as Postfix does); values and continuations untouched.
+    assert headers.join(b"Subject \t: a : b\r\n x :\r\n", b"", b"") == b"Subject: a : b\r\n x :\r\n"
