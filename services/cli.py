@@ -106,11 +106,15 @@ def cmd_dkim(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from services.core.config import ConfigError
     from services.core.embedded import NatsServerFailed
     from services.up import run_up
 
     try:
         return run_up(data_dir=Path(args.data_dir), config_path=args.config, smtp_port=args.port)
+    except ConfigError as exc:  # read before anything starts
+        print(f"relais: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     except NatsServerFailed as exc:  # its store dir in use, its port taken, no binary
         print(f"relais: {exc}", file=sys.stderr)
         return 1
@@ -172,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run everything on this machine with an embedded nats-server")
     p.add_argument("--data-dir", default="relais-data")
     p.add_argument("--config", "-c", help="config file (default: generated in the data dir)")
-    p.add_argument("--port", type=int, default=2525, help="SMTP port on 127.0.0.1")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="SMTP port on 127.0.0.1 of the generated config (default: the one it was generated with, 2525)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("validate", help="check a config file")

@@ -25,6 +25,7 @@ DEMO_ACCOUNT = "demo"
 DEMO_DOMAINS = ("example.com", "example.org")
 # One process each, as in production; the ingress, which takes mail, starts last.
 SERVICE_NAMES = ("router", "delivery", "bounce", "ingress")
+DEFAULT_SMTP_PORT = 2525
 START_TIMEOUT = 60.0
 # The embedded nats-server's store is 75% of the disk's free space at its start, and JetStream
 # reserves the events stream's cap in it (see nats.events_max_bytes): the default 4 GiB would
@@ -118,11 +119,25 @@ def _ready(address: str) -> bool:
         connection.close()
 
 
-def _exited(name: str, child: subprocess.Popen[bytes], logs_dir: Path, when: str) -> str:
-    log = logs_dir / f"{name}.log"
+def _exited(name: str, child: subprocess.Popen[bytes], log: Path, when: str) -> str:
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     why = f": {lines[-1].strip()}" if lines else ""
     return f"the {name} exited with {child.returncode} {when}{why}; see {log}"
+
+
+def _first_exited(
+    children: dict[str, subprocess.Popen[bytes]], logs_dir: Path, nats: EmbeddedNats, when: str
+) -> str:
+    """Which process of this `relais up` exited, as the line to show; "" while all run. The
+    nats-server too: every service would reconnect to it for ever, and the ingress answer every
+    message 451, with nothing on the terminal to say why."""
+    server = nats.process
+    if server is not None and server.poll() is not None:
+        return _exited("nats-server", server, nats.log_file or Path(os.devnull), when)
+    for name, child in children.items():
+        if child.poll() is not None:
+            return _exited(name, child, logs_dir / f"{name}.log", when)
+    return ""
 
 
 def _start_services(
@@ -145,6 +160,7 @@ def _start_services(
 
 def _wait_until_up(
     children: dict[str, subprocess.Popen[bytes]],
+    nats: EmbeddedNats,
     http: dict[str, str],
     smtp: str,
     logs_dir: Path,
@@ -152,15 +168,15 @@ def _wait_until_up(
     timeout: float,
 ) -> None:
     """Until every service is ready (its own /readyz) and the ingress's mail listener answers;
-    raises StartFailed when a service exits first or `timeout` passes. Returns early when
-    stopping. Every service, not the ingress alone: "up" with a router still starting would
-    queue mail nobody routes yet, and a Ctrl-C then would find that router not yet able to
-    stop cleanly."""
+    raises StartFailed when a service or the nats-server exits first or `timeout` passes.
+    Returns early when stopping. Every service, not the ingress alone: "up" with a router still
+    starting would queue mail nobody routes yet, and a Ctrl-C then would find that router not
+    yet able to stop cleanly."""
     deadline = time.monotonic() + timeout
     while not stopping():
-        for name, child in children.items():
-            if child.poll() is not None:
-                raise StartFailed(_exited(name, child, logs_dir, "while starting"))
+        exited = _first_exited(children, logs_dir, nats, "while starting")
+        if exited:
+            raise StartFailed(exited)
         waiting = [name for name, address in http.items() if not _ready(address)]
         if not waiting and _answers(*split_listen(smtp)):
             return
@@ -206,14 +222,17 @@ def _announce(
 
 
 def _supervise(
-    children: dict[str, subprocess.Popen[bytes]], logs_dir: Path, stopping: Callable[[], bool]
+    children: dict[str, subprocess.Popen[bytes]],
+    nats: EmbeddedNats,
+    logs_dir: Path,
+    stopping: Callable[[], bool],
 ) -> int:
-    """Until stopped (0), or until a service exits on its own (1)."""
+    """Until stopped (0), or until a service or the nats-server exits on its own (1)."""
     while not stopping():
-        for name, child in children.items():
-            if child.poll() is not None:
-                print(f"relais: {_exited(name, child, logs_dir, 'unexpectedly')}", file=sys.stderr)
-                return 1
+        exited = _first_exited(children, logs_dir, nats, "unexpectedly")
+        if exited:
+            print(f"relais: {exited}", file=sys.stderr)
+            return 1
         time.sleep(0.2)
     return 0
 
@@ -253,7 +272,11 @@ def _on_stop_signals(stop: Callable[..., None]) -> None:
 
 
 def run_up(
-    *, data_dir: Path, config_path: str | None, smtp_port: int, start_timeout: float = START_TIMEOUT
+    *,
+    data_dir: Path,
+    config_path: str | None,
+    smtp_port: int | None = None,
+    start_timeout: float = START_TIMEOUT,
 ) -> int:
     started = time.monotonic()
     stopping = False
@@ -265,10 +288,15 @@ def run_up(
     _on_stop_signals(stop)
     password = ""
     generated = config_path is None
+    base_env = dict(os.environ)
     if config_path is None:
-        path, password = write_default_config(data_dir, smtp_port)
+        path, password = write_default_config(data_dir, smtp_port or DEFAULT_SMTP_PORT)
         config_path = str(path)
-    config = load_config(config_path)
+        if smtp_port:
+            # The generated config keeps the port of its first run: --port moves it, as the
+            # advice below for a port taken since then says.
+            base_env["RELAIS_INGRESS__LISTEN"] = f"127.0.0.1:{smtp_port}"
+    config = load_config(config_path, base_env)
     smtp = mail_listener(config)
     taken = _taken(config)
     if taken:
@@ -279,7 +307,7 @@ def run_up(
     if _answers("127.0.0.1", nats_port):
         nats_port = free_port()  # something already listens on 4222: do not fight over it
     nats = EmbeddedNats(store_dir=data_dir / "nats", port=nats_port, log_file=data_dir / "nats.log")
-    env = service_env(dict(os.environ), Path(config_path), nats.url, generated=generated)
+    env = service_env(base_env, Path(config_path), nats.url, generated=generated)
     children: dict[str, subprocess.Popen[bytes]] = {}
     logs_dir = data_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +321,7 @@ def run_up(
         http = {name: f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES}
         _start_services(env, http, logs_dir, children)
         try:
-            _wait_until_up(children, http, smtp, logs_dir, lambda: stopping, start_timeout)
+            _wait_until_up(children, nats, http, smtp, logs_dir, lambda: stopping, start_timeout)
         except StartFailed as exc:
             print(f"relais: {exc}", file=sys.stderr)
             return 1
@@ -309,7 +337,7 @@ def run_up(
             logs_dir=logs_dir,
             http=http,
         )
-        return _supervise(children, logs_dir, lambda: stopping)
+        return _supervise(children, nats, logs_dir, lambda: stopping)
     finally:
         _stop_services(children)
         nats.stop()

@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -146,8 +146,8 @@ def test_a_stop_before_nats_starts_starts_nothing(
     before nats-server and the services are started (they used to start, and then stop)."""
     from services import up
 
-    def interrupted_while_loading(path: str) -> object:
-        config = load_config(path)
+    def interrupted_while_loading(path: str, env: Mapping[str, str] | None = None) -> object:
+        config = load_config(path, env)
         os.kill(os.getpid(), signal.SIGINT)  # run_up's own handler takes it
         return config
 

@@ -1,13 +1,16 @@
 """`relais up` ending other than by Ctrl-C: its terminal closed (SIGHUP), its SMTP port taken by
-another program, its ingress dying during start-up, start-up taking too long. Each ends with every
-process it started stopped (the services drained, the nats-server found by the pid its store
-lock records), and a failure is one line on stderr with exit status 1."""
+another program, its ingress dying during start-up, start-up taking too long, its nats-server
+dying. Each ends with every process it started stopped (the services drained, the nats-server
+found by the pid its store lock records), and a failure is one line on stderr with exit status 1
+(2 for an invalid configuration, as for every other command). `--port` moves the listener of the
+configuration it generated."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -16,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from services.core.embedded import free_port, stop_process
+from services.up import write_default_config
 from tests.integration.test_relais_up import alive, started_by
 from tests.support.relais import REPO, relais_up
 
@@ -128,3 +132,47 @@ def test_a_start_up_timeout_is_one_line_and_status_1(tmp_path: Path) -> None:
         expected = "relais: not up within 0s: not ready: router, delivery, bounce, ingress"
         assert ran.stderr.startswith(expected), ran.stderr
         assert not [pid for pid in started_by(data) if alive(pid)]
+
+
+def test_an_invalid_config_is_one_line_and_status_2(tmp_path: Path) -> None:
+    # A typo'd key, as `relais validate` and every service report it: no traceback.
+    data, config = tmp_path / "relais-data", tmp_path / "relais.toml"
+    config.write_text(f'data_dir = "{data}"\n[ingress]\nlistn = "127.0.0.1:{free_port()}"\n')
+    with leaving_nothing_running(data):
+        with relais_up(data, free_port(), tmp_path, config) as proc:
+            assert proc.wait(60) == 2
+        said = (tmp_path / "relais-up.log").read_text()
+        assert said.splitlines() == ["relais: invalid configuration: unknown key(s): ingress.listn"], said
+        assert not (data / "nats").exists(), "nothing was started"
+
+
+def test_a_nats_server_that_dies_stops_everything_with_status_1(tmp_path: Path) -> None:
+    # Every service reconnects for ever: without `relais up` noticing, it would go on looking
+    # up while the ingress answers every message 451.
+    data, log = tmp_path / "relais-data", tmp_path / "relais-up.log"
+    with leaving_nothing_running(data), relais_up_in_a_terminal(data, free_port(), log) as proc:
+        wait_until_up(proc, log)
+        server, ours = nats_pid(data), started_by(data)
+        os.kill(server, signal.SIGKILL)
+
+        assert proc.wait(60) == 1, log.read_text()
+        last = log.read_text().splitlines()[-1]
+        assert last.startswith("relais: the nats-server exited with -9 unexpectedly"), last
+        assert str(data / "nats.log") in last, last
+        assert not [pid for pid in ours if alive(pid)]
+
+
+def test_port_moves_the_smtp_listener_of_a_generated_config(tmp_path: Path) -> None:
+    # The generated config keeps the port of the first run; when another program has taken it
+    # since, `relais up` says to choose another with --port, which must then be the one used.
+    data, log = tmp_path / "relais-data", tmp_path / "relais-up.log"
+    first, second = free_port(), free_port()
+    write_default_config(data, first)
+    with socket.create_server(("127.0.0.1", first)), leaving_nothing_running(data):
+        with relais_up_in_a_terminal(data, second, log) as proc:
+            wait_until_up(proc, log)
+            assert f"SMTP (AUTH PLAIN/LOGIN): 127.0.0.1:{second}" in log.read_text()
+            with smtplib.SMTP("127.0.0.1", second, timeout=30) as client:
+                assert client.ehlo("laptop.test")[0] == 250
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0, log.read_text()
