@@ -52,6 +52,7 @@ from services.ingress.prototype import Prototype
 from services.ingress.replies import (
     AUTH_IN_TRANSACTION,
     AUTH_LINE_TOO_LONG,
+    AUTH_NOT_ENABLED,
     INSUFFICIENT_STORAGE,
     NON_SMTP_COMMAND,
     SHUTTING_DOWN,
@@ -398,6 +399,11 @@ class RelaisSMTP(SMTP):
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
+        if self._inbound:
+            # Not advertised, so not taken, as in Postfix: aiosmtpd would answer 538 before
+            # STARTTLS (send the credentials again over TLS) and 535 after (guess another one).
+            await self.push(str(AUTH_NOT_ENABLED))
+            return
         # RFC 4954 4: not during a transaction. A relay-network client could otherwise pass MAIL
         # FROM as one account and have the message queued as another's.
         if self.envelope is not None and self.envelope.mail_from:

@@ -53,6 +53,8 @@ AUTH_UNAVAILABLE = Verdict(454, "4.7.0", "Temporary authentication failure, try 
 ACCOUNTS_UNAVAILABLE = Verdict(451, "4.3.0", "Accounts not available yet, try again later")
 TOO_MANY_SESSIONS = Verdict(421, "4.7.0", "Too many concurrent sessions for this account")
 AUTH_IN_TRANSACTION = Verdict(503, "5.5.1", "AUTH not permitted during a mail transaction")
+# A listener that offers no AUTH (inbound): Postfix's reply where SASL is off.
+AUTH_NOT_ENABLED = Verdict(503, "5.5.1", "Authentication not enabled")
 # RFC 4954 5: MAIL's AUTH parameter is "<>" or an xtext.
 BAD_AUTH_PARAMETER = Verdict(501, "5.5.4", "Invalid AUTH parameter")
 # RFC 4954 4: a response line in the AUTH exchange over the line limit cancels the exchange.
