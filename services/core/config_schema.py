@@ -124,7 +124,7 @@ class IngressConfig:
     # certain (nothing stored) are still answered 451 after nats.publish_timeout. Clients wait
     # 10 minutes for the reply to the final dot (RFC 5321); below the de-duplication window.
     queue_timeout: float = 30.0
-    # Error replies in one session before it is closed with 421.
+    # Error replies in one session, without an accepted message between them, before 421 and close.
     max_errors: int = 10
     # AUTH failures per client IP or per username within auth_lockout before further attempts
     # are refused with 454 and the connection closed, until the window ends.

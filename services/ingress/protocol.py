@@ -1,8 +1,8 @@
 """aiosmtpd's SMTP protocol with the ingress' connection-level rules.
 
 - every refusal carries an enhanced status code (aiosmtpd's built-in replies get one here);
-- too many error replies in one session end it with 421 (recipients refused for the per-message
-  limit are no errors, up to RECIPIENT_OVERSHOOT_LIMIT a transaction);
+- too many error replies in one session without an accepted message end it with 421 (recipients
+  refused for the per-message limit are no errors, up to RECIPIENT_OVERSHOOT_LIMIT a transaction);
 - AUTH mechanism names are taken in any case (`commands.py`, with each command's line limit);
 - connections are gated from the moment they are accepted (`door.py`): per client IP, and per
   load balancer while a PROXY header is awaited; implicit TLS starts here, after the gate;
@@ -502,7 +502,9 @@ class RelaisSMTP(SMTP):
         finally:
             reservation.release()
         if reply.startswith("250"):
-            self._junk = 0  # the session is doing work
+            # The session is doing work: the errors and junk before this message are forgiven,
+            # as in Postfix (smtpd_hard_error_limit counts errors made without delivering mail).
+            self._junk = self._errors = 0
         await self.push(reply)
 
     async def _receive(self, reservation: Reservation) -> str:
