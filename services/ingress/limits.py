@@ -361,8 +361,10 @@ class SessionRegistry:
         self._js = js
         self.replica = replica or secrets.token_hex(6)
         self._mine: Counter[str] = Counter()
-        # (account, replica) -> (count, when we last heard it) for the other replicas.
-        self._others: dict[tuple[str, str], tuple[int, float]] = {}
+        # account -> replica -> (count, when we last heard it), for the other replicas' open
+        # sessions. Replicas that crashed (a new name at every pod restart) leave their last
+        # count behind, with no delete to say so: kept only while fresh (`_forget_stale`).
+        self._others: dict[str, dict[str, tuple[int, float]]] = {}
         self._kv = None
         self._tasks: list[asyncio.Task[None]] = []
         # Accounts whose count changed since the writer last wrote it.
@@ -394,9 +396,16 @@ class SessionRegistry:
                     await self._kv.delete(f"{account}.{self.replica}")
 
     def open_sessions(self, account: str) -> int:
-        cutoff = time.monotonic() - SESSIONS_TTL
-        others = sum(n for (a, _), (n, seen) in self._others.items() if a == account and seen > cutoff)
-        return self._mine[account] + others
+        others = self._others.get(account)
+        if others:
+            self._forget_stale(account, others, time.monotonic() - SESSIONS_TTL)
+        return self._mine[account] + sum(n for n, _ in self._others.get(account, {}).values())
+
+    def _forget_stale(self, account: str, others: dict[str, tuple[int, float]], cutoff: float) -> None:
+        for replica in [r for r, (_, seen) in others.items() if seen <= cutoff]:
+            del others[replica]
+        if not others:
+            del self._others[account]
 
     async def acquire(self, account: str, limit: int) -> bool:
         if limit and self.open_sessions(account) >= limit:
@@ -444,6 +453,9 @@ class SessionRegistry:
             for account, count in list(self._mine.items()):
                 if count > 0:
                     self._changed(account)
+            cutoff = time.monotonic() - SESSIONS_TTL
+            for account, others in list(self._others.items()):
+                self._forget_stale(account, others, cutoff)
 
     async def _watch(self) -> None:
         assert self._kv is not None
@@ -456,10 +468,13 @@ class SessionRegistry:
                     account, _, replica = entry.key.rpartition(".")
                     if replica == self.replica:
                         continue
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        self._others.pop((account, replica), None)
-                    else:
-                        self._others[(account, replica)] = (int(entry.value), time.monotonic())
+                    count = int(entry.value) if entry.operation not in ("DEL", "PURGE") and entry.value else 0
+                    if count > 0:
+                        self._others.setdefault(account, {})[replica] = (count, time.monotonic())
+                    elif account in self._others:  # its sessions ended, or it stopped
+                        self._others[account].pop(replica, None)
+                        if not self._others[account]:
+                            del self._others[account]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

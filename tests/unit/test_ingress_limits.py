@@ -80,11 +80,15 @@ def test_session_registry_ignores_stale_replicas() -> None:
 
     registry = SessionRegistry(js=None, replica="me")  # type: ignore[arg-type]
     now = time.monotonic()
-    registry._others[("acme", "alive")] = (2, now)
-    registry._others[("acme", "crashed")] = (5, now - SESSIONS_TTL - 1)
-    registry._others[("other", "alive")] = (7, now)
+    registry._others["acme"] = {"alive": (2, now), "crashed": (5, now - SESSIONS_TTL - 1)}
+    registry._others["other"] = {"alive": (7, now)}
+    registry._others["gone"] = {"crashed": (1, now - SESSIONS_TTL - 1)}
     registry._mine["acme"] = 1
     assert registry.open_sessions("acme") == 3
+    assert registry.open_sessions("gone") == 0
+    # A crashed replica (a new name at each pod restart) sends no delete: its counts are
+    # forgotten once stale, so neither memory nor each AUTH's look grows with restarts.
+    assert registry._others == {"acme": {"alive": (2, now)}, "other": {"alive": (7, now)}}
 
 
 def test_admin_describe() -> None:

@@ -141,6 +141,9 @@ async def test_concurrent_sessions_per_account_across_replicas(make_ingress: Cal
         await in_thread(second.close)
     assert refused == reply(TOO_MANY_SESSIONS)
     assert accepted == reply(AUTH_OK)
+    await both_see(0)
+    # A count gone to zero is not kept: an account's entries end with its sessions.
+    assert not one.ingress.sessions._others and not two.ingress.sessions._others
 
 
 def _auth_once(address: tuple[str, int]) -> tuple[int, bytes]:
