@@ -589,13 +589,15 @@ def _validate_routing(config: Config) -> None:
 DKIM_UNSIGNABLE = frozenset(
     {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
 )
+ONE_CLICK_UNSUBSCRIBE_FIELDS = ("list-unsubscribe", "list-unsubscribe-post")
 # RFC 5322 3.6.8 field-name: printable ASCII but ':'. Anything else would corrupt the h= tag.
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 
 
 def _validate_dkim_headers(headers: list[str], where: str) -> None:
     """A header list dkimpy would refuse fails every signing, so every message would go out
-    unsigned: refuse it at load instead (empty means the default set)."""
+    unsigned, and one without the unsubscribe fields breaks one-click unsubscribe for every
+    message: refuse either at load instead (empty means the default set)."""
     if not headers:
         return
     names = [h.lower() for h in headers]
@@ -607,6 +609,14 @@ def _validate_dkim_headers(headers: list[str], where: str) -> None:
     refused = sorted(DKIM_UNSIGNABLE.intersection(names))
     if refused:
         raise ConfigError(f"{where}: {', '.join(refused)} must not be signed (RFC 6376 5.4.1)")
+    # Signed when present, like every listed field: without them, receivers honour no one-click
+    # unsubscribe, which Gmail and Yahoo require of bulk senders.
+    unsubscribe = [h for h in ONE_CLICK_UNSUBSCRIBE_FIELDS if h not in names]
+    if unsubscribe:
+        raise ConfigError(
+            f"{where}: must include {' and '.join(map(repr, unsubscribe))} (RFC 8058 4: one-click "
+            "unsubscribe is honoured only when a DKIM signature covers both)"
+        )
 
 
 def _validate_bounce(bounce: BounceConfig) -> None:

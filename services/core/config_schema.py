@@ -299,7 +299,8 @@ class DkimKeyConfig:
     # PEM private key (RSA, or Ed25519 PKCS#8), or dkimpy's base64 Ed25519 seed.
     key_file: str
     algorithm: str = "rsa-sha256"
-    # Header fields to sign; empty means Relais' default set. Must include "from", and none of
+    # Header fields to sign; empty means Relais' default set. Must include "from",
+    # "list-unsubscribe" and "list-unsubscribe-post" (RFC 8058), and none of
     # received, return-path, bcc, resent-bcc, comments, keywords, dkim-signature. From, To, Cc,
     # Subject, Date and other fields a reader acts on are over-signed when listed.
     headers: list[str] = field(default_factory=list)

@@ -32,6 +32,8 @@ def _write(tmp_path: Path, headers: str) -> Path:
     ("headers", "message"),
     [
         ('["to", "subject"]', "must include 'from'"),
+        ('["from", "subject"]', "must include 'list-unsubscribe' and 'list-unsubscribe-post' (RFC 8058"),
+        ('["from", "List-Unsubscribe"]', "must include 'list-unsubscribe-post' (RFC 8058"),
         ('["from", "Received", "subject"]', "received must not be signed"),
         ('["from", "bcc"]', "bcc must not be signed"),
         ('["From", "DKIM-Signature"]', "dkim-signature must not be signed"),
@@ -50,8 +52,9 @@ def test_a_header_list_dkimpy_would_refuse_is_refused_naming_the_key(
 
 
 def test_a_header_list_with_from_loads_in_any_case(tmp_path: Path) -> None:
-    config = load_config(_write(tmp_path, '["From", "Subject", "List-Unsubscribe"]'), env={})
-    assert config.dkim["acme.test"][1].headers == ["From", "Subject", "List-Unsubscribe"]
+    listed = ["From", "Subject", "List-Unsubscribe", "list-unsubscribe-post"]
+    config = load_config(_write(tmp_path, str(listed).replace("'", '"')), env={})
+    assert config.dkim["acme.test"][1].headers == listed
 
 
 def test_relais_validate_refuses_it(
