@@ -278,6 +278,12 @@ class IngressHandler:
         if verdict and (not sender or ingress.from_header_check == "reject"):
             # Null sender: the From: header is the only identity there is, so it must be owned.
             return str(verdict)
+        # After the ownership check, whose reason a foreign From: keeps; before the report-only
+        # log, which a refused message should not write. Submission only: the inbound listener
+        # takes bounces and reports as they come.
+        refusal = policy.header_fields_verdict(block)
+        if refusal:
+            return str(refusal)
         if verdict:
             meta["from_not_owned"] = "1"
             log.info(

@@ -23,6 +23,21 @@ CONTROL_HEADERS = (CAMPAIGN_HEADER, POOL_HEADER)
 # envelope (RFC 5321 4.4: an originating system SHOULD NOT send one), and a stale one sits above
 # it; Content-Length: can truncate the message in an mbox.
 DROPPED_HEADERS = ("Bcc", "Resent-Bcc", "Return-Path", "Content-Length")
+# RFC 5322 3.6's table: the fields a message carries at most once. Gmail and Amazon SES refuse a
+# message with two of one. Bcc: is in the table too, but left out here: it is dropped (above), so
+# no reader or provider ever sees how many there were.
+SINGLE_FIELDS = (
+    "Date",
+    "From",
+    "Sender",
+    "Reply-To",
+    "To",
+    "Cc",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "Subject",
+)
 
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 # A field's start, as Postfix's is_header reads it: a name, white space, a colon. Possessive, so
@@ -116,6 +131,18 @@ class HeaderBlock:
 
     def has(self, name: str) -> bool:
         return name.lower() in self.names
+
+    def repeated(self, names: frozenset[str]) -> str | None:
+        """The first of `names` (lower case) that a second field repeats, or None."""
+        if len(self.fields) == len(self.names):
+            return None  # no name repeats at all: most submitted mail, answered without a loop
+        seen: set[str] = set()
+        for name, _ in self.fields:
+            if name in names:
+                if name in seen:
+                    return name
+                seen.add(name)
+        return None
 
     def without(self, names: tuple[str, ...]) -> bytes:
         """The raw block minus every field called one of `names`."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from services.ingress.headers import SINGLE_FIELDS
+
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
@@ -85,6 +87,14 @@ NUL_BYTES = Verdict(554, "5.6.0", "Message contains NUL characters")
 # RFC 3463: 5.4.6 routing loop detected.
 TOO_MANY_HOPS = Verdict(554, "5.4.6", "Too many hops (Received: fields), mail loop?")
 NEEDS_8BITMIME = Verdict(554, "5.6.1", "8-bit message content requires BODY=8BITMIME")
+# RFC 5322 3.6 and 3.6.2, as refused by Gmail and Amazon SES: by lower-case field name.
+DUPLICATE_FIELD = {
+    name.lower(): Verdict(554, "5.6.0", f"Duplicate header field: {name} (RFC 5322 3.6 allows one)")
+    for name in SINGLE_FIELDS
+}
+FROM_NEEDS_SENDER = Verdict(
+    554, "5.6.0", "From: with several mailboxes requires a Sender: field (RFC 5322 3.6.2)"
+)
 FROM_NOT_OWNED = Verdict(550, "5.7.1", "From: header domain not owned by the authenticated account")
 SENDER_HEADER_NOT_OWNED = Verdict(
     550, "5.7.1", "Sender: header domain not owned by the authenticated account"

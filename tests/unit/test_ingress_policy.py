@@ -14,6 +14,8 @@ from services.ingress.replies import (
     BAD_RECIPIENT_SYNTAX,
     BAD_SENDER_SYNTAX,
     BARE_LINE_ENDING,
+    DUPLICATE_FIELD,
+    FROM_NEEDS_SENDER,
     FROM_NOT_OWNED,
     HEADER_TOO_BIG,
     LINE_TOO_LONG,
@@ -276,3 +278,50 @@ def test_a_message_with_max_hops_received_fields_is_a_loop() -> None:
 def test_received_lines_in_the_body_are_not_hops() -> None:
     report = b"".join(b"Received: from h%d by x\r\n" % i for i in range(2 * policy.MAX_HOPS))
     assert policy.hop_verdict(headers.split_message(_with_received(1, body=report))[0]) is None
+
+
+def _fields_verdict(data: bytes) -> object:
+    return policy.header_fields_verdict(headers.HeaderBlock(headers.split_message(data)[0]))
+
+
+@pytest.mark.parametrize("name", headers.SINGLE_FIELDS)
+def test_a_field_rfc_5322_allows_once_given_twice(name: str) -> None:
+    once = b"From: <news@acme.test>\r\n" + (b"" if name == "From" else f"{name}: x\r\n".encode())
+    assert _fields_verdict(once + b"Subject2: y\r\n\r\nbody\r\n") is None
+    # Names are case-insensitive; `Name :` is the same field (RFC 5322 obs-optional).
+    for second in (name.upper(), name.lower(), name + " "):
+        data = once + b"X-Other: y\r\n" + f"{second}: x\r\n".encode() + b"\r\nbody\r\n"
+        assert _fields_verdict(data) == DUPLICATE_FIELD[name.lower()], second
+
+
+def test_fields_that_may_repeat_and_fields_past_the_header() -> None:
+    trace = b"Received: from a by b; Tue, 1 Dec 2026 10:00:00 +0000\r\n" * 3
+    repeatable = trace + b"Comments: a\r\nComments: b\r\nBcc: a@x.test\r\nBcc: b@x.test\r\n"
+    assert _fields_verdict(repeatable + b"From: <a@acme.test>\r\n\r\n") is None
+    # The header ends at a line that is no field: what follows is body, for readers too.
+    assert _fields_verdict(b"From: <a@acme.test>\r\nnot a field\r\nFrom: <b@x.test>\r\n\r\n") is None
+    assert _fields_verdict(b"From: <a@acme.test>\r\n\r\nFrom: <b@x.test>\r\n") is None
+    # The first repeated field of the table is the one named.
+    both = b"Subject: a\r\nFrom: <a@acme.test>\r\nFrom: <b@acme.test>\r\nSubject: b\r\n\r\n"
+    assert _fields_verdict(both) == DUPLICATE_FIELD["from"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"a@acme.test, b@acme.test", b"A <a@acme.test>,\r\n\tB <b@acme.test>", b"G: a@acme.test, b@acme.test;"],
+)
+def test_a_from_of_several_mailboxes_needs_a_sender(value: bytes) -> None:
+    assert _fields_verdict(b"From: " + value + b"\r\n\r\n") == FROM_NEEDS_SENDER
+    assert _fields_verdict(b"From: " + value + b"\r\nSENDER: <a@acme.test>\r\n\r\n") is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'"Acme, News" <news@acme.test>',
+        b"news@acme.test (Acme, News)",
+        b"=?utf-8?q?Acme,_News?= <n@acme.test>",
+    ],
+)
+def test_one_mailbox_with_a_comma_needs_no_sender(value: bytes) -> None:
+    assert _fields_verdict(b"From: " + value + b"\r\n\r\n") is None
