@@ -8,7 +8,8 @@ the same rules wherever it was decided:
   queue age, expiry (4.4.7) which joins the bounced ones;
 - bounced recipients, and delivered ones whose NOTIFY asked for SUCCESS: one `BounceNotice`
   for the bounce service (DSN, then body release);
-- when nothing is left pending and nothing went to bounce, the body is released here.
+- when nothing is left pending, the job's body reference is released here, after the
+  `delivered` event; by the notice when no recipient was delivered.
 
 Everything is published (and acknowledged) before the caller acks its input, except the
 `deferred` event: it reports a retry that is already stored, so it goes out in the background
@@ -26,6 +27,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from nats.js.api import Header
+
 from services.core.bodies import BodyStore
 from services.core.bus import Bus, patiently
 from services.core.config import Config, RetryConfig
@@ -39,6 +42,11 @@ log = logging.getLogger(__name__)
 
 # Envelope meta key set once the delayed-delivery warning went out, so it goes out once.
 DELAY_WARNED = "delay_warned"
+
+
+def retry_msg_id(key: str, round_no: int) -> str:
+    """The msg id of the retry schedule of an attempt whose every recipient was deferred."""
+    return f"rt-{key}-{round_no}"
 
 
 def wants_delay_warning(env: Envelope, retry: RetryConfig, now: float) -> bool:
@@ -93,11 +101,20 @@ async def settle(
     now: float | None = None,
     rng: random.Random | None = None,
     facts: Mapping[str, object] | None = None,
+    retry_stored: bool = False,
+    notice_stored: bool = False,
 ) -> None:
     """Publish every consequence of one attempt (`_settle_once`), again while JetStream does
     not acknowledge (a leader election) for up to ACK_PATIENCE. Failing instead would have the
     input redelivered and the attempt made again: for delivery, a second copy of mail the MX
     already accepted. Every publish carries a message id, so a repeat stores nothing twice.
+
+    `retry_stored`, `notice_stored`: these outcomes are those of the recipients left of a partly
+    settled attempt (`services.delivery.redelivery`), whose retry or bounce notice an earlier
+    settling stored. Unless these outcomes replace that retry (new deferrals), it goes on with
+    the job's body reference, and its final outcome releases the body; released here, the
+    retry would find it gone. This settling's notice is the stored one's duplicate: it takes
+    no body reference of its own, which nothing would release.
 
     Every attempt must decide the same (retry or expiry, and the retry time): an attempt whose
     publish timed out may still have been stored, and a second attempt that decided otherwise
@@ -119,6 +136,8 @@ async def settle(
             now=decided_at,
             seed=seed,
             facts=facts,
+            retry_stored=retry_stored,
+            notice_stored=notice_stored,
         )
 
     deferred = await patiently(attempt, f"outcomes of {env.key}")
@@ -148,6 +167,8 @@ async def _settle_once(
     now: float,
     seed: float,
     facts: Mapping[str, object] | None,
+    retry_stored: bool = False,
+    notice_stored: bool = False,
 ) -> Event | None:
     """Publish every consequence of one attempt but the `deferred` event, which it returns (None
     when nothing was retried) for `settle` to report. `facts` (mx_address, tls_version,
@@ -194,13 +215,21 @@ async def _settle_once(
                     headers={"traceparent": env.trace_context} if env.trace_context else None,
                     attributes={"relais.message_id": env.id},
                 )
+            headers = {"traceparent": env.trace_context} if env.trace_context else {}
+            if not bounced and not delivered:
+                # The retry is the attempt's whole outcome. Once it fires its schedule leaves the
+                # subject, and only this id tells a job redelivered after that (its worker died
+                # before the ack) that the attempt was settled (`redelivery.stored_outcome`).
+                # None otherwise: settling a partly settled attempt again replaces its retry,
+                # which a stored id would drop as a duplicate.
+                headers[Header.MSG_ID] = retry_msg_id(key, round_no)
             await publish_at(
                 bus,
                 schedule_subject=route_retry_subject(key, round_no),
                 target_subject=route_subject(),
                 payload=again.to_msgpack(),
                 at=at,
-                headers={"traceparent": env.trace_context} if env.trace_context else None,
+                headers=headers,
                 attributes={"relais.message_id": env.id, "relais.attempt": round_no},
             )
             deferred_event = event_for(
@@ -214,13 +243,22 @@ async def _settle_once(
                 **extra,
             )
 
+    # The job's body reference goes last: with its retry, else after the `delivered` event below,
+    # else with the notice once its DSN is built. A notice released it before that event was
+    # stored: a worker dying in between left the job, come back, without the body to send its
+    # delivered recipients again, and them without an outcome.
+    earlier = retry_stored or notice_stored
+    notice_releases = bool(bounced) and not deferred and not delivered and not earlier
+    if (bounced or relayed) and delivered and not deferred and not earlier:
+        notice_holder = await _own_body_reference(bodies, env, f"{key}#bn{round_no}")
+
     if bounced or relayed:
         # One notice per attempt, failures and successes together: one holder of the body, so
         # the DSN of neither can find it released by the other.
         notice = BounceNotice(
             envelope=env.with_attempt(Attempt(now, (bounced or relayed)[0].reply, mx_host, source_ip)),
             failures=tuple(bounced),
-            releases_body=not deferred,
+            releases_body=notice_releases,
             relayed=relayed,
             holds_body=notice_holder,
         )
@@ -248,7 +286,7 @@ async def _settle_once(
             msg_id=f"dlv-{key}-{round_no}",
         )
 
-    if not deferred and not bounced and not relayed:
+    if not deferred and not retry_stored and not notice_releases:
         await bodies.release(env.body, key)
     return deferred_event
 

@@ -4,7 +4,8 @@ not made a second time.
 A worker settles an attempt (`disposition.settle`) before it acks the job, in this order:
 
 1. the retry of its deferred recipients: a schedule on `relais.retry.route.<key>.<round>`
-   (no msg id; publishing the subject again replaces it), after a delay warning (`dw-<key>`);
+   (publishing the subject again replaces it; msg id `rt-<key>-<round>` when every recipient
+   was deferred, else none), after a delay warning (`dw-<key>`);
 2. one bounce notice for its bounced, expired and relayed recipients: msg id `bn-<key>-<round>`
    on `relais.bounce`, a work queue the bounce service empties at once;
 3. the `delivered` event: msg id `dlv-<key>-<round>`;
@@ -25,7 +26,10 @@ either way (`msg_id_stored`, tested alone and on a cluster).
 
 What follows from the order: a stored `delivered` event means everything before it was stored
 too, and a stored `deferred` event that settle returned. Either way the attempt is settled: the
-job is acked without sending (`Stored.complete`). Short of that, the recipients of the attempt's
+job is acked without sending (`Stored.complete`). So it is when every recipient was deferred and
+the retry's msg id is stored: the retry may have fired before the job came back (a worker that
+dies is replaced after `ack_wait`, longer than the first back-off), leaving its subject empty,
+and its copy is the job's one live copy. Short of that, the recipients of the attempt's
 retry schedule, while it waits, have their outcome; the others are tried again
 (`Stored.remaining`): with that retry when no bounce notice was stored (`join_retry`), else at
 once, since their failures may be in the notice and a retry would report them a second time.
@@ -52,6 +56,7 @@ from nats.js.api import Header, RawStreamMsg
 from nats.js.errors import APIError
 
 from services.core.bus import WRONG_LAST_SEQUENCE, BrokerUnavailable, Bus, leader_last
+from services.core.disposition import retry_msg_id
 from services.core.envelope import Envelope, EnvelopeDecodeError
 from services.core.outcome import NO_ROUTE, Deferred
 from services.core.schedule import is_schedule
@@ -149,12 +154,15 @@ async def stored_outcome(bus: Bus, env: Envelope) -> Stored:
         return Stored(complete=True)
     if await msg_id_stored(bus, event_subject(env.account, "deferred"), f"dfr-{key}-{round_no}"):
         return Stored(complete=True)
-    retry = await leader_last(bus.js, ROUTE_STREAM, route_retry_subject(key, round_no))
+    retry_subject = route_retry_subject(key, round_no)
+    retry = await leader_last(bus.js, ROUTE_STREAM, retry_subject)
     if retry is not None and not is_schedule(retry.headers):
         # Fired there by a schedule that anyone publishing `relais.route` may store (the router,
         # delivery; the ingress and bounce before they published `relais.submit`): no retry.
         # Taken for one, the job's recipients would count as settled and go unsent.
         retry = None
+    if retry is None and await msg_id_stored(bus, retry_subject, retry_msg_id(key, round_no)):
+        return Stored(complete=True)  # every recipient was deferred; their retry fired since
     notice = await msg_id_stored(bus, bounce_subject(), f"bn-{key}-{round_no}")
     stored = Stored(retry=retry, notice=notice)
     if retry is not None and not stored.remaining(env):

@@ -285,6 +285,9 @@ class DeliveryService:
                     "tls_cipher": result.tls_cipher,
                     "duration_ms": duration_ms,
                 },
+                # The attempt's stored retry, still waiting, needs the body: not released here.
+                retry_stored=stored.retry is not None,
+                notice_stored=stored.notice,
             )
 
     async def _stored_outcome(self, env: Envelope, msg: Msg) -> Stored:

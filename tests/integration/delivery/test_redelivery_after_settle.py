@@ -280,3 +280,110 @@ async def test_a_job_whose_worker_died_before_storing_anything_is_sent_again(
     assert died
     assert len(sink.messages) == 2
     assert await outcomes_to(url) == {"delivered": ["r@alpha.test"]}
+
+
+def die_after_the_retry(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The worker dies once, right after its first attempt's retry schedule was stored: its
+    `deferred` event is never published, the handler fails and the job comes back in 5 s."""
+    real = disposition._report_deferred
+    died: list[str] = []
+
+    async def report_deferred(bus: Any, event: Any, env: Envelope) -> None:
+        if not died:
+            died.append(env.key)
+            raise RuntimeError("worker died before its deferred event was published")
+        await real(bus, event, env)
+
+    monkeypatch.setattr(disposition, "_report_deferred", report_deferred)
+    return died
+
+
+async def test_a_deferred_job_whose_retry_fired_before_it_came_back_is_not_sent_again(
+    make_stack, make_sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = make_sink("127.0.0.2")
+    sink.tempfail_data = 1  # the first attempt is deferred, every later one delivered
+    died = die_after_the_retry(monkeypatch)
+    # The retry fires (in 1-2 s) before the job comes back (5 s after its worker died), as
+    # by default it fires (60 s) before a killed worker's job is handed out again (ack_wait).
+    stack = await make_stack(retry={"base_delay": 1.0, "max_delay": 1.0, "jitter": 0.0})
+    url = stack.config.nats.url
+    assert (await asubmit(stack.smtp_address, recipients=["r@alpha.test"], data=message()))[0] == 250
+
+    await sink.async_wait_for(1)  # the retry's copy
+    await wait_for_events(url, "delivered", 1)
+    await until_acked(url)  # and the job that came back after the retry fired
+    await asyncio.sleep(0.5)
+    assert died
+    assert await pending_retries(url) == {}
+    # The fired retry took the job on: the job that came back finds its attempt settled (every
+    # recipient deferred, its retry stored) and sends nothing, or r@ gets two copies and two
+    # final outcomes.
+    assert [m.rcpt_tos for m in sink.messages] == [["r@alpha.test"]]
+    assert await outcomes_to(url) == {"delivered": ["r@alpha.test"]}
+
+
+async def test_a_partly_settled_attempt_made_again_keeps_the_body_its_stored_retry_needs(
+    make_stack, make_sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = make_sink("127.0.0.2")
+    make_sink("127.0.0.9")  # the sender's MX, for the DSN about bad@
+    sink.rcpt_replies = {
+        "bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user",
+        "later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy",
+    }
+    died = die_before_the_delivered_event(monkeypatch)
+    # A stored body; the retry comes well after the job does (5 s after its worker died).
+    stack = await make_stack(
+        nats={"inline_body_max": 64}, retry={"base_delay": 15.0, "max_delay": 15.0, "jitter": 0.0}
+    )
+    url = stack.config.nats.url
+    rcpts = ["good@alpha.test", "bad@alpha.test", "later@alpha.test"]
+    data = message(body="x" * 200)
+    assert (await asubmit(stack.smtp_address, recipients=rcpts, data=data))[0] == 250
+
+    await sink.async_wait_for(1)
+    del sink.rcpt_replies["bad@alpha.test"]  # bad@ takes the mail when the job comes back
+    await sink.async_wait_for(2)
+    await until_acked(url)
+    assert died
+    # The retry of later@ and the notice of bad@ were stored, good@'s delivered event was not:
+    # good@ and bad@ were sent again, and took it. later@'s retry still waits, with the body.
+    assert [sorted(m.rcpt_tos) for m in sink.messages] == [
+        ["good@alpha.test"],
+        ["bad@alpha.test", "good@alpha.test"],
+    ]
+    assert list((await pending_retries(url)).values()) == [("later@alpha.test",)]
+    assert await stored_bodies(url) == 1, "later@'s retry needs the body"
+
+    sink.rcpt_replies.clear()
+    await sink.async_wait_for(3, timeout=40.0)
+    assert [m.rcpt_tos for m in sink.messages][2] == ["later@alpha.test"]
+    assert (await outcomes_to(url)).get("delivered", []).count("later@alpha.test") == 1
+    assert await stored_bodies(url) == 0, "released by later@'s final outcome"
+
+
+async def test_after_a_stored_bounce_notice_a_stored_body_stays_for_the_recipients_sent_again(
+    make_stack, make_sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = make_sink("127.0.0.2")
+    sender_mx = make_sink("127.0.0.9")  # the DSN about bad@
+    sink.rcpt_replies = {"bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user"}
+    died = die_before_the_delivered_event(monkeypatch)
+    # A stored body, and the DSN at once: the notice is handled before the job comes back.
+    stack = await make_stack(nats={"inline_body_max": 64}, bounce={"dsn_window": 0.0})
+    url = stack.config.nats.url
+    rcpts = ["good@alpha.test", "bad@alpha.test"]
+    assert (await asubmit(stack.smtp_address, recipients=rcpts, data=message(body="x" * 200)))[0] == 250
+
+    await sender_mx.async_wait_for(1)
+    await sink.async_wait_for(2, timeout=15.0)  # good@ again once the job came back
+    await until_acked(url)
+    assert died
+    # As with an inline body: the notice of bad@ was stored, good@'s delivered event was not, so
+    # good@ is sent again and gets its one outcome; bad@'s second refusal is the notice's
+    # duplicate. The notice's DSN did not take the body good@ still needed.
+    assert [m.rcpt_tos for m in sink.messages] == [["good@alpha.test"], ["good@alpha.test"]]
+    assert await outcomes_to(url) == {"delivered": ["good@alpha.test"], "bounced": ["bad@alpha.test"]}
+    assert len(sender_mx.messages) == 1, "one DSN"
+    assert await stored_bodies(url) == 0
