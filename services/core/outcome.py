@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 # `Reply.command` of a bounce the operator ordered (`relais bounce-queue`): no MX said anything.
@@ -27,6 +28,15 @@ class Reply:
     enhanced_status: str
     text: str
     command: str = ""
+
+    def __post_init__(self) -> None:
+        # aiosmtplib decodes a reply with surrogateescape, so octets that are not UTF-8 (a
+        # Latin-1 "Empf\xe4nger unbekannt") arrive as lone surrogates, which no envelope, notice
+        # or retry can be encoded with: the job's outcome was never stored, and its recipients
+        # already accepted got the message again at each redelivery. Censored to "?" here, where
+        # every reply (parsed, or quoted into one of ours) is made, as Postfix does (smtp_chat.c).
+        if not self.text.isascii():
+            object.__setattr__(self, "text", _SURROGATE.sub("?", self.text))
 
     @classmethod
     def parse(cls, code: int, message: str, command: str = "") -> Reply:
