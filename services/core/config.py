@@ -85,6 +85,12 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # some internal hosts), and webhooks were posted to them before this check.
 _HOST_LABEL = re.compile(r"^[a-z0-9_-]{1,63}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# The name Relais gives itself (greeting, EHLO, Received:, Message-ID:, a DSN's From: and
+# Reporting-MTA): an RFC 5321 Domain, letters, digits and inner hyphens in dot-separated labels.
+_MTA_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_MTA_NAME = re.compile(rf"^(?=.{{1,253}}$){_MTA_LABEL}(?:\.{_MTA_LABEL})*$")
+# A local part as RFC 5322 3.2.3's dot-atom, which needs no quoting in a From: field.
+_DOT_ATOM = re.compile(r"^(?=.{1,64}$)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
@@ -500,6 +506,8 @@ def _validate_numbers(config: Config) -> None:
 
 def _validate_ingress(config: Config) -> None:
     ingress = config.ingress
+    if not _MTA_NAME.match(ingress.hostname):
+        raise ConfigError("ingress.hostname: expected a host name (letters, digits, '-' and '.')")
     if ingress.from_header_check not in ("reject", "report"):
         raise ConfigError("ingress.from_header_check: expected 'reject' or 'report'")
     for i, listener in enumerate(ingress.listeners):
@@ -620,6 +628,15 @@ def _validate_dkim_headers(headers: list[str], where: str) -> None:
 
 
 def _validate_bounce(bounce: BounceConfig) -> None:
+    # Each goes into every DSN: with a CR or LF the DSN cannot be built, and its notice would
+    # come back for ever; a whole address in dsn_from would give From: <a@b@host>.
+    if bounce.reporting_mta and not _MTA_NAME.match(bounce.reporting_mta):
+        raise ConfigError("bounce.reporting_mta: expected a host name (letters, digits, '-' and '.')")
+    if not _DOT_ATOM.match(bounce.dsn_from):
+        raise ConfigError(
+            "bounce.dsn_from: expected the local part DSNs come from (e.g. MAILER-DAEMON, without "
+            "'@': the domain is bounce.reporting_mta or ingress.hostname)"
+        )
     if bounce.dsn_window < 0:
         raise ConfigError("bounce.dsn_window: must be >= 0 (0 sends each DSN at once)")
     if bounce.verp:

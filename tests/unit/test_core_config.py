@@ -111,6 +111,13 @@ def test_every_advertised_env_name_is_accepted() -> None:
         ('[dns]\nservers = ["resolver.example"]\n', "dns.servers"),
         ('[retry]\nbase_delay = "soon"\n', "duration"),
         ("[bounce]\ndsn_window = -1\n", "bounce.dsn_window"),
+        # Written into every DSN (a CR or LF there and no DSN could be built) or SMTP greeting.
+        ('[bounce]\ndsn_from = "bounces@example.com"\n', "bounce.dsn_from: expected the local part"),
+        ('[bounce]\ndsn_from = "MAILER-DAEMON\\r\\nBcc: x@y.test"\n', "bounce.dsn_from"),
+        ('[bounce]\ndsn_from = ""\n', "bounce.dsn_from"),
+        ('[bounce]\nreporting_mta = "mx.example.com\\r\\nX: y"\n', "bounce.reporting_mta"),
+        ('[ingress]\nhostname = "relais example"\n', "ingress.hostname: expected a host name"),
+        ('[ingress]\nhostname = ""\n', "ingress.hostname"),
         # Values that would load, then stop a service at run time:
         ("[router]\nconcurrency = 0\n", "router.concurrency"),
         ("[router]\nmax_buffered_bytes = -1\n", "router.max_buffered_bytes"),
