@@ -8,10 +8,12 @@ transaction result with per-recipient outcomes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -570,18 +572,22 @@ async def open_connection(
 
     `reconnect` is awaited before a second connection (plaintext, after an opportunistic
     STARTTLS handshake failed), so that it is paced as a new connection too. A STARTTLS the
-    server refuses needs none (`_starttls`)."""
+    server refuses needs none (`_starttls`).
+
+    `settings.connect_timeout` bounds the TCP connection only; the greeting is waited for as
+    long as any reply, `command_timeout` (RFC 5321 4.5.3.2.1 gives it 5 minutes: servers
+    delay it under load; Postfix waits smtp_helo_timeout for it, not smtp_connect_timeout).
+    aiosmtplib times both with one value, so the socket is connected here and handed to it."""
     smtp = aiosmtplib.SMTP(
-        hostname=address,
-        port=settings.port,
-        local_hostname=source.ehlo,
-        source_address=(source.address, 0) if source.address else None,
-        timeout=settings.command_timeout,
-        start_tls=False,
-        use_tls=False,
+        local_hostname=source.ehlo, timeout=settings.command_timeout, start_tls=False, use_tls=False
     )
     try:
-        await smtp.connect(timeout=settings.connect_timeout)
+        sock = await _tcp_connect(address, settings.port, source.address, settings.connect_timeout)
+        try:
+            await smtp.connect(sock=sock)
+        except BaseException:
+            sock.close()  # aiosmtplib closes only the transport it has made of it, if any
+            raise
     except aiosmtplib.SMTPConnectResponseError as exc:
         reply = Reply.parse(exc.code, exc.message, "CONNECT")
         raise TryNextHost(
@@ -590,8 +596,9 @@ async def open_connection(
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
         bind_failed = isinstance(cause, OSError) and cause.errno in (errno.EADDRNOTAVAIL, errno.EINVAL)
+        why = str(exc) or type(exc).__name__  # a TimeoutError has no text of its own
         raise TryNextHost(
-            Reply(421, "4.4.1", f"connect to {host}[{address}] failed: {exc}", "CONNECT"),
+            Reply(421, "4.4.1", f"connect to {host}[{address}] failed: {why}", "CONNECT"),
             bind_failed=bind_failed,
         ) from exc
     pipelining.install(smtp)
@@ -647,6 +654,23 @@ async def open_connection(
             Reply(421, "4.4.2", f"{host}[{address}] lost during greeting: {exc!r}", "EHLO")
         ) from exc
     return conn
+
+
+async def _tcp_connect(address: str, port: int, source_address: str, within: float) -> socket.socket:
+    """A TCP connection to (`address`, `port`) from `source_address` ("": any), within `within` s."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(within):
+        family, kind, proto, _, peer = (await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            if source_address:
+                sock.bind((source_address, 0))
+            await loop.sock_connect(sock, peer)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
 
 
 async def _starttls(conn: Connection, context: ssl.SSLContext, policy: TlsPolicy) -> bool:

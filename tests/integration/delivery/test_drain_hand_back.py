@@ -71,7 +71,7 @@ async def test_no_next_address_once_stopping(dns_server: DNSServer, stalling: St
     dns_server.add("gamma.test", "MX", "10 mx1.gamma.test.", "20 mx2.gamma.test.")
     dns_server.add("mx1.gamma.test", "A", STALLING_MX)
     dns_server.add("mx2.gamma.test", "A", "127.0.0.42")
-    settings = SessionSettings(port=stalling.port, starttls=False, connect_timeout=1.0)
+    settings = SessionSettings(port=stalling.port, starttls=False, command_timeout=1.0)  # the greeting's
     pool = ConnectionPool(None, settings)  # type: ignore[arg-type]
     try:
         with pytest.raises(Stopping):
@@ -96,7 +96,7 @@ async def test_a_draining_worker_hands_the_job_to_another(
     zone.add("mx2.gamma.test", "A", "127.0.0.2")
     sink = make_sink("127.0.0.2")
     stack = await make_stack(
-        services=("ingress", "router", "bounce"), pools=pools(SOURCE_A), delivery={"connect_timeout": 3.0}
+        services=("ingress", "router", "bounce"), pools=pools(SOURCE_A), delivery={"command_timeout": 3.0}
     )
     buses = [await start_bus(stack.config, f"test-delivery-{i}", attempts=3) for i in range(2)]
     draining, other = (DeliveryService(stack.config, bus) for bus in buses)

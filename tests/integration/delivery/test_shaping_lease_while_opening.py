@@ -66,7 +66,7 @@ async def test_a_connection_slow_to_greet_keeps_its_lease(nats_server: EmbeddedN
         await ensure_topology(buses[0].js, config)
         async with serving(HoldsTheGreeting) as start:
             mx = await start()
-            settings = SessionSettings(port=mx.port, connect_timeout=120.0, starttls=False)
+            settings = SessionSettings(port=mx.port, command_timeout=120.0, starttls=False)
             pools = [
                 ConnectionPool(SharedLimits(bus.js, owner=f"worker-{i}"), settings, lease_wait=1.0)
                 for i, bus in enumerate(buses)
