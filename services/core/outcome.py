@@ -8,6 +8,12 @@ from typing import Any
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# The most of a reply's text kept, as Postfix keeps line_limit (2048) of a multi-line reply
+# (smtp_chat.c). Each deferral stores its reply in the job (Envelope.attempts, about 120 over
+# the default retry.max_age); at aiosmtplib's 32 KiB a reply, a job an MX kept deferring with
+# replies that long outgrew NATS's default max_payload (1 MiB): its retry, and later its
+# expiry, could not be stored, and the job came back for ever, sent to the MX each time.
+TEXT_MAX = 2048
 
 
 # `Reply.command` of a bounce the operator ordered (`relais bounce-queue`): no MX said anything.
@@ -37,6 +43,8 @@ class Reply:
         # every reply (parsed, or quoted into one of ours) is made, as Postfix does (smtp_chat.c).
         if not self.text.isascii():
             object.__setattr__(self, "text", _SURROGATE.sub("?", self.text))
+        if len(self.text) > TEXT_MAX:
+            object.__setattr__(self, "text", self.text[:TEXT_MAX])
 
     @classmethod
     def parse(cls, code: int, message: str, command: str = "") -> Reply:
