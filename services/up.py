@@ -6,6 +6,7 @@ Kubernetes. Mail is captured into a local mailbox because a laptop cannot send o
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import secrets
@@ -20,11 +21,17 @@ from services.core.accounts import hash_password
 from services.core.config import Config, listener_configs, load_config
 from services.core.embedded import EmbeddedNats, free_port, wait_for_port
 from services.core.health import split_listen
+from services.core.runtime import CONSUMER_STOP_SECONDS, EXIT_SECONDS
+from services.delivery import draining
+from services.ingress import service as ingress
 
 DEMO_ACCOUNT = "demo"
 DEMO_DOMAINS = ("example.com", "example.org")
 # One process each, as in production; the ingress, which takes mail, starts last.
 SERVICE_NAMES = ("router", "delivery", "bounce", "ingress")
+# And stops first, so that no new mail comes in; then each service once those that hand it
+# work have stopped, so that what one finishes is taken on by the next while that still runs.
+STOP_ORDER = ("ingress", "router", "delivery", "bounce")
 DEFAULT_SMTP_PORT = 2525
 START_TIMEOUT = 60.0
 # The embedded nats-server's store is 75% of the disk's free space at its start, and JetStream
@@ -237,17 +244,96 @@ def _supervise(
     return 0
 
 
-def _stop_services(children: dict[str, subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to all at once (each drains its work), SIGKILL to any still running after 10 s."""
-    for child in children.values():
+def stop_bounds(config: Config) -> dict[str, float]:
+    """How long each service may take from SIGTERM to its exit: its own drain, as its grace
+    period in deploy/k8s is sized. Killed sooner, delivery can send a message twice: the reply
+    to its final dot was due, and the job comes back at the next start."""
+    return {
+        "ingress": ingress.stop_seconds(config),
+        "router": CONSUMER_STOP_SECONDS,
+        "delivery": draining.stop_seconds(config),
+        "bounce": CONSUMER_STOP_SECONDS,
+    }
+
+
+class StopRequests:
+    """The stop signals `relais up` was sent. The first stops it gracefully, each service given
+    as long as its work needs (`postfix stop`); another Ctrl-C or SIGTERM, once a stop is under
+    way, kills the services still running at once (`postfix abort`). A SIGHUP only ever asks for
+    the first: a closed terminal sends it twice, the shell to its jobs and the kernel to the
+    terminal's foreground group once the shell is gone."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum: int, frame: object = None) -> None:
+        self.count = max(self.count, 1) if signum == signal.SIGHUP else self.count + 1
+
+    def stopping(self) -> bool:
+        return self.count > 0
+
+    def under_way(self) -> None:
+        """A stop begins without a signal (a service failed): the next signal is the second."""
+        self.count = max(self.count, 1)
+
+    def at_once(self) -> bool:
+        return self.count > 1
+
+
+def _say(line: str, *, error: bool = True) -> None:
+    """A line while stopping: a terminal closed meanwhile (SIGHUP) must not keep the services
+    from being stopped."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def _waiting_line(names: list[str], bounds: dict[str, float]) -> str:
+    waits = ", ".join(f"{name} (up to {bounds[name]:.0f} s)" for name in names)
+    return f"Stopping: each service finishes its work, in turn: {waits}. Ctrl-C again kills them at once."
+
+
+def _stop_services(
+    children: dict[str, subprocess.Popen[bytes]],
+    bounds: dict[str, float],
+    logs_dir: Path,
+    at_once: Callable[[], bool],
+) -> bool:
+    """Each service in STOP_ORDER: SIGTERM (on which it drains its work), then waited for up to
+    its bound, SIGKILL past it; `at_once` (a second Ctrl-C) kills all still running. True when
+    every service that ran stopped by itself, with status 0."""
+    clean = True
+    running = [name for name in sorted(children, key=STOP_ORDER.index) if children[name].poll() is None]
+    for name in running:
+        child, log = children[name], logs_dir / f"{name}.log"
+        if at_once():
+            break
         if child.poll() is None:
             child.terminate()
-    for child in children.values():
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+            deadline = time.monotonic() + bounds[name]
+            while child.poll() is None and not at_once() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if at_once():
+                break
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+                _say(f"relais: the {name} did not stop within {bounds[name]:.0f} s: killed; see {log}")
+                clean = False
+                continue
+        # One stopped before it took its handlers in (still starting, nothing to drain) dies of
+        # the SIGTERM itself.
+        if child.returncode not in (0, -signal.SIGTERM):
+            _say(f"relais: {_exited(name, child, log, 'while stopping')}")
+            clean = False
+    left = [name for name in STOP_ORDER if name in children and children[name].poll() is None]
+    for name in left:
+        children[name].kill()
+    for name in left:
+        children[name].wait()
+    if left:
+        names = " and ".join([", ".join(left[:-1]), left[-1]] if len(left) > 1 else left)
+        _say(f"relais: stopped at once: killed the {names}")
+    return clean and not left
 
 
 def service_env(base: dict[str, str], config_path: Path, nats_url: str, *, generated: bool) -> dict[str, str]:
@@ -279,13 +365,8 @@ def run_up(
     start_timeout: float = START_TIMEOUT,
 ) -> int:
     started = time.monotonic()
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    _on_stop_signals(stop)
+    requests = StopRequests()
+    _on_stop_signals(requests)
     password = ""
     generated = config_path is None
     base_env = dict(os.environ)
@@ -311,21 +392,22 @@ def run_up(
     children: dict[str, subprocess.Popen[bytes]] = {}
     logs_dir = data_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        if stopping:
+
+    def start_and_supervise() -> int:
+        if requests.stopping():
             return 0  # stopped while reading its configuration: nothing to start, nor to stop
-        # Inside the try: nats-server runs in its own session, so a Ctrl-C during start-up
-        # would not reach it, and only the finally below stops it.
+        # Inside the try below: nats-server runs in its own session, so a Ctrl-C during start-up
+        # would not reach it, and only its finally stops it.
         nats.start()
         # Each service gets its own loopback port for /healthz, /readyz and /metrics.
         http = {name: f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES}
         _start_services(env, http, logs_dir, children)
         try:
-            _wait_until_up(children, nats, http, smtp, logs_dir, lambda: stopping, start_timeout)
+            _wait_until_up(children, nats, http, smtp, logs_dir, requests.stopping, start_timeout)
         except StartFailed as exc:
             print(f"relais: {exc}", file=sys.stderr)
             return 1
-        if stopping:
+        if requests.stopping():
             return 0
         _announce(
             started=started,
@@ -337,7 +419,21 @@ def run_up(
             logs_dir=logs_dir,
             http=http,
         )
-        return _supervise(children, nats, logs_dir, lambda: stopping)
+        return _supervise(children, nats, logs_dir, requests.stopping)
+
+    bounds = stop_bounds(config)
+    try:
+        status = start_and_supervise()
     finally:
-        _stop_services(children)
+        if nats.process is not None and nats.process.poll() is not None:
+            # The nats-server is gone: no service can store what its drain would finish, so
+            # only its exit is left to wait for.
+            bounds = dict.fromkeys(bounds, EXIT_SECONDS)
+        running = [name for name in STOP_ORDER if name in children and children[name].poll() is None]
+        if requests.stopping() and running and not requests.at_once():
+            # A stop the user asked for; one after a failure is said by the failure's own line.
+            _say(_waiting_line(running, bounds), error=False)
+        requests.under_way()
+        stopped = _stop_services(children, bounds, logs_dir, requests.at_once)
         nats.stop()
+    return status or (0 if stopped else 1)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from services.core import metrics, telemetry
-from services.core.bus import Bus, connect
+from services.core.bus import ACK_PATIENCE, Bus, connect
 from services.core.config import Config
 from services.core.health import Check, HealthServer
 from services.core.telemetry import setup_tracing
@@ -32,6 +32,17 @@ from services.core.topology import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long a service may take from SIGTERM to its exit is its own drain, then this: the health
+# server, what is left of the background publishes and the NATS connection closed, the tracer
+# shut down. Each service's stop figure adds it; deploy/k8s sizes the grace periods by those
+# figures, and `relais up` waits for each service as long (services/up.py).
+EXIT_SECONDS = 10.0
+# A service that only consumes (router, bounce) finishes the handlers in flight when it stops
+# (`bus.consume`), each within its outputs' wait for JetStream (bus.ACK_PATIENCE) and the rest
+# of its work; twice ACK_PATIENCE holds that and the exit. Work a kill cuts short is redelivered
+# after nats.ack_wait, so nothing is lost either way.
+CONSUMER_STOP_SECONDS = 2 * ACK_PATIENCE
 
 
 class Service(Protocol):

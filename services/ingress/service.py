@@ -15,6 +15,7 @@ from services.core.bodies import BodyStore
 from services.core.bus import Bus
 from services.core.config import Config, ListenerConfig, listener_configs
 from services.core.health import split_listen
+from services.core.runtime import EXIT_SECONDS
 from services.ingress.accounts import AccountStore
 from services.ingress.auth import Authenticator, PasswordChecker
 from services.ingress.budget import ByteBudget
@@ -62,6 +63,15 @@ _HANDOFF_ROUND_TRIPS = 4
 _EVENT_DRAIN_SECONDS = 5.0
 # The drain has ended every session by then; this only bounds a server's own close.
 _SERVER_CLOSE_SECONDS = 1.0
+
+
+def stop_seconds(config: Config) -> float:
+    """The longest an ingress takes from SIGTERM to its exit: sessions in DATA finish, hand-offs
+    still running get their broker round trips, the servers close, the events of what was
+    accepted are sent, the process exits. Its grace period in deploy/k8s holds this (beside the
+    preStop pause), and `relais up` waits this long for it."""
+    drain = _DRAIN_SECONDS + _HANDOFF_ROUND_TRIPS * config.nats.publish_timeout
+    return drain + _SERVER_CLOSE_SECONDS + _EVENT_DRAIN_SECONDS + EXIT_SECONDS
 
 
 def raise_open_files_limit() -> int:

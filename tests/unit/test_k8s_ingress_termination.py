@@ -21,8 +21,6 @@ from tests.unit.test_k8s_wiring import effective_config
 # Detection time of the slowest default the shipped Service meets: an AWS NLB health-checks
 # every 10 s and takes a target out after 3 failures (GKE's L4 check for Local: 3 s x 2).
 LOAD_BALANCER_DETECTION = 30
-# The service's exit after the drain: health server, NATS connection and tracer closed.
-_EXIT_MARGIN = 10
 
 
 def _pre_stop_pause(container: Manifest) -> int:
@@ -51,12 +49,7 @@ def test_ingress_grace_period_holds_the_pause_and_the_drain(kustomization: Path,
     deployment, container = _ingress(kustomization)
     config = effective_config(render(kustomization), deployment, tmp_path)
     # Sessions in DATA finish, then hand-offs still running (a client that left after its dot,
-    # or was cut) get their broker round trips, at the deployment's own nats.publish_timeout.
-    drain = (
-        ingress_service._DRAIN_SECONDS
-        + ingress_service._HANDOFF_ROUND_TRIPS * config.nats.publish_timeout
-        + ingress_service._SERVER_CLOSE_SECONDS
-        + ingress_service._EVENT_DRAIN_SECONDS
-    )
-    needed = _pre_stop_pause(container) + drain + _EXIT_MARGIN
+    # or was cut) get their broker round trips, at the deployment's own nats.publish_timeout:
+    # the figure `relais up` waits for the ingress too.
+    needed = _pre_stop_pause(container) + ingress_service.stop_seconds(config)
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= needed

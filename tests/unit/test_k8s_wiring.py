@@ -16,9 +16,10 @@ import pytest
 
 from services.cli import SERVICES
 from services.core import topology
-from services.core.bus import ACK_PATIENCE
 from services.core.config import Config, env_variable_names, load_config
 from services.core.embedded import nats_server_binary
+from services.core.runtime import CONSUMER_STOP_SECONDS
+from services.delivery import draining
 from tests.unit.k8s_manifests import (
     BASE,
     KUSTOMIZATIONS,
@@ -462,19 +463,19 @@ def test_every_pool_has_exactly_one_delivery_deployment(kustomization: Path, tmp
         ports.append(port_of(listen))
         # The node also holds the pool's sending IPs: /metrics must not answer the internet there.
         assert listen.rsplit(":", 1)[0] == POD_IP, "delivery's HTTP must listen on the node's own address"
-        # Long enough for an attempt in flight to finish before the kill (the manifest says why).
-        assert spec["terminationGracePeriodSeconds"] >= longest_attempt(config)
+        # Long enough for an attempt in flight to finish before the kill (the manifest says why):
+        # the figure `relais up` waits for delivery too.
+        assert spec["terminationGracePeriodSeconds"] >= draining.stop_seconds(config)
     assert len(set(ports)) == len(ports), "pools sharing a node need distinct host ports"
     assert 9100 not in ports, "9100 on the host belongs to node-exporter"
 
 
-def longest_attempt(config: Config) -> float:
-    """Seconds from SIGTERM until a message whose final dot was sent before it is settled, when
-    each wait runs to its timeout: the last of the message leaving without progress, the reply
-    after the dot, then the outcome stored and the ack confirmed. Nothing else is started once
-    the worker is stopping (services.delivery.draining.Stopping)."""
-    d = config.delivery
-    return d.command_timeout + d.data_done_timeout + 2 * ACK_PATIENCE
+@PARAMS
+def test_router_and_bounce_grace_periods_hold_their_stop(kustomization: Path) -> None:
+    manifests = render(kustomization)
+    for name in ("relais-router", "relais-bounce"):
+        spec = one(manifests, "Deployment", name)["spec"]["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] >= CONSUMER_STOP_SECONDS, name
 
 
 def _normalised_delivery(workload: Manifest, scaled: Manifest, pdb: Manifest) -> Any:
