@@ -26,6 +26,11 @@ from tests.support.relais import asubmit, message, read_events, stored_bodies, w
 RETRIES = "relais.retry.route.>"
 
 
+# The MX's refusals: bad@ for good, later@ for now.
+BAD = {"bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user"}
+LATER = {"later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy"}
+
+
 class LostAcks:
     """The delivery worker's first `count` acks never land: the job is handed out again."""
 
@@ -158,10 +163,7 @@ async def test_a_job_with_every_kind_of_outcome_stored_is_not_tried_again(
 ) -> None:
     sink = make_sink("127.0.0.2")
     make_sink("127.0.0.9")  # the sender's MX, for the DSN about bad@
-    sink.rcpt_replies = {
-        "bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user",
-        "later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy",
-    }
+    sink.rcpt_replies = {**BAD, **LATER}
     asked = record_rcpts(sink, monkeypatch)
     acks = LostAcks(monkeypatch)
     stack = await make_stack(retry={"base_delay": 60.0, "max_delay": 60.0})
@@ -187,7 +189,7 @@ async def test_a_deferred_job_whose_ack_was_lost_keeps_its_one_retry(
     make_stack, make_sink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sink = make_sink("127.0.0.2")
-    sink.rcpt_replies = {"later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy"}
+    sink.rcpt_replies = dict(LATER)
     acks = LostAcks(monkeypatch)
     stack = await make_stack(retry={"base_delay": 60.0, "max_delay": 60.0})
     url = stack.config.nats.url
@@ -205,10 +207,7 @@ async def test_after_a_stored_bounce_notice_the_retried_recipient_is_not_tried_a
 ) -> None:
     sink = make_sink("127.0.0.2")
     make_sink("127.0.0.9")
-    sink.rcpt_replies = {
-        "bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user",
-        "later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy",
-    }
+    sink.rcpt_replies = {**BAD, **LATER}
     asked = record_rcpts(sink, monkeypatch)
     died = die_before_the_delivered_event(monkeypatch)
     stack = await make_stack(retry={"base_delay": 60.0, "max_delay": 60.0})
@@ -235,7 +234,7 @@ async def test_after_a_stored_retry_the_recipient_without_an_outcome_joins_it(
     make_stack, make_sink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sink = make_sink("127.0.0.2")
-    sink.rcpt_replies = {"later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy"}
+    sink.rcpt_replies = dict(LATER)
     died = die_before_the_delivered_event(monkeypatch)
     # The retry comes well after the job does (5 s after its worker died).
     stack = await make_stack(retry={"base_delay": 15.0, "max_delay": 15.0})
@@ -328,10 +327,7 @@ async def test_a_partly_settled_attempt_made_again_keeps_the_body_its_stored_ret
 ) -> None:
     sink = make_sink("127.0.0.2")
     make_sink("127.0.0.9")  # the sender's MX, for the DSN about bad@
-    sink.rcpt_replies = {
-        "bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user",
-        "later@alpha.test": "450 4.2.1 <later@alpha.test>: mailbox busy",
-    }
+    sink.rcpt_replies = {**BAD, **LATER}
     died = die_before_the_delivered_event(monkeypatch)
     # A stored body; the retry comes well after the job does (5 s after its worker died).
     stack = await make_stack(
@@ -368,7 +364,7 @@ async def test_after_a_stored_bounce_notice_a_stored_body_stays_for_the_recipien
 ) -> None:
     sink = make_sink("127.0.0.2")
     sender_mx = make_sink("127.0.0.9")  # the DSN about bad@
-    sink.rcpt_replies = {"bad@alpha.test": "550 5.1.1 <bad@alpha.test>: no such user"}
+    sink.rcpt_replies = dict(BAD)
     died = die_before_the_delivered_event(monkeypatch)
     # A stored body, and the DSN at once: the notice is handled before the job comes back.
     stack = await make_stack(nats={"inline_body_max": 64}, bounce={"dsn_window": 0.0})

@@ -106,6 +106,15 @@ def send_counted(address: tuple[str, int], pki: TestPKI | None = None) -> tuple[
         return smtp.data(message())
 
 
+def hung_up(smtp: smtplib.SMTP) -> bool:
+    """Whether the server has closed the session: the next command finds no connection."""
+    try:
+        smtp.noop()
+    except smtplib.SMTPServerDisconnected:
+        return True
+    return False
+
+
 def plain(user: str, password: str) -> str:
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 

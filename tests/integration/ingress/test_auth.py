@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import smtplib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +12,7 @@ import aiosmtplib
 import pytest
 
 from services.ingress.replies import AUTH_BAD_BASE64, AUTH_INVALID, AUTH_MALFORMED, AUTH_OK, AUTH_THROTTLED
-from tests.integration.ingress.helpers import client, in_thread, plain, queued, reply
+from tests.integration.ingress.helpers import client, hung_up, in_thread, plain, queued, reply
 from tests.support.relais import ACCOUNT, PASSWORD, message
 
 
@@ -71,11 +70,7 @@ async def test_repeated_failures_lock_out_ip_and_user_until_the_window_ends(ingr
     def locked_attempt() -> tuple[tuple[int, bytes], bool]:
         with client(ingress.smtp_address) as smtp:
             answer = smtp.docmd("AUTH", f"PLAIN {plain(ACCOUNT, PASSWORD)}")
-            try:
-                smtp.noop()
-                closed = False
-            except smtplib.SMTPServerDisconnected:
-                closed = True
+            closed = hung_up(smtp)
             return answer, closed
 
     # Even the right password is refused during the lockout, and the connection is dropped.

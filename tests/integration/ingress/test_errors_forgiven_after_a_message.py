@@ -4,12 +4,11 @@ of a bulk sender, one bad recipient now and then, is no client gone astray."""
 
 from __future__ import annotations
 
-import smtplib
 from collections.abc import Callable
 from typing import Any
 
 from services.ingress.replies import BAD_RECIPIENT_SYNTAX, TOO_MANY_ERRORS
-from tests.integration.ingress.helpers import client, in_thread, login, queued, reply
+from tests.integration.ingress.helpers import client, hung_up, in_thread, login, queued, reply
 from tests.support.relais import message
 
 MAX_ERRORS = 3
@@ -49,11 +48,7 @@ async def test_errors_without_a_message_still_end_the_session(make_ingress: Call
             codes = [smtp.data(b"Subject: x\r\n\r\n\0\r\n")[0]]  # a NUL: refused
             codes += [smtp.mail("other@elsewhere.test")[0] for _ in range(MAX_ERRORS - 1)]
             last = smtp.noop()  # answered by the 421 sent after the last error
-            try:
-                smtp.noop()
-                closed = False
-            except smtplib.SMTPServerDisconnected:
-                closed = True
+            closed = hung_up(smtp)
             return codes, last, closed
 
     codes, last, closed = await in_thread(scenario)

@@ -20,6 +20,7 @@ from services.ingress.replies import (
 from tests.integration.ingress.helpers import (
     client,
     free_listen,
+    hung_up,
     in_thread,
     listener,
     login,
@@ -68,11 +69,7 @@ async def test_commands_that_do_no_work_are_limited(make_ingress: Callable[..., 
             smtp.sendmail("news@acme.test", ["a@alpha.test"], message())
             codes += [smtp.noop()[0] for _ in range(JUNK_COMMAND_LIMIT)]
             last = smtp.noop()
-            try:
-                smtp.noop()
-                closed = False
-            except smtplib.SMTPServerDisconnected:
-                closed = True
+            closed = hung_up(smtp)
             return codes, last, closed
 
     codes, last, closed = await in_thread(scenario)
