@@ -133,8 +133,9 @@ class Envelope:
     dsn_notify: dict[str, str] = field(default_factory=dict)
     dsn_orcpt: dict[str, str] = field(default_factory=dict)
     client_ip: str = ""
-    # When the ingress stops waiting for JetStream's ack and answers 451 (epoch seconds; 0 = none).
-    # A copy stored later than this (e.g. flushed after a reconnect) was refused and must not be sent.
+    # When the ingress stops waiting for JetStream's ack and answers 451 (epoch seconds by the
+    # NATS servers' clock; 0 = none). A copy stored later than this (e.g. flushed after a
+    # reconnect) was refused and must not be sent.
     accept_by: float = 0.0
     # Free-form facts (TLS version, campaign tag) recorded by the ingress for events and traces.
     meta: dict[str, str] = field(default_factory=dict)
@@ -151,9 +152,13 @@ class Envelope:
     def refused_when_stored_at(self, stored_at: float, clock_margin: float = 2.0) -> bool:
         """True when JetStream stored this submission after the ingress had answered 451.
 
-        Only the first copy from the ingress carries `accept_by`. The margin absorbs clock skew
-        between ingress and NATS hosts in the safe direction: a message the sender was told 250
-        for is never dropped; one stored within the margin after a 451 may still be delivered.
+        Only the first copy from the ingress carries `accept_by`. `stored_at` is by the clock of
+        the server that stored it, so the ingress writes `accept_by` in the servers' clock: it
+        measures its own clock's offset from theirs (`services.ingress.server_clock`). The margin
+        absorbs what that measurement may be off by (half a round trip) and the skew between
+        NATS servers; a copy stored within it after a 451 may still be delivered. Should the
+        offset be wrong by more (the ingress host's clock stepped since it was last measured),
+        a message the sender was told 250 for is dropped: the router logs each drop as an error.
         """
         return (
             bool(self.accept_by)

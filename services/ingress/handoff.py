@@ -21,6 +21,7 @@ from services.core.events import Event, event_for, record_event, report_later
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import traceparent_of
 from services.core.topology import inbound_subject, submit_subject
+from services.ingress.server_clock import ServerClock
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,21 @@ class Handoff:
     """`publish_timeout`: how long publishes may fail for certain (nothing stored) before the
     `451`. `queue_timeout` (at least that): how long they are asked again while an earlier one
     may have been stored, its ack lost; a `451` then could be delivered anyway, and the client's
-    retry a second time."""
+    retry a second time. `clock`: this host's offset from the NATS servers' clock, in which the
+    envelope's `accept_by` is written (none: taken as 0)."""
 
     def __init__(
-        self, bus: Bus, bodies: BodyStore, publish_timeout: float, queue_timeout: float | None = None
+        self,
+        bus: Bus,
+        bodies: BodyStore,
+        publish_timeout: float,
+        queue_timeout: float | None = None,
+        *,
+        clock: ServerClock | None = None,
     ) -> None:
         self._bus = bus
         self._bodies = bodies
+        self._clock = clock
         self._publish_timeout = publish_timeout
         self._queue_timeout = max(publish_timeout, queue_timeout or publish_timeout)
         # Once the service stops (`stop_by`), the loop time by which a hand-off stops waiting for
@@ -89,7 +98,8 @@ class Handoff:
         """Queue durably and return the SMTP reply: `250 ... queued as <id>` or `451 4.3.0`."""
         message_id = message_id or new_message_id()
         started = time.time()
-        # The router drops a copy stored after this (`Envelope.refused_when_stored_at`): the 451.
+        # When the 451 is given, by this host's clock: the hand-off's own deadline. The envelope
+        # carries it in the servers' clock (`_queue`).
         accept_by = started + self._queue_timeout
         try:
             async with asyncio.timeout(self._queue_timeout):
@@ -142,7 +152,9 @@ class Handoff:
             body=body,
             received_at=time.time(),
             client_ip=sub.client_ip,
-            accept_by=accept_by,
+            # The router drops a copy stored after this (`Envelope.refused_when_stored_at`): the
+            # 451. It compares it with the storage time by the server's clock, hence the offset.
+            accept_by=accept_by + (self._clock.offset if self._clock is not None else 0.0),
             meta=sub.meta,
             kind=sub.kind,
             dsn_ret=sub.dsn_ret,

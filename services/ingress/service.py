@@ -31,6 +31,7 @@ from services.ingress.limits import (
 )
 from services.ingress.protocol import RelaisSMTP
 from services.ingress.prototype import Prototype
+from services.ingress.server_clock import ServerClock
 from services.ingress.tls import TlsCertificates
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,11 @@ class IngressService:
         self._bus = bus
         cfg = config.ingress
         bodies = BodyStore(bus.js, config.nats.inline_body_max, purges=config.nats.declare_topology)
-        self._handoff = Handoff(bus, bodies, config.nats.publish_timeout, config.ingress.queue_timeout)
+        # This host's offset from the NATS servers' clock, in which `accept_by` is written.
+        self.clock = ServerClock(bus)
+        self._handoff = Handoff(
+            bus, bodies, config.nats.publish_timeout, config.ingress.queue_timeout, clock=self.clock
+        )
         self.accounts = AccountStore(bus.js, config.accounts)
         counters = Counters(bus, config.nats.publish_timeout)
         self._rates = MessageRates(counters)
@@ -234,6 +239,8 @@ class IngressService:
     async def start(self) -> None:
         await self.accounts.start()
         await self.sessions.start()
+        # Before the first message: measured later (`keep_sampling`) if NATS does not answer now.
+        await self.clock.sample()
         loop = asyncio.get_running_loop()
         _check_open_files(len(self._listeners) * self._config.ingress.max_connections)
         try:
@@ -254,6 +261,7 @@ class IngressService:
             await self.stop()
             raise
         self._listening = True
+        self._tasks.append(asyncio.create_task(self.clock.keep_sampling()))
         if self.tls is not None:
             self._tasks.append(asyncio.create_task(self.tls.watch(self._config.ingress.tls_reload_interval)))
 

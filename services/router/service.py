@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import dns.asyncresolver
 from nats.aio.msg import Msg
@@ -128,9 +129,19 @@ class RouterService:
             env = Envelope.from_msgpack(msg.data)
         except EnvelopeDecodeError as exc:
             raise transport.undecodable(exc) from exc
-        if env.refused_when_stored_at(msg.metadata.timestamp.timestamp()):
-            # Stored after the ingress had already answered 451: the client sends it again.
-            log.warning("message %s was refused at the ingress (stored too late); dropping it", env.id)
+        stored_at = msg.metadata.timestamp
+        if env.refused_when_stored_at(stored_at.timestamp()):
+            # Stored after the ingress had already answered 451 (a publish flushed after a
+            # reconnect): the client sends it again. Or the ingress misjudged the servers'
+            # clock (it was stepped since it measured it), and a message told 250 is lost.
+            log.error(
+                "message %s stored too late, at %s, %.1fs after its accept_by %s: refused at the "
+                "ingress (451), or that ingress's clock is broken; dropping it",
+                env.id,
+                stored_at.isoformat(timespec="milliseconds"),
+                stored_at.timestamp() - env.accept_by,
+                datetime.fromtimestamp(env.accept_by, UTC).isoformat(timespec="milliseconds"),
+            )
             await self._bodies.discard(env.body)
             return
         with consumer_span(

@@ -35,6 +35,7 @@ from services.core.config import Config
 from services.core.embedded import free_port, nats_server_binary, stop_process, wait_for_port
 from services.core.envelope import new_message_id
 from services.core.schedule import rfc3339
+from services.ingress.server_clock import read_server_time
 from tests.integration.bounce.conftest import (  # noqa: F401 - fixtures
     Receiver,
     publish_inbound,
@@ -635,6 +636,15 @@ def _batched_get(stream: str, subject: str) -> Read:
     return read
 
 
+def _server_clock() -> Read:
+    """What the ingress reads the servers' clock from (`accept_by` is written in it)."""
+
+    async def read(nc: nats.NATS) -> object:
+        return await read_server_time(Bus(nc=nc, js=nc.jetstream(timeout=2), publish_timeout=2.0))
+
+    return read
+
+
 def _watch(bucket: str) -> Read:
     async def read(nc: nats.NATS) -> object:
         watcher = await (await nc.jetstream(timeout=2).key_value(bucket)).watch(">")
@@ -772,6 +782,7 @@ READ_ACCEPTED: list[tuple[str, str, Read]] = [
     ("delivery", "delivery control watched", _watch(_CONTROL)),
     ("delivery", "bodies", _batched_get(_BODIES_STREAM, _BODY_META)),
     ("ingress", "AUTH counters", _batched_get(topology.LIMITS_STREAM, _COUNTER)),
+    ("ingress", "NATS servers' clock", _server_clock()),
     ("delivery", "delivery jobs", _leader_get(topology.DELIVER_STREAM, topology.deliver_subject("default"))),
     ("admin", "events", _events_consumer()),
 ]
