@@ -38,7 +38,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
 
-from services.core.bus import BrokerUnavailable, Bus, is_kv_delete, leader_last
+from services.core.bus import BrokerUnavailable, Bus, is_kv_delete, is_store_full, leader_last
 from services.core.envelope import BodyRef
 from services.core.topology import (
     BODY_BUCKET,
@@ -151,7 +151,9 @@ class BodyStore:
             # naming them is for the purge that removes them (a failure to write it leaves them
             # to the stream's TTL).
             await self._delete_object(message_id, nuid)
-            raise BrokerUnavailable(f"storing body of {message_id} failed: {exc!r}") from exc
+            raise BrokerUnavailable(
+                f"storing body of {message_id} failed: {exc!r}", store_full=is_store_full(exc)
+            ) from exc
         return BodyRef(size=len(data), object_name=message_id)
 
     async def _write(self, name: str, nuid: str, data: bytes) -> None:

@@ -37,11 +37,31 @@ class BrokerUnavailable(Exception):
 
     `maybe_stored`: a publish went out and no answer came back (a timeout), so the message may
     be stored all the same; False when it certainly was not (not connected, no responders, an
-    error from the stream)."""
+    error from the stream). `store_full`: JetStream refused it for want of room (`is_store_full`),
+    which lasts until room is made, not through a leader election. Ingress: 452 4.3.1."""
 
-    def __init__(self, reason: str, *, maybe_stored: bool = False) -> None:
+    def __init__(self, reason: str, *, maybe_stored: bool = False, store_full: bool = False) -> None:
         super().__init__(reason)
         self.maybe_stored = maybe_stored
+        self.store_full = store_full
+
+
+# What nats-server answers a write that finds no room: its JetStream store is full
+# (max_file_store: JSInsufficientResourcesErr), the account's is (max_store:
+# JSAccountResourcesExceededErr), or a stream's own limits refuse new messages (discard new:
+# JSStreamStoreFailedF with the store's error).
+_NO_ROOM = frozenset({10023, 10002})
+_STORE_FAILED = 10077
+_STREAM_FULL = ("maximum bytes exceeded", "maximum messages exceeded")
+
+
+def is_store_full(exc: BaseException) -> bool:
+    """Whether JetStream refused a write for want of room."""
+    if not isinstance(exc, APIError):
+        return False
+    if exc.err_code in _NO_ROOM:
+        return True
+    return exc.err_code == _STORE_FAILED and (exc.description or "").lower() in _STREAM_FULL
 
 
 class DirectGetUnavailable(BrokerUnavailable):
@@ -163,7 +183,9 @@ class Bus:
             except (TimeoutError, nats.errors.Error, APIError, OSError) as exc:
                 metrics.PUBLISH_FAILURES.labels(metrics.subject_family(subject)).inc()
                 raise BrokerUnavailable(
-                    f"publish to {subject} failed: {exc!r}", maybe_stored=isinstance(exc, TimeoutError)
+                    f"publish to {subject} failed: {exc!r}",
+                    maybe_stored=isinstance(exc, TimeoutError),
+                    store_full=is_store_full(exc),
                 ) from exc
         metrics.PUBLISHED.labels(metrics.subject_family(subject)).inc()
         if ack.duplicate:

@@ -33,7 +33,7 @@ class NatsConfig:
     # The events stream (`relais message` history, webhooks catching up) keeps events this long,
     events_max_age: float = 7 * 86400.0
     # and at most this many bytes: past either limit its oldest events go, so events never take
-    # the file store the mail queues need (full, it refuses every write: 451 to all mail). A
+    # the file store the mail queues need (full, it refuses every write: 452 to all mail). A
     # stored event takes ~0.75 KB, a message's events ~2.2 KB: at 100 msg/s, 7 days would be
     # 130 GB. 4 GiB fits the shipped store (max_file_store 18G per server, every server holding
     # a copy of every stream) beside the mail queues and the body Object Store, and keeps about

@@ -21,16 +21,17 @@ publish, unless JetStream already held it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
 from nats.js.api import Header
 
 from services.core.bodies import BodyStore
-from services.core.bus import Bus, patiently
+from services.core.bus import BrokerUnavailable, Bus, patiently
 from services.core.config import Config, RetryConfig
 from services.core.envelope import Attempt, BounceNotice, Envelope, dsn_recipients, wants_dsn
 from services.core.events import Event, annotate_event, event_for, publish_event, report_later
@@ -103,11 +104,17 @@ async def settle(
     facts: Mapping[str, object] | None = None,
     retry_stored: bool = False,
     notice_stored: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """Publish every consequence of one attempt (`_settle_once`), again while JetStream does
     not acknowledge (a leader election) for up to ACK_PATIENCE. Failing instead would have the
     input redelivered and the attempt made again: for delivery, a second copy of mail the MX
     already accepted. Every publish carries a message id, so a repeat stores nothing twice.
+
+    `stop`: the caller's stop. With it, outcomes JetStream has no room for (`store_full`) are
+    asked again until it is set, not for ACK_PATIENCE only: a full store lasts until room is
+    made, and the job redelivered meanwhile would find no record of its attempt and send again,
+    once per redelivery. The input stays in progress meanwhile (`bus.consume`).
 
     `retry_stored`, `notice_stored`: these outcomes are those of the recipients left of a partly
     settled attempt (`services.delivery.redelivery`), whose retry or bounce notice an earlier
@@ -140,9 +147,22 @@ async def settle(
             notice_stored=notice_stored,
         )
 
-    deferred = await patiently(attempt, f"outcomes of {env.key}")
+    deferred = await _patiently_while_full(attempt, f"outcomes of {env.key}", stop)
     if deferred is not None:
         await _report_deferred(bus, deferred, env)
+
+
+async def _patiently_while_full(
+    attempt: Callable[[], Awaitable[Event | None]], what: str, stop: asyncio.Event | None
+) -> Event | None:
+    """`patiently`, round after round while JetStream has no room, until `stop` is set."""
+    while True:
+        try:
+            return await patiently(attempt, what)
+        except BrokerUnavailable as exc:
+            if not exc.store_full or stop is None or stop.is_set():
+                raise
+            log.error("%s: JetStream storage is full; kept and asked again: %s", what, exc)
 
 
 async def _report_deferred(bus: Bus, event: Event, env: Envelope) -> None:

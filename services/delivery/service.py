@@ -288,6 +288,8 @@ class DeliveryService:
                 # The attempt's stored retry, still waiting, needs the body: not released here.
                 retry_stored=stored.retry is not None,
                 notice_stored=stored.notice,
+                # A full store holds the job here, not sent again by the next worker.
+                stop=self._stop,
             )
 
     async def _stored_outcome(self, env: Envelope, msg: Msg) -> Stored:

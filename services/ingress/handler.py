@@ -16,27 +16,22 @@ from services.core.addresses import recipient_key
 from services.core.bus import BrokerUnavailable
 from services.core.config import AccountConfig, Config
 from services.core.envelope import META_POOL, new_message_id
-from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import recording, tracer
 from services.ingress import headers, policy
 from services.ingress.accounts import AccountStore
 from services.ingress.auth import Authenticator
 from services.ingress.budget import ByteBudget
-from services.ingress.handoff import Handoff, Submission, past_the_client
+from services.ingress.handoff import Handoff, Submission, past_the_client, unavailable_reply
 from services.ingress.limits import MessageRates, SessionRegistry
 from services.ingress.replies import (
     ACCOUNTS_UNAVAILABLE,
     LOCAL_ERROR,
     TOO_MANY_CONNECTIONS,
-    Verdict,
 )
 from services.ingress.session import facts, peer_ip, tls_facts
 
 log = logging.getLogger(__name__)
 
-_QUEUE_UNAVAILABLE = Verdict(
-    QUEUE_UNAVAILABLE.code, QUEUE_UNAVAILABLE.enhanced_status, QUEUE_UNAVAILABLE.text
-)
 _BODY_8BIT = "BODY=8BITMIME"
 
 
@@ -331,8 +326,8 @@ class IngressHandler:
         was queued: the quota is used exactly by the messages queued."""
         try:
             verdict, take = await self._rates.reserve(sub.account, account, message_id)
-        except BrokerUnavailable:
-            return str(_QUEUE_UNAVAILABLE)
+        except BrokerUnavailable as exc:
+            return unavailable_reply(exc)
         if verdict:
             return str(verdict)
         reply = str(LOCAL_ERROR)  # what the client sees if queueing raises (handle_exception)

@@ -21,6 +21,7 @@ from services.core.events import Event, event_for, record_event, report_later
 from services.core.outcome import QUEUE_UNAVAILABLE
 from services.core.telemetry import traceparent_of
 from services.core.topology import inbound_subject, submit_subject
+from services.ingress.replies import INSUFFICIENT_STORAGE
 from services.ingress.server_clock import ServerClock
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class Handoff:
                 waiting.reschedule(when)
 
     async def queue(self, sub: Submission, *, message_id: str | None = None, span: object = None) -> str:
-        """Queue durably and return the SMTP reply: `250 ... queued as <id>` or `451 4.3.0`."""
+        """Queue durably and return the SMTP reply: `250 ... queued as <id>`, `451 4.3.0`, or
+        `452 4.3.1` when JetStream refused it for want of room (`unavailable_reply`)."""
         message_id = message_id or new_message_id()
         started = time.time()
         # When the 451 is given, by this host's clock: the hand-off's own deadline. The envelope
@@ -113,9 +115,11 @@ class Handoff:
                     time.time() - started,
                     exc,
                 )
+            elif isinstance(exc, BrokerUnavailable) and exc.store_full:
+                log.error("queueing %s failed, answering 452: JetStream storage is full: %s", message_id, exc)
             else:
                 log.warning("queueing %s failed, answering 451: %s", message_id, exc)
-            return f"{QUEUE_UNAVAILABLE.code} {QUEUE_UNAVAILABLE.enhanced_status} {QUEUE_UNAVAILABLE.text}"
+            return unavailable_reply(exc)
         if sub.kind == "inbound":
             return f"250 2.0.0 Ok: queued as {message_id}"
         # The message is durably queued: it is accepted now (metrics, span, log line), whatever
@@ -222,11 +226,25 @@ class Handoff:
                 return
             except BrokerUnavailable as exc:
                 maybe_stored = maybe_stored or exc.maybe_stored
-                if time_left() < _MIN_ATTEMPT + pause:
-                    raise BrokerUnavailable(str(exc), maybe_stored=maybe_stored) from exc
+                # No room: certain (nothing stored), and it lasts until an operator makes room,
+                # so no answer but this one can come before the deadline.
+                if (exc.store_full and not maybe_stored) or time_left() < _MIN_ATTEMPT + pause:
+                    raise BrokerUnavailable(
+                        str(exc), maybe_stored=maybe_stored, store_full=exc.store_full and not maybe_stored
+                    ) from exc
                 log.info("publishing %s again after: %s", msg_id, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _MAX_RETRY_PAUSE)
+
+
+def unavailable_reply(exc: BaseException) -> str:
+    """The reply to a message JetStream did not take: `452 4.3.1` when it had no room (as
+    Postfix answers when its queue is short of space: the client should come back later, and
+    an operator should look), else `451 4.3.0`. A refusal that may have stored the message is
+    always the latter."""
+    if isinstance(exc, BrokerUnavailable) and exc.store_full and not exc.maybe_stored:
+        return str(INSUFFICIENT_STORAGE)
+    return f"{QUEUE_UNAVAILABLE.code} {QUEUE_UNAVAILABLE.enhanced_status} {QUEUE_UNAVAILABLE.text}"
 
 
 async def past_the_client(work: Coroutine[Any, Any, T]) -> T:

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import APIError
 
-from services.core.bus import BrokerUnavailable, Bus
+from services.core.bus import BrokerUnavailable, Bus, is_store_full
 from services.core.config import AccountConfig, IngressConfig
 from services.core.topology import LIMITS_STREAM, SESSIONS_BUCKET, SESSIONS_TTL, limit_subject
 from services.ingress.replies import DAILY_LIMIT, HOURLY_LIMIT, Verdict
@@ -90,7 +90,7 @@ class Counters:
         try:
             return await self._bus.js.publish(subject, b"", timeout=self._timeout, headers=headers)
         except _BROKER_ERRORS as exc:
-            raise BrokerUnavailable(f"counter {subject}: {exc!r}") from exc
+            raise BrokerUnavailable(f"counter {subject}: {exc!r}", store_full=is_store_full(exc)) from exc
 
     async def values(self, subjects: Sequence[str]) -> list[int]:
         """The current value of each counter (0 when it has none), in one direct-get round trip."""
