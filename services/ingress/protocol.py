@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, Session, _Missing, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Session, TLSSetupException, _Missing, syntax
 
 from services.core import metrics
 from services.ingress import dsn
@@ -396,6 +396,13 @@ class RelaisSMTP(SMTP):
             await self.push(str(TLS_ALREADY_ACTIVE))
             return
         await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is not None and self.session is not None and self.session.ssl is None:
+            # No TLS session began, yet the handshake "succeeded": asyncio resolves its waiter
+            # without an error when we closed the connection during the handshake (the idle
+            # timer, a drain), and nothing else would end this session or free its slot. Ended
+            # as a failed handshake is.
+            closed = ConnectionAbortedError("closed by the server during the STARTTLS handshake")
+            raise TLSSetupException() from closed
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
