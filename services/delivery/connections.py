@@ -1,12 +1,13 @@
 """Connection reuse per (source IP, MX address), within the shaping limits of (source, site).
 
 A connection is checked out for one transaction and checked back in afterwards; it waits idle
-for the next message to the same MX from the same source, until it reached the site's
-`messages_per_connection` or sat idle for `delivery.idle_timeout`. It is RSET before reuse only
-when a transaction may still be open or it sat idle for a while (`Connection.needs_probe`);
-otherwise the next MAIL goes straight out, and a connection the server closed meanwhile is
-replaced (sending.py). Opening a connection takes a cluster-wide lease (the site's
-`connections` cap) and a new-connection rate slot.
+for the next message to the same MX address from the same source (under any MX name of the
+site that points there, `ConnectionPool._fits`), until it reached the site's
+`messages_per_connection` or `REUSE_TIME_LIMIT` of age, or sat idle for `delivery.idle_timeout`.
+It is RSET before reuse only when a transaction may still be open or it sat idle for a while
+(`Connection.needs_probe`); otherwise the next MAIL goes straight out, and a connection the
+server closed meanwhile is replaced (sending.py). Opening a connection takes a cluster-wide
+lease (the site's `connections` cap) and a new-connection rate slot.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
+from typing import Generic, TypeVar
 
 from services.delivery.limits import LEASE_RENEW_BEFORE, LEASE_TTL, Lease, SharedLimits, lease_key
 from services.delivery.shaping import Limits
@@ -31,9 +34,21 @@ from services.delivery.tls_policy import TlsPolicy
 log = logging.getLogger(__name__)
 
 _LEASE_POLL = 0.2
+_K = TypeVar("_K")
+# Postfix's smtp_connection_reuse_time_limit: a connection is not reused once it is this old,
+# however busy. Without it a site with no message budget (messages_per_connection = 0) keeps a
+# busy connection for as long as mail flows, with the server's view of it (its decisions at
+# connect, its per-session counters) and its TLS session as old as the connection.
+REUSE_TIME_LIMIT = 300.0
 # How long an MX whose STARTTLS handshake failed gets plaintext straight away (Postfix retries
 # plaintext at once too, but each time pays the failed handshake first).
 _TLS_BROKEN_SECONDS = 600.0
+
+
+def _spent(conn: Connection, limits: Limits) -> bool:
+    """Whether `conn` has had its share: the site's message budget, or the reuse time limit."""
+    budget = limits.messages_per_connection
+    return (budget > 0 and conn.sent >= budget) or time.monotonic() - conn.opened_at >= REUSE_TIME_LIMIT
 
 
 class Saturated(Exception):
@@ -42,6 +57,32 @@ class Saturated(Exception):
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"connection limit reached; retry in {retry_after:.0f}s")
         self.retry_after = retry_after
+
+
+class _KeyedLocks(Generic[_K]):
+    """One lock per key, kept only while a task holds or waits for it. The keys are (source,
+    site) pairs, and a worker meets one for each source it picks and destination it sends to:
+    kept for ever, a lock per pair would grow with every new one for the worker's lifetime."""
+
+    def __init__(self) -> None:
+        self._locks: dict[_K, tuple[asyncio.Lock, int]] = {}  # the lock, and its holder and waiters
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def held(self, key: _K) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users > 1:
+                self._locks[key] = (lock, users - 1)
+            else:
+                del self._locks[key]  # no one waits for it: the next user makes a new one
 
 
 class ConnectionPool:
@@ -66,11 +107,11 @@ class ConnectionPool:
         # Leases granted to connections being opened (by id of the lease): renewed like the
         # others, since a tarpit greeting can take longer than LEASE_TTL.
         self._opening: dict[int, Lease] = {}
-        self._lease_locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._lease_locks: _KeyedLocks[tuple[str, str]] = _KeyedLocks()
         # By lease key: a grant states how many leases this worker holds, and a release takes one
         # off the stored count. A release must not land after a grant that already left its lease
         # out, or the record counts one connection fewer than are open, and others exceed the cap.
-        self._lease_writes: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._lease_writes: _KeyedLocks[str] = _KeyedLocks()
         self._lease_miss: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         # Wakes local waiters at the connection cap as soon as a connection comes back idle.
@@ -98,23 +139,27 @@ class ConnectionPool:
         back idle, or for a lease to free up anywhere in the cluster; then gives up: Saturated.
         """
         deadline = time.monotonic() + self._lease_wait
+
+        def keep(conn: Connection) -> bool:  # idle connections this job may still reuse
+            return not fresh and conn.address == address and self._fits(conn, site, host, policy)
+
         while True:
-            conn = None if fresh else await self._reuse(source, host, address, limits, policy)
+            conn = None if fresh else await self._reuse(source, site, host, address, limits, policy)
             if conn is not None:
                 return conn
             if limits.connections <= 0:
                 return await self._open(source, site, host, address, limits, policy, None)
             # One task per (source, site) talks to KV at a time; the others wait for its
             # result or for a connection coming back idle, instead of all scanning leases.
-            async with self._lease_locks[(source.address, site)]:
-                conn = None if fresh else await self._reuse(source, host, address, limits, policy)
+            async with self._lease_locks.held((source.address, site)):
+                conn = None if fresh else await self._reuse(source, site, host, address, limits, policy)
                 if conn is not None:
                     return conn
                 key = (source.address, site)
                 lease = None
                 # All held a moment ago (another task looked): do not ask KV again so soon.
                 if time.monotonic() - self._lease_miss.get(key, 0.0) >= _LEASE_POLL:
-                    async with self._lease_writes[lease_key(source.address, site)]:
+                    async with self._lease_writes.held(lease_key(source.address, site)):
                         lease = await self._limits.acquire_lease(
                             source.address, site, limits.connections, self._held(source.address, site)
                         )
@@ -124,9 +169,9 @@ class ConnectionPool:
                         self._opening[id(lease)] = lease  # held from now on, registered once open
             if lease is not None:
                 return await self._open(source, site, host, address, limits, policy, lease)
-            # Our own idle connections to another MX of the site hold leases we can free (to
-            # this one too when they are not to be reused).
-            if await self._close_one_idle(source.address, site, keep="" if fresh else address):
+            # Our own idle connections of the site that this job cannot use hold leases we can
+            # free (any of them when those to this address are not to be reused).
+            if await self._close_one_idle(source.address, site, keep):
                 continue
             if time.monotonic() >= deadline:
                 raise Saturated(max(self._lease_wait, 5.0))
@@ -144,26 +189,38 @@ class ConnectionPool:
     def _held_leases(self) -> list[Lease]:
         return [*self._leases.values(), *self._opening.values()]
 
+    def _fits(self, conn: Connection, site: str, host: str, policy: TlsPolicy) -> bool:
+        """Whether `conn` (to the job's address) may carry a job to `host` of `site` under
+        `policy`. Several MX names often share an address (every Microsoft 365 tenant's
+        <tenant>.mail.protection.outlook.com): a connection serves any of them, as Postfix
+        reuses a cached session by address and TLS level, except one whose certificate was
+        checked, which serves its own name only. Within the site only: its lease is the
+        site's, and another site's cap must not carry this one's mail."""
+        if not conn.satisfies(policy):
+            return False
+        if conn.host == host:
+            return True
+        return not conn.verified and self._site_of.get(id(conn)) == (conn.source.address, site)
+
     async def _reuse(
-        self, source: Source, host: str, address: str, limits: Limits, policy: TlsPolicy
+        self, source: Source, site: str, host: str, address: str, limits: Limits, policy: TlsPolicy
     ) -> Connection | None:
-        idle = self._idle.get((source, address))
-        while idle:
-            conn = idle.pop()
+        """The most recently used idle connection to `address` fit for this job, probed when
+        it needs it. One that does not fit stays idle for the jobs it does fit."""
+        idle = self._idle.get((source, address), [])
+        while True:
+            conn = next((c for c in reversed(idle) if self._fits(c, site, host, policy)), None)
+            if conn is None:
+                return None
+            idle.remove(conn)
             probe = conn.needs_probe(time.monotonic())
-            if (
-                conn.alive
-                and conn.host == host
-                and conn.satisfies(policy)
-                and (limits.messages_per_connection <= 0 or conn.sent < limits.messages_per_connection)
-                and (not probe or await conn.reset())
-            ):
+            if conn.alive and not _spent(conn, limits) and (not probe or await conn.reset()):
                 # Not probed: its first command may find it closed (StaleConnection, sending.py).
                 conn.unprobed = conn.sent > 0 and not probe
+                conn.host = host  # the name this job reached it by: its outcomes and logs say so
                 return conn
             log.debug("idle connection to %s[%s] not reusable (sent %d)", conn.host, conn.address, conn.sent)
             await self._discard(conn)
-        return None
 
     async def _open(
         self,
@@ -218,8 +275,7 @@ class ConnectionPool:
         return conn
 
     async def checkin(self, conn: Connection, limits: Limits, *, reusable: bool) -> None:
-        spent = limits.messages_per_connection > 0 and conn.sent >= limits.messages_per_connection
-        if not reusable or spent or not conn.alive:
+        if not reusable or _spent(conn, limits) or not conn.alive:
             log.debug("closing connection to %s[%s] after %d message(s)", conn.host, conn.address, conn.sent)
             await self._discard(conn)
             return
@@ -228,10 +284,10 @@ class ConnectionPool:
         async with self._returned:
             self._returned.notify(1)
 
-    async def _close_one_idle(self, source: str, site: str, keep: str) -> bool:
+    async def _close_one_idle(self, source: str, site: str, keep: Callable[[Connection], bool]) -> bool:
         for conns in self._idle.values():
             for conn in conns:
-                if self._site_of.get(id(conn)) == (source, site) and conn.address != keep:
+                if self._site_of.get(id(conn)) == (source, site) and not keep(conn):
                     conns.remove(conn)
                     await self._discard(conn)
                     return True
@@ -249,7 +305,7 @@ class ConnectionPool:
     async def _release(self, held: dict[int, Lease], ident: int, key: str) -> None:
         """Stop counting the lease `held[ident]` here and take it off KV's count, with no grant in
         between (`_lease_writes`)."""
-        async with self._lease_writes[key]:
+        async with self._lease_writes.held(key):
             lease = held.pop(ident, None)
             if lease is not None:
                 await self._limits.release(lease)
@@ -269,6 +325,8 @@ class ConnectionPool:
         now = time.monotonic()
         for key in [k for k, until in self._tls_broken.items() if until <= now]:
             del self._tls_broken[key]
+        for miss in [k for k, at in self._lease_miss.items() if now - at >= _LEASE_POLL]:
+            del self._lease_miss[miss]  # past its use, like the locks (_KeyedLocks)
         stale: list[Connection] = []
         for key, conns in list(self._idle.items()):
             for conn in [c for c in conns if now - c.last_used > self._idle_timeout or not c.alive]:
@@ -284,7 +342,7 @@ class ConnectionPool:
         leases = self._held_leases()
         due = {lease.key for lease in leases if lease.until - time.time() < LEASE_RENEW_BEFORE}
         for key in due:
-            async with self._lease_writes[key]:  # a lapsed entry is restated with this count
+            async with self._lease_writes.held(key):  # a lapsed entry is restated with this count
                 leases = self._held_leases()
                 await self._limits.renew(key, Counter(lease.key for lease in leases)[key])
             for lease in leases:

@@ -1,11 +1,20 @@
-"""Several messages per connection (RSET between), capped by messages_per_connection and connections."""
+"""Several messages per connection (RSET between), capped by messages_per_connection, connections
+and the reuse time limit."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from services.core.outcome import Delivered
 from services.core.runtime import start_bus
+from services.delivery import connections
+from services.delivery.connections import ConnectionPool
 from services.delivery.service import DeliveryService
+from services.delivery.shaping import Limits
+from services.delivery.smtp_session import SessionSettings, Source
+from services.delivery.tls_policy import TlsPolicy
 from tests.integration.delivery.conftest import max_in_window, submit_many
 from tests.support.relais import wait_for_events
 
@@ -90,3 +99,26 @@ async def test_transactions_refused_at_mail_count_toward_the_message_budget(
     bounced = await wait_for_events(stack.config.nats.url, "bounced", 6)
     assert {e.reply["enhanced"] for e in bounced if e.reply} == {"5.7.1"}
     assert sink.connections == 3, "two transactions per connection, refused or not"
+
+
+async def test_a_busy_connection_is_replaced_after_the_reuse_time_limit(
+    make_sink, sink_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Postfix's smtp_connection_reuse_time_limit (300 s), shortened: with no message budget
+    # and never idle long, only the connection's age ends its reuse.
+    monkeypatch.setattr(connections, "REUSE_TIME_LIMIT", 1.0, raising=False)
+    sink = make_sink("127.0.0.2")
+    pool = ConnectionPool(None, SessionSettings(port=sink_port, starttls=False))  # type: ignore[arg-type]
+    unbudgeted = Limits(connections=0, messages_per_connection=0)
+    mx = ("mx.alpha.test", "127.0.0.2")
+    try:
+        for i in range(6):  # one every 0.3 s: the first connection is 1 s old at the fifth
+            conn = await pool.checkout(Source(), "alpha.test", *mx, unbudgeted, TlsPolicy())
+            done = await conn.transact("a@acme.test", [f"r{i}@alpha.test"], b"Subject: x\r\n\r\nhi\r\n")
+            assert isinstance(done.outcomes[0], Delivered), done.outcomes
+            await pool.checkin(conn, unbudgeted, reusable=True)
+            await asyncio.sleep(0.3)
+    finally:
+        await pool.close()
+    assert len(sink.messages) == 6
+    assert sink.connections == 2, "closed at its first check-in past the limit, and replaced"
