@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from nats.js.errors import APIError, ServiceUnavailableError
 from services.core.bus import patiently
 from services.core.config import Config
 from services.core.embedded import ClusterPeer, EmbeddedNats, free_port, wait_for_port
-from services.core.topology import EVENTS_STREAM, events_filter
+from services.core.topology import EVENTS_STREAM, consumer_bindings, events_filter
 from tests.support.dns_server import DNSServer
 from tests.support.nats import TEST_MAX_FILE_STORE
 from tests.support.relais import SERVICES, ServiceProcess, config_to_toml, make_config
@@ -159,15 +159,16 @@ class NatsCluster:
             await asyncio.sleep(0.3)
         raise TimeoutError(f"JetStream not ready within {timeout}s: {last!r}")
 
-    async def leader_of(self, stream: str, timeout: float = 30.0) -> int:  # noqa: ASYNC109
-        """Index of the node leading a stream (waits through an election)."""
+    async def leader_of(self, stream: str, consumer: str = "", timeout: float = 30.0) -> int:  # noqa: ASYNC109
+        """Index of the node leading a stream, or one of its consumers (waits through an election)."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
                 nc = await nats.connect(self.live_urls(), connect_timeout=2, max_reconnect_attempts=1)
                 try:
-                    info = await nc.jetstream(timeout=2).stream_info(stream)
+                    js = nc.jetstream(timeout=2)
+                    info = await (js.consumer_info(stream, consumer) if consumer else js.stream_info(stream))
                 finally:
                     await nc.close()
                 if info.cluster is not None and info.cluster.leader:
@@ -177,7 +178,45 @@ class NatsCluster:
             except (OSError, TimeoutError, nats.errors.Error, APIError, ServiceUnavailableError) as exc:
                 last = exc
             await asyncio.sleep(0.3)
-        raise TimeoutError(f"no leader for {stream} within {timeout}s: {last!r}")
+        raise TimeoutError(f"no leader for {stream} {consumer} within {timeout}s: {last!r}")
+
+    async def lead_from(
+        self,
+        index: int,
+        streams: Sequence[str],
+        consumers: Sequence[tuple[str, str]] = (),
+        timeout: float = 30.0,  # noqa: ASYNC109 - a polling deadline
+    ) -> None:
+        """Make node `index` the leader of `streams` and of `consumers` ((stream, durable) pairs).
+
+        Each stream and consumer is its own Raft group, with its leader wherever its election
+        put it: killing the leader of one stream leaves the others (and the consumers, whose
+        acks and redeliveries matter as much) on the nodes that survive. Each leader elsewhere is
+        asked to step down in favour of `index` (`placement.preferred`, nats-server 2.11+).
+        """
+        target = self.nodes[index].peer.name if self.nodes[index].peer else ""
+        groups: list[tuple[str, str]] = [(s, "") for s in streams] + list(consumers)
+        deadline = time.monotonic() + timeout
+        nc = await nats.connect(self.live_urls(), connect_timeout=2, max_reconnect_attempts=3)
+        try:
+            js = nc.jetstream(timeout=5)
+            for stream, consumer in groups:
+                what = f"{stream}.{consumer}" if consumer else stream
+                api = f"$JS.API.{'CONSUMER' if consumer else 'STREAM'}.LEADER.STEPDOWN.{what}"
+                request = json.dumps({"placement": {"preferred": target}}).encode()
+                while True:
+                    info = await (js.consumer_info(stream, consumer) if consumer else js.stream_info(stream))
+                    leader = info.cluster.leader if info.cluster else ""
+                    if leader == target:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{what} led by {leader!r}, not {target!r}, after {timeout}s")
+                    if leader:
+                        with contextlib.suppress(nats.errors.TimeoutError):
+                            await nc.request(api, request, timeout=5)
+                    await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
 
     def live_urls(self) -> list[str]:
         return [n.url for n in self.nodes if n.process is not None and n.process.poll() is None]
@@ -328,6 +367,23 @@ class Cluster:
                     out[f"{name}-{i}"] = proc.process.pid
         return out
 
+    async def in_flight(self) -> dict[str, tuple[int, int]]:
+        """Work the services have not finished, by consumer: (not yet handed out, handed out and
+        not acked). Empty when every service consumer is idle: then no job is left that could
+        still reach a sink (a duplicate) or write an outcome."""
+        assert self.config is not None
+        busy: dict[str, tuple[int, int]] = {}
+        nc = await nats.connect(self.nats.live_urls(), connect_timeout=2, max_reconnect_attempts=3)
+        try:
+            js = nc.jetstream(timeout=5)
+            for binding in consumer_bindings(self.config):
+                info = await js.consumer_info(binding.stream, binding.durable)
+                if info.num_pending or info.num_ack_pending:
+                    busy[binding.durable] = (info.num_pending or 0, info.num_ack_pending or 0)
+        finally:
+            await nc.close()
+        return busy
+
     def logs(self, tail: int = 3000) -> str:
         parts = []
         for procs in self.services.values():
@@ -411,4 +467,26 @@ class EventLog:
         finally:
             await nc.close()
         self.events.extend(new)
+        return new
+
+    async def read_to_end(self, timeout: float = 60.0) -> list[Event]:  # noqa: ASYNC109
+        """Poll until every event the stream held when called has been read.
+
+        One poll ends at its first quiet second, which on a loaded machine (a consumer just
+        created, a stream leader just moved) is not always the end of the stream; an audit that
+        stopped there would miss the very events it looks for (a second outcome, a late one).
+        """
+        nc = await nats.connect(self.urls, connect_timeout=2, max_reconnect_attempts=3)
+        try:
+            js = nc.jetstream(timeout=10)
+            info = await patiently(lambda: js.stream_info(EVENTS_STREAM), "events stream info")
+            last = info.state.last_seq
+        finally:
+            await nc.close()
+        deadline = time.monotonic() + timeout
+        new: list[Event] = []
+        while self._next_seq <= last:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read events up to {self._next_seq - 1} of {last} within {timeout}s")
+            new += await self.poll()
         return new

@@ -14,12 +14,20 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import nats.errors
+from nats.js.errors import APIError
+
 from tests.support.cluster import SENDER_DOMAIN, Cluster, Event, EventLog
 from tests.support.smtp_load import Result, Submission
 
 FINAL_KINDS = ("delivered", "bounced", "expired")
 BOUNCE_REPLY = "550 5.1.1 No such user here"
 _FINAL_RECIPIENT = re.compile(rb"^Final-Recipient:\s*rfc822;\s*<?([^>\s]+)>?", re.IGNORECASE | re.MULTILINE)
+_ACTION = re.compile(rb"^Action:\s*([A-Za-z]+)", re.IGNORECASE | re.MULTILINE)
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+# After the last outcome, how long the pipeline may take to go idle: a job whose worker died
+# after sending is handed out again only after ack_wait, and its second copy comes after that.
+IDLE_ACK_WAITS = 3
 
 
 def plan(
@@ -96,8 +104,36 @@ def dsn_recipients(cluster: Cluster) -> list[list[str]]:
     ]
 
 
-def _dsn_copies(cluster: Cluster) -> collections.Counter[str]:
-    return collections.Counter(r for dsn in dsn_recipients(cluster) for r in dsn)
+def _failed_dsn_copies(cluster: Cluster) -> collections.Counter[str]:
+    """How many DSNs at the sender's MX report each recipient as failed (RFC 3464 Action)."""
+    copies: collections.Counter[str] = collections.Counter()
+    for message in list(cluster.sender_mx.messages):
+        # The per-recipient blocks of the message/delivery-status part are separated by blank lines.
+        for block in _BLANK_LINE.split(message.data):
+            recipient, action = _FINAL_RECIPIENT.search(block), _ACTION.search(block)
+            if recipient and action and action.group(1).lower() == b"failed":
+                copies[recipient.group(1).decode()] += 1
+    return copies
+
+
+async def wait_idle(cluster: Cluster, timeout: float) -> dict[str, tuple[int, int]]:  # noqa: ASYNC109
+    """Until no service consumer has work pending or unacked (twice in a row: a job moving on
+    is published downstream before it is acked upstream, except a DSN going back to the
+    start); returns what was still busy at the timeout, empty if nothing."""
+    deadline = time.monotonic() + timeout
+    busy: dict[str, tuple[int, int]] = {"(not asked yet)": (0, 0)}
+    quiet = 0
+    while time.monotonic() < deadline:
+        try:
+            busy = await cluster.in_flight()
+        except (OSError, TimeoutError, nats.errors.Error, APIError) as exc:
+            busy, quiet = {f"(no answer: {exc!r})": (0, 0)}, 0
+        else:
+            quiet = 0 if busy else quiet + 1
+            if quiet == 2:
+                return {}
+        await asyncio.sleep(1.0)
+    return busy
 
 
 async def settle_and_audit(
@@ -117,23 +153,29 @@ async def settle_and_audit(
         finals = _final_by_recipient(log.events)
         waiting = [r for r in accepted if r not in finals]
         # DSNs travel a whole second trip through the cluster after the bounced event.
-        dsns = _dsn_copies(cluster)
+        dsns = _failed_dsn_copies(cluster)
         dsn_waiting = [
             r for r in accepted if any(e.kind != "delivered" for e in finals.get(r, [])) and r not in dsns
         ]
         if (not waiting and not dsn_waiting) or time.monotonic() > deadline:
             break
         await asyncio.sleep(1.0)
-    await asyncio.sleep(2.0)  # let stragglers (duplicates) arrive before counting them
+    # Duplicates (and second outcomes) come from work still in flight, such as a job handed out
+    # again after its worker died: count them once none is left, not after a fixed pause.
+    assert cluster.config is not None
+    busy = await wait_idle(cluster, IDLE_ACK_WAITS * cluster.config.nats.ack_wait + 10.0)
     # The final audit reads the whole stream afresh rather than trusting the incremental reader.
     full = EventLog(cluster.nats.urls)
-    await full.poll()
-    return audit(cluster, results, full.events, max_duplicates=max_duplicates)
+    await full.read_to_end()
+    books = audit(cluster, results, full.events, max_duplicates=max_duplicates)
+    if busy:
+        books.problems.append(f"work still in flight after the last outcome: {busy}")
+    return books
 
 
 def audit(cluster: Cluster, results: list[Result], events: list[Event], *, max_duplicates: int = 0) -> Books:
     finals = _final_by_recipient(events)
-    books = Books(results, events, _sink_copies(cluster), _dsn_copies(cluster))
+    books = Books(results, events, _sink_copies(cluster), _failed_dsn_copies(cluster))
     c = collections.Counter[str]()
     for res in results:
         c["messages sent"] += 1
@@ -156,6 +198,11 @@ def audit(cluster: Cluster, results: list[Result], events: list[Event], *, max_d
                 if len(outcomes) > 1:
                     c["MORE THAN ONE final outcome"] += 1
                     books.problems.append(f"{rcpt}: final outcomes {[e.kind for e in outcomes]}")
+                # The outcome must be that of the message the 250 named, not of another copy.
+                others = sorted({e.message_id for e in outcomes} - {res.queue_id})
+                if others:
+                    c["outcome of another message id"] += 1
+                    books.problems.append(f"{rcpt}: accepted as {res.queue_id!r}, outcome of {others}")
                 kind = outcomes[0].kind
                 c[f"final: {kind}"] += 1
                 if kind == "delivered":
@@ -163,6 +210,9 @@ def audit(cluster: Cluster, results: list[Result], events: list[Event], *, max_d
                         c["LOST: delivered event but not at the sink"] += 1
                         books.problems.append(f"{rcpt}: delivered event, sink has no copy")
                     c["duplicate copies at sinks"] += max(0, copies - 1)
+                    if dsns:
+                        c["delivered but also a failure DSN"] += 1
+                        books.problems.append(f"{rcpt}: delivered, yet {dsns} DSNs report it failed")
                 else:
                     if dsns == 0:
                         c["bounced without a DSN"] += 1
@@ -180,8 +230,11 @@ def audit(cluster: Cluster, results: list[Result], events: list[Event], *, max_d
             else:
                 c["unknown-reply recipients delivered"] += 1 if copies else 0
     books.counts = dict(c)
-    if c["duplicate copies at sinks"] > max_duplicates:
+    # A DSN is mail too: a delivery replica killed after sending one sends it again.
+    duplicates = c["duplicate copies at sinks"] + c["duplicate DSNs"]
+    if duplicates > max_duplicates:
         books.problems.append(
-            f"{c['duplicate copies at sinks']} duplicates exceed the in-flight window {max_duplicates}"
+            f"{c['duplicate copies at sinks']} duplicate copies and {c['duplicate DSNs']} duplicate DSNs "
+            f"exceed the in-flight window {max_duplicates}"
         )
     return books
