@@ -1,6 +1,7 @@
 """A job deferred by the receiver comes back through the router for its retry: it must go out
 with the signatures made on the first pass, not a second set, and they must still verify over
-the bytes delivery sends (an SMTPUTF8 message with folded, repeated and non-ASCII fields)."""
+the bytes delivery sends (an SMTPUTF8 message with folded and non-ASCII fields; two To: fields,
+which it had, are refused at submission now, as by Gmail)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.support.relais import SENDER_DOMAIN, asubmit, wait_for_events
 MESSAGE = (
     f"From: Acme Bücher <news@{SENDER_DOMAIN}>\r\n"
     "To: Someone <v@alpha.test>\r\n"
-    "To: Another <w@alpha.test>\r\n"
+    "Cc: Another <w@alpha.test>\r\n"
     "Subject: Grüße =?utf-8?q?aus_K=C3=B6ln?= and a subject long enough\r\n"
     "\tto be folded onto a second line\r\n"
     "Date: Tue, 01 Dec 2026 10:00:00 +0000\r\n"
