@@ -4,6 +4,8 @@ breaks it. A check that cannot fail proves nothing about "no mail lost, one fina
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +38,23 @@ def _sub(tag: str, rcpt: str) -> Submission:
 
 def _accepted(tag: str, rcpt: str, queue_id: str) -> Result:
     return Result(_sub(tag, rcpt), 250, f"2.0.0 Ok: queued as {queue_id}", 0.0)
+
+
+@contextlib.asynccontextmanager
+async def one_node(tmp_path: Path) -> AsyncIterator[tuple[Cluster, Any]]:
+    """A one-node cluster with Relais' topology (no services), and a JetStream context on it."""
+    cluster = Cluster(tmp_path, nats_nodes=1)
+    try:
+        await asyncio.to_thread(cluster.nats.start)
+        cluster.config = cluster.build_config()
+        nc = await nats.connect(cluster.nats.url)
+        try:
+            await ensure_topology(nc.jetstream(), cluster.config)
+            yield cluster, nc.jetstream()
+        finally:
+            await nc.close()
+    finally:
+        cluster.nats.stop()
 
 
 def _event(kind: str, message_id: str, rcpt: str) -> Event:
@@ -109,18 +128,10 @@ def test_an_outcome_of_another_message_id_is_not_the_accepted_message_s() -> Non
 async def test_the_final_event_read_does_not_stop_at_a_quiet_second(tmp_path: Path) -> None:
     """A poll ends at its first second without a message; read_to_end reads up to the sequence
     the stream held when it was called, or fails: never an audit of half the events."""
-    cluster = Cluster(tmp_path, nats_nodes=1)
-    try:
-        await asyncio.to_thread(cluster.nats.start)
-        cluster.config = cluster.build_config()
-        nc = await nats.connect(cluster.nats.url)
-        try:
-            await ensure_topology(nc.jetstream(), cluster.config)
-            for i in range(5):
-                event = f'{{"kind":"delivered","message_id":"m{i}","recipients":["r{i}@x.test"]}}'
-                await nc.jetstream().publish(event_subject("acme", "delivered"), event.encode())
-        finally:
-            await nc.close()
+    async with one_node(tmp_path) as (cluster, js):
+        for i in range(5):
+            event = f'{{"kind":"delivered","message_id":"m{i}","recipients":["r{i}@x.test"]}}'
+            await js.publish(event_subject("acme", "delivered"), event.encode())
         assert len(await EventLog(cluster.nats.urls).read_to_end()) == 5
 
         # Every event now reaches the reader 1.5 s late, as from a node busy after a restart.
@@ -128,30 +139,17 @@ async def test_the_final_event_read_does_not_stop_at_a_quiet_second(tmp_path: Pa
             assert await EventLog([proxy.url]).poll() == [], "one poll gives up: what the audit read"
             with pytest.raises(TimeoutError, match="read events up to 0 of 5"):
                 await EventLog([proxy.url]).read_to_end(timeout=3.0)
-    finally:
-        cluster.nats.stop()
 
 
 async def test_the_audit_waits_for_work_in_flight(tmp_path: Path) -> None:
     """A job still pending or unacked could yet be delivered a second time: the audit waits for
     none to be left, and reports what is left at its timeout."""
-    cluster = Cluster(tmp_path, nats_nodes=1)
-    try:
-        await asyncio.to_thread(cluster.nats.start)
-        cluster.config = cluster.build_config()
-        nc = await nats.connect(cluster.nats.url)
-        try:
-            js = nc.jetstream()
-            await ensure_topology(js, cluster.config)
-            assert await wait_idle(cluster, 5.0) == {}
-            await js.publish(submit_subject(), b"job")
-            assert await wait_idle(cluster, 2.5) == {SUBMIT_CONSUMER: (1, 0)}
-            sub = await js.pull_subscribe_bind(SUBMIT_CONSUMER, SUBMIT_STREAM)
-            (msg,) = await sub.fetch(1)
-            assert await wait_idle(cluster, 2.5) == {SUBMIT_CONSUMER: (0, 1)}
-            await msg.ack_sync()
-            assert await asyncio.wait_for(wait_idle(cluster, 10.0), 15.0) == {}
-        finally:
-            await nc.close()
-    finally:
-        cluster.nats.stop()
+    async with one_node(tmp_path) as (cluster, js):
+        assert await wait_idle(cluster, 5.0) == {}
+        await js.publish(submit_subject(), b"job")
+        assert await wait_idle(cluster, 2.5) == {SUBMIT_CONSUMER: (1, 0)}
+        sub = await js.pull_subscribe_bind(SUBMIT_CONSUMER, SUBMIT_STREAM)
+        (msg,) = await sub.fetch(1)
+        assert await wait_idle(cluster, 2.5) == {SUBMIT_CONSUMER: (0, 1)}
+        await msg.ack_sync()
+        assert await asyncio.wait_for(wait_idle(cluster, 10.0), 15.0) == {}

@@ -17,41 +17,20 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import StreamConfig
-from nats.js.errors import APIError
 
 import services.core.bus as bus_module
 from services.core.embedded import EmbeddedNats
 from services.core.topology import DELIVER_STREAM
 from tests.support.relais import asubmit, message, wait_for_events
-
-FILLER = "FILLER"
-CHUNK = b"f" * 64 * 1024
+from tests.support.store_full import FILLER, fill_store, small_store
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server whose JetStream store holds a few MB, as `max_file_store` limits each
     production server's: the test fills it, and frees it again."""
-    server = EmbeddedNats(tmp_path / "nats", log_file=tmp_path / "nats-server.log", max_file_store="16M")
-    server.start()
-    try:
+    with small_store(tmp_path, "16M") as server:
         yield server
-    finally:
-        server.stop()
-
-
-async def fill_store(js: object) -> int:
-    """Publish to a stream of the test's own until JetStream refuses for want of room."""
-    await js.add_stream(StreamConfig(name=FILLER, subjects=["filler.>"]))  # type: ignore[attr-defined]
-    stored = 0
-    while True:
-        try:
-            await js.publish("filler.x", CHUNK)  # type: ignore[attr-defined]
-        except APIError as exc:
-            assert exc.err_code == 10023, f"refused for another reason: {exc!r}"
-            return stored
-        stored += 1
 
 
 async def test_a_delivered_message_is_sent_once_while_the_store_is_full(

@@ -15,40 +15,22 @@ from typing import Any
 
 import nats
 import pytest
-from nats.js.api import DiscardPolicy, StreamConfig
-from nats.js.errors import APIError
+from nats.js.api import DiscardPolicy
 
 from services.core.config import AccountConfig
 from services.core.embedded import EmbeddedNats
 from services.core.topology import SUBMIT_STREAM
 from services.ingress.replies import INSUFFICIENT_STORAGE
 from tests.support.relais import ACCOUNT, SENDER_DOMAIN, asubmit, message, password_hash
-
-FILLER = "FILLER"
-CHUNK = b"f" * 64 * 1024
+from tests.support.store_full import FILLER, fill_store, small_store
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server whose JetStream store holds a few MB, as `max_file_store` limits each
     production server's."""
-    server = EmbeddedNats(tmp_path / "nats", log_file=tmp_path / "nats-server.log", max_file_store="8M")
-    server.start()
-    try:
+    with small_store(tmp_path, "8M") as server:
         yield server
-    finally:
-        server.stop()
-
-
-async def fill_store(js: Any) -> None:
-    """Publish to a stream of the test's own until JetStream refuses for want of room."""
-    await js.add_stream(StreamConfig(name=FILLER, subjects=["filler.>"]))
-    while True:
-        try:
-            await js.publish("filler.x", CHUNK)
-        except APIError as exc:
-            assert exc.err_code == 10023, f"refused for another reason: {exc!r}"
-            return
 
 
 # The first write the store refuses: the envelope, the large body before it, or the account's
