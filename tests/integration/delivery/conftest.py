@@ -58,6 +58,16 @@ def policy_server(pki: TestPKI) -> Iterator[PolicyServer]:
         yield server
 
 
+@pytest.fixture
+async def tls_pool(sink_port: int, pki: TestPKI) -> AsyncIterator[ConnectionPool]:
+    """A connection pool that checks certificates against the test CA, with no connection cap
+    (no KV): for tests of which connection a job gets."""
+    settings = SessionSettings(port=sink_port, connect_timeout=5.0, tls_ca_file=str(pki.ca_pem))
+    pool = ConnectionPool(None, settings)  # type: ignore[arg-type]
+    yield pool
+    await pool.close()
+
+
 def pools(*addresses: str) -> dict[str, PoolConfig]:
     return {
         "default": PoolConfig(

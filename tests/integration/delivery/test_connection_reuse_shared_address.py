@@ -7,8 +7,6 @@ own, not closed; and at the site's connection cap it is closed to make room, not
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from services.core.bus import connect
@@ -23,6 +21,7 @@ from services.delivery.shaping import Limits
 from services.delivery.smtp_session import SessionSettings, Source
 from services.delivery.tls_policy import TlsPolicy
 from tests.integration.delivery.conftest import resolver_of
+from tests.integration.delivery.test_mta_sts_enforce_reuse import ENFORCE
 from tests.support.certs import TestPKI
 from tests.support.dns_server import DNSServer
 
@@ -30,7 +29,6 @@ ADDRESS = "127.0.0.3"
 # Both named by the test certificate (*.example.test).
 MX1, MX2 = "tenant-a.example.test", "tenant-b.example.test"
 UNCAPPED = Limits(connections=0, messages_per_connection=0)
-ENFORCE = TlsPolicy(require=True, verify=True, mx_patterns=("*.example.test",), origin="mta-sts")
 
 
 @pytest.fixture
@@ -63,19 +61,11 @@ async def _send(
     )
 
 
-@pytest.fixture
-async def pool(sink_port: int, pki: TestPKI) -> AsyncIterator[ConnectionPool]:
-    settings = SessionSettings(port=sink_port, connect_timeout=5.0, tls_ca_file=str(pki.ca_pem))
-    pool = ConnectionPool(None, settings)  # type: ignore[arg-type]  # no connection cap: no KV
-    yield pool
-    await pool.close()
-
-
 async def test_one_connection_serves_every_name_of_the_address(
-    pool: ConnectionPool, shared: DNSServer, make_sink
+    tls_pool: ConnectionPool, shared: DNSServer, make_sink
 ) -> None:
     sink = make_sink(ADDRESS)
-    results = [await _send(pool, shared, host, "microsoft") for host in (MX1, MX2, MX1, MX2)]
+    results = [await _send(tls_pool, shared, host, "microsoft") for host in (MX1, MX2, MX1, MX2)]
     assert all(isinstance(r.outcomes[0], Delivered) for r in results), [r.outcomes for r in results]
     # Each outcome and event names the host the job went to, whichever name opened it.
     assert [r.outcomes[0].mx_host for r in results] == [MX1, MX2, MX1, MX2]
@@ -84,18 +74,18 @@ async def test_one_connection_serves_every_name_of_the_address(
 
 
 async def test_a_connection_another_job_cannot_use_stays_open_for_its_own(
-    pool: ConnectionPool, shared: DNSServer, make_sink, pki: TestPKI
+    tls_pool: ConnectionPool, shared: DNSServer, make_sink, pki: TestPKI
 ) -> None:
     sink = make_sink(ADDRESS, tls_context=pki.server_context())
     # Another site's connection to the same address is not used (its lease is that site's).
-    await _send(pool, shared, MX1, "site-a.test")
-    await _send(pool, shared, MX2, "site-b.test")
-    await _send(pool, shared, MX1, "site-a.test")
+    await _send(tls_pool, shared, MX1, "site-a.test")
+    await _send(tls_pool, shared, MX2, "site-b.test")
+    await _send(tls_pool, shared, MX1, "site-a.test")
     assert sink.connections == 2, "site-a's connection waited for site-a's next message"
     # One verified for MX1's name is not used under a policy that checks MX2's.
-    await _send(pool, shared, MX1, "enforced.test", policy=ENFORCE)
-    await _send(pool, shared, MX2, "enforced.test", policy=ENFORCE)
-    await _send(pool, shared, MX1, "enforced.test", policy=ENFORCE)
+    await _send(tls_pool, shared, MX1, "enforced.test", policy=ENFORCE)
+    await _send(tls_pool, shared, MX2, "enforced.test", policy=ENFORCE)
+    await _send(tls_pool, shared, MX1, "enforced.test", policy=ENFORCE)
     assert sink.connections == 4, "each name's certificate checked on a connection of its own"
     assert len(sink.messages) == 6 and all(m.tls for m in sink.messages)
 
@@ -107,16 +97,16 @@ async def test_at_the_cap_an_idle_connection_that_does_not_fit_makes_room(
     config = Config(nats=NatsConfig(url=nats_server.url))
     bus = await connect(config.nats, "test-shared-address")
     settings = SessionSettings(port=sink_port, connect_timeout=5.0, tls_ca_file=str(pki.ca_pem))
-    pool = ConnectionPool(SharedLimits(bus.js), settings, lease_wait=1.0)
+    tls_pool = ConnectionPool(SharedLimits(bus.js), settings, lease_wait=1.0)
     one = Limits(connections=1, messages_per_connection=0)
     try:
         await ensure_topology(bus.js, config)
-        first = await _send(pool, shared, MX1, "capped.test", limits=one)  # unverified TLS
+        first = await _send(tls_pool, shared, MX1, "capped.test", limits=one)  # unverified TLS
         # The only lease is the idle connection's, which does not satisfy an enforced policy.
-        second = await _send(pool, shared, MX1, "capped.test", limits=one, policy=ENFORCE)
+        second = await _send(tls_pool, shared, MX1, "capped.test", limits=one, policy=ENFORCE)
         outcomes = [o for r in (first, second) for o in r.outcomes]
         assert [type(o) for o in outcomes] == [Delivered, Delivered], outcomes
         assert sink.connections == 2 and sink.peak_sessions == 1
     finally:
-        await pool.close()
+        await tls_pool.close()
         await bus.close()

@@ -5,15 +5,13 @@ an enforced one. The MX host's certificate decides, on a connection of the secon
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from services.core.outcome import Deferred, Delivered
 from services.delivery.connections import ConnectionPool
 from services.delivery.sending import AttemptResult, send_job
 from services.delivery.shaping import Limits
-from services.delivery.smtp_session import SessionSettings, Source
+from services.delivery.smtp_session import Source
 from services.delivery.tls_policy import TlsPolicy
 from tests.integration.delivery.conftest import resolver_of
 from tests.support.certs import TestPKI
@@ -23,14 +21,6 @@ MX = "mx.example.test"  # named by the test certificate (*.example.test)
 MX_ADDRESS = "127.0.0.3"
 ENFORCE = TlsPolicy(require=True, verify=True, mx_patterns=("*.example.test",), origin="mta-sts")
 WEAKER = [TlsPolicy(), TlsPolicy(require=True, origin="site")]
-
-
-@pytest.fixture
-async def pool(sink_port: int, pki: TestPKI) -> AsyncIterator[ConnectionPool]:
-    settings = SessionSettings(port=sink_port, connect_timeout=5.0, tls_ca_file=str(pki.ca_pem))
-    pool = ConnectionPool(None, settings)  # type: ignore[arg-type]  # no connection cap: no KV
-    yield pool
-    await pool.close()
 
 
 async def _send(
@@ -52,27 +42,27 @@ async def _send(
 
 @pytest.mark.parametrize("weaker", WEAKER, ids=["opportunistic", "site-require"])
 async def test_an_unverified_connection_is_not_reused_under_an_enforced_policy(
-    pool: ConnectionPool, dns_server: DNSServer, make_sink, pki: TestPKI, weaker: TlsPolicy
+    tls_pool: ConnectionPool, dns_server: DNSServer, make_sink, pki: TestPKI, weaker: TlsPolicy
 ) -> None:
     dns_server.add(MX, "A", MX_ADDRESS)
     sink = make_sink(MX_ADDRESS, tls_context=pki.wrong_server_context())  # for wrong.example
-    first = await _send(pool, dns_server, weaker, "a@hosted.test")
+    first = await _send(tls_pool, dns_server, weaker, "a@hosted.test")
     assert isinstance(first.outcomes[0], Delivered), first.outcomes
-    enforced = await _send(pool, dns_server, ENFORCE, "b@example.test")
+    enforced = await _send(tls_pool, dns_server, ENFORCE, "b@example.test")
     (outcome,) = enforced.outcomes
     assert isinstance(outcome, Deferred) and outcome.reply.enhanced_status == "4.7.5", outcome
     assert [m.rcpt_tos for m in sink.messages] == [["a@hosted.test"]], "nothing went over the idle one"
 
 
 async def test_a_verified_connection_serves_both_policies(
-    pool: ConnectionPool, dns_server: DNSServer, make_sink, pki: TestPKI
+    tls_pool: ConnectionPool, dns_server: DNSServer, make_sink, pki: TestPKI
 ) -> None:
     dns_server.add(MX, "A", MX_ADDRESS)
     sink = make_sink(MX_ADDRESS, tls_context=pki.server_context())
     results = [
-        await _send(pool, dns_server, TlsPolicy(), "a@hosted.test"),  # opens an unverified one
-        await _send(pool, dns_server, ENFORCE, "b@example.test"),  # opens a verified one
-        await _send(pool, dns_server, TlsPolicy(), "c@hosted.test"),  # reuses the verified one
+        await _send(tls_pool, dns_server, TlsPolicy(), "a@hosted.test"),  # opens an unverified one
+        await _send(tls_pool, dns_server, ENFORCE, "b@example.test"),  # opens a verified one
+        await _send(tls_pool, dns_server, TlsPolicy(), "c@hosted.test"),  # reuses the verified one
     ]
     assert all(isinstance(r.outcomes[0], Delivered) for r in results), [r.outcomes for r in results]
     assert all(m.tls for m in sink.messages)
