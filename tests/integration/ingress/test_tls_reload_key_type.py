@@ -33,20 +33,33 @@ def _der(leaf: trustme.LeafCert) -> bytes:
     return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
 
 
+def _trusting(ca: trustme.CA) -> ssl.SSLContext:
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    client.check_hostname = False  # smtplib connects to 127.0.0.1: no SNI, as many MTAs send none
+    return client
+
+
+async def _serving(
+    make_ingress: Callable[..., Any], tmp_path: Path, leaf: trustme.LeafCert
+) -> tuple[Any, Path, Path]:
+    """An ingress presenting `leaf`, reloading its files every 0.1 s; and those files."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _write(leaf, cert, key)
+    stack = await make_ingress(
+        ingress={"tls_cert_file": str(cert), "tls_key_file": str(key), "tls_reload_interval": 0.1}
+    )
+    return stack, cert, key
+
+
 async def test_a_renewed_certificate_of_another_key_type_retires_the_old_one(
     make_ingress: Callable[..., Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ca = trustme.CA()
     old = ca.issue_cert("relais.test", key_type=trustme.KeyType.ECDSA)
     new = ca.issue_cert("relais.test", key_type=trustme.KeyType.RSA)
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    _write(old, cert, key)
-    stack = await make_ingress(
-        ingress={"tls_cert_file": str(cert), "tls_key_file": str(key), "tls_reload_interval": 0.1}
-    )
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    client.check_hostname = False  # smtplib connects to 127.0.0.1: no SNI, as many MTAs send none
+    stack, cert, key = await _serving(make_ingress, tmp_path, old)
+    client = _trusting(ca)
     assert await in_thread(_presented, stack.smtp_address, client) == _der(old)
 
     with caplog.at_level(logging.INFO, logger="services.ingress.tls"):
@@ -54,9 +67,7 @@ async def test_a_renewed_certificate_of_another_key_type_retires_the_old_one(
         assert await settle(lambda: "TLS certificate reloaded" in caplog.text)
     assert await in_thread(_presented, stack.smtp_address, client) == _der(new)
     # A client that can only use the old key's type finds nothing to negotiate with.
-    ecdsa_only = ssl.create_default_context()
-    ca.configure_trust(ecdsa_only)
-    ecdsa_only.check_hostname = False
+    ecdsa_only = _trusting(ca)
     ecdsa_only.maximum_version = ssl.TLSVersion.TLSv1_2
     ecdsa_only.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
     with pytest.raises(ssl.SSLError):
@@ -68,14 +79,8 @@ async def test_a_broken_renewal_keeps_the_certificate_in_use(
 ) -> None:
     ca = trustme.CA()
     old, new = ca.issue_cert("relais.test"), ca.issue_cert("relais.test")
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    _write(old, cert, key)
-    stack = await make_ingress(
-        ingress={"tls_cert_file": str(cert), "tls_key_file": str(key), "tls_reload_interval": 0.1}
-    )
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    client.check_hostname = False
+    stack, cert, key = await _serving(make_ingress, tmp_path, old)
+    client = _trusting(ca)
 
     with caplog.at_level(logging.INFO, logger="services.ingress.tls"):
         # Half a renewal: the new certificate beside the old key.
