@@ -47,7 +47,7 @@ import nats
 from nats.aio.msg import Msg
 from opentelemetry.trace import StatusCode
 
-from services.core import metrics, telemetry
+from services.core import metrics, sockets, telemetry
 from services.core.account_watch import AccountWatch
 from services.core.bus import Bus, fetch
 from services.core.config import AccountConfig, BounceConfig, Config, webhook_problem
@@ -218,26 +218,18 @@ def _looked_up(host: str, lookups: list[Any], _: concurrent.futures.Future[list[
 
 async def _connect(host: str, port: int) -> socket.socket:
     """A TCP connection to the first of the host's addresses that takes one."""
-    loop = asyncio.get_running_loop()
     try:
         ipaddress.ip_address(host)
     except ValueError:
         infos = await asyncio.wrap_future(_look_up(host, port))
     else:  # an address: nothing to look up, nothing that can hang
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        infos = sockets.numeric_peers(host, port)
     errors: list[OSError] = []
     for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
         try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-            return sock
+            return await sockets.connect(family, kind, proto, address)
         except OSError as exc:
-            sock.close()
             errors.append(exc)
-        except BaseException:
-            sock.close()
-            raise
     raise OSError(f"cannot connect to {host} port {port}: {errors!r}")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from services.core import sockets
 from services.core.outcome import Deferred, Outcome, Reply, outcome_for
 from services.delivery import pipelining
 from services.delivery.draining import Stopping
@@ -657,20 +658,11 @@ async def open_connection(
 
 
 async def _tcp_connect(address: str, port: int, source_address: str, within: float) -> socket.socket:
-    """A TCP connection to (`address`, `port`) from `source_address` ("": any), within `within` s."""
-    loop = asyncio.get_running_loop()
+    """A TCP connection to the MX address (`address`, `port`) from `source_address` ("": any),
+    within `within` s."""
+    family, kind, proto, _, peer = sockets.numeric_peers(address, port)[0]
     async with asyncio.timeout(within):
-        family, kind, proto, _, peer = (await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM))[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            if source_address:
-                sock.bind((source_address, 0))
-            await loop.sock_connect(sock, peer)
-        except BaseException:
-            sock.close()
-            raise
-    return sock
+        return await sockets.connect(family, kind, proto, peer, source=source_address)
 
 
 async def _starttls(conn: Connection, context: ssl.SSLContext, policy: TlsPolicy) -> bool:
