@@ -15,7 +15,9 @@ import re
 import idna
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-PLAIN_ADDR_SPEC = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+# RFC 5322 3.2.3: a local part that needs no quoting.
+DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+PLAIN_ADDR_SPEC = rf"{DOT_ATOM}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 
 _PLAIN = re.compile(PLAIN_ADDR_SPEC)
 

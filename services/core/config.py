@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from services.core.addresses import domain_key
+from services.core.addresses import DOT_ATOM, domain_key
 from services.core.config_schema import (
     LISTENER_MODES,
     AccountConfig,
@@ -90,7 +90,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _MTA_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _MTA_NAME = re.compile(rf"^(?=.{{1,253}}$){_MTA_LABEL}(?:\.{_MTA_LABEL})*$")
 # A local part as RFC 5322 3.2.3's dot-atom, which needs no quoting in a From: field.
-_DOT_ATOM = re.compile(r"^(?=.{1,64}$)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_DOT_ATOM = re.compile(rf"^(?=.{{1,64}}$){DOT_ATOM}$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
