@@ -292,6 +292,11 @@ def _waiting_line(names: list[str], bounds: dict[str, float]) -> str:
     return f"Stopping: each service finishes its work, in turn: {waits}. Ctrl-C again kills them at once."
 
 
+def _running(children: dict[str, subprocess.Popen[bytes]]) -> list[str]:
+    """The services still running, in STOP_ORDER."""
+    return [name for name in STOP_ORDER if name in children and children[name].poll() is None]
+
+
 def _stop_services(
     children: dict[str, subprocess.Popen[bytes]],
     bounds: dict[str, float],
@@ -302,8 +307,7 @@ def _stop_services(
     its bound, SIGKILL past it; `at_once` (a second Ctrl-C) kills all still running. True when
     every service that ran stopped by itself, with status 0."""
     clean = True
-    running = [name for name in sorted(children, key=STOP_ORDER.index) if children[name].poll() is None]
-    for name in running:
+    for name in _running(children):
         child, log = children[name], logs_dir / f"{name}.log"
         if at_once():
             break
@@ -325,7 +329,7 @@ def _stop_services(
         if child.returncode not in (0, -signal.SIGTERM):
             _say(f"relais: {_exited(name, child, log, 'while stopping')}")
             clean = False
-    left = [name for name in STOP_ORDER if name in children and children[name].poll() is None]
+    left = _running(children)
     for name in left:
         children[name].kill()
     for name in left:
@@ -429,7 +433,7 @@ def run_up(
             # The nats-server is gone: no service can store what its drain would finish, so
             # only its exit is left to wait for.
             bounds = dict.fromkeys(bounds, EXIT_SECONDS)
-        running = [name for name in STOP_ORDER if name in children and children[name].poll() is None]
+        running = _running(children)
         if requests.stopping() and running and not requests.at_once():
             # A stop the user asked for; one after a failure is said by the failure's own line.
             _say(_waiting_line(running, bounds), error=False)
