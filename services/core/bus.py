@@ -154,6 +154,11 @@ class Bus:
     _replies: dict[str, _Collector] = field(default_factory=dict, init=False, repr=False)
     _reply_prefix: str = field(default="", init=False, repr=False)
 
+    def api_subject(self, request: str) -> str:
+        """The JetStream API subject of `request` (e.g. "STREAM.INFO.<stream>"), under the
+        context's prefix: "$JS.API" unless a JetStream domain is configured."""
+        return f"{getattr(self.js, '_prefix', '$JS.API')}.{request}"
+
     async def publish(
         self,
         subject: str,
@@ -264,8 +269,7 @@ class Bus:
         self._replies[token] = collector
         try:
             await self.nc.publish(
-                # The context's API prefix: "$JS.API" unless a JetStream domain is configured.
-                f"{getattr(self.js, '_prefix', '$JS.API')}.DIRECT.GET.{stream}",
+                self.api_subject(f"DIRECT.GET.{stream}"),
                 json.dumps(request).encode(),
                 reply=f"{self._reply_prefix}.{token}",
             )

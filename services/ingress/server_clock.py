@@ -48,10 +48,10 @@ async def read_server_time(bus: Bus, stream: str = SUBMIT_STREAM) -> float:
     """The time (epoch seconds) by the clock of the server that answers for `stream`, its leader.
 
     Raises BrokerUnavailable when none answers, or the answer holds no time."""
-    # The context's API prefix, as `Bus` uses it: "$JS.API" unless a JetStream domain is configured.
-    subject = f"{getattr(bus.js, '_prefix', '$JS.API')}.STREAM.INFO.{stream}"
     try:
-        reply = await bus.nc.request(subject, b"", timeout=bus.publish_timeout)
+        reply = await bus.nc.request(
+            bus.api_subject(f"STREAM.INFO.{stream}"), b"", timeout=bus.publish_timeout
+        )
     except (TimeoutError, nats.errors.Error, OSError) as exc:
         raise BrokerUnavailable(f"stream info of {stream}: {exc!r}") from exc
     try:
