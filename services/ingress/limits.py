@@ -396,14 +396,20 @@ class SessionRegistry:
                     await self._kv.delete(f"{account}.{self.replica}")
 
     def open_sessions(self, account: str) -> int:
-        others = self._others.get(account)
-        if others:
-            self._forget_stale(account, others, time.monotonic() - SESSIONS_TTL)
+        self._forget_stale(account, time.monotonic() - SESSIONS_TTL)
         return self._mine[account] + sum(n for n, _ in self._others.get(account, {}).values())
 
-    def _forget_stale(self, account: str, others: dict[str, tuple[int, float]], cutoff: float) -> None:
-        for replica in [r for r, (_, seen) in others.items() if seen <= cutoff]:
-            del others[replica]
+    def _forget_stale(self, account: str, cutoff: float) -> None:
+        others = self._others.get(account, {})
+        self._forget(account, [r for r, (_, seen) in others.items() if seen <= cutoff])
+
+    def _forget(self, account: str, replicas: list[str]) -> None:
+        """Drop these replicas' counts of `account`, and the account once none is left."""
+        others = self._others.get(account)
+        if others is None:
+            return
+        for replica in replicas:
+            others.pop(replica, None)
         if not others:
             del self._others[account]
 
@@ -454,8 +460,8 @@ class SessionRegistry:
                 if count > 0:
                     self._changed(account)
             cutoff = time.monotonic() - SESSIONS_TTL
-            for account, others in list(self._others.items()):
-                self._forget_stale(account, others, cutoff)
+            for account in list(self._others):
+                self._forget_stale(account, cutoff)
 
     async def _watch(self) -> None:
         assert self._kv is not None
@@ -471,10 +477,8 @@ class SessionRegistry:
                     count = int(entry.value) if entry.operation not in ("DEL", "PURGE") and entry.value else 0
                     if count > 0:
                         self._others.setdefault(account, {})[replica] = (count, time.monotonic())
-                    elif account in self._others:  # its sessions ended, or it stopped
-                        self._others[account].pop(replica, None)
-                        if not self._others[account]:
-                            del self._others[account]
+                    else:  # its sessions ended, or it stopped
+                        self._forget(account, [replica])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
