@@ -13,20 +13,20 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from services.core.bodies import BodyStore
-from services.core.bus import Bus, connect
-from services.core.config import Config, NatsConfig, RetryConfig
+from services.core.bus import Bus
+from services.core.config import RetryConfig
 from services.core.disposition import settle
 from services.core.embedded import EmbeddedNats
 from services.core.envelope import Attempt, Envelope
 from services.core.outcome import Deferred
 from services.core.schedule import next_attempt_at
-from services.core.topology import ROUTE_STREAM, ensure_topology, route_retry_subject
+from services.core.topology import ROUTE_STREAM, route_retry_subject
 from tests.integration.delivery.test_data_reply_after_partial_rcpt import connect as connect_mx
 from tests.support.nats import TEST_MAX_FILE_STORE
 from tests.support.raw_smtp import ScriptedMX, serving
@@ -53,9 +53,9 @@ class DefersAtLength(ScriptedMX):
 
 
 @pytest.fixture
-async def bus(tmp_path: Path) -> AsyncIterator[Bus]:
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server with NATS's own default max_payload (the shipped deploy/k8s/base/nats.conf
-    sets none), Relais' topology declared on it."""
+    sets none); `topology_bus` declares Relais' topology on it."""
     server = EmbeddedNats(
         tmp_path / "nats-default-payload",
         max_payload=NATS_DEFAULT_MAX_PAYLOAD,
@@ -64,13 +64,7 @@ async def bus(tmp_path: Path) -> AsyncIterator[Bus]:
     )
     server.start()
     try:
-        config = Config(nats=NatsConfig(url=server.url))
-        bus = await connect(config.nats, "test-long-replies")
-        try:
-            await ensure_topology(bus.js, config)
-            yield bus
-        finally:
-            await bus.close()
+        yield server
     finally:
         server.stop()
 
@@ -94,7 +88,10 @@ async def test_a_long_reply_is_kept_to_its_first_two_kilobytes() -> None:
     assert reply.enhanced_status == "4.2.1" and reply.text.startswith("00xxx"), reply.text[:20]
 
 
-async def test_a_job_deferred_with_long_replies_until_its_last_retry_still_stores_it(bus: Bus) -> None:
+async def test_a_job_deferred_with_long_replies_until_its_last_retry_still_stores_it(
+    topology_bus: Bus,
+) -> None:
+    bus = topology_bus
     deferred = await long_deferral()
     # The job as it is at its last retry under the default schedule: one attempt stored per
     # deferral before (settle adds each one as it adds this one), every one with this reply.
